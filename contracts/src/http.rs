@@ -1,0 +1,30 @@
+//! Bodies of the gateway's HTTP API (`/v1/...`).
+
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+
+use crate::JobSpec;
+
+/// `POST /v1/jobs` body.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SubmitJob {
+    /// Must equal the gateway's schema version (currently 1).
+    pub schema_version: u32,
+    pub spec: JobSpec,
+}
+
+/// Every non-2xx answer of the gateway: `{"error":{"code":"…","message":"…"}}`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema, ToSchema)]
+pub struct ApiErrorBody {
+    pub error: crate::ErrorInfo,
+}
+
+/// `POST /v1/uploads` answer.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema, ToSchema)]
+pub struct UploadResponse {
+    pub artifact: crate::ArtifactRef,
+    /// False when the same bytes were already stored (nothing was written).
+    pub created: bool,
+}

@@ -1,0 +1,256 @@
+//! Jobs: what is asked ([`JobRequest`]), what a worker reports ([`JobProgress`], [`JobDone`],
+//! [`JobFailed`], [`DeadLetter`]) and what the job-state bucket holds ([`JobRecord`]).
+//!
+//! A job kind is a variant of [`JobSpec`] (tagged by `kind`); each kind belongs to exactly one
+//! [`Service`]. Later services add their variants here, beside their output in [`JobOutput`].
+
+use chrono::{DateTime, Utc};
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+use uuid::Uuid;
+
+use crate::{ArtifactRef, Service};
+
+/// A job's id: a UUIDv7, so ids sort by submission time.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize, JsonSchema,
+    ToSchema,
+)]
+#[serde(transparent)]
+#[schema(value_type = String, format = Uuid)]
+pub struct JobId(pub Uuid);
+
+impl JobId {
+    pub fn new() -> Self {
+        Self(Uuid::now_v7())
+    }
+    pub fn parse(s: &str) -> Option<Self> {
+        Uuid::parse_str(s).ok().map(Self)
+    }
+}
+
+impl Default for JobId {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl std::fmt::Display for JobId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+/// What a job asks for. The `kind` tag selects the service that runs it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema, ToSchema)]
+#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
+pub enum JobSpec {
+    /// Read an artifact, verify it, and store a digest report as a result artifact.
+    Checksum(ChecksumSpec),
+}
+
+impl JobSpec {
+    pub fn service(&self) -> Service {
+        match self {
+            JobSpec::Checksum(_) => Service::Checksum,
+        }
+    }
+    pub fn kind(&self) -> &'static str {
+        match self {
+            JobSpec::Checksum(_) => "checksum",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ChecksumSpec {
+    /// Key of the artifact to digest.
+    pub input: String,
+    /// When set, the job fails (without retry) unless the artifact's SHA-256 matches.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expected_sha256: Option<String>,
+}
+
+/// The result of a job, by kind.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema, ToSchema)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum JobOutput {
+    Checksum(ChecksumOutput),
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema, ToSchema)]
+pub struct ChecksumOutput {
+    /// The digested artifact, as found in the store.
+    pub input: ArtifactRef,
+    /// The digest report (JSON), stored content-addressed.
+    pub report: ArtifactRef,
+}
+
+/// Published on `atelier.v1.<service>.request`; one message per job.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema, ToSchema)]
+pub struct JobRequest {
+    pub schema_version: u32,
+    pub id: JobId,
+    pub submitted_at: DateTime<Utc>,
+    /// API key name (or `anonymous`) that submitted the job.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub submitted_by: Option<String>,
+    pub spec: JobSpec,
+}
+
+/// A job's lifecycle: queued → running → succeeded | failed | cancelled.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum JobState {
+    Queued,
+    Running,
+    Succeeded,
+    Failed,
+    Cancelled,
+}
+
+impl JobState {
+    pub fn is_terminal(self) -> bool {
+        matches!(self, JobState::Succeeded | JobState::Failed | JobState::Cancelled)
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema, ToSchema)]
+pub struct Progress {
+    /// 0.0 ..= 1.0
+    pub fraction: f32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+}
+
+/// A machine-readable code plus a sentence for people.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema, ToSchema)]
+pub struct ErrorInfo {
+    pub code: String,
+    pub message: String,
+}
+
+/// The value stored under the job id in the `atelier_jobs` KV bucket.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema, ToSchema)]
+pub struct JobRecord {
+    pub schema_version: u32,
+    pub id: JobId,
+    pub kind: String,
+    pub service: Service,
+    pub state: JobState,
+    pub spec: JobSpec,
+    /// How many times a worker has started this job (redeliveries after crashes count).
+    pub attempts: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub progress: Option<Progress>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub output: Option<JobOutput>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<ErrorInfo>,
+    /// The worker instance that last ran the job.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub worker: Option<String>,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+}
+
+impl JobRecord {
+    pub fn queued(request: &JobRequest) -> Self {
+        Self {
+            schema_version: crate::SCHEMA_VERSION,
+            id: request.id,
+            kind: request.spec.kind().to_owned(),
+            service: request.spec.service(),
+            state: JobState::Queued,
+            spec: request.spec.clone(),
+            attempts: 0,
+            progress: None,
+            output: None,
+            error: None,
+            worker: None,
+            created_at: request.submitted_at,
+            updated_at: request.submitted_at,
+        }
+    }
+}
+
+/// Published on `atelier.v1.<service>.progress`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema, ToSchema)]
+pub struct JobProgress {
+    pub schema_version: u32,
+    pub id: JobId,
+    pub service: Service,
+    pub progress: Progress,
+    pub at: DateTime<Utc>,
+}
+
+/// Published once per job on `atelier.v1.<service>.done` (deduplicated by `Nats-Msg-Id`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema, ToSchema)]
+pub struct JobDone {
+    pub schema_version: u32,
+    pub id: JobId,
+    pub service: Service,
+    pub output: JobOutput,
+    pub attempts: u64,
+    pub duration_ms: u64,
+    pub finished_at: DateTime<Utc>,
+}
+
+/// Published once per job on `atelier.v1.<service>.failed`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema, ToSchema)]
+pub struct JobFailed {
+    pub schema_version: u32,
+    pub id: JobId,
+    pub service: Service,
+    pub error: ErrorInfo,
+    pub attempts: u64,
+    pub finished_at: DateTime<Utc>,
+}
+
+/// Published on `atelier.v1.dlq.<service>` when a message can not be processed: it could not be
+/// decoded, or it failed `deliveries` times (the consumer's `max_deliver`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema, ToSchema)]
+pub struct DeadLetter {
+    pub schema_version: u32,
+    pub service: Service,
+    /// Subject the message arrived on.
+    pub subject: String,
+    /// Sequence of the message in its request stream.
+    pub stream_sequence: u64,
+    pub deliveries: u64,
+    /// Set when the payload decoded far enough to find it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub job_id: Option<JobId>,
+    pub reason: ErrorInfo,
+    /// The original payload, lossily decoded as UTF-8 (capped at 64 KiB).
+    pub payload: String,
+    pub at: DateTime<Utc>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn job_ids_are_v7_and_sort_by_time() {
+        let a = JobId::new();
+        let b = JobId::new();
+        assert_eq!(a.0.get_version_num(), 7);
+        assert!(a < b);
+        assert_eq!(JobId::parse(&a.to_string()), Some(a));
+    }
+
+    #[test]
+    fn spec_wire_format_is_tagged_by_kind() {
+        let spec: JobSpec =
+            serde_json::from_str(r#"{"kind":"checksum","input":"uploads/a.png"}"#).unwrap();
+        assert_eq!(spec.service(), Service::Checksum);
+        assert!(serde_json::from_str::<JobSpec>(r#"{"kind":"teleport","input":"x"}"#).is_err());
+        assert!(
+            serde_json::from_str::<JobSpec>(r#"{"kind":"checksum","input":"x","bogus":1}"#)
+                .is_err()
+        );
+    }
+}

@@ -1,0 +1,30 @@
+//! atelier's contracts: every message that crosses the bus, every artifact reference, every subject name.
+//!
+//! Architecture invariant: this crate does no I/O. It is data, names and pure validation; the runtime
+//! (`atelier-kit`), the services and the gateway all depend on it and on nothing else for their
+//! vocabulary. A message type lives here if and only if it is published on NATS, stored in a JetStream
+//! KV bucket, or crosses the HTTP API.
+//!
+//! Versioning: every message carries `schema_version` ([`SCHEMA_VERSION`]); subjects carry the API
+//! version (`atelier.v1.…`). A breaking change to a message adds a new subject version, never edits v1.
+
+pub mod artifact;
+pub mod asyncapi;
+pub mod http;
+pub mod images;
+pub mod jobs;
+pub mod schema;
+pub mod subjects;
+
+pub use artifact::{ArtifactKey, ArtifactRef, KeyError};
+pub use jobs::{
+    ChecksumOutput, ChecksumSpec, DeadLetter, ErrorInfo, JobDone, JobFailed, JobId, JobOutput,
+    JobProgress, JobRecord, JobRequest, JobSpec, JobState, Progress,
+};
+pub use subjects::Service;
+
+/// The message schema version this build reads and writes.
+pub const SCHEMA_VERSION: u32 = 1;
+
+/// The API version used in subjects and HTTP paths.
+pub const API_VERSION: &str = "v1";

@@ -1,0 +1,158 @@
+//! Subject and stream names: one scheme for every service.
+//!
+//! ```text
+//! atelier.v1.<service>.request    work queue: one message per job (stream ATELIER_REQ_<SERVICE>)
+//! atelier.v1.<service>.progress   events: progress of a running job  (stream ATELIER_EVENTS)
+//! atelier.v1.<service>.done       events: a job's result              (stream ATELIER_EVENTS)
+//! atelier.v1.<service>.failed     events: a job's final failure       (stream ATELIER_EVENTS)
+//! atelier.v1.dlq.<service>        dead letters after max_deliver      (stream ATELIER_DLQ)
+//! atelier.v1.images.ingested      external systems announce images    (stream ATELIER_IMAGES)
+//! ```
+
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+
+/// Every service that consumes jobs from the bus.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema, ToSchema,
+)]
+#[serde(rename_all = "kebab-case")]
+pub enum Service {
+    /// Verifies and digests stored artifacts (the spine's own job kind).
+    Checksum,
+    /// Records images announced by uploads or by `atelier.v1.images.ingested`.
+    Ingest,
+    Captioner,
+    QualityFilter,
+    RetrievalIndexer,
+    Augmenter,
+    Trainer,
+    Sampler,
+    Inpainter,
+}
+
+impl Service {
+    pub const ALL: [Service; 9] = [
+        Service::Checksum,
+        Service::Ingest,
+        Service::Captioner,
+        Service::QualityFilter,
+        Service::RetrievalIndexer,
+        Service::Augmenter,
+        Service::Trainer,
+        Service::Sampler,
+        Service::Inpainter,
+    ];
+
+    /// The subject token and process name, e.g. `quality-filter`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Service::Checksum => "checksum",
+            Service::Ingest => "ingest",
+            Service::Captioner => "captioner",
+            Service::QualityFilter => "quality-filter",
+            Service::RetrievalIndexer => "retrieval-indexer",
+            Service::Augmenter => "augmenter",
+            Service::Trainer => "trainer",
+            Service::Sampler => "sampler",
+            Service::Inpainter => "inpainter",
+        }
+    }
+
+    pub fn parse(name: &str) -> Option<Service> {
+        Service::ALL.into_iter().find(|s| s.name() == name)
+    }
+
+    /// Whether the service runs models on an accelerator (GPU images, batched fetch).
+    pub fn is_gpu(self) -> bool {
+        matches!(
+            self,
+            Service::Captioner
+                | Service::RetrievalIndexer
+                | Service::Trainer
+                | Service::Sampler
+                | Service::Inpainter
+        )
+    }
+
+    fn upper(self) -> String {
+        self.name().replace('-', "_").to_ascii_uppercase()
+    }
+
+    pub fn request_subject(self) -> String {
+        format!("atelier.v1.{}.request", self.name())
+    }
+    pub fn progress_subject(self) -> String {
+        format!("atelier.v1.{}.progress", self.name())
+    }
+    pub fn done_subject(self) -> String {
+        format!("atelier.v1.{}.done", self.name())
+    }
+    pub fn failed_subject(self) -> String {
+        format!("atelier.v1.{}.failed", self.name())
+    }
+    pub fn dead_letter_subject(self) -> String {
+        format!("atelier.v1.dlq.{}", self.name())
+    }
+    /// The work-queue stream holding this service's requests.
+    pub fn request_stream(self) -> String {
+        format!("ATELIER_REQ_{}", self.upper())
+    }
+    /// The durable pull consumer that all replicas of the service share (competing consumers).
+    pub fn consumer(self) -> String {
+        format!("{}-workers", self.name())
+    }
+}
+
+impl std::fmt::Display for Service {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// External systems publish here to announce images they put into the bucket.
+pub const IMAGES_INGESTED: &str = "atelier.v1.images.ingested";
+/// Stream holding `atelier.v1.images.>` events.
+pub const IMAGES_STREAM: &str = "ATELIER_IMAGES";
+/// Stream holding every service's progress/done/failed events.
+pub const EVENTS_STREAM: &str = "ATELIER_EVENTS";
+/// Subjects of [`EVENTS_STREAM`].
+pub const EVENTS_SUBJECTS: [&str; 3] = [
+    "atelier.v1.*.progress",
+    "atelier.v1.*.done",
+    "atelier.v1.*.failed",
+];
+/// Stream holding dead letters.
+pub const DLQ_STREAM: &str = "ATELIER_DLQ";
+pub const DLQ_SUBJECTS: &str = "atelier.v1.dlq.>";
+/// KV bucket holding one [`crate::JobRecord`] per job id.
+pub const JOBS_BUCKET: &str = "atelier_jobs";
+/// KV bucket holding one [`crate::images::ImageRecord`] per image sha256.
+pub const IMAGES_BUCKET: &str = "atelier_images";
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_round_trip_and_subjects_follow_the_scheme() {
+        for s in Service::ALL {
+            assert_eq!(Service::parse(s.name()), Some(s));
+            assert_eq!(
+                s.request_subject(),
+                format!("atelier.v1.{}.request", s.name())
+            );
+            assert!(!s.request_stream().contains(['.', '-', ' ', '*', '>']));
+        }
+        assert_eq!(Service::QualityFilter.request_stream(), "ATELIER_REQ_QUALITY_FILTER");
+        assert_eq!(Service::parse("nope"), None);
+    }
+
+    #[test]
+    fn serde_name_matches_subject_token() {
+        for s in Service::ALL {
+            assert_eq!(serde_json::to_value(s).unwrap(), s.name());
+        }
+    }
+}

@@ -1,0 +1,174 @@
+//! The NATS connection and the JetStream topology every atelier process agrees on.
+//!
+//! Topology (created idempotently by [`Bus::ensure_topology`]; any process may call it):
+//! - `ATELIER_REQ_<SERVICE>`: work-queue stream on `atelier.v1.<service>.request`, file storage, a
+//!   duplicate window so a resubmitted job id is dropped by the server.
+//! - `ATELIER_EVENTS`: progress/done/failed events of every service (limits retention, 7 days).
+//! - `ATELIER_DLQ`: dead letters (30 days). `ATELIER_IMAGES`: `atelier.v1.images.>` (30 days).
+//! - KV `atelier_jobs` (job state) and `atelier_images` (image records).
+
+use std::time::Duration;
+
+use anyhow::Context as _;
+use async_nats::jetstream::{self, kv, stream};
+use atelier_contracts::subjects::{self, Service};
+
+use crate::config::NatsArgs;
+
+/// How long `atelier_jobs` keeps a job record.
+pub const JOB_RETENTION: Duration = Duration::from_secs(30 * 24 * 3600);
+/// The server-side duplicate window of request and event streams (`Nats-Msg-Id`).
+pub const DUPLICATE_WINDOW: Duration = Duration::from_secs(3600);
+
+#[derive(Clone)]
+pub struct Bus {
+    pub client: async_nats::Client,
+    pub js: jetstream::Context,
+}
+
+impl Bus {
+    /// Connects, retrying until the server answers (NATS may start after us).
+    pub async fn connect(args: &NatsArgs, name: &str) -> anyhow::Result<Self> {
+        let mut opts = async_nats::ConnectOptions::new()
+            .name(name)
+            .retry_on_initial_connect()
+            .connection_timeout(Duration::from_secs(5))
+            .request_timeout(Some(Duration::from_secs(10)))
+            .event_callback(|event| async move {
+                match event {
+                    async_nats::Event::Disconnected => tracing::warn!("nats disconnected"),
+                    async_nats::Event::Connected => tracing::info!("nats connected"),
+                    other => tracing::debug!(event = %other, "nats event"),
+                }
+            });
+        if let (Some(u), Some(p)) = (&args.nats_user, &args.nats_password) {
+            opts = opts.user_and_password(u.clone(), p.clone());
+        }
+        let url = args.url();
+        let client = tokio::time::timeout(Duration::from_secs(60), opts.connect(url))
+            .await
+            .with_context(|| format!("NATS at {url} did not answer within 60 s; is nats-server running? (`atelier up` starts one, or set ATELIER_NATS_URL)"))?
+            .with_context(|| format!("connecting to NATS at {url}"))?;
+        let js = jetstream::new(client.clone());
+        Ok(Self { client, js })
+    }
+
+    /// Declares every stream and bucket. Safe to call from every process at start.
+    pub async fn ensure_topology(&self) -> anyhow::Result<()> {
+        for s in Service::ALL {
+            self.ensure_stream(stream::Config {
+                name: s.request_stream(),
+                subjects: vec![s.request_subject()],
+                retention: stream::RetentionPolicy::WorkQueue,
+                storage: stream::StorageType::File,
+                duplicate_window: DUPLICATE_WINDOW,
+                ..Default::default()
+            })
+            .await?;
+        }
+        self.ensure_stream(stream::Config {
+            name: subjects::EVENTS_STREAM.into(),
+            subjects: subjects::EVENTS_SUBJECTS.iter().map(|s| s.to_string()).collect(),
+            retention: stream::RetentionPolicy::Limits,
+            storage: stream::StorageType::File,
+            max_age: Duration::from_secs(7 * 24 * 3600),
+            duplicate_window: DUPLICATE_WINDOW,
+            ..Default::default()
+        })
+        .await?;
+        self.ensure_stream(stream::Config {
+            name: subjects::DLQ_STREAM.into(),
+            subjects: vec![subjects::DLQ_SUBJECTS.into()],
+            retention: stream::RetentionPolicy::Limits,
+            storage: stream::StorageType::File,
+            max_age: Duration::from_secs(30 * 24 * 3600),
+            ..Default::default()
+        })
+        .await?;
+        self.ensure_stream(stream::Config {
+            name: subjects::IMAGES_STREAM.into(),
+            subjects: vec!["atelier.v1.images.>".into()],
+            retention: stream::RetentionPolicy::Limits,
+            storage: stream::StorageType::File,
+            max_age: Duration::from_secs(30 * 24 * 3600),
+            duplicate_window: DUPLICATE_WINDOW,
+            ..Default::default()
+        })
+        .await?;
+        self.jobs_kv().await?;
+        self.images_kv().await?;
+        Ok(())
+    }
+
+    async fn ensure_stream(&self, config: stream::Config) -> anyhow::Result<stream::Stream> {
+        let name = config.name.clone();
+        self.js
+            .get_or_create_stream(config)
+            .await
+            .with_context(|| format!("declaring JetStream stream {name}"))
+    }
+
+    async fn kv(&self, bucket: &str, history: i64, max_age: Duration) -> anyhow::Result<kv::Store> {
+        if let Ok(store) = self.js.get_key_value(bucket).await {
+            return Ok(store);
+        }
+        match self
+            .js
+            .create_key_value(kv::Config {
+                bucket: bucket.into(),
+                history,
+                max_age,
+                storage: stream::StorageType::File,
+                ..Default::default()
+            })
+            .await
+        {
+            Ok(s) => Ok(s),
+            // Another process created it between our get and create.
+            Err(_) => self
+                .js
+                .get_key_value(bucket)
+                .await
+                .with_context(|| format!("opening KV bucket {bucket}")),
+        }
+    }
+
+    pub async fn jobs_kv(&self) -> anyhow::Result<kv::Store> {
+        self.kv(subjects::JOBS_BUCKET, 1, JOB_RETENTION).await
+    }
+
+    pub async fn images_kv(&self) -> anyhow::Result<kv::Store> {
+        self.kv(subjects::IMAGES_BUCKET, 1, Duration::ZERO).await
+    }
+
+    /// Publishes to a stream and waits for the server's ack. `msg_id` (if any) becomes
+    /// `Nats-Msg-Id`, so a second publish with the same id inside the duplicate window is dropped.
+    pub async fn publish_json<T: serde::Serialize>(
+        &self,
+        subject: String,
+        msg_id: Option<&str>,
+        value: &T,
+    ) -> anyhow::Result<jetstream::publish::PublishAck> {
+        let payload = serde_json::to_vec(value)?;
+        let mut headers = async_nats::HeaderMap::new();
+        if let Some(id) = msg_id {
+            headers.insert("Nats-Msg-Id", id);
+        }
+        let ack = self
+            .js
+            .publish_with_headers(subject.clone(), headers, payload.into())
+            .await
+            .with_context(|| format!("publishing to {subject}"))?
+            .await
+            .with_context(|| format!("waiting for JetStream ack on {subject}"))?;
+        Ok(ack)
+    }
+
+    /// True when the server answers a JetStream API request within `timeout`.
+    pub async fn ping(&self, timeout: Duration) -> bool {
+        matches!(
+            tokio::time::timeout(timeout, self.js.query_account()).await,
+            Ok(Ok(_))
+        )
+    }
+}

@@ -1,0 +1,335 @@
+//! The JetStream pull loop shared by every consumer in atelier.
+//!
+//! One durable pull consumer per service: every replica of the service binds the same durable, so
+//! replicas compete for messages and scaling out is running more processes. The loop:
+//!
+//! - fetches only as many messages as it has free slots (`--concurrency` × batch size), so a busy
+//!   replica leaves work to idle ones; `max_ack_pending` bounds unacked work across replicas;
+//! - hands batches of up to `batch_size` deliveries to a [`Processor`];
+//! - sends in-progress acks (`+WPI`) every third of `ack_wait` while a batch runs, so long jobs are
+//!   not redelivered, while a killed process's jobs are redelivered after `ack_wait`;
+//! - settles each delivery as the processor says: ack, nak with exponential backoff, or dead-letter
+//!   (publish a [`DeadLetter`] to `atelier.v1.dlq.<service>`, then terminate the message);
+//! - enforces `max_deliver` itself (the server-side limit is unlimited), so a message whose every
+//!   delivery crashed its worker is dead-lettered, not silently dropped;
+//! - on shutdown stops fetching, finishes and settles what it holds, and returns.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_nats::jetstream::consumer::{pull, AckPolicy};
+use async_nats::jetstream::{self, AckKind};
+use atelier_contracts::{DeadLetter, ErrorInfo, JobId, Service, SCHEMA_VERSION};
+use futures::StreamExt;
+use tokio::sync::Semaphore;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::WorkerArgs;
+use crate::telemetry::{Metrics, ServiceLabel};
+use crate::Bus;
+
+/// Which stream and durable a loop consumes.
+#[derive(Debug, Clone)]
+pub struct ConsumerSpec {
+    pub service: Service,
+    pub stream: String,
+    pub durable: String,
+    pub filter_subject: String,
+    pub batch_size: usize,
+    pub args: WorkerArgs,
+}
+
+impl ConsumerSpec {
+    /// The work queue of a service.
+    pub fn requests(service: Service, batch_size: usize, args: WorkerArgs) -> Self {
+        Self {
+            service,
+            stream: service.request_stream(),
+            durable: service.consumer(),
+            filter_subject: service.request_subject(),
+            batch_size: batch_size.max(1),
+            args,
+        }
+    }
+}
+
+/// One message as handed to a processor.
+pub struct Delivery {
+    pub msg: jetstream::Message,
+    /// 1 for the first delivery.
+    pub delivered: u64,
+    pub stream_sequence: u64,
+}
+
+impl Delivery {
+    pub fn payload(&self) -> &[u8] {
+        &self.msg.payload
+    }
+}
+
+/// How a delivery is settled.
+#[derive(Debug, Clone)]
+pub enum Outcome {
+    Ack,
+    /// Try again after a backoff, or dead-letter if this was delivery `max_deliver`.
+    Retry(ErrorInfo),
+    /// Never retry: publish to the dead-letter stream and terminate.
+    DeadLetter { reason: ErrorInfo, job_id: Option<JobId> },
+}
+
+/// What a consumer does with its deliveries.
+pub trait Processor: Send + Sync + 'static {
+    /// Processes a batch (at most the spec's `batch_size`) and returns one outcome per delivery, in
+    /// order.
+    fn process(&self, batch: Vec<Arc<Delivery>>) -> impl Future<Output = Vec<Outcome>> + Send;
+
+    /// Called once a delivery has been dead-lettered (for example to mark its job failed).
+    fn dead_lettered(
+        &self,
+        _delivery: &Delivery,
+        _job_id: Option<JobId>,
+        _reason: &ErrorInfo,
+    ) -> impl Future<Output = ()> + Send {
+        async {}
+    }
+}
+
+/// Binds (creating if needed) the durable consumer.
+pub async fn bind(bus: &Bus, spec: &ConsumerSpec) -> anyhow::Result<jetstream::consumer::Consumer<pull::Config>> {
+    let stream = bus
+        .js
+        .get_stream(&spec.stream)
+        .await
+        .map_err(|e| anyhow::anyhow!("stream {} is missing ({e}); was the topology declared?", spec.stream))?;
+    let consumer = stream
+        .get_or_create_consumer(
+            &spec.durable,
+            pull::Config {
+                durable_name: Some(spec.durable.clone()),
+                ack_policy: AckPolicy::Explicit,
+                ack_wait: spec.args.ack_wait(),
+                // Unlimited on the server: the loop enforces `max_deliver` so nothing is dropped
+                // without a dead letter.
+                max_deliver: -1,
+                max_ack_pending: spec.args.max_ack_pending,
+                filter_subject: spec.filter_subject.clone(),
+                ..Default::default()
+            },
+        )
+        .await
+        .map_err(|e| anyhow::anyhow!("binding consumer {} on {}: {e}", spec.durable, spec.stream))?;
+    Ok(consumer)
+}
+
+/// Runs the loop until `shutdown`, then drains. Errors only if the consumer cannot be bound.
+pub async fn run<P: Processor>(
+    bus: Bus,
+    spec: ConsumerSpec,
+    processor: Arc<P>,
+    metrics: Arc<Metrics>,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let consumer = bind(&bus, &spec).await?;
+    let concurrency = spec.args.concurrency.max(1);
+    let slots = Arc::new(Semaphore::new(concurrency));
+    let mut tasks = JoinSet::new();
+    let label = ServiceLabel { service: spec.service.name().into() };
+    tracing::info!(
+        service = %spec.service, consumer = %spec.durable, concurrency, batch = spec.batch_size,
+        "consuming"
+    );
+    'outer: loop {
+        while tasks.try_join_next().is_some() {}
+        let first = tokio::select! {
+            _ = shutdown.cancelled() => break 'outer,
+            p = slots.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => break 'outer },
+        };
+        let mut permits = vec![first];
+        while permits.len() < 256 {
+            match slots.clone().try_acquire_owned() {
+                Ok(p) => permits.push(p),
+                Err(_) => break,
+            }
+        }
+        let want = permits.len() * spec.batch_size;
+        let batch = consumer
+            .batch()
+            .max_messages(want)
+            .expires(Duration::from_millis(1000))
+            .messages()
+            .await;
+        let mut messages = match batch {
+            Ok(m) => m,
+            Err(e) => {
+                metrics.fetch_errors.get_or_create(&label).inc();
+                tracing::warn!(error = %e, "fetch failed; retrying");
+                drop(permits);
+                tokio::select! {
+                    _ = shutdown.cancelled() => break 'outer,
+                    _ = tokio::time::sleep(Duration::from_millis(500)) => continue,
+                }
+            }
+        };
+        // Messages already delivered to this request are processed even during shutdown (the
+        // request lasts at most a second): dropping them would delay them by `ack_wait`.
+        let mut pending: Vec<Arc<Delivery>> = Vec::new();
+        while let Some(next) = messages.next().await {
+            let msg = match next {
+                Ok(m) => m,
+                Err(e) => {
+                    metrics.fetch_errors.get_or_create(&label).inc();
+                    tracing::debug!(error = %e, "fetch ended with an error");
+                    break;
+                }
+            };
+            let (delivered, stream_sequence) = match msg.info() {
+                Ok(i) => (i.delivered.max(1) as u64, i.stream_sequence),
+                Err(_) => (1, 0),
+            };
+            pending.push(Arc::new(Delivery { msg, delivered, stream_sequence }));
+            if pending.len() >= spec.batch_size {
+                let Some(permit) = permits.pop() else { break };
+                let batch = std::mem::take(&mut pending);
+                spawn_batch(&mut tasks, &bus, &spec, &processor, &metrics, batch, permit);
+            }
+        }
+        if !pending.is_empty() {
+            let permit = match permits.pop() {
+                Some(p) => p,
+                None => match slots.clone().acquire_owned().await {
+                    Ok(p) => p,
+                    Err(_) => break 'outer,
+                },
+            };
+            spawn_batch(&mut tasks, &bus, &spec, &processor, &metrics, pending, permit);
+        }
+    }
+    tracing::info!(service = %spec.service, in_flight = tasks.len(), "draining");
+    while tasks.join_next().await.is_some() {}
+    tracing::info!(service = %spec.service, "drained");
+    Ok(())
+}
+
+fn spawn_batch<P: Processor>(
+    tasks: &mut JoinSet<()>,
+    bus: &Bus,
+    spec: &ConsumerSpec,
+    processor: &Arc<P>,
+    metrics: &Arc<Metrics>,
+    batch: Vec<Arc<Delivery>>,
+    permit: tokio::sync::OwnedSemaphorePermit,
+) {
+    let (bus, spec, processor, metrics) = (bus.clone(), spec.clone(), processor.clone(), metrics.clone());
+    tasks.spawn(async move {
+        let _permit = permit;
+        handle_batch(&bus, &spec, &*processor, &metrics, batch).await;
+    });
+}
+
+async fn handle_batch<P: Processor>(
+    bus: &Bus,
+    spec: &ConsumerSpec,
+    processor: &P,
+    metrics: &Metrics,
+    batch: Vec<Arc<Delivery>>,
+) {
+    let max = spec.args.max_deliver.max(1);
+    let (live, exhausted): (Vec<_>, Vec<_>) = batch.into_iter().partition(|d| d.delivered <= max);
+    for d in exhausted {
+        let reason = ErrorInfo {
+            code: "max_deliver_exceeded".into(),
+            message: format!(
+                "delivered {} times (max_deliver {max}); the worker stopped or crashed during every attempt",
+                d.delivered
+            ),
+        };
+        dead_letter(bus, spec, processor, metrics, &d, None, reason).await;
+    }
+    if live.is_empty() {
+        return;
+    }
+    let heartbeat = {
+        let msgs = live.clone();
+        let every = spec.args.ack_wait() / 3;
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(every).await;
+                for d in &msgs {
+                    let _ = d.msg.ack_with(AckKind::Progress).await;
+                }
+            }
+        })
+    };
+    let outcomes = processor.process(live.clone()).await;
+    heartbeat.abort();
+    for (i, d) in live.iter().enumerate() {
+        let outcome = outcomes.get(i).cloned().unwrap_or_else(|| {
+            Outcome::Retry(ErrorInfo {
+                code: "internal".into(),
+                message: "processor returned no outcome for this delivery".into(),
+            })
+        });
+        match outcome {
+            Outcome::Ack => {
+                if let Err(e) = d.msg.ack().await {
+                    tracing::warn!(error = %e, seq = d.stream_sequence, "ack failed; the job may be redelivered (idempotent)");
+                }
+            }
+            Outcome::Retry(reason) if d.delivered >= max => {
+                dead_letter(bus, spec, processor, metrics, d, None, reason).await;
+            }
+            Outcome::Retry(reason) => {
+                metrics.job(spec.service.name(), "retried");
+                let delay = spec.args.backoff(d.delivered);
+                tracing::warn!(seq = d.stream_sequence, delivered = d.delivered, ?delay, code = %reason.code, message = %reason.message, "will retry");
+                let _ = d.msg.ack_with(AckKind::Nak(Some(delay))).await;
+            }
+            Outcome::DeadLetter { reason, job_id } => {
+                dead_letter(bus, spec, processor, metrics, d, job_id, reason).await;
+            }
+        }
+    }
+}
+
+async fn dead_letter<P: Processor>(
+    bus: &Bus,
+    spec: &ConsumerSpec,
+    processor: &P,
+    metrics: &Metrics,
+    d: &Delivery,
+    job_id: Option<JobId>,
+    reason: ErrorInfo,
+) {
+    let payload = d.payload();
+    let cap = payload.len().min(64 * 1024);
+    let letter = DeadLetter {
+        schema_version: SCHEMA_VERSION,
+        service: spec.service,
+        subject: d.msg.subject.to_string(),
+        stream_sequence: d.stream_sequence,
+        deliveries: d.delivered,
+        job_id,
+        reason: reason.clone(),
+        payload: String::from_utf8_lossy(&payload[..cap]).into_owned(),
+        at: chrono::Utc::now(),
+    };
+    // One dead letter per stream message, even if this process dies between publish and term.
+    let msg_id = format!("dlq.{}.{}", spec.stream, d.stream_sequence);
+    match bus.publish_json(spec.service.dead_letter_subject(), Some(&msg_id), &letter).await {
+        Ok(_) => {
+            tracing::error!(
+                service = %spec.service, seq = d.stream_sequence, deliveries = d.delivered,
+                code = %reason.code, message = %reason.message, "dead-lettered"
+            );
+            metrics.job(spec.service.name(), "dead_lettered");
+            processor.dead_lettered(d, job_id, &reason).await;
+            let _ = d.msg.ack_with(AckKind::Term).await;
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "could not publish a dead letter; leaving the message for redelivery");
+            let _ = d.msg.ack_with(AckKind::Nak(Some(Duration::from_secs(5)))).await;
+        }
+    }
+}

@@ -1,0 +1,480 @@
+//! The job protocol every service runs: a [`Handler`] turns a [`JobSpec`] into a [`JobOutput`];
+//! [`Worker`] does the rest.
+//!
+//! For each delivered [`JobRequest`]:
+//! 1. Undecodable payloads, unknown schema versions and jobs for another service are dead-lettered
+//!    at once (retrying cannot help).
+//! 2. Idempotency: if the job's record is already terminal, the delivery is a duplicate. A succeeded
+//!    job's `done` event is re-published (deduplicated by `Nats-Msg-Id: <id>.done`, which also covers
+//!    a crash between writing the record and publishing) and the message is acked. No handler runs,
+//!    so no second result or artifact is made; artifacts are content-addressed besides.
+//! 3. The record moves to `running` (attempts + 1) by compare-and-set; the handler runs with a
+//!    [`JobCtx`] carrying the store, progress reporting and a cancellation token that fires when the
+//!    record is set to `cancelled` (polled every second).
+//! 4. Success writes `succeeded` + output, then publishes `done`; a permanent error writes `failed`
+//!    and publishes `failed`; a retryable error naks with backoff until `max_deliver`, then
+//!    dead-letters and fails the job.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use atelier_contracts::{
+    ErrorInfo, JobDone, JobFailed, JobId, JobOutput, JobProgress, JobRecord, JobRequest, JobSpec,
+    JobState, Progress, Service, SCHEMA_VERSION,
+};
+use futures::future::join_all;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::WorkerArgs;
+use crate::consumer::{self, ConsumerSpec, Delivery, Outcome, Processor};
+use crate::jobstate::{Change, JobStates};
+use crate::store::StoreError;
+use crate::telemetry::{Metrics, ServiceLabel};
+use crate::{Bus, Store};
+
+/// Why a job did not produce an output.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum JobError {
+    /// Worth another delivery (the store or a remote API was unreachable, a GPU ran out of memory).
+    #[error("{0:?}")]
+    Retryable(ErrorInfo),
+    /// Retrying cannot help (bad input, missing artifact, checksum mismatch).
+    #[error("{0:?}")]
+    Permanent(ErrorInfo),
+    /// The job was cancelled while running.
+    #[error("cancelled")]
+    Cancelled,
+}
+
+impl JobError {
+    pub fn retryable(code: &str, message: impl Into<String>) -> Self {
+        JobError::Retryable(ErrorInfo { code: code.into(), message: message.into() })
+    }
+    pub fn permanent(code: &str, message: impl Into<String>) -> Self {
+        JobError::Permanent(ErrorInfo { code: code.into(), message: message.into() })
+    }
+}
+
+impl From<StoreError> for JobError {
+    fn from(e: StoreError) -> Self {
+        match &e {
+            StoreError::NotFound(_) => JobError::permanent("artifact_not_found", e.to_string()),
+            StoreError::BadKey(_) => JobError::permanent("bad_artifact_key", e.to_string()),
+            StoreError::TooLarge { .. } => JobError::permanent("artifact_too_large", e.to_string()),
+            _ if e.is_transient() => JobError::retryable("store_unavailable", e.to_string()),
+            _ => JobError::permanent("store_error", e.to_string()),
+        }
+    }
+}
+
+/// What a handler gets besides its spec.
+#[derive(Clone)]
+pub struct JobCtx {
+    pub id: JobId,
+    /// 1 on the first attempt.
+    pub attempt: u64,
+    pub service: Service,
+    pub store: Store,
+    pub bus: Bus,
+    states: JobStates,
+    cancel: CancellationToken,
+}
+
+impl JobCtx {
+    /// Fires when the job is cancelled; long handlers should check it between steps.
+    pub fn cancellation(&self) -> &CancellationToken {
+        &self.cancel
+    }
+
+    pub fn is_cancelled(&self) -> bool {
+        self.cancel.is_cancelled()
+    }
+
+    /// Reports progress: updates the job record (what `GET /v1/jobs/{id}/events` streams) and
+    /// publishes `atelier.v1.<service>.progress`. Failures are logged, never fatal.
+    pub async fn progress(&self, fraction: f32, message: impl Into<Option<String>>) {
+        let progress = Progress { fraction: fraction.clamp(0.0, 1.0), message: message.into() };
+        let p = progress.clone();
+        let res = self
+            .states
+            .update(self.id, |r| {
+                if r.state == JobState::Running {
+                    r.progress = Some(p.clone());
+                    Change::Write
+                } else {
+                    Change::Keep
+                }
+            })
+            .await;
+        if let Err(e) = res {
+            tracing::debug!(job = %self.id, error = %e, "progress not recorded");
+        }
+        let event = JobProgress {
+            schema_version: SCHEMA_VERSION,
+            id: self.id,
+            service: self.service,
+            progress,
+            at: chrono::Utc::now(),
+        };
+        if let Err(e) = self.bus.publish_json(self.service.progress_subject(), None, &event).await {
+            tracing::debug!(job = %self.id, error = %e, "progress event not published");
+        }
+    }
+}
+
+/// A service's work. `handle` is all most services write.
+pub trait Handler: Send + Sync + 'static {
+    /// The service whose work queue this handler consumes.
+    fn service(&self) -> Service;
+
+    /// Jobs handed to [`Handler::handle_batch`] at once (GPU services batch; default 1).
+    fn batch_size(&self) -> usize {
+        1
+    }
+
+    fn handle(
+        &self,
+        ctx: &JobCtx,
+        spec: JobSpec,
+    ) -> impl Future<Output = Result<JobOutput, JobError>> + Send;
+
+    /// Handles several jobs at once; the default runs [`Handler::handle`] on each concurrently.
+    fn handle_batch(
+        &self,
+        jobs: Vec<(JobCtx, JobSpec)>,
+    ) -> impl Future<Output = Vec<Result<JobOutput, JobError>>> + Send {
+        async move { join_all(jobs.into_iter().map(|(ctx, spec)| async move { self.handle(&ctx, spec).await })).await }
+    }
+}
+
+/// Runs a [`Handler`] against its service's work queue.
+pub struct Worker<H: Handler> {
+    handler: H,
+    bus: Bus,
+    store: Store,
+    states: JobStates,
+    metrics: Arc<Metrics>,
+    instance: String,
+}
+
+impl<H: Handler> Worker<H> {
+    pub async fn new(handler: H, bus: Bus, store: Store, metrics: Arc<Metrics>) -> anyhow::Result<Self> {
+        let states = JobStates::new(bus.jobs_kv().await?);
+        let instance = crate::instance_id(handler.service().name());
+        Ok(Self { handler, bus, store, states, metrics, instance })
+    }
+
+    /// Consumes until `shutdown`, then drains (finishes and acks what it holds).
+    pub async fn run(self, args: WorkerArgs, shutdown: CancellationToken) -> anyhow::Result<()> {
+        let spec = ConsumerSpec::requests(self.handler.service(), self.handler.batch_size(), args.clone());
+        let bus = self.bus.clone();
+        let metrics = self.metrics.clone();
+        consumer::run(bus, spec, Arc::new(Prepared { worker: self, args }), metrics, shutdown).await
+    }
+}
+
+struct Prepared<H: Handler> {
+    worker: Worker<H>,
+    args: WorkerArgs,
+}
+
+/// What step 1–3 decided for one delivery.
+enum Plan {
+    Settled(Outcome),
+    Run { ctx: JobCtx, spec: JobSpec, request: JobRequest },
+}
+
+fn info(code: &str, message: impl Into<String>) -> ErrorInfo {
+    ErrorInfo { code: code.into(), message: message.into() }
+}
+
+impl<H: Handler> Prepared<H> {
+    fn service(&self) -> Service {
+        self.worker.handler.service()
+    }
+
+    async fn plan(&self, d: &Delivery) -> Plan {
+        let w = &self.worker;
+        let request: JobRequest = match serde_json::from_slice(d.payload()) {
+            Ok(r) => r,
+            Err(e) => {
+                let job_id = serde_json::from_slice::<serde_json::Value>(d.payload())
+                    .ok()
+                    .and_then(|v| v.get("id").and_then(|i| i.as_str()).and_then(JobId::parse));
+                return Plan::Settled(Outcome::DeadLetter {
+                    reason: info("undecodable", format!("payload is not a valid JobRequest: {e}")),
+                    job_id,
+                });
+            }
+        };
+        let id = request.id;
+        if request.schema_version != SCHEMA_VERSION {
+            return Plan::Settled(Outcome::DeadLetter {
+                reason: info(
+                    "unsupported_schema_version",
+                    format!("schema_version {} is not supported (this worker speaks {SCHEMA_VERSION})", request.schema_version),
+                ),
+                job_id: Some(id),
+            });
+        }
+        if request.spec.service() != self.service() {
+            return Plan::Settled(Outcome::DeadLetter {
+                reason: info(
+                    "wrong_service",
+                    format!("a {} job arrived at the {} service", request.spec.kind(), self.service()),
+                ),
+                job_id: Some(id),
+            });
+        }
+        let instance = w.instance.clone();
+        let attempt = d.delivered;
+        let start_running = |r: &mut JobRecord| {
+            if r.state.is_terminal() {
+                return Change::Keep;
+            }
+            r.state = JobState::Running;
+            r.attempts += 1;
+            r.worker = Some(instance.clone());
+            Change::Write
+        };
+        let mut record = w.states.update(id, start_running).await;
+        if let Err(crate::jobstate::StateError::Missing(_)) = record {
+            // Jobs published straight onto the bus (not through the gateway) get their record here.
+            match w.states.create(&JobRecord::queued(&request)).await {
+                Ok(_) | Err(crate::jobstate::StateError::Exists(_)) => {}
+                Err(e) => return Plan::Settled(Outcome::Retry(info("job_state_unavailable", e.to_string()))),
+            }
+            record = w.states.update(id, start_running).await;
+        }
+        let record = match record {
+            Ok(r) => r,
+            Err(e) => return Plan::Settled(Outcome::Retry(info("job_state_unavailable", e.to_string()))),
+        };
+        match record.state {
+            JobState::Running if record.worker.as_deref() == Some(w.instance.as_str()) => {}
+            JobState::Succeeded => {
+                w.metrics.job(self.service().name(), "duplicate");
+                return Plan::Settled(match self.publish_done(&record, 0).await {
+                    Ok(()) => Outcome::Ack,
+                    Err(e) => Outcome::Retry(info("bus_unavailable", e.to_string())),
+                });
+            }
+            _ => {
+                w.metrics.job(self.service().name(), "duplicate");
+                return Plan::Settled(Outcome::Ack);
+            }
+        }
+        let ctx = JobCtx {
+            id,
+            attempt: attempt.max(record.attempts),
+            service: self.service(),
+            store: w.store.clone(),
+            bus: w.bus.clone(),
+            states: w.states.clone(),
+            cancel: CancellationToken::new(),
+        };
+        Plan::Run { ctx, spec: request.spec.clone(), request }
+    }
+
+    async fn publish_done(&self, record: &JobRecord, duration_ms: u64) -> anyhow::Result<()> {
+        let Some(output) = record.output.clone() else { return Ok(()) };
+        let done = JobDone {
+            schema_version: SCHEMA_VERSION,
+            id: record.id,
+            service: record.service,
+            output,
+            attempts: record.attempts,
+            duration_ms,
+            finished_at: record.updated_at,
+        };
+        self.worker
+            .bus
+            .publish_json(record.service.done_subject(), Some(&format!("{}.done", record.id)), &done)
+            .await
+            .map(|_| ())
+    }
+
+    async fn fail(&self, id: JobId, error: ErrorInfo) -> anyhow::Result<()> {
+        let w = &self.worker;
+        let e = error.clone();
+        let record = w
+            .states
+            .update(id, |r| {
+                if r.state.is_terminal() {
+                    return Change::Keep;
+                }
+                r.state = JobState::Failed;
+                r.error = Some(e.clone());
+                Change::Write
+            })
+            .await?;
+        if record.state == JobState::Failed {
+            let failed = JobFailed {
+                schema_version: SCHEMA_VERSION,
+                id,
+                service: record.service,
+                error,
+                attempts: record.attempts,
+                finished_at: record.updated_at,
+            };
+            w.bus
+                .publish_json(record.service.failed_subject(), Some(&format!("{id}.failed")), &failed)
+                .await?;
+        }
+        Ok(())
+    }
+
+    async fn finish(
+        &self,
+        d: &Delivery,
+        ctx: &JobCtx,
+        result: Result<JobOutput, JobError>,
+        elapsed: Duration,
+    ) -> Outcome {
+        let w = &self.worker;
+        let service = self.service().name();
+        let result = if ctx.is_cancelled() { Err(JobError::Cancelled) } else { result };
+        match result {
+            Ok(output) => {
+                let out = output.clone();
+                let record = w
+                    .states
+                    .update(ctx.id, |r| {
+                        if r.state.is_terminal() {
+                            return Change::Keep;
+                        }
+                        r.state = JobState::Succeeded;
+                        r.output = Some(out.clone());
+                        r.error = None;
+                        r.progress = Some(Progress { fraction: 1.0, message: None });
+                        Change::Write
+                    })
+                    .await;
+                match record {
+                    Ok(r) if r.state == JobState::Succeeded => {
+                        match self.publish_done(&r, elapsed.as_millis() as u64).await {
+                            Ok(()) => {
+                                w.metrics.job(service, "succeeded");
+                                Outcome::Ack
+                            }
+                            // The record says succeeded: the redelivery re-publishes, nothing reruns.
+                            Err(e) => Outcome::Retry(info("bus_unavailable", e.to_string())),
+                        }
+                    }
+                    Ok(_) => {
+                        w.metrics.job(service, "cancelled");
+                        Outcome::Ack
+                    }
+                    Err(e) => Outcome::Retry(info("job_state_unavailable", e.to_string())),
+                }
+            }
+            Err(JobError::Cancelled) => {
+                w.metrics.job(service, "cancelled");
+                Outcome::Ack
+            }
+            Err(JobError::Permanent(error)) => {
+                tracing::warn!(job = %ctx.id, code = %error.code, message = %error.message, "job failed");
+                match self.fail(ctx.id, error).await {
+                    Ok(()) => {
+                        w.metrics.job(service, "failed");
+                        Outcome::Ack
+                    }
+                    Err(e) => Outcome::Retry(info("job_state_unavailable", e.to_string())),
+                }
+            }
+            Err(JobError::Retryable(error)) => {
+                if d.delivered >= self.args.max_deliver.max(1) {
+                    // The consumer dead-letters it; `dead_lettered` fails the job.
+                    return Outcome::Retry(error);
+                }
+                let e = error.clone();
+                let _ = w
+                    .states
+                    .update(ctx.id, |r| {
+                        if r.state != JobState::Running {
+                            return Change::Keep;
+                        }
+                        r.state = JobState::Queued;
+                        r.error = Some(e.clone());
+                        Change::Write
+                    })
+                    .await;
+                Outcome::Retry(error)
+            }
+        }
+    }
+}
+
+impl<H: Handler> Processor for Prepared<H> {
+    async fn process(&self, batch: Vec<Arc<Delivery>>) -> Vec<Outcome> {
+        let plans = join_all(batch.iter().map(|d| self.plan(d))).await;
+        let mut outcomes: Vec<Option<Outcome>> = Vec::with_capacity(batch.len());
+        let mut runs = Vec::new();
+        for (i, plan) in plans.into_iter().enumerate() {
+            match plan {
+                Plan::Settled(o) => outcomes.push(Some(o)),
+                Plan::Run { ctx, spec, request } => {
+                    outcomes.push(None);
+                    runs.push((i, ctx, spec, request));
+                }
+            }
+        }
+        if runs.is_empty() {
+            return outcomes.into_iter().map(|o| o.unwrap_or(Outcome::Ack)).collect();
+        }
+        let w = &self.worker;
+        let label = ServiceLabel { service: self.service().name().into() };
+        w.metrics.in_flight.get_or_create(&label).inc_by(runs.len() as i64);
+        // Cancellation: poll the records of the running jobs once a second.
+        let watcher = {
+            let states = w.states.clone();
+            let watched: Vec<(JobId, CancellationToken)> =
+                runs.iter().map(|(_, ctx, _, _)| (ctx.id, ctx.cancel.clone())).collect();
+            tokio::spawn(async move {
+                loop {
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                    for (id, token) in &watched {
+                        if let Ok(Some((r, _))) = states.get(*id).await {
+                            if r.state == JobState::Cancelled && !token.is_cancelled() {
+                                tracing::info!(job = %id, "cancelled while running");
+                                token.cancel();
+                            }
+                        }
+                    }
+                }
+            })
+        };
+        let start = Instant::now();
+        let jobs: Vec<(JobCtx, JobSpec)> = runs.iter().map(|(_, c, s, _)| (c.clone(), s.clone())).collect();
+        let results = w.handler.handle_batch(jobs).await;
+        let elapsed = start.elapsed();
+        watcher.abort();
+        w.metrics.in_flight.get_or_create(&label).dec_by(runs.len() as i64);
+        let per_job = elapsed.as_secs_f64() / runs.len() as f64;
+        let mut results = results.into_iter();
+        for (i, ctx, _, _) in &runs {
+            w.metrics.job_seconds.get_or_create(&label).observe(per_job);
+            let result = results
+                .next()
+                .unwrap_or_else(|| Err(JobError::retryable("internal", "handler returned too few results")));
+            outcomes[*i] = Some(self.finish(&batch[*i], ctx, result, elapsed).await);
+        }
+        outcomes.into_iter().map(|o| o.unwrap_or(Outcome::Ack)).collect()
+    }
+
+    async fn dead_lettered(&self, d: &Delivery, job_id: Option<JobId>, reason: &ErrorInfo) {
+        let id = job_id.or_else(|| {
+            serde_json::from_slice::<serde_json::Value>(d.payload())
+                .ok()
+                .and_then(|v| v.get("id").and_then(|i| i.as_str()).and_then(JobId::parse))
+        });
+        if let Some(id) = id {
+            let mut reason = reason.clone();
+            reason.message = format!("{} (dead-lettered after {} deliveries)", reason.message, d.delivered);
+            if let Err(e) = self.fail(id, reason).await {
+                tracing::debug!(job = %id, error = %e, "no job record to fail");
+            }
+        }
+    }
+}
