@@ -1,1 +1,201 @@
-//! placeholder
+//! The ingest service: records images announced on `atelier.v1.images.ingested`.
+//!
+//! Consumes stream `ATELIER_IMAGES` (durable `ingest-workers`), produces [`ImageRecord`]s in the
+//! `atelier_images` KV bucket, keyed by the SHA-256 of the bytes. For each announced image it streams
+//! the object through SHA-256 (the claim in the event is checked, never trusted), copies it to its
+//! content address, and merges the announcement into the record: the same bytes announced twice,
+//! under any keys, give one record with every source listed. A claimed digest that does not match
+//! the bytes flags the record with the reason. A missing object is retried (the announcing system
+//! may still be writing it) and, after `max_deliver`, the event is dead-lettered with the reason.
+//! Malformed events are dead-lettered at once. Image decoding, EXIF, perceptual hashes and
+//! datasets build on this record (the dataset-side issue).
+
+use std::sync::Arc;
+
+use async_nats::jetstream::kv;
+use atelier_contracts::images::{ImageRecord, ImageSource, ImagesIngested, IngestedImage};
+use atelier_contracts::subjects::{IMAGES_INGESTED, IMAGES_STREAM};
+use atelier_contracts::{ArtifactKey, ErrorInfo, Service, SCHEMA_VERSION};
+use atelier_kit::config::WorkerArgs;
+use atelier_kit::consumer::{self, ConsumerSpec, Delivery, Outcome, Processor};
+use atelier_kit::service::Runtime;
+use atelier_kit::store::StoreError;
+use atelier_kit::Store;
+use tokio_util::sync::CancellationToken;
+
+/// The consumer of `atelier.v1.images.ingested`.
+pub fn consumer_spec(args: WorkerArgs) -> ConsumerSpec {
+    ConsumerSpec {
+        service: Service::Ingest,
+        stream: IMAGES_STREAM.into(),
+        durable: Service::Ingest.consumer(),
+        filter_subject: IMAGES_INGESTED.into(),
+        batch_size: 1,
+        args,
+    }
+}
+
+pub struct Ingest {
+    store: Store,
+    images: kv::Store,
+}
+
+impl Ingest {
+    pub async fn new(rt: &Runtime) -> anyhow::Result<Self> {
+        Ok(Self { store: rt.store.clone(), images: rt.bus.images_kv().await? })
+    }
+
+    /// Consumes until `shutdown`, then drains.
+    pub async fn run(rt: Runtime, args: WorkerArgs, shutdown: CancellationToken) -> anyhow::Result<()> {
+        let this = Arc::new(Self::new(&rt).await?);
+        consumer::run(rt.bus.clone(), consumer_spec(args), this, rt.metrics.clone(), shutdown).await
+    }
+
+    /// Verifies one announced image and merges it into its record.
+    pub async fn record(&self, dataset: Option<&str>, image: &IngestedImage) -> Result<ImageRecord, Outcome> {
+        let dead = |code: &str, message: String| Outcome::DeadLetter {
+            reason: ErrorInfo { code: code.into(), message },
+            job_id: None,
+        };
+        let key = ArtifactKey::parse(&image.key)
+            .map_err(|e| dead("bad_artifact_key", format!("image key {:?}: {e}", image.key)))?;
+        let found = match self.store.digest(&key).await {
+            Ok(a) => a,
+            Err(StoreError::NotFound(_)) => {
+                return Err(Outcome::Retry(ErrorInfo {
+                    code: "artifact_not_found".into(),
+                    message: format!("no object at {} (yet)", image.key),
+                }))
+            }
+            Err(e) => {
+                return Err(Outcome::Retry(ErrorInfo { code: "store_unavailable".into(), message: e.to_string() }))
+            }
+        };
+        let flag = image
+            .sha256
+            .as_deref()
+            .filter(|claimed| !claimed.eq_ignore_ascii_case(&found.sha256))
+            .map(|claimed| format!("sha256_mismatch: announced {claimed}, bytes are {}", found.sha256));
+        let (content_key, _) = self
+            .store
+            .copy_to_content_address(&key, &found.sha256)
+            .await
+            .map_err(|e| Outcome::Retry(ErrorInfo { code: "store_unavailable".into(), message: e.to_string() }))?;
+        let content_type = match found.content_type.as_str() {
+            "application/octet-stream" => guess_content_type(&image.key).to_owned(),
+            other => other.to_owned(),
+        };
+        let source = ImageSource {
+            key: image.key.clone(),
+            source: image.source.clone(),
+            license: image.license.clone(),
+            metadata: image.metadata.clone(),
+        };
+        let now = chrono::Utc::now();
+        for _ in 0..32 {
+            let existing = self
+                .images
+                .entry(&found.sha256)
+                .await
+                .map_err(|e| Outcome::Retry(ErrorInfo { code: "bus_unavailable".into(), message: e.to_string() }))?;
+            let (mut record, revision) = match existing {
+                Some(e) if e.operation == kv::Operation::Put => match serde_json::from_slice::<ImageRecord>(&e.value) {
+                    Ok(r) => (r, Some(e.revision)),
+                    Err(_) => (fresh(&found, &content_key, &content_type, now), Some(e.revision)),
+                },
+                _ => (fresh(&found, &content_key, &content_type, now), None),
+            };
+            if !record.sources.contains(&source) {
+                record.sources.push(source.clone());
+            }
+            if let Some(d) = dataset {
+                if !record.datasets.iter().any(|x| x == d) {
+                    record.datasets.push(d.to_owned());
+                }
+            }
+            if flag.is_some() && record.flag.is_none() {
+                record.flag = flag.clone();
+            }
+            record.updated_at = now;
+            let bytes = serde_json::to_vec(&record).expect("records serialize");
+            let written = match revision {
+                Some(rev) => self.images.update(&found.sha256, bytes.into(), rev).await.map(|_| ()).map_err(|e| e.to_string()),
+                None => self.images.create(&found.sha256, bytes.into()).await.map(|_| ()).map_err(|e| e.to_string()),
+            };
+            if written.is_ok() {
+                return Ok(record);
+            }
+            // Lost a race with another replica: read again and merge again.
+        }
+        Err(Outcome::Retry(ErrorInfo { code: "contended".into(), message: "image record kept changing".into() }))
+    }
+}
+
+fn fresh(found: &atelier_contracts::ArtifactRef, key: &ArtifactKey, content_type: &str, now: chrono::DateTime<chrono::Utc>) -> ImageRecord {
+    ImageRecord {
+        schema_version: SCHEMA_VERSION,
+        sha256: found.sha256.clone(),
+        key: key.to_string(),
+        size: found.size,
+        content_type: content_type.to_owned(),
+        datasets: Vec::new(),
+        sources: Vec::new(),
+        flag: None,
+        first_seen: now,
+        updated_at: now,
+    }
+}
+
+/// Content type from a key's extension (the bytes are decoded by the dataset side).
+pub fn guess_content_type(key: &str) -> &'static str {
+    let ext = key.rsplit_once('.').map(|(_, e)| e.to_ascii_lowercase()).unwrap_or_default();
+    match ext.as_str() {
+        "jpg" | "jpeg" => "image/jpeg",
+        "png" => "image/png",
+        "webp" => "image/webp",
+        "gif" => "image/gif",
+        "bmp" => "image/bmp",
+        "tif" | "tiff" => "image/tiff",
+        _ => "application/octet-stream",
+    }
+}
+
+impl Processor for Ingest {
+    async fn process(&self, batch: Vec<Arc<Delivery>>) -> Vec<Outcome> {
+        let mut outcomes = Vec::with_capacity(batch.len());
+        for d in &batch {
+            outcomes.push(self.process_one(d).await);
+        }
+        outcomes
+    }
+}
+
+impl Ingest {
+    async fn process_one(&self, d: &Delivery) -> Outcome {
+        let event: ImagesIngested = match serde_json::from_slice(d.payload()) {
+            Ok(e) => e,
+            Err(e) => {
+                return Outcome::DeadLetter {
+                    reason: ErrorInfo { code: "undecodable".into(), message: format!("not an ImagesIngested event: {e}") },
+                    job_id: None,
+                }
+            }
+        };
+        if event.schema_version != SCHEMA_VERSION {
+            return Outcome::DeadLetter {
+                reason: ErrorInfo {
+                    code: "unsupported_schema_version".into(),
+                    message: format!("schema_version {} is not supported (expected {SCHEMA_VERSION})", event.schema_version),
+                },
+                job_id: None,
+            };
+        }
+        for image in &event.images {
+            match self.record(event.dataset.as_deref(), image).await {
+                Ok(r) => tracing::info!(sha256 = %r.sha256, key = %image.key, sources = r.sources.len(), "image recorded"),
+                Err(outcome) => return outcome,
+            }
+        }
+        Outcome::Ack
+    }
+}

@@ -20,6 +20,7 @@ pub mod config;
 pub mod consumer;
 pub mod jobstate;
 pub mod nats_server;
+pub mod service;
 pub mod shutdown;
 pub mod store;
 pub mod telemetry;
