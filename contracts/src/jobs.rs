@@ -51,6 +51,9 @@ pub enum JobSpec {
 }
 
 impl JobSpec {
+    /// Every `kind` tag this build knows.
+    pub const KINDS: &'static [&'static str] = &["checksum"];
+
     pub fn service(&self) -> Service {
         match self {
             JobSpec::Checksum(_) => Service::Checksum,

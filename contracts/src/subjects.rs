@@ -113,19 +113,24 @@ impl std::fmt::Display for Service {
 
 /// External systems publish here to announce images they put into the bucket.
 pub const IMAGES_INGESTED: &str = "atelier.v1.images.ingested";
-/// Stream holding `atelier.v1.images.>` events.
+/// Stream holding `atelier.v1.images.ingested` events.
 pub const IMAGES_STREAM: &str = "ATELIER_IMAGES";
 /// Stream holding every service's progress/done/failed events.
 pub const EVENTS_STREAM: &str = "ATELIER_EVENTS";
-/// Subjects of [`EVENTS_STREAM`].
-pub const EVENTS_SUBJECTS: [&str; 3] = [
-    "atelier.v1.*.progress",
-    "atelier.v1.*.done",
-    "atelier.v1.*.failed",
-];
+/// Subjects of [`EVENTS_STREAM`]: listed per service, without wildcards, so no two streams'
+/// subjects overlap (JetStream refuses overlapping streams).
+pub fn events_subjects() -> Vec<String> {
+    Service::ALL
+        .into_iter()
+        .flat_map(|s| [s.progress_subject(), s.done_subject(), s.failed_subject()])
+        .collect()
+}
 /// Stream holding dead letters.
 pub const DLQ_STREAM: &str = "ATELIER_DLQ";
-pub const DLQ_SUBJECTS: &str = "atelier.v1.dlq.>";
+/// Subjects of [`DLQ_STREAM`].
+pub fn dlq_subjects() -> Vec<String> {
+    Service::ALL.into_iter().map(Service::dead_letter_subject).collect()
+}
 /// KV bucket holding one [`crate::JobRecord`] per job id.
 pub const JOBS_BUCKET: &str = "atelier_jobs";
 /// KV bucket holding one [`crate::images::ImageRecord`] per image sha256.

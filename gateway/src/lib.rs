@@ -1,1 +1,101 @@
-//! placeholder
+//! atelier's gateway: the HTTP API ([`api`]), its auth ([`auth`]), the embedded all-in-one mode
+//! ([`embedded`], `atelier up`), the demo pipeline ([`demo`], `atelier demo`) and an HTTP client
+//! ([`client`]) for the CLI. The binary `atelier` (src/main.rs) is thin glue over these.
+//!
+//! Architecture invariant: the gateway never runs a job itself. It validates, records the job as
+//! queued, and publishes it; services pick it up from the bus. In embedded mode the services run in
+//! the same process, through exactly the code they run as separate processes.
+
+pub mod api;
+pub mod auth;
+pub mod client;
+pub mod demo;
+pub mod embedded;
+pub mod error;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use tokio_util::sync::CancellationToken;
+
+/// Gateway flags (also used by `atelier up` and `atelier demo`).
+#[derive(clap::Args, Debug, Clone)]
+pub struct GatewayArgs {
+    /// Address the HTTP API listens on.
+    #[arg(long = "addr", env = "ATELIER_ADDR", default_value = "127.0.0.1:7860")]
+    pub addr: SocketAddr,
+    /// API keys as NAME:SHA256HEX:SCOPES (comma-separated; `atelier keygen` makes them).
+    #[arg(long = "api-key", env = "ATELIER_API_KEYS", value_delimiter = ',', hide_env_values = true)]
+    pub api_keys: Vec<String>,
+    /// Serve without authentication. Only allowed on loopback addresses.
+    #[arg(long = "insecure-no-auth", env = "ATELIER_INSECURE_NO_AUTH")]
+    pub insecure_no_auth: bool,
+    /// Sustained requests per second per API key.
+    #[arg(long = "rate-limit", env = "ATELIER_RATE_LIMIT", default_value_t = 200.0)]
+    pub rate_limit: f64,
+    /// Requests per API key above the sustained rate.
+    #[arg(long = "rate-burst", env = "ATELIER_RATE_BURST", default_value_t = 400.0)]
+    pub rate_burst: f64,
+    /// Requests in flight per API key.
+    #[arg(long = "key-concurrency", env = "ATELIER_KEY_CONCURRENCY", default_value_t = 64)]
+    pub key_concurrency: usize,
+    /// Largest `POST /v1/jobs` body, bytes.
+    #[arg(long = "max-json-bytes", env = "ATELIER_MAX_JSON_BYTES", default_value_t = 1 << 20)]
+    pub max_json_bytes: u64,
+    /// Largest upload, bytes.
+    #[arg(long = "max-upload-bytes", env = "ATELIER_MAX_UPLOAD_BYTES", default_value_t = 4 << 30)]
+    pub max_upload_bytes: u64,
+}
+
+impl Default for GatewayArgs {
+    fn default() -> Self {
+        Self {
+            addr: SocketAddr::from(([127, 0, 0, 1], 7860)),
+            api_keys: Vec::new(),
+            insecure_no_auth: false,
+            rate_limit: 200.0,
+            rate_burst: 400.0,
+            key_concurrency: 64,
+            max_json_bytes: 1 << 20,
+            max_upload_bytes: 4 << 30,
+        }
+    }
+}
+
+impl GatewayArgs {
+    pub fn auth(&self) -> anyhow::Result<auth::Auth> {
+        auth::Auth::new(
+            &self.api_keys,
+            self.insecure_no_auth,
+            self.addr,
+            auth::Limits { rate: self.rate_limit, burst: self.rate_burst, concurrency: self.key_concurrency },
+        )
+        .map_err(anyhow::Error::msg)
+    }
+
+    pub fn limits(&self) -> api::BodyLimits {
+        api::BodyLimits { json: self.max_json_bytes, upload: self.max_upload_bytes }
+    }
+}
+
+/// Binds and serves the API until `shutdown`; returns the bound address and the server task.
+pub async fn serve(
+    args: &GatewayArgs,
+    app: api::AppState,
+    shutdown: CancellationToken,
+) -> anyhow::Result<(SocketAddr, tokio::task::JoinHandle<anyhow::Result<()>>)> {
+    let auth = Arc::new(args.auth()?);
+    let listener = tokio::net::TcpListener::bind(args.addr).await.map_err(|e| {
+        anyhow::anyhow!("binding the gateway to {}: {e} (is another atelier running? pick another with --addr / ATELIER_ADDR)", args.addr)
+    })?;
+    let addr = listener.local_addr()?;
+    let router = api::router(app, auth);
+    let task = tokio::spawn(async move {
+        axum::serve(listener, router)
+            .with_graceful_shutdown(async move { shutdown.cancelled().await })
+            .await
+            .map_err(anyhow::Error::from)
+    });
+    tracing::info!(%addr, "gateway listening");
+    Ok((addr, task))
+}

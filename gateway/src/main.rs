@@ -1,1 +1,171 @@
-fn main(){}
+//! `atelier`: the command line. Subcommands:
+//!
+//! - `atelier up`        gateway + every service in one process (embedded default)
+//! - `atelier demo`      the main job, end to end, on a fresh embedded atelier
+//! - `atelier gateway`   the HTTP gateway alone, against a cluster's NATS and store
+//! - `atelier keygen`    a new API key and its config entry
+//! - `atelier upload | submit | job | cancel`   talk to a running gateway
+
+use std::path::PathBuf;
+
+use anyhow::Context as _;
+use atelier_gateway::client::Client;
+use atelier_kit::config::{NatsArgs, StoreArgs, TelemetryArgs};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "atelier", version, about = "atelier: captioned datasets and diffusion models, as services over NATS JetStream")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(clap::Args, Clone)]
+struct Remote {
+    /// Gateway base URL.
+    #[arg(long = "gateway", env = "ATELIER_GATEWAY", default_value = "http://127.0.0.1:7860")]
+    gateway: String,
+    /// API key (from `atelier keygen`).
+    #[arg(long = "key", env = "ATELIER_API_KEY", hide_env_values = true)]
+    key: Option<String>,
+}
+
+impl Remote {
+    fn client(&self) -> anyhow::Result<Client> {
+        Client::new(&self.gateway, self.key.clone())
+    }
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run gateway and every service in this process (nats-server started as a child).
+    Up(Box<atelier_gateway::embedded::UpArgs>),
+    /// Run the demo pipeline end to end on a fresh embedded atelier.
+    Demo(atelier_gateway::demo::DemoArgs),
+    /// Run only the HTTP gateway (cluster mode).
+    Gateway {
+        #[command(flatten)]
+        gateway: atelier_gateway::GatewayArgs,
+        #[command(flatten)]
+        nats: NatsArgs,
+        #[command(flatten)]
+        store: StoreArgs,
+        #[command(flatten)]
+        telemetry: TelemetryArgs,
+    },
+    /// Print a new API key and the NAME:SHA256:SCOPES entry to configure the gateway with.
+    Keygen {
+        #[arg(long, default_value = "default")]
+        name: String,
+        /// `*` or scopes joined with `+`: jobs:read, jobs:write, artifacts:read, artifacts:write.
+        #[arg(long, default_value = "*")]
+        scopes: String,
+    },
+    /// Upload a file; prints the artifact reference.
+    Upload {
+        file: PathBuf,
+        #[arg(long, default_value = "application/octet-stream")]
+        content_type: String,
+        #[command(flatten)]
+        remote: Remote,
+    },
+    /// Submit a job from a JSON spec, e.g. '{"kind":"checksum","input":"sha256/ab/ab…"}'.
+    Submit {
+        spec: String,
+        /// Follow the job's events until it ends.
+        #[arg(long)]
+        follow: bool,
+        #[command(flatten)]
+        remote: Remote,
+    },
+    /// Show a job (or follow it until it ends).
+    Job {
+        id: String,
+        #[arg(long)]
+        follow: bool,
+        #[command(flatten)]
+        remote: Remote,
+    },
+    /// Cancel a job.
+    Cancel {
+        id: String,
+        #[command(flatten)]
+        remote: Remote,
+    },
+}
+
+fn print_json<T: serde::Serialize>(v: &T) -> anyhow::Result<()> {
+    println!("{}", serde_json::to_string_pretty(v)?);
+    Ok(())
+}
+
+#[tokio::main]
+async fn main() {
+    if let Err(e) = run(Cli::parse()).await {
+        eprintln!("atelier: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Up(args) => {
+            atelier_kit::telemetry::init_tracing(&args.telemetry);
+            let shutdown = atelier_kit::shutdown::on_signals();
+            let embedded = atelier_gateway::embedded::Embedded::start(*args, shutdown.clone()).await?;
+            eprintln!("atelier is up: http://{}  (nats {}; Ctrl-C stops)", embedded.addr, embedded.nats_url);
+            embedded.wait().await
+        }
+        Command::Demo(mut args) => {
+            // The demo prints its own story; logs only for warnings unless asked.
+            if std::env::var_os("ATELIER_LOG").is_none() && args.telemetry.log == "info" {
+                args.telemetry.log = "warn,async_nats=error".into();
+            }
+            atelier_kit::telemetry::init_tracing(&args.telemetry);
+            atelier_gateway::demo::run(args).await
+        }
+        Command::Gateway { gateway, nats, store, telemetry } => {
+            atelier_kit::telemetry::init_tracing(&telemetry);
+            let shutdown = atelier_kit::shutdown::on_signals();
+            let bus = atelier_kit::Bus::connect(&nats, "atelier-gateway").await?;
+            bus.ensure_topology().await?;
+            let store = atelier_kit::Store::open(&store)?;
+            let app = atelier_gateway::api::AppState::new(bus.clone(), store, Default::default(), gateway.limits(), shutdown.clone()).await?;
+            let (_, task) = atelier_gateway::serve(&gateway, app, shutdown).await?;
+            task.await??;
+            let _ = bus.client.flush().await;
+            Ok(())
+        }
+        Command::Keygen { name, scopes } => {
+            let (key, entry) = atelier_gateway::auth::generate_key(&name, &scopes).map_err(anyhow::Error::msg)?;
+            println!("key:   {key}");
+            println!("entry: {entry}");
+            eprintln!("Give the key to the client (ATELIER_API_KEY / Authorization: Bearer); configure the gateway with the entry (--api-key or ATELIER_API_KEYS). The key is not stored anywhere.");
+            Ok(())
+        }
+        Command::Upload { file, content_type, remote } => {
+            let bytes = tokio::fs::read(&file).await.with_context(|| format!("reading {}", file.display()))?;
+            print_json(&remote.client()?.upload(bytes.into(), &content_type).await?)
+        }
+        Command::Submit { spec, follow, remote } => {
+            let spec: atelier_contracts::JobSpec = serde_json::from_str(&spec)
+                .with_context(|| format!("the spec is not a valid job spec; known kinds: {}", atelier_contracts::JobSpec::KINDS.join(", ")))?;
+            let client = remote.client()?;
+            let record = client.submit(&spec).await?;
+            if follow {
+                print_json(&client.follow(&record.id.to_string(), |r| eprintln!("{}: {:?}", r.id, r.state)).await?)
+            } else {
+                print_json(&record)
+            }
+        }
+        Command::Job { id, follow, remote } => {
+            let client = remote.client()?;
+            if follow {
+                print_json(&client.follow(&id, |r| eprintln!("{}: {:?}", r.id, r.state)).await?)
+            } else {
+                print_json(&client.job(&id).await?)
+            }
+        }
+        Command::Cancel { id, remote } => print_json(&remote.client()?.cancel(&id).await?),
+    }
+}

@@ -4,7 +4,8 @@
 //! - `ATELIER_REQ_<SERVICE>`: work-queue stream on `atelier.v1.<service>.request`, file storage, a
 //!   duplicate window so a resubmitted job id is dropped by the server.
 //! - `ATELIER_EVENTS`: progress/done/failed events of every service (limits retention, 7 days).
-//! - `ATELIER_DLQ`: dead letters (30 days). `ATELIER_IMAGES`: `atelier.v1.images.>` (30 days).
+//! - `ATELIER_DLQ`: dead letters (30 days). `ATELIER_IMAGES`: `atelier.v1.images.ingested` (30 days).
+//! - No stream uses wildcards, so no two streams' subjects can overlap.
 //! - KV `atelier_jobs` (job state) and `atelier_images` (image records).
 
 use std::time::Duration;
@@ -68,7 +69,7 @@ impl Bus {
         }
         self.ensure_stream(stream::Config {
             name: subjects::EVENTS_STREAM.into(),
-            subjects: subjects::EVENTS_SUBJECTS.iter().map(|s| s.to_string()).collect(),
+            subjects: subjects::events_subjects(),
             retention: stream::RetentionPolicy::Limits,
             storage: stream::StorageType::File,
             max_age: Duration::from_secs(7 * 24 * 3600),
@@ -78,7 +79,7 @@ impl Bus {
         .await?;
         self.ensure_stream(stream::Config {
             name: subjects::DLQ_STREAM.into(),
-            subjects: vec![subjects::DLQ_SUBJECTS.into()],
+            subjects: subjects::dlq_subjects(),
             retention: stream::RetentionPolicy::Limits,
             storage: stream::StorageType::File,
             max_age: Duration::from_secs(30 * 24 * 3600),
@@ -87,7 +88,7 @@ impl Bus {
         .await?;
         self.ensure_stream(stream::Config {
             name: subjects::IMAGES_STREAM.into(),
-            subjects: vec!["atelier.v1.images.>".into()],
+            subjects: vec![subjects::IMAGES_INGESTED.into()],
             retention: stream::RetentionPolicy::Limits,
             storage: stream::StorageType::File,
             max_age: Duration::from_secs(30 * 24 * 3600),

@@ -1,0 +1,543 @@
+//! The HTTP API (axum). Routes, one line each:
+//!
+//! - `POST   /v1/uploads`              artifact bytes in (streamed, content-addressed) → 201/200
+//! - `GET    /v1/artifacts/{key}`      artifact bytes out (streamed)
+//! - `POST   /v1/jobs`                 submit a job → 202 with its record
+//! - `GET    /v1/jobs/{id}`            the job's record
+//! - `DELETE /v1/jobs/{id}`            cancel (reaches a running worker within a second)
+//! - `GET    /v1/jobs/{id}/events`     Server-Sent Events: every change of the record until it ends
+//! - `GET    /v1/images/{sha256}`      an ingested image's record
+//! - `GET    /healthz`, `/metrics`, `/openapi.json` (no auth)
+//!
+//! Every `/v1` route needs `Authorization: Bearer <key>` with the route's scope ([`crate::auth`]).
+//! Errors are JSON `{"error":{"code","message"}}` ([`ApiError`]), made in one place.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_nats::jetstream::kv;
+use atelier_contracts::http::{ApiErrorBody, SubmitJob, UploadResponse};
+use atelier_contracts::images::ImageRecord;
+use atelier_contracts::{
+    artifact::is_sha256_hex, ArtifactKey, JobId, JobRecord, JobRequest, JobSpec, JobState,
+    SCHEMA_VERSION,
+};
+use atelier_kit::jobstate::{Change, JobStates};
+use atelier_kit::telemetry::{Health, HttpLabels, Metrics};
+use atelier_kit::{Bus, Store};
+use axum::body::Body;
+use axum::extract::{MatchedPath, Path, Request, State};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Extension, Json, Router};
+use futures::{Stream, StreamExt};
+use tokio_util::sync::CancellationToken;
+use utoipa::OpenApi;
+
+use crate::auth::{self, Auth, Caller, Scope};
+use crate::error::ApiError;
+
+#[derive(Debug, Clone, Copy)]
+pub struct BodyLimits {
+    /// `POST /v1/jobs` bodies.
+    pub json: u64,
+    /// `POST /v1/uploads` bodies.
+    pub upload: u64,
+}
+
+/// Everything handlers share.
+#[derive(Clone)]
+pub struct AppState {
+    pub bus: Bus,
+    pub store: Store,
+    pub states: JobStates,
+    pub images: kv::Store,
+    pub metrics: Arc<Metrics>,
+    pub limits: BodyLimits,
+    /// Ends open event streams when the gateway shuts down.
+    pub shutdown: CancellationToken,
+}
+
+impl AppState {
+    pub async fn new(
+        bus: Bus,
+        store: Store,
+        metrics: Arc<Metrics>,
+        limits: BodyLimits,
+        shutdown: CancellationToken,
+    ) -> anyhow::Result<Self> {
+        let states = JobStates::new(bus.jobs_kv().await?);
+        let images = bus.images_kv().await?;
+        Ok(Self { bus, store, states, images, metrics, limits, shutdown })
+    }
+}
+
+/// The whole HTTP surface.
+pub fn router(app: AppState, auth: Arc<Auth>) -> Router {
+    let v1 = Router::new()
+        .route("/v1/jobs", post(submit_job))
+        .route("/v1/jobs/{id}", get(get_job).delete(cancel_job))
+        .route("/v1/jobs/{id}/events", get(job_events))
+        .route("/v1/uploads", post(upload))
+        .route("/v1/artifacts/{*key}", get(get_artifact))
+        .route("/v1/images/{sha256}", get(get_image))
+        .route_layer(middleware::from_fn_with_state(auth, auth::middleware));
+    Router::new()
+        .merge(v1)
+        .route("/healthz", get(healthz))
+        .route("/metrics", get(metrics))
+        .route("/openapi.json", get(openapi_json))
+        .fallback(not_found)
+        .layer(middleware::from_fn_with_state(app.metrics.clone(), count_requests))
+        .layer(tower_http::catch_panic::CatchPanicLayer::custom(panic_response))
+        .layer(tower_http::trace::TraceLayer::new_for_http())
+        .with_state(app)
+}
+
+fn panic_response(_: Box<dyn std::any::Any + Send + 'static>) -> Response {
+    ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", "the gateway hit a bug; it has been logged").into_response()
+}
+
+async fn not_found(req: Request) -> ApiError {
+    ApiError::not_found("no_such_route", format!("no route for {} {}; see /openapi.json", req.method(), req.uri().path()))
+}
+
+async fn count_requests(State(metrics): State<Arc<Metrics>>, req: Request, next: Next) -> Response {
+    let route = req
+        .extensions()
+        .get::<MatchedPath>()
+        .map(|p| p.as_str().to_owned())
+        .unwrap_or_else(|| "unmatched".into());
+    let method = req.method().to_string();
+    let resp = next.run(req).await;
+    metrics
+        .http_requests
+        .get_or_create(&HttpLabels { method, route, status: resp.status().as_u16() })
+        .inc();
+    resp
+}
+
+/// Reads a body up to `limit` bytes, answering 413 past it.
+async fn read_body(headers: &HeaderMap, body: Body, limit: u64) -> Result<bytes::Bytes, ApiError> {
+    if let Some(len) = headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok()) {
+        if len > limit {
+            return Err(ApiError::too_large(limit));
+        }
+    }
+    axum::body::to_bytes(body, limit as usize).await.map_err(|e| {
+        if e.to_string().contains("length limit") {
+            ApiError::too_large(limit)
+        } else {
+            ApiError::bad_request("bad_body", format!("reading the request body failed: {e}"))
+        }
+    })
+}
+
+/// Turns a body into a [`JobSpec`], with a precise error for each way it can be wrong.
+pub fn parse_submission(body: &[u8]) -> Result<JobSpec, ApiError> {
+    let value: serde_json::Value = serde_json::from_slice(body)
+        .map_err(|e| ApiError::bad_request("invalid_json", format!("body is not valid JSON: {e}")))?;
+    let obj = value
+        .as_object()
+        .ok_or_else(|| ApiError::bad_request("invalid_json", "body must be a JSON object: {\"schema_version\":1,\"spec\":{...}}"))?;
+    match obj.get("schema_version").and_then(|v| v.as_u64()) {
+        Some(v) if v == SCHEMA_VERSION as u64 => {}
+        Some(v) => {
+            return Err(ApiError::unprocessable(
+                "unsupported_schema_version",
+                format!("schema_version {v} is not supported; this gateway speaks {SCHEMA_VERSION}"),
+            ))
+        }
+        None => {
+            return Err(ApiError::unprocessable(
+                "missing_schema_version",
+                format!("the body needs \"schema_version\": {SCHEMA_VERSION}"),
+            ))
+        }
+    }
+    let kind = obj.get("spec").and_then(|s| s.get("kind")).and_then(|k| k.as_str());
+    match kind {
+        Some(k) if JobSpec::KINDS.contains(&k) => {}
+        Some(k) => {
+            return Err(ApiError::unprocessable(
+                "unknown_job_kind",
+                format!("unknown job kind {k:?}; known kinds: {}", JobSpec::KINDS.join(", ")),
+            ))
+        }
+        None => return Err(ApiError::unprocessable("invalid_job", "spec.kind is missing")),
+    }
+    let submit: SubmitJob = serde_json::from_value(value)
+        .map_err(|e| ApiError::unprocessable("invalid_job", format!("invalid job: {e}")))?;
+    validate(&submit.spec)?;
+    Ok(submit.spec)
+}
+
+fn validate(spec: &JobSpec) -> Result<(), ApiError> {
+    match spec {
+        JobSpec::Checksum(c) => {
+            ArtifactKey::parse(&c.input)
+                .map_err(|e| ApiError::unprocessable("bad_artifact_key", format!("spec.input {:?}: {e}", c.input)))?;
+            if let Some(h) = &c.expected_sha256 {
+                if !is_sha256_hex(&h.to_ascii_lowercase()) {
+                    return Err(ApiError::unprocessable("invalid_job", "spec.expected_sha256 must be 64 hex characters"));
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+fn parse_job_id(raw: &str) -> Result<JobId, ApiError> {
+    JobId::parse(raw).ok_or_else(|| ApiError::bad_request("bad_job_id", format!("{raw:?} is not a job id (a UUID)")))
+}
+
+/// Submit a job.
+#[utoipa::path(
+    post, path = "/v1/jobs", tag = "jobs",
+    request_body = SubmitJob,
+    responses(
+        (status = 202, description = "Queued", body = JobRecord),
+        (status = 400, description = "Malformed JSON", body = ApiErrorBody),
+        (status = 413, description = "Body too large", body = ApiErrorBody),
+        (status = 422, description = "Unknown kind, unsupported schema version or invalid spec", body = ApiErrorBody),
+        (status = 503, description = "Bus unavailable", body = ApiErrorBody),
+    ),
+    security(("bearer" = ["jobs:write"]))
+)]
+pub async fn submit_job(
+    State(app): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<(StatusCode, Json<JobRecord>), ApiError> {
+    caller.require(Scope::JobsWrite)?;
+    let body = read_body(&headers, body, app.limits.json).await?;
+    let spec = parse_submission(&body)?;
+    let request = JobRequest {
+        schema_version: SCHEMA_VERSION,
+        id: JobId::new(),
+        submitted_at: chrono::Utc::now(),
+        submitted_by: Some(caller.name.clone()),
+        spec,
+    };
+    let record = JobRecord::queued(&request);
+    app.states.create(&record).await?;
+    let subject = request.spec.service().request_subject();
+    if let Err(e) = app.bus.publish_json(subject, Some(&request.id.to_string()), &request).await {
+        let msg = e.to_string();
+        let _ = app
+            .states
+            .update(request.id, |r| {
+                r.state = JobState::Failed;
+                r.error = Some(atelier_contracts::ErrorInfo { code: "bus_unavailable".into(), message: msg.clone() });
+                Change::Write
+            })
+            .await;
+        return Err(ApiError::unavailable(format!("could not queue the job: {e}")));
+    }
+    tracing::info!(job = %record.id, kind = %record.kind, by = %caller.name, "job submitted");
+    Ok((StatusCode::ACCEPTED, Json(record)))
+}
+
+/// A job's record.
+#[utoipa::path(
+    get, path = "/v1/jobs/{id}", tag = "jobs",
+    params(("id" = String, Path, description = "Job id (UUIDv7)")),
+    responses(
+        (status = 200, body = JobRecord),
+        (status = 400, body = ApiErrorBody), (status = 404, body = ApiErrorBody),
+    ),
+    security(("bearer" = ["jobs:read"]))
+)]
+pub async fn get_job(
+    State(app): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    Path(id): Path<String>,
+) -> Result<Json<JobRecord>, ApiError> {
+    caller.require(Scope::JobsRead)?;
+    let id = parse_job_id(&id)?;
+    match app.states.get(id).await? {
+        Some((r, _)) => Ok(Json(r)),
+        None => Err(ApiError::not_found("job_not_found", format!("no job {id}"))),
+    }
+}
+
+/// Cancel a job. Queued jobs never start; running ones see the cancellation within a second.
+#[utoipa::path(
+    delete, path = "/v1/jobs/{id}", tag = "jobs",
+    params(("id" = String, Path, description = "Job id")),
+    responses(
+        (status = 200, description = "Cancelled (or already cancelled)", body = JobRecord),
+        (status = 404, body = ApiErrorBody),
+        (status = 409, description = "Already succeeded or failed", body = ApiErrorBody),
+    ),
+    security(("bearer" = ["jobs:write"]))
+)]
+pub async fn cancel_job(
+    State(app): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    Path(id): Path<String>,
+) -> Result<Json<JobRecord>, ApiError> {
+    caller.require(Scope::JobsWrite)?;
+    let id = parse_job_id(&id)?;
+    let record = app
+        .states
+        .update(id, |r| {
+            if r.state.is_terminal() {
+                Change::Keep
+            } else {
+                r.state = JobState::Cancelled;
+                Change::Write
+            }
+        })
+        .await?;
+    match record.state {
+        JobState::Cancelled => Ok(Json(record)),
+        s => Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "job_finished",
+            format!("job {id} already {}", serde_json::to_value(s).ok().and_then(|v| v.as_str().map(String::from)).unwrap_or_default()),
+        )),
+    }
+}
+
+/// Server-Sent Events: one `job` event (data: the JobRecord) per change, ending after a terminal
+/// state.
+#[utoipa::path(
+    get, path = "/v1/jobs/{id}/events", tag = "jobs",
+    params(("id" = String, Path, description = "Job id")),
+    responses(
+        (status = 200, description = "text/event-stream of `job` events whose data is a JobRecord", content_type = "text/event-stream", body = JobRecord),
+        (status = 404, body = ApiErrorBody),
+    ),
+    security(("bearer" = ["jobs:read"]))
+)]
+pub async fn job_events(
+    State(app): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    Path(id): Path<String>,
+) -> Result<Sse<impl Stream<Item = Result<Event, Infallible>>>, ApiError> {
+    caller.require(Scope::JobsRead)?;
+    let id = parse_job_id(&id)?;
+    if app.states.get(id).await?.is_none() {
+        return Err(ApiError::not_found("job_not_found", format!("no job {id}")));
+    }
+    let watch = app.states.watch(id).await?;
+    let shutdown = app.shutdown.clone();
+    let stream = async_stream::stream! {
+        let mut watch = std::pin::pin!(watch.take_until(shutdown.cancelled_owned()));
+        while let Some(item) = watch.next().await {
+            match item {
+                Ok(record) => {
+                    let done = record.state.is_terminal();
+                    let event = Event::default().event("job").id(record.updated_at.to_rfc3339());
+                    yield Ok(event.json_data(&record).unwrap_or_else(|_| Event::default().comment("unencodable")));
+                    if done {
+                        break;
+                    }
+                }
+                Err(e) => {
+                    yield Ok(Event::default().event("error").data(e.to_string()));
+                    break;
+                }
+            }
+        }
+    };
+    Ok(Sse::new(stream).keep_alive(KeepAlive::new().interval(Duration::from_secs(15))))
+}
+
+/// Upload an artifact (any bytes; `Content-Type` is recorded). Stored content-addressed: the same
+/// bytes twice give one object.
+#[utoipa::path(
+    post, path = "/v1/uploads", tag = "artifacts",
+    request_body(content = Vec<u8>, content_type = "application/octet-stream", description = "The bytes"),
+    responses(
+        (status = 201, description = "Stored", body = UploadResponse),
+        (status = 200, description = "Already stored", body = UploadResponse),
+        (status = 413, body = ApiErrorBody),
+    ),
+    security(("bearer" = ["artifacts:write"]))
+)]
+pub async fn upload(
+    State(app): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<(StatusCode, Json<UploadResponse>), ApiError> {
+    caller.require(Scope::ArtifactsWrite)?;
+    let limit = app.limits.upload;
+    if let Some(len) = headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok()) {
+        if len > limit {
+            return Err(ApiError::too_large(limit));
+        }
+    }
+    let content_type = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| !v.is_empty() && v.len() < 128)
+        .unwrap_or("application/octet-stream")
+        .to_owned();
+    let (artifact, created) = app.store.put_stream(body.into_data_stream(), &content_type, limit).await?;
+    tracing::info!(key = %artifact.key, size = artifact.size, created, "upload stored");
+    let status = if created { StatusCode::CREATED } else { StatusCode::OK };
+    Ok((status, Json(UploadResponse { artifact, created })))
+}
+
+/// Download an artifact, streamed.
+#[utoipa::path(
+    get, path = "/v1/artifacts/{key}", tag = "artifacts",
+    params(("key" = String, Path, description = "Artifact key, e.g. sha256/ab/ab12…; relative, no `..`")),
+    responses(
+        (status = 200, description = "The bytes", content_type = "application/octet-stream", body = Vec<u8>),
+        (status = 400, description = "Invalid key", body = ApiErrorBody),
+        (status = 404, body = ApiErrorBody),
+    ),
+    security(("bearer" = ["artifacts:read"]))
+)]
+pub async fn get_artifact(
+    State(app): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    Path(key): Path<String>,
+) -> Result<Response, ApiError> {
+    caller.require(Scope::ArtifactsRead)?;
+    let key = ArtifactKey::parse(&key).map_err(|e| ApiError::bad_request("bad_artifact_key", format!("{key:?}: {e}")))?;
+    let got = app.store.get(&key).await?;
+    let size = got.meta.size;
+    let content_type = atelier_kit::store::content_type_of(&got).unwrap_or_else(|| "application/octet-stream".into());
+    let mut resp = Body::from_stream(got.into_stream()).into_response();
+    let h = resp.headers_mut();
+    if let Ok(v) = HeaderValue::from_str(&content_type) {
+        h.insert(header::CONTENT_TYPE, v);
+    }
+    h.insert(header::CONTENT_LENGTH, HeaderValue::from(size));
+    Ok(resp)
+}
+
+/// An ingested image's record (by the SHA-256 of its bytes).
+#[utoipa::path(
+    get, path = "/v1/images/{sha256}", tag = "images",
+    params(("sha256" = String, Path, description = "64 hex characters")),
+    responses((status = 200, body = ImageRecord), (status = 400, body = ApiErrorBody), (status = 404, body = ApiErrorBody)),
+    security(("bearer" = ["artifacts:read"]))
+)]
+pub async fn get_image(
+    State(app): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    Path(sha256): Path<String>,
+) -> Result<Json<ImageRecord>, ApiError> {
+    caller.require(Scope::ArtifactsRead)?;
+    let sha = sha256.to_ascii_lowercase();
+    if !is_sha256_hex(&sha) {
+        return Err(ApiError::bad_request("bad_sha256", format!("{sha256:?} is not 64 hex characters")));
+    }
+    let entry = app.images.entry(&sha).await.map_err(|e| ApiError::unavailable(e.to_string()))?;
+    match entry {
+        Some(e) if e.operation == kv::Operation::Put => serde_json::from_slice(&e.value)
+            .map(Json)
+            .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "corrupt_record", e.to_string())),
+        _ => Err(ApiError::not_found("image_not_found", format!("no image {sha}"))),
+    }
+}
+
+/// Ready when NATS and the object store answer.
+#[utoipa::path(
+    get, path = "/healthz", tag = "ops",
+    responses((status = 200, description = "Ready"), (status = 503, description = "NATS or the store does not answer"))
+)]
+pub async fn healthz(State(app): State<AppState>) -> Response {
+    let health = Health { bus: app.bus.clone(), store: app.store.clone(), metrics: app.metrics.clone() };
+    let (nats, store) = health.check().await;
+    let ok = nats && store;
+    let body = serde_json::json!({ "status": if ok { "ok" } else { "unavailable" }, "nats": nats, "store": store });
+    (if ok { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE }, Json(body)).into_response()
+}
+
+/// Prometheus metrics.
+#[utoipa::path(get, path = "/metrics", tag = "ops", responses((status = 200, description = "Prometheus text format", content_type = "text/plain")))]
+pub async fn metrics(State(app): State<AppState>) -> Response {
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], app.metrics.encode()).into_response()
+}
+
+/// This document.
+#[utoipa::path(get, path = "/openapi.json", tag = "ops", responses((status = 200, description = "OpenAPI 3.1", content_type = "application/json")))]
+pub async fn openapi_json() -> Response {
+    Json(ApiDoc::openapi()).into_response()
+}
+
+struct BearerAuth;
+impl utoipa::Modify for BearerAuth {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+        let components = openapi.components.get_or_insert_with(Default::default);
+        components.add_security_scheme(
+            "bearer",
+            SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).description(Some("An API key from `atelier keygen`")).build()),
+        );
+    }
+}
+
+#[derive(OpenApi)]
+#[openapi(
+    info(title = "atelier gateway", description = "Captioned-dataset and diffusion-model factory: HTTP API."),
+    paths(submit_job, get_job, cancel_job, job_events, upload, get_artifact, get_image, healthz, metrics, openapi_json),
+    modifiers(&BearerAuth),
+    tags((name = "jobs"), (name = "artifacts"), (name = "images"), (name = "ops"))
+)]
+pub struct ApiDoc;
+
+/// `(method, path)` of every route [`router`] serves, as written in the OpenAPI document.
+pub const ROUTES: &[(&str, &str)] = &[
+    ("post", "/v1/jobs"),
+    ("get", "/v1/jobs/{id}"),
+    ("delete", "/v1/jobs/{id}"),
+    ("get", "/v1/jobs/{id}/events"),
+    ("post", "/v1/uploads"),
+    ("get", "/v1/artifacts/{key}"),
+    ("get", "/v1/images/{sha256}"),
+    ("get", "/healthz"),
+    ("get", "/metrics"),
+    ("get", "/openapi.json"),
+];
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn openapi_documents_every_route_and_nothing_else() {
+        let doc = serde_json::to_value(ApiDoc::openapi()).unwrap();
+        let paths = doc["paths"].as_object().unwrap();
+        let mut documented = Vec::new();
+        for (path, ops) in paths {
+            for method in ops.as_object().unwrap().keys() {
+                if ["get", "post", "delete", "put", "patch"].contains(&method.as_str()) {
+                    documented.push((method.clone(), path.clone()));
+                }
+            }
+        }
+        documented.sort();
+        let mut expected: Vec<(String, String)> = ROUTES.iter().map(|(m, p)| (m.to_string(), p.to_string())).collect();
+        expected.sort();
+        assert_eq!(documented, expected);
+        assert!(doc["components"]["schemas"]["JobRecord"].is_object());
+        assert!(doc["components"]["securitySchemes"]["bearer"].is_object());
+    }
+
+    #[test]
+    fn submissions_fail_with_precise_codes() {
+        let code = |b: &str| parse_submission(b.as_bytes()).unwrap_err().code;
+        assert_eq!(code("{not json"), "invalid_json");
+        assert_eq!(code("[]"), "invalid_json");
+        assert_eq!(code(r#"{"spec":{"kind":"checksum","input":"a"}}"#), "missing_schema_version");
+        assert_eq!(code(r#"{"schema_version":99,"spec":{"kind":"checksum","input":"a"}}"#), "unsupported_schema_version");
+        assert_eq!(code(r#"{"schema_version":1,"spec":{"kind":"teleport"}}"#), "unknown_job_kind");
+        assert_eq!(code(r#"{"schema_version":1,"spec":{"kind":"checksum"}}"#), "invalid_job");
+        assert_eq!(code(r#"{"schema_version":1,"spec":{"kind":"checksum","input":"../etc/passwd"}}"#), "bad_artifact_key");
+        let ok = parse_submission(br#"{"schema_version":1,"spec":{"kind":"checksum","input":"sha256/ab/x"}}"#).unwrap();
+        assert_eq!(ok.kind(), "checksum");
+    }
+}

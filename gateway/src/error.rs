@@ -1,0 +1,83 @@
+//! The gateway's one error type. Every non-2xx answer is `{"error":{"code","message"}}`, made here.
+
+use atelier_contracts::http::ApiErrorBody;
+use atelier_contracts::ErrorInfo;
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+
+#[derive(Debug, Clone)]
+pub struct ApiError {
+    pub status: StatusCode,
+    pub code: &'static str,
+    pub message: String,
+    pub retry_after: Option<u64>,
+}
+
+impl ApiError {
+    pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+        Self { status, code, message: message.into(), retry_after: None }
+    }
+    pub fn bad_request(code: &'static str, message: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, code, message)
+    }
+    pub fn unprocessable(code: &'static str, message: impl Into<String>) -> Self {
+        Self::new(StatusCode::UNPROCESSABLE_ENTITY, code, message)
+    }
+    pub fn not_found(code: &'static str, message: impl Into<String>) -> Self {
+        Self::new(StatusCode::NOT_FOUND, code, message)
+    }
+    pub fn unavailable(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", message)
+    }
+    pub fn too_large(limit: u64) -> Self {
+        Self::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "payload_too_large",
+            format!("request body is larger than the limit of {limit} bytes"),
+        )
+    }
+    pub fn with_retry_after(mut self, secs: u64) -> Self {
+        self.retry_after = Some(secs);
+        self
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        if self.status.is_server_error() {
+            tracing::error!(status = %self.status, code = self.code, message = %self.message, "request failed");
+        }
+        let body = ApiErrorBody { error: ErrorInfo { code: self.code.into(), message: self.message } };
+        let mut resp = (self.status, Json(body)).into_response();
+        if let Some(s) = self.retry_after {
+            if let Ok(v) = HeaderValue::from_str(&s.to_string()) {
+                resp.headers_mut().insert(header::RETRY_AFTER, v);
+            }
+        }
+        resp
+    }
+}
+
+impl From<atelier_kit::store::StoreError> for ApiError {
+    fn from(e: atelier_kit::store::StoreError) -> Self {
+        use atelier_kit::store::StoreError as E;
+        match &e {
+            E::NotFound(_) => ApiError::not_found("artifact_not_found", e.to_string()),
+            E::BadKey(_) => ApiError::bad_request("bad_artifact_key", e.to_string()),
+            E::TooLarge { limit } => ApiError::too_large(*limit),
+            E::Body(_) => ApiError::bad_request("bad_body", e.to_string()),
+            E::Backend { .. } => ApiError::unavailable(e.to_string()),
+        }
+    }
+}
+
+impl From<atelier_kit::jobstate::StateError> for ApiError {
+    fn from(e: atelier_kit::jobstate::StateError) -> Self {
+        use atelier_kit::jobstate::StateError as E;
+        match &e {
+            E::Missing(_) => ApiError::not_found("job_not_found", e.to_string()),
+            _ => ApiError::unavailable(e.to_string()),
+        }
+    }
+}
