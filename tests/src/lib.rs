@@ -1,1 +1,446 @@
-//! placeholder
+//! Harness for atelier's end-to-end tests: real nats-server, real SeaweedFS (S3), real service
+//! processes, on loopback with free ports and temporary directories.
+//!
+//! - [`Cluster`]: one nats-server per test (its own JetStream dir) plus a store (a per-test prefix
+//!   in the shared SeaweedFS bucket, or a local directory), with helpers to spawn service
+//!   processes, run the gateway in-process and read streams.
+//! - [`Seaweed`]: `weed mini` with every port chosen free. [`shared_seaweed`] starts one per test
+//!   binary (it opens ~13 ports; one per test would be slow and collide).
+//!
+//! Needs `scripts/bootstrap` (tools in `.tools/bin`) and the service binaries built
+//! (`cargo build --workspace --bins`); `scripts/test` does both.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context as _};
+use atelier_contracts::{JobId, JobRecord, JobState};
+use atelier_kit::config::{NatsArgs, ServiceArgs, StoreArgs, TelemetryArgs, WorkerArgs};
+use atelier_kit::jobstate::JobStates;
+use atelier_kit::nats_server::{die_with_parent, free_port, NatsServer, NatsServerOptions};
+use atelier_kit::telemetry::Metrics;
+use atelier_kit::{Bus, Store};
+use futures::StreamExt;
+use tokio_util::sync::CancellationToken;
+
+pub const S3_ACCESS_KEY: &str = "atelier";
+pub const S3_SECRET_KEY: &str = "atelier-test-secret";
+pub const S3_BUCKET: &str = "atelier";
+
+pub fn repo_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).parent().expect("tests/ has a parent").to_path_buf()
+}
+
+/// A tool from `.tools/bin` (installed by `scripts/bootstrap`).
+pub fn tool(name: &str) -> PathBuf {
+    let p = repo_root().join(".tools/bin").join(name);
+    assert!(p.is_file(), "{} is missing: run scripts/bootstrap first", p.display());
+    p
+}
+
+/// A workspace binary next to this test executable (`target/<profile>/<name>`).
+pub fn bin(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("current exe");
+    for dir in exe.ancestors().skip(1).take(3) {
+        let p = dir.join(name);
+        if p.is_file() {
+            return p;
+        }
+    }
+    panic!("binary {name} not found near {}: run `cargo build --workspace --bins` first (scripts/test does)", exe.display());
+}
+
+/// A running `weed mini` with an S3 endpoint.
+pub struct Seaweed {
+    pub dir: PathBuf,
+    pub s3_port: u16,
+    ports: Vec<u16>,
+    child: Option<Child>,
+}
+
+impl Seaweed {
+    pub fn start(dir: &Path) -> anyhow::Result<Self> {
+        // 13 consecutive-free ports are not needed: each flag gets its own free port.
+        let ports: Vec<u16> = (0..13).map(|_| free_port()).collect::<Result<_, _>>()?;
+        let mut s = Self { dir: dir.to_path_buf(), s3_port: ports[6], ports, child: None };
+        s.spawn()?;
+        Ok(s)
+    }
+
+    pub fn s3_endpoint(&self) -> String {
+        format!("http://127.0.0.1:{}", self.s3_port)
+    }
+
+    fn spawn(&mut self) -> anyhow::Result<()> {
+        let data = self.dir.join("data");
+        std::fs::create_dir_all(&data)?;
+        let config = self.dir.join("s3.json");
+        std::fs::write(
+            &config,
+            serde_json::json!({"identities":[{"name":"atelier","credentials":[{"accessKey":S3_ACCESS_KEY,"secretKey":S3_SECRET_KEY}],"actions":["Admin","Read","Write","List","Tagging"]}]}).to_string(),
+        )?;
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(self.dir.join("weed.log"))?;
+        let p = &self.ports;
+        let mut cmd = Command::new(tool("weed"));
+        cmd.arg("mini")
+            .arg(format!("-dir={}", data.display()))
+            .args(["-ip=127.0.0.1", "-ip.bind=127.0.0.1", "-admin.ui=false", "-master.telemetry=false"])
+            .arg(format!("-s3.config={}", config.display()))
+            .arg(format!("-bucket={S3_BUCKET}"))
+            .arg(format!("-master.port={}", p[0]))
+            .arg(format!("-master.port.grpc={}", p[1]))
+            .arg(format!("-volume.port={}", p[2]))
+            .arg(format!("-volume.port.grpc={}", p[3]))
+            .arg(format!("-filer.port={}", p[4]))
+            .arg(format!("-filer.port.grpc={}", p[5]))
+            .arg(format!("-s3.port={}", p[6]))
+            .arg(format!("-s3.port.grpc={}", p[7]))
+            .arg(format!("-s3.port.iceberg={}", p[8]))
+            .arg(format!("-webdav.port={}", p[9]))
+            .arg(format!("-admin.port={}", p[10]))
+            .arg(format!("-admin.port.grpc={}", p[11]))
+            .arg(format!("-s3.port.lance={}", p[12]))
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log);
+        die_with_parent(&mut cmd);
+        self.child = Some(cmd.spawn().context("starting weed mini")?);
+        self.wait_ready(Duration::from_secs(60))
+    }
+
+    /// Ready means a real PUT and GET through S3 succeed (a TCP check is not enough).
+    fn wait_ready(&mut self, timeout: Duration) -> anyhow::Result<()> {
+        let deadline = Instant::now() + timeout;
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+        let store = Store::open(&self.store_args("readiness", 2))?;
+        let key = atelier_contracts::ArtifactKey::parse("probe/ready").expect("valid key");
+        loop {
+            if let Some(c) = self.child.as_mut() {
+                if let Some(status) = c.try_wait()? {
+                    bail!("weed exited with {status}; see {}", self.dir.join("weed.log").display());
+                }
+            }
+            let ok = rt.block_on(async {
+                tokio::time::timeout(Duration::from_secs(5), async {
+                    store.put_at(&key, bytes::Bytes::from_static(b"ok"), "text/plain").await?;
+                    store.get_bytes(&key).await
+                })
+                .await
+            });
+            if let Ok(Ok(b)) = ok {
+                if &b[..] == b"ok" {
+                    return Ok(());
+                }
+            }
+            if Instant::now() > deadline {
+                bail!("SeaweedFS S3 did not accept a PUT within {timeout:?}; see {}", self.dir.join("weed.log").display());
+            }
+            std::thread::sleep(Duration::from_millis(300));
+        }
+    }
+
+    /// Store flags for a prefix of the bucket.
+    pub fn store_args(&self, prefix: &str, retry_secs: u64) -> StoreArgs {
+        StoreArgs {
+            store: format!("s3://{S3_BUCKET}/{prefix}"),
+            s3_endpoint: Some(self.s3_endpoint()),
+            s3_region: "us-east-1".into(),
+            s3_access_key_id: Some(S3_ACCESS_KEY.into()),
+            s3_secret_access_key: Some(S3_SECRET_KEY.into()),
+            store_retry_secs: retry_secs,
+        }
+    }
+
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Starts again on the same ports and data directory.
+    pub fn restart(&mut self) -> anyhow::Result<()> {
+        self.kill();
+        self.spawn()
+    }
+}
+
+impl Drop for Seaweed {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+struct SharedSeaweed {
+    endpoint: String,
+    port: u16,
+}
+
+/// One SeaweedFS for the whole test binary, started on a thread that never exits (its children
+/// die with the process, not with the test that happened to start it).
+pub fn shared_seaweed() -> &'static (String, u16) {
+    static SHARED: OnceLock<(String, u16)> = OnceLock::new();
+    SHARED.get_or_init(|| {
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let dir = tempfile::Builder::new().prefix("atelier-weed-").tempdir().expect("tempdir");
+            match Seaweed::start(dir.path()) {
+                Ok(w) => {
+                    let s = SharedSeaweed { endpoint: w.s3_endpoint(), port: w.s3_port };
+                    tx.send(Ok((s.endpoint.clone(), s.port))).ok();
+                    let _keep = (w, dir);
+                    loop {
+                        std::thread::park();
+                    }
+                }
+                Err(e) => {
+                    tx.send(Err(format!("{e:#}"))).ok();
+                }
+            }
+        });
+        rx.recv().expect("seaweed thread").unwrap_or_else(|e| panic!("starting SeaweedFS: {e}"))
+    })
+}
+
+/// Store flags for a fresh prefix in the shared SeaweedFS.
+pub fn shared_s3_store(retry_secs: u64) -> StoreArgs {
+    let (endpoint, _) = shared_seaweed();
+    StoreArgs {
+        store: format!("s3://{S3_BUCKET}/t-{}", uuid::Uuid::now_v7()),
+        s3_endpoint: Some(endpoint.clone()),
+        s3_region: "us-east-1".into(),
+        s3_access_key_id: Some(S3_ACCESS_KEY.into()),
+        s3_secret_access_key: Some(S3_SECRET_KEY.into()),
+        store_retry_secs: retry_secs,
+    }
+}
+
+/// One test's atelier: its own nats-server and store.
+pub struct Cluster {
+    pub tmp: tempfile::TempDir,
+    pub nats: NatsServer,
+    pub store_args: StoreArgs,
+    pub bus: Bus,
+    pub store: Store,
+    pub states: JobStates,
+    workers: Vec<Child>,
+}
+
+impl Cluster {
+    pub async fn start(store_args: StoreArgs) -> anyhow::Result<Self> {
+        let tmp = tempfile::Builder::new().prefix("atelier-test-").tempdir()?;
+        let nats = tokio::task::block_in_place(|| {
+            NatsServer::start(NatsServerOptions {
+                store_dir: tmp.path().join("nats"),
+                port: 0,
+                log_file: tmp.path().join("nats.log"),
+                config: None,
+            })
+        })?;
+        let nats_args = NatsArgs { nats_url: Some(nats.url()), ..Default::default() };
+        let bus = Bus::connect(&nats_args, "atelier-test").await?;
+        bus.ensure_topology().await?;
+        let store = Store::open(&store_args)?;
+        let states = JobStates::new(bus.jobs_kv().await?);
+        Ok(Self { tmp, nats, store_args, bus, store, states, workers: Vec::new() })
+    }
+
+    pub async fn local() -> anyhow::Result<Self> {
+        let dir = std::env::temp_dir().join(format!("atelier-objects-{}", uuid::Uuid::now_v7()));
+        Self::start(StoreArgs { store: dir.display().to_string(), ..Default::default() }).await
+    }
+
+    pub fn nats_args(&self) -> NatsArgs {
+        NatsArgs { nats_url: Some(self.nats.url()), ..Default::default() }
+    }
+
+    pub fn service_args(&self, worker: WorkerArgs) -> ServiceArgs {
+        ServiceArgs {
+            nats: self.nats_args(),
+            store: self.store_args.clone(),
+            telemetry: TelemetryArgs {
+                log_format: Default::default(),
+                log: "info".into(),
+                health_addr: "127.0.0.1:0".parse().expect("addr"),
+            },
+            worker,
+        }
+    }
+
+    /// Starts a service binary (e.g. `atelier-checksum`) as its own process; returns its pid.
+    pub fn spawn_service(&mut self, binary: &str, extra_env: &[(&str, String)]) -> anyhow::Result<u32> {
+        let log_path = self.tmp.path().join(format!("{binary}-{}.log", self.workers.len()));
+        let log = std::fs::File::create(&log_path)?;
+        let s = &self.store_args;
+        let mut cmd = Command::new(bin(binary));
+        cmd.env("ATELIER_NATS_URL", self.nats.url())
+            .env("ATELIER_STORE", &s.store)
+            .env("ATELIER_STORE_RETRY_SECS", s.store_retry_secs.to_string())
+            .env("ATELIER_S3_REGION", &s.s3_region)
+            .env("ATELIER_HEALTH_ADDR", "127.0.0.1:0")
+            .env("ATELIER_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log);
+        if let Some(e) = &s.s3_endpoint {
+            cmd.env("ATELIER_S3_ENDPOINT", e);
+        }
+        if let Some(k) = &s.s3_access_key_id {
+            cmd.env("AWS_ACCESS_KEY_ID", k);
+        }
+        if let Some(k) = &s.s3_secret_access_key {
+            cmd.env("AWS_SECRET_ACCESS_KEY", k);
+        }
+        for (k, v) in extra_env {
+            cmd.env(k, v);
+        }
+        die_with_parent(&mut cmd);
+        let child = cmd.spawn().with_context(|| format!("starting {binary}"))?;
+        let pid = child.id();
+        self.workers.push(child);
+        Ok(pid)
+    }
+
+    /// Pids of service processes still running.
+    pub fn live_services(&mut self) -> Vec<u32> {
+        self.workers.retain_mut(|c| matches!(c.try_wait(), Ok(None)));
+        self.workers.iter().map(|c| c.id()).collect()
+    }
+
+    /// SIGKILL one service process.
+    pub fn kill9(&mut self, pid: u32) {
+        if let Some(c) = self.workers.iter_mut().find(|c| c.id() == pid) {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Sends `signal` to every service process and waits for them to exit.
+    pub fn stop_services(&mut self, signal: i32, timeout: Duration) -> Vec<std::process::ExitStatus> {
+        let mut out = Vec::new();
+        for c in &mut self.workers {
+            // SAFETY: kill(2) on our own child.
+            unsafe {
+                libc::kill(c.id() as i32, signal);
+            }
+        }
+        let deadline = Instant::now() + timeout;
+        for c in &mut self.workers {
+            loop {
+                if let Ok(Some(s)) = c.try_wait() {
+                    out.push(s);
+                    break;
+                }
+                if Instant::now() > deadline {
+                    let _ = c.kill();
+                    if let Ok(s) = c.wait() {
+                        out.push(s);
+                    }
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+        self.workers.clear();
+        out
+    }
+
+    /// Runs the gateway in this process; returns its base URL. `keys` empty means no auth.
+    pub async fn gateway(&self, keys: Vec<String>, mut args: atelier_gateway::GatewayArgs, shutdown: CancellationToken) -> anyhow::Result<String> {
+        args.addr = "127.0.0.1:0".parse()?;
+        args.insecure_no_auth = keys.is_empty();
+        args.api_keys = keys;
+        let app = atelier_gateway::api::AppState::new(
+            self.bus.clone(),
+            self.store.clone(),
+            Arc::new(Metrics::default()),
+            args.limits(),
+            shutdown.clone(),
+        )
+        .await?;
+        let (addr, _task) = atelier_gateway::serve(&args, app, shutdown).await?;
+        Ok(format!("http://{addr}"))
+    }
+
+    /// Waits until every job is terminal; returns the records.
+    pub async fn wait_terminal(&self, ids: &[JobId], timeout: Duration) -> anyhow::Result<Vec<JobRecord>> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let mut done = Vec::new();
+            let mut pending = 0;
+            for id in ids {
+                match self.states.get(*id).await {
+                    Ok(Some((r, _))) if r.state.is_terminal() => done.push(r),
+                    _ => pending += 1,
+                }
+            }
+            if pending == 0 {
+                return Ok(done);
+            }
+            if Instant::now() > deadline {
+                let sample: Vec<String> = futures::future::join_all(ids.iter().take(400).map(|id| self.states.get(*id)))
+                    .await
+                    .into_iter()
+                    .filter_map(|r| r.ok().flatten())
+                    .filter(|(r, _)| !r.state.is_terminal())
+                    .take(5)
+                    .map(|(r, _)| format!("{} {:?} attempts {} err {:?}", r.id, r.state, r.attempts, r.error))
+                    .collect();
+                bail!("{pending} of {} jobs not finished after {timeout:?}; e.g. {sample:?}", ids.len());
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    /// Every message currently in `stream` on `subject` (read with an ephemeral ordered consumer).
+    pub async fn read_stream(&self, stream: &str, subject: &str) -> anyhow::Result<Vec<async_nats::jetstream::Message>> {
+        use async_nats::jetstream::consumer::{pull, DeliverPolicy};
+        let s = self.bus.js.get_stream(stream).await?;
+        let total = s.get_info().await.map(|i| i.state.messages).unwrap_or(0);
+        if total == 0 {
+            return Ok(Vec::new());
+        }
+        let consumer = s
+            .create_consumer(pull::Config {
+                filter_subject: subject.into(),
+                deliver_policy: DeliverPolicy::All,
+                ack_policy: async_nats::jetstream::consumer::AckPolicy::None,
+                inactive_threshold: Duration::from_secs(30),
+                ..Default::default()
+            })
+            .await?;
+        let mut out = Vec::new();
+        loop {
+            let mut batch = consumer.fetch().max_messages(1000).expires(Duration::from_millis(500)).messages().await?;
+            let mut got = 0;
+            while let Some(m) = batch.next().await {
+                out.push(m.map_err(|e| anyhow::anyhow!("{e}"))?);
+                got += 1;
+            }
+            if got == 0 {
+                break;
+            }
+        }
+        Ok(out)
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        for c in &mut self.workers {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// Deterministic bytes.
+pub fn bytes_of(seed: u64, len: usize) -> bytes::Bytes {
+    atelier_gateway::demo::sample_bytes(seed, len).into()
+}
+
+pub fn all_succeeded(records: &[JobRecord]) -> bool {
+    records.iter().all(|r| r.state == JobState::Succeeded)
+}
