@@ -1,0 +1,109 @@
+//! `atelier up` as a user runs it: the real binary, its own nats-server, the local store.
+
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use atelier_contracts::{ChecksumSpec, JobSpec, JobState};
+use atelier_e2e::*;
+use atelier_gateway::client::Client;
+use atelier_kit::nats_server::{die_with_parent, free_port};
+
+fn up(data_dir: &std::path::Path, port: u16, log: &str) -> Child {
+    let log = std::fs::File::create(data_dir.with_extension(log)).unwrap();
+    let mut cmd = Command::new(bin("atelier"));
+    cmd.args(["up", "--insecure-no-auth", "--nats-port", "0", "--concurrency", "1"])
+        .arg("--addr")
+        .arg(format!("127.0.0.1:{port}"))
+        .arg("--data-dir")
+        .arg(data_dir)
+        .env("ATELIER_NATS_SERVER", tool("nats-server"))
+        .env_remove("ATELIER_NATS_URL")
+        .env_remove("ATELIER_STORE")
+        .stdin(Stdio::null())
+        .stdout(log.try_clone().unwrap())
+        .stderr(log);
+    die_with_parent(&mut cmd);
+    cmd.spawn().unwrap()
+}
+
+async fn wait_healthy(base: &str) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Ok(r) = reqwest::get(format!("{base}/healthz")).await {
+            if r.status() == 200 {
+                return;
+            }
+        }
+        assert!(Instant::now() < deadline, "atelier up did not become healthy");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+fn wait_exit(child: &mut Child, timeout: Duration) -> Option<std::process::ExitStatus> {
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if let Ok(Some(s)) = child.try_wait() {
+            return Some(s);
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    None
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn up_serves_health_openapi_and_a_job_then_resumes_after_a_crash() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("atelier");
+    let port = free_port().unwrap();
+    let base = format!("http://127.0.0.1:{port}");
+    let mut proc = up(&data, port, "log1");
+    wait_healthy(&base).await;
+
+    let spec: serde_json::Value = reqwest::get(format!("{base}/openapi.json")).await.unwrap().json().await.unwrap();
+    assert!(spec["paths"]["/v1/jobs"]["post"].is_object());
+    let metrics = reqwest::get(format!("{base}/metrics")).await.unwrap().text().await.unwrap();
+    assert!(metrics.contains("atelier_http_requests_total"), "{metrics}");
+
+    // A job round trip.
+    let client = Client::new(&base, None).unwrap();
+    let up1 = client.upload(bytes_of(1, 10_000), "application/octet-stream").await.unwrap();
+    let job = client.submit(&JobSpec::Checksum(ChecksumSpec { input: up1.artifact.key.clone(), expected_sha256: None })).await.unwrap();
+    let done = tokio::time::timeout(Duration::from_secs(30), client.follow(&job.id.to_string(), |_| {})).await.unwrap().unwrap();
+    assert_eq!(done.state, JobState::Succeeded);
+
+    // Many slow-ish jobs, one at a time; crash the whole process mid-run.
+    let mut ids = Vec::new();
+    for i in 0..12u64 {
+        let a = client.upload(bytes_of(50 + i, 3 << 20), "application/octet-stream").await.unwrap().artifact;
+        ids.push(client.submit(&JobSpec::Checksum(ChecksumSpec { input: a.key, expected_sha256: Some(a.sha256) })).await.unwrap().id);
+    }
+    proc.kill().unwrap();
+    proc.wait().unwrap();
+    // Jobs still unfinished when the restarted process is first asked about them.
+    let mut unfinished = 0;
+    // Restart on the same data directory: the queued and interrupted jobs run.
+    let mut proc = up(&data, port, "log2");
+    wait_healthy(&base).await;
+    let deadline = Instant::now() + Duration::from_secs(90);
+    for id in &ids {
+        loop {
+            let r = client.job(&id.to_string()).await.unwrap();
+            if r.state.is_terminal() {
+                assert_eq!(r.state, JobState::Succeeded, "{r:?}");
+                break;
+            }
+            unfinished += 1;
+            assert!(Instant::now() < deadline, "job {id} never finished after the restart");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    assert!(unfinished > 0, "every job had finished before the crash; nothing was resumed");
+
+    // Ctrl-C stops everything cleanly.
+    // SAFETY: kill(2) on our own child.
+    unsafe {
+        libc::kill(proc.id() as i32, libc::SIGINT);
+    }
+    let status = wait_exit(&mut proc, Duration::from_secs(30)).expect("atelier up did not stop on SIGINT");
+    assert!(status.success(), "atelier up exited with {status}");
+}
