@@ -53,6 +53,14 @@ enum Command {
         #[command(flatten)]
         telemetry: TelemetryArgs,
     },
+    /// Write and read back an object in the configured store (a real PUT), waiting up to
+    /// --wait-secs for it to come up.
+    CheckStore {
+        #[arg(long, default_value_t = 0)]
+        wait_secs: u64,
+        #[command(flatten)]
+        store: StoreArgs,
+    },
     /// Print a new API key and the NAME:SHA256:SCOPES entry to configure the gateway with.
     Keygen {
         #[arg(long, default_value = "default")]
@@ -135,6 +143,28 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             task.await??;
             let _ = bus.client.flush().await;
             Ok(())
+        }
+        Command::CheckStore { wait_secs, mut store } => {
+            store.store_retry_secs = 0;
+            let s = atelier_kit::Store::open(&store)?;
+            let key = atelier_contracts::ArtifactKey::parse("healthz/check").map_err(anyhow::Error::msg)?;
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(wait_secs);
+            loop {
+                let attempt = async {
+                    s.put_at(&key, bytes::Bytes::from_static(b"ok"), "text/plain").await?;
+                    s.get_bytes(&key).await
+                };
+                match tokio::time::timeout(std::time::Duration::from_secs(5), attempt).await {
+                    Ok(Ok(b)) if &b[..] == b"ok" => {
+                        println!("store ok: {}", s.describe());
+                        return Ok(());
+                    }
+                    other if std::time::Instant::now() >= deadline => {
+                        anyhow::bail!("store {} did not accept a PUT: {:?}", s.describe(), other.map(|r| r.map(|_| ())))
+                    }
+                    _ => tokio::time::sleep(std::time::Duration::from_millis(500)).await,
+                }
+            }
         }
         Command::Keygen { name, scopes } => {
             let (key, entry) = atelier_gateway::auth::generate_key(&name, &scopes).map_err(anyhow::Error::msg)?;

@@ -230,16 +230,30 @@ pub struct Cluster {
 
 impl Cluster {
     pub async fn start(store_args: StoreArgs) -> anyhow::Result<Self> {
+        Self::start_with(store_args, None, None).await
+    }
+
+    /// With a nats-server config file (e.g. infra/nats/nats-server.conf) and the admin user the
+    /// harness connects as.
+    pub async fn start_with(
+        store_args: StoreArgs,
+        nats_config: Option<PathBuf>,
+        admin: Option<(&str, &str)>,
+    ) -> anyhow::Result<Self> {
         let tmp = tempfile::Builder::new().prefix("atelier-test-").tempdir()?;
         let nats = tokio::task::block_in_place(|| {
             NatsServer::start(NatsServerOptions {
                 store_dir: tmp.path().join("nats"),
                 port: 0,
                 log_file: tmp.path().join("nats.log"),
-                config: None,
+                config: nats_config,
             })
         })?;
-        let nats_args = NatsArgs { nats_url: Some(nats.url()), ..Default::default() };
+        let nats_args = NatsArgs {
+            nats_url: Some(nats.url()),
+            nats_user: admin.map(|a| a.0.to_owned()),
+            nats_password: admin.map(|a| a.1.to_owned()),
+        };
         let bus = Bus::connect(&nats_args, "atelier-test").await?;
         bus.ensure_topology().await?;
         let store = Store::open(&store_args)?;

@@ -1,0 +1,46 @@
+# atelier recipes. `scripts/bootstrap` installs just itself into .tools/bin.
+set shell := ["bash", "-euo", "pipefail", "-c"]
+
+default:
+    @just --list
+
+# Install the pinned tools (nats-server, SeaweedFS, just, nats-py) into .tools/
+bootstrap:
+    scripts/bootstrap
+
+# Release build of every binary
+build:
+    cargo build --release --workspace --bins
+
+# The main job: the demo pipeline on the embedded default
+demo: bootstrap build
+    target/release/atelier demo
+
+# Every test, against real servers
+test:
+    scripts/test
+
+# Bus+store overhead benchmark (no-op handler, 1 and 4 replicas)
+bench: bootstrap
+    cargo bench -p atelier-e2e --bench bus
+
+# Embedded all-in-one (gateway + services in one process)
+embedded *ARGS: bootstrap build
+    target/release/atelier up {{ARGS}}
+
+# Local cluster: nats-server + SeaweedFS S3 + gateway + each service as its own process
+up: bootstrap build
+    scripts/cluster up
+
+# Stop the local cluster
+down:
+    scripts/cluster down
+
+# Which cluster processes are running
+status:
+    scripts/cluster status
+
+# Lints as CI runs them
+lint:
+    cargo fmt --all -- --check
+    cargo clippy --workspace --all-targets -- -D warnings
