@@ -224,21 +224,10 @@ pub async fn submit_job(
         submitted_by: Some(caller.name.clone()),
         spec,
     };
-    let record = JobRecord::queued(&request);
-    app.states.create(&record).await?;
-    let subject = request.spec.service().request_subject();
-    if let Err(e) = app.bus.publish_json(subject, Some(&request.id.to_string()), &request).await {
-        let msg = e.to_string();
-        let _ = app
-            .states
-            .update(request.id, |r| {
-                r.state = JobState::Failed;
-                r.error = Some(atelier_contracts::ErrorInfo { code: "bus_unavailable".into(), message: msg.clone() });
-                Change::Write
-            })
-            .await;
-        return Err(ApiError::unavailable(format!("could not queue the job: {e}")));
-    }
+    let record = atelier_kit::worker::enqueue(&app.bus, &app.states, &request).await.map_err(|e| match e {
+        atelier_kit::worker::EnqueueError::State(s) => ApiError::from(s),
+        atelier_kit::worker::EnqueueError::Bus(e) => ApiError::unavailable(format!("could not queue the job: {e:#}")),
+    })?;
     tracing::info!(job = %record.id, kind = %record.kind, by = %caller.name, "job submitted");
     Ok((StatusCode::ACCEPTED, Json(record)))
 }

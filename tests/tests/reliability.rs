@@ -346,3 +346,117 @@ asyncio.run(main())
     // Same bytes twice → one record, and the bytes are at their content address.
     assert_eq!(c.store.get_bytes(&ArtifactKey::for_sha256(&sha)).await.unwrap(), image);
 }
+
+/// A handler that reports progress, then waits to be cancelled (or for 30 s).
+struct Waits(std::sync::Arc<std::sync::atomic::AtomicBool>);
+
+impl atelier_kit::Handler for Waits {
+    fn service(&self) -> Service {
+        Service::Checksum
+    }
+    async fn handle(&self, ctx: &atelier_kit::JobCtx, _spec: JobSpec) -> Result<JobOutput, atelier_kit::JobError> {
+        ctx.progress(0.25, Some("warming up".to_string())).await;
+        tokio::select! {
+            _ = ctx.cancellation().cancelled() => {
+                self.0.store(true, std::sync::atomic::Ordering::SeqCst);
+                Err(atelier_kit::JobError::Cancelled)
+            }
+            _ = tokio::time::sleep(Duration::from_secs(30)) => Err(atelier_kit::JobError::permanent("not_cancelled", "cancellation never arrived")),
+        }
+    }
+}
+
+/// Progress streams over SSE, and DELETE /v1/jobs/{id} reaches the running handler.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn progress_streams_and_cancellation_reaches_the_worker() {
+    let c = Cluster::local().await.unwrap();
+    let shutdown = CancellationToken::new();
+    let client = Client::new(&c.gateway(vec![], Default::default(), shutdown.clone()).await.unwrap(), None).unwrap();
+    let seen = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let rt = atelier_kit::service::Runtime::connect(&c.service_args(WorkerArgs::default()), "cancel-test").await.unwrap();
+    let worker = atelier_kit::Worker::new(Waits(seen.clone()), rt.bus.clone(), rt.store.clone(), rt.metrics.clone()).await.unwrap();
+    let running = tokio::spawn(worker.run(WorkerArgs::default(), shutdown.clone()));
+
+    let job = client.submit(&checksum("sha256/00/whatever")).await.unwrap();
+    let id = job.id.to_string();
+    let follower = {
+        let (client, id) = (client.clone(), id.clone());
+        tokio::spawn(async move {
+            let mut updates = Vec::new();
+            let last = client.follow(&id, |r| updates.push((r.state, r.progress.clone()))).await.unwrap();
+            (updates, last)
+        })
+    };
+    // Wait until the handler has reported progress, then cancel.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let r = client.job(&id).await.unwrap();
+        if r.progress.as_ref().is_some_and(|p| p.fraction == 0.25) {
+            assert_eq!(r.state, JobState::Running);
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "no progress reported");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let cancelled = client.cancel(&id).await.unwrap();
+    assert_eq!(cancelled.state, JobState::Cancelled);
+    let (updates, last) = tokio::time::timeout(Duration::from_secs(10), follower).await.unwrap().unwrap();
+    assert_eq!(last.state, JobState::Cancelled);
+    assert!(updates.iter().any(|(s, p)| *s == JobState::Running && p.as_ref().is_some_and(|p| p.message.as_deref() == Some("warming up"))), "{updates:?}");
+    // The handler saw the cancellation (within the 1 s poll), and no result was published.
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while !seen.load(std::sync::atomic::Ordering::SeqCst) {
+        assert!(std::time::Instant::now() < deadline, "the running handler never saw the cancellation");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(done_events(&c).await.is_empty());
+    assert_eq!(c.states.get(job.id).await.unwrap().unwrap().0.state, JobState::Cancelled);
+    // Cancelling twice is fine; cancelling a finished job is a conflict.
+    assert_eq!(client.cancel(&id).await.unwrap().state, JobState::Cancelled);
+    shutdown.cancel();
+    running.await.unwrap().unwrap();
+}
+
+/// SIGTERM drains: the process stops fetching, finishes what it holds, acks, and exits 0; nothing
+/// it held is redelivered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sigterm_drains_in_flight_jobs() {
+    let mut c = Cluster::start(shared_s3_store(30)).await.unwrap();
+    let shutdown = CancellationToken::new();
+    let client = Client::new(&c.gateway(vec![], Default::default(), shutdown.clone()).await.unwrap(), None).unwrap();
+    c.spawn_service("atelier-checksum", &[("ATELIER_ACK_WAIT_SECS", "30".into()), ("ATELIER_CONCURRENCY", "4".into())]).unwrap();
+    let mut ids = Vec::new();
+    for i in 0..8u64 {
+        let a = client.upload(bytes_of(500 + i, 4 << 20), "application/octet-stream").await.unwrap().artifact;
+        ids.push(client.submit(&checksum(&a.key)).await.unwrap().id);
+    }
+    // Wait until it holds jobs, then ask it to stop.
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let mut running = 0;
+        for id in &ids {
+            if c.states.get(*id).await.unwrap().is_some_and(|(r, _)| r.state == JobState::Running) {
+                running += 1;
+            }
+        }
+        if running > 0 {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "the worker never started a job");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let statuses = tokio::task::block_in_place(|| c.stop_services(libc::SIGTERM, Duration::from_secs(30)));
+    assert!(statuses.iter().all(|s| s.success()), "worker did not exit cleanly: {statuses:?}");
+    // Whatever it started, it finished: no job is left running.
+    for id in &ids {
+        let (r, _) = c.states.get(*id).await.unwrap().unwrap();
+        assert!(matches!(r.state, JobState::Succeeded | JobState::Queued), "{id} left {:?}", r.state);
+    }
+    // A new replica picks up the rest; nothing ran twice.
+    c.spawn_service("atelier-checksum", &[]).unwrap();
+    let records = c.wait_terminal(&ids, Duration::from_secs(60)).await.unwrap();
+    assert!(all_succeeded(&records));
+    assert!(records.iter().all(|r| r.attempts == 1), "{:?}", records.iter().map(|r| r.attempts).collect::<Vec<_>>());
+    shutdown.cancel();
+}

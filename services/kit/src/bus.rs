@@ -150,10 +150,24 @@ impl Bus {
         msg_id: Option<&str>,
         value: &T,
     ) -> anyhow::Result<jetstream::publish::PublishAck> {
+        self.publish_json_with(subject, msg_id, &[], value).await
+    }
+
+    /// [`Bus::publish_json`] with extra headers.
+    pub async fn publish_json_with<T: serde::Serialize>(
+        &self,
+        subject: String,
+        msg_id: Option<&str>,
+        extra_headers: &[(&str, String)],
+        value: &T,
+    ) -> anyhow::Result<jetstream::publish::PublishAck> {
         let payload = serde_json::to_vec(value)?;
         let mut headers = async_nats::HeaderMap::new();
         if let Some(id) = msg_id {
             headers.insert("Nats-Msg-Id", id);
+        }
+        for (k, v) in extra_headers {
+            headers.insert(*k, v.as_str());
         }
         let ack = self
             .js

@@ -69,21 +69,36 @@ impl JobStates {
 
     /// Read-modify-write with compare-and-set; retries on concurrent changes. Returns the record as
     /// stored afterwards.
-    pub async fn update<F>(&self, id: JobId, mut f: F) -> Result<JobRecord, StateError>
+    pub async fn update<F>(&self, id: JobId, f: F) -> Result<JobRecord, StateError>
+    where
+        F: FnMut(&mut JobRecord) -> Change,
+    {
+        self.update_from(id, None, f).await.map(|(r, _)| r)
+    }
+
+    /// Like [`JobStates::update`], starting from a `(record, revision)` the caller already holds
+    /// (saving a read when nobody changed it since). Returns the stored record and its revision.
+    pub async fn update_from<F>(
+        &self,
+        id: JobId,
+        mut known: Option<(JobRecord, u64)>,
+        mut f: F,
+    ) -> Result<(JobRecord, u64), StateError>
     where
         F: FnMut(&mut JobRecord) -> Change,
     {
         for _ in 0..32 {
-            let Some((mut record, rev)) = self.get(id).await? else {
-                return Err(StateError::Missing(id));
+            let (mut record, rev) = match known.take() {
+                Some(k) => k,
+                None => self.get(id).await?.ok_or(StateError::Missing(id))?,
             };
             match f(&mut record) {
-                Change::Keep => return Ok(record),
+                Change::Keep => return Ok((record, rev)),
                 Change::Write => {
                     record.updated_at = chrono::Utc::now();
                     let bytes = serde_json::to_vec(&record).expect("records serialize");
                     match self.kv.update(id.to_string(), bytes.into(), rev).await {
-                        Ok(_) => return Ok(record),
+                        Ok(new_rev) => return Ok((record, new_rev)),
                         Err(e) => {
                             // Wrong last revision means someone else wrote: read again and redo.
                             // Anything else is a real failure, unless the revision moved anyway.

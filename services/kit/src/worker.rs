@@ -33,6 +33,42 @@ use crate::store::StoreError;
 use crate::telemetry::{Metrics, ServiceLabel};
 use crate::{Bus, Store};
 
+/// Transport hint on a request: the revision of the job record the submitter created. A worker
+/// receiving the first delivery rebuilds the queued record from the request and moves it to
+/// `running` by compare-and-set against this revision, saving a read; any change since (a
+/// cancellation) makes the compare fail and the worker falls back to reading the record.
+pub const RECORD_REVISION_HEADER: &str = "Atelier-Record-Revision";
+
+#[derive(Debug, thiserror::Error)]
+pub enum EnqueueError {
+    #[error(transparent)]
+    State(#[from] crate::jobstate::StateError),
+    #[error("could not publish the job: {0}")]
+    Bus(anyhow::Error),
+}
+
+/// Queues a job as the gateway does: record it as `queued`, then publish the request (with
+/// `Nats-Msg-Id` = job id, so a retried publish is dropped by the server). If publishing fails the
+/// record is marked failed, so no job stays queued with nothing on the bus.
+pub async fn enqueue(bus: &Bus, states: &JobStates, request: &JobRequest) -> Result<JobRecord, EnqueueError> {
+    let record = JobRecord::queued(request);
+    let revision = states.create(&record).await?;
+    let subject = request.spec.service().request_subject();
+    let headers = [(RECORD_REVISION_HEADER, revision.to_string())];
+    if let Err(e) = bus.publish_json_with(subject, Some(&request.id.to_string()), &headers, request).await {
+        let msg = format!("{e:#}");
+        let _ = states
+            .update(request.id, |r| {
+                r.state = JobState::Failed;
+                r.error = Some(ErrorInfo { code: "bus_unavailable".into(), message: msg.clone() });
+                Change::Write
+            })
+            .await;
+        return Err(EnqueueError::Bus(e));
+    }
+    Ok(record)
+}
+
 /// Why a job did not produce an output.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum JobError {
@@ -79,6 +115,9 @@ pub struct JobCtx {
     pub bus: Bus,
     states: JobStates,
     cancel: CancellationToken,
+    /// The record and revision this worker last wrote, so finishing can skip a read. Taken (and
+    /// so invalidated) by anything else that writes the record.
+    last_state: Arc<std::sync::Mutex<Option<(JobRecord, u64)>>>,
 }
 
 impl JobCtx {
@@ -91,11 +130,16 @@ impl JobCtx {
         self.cancel.is_cancelled()
     }
 
+    fn take_known(&self) -> Option<(JobRecord, u64)> {
+        self.last_state.lock().unwrap_or_else(|p| p.into_inner()).take()
+    }
+
     /// Reports progress: updates the job record (what `GET /v1/jobs/{id}/events` streams) and
     /// publishes `atelier.v1.<service>.progress`. Failures are logged, never fatal.
     pub async fn progress(&self, fraction: f32, message: impl Into<Option<String>>) {
         let progress = Progress { fraction: fraction.clamp(0.0, 1.0), message: message.into() };
         let p = progress.clone();
+        self.take_known();
         let res = self
             .states
             .update(self.id, |r| {
@@ -238,16 +282,20 @@ impl<H: Handler> Prepared<H> {
             r.worker = Some(instance.clone());
             Change::Write
         };
-        let mut record = w.states.update(id, start_running).await;
+        let hint = (d.delivered == 1)
+            .then(|| d.msg.headers.as_ref()?.get(RECORD_REVISION_HEADER)?.as_str().parse::<u64>().ok())
+            .flatten()
+            .map(|rev| (JobRecord::queued(&request), rev));
+        let mut record = w.states.update_from(id, hint, start_running).await;
         if let Err(crate::jobstate::StateError::Missing(_)) = record {
             // Jobs published straight onto the bus (not through the gateway) get their record here.
             match w.states.create(&JobRecord::queued(&request)).await {
                 Ok(_) | Err(crate::jobstate::StateError::Exists(_)) => {}
                 Err(e) => return Plan::Settled(Outcome::Retry(info("job_state_unavailable", e.to_string()))),
             }
-            record = w.states.update(id, start_running).await;
+            record = w.states.update_from(id, None, start_running).await;
         }
-        let record = match record {
+        let (record, revision) = match record {
             Ok(r) => r,
             Err(e) => return Plan::Settled(Outcome::Retry(info("job_state_unavailable", e.to_string()))),
         };
@@ -273,6 +321,7 @@ impl<H: Handler> Prepared<H> {
             bus: w.bus.clone(),
             states: w.states.clone(),
             cancel: CancellationToken::new(),
+            last_state: Arc::new(std::sync::Mutex::new(Some((record, revision)))),
         };
         Plan::Run { ctx, spec: request.spec.clone(), request }
     }
@@ -340,7 +389,7 @@ impl<H: Handler> Prepared<H> {
                 let out = output.clone();
                 let record = w
                     .states
-                    .update(ctx.id, |r| {
+                    .update_from(ctx.id, ctx.take_known(), |r| {
                         if r.state.is_terminal() {
                             return Change::Keep;
                         }
@@ -351,7 +400,7 @@ impl<H: Handler> Prepared<H> {
                         Change::Write
                     })
                     .await;
-                match record {
+                match record.map(|(r, _)| r) {
                     Ok(r) if r.state == JobState::Succeeded => {
                         match self.publish_done(&r, elapsed.as_millis() as u64).await {
                             Ok(()) => {
