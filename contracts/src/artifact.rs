@@ -55,7 +55,10 @@ impl ArtifactKey {
         {
             return Err(KeyError::BadChar(c));
         }
-        if raw.split('/').any(|seg| seg.is_empty() || seg == "." || seg == "..") {
+        if raw
+            .split('/')
+            .any(|seg| seg.is_empty() || seg == "." || seg == "..")
+        {
             return Err(KeyError::Traversal);
         }
         Ok(Self(raw.to_owned()))
@@ -63,7 +66,11 @@ impl ArtifactKey {
 
     /// The content-addressed key for bytes with this SHA-256 (lower-case hex, 64 chars).
     pub fn for_sha256(sha256_hex: &str) -> Self {
-        Self(format!("sha256/{}/{}", &sha256_hex[..2.min(sha256_hex.len())], sha256_hex))
+        Self(format!(
+            "sha256/{}/{}",
+            &sha256_hex[..2.min(sha256_hex.len())],
+            sha256_hex
+        ))
     }
 
     pub fn as_str(&self) -> &str {
@@ -79,7 +86,9 @@ impl std::fmt::Display for ArtifactKey {
 
 /// True when `s` is 64 lower-case hex characters.
 pub fn is_sha256_hex(s: &str) -> bool {
-    s.len() == 64 && s.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    s.len() == 64
+        && s.bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
 }
 
 #[cfg(test)]
@@ -88,7 +97,12 @@ mod tests {
 
     #[test]
     fn accepts_ordinary_keys() {
-        for k in ["sha256/ab/abcd", "uploads/x.png", "a", "datasets/v=1/part-0.jsonl"] {
+        for k in [
+            "sha256/ab/abcd",
+            "uploads/x.png",
+            "a",
+            "datasets/v=1/part-0.jsonl",
+        ] {
             assert_eq!(ArtifactKey::parse(k).unwrap().as_str(), k);
         }
     }
@@ -109,7 +123,10 @@ mod tests {
     #[test]
     fn content_addressed_keys_fan_out() {
         let h = "ab".repeat(32);
-        assert_eq!(ArtifactKey::for_sha256(&h).as_str(), format!("sha256/ab/{h}"));
+        assert_eq!(
+            ArtifactKey::for_sha256(&h).as_str(),
+            format!("sha256/ab/{h}")
+        );
         assert!(is_sha256_hex(&h));
         assert!(!is_sha256_hex("AB"));
     }

@@ -20,23 +20,24 @@ pub fn document() -> Value {
             json!({ "name": name, "contentType": "application/json", "payload": schema_ref(name) }),
         );
     }
-    let mut add = |id: String, address: String, message: &str, description: String, action: &str| {
-        channels.insert(
-            id.clone(),
-            json!({
-                "address": address,
-                "description": description,
-                "messages": { message: { "$ref": format!("#/components/messages/{message}") } }
-            }),
-        );
-        operations.insert(
-            format!("{action}-{id}"),
-            json!({
-                "action": action,
-                "channel": { "$ref": format!("#/channels/{id}") },
-            }),
-        );
-    };
+    let mut add =
+        |id: String, address: String, message: &str, description: String, action: &str| {
+            channels.insert(
+                id.clone(),
+                json!({
+                    "address": address,
+                    "description": description,
+                    "messages": { message: { "$ref": format!("#/components/messages/{message}") } }
+                }),
+            );
+            operations.insert(
+                format!("{action}-{id}"),
+                json!({
+                    "action": action,
+                    "channel": { "$ref": format!("#/channels/{id}") },
+                }),
+            );
+        };
     for s in Service::ALL {
         let n = s.name();
         add(
@@ -55,7 +56,10 @@ pub fn document() -> Value {
             format!("{n}-progress"),
             s.progress_subject(),
             "JobProgress",
-            format!("Progress of running {n} jobs (stream {}).", subjects::EVENTS_STREAM),
+            format!(
+                "Progress of running {n} jobs (stream {}).",
+                subjects::EVENTS_STREAM
+            ),
             "receive",
         );
         add(

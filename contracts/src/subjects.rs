@@ -14,9 +14,7 @@ use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
 /// Every service that consumes jobs from the bus.
-#[derive(
-    Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema, ToSchema,
-)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema, ToSchema)]
 #[serde(rename_all = "kebab-case")]
 pub enum Service {
     /// Verifies and digests stored artifacts (the spine's own job kind).
@@ -129,7 +127,10 @@ pub fn events_subjects() -> Vec<String> {
 pub const DLQ_STREAM: &str = "ATELIER_DLQ";
 /// Subjects of [`DLQ_STREAM`].
 pub fn dlq_subjects() -> Vec<String> {
-    Service::ALL.into_iter().map(Service::dead_letter_subject).collect()
+    Service::ALL
+        .into_iter()
+        .map(Service::dead_letter_subject)
+        .collect()
 }
 /// KV bucket holding one [`crate::JobRecord`] per job id.
 pub const JOBS_BUCKET: &str = "atelier_jobs";
@@ -150,7 +151,10 @@ mod tests {
             );
             assert!(!s.request_stream().contains(['.', '-', ' ', '*', '>']));
         }
-        assert_eq!(Service::QualityFilter.request_stream(), "ATELIER_REQ_QUALITY_FILTER");
+        assert_eq!(
+            Service::QualityFilter.request_stream(),
+            "ATELIER_REQ_QUALITY_FILTER"
+        );
         assert_eq!(Service::parse("nope"), None);
     }
 

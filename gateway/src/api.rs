@@ -72,7 +72,15 @@ impl AppState {
     ) -> anyhow::Result<Self> {
         let states = JobStates::new(bus.jobs_kv().await?);
         let images = bus.images_kv().await?;
-        Ok(Self { bus, store, states, images, metrics, limits, shutdown })
+        Ok(Self {
+            bus,
+            store,
+            states,
+            images,
+            metrics,
+            limits,
+            shutdown,
+        })
     }
 }
 
@@ -92,18 +100,35 @@ pub fn router(app: AppState, auth: Arc<Auth>) -> Router {
         .route("/metrics", get(metrics))
         .route("/openapi.json", get(openapi_json))
         .fallback(not_found)
-        .layer(middleware::from_fn_with_state(app.metrics.clone(), count_requests))
-        .layer(tower_http::catch_panic::CatchPanicLayer::custom(panic_response))
+        .layer(middleware::from_fn_with_state(
+            app.metrics.clone(),
+            count_requests,
+        ))
+        .layer(tower_http::catch_panic::CatchPanicLayer::custom(
+            panic_response,
+        ))
         .layer(tower_http::trace::TraceLayer::new_for_http())
         .with_state(app)
 }
 
 fn panic_response(_: Box<dyn std::any::Any + Send + 'static>) -> Response {
-    ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", "the gateway hit a bug; it has been logged").into_response()
+    ApiError::new(
+        StatusCode::INTERNAL_SERVER_ERROR,
+        "internal",
+        "the gateway hit a bug; it has been logged",
+    )
+    .into_response()
 }
 
 async fn not_found(req: Request) -> ApiError {
-    ApiError::not_found("no_such_route", format!("no route for {} {}; see /openapi.json", req.method(), req.uri().path()))
+    ApiError::not_found(
+        "no_such_route",
+        format!(
+            "no route for {} {}; see /openapi.json",
+            req.method(),
+            req.uri().path()
+        ),
+    )
 }
 
 async fn count_requests(State(metrics): State<Arc<Metrics>>, req: Request, next: Next) -> Response {
@@ -116,40 +141,56 @@ async fn count_requests(State(metrics): State<Arc<Metrics>>, req: Request, next:
     let resp = next.run(req).await;
     metrics
         .http_requests
-        .get_or_create(&HttpLabels { method, route, status: resp.status().as_u16() })
+        .get_or_create(&HttpLabels {
+            method,
+            route,
+            status: resp.status().as_u16(),
+        })
         .inc();
     resp
 }
 
 /// Reads a body up to `limit` bytes, answering 413 past it.
 async fn read_body(headers: &HeaderMap, body: Body, limit: u64) -> Result<bytes::Bytes, ApiError> {
-    if let Some(len) = headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok()) {
+    if let Some(len) = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok())
+    {
         if len > limit {
             return Err(ApiError::too_large(limit));
         }
     }
-    axum::body::to_bytes(body, limit as usize).await.map_err(|e| {
-        if e.to_string().contains("length limit") {
-            ApiError::too_large(limit)
-        } else {
-            ApiError::bad_request("bad_body", format!("reading the request body failed: {e}"))
-        }
-    })
+    axum::body::to_bytes(body, limit as usize)
+        .await
+        .map_err(|e| {
+            if e.to_string().contains("length limit") {
+                ApiError::too_large(limit)
+            } else {
+                ApiError::bad_request("bad_body", format!("reading the request body failed: {e}"))
+            }
+        })
 }
 
 /// Turns a body into a [`JobSpec`], with a precise error for each way it can be wrong.
 pub fn parse_submission(body: &[u8]) -> Result<JobSpec, ApiError> {
-    let value: serde_json::Value = serde_json::from_slice(body)
-        .map_err(|e| ApiError::bad_request("invalid_json", format!("body is not valid JSON: {e}")))?;
-    let obj = value
-        .as_object()
-        .ok_or_else(|| ApiError::bad_request("invalid_json", "body must be a JSON object: {\"schema_version\":1,\"spec\":{...}}"))?;
+    let value: serde_json::Value = serde_json::from_slice(body).map_err(|e| {
+        ApiError::bad_request("invalid_json", format!("body is not valid JSON: {e}"))
+    })?;
+    let obj = value.as_object().ok_or_else(|| {
+        ApiError::bad_request(
+            "invalid_json",
+            "body must be a JSON object: {\"schema_version\":1,\"spec\":{...}}",
+        )
+    })?;
     match obj.get("schema_version").and_then(|v| v.as_u64()) {
         Some(v) if v == SCHEMA_VERSION as u64 => {}
         Some(v) => {
             return Err(ApiError::unprocessable(
                 "unsupported_schema_version",
-                format!("schema_version {v} is not supported; this gateway speaks {SCHEMA_VERSION}"),
+                format!(
+                    "schema_version {v} is not supported; this gateway speaks {SCHEMA_VERSION}"
+                ),
             ))
         }
         None => {
@@ -159,16 +200,27 @@ pub fn parse_submission(body: &[u8]) -> Result<JobSpec, ApiError> {
             ))
         }
     }
-    let kind = obj.get("spec").and_then(|s| s.get("kind")).and_then(|k| k.as_str());
+    let kind = obj
+        .get("spec")
+        .and_then(|s| s.get("kind"))
+        .and_then(|k| k.as_str());
     match kind {
         Some(k) if JobSpec::KINDS.contains(&k) => {}
         Some(k) => {
             return Err(ApiError::unprocessable(
                 "unknown_job_kind",
-                format!("unknown job kind {k:?}; known kinds: {}", JobSpec::KINDS.join(", ")),
+                format!(
+                    "unknown job kind {k:?}; known kinds: {}",
+                    JobSpec::KINDS.join(", ")
+                ),
             ))
         }
-        None => return Err(ApiError::unprocessable("invalid_job", "spec.kind is missing")),
+        None => {
+            return Err(ApiError::unprocessable(
+                "invalid_job",
+                "spec.kind is missing",
+            ))
+        }
     }
     let submit: SubmitJob = serde_json::from_value(value)
         .map_err(|e| ApiError::unprocessable("invalid_job", format!("invalid job: {e}")))?;
@@ -179,11 +231,18 @@ pub fn parse_submission(body: &[u8]) -> Result<JobSpec, ApiError> {
 fn validate(spec: &JobSpec) -> Result<(), ApiError> {
     match spec {
         JobSpec::Checksum(c) => {
-            ArtifactKey::parse(&c.input)
-                .map_err(|e| ApiError::unprocessable("bad_artifact_key", format!("spec.input {:?}: {e}", c.input)))?;
+            ArtifactKey::parse(&c.input).map_err(|e| {
+                ApiError::unprocessable(
+                    "bad_artifact_key",
+                    format!("spec.input {:?}: {e}", c.input),
+                )
+            })?;
             if let Some(h) = &c.expected_sha256 {
                 if !is_sha256_hex(&h.to_ascii_lowercase()) {
-                    return Err(ApiError::unprocessable("invalid_job", "spec.expected_sha256 must be 64 hex characters"));
+                    return Err(ApiError::unprocessable(
+                        "invalid_job",
+                        "spec.expected_sha256 must be 64 hex characters",
+                    ));
                 }
             }
         }
@@ -192,7 +251,9 @@ fn validate(spec: &JobSpec) -> Result<(), ApiError> {
 }
 
 fn parse_job_id(raw: &str) -> Result<JobId, ApiError> {
-    JobId::parse(raw).ok_or_else(|| ApiError::bad_request("bad_job_id", format!("{raw:?} is not a job id (a UUID)")))
+    JobId::parse(raw).ok_or_else(|| {
+        ApiError::bad_request("bad_job_id", format!("{raw:?} is not a job id (a UUID)"))
+    })
 }
 
 /// Submit a job.
@@ -224,10 +285,14 @@ pub async fn submit_job(
         submitted_by: Some(caller.name.clone()),
         spec,
     };
-    let record = atelier_kit::worker::enqueue(&app.bus, &app.states, &request).await.map_err(|e| match e {
-        atelier_kit::worker::EnqueueError::State(s) => ApiError::from(s),
-        atelier_kit::worker::EnqueueError::Bus(e) => ApiError::unavailable(format!("could not queue the job: {e:#}")),
-    })?;
+    let record = atelier_kit::worker::enqueue(&app.bus, &app.states, &request)
+        .await
+        .map_err(|e| match e {
+            atelier_kit::worker::EnqueueError::State(s) => ApiError::from(s),
+            atelier_kit::worker::EnqueueError::Bus(e) => {
+                ApiError::unavailable(format!("could not queue the job: {e:#}"))
+            }
+        })?;
     tracing::info!(job = %record.id, kind = %record.kind, by = %caller.name, "job submitted");
     Ok((StatusCode::ACCEPTED, Json(record)))
 }
@@ -289,7 +354,13 @@ pub async fn cancel_job(
         s => Err(ApiError::new(
             StatusCode::CONFLICT,
             "job_finished",
-            format!("job {id} already {}", serde_json::to_value(s).ok().and_then(|v| v.as_str().map(String::from)).unwrap_or_default()),
+            format!(
+                "job {id} already {}",
+                serde_json::to_value(s)
+                    .ok()
+                    .and_then(|v| v.as_str().map(String::from))
+                    .unwrap_or_default()
+            ),
         )),
     }
 }
@@ -359,7 +430,11 @@ pub async fn upload(
 ) -> Result<(StatusCode, Json<UploadResponse>), ApiError> {
     caller.require(Scope::ArtifactsWrite)?;
     let limit = app.limits.upload;
-    if let Some(len) = headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok()) {
+    if let Some(len) = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok())
+    {
         if len > limit {
             return Err(ApiError::too_large(limit));
         }
@@ -370,9 +445,16 @@ pub async fn upload(
         .filter(|v| !v.is_empty() && v.len() < 128)
         .unwrap_or("application/octet-stream")
         .to_owned();
-    let (artifact, created) = app.store.put_stream(body.into_data_stream(), &content_type, limit).await?;
+    let (artifact, created) = app
+        .store
+        .put_stream(body.into_data_stream(), &content_type, limit)
+        .await?;
     tracing::info!(key = %artifact.key, size = artifact.size, created, "upload stored");
-    let status = if created { StatusCode::CREATED } else { StatusCode::OK };
+    let status = if created {
+        StatusCode::CREATED
+    } else {
+        StatusCode::OK
+    };
     Ok((status, Json(UploadResponse { artifact, created })))
 }
 
@@ -393,10 +475,12 @@ pub async fn get_artifact(
     Path(key): Path<String>,
 ) -> Result<Response, ApiError> {
     caller.require(Scope::ArtifactsRead)?;
-    let key = ArtifactKey::parse(&key).map_err(|e| ApiError::bad_request("bad_artifact_key", format!("{key:?}: {e}")))?;
+    let key = ArtifactKey::parse(&key)
+        .map_err(|e| ApiError::bad_request("bad_artifact_key", format!("{key:?}: {e}")))?;
     let got = app.store.get(&key).await?;
     let size = got.meta.size;
-    let content_type = atelier_kit::store::content_type_of(&got).unwrap_or_else(|| "application/octet-stream".into());
+    let content_type = atelier_kit::store::content_type_of(&got)
+        .unwrap_or_else(|| "application/octet-stream".into());
     let mut resp = Body::from_stream(got.into_stream()).into_response();
     let h = resp.headers_mut();
     if let Ok(v) = HeaderValue::from_str(&content_type) {
@@ -421,14 +505,30 @@ pub async fn get_image(
     caller.require(Scope::ArtifactsRead)?;
     let sha = sha256.to_ascii_lowercase();
     if !is_sha256_hex(&sha) {
-        return Err(ApiError::bad_request("bad_sha256", format!("{sha256:?} is not 64 hex characters")));
+        return Err(ApiError::bad_request(
+            "bad_sha256",
+            format!("{sha256:?} is not 64 hex characters"),
+        ));
     }
-    let entry = app.images.entry(&sha).await.map_err(|e| ApiError::unavailable(e.to_string()))?;
+    let entry = app
+        .images
+        .entry(&sha)
+        .await
+        .map_err(|e| ApiError::unavailable(e.to_string()))?;
     match entry {
-        Some(e) if e.operation == kv::Operation::Put => serde_json::from_slice(&e.value)
-            .map(Json)
-            .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "corrupt_record", e.to_string())),
-        _ => Err(ApiError::not_found("image_not_found", format!("no image {sha}"))),
+        Some(e) if e.operation == kv::Operation::Put => {
+            serde_json::from_slice(&e.value).map(Json).map_err(|e| {
+                ApiError::new(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "corrupt_record",
+                    e.to_string(),
+                )
+            })
+        }
+        _ => Err(ApiError::not_found(
+            "image_not_found",
+            format!("no image {sha}"),
+        )),
     }
 }
 
@@ -438,17 +538,36 @@ pub async fn get_image(
     responses((status = 200, description = "Ready"), (status = 503, description = "NATS or the store does not answer"))
 )]
 pub async fn healthz(State(app): State<AppState>) -> Response {
-    let health = Health { bus: app.bus.clone(), store: app.store.clone(), metrics: app.metrics.clone() };
+    let health = Health {
+        bus: app.bus.clone(),
+        store: app.store.clone(),
+        metrics: app.metrics.clone(),
+    };
     let (nats, store) = health.check().await;
     let ok = nats && store;
     let body = serde_json::json!({ "status": if ok { "ok" } else { "unavailable" }, "nats": nats, "store": store });
-    (if ok { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE }, Json(body)).into_response()
+    (
+        if ok {
+            StatusCode::OK
+        } else {
+            StatusCode::SERVICE_UNAVAILABLE
+        },
+        Json(body),
+    )
+        .into_response()
 }
 
 /// Prometheus metrics.
 #[utoipa::path(get, path = "/metrics", tag = "ops", responses((status = 200, description = "Prometheus text format", content_type = "text/plain")))]
 pub async fn metrics(State(app): State<AppState>) -> Response {
-    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], app.metrics.encode()).into_response()
+    (
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        app.metrics.encode(),
+    )
+        .into_response()
 }
 
 /// This document.
@@ -464,7 +583,12 @@ impl utoipa::Modify for BearerAuth {
         let components = openapi.components.get_or_insert_with(Default::default);
         components.add_security_scheme(
             "bearer",
-            SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).description(Some("An API key from `atelier keygen`")).build()),
+            SecurityScheme::Http(
+                HttpBuilder::new()
+                    .scheme(HttpAuthScheme::Bearer)
+                    .description(Some("An API key from `atelier keygen`"))
+                    .build(),
+            ),
         );
     }
 }
@@ -509,7 +633,10 @@ mod tests {
             }
         }
         documented.sort();
-        let mut expected: Vec<(String, String)> = ROUTES.iter().map(|(m, p)| (m.to_string(), p.to_string())).collect();
+        let mut expected: Vec<(String, String)> = ROUTES
+            .iter()
+            .map(|(m, p)| (m.to_string(), p.to_string()))
+            .collect();
         expected.sort();
         assert_eq!(documented, expected);
         assert!(doc["components"]["schemas"]["JobRecord"].is_object());
@@ -521,12 +648,30 @@ mod tests {
         let code = |b: &str| parse_submission(b.as_bytes()).unwrap_err().code;
         assert_eq!(code("{not json"), "invalid_json");
         assert_eq!(code("[]"), "invalid_json");
-        assert_eq!(code(r#"{"spec":{"kind":"checksum","input":"a"}}"#), "missing_schema_version");
-        assert_eq!(code(r#"{"schema_version":99,"spec":{"kind":"checksum","input":"a"}}"#), "unsupported_schema_version");
-        assert_eq!(code(r#"{"schema_version":1,"spec":{"kind":"teleport"}}"#), "unknown_job_kind");
-        assert_eq!(code(r#"{"schema_version":1,"spec":{"kind":"checksum"}}"#), "invalid_job");
-        assert_eq!(code(r#"{"schema_version":1,"spec":{"kind":"checksum","input":"../etc/passwd"}}"#), "bad_artifact_key");
-        let ok = parse_submission(br#"{"schema_version":1,"spec":{"kind":"checksum","input":"sha256/ab/x"}}"#).unwrap();
+        assert_eq!(
+            code(r#"{"spec":{"kind":"checksum","input":"a"}}"#),
+            "missing_schema_version"
+        );
+        assert_eq!(
+            code(r#"{"schema_version":99,"spec":{"kind":"checksum","input":"a"}}"#),
+            "unsupported_schema_version"
+        );
+        assert_eq!(
+            code(r#"{"schema_version":1,"spec":{"kind":"teleport"}}"#),
+            "unknown_job_kind"
+        );
+        assert_eq!(
+            code(r#"{"schema_version":1,"spec":{"kind":"checksum"}}"#),
+            "invalid_job"
+        );
+        assert_eq!(
+            code(r#"{"schema_version":1,"spec":{"kind":"checksum","input":"../etc/passwd"}}"#),
+            "bad_artifact_key"
+        );
+        let ok = parse_submission(
+            br#"{"schema_version":1,"spec":{"kind":"checksum","input":"sha256/ab/x"}}"#,
+        )
+        .unwrap();
         assert_eq!(ok.kind(), "checksum");
     }
 }

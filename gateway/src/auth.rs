@@ -32,7 +32,12 @@ pub enum Scope {
 }
 
 impl Scope {
-    pub const ALL: [Scope; 4] = [Scope::JobsRead, Scope::JobsWrite, Scope::ArtifactsRead, Scope::ArtifactsWrite];
+    pub const ALL: [Scope; 4] = [
+        Scope::JobsRead,
+        Scope::JobsWrite,
+        Scope::ArtifactsRead,
+        Scope::ArtifactsWrite,
+    ];
     pub fn name(self) -> &'static str {
         match self {
             Scope::JobsRead => "jobs:read",
@@ -60,7 +65,9 @@ impl KeyEntry {
         let entry = entry.trim();
         let mut it = entry.splitn(3, ':');
         let (Some(name), Some(hash), Some(scopes)) = (it.next(), it.next(), it.next()) else {
-            return Err(format!("API key entry {entry:?} must be NAME:SHA256HEX:SCOPES (see `atelier keygen`)"));
+            return Err(format!(
+                "API key entry {entry:?} must be NAME:SHA256HEX:SCOPES (see `atelier keygen`)"
+            ));
         };
         if name.is_empty() {
             return Err(format!("API key entry {entry:?} has an empty name"));
@@ -75,10 +82,21 @@ impl KeyEntry {
         } else {
             scopes
                 .split('+')
-                .map(|s| Scope::parse(s).ok_or_else(|| format!("API key {name:?}: unknown scope {s:?}; known: {}, *", Scope::ALL.map(Scope::name).join(", "))))
+                .map(|s| {
+                    Scope::parse(s).ok_or_else(|| {
+                        format!(
+                            "API key {name:?}: unknown scope {s:?}; known: {}, *",
+                            Scope::ALL.map(Scope::name).join(", ")
+                        )
+                    })
+                })
                 .collect::<Result<Vec<_>, _>>()?
         };
-        Ok(Self { name: name.to_owned(), sha256, scopes })
+        Ok(Self {
+            name: name.to_owned(),
+            sha256,
+            scopes,
+        })
     }
 }
 
@@ -87,7 +105,10 @@ pub fn generate_key(name: &str, scopes: &str) -> Result<(String, String), String
     let mut raw = [0u8; 32];
     rand::thread_rng().fill_bytes(&mut raw);
     let key = format!("atl_{}", hex::encode(raw));
-    let entry = format!("{name}:{}:{scopes}", hex::encode(Sha256::digest(key.as_bytes())));
+    let entry = format!(
+        "{name}:{}:{scopes}",
+        hex::encode(Sha256::digest(key.as_bytes()))
+    );
     KeyEntry::parse(&entry)?;
     Ok((key, entry))
 }
@@ -107,7 +128,11 @@ impl Caller {
             Err(ApiError::new(
                 StatusCode::FORBIDDEN,
                 "forbidden",
-                format!("API key {:?} lacks the scope {:?} this route needs", self.name, scope.name()),
+                format!(
+                    "API key {:?} lacks the scope {:?} this route needs",
+                    self.name,
+                    scope.name()
+                ),
             ))
         }
     }
@@ -139,7 +164,12 @@ pub struct Auth {
 impl Auth {
     /// Builds the key table. Refuses to run without keys unless `insecure` is set, and refuses
     /// `insecure` on a non-loopback address.
-    pub fn new(entries: &[String], insecure: bool, addr: SocketAddr, limits: Limits) -> Result<Self, String> {
+    pub fn new(
+        entries: &[String],
+        insecure: bool,
+        addr: SocketAddr,
+        limits: Limits,
+    ) -> Result<Self, String> {
         let keys = if insecure {
             if !addr.ip().is_loopback() {
                 return Err(format!(
@@ -161,28 +191,46 @@ impl Auth {
             }
             Some(map)
         };
-        Ok(Self { keys, limits, buckets: Mutex::new(HashMap::new()) })
+        Ok(Self {
+            keys,
+            limits,
+            buckets: Mutex::new(HashMap::new()),
+        })
     }
 
     fn identify(&self, req: &Request) -> Result<Caller, ApiError> {
         let Some(keys) = &self.keys else {
-            return Ok(Caller { name: "anonymous".into(), scopes: Scope::ALL.to_vec() });
+            return Ok(Caller {
+                name: "anonymous".into(),
+                scopes: Scope::ALL.to_vec(),
+            });
         };
         let unauthorized = |m: &str| ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", m);
         let header = req
             .headers()
             .get(header::AUTHORIZATION)
             .ok_or_else(|| unauthorized("missing API key: send `Authorization: Bearer <key>`"))?;
-        let value = header.to_str().map_err(|_| unauthorized("Authorization header is not ASCII"))?;
+        let value = header
+            .to_str()
+            .map_err(|_| unauthorized("Authorization header is not ASCII"))?;
         let token = value
             .strip_prefix("Bearer ")
-            .ok_or_else(|| unauthorized("Authorization must use the Bearer scheme: `Authorization: Bearer <key>`"))?
+            .ok_or_else(|| {
+                unauthorized(
+                    "Authorization must use the Bearer scheme: `Authorization: Bearer <key>`",
+                )
+            })?
             .trim();
         let digest: [u8; 32] = Sha256::digest(token.as_bytes()).into();
         // The map lookup is on the digest of the presented key, so its timing reveals nothing
         // about any configured key.
-        let entry = keys.get(&digest).ok_or_else(|| unauthorized("unknown API key"))?;
-        Ok(Caller { name: entry.name.clone(), scopes: entry.scopes.clone() })
+        let entry = keys
+            .get(&digest)
+            .ok_or_else(|| unauthorized("unknown API key"))?;
+        Ok(Caller {
+            name: entry.name.clone(),
+            scopes: entry.scopes.clone(),
+        })
     }
 
     /// Takes a token from the caller's bucket and a slot from its in-flight limit.
@@ -194,14 +242,20 @@ impl Auth {
             at: now,
             in_flight: Arc::new(Semaphore::new(self.limits.concurrency.max(1))),
         });
-        b.tokens = (b.tokens + now.duration_since(b.at).as_secs_f64() * self.limits.rate).min(self.limits.burst);
+        b.tokens = (b.tokens + now.duration_since(b.at).as_secs_f64() * self.limits.rate)
+            .min(self.limits.burst);
         b.at = now;
         if b.tokens < 1.0 {
-            let wait = ((1.0 - b.tokens) / self.limits.rate.max(1e-6)).ceil().max(1.0) as u64;
+            let wait = ((1.0 - b.tokens) / self.limits.rate.max(1e-6))
+                .ceil()
+                .max(1.0) as u64;
             return Err(ApiError::new(
                 StatusCode::TOO_MANY_REQUESTS,
                 "rate_limited",
-                format!("API key {caller:?} exceeded {} requests/s", self.limits.rate),
+                format!(
+                    "API key {caller:?} exceeded {} requests/s",
+                    self.limits.rate
+                ),
             )
             .with_retry_after(wait));
         }
@@ -209,7 +263,10 @@ impl Auth {
             ApiError::new(
                 StatusCode::TOO_MANY_REQUESTS,
                 "too_many_in_flight",
-                format!("API key {caller:?} already has {} requests in flight", self.limits.concurrency),
+                format!(
+                    "API key {caller:?} already has {} requests in flight",
+                    self.limits.concurrency
+                ),
             )
             .with_retry_after(1)
         })?;
@@ -241,28 +298,52 @@ mod tests {
     fn local() -> SocketAddr {
         "127.0.0.1:7860".parse().unwrap()
     }
-    const LIMITS: Limits = Limits { rate: 1.0, burst: 2.0, concurrency: 1 };
+    const LIMITS: Limits = Limits {
+        rate: 1.0,
+        burst: 2.0,
+        concurrency: 1,
+    };
 
     #[test]
     fn generated_keys_parse_and_authenticate() {
         let (key, entry) = generate_key("ci", "jobs:read+jobs:write").unwrap();
         let auth = Auth::new(&[entry], false, local(), LIMITS).unwrap();
-        let req = Request::builder().header("authorization", format!("Bearer {key}")).body(axum::body::Body::empty()).unwrap();
+        let req = Request::builder()
+            .header("authorization", format!("Bearer {key}"))
+            .body(axum::body::Body::empty())
+            .unwrap();
         let caller = auth.identify(&req).unwrap();
         assert_eq!(caller.name, "ci");
         assert!(caller.require(Scope::JobsWrite).is_ok());
-        assert_eq!(caller.require(Scope::ArtifactsWrite).unwrap_err().status, StatusCode::FORBIDDEN);
-        let bad = Request::builder().header("authorization", "Bearer nope").body(axum::body::Body::empty()).unwrap();
-        assert_eq!(auth.identify(&bad).unwrap_err().status, StatusCode::UNAUTHORIZED);
+        assert_eq!(
+            caller.require(Scope::ArtifactsWrite).unwrap_err().status,
+            StatusCode::FORBIDDEN
+        );
+        let bad = Request::builder()
+            .header("authorization", "Bearer nope")
+            .body(axum::body::Body::empty())
+            .unwrap();
+        assert_eq!(
+            auth.identify(&bad).unwrap_err().status,
+            StatusCode::UNAUTHORIZED
+        );
     }
 
     #[test]
     fn config_errors_say_the_fix() {
         assert!(KeyEntry::parse("x:abc:*").unwrap_err().contains("SHA-256"));
-        assert!(KeyEntry::parse(&format!("x:{}:root", "0".repeat(64))).unwrap_err().contains("unknown scope"));
-        assert!(Auth::new(&[], false, local(), LIMITS).err().unwrap().contains("atelier keygen"));
+        assert!(KeyEntry::parse(&format!("x:{}:root", "0".repeat(64)))
+            .unwrap_err()
+            .contains("unknown scope"));
+        assert!(Auth::new(&[], false, local(), LIMITS)
+            .err()
+            .unwrap()
+            .contains("atelier keygen"));
         let public: SocketAddr = "0.0.0.0:7860".parse().unwrap();
-        assert!(Auth::new(&[], true, public, LIMITS).err().unwrap().contains("loopback"));
+        assert!(Auth::new(&[], true, public, LIMITS)
+            .err()
+            .unwrap()
+            .contains("loopback"));
     }
 
     #[test]

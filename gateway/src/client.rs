@@ -19,8 +19,14 @@ pub struct Client {
 
 impl Client {
     pub fn new(base: &str, key: Option<String>) -> anyhow::Result<Self> {
-        let http = reqwest::Client::builder().connect_timeout(Duration::from_secs(5)).build()?;
-        Ok(Self { base: base.trim_end_matches('/').to_owned(), key, http })
+        let http = reqwest::Client::builder()
+            .connect_timeout(Duration::from_secs(5))
+            .build()?;
+        Ok(Self {
+            base: base.trim_end_matches('/').to_owned(),
+            key,
+            http,
+        })
     }
 
     fn req(&self, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
@@ -38,7 +44,11 @@ impl Client {
         let status = resp.status();
         let text = resp.text().await.unwrap_or_default();
         match serde_json::from_str::<ApiErrorBody>(&text) {
-            Ok(body) => bail!("gateway answered {status}: {} ({})", body.error.message, body.error.code),
+            Ok(body) => bail!(
+                "gateway answered {status}: {} ({})",
+                body.error.message,
+                body.error.code
+            ),
             Err(_) => bail!("gateway answered {status}: {text}"),
         }
     }
@@ -56,27 +66,44 @@ impl Client {
 
     pub async fn submit(&self, spec: &JobSpec) -> anyhow::Result<JobRecord> {
         let body = serde_json::json!({ "schema_version": SCHEMA_VERSION, "spec": spec });
-        let resp = self.req(reqwest::Method::POST, "/v1/jobs").json(&body).send().await.context("submitting")?;
+        let resp = self
+            .req(reqwest::Method::POST, "/v1/jobs")
+            .json(&body)
+            .send()
+            .await
+            .context("submitting")?;
         Ok(Self::check(resp).await?.json().await?)
     }
 
     pub async fn job(&self, id: &str) -> anyhow::Result<JobRecord> {
-        let resp = self.req(reqwest::Method::GET, &format!("/v1/jobs/{id}")).send().await?;
+        let resp = self
+            .req(reqwest::Method::GET, &format!("/v1/jobs/{id}"))
+            .send()
+            .await?;
         Ok(Self::check(resp).await?.json().await?)
     }
 
     pub async fn cancel(&self, id: &str) -> anyhow::Result<JobRecord> {
-        let resp = self.req(reqwest::Method::DELETE, &format!("/v1/jobs/{id}")).send().await?;
+        let resp = self
+            .req(reqwest::Method::DELETE, &format!("/v1/jobs/{id}"))
+            .send()
+            .await?;
         Ok(Self::check(resp).await?.json().await?)
     }
 
     pub async fn download(&self, key: &str) -> anyhow::Result<Bytes> {
-        let resp = self.req(reqwest::Method::GET, &format!("/v1/artifacts/{key}")).send().await?;
+        let resp = self
+            .req(reqwest::Method::GET, &format!("/v1/artifacts/{key}"))
+            .send()
+            .await?;
         Ok(Self::check(resp).await?.bytes().await?)
     }
 
     pub async fn image(&self, sha256: &str) -> anyhow::Result<Option<ImageRecord>> {
-        let resp = self.req(reqwest::Method::GET, &format!("/v1/images/{sha256}")).send().await?;
+        let resp = self
+            .req(reqwest::Method::GET, &format!("/v1/images/{sha256}"))
+            .send()
+            .await?;
         if resp.status() == reqwest::StatusCode::NOT_FOUND {
             return Ok(None);
         }
@@ -85,8 +112,15 @@ impl Client {
 
     /// Follows `/v1/jobs/{id}/events` and calls `on_update` for each record until a terminal one,
     /// which it returns.
-    pub async fn follow(&self, id: &str, mut on_update: impl FnMut(&JobRecord)) -> anyhow::Result<JobRecord> {
-        let resp = self.req(reqwest::Method::GET, &format!("/v1/jobs/{id}/events")).send().await?;
+    pub async fn follow(
+        &self,
+        id: &str,
+        mut on_update: impl FnMut(&JobRecord),
+    ) -> anyhow::Result<JobRecord> {
+        let resp = self
+            .req(reqwest::Method::GET, &format!("/v1/jobs/{id}/events"))
+            .send()
+            .await?;
         let mut body = Self::check(resp).await?.bytes_stream();
         let mut buf = String::new();
         let mut last = None;
@@ -102,7 +136,8 @@ impl Client {
                     .collect::<Vec<_>>()
                     .join("\n");
                 if event.lines().any(|l| l == "event: job") && !data.is_empty() {
-                    let record: JobRecord = serde_json::from_str(&data).context("decoding a job event")?;
+                    let record: JobRecord =
+                        serde_json::from_str(&data).context("decoding a job event")?;
                     on_update(&record);
                     let done = record.state.is_terminal();
                     last = Some(record);
@@ -112,6 +147,7 @@ impl Client {
                 }
             }
         }
-        last.filter(|r| r.state.is_terminal()).context("the event stream ended before the job finished")
+        last.filter(|r| r.state.is_terminal())
+            .context("the event stream ended before the job finished")
     }
 }

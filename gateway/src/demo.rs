@@ -72,13 +72,21 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     let shutdown = CancellationToken::new();
     let started = Instant::now();
     let embedded = Embedded::start(up, shutdown.clone()).await?;
-    println!("atelier demo: embedded atelier up at http://{} (nats {}), data in {}", embedded.addr, embedded.nats_url, args.data_dir.display());
+    println!(
+        "atelier demo: embedded atelier up at http://{} (nats {}), data in {}",
+        embedded.addr,
+        embedded.nats_url,
+        args.data_dir.display()
+    );
     let result = pipeline(&embedded, &key).await;
     shutdown.cancel();
     embedded.wait().await?;
     let summary = result?;
     println!("{summary}");
-    println!("atelier demo: all checks passed in {:.1} s", started.elapsed().as_secs_f64());
+    println!(
+        "atelier demo: all checks passed in {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
     Ok(())
 }
 
@@ -90,18 +98,38 @@ async fn pipeline(embedded: &Embedded, key: &str) -> anyhow::Result<String> {
     let samples: Vec<(&str, Vec<u8>)> = vec![
         ("small.bin", sample_bytes(1, 1024)),
         ("medium.bin", sample_bytes(2, 256 * 1024)),
-        ("large.bin", sample_bytes(3, atelier_kit::store::MULTIPART_THRESHOLD + 1024 * 1024)),
+        (
+            "large.bin",
+            sample_bytes(3, atelier_kit::store::MULTIPART_THRESHOLD + 1024 * 1024),
+        ),
         ("small-again.bin", sample_bytes(1, 1024)),
     ];
-    println!("\n1. upload {} artifacts through POST /v1/uploads", samples.len());
+    println!(
+        "\n1. upload {} artifacts through POST /v1/uploads",
+        samples.len()
+    );
     let mut uploaded = Vec::new();
     for (name, bytes) in &samples {
         let local = hex::encode(Sha256::digest(bytes));
-        let up = client.upload(Bytes::from(bytes.clone()), "application/octet-stream").await?;
+        let up = client
+            .upload(Bytes::from(bytes.clone()), "application/octet-stream")
+            .await?;
         if up.artifact.sha256 != local {
-            bail!("{name}: gateway stored sha256 {} but the bytes hash to {local}", up.artifact.sha256);
+            bail!(
+                "{name}: gateway stored sha256 {} but the bytes hash to {local}",
+                up.artifact.sha256
+            );
         }
-        println!("   {name:<16} {:>9} bytes  {}  {}", up.artifact.size, up.artifact.key, if up.created { "stored" } else { "already stored (deduplicated)" });
+        println!(
+            "   {name:<16} {:>9} bytes  {}  {}",
+            up.artifact.size,
+            up.artifact.key,
+            if up.created {
+                "stored"
+            } else {
+                "already stored (deduplicated)"
+            }
+        );
         uploaded.push((name.to_string(), up));
     }
     if uploaded[3].1.created || uploaded[3].1.artifact.key != uploaded[0].1.artifact.key {
@@ -109,58 +137,109 @@ async fn pipeline(embedded: &Embedded, key: &str) -> anyhow::Result<String> {
     }
 
     // 2. One checksum job per distinct artifact, verified, followed over SSE.
-    println!("\n2. submit checksum jobs (POST /v1/jobs) and follow them (GET /v1/jobs/{{id}}/events)");
+    println!(
+        "\n2. submit checksum jobs (POST /v1/jobs) and follow them (GET /v1/jobs/{{id}}/events)"
+    );
     let mut jobs = Vec::new();
     for (name, up) in uploaded.iter().take(3) {
-        let spec = JobSpec::Checksum(ChecksumSpec { input: up.artifact.key.clone(), expected_sha256: Some(up.artifact.sha256.clone()) });
+        let spec = JobSpec::Checksum(ChecksumSpec {
+            input: up.artifact.key.clone(),
+            expected_sha256: Some(up.artifact.sha256.clone()),
+        });
         let job = client.submit(&spec).await?;
         jobs.push((name.clone(), up.artifact.clone(), job.id));
     }
     let wrong = client
-        .submit(&JobSpec::Checksum(ChecksumSpec { input: uploaded[0].1.artifact.key.clone(), expected_sha256: Some("0".repeat(64)) }))
+        .submit(&JobSpec::Checksum(ChecksumSpec {
+            input: uploaded[0].1.artifact.key.clone(),
+            expected_sha256: Some("0".repeat(64)),
+        }))
         .await?;
     for (name, artifact, id) in &jobs {
         let mut states = Vec::new();
-        let done = tokio::time::timeout(Duration::from_secs(60), client.follow(&id.to_string(), |r| {
-            let s = serde_json::to_value(r.state).ok().and_then(|v| v.as_str().map(String::from)).unwrap_or_default();
-            if states.last() != Some(&s) {
-                states.push(s);
-            }
-        }))
+        let done = tokio::time::timeout(
+            Duration::from_secs(60),
+            client.follow(&id.to_string(), |r| {
+                let s = serde_json::to_value(r.state)
+                    .ok()
+                    .and_then(|v| v.as_str().map(String::from))
+                    .unwrap_or_default();
+                if states.last() != Some(&s) {
+                    states.push(s);
+                }
+            }),
+        )
         .await
         .context("a checksum job did not finish within 60 s")??;
         if done.state != JobState::Succeeded {
-            bail!("job {id} for {name} ended {:?}: {:?}", done.state, done.error);
+            bail!(
+                "job {id} for {name} ended {:?}: {:?}",
+                done.state,
+                done.error
+            );
         }
-        let Some(JobOutput::Checksum(out)) = &done.output else { bail!("job {id} has no checksum output") };
+        let Some(JobOutput::Checksum(out)) = &done.output else {
+            bail!("job {id} has no checksum output")
+        };
         let report_bytes = client.download(&out.report.key).await?;
         let report: serde_json::Value = serde_json::from_slice(&report_bytes)?;
         if report["sha256"] != artifact.sha256 || out.input.sha256 != artifact.sha256 {
-            bail!("job {id}: report says {} but {name} hashes to {}", report["sha256"], artifact.sha256);
+            bail!(
+                "job {id}: report says {} but {name} hashes to {}",
+                report["sha256"],
+                artifact.sha256
+            );
         }
-        println!("   {name:<16} job {id}  {}  sha256 {}…  report {}", states.join(" → "), short(&out.input.sha256), short(&out.report.sha256));
+        println!(
+            "   {name:<16} job {id}  {}  sha256 {}…  report {}",
+            states.join(" → "),
+            short(&out.input.sha256),
+            short(&out.report.sha256)
+        );
         summary.push_str(&format!("checksum {name}: ok\n"));
     }
     let failed = client.follow(&wrong.id.to_string(), |_| {}).await?;
     match (&failed.state, &failed.error) {
         (JobState::Failed, Some(e)) if e.code == "checksum_mismatch" => {
-            println!("   wrong digest     job {}  failed as it should: {}", wrong.id, e.message);
+            println!(
+                "   wrong digest     job {}  failed as it should: {}",
+                wrong.id, e.message
+            );
         }
         other => bail!("the job with a wrong expected digest ended {other:?}"),
     }
 
     // 3. An external system announces an image over NATS.
-    println!("\n3. an external system puts an object in the bucket and publishes {}", atelier_contracts::subjects::IMAGES_INGESTED);
+    println!(
+        "\n3. an external system puts an object in the bucket and publishes {}",
+        atelier_contracts::subjects::IMAGES_INGESTED
+    );
     let image = sample_bytes(42, 4096);
     let sha = hex::encode(Sha256::digest(&image));
     let key = ArtifactKey::parse("incoming/camera-0001.png").map_err(anyhow::Error::msg)?;
-    embedded.store.put_at(&key, Bytes::from(image), "image/png").await?;
+    embedded
+        .store
+        .put_at(&key, Bytes::from(image), "image/png")
+        .await?;
     let event = ImagesIngested {
         schema_version: SCHEMA_VERSION,
         dataset: Some("demo".into()),
-        images: vec![IngestedImage { key: key.to_string(), sha256: Some(sha.clone()), source: Some("camera://0001".into()), license: Some("CC0-1.0".into()), metadata: Default::default() }],
+        images: vec![IngestedImage {
+            key: key.to_string(),
+            sha256: Some(sha.clone()),
+            source: Some("camera://0001".into()),
+            license: Some("CC0-1.0".into()),
+            metadata: Default::default(),
+        }],
     };
-    embedded.bus.publish_json(atelier_contracts::subjects::IMAGES_INGESTED.into(), None, &event).await?;
+    embedded
+        .bus
+        .publish_json(
+            atelier_contracts::subjects::IMAGES_INGESTED.into(),
+            None,
+            &event,
+        )
+        .await?;
     let deadline = Instant::now() + Duration::from_secs(30);
     let record = loop {
         if let Some(r) = client.image(&sha).await? {
@@ -171,10 +250,19 @@ async fn pipeline(embedded: &Embedded, key: &str) -> anyhow::Result<String> {
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
-    println!("   recorded image {}…  at {}  datasets {:?}  sources {}", short(&record.sha256), record.key, record.datasets, record.sources.len());
+    println!(
+        "   recorded image {}…  at {}  datasets {:?}  sources {}",
+        short(&record.sha256),
+        record.key,
+        record.datasets,
+        record.sources.len()
+    );
     summary.push_str("ingest event: ok\n");
 
-    let health = reqwest::get(format!("http://{}/healthz", embedded.addr)).await?.text().await?;
+    let health = reqwest::get(format!("http://{}/healthz", embedded.addr))
+        .await?
+        .text()
+        .await?;
     println!("\n4. GET /healthz → {health}");
     Ok(format!("\nsummary:\n{summary}"))
 }

@@ -22,7 +22,11 @@ use crate::GatewayArgs;
 #[derive(clap::Args, Debug, Clone)]
 pub struct UpArgs {
     /// Where embedded state lives: `nats/` (JetStream), `objects/` (default store), `logs/`.
-    #[arg(long = "data-dir", env = "ATELIER_DATA_DIR", default_value = "./.atelier")]
+    #[arg(
+        long = "data-dir",
+        env = "ATELIER_DATA_DIR",
+        default_value = "./.atelier"
+    )]
     pub data_dir: PathBuf,
     /// Port of the embedded nats-server (0 picks a free one). External systems publish events here.
     #[arg(long = "nats-port", env = "ATELIER_NATS_PORT", default_value_t = 4222)]
@@ -83,7 +87,13 @@ impl Embedded {
         let metrics: Arc<Metrics> = rt.metrics.clone();
         let mut tasks = JoinSet::new();
 
-        let checksum = Worker::new(atelier_checksum::Checksum, rt.bus.clone(), rt.store.clone(), metrics.clone()).await?;
+        let checksum = Worker::new(
+            atelier_checksum::Checksum,
+            rt.bus.clone(),
+            rt.store.clone(),
+            metrics.clone(),
+        )
+        .await?;
         let (w, s) = (args.worker.clone(), shutdown.clone());
         tasks.spawn(async move { checksum.run(w, s).await });
         let (w, s, r) = (args.worker.clone(), shutdown.clone(), rt.clone());
@@ -100,7 +110,14 @@ impl Embedded {
         let (addr, server) = crate::serve(&args.gateway, app, shutdown.clone()).await?;
         tasks.spawn(async move { server.await? });
         tracing::info!(%addr, nats = %nats_url, store = rt.store.describe(), "atelier is up");
-        Ok(Self { addr, nats_url, bus: rt.bus, store: rt.store, nats, tasks })
+        Ok(Self {
+            addr,
+            nats_url,
+            bus: rt.bus,
+            store: rt.store,
+            nats,
+            tasks,
+        })
     }
 
     /// Waits for every part to finish (after the shutdown token fired), then stops nats-server.

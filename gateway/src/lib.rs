@@ -25,19 +25,36 @@ pub struct GatewayArgs {
     #[arg(long = "addr", env = "ATELIER_ADDR", default_value = "127.0.0.1:7860")]
     pub addr: SocketAddr,
     /// API keys as NAME:SHA256HEX:SCOPES (comma-separated; `atelier keygen` makes them).
-    #[arg(long = "api-key", env = "ATELIER_API_KEYS", value_delimiter = ',', hide_env_values = true)]
+    #[arg(
+        long = "api-key",
+        env = "ATELIER_API_KEYS",
+        value_delimiter = ',',
+        hide_env_values = true
+    )]
     pub api_keys: Vec<String>,
     /// Serve without authentication. Only allowed on loopback addresses.
     #[arg(long = "insecure-no-auth", env = "ATELIER_INSECURE_NO_AUTH")]
     pub insecure_no_auth: bool,
     /// Sustained requests per second per API key.
-    #[arg(long = "rate-limit", env = "ATELIER_RATE_LIMIT", default_value_t = 200.0)]
+    #[arg(
+        long = "rate-limit",
+        env = "ATELIER_RATE_LIMIT",
+        default_value_t = 200.0
+    )]
     pub rate_limit: f64,
     /// Requests per API key above the sustained rate.
-    #[arg(long = "rate-burst", env = "ATELIER_RATE_BURST", default_value_t = 400.0)]
+    #[arg(
+        long = "rate-burst",
+        env = "ATELIER_RATE_BURST",
+        default_value_t = 400.0
+    )]
     pub rate_burst: f64,
     /// Requests in flight per API key.
-    #[arg(long = "key-concurrency", env = "ATELIER_KEY_CONCURRENCY", default_value_t = 64)]
+    #[arg(
+        long = "key-concurrency",
+        env = "ATELIER_KEY_CONCURRENCY",
+        default_value_t = 64
+    )]
     pub key_concurrency: usize,
     /// Largest `POST /v1/jobs` body, bytes.
     #[arg(long = "max-json-bytes", env = "ATELIER_MAX_JSON_BYTES", default_value_t = 1 << 20)]
@@ -68,13 +85,20 @@ impl GatewayArgs {
             &self.api_keys,
             self.insecure_no_auth,
             self.addr,
-            auth::Limits { rate: self.rate_limit, burst: self.rate_burst, concurrency: self.key_concurrency },
+            auth::Limits {
+                rate: self.rate_limit,
+                burst: self.rate_burst,
+                concurrency: self.key_concurrency,
+            },
         )
         .map_err(anyhow::Error::msg)
     }
 
     pub fn limits(&self) -> api::BodyLimits {
-        api::BodyLimits { json: self.max_json_bytes, upload: self.max_upload_bytes }
+        api::BodyLimits {
+            json: self.max_json_bytes,
+            upload: self.max_upload_bytes,
+        }
     }
 }
 

@@ -14,7 +14,11 @@ use atelier_kit::config::{NatsArgs, StoreArgs, TelemetryArgs};
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(name = "atelier", version, about = "atelier: captioned datasets and diffusion models, as services over NATS JetStream")]
+#[command(
+    name = "atelier",
+    version,
+    about = "atelier: captioned datasets and diffusion models, as services over NATS JetStream"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -23,7 +27,11 @@ struct Cli {
 #[derive(clap::Args, Clone)]
 struct Remote {
     /// Gateway base URL.
-    #[arg(long = "gateway", env = "ATELIER_GATEWAY", default_value = "http://127.0.0.1:7860")]
+    #[arg(
+        long = "gateway",
+        env = "ATELIER_GATEWAY",
+        default_value = "http://127.0.0.1:7860"
+    )]
     gateway: String,
     /// API key (from `atelier keygen`).
     #[arg(long = "key", env = "ATELIER_API_KEY", hide_env_values = true)]
@@ -36,6 +44,18 @@ impl Remote {
     }
 }
 
+#[derive(clap::Args)]
+struct GatewayCmd {
+    #[command(flatten)]
+    gateway: atelier_gateway::GatewayArgs,
+    #[command(flatten)]
+    nats: NatsArgs,
+    #[command(flatten)]
+    store: StoreArgs,
+    #[command(flatten)]
+    telemetry: TelemetryArgs,
+}
+
 #[derive(Subcommand)]
 enum Command {
     /// Run gateway and every service in this process (nats-server started as a child).
@@ -43,16 +63,7 @@ enum Command {
     /// Run the demo pipeline end to end on a fresh embedded atelier.
     Demo(atelier_gateway::demo::DemoArgs),
     /// Run only the HTTP gateway (cluster mode).
-    Gateway {
-        #[command(flatten)]
-        gateway: atelier_gateway::GatewayArgs,
-        #[command(flatten)]
-        nats: NatsArgs,
-        #[command(flatten)]
-        store: StoreArgs,
-        #[command(flatten)]
-        telemetry: TelemetryArgs,
-    },
+    Gateway(Box<GatewayCmd>),
     /// Write and read back an object in the configured store (a real PUT), waiting up to
     /// --wait-secs for it to come up.
     CheckStore {
@@ -120,8 +131,12 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Up(args) => {
             atelier_kit::telemetry::init_tracing(&args.telemetry);
             let shutdown = atelier_kit::shutdown::on_signals();
-            let embedded = atelier_gateway::embedded::Embedded::start(*args, shutdown.clone()).await?;
-            eprintln!("atelier is up: http://{}  (nats {}; Ctrl-C stops)", embedded.addr, embedded.nats_url);
+            let embedded =
+                atelier_gateway::embedded::Embedded::start(*args, shutdown.clone()).await?;
+            eprintln!(
+                "atelier is up: http://{}  (nats {}; Ctrl-C stops)",
+                embedded.addr, embedded.nats_url
+            );
             embedded.wait().await
         }
         Command::Demo(mut args) => {
@@ -132,26 +147,44 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             atelier_kit::telemetry::init_tracing(&args.telemetry);
             atelier_gateway::demo::run(args).await
         }
-        Command::Gateway { gateway, nats, store, telemetry } => {
+        Command::Gateway(cmd) => {
+            let GatewayCmd {
+                gateway,
+                nats,
+                store,
+                telemetry,
+            } = *cmd;
             atelier_kit::telemetry::init_tracing(&telemetry);
             let shutdown = atelier_kit::shutdown::on_signals();
             let bus = atelier_kit::Bus::connect(&nats, "atelier-gateway").await?;
             bus.ensure_topology().await?;
             let store = atelier_kit::Store::open(&store)?;
-            let app = atelier_gateway::api::AppState::new(bus.clone(), store, Default::default(), gateway.limits(), shutdown.clone()).await?;
+            let app = atelier_gateway::api::AppState::new(
+                bus.clone(),
+                store,
+                Default::default(),
+                gateway.limits(),
+                shutdown.clone(),
+            )
+            .await?;
             let (_, task) = atelier_gateway::serve(&gateway, app, shutdown).await?;
             task.await??;
             let _ = bus.client.flush().await;
             Ok(())
         }
-        Command::CheckStore { wait_secs, mut store } => {
+        Command::CheckStore {
+            wait_secs,
+            mut store,
+        } => {
             store.store_retry_secs = 0;
             let s = atelier_kit::Store::open(&store)?;
-            let key = atelier_contracts::ArtifactKey::parse("healthz/check").map_err(anyhow::Error::msg)?;
+            let key = atelier_contracts::ArtifactKey::parse("healthz/check")
+                .map_err(anyhow::Error::msg)?;
             let deadline = std::time::Instant::now() + std::time::Duration::from_secs(wait_secs);
             loop {
                 let attempt = async {
-                    s.put_at(&key, bytes::Bytes::from_static(b"ok"), "text/plain").await?;
+                    s.put_at(&key, bytes::Bytes::from_static(b"ok"), "text/plain")
+                        .await?;
                     s.get_bytes(&key).await
                 };
                 match tokio::time::timeout(std::time::Duration::from_secs(5), attempt).await {
@@ -160,30 +193,56 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                         return Ok(());
                     }
                     other if std::time::Instant::now() >= deadline => {
-                        anyhow::bail!("store {} did not accept a PUT: {:?}", s.describe(), other.map(|r| r.map(|_| ())))
+                        anyhow::bail!(
+                            "store {} did not accept a PUT: {:?}",
+                            s.describe(),
+                            other.map(|r| r.map(|_| ()))
+                        )
                     }
                     _ => tokio::time::sleep(std::time::Duration::from_millis(500)).await,
                 }
             }
         }
         Command::Keygen { name, scopes } => {
-            let (key, entry) = atelier_gateway::auth::generate_key(&name, &scopes).map_err(anyhow::Error::msg)?;
+            let (key, entry) =
+                atelier_gateway::auth::generate_key(&name, &scopes).map_err(anyhow::Error::msg)?;
             println!("key:   {key}");
             println!("entry: {entry}");
             eprintln!("Give the key to the client (ATELIER_API_KEY / Authorization: Bearer); configure the gateway with the entry (--api-key or ATELIER_API_KEYS). The key is not stored anywhere.");
             Ok(())
         }
-        Command::Upload { file, content_type, remote } => {
-            let bytes = tokio::fs::read(&file).await.with_context(|| format!("reading {}", file.display()))?;
+        Command::Upload {
+            file,
+            content_type,
+            remote,
+        } => {
+            let bytes = tokio::fs::read(&file)
+                .await
+                .with_context(|| format!("reading {}", file.display()))?;
             print_json(&remote.client()?.upload(bytes.into(), &content_type).await?)
         }
-        Command::Submit { spec, follow, remote } => {
-            let spec: atelier_contracts::JobSpec = serde_json::from_str(&spec)
-                .with_context(|| format!("the spec is not a valid job spec; known kinds: {}", atelier_contracts::JobSpec::KINDS.join(", ")))?;
+        Command::Submit {
+            spec,
+            follow,
+            remote,
+        } => {
+            let spec: atelier_contracts::JobSpec =
+                serde_json::from_str(&spec).with_context(|| {
+                    format!(
+                        "the spec is not a valid job spec; known kinds: {}",
+                        atelier_contracts::JobSpec::KINDS.join(", ")
+                    )
+                })?;
             let client = remote.client()?;
             let record = client.submit(&spec).await?;
             if follow {
-                print_json(&client.follow(&record.id.to_string(), |r| eprintln!("{}: {:?}", r.id, r.state)).await?)
+                print_json(
+                    &client
+                        .follow(&record.id.to_string(), |r| {
+                            eprintln!("{}: {:?}", r.id, r.state)
+                        })
+                        .await?,
+                )
             } else {
                 print_json(&record)
             }
@@ -191,7 +250,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Job { id, follow, remote } => {
             let client = remote.client()?;
             if follow {
-                print_json(&client.follow(&id, |r| eprintln!("{}: {:?}", r.id, r.state)).await?)
+                print_json(
+                    &client
+                        .follow(&id, |r| eprintln!("{}: {:?}", r.id, r.state))
+                        .await?,
+                )
             } else {
                 print_json(&client.job(&id).await?)
             }

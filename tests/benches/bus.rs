@@ -14,7 +14,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use atelier_contracts::{
-    ArtifactRef, ChecksumOutput, JobId, JobOutput, JobRequest, JobSpec, ChecksumSpec, Service,
+    ArtifactRef, ChecksumOutput, ChecksumSpec, JobId, JobOutput, JobRequest, JobSpec, Service,
     SCHEMA_VERSION,
 };
 use atelier_e2e::Cluster;
@@ -31,8 +31,16 @@ impl Handler for Noop {
         Service::Checksum
     }
     async fn handle(&self, _ctx: &JobCtx, _spec: JobSpec) -> Result<JobOutput, JobError> {
-        let a = ArtifactRef { key: "sha256/00/noop".into(), sha256: "0".repeat(64), size: 0, content_type: "application/octet-stream".into() };
-        Ok(JobOutput::Checksum(ChecksumOutput { input: a.clone(), report: a }))
+        let a = ArtifactRef {
+            key: "sha256/00/noop".into(),
+            sha256: "0".repeat(64),
+            size: 0,
+            content_type: "application/octet-stream".into(),
+        };
+        Ok(JobOutput::Checksum(ChecksumOutput {
+            input: a.clone(),
+            report: a,
+        }))
     }
 }
 
@@ -42,13 +50,18 @@ fn request() -> JobRequest {
         id: JobId::new(),
         submitted_at: chrono::Utc::now(),
         submitted_by: None,
-        spec: JobSpec::Checksum(ChecksumSpec { input: "sha256/00/noop".into(), expected_sha256: None }),
+        spec: JobSpec::Checksum(ChecksumSpec {
+            input: "sha256/00/noop".into(),
+            expected_sha256: None,
+        }),
     }
 }
 
 /// What the gateway does per job: record it as queued, publish the request.
 async fn submit(bus: &Bus, states: &atelier_kit::jobstate::JobStates, req: &JobRequest) {
-    atelier_kit::worker::enqueue(bus, states, req).await.expect("enqueue");
+    atelier_kit::worker::enqueue(bus, states, req)
+        .await
+        .expect("enqueue");
 }
 
 fn pct(sorted: &[Duration], p: f64) -> Duration {
@@ -58,14 +71,24 @@ fn pct(sorted: &[Duration], p: f64) -> Duration {
 async fn raw_publish(bus: &Bus, n: usize) -> f64 {
     use async_nats::jetstream::stream;
     bus.js
-        .get_or_create_stream(stream::Config { name: "BENCH_RAW".into(), subjects: vec!["bench.raw".into()], storage: stream::StorageType::File, ..Default::default() })
+        .get_or_create_stream(stream::Config {
+            name: "BENCH_RAW".into(),
+            subjects: vec!["bench.raw".into()],
+            storage: stream::StorageType::File,
+            ..Default::default()
+        })
         .await
         .unwrap();
     let payload = serde_json::to_vec(&request()).unwrap();
     let start = Instant::now();
     let mut acks = futures::stream::FuturesUnordered::new();
     for _ in 0..n {
-        acks.push(std::future::IntoFuture::into_future(bus.js.publish("bench.raw", payload.clone().into()).await.unwrap()));
+        acks.push(std::future::IntoFuture::into_future(
+            bus.js
+                .publish("bench.raw", payload.clone().into())
+                .await
+                .unwrap(),
+        ));
         if acks.len() >= 256 {
             acks.next().await.unwrap().unwrap();
         }
@@ -81,10 +104,24 @@ async fn throughput(c: &Cluster, replicas: usize, n: usize) -> (f64, Duration, D
     let mut workers = Vec::new();
     for _ in 0..replicas {
         let bus = Bus::connect(&c.nats_args(), "bench-worker").await.unwrap();
-        let w = Worker::new(Noop, bus, c.store.clone(), Arc::new(Metrics::default())).await.unwrap();
-        workers.push(tokio::spawn(w.run(WorkerArgs { concurrency: 64, max_ack_pending: 10_000, ..Default::default() }, shutdown.clone())));
+        let w = Worker::new(Noop, bus, c.store.clone(), Arc::new(Metrics::default()))
+            .await
+            .unwrap();
+        workers.push(tokio::spawn(w.run(
+            WorkerArgs {
+                concurrency: 64,
+                max_ack_pending: 10_000,
+                ..Default::default()
+            },
+            shutdown.clone(),
+        )));
     }
-    let mut done = c.bus.client.subscribe(Service::Checksum.done_subject()).await.unwrap();
+    let mut done = c
+        .bus
+        .client
+        .subscribe(Service::Checksum.done_subject())
+        .await
+        .unwrap();
     let submitted = Arc::new(dashmap_like::Map::default());
     let start = Instant::now();
     let sub = {
@@ -104,7 +141,10 @@ async fn throughput(c: &Cluster, replicas: usize, n: usize) -> (f64, Duration, D
     };
     let mut lat = Vec::with_capacity(n);
     while lat.len() < n {
-        let m = tokio::time::timeout(Duration::from_secs(60), done.next()).await.expect("done events stalled").unwrap();
+        let m = tokio::time::timeout(Duration::from_secs(60), done.next())
+            .await
+            .expect("done events stalled")
+            .unwrap();
         let d: atelier_contracts::JobDone = serde_json::from_slice(&m.payload).unwrap();
         if let Some(t) = submitted.get(&d.id) {
             lat.push(t.elapsed());
@@ -124,9 +164,16 @@ async fn throughput(c: &Cluster, replicas: usize, n: usize) -> (f64, Duration, D
 async fn latency(c: &Cluster, n: usize) -> (Vec<Duration>, Vec<Duration>) {
     let shutdown = CancellationToken::new();
     let bus = Bus::connect(&c.nats_args(), "bench-worker").await.unwrap();
-    let w = Worker::new(Noop, bus, c.store.clone(), Arc::new(Metrics::default())).await.unwrap();
+    let w = Worker::new(Noop, bus, c.store.clone(), Arc::new(Metrics::default()))
+        .await
+        .unwrap();
     let task = tokio::spawn(w.run(WorkerArgs::default(), shutdown.clone()));
-    let mut done = c.bus.client.subscribe(Service::Checksum.done_subject()).await.unwrap();
+    let mut done = c
+        .bus
+        .client
+        .subscribe(Service::Checksum.done_subject())
+        .await
+        .unwrap();
     let mut lat = Vec::with_capacity(n);
     let mut runtime = Vec::with_capacity(n);
     for _ in 0..n {
@@ -172,8 +219,14 @@ mod dashmap_like {
 }
 
 fn main() {
-    let n: usize = std::env::var("BENCH_JOBS").ok().and_then(|v| v.parse().ok()).unwrap_or(10_000);
-    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
+    let n: usize = std::env::var("BENCH_JOBS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(10_000);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap();
     rt.block_on(async {
         println!("atelier bus+store overhead, no-op handler, loopback nats-server (file storage), local store");
         let c = Cluster::local().await.unwrap();

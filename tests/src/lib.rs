@@ -30,13 +30,20 @@ pub const S3_SECRET_KEY: &str = "atelier-test-secret";
 pub const S3_BUCKET: &str = "atelier";
 
 pub fn repo_root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).parent().expect("tests/ has a parent").to_path_buf()
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("tests/ has a parent")
+        .to_path_buf()
 }
 
 /// A tool from `.tools/bin` (installed by `scripts/bootstrap`).
 pub fn tool(name: &str) -> PathBuf {
     let p = repo_root().join(".tools/bin").join(name);
-    assert!(p.is_file(), "{} is missing: run scripts/bootstrap first", p.display());
+    assert!(
+        p.is_file(),
+        "{} is missing: run scripts/bootstrap first",
+        p.display()
+    );
     p
 }
 
@@ -64,7 +71,12 @@ impl Seaweed {
     pub fn start(dir: &Path) -> anyhow::Result<Self> {
         // 13 consecutive-free ports are not needed: each flag gets its own free port.
         let ports: Vec<u16> = (0..13).map(|_| free_port()).collect::<Result<_, _>>()?;
-        let mut s = Self { dir: dir.to_path_buf(), s3_port: ports[6], ports, child: None };
+        let mut s = Self {
+            dir: dir.to_path_buf(),
+            s3_port: ports[6],
+            ports,
+            child: None,
+        };
         s.spawn()?;
         Ok(s)
     }
@@ -81,12 +93,20 @@ impl Seaweed {
             &config,
             serde_json::json!({"identities":[{"name":"atelier","credentials":[{"accessKey":S3_ACCESS_KEY,"secretKey":S3_SECRET_KEY}],"actions":["Admin","Read","Write","List","Tagging"]}]}).to_string(),
         )?;
-        let log = std::fs::OpenOptions::new().create(true).append(true).open(self.dir.join("weed.log"))?;
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.join("weed.log"))?;
         let p = &self.ports;
         let mut cmd = Command::new(tool("weed"));
         cmd.arg("mini")
             .arg(format!("-dir={}", data.display()))
-            .args(["-ip=127.0.0.1", "-ip.bind=127.0.0.1", "-admin.ui=false", "-master.telemetry=false"])
+            .args([
+                "-ip=127.0.0.1",
+                "-ip.bind=127.0.0.1",
+                "-admin.ui=false",
+                "-master.telemetry=false",
+            ])
             .arg(format!("-s3.config={}", config.display()))
             .arg(format!("-bucket={S3_BUCKET}"))
             .arg(format!("-master.port={}", p[0]))
@@ -113,18 +133,25 @@ impl Seaweed {
     /// Ready means a real PUT and GET through S3 succeed (a TCP check is not enough).
     fn wait_ready(&mut self, timeout: Duration) -> anyhow::Result<()> {
         let deadline = Instant::now() + timeout;
-        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
         let store = Store::open(&self.store_args("readiness", 2))?;
         let key = atelier_contracts::ArtifactKey::parse("probe/ready").expect("valid key");
         loop {
             if let Some(c) = self.child.as_mut() {
                 if let Some(status) = c.try_wait()? {
-                    bail!("weed exited with {status}; see {}", self.dir.join("weed.log").display());
+                    bail!(
+                        "weed exited with {status}; see {}",
+                        self.dir.join("weed.log").display()
+                    );
                 }
             }
             let ok = rt.block_on(async {
                 tokio::time::timeout(Duration::from_secs(5), async {
-                    store.put_at(&key, bytes::Bytes::from_static(b"ok"), "text/plain").await?;
+                    store
+                        .put_at(&key, bytes::Bytes::from_static(b"ok"), "text/plain")
+                        .await?;
                     store.get_bytes(&key).await
                 })
                 .await
@@ -135,7 +162,10 @@ impl Seaweed {
                 }
             }
             if Instant::now() > deadline {
-                bail!("SeaweedFS S3 did not accept a PUT within {timeout:?}; see {}", self.dir.join("weed.log").display());
+                bail!(
+                    "SeaweedFS S3 did not accept a PUT within {timeout:?}; see {}",
+                    self.dir.join("weed.log").display()
+                );
             }
             std::thread::sleep(Duration::from_millis(300));
         }
@@ -185,10 +215,16 @@ pub fn shared_seaweed() -> &'static (String, u16) {
     SHARED.get_or_init(|| {
         let (tx, rx) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
-            let dir = tempfile::Builder::new().prefix("atelier-weed-").tempdir().expect("tempdir");
+            let dir = tempfile::Builder::new()
+                .prefix("atelier-weed-")
+                .tempdir()
+                .expect("tempdir");
             match Seaweed::start(dir.path()) {
                 Ok(w) => {
-                    let s = SharedSeaweed { endpoint: w.s3_endpoint(), port: w.s3_port };
+                    let s = SharedSeaweed {
+                        endpoint: w.s3_endpoint(),
+                        port: w.s3_port,
+                    };
                     tx.send(Ok((s.endpoint.clone(), s.port))).ok();
                     let _keep = (w, dir);
                     loop {
@@ -200,7 +236,9 @@ pub fn shared_seaweed() -> &'static (String, u16) {
                 }
             }
         });
-        rx.recv().expect("seaweed thread").unwrap_or_else(|e| panic!("starting SeaweedFS: {e}"))
+        rx.recv()
+            .expect("seaweed thread")
+            .unwrap_or_else(|e| panic!("starting SeaweedFS: {e}"))
     })
 }
 
@@ -258,16 +296,31 @@ impl Cluster {
         bus.ensure_topology().await?;
         let store = Store::open(&store_args)?;
         let states = JobStates::new(bus.jobs_kv().await?);
-        Ok(Self { tmp, nats, store_args, bus, store, states, workers: Vec::new() })
+        Ok(Self {
+            tmp,
+            nats,
+            store_args,
+            bus,
+            store,
+            states,
+            workers: Vec::new(),
+        })
     }
 
     pub async fn local() -> anyhow::Result<Self> {
         let dir = std::env::temp_dir().join(format!("atelier-objects-{}", uuid::Uuid::now_v7()));
-        Self::start(StoreArgs { store: dir.display().to_string(), ..Default::default() }).await
+        Self::start(StoreArgs {
+            store: dir.display().to_string(),
+            ..Default::default()
+        })
+        .await
     }
 
     pub fn nats_args(&self) -> NatsArgs {
-        NatsArgs { nats_url: Some(self.nats.url()), ..Default::default() }
+        NatsArgs {
+            nats_url: Some(self.nats.url()),
+            ..Default::default()
+        }
     }
 
     pub fn service_args(&self, worker: WorkerArgs) -> ServiceArgs {
@@ -284,8 +337,15 @@ impl Cluster {
     }
 
     /// Starts a service binary (e.g. `atelier-checksum`) as its own process; returns its pid.
-    pub fn spawn_service(&mut self, binary: &str, extra_env: &[(&str, String)]) -> anyhow::Result<u32> {
-        let log_path = self.tmp.path().join(format!("{binary}-{}.log", self.workers.len()));
+    pub fn spawn_service(
+        &mut self,
+        binary: &str,
+        extra_env: &[(&str, String)],
+    ) -> anyhow::Result<u32> {
+        let log_path = self
+            .tmp
+            .path()
+            .join(format!("{binary}-{}.log", self.workers.len()));
         let log = std::fs::File::create(&log_path)?;
         let s = &self.store_args;
         let mut cmd = Command::new(bin(binary));
@@ -319,7 +379,8 @@ impl Cluster {
 
     /// Pids of service processes still running.
     pub fn live_services(&mut self) -> Vec<u32> {
-        self.workers.retain_mut(|c| matches!(c.try_wait(), Ok(None)));
+        self.workers
+            .retain_mut(|c| matches!(c.try_wait(), Ok(None)));
         self.workers.iter().map(|c| c.id()).collect()
     }
 
@@ -332,7 +393,11 @@ impl Cluster {
     }
 
     /// Sends `signal` to every service process and waits for them to exit.
-    pub fn stop_services(&mut self, signal: i32, timeout: Duration) -> Vec<std::process::ExitStatus> {
+    pub fn stop_services(
+        &mut self,
+        signal: i32,
+        timeout: Duration,
+    ) -> Vec<std::process::ExitStatus> {
         let mut out = Vec::new();
         for c in &mut self.workers {
             // SAFETY: kill(2) on our own child.
@@ -362,7 +427,12 @@ impl Cluster {
     }
 
     /// Runs the gateway in this process; returns its base URL. `keys` empty means no auth.
-    pub async fn gateway(&self, keys: Vec<String>, mut args: atelier_gateway::GatewayArgs, shutdown: CancellationToken) -> anyhow::Result<String> {
+    pub async fn gateway(
+        &self,
+        keys: Vec<String>,
+        mut args: atelier_gateway::GatewayArgs,
+        shutdown: CancellationToken,
+    ) -> anyhow::Result<String> {
         args.addr = "127.0.0.1:0".parse()?;
         args.insecure_no_auth = keys.is_empty();
         args.api_keys = keys;
@@ -379,7 +449,11 @@ impl Cluster {
     }
 
     /// Waits until every job is terminal; returns the records.
-    pub async fn wait_terminal(&self, ids: &[JobId], timeout: Duration) -> anyhow::Result<Vec<JobRecord>> {
+    pub async fn wait_terminal(
+        &self,
+        ids: &[JobId],
+        timeout: Duration,
+    ) -> anyhow::Result<Vec<JobRecord>> {
         let deadline = Instant::now() + timeout;
         loop {
             let mut done = Vec::new();
@@ -394,22 +468,35 @@ impl Cluster {
                 return Ok(done);
             }
             if Instant::now() > deadline {
-                let sample: Vec<String> = futures::future::join_all(ids.iter().take(400).map(|id| self.states.get(*id)))
-                    .await
-                    .into_iter()
-                    .filter_map(|r| r.ok().flatten())
-                    .filter(|(r, _)| !r.state.is_terminal())
-                    .take(5)
-                    .map(|(r, _)| format!("{} {:?} attempts {} err {:?}", r.id, r.state, r.attempts, r.error))
-                    .collect();
-                bail!("{pending} of {} jobs not finished after {timeout:?}; e.g. {sample:?}", ids.len());
+                let sample: Vec<String> =
+                    futures::future::join_all(ids.iter().take(400).map(|id| self.states.get(*id)))
+                        .await
+                        .into_iter()
+                        .filter_map(|r| r.ok().flatten())
+                        .filter(|(r, _)| !r.state.is_terminal())
+                        .take(5)
+                        .map(|(r, _)| {
+                            format!(
+                                "{} {:?} attempts {} err {:?}",
+                                r.id, r.state, r.attempts, r.error
+                            )
+                        })
+                        .collect();
+                bail!(
+                    "{pending} of {} jobs not finished after {timeout:?}; e.g. {sample:?}",
+                    ids.len()
+                );
             }
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
     }
 
     /// Every message currently in `stream` on `subject` (read with an ephemeral ordered consumer).
-    pub async fn read_stream(&self, stream: &str, subject: &str) -> anyhow::Result<Vec<async_nats::jetstream::Message>> {
+    pub async fn read_stream(
+        &self,
+        stream: &str,
+        subject: &str,
+    ) -> anyhow::Result<Vec<async_nats::jetstream::Message>> {
         use async_nats::jetstream::consumer::{pull, DeliverPolicy};
         let s = self.bus.js.get_stream(stream).await?;
         let total = s.get_info().await.map(|i| i.state.messages).unwrap_or(0);
@@ -427,7 +514,12 @@ impl Cluster {
             .await?;
         let mut out = Vec::new();
         loop {
-            let mut batch = consumer.fetch().max_messages(1000).expires(Duration::from_millis(500)).messages().await?;
+            let mut batch = consumer
+                .fetch()
+                .max_messages(1000)
+                .expires(Duration::from_millis(500))
+                .messages()
+                .await?;
             let mut got = 0;
             while let Some(m) = batch.next().await {
                 out.push(m.map_err(|e| anyhow::anyhow!("{e}"))?);

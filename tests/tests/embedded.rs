@@ -11,17 +11,24 @@ use atelier_kit::nats_server::{die_with_parent, free_port};
 fn up(data_dir: &std::path::Path, port: u16, log: &str) -> Child {
     let log = std::fs::File::create(data_dir.with_extension(log)).unwrap();
     let mut cmd = Command::new(bin("atelier"));
-    cmd.args(["up", "--insecure-no-auth", "--nats-port", "0", "--concurrency", "1"])
-        .arg("--addr")
-        .arg(format!("127.0.0.1:{port}"))
-        .arg("--data-dir")
-        .arg(data_dir)
-        .env("ATELIER_NATS_SERVER", tool("nats-server"))
-        .env_remove("ATELIER_NATS_URL")
-        .env_remove("ATELIER_STORE")
-        .stdin(Stdio::null())
-        .stdout(log.try_clone().unwrap())
-        .stderr(log);
+    cmd.args([
+        "up",
+        "--insecure-no-auth",
+        "--nats-port",
+        "0",
+        "--concurrency",
+        "1",
+    ])
+    .arg("--addr")
+    .arg(format!("127.0.0.1:{port}"))
+    .arg("--data-dir")
+    .arg(data_dir)
+    .env("ATELIER_NATS_SERVER", tool("nats-server"))
+    .env_remove("ATELIER_NATS_URL")
+    .env_remove("ATELIER_STORE")
+    .stdin(Stdio::null())
+    .stdout(log.try_clone().unwrap())
+    .stderr(log);
     die_with_parent(&mut cmd);
     cmd.spawn().unwrap()
 }
@@ -34,7 +41,10 @@ async fn wait_healthy(base: &str) {
                 return;
             }
         }
-        assert!(Instant::now() < deadline, "atelier up did not become healthy");
+        assert!(
+            Instant::now() < deadline,
+            "atelier up did not become healthy"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
@@ -59,23 +69,61 @@ async fn up_serves_health_openapi_and_a_job_then_resumes_after_a_crash() {
     let mut proc = up(&data, port, "log1");
     wait_healthy(&base).await;
 
-    let spec: serde_json::Value = reqwest::get(format!("{base}/openapi.json")).await.unwrap().json().await.unwrap();
+    let spec: serde_json::Value = reqwest::get(format!("{base}/openapi.json"))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
     assert!(spec["paths"]["/v1/jobs"]["post"].is_object());
-    let metrics = reqwest::get(format!("{base}/metrics")).await.unwrap().text().await.unwrap();
+    let metrics = reqwest::get(format!("{base}/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
     assert!(metrics.contains("atelier_http_requests_total"), "{metrics}");
 
     // A job round trip.
     let client = Client::new(&base, None).unwrap();
-    let up1 = client.upload(bytes_of(1, 10_000), "application/octet-stream").await.unwrap();
-    let job = client.submit(&JobSpec::Checksum(ChecksumSpec { input: up1.artifact.key.clone(), expected_sha256: None })).await.unwrap();
-    let done = tokio::time::timeout(Duration::from_secs(30), client.follow(&job.id.to_string(), |_| {})).await.unwrap().unwrap();
+    let up1 = client
+        .upload(bytes_of(1, 10_000), "application/octet-stream")
+        .await
+        .unwrap();
+    let job = client
+        .submit(&JobSpec::Checksum(ChecksumSpec {
+            input: up1.artifact.key.clone(),
+            expected_sha256: None,
+        }))
+        .await
+        .unwrap();
+    let done = tokio::time::timeout(
+        Duration::from_secs(30),
+        client.follow(&job.id.to_string(), |_| {}),
+    )
+    .await
+    .unwrap()
+    .unwrap();
     assert_eq!(done.state, JobState::Succeeded);
 
     // Many slow-ish jobs, one at a time; crash the whole process mid-run.
     let mut ids = Vec::new();
     for i in 0..12u64 {
-        let a = client.upload(bytes_of(50 + i, 3 << 20), "application/octet-stream").await.unwrap().artifact;
-        ids.push(client.submit(&JobSpec::Checksum(ChecksumSpec { input: a.key, expected_sha256: Some(a.sha256) })).await.unwrap().id);
+        let a = client
+            .upload(bytes_of(50 + i, 3 << 20), "application/octet-stream")
+            .await
+            .unwrap()
+            .artifact;
+        ids.push(
+            client
+                .submit(&JobSpec::Checksum(ChecksumSpec {
+                    input: a.key,
+                    expected_sha256: Some(a.sha256),
+                }))
+                .await
+                .unwrap()
+                .id,
+        );
     }
     proc.kill().unwrap();
     proc.wait().unwrap();
@@ -93,17 +141,24 @@ async fn up_serves_health_openapi_and_a_job_then_resumes_after_a_crash() {
                 break;
             }
             unfinished += 1;
-            assert!(Instant::now() < deadline, "job {id} never finished after the restart");
+            assert!(
+                Instant::now() < deadline,
+                "job {id} never finished after the restart"
+            );
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
-    assert!(unfinished > 0, "every job had finished before the crash; nothing was resumed");
+    assert!(
+        unfinished > 0,
+        "every job had finished before the crash; nothing was resumed"
+    );
 
     // Ctrl-C stops everything cleanly.
     // SAFETY: kill(2) on our own child.
     unsafe {
         libc::kill(proc.id() as i32, libc::SIGINT);
     }
-    let status = wait_exit(&mut proc, Duration::from_secs(30)).expect("atelier up did not stop on SIGINT");
+    let status =
+        wait_exit(&mut proc, Duration::from_secs(30)).expect("atelier up did not stop on SIGINT");
     assert!(status.success(), "atelier up exited with {status}");
 }

@@ -5,7 +5,9 @@
 use std::collections::BTreeSet;
 use std::time::Duration;
 
-use atelier_contracts::{ChecksumSpec, JobId, JobRequest, JobSpec, JobState, Service, SCHEMA_VERSION};
+use atelier_contracts::{
+    ChecksumSpec, JobId, JobRequest, JobSpec, JobState, Service, SCHEMA_VERSION,
+};
 use atelier_e2e::*;
 
 /// The binaries the workspace builds.
@@ -15,7 +17,10 @@ fn workspace_bins() -> BTreeSet<String> {
     for entry in std::fs::read_dir(root.join("services")).unwrap() {
         let dir = entry.unwrap().path();
         if dir.join("src/main.rs").is_file() {
-            bins.insert(format!("atelier-{}", dir.file_name().unwrap().to_string_lossy()));
+            bins.insert(format!(
+                "atelier-{}",
+                dir.file_name().unwrap().to_string_lossy()
+            ));
         }
     }
     bins
@@ -25,7 +30,8 @@ fn yaml_docs(path: &std::path::Path) -> Vec<serde_yaml::Value> {
     let text = std::fs::read_to_string(path).unwrap();
     serde_yaml::Deserializer::from_str(&text)
         .map(|d| {
-            let mut v = <serde_yaml::Value as serde::Deserialize>::deserialize(d).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+            let mut v = <serde_yaml::Value as serde::Deserialize>::deserialize(d)
+                .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
             v.apply_merge().unwrap();
             v
         })
@@ -34,8 +40,20 @@ fn yaml_docs(path: &std::path::Path) -> Vec<serde_yaml::Value> {
 
 fn password_env() -> Vec<(String, String)> {
     let mut users = vec!["GATEWAY".to_string(), "PUBLISHER".to_string()];
-    users.extend(Service::ALL.iter().map(|s| s.name().replace('-', "_").to_uppercase()));
-    users.into_iter().map(|u| (format!("ATELIER_NATS_{u}_PASSWORD"), format!("pw-{}", u.to_lowercase()))).collect()
+    users.extend(
+        Service::ALL
+            .iter()
+            .map(|s| s.name().replace('-', "_").to_uppercase()),
+    );
+    users
+        .into_iter()
+        .map(|u| {
+            (
+                format!("ATELIER_NATS_{u}_PASSWORD"),
+                format!("pw-{}", u.to_lowercase()),
+            )
+        })
+        .collect()
 }
 
 #[test]
@@ -48,12 +66,26 @@ fn nats_config_is_valid_and_has_a_user_per_service() {
         .envs(password_env())
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
     let text = std::fs::read_to_string(&conf).unwrap();
     for s in Service::ALL {
-        assert!(text.contains(&format!("user: {}\n", s.name())), "no NATS user for {s}");
-        assert!(text.contains(&format!("\"{}\"", s.done_subject())), "{s} may not publish its done events");
-        assert!(text.contains(&format!("\"{}\"", s.dead_letter_subject())), "{s} may not publish its dead letters");
+        assert!(
+            text.contains(&format!("user: {}\n", s.name())),
+            "no NATS user for {s}"
+        );
+        assert!(
+            text.contains(&format!("\"{}\"", s.done_subject())),
+            "{s} may not publish its done events"
+        );
+        assert!(
+            text.contains(&format!("\"{}\"", s.dead_letter_subject())),
+            "{s} may not publish its dead letters"
+        );
     }
 }
 
@@ -64,7 +96,10 @@ fn compose_k8s_and_dockerfiles_reference_what_exists() {
     // Dockerfiles build the binary named by BIN.
     for f in ["Dockerfile", "Dockerfile.gpu"] {
         let text = std::fs::read_to_string(root.join("infra/docker").join(f)).unwrap();
-        assert!(text.contains("ARG BIN") && text.contains("--bin ${BIN}"), "{f} does not build ${{BIN}}");
+        assert!(
+            text.contains("ARG BIN") && text.contains("--bin ${BIN}"),
+            "{f} does not build ${{BIN}}"
+        );
         assert!(text.contains("ENTRYPOINT"), "{f} has no entrypoint");
     }
     // compose: every built service names an existing binary and Dockerfile.
@@ -73,8 +108,13 @@ fn compose_k8s_and_dockerfiles_reference_what_exists() {
     let mut built = BTreeSet::new();
     for (name, svc) in services {
         if let Some(build) = svc.get("build") {
-            let bin = build["args"]["BIN"].as_str().unwrap_or_else(|| panic!("{name:?} has no BIN"));
-            assert!(bins.contains(bin), "compose service {name:?} builds unknown binary {bin}");
+            let bin = build["args"]["BIN"]
+                .as_str()
+                .unwrap_or_else(|| panic!("{name:?} has no BIN"));
+            assert!(
+                bins.contains(bin),
+                "compose service {name:?} builds unknown binary {bin}"
+            );
             let dockerfile = build["dockerfile"].as_str().unwrap();
             assert!(root.join(dockerfile).is_file(), "{dockerfile} missing");
             built.insert(bin.to_string());
@@ -93,7 +133,12 @@ fn compose_k8s_and_dockerfiles_reference_what_exists() {
                 Some("Deployment") => {
                     deployments.insert(doc["metadata"]["name"].as_str().unwrap().to_string());
                     let c = &doc["spec"]["template"]["spec"]["containers"][0];
-                    assert_eq!(c["readinessProbe"]["httpGet"]["path"], "/healthz", "{}", path.display());
+                    assert_eq!(
+                        c["readinessProbe"]["httpGet"]["path"],
+                        "/healthz",
+                        "{}",
+                        path.display()
+                    );
                 }
                 Some("ScaledObject") => scaled.push(doc),
                 _ => {}
@@ -103,16 +148,28 @@ fn compose_k8s_and_dockerfiles_reference_what_exists() {
     let consumers: Vec<(String, String)> = Service::ALL
         .iter()
         .map(|s| (s.request_stream(), s.consumer()))
-        .chain([(atelier_contracts::subjects::IMAGES_STREAM.to_string(), Service::Ingest.consumer())])
+        .chain([(
+            atelier_contracts::subjects::IMAGES_STREAM.to_string(),
+            Service::Ingest.consumer(),
+        )])
         .collect();
     assert!(!scaled.is_empty());
     for so in scaled {
         let target = so["spec"]["scaleTargetRef"]["name"].as_str().unwrap();
-        assert!(deployments.contains(target), "ScaledObject targets unknown Deployment {target}");
+        assert!(
+            deployments.contains(target),
+            "ScaledObject targets unknown Deployment {target}"
+        );
         let t = &so["spec"]["triggers"][0];
         assert_eq!(t["type"], "nats-jetstream");
-        let pair = (t["metadata"]["stream"].as_str().unwrap().to_string(), t["metadata"]["consumer"].as_str().unwrap().to_string());
-        assert!(consumers.contains(&pair), "ScaledObject {target} watches {pair:?}, which the code does not declare");
+        let pair = (
+            t["metadata"]["stream"].as_str().unwrap().to_string(),
+            t["metadata"]["consumer"].as_str().unwrap().to_string(),
+        );
+        assert!(
+            consumers.contains(&pair),
+            "ScaledObject {target} watches {pair:?}, which the code does not declare"
+        );
     }
     for d in &deployments {
         let bin = d.replace("atelier-gateway", "atelier");
@@ -122,11 +179,18 @@ fn compose_k8s_and_dockerfiles_reference_what_exists() {
 
 #[test]
 fn justfile_has_the_documented_recipes() {
-    let out = std::process::Command::new(tool("just")).arg("--summary").current_dir(repo_root()).output().unwrap();
+    let out = std::process::Command::new(tool("just"))
+        .arg("--summary")
+        .current_dir(repo_root())
+        .output()
+        .unwrap();
     assert!(out.status.success());
     let recipes = String::from_utf8(out.stdout).unwrap();
     for r in ["up", "down", "demo", "test", "bench"] {
-        assert!(recipes.split_whitespace().any(|x| x == r), "just {r} missing: {recipes}");
+        assert!(
+            recipes.split_whitespace().any(|x| x == r),
+            "just {r} missing: {recipes}"
+        );
     }
 }
 
@@ -135,8 +199,15 @@ fn justfile_has_the_documented_recipes() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn per_service_nats_permissions_allow_the_work_and_nothing_else() {
     let env = password_env();
-    let pw = |user: &str| env.iter().find(|(k, _)| k == &format!("ATELIER_NATS_{user}_PASSWORD")).unwrap().1.clone();
-    let mut conf = std::fs::read_to_string(repo_root().join("infra/nats/nats-server.conf")).unwrap();
+    let pw = |user: &str| {
+        env.iter()
+            .find(|(k, _)| k == &format!("ATELIER_NATS_{user}_PASSWORD"))
+            .unwrap()
+            .1
+            .clone()
+    };
+    let mut conf =
+        std::fs::read_to_string(repo_root().join("infra/nats/nats-server.conf")).unwrap();
     for (k, v) in &env {
         conf = conf.replace(&format!("${k}"), &format!("\"{v}\""));
     }
@@ -144,16 +215,41 @@ async fn per_service_nats_permissions_allow_the_work_and_nothing_else() {
     let conf_path = dir.path().join("nats.conf");
     std::fs::write(&conf_path, conf).unwrap();
     let gw_pw = pw("GATEWAY");
-    let mut c = Cluster::start_with(shared_s3_store(30), Some(conf_path), Some(("gateway", &gw_pw))).await.unwrap();
-    c.spawn_service("atelier-checksum", &[("ATELIER_NATS_USER", "checksum".into()), ("ATELIER_NATS_PASSWORD", pw("CHECKSUM"))]).unwrap();
-    c.spawn_service("atelier-ingest", &[("ATELIER_NATS_USER", "ingest".into()), ("ATELIER_NATS_PASSWORD", pw("INGEST"))]).unwrap();
+    let mut c = Cluster::start_with(
+        shared_s3_store(30),
+        Some(conf_path),
+        Some(("gateway", &gw_pw)),
+    )
+    .await
+    .unwrap();
+    c.spawn_service(
+        "atelier-checksum",
+        &[
+            ("ATELIER_NATS_USER", "checksum".into()),
+            ("ATELIER_NATS_PASSWORD", pw("CHECKSUM")),
+        ],
+    )
+    .unwrap();
+    c.spawn_service(
+        "atelier-ingest",
+        &[
+            ("ATELIER_NATS_USER", "ingest".into()),
+            ("ATELIER_NATS_PASSWORD", pw("INGEST")),
+        ],
+    )
+    .unwrap();
 
     // An external publisher submits a job straight onto the bus.
-    let (input, _) = c.store.put_bytes(bytes_of(3, 1000), "application/octet-stream").await.unwrap();
-    let publisher = async_nats::ConnectOptions::with_user_and_password("publisher".into(), pw("PUBLISHER"))
-        .connect(c.nats.url())
+    let (input, _) = c
+        .store
+        .put_bytes(bytes_of(3, 1000), "application/octet-stream")
         .await
         .unwrap();
+    let publisher =
+        async_nats::ConnectOptions::with_user_and_password("publisher".into(), pw("PUBLISHER"))
+            .connect(c.nats.url())
+            .await
+            .unwrap();
     let pjs = async_nats::jetstream::new(publisher.clone());
     let id = JobId::new();
     let req = JobRequest {
@@ -161,28 +257,60 @@ async fn per_service_nats_permissions_allow_the_work_and_nothing_else() {
         id,
         submitted_at: chrono_now(),
         submitted_by: Some("publisher".into()),
-        spec: JobSpec::Checksum(ChecksumSpec { input: input.key.clone(), expected_sha256: Some(input.sha256.clone()) }),
+        spec: JobSpec::Checksum(ChecksumSpec {
+            input: input.key.clone(),
+            expected_sha256: Some(input.sha256.clone()),
+        }),
     };
-    pjs.publish(Service::Checksum.request_subject(), serde_json::to_vec(&req).unwrap().into()).await.unwrap().await.unwrap();
-    let r = c.wait_terminal(&[id], Duration::from_secs(30)).await.unwrap().remove(0);
+    pjs.publish(
+        Service::Checksum.request_subject(),
+        serde_json::to_vec(&req).unwrap().into(),
+    )
+    .await
+    .unwrap()
+    .await
+    .unwrap();
+    let r = c
+        .wait_terminal(&[id], Duration::from_secs(30))
+        .await
+        .unwrap()
+        .remove(0);
     assert_eq!(r.state, JobState::Succeeded, "{r:?}");
 
     // The publisher may not fake results.
     assert!(
-        tokio::time::timeout(Duration::from_secs(2), async { pjs.publish(Service::Checksum.done_subject(), "{}".into()).await?.await.map_err(Into::into) })
-            .await
-            .map_or(true, |r: Result<_, async_nats::Error>| r.is_err()),
+        tokio::time::timeout(Duration::from_secs(2), async {
+            pjs.publish(Service::Checksum.done_subject(), "{}".into())
+                .await?
+                .await
+                .map_err(Into::into)
+        })
+        .await
+        .map_or(true, |r: Result<_, async_nats::Error>| r.is_err()),
         "publisher could publish a done event"
     );
     // A service may not publish another service's events or requests.
-    let checksum_user = async_nats::ConnectOptions::with_user_and_password("checksum".into(), pw("CHECKSUM"))
-        .connect(c.nats.url())
-        .await
-        .unwrap();
+    let checksum_user =
+        async_nats::ConnectOptions::with_user_and_password("checksum".into(), pw("CHECKSUM"))
+            .connect(c.nats.url())
+            .await
+            .unwrap();
     let cjs = async_nats::jetstream::new(checksum_user);
-    for subject in [Service::Sampler.done_subject(), Service::Trainer.request_subject()] {
-        let denied = tokio::time::timeout(Duration::from_secs(2), async { cjs.publish(subject.clone(), "{}".into()).await?.await.map_err(async_nats::Error::from) }).await;
-        assert!(denied.map_or(true, |r| r.is_err()), "checksum user could publish to {subject}");
+    for subject in [
+        Service::Sampler.done_subject(),
+        Service::Trainer.request_subject(),
+    ] {
+        let denied = tokio::time::timeout(Duration::from_secs(2), async {
+            cjs.publish(subject.clone(), "{}".into())
+                .await?
+                .await
+                .map_err(async_nats::Error::from)
+        })
+        .await;
+        assert!(
+            denied.map_or(true, |r| r.is_err()),
+            "checksum user could publish to {subject}"
+        );
     }
 }
 

@@ -4,7 +4,9 @@
 use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
-use atelier_contracts::{ArtifactKey, ChecksumSpec, DeadLetter, JobDone, JobId, JobOutput, JobSpec, JobState, Service};
+use atelier_contracts::{
+    ArtifactKey, ChecksumSpec, DeadLetter, JobDone, JobId, JobOutput, JobSpec, JobState, Service,
+};
 use atelier_e2e::*;
 use atelier_gateway::client::Client;
 use atelier_kit::config::WorkerArgs;
@@ -12,13 +14,20 @@ use rand::Rng;
 use tokio_util::sync::CancellationToken;
 
 fn checksum(key: &str) -> JobSpec {
-    JobSpec::Checksum(ChecksumSpec { input: key.into(), expected_sha256: None })
+    JobSpec::Checksum(ChecksumSpec {
+        input: key.into(),
+        expected_sha256: None,
+    })
 }
 
 /// `done` events per job id in ATELIER_EVENTS.
 async fn done_events(c: &Cluster) -> HashMap<JobId, usize> {
     let mut counts = HashMap::new();
-    for m in c.read_stream("ATELIER_EVENTS", &Service::Checksum.done_subject()).await.unwrap() {
+    for m in c
+        .read_stream("ATELIER_EVENTS", &Service::Checksum.done_subject())
+        .await
+        .unwrap()
+    {
         let done: JobDone = serde_json::from_slice(&m.payload).unwrap();
         *counts.entry(done.id).or_default() += 1;
     }
@@ -40,14 +49,24 @@ fn fast_worker_env() -> Vec<(&'static str, String)> {
 async fn kill9_workers_mid_job_twenty_times() {
     let mut c = Cluster::start(shared_s3_store(60)).await.unwrap();
     let shutdown = CancellationToken::new();
-    let client = Client::new(&c.gateway(vec![], Default::default(), shutdown.clone()).await.unwrap(), None).unwrap();
+    let client = Client::new(
+        &c.gateway(vec![], Default::default(), shutdown.clone())
+            .await
+            .unwrap(),
+        None,
+    )
+    .unwrap();
     for _ in 0..3 {
-        c.spawn_service("atelier-checksum", &fast_worker_env()).unwrap();
+        c.spawn_service("atelier-checksum", &fast_worker_env())
+            .unwrap();
     }
     // Distinct inputs, large enough that digesting takes a while.
     let mut inputs = Vec::new();
     for i in 0..20u64 {
-        let up = client.upload(bytes_of(1000 + i, 6 << 20), "application/octet-stream").await.unwrap();
+        let up = client
+            .upload(bytes_of(1000 + i, 6 << 20), "application/octet-stream")
+            .await
+            .unwrap();
         inputs.push(up.artifact);
     }
     let mut ids = Vec::new();
@@ -67,7 +86,11 @@ async fn kill9_workers_mid_job_twenty_times() {
             let mut running = None;
             for id in &round_ids {
                 if let Ok(Some((r, _))) = c.states.get(*id).await {
-                    let pid = r.worker.as_deref().and_then(|w| w.split(':').nth(1)).and_then(|p| p.parse::<u32>().ok());
+                    let pid = r
+                        .worker
+                        .as_deref()
+                        .and_then(|w| w.split(':').nth(1))
+                        .and_then(|p| p.parse::<u32>().ok());
                     if r.state == JobState::Running && pid.is_some_and(|p| live.contains(&p)) {
                         running = pid;
                         break;
@@ -84,18 +107,34 @@ async fn kill9_workers_mid_job_twenty_times() {
             tokio::time::sleep(Duration::from_millis(rng.gen_range(5..30))).await;
         };
         c.kill9(victim);
-        c.spawn_service("atelier-checksum", &fast_worker_env()).unwrap();
+        c.spawn_service("atelier-checksum", &fast_worker_env())
+            .unwrap();
     }
-    let records = c.wait_terminal(&ids, Duration::from_secs(240)).await.unwrap();
-    let failed: Vec<_> = records.iter().filter(|r| r.state != JobState::Succeeded).map(|r| (r.id, r.state, r.error.clone())).collect();
+    let records = c
+        .wait_terminal(&ids, Duration::from_secs(240))
+        .await
+        .unwrap();
+    let failed: Vec<_> = records
+        .iter()
+        .filter(|r| r.state != JobState::Succeeded)
+        .map(|r| (r.id, r.state, r.error.clone()))
+        .collect();
     assert!(failed.is_empty(), "jobs did not succeed: {failed:?}");
     // The kills landed mid-job: some jobs needed another delivery.
     let redelivered = records.iter().filter(|r| r.attempts > 1).count();
-    assert!(redelivered > 0, "no job was interrupted; the test did not test anything");
+    assert!(
+        redelivered > 0,
+        "no job was interrupted; the test did not test anything"
+    );
     // Exactly one result per job.
     let done = done_events(&c).await;
     for id in &ids {
-        assert_eq!(done.get(id), Some(&1), "job {id} has {:?} done events", done.get(id));
+        assert_eq!(
+            done.get(id),
+            Some(&1),
+            "job {id} has {:?} done events",
+            done.get(id)
+        );
     }
     // No duplicate artifacts: the store holds the inputs and one report per distinct input.
     let objects = c.store.list("sha256").await.unwrap();
@@ -107,7 +146,15 @@ async fn kill9_workers_mid_job_twenty_times() {
         })
         .collect();
     assert_eq!(reports.len(), inputs.len());
-    assert_eq!(objects.len(), inputs.len() + reports.len(), "unexpected objects: {:?}", objects.iter().map(|o| o.location.to_string()).collect::<Vec<_>>());
+    assert_eq!(
+        objects.len(),
+        inputs.len() + reports.len(),
+        "unexpected objects: {:?}",
+        objects
+            .iter()
+            .map(|o| o.location.to_string())
+            .collect::<Vec<_>>()
+    );
     assert!(c.store.list("tmp").await.unwrap().is_empty());
     eprintln!("kill -9 x20 ({mid_job_kills} while the victim ran a job): {} jobs, {redelivered} redelivered, all succeeded once", ids.len());
     shutdown.cancel();
@@ -118,13 +165,23 @@ async fn kill9_workers_mid_job_twenty_times() {
 async fn nats_server_restart_mid_run() {
     let mut c = Cluster::start(shared_s3_store(60)).await.unwrap();
     let shutdown = CancellationToken::new();
-    let client = Client::new(&c.gateway(vec![], Default::default(), shutdown.clone()).await.unwrap(), None).unwrap();
+    let client = Client::new(
+        &c.gateway(vec![], Default::default(), shutdown.clone())
+            .await
+            .unwrap(),
+        None,
+    )
+    .unwrap();
     for _ in 0..2 {
-        c.spawn_service("atelier-checksum", &fast_worker_env()).unwrap();
+        c.spawn_service("atelier-checksum", &fast_worker_env())
+            .unwrap();
     }
     let mut ids = Vec::new();
     for i in 0..40u64 {
-        let up = client.upload(bytes_of(2000 + i, 1 << 20), "application/octet-stream").await.unwrap();
+        let up = client
+            .upload(bytes_of(2000 + i, 1 << 20), "application/octet-stream")
+            .await
+            .unwrap();
         ids.push(client.submit(&checksum(&up.artifact.key)).await.unwrap().id);
     }
     // Restart while jobs are queued and running.
@@ -132,7 +189,10 @@ async fn nats_server_restart_mid_run() {
     // Submissions resume once clients have reconnected.
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
     for i in 0..20u64 {
-        let up = client.upload(bytes_of(3000 + i, 64 << 10), "application/octet-stream").await.unwrap();
+        let up = client
+            .upload(bytes_of(3000 + i, 64 << 10), "application/octet-stream")
+            .await
+            .unwrap();
         loop {
             match client.submit(&checksum(&up.artifact.key)).await {
                 Ok(r) => {
@@ -147,8 +207,18 @@ async fn nats_server_restart_mid_run() {
             }
         }
     }
-    let records = c.wait_terminal(&ids, Duration::from_secs(120)).await.unwrap();
-    assert!(all_succeeded(&records), "{:?}", records.iter().filter(|r| r.state != JobState::Succeeded).collect::<Vec<_>>());
+    let records = c
+        .wait_terminal(&ids, Duration::from_secs(120))
+        .await
+        .unwrap();
+    assert!(
+        all_succeeded(&records),
+        "{:?}",
+        records
+            .iter()
+            .filter(|r| r.state != JobState::Succeeded)
+            .collect::<Vec<_>>()
+    );
     let done = done_events(&c).await;
     assert!(ids.iter().all(|id| done.get(id) == Some(&1)));
     shutdown.cancel();
@@ -161,10 +231,17 @@ impl atelier_kit::Handler for FailsOn {
     fn service(&self) -> Service {
         Service::Checksum
     }
-    async fn handle(&self, ctx: &atelier_kit::JobCtx, spec: JobSpec) -> Result<JobOutput, atelier_kit::JobError> {
+    async fn handle(
+        &self,
+        ctx: &atelier_kit::JobCtx,
+        spec: JobSpec,
+    ) -> Result<JobOutput, atelier_kit::JobError> {
         let JobSpec::Checksum(s) = &spec;
         if s.input == self.0 {
-            return Err(atelier_kit::JobError::retryable("flaky_dependency", "the dependency is down (always)"));
+            return Err(atelier_kit::JobError::retryable(
+                "flaky_dependency",
+                "the dependency is down (always)",
+            ));
         }
         atelier_kit::Handler::handle(&atelier_checksum::Checksum, ctx, spec).await
     }
@@ -176,34 +253,88 @@ impl atelier_kit::Handler for FailsOn {
 async fn poison_messages_are_dead_lettered() {
     let c = Cluster::start(shared_s3_store(30)).await.unwrap();
     let shutdown = CancellationToken::new();
-    let client = Client::new(&c.gateway(vec![], Default::default(), shutdown.clone()).await.unwrap(), None).unwrap();
-    let poison = client.upload(bytes_of(7, 100), "application/octet-stream").await.unwrap().artifact.key;
+    let client = Client::new(
+        &c.gateway(vec![], Default::default(), shutdown.clone())
+            .await
+            .unwrap(),
+        None,
+    )
+    .unwrap();
+    let poison = client
+        .upload(bytes_of(7, 100), "application/octet-stream")
+        .await
+        .unwrap()
+        .artifact
+        .key;
     let rt = atelier_kit::service::Runtime::connect(
-        &c.service_args(WorkerArgs { max_deliver: 3, retry_backoff_ms: 50, ack_wait_secs: 5.0, ..Default::default() }),
+        &c.service_args(WorkerArgs {
+            max_deliver: 3,
+            retry_backoff_ms: 50,
+            ack_wait_secs: 5.0,
+            ..Default::default()
+        }),
         "poison-test",
     )
     .await
     .unwrap();
-    let worker = atelier_kit::Worker::new(FailsOn(poison.clone()), rt.bus.clone(), rt.store.clone(), rt.metrics.clone()).await.unwrap();
+    let worker = atelier_kit::Worker::new(
+        FailsOn(poison.clone()),
+        rt.bus.clone(),
+        rt.store.clone(),
+        rt.metrics.clone(),
+    )
+    .await
+    .unwrap();
     let ws = shutdown.clone();
-    let running = tokio::spawn(worker.run(WorkerArgs { max_deliver: 3, retry_backoff_ms: 50, ack_wait_secs: 5.0, ..Default::default() }, ws));
+    let running = tokio::spawn(worker.run(
+        WorkerArgs {
+            max_deliver: 3,
+            retry_backoff_ms: 50,
+            ack_wait_secs: 5.0,
+            ..Default::default()
+        },
+        ws,
+    ));
 
     // Undecodable payload straight onto the bus.
-    c.bus.js.publish(Service::Checksum.request_subject(), "{this is not json".into()).await.unwrap().await.unwrap();
+    c.bus
+        .js
+        .publish(
+            Service::Checksum.request_subject(),
+            "{this is not json".into(),
+        )
+        .await
+        .unwrap()
+        .await
+        .unwrap();
     let bad = client.submit(&checksum(&poison)).await.unwrap();
     let mut good = Vec::new();
     for i in 0..10u64 {
-        let up = client.upload(bytes_of(100 + i, 1000), "application/octet-stream").await.unwrap();
+        let up = client
+            .upload(bytes_of(100 + i, 1000), "application/octet-stream")
+            .await
+            .unwrap();
         good.push(client.submit(&checksum(&up.artifact.key)).await.unwrap().id);
     }
-    let records = c.wait_terminal(&good, Duration::from_secs(30)).await.unwrap();
+    let records = c
+        .wait_terminal(&good, Duration::from_secs(30))
+        .await
+        .unwrap();
     assert!(all_succeeded(&records), "other jobs were affected");
-    let bad_record = c.wait_terminal(&[bad.id], Duration::from_secs(30)).await.unwrap().remove(0);
+    let bad_record = c
+        .wait_terminal(&[bad.id], Duration::from_secs(30))
+        .await
+        .unwrap()
+        .remove(0);
     assert_eq!(bad_record.state, JobState::Failed);
     assert_eq!(bad_record.attempts, 3);
     let err = bad_record.error.unwrap();
     assert_eq!(err.code, "flaky_dependency");
-    assert!(err.message.contains("dead-lettered after 3 deliveries"), "{}", err.message);
+    assert!(
+        err.message.contains("dead-lettered after 3 deliveries"),
+        "{}",
+        err.message
+    );
 
     let letters: Vec<DeadLetter> = c
         .read_stream("ATELIER_DLQ", &Service::Checksum.dead_letter_subject())
@@ -213,10 +344,16 @@ async fn poison_messages_are_dead_lettered() {
         .map(|m| serde_json::from_slice(&m.payload).unwrap())
         .collect();
     assert_eq!(letters.len(), 2, "{letters:?}");
-    let undecodable = letters.iter().find(|l| l.reason.code == "undecodable").expect("undecodable letter");
+    let undecodable = letters
+        .iter()
+        .find(|l| l.reason.code == "undecodable")
+        .expect("undecodable letter");
     assert_eq!(undecodable.deliveries, 1);
     assert_eq!(undecodable.payload, "{this is not json");
-    let failing = letters.iter().find(|l| l.reason.code == "flaky_dependency").expect("failing-handler letter");
+    let failing = letters
+        .iter()
+        .find(|l| l.reason.code == "flaky_dependency")
+        .expect("failing-handler letter");
     assert_eq!(failing.deliveries, 3);
     assert!(failing.payload.contains(&bad.id.to_string()));
     shutdown.cancel();
@@ -230,11 +367,21 @@ async fn gateway_rejects_bad_input_clearly() {
     let shutdown = CancellationToken::new();
     let (full_key, full) = atelier_gateway::auth::generate_key("full", "*").unwrap();
     let (ro_key, ro) = atelier_gateway::auth::generate_key("reader", "jobs:read").unwrap();
-    let args = atelier_gateway::GatewayArgs { max_json_bytes: 4096, max_upload_bytes: 1 << 20, ..Default::default() };
-    let base = c.gateway(vec![full, ro], args, shutdown.clone()).await.unwrap();
+    let args = atelier_gateway::GatewayArgs {
+        max_json_bytes: 4096,
+        max_upload_bytes: 1 << 20,
+        ..Default::default()
+    };
+    let base = c
+        .gateway(vec![full, ro], args, shutdown.clone())
+        .await
+        .unwrap();
     let http = reqwest::Client::new();
     let post = |body: &'static str, key: Option<&str>| {
-        let mut r = http.post(format!("{base}/v1/jobs")).header("content-type", "application/json").body(body);
+        let mut r = http
+            .post(format!("{base}/v1/jobs"))
+            .header("content-type", "application/json")
+            .body(body);
         if let Some(k) = key {
             r = r.bearer_auth(k);
         }
@@ -243,37 +390,152 @@ async fn gateway_rejects_bad_input_clearly() {
     async fn expect(r: reqwest::RequestBuilder, status: u16, code: &str) {
         let resp = r.send().await.unwrap();
         let got = resp.status().as_u16();
-        let body: serde_json::Value = resp.json().await.unwrap_or_else(|e| panic!("{code}: body is not JSON: {e}"));
+        let body: serde_json::Value = resp
+            .json()
+            .await
+            .unwrap_or_else(|e| panic!("{code}: body is not JSON: {e}"));
         assert_eq!(got, status, "{code}: {body}");
         assert_eq!(body["error"]["code"], code, "{body}");
-        assert!(body["error"]["message"].as_str().unwrap().len() > 10, "{body}");
+        assert!(
+            body["error"]["message"].as_str().unwrap().len() > 10,
+            "{body}"
+        );
     }
     let k = Some(full_key.as_str());
     expect(post("{\"schema_version\":1,", k), 400, "invalid_json").await;
-    expect(post(r#"{"schema_version":1,"spec":{"kind":"teleport","input":"x"}}"#, k), 422, "unknown_job_kind").await;
-    expect(post(r#"{"schema_version":7,"spec":{"kind":"checksum","input":"x"}}"#, k), 422, "unsupported_schema_version").await;
-    expect(post(r#"{"schema_version":1,"spec":{"kind":"checksum","input":"/etc/passwd"}}"#, k), 422, "bad_artifact_key").await;
-    let huge: &'static str = Box::leak(format!(r#"{{"schema_version":1,"spec":{{"kind":"checksum","input":"{}"}}}}"#, "a".repeat(10_000)).into_boxed_str());
+    expect(
+        post(
+            r#"{"schema_version":1,"spec":{"kind":"teleport","input":"x"}}"#,
+            k,
+        ),
+        422,
+        "unknown_job_kind",
+    )
+    .await;
+    expect(
+        post(
+            r#"{"schema_version":7,"spec":{"kind":"checksum","input":"x"}}"#,
+            k,
+        ),
+        422,
+        "unsupported_schema_version",
+    )
+    .await;
+    expect(
+        post(
+            r#"{"schema_version":1,"spec":{"kind":"checksum","input":"/etc/passwd"}}"#,
+            k,
+        ),
+        422,
+        "bad_artifact_key",
+    )
+    .await;
+    let huge: &'static str = Box::leak(
+        format!(
+            r#"{{"schema_version":1,"spec":{{"kind":"checksum","input":"{}"}}}}"#,
+            "a".repeat(10_000)
+        )
+        .into_boxed_str(),
+    );
     expect(post(huge, k), 413, "payload_too_large").await;
-    expect(http.post(format!("{base}/v1/uploads")).bearer_auth(&full_key).body(vec![0u8; 2 << 20]), 413, "payload_too_large").await;
-    expect(post(r#"{"schema_version":1,"spec":{"kind":"checksum","input":"x"}}"#, None), 401, "unauthorized").await;
-    expect(post(r#"{"schema_version":1,"spec":{"kind":"checksum","input":"x"}}"#, Some("atl_wrong")), 401, "unauthorized").await;
-    expect(post(r#"{"schema_version":1,"spec":{"kind":"checksum","input":"x"}}"#, Some(&ro_key)), 403, "forbidden").await;
+    expect(
+        http.post(format!("{base}/v1/uploads"))
+            .bearer_auth(&full_key)
+            .body(vec![0u8; 2 << 20]),
+        413,
+        "payload_too_large",
+    )
+    .await;
+    expect(
+        post(
+            r#"{"schema_version":1,"spec":{"kind":"checksum","input":"x"}}"#,
+            None,
+        ),
+        401,
+        "unauthorized",
+    )
+    .await;
+    expect(
+        post(
+            r#"{"schema_version":1,"spec":{"kind":"checksum","input":"x"}}"#,
+            Some("atl_wrong"),
+        ),
+        401,
+        "unauthorized",
+    )
+    .await;
+    expect(
+        post(
+            r#"{"schema_version":1,"spec":{"kind":"checksum","input":"x"}}"#,
+            Some(&ro_key),
+        ),
+        403,
+        "forbidden",
+    )
+    .await;
     // Traversal and absolute keys. HTTP clients normalise `..` away, so these go over a raw socket
     // exactly as written.
-    for path in ["/v1/artifacts/../../etc/passwd", "/v1/artifacts/sha256/../../secret", "/v1/artifacts//etc/passwd", "/v1/artifacts/sha256/..%2F..%2Fsecret", "/v1/artifacts/%2Fetc%2Fpasswd"] {
+    for path in [
+        "/v1/artifacts/../../etc/passwd",
+        "/v1/artifacts/sha256/../../secret",
+        "/v1/artifacts//etc/passwd",
+        "/v1/artifacts/sha256/..%2F..%2Fsecret",
+        "/v1/artifacts/%2Fetc%2Fpasswd",
+    ] {
         let (status, body) = raw_get(&base, path, &full_key).await;
-        let body: serde_json::Value = serde_json::from_str(&body).unwrap_or_else(|_| panic!("{path}: {body}"));
-        assert_eq!((status, body["error"]["code"].as_str().unwrap()), (400, "bad_artifact_key"), "{path}: {body}");
+        let body: serde_json::Value =
+            serde_json::from_str(&body).unwrap_or_else(|_| panic!("{path}: {body}"));
+        assert_eq!(
+            (status, body["error"]["code"].as_str().unwrap()),
+            (400, "bad_artifact_key"),
+            "{path}: {body}"
+        );
     }
-    expect(http.get(format!("{base}/v1/artifacts/sha256/00/none")).bearer_auth(&full_key), 404, "artifact_not_found").await;
-    expect(http.get(format!("{base}/v1/jobs/not-a-uuid")).bearer_auth(&full_key), 400, "bad_job_id").await;
-    expect(http.get(format!("{base}/v1/jobs/{}", JobId::new())).bearer_auth(&full_key), 404, "job_not_found").await;
-    expect(http.get(format!("{base}/v1/images/xyz")).bearer_auth(&full_key), 400, "bad_sha256").await;
+    expect(
+        http.get(format!("{base}/v1/artifacts/sha256/00/none"))
+            .bearer_auth(&full_key),
+        404,
+        "artifact_not_found",
+    )
+    .await;
+    expect(
+        http.get(format!("{base}/v1/jobs/not-a-uuid"))
+            .bearer_auth(&full_key),
+        400,
+        "bad_job_id",
+    )
+    .await;
+    expect(
+        http.get(format!("{base}/v1/jobs/{}", JobId::new()))
+            .bearer_auth(&full_key),
+        404,
+        "job_not_found",
+    )
+    .await;
+    expect(
+        http.get(format!("{base}/v1/images/xyz"))
+            .bearer_auth(&full_key),
+        400,
+        "bad_sha256",
+    )
+    .await;
     expect(http.get(format!("{base}/v2/nothing")), 404, "no_such_route").await;
     // Still healthy, and a good request still works.
-    assert_eq!(http.get(format!("{base}/healthz")).send().await.unwrap().status(), 200);
-    let ok = post(r#"{"schema_version":1,"spec":{"kind":"checksum","input":"sha256/ab/x"}}"#, k).send().await.unwrap();
+    assert_eq!(
+        http.get(format!("{base}/healthz"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    let ok = post(
+        r#"{"schema_version":1,"spec":{"kind":"checksum","input":"sha256/ab/x"}}"#,
+        k,
+    )
+    .send()
+    .await
+    .unwrap();
     assert_eq!(ok.status(), 202);
     shutdown.cancel();
 }
@@ -288,8 +550,15 @@ async fn raw_get(base: &str, path: &str, key: &str) -> (u16, String) {
     let mut buf = Vec::new();
     s.read_to_end(&mut buf).await.unwrap();
     let text = String::from_utf8_lossy(&buf).into_owned();
-    let status = text.split(' ').nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
-    let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default();
+    let status = text
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
     (status, body)
 }
 
@@ -302,7 +571,14 @@ async fn python_nats_client_announces_images() {
     let image = bytes_of(55, 5000);
     let sha = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&image));
     for key in ["incoming/a.png", "mirror/a-copy.png"] {
-        c.store.put_at(&ArtifactKey::parse(key).unwrap(), image.clone(), "image/png").await.unwrap();
+        c.store
+            .put_at(
+                &ArtifactKey::parse(key).unwrap(),
+                image.clone(),
+                "image/png",
+            )
+            .await
+            .unwrap();
     }
     let script = r#"
 import asyncio, json, sys
@@ -325,7 +601,11 @@ asyncio.run(main())
         .arg(&sha)
         .output()
         .unwrap();
-    assert!(out.status.success(), "nats-py failed: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "nats-py failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let images = c.bus.images_kv().await.unwrap();
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
     let record: atelier_contracts::images::ImageRecord = loop {
@@ -335,7 +615,10 @@ asyncio.run(main())
                 break r;
             }
         }
-        assert!(std::time::Instant::now() < deadline, "image not recorded with both sources");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "image not recorded with both sources"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
     assert_eq!(record.key, ArtifactKey::for_sha256(&sha).to_string());
@@ -344,7 +627,13 @@ asyncio.run(main())
     assert_eq!(record.flag, None);
     assert_eq!(record.sources[0].metadata["camera"], "x100");
     // Same bytes twice → one record, and the bytes are at their content address.
-    assert_eq!(c.store.get_bytes(&ArtifactKey::for_sha256(&sha)).await.unwrap(), image);
+    assert_eq!(
+        c.store
+            .get_bytes(&ArtifactKey::for_sha256(&sha))
+            .await
+            .unwrap(),
+        image
+    );
 }
 
 /// A handler that reports progress, then waits to be cancelled (or for 30 s).
@@ -354,7 +643,11 @@ impl atelier_kit::Handler for Waits {
     fn service(&self) -> Service {
         Service::Checksum
     }
-    async fn handle(&self, ctx: &atelier_kit::JobCtx, _spec: JobSpec) -> Result<JobOutput, atelier_kit::JobError> {
+    async fn handle(
+        &self,
+        ctx: &atelier_kit::JobCtx,
+        _spec: JobSpec,
+    ) -> Result<JobOutput, atelier_kit::JobError> {
         ctx.progress(0.25, Some("warming up".to_string())).await;
         tokio::select! {
             _ = ctx.cancellation().cancelled() => {
@@ -371,19 +664,43 @@ impl atelier_kit::Handler for Waits {
 async fn progress_streams_and_cancellation_reaches_the_worker() {
     let c = Cluster::local().await.unwrap();
     let shutdown = CancellationToken::new();
-    let client = Client::new(&c.gateway(vec![], Default::default(), shutdown.clone()).await.unwrap(), None).unwrap();
+    let client = Client::new(
+        &c.gateway(vec![], Default::default(), shutdown.clone())
+            .await
+            .unwrap(),
+        None,
+    )
+    .unwrap();
     let seen = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let rt = atelier_kit::service::Runtime::connect(&c.service_args(WorkerArgs::default()), "cancel-test").await.unwrap();
-    let worker = atelier_kit::Worker::new(Waits(seen.clone()), rt.bus.clone(), rt.store.clone(), rt.metrics.clone()).await.unwrap();
+    let rt = atelier_kit::service::Runtime::connect(
+        &c.service_args(WorkerArgs::default()),
+        "cancel-test",
+    )
+    .await
+    .unwrap();
+    let worker = atelier_kit::Worker::new(
+        Waits(seen.clone()),
+        rt.bus.clone(),
+        rt.store.clone(),
+        rt.metrics.clone(),
+    )
+    .await
+    .unwrap();
     let running = tokio::spawn(worker.run(WorkerArgs::default(), shutdown.clone()));
 
-    let job = client.submit(&checksum("sha256/00/whatever")).await.unwrap();
+    let job = client
+        .submit(&checksum("sha256/00/whatever"))
+        .await
+        .unwrap();
     let id = job.id.to_string();
     let follower = {
         let (client, id) = (client.clone(), id.clone());
         tokio::spawn(async move {
             let mut updates = Vec::new();
-            let last = client.follow(&id, |r| updates.push((r.state, r.progress.clone()))).await.unwrap();
+            let last = client
+                .follow(&id, |r| updates.push((r.state, r.progress.clone())))
+                .await
+                .unwrap();
             (updates, last)
         })
     };
@@ -400,18 +717,32 @@ async fn progress_streams_and_cancellation_reaches_the_worker() {
     }
     let cancelled = client.cancel(&id).await.unwrap();
     assert_eq!(cancelled.state, JobState::Cancelled);
-    let (updates, last) = tokio::time::timeout(Duration::from_secs(10), follower).await.unwrap().unwrap();
+    let (updates, last) = tokio::time::timeout(Duration::from_secs(10), follower)
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(last.state, JobState::Cancelled);
-    assert!(updates.iter().any(|(s, p)| *s == JobState::Running && p.as_ref().is_some_and(|p| p.message.as_deref() == Some("warming up"))), "{updates:?}");
+    assert!(
+        updates.iter().any(|(s, p)| *s == JobState::Running
+            && p.as_ref()
+                .is_some_and(|p| p.message.as_deref() == Some("warming up"))),
+        "{updates:?}"
+    );
     // The handler saw the cancellation (within the 1 s poll), and no result was published.
     let deadline = std::time::Instant::now() + Duration::from_secs(5);
     while !seen.load(std::sync::atomic::Ordering::SeqCst) {
-        assert!(std::time::Instant::now() < deadline, "the running handler never saw the cancellation");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the running handler never saw the cancellation"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert!(done_events(&c).await.is_empty());
-    assert_eq!(c.states.get(job.id).await.unwrap().unwrap().0.state, JobState::Cancelled);
+    assert_eq!(
+        c.states.get(job.id).await.unwrap().unwrap().0.state,
+        JobState::Cancelled
+    );
     // Cancelling twice is fine; cancelling a finished job is a conflict.
     assert_eq!(client.cancel(&id).await.unwrap().state, JobState::Cancelled);
     shutdown.cancel();
@@ -424,11 +755,28 @@ async fn progress_streams_and_cancellation_reaches_the_worker() {
 async fn sigterm_drains_in_flight_jobs() {
     let mut c = Cluster::start(shared_s3_store(30)).await.unwrap();
     let shutdown = CancellationToken::new();
-    let client = Client::new(&c.gateway(vec![], Default::default(), shutdown.clone()).await.unwrap(), None).unwrap();
-    c.spawn_service("atelier-checksum", &[("ATELIER_ACK_WAIT_SECS", "30".into()), ("ATELIER_CONCURRENCY", "4".into())]).unwrap();
+    let client = Client::new(
+        &c.gateway(vec![], Default::default(), shutdown.clone())
+            .await
+            .unwrap(),
+        None,
+    )
+    .unwrap();
+    c.spawn_service(
+        "atelier-checksum",
+        &[
+            ("ATELIER_ACK_WAIT_SECS", "30".into()),
+            ("ATELIER_CONCURRENCY", "4".into()),
+        ],
+    )
+    .unwrap();
     let mut ids = Vec::new();
     for i in 0..8u64 {
-        let a = client.upload(bytes_of(500 + i, 4 << 20), "application/octet-stream").await.unwrap().artifact;
+        let a = client
+            .upload(bytes_of(500 + i, 4 << 20), "application/octet-stream")
+            .await
+            .unwrap()
+            .artifact;
         ids.push(client.submit(&checksum(&a.key)).await.unwrap().id);
     }
     // Wait until it holds jobs, then ask it to stop.
@@ -436,27 +784,50 @@ async fn sigterm_drains_in_flight_jobs() {
     loop {
         let mut running = 0;
         for id in &ids {
-            if c.states.get(*id).await.unwrap().is_some_and(|(r, _)| r.state == JobState::Running) {
+            if c.states
+                .get(*id)
+                .await
+                .unwrap()
+                .is_some_and(|(r, _)| r.state == JobState::Running)
+            {
                 running += 1;
             }
         }
         if running > 0 {
             break;
         }
-        assert!(std::time::Instant::now() < deadline, "the worker never started a job");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the worker never started a job"
+        );
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
-    let statuses = tokio::task::block_in_place(|| c.stop_services(libc::SIGTERM, Duration::from_secs(30)));
-    assert!(statuses.iter().all(|s| s.success()), "worker did not exit cleanly: {statuses:?}");
+    let statuses =
+        tokio::task::block_in_place(|| c.stop_services(libc::SIGTERM, Duration::from_secs(30)));
+    assert!(
+        statuses.iter().all(|s| s.success()),
+        "worker did not exit cleanly: {statuses:?}"
+    );
     // Whatever it started, it finished: no job is left running.
     for id in &ids {
         let (r, _) = c.states.get(*id).await.unwrap().unwrap();
-        assert!(matches!(r.state, JobState::Succeeded | JobState::Queued), "{id} left {:?}", r.state);
+        assert!(
+            matches!(r.state, JobState::Succeeded | JobState::Queued),
+            "{id} left {:?}",
+            r.state
+        );
     }
     // A new replica picks up the rest; nothing ran twice.
     c.spawn_service("atelier-checksum", &[]).unwrap();
-    let records = c.wait_terminal(&ids, Duration::from_secs(60)).await.unwrap();
+    let records = c
+        .wait_terminal(&ids, Duration::from_secs(60))
+        .await
+        .unwrap();
     assert!(all_succeeded(&records));
-    assert!(records.iter().all(|r| r.attempts == 1), "{:?}", records.iter().map(|r| r.attempts).collect::<Vec<_>>());
+    assert!(
+        records.iter().all(|r| r.attempts == 1),
+        "{:?}",
+        records.iter().map(|r| r.attempts).collect::<Vec<_>>()
+    );
     shutdown.cancel();
 }

@@ -1,5 +1,5 @@
-//! 3. SeaweedFS stopped for 30 s mid-run: store operations retry with backoff, and every job
-//! completes after it returns. Its own test binary, because it stops its own SeaweedFS.
+//! Reliability 3: SeaweedFS stopped for 30 s mid-run. Store operations retry with backoff, and
+//! every job completes after it returns. Its own test binary, because it stops its own SeaweedFS.
 
 use std::time::{Duration, Instant};
 
@@ -10,11 +10,22 @@ use tokio_util::sync::CancellationToken;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn store_outage_of_thirty_seconds() {
-    let weed_dir = tempfile::Builder::new().prefix("atelier-weed-outage-").tempdir().unwrap();
+    let weed_dir = tempfile::Builder::new()
+        .prefix("atelier-weed-outage-")
+        .tempdir()
+        .unwrap();
     let mut weed = tokio::task::block_in_place(|| Seaweed::start(weed_dir.path())).unwrap();
-    let mut c = Cluster::start(weed.store_args("outage", 180)).await.unwrap();
+    let mut c = Cluster::start(weed.store_args("outage", 180))
+        .await
+        .unwrap();
     let shutdown = CancellationToken::new();
-    let client = Client::new(&c.gateway(vec![], Default::default(), shutdown.clone()).await.unwrap(), None).unwrap();
+    let client = Client::new(
+        &c.gateway(vec![], Default::default(), shutdown.clone())
+            .await
+            .unwrap(),
+        None,
+    )
+    .unwrap();
     let env = [
         ("ATELIER_ACK_WAIT_SECS", "5".to_string()),
         ("ATELIER_CONCURRENCY", "4".to_string()),
@@ -25,41 +36,89 @@ async fn store_outage_of_thirty_seconds() {
     }
     let mut keys = Vec::new();
     for i in 0..30u64 {
-        keys.push(client.upload(bytes_of(9000 + i, 256 << 10), "application/octet-stream").await.unwrap().artifact);
+        keys.push(
+            client
+                .upload(bytes_of(9000 + i, 256 << 10), "application/octet-stream")
+                .await
+                .unwrap()
+                .artifact,
+        );
     }
     // Some jobs complete before the outage.
     let mut ids = Vec::new();
     for a in &keys[..10] {
-        ids.push(client.submit(&JobSpec::Checksum(ChecksumSpec { input: a.key.clone(), expected_sha256: Some(a.sha256.clone()) })).await.unwrap().id);
+        ids.push(
+            client
+                .submit(&JobSpec::Checksum(ChecksumSpec {
+                    input: a.key.clone(),
+                    expected_sha256: Some(a.sha256.clone()),
+                }))
+                .await
+                .unwrap()
+                .id,
+        );
     }
-    c.wait_terminal(&ids, Duration::from_secs(30)).await.unwrap();
+    c.wait_terminal(&ids, Duration::from_secs(30))
+        .await
+        .unwrap();
 
     // Stop the store; submit the rest while it is down.
     weed.kill();
     let stopped = Instant::now();
     for a in &keys[10..] {
-        ids.push(client.submit(&JobSpec::Checksum(ChecksumSpec { input: a.key.clone(), expected_sha256: Some(a.sha256.clone()) })).await.unwrap().id);
+        ids.push(
+            client
+                .submit(&JobSpec::Checksum(ChecksumSpec {
+                    input: a.key.clone(),
+                    expected_sha256: Some(a.sha256.clone()),
+                }))
+                .await
+                .unwrap()
+                .id,
+        );
     }
     tokio::time::sleep(Duration::from_secs(3)).await;
     // While the store is down nothing fails: the new jobs are running (retrying) or queued.
     for id in &ids[10..] {
         let (r, _) = c.states.get(*id).await.unwrap().unwrap();
-        assert!(matches!(r.state, JobState::Running | JobState::Queued), "{id} is {:?} during the outage: {:?}", r.state, r.error);
+        assert!(
+            matches!(r.state, JobState::Running | JobState::Queued),
+            "{id} is {:?} during the outage: {:?}",
+            r.state,
+            r.error
+        );
     }
     tokio::time::sleep(Duration::from_secs(30).saturating_sub(stopped.elapsed())).await;
     tokio::task::block_in_place(|| weed.restart()).unwrap();
-    eprintln!("store was down for {:.1} s", stopped.elapsed().as_secs_f64());
+    eprintln!(
+        "store was down for {:.1} s",
+        stopped.elapsed().as_secs_f64()
+    );
 
-    let records = c.wait_terminal(&ids, Duration::from_secs(120)).await.unwrap();
-    let bad: Vec<_> = records.iter().filter(|r| r.state != JobState::Succeeded).map(|r| (r.id, r.state, r.error.clone())).collect();
+    let records = c
+        .wait_terminal(&ids, Duration::from_secs(120))
+        .await
+        .unwrap();
+    let bad: Vec<_> = records
+        .iter()
+        .filter(|r| r.state != JobState::Succeeded)
+        .map(|r| (r.id, r.state, r.error.clone()))
+        .collect();
     assert!(bad.is_empty(), "{bad:?}");
     // The outage cost retries, not failures: log lines show backoff in the workers' logs.
     let logs: String = std::fs::read_dir(c.tmp.path())
         .unwrap()
         .filter_map(|e| e.ok())
-        .filter(|e| e.file_name().to_string_lossy().starts_with("atelier-checksum"))
+        .filter(|e| {
+            e.file_name()
+                .to_string_lossy()
+                .starts_with("atelier-checksum")
+        })
         .map(|e| std::fs::read_to_string(e.path()).unwrap_or_default())
         .collect();
-    assert!(logs.contains("object store unavailable; retrying"), "no retry was logged");
+    assert!(
+        logs.contains("object store unavailable; retrying"),
+        "no retry was logged"
+    );
     shutdown.cancel();
 }

@@ -20,18 +20,23 @@ impl Handler for Checksum {
 
     async fn handle(&self, ctx: &JobCtx, spec: JobSpec) -> Result<JobOutput, JobError> {
         let JobSpec::Checksum(spec) = spec;
-        let key = ArtifactKey::parse(&spec.input)
-            .map_err(|e| JobError::permanent("bad_artifact_key", format!("input {:?}: {e}", spec.input)))?;
+        let key = ArtifactKey::parse(&spec.input).map_err(|e| {
+            JobError::permanent("bad_artifact_key", format!("input {:?}: {e}", spec.input))
+        })?;
         let input = ctx.store.digest(&key).await?;
         if let Some(expected) = &spec.expected_sha256 {
             if !expected.eq_ignore_ascii_case(&input.sha256) {
                 return Err(JobError::permanent(
                     "checksum_mismatch",
-                    format!("{} has sha256 {}, expected {expected}", input.key, input.sha256),
+                    format!(
+                        "{} has sha256 {}, expected {expected}",
+                        input.key, input.sha256
+                    ),
                 ));
             }
         }
-        ctx.progress(0.5, Some(format!("digested {} bytes", input.size))).await;
+        ctx.progress(0.5, Some(format!("digested {} bytes", input.size)))
+            .await;
         // Deterministic (no timestamps): a rerun writes the same bytes, hence the same key.
         let report = serde_json::json!({
             "algorithm": "sha256",

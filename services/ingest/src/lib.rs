@@ -42,23 +42,48 @@ pub struct Ingest {
 
 impl Ingest {
     pub async fn new(rt: &Runtime) -> anyhow::Result<Self> {
-        Ok(Self { store: rt.store.clone(), images: rt.bus.images_kv().await? })
+        Ok(Self {
+            store: rt.store.clone(),
+            images: rt.bus.images_kv().await?,
+        })
     }
 
     /// Consumes until `shutdown`, then drains.
-    pub async fn run(rt: Runtime, args: WorkerArgs, shutdown: CancellationToken) -> anyhow::Result<()> {
+    pub async fn run(
+        rt: Runtime,
+        args: WorkerArgs,
+        shutdown: CancellationToken,
+    ) -> anyhow::Result<()> {
         let this = Arc::new(Self::new(&rt).await?);
-        consumer::run(rt.bus.clone(), consumer_spec(args), this, rt.metrics.clone(), shutdown).await
+        consumer::run(
+            rt.bus.clone(),
+            consumer_spec(args),
+            this,
+            rt.metrics.clone(),
+            shutdown,
+        )
+        .await
     }
 
     /// Verifies one announced image and merges it into its record.
-    pub async fn record(&self, dataset: Option<&str>, image: &IngestedImage) -> Result<ImageRecord, Outcome> {
+    pub async fn record(
+        &self,
+        dataset: Option<&str>,
+        image: &IngestedImage,
+    ) -> Result<ImageRecord, Outcome> {
         let dead = |code: &str, message: String| Outcome::DeadLetter {
-            reason: ErrorInfo { code: code.into(), message },
+            reason: ErrorInfo {
+                code: code.into(),
+                message,
+            },
             job_id: None,
         };
-        let key = ArtifactKey::parse(&image.key)
-            .map_err(|e| dead("bad_artifact_key", format!("image key {:?}: {e}", image.key)))?;
+        let key = ArtifactKey::parse(&image.key).map_err(|e| {
+            dead(
+                "bad_artifact_key",
+                format!("image key {:?}: {e}", image.key),
+            )
+        })?;
         let found = match self.store.digest(&key).await {
             Ok(a) => a,
             Err(StoreError::NotFound(_)) => {
@@ -68,19 +93,32 @@ impl Ingest {
                 }))
             }
             Err(e) => {
-                return Err(Outcome::Retry(ErrorInfo { code: "store_unavailable".into(), message: e.to_string() }))
+                return Err(Outcome::Retry(ErrorInfo {
+                    code: "store_unavailable".into(),
+                    message: e.to_string(),
+                }))
             }
         };
         let flag = image
             .sha256
             .as_deref()
             .filter(|claimed| !claimed.eq_ignore_ascii_case(&found.sha256))
-            .map(|claimed| format!("sha256_mismatch: announced {claimed}, bytes are {}", found.sha256));
+            .map(|claimed| {
+                format!(
+                    "sha256_mismatch: announced {claimed}, bytes are {}",
+                    found.sha256
+                )
+            });
         let (content_key, _) = self
             .store
             .copy_to_content_address(&key, &found.sha256)
             .await
-            .map_err(|e| Outcome::Retry(ErrorInfo { code: "store_unavailable".into(), message: e.to_string() }))?;
+            .map_err(|e| {
+                Outcome::Retry(ErrorInfo {
+                    code: "store_unavailable".into(),
+                    message: e.to_string(),
+                })
+            })?;
         let content_type = match found.content_type.as_str() {
             "application/octet-stream" => guess_content_type(&image.key).to_owned(),
             other => other.to_owned(),
@@ -93,16 +131,22 @@ impl Ingest {
         };
         let now = chrono::Utc::now();
         for _ in 0..32 {
-            let existing = self
-                .images
-                .entry(&found.sha256)
-                .await
-                .map_err(|e| Outcome::Retry(ErrorInfo { code: "bus_unavailable".into(), message: e.to_string() }))?;
+            let existing = self.images.entry(&found.sha256).await.map_err(|e| {
+                Outcome::Retry(ErrorInfo {
+                    code: "bus_unavailable".into(),
+                    message: e.to_string(),
+                })
+            })?;
             let (mut record, revision) = match existing {
-                Some(e) if e.operation == kv::Operation::Put => match serde_json::from_slice::<ImageRecord>(&e.value) {
-                    Ok(r) => (r, Some(e.revision)),
-                    Err(_) => (fresh(&found, &content_key, &content_type, now), Some(e.revision)),
-                },
+                Some(e) if e.operation == kv::Operation::Put => {
+                    match serde_json::from_slice::<ImageRecord>(&e.value) {
+                        Ok(r) => (r, Some(e.revision)),
+                        Err(_) => (
+                            fresh(&found, &content_key, &content_type, now),
+                            Some(e.revision),
+                        ),
+                    }
+                }
                 _ => (fresh(&found, &content_key, &content_type, now), None),
             };
             if !record.sources.contains(&source) {
@@ -119,19 +163,37 @@ impl Ingest {
             record.updated_at = now;
             let bytes = serde_json::to_vec(&record).expect("records serialize");
             let written = match revision {
-                Some(rev) => self.images.update(&found.sha256, bytes.into(), rev).await.map(|_| ()).map_err(|e| e.to_string()),
-                None => self.images.create(&found.sha256, bytes.into()).await.map(|_| ()).map_err(|e| e.to_string()),
+                Some(rev) => self
+                    .images
+                    .update(&found.sha256, bytes.into(), rev)
+                    .await
+                    .map(|_| ())
+                    .map_err(|e| e.to_string()),
+                None => self
+                    .images
+                    .create(&found.sha256, bytes.into())
+                    .await
+                    .map(|_| ())
+                    .map_err(|e| e.to_string()),
             };
             if written.is_ok() {
                 return Ok(record);
             }
             // Lost a race with another replica: read again and merge again.
         }
-        Err(Outcome::Retry(ErrorInfo { code: "contended".into(), message: "image record kept changing".into() }))
+        Err(Outcome::Retry(ErrorInfo {
+            code: "contended".into(),
+            message: "image record kept changing".into(),
+        }))
     }
 }
 
-fn fresh(found: &atelier_contracts::ArtifactRef, key: &ArtifactKey, content_type: &str, now: chrono::DateTime<chrono::Utc>) -> ImageRecord {
+fn fresh(
+    found: &atelier_contracts::ArtifactRef,
+    key: &ArtifactKey,
+    content_type: &str,
+    now: chrono::DateTime<chrono::Utc>,
+) -> ImageRecord {
     ImageRecord {
         schema_version: SCHEMA_VERSION,
         sha256: found.sha256.clone(),
@@ -148,7 +210,10 @@ fn fresh(found: &atelier_contracts::ArtifactRef, key: &ArtifactKey, content_type
 
 /// Content type from a key's extension (the bytes are decoded by the dataset side).
 pub fn guess_content_type(key: &str) -> &'static str {
-    let ext = key.rsplit_once('.').map(|(_, e)| e.to_ascii_lowercase()).unwrap_or_default();
+    let ext = key
+        .rsplit_once('.')
+        .map(|(_, e)| e.to_ascii_lowercase())
+        .unwrap_or_default();
     match ext.as_str() {
         "jpg" | "jpeg" => "image/jpeg",
         "png" => "image/png",
@@ -176,7 +241,10 @@ impl Ingest {
             Ok(e) => e,
             Err(e) => {
                 return Outcome::DeadLetter {
-                    reason: ErrorInfo { code: "undecodable".into(), message: format!("not an ImagesIngested event: {e}") },
+                    reason: ErrorInfo {
+                        code: "undecodable".into(),
+                        message: format!("not an ImagesIngested event: {e}"),
+                    },
                     job_id: None,
                 }
             }
@@ -185,14 +253,19 @@ impl Ingest {
             return Outcome::DeadLetter {
                 reason: ErrorInfo {
                     code: "unsupported_schema_version".into(),
-                    message: format!("schema_version {} is not supported (expected {SCHEMA_VERSION})", event.schema_version),
+                    message: format!(
+                        "schema_version {} is not supported (expected {SCHEMA_VERSION})",
+                        event.schema_version
+                    ),
                 },
                 job_id: None,
             };
         }
         for image in &event.images {
             match self.record(event.dataset.as_deref(), image).await {
-                Ok(r) => tracing::info!(sha256 = %r.sha256, key = %image.key, sources = r.sources.len(), "image recorded"),
+                Ok(r) => {
+                    tracing::info!(sha256 = %r.sha256, key = %image.key, sources = r.sources.len(), "image recorded")
+                }
                 Err(outcome) => return outcome,
             }
         }

@@ -15,7 +15,11 @@ pub struct NatsArgs {
     #[arg(long = "nats-user", env = "ATELIER_NATS_USER")]
     pub nats_user: Option<String>,
     /// NATS password.
-    #[arg(long = "nats-password", env = "ATELIER_NATS_PASSWORD", hide_env_values = true)]
+    #[arg(
+        long = "nats-password",
+        env = "ATELIER_NATS_PASSWORD",
+        hide_env_values = true
+    )]
     pub nats_password: Option<String>,
 }
 
@@ -30,19 +34,39 @@ impl NatsArgs {
 #[derive(clap::Args, Debug, Clone)]
 pub struct StoreArgs {
     /// Object store: a local directory path, `file:///abs/path`, or `s3://bucket[/prefix]`.
-    #[arg(long = "store", env = "ATELIER_STORE", default_value = "./.atelier/objects")]
+    #[arg(
+        long = "store",
+        env = "ATELIER_STORE",
+        default_value = "./.atelier/objects"
+    )]
     pub store: String,
     /// S3 endpoint URL (SeaweedFS, MinIO, …); unset means AWS.
     #[arg(long = "s3-endpoint", env = "ATELIER_S3_ENDPOINT")]
     pub s3_endpoint: Option<String>,
-    #[arg(long = "s3-region", env = "ATELIER_S3_REGION", default_value = "us-east-1")]
+    #[arg(
+        long = "s3-region",
+        env = "ATELIER_S3_REGION",
+        default_value = "us-east-1"
+    )]
     pub s3_region: String,
-    #[arg(long = "s3-access-key-id", env = "AWS_ACCESS_KEY_ID", hide_env_values = true)]
+    #[arg(
+        long = "s3-access-key-id",
+        env = "AWS_ACCESS_KEY_ID",
+        hide_env_values = true
+    )]
     pub s3_access_key_id: Option<String>,
-    #[arg(long = "s3-secret-access-key", env = "AWS_SECRET_ACCESS_KEY", hide_env_values = true)]
+    #[arg(
+        long = "s3-secret-access-key",
+        env = "AWS_SECRET_ACCESS_KEY",
+        hide_env_values = true
+    )]
     pub s3_secret_access_key: Option<String>,
     /// Seconds a store operation keeps retrying (with exponential backoff) before it fails.
-    #[arg(long = "store-retry-secs", env = "ATELIER_STORE_RETRY_SECS", default_value_t = 120)]
+    #[arg(
+        long = "store-retry-secs",
+        env = "ATELIER_STORE_RETRY_SECS",
+        default_value_t = 120
+    )]
     pub store_retry_secs: u64,
 }
 
@@ -63,7 +87,10 @@ impl Default for StoreArgs {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum StoreLocation {
     Local(PathBuf),
-    S3 { bucket: String, prefix: Option<String> },
+    S3 {
+        bucket: String,
+        prefix: Option<String>,
+    },
 }
 
 impl StoreArgs {
@@ -73,14 +100,21 @@ impl StoreArgs {
             let mut it = rest.splitn(2, '/');
             let bucket = it.next().unwrap_or_default().to_owned();
             if bucket.is_empty() {
-                return Err(format!("store {s:?} has no bucket; write s3://BUCKET[/prefix]"));
+                return Err(format!(
+                    "store {s:?} has no bucket; write s3://BUCKET[/prefix]"
+                ));
             }
-            let prefix = it.next().map(|p| p.trim_matches('/').to_owned()).filter(|p| !p.is_empty());
+            let prefix = it
+                .next()
+                .map(|p| p.trim_matches('/').to_owned())
+                .filter(|p| !p.is_empty());
             Ok(StoreLocation::S3 { bucket, prefix })
         } else if let Some(path) = s.strip_prefix("file://") {
             Ok(StoreLocation::Local(PathBuf::from(path)))
         } else if s.contains("://") {
-            Err(format!("store {s:?}: unsupported scheme; use a path, file:///path or s3://bucket"))
+            Err(format!(
+                "store {s:?}: unsupported scheme; use a path, file:///path or s3://bucket"
+            ))
         } else if s.is_empty() {
             Err("store is empty; set --store or ATELIER_STORE".into())
         } else {
@@ -93,14 +127,22 @@ impl StoreArgs {
 #[derive(clap::Args, Debug, Clone)]
 pub struct TelemetryArgs {
     /// Log format: `text` or `json`.
-    #[arg(long = "log-format", env = "ATELIER_LOG_FORMAT", default_value = "text")]
+    #[arg(
+        long = "log-format",
+        env = "ATELIER_LOG_FORMAT",
+        default_value = "text"
+    )]
     pub log_format: LogFormat,
     /// Log filter (tracing EnvFilter syntax), e.g. `info,atelier_kit=debug`.
     #[arg(long = "log", env = "ATELIER_LOG", default_value = "info")]
     pub log: String,
     /// Address of this process's `/healthz` and `/metrics` (services only; the gateway serves them
     /// on its API address). Port 0 picks a free port.
-    #[arg(long = "health-addr", env = "ATELIER_HEALTH_ADDR", default_value = "127.0.0.1:0")]
+    #[arg(
+        long = "health-addr",
+        env = "ATELIER_HEALTH_ADDR",
+        default_value = "127.0.0.1:0"
+    )]
     pub health_addr: SocketAddr,
 }
 
@@ -115,19 +157,35 @@ pub enum LogFormat {
 #[derive(clap::Args, Debug, Clone)]
 pub struct WorkerArgs {
     /// Jobs (or batches, for batched services) this process runs at once.
-    #[arg(long = "concurrency", env = "ATELIER_CONCURRENCY", default_value_t = 16)]
+    #[arg(
+        long = "concurrency",
+        env = "ATELIER_CONCURRENCY",
+        default_value_t = 16
+    )]
     pub concurrency: usize,
     /// Deliveries before a failing job goes to the dead-letter stream.
     #[arg(long = "max-deliver", env = "ATELIER_MAX_DELIVER", default_value_t = 5)]
     pub max_deliver: u64,
     /// Seconds without an ack (or in-progress ack) before NATS redelivers a job to another replica.
-    #[arg(long = "ack-wait-secs", env = "ATELIER_ACK_WAIT_SECS", default_value_t = 30.0)]
+    #[arg(
+        long = "ack-wait-secs",
+        env = "ATELIER_ACK_WAIT_SECS",
+        default_value_t = 30.0
+    )]
     pub ack_wait_secs: f64,
     /// Unacked jobs the service's consumer allows across all replicas (back-pressure).
-    #[arg(long = "max-ack-pending", env = "ATELIER_MAX_ACK_PENDING", default_value_t = 1000)]
+    #[arg(
+        long = "max-ack-pending",
+        env = "ATELIER_MAX_ACK_PENDING",
+        default_value_t = 1000
+    )]
     pub max_ack_pending: i64,
     /// First retry delay in milliseconds; doubles each delivery up to 60 s.
-    #[arg(long = "retry-backoff-ms", env = "ATELIER_RETRY_BACKOFF_MS", default_value_t = 1000)]
+    #[arg(
+        long = "retry-backoff-ms",
+        env = "ATELIER_RETRY_BACKOFF_MS",
+        default_value_t = 1000
+    )]
     pub retry_backoff_ms: u64,
 }
 
@@ -150,7 +208,11 @@ impl WorkerArgs {
     /// Delay before delivery `delivered + 1`.
     pub fn backoff(&self, delivered: u64) -> Duration {
         let exp = delivered.saturating_sub(1).min(16) as u32;
-        Duration::from_millis(self.retry_backoff_ms.saturating_mul(1u64 << exp).min(60_000))
+        Duration::from_millis(
+            self.retry_backoff_ms
+                .saturating_mul(1u64 << exp)
+                .min(60_000),
+        )
     }
 }
 
@@ -173,11 +235,16 @@ mod tests {
 
     #[test]
     fn store_locations() {
-        let mut a = StoreArgs::default();
-        a.store = "s3://bucket/some/prefix/".into();
+        let mut a = StoreArgs {
+            store: "s3://bucket/some/prefix/".into(),
+            ..Default::default()
+        };
         assert_eq!(
             a.location().unwrap(),
-            StoreLocation::S3 { bucket: "bucket".into(), prefix: Some("some/prefix".into()) }
+            StoreLocation::S3 {
+                bucket: "bucket".into(),
+                prefix: Some("some/prefix".into())
+            }
         );
         a.store = "file:///tmp/x".into();
         assert_eq!(a.location().unwrap(), StoreLocation::Local("/tmp/x".into()));
@@ -189,7 +256,10 @@ mod tests {
 
     #[test]
     fn backoff_doubles_and_caps() {
-        let w = WorkerArgs { retry_backoff_ms: 100, ..Default::default() };
+        let w = WorkerArgs {
+            retry_backoff_ms: 100,
+            ..Default::default()
+        };
         assert_eq!(w.backoff(1), Duration::from_millis(100));
         assert_eq!(w.backoff(3), Duration::from_millis(400));
         assert_eq!(w.backoff(40), Duration::from_secs(60));

@@ -76,7 +76,10 @@ pub enum Outcome {
     /// Try again after a backoff, or dead-letter if this was delivery `max_deliver`.
     Retry(ErrorInfo),
     /// Never retry: publish to the dead-letter stream and terminate.
-    DeadLetter { reason: ErrorInfo, job_id: Option<JobId> },
+    DeadLetter {
+        reason: ErrorInfo,
+        job_id: Option<JobId>,
+    },
 }
 
 /// What a consumer does with its deliveries.
@@ -97,12 +100,16 @@ pub trait Processor: Send + Sync + 'static {
 }
 
 /// Binds (creating if needed) the durable consumer.
-pub async fn bind(bus: &Bus, spec: &ConsumerSpec) -> anyhow::Result<jetstream::consumer::Consumer<pull::Config>> {
-    let stream = bus
-        .js
-        .get_stream(&spec.stream)
-        .await
-        .map_err(|e| anyhow::anyhow!("stream {} is missing ({e}); was the topology declared?", spec.stream))?;
+pub async fn bind(
+    bus: &Bus,
+    spec: &ConsumerSpec,
+) -> anyhow::Result<jetstream::consumer::Consumer<pull::Config>> {
+    let stream = bus.js.get_stream(&spec.stream).await.map_err(|e| {
+        anyhow::anyhow!(
+            "stream {} is missing ({e}); was the topology declared?",
+            spec.stream
+        )
+    })?;
     let consumer = stream
         .get_or_create_consumer(
             &spec.durable,
@@ -119,7 +126,9 @@ pub async fn bind(bus: &Bus, spec: &ConsumerSpec) -> anyhow::Result<jetstream::c
             },
         )
         .await
-        .map_err(|e| anyhow::anyhow!("binding consumer {} on {}: {e}", spec.durable, spec.stream))?;
+        .map_err(|e| {
+            anyhow::anyhow!("binding consumer {} on {}: {e}", spec.durable, spec.stream)
+        })?;
     Ok(consumer)
 }
 
@@ -135,7 +144,9 @@ pub async fn run<P: Processor>(
     let concurrency = spec.args.concurrency.max(1);
     let slots = Arc::new(Semaphore::new(concurrency));
     let mut tasks = JoinSet::new();
-    let label = ServiceLabel { service: spec.service.name().into() };
+    let label = ServiceLabel {
+        service: spec.service.name().into(),
+    };
     tracing::info!(
         service = %spec.service, consumer = %spec.durable, concurrency, batch = spec.batch_size,
         "consuming"
@@ -188,7 +199,11 @@ pub async fn run<P: Processor>(
                 Ok(i) => (i.delivered.max(1) as u64, i.stream_sequence),
                 Err(_) => (1, 0),
             };
-            pending.push(Arc::new(Delivery { msg, delivered, stream_sequence }));
+            pending.push(Arc::new(Delivery {
+                msg,
+                delivered,
+                stream_sequence,
+            }));
             if pending.len() >= spec.batch_size {
                 let Some(permit) = permits.pop() else { break };
                 let batch = std::mem::take(&mut pending);
@@ -203,7 +218,9 @@ pub async fn run<P: Processor>(
                     Err(_) => break 'outer,
                 },
             };
-            spawn_batch(&mut tasks, &bus, &spec, &processor, &metrics, pending, permit);
+            spawn_batch(
+                &mut tasks, &bus, &spec, &processor, &metrics, pending, permit,
+            );
         }
     }
     tracing::info!(service = %spec.service, in_flight = tasks.len(), "draining");
@@ -221,7 +238,12 @@ fn spawn_batch<P: Processor>(
     batch: Vec<Arc<Delivery>>,
     permit: tokio::sync::OwnedSemaphorePermit,
 ) {
-    let (bus, spec, processor, metrics) = (bus.clone(), spec.clone(), processor.clone(), metrics.clone());
+    let (bus, spec, processor, metrics) = (
+        bus.clone(),
+        spec.clone(),
+        processor.clone(),
+        metrics.clone(),
+    );
     tasks.spawn(async move {
         let _permit = permit;
         handle_batch(&bus, &spec, &*processor, &metrics, batch).await;
@@ -317,7 +339,10 @@ async fn dead_letter<P: Processor>(
     };
     // One dead letter per stream message, even if this process dies between publish and term.
     let msg_id = format!("dlq.{}.{}", spec.stream, d.stream_sequence);
-    match bus.publish_json(spec.service.dead_letter_subject(), Some(&msg_id), &letter).await {
+    match bus
+        .publish_json(spec.service.dead_letter_subject(), Some(&msg_id), &letter)
+        .await
+    {
         Ok(_) => {
             tracing::error!(
                 service = %spec.service, seq = d.stream_sequence, deliveries = d.delivered,
@@ -329,7 +354,10 @@ async fn dead_letter<P: Processor>(
         }
         Err(e) => {
             tracing::error!(error = %e, "could not publish a dead letter; leaving the message for redelivery");
-            let _ = d.msg.ack_with(AckKind::Nak(Some(Duration::from_secs(5)))).await;
+            let _ = d
+                .msg
+                .ack_with(AckKind::Nak(Some(Duration::from_secs(5))))
+                .await;
         }
     }
 }

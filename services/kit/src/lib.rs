@@ -33,5 +33,9 @@ pub use worker::{Handler, JobCtx, JobError, Worker};
 /// A short random id for this process, used in logs and job records (`worker` field).
 pub fn instance_id(service: &str) -> String {
     let host = std::env::var("HOSTNAME").unwrap_or_else(|_| "local".into());
-    format!("{service}@{host}:{}:{:04x}", std::process::id(), rand::random::<u16>())
+    format!(
+        "{service}@{host}:{}:{:04x}",
+        std::process::id(),
+        rand::random::<u16>()
+    )
 }

@@ -33,13 +33,17 @@ pub fn find_tool(name: &str, env_var: &str) -> Option<PathBuf> {
         }
     }
     std::env::var_os("PATH").and_then(|paths| {
-        std::env::split_paths(&paths).map(|p| p.join(name)).find(|p| p.is_file())
+        std::env::split_paths(&paths)
+            .map(|p| p.join(name))
+            .find(|p| p.is_file())
     })
 }
 
 /// A free TCP port on 127.0.0.1 (bound and released; good enough for tests and local runs).
 pub fn free_port() -> std::io::Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
 }
 
 /// Makes a child die with the thread that spawned it (Linux), so a killed parent leaves no server
@@ -91,20 +95,36 @@ impl NatsServer {
         if let Some(parent) = opts.log_file.parent() {
             std::fs::create_dir_all(parent)?;
         }
-        let log = std::fs::OpenOptions::new().create(true).append(true).open(&opts.log_file)?;
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&opts.log_file)?;
         let mut cmd = Command::new(&bin);
         if let Some(c) = &opts.config {
             cmd.arg("-c").arg(c);
         }
-        cmd.args(["-js", "-a", "127.0.0.1", "-p", &opts.port.to_string(), "-sd"])
-            .arg(&opts.store_dir)
-            .stdin(Stdio::null())
-            .stdout(log.try_clone()?)
-            .stderr(log);
+        cmd.args([
+            "-js",
+            "-a",
+            "127.0.0.1",
+            "-p",
+            &opts.port.to_string(),
+            "-sd",
+        ])
+        .arg(&opts.store_dir)
+        .stdin(Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log);
         die_with_parent(&mut cmd);
-        let child = cmd.spawn().with_context(|| format!("starting {}", bin.display()))?;
+        let child = cmd
+            .spawn()
+            .with_context(|| format!("starting {}", bin.display()))?;
         let port = opts.port;
-        let mut server = Self { child: Some(child), opts, port };
+        let mut server = Self {
+            child: Some(child),
+            opts,
+            port,
+        };
         server.wait_ready(Duration::from_secs(20))?;
         tracing::info!(url = %server.url(), pid = server.pid(), "nats-server started");
         Ok(server)
@@ -131,7 +151,10 @@ impl NatsServer {
                 }
             }
             if Instant::now() > deadline {
-                bail!("nats-server did not accept connections within {timeout:?}; see {}", self.opts.log_file.display());
+                bail!(
+                    "nats-server did not accept connections within {timeout:?}; see {}",
+                    self.opts.log_file.display()
+                );
             }
             std::thread::sleep(Duration::from_millis(50));
         }
@@ -151,7 +174,9 @@ impl NatsServer {
 
     /// SIGTERM (lame-duck shutdown, JetStream flushed), then SIGKILL after `grace`.
     pub fn stop(&mut self, grace: Duration) {
-        let Some(mut child) = self.child.take() else { return };
+        let Some(mut child) = self.child.take() else {
+            return;
+        };
         // SAFETY: plain kill(2) on our own child's pid.
         unsafe {
             libc::kill(child.id() as i32, libc::SIGTERM);

@@ -20,11 +20,19 @@ impl Runtime {
         let bus = Bus::connect(&args.nats, name).await?;
         bus.ensure_topology().await?;
         let store = Store::open(&args.store)?;
-        Ok(Self { bus, store, metrics: Arc::new(Metrics::default()) })
+        Ok(Self {
+            bus,
+            store,
+            metrics: Arc::new(Metrics::default()),
+        })
     }
 
     pub fn health(&self) -> Health {
-        Health { bus: self.bus.clone(), store: self.store.clone(), metrics: self.metrics.clone() }
+        Health {
+            bus: self.bus.clone(),
+            store: self.store.clone(),
+            metrics: self.metrics.clone(),
+        }
     }
 }
 
@@ -34,7 +42,13 @@ pub async fn run_service<H: Handler>(handler: H, args: ServiceArgs) -> anyhow::R
     let name = handler.service().name();
     let worker_args = args.worker.clone();
     run_process(name, args, move |rt, shutdown| async move {
-        let worker = Worker::new(handler, rt.bus.clone(), rt.store.clone(), rt.metrics.clone()).await?;
+        let worker = Worker::new(
+            handler,
+            rt.bus.clone(),
+            rt.store.clone(),
+            rt.metrics.clone(),
+        )
+        .await?;
         worker.run(worker_args, shutdown).await
     })
     .await
@@ -50,7 +64,12 @@ where
     telemetry::init_tracing(&args.telemetry);
     let shutdown = shutdown::on_signals();
     let rt = Runtime::connect(&args, &format!("atelier-{name}")).await?;
-    tracing::info!(service = name, store = rt.store.describe(), nats = args.nats.url(), "starting");
+    tracing::info!(
+        service = name,
+        store = rt.store.describe(),
+        nats = args.nats.url(),
+        "starting"
+    );
     telemetry::serve_health(args.telemetry.health_addr, rt.health(), shutdown.clone()).await?;
     body(rt.clone(), shutdown).await?;
     // Flush acks and published events before exiting.

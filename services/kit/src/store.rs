@@ -148,7 +148,12 @@ impl Store {
 
     /// A store over any `object_store` backend (tests use `InMemory`).
     pub fn from_object_store(inner: Arc<dyn ObjectStore>, retry_for: Duration) -> Self {
-        Self { inner, retry_for, attributes: false, description: "custom store".into() }
+        Self {
+            inner,
+            retry_for,
+            attributes: false,
+            description: "custom store".into(),
+        }
     }
 
     pub fn describe(&self) -> &str {
@@ -176,7 +181,12 @@ impl Store {
                     delay = (delay * 2).min(Duration::from_secs(5));
                 }
                 Err(source) => {
-                    return Err(StoreError::Backend { op, attempts, elapsed: start.elapsed(), source })
+                    return Err(StoreError::Backend {
+                        op,
+                        attempts,
+                        elapsed: start.elapsed(),
+                        source,
+                    })
                 }
             }
         }
@@ -192,7 +202,11 @@ impl Store {
         if self.attributes {
             attributes.insert(Attribute::ContentType, content_type.to_owned().into());
         }
-        PutOptions { mode, attributes, ..Default::default() }
+        PutOptions {
+            mode,
+            attributes,
+            ..Default::default()
+        }
     }
 
     /// Stores `bytes` content-addressed. Returns the reference and whether a new object was written.
@@ -230,7 +244,8 @@ impl Store {
         &self,
         value: &T,
     ) -> Result<(ArtifactRef, bool), StoreError> {
-        let mut v = serde_json::to_vec_pretty(value).map_err(|e| StoreError::Body(e.to_string()))?;
+        let mut v =
+            serde_json::to_vec_pretty(value).map_err(|e| StoreError::Body(e.to_string()))?;
         v.push(b'\n');
         self.put_bytes(v.into(), "application/json").await
     }
@@ -324,7 +339,10 @@ impl Store {
                     return Err(StoreError::TooLarge { limit });
                 }
                 hasher.update(&chunk);
-                writer.wait_for_capacity(4).await.map_err(|e| backend("put_multipart", e))?;
+                writer
+                    .wait_for_capacity(4)
+                    .await
+                    .map_err(|e| backend("put_multipart", e))?;
                 writer.put(chunk);
             }
             Ok(())
@@ -334,7 +352,10 @@ impl Store {
             let _ = writer.abort().await;
             return Err(e);
         }
-        writer.finish().await.map_err(|e| backend("put_multipart", e))?;
+        writer
+            .finish()
+            .await
+            .map_err(|e| backend("put_multipart", e))?;
         let sha = hex::encode(hasher.finalize());
         let key = ArtifactKey::for_sha256(&sha);
         let created = if self.head(&key).await?.is_some() {
@@ -355,7 +376,12 @@ impl Store {
         .await
         .ok();
         Ok((
-            ArtifactRef { key: key.to_string(), sha256: sha, size: total, content_type: content_type.into() },
+            ArtifactRef {
+                key: key.to_string(),
+                sha256: sha,
+                size: total,
+                content_type: content_type.into(),
+            },
             created,
         ))
     }
@@ -451,7 +477,14 @@ impl Store {
         let p = Path::from(prefix);
         self.retry("list", || {
             let (inner, p) = (self.inner.clone(), p.clone());
-            async move { inner.list(Some(&p)).collect::<Vec<_>>().await.into_iter().collect() }
+            async move {
+                inner
+                    .list(Some(&p))
+                    .collect::<Vec<_>>()
+                    .await
+                    .into_iter()
+                    .collect()
+            }
         })
         .await
     }
@@ -459,16 +492,18 @@ impl Store {
     /// One quick request with no retries: does the store answer?
     pub async fn ping(&self, timeout: Duration) -> bool {
         let probe = Path::from("healthz/probe");
-        match tokio::time::timeout(timeout, self.inner.head(&probe)).await {
-            Ok(Ok(_)) | Ok(Err(object_store::Error::NotFound { .. })) => true,
-            _ => false,
-        }
+        matches!(
+            tokio::time::timeout(timeout, self.inner.head(&probe)).await,
+            Ok(Ok(_)) | Ok(Err(object_store::Error::NotFound { .. }))
+        )
     }
 }
 
 /// The `Content-Type` attribute of a fetched object, if the backend kept one.
 pub fn content_type_of(got: &GetResult) -> Option<String> {
-    got.attributes.get(&Attribute::ContentType).map(|v| v.to_string())
+    got.attributes
+        .get(&Attribute::ContentType)
+        .map(|v| v.to_string())
 }
 
 #[cfg(test)]
@@ -477,7 +512,10 @@ mod tests {
 
     fn local() -> (tempfile::TempDir, Store) {
         let dir = tempfile::tempdir().unwrap();
-        let args = StoreArgs { store: dir.path().display().to_string(), ..Default::default() };
+        let args = StoreArgs {
+            store: dir.path().display().to_string(),
+            ..Default::default()
+        };
         let store = Store::open(&args).unwrap();
         (dir, store)
     }
@@ -485,32 +523,52 @@ mod tests {
     #[tokio::test]
     async fn same_bytes_one_object() {
         let (_d, s) = local();
-        let (a, created) = s.put_bytes(Bytes::from_static(b"hello"), "text/plain").await.unwrap();
+        let (a, created) = s
+            .put_bytes(Bytes::from_static(b"hello"), "text/plain")
+            .await
+            .unwrap();
         assert!(created);
         assert_eq!(a.sha256, hex::encode(Sha256::digest(b"hello")));
-        let (b, created) = s.put_bytes(Bytes::from_static(b"hello"), "text/plain").await.unwrap();
+        let (b, created) = s
+            .put_bytes(Bytes::from_static(b"hello"), "text/plain")
+            .await
+            .unwrap();
         assert!(!created);
         assert_eq!(a, b);
         assert_eq!(s.list("sha256").await.unwrap().len(), 1);
         let key = ArtifactKey::parse(&a.key).unwrap();
-        assert_eq!(s.get_bytes(&key).await.unwrap(), Bytes::from_static(b"hello"));
+        assert_eq!(
+            s.get_bytes(&key).await.unwrap(),
+            Bytes::from_static(b"hello")
+        );
         assert_eq!(s.digest(&key).await.unwrap().sha256, a.sha256);
     }
 
     #[tokio::test]
     async fn large_streams_use_multipart_and_land_content_addressed() {
         let (_d, s) = local();
-        let data: Vec<u8> = (0..(MULTIPART_THRESHOLD + 3 * 1024 * 1024)).map(|i| (i % 251) as u8).collect();
-        let chunks: Vec<Result<Bytes, std::io::Error>> =
-            data.chunks(1 << 20).map(|c| Ok(Bytes::copy_from_slice(c))).collect();
+        let data: Vec<u8> = (0..(MULTIPART_THRESHOLD + 3 * 1024 * 1024))
+            .map(|i| (i % 251) as u8)
+            .collect();
+        let chunks: Vec<Result<Bytes, std::io::Error>> = data
+            .chunks(1 << 20)
+            .map(|c| Ok(Bytes::copy_from_slice(c)))
+            .collect();
         let (a, created) = s
-            .put_stream(futures::stream::iter(chunks), "application/octet-stream", u64::MAX)
+            .put_stream(
+                futures::stream::iter(chunks),
+                "application/octet-stream",
+                u64::MAX,
+            )
             .await
             .unwrap();
         assert!(created);
         assert_eq!(a.size, data.len() as u64);
         assert_eq!(a.sha256, hex::encode(Sha256::digest(&data)));
-        assert!(s.list("tmp").await.unwrap().is_empty(), "temporary upload left behind");
+        assert!(
+            s.list("tmp").await.unwrap().is_empty(),
+            "temporary upload left behind"
+        );
         let key = ArtifactKey::parse(&a.key).unwrap();
         assert_eq!(s.get_bytes(&key).await.unwrap().len(), data.len());
     }
@@ -519,7 +577,10 @@ mod tests {
     async fn stream_limit_is_enforced() {
         let (_d, s) = local();
         let chunks: Vec<Result<Bytes, std::io::Error>> = vec![Ok(Bytes::from(vec![0u8; 100]))];
-        let err = s.put_stream(futures::stream::iter(chunks), "x/y", 10).await.unwrap_err();
+        let err = s
+            .put_stream(futures::stream::iter(chunks), "x/y", 10)
+            .await
+            .unwrap_err();
         assert!(matches!(err, StoreError::TooLarge { limit: 10 }));
     }
 
@@ -528,7 +589,10 @@ mod tests {
         let (_d, s) = local();
         let key = ArtifactKey::parse("nope/x").unwrap();
         assert!(s.head(&key).await.unwrap().is_none());
-        assert!(matches!(s.get_bytes(&key).await, Err(StoreError::NotFound(_))));
+        assert!(matches!(
+            s.get_bytes(&key).await,
+            Err(StoreError::NotFound(_))
+        ));
         assert!(s.ping(Duration::from_secs(1)).await);
     }
 }

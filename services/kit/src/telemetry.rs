@@ -24,7 +24,9 @@ use crate::{Bus, Store};
 pub fn init_tracing(args: &TelemetryArgs) {
     use tracing_subscriber::EnvFilter;
     let filter = EnvFilter::try_new(&args.log).unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     let _ = match args.log_format {
         LogFormat::Text => builder.try_init(),
         LogFormat::Json => builder.json().try_init(),
@@ -69,25 +71,48 @@ impl Default for Metrics {
     fn default() -> Self {
         let mut registry = Registry::with_prefix("atelier");
         let jobs = Family::<JobLabels, Counter>::default();
-        let job_seconds = Family::<ServiceLabel, Histogram, fn() -> Histogram>::new_with_constructor(
-            job_seconds as fn() -> Histogram,
-        );
+        let job_seconds =
+            Family::<ServiceLabel, Histogram, fn() -> Histogram>::new_with_constructor(
+                job_seconds as fn() -> Histogram,
+            );
         let in_flight = Family::<ServiceLabel, Gauge>::default();
         let fetch_errors = Family::<ServiceLabel, Counter>::default();
         let http_requests = Family::<HttpLabels, Counter>::default();
         registry.register("jobs", "Jobs settled, by service and outcome", jobs.clone());
         registry.register("job_seconds", "Handler time per job", job_seconds.clone());
-        registry.register("jobs_in_flight", "Jobs being handled now", in_flight.clone());
-        registry.register("fetch_errors", "Failed JetStream fetches", fetch_errors.clone());
-        registry.register("http_requests", "HTTP requests served", http_requests.clone());
-        Self { registry, jobs, job_seconds, in_flight, fetch_errors, http_requests }
+        registry.register(
+            "jobs_in_flight",
+            "Jobs being handled now",
+            in_flight.clone(),
+        );
+        registry.register(
+            "fetch_errors",
+            "Failed JetStream fetches",
+            fetch_errors.clone(),
+        );
+        registry.register(
+            "http_requests",
+            "HTTP requests served",
+            http_requests.clone(),
+        );
+        Self {
+            registry,
+            jobs,
+            job_seconds,
+            in_flight,
+            fetch_errors,
+            http_requests,
+        }
     }
 }
 
 impl Metrics {
     pub fn job(&self, service: &str, outcome: &str) {
         self.jobs
-            .get_or_create(&JobLabels { service: service.into(), outcome: outcome.into() })
+            .get_or_create(&JobLabels {
+                service: service.into(),
+                outcome: outcome.into(),
+            })
             .inc();
     }
 
@@ -117,7 +142,11 @@ impl Health {
 
 async fn healthz(State(h): State<Health>) -> impl IntoResponse {
     let (nats, store) = h.check().await;
-    let status = if nats && store { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+    let status = if nats && store {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
     let body = serde_json::json!({
         "status": if nats && store { "ok" } else { "unavailable" },
         "nats": nats,
@@ -128,7 +157,10 @@ async fn healthz(State(h): State<Health>) -> impl IntoResponse {
 
 async fn metrics(State(h): State<Health>) -> impl IntoResponse {
     (
-        [(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
         h.metrics.encode(),
     )
 }

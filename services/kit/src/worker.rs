@@ -50,17 +50,27 @@ pub enum EnqueueError {
 /// Queues a job as the gateway does: record it as `queued`, then publish the request (with
 /// `Nats-Msg-Id` = job id, so a retried publish is dropped by the server). If publishing fails the
 /// record is marked failed, so no job stays queued with nothing on the bus.
-pub async fn enqueue(bus: &Bus, states: &JobStates, request: &JobRequest) -> Result<JobRecord, EnqueueError> {
+pub async fn enqueue(
+    bus: &Bus,
+    states: &JobStates,
+    request: &JobRequest,
+) -> Result<JobRecord, EnqueueError> {
     let record = JobRecord::queued(request);
     let revision = states.create(&record).await?;
     let subject = request.spec.service().request_subject();
     let headers = [(RECORD_REVISION_HEADER, revision.to_string())];
-    if let Err(e) = bus.publish_json_with(subject, Some(&request.id.to_string()), &headers, request).await {
+    if let Err(e) = bus
+        .publish_json_with(subject, Some(&request.id.to_string()), &headers, request)
+        .await
+    {
         let msg = format!("{e:#}");
         let _ = states
             .update(request.id, |r| {
                 r.state = JobState::Failed;
-                r.error = Some(ErrorInfo { code: "bus_unavailable".into(), message: msg.clone() });
+                r.error = Some(ErrorInfo {
+                    code: "bus_unavailable".into(),
+                    message: msg.clone(),
+                });
                 Change::Write
             })
             .await;
@@ -85,10 +95,16 @@ pub enum JobError {
 
 impl JobError {
     pub fn retryable(code: &str, message: impl Into<String>) -> Self {
-        JobError::Retryable(ErrorInfo { code: code.into(), message: message.into() })
+        JobError::Retryable(ErrorInfo {
+            code: code.into(),
+            message: message.into(),
+        })
     }
     pub fn permanent(code: &str, message: impl Into<String>) -> Self {
-        JobError::Permanent(ErrorInfo { code: code.into(), message: message.into() })
+        JobError::Permanent(ErrorInfo {
+            code: code.into(),
+            message: message.into(),
+        })
     }
 }
 
@@ -131,13 +147,19 @@ impl JobCtx {
     }
 
     fn take_known(&self) -> Option<(JobRecord, u64)> {
-        self.last_state.lock().unwrap_or_else(|p| p.into_inner()).take()
+        self.last_state
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
     }
 
     /// Reports progress: updates the job record (what `GET /v1/jobs/{id}/events` streams) and
     /// publishes `atelier.v1.<service>.progress`. Failures are logged, never fatal.
     pub async fn progress(&self, fraction: f32, message: impl Into<Option<String>>) {
-        let progress = Progress { fraction: fraction.clamp(0.0, 1.0), message: message.into() };
+        let progress = Progress {
+            fraction: fraction.clamp(0.0, 1.0),
+            message: message.into(),
+        };
         let p = progress.clone();
         self.take_known();
         let res = self
@@ -161,7 +183,11 @@ impl JobCtx {
             progress,
             at: chrono::Utc::now(),
         };
-        if let Err(e) = self.bus.publish_json(self.service.progress_subject(), None, &event).await {
+        if let Err(e) = self
+            .bus
+            .publish_json(self.service.progress_subject(), None, &event)
+            .await
+        {
             tracing::debug!(job = %self.id, error = %e, "progress event not published");
         }
     }
@@ -188,7 +214,13 @@ pub trait Handler: Send + Sync + 'static {
         &self,
         jobs: Vec<(JobCtx, JobSpec)>,
     ) -> impl Future<Output = Vec<Result<JobOutput, JobError>>> + Send {
-        async move { join_all(jobs.into_iter().map(|(ctx, spec)| async move { self.handle(&ctx, spec).await })).await }
+        async move {
+            join_all(
+                jobs.into_iter()
+                    .map(|(ctx, spec)| async move { self.handle(&ctx, spec).await }),
+            )
+            .await
+        }
     }
 }
 
@@ -203,18 +235,41 @@ pub struct Worker<H: Handler> {
 }
 
 impl<H: Handler> Worker<H> {
-    pub async fn new(handler: H, bus: Bus, store: Store, metrics: Arc<Metrics>) -> anyhow::Result<Self> {
+    pub async fn new(
+        handler: H,
+        bus: Bus,
+        store: Store,
+        metrics: Arc<Metrics>,
+    ) -> anyhow::Result<Self> {
         let states = JobStates::new(bus.jobs_kv().await?);
         let instance = crate::instance_id(handler.service().name());
-        Ok(Self { handler, bus, store, states, metrics, instance })
+        Ok(Self {
+            handler,
+            bus,
+            store,
+            states,
+            metrics,
+            instance,
+        })
     }
 
     /// Consumes until `shutdown`, then drains (finishes and acks what it holds).
     pub async fn run(self, args: WorkerArgs, shutdown: CancellationToken) -> anyhow::Result<()> {
-        let spec = ConsumerSpec::requests(self.handler.service(), self.handler.batch_size(), args.clone());
+        let spec = ConsumerSpec::requests(
+            self.handler.service(),
+            self.handler.batch_size(),
+            args.clone(),
+        );
         let bus = self.bus.clone();
         let metrics = self.metrics.clone();
-        consumer::run(bus, spec, Arc::new(Prepared { worker: self, args }), metrics, shutdown).await
+        consumer::run(
+            bus,
+            spec,
+            Arc::new(Prepared { worker: self, args }),
+            metrics,
+            shutdown,
+        )
+        .await
     }
 }
 
@@ -226,11 +281,14 @@ struct Prepared<H: Handler> {
 /// What step 1–3 decided for one delivery.
 enum Plan {
     Settled(Outcome),
-    Run { ctx: JobCtx, spec: JobSpec, request: JobRequest },
+    Run(Box<(JobCtx, JobSpec)>),
 }
 
 fn info(code: &str, message: impl Into<String>) -> ErrorInfo {
-    ErrorInfo { code: code.into(), message: message.into() }
+    ErrorInfo {
+        code: code.into(),
+        message: message.into(),
+    }
 }
 
 impl<H: Handler> Prepared<H> {
@@ -247,7 +305,10 @@ impl<H: Handler> Prepared<H> {
                     .ok()
                     .and_then(|v| v.get("id").and_then(|i| i.as_str()).and_then(JobId::parse));
                 return Plan::Settled(Outcome::DeadLetter {
-                    reason: info("undecodable", format!("payload is not a valid JobRequest: {e}")),
+                    reason: info(
+                        "undecodable",
+                        format!("payload is not a valid JobRequest: {e}"),
+                    ),
                     job_id,
                 });
             }
@@ -257,7 +318,10 @@ impl<H: Handler> Prepared<H> {
             return Plan::Settled(Outcome::DeadLetter {
                 reason: info(
                     "unsupported_schema_version",
-                    format!("schema_version {} is not supported (this worker speaks {SCHEMA_VERSION})", request.schema_version),
+                    format!(
+                        "schema_version {} is not supported (this worker speaks {SCHEMA_VERSION})",
+                        request.schema_version
+                    ),
                 ),
                 job_id: Some(id),
             });
@@ -266,7 +330,11 @@ impl<H: Handler> Prepared<H> {
             return Plan::Settled(Outcome::DeadLetter {
                 reason: info(
                     "wrong_service",
-                    format!("a {} job arrived at the {} service", request.spec.kind(), self.service()),
+                    format!(
+                        "a {} job arrived at the {} service",
+                        request.spec.kind(),
+                        self.service()
+                    ),
                 ),
                 job_id: Some(id),
             });
@@ -283,7 +351,15 @@ impl<H: Handler> Prepared<H> {
             Change::Write
         };
         let hint = (d.delivered == 1)
-            .then(|| d.msg.headers.as_ref()?.get(RECORD_REVISION_HEADER)?.as_str().parse::<u64>().ok())
+            .then(|| {
+                d.msg
+                    .headers
+                    .as_ref()?
+                    .get(RECORD_REVISION_HEADER)?
+                    .as_str()
+                    .parse::<u64>()
+                    .ok()
+            })
             .flatten()
             .map(|rev| (JobRecord::queued(&request), rev));
         let mut record = w.states.update_from(id, hint, start_running).await;
@@ -291,13 +367,20 @@ impl<H: Handler> Prepared<H> {
             // Jobs published straight onto the bus (not through the gateway) get their record here.
             match w.states.create(&JobRecord::queued(&request)).await {
                 Ok(_) | Err(crate::jobstate::StateError::Exists(_)) => {}
-                Err(e) => return Plan::Settled(Outcome::Retry(info("job_state_unavailable", e.to_string()))),
+                Err(e) => {
+                    return Plan::Settled(Outcome::Retry(info(
+                        "job_state_unavailable",
+                        e.to_string(),
+                    )))
+                }
             }
             record = w.states.update_from(id, None, start_running).await;
         }
         let (record, revision) = match record {
             Ok(r) => r,
-            Err(e) => return Plan::Settled(Outcome::Retry(info("job_state_unavailable", e.to_string()))),
+            Err(e) => {
+                return Plan::Settled(Outcome::Retry(info("job_state_unavailable", e.to_string())))
+            }
         };
         match record.state {
             JobState::Running if record.worker.as_deref() == Some(w.instance.as_str()) => {}
@@ -323,11 +406,13 @@ impl<H: Handler> Prepared<H> {
             cancel: CancellationToken::new(),
             last_state: Arc::new(std::sync::Mutex::new(Some((record, revision)))),
         };
-        Plan::Run { ctx, spec: request.spec.clone(), request }
+        Plan::Run(Box::new((ctx, request.spec)))
     }
 
     async fn publish_done(&self, record: &JobRecord, duration_ms: u64) -> anyhow::Result<()> {
-        let Some(output) = record.output.clone() else { return Ok(()) };
+        let Some(output) = record.output.clone() else {
+            return Ok(());
+        };
         let done = JobDone {
             schema_version: SCHEMA_VERSION,
             id: record.id,
@@ -339,7 +424,11 @@ impl<H: Handler> Prepared<H> {
         };
         self.worker
             .bus
-            .publish_json(record.service.done_subject(), Some(&format!("{}.done", record.id)), &done)
+            .publish_json(
+                record.service.done_subject(),
+                Some(&format!("{}.done", record.id)),
+                &done,
+            )
             .await
             .map(|_| ())
     }
@@ -368,7 +457,11 @@ impl<H: Handler> Prepared<H> {
                 finished_at: record.updated_at,
             };
             w.bus
-                .publish_json(record.service.failed_subject(), Some(&format!("{id}.failed")), &failed)
+                .publish_json(
+                    record.service.failed_subject(),
+                    Some(&format!("{id}.failed")),
+                    &failed,
+                )
                 .await?;
         }
         Ok(())
@@ -383,7 +476,11 @@ impl<H: Handler> Prepared<H> {
     ) -> Outcome {
         let w = &self.worker;
         let service = self.service().name();
-        let result = if ctx.is_cancelled() { Err(JobError::Cancelled) } else { result };
+        let result = if ctx.is_cancelled() {
+            Err(JobError::Cancelled)
+        } else {
+            result
+        };
         match result {
             Ok(output) => {
                 let out = output.clone();
@@ -396,7 +493,10 @@ impl<H: Handler> Prepared<H> {
                         r.state = JobState::Succeeded;
                         r.output = Some(out.clone());
                         r.error = None;
-                        r.progress = Some(Progress { fraction: 1.0, message: None });
+                        r.progress = Some(Progress {
+                            fraction: 1.0,
+                            message: None,
+                        });
                         Change::Write
                     })
                     .await;
@@ -463,23 +563,34 @@ impl<H: Handler> Processor for Prepared<H> {
         for (i, plan) in plans.into_iter().enumerate() {
             match plan {
                 Plan::Settled(o) => outcomes.push(Some(o)),
-                Plan::Run { ctx, spec, request } => {
+                Plan::Run(run) => {
+                    let (ctx, spec) = *run;
                     outcomes.push(None);
-                    runs.push((i, ctx, spec, request));
+                    runs.push((i, ctx, spec));
                 }
             }
         }
         if runs.is_empty() {
-            return outcomes.into_iter().map(|o| o.unwrap_or(Outcome::Ack)).collect();
+            return outcomes
+                .into_iter()
+                .map(|o| o.unwrap_or(Outcome::Ack))
+                .collect();
         }
         let w = &self.worker;
-        let label = ServiceLabel { service: self.service().name().into() };
-        w.metrics.in_flight.get_or_create(&label).inc_by(runs.len() as i64);
+        let label = ServiceLabel {
+            service: self.service().name().into(),
+        };
+        w.metrics
+            .in_flight
+            .get_or_create(&label)
+            .inc_by(runs.len() as i64);
         // Cancellation: poll the records of the running jobs once a second.
         let watcher = {
             let states = w.states.clone();
-            let watched: Vec<(JobId, CancellationToken)> =
-                runs.iter().map(|(_, ctx, _, _)| (ctx.id, ctx.cancel.clone())).collect();
+            let watched: Vec<(JobId, CancellationToken)> = runs
+                .iter()
+                .map(|(_, ctx, _)| (ctx.id, ctx.cancel.clone()))
+                .collect();
             tokio::spawn(async move {
                 loop {
                     tokio::time::sleep(Duration::from_secs(1)).await;
@@ -495,21 +606,33 @@ impl<H: Handler> Processor for Prepared<H> {
             })
         };
         let start = Instant::now();
-        let jobs: Vec<(JobCtx, JobSpec)> = runs.iter().map(|(_, c, s, _)| (c.clone(), s.clone())).collect();
+        let jobs: Vec<(JobCtx, JobSpec)> = runs
+            .iter()
+            .map(|(_, c, s)| (c.clone(), s.clone()))
+            .collect();
         let results = w.handler.handle_batch(jobs).await;
         let elapsed = start.elapsed();
         watcher.abort();
-        w.metrics.in_flight.get_or_create(&label).dec_by(runs.len() as i64);
+        w.metrics
+            .in_flight
+            .get_or_create(&label)
+            .dec_by(runs.len() as i64);
         let per_job = elapsed.as_secs_f64() / runs.len() as f64;
         let mut results = results.into_iter();
-        for (i, ctx, _, _) in &runs {
+        for (i, ctx, _) in &runs {
             w.metrics.job_seconds.get_or_create(&label).observe(per_job);
-            let result = results
-                .next()
-                .unwrap_or_else(|| Err(JobError::retryable("internal", "handler returned too few results")));
+            let result = results.next().unwrap_or_else(|| {
+                Err(JobError::retryable(
+                    "internal",
+                    "handler returned too few results",
+                ))
+            });
             outcomes[*i] = Some(self.finish(&batch[*i], ctx, result, elapsed).await);
         }
-        outcomes.into_iter().map(|o| o.unwrap_or(Outcome::Ack)).collect()
+        outcomes
+            .into_iter()
+            .map(|o| o.unwrap_or(Outcome::Ack))
+            .collect()
     }
 
     async fn dead_lettered(&self, d: &Delivery, job_id: Option<JobId>, reason: &ErrorInfo) {
@@ -520,7 +643,10 @@ impl<H: Handler> Processor for Prepared<H> {
         });
         if let Some(id) = id {
             let mut reason = reason.clone();
-            reason.message = format!("{} (dead-lettered after {} deliveries)", reason.message, d.delivered);
+            reason.message = format!(
+                "{} (dead-lettered after {} deliveries)",
+                reason.message, d.delivered
+            );
             if let Err(e) = self.fail(id, reason).await {
                 tracing::debug!(job = %id, error = %e, "no job record to fail");
             }
