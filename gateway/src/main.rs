@@ -72,6 +72,14 @@ enum Command {
         #[command(flatten)]
         store: StoreArgs,
     },
+    /// Print dead letters (requests that could not be processed) as JSON lines.
+    DeadLetters {
+        /// Only this service's (e.g. checksum).
+        #[arg(long)]
+        service: Option<String>,
+        #[command(flatten)]
+        nats: NatsArgs,
+    },
     /// Print a new API key and the NAME:SHA256:SCOPES entry to configure the gateway with.
     Keygen {
         #[arg(long, default_value = "default")]
@@ -200,6 +208,41 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                         )
                     }
                     _ => tokio::time::sleep(std::time::Duration::from_millis(500)).await,
+                }
+            }
+        }
+        Command::DeadLetters { service, nats } => {
+            use async_nats::jetstream::consumer::{pull, AckPolicy, DeliverPolicy};
+            use futures::StreamExt;
+            let subject = match &service {
+                Some(name) => atelier_contracts::Service::parse(name)
+                    .with_context(|| format!("unknown service {name:?}"))?
+                    .dead_letter_subject(),
+                None => String::new(),
+            };
+            let bus = atelier_kit::Bus::connect(&nats, "atelier-cli").await?;
+            let stream = bus
+                .js
+                .get_stream(atelier_contracts::subjects::DLQ_STREAM)
+                .await?;
+            let consumer = stream
+                .create_consumer(pull::Config {
+                    filter_subject: subject,
+                    deliver_policy: DeliverPolicy::All,
+                    ack_policy: AckPolicy::None,
+                    ..Default::default()
+                })
+                .await?;
+            loop {
+                let mut batch = consumer.fetch().max_messages(500).messages().await?;
+                let mut got = 0;
+                while let Some(m) = batch.next().await {
+                    let m = m.map_err(|e| anyhow::anyhow!("{e}"))?;
+                    println!("{}", String::from_utf8_lossy(&m.payload));
+                    got += 1;
+                }
+                if got == 0 {
+                    return Ok(());
                 }
             }
         }
