@@ -51,6 +51,7 @@ pub struct Embedded {
     pub store: Store,
     nats: Option<NatsServer>,
     tasks: JoinSet<anyhow::Result<()>>,
+    shutdown: CancellationToken,
 }
 
 impl Embedded {
@@ -117,16 +118,19 @@ impl Embedded {
             store: rt.store,
             nats,
             tasks,
+            shutdown,
         })
     }
 
-    /// Waits for every part to finish (after the shutdown token fired), then stops nats-server.
+    /// Waits for every part to finish (after the shutdown token fired, or after one part failed,
+    /// which stops the others), then stops nats-server.
     pub async fn wait(mut self) -> anyhow::Result<()> {
         let mut first_error = None;
         while let Some(res) = self.tasks.join_next().await {
             let res = res.map_err(anyhow::Error::from).and_then(|r| r);
             if let Err(e) = res {
-                tracing::error!(error = %e, "embedded part failed");
+                tracing::error!(error = %e, "embedded part failed; stopping the others");
+                self.shutdown.cancel();
                 first_error.get_or_insert(e);
             }
         }

@@ -831,3 +831,158 @@ async fn sigterm_drains_in_flight_jobs() {
     );
     shutdown.cancel();
 }
+
+/// Records the sizes of the batches it is handed and how many jobs run at once.
+#[derive(Clone, Default)]
+struct Probe {
+    batch: usize,
+    sizes: std::sync::Arc<std::sync::Mutex<Vec<usize>>>,
+    now: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    peak: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl atelier_kit::Handler for Probe {
+    fn service(&self) -> Service {
+        Service::Checksum
+    }
+    fn batch_size(&self) -> usize {
+        self.batch
+    }
+    async fn handle(
+        &self,
+        ctx: &atelier_kit::JobCtx,
+        spec: JobSpec,
+    ) -> Result<JobOutput, atelier_kit::JobError> {
+        use std::sync::atomic::Ordering::SeqCst;
+        let n = self.now.fetch_add(1, SeqCst) + 1;
+        self.peak.fetch_max(n, SeqCst);
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        self.now.fetch_sub(1, SeqCst);
+        atelier_kit::Handler::handle(&atelier_checksum::Checksum, ctx, spec).await
+    }
+    async fn handle_batch(
+        &self,
+        jobs: Vec<(atelier_kit::JobCtx, JobSpec)>,
+    ) -> Vec<Result<JobOutput, atelier_kit::JobError>> {
+        self.sizes.lock().unwrap().push(jobs.len());
+        futures::future::join_all(
+            jobs.into_iter().map(|(ctx, spec)| async move {
+                atelier_kit::Handler::handle(self, &ctx, spec).await
+            }),
+        )
+        .await
+    }
+}
+
+async fn run_probe(
+    c: &Cluster,
+    probe: Probe,
+    args: WorkerArgs,
+    shutdown: &CancellationToken,
+) -> tokio::task::JoinHandle<anyhow::Result<()>> {
+    let rt = atelier_kit::service::Runtime::connect(&c.service_args(args.clone()), "probe")
+        .await
+        .unwrap();
+    let w = atelier_kit::Worker::new(probe, rt.bus.clone(), rt.store.clone(), rt.metrics.clone())
+        .await
+        .unwrap();
+    tokio::spawn(w.run(args, shutdown.clone()))
+}
+
+/// Services that declare a batch size get batches; `max_ack_pending` bounds the work in flight
+/// across all replicas (back-pressure).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn batched_fetch_and_back_pressure() {
+    let c = Cluster::local().await.unwrap();
+    let shutdown = CancellationToken::new();
+    let client = Client::new(
+        &c.gateway(vec![], Default::default(), shutdown.clone())
+            .await
+            .unwrap(),
+        None,
+    )
+    .unwrap();
+    let mut ids = Vec::new();
+    for i in 0..16u64 {
+        let a = client
+            .upload(bytes_of(700 + i, 100), "application/octet-stream")
+            .await
+            .unwrap()
+            .artifact;
+        ids.push(client.submit(&checksum(&a.key)).await.unwrap().id);
+    }
+    // Queued first, so the first fetch finds a full batch.
+    let batched = Probe {
+        batch: 4,
+        ..Default::default()
+    };
+    let task = run_probe(
+        &c,
+        batched.clone(),
+        WorkerArgs {
+            concurrency: 2,
+            ..Default::default()
+        },
+        &shutdown,
+    )
+    .await;
+    let records = c
+        .wait_terminal(&ids, Duration::from_secs(30))
+        .await
+        .unwrap();
+    assert!(all_succeeded(&records));
+    let sizes = batched.sizes.lock().unwrap().clone();
+    assert!(sizes.iter().all(|&s| (1..=4).contains(&s)), "{sizes:?}");
+    assert!(sizes.contains(&4), "never got a full batch: {sizes:?}");
+    assert_eq!(sizes.iter().sum::<usize>(), 16);
+    assert!(
+        batched.peak.load(std::sync::atomic::Ordering::SeqCst) <= 8,
+        "more than concurrency × batch at once"
+    );
+    shutdown.cancel();
+    task.await.unwrap().unwrap();
+
+    // Back-pressure: two replicas with room for 16 jobs each, but the consumer allows 3 unacked.
+    let c = Cluster::local().await.unwrap();
+    let shutdown = CancellationToken::new();
+    let client = Client::new(
+        &c.gateway(vec![], Default::default(), shutdown.clone())
+            .await
+            .unwrap(),
+        None,
+    )
+    .unwrap();
+    let probe = Probe {
+        batch: 1,
+        ..Default::default()
+    };
+    let args = WorkerArgs {
+        concurrency: 16,
+        max_ack_pending: 3,
+        ..Default::default()
+    };
+    let t1 = run_probe(&c, probe.clone(), args.clone(), &shutdown).await;
+    let t2 = run_probe(&c, probe.clone(), args, &shutdown).await;
+    let mut ids = Vec::new();
+    for i in 0..12u64 {
+        let a = client
+            .upload(bytes_of(800 + i, 100), "application/octet-stream")
+            .await
+            .unwrap()
+            .artifact;
+        ids.push(client.submit(&checksum(&a.key)).await.unwrap().id);
+    }
+    let records = c
+        .wait_terminal(&ids, Duration::from_secs(30))
+        .await
+        .unwrap();
+    assert!(all_succeeded(&records));
+    let peak = probe.peak.load(std::sync::atomic::Ordering::SeqCst);
+    assert!(
+        (2..=3).contains(&peak),
+        "peak concurrency {peak} with max_ack_pending 3"
+    );
+    shutdown.cancel();
+    t1.await.unwrap().unwrap();
+    t2.await.unwrap().unwrap();
+}

@@ -99,7 +99,8 @@ pub trait Processor: Send + Sync + 'static {
     }
 }
 
-/// Binds (creating if needed) the durable consumer.
+/// Binds the durable consumer, creating it or updating its settings (`ack_wait`,
+/// `max_ack_pending`) to this process's; with replicas configured differently, the last started wins.
 pub async fn bind(
     bus: &Bus,
     spec: &ConsumerSpec,
@@ -111,20 +112,17 @@ pub async fn bind(
         )
     })?;
     let consumer = stream
-        .get_or_create_consumer(
-            &spec.durable,
-            pull::Config {
-                durable_name: Some(spec.durable.clone()),
-                ack_policy: AckPolicy::Explicit,
-                ack_wait: spec.args.ack_wait(),
-                // Unlimited on the server: the loop enforces `max_deliver` so nothing is dropped
-                // without a dead letter.
-                max_deliver: -1,
-                max_ack_pending: spec.args.max_ack_pending,
-                filter_subject: spec.filter_subject.clone(),
-                ..Default::default()
-            },
-        )
+        .create_consumer(pull::Config {
+            durable_name: Some(spec.durable.clone()),
+            ack_policy: AckPolicy::Explicit,
+            ack_wait: spec.args.ack_wait(),
+            // Unlimited on the server: the loop enforces `max_deliver` so nothing is dropped
+            // without a dead letter.
+            max_deliver: -1,
+            max_ack_pending: spec.args.max_ack_pending,
+            filter_subject: spec.filter_subject.clone(),
+            ..Default::default()
+        })
         .await
         .map_err(|e| {
             anyhow::anyhow!("binding consumer {} on {}: {e}", spec.durable, spec.stream)
@@ -152,7 +150,9 @@ pub async fn run<P: Processor>(
         "consuming"
     );
     'outer: loop {
-        while tasks.try_join_next().is_some() {}
+        while let Some(done) = tasks.try_join_next() {
+            log_join(done);
+        }
         let first = tokio::select! {
             _ = shutdown.cancelled() => break 'outer,
             p = slots.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => break 'outer },
@@ -224,9 +224,21 @@ pub async fn run<P: Processor>(
         }
     }
     tracing::info!(service = %spec.service, in_flight = tasks.len(), "draining");
-    while tasks.join_next().await.is_some() {}
+    while let Some(done) = tasks.join_next().await {
+        log_join(done);
+    }
     tracing::info!(service = %spec.service, "drained");
     Ok(())
+}
+
+/// A batch task that panicked leaves its messages unacked: they are redelivered after `ack_wait`
+/// and, if the panic repeats, dead-lettered after `max_deliver`. Say so in the log.
+fn log_join(done: Result<(), tokio::task::JoinError>) {
+    if let Err(e) = done {
+        if e.is_panic() {
+            tracing::error!(error = %e, "a handler panicked; its jobs will be redelivered");
+        }
+    }
 }
 
 fn spawn_batch<P: Processor>(
