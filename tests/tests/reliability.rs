@@ -986,3 +986,42 @@ async fn batched_fetch_and_back_pressure() {
     t1.await.unwrap().unwrap();
     t2.await.unwrap().unwrap();
 }
+
+/// Large uploads stream through the gateway into an S3 multipart upload, land content-addressed,
+/// and stream back out unchanged; nothing temporary is left behind.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn large_uploads_stream_through_s3_multipart() {
+    let c = Cluster::start(shared_s3_store(30)).await.unwrap();
+    let shutdown = CancellationToken::new();
+    let client = Client::new(
+        &c.gateway(vec![], Default::default(), shutdown.clone())
+            .await
+            .unwrap(),
+        None,
+    )
+    .unwrap();
+    let data = bytes_of(4242, atelier_kit::store::MULTIPART_THRESHOLD * 2 + 12345);
+    let up = client
+        .upload(data.clone(), "application/x-tar")
+        .await
+        .unwrap();
+    assert!(up.created);
+    assert_eq!(up.artifact.size, data.len() as u64);
+    assert_eq!(
+        up.artifact.sha256,
+        hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&data))
+    );
+    let again = client
+        .upload(data.clone(), "application/x-tar")
+        .await
+        .unwrap();
+    assert!(!again.created, "same bytes stored twice");
+    let back = client.download(&up.artifact.key).await.unwrap();
+    assert!(back == data, "downloaded bytes differ");
+    assert!(
+        c.store.list("tmp").await.unwrap().is_empty(),
+        "temporary multipart object left behind"
+    );
+    assert_eq!(c.store.list("sha256").await.unwrap().len(), 1);
+    shutdown.cancel();
+}
