@@ -150,17 +150,22 @@ async fn count_requests(State(metrics): State<Arc<Metrics>>, req: Request, next:
     resp
 }
 
-/// Reads a body up to `limit` bytes, answering 413 past it.
-async fn read_body(headers: &HeaderMap, body: Body, limit: u64) -> Result<bytes::Bytes, ApiError> {
-    if let Some(len) = headers
+/// 413 at once when the declared `Content-Length` is over `limit` (bodies without one are
+/// counted as they stream).
+fn check_declared_length(headers: &HeaderMap, limit: u64) -> Result<(), ApiError> {
+    let declared = headers
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok())
-    {
-        if len > limit {
-            return Err(ApiError::too_large(limit));
-        }
+        .and_then(|v| v.parse::<u64>().ok());
+    match declared {
+        Some(len) if len > limit => Err(ApiError::too_large(limit)),
+        _ => Ok(()),
     }
+}
+
+/// Reads a body up to `limit` bytes, answering 413 past it.
+async fn read_body(headers: &HeaderMap, body: Body, limit: u64) -> Result<bytes::Bytes, ApiError> {
+    check_declared_length(headers, limit)?;
     axum::body::to_bytes(body, limit as usize)
         .await
         .map_err(|e| {
@@ -430,15 +435,7 @@ pub async fn upload(
 ) -> Result<(StatusCode, Json<UploadResponse>), ApiError> {
     caller.require(Scope::ArtifactsWrite)?;
     let limit = app.limits.upload;
-    if let Some(len) = headers
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok())
-    {
-        if len > limit {
-            return Err(ApiError::too_large(limit));
-        }
-    }
+    check_declared_length(&headers, limit)?;
     let content_type = headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())

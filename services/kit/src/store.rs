@@ -226,17 +226,8 @@ impl Store {
         if self.head(&key).await?.is_some() {
             return Ok((artifact, false));
         }
-        let path = Self::path(&key);
-        let payload = PutPayload::from_bytes(bytes);
-        let created = self
-            .retry("put", || {
-                let (inner, path, payload) = (self.inner.clone(), path.clone(), payload.clone());
-                let opts = self.put_opts(content_type, PutMode::Overwrite);
-                async move { inner.put_opts(&path, payload, opts).await }
-            })
-            .await
-            .map(|_| true)?;
-        Ok((artifact, created))
+        self.put_at(&key, bytes, content_type).await?;
+        Ok((artifact, true))
     }
 
     /// Stores a JSON document content-addressed.
