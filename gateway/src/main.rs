@@ -57,6 +57,15 @@ struct GatewayCmd {
 }
 
 #[derive(Subcommand)]
+enum Conformance {
+    /// A pycocoevalcap file (shared/conformance/captions/pycocoevalcap-1.2.json format).
+    Captions {
+        #[arg(long)]
+        cases: PathBuf,
+    },
+}
+
+#[derive(Subcommand)]
 enum Command {
     /// Run gateway and every service in this process (nats-server started as a child).
     Up(Box<atelier_gateway::embedded::UpArgs>),
@@ -79,6 +88,21 @@ enum Command {
         service: Option<String>,
         #[command(flatten)]
         nats: NatsArgs,
+    },
+    /// Replay reference data from other tools and report `N passed, N failed`.
+    #[command(subcommand)]
+    Conformance(Conformance),
+    /// Score candidate captions against references (pycocoevalcap's metrics and names).
+    EvalCaptions {
+        /// JSONL of {"image_id", "caption"}, several lines per image allowed.
+        #[arg(long)]
+        refs: PathBuf,
+        /// JSONL of {"image_id", "caption"}, one line per image.
+        #[arg(long)]
+        cands: PathBuf,
+        /// Also print every image's scores.
+        #[arg(long)]
+        per_image: bool,
     },
     /// Print a new API key and the NAME:SHA256:SCOPES entry to configure the gateway with.
     Keygen {
@@ -245,6 +269,55 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     return Ok(());
                 }
             }
+        }
+        Command::Conformance(Conformance::Captions { cases }) => {
+            let text = std::fs::read_to_string(&cases)
+                .with_context(|| format!("reading {}", cases.display()))?;
+            let file = atelier_caption_eval::conformance::parse(&text).with_context(|| {
+                format!(
+                    "{} is not a pycocoevalcap conformance file",
+                    cases.display()
+                )
+            })?;
+            let report = atelier_caption_eval::conformance::replay(&file);
+            for f in &report.failures {
+                println!("FAIL {f}");
+            }
+            if report.skipped > 0 {
+                eprintln!(
+                    "({} METEOR values skipped: METEOR is not implemented)",
+                    report.skipped
+                );
+            }
+            println!("{} passed, {} failed", report.passed, report.failed);
+            if report.failed > 0 {
+                std::process::exit(1);
+            }
+            Ok(())
+        }
+        Command::EvalCaptions {
+            refs,
+            cands,
+            per_image,
+        } => {
+            use atelier_caption_eval::jsonl;
+            let read = |p: &PathBuf| {
+                std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))
+            };
+            let r = jsonl::references(&refs.display().to_string(), &read(&refs)?)?;
+            let c = jsonl::candidates(&cands.display().to_string(), &read(&cands)?)?;
+            let scores = atelier_caption_eval::evaluate(&r, &c).map_err(|e| {
+                anyhow::anyhow!(
+                    "{e}; every candidate needs references and every referenced image a candidate"
+                )
+            })?;
+            let mut out = serde_json::json!(scores.corpus);
+            out["METEOR"] = serde_json::Value::Null;
+            out["note"] = "METEOR and SemSim are not computed yet".into();
+            if per_image {
+                out["per_image"] = serde_json::json!(scores.per_image);
+            }
+            print_json(&out)
         }
         Command::Keygen { name, scopes } => {
             let (key, entry) =

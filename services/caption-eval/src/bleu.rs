@@ -1,0 +1,105 @@
+//! BLEU-1..4 exactly as pycocoevalcap's `bleu_scorer.py` computes it: clipped n-gram counts against
+//! the per-n-gram maximum over references, the *closest* reference length for the brevity penalty,
+//! and its smoothing constants (`tiny` = 1e-15 added to matches, `small` = 1e-9 to guesses). Per-image
+//! scores use the same formula on one image's counts.
+
+use std::collections::HashMap;
+
+const N: usize = 4;
+const TINY: f64 = 1e-15;
+const SMALL: f64 = 1e-9;
+
+fn ngram_counts(words: &[&str]) -> HashMap<Vec<String>, usize> {
+    let mut counts = HashMap::new();
+    for k in 1..=N {
+        for w in words.windows(k) {
+            *counts
+                .entry(w.iter().map(|s| s.to_string()).collect())
+                .or_insert(0) += 1;
+        }
+    }
+    counts
+}
+
+struct Comps {
+    testlen: usize,
+    reflen: usize,
+    guess: [usize; N],
+    correct: [usize; N],
+}
+
+fn cook(refs: &[String], cand: &str) -> Comps {
+    let mut max_counts: HashMap<Vec<String>, usize> = HashMap::new();
+    let mut reflens = Vec::new();
+    for r in refs {
+        let words: Vec<&str> = r.split_whitespace().collect();
+        reflens.push(words.len());
+        for (ng, c) in ngram_counts(&words) {
+            let e = max_counts.entry(ng).or_insert(0);
+            *e = (*e).max(c);
+        }
+    }
+    let words: Vec<&str> = cand.split_whitespace().collect();
+    let testlen = words.len();
+    // 'closest': the reference length nearest the candidate's, the shorter on ties.
+    let reflen = reflens
+        .iter()
+        .map(|&l| ((l as i64 - testlen as i64).abs(), l))
+        .min()
+        .map(|(_, l)| l)
+        .unwrap_or(0);
+    let mut guess = [0; N];
+    let mut correct = [0; N];
+    for (k, g) in guess.iter_mut().enumerate() {
+        *g = (testlen + 1).saturating_sub(k + 1);
+    }
+    for (ng, c) in ngram_counts(&words) {
+        correct[ng.len() - 1] += c.min(max_counts.get(&ng).copied().unwrap_or(0));
+    }
+    Comps {
+        testlen,
+        reflen,
+        guess,
+        correct,
+    }
+}
+
+fn bleu_of(testlen: f64, reflen: f64, guess: &[f64; N], correct: &[f64; N]) -> [f64; N] {
+    let mut out = [0.0; N];
+    let mut bleu = 1.0;
+    for k in 0..N {
+        bleu *= (correct[k] + TINY) / (guess[k] + SMALL);
+        out[k] = bleu.powf(1.0 / (k as f64 + 1.0));
+    }
+    let ratio = (testlen + TINY) / (reflen + SMALL);
+    if ratio < 1.0 {
+        for b in &mut out {
+            *b *= (1.0 - 1.0 / ratio).exp();
+        }
+    }
+    out
+}
+
+/// Corpus BLEU-1..4 and per-image BLEU-1..4, for tokenized captions.
+pub fn score(refs: &[Vec<String>], cands: &[String]) -> ([f64; N], Vec<[f64; N]>) {
+    let mut per_image = Vec::with_capacity(cands.len());
+    let (mut testlen, mut reflen) = (0usize, 0usize);
+    let mut guess = [0.0; N];
+    let mut correct = [0.0; N];
+    for (r, c) in refs.iter().zip(cands) {
+        let comps = cook(r, c);
+        testlen += comps.testlen;
+        reflen += comps.reflen;
+        let g = comps.guess.map(|x| x as f64);
+        let k = comps.correct.map(|x| x as f64);
+        for i in 0..N {
+            guess[i] += g[i];
+            correct[i] += k[i];
+        }
+        per_image.push(bleu_of(comps.testlen as f64, comps.reflen as f64, &g, &k));
+    }
+    (
+        bleu_of(testlen as f64, reflen as f64, &guess, &correct),
+        per_image,
+    )
+}

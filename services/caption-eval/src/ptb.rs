@@ -1,0 +1,240 @@
+//! Tokenization as pycocoevalcap does it: the Stanford PTBTokenizer (`-preserveLines -lowerCase`,
+//! PTB3 escaping), then every token in [`PUNCTUATIONS`] dropped.
+//!
+//! The PTB rules implemented: quotes become `` and '' (curly quotes too), brackets become
+//! -LRB- -RRB- -LSB- -RSB- -LCB- -RCB-, clitics split off (`it's` → `it 's`, `don't` → `do n't`,
+//! `can't` → `ca n't`, `cannot` → `can not`), sentence punctuation and `--` / `...` separated,
+//! periods kept inside abbreviations (`U.S.`, `p.m.`, `Dr.`) and numbers (`3.5`, `1,000`), `$` and
+//! `%` split from numbers, hyphenated words kept whole.
+//!
+//! pycocoevalcap's list is case-sensitive and upper-case, so after lower-casing the bracket tokens
+//! (`-lrb-` …) survive; that quirk is reproduced because the reference scores depend on it.
+
+/// pycocoevalcap's `PUNCTUATIONS`, compared after lower-casing, exactly as it does.
+pub const PUNCTUATIONS: [&str; 17] = [
+    "''", "'", "``", "`", "-LRB-", "-RRB-", "-LCB-", "-RCB-", ".", "?", "!", ",", ":", "-", "--",
+    "...", ";",
+];
+
+/// Abbreviations that keep their period (besides letter-period sequences like `U.S.`).
+const ABBREVIATIONS: [&str; 24] = [
+    "mr.", "mrs.", "ms.", "dr.", "st.", "jr.", "sr.", "prof.", "vs.", "etc.", "inc.", "co.",
+    "corp.", "ltd.", "mt.", "ave.", "no.", "jan.", "feb.", "aug.", "sept.", "oct.", "nov.", "dec.",
+];
+
+/// One caption → pycocoevalcap's tokenized string (tokens joined by single spaces).
+pub fn tokenize(caption: &str) -> String {
+    let line = caption.replace('\n', " ");
+    ptb_tokens(&line)
+        .into_iter()
+        .map(|t| t.to_lowercase())
+        .filter(|t| !PUNCTUATIONS.contains(&t.as_str()))
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// PTB tokens of one line, before lower-casing and punctuation removal.
+pub fn ptb_tokens(line: &str) -> Vec<String> {
+    let normalized: String = line
+        .chars()
+        .map(|c| match c {
+            '\u{2019}' => '\'',
+            '\u{2018}' => '`',
+            '\u{201C}' | '\u{201D}' => '"',
+            _ => c,
+        })
+        .collect();
+    let mut out = Vec::new();
+    for word in normalized.split_whitespace() {
+        split_word(word, &mut out);
+    }
+    out
+}
+
+fn is_abbreviation(word: &str) -> bool {
+    let lower = word.to_lowercase();
+    if ABBREVIATIONS.contains(&lower.as_str()) {
+        return true;
+    }
+    // Letter-period sequences: U.S. p.m. e.g. i.e. a.m.
+    let bytes = word.as_bytes();
+    bytes.len() >= 4
+        && bytes.len().is_multiple_of(2)
+        && bytes
+            .chunks(2)
+            .all(|p| p[0].is_ascii_alphabetic() && p[1] == b'.')
+}
+
+fn split_word(word: &str, out: &mut Vec<String>) {
+    let mut w = word;
+    // Leading punctuation.
+    loop {
+        let (tok, rest) = if let Some(r) = w.strip_prefix('"') {
+            ("``", r)
+        } else if let Some(r) = w.strip_prefix('(') {
+            ("-LRB-", r)
+        } else if let Some(r) = w.strip_prefix('[') {
+            ("-LSB-", r)
+        } else if let Some(r) = w.strip_prefix('{') {
+            ("-LCB-", r)
+        } else if let Some(r) = w.strip_prefix('`') {
+            ("`", r)
+        } else if let Some(r) = w
+            .strip_prefix("'")
+            .filter(|r| !r.is_empty() && !is_clitic(&format!("'{r}")))
+        {
+            ("`", r)
+        } else if let Some(r) = w.strip_prefix('$').filter(|r| !r.is_empty()) {
+            ("$", r)
+        } else if w.len() > 3 && w.starts_with("...") {
+            ("...", &w[3..])
+        } else if w.len() > 2 && w.starts_with("--") {
+            ("--", &w[2..])
+        } else {
+            break;
+        };
+        out.push(tok.to_owned());
+        w = rest;
+    }
+    // Trailing punctuation, collected in reverse.
+    let mut tail = Vec::new();
+    loop {
+        if w.is_empty() {
+            break;
+        }
+        let (tok, rest): (String, &str) = if w.len() > 3 && w.ends_with("...") || w == "..." {
+            ("...".into(), &w[..w.len() - 3])
+        } else if let Some(r) = w.strip_suffix('"') {
+            ("''".into(), r)
+        } else if let Some(r) = w.strip_suffix(')') {
+            ("-RRB-".into(), r)
+        } else if let Some(r) = w.strip_suffix(']') {
+            ("-RSB-".into(), r)
+        } else if let Some(r) = w.strip_suffix('}') {
+            ("-RCB-".into(), r)
+        } else if let Some(c) = w.chars().last().filter(|c| ",;:!?%".contains(*c)) {
+            (c.to_string(), &w[..w.len() - 1])
+        } else if w.len() > 2 && w.ends_with("--") {
+            ("--".into(), &w[..w.len() - 2])
+        } else if w.len() > 1 && w.ends_with('\'') && !w.ends_with("''") {
+            ("'".into(), &w[..w.len() - 1])
+        } else if w.len() > 1 && w.ends_with("''") {
+            ("''".into(), &w[..w.len() - 2])
+        } else if w.ends_with('.') && w.len() > 1 && !is_abbreviation(w) {
+            (".".into(), &w[..w.len() - 1])
+        } else {
+            break;
+        };
+        tail.push(tok);
+        w = rest;
+    }
+    if !w.is_empty() {
+        split_core(w, out);
+    }
+    out.extend(tail.into_iter().rev());
+}
+
+fn is_clitic(s: &str) -> bool {
+    matches!(
+        s.to_lowercase().as_str(),
+        "'s" | "'re" | "'ve" | "'ll" | "'d" | "'m" | "'t"
+    )
+}
+
+/// A word without leading or trailing punctuation: `--` inside, clitics, internal commas.
+fn split_core(w: &str, out: &mut Vec<String>) {
+    if let Some(i) = w.find("--").filter(|&i| i > 0 && i + 2 < w.len()) {
+        split_word(&w[..i], out);
+        out.push("--".into());
+        split_word(&w[i + 2..], out);
+        return;
+    }
+    // Commas between non-digits separate words ("a,b" → a , b); "1,000" stays.
+    let bytes = w.as_bytes();
+    if let Some(i) = (1..bytes.len().saturating_sub(1)).find(|&i| {
+        bytes[i] == b',' && !(bytes[i - 1].is_ascii_digit() && bytes[i + 1].is_ascii_digit())
+    }) {
+        split_word(&w[..i], out);
+        out.push(",".into());
+        split_word(&w[i + 1..], out);
+        return;
+    }
+    let lower = w.to_lowercase();
+    for (whole, first) in [
+        ("cannot", 3),
+        ("gonna", 3),
+        ("gotta", 3),
+        ("wanna", 3),
+        ("lemme", 3),
+        ("gimme", 3),
+    ] {
+        if lower == whole {
+            out.push(w[..first].to_owned());
+            out.push(w[first..].to_owned());
+            return;
+        }
+    }
+    if lower.len() > 3 && lower.ends_with("n't") {
+        out.push(w[..w.len() - 3].to_owned());
+        out.push(w[w.len() - 3..].to_owned());
+        return;
+    }
+    for clitic in ["'s", "'re", "'ve", "'ll", "'d", "'m"] {
+        if lower.len() > clitic.len() && lower.ends_with(clitic) {
+            let cut = w.len() - clitic.len();
+            out.push(w[..cut].to_owned());
+            out.push(w[cut..].to_owned());
+            return;
+        }
+    }
+    out.push(w.to_owned());
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ptb_rules() {
+        assert_eq!(
+            ptb_tokens("a cat (blurry photo)!"),
+            ["a", "cat", "-LRB-", "blurry", "photo", "-RRB-", "!"]
+        );
+        assert_eq!(
+            ptb_tokens("near a \"stop\" sign."),
+            ["near", "a", "``", "stop", "''", "sign", "."]
+        );
+        assert_eq!(
+            ptb_tokens("while it's raining"),
+            ["while", "it", "'s", "raining"]
+        );
+        assert_eq!(
+            ptb_tokens("I don't, can't"),
+            ["I", "do", "n't", ",", "ca", "n't"]
+        );
+        assert_eq!(ptb_tokens("at 5 p.m.."), ["at", "5", "p.m.", "."]);
+        assert_eq!(ptb_tokens("in the U.S.!"), ["in", "the", "U.S.", "!"]);
+        assert_eq!(ptb_tokens("snow -- it's"), ["snow", "--", "it", "'s"]);
+        assert_eq!(
+            ptb_tokens("costs $5, 1,000 or 3.5%"),
+            ["costs", "$", "5", ",", "1,000", "or", "3.5", "%"]
+        );
+        assert_eq!(
+            ptb_tokens("a well-known dog..."),
+            ["a", "well-known", "dog", "..."]
+        );
+    }
+
+    #[test]
+    fn tokenize_drops_punctuation_and_lowercases_but_keeps_brackets() {
+        assert_eq!(
+            tokenize("A cat (blurry photo)!"),
+            "a cat -lrb- blurry photo -rrb-"
+        );
+        assert_eq!(
+            tokenize("Some cat near a \"stop\" sign."),
+            "some cat near a stop sign"
+        );
+        assert_eq!(tokenize("in the U.S. ."), "in the u.s.");
+    }
+}

@@ -1,0 +1,92 @@
+//! The `atelier` CLI's offline commands, as a user runs them.
+
+use std::process::Command;
+
+use atelier_e2e::*;
+
+fn atelier(args: &[&str]) -> (bool, String, String) {
+    let out = Command::new(bin("atelier")).args(args).output().unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn conformance_captions_replays_the_shared_pycocoevalcap_file() {
+    let file = repo_root().join("../shared/conformance/captions/pycocoevalcap-1.2.json");
+    let (ok, stdout, stderr) =
+        atelier(&["conformance", "captions", "--cases", file.to_str().unwrap()]);
+    assert!(ok, "{stdout}{stderr}");
+    let last = stdout.lines().last().unwrap();
+    assert!(last.ends_with(" passed, 0 failed"), "{stdout}");
+    let passed: usize = last.split(' ').next().unwrap().parse().unwrap();
+    assert!(passed >= 3347, "{last}");
+}
+
+#[test]
+fn conformance_fails_loudly_on_a_wrong_reference() {
+    let file = repo_root().join("../shared/conformance/captions/pycocoevalcap-1.2.json");
+    let mut doc: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(file).unwrap()).unwrap();
+    doc["corpus"]["CIDEr"] = serde_json::json!(9.99);
+    let dir = tempfile::tempdir().unwrap();
+    let bad = dir.path().join("bad.json");
+    std::fs::write(&bad, doc.to_string()).unwrap();
+    let (ok, stdout, _) = atelier(&["conformance", "captions", "--cases", bad.to_str().unwrap()]);
+    assert!(!ok);
+    assert!(
+        stdout.contains("FAIL corpus CIDEr") && stdout.trim_end().ends_with(" passed, 1 failed"),
+        "{stdout}"
+    );
+}
+
+#[test]
+fn eval_captions_scores_jsonl_and_explains_bad_input() {
+    let dir = tempfile::tempdir().unwrap();
+    let refs = dir.path().join("refs.jsonl");
+    let cands = dir.path().join("cands.jsonl");
+    std::fs::write(&refs, "{\"image_id\":1,\"caption\":\"A dog runs on the beach.\"}\n{\"image_id\":1,\"caption\":\"A dog on the sand.\"}\n{\"image_id\":2,\"caption\":\"Two cats on a sofa.\"}\n").unwrap();
+    std::fs::write(&cands, "{\"image_id\":1,\"caption\":\"a dog runs on the beach\"}\n{\"image_id\":2,\"caption\":\"a cat on a red sofa\"}\n").unwrap();
+    let (ok, stdout, stderr) = atelier(&[
+        "eval-captions",
+        "--refs",
+        refs.to_str().unwrap(),
+        "--cands",
+        cands.to_str().unwrap(),
+        "--per-image",
+    ]);
+    assert!(ok, "{stderr}");
+    let v: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    for m in ["Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4", "ROUGE_L", "CIDEr"] {
+        assert!(v[m].as_f64().is_some(), "{m} missing: {v}");
+    }
+    assert!((v["per_image"]["ROUGE_L"]["1"].as_f64().unwrap() - 1.0).abs() < 1e-12);
+    assert!(v["per_image"]["Bleu_1"]["2"].as_f64().unwrap() < 1.0);
+
+    std::fs::write(&cands, "{\"image_id\":1,\"caption\":\"a dog\"}\n{\"image_id\":9,\"caption\":\"ghost\"}\n{\"image_id\":2,\"caption\":\"x\"}\n").unwrap();
+    let (ok, _, stderr) = atelier(&[
+        "eval-captions",
+        "--refs",
+        refs.to_str().unwrap(),
+        "--cands",
+        cands.to_str().unwrap(),
+    ]);
+    assert!(
+        !ok && stderr.contains("\"9\" has no references"),
+        "{stderr}"
+    );
+    std::fs::write(&cands, "{\"image_id\":1,\"caption\":\"a dog\"}\nnot json\n").unwrap();
+    let (ok, _, stderr) = atelier(&[
+        "eval-captions",
+        "--refs",
+        refs.to_str().unwrap(),
+        "--cands",
+        cands.to_str().unwrap(),
+    ]);
+    assert!(
+        !ok && stderr.contains("cands.jsonl:2: not JSON"),
+        "{stderr}"
+    );
+}
