@@ -20,9 +20,11 @@ demo: bootstrap build
 test:
     scripts/test
 
-# Bus+store overhead benchmark (no-op handler, 1 and 4 replicas)
+# Benchmarks: bus+store overhead (no-op handler, 1 and 4 replicas); eval-captions beside pycocoevalcap
 bench: bootstrap
     cargo bench -p atelier-e2e --bench bus
+    .tools/bin/pip install --quiet --no-deps pycocoevalcap==1.2 && .tools/bin/pip install --quiet numpy
+    cargo bench -p atelier-caption-eval --bench eval
 
 # Embedded all-in-one (gateway + services in one process)
 embedded *ARGS: bootstrap build

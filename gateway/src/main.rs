@@ -174,7 +174,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Demo(mut args) => {
             // The demo prints its own story; logs only for warnings unless asked.
             if std::env::var_os("ATELIER_LOG").is_none() && args.telemetry.log == "info" {
-                args.telemetry.log = "warn,async_nats=error".into();
+                args.telemetry.log = "error,async_nats=off".into();
             }
             atelier_kit::telemetry::init_tracing(&args.telemetry);
             atelier_gateway::demo::run(args).await

@@ -3,23 +3,10 @@
 //! and its smoothing constants (`tiny` = 1e-15 added to matches, `small` = 1e-9 to guesses). Per-image
 //! scores use the same formula on one image's counts.
 
-use std::collections::HashMap;
+use crate::grams::{self, Counts, Vocab, MAX_N as N};
 
-const N: usize = 4;
 const TINY: f64 = 1e-15;
 const SMALL: f64 = 1e-9;
-
-fn ngram_counts(words: &[&str]) -> HashMap<Vec<String>, usize> {
-    let mut counts = HashMap::new();
-    for k in 1..=N {
-        for w in words.windows(k) {
-            *counts
-                .entry(w.iter().map(|s| s.to_string()).collect())
-                .or_insert(0) += 1;
-        }
-    }
-    counts
-}
 
 struct Comps {
     testlen: usize,
@@ -28,19 +15,19 @@ struct Comps {
     correct: [usize; N],
 }
 
-fn cook(refs: &[String], cand: &str) -> Comps {
-    let mut max_counts: HashMap<Vec<String>, usize> = HashMap::new();
-    let mut reflens = Vec::new();
-    for r in refs {
-        let words: Vec<&str> = r.split_whitespace().collect();
-        reflens.push(words.len());
-        for (ng, c) in ngram_counts(&words) {
-            let e = max_counts.entry(ng).or_insert(0);
-            *e = (*e).max(c);
-        }
-    }
-    let words: Vec<&str> = cand.split_whitespace().collect();
-    let testlen = words.len();
+fn cook(vocab: &mut Vocab, refs: &[String], cand: &str) -> Comps {
+    let mut reflens = Vec::with_capacity(refs.len());
+    let lists: Vec<Counts> = refs
+        .iter()
+        .map(|r| {
+            let ids = vocab.ids(r);
+            reflens.push(ids.len());
+            grams::counts(&ids)
+        })
+        .collect();
+    let max_counts = grams::max_counts(&lists);
+    let ids = vocab.ids(cand);
+    let testlen = ids.len();
     // 'closest': the reference length nearest the candidate's, the shorter on ties.
     let reflen = reflens
         .iter()
@@ -53,9 +40,9 @@ fn cook(refs: &[String], cand: &str) -> Comps {
     for (k, g) in guess.iter_mut().enumerate() {
         *g = (testlen + 1).saturating_sub(k + 1);
     }
-    for (ng, c) in ngram_counts(&words) {
-        correct[ng.len() - 1] += c.min(max_counts.get(&ng).copied().unwrap_or(0));
-    }
+    grams::join(&grams::counts(&ids), &max_counts, |g, c, max| {
+        correct[grams::order(g) - 1] += c.min(max) as usize;
+    });
     Comps {
         testlen,
         reflen,
@@ -86,8 +73,9 @@ pub fn score(refs: &[Vec<String>], cands: &[String]) -> ([f64; N], Vec<[f64; N]>
     let (mut testlen, mut reflen) = (0usize, 0usize);
     let mut guess = [0.0; N];
     let mut correct = [0.0; N];
+    let mut vocab = Vocab::default();
     for (r, c) in refs.iter().zip(cands) {
-        let comps = cook(r, c);
+        let comps = cook(&mut vocab, r, c);
         testlen += comps.testlen;
         reflen += comps.reflen;
         let g = comps.guess.map(|x| x as f64);

@@ -4,43 +4,31 @@
 //! times 10. Its quirks are kept: the "length" is the count of bigrams, and an n-gram missing from
 //! the document frequencies gets df = 1.
 
-use std::collections::{HashMap, HashSet};
+use rustc_hash::FxHashMap;
 
-const N: usize = 4;
+use crate::grams::{self, Counts, Gram, Vocab, MAX_N as N};
+
 const SIGMA: f64 = 6.0;
 
-type Counts = HashMap<Vec<String>, f64>;
-
-fn counts(sentence: &str) -> Counts {
-    let words: Vec<&str> = sentence.split_whitespace().collect();
-    let mut c = HashMap::new();
-    for k in 1..=N {
-        for w in words.windows(k) {
-            *c.entry(w.iter().map(|s| s.to_string()).collect())
-                .or_insert(0.0) += 1.0;
-        }
-    }
-    c
-}
-
+/// A TF-IDF vector: `(gram, n - 1, weight)` sorted by gram, for merge-joins.
 struct Vector {
-    vec: [HashMap<Vec<String>, f64>; N],
+    vec: Vec<(Gram, usize, f64)>,
     norm: [f64; N],
     length: f64,
 }
 
-fn to_vec(c: &Counts, df: &HashMap<Vec<String>, f64>, ref_len: f64) -> Vector {
-    let mut vec: [HashMap<Vec<String>, f64>; N] = Default::default();
+fn to_vec(c: &Counts, df: &FxHashMap<Gram, f64>, ref_len: f64) -> Vector {
+    let mut vec = Vec::with_capacity(c.len());
     let mut norm = [0.0; N];
     let mut length = 0.0;
-    for (ng, &tf) in c {
-        let d = df.get(ng).copied().unwrap_or(0.0).max(1.0).ln();
-        let n = ng.len() - 1;
-        let v = tf * (ref_len - d);
-        vec[n].insert(ng.clone(), v);
+    for &(g, tf) in c {
+        let d = df.get(&g).copied().unwrap_or(0.0).max(1.0).ln();
+        let n = grams::order(&g) - 1;
+        let v = tf as f64 * (ref_len - d);
+        vec.push((g, n, v));
         norm[n] += v * v;
         if n == 1 {
-            length += tf;
+            length += tf as f64;
         }
     }
     Vector {
@@ -52,38 +40,52 @@ fn to_vec(c: &Counts, df: &HashMap<Vec<String>, f64>, ref_len: f64) -> Vector {
 
 fn sim(h: &Vector, r: &Vector) -> [f64; N] {
     let delta = h.length - r.length;
-    std::array::from_fn(|n| {
-        let mut v = 0.0;
-        for (ng, &hv) in &h.vec[n] {
-            let rv = r.vec[n].get(ng).copied().unwrap_or(0.0);
-            v += hv.min(rv) * rv;
+    let mut val = [0.0; N];
+    // n-grams of the hypothesis missing from the reference add min(h, 0) · 0 = 0: only the
+    // common ones count.
+    let (mut i, mut j) = (0, 0);
+    while i < h.vec.len() && j < r.vec.len() {
+        match h.vec[i].0.cmp(&r.vec[j].0) {
+            std::cmp::Ordering::Less => i += 1,
+            std::cmp::Ordering::Greater => j += 1,
+            std::cmp::Ordering::Equal => {
+                let (hv, rv) = (h.vec[i].2, r.vec[j].2);
+                val[h.vec[i].1] += hv.min(rv) * rv;
+                i += 1;
+                j += 1;
+            }
         }
+    }
+    for (n, v) in val.iter_mut().enumerate() {
         if h.norm[n] != 0.0 && r.norm[n] != 0.0 {
-            v /= h.norm[n] * r.norm[n];
+            *v /= h.norm[n] * r.norm[n];
         }
-        v * (-(delta * delta) / (2.0 * SIGMA * SIGMA)).exp()
-    })
+        *v *= (-(delta * delta) / (2.0 * SIGMA * SIGMA)).exp();
+    }
+    val
 }
 
 /// Corpus CIDEr-D and per-image CIDEr-D, for tokenized captions.
 pub fn score(refs: &[Vec<String>], cands: &[String]) -> (f64, Vec<f64>) {
+    let mut vocab = Vocab::default();
     let ref_counts: Vec<Vec<Counts>> = refs
         .iter()
-        .map(|rs| rs.iter().map(|r| counts(r)).collect())
+        .map(|rs| rs.iter().map(|r| grams::counts(&vocab.ids(r))).collect())
         .collect();
-    let mut df: HashMap<Vec<String>, f64> = HashMap::new();
+    let cand_counts: Vec<Counts> = cands.iter().map(|c| grams::counts(&vocab.ids(c))).collect();
+    let mut df: FxHashMap<Gram, f64> = FxHashMap::default();
     for rs in &ref_counts {
-        let distinct: HashSet<&Vec<String>> = rs.iter().flat_map(|c| c.keys()).collect();
-        for ng in distinct {
-            *df.entry(ng.clone()).or_insert(0.0) += 1.0;
+        // Each gram once per image, however many references hold it.
+        for (g, _) in grams::max_counts(rs) {
+            *df.entry(g).or_insert(0.0) += 1.0;
         }
     }
     let ref_len = (refs.len() as f64).ln();
     let each: Vec<f64> = ref_counts
         .iter()
-        .zip(cands)
+        .zip(&cand_counts)
         .map(|(rs, cand)| {
-            let h = to_vec(&counts(cand), &df, ref_len);
+            let h = to_vec(cand, &df, ref_len);
             let mut total = [0.0; N];
             for rc in rs {
                 let r = to_vec(rc, &df, ref_len);

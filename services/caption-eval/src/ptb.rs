@@ -32,7 +32,14 @@ pub fn tokenize(caption: &str) -> String {
     let line = caption.replace('\n', " ");
     ptb_tokens(&line)
         .into_iter()
-        .map(|t| t.to_lowercase())
+        .map(|mut t| {
+            if t.is_ascii() {
+                t.make_ascii_lowercase();
+                t
+            } else {
+                t.to_lowercase()
+            }
+        })
         .filter(|t| !PUNCTUATIONS.contains(&t.as_str()))
         .collect::<Vec<_>>()
         .join(" ")

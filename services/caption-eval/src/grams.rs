@@ -1,0 +1,90 @@
+//! N-grams (n = 1..4) over interned tokens: a token becomes a `u32`, an n-gram a `[u32; 4]` padded
+//! with [`PAD`], and a caption's n-gram counts a vector sorted by gram, so metrics compare captions
+//! by merge-joins instead of hashing. The metrics only compare n-grams for equality, so this changes
+//! no score, only the cost.
+
+use rustc_hash::FxHashMap;
+
+pub const MAX_N: usize = 4;
+pub const PAD: u32 = u32::MAX;
+
+pub type Gram = [u32; MAX_N];
+/// `(gram, count)`, sorted by gram, grams distinct.
+pub type Counts = Vec<(Gram, u32)>;
+
+/// Token → id, shared by every caption of one evaluation.
+#[derive(Default)]
+pub struct Vocab(FxHashMap<String, u32>);
+
+impl Vocab {
+    /// Whitespace-split tokens of a tokenized caption, as ids.
+    pub fn ids(&mut self, sentence: &str) -> Vec<u32> {
+        sentence
+            .split_whitespace()
+            .map(|w| match self.0.get(w) {
+                Some(&id) => id,
+                None => {
+                    let id = self.0.len() as u32;
+                    self.0.insert(w.to_owned(), id);
+                    id
+                }
+            })
+            .collect()
+    }
+}
+
+/// The gram's n (1..=4).
+pub fn order(g: &Gram) -> usize {
+    g.iter().take_while(|&&t| t != PAD).count()
+}
+
+/// Counts of every n-gram, n = 1..=4, sorted by gram.
+pub fn counts(ids: &[u32]) -> Counts {
+    let mut all: Vec<Gram> = Vec::with_capacity(ids.len() * MAX_N);
+    for n in 1..=MAX_N {
+        for w in ids.windows(n) {
+            let mut g = [PAD; MAX_N];
+            g[..n].copy_from_slice(w);
+            all.push(g);
+        }
+    }
+    all.sort_unstable();
+    let mut out: Counts = Vec::with_capacity(all.len());
+    for g in all {
+        match out.last_mut() {
+            Some((last, c)) if *last == g => *c += 1,
+            _ => out.push((g, 1)),
+        }
+    }
+    out
+}
+
+/// Per gram, the largest count in any of `lists` (sorted by gram).
+pub fn max_counts(lists: &[Counts]) -> Counts {
+    let mut all: Vec<(Gram, u32)> = lists.iter().flatten().copied().collect();
+    all.sort_unstable();
+    let mut out: Counts = Vec::with_capacity(all.len());
+    for (g, c) in all {
+        match out.last_mut() {
+            Some((last, m)) if *last == g => *m = (*m).max(c),
+            _ => out.push((g, c)),
+        }
+    }
+    out
+}
+
+/// Calls `f(a_count, b_count)` for every gram in both sorted lists.
+pub fn join(a: &Counts, b: &Counts, mut f: impl FnMut(&Gram, u32, u32)) {
+    let (mut i, mut j) = (0, 0);
+    while i < a.len() && j < b.len() {
+        match a[i].0.cmp(&b[j].0) {
+            std::cmp::Ordering::Less => i += 1,
+            std::cmp::Ordering::Greater => j += 1,
+            std::cmp::Ordering::Equal => {
+                f(&a[i].0, a[i].1, b[j].1);
+                i += 1;
+                j += 1;
+            }
+        }
+    }
+}
