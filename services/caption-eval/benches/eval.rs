@@ -7,8 +7,8 @@
 //! - pycocoevalcap 1.2 (`.tools/bin/python`, PTBTokenizer via java + Bleu(4) + Rouge + Cider;
 //!   METEOR excluded on both sides), median of 3 runs, timed inside Python (interpreter start-up
 //!   excluded, the tokenizer's java process included, as it is part of every pycocoevalcap run);
-//! and checks that both give the same corpus scores (1e-6).
-//! The Python side needs `.tools/bin/pip install --no-deps pycocoevalcap==1.2` and java.
+//!
+//! It also checks that both give the same corpus scores (1e-6). The Python side needs `.tools/bin/pip install --no-deps pycocoevalcap==1.2` and java.
 
 use std::collections::BTreeMap;
 use std::process::Command;
@@ -195,7 +195,7 @@ fn main() {
     );
 }
 
-#[allow(dead_code)]
+/// `PROFILE=1`: time each stage single-threaded instead.
 fn profile(refs: &BTreeMap<String, Vec<String>>, cands: &BTreeMap<String, String>) {
     let t = Instant::now();
     let ids: Vec<&String> = cands.keys().collect();
