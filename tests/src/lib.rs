@@ -203,11 +203,6 @@ impl Drop for Seaweed {
     }
 }
 
-struct SharedSeaweed {
-    endpoint: String,
-    port: u16,
-}
-
 /// One SeaweedFS for the whole test binary, started on a thread that never exits (its children
 /// die with the process, not with the test that happened to start it).
 pub fn shared_seaweed() -> &'static (String, u16) {
