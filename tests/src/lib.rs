@@ -216,11 +216,7 @@ pub fn shared_seaweed() -> &'static (String, u16) {
                 .expect("tempdir");
             match Seaweed::start(dir.path()) {
                 Ok(w) => {
-                    let s = SharedSeaweed {
-                        endpoint: w.s3_endpoint(),
-                        port: w.s3_port,
-                    };
-                    tx.send(Ok((s.endpoint.clone(), s.port))).ok();
+                    tx.send(Ok((w.s3_endpoint(), w.s3_port))).ok();
                     let _keep = (w, dir);
                     loop {
                         std::thread::park();
