@@ -3,7 +3,7 @@
 //! and its smoothing constants (`tiny` = 1e-15 added to matches, `small` = 1e-9 to guesses). Per-image
 //! scores use the same formula on one image's counts.
 
-use crate::grams::{self, Counts, Vocab, MAX_N as N};
+use crate::grams::{self, Image, Prepared, MAX_N as N};
 
 const TINY: f64 = 1e-15;
 const SMALL: f64 = 1e-9;
@@ -15,21 +15,11 @@ struct Comps {
     correct: [usize; N],
 }
 
-fn cook(vocab: &mut Vocab, refs: &[String], cand: &str) -> Comps {
-    let mut reflens = Vec::with_capacity(refs.len());
-    let lists: Vec<Counts> = refs
-        .iter()
-        .map(|r| {
-            let ids = vocab.ids(r);
-            reflens.push(ids.len());
-            grams::counts(&ids)
-        })
-        .collect();
-    let max_counts = grams::max_counts(&lists);
-    let ids = vocab.ids(cand);
-    let testlen = ids.len();
+fn cook(image: &Image) -> Comps {
+    let testlen = image.cand_len;
     // 'closest': the reference length nearest the candidate's, the shorter on ties.
-    let reflen = reflens
+    let reflen = image
+        .ref_lens
         .iter()
         .map(|&l| ((l as i64 - testlen as i64).abs(), l))
         .min()
@@ -40,7 +30,7 @@ fn cook(vocab: &mut Vocab, refs: &[String], cand: &str) -> Comps {
     for (k, g) in guess.iter_mut().enumerate() {
         *g = (testlen + 1).saturating_sub(k + 1);
     }
-    grams::join(&grams::counts(&ids), &max_counts, |g, c, max| {
+    grams::join(&image.cand, &image.ref_max, |g, c, max| {
         correct[grams::order(g) - 1] += c.min(max) as usize;
     });
     Comps {
@@ -69,13 +59,17 @@ fn bleu_of(testlen: f64, reflen: f64, guess: &[f64; N], correct: &[f64; N]) -> [
 
 /// Corpus BLEU-1..4 and per-image BLEU-1..4, for tokenized captions.
 pub fn score(refs: &[Vec<String>], cands: &[String]) -> ([f64; N], Vec<[f64; N]>) {
-    let mut per_image = Vec::with_capacity(cands.len());
+    score_prepared(&Prepared::new(refs, cands))
+}
+
+/// [`score`] on n-grams already counted.
+pub fn score_prepared(prepared: &Prepared) -> ([f64; N], Vec<[f64; N]>) {
+    let mut per_image = Vec::with_capacity(prepared.images.len());
     let (mut testlen, mut reflen) = (0usize, 0usize);
     let mut guess = [0.0; N];
     let mut correct = [0.0; N];
-    let mut vocab = Vocab::default();
-    for (r, c) in refs.iter().zip(cands) {
-        let comps = cook(&mut vocab, r, c);
+    for image in &prepared.images {
+        let comps = cook(image);
         testlen += comps.testlen;
         reflen += comps.reflen;
         let g = comps.guess.map(|x| x as f64);

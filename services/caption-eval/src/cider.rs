@@ -6,7 +6,7 @@
 
 use rustc_hash::FxHashMap;
 
-use crate::grams::{self, Counts, Gram, Vocab, MAX_N as N};
+use crate::grams::{self, Counts, Gram, Prepared, MAX_N as N};
 
 const SIGMA: f64 = 6.0;
 
@@ -67,34 +67,33 @@ fn sim(h: &Vector, r: &Vector) -> [f64; N] {
 
 /// Corpus CIDEr-D and per-image CIDEr-D, for tokenized captions.
 pub fn score(refs: &[Vec<String>], cands: &[String]) -> (f64, Vec<f64>) {
-    let mut vocab = Vocab::default();
-    let ref_counts: Vec<Vec<Counts>> = refs
-        .iter()
-        .map(|rs| rs.iter().map(|r| grams::counts(&vocab.ids(r))).collect())
-        .collect();
-    let cand_counts: Vec<Counts> = cands.iter().map(|c| grams::counts(&vocab.ids(c))).collect();
+    score_prepared(&Prepared::new(refs, cands))
+}
+
+/// [`score`] on n-grams already counted.
+pub fn score_prepared(prepared: &Prepared) -> (f64, Vec<f64>) {
+    let images = &prepared.images;
     let mut df: FxHashMap<Gram, f64> = FxHashMap::default();
-    for rs in &ref_counts {
+    for image in images {
         // Each gram once per image, however many references hold it.
-        for (g, _) in grams::max_counts(rs) {
-            *df.entry(g).or_insert(0.0) += 1.0;
+        for (g, _) in &image.ref_max {
+            *df.entry(*g).or_insert(0.0) += 1.0;
         }
     }
-    let ref_len = (refs.len() as f64).ln();
-    let each: Vec<f64> = ref_counts
+    let ref_len = (images.len() as f64).ln();
+    let each: Vec<f64> = images
         .iter()
-        .zip(&cand_counts)
-        .map(|(rs, cand)| {
-            let h = to_vec(cand, &df, ref_len);
+        .map(|image| {
+            let h = to_vec(&image.cand, &df, ref_len);
             let mut total = [0.0; N];
-            for rc in rs {
+            for rc in &image.refs {
                 let r = to_vec(rc, &df, ref_len);
                 for (t, v) in total.iter_mut().zip(sim(&h, &r)) {
                     *t += v;
                 }
             }
             let mean = total.iter().sum::<f64>() / N as f64;
-            mean / rs.len() as f64 * 10.0
+            mean / image.refs.len() as f64 * 10.0
         })
         .collect();
     let corpus = each.iter().sum::<f64>() / each.len().max(1) as f64;

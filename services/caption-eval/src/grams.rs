@@ -88,3 +88,60 @@ pub fn join(a: &Counts, b: &Counts, mut f: impl FnMut(&Gram, u32, u32)) {
         }
     }
 }
+
+/// One image's captions as n-gram counts, computed once and shared by BLEU and CIDEr.
+pub struct Image {
+    pub refs: Vec<Counts>,
+    pub ref_lens: Vec<usize>,
+    /// Per gram, the largest count over the references (BLEU's clip; CIDEr's document set).
+    pub ref_max: Counts,
+    pub cand: Counts,
+    pub cand_len: usize,
+}
+
+/// Every image of an evaluation, prepared on all cores.
+pub struct Prepared {
+    pub images: Vec<Image>,
+}
+
+impl Prepared {
+    pub fn new(refs: &[Vec<String>], cands: &[String]) -> Self {
+        // Interning is sequential (one vocabulary); counting is per image and parallel.
+        let mut vocab = Vocab::default();
+        let ids: Vec<(Vec<Vec<u32>>, Vec<u32>)> = refs
+            .iter()
+            .zip(cands)
+            .map(|(rs, c)| (rs.iter().map(|r| vocab.ids(r)).collect(), vocab.ids(c)))
+            .collect();
+        let threads = std::thread::available_parallelism()
+            .map_or(1, |n| n.get())
+            .clamp(1, 8);
+        let chunk = ids.len().div_ceil(threads).max(1);
+        let images = std::thread::scope(|s| {
+            let handles: Vec<_> = ids
+                .chunks(chunk)
+                .map(|part| {
+                    s.spawn(move || {
+                        part.iter()
+                            .map(|(rs, c)| {
+                                let refs: Vec<Counts> = rs.iter().map(|r| counts(r)).collect();
+                                Image {
+                                    ref_lens: rs.iter().map(Vec::len).collect(),
+                                    ref_max: max_counts(&refs),
+                                    refs,
+                                    cand: counts(c),
+                                    cand_len: c.len(),
+                                }
+                            })
+                            .collect::<Vec<_>>()
+                    })
+                })
+                .collect();
+            handles
+                .into_iter()
+                .flat_map(|h| h.join().expect("n-gram thread"))
+                .collect()
+        });
+        Self { images }
+    }
+}
