@@ -36,6 +36,20 @@ pub fn repo_root() -> PathBuf {
         .to_path_buf()
 }
 
+/// The shared reference data: `$ATELIER_SHARED_DIR`, else `shared/` beside the checkout (where
+/// CI and sessions have it).
+pub fn shared_dir() -> PathBuf {
+    let dir = std::env::var_os("ATELIER_SHARED_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| repo_root().join("../shared"));
+    assert!(
+        dir.join("conformance").is_dir(),
+        "{} has no conformance/: put shared/ beside the checkout or set ATELIER_SHARED_DIR",
+        dir.display()
+    );
+    dir
+}
+
 /// A tool from `.tools/bin` (installed by `scripts/bootstrap`).
 pub fn tool(name: &str) -> PathBuf {
     let p = repo_root().join(".tools/bin").join(name);

@@ -15,7 +15,7 @@ fn atelier(args: &[&str]) -> (bool, String, String) {
 
 #[test]
 fn conformance_captions_replays_the_shared_pycocoevalcap_file() {
-    let file = repo_root().join("../shared/conformance/captions/pycocoevalcap-1.2.json");
+    let file = shared_dir().join("conformance/captions/pycocoevalcap-1.2.json");
     let (ok, stdout, stderr) =
         atelier(&["conformance", "captions", "--cases", file.to_str().unwrap()]);
     assert!(ok, "{stdout}{stderr}");
@@ -27,7 +27,7 @@ fn conformance_captions_replays_the_shared_pycocoevalcap_file() {
 
 #[test]
 fn conformance_fails_loudly_on_a_wrong_reference() {
-    let file = repo_root().join("../shared/conformance/captions/pycocoevalcap-1.2.json");
+    let file = shared_dir().join("conformance/captions/pycocoevalcap-1.2.json");
     let mut doc: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(file).unwrap()).unwrap();
     doc["corpus"]["CIDEr"] = serde_json::json!(9.99);

@@ -438,14 +438,18 @@ async fn gateway_rejects_bad_input_clearly() {
         .into_boxed_str(),
     );
     expect(post(huge, k), 413, "payload_too_large").await;
-    expect(
-        http.post(format!("{base}/v1/uploads"))
-            .bearer_auth(&full_key)
-            .body(vec![0u8; 2 << 20]),
-        413,
-        "payload_too_large",
+    // An upload declaring more than the limit is refused from its headers, before any body is read
+    // (over a raw socket: an HTTP client writing the 2 MiB body would race the early answer).
+    let (status, body) = raw_request(
+        &base,
+        "POST",
+        "/v1/uploads",
+        &full_key,
+        &[("Content-Length", (2u64 << 20).to_string())],
     )
     .await;
+    assert_eq!(status, 413, "{body}");
+    assert!(body.contains("payload_too_large"), "{body}");
     expect(
         post(
             r#"{"schema_version":1,"spec":{"kind":"checksum","input":"x"}}"#,
@@ -542,10 +546,25 @@ async fn gateway_rejects_bad_input_clearly() {
 
 /// GET over a raw TCP connection, so the path reaches the server unnormalised.
 async fn raw_get(base: &str, path: &str, key: &str) -> (u16, String) {
+    raw_request(base, "GET", path, key, &[]).await
+}
+
+/// A request's head alone over a raw TCP connection; returns the status and body of the answer.
+async fn raw_request(
+    base: &str,
+    method: &str,
+    path: &str,
+    key: &str,
+    headers: &[(&str, String)],
+) -> (u16, String) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let addr = base.trim_start_matches("http://");
     let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
-    let req = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {key}\r\nConnection: close\r\n\r\n");
+    let extra: String = headers
+        .iter()
+        .map(|(k, v)| format!("{k}: {v}\r\n"))
+        .collect();
+    let req = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {key}\r\n{extra}Connection: close\r\n\r\n");
     s.write_all(req.as_bytes()).await.unwrap();
     let mut buf = Vec::new();
     s.read_to_end(&mut buf).await.unwrap();

@@ -2,9 +2,19 @@
 
 #[test]
 fn pycocoevalcap_reference_file_conforms() {
-    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../../../shared/conformance/captions/pycocoevalcap-1.2.json");
-    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    // shared/ sits beside the checkout (or ATELIER_SHARED_DIR says where).
+    let shared = std::env::var_os("ATELIER_SHARED_DIR")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| {
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared")
+        });
+    let path = shared.join("conformance/captions/pycocoevalcap-1.2.json");
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| {
+        panic!(
+            "{}: {e} (put shared/ beside the checkout or set ATELIER_SHARED_DIR)",
+            path.display()
+        )
+    });
     let cases = atelier_caption_eval::conformance::parse(&text).unwrap();
     let report = atelier_caption_eval::conformance::replay(&cases);
     assert!(
