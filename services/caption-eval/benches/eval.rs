@@ -214,12 +214,15 @@ fn profile(refs: &BTreeMap<String, Vec<String>>, cands: &BTreeMap<String, String
         .collect();
     eprintln!("tokenize {:?}", t.elapsed());
     let t = Instant::now();
-    atelier_caption_eval::bleu::score(&tr, &tc);
+    let prepared = atelier_caption_eval::grams::Prepared::new(&tr, &tc);
+    eprintln!("n-grams {:?}", t.elapsed());
+    let t = Instant::now();
+    atelier_caption_eval::bleu::score_prepared(&prepared);
     eprintln!("bleu {:?}", t.elapsed());
     let t = Instant::now();
     atelier_caption_eval::rouge::score(&tr, &tc);
     eprintln!("rouge {:?}", t.elapsed());
     let t = Instant::now();
-    atelier_caption_eval::cider::score(&tr, &tc);
+    atelier_caption_eval::cider::score_prepared(&prepared);
     eprintln!("cider {:?}", t.elapsed());
 }

@@ -1,14 +1,13 @@
-//! N-grams (n = 1..4) over interned tokens: a token becomes a `u32`, an n-gram a `[u32; 4]` padded
-//! with [`PAD`], and a caption's n-gram counts a vector sorted by gram, so metrics compare captions
+//! N-grams (n = 1..4) over interned tokens: a token becomes a `u32`, an n-gram a `u128` (four
+//! 32-bit lanes holding id + 1, zero for absent), and a caption's n-gram counts a vector sorted by gram, so metrics compare captions
 //! by merge-joins instead of hashing. The metrics only compare n-grams for equality, so this changes
 //! no score, only the cost.
 
 use rustc_hash::FxHashMap;
 
 pub const MAX_N: usize = 4;
-pub const PAD: u32 = u32::MAX;
-
-pub type Gram = [u32; MAX_N];
+/// Four lanes of `token id + 1`; unused lanes are 0.
+pub type Gram = u128;
 /// `(gram, count)`, sorted by gram, grams distinct.
 pub type Counts = Vec<(Gram, u32)>;
 
@@ -35,7 +34,9 @@ impl Vocab {
 
 /// The gram's n (1..=4).
 pub fn order(g: &Gram) -> usize {
-    g.iter().take_while(|&&t| t != PAD).count()
+    (1..=MAX_N)
+        .take_while(|k| (g >> (32 * (k - 1))) as u32 != 0)
+        .count()
 }
 
 /// Counts of every n-gram, n = 1..=4, sorted by gram.
@@ -43,8 +44,10 @@ pub fn counts(ids: &[u32]) -> Counts {
     let mut all: Vec<Gram> = Vec::with_capacity(ids.len() * MAX_N);
     for n in 1..=MAX_N {
         for w in ids.windows(n) {
-            let mut g = [PAD; MAX_N];
-            g[..n].copy_from_slice(w);
+            let mut g: Gram = 0;
+            for (k, &id) in w.iter().enumerate() {
+                g |= ((id as u128) + 1) << (32 * k);
+            }
             all.push(g);
         }
     }

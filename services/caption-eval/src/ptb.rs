@@ -7,6 +7,9 @@
 //! periods kept inside abbreviations (`U.S.`, `p.m.`, `Dr.`) and numbers (`3.5`, `1,000`), `$` and
 //! `%` split from numbers, hyphenated words kept whole.
 //!
+//! Tokens borrow from the caption (or are static strings), so a caption costs a couple of
+//! allocations.
+//!
 //! Checked against the reference jar on the conformance file and the harder sentences in this
 //! module's tests. Known gaps (rare in captions): the lexer's special forms like `rock'n'roll` →
 //! `rock 'n' roll` and `y'all` → `y' all`, and the extra `.` after a sentence-final abbreviation
@@ -14,6 +17,8 @@
 //!
 //! pycocoevalcap's list is case-sensitive and upper-case, so after lower-casing the bracket tokens
 //! (`-lrb-` …) survive; that quirk is reproduced because the reference scores depend on it.
+
+use std::borrow::Cow;
 
 /// pycocoevalcap's `PUNCTUATIONS`, compared after lower-casing, exactly as it does.
 pub const PUNCTUATIONS: [&str; 17] = [
@@ -29,38 +34,55 @@ const ABBREVIATIONS: [&str; 24] = [
 
 /// One caption → pycocoevalcap's tokenized string (tokens joined by single spaces).
 pub fn tokenize(caption: &str) -> String {
-    let line = caption.replace('\n', " ");
-    ptb_tokens(&line)
-        .into_iter()
-        .map(|mut t| {
-            if t.is_ascii() {
-                t.make_ascii_lowercase();
-                t
-            } else {
-                t.to_lowercase()
-            }
-        })
-        .filter(|t| !PUNCTUATIONS.contains(&t.as_str()))
-        .collect::<Vec<_>>()
-        .join(" ")
+    let line = normalize(caption);
+    let mut tokens = Vec::with_capacity(line.len() / 3);
+    for word in line.split_whitespace() {
+        split_word(word, &mut tokens);
+    }
+    let mut out = String::with_capacity(line.len());
+    for t in tokens {
+        let lower: Cow<str> = if t.bytes().any(|b| b.is_ascii_uppercase()) || !t.is_ascii() {
+            Cow::Owned(t.to_lowercase())
+        } else {
+            t
+        };
+        if PUNCTUATIONS.contains(&lower.as_ref()) {
+            continue;
+        }
+        if !out.is_empty() {
+            out.push(' ');
+        }
+        out.push_str(&lower);
+    }
+    out
+}
+
+/// Newlines become spaces, curly quotes straight ones (PTB3 escaping); borrowed when unchanged.
+fn normalize(line: &str) -> Cow<'_, str> {
+    if line.bytes().all(|b| b.is_ascii() && b != b'\n') {
+        return Cow::Borrowed(line);
+    }
+    Cow::Owned(
+        line.chars()
+            .map(|c| match c {
+                '\n' => ' ',
+                '\u{2019}' => '\'',
+                '\u{2018}' => '`',
+                '\u{201C}' | '\u{201D}' => '"',
+                _ => c,
+            })
+            .collect(),
+    )
 }
 
 /// PTB tokens of one line, before lower-casing and punctuation removal.
 pub fn ptb_tokens(line: &str) -> Vec<String> {
-    let normalized: String = line
-        .chars()
-        .map(|c| match c {
-            '\u{2019}' => '\'',
-            '\u{2018}' => '`',
-            '\u{201C}' | '\u{201D}' => '"',
-            _ => c,
-        })
-        .collect();
+    let line = normalize(line);
     let mut out = Vec::new();
-    for word in normalized.split_whitespace() {
+    for word in line.split_whitespace() {
         split_word(word, &mut out);
     }
-    out
+    out.into_iter().map(Cow::into_owned).collect()
 }
 
 fn is_abbreviation(word: &str) -> bool {
@@ -77,7 +99,7 @@ fn is_abbreviation(word: &str) -> bool {
             .all(|p| p[0].is_ascii_alphabetic() && p[1] == b'.')
 }
 
-fn split_word(word: &str, out: &mut Vec<String>) {
+fn split_word<'a>(word: &'a str, out: &mut Vec<Cow<'a, str>>) {
     let mut w = word;
     // Leading punctuation.
     loop {
@@ -105,7 +127,7 @@ fn split_word(word: &str, out: &mut Vec<String>) {
         } else {
             break;
         };
-        out.push(tok.to_owned());
+        out.push(Cow::Borrowed(tok));
         w = rest;
     }
     // Trailing punctuation, collected in reverse.
@@ -114,33 +136,37 @@ fn split_word(word: &str, out: &mut Vec<String>) {
         if w.is_empty() {
             break;
         }
-        let (tok, rest): (String, &str) = if w.len() > 3 && w.ends_with("...") || w == "..." {
-            ("...".into(), &w[..w.len() - 3])
-        } else if let Some(r) = w.strip_suffix('"') {
-            ("''".into(), r)
-        } else if let Some(r) = w.strip_suffix(')') {
-            ("-RRB-".into(), r)
-        } else if let Some(r) = w.strip_suffix(']') {
-            ("-RSB-".into(), r)
-        } else if let Some(r) = w.strip_suffix('}') {
-            ("-RCB-".into(), r)
-        } else if w.ends_with(['!', '?']) {
-            // A run of ! and ? is one token ("?!"), as in the PTB lexer.
-            let run = w.len() - w.trim_end_matches(['!', '?']).len();
-            (w[w.len() - run..].to_string(), &w[..w.len() - run])
-        } else if let Some(c) = w.chars().last().filter(|c| ",;:%".contains(*c)) {
-            (c.to_string(), &w[..w.len() - 1])
-        } else if w.len() > 2 && w.ends_with("--") {
-            ("--".into(), &w[..w.len() - 2])
-        } else if w.len() > 1 && w.ends_with('\'') && !w.ends_with("''") {
-            ("'".into(), &w[..w.len() - 1])
-        } else if w.len() > 1 && w.ends_with("''") {
-            ("''".into(), &w[..w.len() - 2])
-        } else if w.ends_with('.') && w.len() > 1 && !is_abbreviation(w) {
-            (".".into(), &w[..w.len() - 1])
-        } else {
-            break;
-        };
+        let (tok, rest): (Cow<'a, str>, &'a str) =
+            if w.len() > 3 && w.ends_with("...") || w == "..." {
+                ("...".into(), &w[..w.len() - 3])
+            } else if let Some(r) = w.strip_suffix('"') {
+                ("''".into(), r)
+            } else if let Some(r) = w.strip_suffix(')') {
+                ("-RRB-".into(), r)
+            } else if let Some(r) = w.strip_suffix(']') {
+                ("-RSB-".into(), r)
+            } else if let Some(r) = w.strip_suffix('}') {
+                ("-RCB-".into(), r)
+            } else if w.ends_with(['!', '?']) {
+                // A run of ! and ? is one token ("?!"), as in the PTB lexer.
+                let run = w.len() - w.trim_end_matches(['!', '?']).len();
+                (Cow::Borrowed(&w[w.len() - run..]), &w[..w.len() - run])
+            } else if let Some(c) = w.chars().last().filter(|c| ",;:%".contains(*c)) {
+                (
+                    Cow::Borrowed(&w[w.len() - c.len_utf8()..]),
+                    &w[..w.len() - c.len_utf8()],
+                )
+            } else if w.len() > 2 && w.ends_with("--") {
+                ("--".into(), &w[..w.len() - 2])
+            } else if w.len() > 1 && w.ends_with('\'') && !w.ends_with("''") {
+                ("'".into(), &w[..w.len() - 1])
+            } else if w.len() > 1 && w.ends_with("''") {
+                ("''".into(), &w[..w.len() - 2])
+            } else if w.ends_with('.') && w.len() > 1 && !is_abbreviation(w) {
+                (".".into(), &w[..w.len() - 1])
+            } else {
+                break;
+            };
         tail.push(tok);
         w = rest;
     }
@@ -158,7 +184,7 @@ fn is_clitic(s: &str) -> bool {
 }
 
 /// A word without leading or trailing punctuation: `--` inside, clitics, internal commas.
-fn split_core(w: &str, out: &mut Vec<String>) {
+fn split_core<'a>(w: &'a str, out: &mut Vec<Cow<'a, str>>) {
     if let Some(i) = w.find("--").filter(|&i| i > 0 && i + 2 < w.len()) {
         split_word(&w[..i], out);
         out.push("--".into());
@@ -185,25 +211,25 @@ fn split_core(w: &str, out: &mut Vec<String>) {
         ("gimme", 3),
     ] {
         if lower == whole {
-            out.push(w[..first].to_owned());
-            out.push(w[first..].to_owned());
+            out.push(Cow::Borrowed(&w[..first]));
+            out.push(Cow::Borrowed(&w[first..]));
             return;
         }
     }
     if lower.len() > 3 && lower.ends_with("n't") {
-        out.push(w[..w.len() - 3].to_owned());
-        out.push(w[w.len() - 3..].to_owned());
+        out.push(Cow::Borrowed(&w[..w.len() - 3]));
+        out.push(Cow::Borrowed(&w[w.len() - 3..]));
         return;
     }
     for clitic in ["'s", "'re", "'ve", "'ll", "'d", "'m"] {
         if lower.len() > clitic.len() && lower.ends_with(clitic) {
             let cut = w.len() - clitic.len();
-            out.push(w[..cut].to_owned());
-            out.push(w[cut..].to_owned());
+            out.push(Cow::Borrowed(&w[..cut]));
+            out.push(Cow::Borrowed(&w[cut..]));
             return;
         }
     }
-    out.push(w.to_owned());
+    out.push(Cow::Borrowed(w));
 }
 
 #[cfg(test)]
