@@ -51,7 +51,24 @@ pub struct ImageRecord {
     pub content_type: String,
     pub datasets: Vec<String>,
     pub sources: Vec<ImageSource>,
-    /// Set when the record is flagged (for example the claimed sha256 did not match the bytes).
+    /// `jpeg`, `png`, `webp`, `bmp`, `tiff` or `gif`; absent when the bytes are not a usable
+    /// image (then `flag` says why).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub format: Option<String>,
+    /// Width after the EXIF orientation is applied.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub width: Option<u32>,
+    /// Height after the EXIF orientation is applied.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub height: Option<u32>,
+    /// The EXIF orientation (1–8) that was applied; 1 when the image had none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exif_orientation: Option<u8>,
+    /// 64-bit DCT perceptual hash as 16 hex digits; near-duplicates are a small Hamming distance apart.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub phash: Option<String>,
+    /// Set when the record is flagged, with the reasons: the claimed sha256 did not match the bytes,
+    /// the bytes are corrupt or truncated, not an image, or a decompression bomb.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub flag: Option<String>,
     pub first_seen: DateTime<Utc>,

@@ -214,7 +214,7 @@ async fn pipeline(embedded: &Embedded, key: &str) -> anyhow::Result<String> {
         "\n3. an external system puts an object in the bucket and publishes {}",
         atelier_contracts::subjects::IMAGES_INGESTED
     );
-    let image = sample_bytes(42, 4096);
+    let image = atelier_ingest::samples::scene_bytes(42, 64, 48, image::ImageFormat::Png);
     let sha = hex::encode(Sha256::digest(&image));
     let key = ArtifactKey::parse("incoming/camera-0001.png").map_err(anyhow::Error::msg)?;
     embedded
@@ -251,12 +251,22 @@ async fn pipeline(embedded: &Embedded, key: &str) -> anyhow::Result<String> {
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
     println!(
-        "   recorded image {}…  at {}  datasets {:?}  sources {}",
+        "   recorded image {}…  {} {}x{}  phash {}  at {}  datasets {:?}  sources {}",
         short(&record.sha256),
+        record.format.as_deref().unwrap_or("?"),
+        record.width.unwrap_or(0),
+        record.height.unwrap_or(0),
+        record.phash.as_deref().unwrap_or("-"),
         record.key,
         record.datasets,
         record.sources.len()
     );
+    if record.flag.is_some()
+        || (record.format.as_deref(), record.width, record.height)
+            != (Some("png"), Some(64), Some(48))
+    {
+        bail!("the ingested image was recorded wrongly: {record:?}");
+    }
     summary.push_str("ingest event: ok\n");
 
     let health = reqwest::get(format!("http://{}/healthz", embedded.addr))

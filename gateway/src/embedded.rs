@@ -98,7 +98,9 @@ impl Embedded {
         let (w, s) = (args.worker.clone(), shutdown.clone());
         tasks.spawn(async move { checksum.run(w, s).await });
         let (w, s, r) = (args.worker.clone(), shutdown.clone(), rt.clone());
-        tasks.spawn(async move { atelier_ingest::Ingest::run(r, w, s).await });
+        tasks.spawn(async move {
+            atelier_ingest::Ingest::run(r, w, atelier_ingest::analyze::DEFAULT_MAX_PIXELS, s).await
+        });
 
         let app = crate::api::AppState::new(
             rt.bus.clone(),

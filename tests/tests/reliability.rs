@@ -587,8 +587,21 @@ async fn raw_request(
 async fn python_nats_client_announces_images() {
     let mut c = Cluster::start(shared_s3_store(30)).await.unwrap();
     c.spawn_service("atelier-ingest", &[]).unwrap();
-    let image = bytes_of(55, 5000);
+    let image: bytes::Bytes =
+        atelier_ingest::samples::scene_bytes(55, 80, 60, image::ImageFormat::Png).into();
     let sha = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&image));
+    // A truncated JPEG: recorded and flagged, never a crash or a lost event.
+    let jpeg = atelier_ingest::samples::scene_bytes(56, 80, 60, image::ImageFormat::Jpeg);
+    let broken: bytes::Bytes = jpeg[..jpeg.len() / 3].to_vec().into();
+    let broken_sha = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&broken));
+    c.store
+        .put_at(
+            &ArtifactKey::parse("incoming/broken.jpg").unwrap(),
+            broken.clone(),
+            "image/jpeg",
+        )
+        .await
+        .unwrap();
     for key in ["incoming/a.png", "mirror/a-copy.png"] {
         c.store
             .put_at(
@@ -610,6 +623,8 @@ async def main():
             {"key": key, "sha256": sys.argv[2], "source": src, "license": "CC-BY-4.0", "metadata": {"camera": "x100"}}]}
         ack = await js.publish("atelier.v1.images.ingested", json.dumps(event).encode())
         print("published", ack.seq)
+    broken = {"schema_version": 1, "dataset": "py", "images": [{"key": "incoming/broken.jpg"}]}
+    await js.publish("atelier.v1.images.ingested", json.dumps(broken).encode())
     await nc.close()
 asyncio.run(main())
 "#;
@@ -641,9 +656,15 @@ asyncio.run(main())
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
     assert_eq!(record.key, ArtifactKey::for_sha256(&sha).to_string());
-    assert_eq!(record.size, 5000);
+    assert_eq!(record.size, image.len() as u64);
     assert_eq!(record.datasets, vec!["py".to_string()]);
     assert_eq!(record.flag, None);
+    assert_eq!(
+        (record.format.as_deref(), record.width, record.height),
+        (Some("png"), Some(80), Some(60))
+    );
+    assert_eq!(record.content_type, "image/png");
+    assert_eq!(record.phash.as_ref().map(String::len), Some(16));
     assert_eq!(record.sources[0].metadata["camera"], "x100");
     // Same bytes twice → one record, and the bytes are at their content address.
     assert_eq!(
@@ -653,6 +674,25 @@ asyncio.run(main())
             .unwrap(),
         image
     );
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let flagged: atelier_contracts::images::ImageRecord = loop {
+        if let Ok(Some(v)) = images.get(&broken_sha).await {
+            break serde_json::from_slice(&v).unwrap();
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "truncated image not recorded"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert!(
+        flagged
+            .flag
+            .as_deref()
+            .is_some_and(|f| f.starts_with("corrupt:")),
+        "{flagged:?}"
+    );
+    assert_eq!((flagged.width, flagged.format.as_deref()), (None, None));
 }
 
 /// A handler that reports progress, then waits to be cancelled (or for 30 s).

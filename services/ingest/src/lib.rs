@@ -21,9 +21,13 @@ use atelier_kit::consumer::{self, ConsumerSpec, Delivery, Outcome, Processor};
 use atelier_kit::service::Runtime;
 use atelier_kit::store::StoreError;
 use atelier_kit::Store;
+use sha2::{Digest, Sha256};
 use tokio_util::sync::CancellationToken;
 
 /// The consumer of `atelier.v1.images.ingested`.
+pub mod analyze;
+pub mod samples;
+
 pub fn consumer_spec(args: WorkerArgs) -> ConsumerSpec {
     ConsumerSpec {
         service: Service::Ingest,
@@ -35,16 +39,22 @@ pub fn consumer_spec(args: WorkerArgs) -> ConsumerSpec {
     }
 }
 
+/// Objects larger than this are recorded (digested, flagged `too_large`) but not decoded.
+pub const MAX_IMAGE_BYTES: u64 = 256 << 20;
+
 pub struct Ingest {
     store: Store,
     images: kv::Store,
+    max_pixels: u64,
 }
 
 impl Ingest {
-    pub async fn new(rt: &Runtime) -> anyhow::Result<Self> {
+    /// `max_pixels`: the decompression-bomb guard ([`analyze::DEFAULT_MAX_PIXELS`] by default).
+    pub async fn new(rt: &Runtime, max_pixels: u64) -> anyhow::Result<Self> {
         Ok(Self {
             store: rt.store.clone(),
             images: rt.bus.images_kv().await?,
+            max_pixels,
         })
     }
 
@@ -52,9 +62,10 @@ impl Ingest {
     pub async fn run(
         rt: Runtime,
         args: WorkerArgs,
+        max_pixels: u64,
         shutdown: CancellationToken,
     ) -> anyhow::Result<()> {
-        let this = Arc::new(Self::new(&rt).await?);
+        let this = Arc::new(Self::new(&rt, max_pixels).await?);
         consumer::run(
             rt.bus.clone(),
             consumer_spec(args),
@@ -84,45 +95,84 @@ impl Ingest {
                 format!("image key {:?}: {e}", image.key),
             )
         })?;
-        let found = match self.store.digest(&key).await {
-            Ok(a) => a,
-            Err(StoreError::NotFound(_)) => {
-                return Err(Outcome::Retry(ErrorInfo {
-                    code: "artifact_not_found".into(),
-                    message: format!("no object at {} (yet)", image.key),
-                }))
-            }
-            Err(e) => {
-                return Err(Outcome::Retry(ErrorInfo {
-                    code: "store_unavailable".into(),
-                    message: e.to_string(),
-                }))
-            }
+        let retry = |code: &str, message: String| {
+            Outcome::Retry(ErrorInfo {
+                code: code.into(),
+                message,
+            })
         };
-        let flag = image
+        let size = match self.store.head(&key).await {
+            Ok(Some(meta)) => meta.size,
+            Ok(None) => {
+                return Err(retry(
+                    "artifact_not_found",
+                    format!("no object at {} (yet)", image.key),
+                ))
+            }
+            Err(e) => return Err(retry("store_unavailable", e.to_string())),
+        };
+        let (found, analysis) = if size <= MAX_IMAGE_BYTES {
+            let bytes = match self.store.get_bytes(&key).await {
+                Ok(b) => b,
+                Err(StoreError::NotFound(_)) => {
+                    return Err(retry(
+                        "artifact_not_found",
+                        format!("no object at {} (yet)", image.key),
+                    ))
+                }
+                Err(e) => return Err(retry("store_unavailable", e.to_string())),
+            };
+            let found = atelier_contracts::ArtifactRef {
+                key: image.key.clone(),
+                sha256: hex::encode(Sha256::digest(&bytes)),
+                size: bytes.len() as u64,
+                content_type: guess_content_type(&image.key).to_owned(),
+            };
+            let max_pixels = self.max_pixels;
+            let analysis = tokio::task::spawn_blocking(move || {
+                analyze::analyze(&bytes, max_pixels).map_err(|e| e.to_string())
+            })
+            .await
+            .map_err(|e| retry("internal", format!("image analysis task: {e}")))?;
+            (found, analysis)
+        } else {
+            let found = self
+                .store
+                .digest(&key)
+                .await
+                .map_err(|e| retry("store_unavailable", e.to_string()))?;
+            (
+                found,
+                Err(format!(
+                    "too_large: {size} bytes exceeds the limit of {MAX_IMAGE_BYTES}"
+                )),
+            )
+        };
+        let mut flags = Vec::new();
+        if let Some(claimed) = image
             .sha256
             .as_deref()
-            .filter(|claimed| !claimed.eq_ignore_ascii_case(&found.sha256))
-            .map(|claimed| {
-                format!(
-                    "sha256_mismatch: announced {claimed}, bytes are {}",
-                    found.sha256
-                )
-            });
+            .filter(|c| !c.eq_ignore_ascii_case(&found.sha256))
+        {
+            flags.push(format!(
+                "sha256_mismatch: announced {claimed}, bytes are {}",
+                found.sha256
+            ));
+        }
+        if let Err(reason) = &analysis {
+            flags.push(reason.clone());
+        }
+        let flag = (!flags.is_empty()).then(|| flags.join("; "));
         let (content_key, _) = self
             .store
             .copy_to_content_address(&key, &found.sha256)
             .await
-            .map_err(|e| {
-                Outcome::Retry(ErrorInfo {
-                    code: "store_unavailable".into(),
-                    message: e.to_string(),
-                })
-            })?;
-        let content_type = match found.content_type.as_str() {
-            "application/octet-stream" => guess_content_type(&image.key).to_owned(),
-            other => other.to_owned(),
+            .map_err(|e| retry("store_unavailable", e.to_string()))?;
+        let content_type = match &analysis {
+            Ok(info) => analyze::content_type(&info.format).to_owned(),
+            Err(_) => found.content_type.clone(),
         };
+        let info = analysis.ok();
         let source = ImageSource {
             key: image.key.clone(),
             source: image.source.clone(),
@@ -142,12 +192,15 @@ impl Ingest {
                     match serde_json::from_slice::<ImageRecord>(&e.value) {
                         Ok(r) => (r, Some(e.revision)),
                         Err(_) => (
-                            fresh(&found, &content_key, &content_type, now),
+                            fresh(&found, &content_key, &content_type, info.as_ref(), now),
                             Some(e.revision),
                         ),
                     }
                 }
-                _ => (fresh(&found, &content_key, &content_type, now), None),
+                _ => (
+                    fresh(&found, &content_key, &content_type, info.as_ref(), now),
+                    None,
+                ),
             };
             if !record.sources.contains(&source) {
                 record.sources.push(source.clone());
@@ -192,6 +245,7 @@ fn fresh(
     found: &atelier_contracts::ArtifactRef,
     key: &ArtifactKey,
     content_type: &str,
+    info: Option<&analyze::ImageInfo>,
     now: chrono::DateTime<chrono::Utc>,
 ) -> ImageRecord {
     ImageRecord {
@@ -202,6 +256,11 @@ fn fresh(
         content_type: content_type.to_owned(),
         datasets: Vec::new(),
         sources: Vec::new(),
+        format: info.map(|i| i.format.clone()),
+        width: info.map(|i| i.width),
+        height: info.map(|i| i.height),
+        exif_orientation: info.map(|i| i.exif_orientation),
+        phash: info.map(|i| i.phash.clone()),
         flag: None,
         first_seen: now,
         updated_at: now,

@@ -1,0 +1,283 @@
+//! What ingest learns from an image's bytes: format, dimensions after EXIF orientation, the EXIF
+//! orientation applied, and a perceptual hash — or, for bytes that are not a usable image, the
+//! reason, so the record is flagged instead of the batch failing.
+//!
+//! Decoding is guarded: the header's dimensions are checked against a pixel limit before any
+//! pixel is decoded (a decompression bomb is a few KiB on disk), and the decoder runs with an
+//! allocation limit. GIFs are analysed by their first frame.
+
+use std::io::Cursor;
+
+use image::{DynamicImage, ImageDecoder, ImageFormat, ImageReader, Limits};
+
+/// PIL's default bomb threshold (2 × 89,478,485), which our users' tools already apply.
+pub const DEFAULT_MAX_PIXELS: u64 = 178_956_970;
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct ImageInfo {
+    /// `jpeg`, `png`, `webp`, `bmp`, `tiff`, `gif`.
+    pub format: String,
+    /// After the EXIF orientation is applied.
+    pub width: u32,
+    pub height: u32,
+    /// The EXIF orientation (1–8) that was applied; 1 when none was present.
+    pub exif_orientation: u8,
+    /// 64-bit DCT perceptual hash, 16 hex digits (Hamming distance ≈ visual difference).
+    pub phash: String,
+}
+
+/// Why bytes were not accepted as an image; the text goes into the record's `flag`.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum Rejected {
+    #[error("unknown_format: not a JPEG, PNG, WebP, BMP, TIFF or GIF")]
+    UnknownFormat,
+    #[error("decompression_bomb: {width}x{height} = {pixels} pixels exceeds the limit of {limit}")]
+    Bomb {
+        width: u32,
+        height: u32,
+        pixels: u64,
+        limit: u64,
+    },
+    #[error("corrupt: {0}")]
+    Corrupt(String),
+}
+
+fn format_name(f: ImageFormat) -> Option<&'static str> {
+    Some(match f {
+        ImageFormat::Jpeg => "jpeg",
+        ImageFormat::Png => "png",
+        ImageFormat::WebP => "webp",
+        ImageFormat::Bmp => "bmp",
+        ImageFormat::Tiff => "tiff",
+        ImageFormat::Gif => "gif",
+        _ => return None,
+    })
+}
+
+/// MIME type of a format name from [`ImageInfo::format`].
+pub fn content_type(format: &str) -> &'static str {
+    match format {
+        "jpeg" => "image/jpeg",
+        "png" => "image/png",
+        "webp" => "image/webp",
+        "bmp" => "image/bmp",
+        "tiff" => "image/tiff",
+        "gif" => "image/gif",
+        _ => "application/octet-stream",
+    }
+}
+
+pub fn analyze(bytes: &[u8], max_pixels: u64) -> Result<ImageInfo, Rejected> {
+    let reader = || {
+        ImageReader::new(Cursor::new(bytes))
+            .with_guessed_format()
+            .map_err(|e| Rejected::Corrupt(e.to_string()))
+    };
+    let format = reader()?
+        .format()
+        .and_then(format_name)
+        .ok_or(Rejected::UnknownFormat)?;
+    // The header alone first: refuse bombs before decoding a pixel.
+    let (width, height) = reader()?
+        .into_dimensions()
+        .map_err(|e| Rejected::Corrupt(e.to_string()))?;
+    let pixels = u64::from(width) * u64::from(height);
+    if pixels > max_pixels {
+        return Err(Rejected::Bomb {
+            width,
+            height,
+            pixels,
+            limit: max_pixels,
+        });
+    }
+    let mut r = reader()?;
+    let mut limits = Limits::default();
+    limits.max_alloc = Some(max_pixels.saturating_mul(16));
+    r.limits(limits);
+    let mut decoder = r
+        .into_decoder()
+        .map_err(|e| Rejected::Corrupt(e.to_string()))?;
+    let orientation = decoder
+        .orientation()
+        .unwrap_or(image::metadata::Orientation::NoTransforms);
+    let mut img =
+        DynamicImage::from_decoder(decoder).map_err(|e| Rejected::Corrupt(e.to_string()))?;
+    img.apply_orientation(orientation);
+    Ok(ImageInfo {
+        format: format.to_owned(),
+        width: img.width(),
+        height: img.height(),
+        exif_orientation: orientation.to_exif(),
+        phash: format!("{:016x}", phash(&img)),
+    })
+}
+
+/// DCT perceptual hash: 32×32 grey, 2-D DCT-II, the 8×8 lowest frequencies, each bit set when the
+/// coefficient is above their median (the DC term excluded from the median).
+pub fn phash(img: &DynamicImage) -> u64 {
+    const S: usize = 32;
+    let grey = img
+        .resize_exact(S as u32, S as u32, image::imageops::FilterType::Triangle)
+        .to_luma32f();
+    let px: Vec<f32> = grey.pixels().map(|p| p.0[0]).collect();
+    let cos: Vec<f32> = (0..8 * S)
+        .map(|i| {
+            let (u, x) = (i / S, i % S);
+            (std::f32::consts::PI * (2 * x + 1) as f32 * u as f32 / (2 * S) as f32).cos()
+        })
+        .collect();
+    let mut coeffs = [0f32; 64];
+    for u in 0..8 {
+        for v in 0..8 {
+            let mut sum = 0f32;
+            for y in 0..S {
+                let cy = cos[v * S + y];
+                for x in 0..S {
+                    sum += px[y * S + x] * cos[u * S + x] * cy;
+                }
+            }
+            coeffs[v * 8 + u] = sum;
+        }
+    }
+    let mut rest: Vec<f32> = coeffs[1..].to_vec();
+    rest.sort_by(|a, b| a.total_cmp(b));
+    let median = rest[rest.len() / 2];
+    coeffs
+        .iter()
+        .enumerate()
+        .fold(0u64, |h, (i, &c)| if c > median { h | (1 << i) } else { h })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use image::{ImageBuffer, Rgb, RgbImage};
+
+    fn scene(w: u32, h: u32, seed: u32) -> RgbImage {
+        ImageBuffer::from_fn(w, h, |x, y| {
+            let v = ((x * 7 + y * 3 + seed * 40) % 256) as u8;
+            let block = if (x / 8 + y / 8 + seed).is_multiple_of(2) {
+                255
+            } else {
+                0
+            };
+            Rgb([v, block, 255 - v])
+        })
+    }
+
+    fn encode(img: &RgbImage, f: ImageFormat) -> Vec<u8> {
+        let mut out = Cursor::new(Vec::new());
+        DynamicImage::ImageRgb8(img.clone())
+            .write_to(&mut out, f)
+            .unwrap();
+        out.into_inner()
+    }
+
+    /// A JPEG with an APP1 EXIF segment carrying only the orientation tag.
+    fn jpeg_with_orientation(img: &RgbImage, orientation: u16) -> Vec<u8> {
+        let jpeg = encode(img, ImageFormat::Jpeg);
+        let mut tiff = b"MM\0\x2a\0\0\0\x08".to_vec();
+        tiff.extend_from_slice(&1u16.to_be_bytes()); // one IFD entry
+        tiff.extend_from_slice(&0x0112u16.to_be_bytes()); // Orientation
+        tiff.extend_from_slice(&3u16.to_be_bytes()); // SHORT
+        tiff.extend_from_slice(&1u32.to_be_bytes()); // count
+        tiff.extend_from_slice(&orientation.to_be_bytes());
+        tiff.extend_from_slice(&[0, 0]);
+        tiff.extend_from_slice(&0u32.to_be_bytes()); // no next IFD
+        let mut app1 = b"Exif\0\0".to_vec();
+        app1.extend_from_slice(&tiff);
+        let mut out = jpeg[..2].to_vec(); // SOI
+        out.extend_from_slice(&[0xFF, 0xE1]);
+        out.extend_from_slice(&((app1.len() + 2) as u16).to_be_bytes());
+        out.extend_from_slice(&app1);
+        out.extend_from_slice(&jpeg[2..]);
+        out
+    }
+
+    #[test]
+    fn every_supported_format_is_read() {
+        let img = scene(40, 24, 1);
+        for (f, name) in [
+            (ImageFormat::Png, "png"),
+            (ImageFormat::Jpeg, "jpeg"),
+            (ImageFormat::Gif, "gif"),
+            (ImageFormat::Bmp, "bmp"),
+            (ImageFormat::Tiff, "tiff"),
+            (ImageFormat::WebP, "webp"),
+        ] {
+            let info = analyze(&encode(&img, f), DEFAULT_MAX_PIXELS)
+                .unwrap_or_else(|e| panic!("{name}: {e}"));
+            assert_eq!(
+                (
+                    info.format.as_str(),
+                    info.width,
+                    info.height,
+                    info.exif_orientation
+                ),
+                (name, 40, 24, 1)
+            );
+        }
+    }
+
+    #[test]
+    fn exif_orientation_is_applied() {
+        let img = scene(40, 24, 2);
+        let info = analyze(&jpeg_with_orientation(&img, 6), DEFAULT_MAX_PIXELS).unwrap();
+        assert_eq!(
+            (info.width, info.height, info.exif_orientation),
+            (24, 40, 6)
+        );
+    }
+
+    #[test]
+    fn bombs_truncation_and_garbage_are_rejected_with_reasons() {
+        let png = encode(&scene(64, 64, 3), ImageFormat::Png);
+        assert!(matches!(
+            analyze(&png, 1000),
+            Err(Rejected::Bomb {
+                width: 64,
+                height: 64,
+                pixels: 4096,
+                limit: 1000
+            })
+        ));
+        let cut = &png[..png.len() / 2];
+        let e = analyze(cut, DEFAULT_MAX_PIXELS).unwrap_err();
+        assert!(matches!(e, Rejected::Corrupt(_)), "{e:?}");
+        assert_eq!(
+            analyze(b"definitely not an image", DEFAULT_MAX_PIXELS).unwrap_err(),
+            Rejected::UnknownFormat
+        );
+        assert!(analyze(&[], DEFAULT_MAX_PIXELS).is_err());
+    }
+
+    #[test]
+    fn perceptual_hash_is_stable_under_reencoding_and_differs_between_scenes() {
+        let a = scene(64, 64, 4);
+        let pa = analyze(&encode(&a, ImageFormat::Png), DEFAULT_MAX_PIXELS)
+            .unwrap()
+            .phash;
+        let pj = analyze(&encode(&a, ImageFormat::Jpeg), DEFAULT_MAX_PIXELS)
+            .unwrap()
+            .phash;
+        let pb = analyze(
+            &encode(&scene(64, 64, 5), ImageFormat::Png),
+            DEFAULT_MAX_PIXELS,
+        )
+        .unwrap()
+        .phash;
+        let dist = |x: &str, y: &str| {
+            (u64::from_str_radix(x, 16).unwrap() ^ u64::from_str_radix(y, 16).unwrap()).count_ones()
+        };
+        assert!(
+            dist(&pa, &pj) <= 6,
+            "PNG vs JPEG of the same image differ by {}",
+            dist(&pa, &pj)
+        );
+        assert!(
+            dist(&pa, &pb) >= 12,
+            "different scenes differ by only {}",
+            dist(&pa, &pb)
+        );
+    }
+}
