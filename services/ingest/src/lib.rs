@@ -1,14 +1,15 @@
 //! The ingest service: records images announced on `atelier.v1.images.ingested`.
 //!
 //! Consumes stream `ATELIER_IMAGES` (durable `ingest-workers`), produces [`ImageRecord`]s in the
-//! `atelier_images` KV bucket, keyed by the SHA-256 of the bytes. For each announced image it streams
-//! the object through SHA-256 (the claim in the event is checked, never trusted), copies it to its
-//! content address, and merges the announcement into the record: the same bytes announced twice,
-//! under any keys, give one record with every source listed. A claimed digest that does not match
-//! the bytes flags the record with the reason. A missing object is retried (the announcing system
-//! may still be writing it) and, after `max_deliver`, the event is dead-lettered with the reason.
-//! Malformed events are dead-lettered at once. Image decoding, EXIF, perceptual hashes and
-//! datasets build on this record (the dataset-side issue).
+//! `atelier_images` KV bucket, keyed by the SHA-256 of the bytes. For each announced image it reads
+//! the object, hashes it (the claim in the event is checked, never trusted), decodes it
+//! ([`analyze`]: format, dimensions after EXIF orientation, perceptual hash, behind a
+//! decompression-bomb guard), copies it to its content address, and merges the announcement into
+//! the record: the same bytes announced twice, under any keys, give one record with every source
+//! listed. Bytes that are corrupt, truncated, not an image, a bomb, or whose claimed digest is
+//! wrong give a record flagged with the reason — never a crash or a lost event. A missing object is
+//! retried (the announcing system may still be writing it) and, after `max_deliver`, the event is
+//! dead-lettered with the reason. Malformed events are dead-lettered at once.
 
 use std::sync::Arc;
 
