@@ -453,6 +453,18 @@ impl Cluster {
         Ok(format!("http://{addr}"))
     }
 
+    /// Runs the gateway without auth in this process and returns a client for it.
+    pub async fn open_gateway(
+        &self,
+        shutdown: &CancellationToken,
+    ) -> atelier_gateway::client::Client {
+        let base = self
+            .gateway(vec![], Default::default(), shutdown.clone())
+            .await
+            .expect("gateway starts");
+        atelier_gateway::client::Client::new(&base, None).expect("client")
+    }
+
     /// Waits until every job is terminal; returns the records.
     pub async fn wait_terminal(
         &self,

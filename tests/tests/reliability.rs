@@ -8,7 +8,6 @@ use atelier_contracts::{
     ArtifactKey, ChecksumSpec, DeadLetter, JobDone, JobId, JobOutput, JobSpec, JobState, Service,
 };
 use atelier_e2e::*;
-use atelier_gateway::client::Client;
 use atelier_kit::config::WorkerArgs;
 use rand::Rng;
 use tokio_util::sync::CancellationToken;
@@ -49,13 +48,7 @@ fn fast_worker_env() -> Vec<(&'static str, String)> {
 async fn kill9_workers_mid_job_twenty_times() {
     let mut c = Cluster::start(shared_s3_store(60)).await.unwrap();
     let shutdown = CancellationToken::new();
-    let client = Client::new(
-        &c.gateway(vec![], Default::default(), shutdown.clone())
-            .await
-            .unwrap(),
-        None,
-    )
-    .unwrap();
+    let client = c.open_gateway(&shutdown).await;
     for _ in 0..3 {
         c.spawn_service("atelier-checksum", &fast_worker_env())
             .unwrap();
@@ -165,13 +158,7 @@ async fn kill9_workers_mid_job_twenty_times() {
 async fn nats_server_restart_mid_run() {
     let mut c = Cluster::start(shared_s3_store(60)).await.unwrap();
     let shutdown = CancellationToken::new();
-    let client = Client::new(
-        &c.gateway(vec![], Default::default(), shutdown.clone())
-            .await
-            .unwrap(),
-        None,
-    )
-    .unwrap();
+    let client = c.open_gateway(&shutdown).await;
     for _ in 0..2 {
         c.spawn_service("atelier-checksum", &fast_worker_env())
             .unwrap();
@@ -253,13 +240,7 @@ impl atelier_kit::Handler for FailsOn {
 async fn poison_messages_are_dead_lettered() {
     let c = Cluster::start(shared_s3_store(30)).await.unwrap();
     let shutdown = CancellationToken::new();
-    let client = Client::new(
-        &c.gateway(vec![], Default::default(), shutdown.clone())
-            .await
-            .unwrap(),
-        None,
-    )
-    .unwrap();
+    let client = c.open_gateway(&shutdown).await;
     let poison = client
         .upload(bytes_of(7, 100), "application/octet-stream")
         .await
@@ -723,13 +704,7 @@ impl atelier_kit::Handler for Waits {
 async fn progress_streams_and_cancellation_reaches_the_worker() {
     let c = Cluster::local().await.unwrap();
     let shutdown = CancellationToken::new();
-    let client = Client::new(
-        &c.gateway(vec![], Default::default(), shutdown.clone())
-            .await
-            .unwrap(),
-        None,
-    )
-    .unwrap();
+    let client = c.open_gateway(&shutdown).await;
     let seen = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let rt = atelier_kit::service::Runtime::connect(
         &c.service_args(WorkerArgs::default()),
@@ -814,13 +789,7 @@ async fn progress_streams_and_cancellation_reaches_the_worker() {
 async fn sigterm_drains_in_flight_jobs() {
     let mut c = Cluster::start(shared_s3_store(30)).await.unwrap();
     let shutdown = CancellationToken::new();
-    let client = Client::new(
-        &c.gateway(vec![], Default::default(), shutdown.clone())
-            .await
-            .unwrap(),
-        None,
-    )
-    .unwrap();
+    let client = c.open_gateway(&shutdown).await;
     c.spawn_service(
         "atelier-checksum",
         &[
@@ -954,13 +923,7 @@ async fn run_probe(
 async fn batched_fetch_and_back_pressure() {
     let c = Cluster::local().await.unwrap();
     let shutdown = CancellationToken::new();
-    let client = Client::new(
-        &c.gateway(vec![], Default::default(), shutdown.clone())
-            .await
-            .unwrap(),
-        None,
-    )
-    .unwrap();
+    let client = c.open_gateway(&shutdown).await;
     let mut ids = Vec::new();
     for i in 0..16u64 {
         let a = client
@@ -1004,13 +967,7 @@ async fn batched_fetch_and_back_pressure() {
     // Back-pressure: two replicas with room for 16 jobs each, but the consumer allows 3 unacked.
     let c = Cluster::local().await.unwrap();
     let shutdown = CancellationToken::new();
-    let client = Client::new(
-        &c.gateway(vec![], Default::default(), shutdown.clone())
-            .await
-            .unwrap(),
-        None,
-    )
-    .unwrap();
+    let client = c.open_gateway(&shutdown).await;
     let probe = Probe {
         batch: 1,
         ..Default::default()
@@ -1052,13 +1009,7 @@ async fn batched_fetch_and_back_pressure() {
 async fn large_uploads_stream_through_s3_multipart() {
     let c = Cluster::start(shared_s3_store(30)).await.unwrap();
     let shutdown = CancellationToken::new();
-    let client = Client::new(
-        &c.gateway(vec![], Default::default(), shutdown.clone())
-            .await
-            .unwrap(),
-        None,
-    )
-    .unwrap();
+    let client = c.open_gateway(&shutdown).await;
     let data = bytes_of(4242, atelier_kit::store::MULTIPART_THRESHOLD * 2 + 12345);
     let up = client
         .upload(data.clone(), "application/x-tar")

@@ -5,7 +5,6 @@ use std::time::{Duration, Instant};
 
 use atelier_contracts::{ChecksumSpec, JobSpec, JobState};
 use atelier_e2e::*;
-use atelier_gateway::client::Client;
 use tokio_util::sync::CancellationToken;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -19,13 +18,7 @@ async fn store_outage_of_thirty_seconds() {
         .await
         .unwrap();
     let shutdown = CancellationToken::new();
-    let client = Client::new(
-        &c.gateway(vec![], Default::default(), shutdown.clone())
-            .await
-            .unwrap(),
-        None,
-    )
-    .unwrap();
+    let client = c.open_gateway(&shutdown).await;
     let env = [
         ("ATELIER_ACK_WAIT_SECS", "5".to_string()),
         ("ATELIER_CONCURRENCY", "4".to_string()),
