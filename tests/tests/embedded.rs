@@ -18,6 +18,9 @@ fn up(data_dir: &std::path::Path, port: u16, log: &str) -> Child {
         "0",
         "--concurrency",
         "1",
+        // A job interrupted by the crash is redelivered after ack_wait.
+        "--ack-wait-secs",
+        "5",
     ])
     .arg("--addr")
     .arg(format!("127.0.0.1:{port}"))
