@@ -727,28 +727,33 @@ async fn progress_streams_and_cancellation_reaches_the_worker() {
         .await
         .unwrap();
     let id = job.id.to_string();
+    // Follow the job's events; every update also goes to `seen_tx`, so the test cancels only
+    // after the event stream has shown the handler's progress.
+    let (seen_tx, mut seen_rx) = tokio::sync::mpsc::unbounded_channel();
     let follower = {
         let (client, id) = (client.clone(), id.clone());
         tokio::spawn(async move {
             let mut updates = Vec::new();
             let last = client
-                .follow(&id, |r| updates.push((r.state, r.progress.clone())))
+                .follow(&id, |r| {
+                    let _ = seen_tx.send((r.state, r.progress.clone()));
+                    updates.push((r.state, r.progress.clone()));
+                })
                 .await
                 .unwrap();
             (updates, last)
         })
     };
-    // Wait until the handler has reported progress, then cancel.
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    loop {
-        let r = client.job(&id).await.unwrap();
-        if r.progress.as_ref().is_some_and(|p| p.fraction == 0.25) {
-            assert_eq!(r.state, JobState::Running);
-            break;
+    tokio::time::timeout(Duration::from_secs(10), async {
+        while let Some((state, progress)) = seen_rx.recv().await {
+            if progress.is_some_and(|p| p.fraction == 0.25) {
+                assert_eq!(state, JobState::Running);
+                return;
+            }
         }
-        assert!(std::time::Instant::now() < deadline, "no progress reported");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    })
+    .await
+    .expect("the event stream never showed the handler's progress");
     let cancelled = client.cancel(&id).await.unwrap();
     assert_eq!(cancelled.state, JobState::Cancelled);
     let (updates, last) = tokio::time::timeout(Duration::from_secs(10), follower)
