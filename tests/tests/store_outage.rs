@@ -7,6 +7,14 @@ use atelier_contracts::{ChecksumSpec, JobSpec, JobState};
 use atelier_e2e::*;
 use tokio_util::sync::CancellationToken;
 
+/// A checksum job that verifies the artifact against its known digest.
+fn verify(a: &atelier_contracts::ArtifactRef) -> JobSpec {
+    JobSpec::Checksum(ChecksumSpec {
+        input: a.key.clone(),
+        expected_sha256: Some(a.sha256.clone()),
+    })
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn store_outage_of_thirty_seconds() {
     let weed_dir = tempfile::Builder::new()
@@ -40,16 +48,7 @@ async fn store_outage_of_thirty_seconds() {
     // Some jobs complete before the outage.
     let mut ids = Vec::new();
     for a in &keys[..10] {
-        ids.push(
-            client
-                .submit(&JobSpec::Checksum(ChecksumSpec {
-                    input: a.key.clone(),
-                    expected_sha256: Some(a.sha256.clone()),
-                }))
-                .await
-                .unwrap()
-                .id,
-        );
+        ids.push(client.submit(&verify(a)).await.unwrap().id);
     }
     c.wait_terminal(&ids, Duration::from_secs(30))
         .await
@@ -59,16 +58,7 @@ async fn store_outage_of_thirty_seconds() {
     weed.kill();
     let stopped = Instant::now();
     for a in &keys[10..] {
-        ids.push(
-            client
-                .submit(&JobSpec::Checksum(ChecksumSpec {
-                    input: a.key.clone(),
-                    expected_sha256: Some(a.sha256.clone()),
-                }))
-                .await
-                .unwrap()
-                .id,
-        );
+        ids.push(client.submit(&verify(a)).await.unwrap().id);
     }
     tokio::time::sleep(Duration::from_secs(3)).await;
     // While the store is down nothing fails: the new jobs are running (retrying) or queued.

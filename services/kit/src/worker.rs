@@ -284,6 +284,12 @@ enum Plan {
     Run(Box<(JobCtx, JobSpec)>),
 }
 
+/// The `id` of a payload that is JSON but not a valid [`JobRequest`], if it has one.
+fn job_id_in(payload: &[u8]) -> Option<JobId> {
+    let v: serde_json::Value = serde_json::from_slice(payload).ok()?;
+    JobId::parse(v.get("id")?.as_str()?)
+}
+
 fn info(code: &str, message: impl Into<String>) -> ErrorInfo {
     ErrorInfo {
         code: code.into(),
@@ -301,9 +307,7 @@ impl<H: Handler> Prepared<H> {
         let request: JobRequest = match serde_json::from_slice(d.payload()) {
             Ok(r) => r,
             Err(e) => {
-                let job_id = serde_json::from_slice::<serde_json::Value>(d.payload())
-                    .ok()
-                    .and_then(|v| v.get("id").and_then(|i| i.as_str()).and_then(JobId::parse));
+                let job_id = job_id_in(d.payload());
                 return Plan::Settled(Outcome::DeadLetter {
                     reason: info(
                         "undecodable",
@@ -636,11 +640,7 @@ impl<H: Handler> Processor for Prepared<H> {
     }
 
     async fn dead_lettered(&self, d: &Delivery, job_id: Option<JobId>, reason: &ErrorInfo) {
-        let id = job_id.or_else(|| {
-            serde_json::from_slice::<serde_json::Value>(d.payload())
-                .ok()
-                .and_then(|v| v.get("id").and_then(|i| i.as_str()).and_then(JobId::parse))
-        });
+        let id = job_id.or_else(|| job_id_in(d.payload()));
         if let Some(id) = id {
             let mut reason = reason.clone();
             reason.message = format!(
