@@ -63,6 +63,11 @@ enum Conformance {
         #[arg(long)]
         cases: PathBuf,
     },
+    /// Diffusers scheduler traces: every `*.json` in DIR (shared/conformance/schedulers format).
+    Schedulers {
+        #[arg(long)]
+        traces: PathBuf,
+    },
 }
 
 #[derive(Subcommand)]
@@ -290,6 +295,18 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 );
             }
             println!("{} passed, {} failed", report.passed, report.failed);
+            if report.failed > 0 {
+                std::process::exit(1);
+            }
+            Ok(())
+        }
+        Command::Conformance(Conformance::Schedulers { traces }) => {
+            let report = atelier_diffusion::conformance::schedulers::replay_dir(&traces)
+                .map_err(anyhow::Error::msg)?;
+            for f in &report.failures {
+                println!("FAIL {f}");
+            }
+            println!("{}", report.summary());
             if report.failed > 0 {
                 std::process::exit(1);
             }

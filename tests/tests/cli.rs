@@ -43,6 +43,56 @@ fn conformance_fails_loudly_on_a_wrong_reference() {
 }
 
 #[test]
+fn conformance_schedulers_replays_the_shared_diffusers_traces() {
+    let dir = shared_dir().join("conformance/schedulers");
+    let (ok, stdout, stderr) = atelier(&[
+        "conformance",
+        "schedulers",
+        "--traces",
+        dir.to_str().unwrap(),
+    ]);
+    assert!(ok, "{stdout}{stderr}");
+    let last = stdout.lines().last().unwrap();
+    assert!(last.ends_with(" passed, 0 failed"), "{stdout}");
+    let passed: usize = last.split(' ').next().unwrap().parse().unwrap();
+    assert!(passed >= 63, "{last}");
+}
+
+#[test]
+fn conformance_schedulers_fails_on_a_diverging_trace_and_explains_a_bad_dir() {
+    let file = shared_dir().join("conformance/schedulers/diffusers-0.42.1.json");
+    let mut doc: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(file).unwrap()).unwrap();
+    let traces = doc["traces"].as_array_mut().unwrap();
+    traces.truncate(2);
+    let x = &mut traces[1]["trace"][3]["x"][0];
+    *x = serde_json::json!(x.as_f64().unwrap() + 0.5);
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("t.json"), doc.to_string()).unwrap();
+    let (ok, stdout, _) = atelier(&[
+        "conformance",
+        "schedulers",
+        "--traces",
+        dir.path().to_str().unwrap(),
+    ]);
+    assert!(!ok);
+    assert!(
+        stdout.contains("step 3") && stdout.trim_end().ends_with("1 passed, 1 failed"),
+        "{stdout}"
+    );
+
+    let empty = tempfile::tempdir().unwrap();
+    let (ok, _, stderr) = atelier(&[
+        "conformance",
+        "schedulers",
+        "--traces",
+        empty.path().to_str().unwrap(),
+    ]);
+    assert!(!ok);
+    assert!(stderr.contains("no *.json trace files"), "{stderr}");
+}
+
+#[test]
 fn eval_captions_scores_jsonl_and_explains_bad_input() {
     let dir = tempfile::tempdir().unwrap();
     let refs = dir.path().join("refs.jsonl");
