@@ -63,10 +63,26 @@ enum Conformance {
         #[arg(long)]
         cases: PathBuf,
     },
+    /// AUTOMATIC1111 prompt-parser outputs (shared/conformance/prompts format).
+    Prompts {
+        #[arg(long)]
+        cases: PathBuf,
+    },
     /// Diffusers scheduler traces: every `*.json` in DIR (shared/conformance/schedulers format).
     Schedulers {
         #[arg(long)]
         traces: PathBuf,
+    },
+}
+
+#[derive(Subcommand)]
+enum PromptCmd {
+    /// Print A1111's reading of a prompt: {"attention": [[text, weight], ...], "schedule": [[step, text], ...]}.
+    Parse {
+        prompt: String,
+        /// Sampling steps the editing schedule is computed for.
+        #[arg(long, default_value_t = 20)]
+        steps: usize,
     },
 }
 
@@ -97,6 +113,9 @@ enum Command {
     /// Replay reference data from other tools and report `N passed, N failed`.
     #[command(subcommand)]
     Conformance(Conformance),
+    /// Prompt tools (A1111 syntax).
+    #[command(subcommand)]
+    Prompt(PromptCmd),
     /// Score candidate captions against references (pycocoevalcap's metrics and names).
     EvalCaptions {
         /// JSONL of {"image_id", "caption"}, several lines per image allowed.
@@ -295,6 +314,29 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 );
             }
             println!("{} passed, {} failed", report.passed, report.failed);
+            if report.failed > 0 {
+                std::process::exit(1);
+            }
+            Ok(())
+        }
+        Command::Prompt(PromptCmd::Parse { prompt, steps }) => {
+            if steps == 0 || steps > 10_000 {
+                anyhow::bail!("--steps must be between 1 and 10000 (got {steps})");
+            }
+            let parsed = atelier_diffusion::prompt::parse(&prompt, steps);
+            println!("{}", serde_json::to_string(&parsed)?);
+            Ok(())
+        }
+        Command::Conformance(Conformance::Prompts { cases }) => {
+            let text = std::fs::read_to_string(&cases)
+                .with_context(|| format!("reading {}", cases.display()))?;
+            let file = atelier_diffusion::conformance::prompts::parse_file(&text)
+                .map_err(|e| anyhow::anyhow!("{}: {e}", cases.display()))?;
+            let report = atelier_diffusion::conformance::prompts::replay(&file);
+            for f in &report.failures {
+                println!("FAIL {f}");
+            }
+            println!("{}", report.summary());
             if report.failed > 0 {
                 std::process::exit(1);
             }

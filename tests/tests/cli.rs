@@ -43,6 +43,41 @@ fn conformance_fails_loudly_on_a_wrong_reference() {
 }
 
 #[test]
+fn conformance_prompts_replays_the_shared_a1111_cases() {
+    let file = shared_dir().join("conformance/prompts/a1111-prompt-parser.json");
+    let (ok, stdout, stderr) =
+        atelier(&["conformance", "prompts", "--cases", file.to_str().unwrap()]);
+    assert!(ok, "{stdout}{stderr}");
+    assert!(
+        stdout.trim_end().ends_with("86 passed, 0 failed"),
+        "{stdout}"
+    );
+}
+
+#[test]
+fn prompt_parse_prints_attention_and_schedule() {
+    let (ok, stdout, stderr) = atelier(&[
+        "prompt",
+        "parse",
+        "a (red:1.5) [cat:dog:0.5]",
+        "--steps",
+        "10",
+    ]);
+    assert!(ok, "{stderr}");
+    let v: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
+    assert_eq!(v["attention"][1], serde_json::json!(["red", 1.5]));
+    assert_eq!(
+        v["schedule"],
+        serde_json::json!([[5, "a (red:1.5) cat"], [10, "a (red:1.5) dog"]])
+    );
+    let (ok, _, stderr) = atelier(&["prompt", "parse", "x", "--steps", "0"]);
+    assert!(
+        !ok && stderr.contains("--steps must be between"),
+        "{stderr}"
+    );
+}
+
+#[test]
 fn conformance_schedulers_replays_the_shared_diffusers_traces() {
     let dir = shared_dir().join("conformance/schedulers");
     let (ok, stdout, stderr) = atelier(&[

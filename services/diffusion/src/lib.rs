@@ -1,7 +1,9 @@
 //! atelier's diffusion engine.
 //!
 //! - [`schedulers`]: the noise schedule and every sampler our users know from diffusers, A1111 and
-//!   ComfyUI, number for number with diffusers (replayed against its traces by [`conformance`]).
+//!   ComfyUI, number for number with diffusers (replayed against its traces by [`conformance`]);
+//! - [`prompt`]: AUTOMATIC1111's prompt language (emphasis, BREAK, editing, alternation, LoRA tags).
 pub mod conformance;
 pub mod noise;
+pub mod prompt;
 pub mod schedulers;

@@ -1,4 +1,6 @@
-//! Replays of reference data (`../shared/conformance/`): diffusers scheduler traces.
+//! Replays of reference data (`../shared/conformance/`): diffusers scheduler traces and
+//! AUTOMATIC1111 prompt-parser outputs.
+pub mod prompts;
 pub mod schedulers;
 
 /// Passed/failed counts with a line per failure.
