@@ -4,6 +4,7 @@
 //!   ComfyUI, number for number with diffusers (replayed against its traces by [`conformance`]);
 //! - [`prompt`]: AUTOMATIC1111's prompt language (emphasis, BREAK, editing, alternation, LoRA tags).
 pub mod conformance;
+pub mod models;
 pub mod noise;
 pub mod prompt;
 pub mod schedulers;

@@ -1,0 +1,8 @@
+//! Stable Diffusion's networks written on candle-core/candle-nn: the UNet, the VAE and the CLIP
+//! text encoders, named and shaped as diffusers/transformers name them so real files load.
+
+pub mod clip;
+pub mod nn;
+pub mod shapes;
+pub mod unet;
+pub mod vae;

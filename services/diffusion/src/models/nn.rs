@@ -1,0 +1,309 @@
+//! The building blocks every model here is made of, behind our own functions so faster kernels
+//! (flash attention, fused group-norm, cuDNN convolutions) can replace them in one place.
+//!
+//! Weights are plain tensors taken from a [`VarBuilder`]; nothing here creates a `Var`, so a
+//! sampling loop keeps no autograd graph. Training (LoRA) passes [`Ops::differentiable`]: every op
+//! then records gradients (candle's fused softmax and layer-norm do not).
+
+use candle_core::{DType, Module, Result, Tensor, D};
+use candle_nn::VarBuilder;
+
+/// How the blocks compute.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Ops {
+    /// Use only ops that carry gradients (training); else the fused inference kernels.
+    pub differentiable: bool,
+}
+
+impl Ops {
+    pub const INFERENCE: Ops = Ops {
+        differentiable: false,
+    };
+    pub const TRAINING: Ops = Ops {
+        differentiable: true,
+    };
+}
+
+/// y = x·Wᵀ + b, with an optional low-rank adapter (LoRA) added at run time.
+#[derive(Debug, Clone)]
+pub struct Linear {
+    pub weight: Tensor,
+    pub bias: Option<Tensor>,
+    /// (down [r, in], up [out, r], scale) adapters applied as x·downᵀ·upᵀ·scale.
+    pub adapters: Vec<(Tensor, Tensor, f64)>,
+}
+
+impl Linear {
+    pub fn new(vb: &VarBuilder, in_dim: usize, out_dim: usize, bias: bool) -> Result<Self> {
+        let weight = vb.get((out_dim, in_dim), "weight")?;
+        let bias = if bias {
+            Some(vb.get(out_dim, "bias")?)
+        } else {
+            None
+        };
+        Ok(Self {
+            weight,
+            bias,
+            adapters: Vec::new(),
+        })
+    }
+
+    pub fn in_dim(&self) -> usize {
+        self.weight.dim(1).unwrap_or(0)
+    }
+
+    pub fn out_dim(&self) -> usize {
+        self.weight.dim(0).unwrap_or(0)
+    }
+}
+
+impl Module for Linear {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let dims = x.dims().to_vec();
+        let in_dim = dims[dims.len() - 1];
+        let rows: usize = dims[..dims.len() - 1].iter().product();
+        let x2 = x.reshape((rows, in_dim))?;
+        let mut y = x2.matmul(&self.weight.t()?)?;
+        if let Some(b) = &self.bias {
+            y = y.broadcast_add(b)?;
+        }
+        for (down, up, scale) in &self.adapters {
+            let d = x2.to_dtype(down.dtype())?.matmul(&down.t()?)?;
+            let u = d.matmul(&up.t()?)?.affine(*scale, 0.0)?;
+            let u = u.to_dtype(y.dtype())?;
+            y = (y + u)?;
+        }
+        let mut out = dims;
+        let last = out.len() - 1;
+        out[last] = self.weight.dim(0)?;
+        y.reshape(out)
+    }
+}
+
+/// 2-D convolution (square kernel), NCHW.
+#[derive(Debug, Clone)]
+pub struct Conv2d {
+    pub weight: Tensor,
+    pub bias: Option<Tensor>,
+    pub stride: usize,
+    pub padding: usize,
+    /// (down [r, in, k, k], up [out, r, 1, 1], scale) adapters (LoCon / conv LoRA).
+    pub adapters: Vec<(Tensor, Tensor, f64)>,
+}
+
+impl Conv2d {
+    pub fn new(
+        vb: &VarBuilder,
+        in_ch: usize,
+        out_ch: usize,
+        kernel: usize,
+        stride: usize,
+        padding: usize,
+    ) -> Result<Self> {
+        Ok(Self {
+            weight: vb.get((out_ch, in_ch, kernel, kernel), "weight")?,
+            bias: Some(vb.get(out_ch, "bias")?),
+            stride,
+            padding,
+            adapters: Vec::new(),
+        })
+    }
+}
+
+impl Module for Conv2d {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        conv2d(
+            x,
+            &self.weight,
+            self.bias.as_ref(),
+            self.stride,
+            self.padding,
+        )
+        .and_then(|y| {
+            let mut y = y;
+            for (down, up, scale) in &self.adapters {
+                let d = conv2d(
+                    &x.to_dtype(down.dtype())?,
+                    down,
+                    None,
+                    self.stride,
+                    self.padding,
+                )?;
+                let u = conv2d(&d, up, None, 1, 0)?.affine(*scale, 0.0)?;
+                y = (y + u.to_dtype(x.dtype())?)?;
+            }
+            Ok(y)
+        })
+    }
+}
+
+/// Convolution: the one place a faster kernel (cuDNN with cached algorithms, implicit GEMM) goes.
+pub fn conv2d(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: Option<&Tensor>,
+    stride: usize,
+    padding: usize,
+) -> Result<Tensor> {
+    let y = x.conv2d(weight, padding, stride, 1, 1)?;
+    match bias {
+        Some(b) => y.broadcast_add(&b.reshape((1, b.dim(0)?, 1, 1))?),
+        None => Ok(y),
+    }
+}
+
+/// Group normalisation over NCHW (statistics in f32), optionally followed by SiLU.
+#[derive(Debug, Clone)]
+pub struct GroupNorm {
+    pub weight: Tensor,
+    pub bias: Tensor,
+    pub groups: usize,
+    pub eps: f64,
+}
+
+impl GroupNorm {
+    pub fn new(vb: &VarBuilder, groups: usize, channels: usize, eps: f64) -> Result<Self> {
+        Ok(Self {
+            weight: vb.get(channels, "weight")?,
+            bias: vb.get(channels, "bias")?,
+            groups,
+            eps,
+        })
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        group_norm(x, self.groups, &self.weight, &self.bias, self.eps, false)
+    }
+
+    /// norm, then SiLU (fusable).
+    pub fn forward_silu(&self, x: &Tensor) -> Result<Tensor> {
+        group_norm(x, self.groups, &self.weight, &self.bias, self.eps, true)
+    }
+}
+
+/// Group norm (+ SiLU): the one place a fused kernel goes.
+pub fn group_norm(
+    x: &Tensor,
+    groups: usize,
+    weight: &Tensor,
+    bias: &Tensor,
+    eps: f64,
+    silu: bool,
+) -> Result<Tensor> {
+    let dtype = x.dtype();
+    let dims = x.dims().to_vec();
+    let (b, c) = (dims[0], dims[1]);
+    let xf = x.to_dtype(DType::F32)?.reshape((b, groups, ()))?;
+    let mean = xf.mean_keepdim(D::Minus1)?;
+    let centered = xf.broadcast_sub(&mean)?;
+    let var = centered.sqr()?.mean_keepdim(D::Minus1)?;
+    let normed = centered.broadcast_div(&(var + eps)?.sqrt()?)?;
+    let mut shape = vec![1, c];
+    shape.extend(std::iter::repeat_n(1, dims.len() - 2));
+    let y = normed
+        .reshape(dims)?
+        .broadcast_mul(&weight.to_dtype(DType::F32)?.reshape(shape.clone())?)?
+        .broadcast_add(&bias.to_dtype(DType::F32)?.reshape(shape)?)?;
+    let y = if silu { y.silu()? } else { y };
+    y.to_dtype(dtype)
+}
+
+/// Layer normalisation over the last dimension.
+#[derive(Debug, Clone)]
+pub struct LayerNorm {
+    pub weight: Tensor,
+    pub bias: Tensor,
+    pub eps: f64,
+    pub ops: Ops,
+}
+
+impl LayerNorm {
+    pub fn new(vb: &VarBuilder, dim: usize, eps: f64, ops: Ops) -> Result<Self> {
+        Ok(Self {
+            weight: vb.get(dim, "weight")?,
+            bias: vb.get(dim, "bias")?,
+            eps,
+            ops,
+        })
+    }
+}
+
+impl Module for LayerNorm {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        if !self.ops.differentiable && x.is_contiguous() {
+            return candle_nn::ops::layer_norm(x, &self.weight, &self.bias, self.eps as f32);
+        }
+        let dtype = x.dtype();
+        let xf = x.to_dtype(DType::F32)?;
+        let mean = xf.mean_keepdim(D::Minus1)?;
+        let centered = xf.broadcast_sub(&mean)?;
+        let var = centered.sqr()?.mean_keepdim(D::Minus1)?;
+        centered
+            .broadcast_div(&(var + self.eps)?.sqrt()?)?
+            .broadcast_mul(&self.weight.to_dtype(DType::F32)?)?
+            .broadcast_add(&self.bias.to_dtype(DType::F32)?)?
+            .to_dtype(dtype)
+    }
+}
+
+/// Softmax over the last dimension (fused for inference, plain ops for training).
+pub fn softmax_last(x: &Tensor, ops: Ops) -> Result<Tensor> {
+    if ops.differentiable {
+        let max = x.max_keepdim(D::Minus1)?;
+        let e = x.broadcast_sub(&max)?.exp()?;
+        e.broadcast_div(&e.sum_keepdim(D::Minus1)?)
+    } else {
+        candle_nn::ops::softmax_last_dim(x)
+    }
+}
+
+/// Scaled dot-product attention over heads: q [B, N, H·d], k/v [B, M, H·d] → [B, N, H·d], with an
+/// optional additive mask broadcast to [B, H, N, M]. The one place flash attention goes.
+pub fn attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    heads: usize,
+    mask: Option<&Tensor>,
+    ops: Ops,
+) -> Result<Tensor> {
+    let (b, n, c) = q.dims3()?;
+    let m = k.dim(1)?;
+    let d = c / heads;
+    let split = |t: &Tensor, len: usize| -> Result<Tensor> {
+        t.reshape((b, len, heads, d))?.transpose(1, 2)?.contiguous()
+    };
+    let (q, k, v) = (split(q, n)?, split(k, m)?, split(v, m)?);
+    let dtype = q.dtype();
+    // Scores in f32 for stability under f16.
+    let mut scores = q
+        .to_dtype(DType::F32)?
+        .matmul(&k.to_dtype(DType::F32)?.t()?)?
+        .affine(1.0 / (d as f64).sqrt(), 0.0)?;
+    if let Some(mask) = mask {
+        scores = scores.broadcast_add(&mask.to_dtype(DType::F32)?)?;
+    }
+    let p = softmax_last(&scores, ops)?.to_dtype(dtype)?;
+    p.matmul(&v)?.transpose(1, 2)?.reshape((b, n, c))
+}
+
+/// Sinusoidal timestep embedding (diffusers' `Timesteps` with flip_sin_to_cos, shift 0):
+/// [B] → [B, dim] as [cos, sin].
+pub fn timestep_embedding(t: &Tensor, dim: usize) -> Result<Tensor> {
+    let half = dim / 2;
+    let dev = t.device();
+    let exponent: Vec<f32> = (0..half)
+        .map(|i| (-(10000f64.ln()) * i as f64 / half as f64).exp() as f32)
+        .collect();
+    let freqs = Tensor::from_vec(exponent, (1, half), dev)?;
+    let args = t
+        .to_dtype(DType::F32)?
+        .reshape(((), 1))?
+        .broadcast_mul(&freqs)?;
+    Tensor::cat(&[args.cos()?, args.sin()?], D::Minus1)
+}
+
+/// 2× nearest-neighbour upsampling to an exact size (odd skip sizes included).
+pub fn upsample_nearest(x: &Tensor, h: usize, w: usize) -> Result<Tensor> {
+    x.upsample_nearest2d(h, w)
+}
