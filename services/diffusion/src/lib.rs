@@ -7,4 +7,5 @@ pub mod conformance;
 pub mod models;
 pub mod noise;
 pub mod prompt;
+pub mod tokenizer;
 pub mod schedulers;

@@ -1,0 +1,191 @@
+//! CLIP's byte-level BPE tokenizer through the `tokenizers` crate, from a diffusers `tokenizer/`
+//! folder (`vocab.json` + `merges.txt`, or a `tokenizer.json`).
+
+use std::path::Path;
+
+use tokenizers::models::bpe::BPE;
+use tokenizers::normalizers::{Lowercase, Replace, Sequence as NormSeq, NFC};
+use tokenizers::pre_tokenizers::byte_level::ByteLevel;
+use tokenizers::pre_tokenizers::sequence::Sequence as PreSeq;
+use tokenizers::pre_tokenizers::split::{Split, SplitPattern};
+use tokenizers::{SplitDelimiterBehavior, Tokenizer};
+
+/// CLIP's pre-tokenization pattern (words, single digits, punctuation runs, contractions).
+const CLIP_PATTERN: &str = r"<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+";
+pub const BOS: &str = "<|startoftext|>";
+pub const EOS: &str = "<|endoftext|>";
+
+#[derive(Debug, thiserror::Error)]
+pub enum TokenizerError {
+    #[error("tokenizer folder {0}: {1}")]
+    Load(String, String),
+    #[error("tokenizing: {0}")]
+    Encode(String),
+}
+
+/// A CLIP tokenizer: text → ids without special tokens; the caller frames them.
+pub struct ClipTokenizer {
+    inner: Tokenizer,
+    pub bos: u32,
+    pub eos: u32,
+    pub pad: u32,
+}
+
+fn err(dir: &Path, e: impl std::fmt::Display) -> TokenizerError {
+    TokenizerError::Load(dir.display().to_string(), e.to_string())
+}
+
+impl ClipTokenizer {
+    /// Load a `tokenizer/` folder. The pad token comes from `special_tokens_map.json` (SD 2 and
+    /// SDXL's second tokenizer pad with `!`), defaulting to end-of-text.
+    pub fn from_dir(dir: &Path) -> Result<Self, TokenizerError> {
+        let json = dir.join("tokenizer.json");
+        let inner = if json.exists() {
+            Tokenizer::from_file(&json).map_err(|e| err(dir, e))?
+        } else {
+            let (vocab, merges) = (dir.join("vocab.json"), dir.join("merges.txt"));
+            if !vocab.exists() || !merges.exists() {
+                return Err(err(dir, "expected vocab.json and merges.txt (or tokenizer.json)"));
+            }
+            let bpe = BPE::from_file(&vocab.to_string_lossy(), &merges.to_string_lossy())
+                .end_of_word_suffix("</w>".into())
+                .unk_token(EOS.into())
+                .build()
+                .map_err(|e| err(dir, e))?;
+            let mut t = Tokenizer::new(bpe);
+            let normalizer = NormSeq::new(vec![
+                NFC.into(),
+                Replace::new(tokenizers::normalizers::replace::ReplacePattern::Regex(r"\s+".into()), " ")
+                    .map_err(|e| err(dir, e))?
+                    .into(),
+                Lowercase.into(),
+            ]);
+            t.with_normalizer(Some(normalizer)).map_err(|e| err(dir, e))?;
+            let split = Split::new(SplitPattern::Regex(CLIP_PATTERN.into()), SplitDelimiterBehavior::Removed, true)
+                .map_err(|e| err(dir, e))?;
+            t.with_pre_tokenizer(Some(PreSeq::new(vec![split.into(), ByteLevel::new(false, true, false).into()])));
+            t
+        };
+        let id = |tok: &str| inner.token_to_id(tok).ok_or_else(|| err(dir, format!("the vocabulary has no {tok}")));
+        let (bos, eos) = (id(BOS)?, id(EOS)?);
+        let pad = std::fs::read_to_string(dir.join("special_tokens_map.json"))
+            .ok()
+            .and_then(|s| serde_json::from_str::<serde_json::Value>(&s).ok())
+            .and_then(|v| {
+                let p = &v["pad_token"];
+                p.as_str().map(str::to_string).or_else(|| p["content"].as_str().map(str::to_string))
+            })
+            .and_then(|p| inner.token_to_id(&p))
+            .unwrap_or(eos);
+        Ok(Self { inner, bos, eos, pad })
+    }
+
+    /// Token ids of `text` (no start/end tokens). Text is trimmed as CLIP's tokenizer does.
+    pub fn encode(&self, text: &str) -> Result<Vec<u32>, TokenizerError> {
+        let text = text.trim();
+        if text.is_empty() {
+            return Ok(Vec::new());
+        }
+        let enc = self
+            .inner
+            .encode(text, false)
+            .map_err(|e| TokenizerError::Encode(e.to_string()))?;
+        Ok(enc.get_ids().to_vec())
+    }
+
+    /// The token a `,` becomes (A1111 backs chunks up to the last comma).
+    pub fn comma(&self) -> Option<u32> {
+        self.inner.token_to_id(",</w>")
+    }
+
+    pub fn vocab_size(&self) -> usize {
+        self.inner.get_vocab_size(true)
+    }
+}
+
+/// GPT-2/CLIP's reversible byte → printable character table.
+pub fn bytes_to_unicode() -> Vec<(u8, char)> {
+    let mut bs: Vec<u32> = (b'!' as u32..=b'~' as u32)
+        .chain(0xA1..=0xAC)
+        .chain(0xAE..=0xFF)
+        .collect();
+    let mut cs = bs.clone();
+    let mut n = 0;
+    for b in 0..=255u32 {
+        if !bs.contains(&b) {
+            bs.push(b);
+            cs.push(256 + n);
+            n += 1;
+        }
+    }
+    bs.into_iter()
+        .zip(cs)
+        .map(|(b, c)| (b as u8, char::from_u32(c).unwrap_or('?')))
+        .collect()
+}
+
+/// Write a small but real CLIP vocabulary (every byte, every byte ending a word, the given
+/// merges, the special tokens) into `dir`: what tiny test models use.
+pub fn write_tiny_vocab(dir: &Path, merges: &[(&str, &str)]) -> std::io::Result<usize> {
+    std::fs::create_dir_all(dir)?;
+    let mut vocab: Vec<String> = Vec::new();
+    let table = bytes_to_unicode();
+    for (_, c) in &table {
+        vocab.push(c.to_string());
+    }
+    for (_, c) in &table {
+        vocab.push(format!("{c}</w>"));
+    }
+    let mut merge_lines = vec!["#version: 0.2".to_string()];
+    for (a, b) in merges {
+        merge_lines.push(format!("{a} {b}"));
+        let joined = format!("{a}{b}");
+        if !vocab.contains(&joined) {
+            vocab.push(joined);
+        }
+    }
+    vocab.push(BOS.into());
+    vocab.push(EOS.into());
+    let map: serde_json::Map<String, serde_json::Value> = vocab
+        .iter()
+        .enumerate()
+        .map(|(i, t)| (t.clone(), serde_json::Value::from(i)))
+        .collect();
+    std::fs::write(dir.join("vocab.json"), serde_json::to_string(&map)?)?;
+    std::fs::write(dir.join("merges.txt"), merge_lines.join("\n") + "\n")?;
+    std::fs::write(
+        dir.join("special_tokens_map.json"),
+        serde_json::json!({"bos_token": BOS, "eos_token": EOS, "unk_token": EOS, "pad_token": EOS}).to_string(),
+    )?;
+    std::fs::write(
+        dir.join("tokenizer_config.json"),
+        serde_json::json!({"model_max_length": 77, "do_lower_case": true, "tokenizer_class": "CLIPTokenizer"}).to_string(),
+    )?;
+    Ok(vocab.len())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tiny_vocab_tokenizes_like_clip() {
+        let dir = tempfile::tempdir().unwrap();
+        let n = write_tiny_vocab(dir.path(), &[("c", "a"), ("ca", "t</w>"), ("d", "o")]).unwrap();
+        let t = ClipTokenizer::from_dir(dir.path()).unwrap();
+        assert_eq!(t.vocab_size(), n);
+        // "cat" merges to one word token; case and spacing are normalised.
+        let ids = t.encode("  A   CAT ").unwrap();
+        let cat = t.inner.token_to_id("cat</w>").unwrap();
+        let a = t.inner.token_to_id("a</w>").unwrap();
+        assert_eq!(ids, vec![a, cat]);
+        // Punctuation splits off; digits are single tokens.
+        let ids = t.encode("dog, 42").unwrap();
+        let toks: Vec<String> = ids.iter().map(|&i| t.inner.id_to_token(i).unwrap()).collect();
+        assert_eq!(toks, ["do", "g</w>", ",</w>", "4</w>", "2</w>"]);
+        assert_eq!(t.comma(), t.inner.token_to_id(",</w>"));
+        assert_eq!((t.bos, t.eos, t.pad), (n as u32 - 2, n as u32 - 1, n as u32 - 1));
+        assert!(t.encode("").unwrap().is_empty());
+        assert!(ClipTokenizer::from_dir(&dir.path().join("nope")).is_err());
+    }
+}
