@@ -3,9 +3,11 @@
 //! - [`schedulers`]: the noise schedule and every sampler our users know from diffusers, A1111 and
 //!   ComfyUI, number for number with diffusers (replayed against its traces by [`conformance`]);
 //! - [`prompt`]: AUTOMATIC1111's prompt language (emphasis, BREAK, editing, alternation, LoRA tags).
+pub mod conditioning;
 pub mod conformance;
 pub mod models;
 pub mod noise;
+pub mod pipeline;
 pub mod prompt;
-pub mod tokenizer;
 pub mod schedulers;
+pub mod tokenizer;

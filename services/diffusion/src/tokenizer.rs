@@ -11,7 +11,8 @@ use tokenizers::pre_tokenizers::split::{Split, SplitPattern};
 use tokenizers::{SplitDelimiterBehavior, Tokenizer};
 
 /// CLIP's pre-tokenization pattern (words, single digits, punctuation runs, contractions).
-const CLIP_PATTERN: &str = r"<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+";
+const CLIP_PATTERN: &str =
+    r"<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+";
 pub const BOS: &str = "<|startoftext|>";
 pub const EOS: &str = "<|endoftext|>";
 
@@ -45,7 +46,10 @@ impl ClipTokenizer {
         } else {
             let (vocab, merges) = (dir.join("vocab.json"), dir.join("merges.txt"));
             if !vocab.exists() || !merges.exists() {
-                return Err(err(dir, "expected vocab.json and merges.txt (or tokenizer.json)"));
+                return Err(err(
+                    dir,
+                    "expected vocab.json and merges.txt (or tokenizer.json)",
+                ));
             }
             let bpe = BPE::from_file(&vocab.to_string_lossy(), &merges.to_string_lossy())
                 .end_of_word_suffix("</w>".into())
@@ -55,29 +59,51 @@ impl ClipTokenizer {
             let mut t = Tokenizer::new(bpe);
             let normalizer = NormSeq::new(vec![
                 NFC.into(),
-                Replace::new(tokenizers::normalizers::replace::ReplacePattern::Regex(r"\s+".into()), " ")
-                    .map_err(|e| err(dir, e))?
-                    .into(),
+                Replace::new(
+                    tokenizers::normalizers::replace::ReplacePattern::Regex(r"\s+".into()),
+                    " ",
+                )
+                .map_err(|e| err(dir, e))?
+                .into(),
                 Lowercase.into(),
             ]);
-            t.with_normalizer(Some(normalizer)).map_err(|e| err(dir, e))?;
-            let split = Split::new(SplitPattern::Regex(CLIP_PATTERN.into()), SplitDelimiterBehavior::Removed, true)
+            t.with_normalizer(Some(normalizer))
                 .map_err(|e| err(dir, e))?;
-            t.with_pre_tokenizer(Some(PreSeq::new(vec![split.into(), ByteLevel::new(false, true, false).into()])));
+            let split = Split::new(
+                SplitPattern::Regex(CLIP_PATTERN.into()),
+                SplitDelimiterBehavior::Removed,
+                true,
+            )
+            .map_err(|e| err(dir, e))?;
+            t.with_pre_tokenizer(Some(PreSeq::new(vec![
+                split.into(),
+                ByteLevel::new(false, true, false).into(),
+            ])));
             t
         };
-        let id = |tok: &str| inner.token_to_id(tok).ok_or_else(|| err(dir, format!("the vocabulary has no {tok}")));
+        let id = |tok: &str| {
+            inner
+                .token_to_id(tok)
+                .ok_or_else(|| err(dir, format!("the vocabulary has no {tok}")))
+        };
         let (bos, eos) = (id(BOS)?, id(EOS)?);
         let pad = std::fs::read_to_string(dir.join("special_tokens_map.json"))
             .ok()
             .and_then(|s| serde_json::from_str::<serde_json::Value>(&s).ok())
             .and_then(|v| {
                 let p = &v["pad_token"];
-                p.as_str().map(str::to_string).or_else(|| p["content"].as_str().map(str::to_string))
+                p.as_str()
+                    .map(str::to_string)
+                    .or_else(|| p["content"].as_str().map(str::to_string))
             })
             .and_then(|p| inner.token_to_id(&p))
             .unwrap_or(eos);
-        Ok(Self { inner, bos, eos, pad })
+        Ok(Self {
+            inner,
+            bos,
+            eos,
+            pad,
+        })
     }
 
     /// Token ids of `text` (no start/end tokens). Text is trimmed as CLIP's tokenizer does.
@@ -155,7 +181,8 @@ pub fn write_tiny_vocab(dir: &Path, merges: &[(&str, &str)]) -> std::io::Result<
     std::fs::write(dir.join("merges.txt"), merge_lines.join("\n") + "\n")?;
     std::fs::write(
         dir.join("special_tokens_map.json"),
-        serde_json::json!({"bos_token": BOS, "eos_token": EOS, "unk_token": EOS, "pad_token": EOS}).to_string(),
+        serde_json::json!({"bos_token": BOS, "eos_token": EOS, "unk_token": EOS, "pad_token": EOS})
+            .to_string(),
     )?;
     std::fs::write(
         dir.join("tokenizer_config.json"),
@@ -181,10 +208,16 @@ mod tests {
         assert_eq!(ids, vec![a, cat]);
         // Punctuation splits off; digits are single tokens.
         let ids = t.encode("dog, 42").unwrap();
-        let toks: Vec<String> = ids.iter().map(|&i| t.inner.id_to_token(i).unwrap()).collect();
+        let toks: Vec<String> = ids
+            .iter()
+            .map(|&i| t.inner.id_to_token(i).unwrap())
+            .collect();
         assert_eq!(toks, ["do", "g</w>", ",</w>", "4</w>", "2</w>"]);
         assert_eq!(t.comma(), t.inner.token_to_id(",</w>"));
-        assert_eq!((t.bos, t.eos, t.pad), (n as u32 - 2, n as u32 - 1, n as u32 - 1));
+        assert_eq!(
+            (t.bos, t.eos, t.pad),
+            (n as u32 - 2, n as u32 - 1, n as u32 - 1)
+        );
         assert!(t.encode("").unwrap().is_empty());
         assert!(ClipTokenizer::from_dir(&dir.path().join("nope")).is_err());
     }

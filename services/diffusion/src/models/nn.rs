@@ -267,6 +267,19 @@ pub fn attention(
     mask: Option<&Tensor>,
     ops: Ops,
 ) -> Result<Tensor> {
+    attention_sliced(q, k, v, heads, mask, ops, 256 * 1024 * 1024 / 4)
+}
+
+/// [`attention`] with the f32 score matrix limited to `budget` elements per slice of queries.
+pub fn attention_sliced(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    heads: usize,
+    mask: Option<&Tensor>,
+    ops: Ops,
+    budget: usize,
+) -> Result<Tensor> {
     let (b, n, c) = q.dims3()?;
     let m = k.dim(1)?;
     let d = c / heads;
@@ -275,16 +288,37 @@ pub fn attention(
     };
     let (q, k, v) = (split(q, n)?, split(k, m)?, split(v, m)?);
     let dtype = q.dtype();
-    // Scores in f32 for stability under f16.
-    let mut scores = q
-        .to_dtype(DType::F32)?
-        .matmul(&k.to_dtype(DType::F32)?.t()?)?
-        .affine(1.0 / (d as f64).sqrt(), 0.0)?;
-    if let Some(mask) = mask {
-        scores = scores.broadcast_add(&mask.to_dtype(DType::F32)?)?;
+    let kt = k.to_dtype(DType::F32)?.t()?;
+    // Sliced over queries so the f32 score matrix stays bounded whatever the image size.
+    let rows = (budget / (b * heads * m).max(1)).clamp(1, n);
+    let mut outs = Vec::with_capacity(n.div_ceil(rows));
+    let mut start = 0;
+    while start < n {
+        let len = rows.min(n - start);
+        let qs = q.narrow(2, start, len)?;
+        // Scores in f32 for stability under f16.
+        let mut scores = qs
+            .to_dtype(DType::F32)?
+            .matmul(&kt)?
+            .affine(1.0 / (d as f64).sqrt(), 0.0)?;
+        if let Some(mask) = mask {
+            let mask = if mask.dim(D::Minus2)? == n && len != n {
+                mask.narrow(D::Minus2, start, len)?
+            } else {
+                mask.clone()
+            };
+            scores = scores.broadcast_add(&mask.to_dtype(DType::F32)?)?;
+        }
+        let p = softmax_last(&scores, ops)?.to_dtype(dtype)?;
+        outs.push(p.matmul(&v)?);
+        start += len;
     }
-    let p = softmax_last(&scores, ops)?.to_dtype(dtype)?;
-    p.matmul(&v)?.transpose(1, 2)?.reshape((b, n, c))
+    let out = if outs.len() == 1 {
+        outs.remove(0)
+    } else {
+        Tensor::cat(&outs, 2)?
+    };
+    out.transpose(1, 2)?.reshape((b, n, c))
 }
 
 /// Sinusoidal timestep embedding (diffusers' `Timesteps` with flip_sin_to_cos, shift 0):
@@ -306,4 +340,75 @@ pub fn timestep_embedding(t: &Tensor, dim: usize) -> Result<Tensor> {
 /// 2× nearest-neighbour upsampling to an exact size (odd skip sizes included).
 pub fn upsample_nearest(x: &Tensor, h: usize, w: usize) -> Result<Tensor> {
     x.upsample_nearest2d(h, w)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    #[test]
+    fn sliced_attention_equals_whole() {
+        let dev = Device::Cpu;
+        let q = Tensor::randn(0f32, 1.0, (2, 37, 8), &dev).unwrap();
+        let k = Tensor::randn(0f32, 1.0, (2, 37, 8), &dev).unwrap();
+        let v = Tensor::randn(0f32, 1.0, (2, 37, 8), &dev).unwrap();
+        let mask: Vec<f32> = (0..37 * 37)
+            .map(|i| {
+                if i % 37 > i / 37 {
+                    f32::NEG_INFINITY
+                } else {
+                    0.0
+                }
+            })
+            .collect();
+        let mask = Tensor::from_vec(mask, (1, 1, 37, 37), &dev).unwrap();
+        for ops in [Ops::INFERENCE, Ops::TRAINING] {
+            let whole = attention_sliced(&q, &k, &v, 2, Some(&mask), ops, usize::MAX).unwrap();
+            let sliced = attention_sliced(&q, &k, &v, 2, Some(&mask), ops, 2 * 2 * 37 * 5).unwrap();
+            let diff = (whole - sliced)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
+            assert!(diff < 1e-6, "{diff}");
+        }
+    }
+
+    #[test]
+    fn differentiable_layer_norm_and_softmax_match_fused() {
+        let dev = Device::Cpu;
+        let x = Tensor::randn(0f32, 1.0, (3, 5, 16), &dev).unwrap();
+        let a = softmax_last(&x, Ops::INFERENCE).unwrap();
+        let b = softmax_last(&x, Ops::TRAINING).unwrap();
+        let diff = (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert!(diff < 1e-6, "{diff}");
+        let ln = |ops| LayerNorm {
+            weight: Tensor::randn(1f32, 0.1, 16, &dev).unwrap(),
+            bias: Tensor::zeros(16, DType::F32, &dev).unwrap(),
+            eps: 1e-5,
+            ops,
+        };
+        let (l1, mut l2) = (ln(Ops::INFERENCE), ln(Ops::TRAINING));
+        l2.weight = l1.weight.clone();
+        let diff = (l1.forward(&x).unwrap() - l2.forward(&x).unwrap())
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert!(diff < 1e-5, "{diff}");
+    }
 }

@@ -1,0 +1,622 @@
+//! Stable Diffusion pipelines on our models: load a diffusers folder, txt2img with CFG, any
+//! sampler, A1111 prompts and seeds, PNGs carrying A1111's `parameters` text.
+
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device, Tensor};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::conditioning::{self, Layer};
+use crate::models::clip::{ClipConfig, ClipTextModel};
+use crate::models::load::{component_weights, save, SafetensorsWeights};
+use crate::models::nn::Ops;
+use crate::models::shapes::RandomWeights;
+use crate::models::unet::{AddedCond, PerBlock, UNet, UNetConfig};
+use crate::models::vae::{Vae, VaeConfig};
+use crate::noise::{NoiseSource, SeededNoise};
+use crate::prompt::{schedule, text_at};
+use crate::schedulers::{NoiseSchedule, SamplerKind, ScheduleConfig};
+use crate::tokenizer::{write_tiny_vocab, ClipTokenizer};
+
+#[derive(Debug, thiserror::Error)]
+pub enum PipelineError {
+    #[error("model {path}: {reason}")]
+    Model { path: String, reason: String },
+    #[error("{0}")]
+    BadRequest(String),
+    #[error("cancelled")]
+    Cancelled,
+    #[error("{0}")]
+    Compute(String),
+}
+
+impl From<candle_core::Error> for PipelineError {
+    fn from(e: candle_core::Error) -> Self {
+        PipelineError::Compute(e.to_string())
+    }
+}
+
+type PResult<T> = std::result::Result<T, PipelineError>;
+
+/// Which Stable Diffusion this is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Family {
+    Sd1,
+    Sd2,
+    Sdxl,
+}
+
+struct TextStack {
+    model: ClipTextModel,
+    tok: ClipTokenizer,
+}
+
+/// A loaded model, ready to sample.
+pub struct StableDiffusion {
+    pub family: Family,
+    pub name: String,
+    /// A1111's short model hash: the first 10 hex digits of the UNet weights' SHA-256.
+    pub hash: String,
+    pub schedule: ScheduleConfig,
+    unet: UNet,
+    vae: Vae,
+    text: Vec<TextStack>,
+    device: Device,
+    dtype: DType,
+}
+
+/// txt2img settings (A1111's names where it has them).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Txt2Img {
+    pub prompt: String,
+    #[serde(default)]
+    pub negative_prompt: String,
+    pub steps: usize,
+    pub cfg_scale: f64,
+    pub seed: u64,
+    pub width: usize,
+    pub height: usize,
+    #[serde(default = "one")]
+    pub batch_size: usize,
+    pub sampler: SamplerKind,
+    #[serde(default = "one")]
+    pub clip_skip: usize,
+}
+
+fn one() -> usize {
+    1
+}
+
+/// Limits checked before any model work.
+pub const MAX_STEPS: usize = 150;
+pub const MAX_PIXELS: usize = 2048 * 2048;
+
+impl Txt2Img {
+    /// A clear reason for any setting out of range.
+    pub fn validate(&self) -> std::result::Result<(), String> {
+        if self.steps == 0 || self.steps > MAX_STEPS {
+            return Err(format!(
+                "steps must be 1..={MAX_STEPS} (got {})",
+                self.steps
+            ));
+        }
+        if !(self.cfg_scale.is_finite() && (0.0..=30.0).contains(&self.cfg_scale)) {
+            return Err(format!(
+                "cfg_scale must be within 0..=30 (got {})",
+                self.cfg_scale
+            ));
+        }
+        if self.width == 0 || self.height == 0 || self.width % 8 != 0 || self.height % 8 != 0 {
+            return Err(format!(
+                "width and height must be positive multiples of 8 (got {}x{})",
+                self.width, self.height
+            ));
+        }
+        if self.width * self.height > MAX_PIXELS {
+            return Err(format!(
+                "{}x{} is over the pixel budget of {MAX_PIXELS} pixels",
+                self.width, self.height
+            ));
+        }
+        if self.batch_size == 0 || self.batch_size > 16 {
+            return Err(format!(
+                "batch_size must be 1..=16 (got {})",
+                self.batch_size
+            ));
+        }
+        if self.clip_skip == 0 || self.clip_skip > 12 {
+            return Err(format!("clip_skip must be 1..=12 (got {})", self.clip_skip));
+        }
+        Ok(())
+    }
+}
+
+/// One generated image.
+#[derive(Debug, Clone)]
+pub struct Generated {
+    pub seed: u64,
+    pub image: image::RgbImage,
+    /// A1111's `parameters` text.
+    pub parameters: String,
+}
+
+impl Generated {
+    /// PNG bytes with the `parameters` text chunk (A1111, ComfyUI and civitai read it back).
+    pub fn png(&self) -> PResult<Vec<u8>> {
+        let mut out = Vec::new();
+        {
+            let mut enc = png::Encoder::new(&mut out, self.image.width(), self.image.height());
+            enc.set_color(png::ColorType::Rgb);
+            enc.set_depth(png::BitDepth::Eight);
+            enc.add_text_chunk("parameters".into(), self.parameters.clone())
+                .map_err(|e| PipelineError::Compute(e.to_string()))?;
+            let mut w = enc
+                .write_header()
+                .map_err(|e| PipelineError::Compute(e.to_string()))?;
+            w.write_image_data(self.image.as_raw())
+                .map_err(|e| PipelineError::Compute(e.to_string()))?;
+        }
+        Ok(out)
+    }
+}
+
+fn read_json<T: serde::de::DeserializeOwned>(p: &Path) -> PResult<T> {
+    let text = std::fs::read_to_string(p).map_err(|e| PipelineError::Model {
+        path: p.display().to_string(),
+        reason: e.to_string(),
+    })?;
+    serde_json::from_str(&text).map_err(|e| PipelineError::Model {
+        path: p.display().to_string(),
+        reason: e.to_string(),
+    })
+}
+
+fn model_err(dir: &Path, e: impl std::fmt::Display) -> PipelineError {
+    PipelineError::Model {
+        path: dir.display().to_string(),
+        reason: e.to_string(),
+    }
+}
+
+fn file_hash(paths: &[PathBuf]) -> PResult<String> {
+    let mut h = Sha256::new();
+    for p in paths {
+        let mut f = std::fs::File::open(p).map_err(|e| model_err(p, e))?;
+        std::io::copy(&mut f, &mut h).map_err(|e| model_err(p, e))?;
+    }
+    Ok(hex::encode(h.finalize())[..10].to_string())
+}
+
+impl StableDiffusion {
+    /// Load a diffusers folder (`model_index.json`, `unet/`, `vae/`, `text_encoder/`,
+    /// `tokenizer/`, and for SDXL `text_encoder_2/`, `tokenizer_2/`).
+    pub fn load_diffusers(dir: &Path, device: &Device, dtype: DType) -> PResult<Self> {
+        if !dir.join("model_index.json").exists() {
+            return Err(model_err(
+                dir,
+                "not a diffusers folder: expected model_index.json with unet/, vae/, text_encoder/, tokenizer/",
+            ));
+        }
+        let index: serde_json::Value = read_json(&dir.join("model_index.json"))?;
+        let class = index["_class_name"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string();
+        let sdxl = class.contains("XL") || dir.join("text_encoder_2").exists();
+        let unet_cfg: UNetConfig = read_json(&dir.join("unet/config.json"))?;
+        let vae_cfg: VaeConfig = read_json(&dir.join("vae/config.json"))?;
+        let te_cfg: ClipConfig = read_json(&dir.join("text_encoder/config.json"))?;
+        let schedule: ScheduleConfig = {
+            let p = dir.join("scheduler/scheduler_config.json");
+            if p.exists() {
+                read_json(&p)?
+            } else {
+                ScheduleConfig::default()
+            }
+        };
+        let unet_files = component_weights(&dir.join("unet"))?;
+        let hash = file_hash(&unet_files)?;
+        let unet = UNet::new(
+            SafetensorsWeights::open(&unet_files)?.var_builder(dtype, device),
+            unet_cfg,
+            Ops::INFERENCE,
+        )
+        .map_err(|e| model_err(&dir.join("unet"), e))?;
+        // The VAE runs in f32 (SD's VAE overflows in f16).
+        let vae = Vae::new(
+            SafetensorsWeights::open(&component_weights(&dir.join("vae"))?)?
+                .var_builder(DType::F32, device),
+            vae_cfg,
+        )
+        .map_err(|e| model_err(&dir.join("vae"), e))?;
+        let family = if sdxl {
+            Family::Sdxl
+        } else if te_cfg.hidden_act == crate::models::clip::Activation::Gelu {
+            Family::Sd2
+        } else {
+            Family::Sd1
+        };
+        let mut text = Vec::new();
+        let encoders: &[(&str, &str, bool)] = if sdxl {
+            &[
+                ("text_encoder", "tokenizer", false),
+                ("text_encoder_2", "tokenizer_2", true),
+            ]
+        } else {
+            &[("text_encoder", "tokenizer", false)]
+        };
+        for (te, tk, proj) in encoders {
+            let cfg: ClipConfig = read_json(&dir.join(te).join("config.json"))?;
+            let w = SafetensorsWeights::open(&component_weights(&dir.join(te))?)?;
+            let model = ClipTextModel::new(
+                w.var_builder(DType::F32, device),
+                cfg,
+                *proj,
+                Ops::INFERENCE,
+            )
+            .map_err(|e| model_err(&dir.join(te), e))?;
+            let tok =
+                ClipTokenizer::from_dir(&dir.join(tk)).map_err(|e| model_err(&dir.join(tk), e))?;
+            text.push(TextStack { model, tok });
+        }
+        Ok(Self {
+            family,
+            name: dir
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_else(|| "model".into()),
+            hash,
+            schedule,
+            unet,
+            vae,
+            text,
+            device: device.clone(),
+            dtype,
+        })
+    }
+
+    /// Pixels per latent cell (8 for real SD VAEs).
+    pub fn vae_scale(&self) -> usize {
+        1 << (self.vae.config.block_out_channels.len().saturating_sub(1))
+    }
+
+    /// One prompt's conditioning and pooled embedding (SDXL).
+    fn encode_prompt(&self, prompt: &str, clip_skip: usize) -> PResult<(Tensor, Option<Tensor>)> {
+        let bad = |e: String| PipelineError::BadRequest(format!("prompt: {e}"));
+        match self.family {
+            Family::Sdxl => {
+                let (z1, _) = conditioning::encode(
+                    &self.text[0].model,
+                    &self.text[0].tok,
+                    prompt,
+                    Layer::Penultimate,
+                    &self.device,
+                    self.dtype,
+                )
+                .map_err(bad)?;
+                let (z2, pooled) = conditioning::encode(
+                    &self.text[1].model,
+                    &self.text[1].tok,
+                    prompt,
+                    Layer::Penultimate,
+                    &self.device,
+                    self.dtype,
+                )
+                .map_err(bad)?;
+                Ok((Tensor::cat(&[z1, z2], 2)?, Some(pooled)))
+            }
+            _ => {
+                let (z, _) = conditioning::encode(
+                    &self.text[0].model,
+                    &self.text[0].tok,
+                    prompt,
+                    Layer::Normed { clip_skip },
+                    &self.device,
+                    self.dtype,
+                )
+                .map_err(bad)?;
+                Ok((z, None))
+            }
+        }
+    }
+
+    /// A1111's `parameters` text for image `i`'s seed.
+    fn parameters(&self, req: &Txt2Img, seed: u64) -> String {
+        let mut s = req.prompt.clone();
+        if !req.negative_prompt.is_empty() {
+            s.push_str(&format!("\nNegative prompt: {}", req.negative_prompt));
+        }
+        s.push_str(&format!(
+            "\nSteps: {}, Sampler: {}, CFG scale: {}, Seed: {}, Size: {}x{}, Model hash: {}, Model: {}",
+            req.steps,
+            req.sampler.a1111_name().unwrap_or(req.sampler.name()),
+            req.cfg_scale,
+            seed,
+            req.width,
+            req.height,
+            self.hash,
+            self.name
+        ));
+        if req.clip_skip > 1 {
+            s.push_str(&format!(", Clip skip: {}", req.clip_skip));
+        }
+        s.push_str(&format!(", Version: atelier {}", env!("CARGO_PKG_VERSION")));
+        s
+    }
+
+    /// Generate `batch_size` images; image i uses seed + i, so it equals a single run with that
+    /// seed. `on_step(done, total)` returns false to cancel between steps.
+    pub fn txt2img(
+        &self,
+        req: &Txt2Img,
+        mut on_step: impl FnMut(usize, usize) -> bool,
+    ) -> PResult<Vec<Generated>> {
+        req.validate().map_err(PipelineError::BadRequest)?;
+        let f = self.vae_scale();
+        if req.width % f != 0 || req.height % f != 0 {
+            return Err(PipelineError::BadRequest(format!(
+                "width and height must be multiples of {f} for this model"
+            )));
+        }
+        let (h, w) = (req.height / f, req.width / f);
+        if h * w > MAX_PIXELS / 64 {
+            return Err(PipelineError::BadRequest(format!(
+                "{}x{} is {} latent cells for this model, over its budget of {}",
+                req.width,
+                req.height,
+                h * w,
+                MAX_PIXELS / 64
+            )));
+        }
+        let b = req.batch_size;
+        let ch = self.unet.config.in_channels.min(4);
+        // Per-step prompt texts (prompt editing), each encoded once.
+        let sched = schedule(&req.prompt, req.steps);
+        let mut conds = Vec::new();
+        for e in &sched {
+            conds.push(self.encode_prompt(&e.text, req.clip_skip)?);
+        }
+        let (uncond, uncond_pooled) = self.encode_prompt(&req.negative_prompt, req.clip_skip)?;
+        let (empty, _) = self.encode_prompt("", req.clip_skip)?;
+        let schedule_cfg = NoiseSchedule::new(self.schedule.clone());
+        let mut sampler = req
+            .sampler
+            .build(&schedule_cfg, req.steps)
+            .map_err(|e| PipelineError::BadRequest(e.to_string()))?;
+        let mut streams: Vec<SeededNoise> = (0..b)
+            .map(|i| SeededNoise::new(req.seed.wrapping_add(i as u64)))
+            .collect();
+        let noise = streams
+            .iter_mut()
+            .map(|s| s.randn((1, ch, h, w), &self.device))
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        let mut x = Tensor::cat(&noise, 0)?
+            .affine(sampler.init_noise_sigma(), 0.0)?
+            .to_dtype(self.dtype)?;
+        let mut step_noise = BatchNoise { streams };
+        let total = sampler.remaining();
+        let use_cfg = req.cfg_scale != 1.0;
+        let time_ids = |n: usize| -> candle_core::Result<Tensor> {
+            let ids = [req.height, req.width, 0, 0, req.height, req.width]
+                .map(|v| v as f32)
+                .to_vec();
+            Tensor::from_vec(ids, (1, 6), &self.device)?.repeat((n, 1))
+        };
+        let mut done = 0;
+        while !sampler.finished() {
+            let step_no = sampler.step_index() + 1;
+            let text = text_at(&sched, step_no).unwrap_or_default();
+            let ci = sched.iter().position(|e| e.text == text).unwrap_or(0);
+            let (cond, pooled) = &conds[ci];
+            let t = sampler.timestep();
+            let input = sampler.scale_model_input(&x)?;
+            let eps = if use_cfg {
+                let (u, c) = conditioning::pad_to_same(uncond.clone(), cond.clone(), &empty)?;
+                let ctx = Tensor::cat(&[u.repeat((b, 1, 1))?, c.repeat((b, 1, 1))?], 0)?;
+                let add = match (&uncond_pooled, pooled) {
+                    (Some(u), Some(c)) => Some(AddedCond {
+                        text_embeds: Tensor::cat(&[u.repeat((b, 1))?, c.repeat((b, 1))?], 0)?,
+                        time_ids: time_ids(2 * b)?,
+                    }),
+                    _ => None,
+                };
+                let xin = Tensor::cat(&[&input, &input], 0)?;
+                let ts = Tensor::full(t as f32, 2 * b, &self.device)?;
+                let out = self.unet.forward(&xin, &ts, &ctx, add.as_ref())?;
+                let (ou, oc) = (out.narrow(0, 0, b)?, out.narrow(0, b, b)?);
+                (&ou + (oc - &ou)?.affine(req.cfg_scale, 0.0)?)?
+            } else {
+                let ctx = cond.repeat((b, 1, 1))?;
+                let ts = Tensor::full(t as f32, b, &self.device)?;
+                let add = match pooled {
+                    Some(p) => Some(AddedCond {
+                        text_embeds: p.repeat((b, 1))?,
+                        time_ids: time_ids(b)?,
+                    }),
+                    None => None,
+                };
+                self.unet.forward(&input, &ts, &ctx, add.as_ref())?
+            };
+            x = sampler.step(&eps, &x, &mut step_noise)?;
+            done += 1;
+            if !on_step(done, total) {
+                return Err(PipelineError::Cancelled);
+            }
+        }
+        let pixels = self.vae.decode(&x.to_dtype(DType::F32)?)?;
+        let pixels = ((pixels.clamp(-1.0, 1.0)? + 1.0)? * 127.5)?
+            .round()?
+            .to_dtype(DType::U8)?;
+        let mut images = Vec::with_capacity(b);
+        for i in 0..b {
+            let img = pixels
+                .get(i)?
+                .permute((1, 2, 0))?
+                .flatten_all()?
+                .to_vec1::<u8>()?;
+            let image = image::RgbImage::from_raw(req.width as u32, req.height as u32, img)
+                .ok_or_else(|| PipelineError::Compute("decoded image has the wrong size".into()))?;
+            let seed = req.seed.wrapping_add(i as u64);
+            images.push(Generated {
+                seed,
+                image,
+                parameters: self.parameters(req, seed),
+            });
+        }
+        Ok(images)
+    }
+}
+
+/// Step noise drawn per image from its own seeded stream, so a batch equals its single runs.
+struct BatchNoise {
+    streams: Vec<SeededNoise>,
+}
+
+impl NoiseSource for BatchNoise {
+    fn randn_like(&mut self, like: &Tensor) -> candle_core::Result<Tensor> {
+        let dims = like.dims().to_vec();
+        let mut one = dims.clone();
+        one[0] = 1;
+        let parts = self
+            .streams
+            .iter_mut()
+            .map(|s| s.randn(one.clone(), like.device()))
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        Tensor::cat(&parts, 0)?.to_dtype(like.dtype())
+    }
+}
+
+/// Write a tiny random-weight model in diffusers' folder layout (SD 1.x shaped, or SDXL shaped
+/// with two text encoders and added conditioning): for tests and the demo.
+pub fn make_tiny(dir: &Path, family: Family, seed: u64) -> PResult<()> {
+    let e = |err: std::io::Error| model_err(dir, err);
+    std::fs::create_dir_all(dir).map_err(e)?;
+    let words: &[(&str, &str)] = &[
+        ("r", "e"),
+        ("re", "d</w>"),
+        ("b", "l"),
+        ("bl", "u"),
+        ("blu", "e</w>"),
+        ("c", "i"),
+        ("ci", "r"),
+        ("s", "q"),
+        ("a", "n"),
+        ("an", "d</w>"),
+        ("o", "n</w>"),
+        ("t", "h"),
+        ("th", "e</w>"),
+    ];
+    let dev = Device::Cpu;
+    let write_component = |name: &str,
+                           config: serde_json::Value,
+                           build: &dyn Fn(&RandomWeights) -> candle_core::Result<()>|
+     -> PResult<()> {
+        let d = dir.join(name);
+        std::fs::create_dir_all(&d).map_err(e)?;
+        std::fs::write(
+            d.join("config.json"),
+            serde_json::to_string_pretty(&config).unwrap_or_default(),
+        )
+        .map_err(e)?;
+        let weights = RandomWeights::new(seed ^ name.len() as u64 ^ 0x5eed);
+        build(&weights)?;
+        let file = if name.starts_with("text_encoder") {
+            "model.safetensors"
+        } else {
+            "diffusion_pytorch_model.safetensors"
+        };
+        save(&weights.tensors(), &d.join(file))?;
+        Ok(())
+    };
+    let sdxl = family == Family::Sdxl;
+    let mut vocab = 0;
+    for tk in if sdxl {
+        vec!["tokenizer", "tokenizer_2"]
+    } else {
+        vec!["tokenizer"]
+    } {
+        vocab = write_tiny_vocab(&dir.join(tk), words).map_err(e)?;
+    }
+    let clip = ClipConfig {
+        vocab_size: vocab,
+        hidden_size: 32,
+        intermediate_size: 37,
+        projection_dim: 32,
+        num_hidden_layers: 2,
+        num_attention_heads: 4,
+        ..ClipConfig::default()
+    };
+    let te = serde_json::to_value(&clip).unwrap_or_default();
+    write_component("text_encoder", te.clone(), &|w| {
+        ClipTextModel::new(w.var_builder(&dev), clip.clone(), false, Ops::INFERENCE).map(|_| ())
+    })?;
+    if sdxl {
+        let mut c2 = clip.clone();
+        c2.hidden_act = crate::models::clip::Activation::Gelu;
+        let te2 = serde_json::to_value(&c2).unwrap_or_default();
+        write_component("text_encoder_2", te2, &|w| {
+            ClipTextModel::new(w.var_builder(&dev), c2.clone(), true, Ops::INFERENCE).map(|_| ())
+        })?;
+    }
+    let mut unet = UNetConfig {
+        sample_size: 16,
+        layers_per_block: 1,
+        block_out_channels: vec![32, 64],
+        down_block_types: vec!["CrossAttnDownBlock2D".into(), "DownBlock2D".into()],
+        up_block_types: vec!["UpBlock2D".into(), "CrossAttnUpBlock2D".into()],
+        cross_attention_dim: 32,
+        attention_head_dim: PerBlock::One(2),
+        norm_num_groups: 8,
+        ..UNetConfig::default()
+    };
+    if sdxl {
+        unet.down_block_types = vec!["DownBlock2D".into(), "CrossAttnDownBlock2D".into()];
+        unet.up_block_types = vec!["CrossAttnUpBlock2D".into(), "UpBlock2D".into()];
+        unet.cross_attention_dim = 64;
+        unet.transformer_layers_per_block = PerBlock::Each(vec![1, 2]);
+        unet.use_linear_projection = true;
+        unet.addition_embed_type = Some("text_time".into());
+        unet.addition_time_embed_dim = Some(8);
+        unet.projection_class_embeddings_input_dim = Some(6 * 8 + 32);
+    }
+    let uc = unet.clone();
+    write_component(
+        "unet",
+        serde_json::to_value(&unet).unwrap_or_default(),
+        &|w| UNet::new(w.var_builder(&dev), uc.clone(), Ops::INFERENCE).map(|_| ()),
+    )?;
+    let vae = VaeConfig {
+        block_out_channels: vec![16, 32],
+        layers_per_block: 1,
+        norm_num_groups: 8,
+        scaling_factor: if sdxl { 0.13025 } else { 0.18215 },
+        sample_size: 32,
+        ..VaeConfig::default()
+    };
+    let vc = vae.clone();
+    write_component(
+        "vae",
+        serde_json::to_value(&vae).unwrap_or_default(),
+        &|w| Vae::new(w.var_builder(&dev), vc.clone()).map(|_| ()),
+    )?;
+    let sched = dir.join("scheduler");
+    std::fs::create_dir_all(&sched).map_err(e)?;
+    std::fs::write(
+        sched.join("scheduler_config.json"),
+        serde_json::to_string_pretty(&ScheduleConfig::default()).unwrap_or_default(),
+    )
+    .map_err(e)?;
+    let class = if sdxl {
+        "StableDiffusionXLPipeline"
+    } else {
+        "StableDiffusionPipeline"
+    };
+    std::fs::write(
+        dir.join("model_index.json"),
+        serde_json::json!({"_class_name": class, "_diffusers_version": "0.42.1", "_atelier_tiny": true}).to_string(),
+    )
+    .map_err(e)?;
+    Ok(())
+}

@@ -1,0 +1,158 @@
+//! txt2img end to end on tiny random-weight models written in diffusers' layout.
+use atelier_diffusion::pipeline::{make_tiny, Family, StableDiffusion, Txt2Img};
+use atelier_diffusion::schedulers::SamplerKind;
+use candle_core::{DType, Device};
+
+fn request(seed: u64, sampler: SamplerKind) -> Txt2Img {
+    Txt2Img {
+        prompt: "a (red:1.3) circle [on:and:0.5] blue".into(),
+        negative_prompt: "the".into(),
+        steps: 4,
+        cfg_scale: 7.0,
+        seed,
+        width: 32,
+        height: 32,
+        batch_size: 1,
+        sampler,
+        clip_skip: 1,
+    }
+}
+
+#[test]
+fn sd1_txt2img_is_deterministic_and_batches_match_singles() {
+    let dir = tempfile::tempdir().unwrap();
+    make_tiny(dir.path(), Family::Sd1, 1).unwrap();
+    let sd = StableDiffusion::load_diffusers(dir.path(), &Device::Cpu, DType::F32).unwrap();
+    assert_eq!(sd.family, Family::Sd1);
+    assert_eq!(sd.vae_scale(), 2);
+
+    let mut steps_seen = Vec::new();
+    let a = sd.txt2img(&request(42, SamplerKind::EulerA), |d, t| {
+        steps_seen.push((d, t));
+        true
+    });
+    let a = a.unwrap();
+    assert_eq!(steps_seen, vec![(1, 4), (2, 4), (3, 4), (4, 4)]);
+    let b = sd
+        .txt2img(&request(42, SamplerKind::EulerA), |_, _| true)
+        .unwrap();
+    let png_a = a[0].png().unwrap();
+    assert_eq!(
+        png_a,
+        b[0].png().unwrap(),
+        "same seed and settings → identical PNG bytes"
+    );
+    let c = sd
+        .txt2img(&request(43, SamplerKind::EulerA), |_, _| true)
+        .unwrap();
+    assert_ne!(a[0].image, c[0].image, "another seed → another image");
+
+    // Image i of a batch uses seed + i and equals the single run with that seed.
+    let mut batch = request(42, SamplerKind::EulerA);
+    batch.batch_size = 2;
+    let both = sd.txt2img(&batch, |_, _| true).unwrap();
+    assert_eq!(both.len(), 2);
+    assert_eq!(both[0].image, a[0].image);
+    assert_eq!(both[1].image, c[0].image);
+
+    // A1111's parameters travel in the PNG.
+    let decoder = png::Decoder::new(std::io::Cursor::new(png_a));
+    let reader = decoder.read_info().unwrap();
+    let text = reader
+        .info()
+        .uncompressed_latin1_text
+        .iter()
+        .find(|t| t.keyword == "parameters")
+        .map(|t| t.text.clone())
+        .unwrap();
+    assert!(text.starts_with("a (red:1.3) circle"), "{text}");
+    assert!(text.contains("\nNegative prompt: the\nSteps: 4, Sampler: Euler a, CFG scale: 7, Seed: 42, Size: 32x32, Model hash: "), "{text}");
+}
+
+#[test]
+fn every_sampler_runs_and_cancellation_stops_between_steps() {
+    let dir = tempfile::tempdir().unwrap();
+    make_tiny(dir.path(), Family::Sd1, 2).unwrap();
+    let sd = StableDiffusion::load_diffusers(dir.path(), &Device::Cpu, DType::F32).unwrap();
+    for kind in SamplerKind::ALL {
+        let mut req = request(1, kind);
+        req.steps = 3;
+        let out = sd.txt2img(&req, |_, _| true).unwrap();
+        assert_eq!(out[0].image.dimensions(), (32, 32), "{kind}");
+    }
+    let mut calls = 0;
+    let err = sd
+        .txt2img(&request(1, SamplerKind::Euler), |_, _| {
+            calls += 1;
+            calls < 2
+        })
+        .unwrap_err();
+    assert!(matches!(
+        err,
+        atelier_diffusion::pipeline::PipelineError::Cancelled
+    ));
+    assert_eq!(calls, 2);
+}
+
+#[test]
+fn sdxl_txt2img_runs_with_two_encoders() {
+    let dir = tempfile::tempdir().unwrap();
+    make_tiny(dir.path(), Family::Sdxl, 3).unwrap();
+    let sd = StableDiffusion::load_diffusers(dir.path(), &Device::Cpu, DType::F32).unwrap();
+    assert_eq!(sd.family, Family::Sdxl);
+    let a = sd
+        .txt2img(&request(5, SamplerKind::DpmPp2mKarras), |_, _| true)
+        .unwrap();
+    let b = sd
+        .txt2img(&request(5, SamplerKind::DpmPp2mKarras), |_, _| true)
+        .unwrap();
+    assert_eq!(a[0].image, b[0].image);
+    // Without CFG the negative prompt is not used and the image changes.
+    let mut no_cfg = request(5, SamplerKind::DpmPp2mKarras);
+    no_cfg.cfg_scale = 1.0;
+    assert_ne!(
+        sd.txt2img(&no_cfg, |_, _| true).unwrap()[0].image,
+        a[0].image
+    );
+}
+
+#[test]
+fn bad_requests_are_refused_before_model_work() {
+    let dir = tempfile::tempdir().unwrap();
+    make_tiny(dir.path(), Family::Sd1, 4).unwrap();
+    let sd = StableDiffusion::load_diffusers(dir.path(), &Device::Cpu, DType::F32).unwrap();
+    for (mutate, why) in [
+        (
+            Box::new(|r: &mut Txt2Img| r.steps = 0) as Box<dyn Fn(&mut Txt2Img)>,
+            "steps",
+        ),
+        (Box::new(|r: &mut Txt2Img| r.steps = 151), "steps"),
+        (
+            Box::new(|r: &mut Txt2Img| r.cfg_scale = f64::NAN),
+            "cfg_scale",
+        ),
+        (Box::new(|r: &mut Txt2Img| r.width = 30), "multiples of 8"),
+        (
+            Box::new(|r: &mut Txt2Img| {
+                r.width = 4096;
+                r.height = 4096
+            }),
+            "pixel budget",
+        ),
+        (Box::new(|r: &mut Txt2Img| r.width = 8200), "latent cells"),
+        (Box::new(|r: &mut Txt2Img| r.batch_size = 0), "batch_size"),
+    ] {
+        let mut r = request(1, SamplerKind::Euler);
+        mutate(&mut r);
+        let err = sd
+            .txt2img(&r, |_, _| panic!("no step may run"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains(why), "{err}");
+    }
+    let empty = tempfile::tempdir().unwrap();
+    let err = StableDiffusion::load_diffusers(empty.path(), &Device::Cpu, DType::F32)
+        .err()
+        .unwrap();
+    assert!(err.to_string().contains("model_index.json"), "{err}");
+}
