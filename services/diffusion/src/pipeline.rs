@@ -189,7 +189,242 @@ fn file_hash(paths: &[PathBuf]) -> PResult<String> {
     Ok(hex::encode(h.finalize())[..10].to_string())
 }
 
+/// The configs a single file's architecture implies (stored in atelier's own files' metadata,
+/// else the published SD 1.x / 2.x / XL configs).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SingleFileConfig {
+    pub family: Family,
+    pub unet: UNetConfig,
+    pub vae: VaeConfig,
+    pub text: Vec<ClipConfig>,
+    pub schedule: ScheduleConfig,
+}
+
+const META_KEY: &str = "atelier.config";
+
+impl SingleFileConfig {
+    /// The published configs of a family (`in_channels` 9 for inpainting checkpoints).
+    pub fn standard(family: Family, in_channels: usize) -> Self {
+        let mut unet = UNetConfig {
+            in_channels,
+            ..UNetConfig::default()
+        };
+        let mut vae = VaeConfig::default();
+        let clip_l = ClipConfig::default();
+        let openclip = |hidden, inter, layers, heads, proj| ClipConfig {
+            hidden_size: hidden,
+            intermediate_size: inter,
+            num_hidden_layers: layers,
+            num_attention_heads: heads,
+            projection_dim: proj,
+            hidden_act: crate::models::clip::Activation::Gelu,
+            ..ClipConfig::default()
+        };
+        let mut schedule = ScheduleConfig::default();
+        let text = match family {
+            Family::Sd1 => vec![clip_l],
+            Family::Sd2 => {
+                unet.sample_size = 96;
+                unet.cross_attention_dim = 1024;
+                unet.attention_head_dim = PerBlock::Each(vec![5, 10, 20, 20]);
+                unet.use_linear_projection = true;
+                // SD 2.x 768 checkpoints are v-prediction (the 512 "base" ones are not: set
+                // prediction_type in a sidecar `<name>.json` for those).
+                schedule.prediction_type = crate::schedulers::PredictionType::VPrediction;
+                vec![openclip(1024, 4096, 23, 16, 512)]
+            }
+            Family::Sdxl => {
+                unet.sample_size = 128;
+                unet.block_out_channels = vec![320, 640, 1280];
+                unet.down_block_types = vec![
+                    "DownBlock2D".into(),
+                    "CrossAttnDownBlock2D".into(),
+                    "CrossAttnDownBlock2D".into(),
+                ];
+                unet.up_block_types = vec![
+                    "CrossAttnUpBlock2D".into(),
+                    "CrossAttnUpBlock2D".into(),
+                    "UpBlock2D".into(),
+                ];
+                unet.cross_attention_dim = 2048;
+                unet.attention_head_dim = PerBlock::Each(vec![5, 10, 20]);
+                unet.transformer_layers_per_block = PerBlock::Each(vec![1, 2, 10]);
+                unet.use_linear_projection = true;
+                unet.addition_embed_type = Some("text_time".into());
+                unet.addition_time_embed_dim = Some(256);
+                unet.projection_class_embeddings_input_dim = Some(2816);
+                vae.scaling_factor = 0.13025;
+                vae.sample_size = 1024;
+                vec![clip_l, openclip(1280, 5120, 32, 20, 1280)]
+            }
+        };
+        Self {
+            family,
+            unet,
+            vae,
+            text,
+            schedule,
+        }
+    }
+}
+
 impl StableDiffusion {
+    /// Load a model: a diffusers folder, or a single `.safetensors` checkpoint.
+    pub fn load(path: &Path, device: &Device, dtype: DType) -> PResult<Self> {
+        if path.is_dir() {
+            Self::load_diffusers(path, device, dtype)
+        } else {
+            Self::load_single_file(path, device, dtype)
+        }
+    }
+
+    /// Load a single-file checkpoint with the original LDM key names (SD 1.x, 2.x, XL; the
+    /// architecture detected from the keys). The CLIP tokenizer is read from `tokenizer/` (and
+    /// `tokenizer_2/`) beside the file.
+    pub fn load_single_file(path: &Path, device: &Device, dtype: DType) -> PResult<Self> {
+        use crate::models::ldm;
+        if path.extension().is_none_or(|e| e != "safetensors") {
+            return Err(model_err(path, "expected a .safetensors checkpoint or a diffusers folder (.ckpt pickles are not loaded: convert them to safetensors)"));
+        }
+        let w = SafetensorsWeights::open(&[path.to_path_buf()])?;
+        let meta = crate::models::load::read_metadata(path)?;
+        let cfg: SingleFileConfig = match meta.get(META_KEY) {
+            Some(json) => serde_json::from_str(json)
+                .map_err(|e| model_err(path, format!("{META_KEY}: {e}")))?,
+            None => {
+                let family = if w.contains(
+                    "conditioner.embedders.1.model.transformer.resblocks.0.attn.in_proj_weight",
+                ) {
+                    Family::Sdxl
+                } else if w
+                    .contains("cond_stage_model.model.transformer.resblocks.0.attn.in_proj_weight")
+                {
+                    Family::Sd2
+                } else if w.contains(
+                    "cond_stage_model.transformer.text_model.embeddings.token_embedding.weight",
+                ) {
+                    Family::Sd1
+                } else {
+                    return Err(model_err(path, "unknown checkpoint layout: expected SD 1.x (cond_stage_model.transformer.*), SD 2.x (cond_stage_model.model.*) or SDXL (conditioner.embedders.*) keys beside model.diffusion_model.*"));
+                };
+                let in_ch = w
+                    .shape_of("model.diffusion_model.input_blocks.0.0.weight")
+                    .and_then(|s| s.get(1).copied())
+                    .unwrap_or(4);
+                let mut c = SingleFileConfig::standard(family, in_ch);
+                let sidecar = path.with_extension("json");
+                if let Ok(text) = std::fs::read_to_string(&sidecar) {
+                    let v: serde_json::Value =
+                        serde_json::from_str(&text).map_err(|e| model_err(&sidecar, e))?;
+                    if let Some(p) = v.get("prediction_type") {
+                        c.schedule.prediction_type = serde_json::from_value(p.clone())
+                            .map_err(|e| model_err(&sidecar, e))?;
+                    }
+                }
+                c
+            }
+        };
+        let prefixes = match cfg.family {
+            Family::Sd1 => &ldm::SD1,
+            Family::Sd2 => &ldm::SD2,
+            Family::Sdxl => &ldm::SDXL,
+        };
+        let recorder_names = |build: &dyn Fn(
+            &crate::models::shapes::ShapeRecorder,
+        ) -> candle_core::Result<()>|
+         -> PResult<Vec<String>> {
+            let rec = crate::models::shapes::ShapeRecorder::default();
+            build(&rec)?;
+            Ok(rec.shapes().into_keys().collect())
+        };
+        let uc = cfg.unet.clone();
+        let names = recorder_names(&|r| {
+            UNet::new(r.var_builder(), uc.clone(), Ops::INFERENCE).map(|_| ())
+        })?;
+        let map = ldm::map_names(names, |n| {
+            ldm::unet_name(n, &cfg.unet)
+                .map(|s| ldm::Source::Rename(format!("{}{s}", prefixes.unet)))
+        })
+        .map_err(|e| model_err(path, e))?;
+        let unet = UNet::new(
+            w.with_map(map).var_builder(dtype, device),
+            cfg.unet.clone(),
+            Ops::INFERENCE,
+        )
+        .map_err(|e| model_err(path, e))?;
+        let vc = cfg.vae.clone();
+        let names = recorder_names(&|r| Vae::new(r.var_builder(), vc.clone()).map(|_| ()))?;
+        let levels = cfg.vae.block_out_channels.len();
+        let map = ldm::map_names(names, |n| {
+            ldm::vae_name(n, levels).map(|s| ldm::Source::Rename(format!("{}{s}", prefixes.vae)))
+        })
+        .map_err(|e| model_err(path, e))?;
+        let vae = Vae::new(
+            w.with_map(map).var_builder(DType::F32, device),
+            cfg.vae.clone(),
+        )
+        .map_err(|e| model_err(path, e))?;
+        let dir = path.parent().unwrap_or(Path::new("."));
+        let mut text = Vec::new();
+        for (i, ((prefix, openclip), tc)) in prefixes.text.iter().zip(&cfg.text).enumerate() {
+            let with_projection = cfg.family == Family::Sdxl && i == 1;
+            let c = tc.clone();
+            let names = recorder_names(&|r| {
+                ClipTextModel::new(r.var_builder(), c.clone(), with_projection, Ops::INFERENCE)
+                    .map(|_| ())
+            })?;
+            let map = ldm::map_names(names, |n| {
+                if *openclip {
+                    ldm::openclip_source(n, prefix)
+                } else {
+                    Some(ldm::hf_clip_source(n, prefix))
+                }
+            })
+            .map_err(|e| model_err(path, e))?;
+            let model = ClipTextModel::new(
+                w.with_map(map).var_builder(DType::F32, device),
+                tc.clone(),
+                with_projection,
+                Ops::INFERENCE,
+            )
+            .map_err(|e| model_err(path, e))?;
+            let tk_dir = [
+                dir.join(if i == 0 { "tokenizer" } else { "tokenizer_2" }),
+                dir.join("tokenizer"),
+            ]
+            .into_iter()
+            .find(|d| d.join("vocab.json").exists() || d.join("tokenizer.json").exists())
+            .ok_or_else(|| {
+                model_err(
+                    path,
+                    format!(
+                        "no CLIP tokenizer: put CLIP's vocab.json and merges.txt into {}",
+                        dir.join("tokenizer").display()
+                    ),
+                )
+            })?;
+            let mut tok = ClipTokenizer::from_dir(&tk_dir).map_err(|e| model_err(&tk_dir, e))?;
+            if *openclip && tk_dir.ends_with("tokenizer") {
+                tok.pad = 0; // OpenCLIP pads with "!"
+            }
+            text.push(TextStack { model, tok });
+        }
+        Ok(Self {
+            family: cfg.family,
+            name: path
+                .file_stem()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_else(|| "model".into()),
+            hash: file_hash(&[path.to_path_buf()])?,
+            schedule: cfg.schedule,
+            unet,
+            vae,
+            text,
+            device: device.clone(),
+            dtype,
+        })
+    }
+
     /// Load a diffusers folder (`model_index.json`, `unet/`, `vae/`, `text_encoder/`,
     /// `tokenizer/`, and for SDXL `text_encoder_2/`, `tokenizer_2/`).
     pub fn load_diffusers(dir: &Path, device: &Device, dtype: DType) -> PResult<Self> {
@@ -618,5 +853,114 @@ pub fn make_tiny(dir: &Path, family: Family, seed: u64) -> PResult<()> {
         serde_json::json!({"_class_name": class, "_diffusers_version": "0.42.1", "_atelier_tiny": true}).to_string(),
     )
     .map_err(e)?;
+    Ok(())
+}
+
+/// Convert a diffusers folder written by [`make_tiny`] (or any diffusers folder) into one
+/// single-file checkpoint with the original LDM key names; its configs travel in the file's
+/// metadata and the tokenizer folders are copied beside it.
+pub fn write_single_file(diffusers: &Path, out: &Path) -> PResult<()> {
+    use crate::models::ldm;
+    let index: serde_json::Value = read_json(&diffusers.join("model_index.json"))?;
+    let sdxl = index["_class_name"]
+        .as_str()
+        .unwrap_or_default()
+        .contains("XL");
+    let unet: UNetConfig = read_json(&diffusers.join("unet/config.json"))?;
+    let vae: VaeConfig = read_json(&diffusers.join("vae/config.json"))?;
+    let mut text = vec![read_json::<ClipConfig>(
+        &diffusers.join("text_encoder/config.json"),
+    )?];
+    if sdxl {
+        text.push(read_json(&diffusers.join("text_encoder_2/config.json"))?);
+    }
+    let family = if sdxl {
+        Family::Sdxl
+    } else if text[0].hidden_act == crate::models::clip::Activation::Gelu {
+        Family::Sd2
+    } else {
+        Family::Sd1
+    };
+    let prefixes = match family {
+        Family::Sd1 => &ldm::SD1,
+        Family::Sd2 => &ldm::SD2,
+        Family::Sdxl => &ldm::SDXL,
+    };
+    let load = |dir: &Path| -> PResult<std::collections::BTreeMap<String, Tensor>> {
+        let files = component_weights(dir)?;
+        let mut all = std::collections::BTreeMap::new();
+        for f in files {
+            for (k, v) in candle_core::safetensors::load(&f, &Device::Cpu)? {
+                all.insert(k, v);
+            }
+        }
+        Ok(all)
+    };
+    let mut out_tensors = std::collections::BTreeMap::new();
+    let t = load(&diffusers.join("unet"))?;
+    let map = ldm::map_names(t.keys().cloned(), |n| {
+        ldm::unet_name(n, &unet).map(|s| ldm::Source::Rename(format!("{}{s}", prefixes.unet)))
+    })
+    .map_err(|e| model_err(diffusers, e))?;
+    out_tensors.extend(ldm::to_single_file(&t, &map)?);
+    let t = load(&diffusers.join("vae"))?;
+    let levels = vae.block_out_channels.len();
+    let map = ldm::map_names(t.keys().cloned(), |n| {
+        ldm::vae_name(n, levels).map(|s| ldm::Source::Rename(format!("{}{s}", prefixes.vae)))
+    })
+    .map_err(|e| model_err(diffusers, e))?;
+    out_tensors.extend(ldm::to_single_file(&t, &map)?);
+    for (i, (prefix, openclip)) in prefixes.text.iter().enumerate() {
+        let dir = diffusers.join(if i == 0 {
+            "text_encoder"
+        } else {
+            "text_encoder_2"
+        });
+        let t = load(&dir)?;
+        let t: std::collections::BTreeMap<String, Tensor> = t
+            .into_iter()
+            .filter(|(k, _)| !k.ends_with("position_ids"))
+            .collect();
+        let map = ldm::map_names(t.keys().cloned(), |n| {
+            if *openclip {
+                ldm::openclip_source(n, prefix)
+            } else {
+                Some(ldm::hf_clip_source(n, prefix))
+            }
+        })
+        .map_err(|e| model_err(&dir, e))?;
+        out_tensors.extend(ldm::to_single_file(&t, &map)?);
+    }
+    let schedule: ScheduleConfig =
+        read_json(&diffusers.join("scheduler/scheduler_config.json")).unwrap_or_default();
+    let cfg = SingleFileConfig {
+        family,
+        unet,
+        vae,
+        text,
+        schedule,
+    };
+    let mut meta = std::collections::HashMap::new();
+    meta.insert(
+        META_KEY.to_string(),
+        serde_json::to_string(&cfg).map_err(|e| model_err(out, e))?,
+    );
+    meta.insert("format".to_string(), "pt".to_string());
+    crate::models::load::save_with_metadata(&out_tensors, meta, out)?;
+    let parent = out.parent().unwrap_or(Path::new("."));
+    for tk in ["tokenizer", "tokenizer_2"] {
+        let src = diffusers.join(tk);
+        if src.is_dir() {
+            let dst = parent.join(tk);
+            std::fs::create_dir_all(&dst).map_err(|e| model_err(&dst, e))?;
+            for entry in std::fs::read_dir(&src)
+                .map_err(|e| model_err(&src, e))?
+                .flatten()
+            {
+                std::fs::copy(entry.path(), dst.join(entry.file_name()))
+                    .map_err(|e| model_err(&dst, e))?;
+            }
+        }
+    }
     Ok(())
 }

@@ -11,13 +11,16 @@ use candle_core::{DType, Device, Result, Shape, Tensor};
 use candle_nn::var_builder::SimpleBackend;
 use candle_nn::VarBuilder;
 
+use super::ldm::Source;
+
 /// A set of safetensors files, memory-mapped.
 #[derive(Clone)]
 pub struct SafetensorsWeights {
     st: Arc<MmapedSafetensors>,
-    /// Prefix every lookup with this (a single-file checkpoint's component, after renaming).
     names: Arc<Vec<String>>,
     label: String,
+    /// Single-file checkpoints: where each model parameter is stored.
+    map: Option<Arc<std::collections::HashMap<String, Source>>>,
 }
 
 impl SafetensorsWeights {
@@ -42,7 +45,38 @@ impl SafetensorsWeights {
                 .map(|p| p.display().to_string())
                 .collect::<Vec<_>>()
                 .join(", "),
+            map: None,
         })
+    }
+
+    /// The same files read through a single-file name map.
+    pub fn with_map(&self, map: std::collections::HashMap<String, Source>) -> Self {
+        Self {
+            map: Some(Arc::new(map)),
+            ..self.clone()
+        }
+    }
+
+    /// Whether a stored tensor of this name exists.
+    pub fn contains(&self, name: &str) -> bool {
+        self.has(name)
+    }
+
+    /// A stored tensor's shape.
+    pub fn shape_of(&self, name: &str) -> Option<Vec<usize>> {
+        self.st.get(name).ok().map(|v| v.shape().to_vec())
+    }
+
+    fn load_mapped(&self, src: &Source, dev: &Device) -> Result<Tensor> {
+        match src {
+            Source::Rename(n) => self.st.load(n, dev),
+            Source::Transposed(n) => self.st.load(n, dev)?.t()?.contiguous(),
+            Source::Part { name, part, parts } => {
+                let t = self.st.load(name, dev)?;
+                let rows = t.dim(0)? / parts;
+                t.narrow(0, part * rows, rows)?.contiguous()
+            }
+        }
     }
 
     pub fn names(&self) -> &[String] {
@@ -89,13 +123,29 @@ impl SimpleBackend for SafetensorsWeights {
         dtype: DType,
         dev: &Device,
     ) -> Result<Tensor> {
-        let stored = self.resolve(name).ok_or_else(|| {
-            candle_core::Error::Msg(format!(
-                "{}: no tensor {name} (is this the right model type?)",
-                self.label
-            ))
-        })?;
-        let t = self.st.load(&stored, dev)?;
+        let (stored, t) = match self.map.as_ref().and_then(|m| m.get(name)) {
+            Some(src) => {
+                let stored = match src {
+                    Source::Rename(n) | Source::Transposed(n) | Source::Part { name: n, .. } => {
+                        n.clone()
+                    }
+                };
+                let t = self.load_mapped(src, dev).map_err(|e| {
+                    candle_core::Error::Msg(format!("{}: {stored} (for {name}): {e}", self.label))
+                })?;
+                (stored, t)
+            }
+            None => {
+                let stored = self.resolve(name).ok_or_else(|| {
+                    candle_core::Error::Msg(format!(
+                        "{}: no tensor {name} (is this the right model type?)",
+                        self.label
+                    ))
+                })?;
+                let t = self.st.load(&stored, dev)?;
+                (stored, t)
+            }
+        };
         let t = if t.shape() != &s
             && t.elem_count() == s.elem_count()
             && t.rank() == 2
@@ -131,7 +181,7 @@ impl SimpleBackend for SafetensorsWeights {
     }
 
     fn contains_tensor(&self, name: &str) -> bool {
-        self.resolve(name).is_some()
+        self.map.as_ref().is_some_and(|m| m.contains_key(name)) || self.resolve(name).is_some()
     }
 }
 
@@ -185,6 +235,48 @@ pub fn save(tensors: &std::collections::BTreeMap<String, Tensor>, path: &Path) -
         .map(|(k, v)| (k.clone(), v.clone()))
         .collect();
     candle_core::safetensors::save(&map, &tmp)?;
+    std::fs::rename(&tmp, path)?;
+    Ok(())
+}
+
+/// The `__metadata__` of a safetensors file (its header only is read).
+pub fn read_metadata(path: &Path) -> Result<std::collections::HashMap<String, String>> {
+    use std::io::Read;
+    let mut f = std::fs::File::open(path)?;
+    let mut len = [0u8; 8];
+    f.read_exact(&mut len)?;
+    let n = u64::from_le_bytes(len);
+    if n > 100 * 1024 * 1024 {
+        return Err(candle_core::Error::Msg(format!(
+            "{}: not a safetensors file (header of {n} bytes)",
+            path.display()
+        )));
+    }
+    let mut header = vec![0u8; n as usize];
+    f.read_exact(&mut header)?;
+    let v: serde_json::Value = serde_json::from_slice(&header).map_err(|e| {
+        candle_core::Error::Msg(format!("{}: not a safetensors file: {e}", path.display()))
+    })?;
+    Ok(v.get("__metadata__")
+        .and_then(|m| m.as_object())
+        .map(|m| {
+            m.iter()
+                .filter_map(|(k, v)| v.as_str().map(|s| (k.clone(), s.to_string())))
+                .collect()
+        })
+        .unwrap_or_default())
+}
+
+/// Save named tensors with `__metadata__`, written beside and renamed into place.
+pub fn save_with_metadata(
+    tensors: &std::collections::BTreeMap<String, Tensor>,
+    metadata: std::collections::HashMap<String, String>,
+    path: &Path,
+) -> Result<()> {
+    let tmp = path.with_extension("safetensors.tmp");
+    let data: Vec<(&str, &Tensor)> = tensors.iter().map(|(k, v)| (k.as_str(), v)).collect();
+    safetensors::serialize_to_file(data, Some(metadata), &tmp)
+        .map_err(|e| candle_core::Error::Msg(format!("{}: {e}", path.display())))?;
     std::fs::rename(&tmp, path)?;
     Ok(())
 }

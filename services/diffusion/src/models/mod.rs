@@ -2,6 +2,7 @@
 //! text encoders, named and shaped as diffusers/transformers name them so real files load.
 
 pub mod clip;
+pub mod ldm;
 pub mod load;
 pub mod nn;
 pub mod shapes;

@@ -1,0 +1,174 @@
+//! Single-file checkpoints with the original LDM key names: the name map covers every parameter
+//! of the published architectures, hits the names real files use, and a tiny model written in
+//! that layout loads back to the same images as its diffusers folder.
+use atelier_diffusion::models::ldm;
+use atelier_diffusion::models::nn::Ops;
+use atelier_diffusion::models::shapes::ShapeRecorder;
+use atelier_diffusion::models::unet::UNet;
+use atelier_diffusion::models::vae::Vae;
+use atelier_diffusion::pipeline::{
+    make_tiny, write_single_file, Family, SingleFileConfig, StableDiffusion, Txt2Img,
+};
+use atelier_diffusion::schedulers::SamplerKind;
+use candle_core::{DType, Device};
+
+fn all_names(family: Family) -> (Vec<String>, Vec<String>, SingleFileConfig) {
+    let cfg = SingleFileConfig::standard(family, 4);
+    let r = ShapeRecorder::default();
+    UNet::new(r.var_builder(), cfg.unet.clone(), Ops::INFERENCE).unwrap();
+    let unet: Vec<String> = r.shapes().into_keys().collect();
+    let r = ShapeRecorder::default();
+    Vae::new(r.var_builder(), cfg.vae.clone()).unwrap();
+    let vae: Vec<String> = r.shapes().into_keys().collect();
+    (unet, vae, cfg)
+}
+
+#[test]
+fn ldm_names_cover_the_published_architectures() {
+    for (family, expect) in [
+        (
+            Family::Sd1,
+            &[
+                "time_embed.0.weight",
+                "input_blocks.1.1.transformer_blocks.0.attn1.to_q.weight",
+                "input_blocks.3.0.op.weight",
+                "input_blocks.4.0.skip_connection.weight",
+                "middle_block.1.proj_in.weight",
+                "output_blocks.2.1.conv.weight",
+                "output_blocks.5.2.conv.weight",
+                "output_blocks.11.1.proj_out.weight",
+                "out.2.weight",
+            ][..],
+        ),
+        (
+            Family::Sdxl,
+            &[
+                "label_emb.0.0.weight",
+                "input_blocks.4.1.transformer_blocks.1.attn1.to_k.weight",
+                "input_blocks.8.1.transformer_blocks.9.ff.net.2.weight",
+                "output_blocks.2.2.conv.weight",
+                "output_blocks.8.0.emb_layers.1.weight",
+            ][..],
+        ),
+    ] {
+        let (unet, vae, cfg) = all_names(family);
+        let mapped: Vec<String> = unet
+            .iter()
+            .map(|n| ldm::unet_name(n, &cfg.unet).unwrap_or_else(|| panic!("{n}")))
+            .collect();
+        let distinct: std::collections::HashSet<_> = mapped.iter().collect();
+        assert_eq!(
+            distinct.len(),
+            mapped.len(),
+            "two parameters map to one name"
+        );
+        for e in expect {
+            assert!(
+                mapped.iter().any(|m| m == e),
+                "{family:?}: {e} not produced"
+            );
+        }
+        let vae: Vec<String> = vae.iter().map(|n| ldm::vae_name(n, 4).unwrap()).collect();
+        for e in [
+            "encoder.down.0.downsample.conv.weight",
+            "encoder.mid.attn_1.q.weight",
+            "decoder.up.3.block.0.conv1.weight",
+            "decoder.up.1.upsample.conv.weight",
+            "decoder.norm_out.weight",
+            "encoder.down.1.block.0.nin_shortcut.weight",
+            "decoder.mid.attn_1.proj_out.bias",
+        ] {
+            assert!(vae.iter().any(|m| m == e), "{e}");
+        }
+    }
+    // OpenCLIP: fused q/k/v and the transposed projection.
+    assert_eq!(
+        ldm::openclip_source("text_model.encoder.layers.3.self_attn.k_proj.weight", "p."),
+        Some(ldm::Source::Part {
+            name: "p.transformer.resblocks.3.attn.in_proj_weight".into(),
+            part: 1,
+            parts: 3
+        })
+    );
+    assert_eq!(
+        ldm::openclip_source("text_projection.weight", "p."),
+        Some(ldm::Source::Transposed("p.text_projection".into()))
+    );
+    assert_eq!(
+        ldm::openclip_source("encoder.layers.0.mlp.fc2.bias", "p."),
+        Some(ldm::Source::Rename(
+            "p.transformer.resblocks.0.mlp.c_proj.bias".into()
+        ))
+    );
+}
+
+fn req() -> Txt2Img {
+    Txt2Img {
+        prompt: "red circle on blue".into(),
+        negative_prompt: String::new(),
+        steps: 3,
+        cfg_scale: 5.0,
+        seed: 9,
+        width: 32,
+        height: 32,
+        batch_size: 1,
+        sampler: SamplerKind::Euler,
+        clip_skip: 1,
+    }
+}
+
+#[test]
+fn tiny_models_round_trip_through_the_single_file_layout() {
+    for family in [Family::Sd1, Family::Sdxl] {
+        let root = tempfile::tempdir().unwrap();
+        let folder = root.path().join("tiny");
+        make_tiny(&folder, family, 11).unwrap();
+        let single_dir = root.path().join("single");
+        std::fs::create_dir_all(&single_dir).unwrap();
+        let file = single_dir.join("tiny.safetensors");
+        write_single_file(&folder, &file).unwrap();
+        // The file holds LDM names only.
+        let names: Vec<String> = candle_core::safetensors::load(&file, &Device::Cpu)
+            .unwrap()
+            .into_keys()
+            .collect();
+        assert!(
+            names.iter().all(|n| n.starts_with("model.diffusion_model.")
+                || n.starts_with("first_stage_model.")
+                || n.starts_with("cond_stage_model.")
+                || n.starts_with("conditioner.embedders.")),
+            "{names:?}"
+        );
+        let a = StableDiffusion::load(&folder, &Device::Cpu, DType::F32).unwrap();
+        let b = StableDiffusion::load(&file, &Device::Cpu, DType::F32).unwrap();
+        assert_eq!(b.family, family);
+        let ia = a.txt2img(&req(), |_, _| true).unwrap();
+        let ib = b.txt2img(&req(), |_, _| true).unwrap();
+        assert_eq!(
+            ia[0].image, ib[0].image,
+            "{family:?}: single file differs from the folder"
+        );
+    }
+}
+
+#[test]
+fn unknown_single_file_layouts_are_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("x.safetensors");
+    let t = candle_core::Tensor::zeros(3, DType::F32, &Device::Cpu).unwrap();
+    candle_core::safetensors::save(
+        &std::collections::HashMap::from([("foo.weight".to_string(), t)]),
+        &p,
+    )
+    .unwrap();
+    let err = StableDiffusion::load(&p, &Device::Cpu, DType::F32)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(err.contains("unknown checkpoint layout"), "{err}");
+    let err = StableDiffusion::load(&dir.path().join("x.ckpt"), &Device::Cpu, DType::F32)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(err.contains(".safetensors"), "{err}");
+}
