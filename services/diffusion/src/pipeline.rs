@@ -586,6 +586,88 @@ impl StableDiffusion {
     pub fn txt2img(
         &self,
         req: &Txt2Img,
+        on_step: impl FnMut(usize, usize) -> bool,
+    ) -> PResult<Vec<Generated>> {
+        self.generate(req, None, on_step)
+    }
+
+    /// img2img and inpainting: start from `init` noised to the strength's timestep (pure noise at
+    /// strength 1, which then equals txt2img from the same seed). With a mask, only the masked
+    /// (white) region is repainted: regular models blend the unmasked region's re-noised
+    /// latents back at every step; 9-channel inpainting models also see the mask and the masked
+    /// image.
+    pub fn img2img(
+        &self,
+        req: &Txt2Img,
+        init: &Init,
+        on_step: impl FnMut(usize, usize) -> bool,
+    ) -> PResult<Vec<Generated>> {
+        init.validate().map_err(PipelineError::BadRequest)?;
+        self.generate(req, Some(init), on_step)
+    }
+
+    /// Pixels → scaled latents [1, 4, h, w] (the image resized to `width`×`height`).
+    fn encode_image(&self, img: &image::RgbImage, width: usize, height: usize) -> PResult<Tensor> {
+        let img = if img.dimensions() != (width as u32, height as u32) {
+            image::imageops::resize(
+                img,
+                width as u32,
+                height as u32,
+                image::imageops::FilterType::Lanczos3,
+            )
+        } else {
+            img.clone()
+        };
+        let t = Tensor::from_vec(img.into_raw(), (height, width, 3), &self.device)?
+            .permute((2, 0, 1))?
+            .to_dtype(DType::F32)?
+            .affine(2.0 / 255.0, -1.0)?
+            .unsqueeze(0)?;
+        Ok(self.vae.encode(&t)?)
+    }
+
+    /// The mask at latent resolution [1, 1, h, w], 1 where the image is repainted.
+    fn latent_mask(
+        &self,
+        mask: &Mask,
+        width: usize,
+        height: usize,
+        h: usize,
+        w: usize,
+    ) -> PResult<Tensor> {
+        let mut m = mask.image.clone();
+        if m.dimensions() != (width as u32, height as u32) {
+            m = image::imageops::resize(
+                &m,
+                width as u32,
+                height as u32,
+                image::imageops::FilterType::Nearest,
+            );
+        }
+        if mask.invert {
+            image::imageops::invert(&mut m);
+        }
+        if mask.blur > 0.0 {
+            m = image::imageops::blur(&m, mask.blur);
+        }
+        let small = image::imageops::resize(
+            &m,
+            w as u32,
+            h as u32,
+            image::imageops::FilterType::Triangle,
+        );
+        let v: Vec<f32> = small
+            .into_raw()
+            .into_iter()
+            .map(|p| p as f32 / 255.0)
+            .collect();
+        Ok(Tensor::from_vec(v, (1, 1, h, w), &self.device)?)
+    }
+
+    fn generate(
+        &self,
+        req: &Txt2Img,
+        init: Option<&Init>,
         mut on_step: impl FnMut(usize, usize) -> bool,
     ) -> PResult<Vec<Generated>> {
         req.validate().map_err(PipelineError::BadRequest)?;
@@ -627,9 +709,96 @@ impl StableDiffusion {
             .iter_mut()
             .map(|s| s.randn((1, ch, h, w), &self.device))
             .collect::<candle_core::Result<Vec<_>>>()?;
-        let mut x = Tensor::cat(&noise, 0)?
-            .affine(sampler.init_noise_sigma(), 0.0)?
-            .to_dtype(self.dtype)?;
+        let noise = Tensor::cat(&noise, 0)?;
+        let inpaint_model = self.unet.config.in_channels == 9;
+        // (clean init latents, latent mask) for blending; (mask, masked-image latents) for
+        // 9-channel models.
+        let mut blend: Option<(Tensor, Tensor)> = None;
+        let mut extra: Option<Tensor> = None;
+        let x = match init {
+            None => noise.affine(sampler.init_noise_sigma(), 0.0)?,
+            Some(init) => {
+                let lat = self
+                    .encode_image(&init.image, req.width, req.height)?
+                    .repeat((b, 1, 1, 1))?;
+                if init.strength < 1.0 {
+                    let begin = sampler.begin_index_for_strength(req.steps, init.strength);
+                    sampler.set_begin_index(begin);
+                }
+                if sampler.finished() {
+                    return Err(PipelineError::BadRequest(format!(
+                        "strength {} over {} steps leaves no step to run: raise strength or steps",
+                        init.strength, req.steps
+                    )));
+                }
+                let x = if init.strength >= 1.0 {
+                    noise.affine(sampler.init_noise_sigma(), 0.0)?
+                } else {
+                    sampler.add_noise(&lat, &noise)?
+                };
+                if let Some(mask) = &init.mask {
+                    let m = self
+                        .latent_mask(mask, req.width, req.height, h, w)?
+                        .repeat((b, 1, 1, 1))?;
+                    if inpaint_model {
+                        // The masked image: repainted region set to 0 (mid grey) before encoding.
+                        let pm = {
+                            let mut full = mask.image.clone();
+                            if full.dimensions() != (req.width as u32, req.height as u32) {
+                                full = image::imageops::resize(
+                                    &full,
+                                    req.width as u32,
+                                    req.height as u32,
+                                    image::imageops::FilterType::Nearest,
+                                );
+                            }
+                            if mask.invert {
+                                image::imageops::invert(&mut full);
+                            }
+                            full
+                        };
+                        let mut masked = init.image.clone();
+                        if masked.dimensions() != (req.width as u32, req.height as u32) {
+                            masked = image::imageops::resize(
+                                &masked,
+                                req.width as u32,
+                                req.height as u32,
+                                image::imageops::FilterType::Lanczos3,
+                            );
+                        }
+                        for (px, mp) in masked.pixels_mut().zip(pm.pixels()) {
+                            if mp.0[0] >= 128 {
+                                *px = image::Rgb([128, 128, 128]);
+                            }
+                        }
+                        let ml = self
+                            .encode_image(&masked, req.width, req.height)?
+                            .repeat((b, 1, 1, 1))?;
+                        extra = Some(Tensor::cat(&[m.clone(), ml], 1)?);
+                    }
+                    blend = Some((lat, m));
+                }
+                x
+            }
+        };
+        if inpaint_model && extra.is_none() {
+            // An inpainting model without a mask repaints everything.
+            let m = Tensor::ones((b, 1, h, w), DType::F32, &self.device)?;
+            let grey = image::RgbImage::from_pixel(
+                req.width as u32,
+                req.height as u32,
+                image::Rgb([128, 128, 128]),
+            );
+            let ml = self
+                .encode_image(&grey, req.width, req.height)?
+                .repeat((b, 1, 1, 1))?;
+            extra = Some(Tensor::cat(&[m, ml], 1)?);
+        }
+        let extra = match extra {
+            Some(e) => Some(e.to_dtype(self.dtype)?),
+            None => None,
+        };
+        let mut x = x.to_dtype(self.dtype)?;
         let mut step_noise = BatchNoise { streams };
         let total = sampler.remaining();
         let use_cfg = req.cfg_scale != 1.0;
@@ -646,7 +815,10 @@ impl StableDiffusion {
             let ci = sched.iter().position(|e| e.text == text).unwrap_or(0);
             let (cond, pooled) = &conds[ci];
             let t = sampler.timestep();
-            let input = sampler.scale_model_input(&x)?;
+            let mut input = sampler.scale_model_input(&x)?;
+            if let Some(e) = &extra {
+                input = Tensor::cat(&[&input, e], 1)?;
+            }
             let eps = if use_cfg {
                 let (u, c) = conditioning::pad_to_same(uncond.clone(), cond.clone(), &empty)?;
                 let ctx = Tensor::cat(&[u.repeat((b, 1, 1))?, c.repeat((b, 1, 1))?], 0)?;
@@ -675,6 +847,16 @@ impl StableDiffusion {
                 self.unet.forward(&input, &ts, &ctx, add.as_ref())?
             };
             x = sampler.step(&eps, &x, &mut step_noise)?;
+            if let (Some((lat, m)), false) = (&blend, inpaint_model) {
+                let orig = if sampler.finished() {
+                    lat.clone()
+                } else {
+                    sampler.add_noise_at(lat, &noise, sampler.step_index())?
+                };
+                let m = m.to_dtype(x.dtype())?;
+                let keep = (1.0 - &m)?;
+                x = (x.broadcast_mul(&m)? + orig.to_dtype(x.dtype())?.broadcast_mul(&keep)?)?;
+            }
             done += 1;
             if !on_step(done, total) {
                 return Err(PipelineError::Cancelled);
@@ -693,6 +875,10 @@ impl StableDiffusion {
                 .to_vec1::<u8>()?;
             let image = image::RgbImage::from_raw(req.width as u32, req.height as u32, img)
                 .ok_or_else(|| PipelineError::Compute("decoded image has the wrong size".into()))?;
+            let image = match init.and_then(|i| i.mask.as_ref().map(|m| (i, m))) {
+                Some((init, mask)) => overlay(&image, &init.image, mask),
+                None => image,
+            };
             let seed = req.seed.wrapping_add(i as u64);
             images.push(Generated {
                 seed,
@@ -701,6 +887,88 @@ impl StableDiffusion {
             });
         }
         Ok(images)
+    }
+}
+
+/// Paste the original back where the (feathered) mask keeps it, as A1111 does, so the unmasked
+/// region is the original's pixels exactly.
+fn overlay(
+    generated: &image::RgbImage,
+    original: &image::RgbImage,
+    mask: &Mask,
+) -> image::RgbImage {
+    let (w, h) = generated.dimensions();
+    let orig = if original.dimensions() != (w, h) {
+        image::imageops::resize(original, w, h, image::imageops::FilterType::Lanczos3)
+    } else {
+        original.clone()
+    };
+    let mut m = if mask.image.dimensions() != (w, h) {
+        image::imageops::resize(&mask.image, w, h, image::imageops::FilterType::Nearest)
+    } else {
+        mask.image.clone()
+    };
+    if mask.invert {
+        image::imageops::invert(&mut m);
+    }
+    if mask.blur > 0.0 {
+        m = image::imageops::blur(&m, mask.blur);
+    }
+    let mut out = generated.clone();
+    for ((o, g), (src, mp)) in out
+        .pixels_mut()
+        .zip(generated.pixels())
+        .zip(orig.pixels().zip(m.pixels()))
+    {
+        let a = mp.0[0] as f32 / 255.0;
+        for c in 0..3 {
+            o.0[c] = (g.0[c] as f32 * a + src.0[c] as f32 * (1.0 - a)).round() as u8;
+        }
+    }
+    out
+}
+
+/// The starting image of img2img / inpainting.
+#[derive(Debug, Clone)]
+pub struct Init {
+    pub image: image::RgbImage,
+    /// 0..=1: how much of the schedule runs (1 = from pure noise).
+    pub strength: f64,
+    pub mask: Option<Mask>,
+}
+
+/// An inpainting mask: white (≥ 128) is repainted.
+#[derive(Debug, Clone)]
+pub struct Mask {
+    pub image: image::GrayImage,
+    /// Gaussian feathering of the mask edge, in pixels (A1111's mask_blur).
+    pub blur: f32,
+    pub invert: bool,
+}
+
+impl Init {
+    pub fn validate(&self) -> std::result::Result<(), String> {
+        if !(self.strength.is_finite() && (0.0..=1.0).contains(&self.strength)) {
+            return Err(format!(
+                "strength must be within 0..=1 (got {})",
+                self.strength
+            ));
+        }
+        if let Some(m) = &self.mask {
+            if m.image.dimensions() != self.image.dimensions() {
+                return Err(format!(
+                    "the mask is {}x{} but the image is {}x{}: they must be the same size",
+                    m.image.width(),
+                    m.image.height(),
+                    self.image.width(),
+                    self.image.height()
+                ));
+            }
+            if !(m.blur.is_finite() && (0.0..=64.0).contains(&m.blur)) {
+                return Err(format!("mask_blur must be within 0..=64 (got {})", m.blur));
+            }
+        }
+        Ok(())
     }
 }
 
@@ -726,6 +994,11 @@ impl NoiseSource for BatchNoise {
 /// Write a tiny random-weight model in diffusers' folder layout (SD 1.x shaped, or SDXL shaped
 /// with two text encoders and added conditioning): for tests and the demo.
 pub fn make_tiny(dir: &Path, family: Family, seed: u64) -> PResult<()> {
+    make_tiny_with(dir, family, seed, false)
+}
+
+/// [`make_tiny`], optionally with a 9-channel inpainting UNet.
+pub fn make_tiny_with(dir: &Path, family: Family, seed: u64, inpainting: bool) -> PResult<()> {
     let e = |err: std::io::Error| model_err(dir, err);
     std::fs::create_dir_all(dir).map_err(e)?;
     let words: &[(&str, &str)] = &[
@@ -806,6 +1079,9 @@ pub fn make_tiny(dir: &Path, family: Family, seed: u64) -> PResult<()> {
         norm_num_groups: 8,
         ..UNetConfig::default()
     };
+    if inpainting {
+        unet.in_channels = 9;
+    }
     if sdxl {
         unet.down_block_types = vec!["DownBlock2D".into(), "CrossAttnDownBlock2D".into()];
         unet.up_block_types = vec!["CrossAttnUpBlock2D".into(), "UpBlock2D".into()];
