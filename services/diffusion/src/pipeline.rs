@@ -48,12 +48,14 @@ pub enum Family {
     Sdxl,
 }
 
+#[derive(Clone)]
 struct TextStack {
     model: ClipTextModel,
     tok: ClipTokenizer,
 }
 
-/// A loaded model, ready to sample.
+/// A loaded model, ready to sample. Cloning is cheap (weights are shared).
+#[derive(Clone)]
 pub struct StableDiffusion {
     pub family: Family,
     pub name: String,
@@ -512,6 +514,20 @@ impl StableDiffusion {
         })
     }
 
+    /// This model with a LoRA applied at `weight` (the weights it does not touch stay shared).
+    pub fn with_lora(
+        &self,
+        file: &crate::lora::LoraFile,
+        weight: f64,
+        mode: crate::lora::LoraMode,
+    ) -> PResult<(Self, crate::lora::Applied)> {
+        let mut m = self.clone();
+        let mut text: Vec<&mut ClipTextModel> = m.text.iter_mut().map(|t| &mut t.model).collect();
+        let applied = crate::lora::apply(file, weight, mode, &mut m.unet, &mut text)
+            .map_err(PipelineError::BadRequest)?;
+        Ok((m, applied))
+    }
+
     /// Pixels per latent cell (8 for real SD VAEs).
     pub fn vae_scale(&self) -> usize {
         1 << (self.vae.config.block_out_channels.len().saturating_sub(1))
@@ -690,12 +706,21 @@ impl StableDiffusion {
         let b = req.batch_size;
         let ch = self.unet.config.in_channels.min(4);
         // Per-step prompt texts (prompt editing), each encoded once.
-        let sched = schedule(&req.prompt, req.steps);
+        // Extra-network tags (<lora:…>) are applied by the caller (see `with_lora`); they are
+        // not text for the encoder.
+        let strip = |p: &str| -> PResult<String> {
+            crate::prompt::extract_extra_networks(p)
+                .map(|(clean, _)| clean)
+                .map_err(PipelineError::BadRequest)
+        };
+        let prompt = strip(&req.prompt)?;
+        let negative = strip(&req.negative_prompt)?;
+        let sched = schedule(&prompt, req.steps);
         let mut conds = Vec::new();
         for e in &sched {
             conds.push(self.encode_prompt(&e.text, req.clip_skip)?);
         }
-        let (uncond, uncond_pooled) = self.encode_prompt(&req.negative_prompt, req.clip_skip)?;
+        let (uncond, uncond_pooled) = self.encode_prompt(&negative, req.clip_skip)?;
         let (empty, _) = self.encode_prompt("", req.clip_skip)?;
         let schedule_cfg = NoiseSchedule::new(self.schedule.clone());
         let mut sampler = req

@@ -25,6 +25,7 @@ pub enum TokenizerError {
 }
 
 /// A CLIP tokenizer: text → ids without special tokens; the caller frames them.
+#[derive(Clone)]
 pub struct ClipTokenizer {
     inner: Tokenizer,
     pub bos: u32,

@@ -270,6 +270,51 @@ impl TransformerBlock {
     }
 }
 
+/// A layer LoRA can adapt.
+pub enum Target<'a> {
+    Linear(&'a mut Linear),
+    Conv(&'a mut Conv2d),
+}
+
+impl ResnetBlock {
+    fn targets<'a>(&'a mut self, p: &str, v: &mut Vec<(String, Target<'a>)>) {
+        v.push((format!("{p}.conv1"), Target::Conv(&mut self.conv1)));
+        v.push((format!("{p}.conv2"), Target::Conv(&mut self.conv2)));
+        if let Some(c) = &mut self.conv_shortcut {
+            v.push((format!("{p}.conv_shortcut"), Target::Conv(c)));
+        }
+        if let Some(l) = &mut self.time_emb_proj {
+            v.push((format!("{p}.time_emb_proj"), Target::Linear(l)));
+        }
+    }
+}
+
+impl SpatialTransformer {
+    fn targets<'a>(&'a mut self, p: &str, v: &mut Vec<(String, Target<'a>)>) {
+        for (name, proj) in [
+            ("proj_in", &mut self.proj_in),
+            ("proj_out", &mut self.proj_out),
+        ] {
+            let t = match proj {
+                Proj::Conv(c) => Target::Conv(c),
+                Proj::Linear(l) => Target::Linear(l),
+            };
+            v.push((format!("{p}.{name}"), t));
+        }
+        for (k, b) in self.blocks.iter_mut().enumerate() {
+            let q = format!("{p}.transformer_blocks.{k}");
+            for (an, a) in [("attn1", &mut b.attn1), ("attn2", &mut b.attn2)] {
+                v.push((format!("{q}.{an}.to_q"), Target::Linear(&mut a.to_q)));
+                v.push((format!("{q}.{an}.to_k"), Target::Linear(&mut a.to_k)));
+                v.push((format!("{q}.{an}.to_v"), Target::Linear(&mut a.to_v)));
+                v.push((format!("{q}.{an}.to_out.0"), Target::Linear(&mut a.to_out)));
+            }
+            v.push((format!("{q}.ff.net.0.proj"), Target::Linear(&mut b.ff_proj)));
+            v.push((format!("{q}.ff.net.2"), Target::Linear(&mut b.ff_out)));
+        }
+    }
+}
+
 #[derive(Debug, Clone)]
 enum Proj {
     Conv(Conv2d),
@@ -611,21 +656,52 @@ impl UNet {
         self.conv_out.forward(&self.norm_out.forward_silu(&h)?)
     }
 
-    /// Every attention block (for LoRA injection), with its diffusers path.
-    pub fn transformers_mut(&mut self) -> Vec<(String, &mut SpatialTransformer)> {
-        let mut v = Vec::new();
+    /// Every linear and convolution layer with its diffusers path (LoRA injection points).
+    pub fn targets_mut(&mut self) -> Vec<(String, Target<'_>)> {
+        let mut v: Vec<(String, Target<'_>)> = vec![
+            ("conv_in".into(), Target::Conv(&mut self.conv_in)),
+            ("conv_out".into(), Target::Conv(&mut self.conv_out)),
+            (
+                "time_embedding.linear_1".into(),
+                Target::Linear(&mut self.time_1),
+            ),
+            (
+                "time_embedding.linear_2".into(),
+                Target::Linear(&mut self.time_2),
+            ),
+        ];
+        if let Some(l) = &mut self.add_1 {
+            v.push(("add_embedding.linear_1".into(), Target::Linear(l)));
+        }
+        if let Some(l) = &mut self.add_2 {
+            v.push(("add_embedding.linear_2".into(), Target::Linear(l)));
+        }
         for (i, b) in self.down.iter_mut().enumerate() {
+            let p = format!("down_blocks.{i}");
+            for (j, r) in b.resnets.iter_mut().enumerate() {
+                r.targets(&format!("{p}.resnets.{j}"), &mut v);
+            }
             for (j, a) in b.attentions.iter_mut().enumerate() {
-                v.push((format!("down_blocks.{i}.attentions.{j}"), a));
+                a.targets(&format!("{p}.attentions.{j}"), &mut v);
+            }
+            if let Some(c) = &mut b.downsample {
+                v.push((format!("{p}.downsamplers.0.conv"), Target::Conv(c)));
             }
         }
-        v.push((
-            "mid_block.attentions.0".to_string(),
-            &mut self.mid_attention,
-        ));
+        for (j, r) in self.mid_resnets.iter_mut().enumerate() {
+            r.targets(&format!("mid_block.resnets.{j}"), &mut v);
+        }
+        self.mid_attention.targets("mid_block.attentions.0", &mut v);
         for (i, b) in self.up.iter_mut().enumerate() {
+            let p = format!("up_blocks.{i}");
+            for (j, r) in b.resnets.iter_mut().enumerate() {
+                r.targets(&format!("{p}.resnets.{j}"), &mut v);
+            }
             for (j, a) in b.attentions.iter_mut().enumerate() {
-                v.push((format!("up_blocks.{i}.attentions.{j}"), a));
+                a.targets(&format!("{p}.attentions.{j}"), &mut v);
+            }
+            if let Some(c) = &mut b.upsample {
+                v.push((format!("{p}.upsamplers.0.conv"), Target::Conv(c)));
             }
         }
         v

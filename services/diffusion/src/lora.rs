@@ -1,0 +1,301 @@
+//! LoRA files as the community writes them: kohya/A1111 (`lora_unet_*`, `lora_te_*`,
+//! `lora_te1_*`/`lora_te2_*`, `.lora_down/.lora_up/.alpha`, diffusers or LDM module names) and
+//! diffusers/peft (`unet.….lora_A/lora_B`, older `….processor.to_q_lora.down/up`). Applied either
+//! merged into the weights or as run-time adapters: the same result either way.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+
+use candle_core::{DType, Device, Tensor};
+
+use crate::models::clip::ClipTextModel;
+use crate::models::nn::{Conv2d, Linear};
+use crate::models::unet::{Target, UNet};
+
+/// How a LoRA is applied.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LoraMode {
+    /// Added into the weights (fastest to run; the model is a new copy).
+    Merge,
+    /// Kept beside the weights and added at every forward pass.
+    Runtime,
+}
+
+/// One adapted layer: down [r, in(, k, k)], up [out, r(, 1, 1)], scale alpha / r.
+#[derive(Debug, Clone)]
+pub struct LoraLayer {
+    pub down: Tensor,
+    pub up: Tensor,
+    pub scale: f64,
+}
+
+/// Which model a layer belongs to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Part {
+    Unet,
+    Text(usize),
+}
+
+/// A parsed LoRA file: layers by (part, module key as written, normalised).
+#[derive(Debug, Clone)]
+pub struct LoraFile {
+    pub layers: BTreeMap<(Part, String), LoraLayer>,
+    pub metadata: HashMap<String, String>,
+}
+
+fn underscore(path: &str) -> String {
+    path.replace('.', "_")
+}
+
+impl LoraFile {
+    pub fn load(path: &Path) -> Result<Self, String> {
+        let tensors = candle_core::safetensors::load(path, &Device::Cpu)
+            .map_err(|e| format!("{}: {e}", path.display()))?;
+        let metadata = crate::models::load::read_metadata(path).unwrap_or_default();
+        Self::from_tensors(tensors, metadata).map_err(|e| format!("{}: {e}", path.display()))
+    }
+
+    pub fn from_tensors(
+        tensors: HashMap<String, Tensor>,
+        metadata: HashMap<String, String>,
+    ) -> Result<Self, String> {
+        // module → (down, up, alpha)
+        let mut groups: BTreeMap<(Part, String), (Option<Tensor>, Option<Tensor>, Option<f64>)> =
+            BTreeMap::new();
+        for (name, t) in tensors {
+            let (module, role) = if let Some(m) = name.strip_suffix(".lora_down.weight") {
+                (m.to_string(), 0)
+            } else if let Some(m) = name.strip_suffix(".lora_up.weight") {
+                (m.to_string(), 1)
+            } else if let Some(m) = name.strip_suffix(".alpha") {
+                (m.to_string(), 2)
+            } else if let Some(m) = name.strip_suffix(".lora_A.weight") {
+                (m.to_string(), 0)
+            } else if let Some(m) = name.strip_suffix(".lora_B.weight") {
+                (m.to_string(), 1)
+            } else if let Some(m) = name.strip_suffix("_lora.down.weight") {
+                (
+                    m.replace(".processor.", ".").replace("to_out", "to_out.0"),
+                    0,
+                )
+            } else if let Some(m) = name.strip_suffix("_lora.up.weight") {
+                (
+                    m.replace(".processor.", ".").replace("to_out", "to_out.0"),
+                    1,
+                )
+            } else {
+                continue; // dora scales, hada, etc. are not LoRA: ignored, reported as unmatched
+            };
+            let (part, key) = if let Some(k) = module.strip_prefix("lora_unet_") {
+                (Part::Unet, k.to_string())
+            } else if let Some(k) = module.strip_prefix("lora_te1_") {
+                (Part::Text(0), k.to_string())
+            } else if let Some(k) = module.strip_prefix("lora_te2_") {
+                (Part::Text(1), k.to_string())
+            } else if let Some(k) = module.strip_prefix("lora_te_") {
+                (Part::Text(0), k.to_string())
+            } else if let Some(k) = module.strip_prefix("unet.") {
+                (Part::Unet, underscore(k))
+            } else if let Some(k) = module.strip_prefix("text_encoder_2.") {
+                (Part::Text(1), underscore(k))
+            } else if let Some(k) = module.strip_prefix("text_encoder.") {
+                (Part::Text(0), underscore(k))
+            } else {
+                return Err(format!("{name}: not a LoRA key this loader knows (kohya lora_unet_/lora_te_ or diffusers unet./text_encoder.)"));
+            };
+            let key = key.strip_prefix("text_model_").unwrap_or(&key).to_string();
+            let g = groups.entry((part, key)).or_default();
+            match role {
+                0 => g.0 = Some(t),
+                1 => g.1 = Some(t),
+                _ => {
+                    g.2 = Some(
+                        t.to_dtype(DType::F64)
+                            .and_then(|a| a.flatten_all()?.to_vec1::<f64>())
+                            .map_err(|e| e.to_string())?
+                            .first()
+                            .copied()
+                            .unwrap_or(1.0),
+                    )
+                }
+            }
+        }
+        let mut layers = BTreeMap::new();
+        for (k, (down, up, alpha)) in groups {
+            let (Some(down), Some(up)) = (down, up) else {
+                return Err(format!(
+                    "{}: a LoRA layer needs both down and up weights",
+                    k.1
+                ));
+            };
+            let rank = down.dim(0).map_err(|e| e.to_string())?;
+            let scale = alpha.map_or(1.0, |a| a / rank as f64);
+            layers.insert(
+                k,
+                LoraLayer {
+                    down: down.to_dtype(DType::F32).map_err(|e| e.to_string())?,
+                    up: up.to_dtype(DType::F32).map_err(|e| e.to_string())?,
+                    scale,
+                },
+            );
+        }
+        if layers.is_empty() {
+            return Err("no LoRA layers in this file".into());
+        }
+        Ok(Self { layers, metadata })
+    }
+}
+
+fn as_linear(t: &Tensor) -> candle_core::Result<Tensor> {
+    if t.rank() == 4 {
+        let a = t.dim(0)?;
+        t.reshape((a, t.elem_count() / a))
+    } else {
+        Ok(t.clone())
+    }
+}
+
+fn apply_linear(
+    l: &mut Linear,
+    layer: &LoraLayer,
+    weight: f64,
+    mode: LoraMode,
+) -> candle_core::Result<()> {
+    let down = as_linear(&layer.down)?;
+    let up = as_linear(&layer.up)?;
+    if down.dim(1)? != l.in_dim() || up.dim(0)? != l.out_dim() {
+        candle_core::bail!(
+            "LoRA shape {:?}/{:?} does not fit a {}→{} layer",
+            down.dims(),
+            up.dims(),
+            l.in_dim(),
+            l.out_dim()
+        );
+    }
+    let s = weight * layer.scale;
+    match mode {
+        LoraMode::Runtime => l.adapters.push((
+            down.to_device(l.weight.device())?,
+            up.to_device(l.weight.device())?,
+            s,
+        )),
+        LoraMode::Merge => {
+            let delta = up
+                .matmul(&down)?
+                .affine(s, 0.0)?
+                .to_device(l.weight.device())?;
+            l.weight = (l.weight.to_dtype(DType::F32)? + delta)?.to_dtype(l.weight.dtype())?;
+        }
+    }
+    Ok(())
+}
+
+fn apply_conv(
+    c: &mut Conv2d,
+    layer: &LoraLayer,
+    weight: f64,
+    mode: LoraMode,
+) -> candle_core::Result<()> {
+    let (out, inp, k, _) = c.weight.dims4()?;
+    let r = layer.down.dim(0)?;
+    let down = if layer.down.rank() == 2 {
+        layer.down.reshape((r, inp, 1, 1))?
+    } else {
+        layer.down.clone()
+    };
+    let up = layer.up.reshape((out, r, 1, 1))?;
+    let dk = down.dim(2)?;
+    if down.dim(1)? != inp || (dk != k && dk != 1) {
+        candle_core::bail!(
+            "LoRA shape {:?} does not fit a {inp}→{out} {k}×{k} convolution",
+            layer.down.dims()
+        );
+    }
+    let s = weight * layer.scale;
+    match mode {
+        LoraMode::Runtime => c.adapters.push((
+            down.to_device(c.weight.device())?,
+            up.to_device(c.weight.device())?,
+            s,
+        )),
+        LoraMode::Merge => {
+            let d2 = down.reshape((r, ()))?;
+            let delta = up
+                .reshape((out, r))?
+                .matmul(&d2)?
+                .reshape((out, inp, dk, dk))?;
+            let delta = if dk == k {
+                delta
+            } else {
+                // A 1×1 adapter on a k×k kernel acts at the kernel's centre.
+                let pad = (k - 1) / 2;
+                delta
+                    .pad_with_zeros(2, pad, k - 1 - pad)?
+                    .pad_with_zeros(3, pad, k - 1 - pad)?
+            };
+            let delta = delta.affine(s, 0.0)?.to_device(c.weight.device())?;
+            c.weight = (c.weight.to_dtype(DType::F32)? + delta)?.to_dtype(c.weight.dtype())?;
+        }
+    }
+    Ok(())
+}
+
+/// What applying a file did.
+#[derive(Debug, Clone, Default)]
+pub struct Applied {
+    pub matched: usize,
+    /// Layers of the file no module of this model answers to.
+    pub unmatched: Vec<String>,
+}
+
+/// Apply `file` at `weight` to a UNet and its text encoders. UNet layers may be named by their
+/// diffusers path or, as SDXL LoRAs from kohya's scripts are, by their LDM path.
+pub fn apply(
+    file: &LoraFile,
+    weight: f64,
+    mode: LoraMode,
+    unet: &mut UNet,
+    text: &mut [&mut ClipTextModel],
+) -> Result<Applied, String> {
+    let cfg = unet.config.clone();
+    let mut targets = unet.targets_mut();
+    let mut index: HashMap<String, usize> = HashMap::new();
+    for (i, (path, _)) in targets.iter().enumerate() {
+        index.insert(underscore(path), i);
+        if let Some(ldm) = crate::models::ldm::unet_name(&format!("{path}.weight"), &cfg) {
+            index.insert(underscore(ldm.trim_end_matches(".weight")), i);
+        }
+    }
+    let mut applied = Applied::default();
+    for ((part, key), layer) in &file.layers {
+        let result = match part {
+            Part::Unet => match index.get(key) {
+                Some(&i) => Some(match &mut targets[i].1 {
+                    Target::Linear(l) => apply_linear(l, layer, weight, mode),
+                    Target::Conv(c) => apply_conv(c, layer, weight, mode),
+                }),
+                None => None,
+            },
+            Part::Text(n) => match text.get_mut(*n) {
+                Some(model) => model
+                    .linears_mut()
+                    .into_iter()
+                    .find(|(p, _)| underscore(p.strip_prefix("text_model.").unwrap_or(p)) == *key)
+                    .map(|(_, l)| apply_linear(l, layer, weight, mode)),
+                None => None,
+            },
+        };
+        match result {
+            Some(Ok(())) => applied.matched += 1,
+            Some(Err(e)) => return Err(format!("{key}: {e}")),
+            None => applied.unmatched.push(key.clone()),
+        }
+    }
+    if applied.matched == 0 {
+        return Err(format!(
+            "no layer of this LoRA matches the model (first keys: {:?}): is it for another architecture?",
+            applied.unmatched.iter().take(3).collect::<Vec<_>>()
+        ));
+    }
+    Ok(applied)
+}
