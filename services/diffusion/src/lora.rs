@@ -43,6 +43,9 @@ pub struct LoraFile {
     pub metadata: HashMap<String, String>,
 }
 
+/// (down, up, alpha) of one layer while reading a file.
+type Pieces = (Option<Tensor>, Option<Tensor>, Option<f64>);
+
 fn underscore(path: &str) -> String {
     path.replace('.', "_")
 }
@@ -60,8 +63,7 @@ impl LoraFile {
         metadata: HashMap<String, String>,
     ) -> Result<Self, String> {
         // module → (down, up, alpha)
-        let mut groups: BTreeMap<(Part, String), (Option<Tensor>, Option<Tensor>, Option<f64>)> =
-            BTreeMap::new();
+        let mut groups: BTreeMap<(Part, String), Pieces> = BTreeMap::new();
         for (name, t) in tensors {
             let (module, role) = if let Some(m) = name.strip_suffix(".lora_down.weight") {
                 (m.to_string(), 0)
@@ -269,13 +271,10 @@ pub fn apply(
     let mut applied = Applied::default();
     for ((part, key), layer) in &file.layers {
         let result = match part {
-            Part::Unet => match index.get(key) {
-                Some(&i) => Some(match &mut targets[i].1 {
-                    Target::Linear(l) => apply_linear(l, layer, weight, mode),
-                    Target::Conv(c) => apply_conv(c, layer, weight, mode),
-                }),
-                None => None,
-            },
+            Part::Unet => index.get(key).map(|&i| match &mut targets[i].1 {
+                Target::Linear(l) => apply_linear(l, layer, weight, mode),
+                Target::Conv(c) => apply_conv(c, layer, weight, mode),
+            }),
             Part::Text(n) => match text.get_mut(*n) {
                 Some(model) => model
                     .linears_mut()
