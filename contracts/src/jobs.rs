@@ -10,7 +10,7 @@ use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 use uuid::Uuid;
 
-use crate::{ArtifactRef, Service};
+use crate::{ArtifactRef, GenerateSpec, ImagesOutput, Service};
 
 /// A job's id: a UUIDv7, so ids sort by submission time.
 #[derive(
@@ -58,20 +58,31 @@ impl std::fmt::Display for JobId {
 pub enum JobSpec {
     /// Read an artifact, verify it, and store a digest report as a result artifact.
     Checksum(ChecksumSpec),
+    /// Generate images from a prompt (sampler service).
+    Txt2img(GenerateSpec),
+    /// Generate images from a prompt and a starting image (inpainter service).
+    Img2img(GenerateSpec),
+    /// Repaint the masked region of an image (inpainter service).
+    Inpaint(GenerateSpec),
 }
 
 impl JobSpec {
     /// Every `kind` tag this build knows.
-    pub const KINDS: &'static [&'static str] = &["checksum"];
+    pub const KINDS: &'static [&'static str] = &["checksum", "txt2img", "img2img", "inpaint"];
 
     pub fn service(&self) -> Service {
         match self {
             JobSpec::Checksum(_) => Service::Checksum,
+            JobSpec::Txt2img(_) => Service::Sampler,
+            JobSpec::Img2img(_) | JobSpec::Inpaint(_) => Service::Inpainter,
         }
     }
     pub fn kind(&self) -> &'static str {
         match self {
             JobSpec::Checksum(_) => "checksum",
+            JobSpec::Txt2img(_) => "txt2img",
+            JobSpec::Img2img(_) => "img2img",
+            JobSpec::Inpaint(_) => "inpaint",
         }
     }
 }
@@ -91,6 +102,8 @@ pub struct ChecksumSpec {
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum JobOutput {
     Checksum(ChecksumOutput),
+    /// Generated images (txt2img, img2img, inpaint).
+    Images(ImagesOutput),
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema, ToSchema)]

@@ -10,6 +10,7 @@
 
 pub mod artifact;
 pub mod asyncapi;
+pub mod generate;
 pub mod http;
 pub mod images;
 pub mod jobs;
@@ -17,6 +18,7 @@ pub mod schema;
 pub mod subjects;
 
 pub use artifact::{ArtifactKey, ArtifactRef, KeyError};
+pub use generate::{GenerateKind, GenerateSpec, GeneratedImage, ImagesOutput};
 pub use jobs::{
     ChecksumOutput, ChecksumSpec, DeadLetter, ErrorInfo, JobDone, JobFailed, JobId, JobOutput,
     JobProgress, JobRecord, JobRequest, JobSpec, JobState, Progress,

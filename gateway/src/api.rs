@@ -90,6 +90,9 @@ pub fn router(app: AppState, auth: Arc<Auth>) -> Router {
         .route("/v1/jobs", post(submit_job))
         .route("/v1/jobs/{id}", get(get_job).delete(cancel_job))
         .route("/v1/jobs/{id}/events", get(job_events))
+        .route("/v1/txt2img", post(txt2img))
+        .route("/v1/img2img", post(img2img))
+        .route("/v1/inpaint", post(inpaint))
         .route("/v1/uploads", post(upload))
         .route("/v1/artifacts/{*key}", get(get_artifact))
         .route("/v1/images/{sha256}", get(get_image))
@@ -235,6 +238,9 @@ pub fn parse_submission(body: &[u8]) -> Result<JobSpec, ApiError> {
 
 fn validate(spec: &JobSpec) -> Result<(), ApiError> {
     match spec {
+        JobSpec::Txt2img(g) => validate_generate(g, atelier_contracts::GenerateKind::Txt2Img)?,
+        JobSpec::Img2img(g) => validate_generate(g, atelier_contracts::GenerateKind::Img2Img)?,
+        JobSpec::Inpaint(g) => validate_generate(g, atelier_contracts::GenerateKind::Inpaint)?,
         JobSpec::Checksum(c) => {
             ArtifactKey::parse(&c.input).map_err(|e| {
                 ApiError::unprocessable(
@@ -250,6 +256,37 @@ fn validate(spec: &JobSpec) -> Result<(), ApiError> {
                     ));
                 }
             }
+        }
+    }
+    Ok(())
+}
+
+/// A generation request's limits, sampler name and artifact keys, before any model work.
+pub fn validate_generate(
+    g: &atelier_contracts::GenerateSpec,
+    kind: atelier_contracts::GenerateKind,
+) -> Result<(), ApiError> {
+    g.check(kind)
+        .map_err(|e| ApiError::unprocessable("invalid_job", format!("spec: {e}")))?;
+    if atelier_diffusion::schedulers::SamplerKind::parse(&g.sampler).is_none() {
+        let known: Vec<&str> = atelier_diffusion::schedulers::SamplerKind::ALL
+            .iter()
+            .map(|k| k.name())
+            .collect();
+        return Err(ApiError::unprocessable(
+            "unknown_sampler",
+            format!(
+                "unknown sampler {:?}; known: {}",
+                g.sampler,
+                known.join(", ")
+            ),
+        ));
+    }
+    for (field, key) in [("init_image", &g.init_image), ("mask", &g.mask)] {
+        if let Some(k) = key {
+            ArtifactKey::parse(k).map_err(|e| {
+                ApiError::unprocessable("bad_artifact_key", format!("spec.{field} {k:?}: {e}"))
+            })?;
         }
     }
     Ok(())
@@ -300,6 +337,112 @@ pub async fn submit_job(
         })?;
     tracing::info!(job = %record.id, kind = %record.kind, by = %caller.name, "job submitted");
     Ok((StatusCode::ACCEPTED, Json(record)))
+}
+
+async fn submit_generate(
+    app: AppState,
+    caller: Caller,
+    headers: HeaderMap,
+    body: Body,
+    kind: atelier_contracts::GenerateKind,
+) -> Result<(StatusCode, Json<JobRecord>), ApiError> {
+    caller.require(Scope::JobsWrite)?;
+    let body = read_body(&headers, body, app.limits.json).await?;
+    let g: atelier_contracts::GenerateSpec = serde_json::from_slice(&body)
+        .map_err(|e| ApiError::unprocessable("invalid_job", format!("invalid request: {e}")))?;
+    validate_generate(&g, kind)?;
+    let spec = match kind {
+        atelier_contracts::GenerateKind::Txt2Img => JobSpec::Txt2img(g),
+        atelier_contracts::GenerateKind::Img2Img => JobSpec::Img2img(g),
+        atelier_contracts::GenerateKind::Inpaint => JobSpec::Inpaint(g),
+    };
+    let request = JobRequest {
+        schema_version: SCHEMA_VERSION,
+        id: JobId::new(),
+        submitted_at: chrono::Utc::now(),
+        submitted_by: Some(caller.name.clone()),
+        spec,
+    };
+    let record = atelier_kit::worker::enqueue(&app.bus, &app.states, &request)
+        .await
+        .map_err(|e| match e {
+            atelier_kit::worker::EnqueueError::State(s) => ApiError::from(s),
+            atelier_kit::worker::EnqueueError::Bus(e) => {
+                ApiError::unavailable(format!("could not queue the job: {e:#}"))
+            }
+        })?;
+    tracing::info!(job = %record.id, kind = %record.kind, by = %caller.name, "generation submitted");
+    Ok((StatusCode::ACCEPTED, Json(record)))
+}
+
+/// Generate images from a prompt (an async job on the sampler service; follow it at
+/// `/v1/jobs/{id}/events`, fetch the PNGs from `/v1/artifacts/...`).
+#[utoipa::path(
+    post, path = "/v1/txt2img", tag = "generation",
+    request_body = atelier_contracts::GenerateSpec,
+    responses((status = 202, body = JobRecord), (status = 422, body = ApiErrorBody)),
+    security(("bearer" = ["jobs:write"]))
+)]
+pub async fn txt2img(
+    State(app): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<(StatusCode, Json<JobRecord>), ApiError> {
+    submit_generate(
+        app,
+        caller,
+        headers,
+        body,
+        atelier_contracts::GenerateKind::Txt2Img,
+    )
+    .await
+}
+
+/// Generate from a prompt and an uploaded starting image (`init_image`, `strength`).
+#[utoipa::path(
+    post, path = "/v1/img2img", tag = "generation",
+    request_body = atelier_contracts::GenerateSpec,
+    responses((status = 202, body = JobRecord), (status = 422, body = ApiErrorBody)),
+    security(("bearer" = ["jobs:write"]))
+)]
+pub async fn img2img(
+    State(app): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<(StatusCode, Json<JobRecord>), ApiError> {
+    submit_generate(
+        app,
+        caller,
+        headers,
+        body,
+        atelier_contracts::GenerateKind::Img2Img,
+    )
+    .await
+}
+
+/// Repaint the white region of an uploaded `mask` over an uploaded `init_image`.
+#[utoipa::path(
+    post, path = "/v1/inpaint", tag = "generation",
+    request_body = atelier_contracts::GenerateSpec,
+    responses((status = 202, body = JobRecord), (status = 422, body = ApiErrorBody)),
+    security(("bearer" = ["jobs:write"]))
+)]
+pub async fn inpaint(
+    State(app): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<(StatusCode, Json<JobRecord>), ApiError> {
+    submit_generate(
+        app,
+        caller,
+        headers,
+        body,
+        atelier_contracts::GenerateKind::Inpaint,
+    )
+    .await
 }
 
 /// A job's record.
@@ -593,9 +736,9 @@ impl utoipa::Modify for BearerAuth {
 #[derive(OpenApi)]
 #[openapi(
     info(title = "atelier gateway", description = "Captioned-dataset and diffusion-model factory: HTTP API."),
-    paths(submit_job, get_job, cancel_job, job_events, upload, get_artifact, get_image, healthz, metrics, openapi_json),
+    paths(submit_job, txt2img, img2img, inpaint, get_job, cancel_job, job_events, upload, get_artifact, get_image, healthz, metrics, openapi_json),
     modifiers(&BearerAuth),
-    tags((name = "jobs"), (name = "artifacts"), (name = "images"), (name = "ops"))
+    tags((name = "jobs"), (name = "generation"), (name = "artifacts"), (name = "images"), (name = "ops"))
 )]
 pub struct ApiDoc;
 
@@ -605,6 +748,9 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("get", "/v1/jobs/{id}"),
     ("delete", "/v1/jobs/{id}"),
     ("get", "/v1/jobs/{id}/events"),
+    ("post", "/v1/txt2img"),
+    ("post", "/v1/img2img"),
+    ("post", "/v1/inpaint"),
     ("post", "/v1/uploads"),
     ("get", "/v1/artifacts/{key}"),
     ("get", "/v1/images/{sha256}"),

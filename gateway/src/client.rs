@@ -75,6 +75,21 @@ impl Client {
         Ok(Self::check(resp).await?.json().await?)
     }
 
+    /// `POST /v1/txt2img`, `/v1/img2img` or `/v1/inpaint` (`route` is the last segment).
+    pub async fn generate(
+        &self,
+        route: &str,
+        spec: &atelier_contracts::GenerateSpec,
+    ) -> anyhow::Result<JobRecord> {
+        let resp = self
+            .req(reqwest::Method::POST, &format!("/v1/{route}"))
+            .json(spec)
+            .send()
+            .await
+            .context("submitting")?;
+        Ok(Self::check(resp).await?.json().await?)
+    }
+
     pub async fn job(&self, id: &str) -> anyhow::Result<JobRecord> {
         let resp = self
             .req(reqwest::Method::GET, &format!("/v1/jobs/{id}"))

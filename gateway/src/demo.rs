@@ -68,7 +68,19 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         store: StoreArgs::default(),
         telemetry: args.telemetry.clone(),
         worker: WorkerArgs::default(),
+        models: atelier_sampler::GeneratorArgs {
+            models: args.data_dir.join("models"),
+            model_cache: 2,
+        },
     };
+    // A tiny random-weight Stable Diffusion (real weights cannot be downloaded here): the
+    // pipeline is the real one, the pictures are noise-like.
+    atelier_diffusion::pipeline::make_tiny(
+        &args.data_dir.join("models/tiny-sd"),
+        atelier_diffusion::pipeline::Family::Sd1,
+        7,
+    )
+    .map_err(|e| anyhow::anyhow!("writing the demo model: {e}"))?;
     let shutdown = CancellationToken::new();
     let started = Instant::now();
     let embedded = Embedded::start(up, shutdown.clone()).await?;
@@ -269,10 +281,146 @@ async fn pipeline(embedded: &Embedded, key: &str) -> anyhow::Result<String> {
     }
     summary.push_str("ingest event: ok\n");
 
+    generation(&client, &mut summary).await?;
+
     let health = reqwest::get(format!("http://{}/healthz", embedded.addr))
         .await?
         .text()
         .await?;
-    println!("\n4. GET /healthz → {health}");
+    println!("\n5. GET /healthz → {health}");
     Ok(format!("\nsummary:\n{summary}"))
+}
+
+async fn finish(
+    client: &Client,
+    id: &str,
+    what: &str,
+) -> anyhow::Result<atelier_contracts::ImagesOutput> {
+    let mut steps = 0;
+    let done = tokio::time::timeout(
+        Duration::from_secs(300),
+        client.follow(id, |r| {
+            if r.progress.is_some() {
+                steps += 1;
+            }
+        }),
+    )
+    .await
+    .with_context(|| format!("{what} did not finish within 300 s"))??;
+    if done.state != JobState::Succeeded {
+        bail!("{what} job {id} ended {:?}: {:?}", done.state, done.error);
+    }
+    match done.output {
+        Some(JobOutput::Images(out)) => Ok(out),
+        other => bail!("{what} job {id} has output {other:?}"),
+    }
+}
+
+/// 4. txt2img, the same seed again (byte-identical, so the same content address), img2img from
+/// the result, and inpainting with a mask, through the sampler and inpainter services.
+async fn generation(client: &Client, summary: &mut String) -> anyhow::Result<()> {
+    println!("\n4. generate with the tiny model: POST /v1/txt2img, /v1/img2img, /v1/inpaint");
+    let spec = atelier_contracts::GenerateSpec {
+        model: "tiny-sd".into(),
+        prompt: "a (red:1.2) circle on [blue:green:0.5] ground".into(),
+        negative_prompt: "blurry".into(),
+        steps: 8,
+        cfg_scale: 6.0,
+        seed: Some(1234),
+        width: 64,
+        height: 64,
+        batch_size: 2,
+        sampler: "DPM++ 2M Karras".into(),
+        clip_skip: 1,
+        init_image: None,
+        strength: 0.75,
+        mask: None,
+        mask_blur: 4.0,
+        mask_invert: false,
+    };
+    let first = finish(
+        client,
+        &client.generate("txt2img", &spec).await?.id.to_string(),
+        "txt2img",
+    )
+    .await?;
+    let again = finish(
+        client,
+        &client.generate("txt2img", &spec).await?.id.to_string(),
+        "txt2img",
+    )
+    .await?;
+    if first.images.len() != 2 || first.images[1].seed != 1235 {
+        bail!("txt2img returned {:?}", first.images);
+    }
+    if first.images[0].image.key != again.images[0].image.key {
+        bail!("the same seed and settings gave different PNG bytes");
+    }
+    let png = client.download(&first.images[0].image.key).await?;
+    let decoded = image::load_from_memory(&png).context("the generated PNG does not decode")?;
+    println!(
+        "   txt2img  2 images {}x{}  seeds 1234, 1235  {}  model hash {}",
+        decoded.width(),
+        decoded.height(),
+        first.images[0].image.key,
+        first.model_hash
+    );
+    println!("   same seed again → same bytes, same key (deterministic)");
+    println!("   parameters: {}", first.parameters.replace('\n', " | "));
+    if !first
+        .parameters
+        .contains("Sampler: DPM++ 2M Karras, CFG scale: 6, Seed: 1234, Size: 64x64")
+    {
+        bail!("unexpected parameters text: {}", first.parameters);
+    }
+    let img2img = atelier_contracts::GenerateSpec {
+        init_image: Some(first.images[0].image.key.clone()),
+        strength: 0.5,
+        batch_size: 1,
+        ..spec.clone()
+    };
+    let out = finish(
+        client,
+        &client.generate("img2img", &img2img).await?.id.to_string(),
+        "img2img",
+    )
+    .await?;
+    println!(
+        "   img2img  strength 0.5 from the first image → {}",
+        out.images[0].image.key
+    );
+    let mask =
+        image::GrayImage::from_fn(64, 64, |x, _| image::Luma([if x < 32 { 255 } else { 0 }]));
+    let mut mask_png = Vec::new();
+    image::DynamicImage::ImageLuma8(mask).write_to(
+        &mut std::io::Cursor::new(&mut mask_png),
+        image::ImageFormat::Png,
+    )?;
+    let mask = client.upload(Bytes::from(mask_png), "image/png").await?;
+    let inpaint = atelier_contracts::GenerateSpec {
+        mask: Some(mask.artifact.key.clone()),
+        mask_blur: 0.0,
+        strength: 1.0,
+        ..img2img
+    };
+    let out = finish(
+        client,
+        &client.generate("inpaint", &inpaint).await?.id.to_string(),
+        "inpaint",
+    )
+    .await?;
+    let result =
+        image::load_from_memory(&client.download(&out.images[0].image.key).await?)?.to_rgb8();
+    let original = decoded.to_rgb8();
+    let kept =
+        (0..64).all(|y| (32..64).all(|x| result.get_pixel(x, y) == original.get_pixel(x, y)));
+    if !kept {
+        bail!("inpainting changed the unmasked half");
+    }
+    println!(
+        "   inpaint  left half repainted, right half kept pixel for pixel → {}",
+        out.images[0].image.key
+    );
+    summary.push_str("txt2img / img2img / inpaint: ok\n");
+    Ok(())
 }

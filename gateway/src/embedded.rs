@@ -41,6 +41,9 @@ pub struct UpArgs {
     pub telemetry: TelemetryArgs,
     #[command(flatten)]
     pub worker: WorkerArgs,
+    /// Model registry for the sampler and inpainter (default `<data-dir>/models`).
+    #[command(flatten)]
+    pub models: atelier_sampler::GeneratorArgs,
 }
 
 /// A running embedded atelier.
@@ -101,6 +104,24 @@ impl Embedded {
         tasks.spawn(async move {
             atelier_ingest::Ingest::run(r, w, atelier_ingest::analyze::DEFAULT_MAX_PIXELS, s).await
         });
+
+        if args.models.models == std::path::Path::new("models") {
+            args.models.models = args.data_dir.join("models");
+        }
+        for service in [
+            atelier_contracts::Service::Sampler,
+            atelier_contracts::Service::Inpainter,
+        ] {
+            let gen = Worker::new(
+                args.models.generator(service),
+                rt.bus.clone(),
+                rt.store.clone(),
+                metrics.clone(),
+            )
+            .await?;
+            let (w, s) = (args.worker.clone(), shutdown.clone());
+            tasks.spawn(async move { gen.run(w, s).await });
+        }
 
         let app = crate::api::AppState::new(
             rt.bus.clone(),

@@ -135,7 +135,7 @@ async fn kill9_workers_mid_job_twenty_times() {
         .iter()
         .map(|r| match &r.output {
             Some(JobOutput::Checksum(o)) => o.report.key.clone(),
-            None => panic!("succeeded job without output"),
+            other => panic!("succeeded checksum job with output {other:?}"),
         })
         .collect();
     assert_eq!(reports.len(), inputs.len());
@@ -223,7 +223,12 @@ impl atelier_kit::Handler for FailsOn {
         ctx: &atelier_kit::JobCtx,
         spec: JobSpec,
     ) -> Result<JobOutput, atelier_kit::JobError> {
-        let JobSpec::Checksum(s) = &spec;
+        let JobSpec::Checksum(s) = &spec else {
+            return Err(atelier_kit::JobError::permanent(
+                "wrong_service",
+                "not a checksum job",
+            ));
+        };
         if s.input == self.0 {
             return Err(atelier_kit::JobError::retryable(
                 "flaky_dependency",

@@ -19,7 +19,12 @@ impl Handler for Checksum {
     }
 
     async fn handle(&self, ctx: &JobCtx, spec: JobSpec) -> Result<JobOutput, JobError> {
-        let JobSpec::Checksum(spec) = spec;
+        let JobSpec::Checksum(spec) = spec else {
+            return Err(JobError::permanent(
+                "wrong_service",
+                format!("the checksum service does not run {} jobs", spec.kind()),
+            ));
+        };
         let key = ArtifactKey::parse(&spec.input).map_err(|e| {
             JobError::permanent("bad_artifact_key", format!("input {:?}: {e}", spec.input))
         })?;

@@ -1,1 +1,268 @@
-//! placeholder
+//! The sampler service (txt2img) and the inpainter service (img2img, inpaint): the same
+//! [`Generator`] on two work queues, so GPU workers for either scale on their own.
+//!
+//! Each job: validate, resolve the model in the [`Registry`] (kept in an LRU cache of loaded
+//! models), apply any `<lora:name:weight>` of the prompt at run time, sample on a blocking thread
+//! with a progress event per step and cancellation between steps, and store the PNGs (with A1111's
+//! `parameters`) content-addressed. A job without a seed gets one derived from its id, so a
+//! redelivered job repeats the same images.
+
+pub mod registry;
+
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+
+use atelier_contracts::{
+    GenerateKind, GenerateSpec, GeneratedImage, ImagesOutput, JobOutput, JobSpec, Service,
+};
+use atelier_diffusion::lora::{LoraFile, LoraMode};
+use atelier_diffusion::pipeline::{Init, Mask, PipelineError, StableDiffusion, Txt2Img};
+use atelier_diffusion::schedulers::SamplerKind;
+use atelier_kit::{Handler, JobCtx, JobError};
+use candle_core::{DType, Device};
+use sha2::{Digest, Sha256};
+
+pub use registry::Registry;
+
+/// Runs generation jobs for one service (sampler or inpainter).
+#[derive(Clone)]
+pub struct Generator {
+    service: Service,
+    registry: Registry,
+    device: Device,
+    dtype: DType,
+    cache: Arc<Mutex<Vec<(PathBuf, Arc<StableDiffusion>)>>>,
+    cache_size: usize,
+}
+
+impl Generator {
+    pub fn new(
+        service: Service,
+        registry: Registry,
+        device: Device,
+        dtype: DType,
+        cache_size: usize,
+    ) -> Self {
+        Self {
+            service,
+            registry,
+            device,
+            dtype,
+            cache: Arc::default(),
+            cache_size: cache_size.max(1),
+        }
+    }
+
+    /// A loaded model, from the cache (most recently used last) or freshly loaded.
+    fn model(&self, path: &PathBuf) -> Result<Arc<StableDiffusion>, JobError> {
+        {
+            let mut c = self.cache.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some(i) = c.iter().position(|(p, _)| p == path) {
+                let e = c.remove(i);
+                let m = e.1.clone();
+                c.push(e);
+                return Ok(m);
+            }
+        }
+        let m = Arc::new(
+            StableDiffusion::load(path, &self.device, self.dtype)
+                .map_err(|e| JobError::permanent("model_load_failed", e.to_string()))?,
+        );
+        let mut c = self.cache.lock().unwrap_or_else(|p| p.into_inner());
+        c.push((path.clone(), m.clone()));
+        while c.len() > self.cache_size {
+            c.remove(0);
+        }
+        Ok(m)
+    }
+
+    async fn image(ctx: &JobCtx, key: &str, what: &str) -> Result<image::DynamicImage, JobError> {
+        let k = atelier_contracts::ArtifactKey::parse(key)
+            .map_err(|e| JobError::permanent("bad_artifact_key", format!("{what} {key:?}: {e}")))?;
+        let bytes = ctx.store.get_bytes(&k).await?;
+        image::load_from_memory(&bytes).map_err(|e| {
+            JobError::permanent(
+                "bad_image",
+                format!("{what} {key}: not a readable image: {e}"),
+            )
+        })
+    }
+}
+
+fn seed_for(ctx: &JobCtx) -> u64 {
+    let h = Sha256::digest(ctx.id.to_string().as_bytes());
+    u32::from_le_bytes([h[0], h[1], h[2], h[3]]) as u64
+}
+
+fn pipeline_err(e: PipelineError) -> JobError {
+    match e {
+        PipelineError::BadRequest(m) => JobError::permanent("invalid_job", m),
+        PipelineError::Model { .. } => JobError::permanent("model_load_failed", e.to_string()),
+        PipelineError::Cancelled => JobError::permanent("cancelled", "cancelled between steps"),
+        PipelineError::Compute(m) => JobError::retryable("compute_failed", m),
+    }
+}
+
+impl Handler for Generator {
+    fn service(&self) -> Service {
+        self.service
+    }
+
+    async fn handle(&self, ctx: &JobCtx, spec: JobSpec) -> Result<JobOutput, JobError> {
+        let (kind, g): (GenerateKind, GenerateSpec) = match (self.service, spec) {
+            (Service::Sampler, JobSpec::Txt2img(g)) => (GenerateKind::Txt2Img, g),
+            (Service::Inpainter, JobSpec::Img2img(g)) => (GenerateKind::Img2Img, g),
+            (Service::Inpainter, JobSpec::Inpaint(g)) => (GenerateKind::Inpaint, g),
+            (s, other) => {
+                return Err(JobError::permanent(
+                    "wrong_service",
+                    format!(
+                        "the {} service does not run {} jobs",
+                        s.name(),
+                        other.kind()
+                    ),
+                ))
+            }
+        };
+        g.check(kind)
+            .map_err(|e| JobError::permanent("invalid_job", e))?;
+        let sampler = SamplerKind::parse(&g.sampler).ok_or_else(|| {
+            JobError::permanent(
+                "unknown_sampler",
+                format!("unknown sampler {:?}", g.sampler),
+            )
+        })?;
+        let path = self
+            .registry
+            .checkpoint(&g.model)
+            .map_err(|e| JobError::permanent("unknown_model", e))?;
+        let (_, tags) = atelier_diffusion::prompt::extract_extra_networks(&g.prompt)
+            .map_err(|e| JobError::permanent("invalid_job", e))?;
+        let mut loras = Vec::new();
+        for t in tags.iter().filter(|t| t.kind == "lora" || t.kind == "lyco") {
+            let p = self
+                .registry
+                .lora(&t.name)
+                .map_err(|e| JobError::permanent("unknown_lora", e))?;
+            loras.push((p, t.weight));
+        }
+        let init = match &g.init_image {
+            None => None,
+            Some(key) => {
+                let image = Self::image(ctx, key, "init_image").await?.to_rgb8();
+                let mask = match &g.mask {
+                    None => None,
+                    Some(mk) => Some(Mask {
+                        image: Self::image(ctx, mk, "mask").await?.to_luma8(),
+                        blur: g.mask_blur,
+                        invert: g.mask_invert,
+                    }),
+                };
+                let init = Init {
+                    image,
+                    strength: g.strength,
+                    mask,
+                };
+                init.validate()
+                    .map_err(|e| JobError::permanent("invalid_job", e))?;
+                Some(init)
+            }
+        };
+        let req = Txt2Img {
+            prompt: g.prompt.clone(),
+            negative_prompt: g.negative_prompt.clone(),
+            steps: g.steps as usize,
+            cfg_scale: g.cfg_scale,
+            seed: g.seed.unwrap_or_else(|| seed_for(ctx)),
+            width: g.width as usize,
+            height: g.height as usize,
+            batch_size: g.batch_size as usize,
+            sampler,
+            clip_skip: g.clip_skip as usize,
+        };
+        req.validate()
+            .map_err(|e| JobError::permanent("invalid_job", e))?;
+        ctx.progress(0.0, Some(format!("loading {}", g.model)))
+            .await;
+
+        let this = self.clone();
+        let cancel = ctx.cancellation().clone();
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(usize, usize)>();
+        let work = tokio::task::spawn_blocking(
+            move || -> Result<(Vec<(Vec<u8>, u64)>, String, String), JobError> {
+                let base = this.model(&path)?;
+                let mut model = (*base).clone();
+                for (p, w) in &loras {
+                    let file = LoraFile::load(p).map_err(|e| JobError::permanent("bad_lora", e))?;
+                    model = model
+                        .with_lora(&file, *w, LoraMode::Runtime)
+                        .map_err(pipeline_err)?
+                        .0;
+                }
+                let on_step = |done: usize, total: usize| {
+                    let _ = tx.send((done, total));
+                    !cancel.is_cancelled()
+                };
+                let images = match &init {
+                    None => model.txt2img(&req, on_step),
+                    Some(init) => model.img2img(&req, init, on_step),
+                }
+                .map_err(pipeline_err)?;
+                let params = images
+                    .first()
+                    .map(|i| i.parameters.clone())
+                    .unwrap_or_default();
+                let pngs = images
+                    .iter()
+                    .map(|i| i.png().map(|b| (b, i.seed)))
+                    .collect::<Result<Vec<_>, _>>()
+                    .map_err(pipeline_err)?;
+                Ok((pngs, params, model.hash.clone()))
+            },
+        );
+        tokio::pin!(work);
+        let result = loop {
+            tokio::select! {
+                r = &mut work => break r,
+                Some((done, total)) = rx.recv() => {
+                    ctx.progress(done as f32 / total.max(1) as f32, Some(format!("step {done}/{total}"))).await;
+                }
+            }
+        };
+        let (pngs, parameters, model_hash) =
+            result.map_err(|e| JobError::retryable("worker_panicked", e.to_string()))??;
+        let mut images = Vec::with_capacity(pngs.len());
+        for (png, seed) in pngs {
+            let (image, _) = ctx.store.put_bytes(png.into(), "image/png").await?;
+            images.push(GeneratedImage { image, seed });
+        }
+        Ok(JobOutput::Images(ImagesOutput {
+            images,
+            parameters,
+            model_hash,
+        }))
+    }
+}
+
+/// The sampler/inpainter process's own options.
+#[derive(Debug, Clone, clap::Args)]
+pub struct GeneratorArgs {
+    /// The model registry: diffusers folders and `.safetensors` checkpoints; LoRAs in `loras/`.
+    #[arg(long, env = "ATELIER_MODELS", default_value = "models")]
+    pub models: PathBuf,
+    /// Loaded models kept in memory.
+    #[arg(long, env = "ATELIER_MODEL_CACHE", default_value_t = 2)]
+    pub model_cache: usize,
+}
+
+impl GeneratorArgs {
+    pub fn generator(&self, service: Service) -> Generator {
+        Generator::new(
+            service,
+            Registry::new(&self.models),
+            Device::Cpu,
+            DType::F32,
+            self.model_cache,
+        )
+    }
+}

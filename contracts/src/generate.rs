@@ -1,0 +1,183 @@
+//! Image generation jobs: `txt2img` (sampler service), `img2img` and `inpaint` (inpainter
+//! service). One spec shape for all three; [`GenerateSpec::check`] says what each kind needs.
+
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+
+use crate::ArtifactRef;
+
+/// Limits every generation job is held to before any model work.
+pub const MAX_STEPS: u32 = 150;
+pub const MAX_PIXELS: u64 = 2048 * 2048;
+pub const MAX_BATCH: u32 = 16;
+
+fn d_steps() -> u32 {
+    20
+}
+fn d_cfg() -> f64 {
+    7.0
+}
+fn d_side() -> u32 {
+    512
+}
+fn d_one() -> u32 {
+    1
+}
+fn d_sampler() -> String {
+    "euler_a".into()
+}
+fn d_strength() -> f64 {
+    0.75
+}
+fn d_blur() -> f32 {
+    4.0
+}
+
+/// A generation request. Prompts use AUTOMATIC1111's syntax (emphasis, BREAK, prompt editing,
+/// alternation, `<lora:name:weight>`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct GenerateSpec {
+    /// Model name in the registry (a diffusers folder or a single-file checkpoint).
+    pub model: String,
+    pub prompt: String,
+    #[serde(default)]
+    pub negative_prompt: String,
+    #[serde(default = "d_steps")]
+    pub steps: u32,
+    #[serde(default = "d_cfg")]
+    pub cfg_scale: f64,
+    /// Seed of the first image (image i uses seed + i); chosen at random when absent and
+    /// recorded in the output.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub seed: Option<u64>,
+    #[serde(default = "d_side")]
+    pub width: u32,
+    #[serde(default = "d_side")]
+    pub height: u32,
+    #[serde(default = "d_one")]
+    pub batch_size: u32,
+    /// Our sampler name (`euler_a`, `dpmpp_2m_karras`, ...) or A1111's (`Euler a`, ...).
+    #[serde(default = "d_sampler")]
+    pub sampler: String,
+    #[serde(default = "d_one")]
+    pub clip_skip: u32,
+    /// img2img / inpaint: the starting image's artifact key.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub init_image: Option<String>,
+    /// img2img / inpaint: how much of the schedule runs (0..=1).
+    #[serde(default = "d_strength")]
+    pub strength: f64,
+    /// inpaint: the mask's artifact key (white is repainted).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mask: Option<String>,
+    /// inpaint: feathering of the mask edge in pixels.
+    #[serde(default = "d_blur")]
+    pub mask_blur: f32,
+    /// inpaint: repaint the black region instead.
+    #[serde(default)]
+    pub mask_invert: bool,
+}
+
+/// Which generation job a spec is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GenerateKind {
+    Txt2Img,
+    Img2Img,
+    Inpaint,
+}
+
+impl GenerateSpec {
+    /// A reason for anything out of range or missing for `kind` (sampler and model names are
+    /// checked where the sampler list and the registry are known).
+    pub fn check(&self, kind: GenerateKind) -> Result<(), String> {
+        if self.model.trim().is_empty() {
+            return Err("model is empty".into());
+        }
+        if self.steps == 0 || self.steps > MAX_STEPS {
+            return Err(format!(
+                "steps must be 1..={MAX_STEPS} (got {})",
+                self.steps
+            ));
+        }
+        if !(self.cfg_scale.is_finite() && (0.0..=30.0).contains(&self.cfg_scale)) {
+            return Err(format!(
+                "cfg_scale must be within 0..=30 (got {})",
+                self.cfg_scale
+            ));
+        }
+        if self.width == 0 || self.height == 0 || self.width % 8 != 0 || self.height % 8 != 0 {
+            return Err(format!(
+                "width and height must be positive multiples of 8 (got {}x{})",
+                self.width, self.height
+            ));
+        }
+        if self.width as u64 * self.height as u64 > MAX_PIXELS {
+            return Err(format!(
+                "{}x{} is over the pixel budget of {MAX_PIXELS} pixels",
+                self.width, self.height
+            ));
+        }
+        if self.batch_size == 0 || self.batch_size > MAX_BATCH {
+            return Err(format!(
+                "batch_size must be 1..={MAX_BATCH} (got {})",
+                self.batch_size
+            ));
+        }
+        if self.clip_skip == 0 || self.clip_skip > 12 {
+            return Err(format!("clip_skip must be 1..=12 (got {})", self.clip_skip));
+        }
+        match kind {
+            GenerateKind::Txt2Img => {
+                if self.init_image.is_some() || self.mask.is_some() {
+                    return Err(
+                        "txt2img takes no init_image or mask (use img2img or inpaint)".into(),
+                    );
+                }
+            }
+            GenerateKind::Img2Img | GenerateKind::Inpaint => {
+                if self.init_image.is_none() {
+                    return Err("init_image (an uploaded artifact key) is required".into());
+                }
+                if !(self.strength.is_finite() && (0.0..=1.0).contains(&self.strength)) {
+                    return Err(format!(
+                        "strength must be within 0..=1 (got {})",
+                        self.strength
+                    ));
+                }
+                if kind == GenerateKind::Inpaint && self.mask.is_none() {
+                    return Err("inpaint needs a mask (an uploaded artifact key)".into());
+                }
+                if kind == GenerateKind::Img2Img && self.mask.is_some() {
+                    return Err("img2img takes no mask (use inpaint)".into());
+                }
+                if !(self.mask_blur.is_finite() && (0.0..=64.0).contains(&self.mask_blur)) {
+                    return Err(format!(
+                        "mask_blur must be within 0..=64 (got {})",
+                        self.mask_blur
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// One generated image.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema, ToSchema)]
+pub struct GeneratedImage {
+    /// The PNG (with A1111's `parameters` text chunk).
+    pub image: ArtifactRef,
+    pub seed: u64,
+}
+
+/// The result of a generation job.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema, ToSchema)]
+pub struct ImagesOutput {
+    pub images: Vec<GeneratedImage>,
+    /// A1111's `parameters` text of the first image.
+    pub parameters: String,
+    /// A1111's short model hash.
+    pub model_hash: String,
+}

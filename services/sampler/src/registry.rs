@@ -1,0 +1,127 @@
+//! The model registry: a folder (`ATELIER_MODELS`) of checkpoints (diffusers folders or
+//! single-file `.safetensors`) and, under `loras/`, LoRA files.
+
+use std::path::{Path, PathBuf};
+
+use serde::Serialize;
+
+/// What a registry entry is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum EntryKind {
+    DiffusersFolder,
+    SingleFile,
+    Lora,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Entry {
+    pub name: String,
+    pub kind: EntryKind,
+    pub path: PathBuf,
+}
+
+#[derive(Debug, Clone)]
+pub struct Registry {
+    pub dir: PathBuf,
+}
+
+/// A registry name: a plain file or folder name, nothing that walks out of the folder.
+pub fn check_name(name: &str) -> Result<(), String> {
+    if name.is_empty()
+        || name.len() > 200
+        || name.contains(['/', '\\', '\0'])
+        || name == "."
+        || name == ".."
+    {
+        return Err(format!(
+            "{name:?} is not a model name (a file or folder name in the registry)"
+        ));
+    }
+    Ok(())
+}
+
+impl Registry {
+    pub fn new(dir: impl Into<PathBuf>) -> Self {
+        Self { dir: dir.into() }
+    }
+
+    /// Every checkpoint and LoRA, sorted by name.
+    pub fn list(&self) -> Vec<Entry> {
+        let mut out = Vec::new();
+        let scan = |dir: &Path, lora: bool, out: &mut Vec<Entry>| {
+            let Ok(rd) = std::fs::read_dir(dir) else {
+                return;
+            };
+            for e in rd.flatten() {
+                let p = e.path();
+                let name = e.file_name().to_string_lossy().into_owned();
+                if p.is_dir() && !lora && p.join("model_index.json").exists() {
+                    out.push(Entry {
+                        name,
+                        kind: EntryKind::DiffusersFolder,
+                        path: p,
+                    });
+                } else if p.extension().is_some_and(|x| x == "safetensors") {
+                    let stem = p
+                        .file_stem()
+                        .map(|s| s.to_string_lossy().into_owned())
+                        .unwrap_or(name);
+                    let kind = if lora {
+                        EntryKind::Lora
+                    } else {
+                        EntryKind::SingleFile
+                    };
+                    out.push(Entry {
+                        name: stem,
+                        kind,
+                        path: p,
+                    });
+                }
+            }
+        };
+        scan(&self.dir, false, &mut out);
+        scan(&self.dir.join("loras"), true, &mut out);
+        out.sort_by(|a, b| a.name.cmp(&b.name));
+        out
+    }
+
+    /// The path of checkpoint `name` (folder, `name.safetensors`, or `name` itself).
+    pub fn checkpoint(&self, name: &str) -> Result<PathBuf, String> {
+        check_name(name)?;
+        let folder = self.dir.join(name);
+        if folder.join("model_index.json").exists() {
+            return Ok(folder);
+        }
+        for p in [
+            self.dir.join(format!("{name}.safetensors")),
+            self.dir.join(name),
+        ] {
+            if p.is_file() {
+                return Ok(p);
+            }
+        }
+        let known: Vec<String> = self
+            .list()
+            .into_iter()
+            .filter(|e| e.kind != EntryKind::Lora)
+            .map(|e| e.name)
+            .collect();
+        Err(format!(
+            "unknown model {name:?}; the registry at {} has: {}",
+            self.dir.display(),
+            known.join(", ")
+        ))
+    }
+
+    /// The path of LoRA `name` under `loras/`.
+    pub fn lora(&self, name: &str) -> Result<PathBuf, String> {
+        check_name(name)?;
+        let p = self.dir.join("loras").join(format!("{name}.safetensors"));
+        if p.is_file() {
+            Ok(p)
+        } else {
+            Err(format!("unknown LoRA {name:?} (expected {})", p.display()))
+        }
+    }
+}
