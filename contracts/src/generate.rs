@@ -107,7 +107,11 @@ impl GenerateSpec {
                 self.cfg_scale
             ));
         }
-        if self.width == 0 || self.height == 0 || self.width % 8 != 0 || self.height % 8 != 0 {
+        if self.width == 0
+            || self.height == 0
+            || !self.width.is_multiple_of(8)
+            || !self.height.is_multiple_of(8)
+        {
             return Err(format!(
                 "width and height must be positive multiples of 8 (got {}x{})",
                 self.width, self.height

@@ -24,6 +24,12 @@ use sha2::{Digest, Sha256};
 
 pub use registry::Registry;
 
+/// A loaded model and where it came from.
+type Cached = (PathBuf, Arc<StableDiffusion>);
+
+/// PNGs with their seeds, the parameters text, the model hash.
+type Rendered = (Vec<(Vec<u8>, u64)>, String, String);
+
 /// Runs generation jobs for one service (sampler or inpainter).
 #[derive(Clone)]
 pub struct Generator {
@@ -31,7 +37,7 @@ pub struct Generator {
     registry: Registry,
     device: Device,
     dtype: DType,
-    cache: Arc<Mutex<Vec<(PathBuf, Arc<StableDiffusion>)>>>,
+    cache: Arc<Mutex<Vec<Cached>>>,
     cache_size: usize,
 }
 
@@ -188,38 +194,36 @@ impl Handler for Generator {
         let this = self.clone();
         let cancel = ctx.cancellation().clone();
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(usize, usize)>();
-        let work = tokio::task::spawn_blocking(
-            move || -> Result<(Vec<(Vec<u8>, u64)>, String, String), JobError> {
-                let base = this.model(&path)?;
-                let mut model = (*base).clone();
-                for (p, w) in &loras {
-                    let file = LoraFile::load(p).map_err(|e| JobError::permanent("bad_lora", e))?;
-                    model = model
-                        .with_lora(&file, *w, LoraMode::Runtime)
-                        .map_err(pipeline_err)?
-                        .0;
-                }
-                let on_step = |done: usize, total: usize| {
-                    let _ = tx.send((done, total));
-                    !cancel.is_cancelled()
-                };
-                let images = match &init {
-                    None => model.txt2img(&req, on_step),
-                    Some(init) => model.img2img(&req, init, on_step),
-                }
+        let work = tokio::task::spawn_blocking(move || -> Result<Rendered, JobError> {
+            let base = this.model(&path)?;
+            let mut model = (*base).clone();
+            for (p, w) in &loras {
+                let file = LoraFile::load(p).map_err(|e| JobError::permanent("bad_lora", e))?;
+                model = model
+                    .with_lora(&file, *w, LoraMode::Runtime)
+                    .map_err(pipeline_err)?
+                    .0;
+            }
+            let on_step = |done: usize, total: usize| {
+                let _ = tx.send((done, total));
+                !cancel.is_cancelled()
+            };
+            let images = match &init {
+                None => model.txt2img(&req, on_step),
+                Some(init) => model.img2img(&req, init, on_step),
+            }
+            .map_err(pipeline_err)?;
+            let params = images
+                .first()
+                .map(|i| i.parameters.clone())
+                .unwrap_or_default();
+            let pngs = images
+                .iter()
+                .map(|i| i.png().map(|b| (b, i.seed)))
+                .collect::<Result<Vec<_>, _>>()
                 .map_err(pipeline_err)?;
-                let params = images
-                    .first()
-                    .map(|i| i.parameters.clone())
-                    .unwrap_or_default();
-                let pngs = images
-                    .iter()
-                    .map(|i| i.png().map(|b| (b, i.seed)))
-                    .collect::<Result<Vec<_>, _>>()
-                    .map_err(pipeline_err)?;
-                Ok((pngs, params, model.hash.clone()))
-            },
-        );
+            Ok((pngs, params, model.hash.clone()))
+        });
         tokio::pin!(work);
         let result = loop {
             tokio::select! {
