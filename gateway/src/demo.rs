@@ -316,8 +316,8 @@ async fn finish(
     }
 }
 
-/// 4. txt2img, the same seed again (byte-identical, so the same content address), img2img from
-/// the result, and inpainting with a mask, through the sampler and inpainter services.
+/// Step 4: txt2img, the same seed again (byte-identical, so the same content address), img2img
+/// from the result, and inpainting with a mask, through the sampler and inpainter services.
 async fn generation(client: &Client, summary: &mut String) -> anyhow::Result<()> {
     println!("\n4. generate with the tiny model: POST /v1/txt2img, /v1/img2img, /v1/inpaint");
     let spec = atelier_contracts::GenerateSpec {
