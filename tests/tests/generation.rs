@@ -1,0 +1,178 @@
+//! The sampler and inpainter services as processes, driven through the gateway.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use atelier_contracts::{GenerateSpec, JobOutput, JobState};
+use atelier_diffusion::pipeline::{make_tiny, Family};
+use atelier_e2e::*;
+use tokio_util::sync::CancellationToken;
+
+fn spec(model: &str) -> GenerateSpec {
+    GenerateSpec {
+        model: model.into(),
+        prompt: "a red circle <lora:style:0.8>".into(),
+        negative_prompt: String::new(),
+        steps: 4,
+        cfg_scale: 5.0,
+        seed: Some(3),
+        width: 32,
+        height: 32,
+        batch_size: 1,
+        sampler: "Euler a".into(),
+        clip_skip: 1,
+        init_image: None,
+        strength: 0.6,
+        mask: None,
+        mask_blur: 0.0,
+        mask_invert: false,
+    }
+}
+
+fn write_lora(path: &std::path::Path) {
+    let dev = candle_core::Device::Cpu;
+    let mut t = HashMap::new();
+    let key = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q";
+    t.insert(
+        format!("{key}.lora_down.weight"),
+        candle_core::Tensor::ones((4, 32), candle_core::DType::F32, &dev).unwrap(),
+    );
+    t.insert(
+        format!("{key}.lora_up.weight"),
+        candle_core::Tensor::ones((32, 4), candle_core::DType::F32, &dev).unwrap(),
+    );
+    t.insert(
+        format!("{key}.alpha"),
+        candle_core::Tensor::new(4f32, &dev).unwrap(),
+    );
+    std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+    candle_core::safetensors::save(&t, path).unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn generation_jobs_run_on_the_services_and_bad_input_is_refused() {
+    let mut c = Cluster::local().await.unwrap();
+    let models = c.tmp.path().join("models");
+    make_tiny(&models.join("tiny"), Family::Sd1, 17).unwrap();
+    write_lora(&models.join("loras/style.safetensors"));
+    for b in ["atelier-sampler", "atelier-inpainter"] {
+        c.spawn_service(b, &[("ATELIER_MODELS", models.display().to_string())])
+            .unwrap();
+    }
+    let shutdown = CancellationToken::new();
+    let client = c.open_gateway(&shutdown).await;
+
+    // Refused before any model work, with the reason.
+    let mut bad = spec("tiny");
+    bad.sampler = "Warp drive".into();
+    let err = client
+        .generate("txt2img", &bad)
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("unknown_sampler"), "{err}");
+    let mut bad = spec("tiny");
+    bad.width = 30;
+    let err = client
+        .generate("txt2img", &bad)
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("multiples of 8"), "{err}");
+    let mut bad = spec("tiny");
+    bad.steps = 0;
+    assert!(client
+        .generate("txt2img", &bad)
+        .await
+        .unwrap_err()
+        .to_string()
+        .contains("steps"));
+    let err = client
+        .generate("img2img", &spec("tiny"))
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("init_image"), "{err}");
+
+    // Accepted jobs: one good, one for a model the registry lacks, one naming an unknown LoRA.
+    let good = client.generate("txt2img", &spec("tiny")).await.unwrap();
+    let missing = client.generate("txt2img", &spec("nope")).await.unwrap();
+    let mut no_lora = spec("tiny");
+    no_lora.prompt = "x <lora:absent:1>".into();
+    let no_lora = client.generate("txt2img", &no_lora).await.unwrap();
+    let records = c
+        .wait_terminal(&[good.id, missing.id, no_lora.id], Duration::from_secs(120))
+        .await
+        .unwrap();
+    let by_id = |id| records.iter().find(|r| r.id == id).unwrap();
+    let ok = by_id(good.id);
+    assert_eq!(ok.state, JobState::Succeeded, "{:?}", ok.error);
+    let Some(JobOutput::Images(out)) = &ok.output else {
+        panic!("{:?}", ok.output)
+    };
+    assert_eq!(out.images[0].seed, 3);
+    assert!(
+        out.parameters.contains("Sampler: Euler a"),
+        "{}",
+        out.parameters
+    );
+    let png = client.download(&out.images[0].image.key).await.unwrap();
+    let img = image::load_from_memory(&png).unwrap();
+    assert_eq!((img.width(), img.height()), (32, 32));
+    let m = by_id(missing.id);
+    assert_eq!(m.state, JobState::Failed);
+    assert_eq!(m.error.as_ref().unwrap().code, "unknown_model");
+    assert!(
+        m.error.as_ref().unwrap().message.contains("tiny"),
+        "the error lists the models there are"
+    );
+    let l = by_id(no_lora.id);
+    assert_eq!(l.state, JobState::Failed);
+    assert_eq!(l.error.as_ref().unwrap().code, "unknown_lora");
+
+    // img2img and inpaint on the inpainter's queue, from the generated image.
+    let mut i2i = spec("tiny");
+    i2i.init_image = Some(out.images[0].image.key.clone());
+    let job = client.generate("img2img", &i2i).await.unwrap();
+    let mut inp = i2i.clone();
+    let mask =
+        image::GrayImage::from_fn(32, 32, |x, _| image::Luma([if x < 16 { 255 } else { 0 }]));
+    let mut bytes = Vec::new();
+    image::DynamicImage::ImageLuma8(mask)
+        .write_to(
+            &mut std::io::Cursor::new(&mut bytes),
+            image::ImageFormat::Png,
+        )
+        .unwrap();
+    inp.mask = Some(
+        client
+            .upload(bytes.into(), "image/png")
+            .await
+            .unwrap()
+            .artifact
+            .key,
+    );
+    let job2 = client.generate("inpaint", &inp).await.unwrap();
+    // A mask that is not an image fails the job with the reason.
+    let mut broken = i2i.clone();
+    broken.mask = Some(
+        client
+            .upload(bytes_of(1, 100), "application/octet-stream")
+            .await
+            .unwrap()
+            .artifact
+            .key,
+    );
+    let job3 = client.generate("inpaint", &broken).await.unwrap();
+    let records = c
+        .wait_terminal(&[job.id, job2.id, job3.id], Duration::from_secs(120))
+        .await
+        .unwrap();
+    for r in &records[..2] {
+        assert_eq!(r.state, JobState::Succeeded, "{:?}", r.error);
+        assert_eq!(r.service, atelier_contracts::Service::Inpainter);
+    }
+    assert_eq!(records[2].error.as_ref().unwrap().code, "bad_image");
+    shutdown.cancel();
+    c.stop_services(libc::SIGTERM, Duration::from_secs(10));
+}
