@@ -76,6 +76,75 @@ enum Conformance {
 }
 
 #[derive(Subcommand)]
+enum ModelsCmd {
+    /// Write tiny random-weight Stable Diffusion models (for tests and trying atelier out).
+    MakeTiny {
+        /// Folder to write (a diffusers folder; with --single-file, the .safetensors path).
+        out: PathBuf,
+        /// SDXL-shaped (two text encoders, added conditioning) instead of SD 1.x-shaped.
+        #[arg(long)]
+        sdxl: bool,
+        /// A 9-channel inpainting UNet.
+        #[arg(long)]
+        inpainting: bool,
+        /// Write one single-file checkpoint with the original LDM key names instead.
+        #[arg(long)]
+        single_file: bool,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+    },
+    /// List the registry's checkpoints and LoRAs.
+    List {
+        #[arg(long, env = "ATELIER_MODELS", default_value = "models")]
+        models: PathBuf,
+    },
+}
+
+#[derive(clap::Args)]
+struct GenerateCmd {
+    /// A diffusers folder or a single-file .safetensors checkpoint.
+    #[arg(long)]
+    model: PathBuf,
+    #[arg(long)]
+    prompt: String,
+    #[arg(long, default_value = "")]
+    negative_prompt: String,
+    #[arg(long, default_value_t = 20)]
+    steps: usize,
+    #[arg(long, default_value_t = 7.0)]
+    cfg_scale: f64,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    #[arg(long, default_value_t = 512)]
+    width: usize,
+    #[arg(long, default_value_t = 512)]
+    height: usize,
+    #[arg(long, default_value_t = 1)]
+    batch_size: usize,
+    /// Our name (euler_a, dpmpp_2m_karras, ...) or A1111's ("Euler a", ...).
+    #[arg(long, default_value = "euler_a")]
+    sampler: String,
+    #[arg(long, default_value_t = 1)]
+    clip_skip: usize,
+    /// img2img: the starting image.
+    #[arg(long)]
+    init: Option<PathBuf>,
+    #[arg(long, default_value_t = 0.75)]
+    strength: f64,
+    /// inpaint: the mask (white is repainted).
+    #[arg(long)]
+    mask: Option<PathBuf>,
+    #[arg(long, default_value_t = 4.0)]
+    mask_blur: f32,
+    /// LoRA files to apply, as PATH or PATH:WEIGHT.
+    #[arg(long)]
+    lora: Vec<String>,
+    /// Folder for the PNGs.
+    #[arg(long, default_value = ".")]
+    out: PathBuf,
+}
+
+#[derive(Subcommand)]
 enum PromptCmd {
     /// Print A1111's reading of a prompt: {"attention": [[text, weight], ...], "schedule": [[step, text], ...]}.
     Parse {
@@ -113,6 +182,11 @@ enum Command {
     /// Replay reference data from other tools and report `N passed, N failed`.
     #[command(subcommand)]
     Conformance(Conformance),
+    /// Model tools: tiny test models, the registry.
+    #[command(subcommand)]
+    Models(ModelsCmd),
+    /// Generate images here, without services (txt2img; img2img with --init; inpaint with --mask).
+    Generate(Box<GenerateCmd>),
     /// Prompt tools (A1111 syntax).
     #[command(subcommand)]
     Prompt(PromptCmd),
@@ -319,6 +393,42 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             }
             Ok(())
         }
+        Command::Models(ModelsCmd::MakeTiny {
+            out,
+            sdxl,
+            inpainting,
+            single_file,
+            seed,
+        }) => {
+            use atelier_diffusion::pipeline::{make_tiny_with, write_single_file, Family};
+            let family = if sdxl { Family::Sdxl } else { Family::Sd1 };
+            if single_file {
+                if out.extension().is_none_or(|e| e != "safetensors") {
+                    anyhow::bail!(
+                        "with --single-file, OUT must end in .safetensors (got {})",
+                        out.display()
+                    );
+                }
+                let tmp = tempfile::tempdir()?;
+                make_tiny_with(tmp.path(), family, seed, inpainting)?;
+                if let Some(parent) = out.parent().filter(|p| !p.as_os_str().is_empty()) {
+                    std::fs::create_dir_all(parent)?;
+                }
+                write_single_file(tmp.path(), &out)?;
+            } else {
+                make_tiny_with(&out, family, seed, inpainting)?;
+            }
+            println!("wrote a tiny {family:?} model to {}", out.display());
+            Ok(())
+        }
+        Command::Models(ModelsCmd::List { models }) => {
+            let reg = atelier_sampler::Registry::new(&models);
+            for e in reg.list() {
+                println!("{}", serde_json::to_string(&e)?);
+            }
+            Ok(())
+        }
+        Command::Generate(g) => generate_local(*g),
         Command::Prompt(PromptCmd::Parse { prompt, steps }) => {
             if steps == 0 || steps > 10_000 {
                 anyhow::bail!("--steps must be between 1 and 10000 (got {steps})");
@@ -436,4 +546,82 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Cancel { id, remote } => print_json(&remote.client()?.cancel(&id).await?),
     }
+}
+
+fn generate_local(g: GenerateCmd) -> anyhow::Result<()> {
+    use atelier_diffusion::lora::{LoraFile, LoraMode};
+    use atelier_diffusion::pipeline::{Init, Mask, StableDiffusion, Txt2Img};
+    let sampler =
+        atelier_diffusion::schedulers::SamplerKind::parse(&g.sampler).ok_or_else(|| {
+            anyhow::anyhow!(
+                "unknown sampler {:?}; known: {}",
+                g.sampler,
+                atelier_diffusion::schedulers::SamplerKind::ALL
+                    .map(|k| k.name())
+                    .join(", ")
+            )
+        })?;
+    let req = Txt2Img {
+        prompt: g.prompt,
+        negative_prompt: g.negative_prompt,
+        steps: g.steps,
+        cfg_scale: g.cfg_scale,
+        seed: g.seed,
+        width: g.width,
+        height: g.height,
+        batch_size: g.batch_size,
+        sampler,
+        clip_skip: g.clip_skip,
+    };
+    req.validate().map_err(anyhow::Error::msg)?;
+    let device = candle_core::Device::Cpu;
+    let mut model = StableDiffusion::load(&g.model, &device, candle_core::DType::F32)?;
+    for l in &g.lora {
+        let (path, weight) = match l.rsplit_once(':') {
+            Some((p, w)) if w.parse::<f64>().is_ok() => (p, w.parse::<f64>()?),
+            _ => (l.as_str(), 1.0),
+        };
+        let file = LoraFile::load(std::path::Path::new(path)).map_err(anyhow::Error::msg)?;
+        let (m, applied) = model.with_lora(&file, weight, LoraMode::Merge)?;
+        eprintln!(
+            "{path}: {} layers applied, {} unmatched",
+            applied.matched,
+            applied.unmatched.len()
+        );
+        model = m;
+    }
+    let read = |p: &std::path::Path| -> anyhow::Result<image::DynamicImage> {
+        image::open(p).with_context(|| format!("reading {}", p.display()))
+    };
+    let progress = |done: usize, total: usize| {
+        eprint!("\rstep {done}/{total}");
+        true
+    };
+    let images = match &g.init {
+        None => model.txt2img(&req, progress)?,
+        Some(init) => {
+            let mask = match &g.mask {
+                Some(m) => Some(Mask {
+                    image: read(m)?.to_luma8(),
+                    blur: g.mask_blur,
+                    invert: false,
+                }),
+                None => None,
+            };
+            let init = Init {
+                image: read(init)?.to_rgb8(),
+                strength: g.strength,
+                mask,
+            };
+            model.img2img(&req, &init, progress)?
+        }
+    };
+    eprintln!();
+    std::fs::create_dir_all(&g.out)?;
+    for img in images {
+        let path = g.out.join(format!("{}-{}.png", model.name, img.seed));
+        std::fs::write(&path, img.png()?)?;
+        println!("{}", path.display());
+    }
+    Ok(())
 }

@@ -273,6 +273,12 @@ impl SingleFileConfig {
 impl StableDiffusion {
     /// Load a model: a diffusers folder, or a single `.safetensors` checkpoint.
     pub fn load(path: &Path, device: &Device, dtype: DType) -> PResult<Self> {
+        if !path.exists() {
+            return Err(model_err(
+                path,
+                "does not exist (expected a diffusers folder or a .safetensors checkpoint)",
+            ));
+        }
         if path.is_dir() {
             Self::load_diffusers(path, device, dtype)
         } else {
