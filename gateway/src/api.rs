@@ -60,6 +60,8 @@ pub struct AppState {
     pub limits: BodyLimits,
     /// Ends open event streams when the gateway shuts down.
     pub shutdown: CancellationToken,
+    /// State of the AUTOMATIC1111-compatible routes (default model, jobs in flight, registry).
+    pub a1111: Arc<crate::a1111::A1111State>,
 }
 
 impl AppState {
@@ -80,7 +82,14 @@ impl AppState {
             metrics,
             limits,
             shutdown,
+            a1111: Arc::default(),
         })
+    }
+
+    /// Point the A1111 routes at a model registry (`/sdapi/v1/sd-models`, model checks).
+    pub fn with_models(mut self, dir: Option<std::path::PathBuf>) -> Self {
+        self.a1111 = Arc::new(crate::a1111::A1111State::new(dir));
+        self
     }
 }
 
@@ -94,6 +103,16 @@ pub fn router(app: AppState, auth: Arc<Auth>) -> Router {
         .route("/v1/img2img", post(img2img))
         .route("/v1/inpaint", post(inpaint))
         .route("/v1/uploads", post(upload))
+        .route("/sdapi/v1/txt2img", post(crate::a1111::txt2img))
+        .route("/sdapi/v1/img2img", post(crate::a1111::img2img))
+        .route("/sdapi/v1/samplers", get(crate::a1111::samplers))
+        .route("/sdapi/v1/sd-models", get(crate::a1111::sd_models))
+        .route(
+            "/sdapi/v1/options",
+            get(crate::a1111::get_options).post(crate::a1111::set_options),
+        )
+        .route("/sdapi/v1/progress", get(crate::a1111::progress))
+        .route("/sdapi/v1/interrupt", post(crate::a1111::interrupt))
         .route("/v1/artifacts/{*key}", get(get_artifact))
         .route("/v1/images/{sha256}", get(get_image))
         .route_layer(middleware::from_fn_with_state(auth, auth::middleware));
@@ -167,7 +186,11 @@ fn check_declared_length(headers: &HeaderMap, limit: u64) -> Result<(), ApiError
 }
 
 /// Reads a body up to `limit` bytes, answering 413 past it.
-async fn read_body(headers: &HeaderMap, body: Body, limit: u64) -> Result<bytes::Bytes, ApiError> {
+pub(crate) async fn read_body(
+    headers: &HeaderMap,
+    body: Body,
+    limit: u64,
+) -> Result<bytes::Bytes, ApiError> {
     check_declared_length(headers, limit)?;
     axum::body::to_bytes(body, limit as usize)
         .await
@@ -350,6 +373,17 @@ async fn submit_generate(
     let body = read_body(&headers, body, app.limits.json).await?;
     let g: atelier_contracts::GenerateSpec = serde_json::from_slice(&body)
         .map_err(|e| ApiError::unprocessable("invalid_job", format!("invalid request: {e}")))?;
+    let record = enqueue_generate(&app, &caller, g, kind).await?;
+    Ok((StatusCode::ACCEPTED, Json(record)))
+}
+
+/// Validate and queue a generation job.
+pub async fn enqueue_generate(
+    app: &AppState,
+    caller: &Caller,
+    g: atelier_contracts::GenerateSpec,
+    kind: atelier_contracts::GenerateKind,
+) -> Result<JobRecord, ApiError> {
     validate_generate(&g, kind)?;
     let spec = match kind {
         atelier_contracts::GenerateKind::Txt2Img => JobSpec::Txt2img(g),
@@ -372,7 +406,7 @@ async fn submit_generate(
             }
         })?;
     tracing::info!(job = %record.id, kind = %record.kind, by = %caller.name, "generation submitted");
-    Ok((StatusCode::ACCEPTED, Json(record)))
+    Ok(record)
 }
 
 /// Generate images from a prompt (an async job on the sampler service; follow it at
@@ -736,9 +770,12 @@ impl utoipa::Modify for BearerAuth {
 #[derive(OpenApi)]
 #[openapi(
     info(title = "atelier gateway", description = "Captioned-dataset and diffusion-model factory: HTTP API."),
-    paths(submit_job, txt2img, img2img, inpaint, get_job, cancel_job, job_events, upload, get_artifact, get_image, healthz, metrics, openapi_json),
+    paths(submit_job, txt2img, img2img, inpaint,
+        crate::a1111::txt2img, crate::a1111::img2img, crate::a1111::samplers, crate::a1111::sd_models,
+        crate::a1111::get_options, crate::a1111::set_options, crate::a1111::progress, crate::a1111::interrupt,
+        get_job, cancel_job, job_events, upload, get_artifact, get_image, healthz, metrics, openapi_json),
     modifiers(&BearerAuth),
-    tags((name = "jobs"), (name = "generation"), (name = "artifacts"), (name = "images"), (name = "ops"))
+    tags((name = "jobs"), (name = "generation"), (name = "a1111"), (name = "artifacts"), (name = "images"), (name = "ops"))
 )]
 pub struct ApiDoc;
 
@@ -752,6 +789,14 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("post", "/v1/img2img"),
     ("post", "/v1/inpaint"),
     ("post", "/v1/uploads"),
+    ("post", "/sdapi/v1/txt2img"),
+    ("post", "/sdapi/v1/img2img"),
+    ("get", "/sdapi/v1/samplers"),
+    ("get", "/sdapi/v1/sd-models"),
+    ("get", "/sdapi/v1/options"),
+    ("post", "/sdapi/v1/options"),
+    ("get", "/sdapi/v1/progress"),
+    ("post", "/sdapi/v1/interrupt"),
     ("get", "/v1/artifacts/{key}"),
     ("get", "/v1/images/{sha256}"),
     ("get", "/healthz"),

@@ -213,14 +213,30 @@ impl Auth {
         let value = header
             .to_str()
             .map_err(|_| unauthorized("Authorization header is not ASCII"))?;
-        let token = value
-            .strip_prefix("Bearer ")
-            .ok_or_else(|| {
-                unauthorized(
-                    "Authorization must use the Bearer scheme: `Authorization: Bearer <key>`",
-                )
-            })?
-            .trim();
+        // Bearer, or HTTP Basic with the key as the password (A1111 clients' `--api-auth`).
+        let basic;
+        let token = if let Some(b) = value.strip_prefix("Basic ") {
+            use base64::Engine as _;
+            let decoded = base64::engine::general_purpose::STANDARD
+                .decode(b.trim())
+                .ok()
+                .and_then(|d| String::from_utf8(d).ok())
+                .ok_or_else(|| unauthorized("Basic credentials are not base64 of user:key"))?;
+            basic = decoded
+                .split_once(':')
+                .map(|(_, k)| k.to_string())
+                .ok_or_else(|| unauthorized("Basic credentials must be user:key"))?;
+            basic.as_str()
+        } else {
+            value
+                .strip_prefix("Bearer ")
+                .ok_or_else(|| {
+                    unauthorized(
+                        "Authorization must use the Bearer scheme: `Authorization: Bearer <key>` (or Basic with the key as password)",
+                    )
+                })?
+                .trim()
+        };
         let digest: [u8; 32] = Sha256::digest(token.as_bytes()).into();
         // The map lookup is on the digest of the presented key, so its timing reveals nothing
         // about any configured key.

@@ -130,7 +130,8 @@ impl Embedded {
             args.gateway.limits(),
             shutdown.clone(),
         )
-        .await?;
+        .await?
+        .with_models(Some(args.models.models.clone()));
         let (addr, server) = crate::serve(&args.gateway, app, shutdown.clone()).await?;
         tasks.spawn(async move { server.await? });
         tracing::info!(%addr, nats = %nats_url, store = rt.store.describe(), "atelier is up");

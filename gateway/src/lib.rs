@@ -6,6 +6,7 @@
 //! queued, and publishes it; services pick it up from the bus. In embedded mode the services run in
 //! the same process, through exactly the code they run as separate processes.
 
+pub mod a1111;
 pub mod api;
 pub mod auth;
 pub mod client;

@@ -54,6 +54,9 @@ struct GatewayCmd {
     store: StoreArgs,
     #[command(flatten)]
     telemetry: TelemetryArgs,
+    /// The model registry the A1111 routes list and check (a shared volume in a cluster).
+    #[arg(long = "models", env = "ATELIER_MODELS")]
+    models: Option<PathBuf>,
 }
 
 #[derive(Subcommand)]
@@ -283,6 +286,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 nats,
                 store,
                 telemetry,
+                models,
             } = *cmd;
             atelier_kit::telemetry::init_tracing(&telemetry);
             let shutdown = atelier_kit::shutdown::on_signals();
@@ -296,7 +300,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 gateway.limits(),
                 shutdown.clone(),
             )
-            .await?;
+            .await?
+            .with_models(models);
             let (_, task) = atelier_gateway::serve(&gateway, app, shutdown).await?;
             task.await??;
             let _ = bus.client.flush().await;

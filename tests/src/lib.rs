@@ -269,6 +269,8 @@ pub struct Cluster {
     pub store: Store,
     pub states: JobStates,
     workers: Vec<Child>,
+    /// The model registry the in-process gateway's A1111 routes see.
+    pub models: Option<PathBuf>,
 }
 
 impl Cluster {
@@ -309,6 +311,7 @@ impl Cluster {
             store,
             states,
             workers: Vec::new(),
+            models: None,
         })
     }
 
@@ -448,7 +451,8 @@ impl Cluster {
             args.limits(),
             shutdown.clone(),
         )
-        .await?;
+        .await?
+        .with_models(self.models.clone());
         let (addr, _task) = atelier_gateway::serve(&args, app, shutdown).await?;
         Ok(format!("http://{addr}"))
     }

@@ -59,6 +59,7 @@ async fn generation_jobs_run_on_the_services_and_bad_input_is_refused() {
         c.spawn_service(b, &[("ATELIER_MODELS", models.display().to_string())])
             .unwrap();
     }
+    c.models = Some(models.clone());
     let shutdown = CancellationToken::new();
     let client = c.open_gateway(&shutdown).await;
 
@@ -173,6 +174,189 @@ async fn generation_jobs_run_on_the_services_and_bad_input_is_refused() {
         assert_eq!(r.service, atelier_contracts::Service::Inpainter);
     }
     assert_eq!(records[2].error.as_ref().unwrap().code, "bad_image");
+    shutdown.cancel();
+    c.stop_services(libc::SIGTERM, Duration::from_secs(10));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a1111_clients_work_unchanged() {
+    use base64::Engine as _;
+    let mut c = Cluster::local().await.unwrap();
+    let models = c.tmp.path().join("models");
+    make_tiny(&models.join("tiny"), Family::Sd1, 19).unwrap();
+    for b in ["atelier-sampler", "atelier-inpainter"] {
+        c.spawn_service(b, &[("ATELIER_MODELS", models.display().to_string())])
+            .unwrap();
+    }
+    c.models = Some(models.clone());
+    let shutdown = CancellationToken::new();
+    let (key, entry) = atelier_gateway::auth::generate_key("a1111", "*").unwrap();
+    let base = c
+        .gateway(vec![entry], Default::default(), shutdown.clone())
+        .await
+        .unwrap();
+    let http = reqwest::Client::new();
+    let get = |path: &str| http.get(format!("{base}{path}")).bearer_auth(&key).send();
+
+    let samplers: serde_json::Value = get("/sdapi/v1/samplers")
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let names: Vec<&str> = samplers
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["name"].as_str().unwrap())
+        .collect();
+    for n in ["Euler a", "DPM++ 2M Karras", "DDIM", "UniPC", "LCM"] {
+        assert!(names.contains(&n), "{n} missing from {names:?}");
+    }
+    let models_list: serde_json::Value = get("/sdapi/v1/sd-models")
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(models_list[0]["model_name"], "tiny");
+    let opts: serde_json::Value = get("/sdapi/v1/options")
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(opts["sd_model_checkpoint"], "tiny");
+    let r = http
+        .post(format!("{base}/sdapi/v1/options"))
+        .bearer_auth(&key)
+        .json(&serde_json::json!({"sd_model_checkpoint": "missing [abc]"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 422);
+    let r = http
+        .post(format!("{base}/sdapi/v1/options"))
+        .bearer_auth(&key)
+        .json(
+            &serde_json::json!({"sd_model_checkpoint": "tiny [0123456789]", "samples_save": true}),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+
+    // txt2img with two batches (run in parallel), HTTP Basic with the key as password.
+    let body = serde_json::json!({
+        "prompt": "a (red:1.2) circle", "negative_prompt": "", "seed": 100, "steps": 3,
+        "sampler_name": "DPM++ 2M", "scheduler": "Karras", "cfg_scale": 5, "width": 32, "height": 32,
+        "batch_size": 1, "n_iter": 2, "restore_faces": false, "send_images": true
+    });
+    let r = http
+        .post(format!("{base}/sdapi/v1/txt2img"))
+        .basic_auth("me", Some(&key))
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let out: serde_json::Value = r.json().await.unwrap();
+    let images = out["images"].as_array().unwrap();
+    assert_eq!(images.len(), 2);
+    let png = base64::engine::general_purpose::STANDARD
+        .decode(images[0].as_str().unwrap())
+        .unwrap();
+    assert_eq!(image::load_from_memory(&png).unwrap().width(), 32);
+    let info: serde_json::Value = serde_json::from_str(out["info"].as_str().unwrap()).unwrap();
+    assert_eq!(info["all_seeds"], serde_json::json!([100, 101]));
+    assert_eq!(info["sampler_name"], "DPM++ 2M Karras");
+    assert!(info["infotexts"][1].as_str().unwrap().contains("Seed: 101"));
+    assert_eq!(out["parameters"]["prompt"], "a (red:1.2) circle");
+
+    // img2img with a mask; bad base64 and a mask of the wrong size are refused.
+    let mask =
+        image::GrayImage::from_fn(32, 32, |x, _| image::Luma([if x < 16 { 255 } else { 0 }]));
+    let mut mask_png = Vec::new();
+    image::DynamicImage::ImageLuma8(mask)
+        .write_to(
+            &mut std::io::Cursor::new(&mut mask_png),
+            image::ImageFormat::Png,
+        )
+        .unwrap();
+    let b64 = |b: &[u8]| base64::engine::general_purpose::STANDARD.encode(b);
+    let mut i2i = body.clone();
+    i2i["init_images"] = serde_json::json!([format!("data:image/png;base64,{}", b64(&png))]);
+    i2i["mask"] = serde_json::json!(b64(&mask_png));
+    i2i["denoising_strength"] = serde_json::json!(0.9);
+    i2i["n_iter"] = serde_json::json!(1);
+    let r = http
+        .post(format!("{base}/sdapi/v1/img2img"))
+        .bearer_auth(&key)
+        .json(&i2i)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200, "{}", r.text().await.unwrap());
+    let mut bad = i2i.clone();
+    bad["init_images"] = serde_json::json!(["!!!not base64"]);
+    let r = http
+        .post(format!("{base}/sdapi/v1/img2img"))
+        .bearer_auth(&key)
+        .json(&bad)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 422);
+    assert!(r.text().await.unwrap().contains("malformed_base64"));
+    let small = image::GrayImage::new(8, 8);
+    let mut small_png = Vec::new();
+    image::DynamicImage::ImageLuma8(small)
+        .write_to(
+            &mut std::io::Cursor::new(&mut small_png),
+            image::ImageFormat::Png,
+        )
+        .unwrap();
+    let mut bad = i2i.clone();
+    bad["mask"] = serde_json::json!(b64(&small_png));
+    let r = http
+        .post(format!("{base}/sdapi/v1/img2img"))
+        .bearer_auth(&key)
+        .json(&bad)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 422);
+    assert!(r.text().await.unwrap().contains("mask_size_mismatch"));
+    let mut bad = body.clone();
+    bad["steps"] = serde_json::json!(0);
+    let r = http
+        .post(format!("{base}/sdapi/v1/txt2img"))
+        .bearer_auth(&key)
+        .json(&bad)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 422);
+    let p: serde_json::Value = get("/sdapi/v1/progress")
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(p["state"]["job_count"], 0);
+    let r = http
+        .post(format!("{base}/sdapi/v1/interrupt"))
+        .bearer_auth(&key)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let r = http
+        .get(format!("{base}/sdapi/v1/samplers"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401, "the A1111 routes need the key too");
     shutdown.cancel();
     c.stop_services(libc::SIGTERM, Duration::from_secs(10));
 }

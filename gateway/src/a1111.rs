@@ -1,0 +1,616 @@
+//! AUTOMATIC1111-compatible routes, so existing A1111 clients work unchanged: `/sdapi/v1/txt2img`
+//! and `/sdapi/v1/img2img` wait for their jobs and answer with base64 PNGs, `parameters` and
+//! `info` as A1111 does; samplers, models, options, progress and interrupt too. Unlike A1111,
+//! concurrent requests (and the `n_iter` batches of one request) run in parallel across workers.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::{Mutex, RwLock};
+use std::time::{Duration, Instant};
+
+use atelier_contracts::{GenerateKind, GenerateSpec, JobId, JobOutput, JobRecord, JobState};
+use atelier_diffusion::schedulers::SamplerKind;
+use axum::body::Body;
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode};
+use axum::{Extension, Json};
+use base64::Engine as _;
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+use utoipa::ToSchema;
+
+use crate::api::{enqueue_generate, AppState};
+use crate::auth::{Caller, Scope};
+use crate::error::ApiError;
+
+/// Default model, jobs in flight and the registry the A1111 routes see.
+#[derive(Default)]
+pub struct A1111State {
+    models: Option<PathBuf>,
+    default_model: RwLock<Option<String>>,
+    active: Mutex<Vec<JobId>>,
+}
+
+impl A1111State {
+    pub fn new(models: Option<PathBuf>) -> Self {
+        Self {
+            models,
+            ..Default::default()
+        }
+    }
+
+    fn registry(&self) -> Option<atelier_sampler::Registry> {
+        self.models.as_ref().map(atelier_sampler::Registry::new)
+    }
+
+    fn checkpoints(&self) -> Vec<atelier_sampler::registry::Entry> {
+        self.registry()
+            .map(|r| {
+                r.list()
+                    .into_iter()
+                    .filter(|e| e.kind != atelier_sampler::registry::EntryKind::Lora)
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+}
+
+fn d_steps() -> u32 {
+    20
+}
+fn d_cfg() -> f64 {
+    7.0
+}
+fn d_side() -> u32 {
+    512
+}
+fn d_one() -> u32 {
+    1
+}
+fn d_seed() -> i64 {
+    -1
+}
+fn d_strength() -> f64 {
+    0.75
+}
+fn d_blur() -> f32 {
+    4.0
+}
+
+/// A1111's txt2img request (the fields atelier uses; others are accepted and ignored).
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct Txt2ImgRequest {
+    #[serde(default)]
+    pub prompt: String,
+    #[serde(default)]
+    pub negative_prompt: String,
+    /// -1 picks one at random.
+    #[serde(default = "d_seed")]
+    pub seed: i64,
+    #[serde(default)]
+    pub sampler_name: Option<String>,
+    #[serde(default)]
+    pub sampler_index: Option<String>,
+    /// A1111 1.9+: "Karras", "Automatic", ...
+    #[serde(default)]
+    pub scheduler: Option<String>,
+    #[serde(default = "d_one")]
+    pub batch_size: u32,
+    /// Batches; atelier runs them in parallel.
+    #[serde(default = "d_one")]
+    pub n_iter: u32,
+    #[serde(default = "d_steps")]
+    pub steps: u32,
+    #[serde(default = "d_cfg")]
+    pub cfg_scale: f64,
+    #[serde(default = "d_side")]
+    pub width: u32,
+    #[serde(default = "d_side")]
+    pub height: u32,
+    /// `sd_model_checkpoint`, `CLIP_stop_at_last_layers`.
+    #[serde(default)]
+    #[schema(value_type = Object)]
+    pub override_settings: Option<HashMap<String, Value>>,
+}
+
+/// A1111's img2img request: txt2img's fields plus the images.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct Img2ImgRequest {
+    #[serde(flatten)]
+    pub base: Txt2ImgRequest,
+    /// Base64 images (a `data:` prefix is accepted); the first is used.
+    #[serde(default)]
+    pub init_images: Vec<String>,
+    /// Base64 mask: white is repainted.
+    #[serde(default)]
+    pub mask: Option<String>,
+    #[serde(default = "d_strength")]
+    pub denoising_strength: f64,
+    #[serde(default = "d_blur")]
+    pub mask_blur: f32,
+    #[serde(default)]
+    pub inpainting_mask_invert: u8,
+}
+
+/// A1111's answer: base64 PNGs, the request, and `info` (a JSON string).
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct ImageResponse {
+    pub images: Vec<String>,
+    #[schema(value_type = Object)]
+    pub parameters: Value,
+    pub info: String,
+}
+
+fn sampler_of(req: &Txt2ImgRequest) -> Result<SamplerKind, ApiError> {
+    let name = req
+        .sampler_name
+        .clone()
+        .or_else(|| req.sampler_index.clone())
+        .unwrap_or_else(|| "Euler a".into());
+    let karras = req
+        .scheduler
+        .as_deref()
+        .is_some_and(|s| s.eq_ignore_ascii_case("karras"));
+    let found = if karras {
+        SamplerKind::parse(&format!("{name} Karras")).or_else(|| SamplerKind::parse(&name))
+    } else {
+        SamplerKind::parse(&name)
+    };
+    found.ok_or_else(|| {
+        ApiError::unprocessable(
+            "unknown_sampler",
+            format!("unknown sampler {name:?}; GET /sdapi/v1/samplers lists them"),
+        )
+    })
+}
+
+/// "name [hash]" or "name.safetensors" → the registry name.
+fn model_name(title: &str) -> String {
+    let t = title.split(" [").next().unwrap_or(title).trim();
+    t.strip_suffix(".safetensors").unwrap_or(t).to_string()
+}
+
+fn model_of(app: &AppState, req: &Txt2ImgRequest) -> Result<String, ApiError> {
+    if let Some(m) = req
+        .override_settings
+        .as_ref()
+        .and_then(|o| o.get("sd_model_checkpoint"))
+        .and_then(|v| v.as_str())
+    {
+        return Ok(model_name(m));
+    }
+    if let Some(m) = app.a1111.default_model.read().ok().and_then(|g| g.clone()) {
+        return Ok(m);
+    }
+    app.a1111
+        .checkpoints()
+        .into_iter()
+        .next()
+        .map(|e| e.name)
+        .ok_or_else(|| {
+            ApiError::unprocessable(
+                "no_model",
+                "no model chosen: set override_settings.sd_model_checkpoint or POST /sdapi/v1/options",
+            )
+        })
+}
+
+fn decode_b64_image(field: &str, s: &str) -> Result<(Vec<u8>, image::DynamicImage), ApiError> {
+    let data = s.split_once(";base64,").map_or(s, |(_, d)| d).trim();
+    let bytes = base64::engine::general_purpose::STANDARD
+        .decode(data)
+        .map_err(|e| {
+            ApiError::unprocessable("malformed_base64", format!("{field}: not base64: {e}"))
+        })?;
+    let img = image::load_from_memory(&bytes).map_err(|e| {
+        ApiError::unprocessable("bad_image", format!("{field}: not a readable image: {e}"))
+    })?;
+    Ok((bytes, img))
+}
+
+fn spec_of(app: &AppState, req: &Txt2ImgRequest) -> Result<GenerateSpec, ApiError> {
+    let sampler = sampler_of(req)?;
+    let clip_skip = req
+        .override_settings
+        .as_ref()
+        .and_then(|o| o.get("CLIP_stop_at_last_layers"))
+        .and_then(|v| v.as_u64())
+        .unwrap_or(1) as u32;
+    if req.n_iter == 0 || req.n_iter > 16 {
+        return Err(ApiError::unprocessable(
+            "invalid_job",
+            format!("n_iter must be 1..=16 (got {})", req.n_iter),
+        ));
+    }
+    Ok(GenerateSpec {
+        model: model_of(app, req)?,
+        prompt: req.prompt.clone(),
+        negative_prompt: req.negative_prompt.clone(),
+        steps: req.steps,
+        cfg_scale: req.cfg_scale,
+        seed: None,
+        width: req.width,
+        height: req.height,
+        batch_size: req.batch_size,
+        sampler: sampler.name().to_string(),
+        clip_skip,
+        init_image: None,
+        strength: 0.75,
+        mask: None,
+        mask_blur: 4.0,
+        mask_invert: false,
+    })
+}
+
+/// Queue `n_iter` jobs (seeds continuing across batches), wait for all, answer as A1111.
+async fn run(
+    app: &AppState,
+    caller: &Caller,
+    spec: GenerateSpec,
+    kind: GenerateKind,
+    req: &Txt2ImgRequest,
+    parameters: Value,
+) -> Result<Json<ImageResponse>, ApiError> {
+    let seed = if req.seed < 0 {
+        rand::random::<u32>() as u64
+    } else {
+        req.seed as u64
+    };
+    let mut ids = Vec::new();
+    for i in 0..req.n_iter as u64 {
+        let mut s = spec.clone();
+        s.seed = Some(seed + i * spec.batch_size as u64);
+        let record = enqueue_generate(app, caller, s, kind).await?;
+        ids.push(record.id);
+    }
+    if let Ok(mut a) = app.a1111.active.lock() {
+        a.extend(ids.iter().copied());
+    }
+    let result = wait_all(app, &ids).await;
+    if let Ok(mut a) = app.a1111.active.lock() {
+        a.retain(|id| !ids.contains(id));
+    }
+    let records = result?;
+    let mut images = Vec::new();
+    let mut seeds = Vec::new();
+    let mut infotexts = Vec::new();
+    let mut hash = String::new();
+    for r in &records {
+        match (&r.state, &r.output) {
+            (JobState::Succeeded, Some(JobOutput::Images(out))) => {
+                hash.clone_from(&out.model_hash);
+                for img in &out.images {
+                    let key = atelier_contracts::ArtifactKey::parse(&img.image.key)
+                        .map_err(|e| ApiError::unavailable(format!("bad artifact key: {e}")))?;
+                    let bytes = app.store.get_bytes(&key).await.map_err(ApiError::from)?;
+                    images.push(base64::engine::general_purpose::STANDARD.encode(&bytes));
+                    seeds.push(img.seed);
+                    infotexts.push(out.parameters.replace(
+                        &format!("Seed: {}", out.images[0].seed),
+                        &format!("Seed: {}", img.seed),
+                    ));
+                }
+            }
+            (JobState::Cancelled, _) => {
+                return Err(ApiError::new(
+                    StatusCode::CONFLICT,
+                    "interrupted",
+                    format!("job {} was interrupted", r.id),
+                ));
+            }
+            (_, _) => {
+                let e = r.error.clone();
+                let (code, msg) = e.map(|e| (e.code, e.message)).unwrap_or_default();
+                let status = if matches!(
+                    code.as_str(),
+                    "unknown_model"
+                        | "unknown_lora"
+                        | "invalid_job"
+                        | "bad_image"
+                        | "unknown_sampler"
+                ) {
+                    StatusCode::UNPROCESSABLE_ENTITY
+                } else {
+                    StatusCode::INTERNAL_SERVER_ERROR
+                };
+                return Err(ApiError::new(
+                    status,
+                    "generation_failed",
+                    format!("job {} failed ({code}): {msg}", r.id),
+                ));
+            }
+        }
+    }
+    let info = json!({
+        "prompt": spec.prompt,
+        "all_prompts": vec![spec.prompt.clone(); seeds.len()],
+        "negative_prompt": spec.negative_prompt,
+        "all_negative_prompts": vec![spec.negative_prompt.clone(); seeds.len()],
+        "seed": seeds.first().copied().unwrap_or(seed),
+        "all_seeds": seeds,
+        "subseed": -1,
+        "all_subseeds": vec![-1; images.len()],
+        "width": spec.width,
+        "height": spec.height,
+        "sampler_name": SamplerKind::parse(&spec.sampler).and_then(|k| k.a1111_name()).unwrap_or(&spec.sampler),
+        "cfg_scale": spec.cfg_scale,
+        "steps": spec.steps,
+        "batch_size": spec.batch_size,
+        "clip_skip": spec.clip_skip,
+        "sd_model_name": spec.model,
+        "sd_model_hash": hash,
+        "denoising_strength": if kind == GenerateKind::Txt2Img { Value::Null } else { json!(spec.strength) },
+        "infotexts": infotexts,
+        "job_ids": ids.iter().map(|i| i.to_string()).collect::<Vec<_>>(),
+    });
+    Ok(Json(ImageResponse {
+        images,
+        parameters,
+        info: info.to_string(),
+    }))
+}
+
+async fn wait_all(app: &AppState, ids: &[JobId]) -> Result<Vec<JobRecord>, ApiError> {
+    let deadline = Instant::now() + Duration::from_secs(3600);
+    loop {
+        let mut done = Vec::new();
+        for id in ids {
+            if let Some((r, _)) = app.states.get(*id).await? {
+                if r.state.is_terminal() {
+                    done.push(r);
+                }
+            }
+        }
+        if done.len() == ids.len() {
+            return Ok(done);
+        }
+        if app.shutdown.is_cancelled() {
+            return Err(ApiError::unavailable(
+                "the gateway is shutting down; the jobs continue (see /v1/jobs)",
+            ));
+        }
+        if Instant::now() > deadline {
+            return Err(ApiError::unavailable(
+                "the jobs did not finish within an hour; follow them at /v1/jobs",
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+async fn json_body<T: serde::de::DeserializeOwned>(
+    app: &AppState,
+    headers: &HeaderMap,
+    body: Body,
+) -> Result<T, ApiError> {
+    let bytes =
+        crate::api::read_body(headers, body, app.limits.upload.max(app.limits.json)).await?;
+    serde_json::from_slice(&bytes)
+        .map_err(|e| ApiError::unprocessable("invalid_json", format!("invalid request: {e}")))
+}
+
+/// A1111's txt2img: waits for the images.
+#[utoipa::path(post, path = "/sdapi/v1/txt2img", tag = "a1111", request_body = Txt2ImgRequest,
+    responses((status = 200, body = ImageResponse), (status = 422, body = atelier_contracts::http::ApiErrorBody)),
+    security(("bearer" = ["jobs:write"])))]
+pub async fn txt2img(
+    State(app): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Json<ImageResponse>, ApiError> {
+    caller.require(Scope::JobsWrite)?;
+    let req: Txt2ImgRequest = json_body(&app, &headers, body).await?;
+    let spec = spec_of(&app, &req)?;
+    let params = serde_json::to_value(&req).unwrap_or(Value::Null);
+    run(&app, &caller, spec, GenerateKind::Txt2Img, &req, params).await
+}
+
+/// A1111's img2img (inpainting when a mask is given): waits for the images.
+#[utoipa::path(post, path = "/sdapi/v1/img2img", tag = "a1111", request_body = Img2ImgRequest,
+    responses((status = 200, body = ImageResponse), (status = 422, body = atelier_contracts::http::ApiErrorBody)),
+    security(("bearer" = ["jobs:write"])))]
+pub async fn img2img(
+    State(app): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Json<ImageResponse>, ApiError> {
+    caller.require(Scope::JobsWrite)?;
+    let req: Img2ImgRequest = json_body(&app, &headers, body).await?;
+    let mut spec = spec_of(&app, &req.base)?;
+    let first = req.init_images.first().ok_or_else(|| {
+        ApiError::unprocessable("invalid_job", "init_images needs one base64 image")
+    })?;
+    let (init_bytes, init) = decode_b64_image("init_images[0]", first)?;
+    let mask = match &req.mask {
+        Some(m) => {
+            let (bytes, img) = decode_b64_image("mask", m)?;
+            if (img.width(), img.height()) != (init.width(), init.height()) {
+                return Err(ApiError::unprocessable(
+                    "mask_size_mismatch",
+                    format!(
+                        "the mask is {}x{} but the image is {}x{}",
+                        img.width(),
+                        img.height(),
+                        init.width(),
+                        init.height()
+                    ),
+                ));
+            }
+            Some(bytes)
+        }
+        None => None,
+    };
+    spec.strength = req.denoising_strength;
+    spec.mask_blur = req.mask_blur;
+    spec.mask_invert = req.inpainting_mask_invert != 0;
+    // Check everything before storing anything.
+    let kind = if mask.is_some() {
+        GenerateKind::Inpaint
+    } else {
+        GenerateKind::Img2Img
+    };
+    let mut probe = spec.clone();
+    probe.init_image = Some("sha256/00/".to_string() + &"0".repeat(64));
+    probe.mask = mask
+        .as_ref()
+        .map(|_| "sha256/00/".to_string() + &"0".repeat(64));
+    crate::api::validate_generate(&probe, kind)?;
+    let (init_ref, _) = app
+        .store
+        .put_bytes(init_bytes.into(), "image/png")
+        .await
+        .map_err(ApiError::from)?;
+    spec.init_image = Some(init_ref.key);
+    if let Some(m) = mask {
+        let (mref, _) = app
+            .store
+            .put_bytes(m.into(), "image/png")
+            .await
+            .map_err(ApiError::from)?;
+        spec.mask = Some(mref.key);
+    }
+    let mut params = serde_json::to_value(&req.base).unwrap_or(Value::Null);
+    params["denoising_strength"] = json!(req.denoising_strength);
+    run(&app, &caller, spec, kind, &req.base, params).await
+}
+
+/// The samplers, by A1111's names (our names as aliases).
+#[utoipa::path(get, path = "/sdapi/v1/samplers", tag = "a1111",
+    responses((status = 200, description = "[{name, aliases, options}]")), security(("bearer" = ["jobs:read"])))]
+pub async fn samplers(Extension(caller): Extension<Caller>) -> Result<Json<Value>, ApiError> {
+    caller.require(Scope::JobsRead)?;
+    let list: Vec<Value> = SamplerKind::ALL
+        .iter()
+        .map(|k| json!({"name": k.a1111_name().unwrap_or(k.name()), "aliases": [k.name()], "options": {}}))
+        .collect();
+    Ok(Json(Value::Array(list)))
+}
+
+/// The registry's checkpoints.
+#[utoipa::path(get, path = "/sdapi/v1/sd-models", tag = "a1111",
+    responses((status = 200, description = "[{title, model_name, hash, sha256, filename, config}]")), security(("bearer" = ["jobs:read"])))]
+pub async fn sd_models(
+    State(app): State<AppState>,
+    Extension(caller): Extension<Caller>,
+) -> Result<Json<Value>, ApiError> {
+    caller.require(Scope::JobsRead)?;
+    let list: Vec<Value> = app
+        .a1111
+        .checkpoints()
+        .into_iter()
+        .map(|e| json!({"title": e.name, "model_name": e.name, "hash": null, "sha256": null, "filename": e.path, "config": null}))
+        .collect();
+    Ok(Json(Value::Array(list)))
+}
+
+/// The options A1111 clients read: the current model, clip skip, output format.
+#[utoipa::path(get, path = "/sdapi/v1/options", tag = "a1111",
+    responses((status = 200, description = "{sd_model_checkpoint, ...}")), security(("bearer" = ["jobs:read"])))]
+pub async fn get_options(
+    State(app): State<AppState>,
+    Extension(caller): Extension<Caller>,
+) -> Result<Json<Value>, ApiError> {
+    caller.require(Scope::JobsRead)?;
+    let current = app.a1111.default_model.read().ok().and_then(|g| g.clone());
+    let current = current.or_else(|| app.a1111.checkpoints().into_iter().next().map(|e| e.name));
+    Ok(Json(
+        json!({"sd_model_checkpoint": current, "CLIP_stop_at_last_layers": 1, "samples_format": "png"}),
+    ))
+}
+
+/// Set the default model (`sd_model_checkpoint`); other options are accepted and ignored.
+#[utoipa::path(post, path = "/sdapi/v1/options", tag = "a1111",
+    responses((status = 200, description = "null"), (status = 422, body = atelier_contracts::http::ApiErrorBody)), security(("bearer" = ["jobs:write"])))]
+pub async fn set_options(
+    State(app): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Json<Value>, ApiError> {
+    caller.require(Scope::JobsWrite)?;
+    let opts: HashMap<String, Value> = json_body(&app, &headers, body).await?;
+    if let Some(v) = opts.get("sd_model_checkpoint") {
+        let title = v.as_str().ok_or_else(|| {
+            ApiError::unprocessable("invalid_json", "sd_model_checkpoint must be a string")
+        })?;
+        let name = model_name(title);
+        if let Some(reg) = app.a1111.registry() {
+            reg.checkpoint(&name)
+                .map_err(|e| ApiError::unprocessable("unknown_model", e))?;
+        }
+        if let Ok(mut g) = app.a1111.default_model.write() {
+            *g = Some(name);
+        }
+    }
+    Ok(Json(Value::Null))
+}
+
+/// Progress of the A1111 requests in flight.
+#[utoipa::path(get, path = "/sdapi/v1/progress", tag = "a1111",
+    responses((status = 200, description = "{progress, eta_relative, state, current_image, textinfo}")), security(("bearer" = ["jobs:read"])))]
+pub async fn progress(
+    State(app): State<AppState>,
+    Extension(caller): Extension<Caller>,
+) -> Result<Json<Value>, ApiError> {
+    caller.require(Scope::JobsRead)?;
+    let ids: Vec<JobId> = app
+        .a1111
+        .active
+        .lock()
+        .map(|a| a.clone())
+        .unwrap_or_default();
+    let mut fractions = Vec::new();
+    for id in &ids {
+        if let Some((r, _)) = app.states.get(*id).await? {
+            let f = match r.state {
+                s if s.is_terminal() => 1.0,
+                _ => r.progress.map(|p| p.fraction).unwrap_or(0.0),
+            };
+            fractions.push(f);
+        }
+    }
+    let progress = if fractions.is_empty() {
+        0.0
+    } else {
+        fractions.iter().sum::<f32>() / fractions.len() as f32
+    };
+    Ok(Json(json!({
+        "progress": progress,
+        "eta_relative": 0.0,
+        "state": {"skipped": false, "interrupted": false, "job": ids.first().map(|i| i.to_string()).unwrap_or_default(),
+                  "job_count": ids.len(), "job_timestamp": "", "job_no": 0, "sampling_step": 0, "sampling_steps": 0},
+        "current_image": null,
+        "textinfo": null,
+    })))
+}
+
+/// Cancel the A1111 requests in flight (between sampling steps).
+#[utoipa::path(post, path = "/sdapi/v1/interrupt", tag = "a1111",
+    responses((status = 200, description = "{}")), security(("bearer" = ["jobs:write"])))]
+pub async fn interrupt(
+    State(app): State<AppState>,
+    Extension(caller): Extension<Caller>,
+) -> Result<Json<Value>, ApiError> {
+    caller.require(Scope::JobsWrite)?;
+    let ids: Vec<JobId> = app
+        .a1111
+        .active
+        .lock()
+        .map(|a| a.clone())
+        .unwrap_or_default();
+    for id in ids {
+        app.states
+            .update(id, |r| {
+                if r.state.is_terminal() {
+                    atelier_kit::jobstate::Change::Keep
+                } else {
+                    r.state = JobState::Cancelled;
+                    atelier_kit::jobstate::Change::Write
+                }
+            })
+            .await?;
+    }
+    Ok(Json(json!({})))
+}
