@@ -52,8 +52,21 @@ fn sd1_txt2img_is_deterministic_and_batches_match_singles() {
     batch.batch_size = 2;
     let both = sd.txt2img(&batch, |_, _| true).unwrap();
     assert_eq!(both.len(), 2);
-    assert_eq!(both[0].image, a[0].image);
-    assert_eq!(both[1].image, c[0].image);
+    // Equal up to the last bit of batched vs single matrix products (±2 of 255).
+    let close = |x: &image::RgbImage, y: &image::RgbImage| {
+        x.pixels()
+            .zip(y.pixels())
+            .all(|(p, q)| (0..3).all(|i| (p.0[i] as i32 - q.0[i] as i32).abs() <= 2))
+    };
+    assert!(
+        close(&both[0].image, &a[0].image),
+        "batch image 0 is not seed 42's image"
+    );
+    assert!(
+        close(&both[1].image, &c[0].image),
+        "batch image 1 is not seed 43's image"
+    );
+    assert!(!close(&both[0].image, &both[1].image));
 
     // A1111's parameters travel in the PNG.
     let decoder = png::Decoder::new(std::io::Cursor::new(png_a));

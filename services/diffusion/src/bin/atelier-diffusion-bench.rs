@@ -1,0 +1,161 @@
+//! `atelier-diffusion-bench`: latency figures for the diffusion engine, as JSON lines.
+//!
+//! ```text
+//! atelier-diffusion-bench                 # tiny models on CPU: UNet step, txt2img end to end
+//! atelier-diffusion-bench --full          # + SD1.5 / SDXL geometry (random weights)
+//! atelier-diffusion-bench --device cuda   # the same on GPU 0 (a build with --features cuda)
+//! ```
+//!
+//! Every figure is the median of `--runs` timed runs after one warm-up.
+
+use std::time::Instant;
+
+use atelier_diffusion::models::nn::Ops;
+use atelier_diffusion::models::shapes::RandomWeights;
+use atelier_diffusion::models::unet::{AddedCond, UNet};
+use atelier_diffusion::models::vae::Vae;
+use atelier_diffusion::pipeline::{make_tiny, Family, SingleFileConfig, StableDiffusion, Txt2Img};
+use atelier_diffusion::schedulers::SamplerKind;
+use candle_core::{DType, Device, Tensor};
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[v.len() / 2]
+}
+
+fn sync(dev: &Device) {
+    let _ = dev.synchronize();
+}
+
+fn time<F: FnMut() -> anyhow::Result<()>>(
+    dev: &Device,
+    runs: usize,
+    mut f: F,
+) -> anyhow::Result<f64> {
+    f()?;
+    sync(dev);
+    let mut t = Vec::with_capacity(runs);
+    for _ in 0..runs {
+        let s = Instant::now();
+        f()?;
+        sync(dev);
+        t.push(s.elapsed().as_secs_f64() * 1000.0);
+    }
+    Ok(median(t))
+}
+
+fn line(v: serde_json::Value) {
+    println!("{v}");
+}
+
+fn main() -> anyhow::Result<()> {
+    let args: Vec<String> = std::env::args().collect();
+    let flag = |f: &str| args.iter().any(|a| a == f);
+    let value = |f: &str| {
+        args.iter()
+            .position(|a| a == f)
+            .and_then(|i| args.get(i + 1))
+            .cloned()
+    };
+    let runs: usize = value("--runs").and_then(|v| v.parse().ok()).unwrap_or(5);
+    let device = match value("--device").as_deref() {
+        None | Some("cpu") => Device::Cpu,
+        Some("cuda") => Device::new_cuda(0)?,
+        Some(other) => anyhow::bail!("--device cpu|cuda (got {other})"),
+    };
+    let dtype = match value("--dtype").as_deref() {
+        None => {
+            if device.is_cpu() {
+                DType::F32
+            } else {
+                DType::F16
+            }
+        }
+        Some("f32") => DType::F32,
+        Some("f16") => DType::F16,
+        Some("bf16") => DType::BF16,
+        Some(other) => anyhow::bail!("--dtype f32|f16|bf16 (got {other})"),
+    };
+    let dev_name = if device.is_cpu() { "cpu" } else { "cuda" };
+
+    // Tiny models: the pipeline end to end.
+    for family in [Family::Sd1, Family::Sdxl] {
+        let dir = tempfile::tempdir()?;
+        make_tiny(dir.path(), family, 1)?;
+        let sd = StableDiffusion::load(dir.path(), &device, dtype)?;
+        for (side, steps) in [(32usize, 20usize), (64, 20)] {
+            let req = Txt2Img {
+                prompt: "a red circle on blue".into(),
+                negative_prompt: String::new(),
+                steps,
+                cfg_scale: 7.0,
+                seed: 1,
+                width: side,
+                height: side,
+                batch_size: 1,
+                sampler: SamplerKind::DpmPp2m,
+                clip_skip: 1,
+            };
+            let total = time(&device, runs, || {
+                sd.txt2img(&req, |_, _| true)?;
+                Ok(())
+            })?;
+            line(serde_json::json!({
+                "bench": "tiny_txt2img", "family": format!("{family:?}"), "device": dev_name,
+                "size": side, "steps": steps, "cfg": true, "median_ms": total,
+                "per_step_ms": total / steps as f64,
+            }));
+        }
+    }
+
+    if flag("--full") {
+        // SD1.5 geometry, batch 2 (CFG), 512² → 64² latents.
+        for (name, family, side) in [("sd15", Family::Sd1, 64usize), ("sdxl", Family::Sdxl, 128)] {
+            let cfg = SingleFileConfig::standard(family, 4);
+            let weights = RandomWeights::new(7);
+            let unet = UNet::new(
+                weights.var_builder(&device).set_dtype(dtype),
+                cfg.unet.clone(),
+                Ops::INFERENCE,
+            )?;
+            let x = Tensor::randn(0f32, 1.0, (2, 4, side, side), &device)?.to_dtype(dtype)?;
+            let t = Tensor::new(&[500f32, 500.0], &device)?;
+            let ctx_dim = cfg.unet.cross_attention_dim;
+            let ctx = Tensor::randn(0f32, 1.0, (2, 77, ctx_dim), &device)?.to_dtype(dtype)?;
+            let added = if family == Family::Sdxl {
+                Some(AddedCond {
+                    text_embeds: Tensor::randn(0f32, 1.0, (2, 1280), &device)?.to_dtype(dtype)?,
+                    time_ids: Tensor::new(
+                        &[[1024f32, 1024.0, 0.0, 0.0, 1024.0, 1024.0]; 2],
+                        &device,
+                    )?,
+                })
+            } else {
+                None
+            };
+            let step = time(&device, runs, || {
+                unet.forward(&x, &t, &ctx, added.as_ref())?;
+                Ok(())
+            })?;
+            line(
+                serde_json::json!({"bench": "unet_step", "geometry": name, "device": dev_name,
+                "dtype": format!("{dtype:?}"), "batch": 2, "latent": side, "median_ms": step}),
+            );
+            drop(unet);
+            if family == Family::Sd1 {
+                let vw = RandomWeights::new(8);
+                let vae = Vae::new(vw.var_builder(&device), cfg.vae.clone())?;
+                let z = Tensor::randn(0f32, 1.0, (1, 4, 64, 64), &device)?;
+                let dec = time(&device, runs, || {
+                    vae.decode(&z)?;
+                    Ok(())
+                })?;
+                line(
+                    serde_json::json!({"bench": "vae_decode", "geometry": "sd15", "device": dev_name,
+                    "dtype": "F32", "size": 512, "median_ms": dec}),
+                );
+            }
+        }
+    }
+    Ok(())
+}
