@@ -6,7 +6,8 @@
 //! Server-Sent Events, download every result artifact and check it against digests computed here,
 //! show a failing job (a wrong expected digest), and announce an image the way an external system
 //! does (an object in the bucket plus an `atelier.v1.images.ingested` event) and wait for its
-//! record. Later issues extend it (captions, quality, datasets, search, training, sampling).
+//! record; then it generates with a tiny model (txt2img twice with one seed, img2img, inpainting).
+//! Later issues extend it (captions, quality, datasets, search, training).
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -71,6 +72,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         models: atelier_sampler::GeneratorArgs {
             models: args.data_dir.join("models"),
             model_cache: 2,
+            device: "cpu".into(),
         },
     };
     // A tiny random-weight Stable Diffusion (real weights cannot be downloaded here): the

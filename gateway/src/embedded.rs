@@ -113,7 +113,7 @@ impl Embedded {
             atelier_contracts::Service::Inpainter,
         ] {
             let gen = Worker::new(
-                args.models.generator(service),
+                args.models.generator(service)?,
                 rt.bus.clone(),
                 rt.store.clone(),
                 metrics.clone(),

@@ -5,6 +5,6 @@ use atelier_contracts::Service;
 pub use atelier_sampler::{Generator, GeneratorArgs};
 
 /// The inpainter's generator.
-pub fn generator(args: &GeneratorArgs) -> Generator {
+pub fn generator(args: &GeneratorArgs) -> anyhow::Result<Generator> {
     args.generator(Service::Inpainter)
 }

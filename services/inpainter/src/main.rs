@@ -18,5 +18,5 @@ struct Args {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    atelier_kit::service::run_service(atelier_inpainter::generator(&args.gen), args.kit).await
+    atelier_kit::service::run_service(atelier_inpainter::generator(&args.gen)?, args.kit).await
 }

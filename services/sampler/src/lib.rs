@@ -257,16 +257,30 @@ pub struct GeneratorArgs {
     /// Loaded models kept in memory.
     #[arg(long, env = "ATELIER_MODEL_CACHE", default_value_t = 2)]
     pub model_cache: usize,
+    /// `cpu`, or `cuda` (GPU 0; f16 UNet) in a build with the `cuda` feature.
+    #[arg(long, env = "ATELIER_DEVICE", default_value = "cpu")]
+    pub device: String,
 }
 
 impl GeneratorArgs {
-    pub fn generator(&self, service: Service) -> Generator {
-        Generator::new(
+    /// The generator for `service`; an unusable `--device` is an error naming the fix.
+    pub fn generator(&self, service: Service) -> anyhow::Result<Generator> {
+        let (device, dtype) = match self.device.as_str() {
+            "cpu" => (Device::Cpu, DType::F32),
+            "cuda" => (
+                Device::new_cuda(0).map_err(|e| {
+                    anyhow::anyhow!("--device cuda: {e} (build with --features cuda, on a machine with an NVIDIA driver)")
+                })?,
+                DType::F16,
+            ),
+            other => anyhow::bail!("--device must be cpu or cuda (got {other:?})"),
+        };
+        Ok(Generator::new(
             service,
             Registry::new(&self.models),
-            Device::Cpu,
-            DType::F32,
+            device,
+            dtype,
             self.model_cache,
-        )
+        ))
     }
 }

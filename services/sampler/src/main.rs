@@ -18,6 +18,6 @@ struct Args {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    let generator = args.gen.generator(atelier_contracts::Service::Sampler);
+    let generator = args.gen.generator(atelier_contracts::Service::Sampler)?;
     atelier_kit::service::run_service(generator, args.kit).await
 }
