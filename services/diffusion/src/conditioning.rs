@@ -12,33 +12,120 @@ use crate::tokenizer::ClipTokenizer;
 pub const CHUNK: usize = 75;
 const COMMA_BACKTRACK: usize = 20;
 
-/// 75 tokens and their weights (before framing).
-#[derive(Debug, Clone, PartialEq)]
+/// 75 tokens and their weights (before framing); `vectors[i]` replaces token i's embedding
+/// (textual inversion: (embedding index, row)).
+#[derive(Debug, Clone, PartialEq, Default)]
 pub struct TokenChunk {
     pub tokens: Vec<u32>,
     pub weights: Vec<f32>,
+    pub vectors: Vec<Option<(usize, usize)>>,
+}
+
+/// A textual-inversion embedding: its trigger word and one [n, D] matrix per text encoder.
+#[derive(Debug, Clone)]
+pub struct Embedding {
+    pub name: String,
+    pub vectors: Vec<Tensor>,
+}
+
+impl Embedding {
+    /// Rows (tokens) the embedding takes.
+    pub fn len(&self) -> usize {
+        self.vectors
+            .first()
+            .and_then(|v| v.dim(0).ok())
+            .unwrap_or(0)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Load an A1111 (`string_to_param`, `emb_params`; SDXL `clip_l` + `clip_g`) or diffusers
+    /// (one `{token: vector}`) embedding from `.safetensors` or `.pt`; named after the file.
+    pub fn load(path: &std::path::Path) -> std::result::Result<Self, String> {
+        let name = path
+            .file_stem()
+            .map(|s| s.to_string_lossy().into_owned())
+            .ok_or_else(|| format!("{}: no file name", path.display()))?;
+        let ext = path
+            .extension()
+            .map(|e| e.to_string_lossy().to_lowercase())
+            .unwrap_or_default();
+        let tensors: Vec<(String, Tensor)> = match ext.as_str() {
+            "safetensors" => candle_core::safetensors::load(path, &Device::Cpu)
+                .map_err(|e| format!("{}: {e}", path.display()))?
+                .into_iter()
+                .collect(),
+            "pt" | "bin" => candle_core::pickle::read_all(path)
+                .map_err(|e| format!("{}: {e}", path.display()))?,
+            _ => {
+                return Err(format!(
+                    "{}: embeddings are .safetensors or .pt files",
+                    path.display()
+                ))
+            }
+        };
+        let find = |key: &str| {
+            tensors
+                .iter()
+                .find(|(k, _)| k == key || k.ends_with(&format!(".{key}")))
+                .map(|(_, t)| t.clone())
+        };
+        let as_rows = |t: Tensor| -> std::result::Result<Tensor, String> {
+            let t = t.to_dtype(DType::F32).map_err(|e| e.to_string())?;
+            match t.rank() {
+                1 => t.unsqueeze(0).map_err(|e| e.to_string()),
+                2 => Ok(t),
+                _ => Err(format!(
+                    "{}: an embedding is [n, dim], got {:?}",
+                    path.display(),
+                    t.dims()
+                )),
+            }
+        };
+        let vectors = if let (Some(l), Some(g)) = (find("clip_l"), find("clip_g")) {
+            vec![as_rows(l)?, as_rows(g)?]
+        } else if let Some(t) = find("emb_params").or_else(|| find("*")) {
+            vec![as_rows(t)?]
+        } else if tensors.len() == 1 {
+            vec![as_rows(tensors[0].1.clone())?]
+        } else {
+            return Err(format!(
+                "{}: not a textual-inversion embedding (expected string_to_param, emb_params or clip_l/clip_g)",
+                path.display()
+            ));
+        };
+        Ok(Self { name, vectors })
+    }
 }
 
 /// Split a prompt into weighted 75-token chunks, as A1111's `tokenize_line`.
 pub fn chunks(tok: &ClipTokenizer, prompt: &str) -> std::result::Result<Vec<TokenChunk>, String> {
+    chunks_with(tok, prompt, &[])
+}
+
+/// [`chunks`], with the token sequences of `embeddings`' names replaced by their vectors (each
+/// embedding kept whole in one chunk, as A1111 does).
+pub fn chunks_with(
+    tok: &ClipTokenizer,
+    prompt: &str,
+    embeddings: &[Embedding],
+) -> std::result::Result<Vec<TokenChunk>, String> {
+    let names: Vec<Vec<u32>> = embeddings
+        .iter()
+        .map(|e| tok.encode(&e.name).map_err(|err| err.to_string()))
+        .collect::<std::result::Result<_, _>>()?;
     let mut out: Vec<TokenChunk> = Vec::new();
-    let mut cur = TokenChunk {
-        tokens: Vec::new(),
-        weights: Vec::new(),
-    };
+    let mut cur = TokenChunk::default();
     let mut last_comma: Option<usize> = None;
     let comma = tok.comma();
     let next = |cur: &mut TokenChunk, out: &mut Vec<TokenChunk>, last_comma: &mut Option<usize>| {
-        let mut c = std::mem::replace(
-            cur,
-            TokenChunk {
-                tokens: Vec::new(),
-                weights: Vec::new(),
-            },
-        );
+        let mut c = std::mem::take(cur);
         let pad = CHUNK - c.tokens.len().min(CHUNK);
         c.tokens.extend(std::iter::repeat_n(tok.eos, pad));
         c.weights.extend(std::iter::repeat_n(1.0, pad));
+        c.vectors.resize(CHUNK, None);
         out.push(c);
         *last_comma = None;
     };
@@ -48,16 +135,38 @@ pub fn chunks(tok: &ClipTokenizer, prompt: &str) -> std::result::Result<Vec<Toke
             continue;
         }
         let ids = tok.encode(&chunk.text).map_err(|e| e.to_string())?;
-        for id in ids {
+        let mut i = 0;
+        while i < ids.len() {
+            if let Some((ei, n)) = names
+                .iter()
+                .enumerate()
+                .find(|(_, n)| !n.is_empty() && ids[i..].starts_with(n))
+            {
+                let rows = embeddings[ei].len().min(CHUNK);
+                if cur.tokens.len() + rows > CHUNK {
+                    next(&mut cur, &mut out, &mut last_comma);
+                }
+                for r in 0..rows {
+                    cur.tokens.push(tok.eos);
+                    cur.weights.push(chunk.weight as f32);
+                    cur.vectors.push(Some((ei, r)));
+                }
+                i += n.len();
+                continue;
+            }
+            let id = ids[i];
+            i += 1;
             if Some(id) == comma {
                 last_comma = Some(cur.tokens.len());
             } else if cur.tokens.len() == CHUNK {
                 if let Some(lc) = last_comma.filter(|&lc| CHUNK - lc <= COMMA_BACKTRACK) {
                     let moved_t = cur.tokens.split_off(lc + 1);
                     let moved_w = cur.weights.split_off(lc + 1);
+                    let moved_v = cur.vectors.split_off(lc + 1);
                     next(&mut cur, &mut out, &mut last_comma);
                     cur.tokens = moved_t;
                     cur.weights = moved_w;
+                    cur.vectors = moved_v;
                 }
             }
             if cur.tokens.len() == CHUNK {
@@ -65,6 +174,7 @@ pub fn chunks(tok: &ClipTokenizer, prompt: &str) -> std::result::Result<Vec<Toke
             }
             cur.tokens.push(id);
             cur.weights.push(chunk.weight as f32);
+            cur.vectors.push(None);
         }
     }
     if !cur.tokens.is_empty() || out.is_empty() {
@@ -91,10 +201,46 @@ pub fn encode(
     device: &Device,
     dtype: DType,
 ) -> std::result::Result<(Tensor, Tensor), String> {
+    encode_with(model, tok, prompt, layer, device, dtype, &[], 0)
+}
+
+/// [`encode`] with textual-inversion `embeddings` (their `encoder`-th matrices).
+#[allow(clippy::too_many_arguments)]
+pub fn encode_with(
+    model: &ClipTextModel,
+    tok: &ClipTokenizer,
+    prompt: &str,
+    layer: Layer,
+    device: &Device,
+    dtype: DType,
+    embeddings: &[Embedding],
+    encoder: usize,
+) -> std::result::Result<(Tensor, Tensor), String> {
     let e = |err: candle_core::Error| err.to_string();
     let mut states = Vec::new();
     let mut pooled = None;
-    for c in chunks(tok, prompt)? {
+    for c in chunks_with(tok, prompt, embeddings)? {
+        let mut overrides = Vec::new();
+        for (i, v) in c.vectors.iter().enumerate() {
+            if let Some((ei, row)) = v {
+                let emb = &embeddings[*ei];
+                let m = emb.vectors.get(encoder).ok_or_else(|| {
+                    format!(
+                        "embedding {} has no vectors for text encoder {}",
+                        emb.name,
+                        encoder + 1
+                    )
+                })?;
+                let width = m.dim(1).map_err(e)?;
+                if width != model.config.hidden_size {
+                    return Err(format!(
+                        "embedding {} is for a {width}-wide text encoder, this model's is {}",
+                        emb.name, model.config.hidden_size
+                    ));
+                }
+                overrides.push((i + 1, m.get(*row).map_err(e)?.to_device(device).map_err(e)?));
+            }
+        }
         let mut ids = Vec::with_capacity(CHUNK + 2);
         ids.push(tok.bos);
         ids.extend(&c.tokens);
@@ -110,7 +256,7 @@ pub fn encode(
         weights.extend(&c.weights);
         weights.push(1.0);
         let ids = Tensor::from_vec(ids, (1, CHUNK + 2), device).map_err(e)?;
-        let out: ClipOutput = model.forward(&ids).map_err(e)?;
+        let out: ClipOutput = model.forward_with(&ids, &overrides).map_err(e)?;
         let z = match layer {
             Layer::Normed { clip_skip } => model.conditioning(&out, clip_skip).map_err(e)?,
             Layer::Penultimate => ClipTextModel::penultimate(&out),

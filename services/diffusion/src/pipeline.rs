@@ -65,6 +65,7 @@ pub struct StableDiffusion {
     unet: UNet,
     vae: Vae,
     text: Vec<TextStack>,
+    embeddings: Vec<conditioning::Embedding>,
     device: Device,
     dtype: DType,
 }
@@ -428,6 +429,7 @@ impl StableDiffusion {
             unet,
             vae,
             text,
+            embeddings: Vec::new(),
             device: device.clone(),
             dtype,
         })
@@ -515,6 +517,7 @@ impl StableDiffusion {
             unet,
             vae,
             text,
+            embeddings: Vec::new(),
             device: device.clone(),
             dtype,
         })
@@ -542,41 +545,37 @@ impl StableDiffusion {
     /// One prompt's conditioning and pooled embedding (SDXL).
     fn encode_prompt(&self, prompt: &str, clip_skip: usize) -> PResult<(Tensor, Option<Tensor>)> {
         let bad = |e: String| PipelineError::BadRequest(format!("prompt: {e}"));
+        let enc = |i: usize, layer: Layer| {
+            conditioning::encode_with(
+                &self.text[i].model,
+                &self.text[i].tok,
+                prompt,
+                layer,
+                &self.device,
+                self.dtype,
+                &self.embeddings,
+                i,
+            )
+            .map_err(bad)
+        };
         match self.family {
             Family::Sdxl => {
-                let (z1, _) = conditioning::encode(
-                    &self.text[0].model,
-                    &self.text[0].tok,
-                    prompt,
-                    Layer::Penultimate,
-                    &self.device,
-                    self.dtype,
-                )
-                .map_err(bad)?;
-                let (z2, pooled) = conditioning::encode(
-                    &self.text[1].model,
-                    &self.text[1].tok,
-                    prompt,
-                    Layer::Penultimate,
-                    &self.device,
-                    self.dtype,
-                )
-                .map_err(bad)?;
+                let (z1, _) = enc(0, Layer::Penultimate)?;
+                let (z2, pooled) = enc(1, Layer::Penultimate)?;
                 Ok((Tensor::cat(&[z1, z2], 2)?, Some(pooled)))
             }
             _ => {
-                let (z, _) = conditioning::encode(
-                    &self.text[0].model,
-                    &self.text[0].tok,
-                    prompt,
-                    Layer::Normed { clip_skip },
-                    &self.device,
-                    self.dtype,
-                )
-                .map_err(bad)?;
+                let (z, _) = enc(0, Layer::Normed { clip_skip })?;
                 Ok((z, None))
             }
         }
+    }
+
+    /// This model with textual-inversion embeddings available to prompts by name.
+    pub fn with_embeddings(&self, embeddings: Vec<conditioning::Embedding>) -> Self {
+        let mut m = self.clone();
+        m.embeddings.extend(embeddings);
+        m
     }
 
     /// A1111's `parameters` text for image `i`'s seed.

@@ -169,3 +169,51 @@ fn bad_requests_are_refused_before_model_work() {
         .unwrap();
     assert!(err.to_string().contains("model_index.json"), "{err}");
 }
+
+#[test]
+fn textual_inversion_embeddings_are_found_by_name() {
+    use atelier_diffusion::conditioning::Embedding;
+    let dir = tempfile::tempdir().unwrap();
+    make_tiny(dir.path(), Family::Sd1, 6).unwrap();
+    let sd = StableDiffusion::load_diffusers(dir.path(), &Device::Cpu, DType::F32).unwrap();
+    // A1111's .safetensors layout: emb_params [n, 32] for the tiny 32-wide encoder.
+    let path = dir.path().join("redstyle.safetensors");
+    let v = atelier_diffusion::noise::SeededNoise::new(3)
+        .randn((2, 32), &Device::Cpu)
+        .unwrap();
+    candle_core::safetensors::save(
+        &std::collections::HashMap::from([("emb_params".to_string(), v)]),
+        &path,
+    )
+    .unwrap();
+    let emb = Embedding::load(&path).unwrap();
+    assert_eq!((emb.name.as_str(), emb.len()), ("redstyle", 2));
+    let with = sd.with_embeddings(vec![emb]);
+    let mut r = request(8, SamplerKind::Euler);
+    r.prompt = "a circle, redstyle".into();
+    let plain = sd.txt2img(&r, |_, _| true).unwrap();
+    let styled = with.txt2img(&r, |_, _| true).unwrap();
+    assert_ne!(
+        plain[0].image, styled[0].image,
+        "the embedding's vectors replace the word's tokens"
+    );
+    // Without the trigger word the embedding changes nothing.
+    r.prompt = "a circle".into();
+    assert_eq!(
+        sd.txt2img(&r, |_, _| true).unwrap()[0].image,
+        with.txt2img(&r, |_, _| true).unwrap()[0].image
+    );
+    // A wrong-width embedding is a clear error.
+    let bad = Embedding {
+        name: "wide".into(),
+        vectors: vec![candle_core::Tensor::zeros((1, 768), DType::F32, &Device::Cpu).unwrap()],
+    };
+    r.prompt = "wide".into();
+    let err = sd
+        .with_embeddings(vec![bad])
+        .txt2img(&r, |_, _| true)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("768-wide"), "{err}");
+    assert!(Embedding::load(&dir.path().join("x.txt")).is_err());
+}

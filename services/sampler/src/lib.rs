@@ -152,6 +152,9 @@ impl Handler for Generator {
                 .map_err(|e| JobError::permanent("unknown_lora", e))?;
             loras.push((p, t.weight));
         }
+        let embeddings = self
+            .registry
+            .embeddings_in(&format!("{} {}", g.prompt, g.negative_prompt));
         let init = match &g.init_image {
             None => None,
             Some(key) => {
@@ -197,6 +200,14 @@ impl Handler for Generator {
         let work = tokio::task::spawn_blocking(move || -> Result<Rendered, JobError> {
             let base = this.model(&path)?;
             let mut model = (*base).clone();
+            if !embeddings.is_empty() {
+                let loaded = embeddings
+                    .iter()
+                    .map(|p| atelier_diffusion::conditioning::Embedding::load(p))
+                    .collect::<Result<Vec<_>, _>>()
+                    .map_err(|e| JobError::permanent("bad_embedding", e))?;
+                model = model.with_embeddings(loaded);
+            }
             for (p, w) in &loras {
                 let file = LoraFile::load(p).map_err(|e| JobError::permanent("bad_lora", e))?;
                 model = model

@@ -114,6 +114,26 @@ impl Registry {
         ))
     }
 
+    /// Textual-inversion embeddings under `embeddings/` whose name occurs in `text` (A1111 finds
+    /// them by name in the prompt).
+    pub fn embeddings_in(&self, text: &str) -> Vec<PathBuf> {
+        let Ok(rd) = std::fs::read_dir(self.dir.join("embeddings")) else {
+            return Vec::new();
+        };
+        let mut out: Vec<PathBuf> = rd
+            .flatten()
+            .map(|e| e.path())
+            .filter(|p| {
+                p.extension()
+                    .is_some_and(|x| x == "safetensors" || x == "pt")
+                    && p.file_stem()
+                        .is_some_and(|s| text.contains(&*s.to_string_lossy()))
+            })
+            .collect();
+        out.sort();
+        out
+    }
+
     /// The path of LoRA `name` under `loras/`.
     pub fn lora(&self, name: &str) -> Result<PathBuf, String> {
         check_name(name)?;

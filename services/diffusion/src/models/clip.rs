@@ -155,9 +155,21 @@ impl ClipTextModel {
 
     /// Encode token ids [B, T] (T ≤ max positions).
     pub fn forward(&self, ids: &Tensor) -> Result<ClipOutput> {
+        self.forward_with(ids, &[])
+    }
+
+    /// [`ClipTextModel::forward`] with some token embeddings replaced (textual inversion):
+    /// `(position, vector [D])` for sequence 0 of the batch.
+    pub fn forward_with(&self, ids: &Tensor, overrides: &[(usize, Tensor)]) -> Result<ClipOutput> {
         let (b, t) = ids.dims2()?;
         let pos = self.position_embedding.narrow(0, 0, t)?;
-        let mut x = self.token_embedding.forward(ids)?.broadcast_add(&pos)?;
+        let mut tok = self.token_embedding.forward(ids)?;
+        for (p, v) in overrides {
+            let d = tok.dim(2)?;
+            let v = v.to_dtype(tok.dtype())?.reshape((1, 1, d))?;
+            tok = tok.slice_assign(&[0..1, *p..*p + 1, 0..d], &v)?;
+        }
+        let mut x = tok.broadcast_add(&pos)?;
         let mask = Self::causal_mask(t, ids.device())?;
         let heads = self.config.num_attention_heads;
         let mut hidden = vec![x.clone()];
