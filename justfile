@@ -12,6 +12,10 @@ bootstrap:
 build:
     cargo build --release --workspace --bins
 
+# CUDA build of the GPU binaries (sampler, inpainter, bench) into target/cuda: nvcc from PyPI wheels
+build-cuda: bootstrap
+    PYTHON=.tools/bin/python scripts/build-cuda
+
 # The main job: the demo pipeline on the embedded default
 demo: bootstrap build
     target/release/atelier demo
