@@ -78,6 +78,42 @@ fn main() -> anyhow::Result<()> {
     };
     let dev_name = if device.is_cpu() { "cpu" } else { "cuda" };
 
+    if flag("--check") && !device.is_cpu() {
+        // The device path against the CPU path: the same tiny txt2img, pixel differences.
+        let dir = tempfile::tempdir()?;
+        make_tiny(dir.path(), Family::Sd1, 1)?;
+        let req = Txt2Img {
+            prompt: "a (red:1.2) circle on blue".into(),
+            negative_prompt: "green".into(),
+            steps: 20,
+            cfg_scale: 7.0,
+            seed: 3,
+            width: 64,
+            height: 64,
+            batch_size: 1,
+            sampler: SamplerKind::DpmPp2m,
+            clip_skip: 1,
+        };
+        let cpu = StableDiffusion::load(dir.path(), &Device::Cpu, DType::F32)?
+            .txt2img(&req, |_, _| true)?;
+        for dt in [DType::F32, DType::F16] {
+            let dev = StableDiffusion::load(dir.path(), &device, dt)?.txt2img(&req, |_, _| true)?;
+            let diffs: Vec<i32> = cpu[0]
+                .image
+                .as_raw()
+                .iter()
+                .zip(dev[0].image.as_raw())
+                .map(|(a, b)| (*a as i32 - *b as i32).abs())
+                .collect();
+            let max = diffs.iter().copied().max().unwrap_or(0);
+            let mean = diffs.iter().map(|&d| d as f64).sum::<f64>() / diffs.len().max(1) as f64;
+            line(
+                serde_json::json!({"check": "tiny_txt2img_vs_cpu", "device": dev_name,
+                "unet_dtype": format!("{dt:?}"), "max_abs_diff_255": max, "mean_abs_diff_255": mean}),
+            );
+        }
+    }
+
     // Tiny models: the pipeline end to end.
     for family in [Family::Sd1, Family::Sdxl] {
         let dir = tempfile::tempdir()?;
