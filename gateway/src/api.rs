@@ -343,6 +343,12 @@ pub async fn submit_job(
     caller.require(Scope::JobsWrite)?;
     let body = read_body(&headers, body, app.limits.json).await?;
     let spec = parse_submission(&body)?;
+    let record = queue(&app, &caller, spec).await?;
+    Ok((StatusCode::ACCEPTED, Json(record)))
+}
+
+/// Record and publish a validated job for `caller`.
+async fn queue(app: &AppState, caller: &Caller, spec: JobSpec) -> Result<JobRecord, ApiError> {
     let request = JobRequest {
         schema_version: SCHEMA_VERSION,
         id: JobId::new(),
@@ -359,7 +365,7 @@ pub async fn submit_job(
             }
         })?;
     tracing::info!(job = %record.id, kind = %record.kind, by = %caller.name, "job submitted");
-    Ok((StatusCode::ACCEPTED, Json(record)))
+    Ok(record)
 }
 
 async fn submit_generate(
@@ -390,23 +396,7 @@ pub async fn enqueue_generate(
         atelier_contracts::GenerateKind::Img2Img => JobSpec::Img2img(g),
         atelier_contracts::GenerateKind::Inpaint => JobSpec::Inpaint(g),
     };
-    let request = JobRequest {
-        schema_version: SCHEMA_VERSION,
-        id: JobId::new(),
-        submitted_at: chrono::Utc::now(),
-        submitted_by: Some(caller.name.clone()),
-        spec,
-    };
-    let record = atelier_kit::worker::enqueue(&app.bus, &app.states, &request)
-        .await
-        .map_err(|e| match e {
-            atelier_kit::worker::EnqueueError::State(s) => ApiError::from(s),
-            atelier_kit::worker::EnqueueError::Bus(e) => {
-                ApiError::unavailable(format!("could not queue the job: {e:#}"))
-            }
-        })?;
-    tracing::info!(job = %record.id, kind = %record.kind, by = %caller.name, "generation submitted");
-    Ok(record)
+    queue(app, caller, spec).await
 }
 
 /// Generate images from a prompt (an async job on the sampler service; follow it at

@@ -838,54 +838,71 @@ impl StableDiffusion {
                 .to_vec();
             Tensor::from_vec(ids, (1, 6), &self.device)?.repeat((n, 1))
         };
+        // Per prompt text: the UNet's context and added conditioning, built once (CFG: the
+        // negative prompt's half first, padded to the same length).
+        let prepared = conds
+            .iter()
+            .map(|(cond, pooled)| -> PResult<(Tensor, Option<AddedCond>)> {
+                if use_cfg {
+                    let (u, c) = conditioning::pad_to_same(uncond.clone(), cond.clone(), &empty)?;
+                    let ctx = Tensor::cat(&[u.repeat((b, 1, 1))?, c.repeat((b, 1, 1))?], 0)?;
+                    let add = match (&uncond_pooled, pooled) {
+                        (Some(u), Some(c)) => Some(AddedCond {
+                            text_embeds: Tensor::cat(&[u.repeat((b, 1))?, c.repeat((b, 1))?], 0)?,
+                            time_ids: time_ids(2 * b)?,
+                        }),
+                        _ => None,
+                    };
+                    Ok((ctx, add))
+                } else {
+                    let add = match pooled {
+                        Some(p) => Some(AddedCond {
+                            text_embeds: p.repeat((b, 1))?,
+                            time_ids: time_ids(b)?,
+                        }),
+                        None => None,
+                    };
+                    Ok((cond.repeat((b, 1, 1))?, add))
+                }
+            })
+            .collect::<PResult<Vec<_>>>()?;
+        let blend = match (blend, inpaint_model) {
+            (Some((lat, m)), false) => {
+                let m = m.to_dtype(x.dtype())?;
+                let keep = (1.0 - &m)?;
+                Some((lat, m, keep))
+            }
+            _ => None,
+        };
         let mut done = 0;
         while !sampler.finished() {
             let step_no = sampler.step_index() + 1;
             let text = text_at(&sched, step_no).unwrap_or_default();
             let ci = sched.iter().position(|e| e.text == text).unwrap_or(0);
-            let (cond, pooled) = &conds[ci];
+            let (ctx, add) = &prepared[ci];
             let t = sampler.timestep();
             let mut input = sampler.scale_model_input(&x)?;
             if let Some(e) = &extra {
                 input = Tensor::cat(&[&input, e], 1)?;
             }
             let eps = if use_cfg {
-                let (u, c) = conditioning::pad_to_same(uncond.clone(), cond.clone(), &empty)?;
-                let ctx = Tensor::cat(&[u.repeat((b, 1, 1))?, c.repeat((b, 1, 1))?], 0)?;
-                let add = match (&uncond_pooled, pooled) {
-                    (Some(u), Some(c)) => Some(AddedCond {
-                        text_embeds: Tensor::cat(&[u.repeat((b, 1))?, c.repeat((b, 1))?], 0)?,
-                        time_ids: time_ids(2 * b)?,
-                    }),
-                    _ => None,
-                };
                 let xin = Tensor::cat(&[&input, &input], 0)?;
                 let ts = Tensor::full(t as f32, 2 * b, &self.device)?;
-                let out = self.unet.forward(&xin, &ts, &ctx, add.as_ref())?;
+                let out = self.unet.forward(&xin, &ts, ctx, add.as_ref())?;
                 let (ou, oc) = (out.narrow(0, 0, b)?, out.narrow(0, b, b)?);
                 (&ou + (oc - &ou)?.affine(req.cfg_scale, 0.0)?)?
             } else {
-                let ctx = cond.repeat((b, 1, 1))?;
                 let ts = Tensor::full(t as f32, b, &self.device)?;
-                let add = match pooled {
-                    Some(p) => Some(AddedCond {
-                        text_embeds: p.repeat((b, 1))?,
-                        time_ids: time_ids(b)?,
-                    }),
-                    None => None,
-                };
-                self.unet.forward(&input, &ts, &ctx, add.as_ref())?
+                self.unet.forward(&input, &ts, ctx, add.as_ref())?
             };
             x = sampler.step(&eps, &x, &mut step_noise)?;
-            if let (Some((lat, m)), false) = (&blend, inpaint_model) {
+            if let Some((lat, m, keep)) = &blend {
                 let orig = if sampler.finished() {
                     lat.clone()
                 } else {
                     sampler.add_noise_at(lat, &noise, sampler.step_index())?
                 };
-                let m = m.to_dtype(x.dtype())?;
-                let keep = (1.0 - &m)?;
-                x = (x.broadcast_mul(&m)? + orig.to_dtype(x.dtype())?.broadcast_mul(&keep)?)?;
+                x = (x.broadcast_mul(m)? + orig.to_dtype(x.dtype())?.broadcast_mul(keep)?)?;
             }
             done += 1;
             if !on_step(done, total) {
