@@ -656,21 +656,7 @@ impl StableDiffusion {
         h: usize,
         w: usize,
     ) -> PResult<Tensor> {
-        let mut m = mask.image.clone();
-        if m.dimensions() != (width as u32, height as u32) {
-            m = image::imageops::resize(
-                &m,
-                width as u32,
-                height as u32,
-                image::imageops::FilterType::Nearest,
-            );
-        }
-        if mask.invert {
-            image::imageops::invert(&mut m);
-        }
-        if mask.blur > 0.0 {
-            m = image::imageops::blur(&m, mask.blur);
-        }
+        let m = mask.at(width as u32, height as u32, true);
         let small = image::imageops::resize(
             &m,
             w as u32,
@@ -772,21 +758,7 @@ impl StableDiffusion {
                         .repeat((b, 1, 1, 1))?;
                     if inpaint_model {
                         // The masked image: repainted region set to 0 (mid grey) before encoding.
-                        let pm = {
-                            let mut full = mask.image.clone();
-                            if full.dimensions() != (req.width as u32, req.height as u32) {
-                                full = image::imageops::resize(
-                                    &full,
-                                    req.width as u32,
-                                    req.height as u32,
-                                    image::imageops::FilterType::Nearest,
-                                );
-                            }
-                            if mask.invert {
-                                image::imageops::invert(&mut full);
-                            }
-                            full
-                        };
+                        let pm = mask.at(req.width as u32, req.height as u32, false);
                         let mut masked = init.image.clone();
                         if masked.dimensions() != (req.width as u32, req.height as u32) {
                             masked = image::imageops::resize(
@@ -950,17 +922,7 @@ fn overlay(
     } else {
         original.clone()
     };
-    let mut m = if mask.image.dimensions() != (w, h) {
-        image::imageops::resize(&mask.image, w, h, image::imageops::FilterType::Nearest)
-    } else {
-        mask.image.clone()
-    };
-    if mask.invert {
-        image::imageops::invert(&mut m);
-    }
-    if mask.blur > 0.0 {
-        m = image::imageops::blur(&m, mask.blur);
-    }
+    let m = mask.at(w, h, true);
     let mut out = generated.clone();
     for ((o, g), (src, mp)) in out
         .pixels_mut()
@@ -991,6 +953,24 @@ pub struct Mask {
     /// Gaussian feathering of the mask edge, in pixels (A1111's mask_blur).
     pub blur: f32,
     pub invert: bool,
+}
+
+impl Mask {
+    /// The mask at `w`×`h` (nearest-neighbour), inverted if asked, feathered if `feathered`.
+    fn at(&self, w: u32, h: u32, feathered: bool) -> image::GrayImage {
+        let mut m = if self.image.dimensions() != (w, h) {
+            image::imageops::resize(&self.image, w, h, image::imageops::FilterType::Nearest)
+        } else {
+            self.image.clone()
+        };
+        if self.invert {
+            image::imageops::invert(&mut m);
+        }
+        if feathered && self.blur > 0.0 {
+            m = image::imageops::blur(&m, self.blur);
+        }
+        m
+    }
 }
 
 impl Init {
