@@ -10,7 +10,10 @@ use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 use uuid::Uuid;
 
-use crate::{ArtifactRef, GenerateSpec, ImagesOutput, Service};
+use crate::{
+    ArtifactRef, CaptionOutput, CaptionSpec, DatasetVersionOutput, FilterSpec, GenerateSpec,
+    ImagesOutput, Service,
+};
 
 /// A job's id: a UUIDv7, so ids sort by submission time.
 #[derive(
@@ -64,17 +67,25 @@ pub enum JobSpec {
     Img2img(GenerateSpec),
     /// Repaint the masked region of an image (inpainter service).
     Inpaint(GenerateSpec),
+    /// Caption a dataset's images (captioner service).
+    Caption(CaptionSpec),
+    /// Check a dataset's images and captions and write a new dataset version (quality-filter).
+    Filter(FilterSpec),
 }
 
 impl JobSpec {
     /// Every `kind` tag this build knows.
-    pub const KINDS: &'static [&'static str] = &["checksum", "txt2img", "img2img", "inpaint"];
+    pub const KINDS: &'static [&'static str] = &[
+        "checksum", "txt2img", "img2img", "inpaint", "caption", "filter",
+    ];
 
     pub fn service(&self) -> Service {
         match self {
             JobSpec::Checksum(_) => Service::Checksum,
             JobSpec::Txt2img(_) => Service::Sampler,
             JobSpec::Img2img(_) | JobSpec::Inpaint(_) => Service::Inpainter,
+            JobSpec::Caption(_) => Service::Captioner,
+            JobSpec::Filter(_) => Service::QualityFilter,
         }
     }
     pub fn kind(&self) -> &'static str {
@@ -83,6 +94,8 @@ impl JobSpec {
             JobSpec::Txt2img(_) => "txt2img",
             JobSpec::Img2img(_) => "img2img",
             JobSpec::Inpaint(_) => "inpaint",
+            JobSpec::Caption(_) => "caption",
+            JobSpec::Filter(_) => "filter",
         }
     }
 }
@@ -104,6 +117,10 @@ pub enum JobOutput {
     Checksum(ChecksumOutput),
     /// Generated images (txt2img, img2img, inpaint).
     Images(ImagesOutput),
+    /// What a caption job did.
+    Captions(CaptionOutput),
+    /// The dataset version a filter job wrote.
+    DatasetVersion(DatasetVersionOutput),
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema, ToSchema)]

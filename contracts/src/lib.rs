@@ -10,6 +10,7 @@
 
 pub mod artifact;
 pub mod asyncapi;
+pub mod dataset;
 pub mod generate;
 pub mod http;
 pub mod images;
@@ -18,6 +19,10 @@ pub mod schema;
 pub mod subjects;
 
 pub use artifact::{ArtifactKey, ArtifactRef, KeyError};
+pub use dataset::{
+    CaptionBackend, CaptionOutput, CaptionRecord, CaptionSource, CaptionSpec, DatasetManifest,
+    DatasetRow, DatasetVersionOutput, FilterSpec, QualityPolicy,
+};
 pub use generate::{GenerateKind, GenerateSpec, GeneratedImage, ImagesOutput};
 pub use jobs::{
     ChecksumOutput, ChecksumSpec, DeadLetter, ErrorInfo, JobDone, JobFailed, JobId, JobOutput,

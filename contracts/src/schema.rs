@@ -2,7 +2,7 @@
 
 use schemars::{schema_for, Schema};
 
-use crate::{http, images, jobs};
+use crate::{dataset, http, images, jobs};
 
 /// `(file stem, schema)` for every message type, in a stable order.
 pub fn all() -> Vec<(&'static str, Schema)> {
@@ -15,6 +15,9 @@ pub fn all() -> Vec<(&'static str, Schema)> {
         ("JobRecord", schema_for!(jobs::JobRecord)),
         ("ImagesIngested", schema_for!(images::ImagesIngested)),
         ("ImageRecord", schema_for!(images::ImageRecord)),
+        ("CaptionRecord", schema_for!(dataset::CaptionRecord)),
+        ("DatasetManifest", schema_for!(dataset::DatasetManifest)),
+        ("DatasetRow", schema_for!(dataset::DatasetRow)),
         ("SubmitJob", schema_for!(http::SubmitJob)),
         ("ApiErrorBody", schema_for!(http::ApiErrorBody)),
         ("UploadResponse", schema_for!(http::UploadResponse)),

@@ -136,6 +136,10 @@ pub fn dlq_subjects() -> Vec<String> {
 pub const JOBS_BUCKET: &str = "atelier_jobs";
 /// KV bucket holding one [`crate::images::ImageRecord`] per image sha256.
 pub const IMAGES_BUCKET: &str = "atelier_images";
+/// KV bucket holding one [`crate::CaptionRecord`] per `<image sha256>.<caption source id>`.
+pub const CAPTIONS_BUCKET: &str = "atelier_captions";
+/// KV bucket holding one [`crate::DatasetManifest`] per `<dataset>.<version>`.
+pub const DATASETS_BUCKET: &str = "atelier_datasets";
 
 #[cfg(test)]
 mod tests {

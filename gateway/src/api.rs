@@ -264,6 +264,12 @@ fn validate(spec: &JobSpec) -> Result<(), ApiError> {
         JobSpec::Txt2img(g) => validate_generate(g, atelier_contracts::GenerateKind::Txt2Img)?,
         JobSpec::Img2img(g) => validate_generate(g, atelier_contracts::GenerateKind::Img2Img)?,
         JobSpec::Inpaint(g) => validate_generate(g, atelier_contracts::GenerateKind::Inpaint)?,
+        JobSpec::Caption(c) => c
+            .check()
+            .map_err(|e| ApiError::unprocessable("invalid_job", format!("spec: {e}")))?,
+        JobSpec::Filter(f) => f
+            .check()
+            .map_err(|e| ApiError::unprocessable("invalid_job", format!("spec: {e}")))?,
         JobSpec::Checksum(c) => {
             ArtifactKey::parse(&c.input).map_err(|e| {
                 ApiError::unprocessable(

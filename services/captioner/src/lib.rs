@@ -1,1 +1,289 @@
-//! placeholder
+//! The captioner service: captions a dataset's images through an OpenAI-compatible vision
+//! endpoint ([`openai`]) and stores one [`CaptionRecord`] per (image, backend, model, prompt) in
+//! the `atelier_captions` KV bucket.
+//!
+//! Consumes `caption` jobs on `atelier.v1.captioner.request`; reads image records
+//! (`atelier_images`) and image bytes (the store); writes captions. Idempotent: an image that
+//! already has a caption from the same source is skipped, so a re-run or a redelivered job costs
+//! nothing for the work already done, and a job that failed part-way resumes where it stopped.
+//! Images the endpoint still fails on after retries are listed in the output, not lost; a job
+//! whose every request failed is retried as a whole (the endpoint is down).
+
+pub mod budget;
+pub mod openai;
+pub mod scene;
+pub mod vision_server;
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use atelier_contracts::dataset::{
+    CaptionBackend, CaptionFailure, CaptionOutput, CaptionRecord, CaptionSource, CaptionSpec,
+    TokenUsage, SHAREGPT4V_PROMPT,
+};
+use atelier_contracts::images::ImageRecord;
+use atelier_contracts::{ArtifactKey, JobOutput, JobSpec, Service, SCHEMA_VERSION};
+use atelier_kit::bus::kv_values;
+use atelier_kit::{Handler, JobCtx, JobError};
+use futures::StreamExt as _;
+use sha2::{Digest, Sha256};
+
+pub use openai::{Client, OpenAiArgs};
+
+/// The 16-hex-digit id of a (backend, model, prompt) triple: part of the caption's KV key.
+pub fn source_id(source: &CaptionSource) -> String {
+    let mut h = Sha256::new();
+    for part in [&source.backend, &source.model, &source.prompt] {
+        h.update(part.as_bytes());
+        h.update([0]);
+    }
+    hex::encode(&h.finalize()[..8])
+}
+
+/// The images of `dataset`, sorted by sha256.
+pub async fn dataset_images(
+    images: &async_nats::jetstream::kv::Store,
+    dataset: &str,
+) -> Result<Vec<ImageRecord>, JobError> {
+    let mut all: Vec<ImageRecord> = kv_values::<ImageRecord>(images, "")
+        .await
+        .map_err(|e| JobError::retryable("kv_unavailable", format!("{e:#}")))?
+        .into_iter()
+        .map(|(_, r)| r)
+        .filter(|r| r.datasets.iter().any(|d| d == dataset))
+        .collect();
+    if all.is_empty() {
+        return Err(JobError::permanent(
+            "unknown_dataset",
+            format!(
+                "dataset {dataset:?} has no images; add some with `atelier ingest DIR --dataset {dataset}`"
+            ),
+        ));
+    }
+    all.sort_by(|a, b| a.sha256.cmp(&b.sha256));
+    Ok(all)
+}
+
+/// Runs caption jobs; one per worker, sharing the endpoint's budgets across jobs.
+#[derive(Clone)]
+pub struct Captioner {
+    client: Arc<Client>,
+}
+
+enum One {
+    Done(TokenUsage),
+    Already,
+    Failed(CaptionFailure),
+}
+
+impl Captioner {
+    pub fn new(args: OpenAiArgs) -> anyhow::Result<Self> {
+        Ok(Self {
+            client: Arc::new(Client::new(args)?),
+        })
+    }
+
+    async fn one(
+        &self,
+        ctx: &JobCtx,
+        captions: &async_nats::jetstream::kv::Store,
+        rec: &ImageRecord,
+        source: &CaptionSource,
+        sid: &str,
+        req: &openai::Request,
+        max_side: u32,
+    ) -> Result<One, JobError> {
+        let key = format!("{}.{sid}", rec.sha256);
+        let fail = |error: String| {
+            Ok(One::Failed(CaptionFailure {
+                image_sha256: rec.sha256.clone(),
+                error,
+            }))
+        };
+        match captions.get(&key).await {
+            Ok(Some(_)) => return Ok(One::Already),
+            Ok(None) => {}
+            Err(e) => return Err(JobError::retryable("kv_unavailable", e.to_string())),
+        }
+        if ctx.is_cancelled() {
+            return Err(JobError::permanent("cancelled", "cancelled"));
+        }
+        let k = match ArtifactKey::parse(&rec.key) {
+            Ok(k) => k,
+            Err(e) => return fail(format!("image key {:?}: {e}", rec.key)),
+        };
+        let bytes = match ctx.store.get_bytes(&k).await {
+            Ok(b) => b,
+            Err(e) if e.is_transient() => return Err(e.into()),
+            Err(e) => return fail(format!("reading {}: {e}", rec.key)),
+        };
+        let jpeg = tokio::task::spawn_blocking(move || {
+            let img = image::load_from_memory(&bytes).map_err(|e| e.to_string())?;
+            openai::prepare_image(&img, max_side)
+        })
+        .await
+        .map_err(|e| JobError::retryable("panicked", e.to_string()))?;
+        let jpeg = match jpeg {
+            Ok(j) => j,
+            Err(e) => return fail(format!("decoding the image: {e}")),
+        };
+        let c = match self.client.caption(&jpeg, req).await {
+            Ok(c) => c,
+            Err(e) => return fail(e.to_string()),
+        };
+        let record = CaptionRecord {
+            schema_version: SCHEMA_VERSION,
+            image_sha256: rec.sha256.clone(),
+            source_id: sid.to_owned(),
+            source: source.clone(),
+            caption: c.text,
+            finish_reason: c.finish_reason,
+            usage: c.usage,
+            job: ctx.id,
+            created_at: chrono::Utc::now(),
+        };
+        let value = serde_json::to_vec(&record)
+            .map_err(|e| JobError::permanent("internal", e.to_string()))?;
+        captions
+            .put(&key, value.into())
+            .await
+            .map_err(|e| JobError::retryable("kv_unavailable", e.to_string()))?;
+        Ok(One::Done(c.usage))
+    }
+}
+
+impl Handler for Captioner {
+    fn service(&self) -> Service {
+        Service::Captioner
+    }
+
+    async fn handle(&self, ctx: &JobCtx, spec: JobSpec) -> Result<JobOutput, JobError> {
+        let JobSpec::Caption(spec) = spec else {
+            return Err(JobError::permanent(
+                "wrong_service",
+                format!("the captioner does not run {} jobs", spec.kind()),
+            ));
+        };
+        spec.check()
+            .map_err(|e| JobError::permanent("invalid_job", e))?;
+        let CaptionSpec {
+            dataset,
+            images: wanted,
+            backend,
+        } = spec;
+        let CaptionBackend::Openai {
+            model,
+            prompt,
+            max_tokens,
+            temperature,
+            image_max_side,
+        } = backend;
+        let source = CaptionSource {
+            backend: "openai".into(),
+            model: model.unwrap_or_else(|| self.client.default_model().to_owned()),
+            prompt: prompt.unwrap_or_else(|| SHAREGPT4V_PROMPT.to_owned()),
+        };
+        let sid = source_id(&source);
+        let req = openai::Request {
+            model: source.model.clone(),
+            prompt: source.prompt.clone(),
+            max_tokens,
+            temperature,
+        };
+        let kv_err = |e: anyhow::Error| JobError::retryable("kv_unavailable", format!("{e:#}"));
+        let images_kv = ctx.bus.images_kv().await.map_err(kv_err)?;
+        let captions = ctx.bus.captions_kv().await.map_err(kv_err)?;
+        let mut records = dataset_images(&images_kv, &dataset).await?;
+        if !wanted.is_empty() {
+            let missing: Vec<&String> = wanted
+                .iter()
+                .filter(|w| !records.iter().any(|r| &r.sha256 == *w))
+                .collect();
+            if !missing.is_empty() {
+                return Err(JobError::permanent(
+                    "unknown_image",
+                    format!("not in dataset {dataset:?}: {missing:?}"),
+                ));
+            }
+            records.retain(|r| wanted.contains(&r.sha256));
+        }
+        let total = records.len() as u64;
+        let (usable, unusable): (Vec<_>, Vec<_>) = records
+            .into_iter()
+            .partition(|r| r.flag.is_none() && r.format.is_some());
+        let n = usable.len() as u64;
+        let finished = AtomicU64::new(0);
+        let step = (n / 20).max(1);
+        let mut out = CaptionOutput {
+            dataset: dataset.clone(),
+            source_id: sid.clone(),
+            source: source.clone(),
+            images: total,
+            captioned: 0,
+            already_captioned: 0,
+            unusable: unusable.len() as u64,
+            failed: Vec::new(),
+            usage: TokenUsage::default(),
+        };
+        let finished = Arc::new(finished);
+        let mut results = futures::stream::iter(usable.into_iter())
+            .map(|rec| {
+                let (this, ctx, captions, source, sid, req, finished) = (
+                    self.clone(),
+                    ctx.clone(),
+                    captions.clone(),
+                    source.clone(),
+                    sid.clone(),
+                    req.clone(),
+                    finished.clone(),
+                );
+                async move {
+                    let r = this
+                        .one(&ctx, &captions, &rec, &source, &sid, &req, image_max_side)
+                        .await;
+                    let k = finished.fetch_add(1, Ordering::Relaxed) + 1;
+                    if k % step == 0 || k == n {
+                        ctx.progress(
+                            k as f32 / n.max(1) as f32,
+                            Some(format!("{k} of {n} images")),
+                        )
+                        .await;
+                    }
+                    r
+                }
+            })
+            .buffer_unordered(self.client.concurrency() * 2);
+        while let Some(r) = results.next().await {
+            match r? {
+                One::Done(u) => {
+                    out.captioned += 1;
+                    out.usage.add(u);
+                }
+                One::Already => out.already_captioned += 1,
+                One::Failed(f) => {
+                    tracing::warn!(job = %ctx.id, image = %f.image_sha256, error = %f.error,
+                        "caption failed");
+                    out.failed.push(f)
+                }
+            }
+        }
+        drop(results);
+        if out.captioned == 0 && !out.failed.is_empty() {
+            return Err(JobError::retryable(
+                "captioner_unavailable",
+                format!(
+                    "every one of {} caption requests failed; first: {}",
+                    out.failed.len(),
+                    out.failed[0].error
+                ),
+            ));
+        }
+        out.failed
+            .sort_by(|a, b| a.image_sha256.cmp(&b.image_sha256));
+        tracing::info!(job = %ctx.id, dataset = %dataset, captioned = out.captioned,
+            already = out.already_captioned, failed = out.failed.len(),
+            prompt_tokens = out.usage.prompt_tokens,
+            completion_tokens = out.usage.completion_tokens, "captions done");
+        Ok(JobOutput::Captions(out))
+    }
+}

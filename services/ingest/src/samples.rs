@@ -48,3 +48,21 @@ pub fn scene_bytes(seed: u64, w: u32, h: u32, format: ImageFormat) -> Vec<u8> {
         .expect("encoding an in-memory image cannot fail");
     out.into_inner()
 }
+
+const NAMES: [&str; 6] = ["red", "green", "blue", "yellow", "white", "black"];
+
+/// Ground-truth captions of [`scene`]`(seed, ..)`: five phrasings (as COCO has five references
+/// per image) naming the background, disc and rectangle colours.
+pub fn scene_captions(seed: u64) -> Vec<String> {
+    let pick = |k: u64| {
+        NAMES[((seed.wrapping_mul(2654435761).wrapping_add(k * 97)) % NAMES.len() as u64) as usize]
+    };
+    let (bg, disc, rect) = (pick(0), pick(1), pick(2));
+    vec![
+        format!("a {disc} circle and a {rect} rectangle on a {bg} background"),
+        format!("a {rect} rectangle and a {disc} circle on a plain {bg} background"),
+        format!("a {bg} background with a {disc} disc and a {rect} rectangle"),
+        format!("the image shows a {disc} circle and a {rect} rectangle over a {bg} background"),
+        format!("simple shapes: a {disc} round disc and a {rect} box on {bg}"),
+    ]
+}

@@ -6,7 +6,8 @@
 //! - `ATELIER_EVENTS`: progress/done/failed events of every service (limits retention, 7 days).
 //! - `ATELIER_DLQ`: dead letters (30 days). `ATELIER_IMAGES`: `atelier.v1.images.ingested` (30 days).
 //! - No stream uses wildcards, so no two streams' subjects can overlap.
-//! - KV `atelier_jobs` (job state) and `atelier_images` (image records).
+//! - KV `atelier_jobs` (job state), `atelier_images` (image records), `atelier_captions` (captions
+//!   per image and source) and `atelier_datasets` (dataset version manifests).
 
 use std::time::Duration;
 
@@ -98,6 +99,8 @@ impl Bus {
         .await?;
         self.jobs_kv().await?;
         self.images_kv().await?;
+        self.captions_kv().await?;
+        self.datasets_kv().await?;
         Ok(())
     }
 
@@ -140,6 +143,14 @@ impl Bus {
 
     pub async fn images_kv(&self) -> anyhow::Result<kv::Store> {
         self.kv(subjects::IMAGES_BUCKET, 1, Duration::ZERO).await
+    }
+
+    pub async fn captions_kv(&self) -> anyhow::Result<kv::Store> {
+        self.kv(subjects::CAPTIONS_BUCKET, 1, Duration::ZERO).await
+    }
+
+    pub async fn datasets_kv(&self) -> anyhow::Result<kv::Store> {
+        self.kv(subjects::DATASETS_BUCKET, 1, Duration::ZERO).await
     }
 
     /// Publishes to a stream and waits for the server's ack. `msg_id` (if any) becomes
@@ -186,4 +197,45 @@ impl Bus {
             Ok(Ok(_))
         )
     }
+}
+
+/// Every value of a KV bucket whose key starts with `prefix` (all when empty), decoded as JSON,
+/// with its key; undecodable values are skipped with a warning. Reads `concurrency` keys at a time.
+pub async fn kv_values<T: serde::de::DeserializeOwned>(
+    store: &kv::Store,
+    prefix: &str,
+) -> anyhow::Result<Vec<(String, T)>> {
+    use futures::{StreamExt as _, TryStreamExt as _};
+    let keys: Vec<String> = match store.keys().await {
+        Ok(k) => k
+            .try_filter(|k| std::future::ready(k.starts_with(prefix)))
+            .try_collect()
+            .await
+            .context("listing KV keys")?,
+        Err(e) => return Err(anyhow::anyhow!("listing KV keys: {e}")),
+    };
+    let values = futures::stream::iter(keys)
+        .map(|k| async move {
+            let v = store
+                .get(&k)
+                .await
+                .with_context(|| format!("reading KV key {k}"))?;
+            anyhow::Ok((k, v))
+        })
+        .buffered(32)
+        .try_collect::<Vec<_>>()
+        .await?;
+    Ok(values
+        .into_iter()
+        .filter_map(|(k, v)| {
+            let v = v?;
+            match serde_json::from_slice(&v) {
+                Ok(t) => Some((k, t)),
+                Err(e) => {
+                    tracing::warn!(key = %k, error = %e, "skipping an undecodable KV value");
+                    None
+                }
+            }
+        })
+        .collect())
 }

@@ -1,0 +1,571 @@
+//! The dataset side: caption jobs and the captions they store, quality policies, and immutable
+//! dataset versions (a manifest plus a JSONL data file in the object store).
+
+use std::collections::BTreeMap;
+
+use chrono::{DateTime, Utc};
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+
+use crate::{ArtifactRef, JobId};
+
+/// ShareGPT4V's captioning prompt, the default for the `openai` backend.
+pub const SHAREGPT4V_PROMPT: &str = "Analyze the image in a comprehensive and detailed manner.";
+
+/// A dataset name: 1–64 of `A-Z a-z 0-9 _ -` (it is part of KV keys and object keys).
+pub fn check_dataset_name(name: &str) -> Result<(), String> {
+    let ok = !name.is_empty()
+        && name.len() <= 64
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "dataset name {name:?} must be 1 to 64 characters of A-Z, a-z, 0-9, '_' and '-'"
+        ))
+    }
+}
+
+fn is_sha256_hex(s: &str) -> bool {
+    s.len() == 64
+        && s.bytes()
+            .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase())
+}
+
+// ---------------------------------------------------------------------------------------------
+// Captions
+
+/// Caption every usable image of a dataset (or the listed ones) with one backend. Images that
+/// already have a caption from the same backend, model and prompt are skipped, so a re-run costs
+/// nothing and a failed run resumes.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CaptionSpec {
+    pub dataset: String,
+    /// Image sha256s to caption; empty means every usable image of the dataset.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub images: Vec<String>,
+    #[serde(default)]
+    pub backend: CaptionBackend,
+}
+
+/// Which captioner, and its per-job settings. Endpoints, keys and rate budgets are the worker's
+/// configuration (`--openai-base-url`, `ATELIER_OPENAI_API_KEY`, …), never a job's, so a job can
+/// not send a worker's key elsewhere.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema, ToSchema)]
+#[serde(tag = "backend", rename_all = "snake_case", deny_unknown_fields)]
+pub enum CaptionBackend {
+    /// An OpenAI-compatible chat-completions vision endpoint (GPT-4V/4o, vLLM, Ollama, LM Studio).
+    Openai {
+        /// The model name sent to the endpoint; the worker's default when absent.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        model: Option<String>,
+        /// Default: ShareGPT4V's "Analyze the image in a comprehensive and detailed manner."
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        prompt: Option<String>,
+        #[serde(default = "default_max_tokens")]
+        max_tokens: u32,
+        #[serde(default = "default_temperature")]
+        temperature: f32,
+        /// Images are downscaled so their longer side is at most this before sending.
+        #[serde(default = "default_image_max_side")]
+        image_max_side: u32,
+    },
+}
+
+fn default_max_tokens() -> u32 {
+    300
+}
+fn default_temperature() -> f32 {
+    0.2
+}
+fn default_image_max_side() -> u32 {
+    768
+}
+
+impl Default for CaptionBackend {
+    fn default() -> Self {
+        CaptionBackend::Openai {
+            model: None,
+            prompt: None,
+            max_tokens: default_max_tokens(),
+            temperature: default_temperature(),
+            image_max_side: default_image_max_side(),
+        }
+    }
+}
+
+impl CaptionSpec {
+    /// Checks what can be checked without I/O.
+    pub fn check(&self) -> Result<(), String> {
+        check_dataset_name(&self.dataset)?;
+        if let Some(bad) = self.images.iter().find(|s| !is_sha256_hex(s)) {
+            return Err(format!(
+                "images: {bad:?} is not a sha256 (64 lower-case hex digits)"
+            ));
+        }
+        match &self.backend {
+            CaptionBackend::Openai {
+                prompt,
+                max_tokens,
+                temperature,
+                image_max_side,
+                ..
+            } => {
+                if prompt.as_deref().is_some_and(|p| p.trim().is_empty()) {
+                    return Err("prompt: empty; leave it out for the default".into());
+                }
+                if !(1..=8192).contains(max_tokens) {
+                    return Err(format!("max_tokens {max_tokens}: must be 1 to 8192"));
+                }
+                if !(0.0..=2.0).contains(temperature) {
+                    return Err(format!("temperature {temperature}: must be 0 to 2"));
+                }
+                if !(32..=4096).contains(image_max_side) {
+                    return Err(format!(
+                        "image_max_side {image_max_side}: must be 32 to 4096"
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Where a caption came from. Captions are unique per (image, backend, model, prompt).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema, ToSchema)]
+pub struct CaptionSource {
+    pub backend: String,
+    pub model: String,
+    pub prompt: String,
+}
+
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema, ToSchema,
+)]
+pub struct TokenUsage {
+    pub prompt_tokens: u64,
+    pub completion_tokens: u64,
+}
+
+impl TokenUsage {
+    pub fn add(&mut self, other: TokenUsage) {
+        self.prompt_tokens += other.prompt_tokens;
+        self.completion_tokens += other.completion_tokens;
+    }
+}
+
+/// The value stored under `<image sha256>.<source id>` in the `atelier_captions` KV bucket.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema, ToSchema)]
+pub struct CaptionRecord {
+    pub schema_version: u32,
+    pub image_sha256: String,
+    /// 16 hex digits naming the (backend, model, prompt) triple.
+    pub source_id: String,
+    pub source: CaptionSource,
+    pub caption: String,
+    /// As the backend reported it: `stop`, `length` (cut at max_tokens), ….
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub finish_reason: Option<String>,
+    pub usage: TokenUsage,
+    pub job: JobId,
+    pub created_at: DateTime<Utc>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema, ToSchema)]
+pub struct CaptionFailure {
+    pub image_sha256: String,
+    pub error: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema, ToSchema)]
+pub struct CaptionOutput {
+    pub dataset: String,
+    pub source_id: String,
+    pub source: CaptionSource,
+    /// Usable images considered.
+    pub images: u64,
+    /// Captioned by this job.
+    pub captioned: u64,
+    /// Already had a caption from this source (skipped, at no cost).
+    pub already_captioned: u64,
+    /// Images whose record is flagged (corrupt, bomb, …) and so were not sent.
+    pub unusable: u64,
+    /// Images the backend failed on after retries; a re-run tries them again.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub failed: Vec<CaptionFailure>,
+    /// Tokens spent by this job.
+    pub usage: TokenUsage,
+}
+
+// ---------------------------------------------------------------------------------------------
+// Quality policy
+
+/// What a failed check does to a record.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum Severity {
+    Reject,
+    Flag,
+    Ignore,
+}
+
+/// Thresholds and the severity of each signal; read from a TOML file by `atelier filter
+/// --policy FILE`. Every field has a default, so `{}` is a valid policy.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema, ToSchema)]
+#[serde(default, deny_unknown_fields)]
+pub struct QualityPolicy {
+    /// Images whose shorter side is below this fail `small`.
+    pub min_side: u32,
+    /// Images whose long/short side ratio is above this fail `aspect`.
+    pub max_aspect: f32,
+    /// Perceptual hashes at most this many bits apart are near-duplicates; the first by
+    /// sha256 order is kept, the others fail `duplicate`. Negative disables the check.
+    pub duplicate_max_bits: i32,
+    /// Captions with fewer words fail `short`.
+    pub min_words: u32,
+    /// Captions with more words fail `long`; 0 disables.
+    pub max_words: u32,
+    /// A caption whose most repeated word 3-gram covers more than this fraction of its 3-grams,
+    /// or that repeats a sentence, fails `repetition`.
+    pub max_repeated_fraction: f32,
+    /// Allowed caption languages (ISO 639-3, e.g. `eng`); empty allows any.
+    pub languages: Vec<String>,
+    /// Word counts more than this many standard deviations from the dataset's mean fail
+    /// `length_outlier`; 0 disables.
+    pub length_outlier_z: f32,
+    /// Accepted records with at least this many caption words and no flags are `gold`.
+    pub gold_min_words: u32,
+    /// Severity per signal name (`undecodable`, `small`, `aspect`, `duplicate`, `no_caption`,
+    /// `empty`, `short`, `long`, `truncated`, `repetition`, `refusal`, `language`,
+    /// `length_outlier`); signals not listed use their default.
+    pub severity: BTreeMap<String, Severity>,
+}
+
+impl Default for QualityPolicy {
+    fn default() -> Self {
+        Self {
+            min_side: 64,
+            max_aspect: 3.0,
+            duplicate_max_bits: 4,
+            min_words: 3,
+            max_words: 0,
+            max_repeated_fraction: 0.3,
+            languages: vec!["eng".into()],
+            length_outlier_z: 4.0,
+            gold_min_words: 8,
+            severity: BTreeMap::new(),
+        }
+    }
+}
+
+/// Every signal the quality filter computes, with its default severity.
+pub const SIGNALS: &[(&str, Severity)] = &[
+    ("undecodable", Severity::Reject),
+    ("small", Severity::Reject),
+    ("aspect", Severity::Flag),
+    ("duplicate", Severity::Reject),
+    ("no_caption", Severity::Reject),
+    ("empty", Severity::Reject),
+    ("short", Severity::Flag),
+    ("long", Severity::Flag),
+    ("truncated", Severity::Flag),
+    ("repetition", Severity::Reject),
+    ("refusal", Severity::Reject),
+    ("language", Severity::Flag),
+    ("length_outlier", Severity::Flag),
+];
+
+impl QualityPolicy {
+    pub fn severity_of(&self, signal: &str) -> Severity {
+        self.severity.get(signal).copied().unwrap_or_else(|| {
+            SIGNALS
+                .iter()
+                .find(|(n, _)| *n == signal)
+                .map(|(_, s)| *s)
+                .unwrap_or(Severity::Flag)
+        })
+    }
+
+    pub fn check(&self) -> Result<(), String> {
+        if let Some(k) = self
+            .severity
+            .keys()
+            .find(|k| !SIGNALS.iter().any(|(n, _)| n == k))
+        {
+            let names: Vec<&str> = SIGNALS.iter().map(|(n, _)| *n).collect();
+            return Err(format!(
+                "severity: unknown signal {k:?}; known: {}",
+                names.join(", ")
+            ));
+        }
+        if !(self.max_aspect >= 1.0) {
+            return Err(format!(
+                "max_aspect {}: must be at least 1",
+                self.max_aspect
+            ));
+        }
+        if !(0.0..=1.0).contains(&self.max_repeated_fraction) {
+            return Err(format!(
+                "max_repeated_fraction {}: must be 0 to 1",
+                self.max_repeated_fraction
+            ));
+        }
+        if !(self.length_outlier_z >= 0.0) {
+            return Err("length_outlier_z: must be 0 (off) or positive".into());
+        }
+        if self.max_words != 0 && self.max_words < self.min_words {
+            return Err(format!(
+                "max_words {} is below min_words {}",
+                self.max_words, self.min_words
+            ));
+        }
+        if let Some(l) = self
+            .languages
+            .iter()
+            .find(|l| l.len() != 3 || !l.bytes().all(|b| b.is_ascii_lowercase()))
+        {
+            return Err(format!(
+                "languages: {l:?} is not an ISO 639-3 code (three lower-case letters, e.g. \"eng\")"
+            ));
+        }
+        Ok(())
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Dataset versions
+
+/// Build a new immutable version of a dataset: every image with its caption from one source,
+/// quality signals, a decision and tier under `policy`, and a deterministic split.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct FilterSpec {
+    pub dataset: String,
+    /// The caption source id (16 hex digits, from a caption job's output). When absent, each
+    /// image's most recent caption is used.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub caption_source: Option<String>,
+    #[serde(default)]
+    pub policy: QualityPolicy,
+    #[serde(default)]
+    pub split: SplitSpec,
+    /// A note kept in the manifest.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub note: Option<String>,
+}
+
+impl FilterSpec {
+    pub fn check(&self) -> Result<(), String> {
+        check_dataset_name(&self.dataset)?;
+        if let Some(s) = &self.caption_source {
+            if s.len() != 16 || !s.bytes().all(|b| b.is_ascii_hexdigit()) {
+                return Err(format!("caption_source {s:?}: expected 16 hex digits"));
+            }
+        }
+        self.policy.check()?;
+        self.split.check()
+    }
+}
+
+/// Fractions of each tier that go to validation and test; the rest is train. Assignment is by
+/// a hash of (seed, image sha256), so it is stable across versions.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema, ToSchema)]
+#[serde(default, deny_unknown_fields)]
+pub struct SplitSpec {
+    pub val: f32,
+    pub test: f32,
+    pub seed: String,
+}
+
+impl Default for SplitSpec {
+    fn default() -> Self {
+        Self {
+            val: 0.05,
+            test: 0.05,
+            seed: "atelier".into(),
+        }
+    }
+}
+
+impl SplitSpec {
+    pub fn check(&self) -> Result<(), String> {
+        if !(self.val >= 0.0 && self.test >= 0.0 && self.val + self.test < 1.0) {
+            return Err(format!(
+                "split: val {} and test {} must be non-negative and sum below 1",
+                self.val, self.test
+            ));
+        }
+        Ok(())
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum Decision {
+    Accept,
+    Flag,
+    Reject,
+}
+
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize, JsonSchema, ToSchema,
+)]
+#[serde(rename_all = "snake_case")]
+pub enum Tier {
+    Gold,
+    Silver,
+    Bronze,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum Split {
+    Train,
+    Val,
+    Test,
+}
+
+/// A failed check: the signal's name and why.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema, ToSchema)]
+pub struct Signal {
+    pub name: String,
+    pub reason: String,
+    pub severity: Severity,
+}
+
+/// One line of a version's `data.jsonl`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema, ToSchema)]
+pub struct DatasetRow {
+    /// The image's id in exports: the first 16 hex digits of its sha256.
+    pub image_id: String,
+    pub image_key: String,
+    pub sha256: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub format: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub width: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub height: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub caption: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub caption_source: Option<CaptionSource>,
+    /// Detected caption language (ISO 639-3) when known.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub language: Option<String>,
+    pub words: u32,
+    /// Every check that did not pass.
+    pub signals: Vec<Signal>,
+    pub decision: Decision,
+    /// Absent for rejected rows.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tier: Option<Tier>,
+    /// Absent for rejected rows.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub split: Option<Split>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tags: Vec<String>,
+    /// Where the image came from (the first source) and its license.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub license: Option<String>,
+    #[serde(default, skip_serializing_if = "serde_json::Map::is_empty")]
+    #[schema(value_type = Object)]
+    pub metadata: serde_json::Map<String, serde_json::Value>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema, ToSchema)]
+pub struct VersionCounts {
+    pub rows: u64,
+    pub accepted: u64,
+    pub flagged: u64,
+    pub rejected: u64,
+    /// Per tier, of the kept (accepted and flagged) rows.
+    pub tiers: BTreeMap<String, u64>,
+    /// Per split, of the kept rows.
+    pub splits: BTreeMap<String, u64>,
+    /// How many rows failed each signal.
+    pub signals: BTreeMap<String, u64>,
+}
+
+/// A version's manifest: stored content-addressed, and under `<dataset>.<version>` in the
+/// `atelier_datasets` KV bucket. Versions are immutable; `parent` is the version before.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema, ToSchema)]
+pub struct DatasetManifest {
+    pub schema_version: u32,
+    pub dataset: String,
+    pub version: u32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parent: Option<u32>,
+    pub created_at: DateTime<Utc>,
+    pub job: JobId,
+    pub policy: QualityPolicy,
+    pub split: SplitSpec,
+    /// Caption sources used, by source id.
+    pub caption_sources: BTreeMap<String, CaptionSource>,
+    pub counts: VersionCounts,
+    /// The JSONL data file (one [`DatasetRow`] per line, sorted by sha256).
+    pub data: ArtifactRef,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub note: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema, ToSchema)]
+pub struct DatasetVersionOutput {
+    pub dataset: String,
+    pub version: u32,
+    pub manifest: ArtifactRef,
+    pub counts: VersionCounts,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_and_specs_are_checked() {
+        assert!(check_dataset_name("cats_2024-v1").is_ok());
+        for bad in ["", "a.b", "a b", "ä", &"x".repeat(65)] {
+            assert!(check_dataset_name(bad).is_err(), "{bad}");
+        }
+        let spec: CaptionSpec = serde_json::from_str(r#"{"dataset":"d"}"#).unwrap();
+        assert!(spec.check().is_ok());
+        assert_eq!(spec.backend, CaptionBackend::default());
+        let bad: CaptionSpec = serde_json::from_str(
+            r#"{"dataset":"d","backend":{"backend":"openai","max_tokens":0}}"#,
+        )
+        .unwrap();
+        assert!(bad.check().unwrap_err().contains("max_tokens"));
+        let bad: CaptionSpec = serde_json::from_str(r#"{"dataset":"d","images":["ABC"]}"#).unwrap();
+        assert!(bad.check().unwrap_err().contains("sha256"));
+    }
+
+    #[test]
+    fn policies_default_and_reject_unknown_signals() {
+        let p: QualityPolicy = serde_json::from_str("{}").unwrap();
+        assert_eq!(p, QualityPolicy::default());
+        assert_eq!(p.severity_of("refusal"), Severity::Reject);
+        let mut p = p;
+        p.severity.insert("refusal".into(), Severity::Flag);
+        assert_eq!(p.severity_of("refusal"), Severity::Flag);
+        p.severity.insert("blurry".into(), Severity::Flag);
+        assert!(p.check().unwrap_err().contains("blurry"));
+        let bad = QualityPolicy {
+            languages: vec!["en".into()],
+            ..Default::default()
+        };
+        assert!(bad.check().unwrap_err().contains("639-3"));
+        assert!(SplitSpec {
+            val: 0.6,
+            test: 0.5,
+            ..Default::default()
+        }
+        .check()
+        .is_err());
+    }
+}

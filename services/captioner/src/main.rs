@@ -1,0 +1,23 @@
+//! `atelier-captioner`: the captioner service as its own process (one replica of many).
+
+use clap::Parser;
+
+#[derive(Parser)]
+#[command(
+    name = "atelier-captioner",
+    version,
+    about = "atelier captioner service (OpenAI-compatible vision endpoints)"
+)]
+struct Args {
+    #[command(flatten)]
+    kit: atelier_kit::config::ServiceArgs,
+    #[command(flatten)]
+    openai: atelier_captioner::OpenAiArgs,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let captioner = atelier_captioner::Captioner::new(args.openai)?;
+    atelier_kit::service::run_service(captioner, args.kit).await
+}

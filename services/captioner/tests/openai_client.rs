@@ -1,0 +1,205 @@
+//! The OpenAI-compatible client against the loopback vision server, which speaks the real wire
+//! format and injects the failures a real endpoint produces.
+
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use atelier_captioner::openai::{prepare_image, CaptionError, Client, OpenAiArgs, Request};
+use atelier_captioner::vision_server::{Faults, ServerConfig, VisionServer};
+
+fn args(url: String) -> OpenAiArgs {
+    OpenAiArgs {
+        base_url: url,
+        api_key: Some("sk-test".into()),
+        model: "scene-describer".into(),
+        requests_per_minute: 0,
+        tokens_per_minute: 0,
+        concurrency: 4,
+        max_retries: 4,
+        timeout_s: 5.0,
+        backoff_ms: 10,
+    }
+}
+
+fn req(max_tokens: u32) -> Request {
+    Request {
+        model: "scene-describer".into(),
+        prompt: atelier_contracts::dataset::SHAREGPT4V_PROMPT.into(),
+        max_tokens,
+        temperature: 0.2,
+    }
+}
+
+fn scene_jpeg(seed: u64) -> Vec<u8> {
+    let img = image::DynamicImage::ImageRgb8(atelier_ingest::samples::scene(seed, 96, 64));
+    prepare_image(&img, 768).unwrap()
+}
+
+async fn server(faults: Faults) -> VisionServer {
+    VisionServer::start(ServerConfig {
+        api_key: Some("sk-test".into()),
+        faults,
+        model: "scene-describer".into(),
+    })
+    .await
+    .unwrap()
+}
+
+#[tokio::test]
+async fn captions_a_scene_with_usage() {
+    let s = server(Faults::default()).await;
+    let c = Client::new(args(s.base_url())).unwrap();
+    let got = c.caption(&scene_jpeg(3), &req(300)).await.unwrap();
+    let truth = &atelier_ingest::samples::scene_captions(3)[0];
+    // The describer names the same colours as the ground truth.
+    for colour in truth
+        .split_whitespace()
+        .filter(|w| ["red", "green", "blue", "yellow", "white", "black"].contains(w))
+    {
+        assert!(got.text.contains(colour), "{truth:?} vs {:?}", got.text);
+    }
+    assert_eq!(got.finish_reason.as_deref(), Some("stop"));
+    assert_eq!(got.attempts, 1);
+    assert!(got.usage.prompt_tokens > 85 && got.usage.completion_tokens > 5);
+    assert_eq!(
+        got.usage.completion_tokens,
+        got.text.split_whitespace().count() as u64
+    );
+}
+
+#[tokio::test]
+async fn retries_429_after_the_servers_retry_after_and_500s_and_broken_bodies() {
+    let s = server(Faults {
+        rate_limit_every: 2,
+        retry_after_s: 0.3,
+        ..Default::default()
+    })
+    .await;
+    let c = Client::new(args(s.base_url())).unwrap();
+    let jpeg = scene_jpeg(1);
+    c.caption(&jpeg, &req(300)).await.unwrap(); // request 1 passes
+    let t = Instant::now();
+    let got = c.caption(&jpeg, &req(300)).await.unwrap(); // 2 is a 429, 3 passes
+    assert_eq!(got.attempts, 2);
+    assert!(
+        t.elapsed() >= Duration::from_millis(290),
+        "did not honour Retry-After: {:?}",
+        t.elapsed()
+    );
+    assert_eq!(s.stats.rate_limited.load(Ordering::Relaxed), 1);
+
+    let s = server(Faults {
+        server_error_every: 2,
+        truncate_every: 3,
+        ..Default::default()
+    })
+    .await;
+    let c = Client::new(args(s.base_url())).unwrap();
+    // Requests 1 ok; 2 (500) 3 (truncated) 4 (500) 5 ok.
+    c.caption(&jpeg, &req(300)).await.unwrap();
+    let got = c.caption(&jpeg, &req(300)).await.unwrap();
+    assert_eq!(got.attempts, 4);
+    assert_eq!(s.stats.server_errors.load(Ordering::Relaxed), 2);
+    assert_eq!(s.stats.truncated.load(Ordering::Relaxed), 1);
+}
+
+#[tokio::test]
+async fn slow_responses_time_out_and_are_retried() {
+    let s = server(Faults {
+        slow_every: 1,
+        slow_delay: Duration::from_secs(30),
+        ..Default::default()
+    })
+    .await;
+    let mut a = args(s.base_url());
+    a.timeout_s = 0.3;
+    a.max_retries = 1;
+    let c = Client::new(a).unwrap();
+    let t = Instant::now();
+    let err = c.caption(&scene_jpeg(1), &req(300)).await.unwrap_err();
+    assert!(
+        matches!(err, CaptionError::GaveUp { attempts: 2, .. }),
+        "{err}"
+    );
+    assert!(err.to_string().contains("timed out"), "{err}");
+    assert!(t.elapsed() < Duration::from_secs(5));
+}
+
+#[tokio::test]
+async fn gives_up_on_a_down_endpoint_and_does_not_retry_a_refusal() {
+    let s = server(Faults {
+        fail_all: true,
+        ..Default::default()
+    })
+    .await;
+    let c = Client::new(args(s.base_url())).unwrap();
+    let err = c.caption(&scene_jpeg(1), &req(300)).await.unwrap_err();
+    assert!(
+        matches!(err, CaptionError::GaveUp { attempts: 5, .. }),
+        "{err}"
+    );
+    assert!(err.to_string().contains("HTTP 500"), "{err}");
+    assert_eq!(s.stats.requests.load(Ordering::Relaxed), 5);
+
+    let s = server(Faults::default()).await;
+    let mut a = args(s.base_url());
+    a.api_key = Some("sk-wrong".into());
+    let c = Client::new(a).unwrap();
+    let err = c.caption(&scene_jpeg(1), &req(300)).await.unwrap_err();
+    assert!(
+        matches!(err, CaptionError::Refused { status: 401, .. }),
+        "{err}"
+    );
+    assert_eq!(s.stats.requests.load(Ordering::Relaxed), 1);
+    // A request the server cannot read is refused, not retried.
+    let c = Client::new(args(s.base_url())).unwrap();
+    let err = c.caption(b"not a jpeg", &req(300)).await.unwrap_err();
+    assert!(
+        matches!(err, CaptionError::Refused { status: 400, .. }),
+        "{err}"
+    );
+}
+
+#[tokio::test]
+async fn max_tokens_cuts_the_caption_and_reports_length() {
+    let s = server(Faults::default()).await;
+    let c = Client::new(args(s.base_url())).unwrap();
+    let got = c.caption(&scene_jpeg(2), &req(5)).await.unwrap();
+    assert_eq!(got.finish_reason.as_deref(), Some("length"));
+    assert_eq!(got.text.split_whitespace().count(), 5);
+}
+
+#[tokio::test]
+async fn the_request_budget_spaces_requests() {
+    let s = server(Faults::default()).await;
+    let jpeg = scene_jpeg(1);
+    let r300 = req(300);
+    let mut a = args(s.base_url());
+    a.requests_per_minute = 60; // 1 per second after a burst of 60
+    let c = Client::new(a).unwrap();
+    let t = Instant::now();
+    let tasks: Vec<_> = (0..62).map(|_| c.caption(&jpeg, &r300)).collect();
+    let got = futures::future::join_all(tasks).await;
+    assert!(got.iter().all(|r| r.is_ok()));
+    let el = t.elapsed();
+    assert!(
+        el >= Duration::from_millis(1900),
+        "62 requests at 60/min (burst 60) finished in {el:?}"
+    );
+}
+
+#[test]
+fn bad_configuration_is_a_clear_error() {
+    let mut a = args("ftp://x".into());
+    assert!(Client::new(a.clone())
+        .err()
+        .unwrap()
+        .to_string()
+        .contains("http://"));
+    a.base_url = "not a url".into();
+    assert!(Client::new(a)
+        .err()
+        .unwrap()
+        .to_string()
+        .contains("--openai-base-url"));
+}
