@@ -23,7 +23,6 @@ use atelier_contracts::dataset::{
 };
 use atelier_contracts::images::ImageRecord;
 use atelier_contracts::{ArtifactKey, JobOutput, JobSpec, Service, SCHEMA_VERSION};
-use atelier_kit::bus::kv_values;
 use atelier_kit::{Handler, JobCtx, JobError};
 use futures::StreamExt as _;
 use sha2::{Digest, Sha256};
@@ -40,18 +39,14 @@ pub fn source_id(source: &CaptionSource) -> String {
     hex::encode(&h.finalize()[..8])
 }
 
-/// The images of `dataset`, sorted by sha256.
+/// The images of `dataset`, sorted by sha256; `unknown_dataset` when it has none.
 pub async fn dataset_images(
     images: &async_nats::jetstream::kv::Store,
     dataset: &str,
 ) -> Result<Vec<ImageRecord>, JobError> {
-    let mut all: Vec<ImageRecord> = kv_values::<ImageRecord>(images, "")
+    let all = atelier_kit::bus::dataset_images(images, dataset)
         .await
-        .map_err(|e| JobError::retryable("kv_unavailable", format!("{e:#}")))?
-        .into_iter()
-        .map(|(_, r)| r)
-        .filter(|r| r.datasets.iter().any(|d| d == dataset))
-        .collect();
+        .map_err(|e| JobError::retryable("kv_unavailable", format!("{e:#}")))?;
     if all.is_empty() {
         return Err(JobError::permanent(
             "unknown_dataset",
@@ -60,7 +55,6 @@ pub async fn dataset_images(
             ),
         ));
     }
-    all.sort_by(|a, b| a.sha256.cmp(&b.sha256));
     Ok(all)
 }
 

@@ -239,3 +239,20 @@ pub async fn kv_values<T: serde::de::DeserializeOwned>(
         })
         .collect())
 }
+
+/// The image records of `dataset` (from the `atelier_images` bucket), sorted by sha256.
+pub async fn dataset_images(
+    images: &kv::Store,
+    dataset: &str,
+) -> anyhow::Result<Vec<atelier_contracts::images::ImageRecord>> {
+    let mut all: Vec<atelier_contracts::images::ImageRecord> = kv_values(images, "")
+        .await?
+        .into_iter()
+        .map(|(_, r)| r)
+        .filter(|r: &atelier_contracts::images::ImageRecord| {
+            r.datasets.iter().any(|d| d == dataset)
+        })
+        .collect();
+    all.sort_by(|a, b| a.sha256.cmp(&b.sha256));
+    Ok(all)
+}

@@ -1,1 +1,572 @@
-//! placeholder
+//! The quality-filter service: turns a dataset's image records and captions into an immutable
+//! dataset version.
+//!
+//! Consumes `filter` jobs on `atelier.v1.quality-filter.request`; reads `atelier_images` and
+//! `atelier_captions`; writes the version's JSONL data file and manifest to the store
+//! (content-addressed) and the manifest under `<dataset>.<version>` in `atelier_datasets`.
+//! [`assess`] is the pure part: per record, the checks that failed ([`Signal`]s, each with a
+//! reason and the policy's severity), a decision, a tier and a split.
+
+pub mod dups;
+pub mod text;
+
+use std::collections::{BTreeMap, HashMap};
+
+use atelier_contracts::dataset::{
+    CaptionRecord, DatasetManifest, DatasetRow, DatasetVersionOutput, Decision, QualityPolicy,
+    Severity, Signal, Split, SplitSpec, Tier, VersionCounts,
+};
+use atelier_contracts::images::ImageRecord;
+use atelier_contracts::{JobOutput, JobSpec, Service, SCHEMA_VERSION};
+use atelier_kit::bus::{dataset_images, kv_values};
+use atelier_kit::{Handler, JobCtx, JobError};
+use sha2::{Digest, Sha256};
+
+/// One image with the caption chosen for it.
+pub struct Input<'a> {
+    pub image: &'a ImageRecord,
+    pub caption: Option<&'a CaptionRecord>,
+}
+
+/// The split of an image: a hash of (seed, sha256) mapped to [0, 1) against the fractions, so
+/// an image keeps its split in every version (no train/test leakage between versions) and each
+/// tier is split in the same proportions in expectation.
+pub fn split_of(split: &SplitSpec, sha256: &str) -> Split {
+    let h = Sha256::new()
+        .chain_update(split.seed.as_bytes())
+        .chain_update([0])
+        .chain_update(sha256.as_bytes())
+        .finalize();
+    let u =
+        u64::from_be_bytes([h[0], h[1], h[2], h[3], h[4], h[5], h[6], h[7]]) as f64 / 2f64.powi(64);
+    if u < f64::from(split.val) {
+        Split::Val
+    } else if u < f64::from(split.val) + f64::from(split.test) {
+        Split::Test
+    } else {
+        Split::Train
+    }
+}
+
+fn mean_sd(xs: &[f64]) -> (f64, f64) {
+    if xs.is_empty() {
+        return (0.0, 0.0);
+    }
+    let m = xs.iter().sum::<f64>() / xs.len() as f64;
+    let v = xs.iter().map(|x| (x - m).powi(2)).sum::<f64>() / xs.len() as f64;
+    (m, v.sqrt())
+}
+
+/// Every check, the decision and the tier for each input (in input order), with the counts.
+pub fn assess(
+    inputs: &[Input<'_>],
+    policy: &QualityPolicy,
+    split: &SplitSpec,
+) -> (Vec<DatasetRow>, VersionCounts) {
+    let phashes: Vec<Option<u64>> = inputs
+        .iter()
+        .map(|i| {
+            i.image
+                .phash
+                .as_deref()
+                .and_then(|h| u64::from_str_radix(h, 16).ok())
+                .filter(|_| i.image.flag.is_none())
+        })
+        .collect();
+    let dups = if policy.duplicate_max_bits >= 0 {
+        dups::earlier_near_duplicates(&phashes, policy.duplicate_max_bits as u32)
+    } else {
+        vec![None; inputs.len()]
+    };
+    let word_counts: Vec<u32> = inputs
+        .iter()
+        .map(|i| {
+            i.caption
+                .map_or(0, |c| text::words(&c.caption).len() as u32)
+        })
+        .collect();
+    let with_caption: Vec<f64> = inputs
+        .iter()
+        .zip(&word_counts)
+        .filter(|(i, _)| i.caption.is_some_and(|c| !c.caption.trim().is_empty()))
+        .map(|(_, &w)| f64::from(w))
+        .collect();
+    let (mean, sd) = mean_sd(&with_caption);
+
+    let mut counts = VersionCounts::default();
+    let rows = inputs
+        .iter()
+        .enumerate()
+        .map(|(k, input)| {
+            let img = input.image;
+            let mut signals: Vec<Signal> = Vec::new();
+            let mut fail = |name: &str, reason: String| {
+                let severity = policy.severity_of(name);
+                if severity != Severity::Ignore {
+                    signals.push(Signal {
+                        name: name.into(),
+                        reason,
+                        severity,
+                    });
+                }
+            };
+            // Image.
+            match (&img.flag, img.width, img.height) {
+                (Some(flag), _, _) => fail("undecodable", flag.clone()),
+                (None, Some(w), Some(h)) => {
+                    let (short, long) = (w.min(h), w.max(h));
+                    if short < policy.min_side {
+                        fail(
+                            "small",
+                            format!("{w}x{h}: shorter side below {}", policy.min_side),
+                        );
+                    }
+                    if short > 0 && long as f32 / short as f32 > policy.max_aspect {
+                        fail(
+                            "aspect",
+                            format!(
+                                "{w}x{h}: aspect {:.2} above {}",
+                                long as f32 / short as f32,
+                                policy.max_aspect
+                            ),
+                        );
+                    }
+                }
+                _ => fail("undecodable", "no decoded size recorded".into()),
+            }
+            if let Some(j) = dups[k] {
+                fail(
+                    "duplicate",
+                    format!(
+                        "perceptual hash within {} bits of {}",
+                        policy.duplicate_max_bits,
+                        inputs[j].image.sha256
+                    ),
+                );
+            }
+            // Caption.
+            let words = word_counts[k];
+            let mut language = None;
+            match input.caption {
+                None => fail("no_caption", "no caption from the chosen source".into()),
+                Some(c) if c.caption.trim().is_empty() => {
+                    fail("empty", "the caption is empty".into())
+                }
+                Some(c) => {
+                    let t = c.caption.as_str();
+                    if words < policy.min_words {
+                        fail(
+                            "short",
+                            format!("{words} words, below {}", policy.min_words),
+                        );
+                    }
+                    if policy.max_words > 0 && words > policy.max_words {
+                        fail(
+                            "long",
+                            format!("{words} words, above {}", policy.max_words),
+                        );
+                    }
+                    if let Some(r) = text::truncated(t, c.finish_reason.as_deref()) {
+                        fail("truncated", r);
+                    }
+                    if let Some(r) = text::repetition(t, policy.max_repeated_fraction) {
+                        fail("repetition", r);
+                    }
+                    if let Some(r) = text::refusal(t) {
+                        fail("refusal", r);
+                    }
+                    language = text::language(t);
+                    if !policy.languages.is_empty() {
+                        match language {
+                            Some(l) if policy.languages.iter().any(|a| a == l) => {}
+                            Some(l) => fail(
+                                "language",
+                                format!("{l}, not one of {}", policy.languages.join(", ")),
+                            ),
+                            // Too short or mixed to tell: not held against it.
+                            None => {}
+                        }
+                    }
+                    if policy.length_outlier_z > 0.0 && sd > 0.0 {
+                        let z = (f64::from(words) - mean) / sd;
+                        if z.abs() > f64::from(policy.length_outlier_z) {
+                            fail(
+                                "length_outlier",
+                                format!(
+                                    "{words} words, {z:+.1} standard deviations from the mean {mean:.1}"
+                                ),
+                            );
+                        }
+                    }
+                }
+            }
+            let decision = if signals.iter().any(|s| s.severity == Severity::Reject) {
+                Decision::Reject
+            } else if signals.is_empty() {
+                Decision::Accept
+            } else {
+                Decision::Flag
+            };
+            let tier = match decision {
+                Decision::Reject => None,
+                Decision::Flag => Some(Tier::Bronze),
+                Decision::Accept if words >= policy.gold_min_words => Some(Tier::Gold),
+                Decision::Accept => Some(Tier::Silver),
+            };
+            let split = tier.map(|_| split_of(split, &img.sha256));
+            counts.rows += 1;
+            match decision {
+                Decision::Accept => counts.accepted += 1,
+                Decision::Flag => counts.flagged += 1,
+                Decision::Reject => counts.rejected += 1,
+            }
+            if let Some(t) = tier {
+                *counts.tiers.entry(enum_name(&t)).or_default() += 1;
+            }
+            if let Some(s) = split {
+                *counts.splits.entry(enum_name(&s)).or_default() += 1;
+            }
+            for s in &signals {
+                *counts.signals.entry(s.name.clone()).or_default() += 1;
+            }
+            let first = img.sources.first();
+            let tags = first
+                .and_then(|s| s.metadata.get("tags"))
+                .and_then(|t| t.as_array())
+                .map(|a| {
+                    a.iter()
+                        .filter_map(|v| v.as_str().map(str::to_owned))
+                        .collect()
+                })
+                .unwrap_or_default();
+            DatasetRow {
+                image_id: img.sha256.chars().take(16).collect(),
+                image_key: img.key.clone(),
+                sha256: img.sha256.clone(),
+                format: img.format.clone(),
+                width: img.width,
+                height: img.height,
+                caption: input.caption.map(|c| c.caption.clone()),
+                caption_source: input.caption.map(|c| c.source.clone()),
+                language: language.map(str::to_owned),
+                words,
+                signals,
+                decision,
+                tier,
+                split,
+                tags,
+                source: first.and_then(|s| s.source.clone()),
+                license: first.and_then(|s| s.license.clone()),
+                metadata: first.map(|s| s.metadata.clone()).unwrap_or_default(),
+            }
+        })
+        .collect();
+    (rows, counts)
+}
+
+fn enum_name<T: serde::Serialize>(t: &T) -> String {
+    serde_json::to_value(t)
+        .ok()
+        .and_then(|v| v.as_str().map(str::to_owned))
+        .unwrap_or_default()
+}
+
+/// Runs filter jobs.
+#[derive(Clone, Default)]
+pub struct QualityFilter;
+
+fn kv_err(e: impl std::fmt::Display) -> JobError {
+    JobError::retryable("kv_unavailable", format!("{e:#}"))
+}
+
+impl Handler for QualityFilter {
+    fn service(&self) -> Service {
+        Service::QualityFilter
+    }
+
+    async fn handle(&self, ctx: &JobCtx, spec: JobSpec) -> Result<JobOutput, JobError> {
+        let JobSpec::Filter(spec) = spec else {
+            return Err(JobError::permanent(
+                "wrong_service",
+                format!("the quality filter does not run {} jobs", spec.kind()),
+            ));
+        };
+        spec.check()
+            .map_err(|e| JobError::permanent("invalid_job", e))?;
+        let datasets = ctx.bus.datasets_kv().await.map_err(kv_err)?;
+        let prefix = format!("{}.", spec.dataset);
+        let versions: Vec<(String, DatasetManifest)> =
+            kv_values(&datasets, &prefix).await.map_err(kv_err)?;
+        // A redelivered job whose version was already written returns it.
+        if let Some((_, m)) = versions.iter().find(|(_, m)| m.job == ctx.id) {
+            let (manifest, _) = ctx.store.put_json(m).await?;
+            return Ok(JobOutput::DatasetVersion(DatasetVersionOutput {
+                dataset: m.dataset.clone(),
+                version: m.version,
+                manifest,
+                counts: m.counts.clone(),
+            }));
+        }
+        let images_kv = ctx.bus.images_kv().await.map_err(kv_err)?;
+        let images = dataset_images(&images_kv, &spec.dataset)
+            .await
+            .map_err(kv_err)?;
+        if images.is_empty() {
+            return Err(JobError::permanent(
+                "unknown_dataset",
+                format!(
+                    "dataset {:?} has no images; add some with `atelier ingest DIR --dataset {}`",
+                    spec.dataset, spec.dataset
+                ),
+            ));
+        }
+        ctx.progress(0.1, Some(format!("{} images", images.len())))
+            .await;
+        let captions_kv = ctx.bus.captions_kv().await.map_err(kv_err)?;
+        let mut by_image: HashMap<String, Vec<CaptionRecord>> = HashMap::new();
+        for (_, c) in kv_values::<CaptionRecord>(&captions_kv, "")
+            .await
+            .map_err(kv_err)?
+        {
+            by_image.entry(c.image_sha256.clone()).or_default().push(c);
+        }
+        if let Some(sid) = &spec.caption_source {
+            let known = images.iter().any(|i| {
+                by_image
+                    .get(&i.sha256)
+                    .is_some_and(|cs| cs.iter().any(|c| &c.source_id == sid))
+            });
+            if !known {
+                return Err(JobError::permanent(
+                    "unknown_caption_source",
+                    format!(
+                        "no image of dataset {:?} has a caption from source {sid}; run a caption job first (its output names the source id)",
+                        spec.dataset
+                    ),
+                ));
+            }
+        }
+        let chosen: Vec<Option<&CaptionRecord>> = images
+            .iter()
+            .map(|i| {
+                let cs = by_image.get(&i.sha256)?;
+                match &spec.caption_source {
+                    Some(sid) => cs.iter().find(|c| &c.source_id == sid),
+                    None => cs.iter().max_by_key(|c| c.created_at),
+                }
+            })
+            .collect();
+        let inputs: Vec<Input<'_>> = images
+            .iter()
+            .zip(&chosen)
+            .map(|(image, caption)| Input {
+                image,
+                caption: *caption,
+            })
+            .collect();
+        let (rows, counts) = assess(&inputs, &spec.policy, &spec.split);
+        let caption_sources: BTreeMap<_, _> = chosen
+            .iter()
+            .flatten()
+            .map(|c| (c.source_id.clone(), c.source.clone()))
+            .collect();
+        let mut data = Vec::new();
+        for r in &rows {
+            serde_json::to_writer(&mut data, r)
+                .map_err(|e| JobError::permanent("internal", e.to_string()))?;
+            data.push(b'\n');
+        }
+        let (data, _) = ctx
+            .store
+            .put_bytes(data.into(), "application/x-ndjson")
+            .await?;
+        ctx.progress(0.8, Some("data written".to_owned())).await;
+        let parent = versions.iter().map(|(_, m)| m.version).max();
+        let mut version = parent.unwrap_or(0) + 1;
+        loop {
+            let manifest = DatasetManifest {
+                schema_version: SCHEMA_VERSION,
+                dataset: spec.dataset.clone(),
+                version,
+                parent: (version > 1).then_some(version - 1),
+                created_at: chrono::Utc::now(),
+                job: ctx.id,
+                policy: spec.policy.clone(),
+                split: spec.split.clone(),
+                caption_sources: caption_sources.clone(),
+                counts: counts.clone(),
+                data: data.clone(),
+                note: spec.note.clone(),
+            };
+            let value = serde_json::to_vec(&manifest)
+                .map_err(|e| JobError::permanent("internal", e.to_string()))?;
+            match datasets
+                .create(format!("{}.{version}", spec.dataset), value.into())
+                .await
+            {
+                Ok(_) => {
+                    let (manifest_ref, _) = ctx.store.put_json(&manifest).await?;
+                    tracing::info!(job = %ctx.id, dataset = %spec.dataset, version,
+                        rows = counts.rows, accepted = counts.accepted, flagged = counts.flagged,
+                        rejected = counts.rejected, "dataset version written");
+                    return Ok(JobOutput::DatasetVersion(DatasetVersionOutput {
+                        dataset: spec.dataset.clone(),
+                        version,
+                        manifest: manifest_ref,
+                        counts,
+                    }));
+                }
+                Err(e) if e.kind() == async_nats::jetstream::kv::CreateErrorKind::AlreadyExists => {
+                    // Another job took this number first.
+                    version += 1;
+                }
+                Err(e) => return Err(kv_err(e)),
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use atelier_contracts::dataset::CaptionSource;
+    use atelier_contracts::JobId;
+
+    fn image(n: u8, w: u32, h: u32, phash: u64) -> ImageRecord {
+        let sha = format!("{:02x}", n).repeat(32);
+        ImageRecord {
+            schema_version: 1,
+            sha256: sha.clone(),
+            key: format!("sha256/{}/{sha}", &sha[..2]),
+            size: 100,
+            content_type: "image/png".into(),
+            datasets: vec!["d".into()],
+            sources: vec![],
+            format: Some("png".into()),
+            width: Some(w),
+            height: Some(h),
+            exif_orientation: Some(1),
+            phash: Some(format!("{phash:016x}")),
+            flag: None,
+            first_seen: chrono::Utc::now(),
+            updated_at: chrono::Utc::now(),
+        }
+    }
+
+    fn caption(img: &ImageRecord, text: &str, finish: &str) -> CaptionRecord {
+        CaptionRecord {
+            schema_version: 1,
+            image_sha256: img.sha256.clone(),
+            source_id: "0123456789abcdef".into(),
+            source: CaptionSource {
+                backend: "openai".into(),
+                model: "m".into(),
+                prompt: "p".into(),
+            },
+            caption: text.into(),
+            finish_reason: Some(finish.into()),
+            usage: Default::default(),
+            job: JobId::new(),
+            created_at: chrono::Utc::now(),
+        }
+    }
+
+    const GOOD: &str = "The image shows a red circle and a blue rectangle on a white background.";
+
+    #[test]
+    fn signals_decisions_tiers_and_splits() {
+        let mut corrupt = image(7, 0, 0, 0);
+        corrupt.flag = Some("corrupt: truncated PNG".into());
+        corrupt.width = None;
+        let imgs = vec![
+            image(1, 128, 128, 0x0f0f_0f0f_0f0f_0f0f),
+            image(2, 128, 128, 0x0f0f_0f0f_0f0f_0f0e), // 1 bit from #1
+            image(3, 32, 128, 0xffff_0000_ffff_0000),  // small and elongated
+            image(4, 128, 96, 0x1234_5678_9abc_def0),
+            image(5, 128, 96, 0x0fed_cba9_8765_4321),
+            image(6, 128, 96, 0x5555_aaaa_5555_aaaa),
+            corrupt,
+            image(8, 128, 96, 0x3333_cccc_3333_cccc),
+        ];
+        let caps = [
+            Some(caption(&imgs[0], GOOD, "stop")),
+            Some(caption(&imgs[1], GOOD, "stop")),
+            Some(caption(&imgs[2], GOOD, "stop")),
+            Some(caption(&imgs[3], "I'm sorry, but I can't help with that request.", "stop")),
+            Some(caption(
+                &imgs[4],
+                "The image shows a red circle and a blue rectangle on a white background and the circle is",
+                "length",
+            )),
+            Some(caption(&imgs[5], "Red circle.", "stop")),
+            None,
+            None,
+        ];
+        let inputs: Vec<Input<'_>> = imgs
+            .iter()
+            .zip(&caps)
+            .map(|(image, c)| Input {
+                image,
+                caption: c.as_ref(),
+            })
+            .collect();
+        let policy = QualityPolicy::default();
+        let (rows, counts) = assess(&inputs, &policy, &SplitSpec::default());
+        let names = |i: usize| -> Vec<&str> { rows[i].signals.iter().map(|s| s.name.as_str()).collect() };
+        assert!(names(0).is_empty(), "{:?}", rows[0].signals);
+        assert_eq!((rows[0].decision, rows[0].tier), (Decision::Accept, Some(Tier::Gold)));
+        assert_eq!(names(1), ["duplicate"]);
+        assert!(rows[1].signals[0].reason.contains(&imgs[0].sha256));
+        assert_eq!(rows[1].decision, Decision::Reject);
+        assert_eq!(rows[1].tier, None);
+        assert_eq!(rows[1].split, None);
+        assert_eq!(names(2), ["small", "aspect"]);
+        assert_eq!(names(3), ["refusal"]);
+        assert_eq!(names(4), ["truncated"]);
+        assert_eq!((rows[4].decision, rows[4].tier), (Decision::Flag, Some(Tier::Bronze)));
+        assert_eq!(names(5), ["short"]);
+        assert_eq!(names(6), ["undecodable", "no_caption"]);
+        assert_eq!(names(7), ["no_caption"]);
+        assert_eq!(rows[0].language.as_deref(), Some("eng"));
+        assert_eq!(counts.rows, 8);
+        assert_eq!((counts.accepted, counts.flagged, counts.rejected), (1, 2, 5));
+        assert_eq!(counts.signals["no_caption"], 2);
+        assert_eq!(counts.tiers.values().sum::<u64>(), 3);
+        assert_eq!(counts.splits.values().sum::<u64>(), 3);
+
+        // A policy can lower a signal to a flag or ignore it.
+        let mut lenient = policy.clone();
+        lenient.severity.insert("refusal".into(), Severity::Flag);
+        lenient.severity.insert("short".into(), Severity::Ignore);
+        let (rows2, _) = assess(&inputs, &lenient, &SplitSpec::default());
+        assert_eq!(rows2[3].decision, Decision::Flag);
+        assert_eq!(rows2[5].decision, Decision::Accept);
+        assert_eq!(rows2[5].tier, Some(Tier::Silver));
+    }
+
+    #[test]
+    fn splits_are_stable_and_follow_the_fractions() {
+        let spec = SplitSpec {
+            val: 0.1,
+            test: 0.2,
+            seed: "s".into(),
+        };
+        let shas: Vec<String> = (0..5000u32).map(|i| format!("{i:064x}")).collect();
+        let splits: Vec<Split> = shas.iter().map(|s| split_of(&spec, s)).collect();
+        let share = |k: Split| splits.iter().filter(|&&s| s == k).count() as f64 / 5000.0;
+        assert!((share(Split::Val) - 0.1).abs() < 0.02);
+        assert!((share(Split::Test) - 0.2).abs() < 0.02);
+        // The same image keeps its split; another seed reshuffles.
+        assert_eq!(split_of(&spec, &shas[17]), splits[17]);
+        let other = SplitSpec {
+            seed: "t".into(),
+            ..spec.clone()
+        };
+        let moved = shas
+            .iter()
+            .zip(&splits)
+            .filter(|(s, k)| split_of(&other, s) != **k)
+            .count();
+        assert!(moved > 1000);
+    }
+}
