@@ -302,7 +302,7 @@ impl QualityPolicy {
                 names.join(", ")
             ));
         }
-        if !(self.max_aspect >= 1.0) {
+        if self.max_aspect.is_nan() || self.max_aspect < 1.0 {
             return Err(format!(
                 "max_aspect {}: must be at least 1",
                 self.max_aspect
@@ -314,7 +314,7 @@ impl QualityPolicy {
                 self.max_repeated_fraction
             ));
         }
-        if !(self.length_outlier_z >= 0.0) {
+        if self.length_outlier_z.is_nan() || self.length_outlier_z < 0.0 {
             return Err("length_outlier_z: must be 0 (off) or positive".into());
         }
         if self.max_words != 0 && self.max_words < self.min_words {

@@ -7,6 +7,7 @@
 //! - `DELETE /v1/jobs/{id}`            cancel (reaches a running worker within a second)
 //! - `GET    /v1/jobs/{id}/events`     Server-Sent Events: every change of the record until it ends
 //! - `GET    /v1/images/{sha256}`      an ingested image's record
+//! - `POST   /v1/images`, `GET /v1/datasets…`  announce images, read dataset versions ([`crate::datasets`])
 //! - `GET    /healthz`, `/metrics`, `/openapi.json` (no auth)
 //!
 //! Every `/v1` route needs `Authorization: Bearer <key>` with the route's scope ([`crate::auth`]).
@@ -115,6 +116,12 @@ pub fn router(app: AppState, auth: Arc<Auth>) -> Router {
         .route("/sdapi/v1/interrupt", post(crate::a1111::interrupt))
         .route("/v1/artifacts/{*key}", get(get_artifact))
         .route("/v1/images/{sha256}", get(get_image))
+        .route("/v1/images", post(crate::datasets::announce))
+        .route("/v1/datasets", get(crate::datasets::list))
+        .route(
+            "/v1/datasets/{name}/versions/{version}",
+            get(crate::datasets::version),
+        )
         .route_layer(middleware::from_fn_with_state(auth, auth::middleware));
     Router::new()
         .merge(v1)
@@ -769,9 +776,11 @@ impl utoipa::Modify for BearerAuth {
     paths(submit_job, txt2img, img2img, inpaint,
         crate::a1111::txt2img, crate::a1111::img2img, crate::a1111::samplers, crate::a1111::sd_models,
         crate::a1111::get_options, crate::a1111::set_options, crate::a1111::progress, crate::a1111::interrupt,
-        get_job, cancel_job, job_events, upload, get_artifact, get_image, healthz, metrics, openapi_json),
+        get_job, cancel_job, job_events, upload, get_artifact, get_image,
+        crate::datasets::announce, crate::datasets::list, crate::datasets::version,
+        healthz, metrics, openapi_json),
     modifiers(&BearerAuth),
-    tags((name = "jobs"), (name = "generation"), (name = "a1111"), (name = "artifacts"), (name = "images"), (name = "ops"))
+    tags((name = "jobs"), (name = "generation"), (name = "a1111"), (name = "artifacts"), (name = "images"), (name = "datasets"), (name = "ops"))
 )]
 pub struct ApiDoc;
 
@@ -795,6 +804,9 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("post", "/sdapi/v1/interrupt"),
     ("get", "/v1/artifacts/{key}"),
     ("get", "/v1/images/{sha256}"),
+    ("post", "/v1/images"),
+    ("get", "/v1/datasets"),
+    ("get", "/v1/datasets/{name}/versions/{version}"),
     ("get", "/healthz"),
     ("get", "/metrics"),
     ("get", "/openapi.json"),

@@ -125,6 +125,46 @@ impl Client {
         Ok(Some(Self::check(resp).await?.json().await?))
     }
 
+    /// `POST /v1/images`: announce stored images for ingest.
+    pub async fn announce(
+        &self,
+        ev: &atelier_contracts::images::ImagesIngested,
+    ) -> anyhow::Result<()> {
+        let resp = self
+            .req(reqwest::Method::POST, "/v1/images")
+            .json(ev)
+            .send()
+            .await
+            .context("announcing images")?;
+        Self::check(resp).await?;
+        Ok(())
+    }
+
+    pub async fn datasets(&self) -> anyhow::Result<Vec<crate::datasets::DatasetSummary>> {
+        let resp = self
+            .req(reqwest::Method::GET, "/v1/datasets")
+            .send()
+            .await?;
+        Ok(Self::check(resp).await?.json().await?)
+    }
+
+    /// A version's manifest (`version` None: the latest).
+    pub async fn dataset_version(
+        &self,
+        dataset: &str,
+        version: Option<u32>,
+    ) -> anyhow::Result<atelier_contracts::DatasetManifest> {
+        let v = version.map_or("latest".to_owned(), |v| v.to_string());
+        let resp = self
+            .req(
+                reqwest::Method::GET,
+                &format!("/v1/datasets/{dataset}/versions/{v}"),
+            )
+            .send()
+            .await?;
+        Ok(Self::check(resp).await?.json().await?)
+    }
+
     /// Follows `/v1/jobs/{id}/events` and calls `on_update` for each record until a terminal one,
     /// which it returns.
     pub async fn follow(

@@ -7,7 +7,10 @@
 //! show a failing job (a wrong expected digest), and announce an image the way an external system
 //! does (an object in the bucket plus an `atelier.v1.images.ingested` event) and wait for its
 //! record; then it generates with a tiny model (txt2img twice with one seed, img2img, inpainting).
-//! Later issues extend it (captions, quality, datasets, search, training).
+//! Then the dataset side: a folder of generated scenes ingested, captioned (through the built-in
+//! scene describer, over the OpenAI wire format), filtered into a dataset version, exported as
+//! WebDataset, image folders and LLaVA JSON, and the captions scored against the scenes' truth.
+//! Later issues extend it (search, training).
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -74,6 +77,10 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
             model_cache: 2,
             device: "cpu".into(),
         },
+        openai: atelier_captioner::OpenAiArgs::default(),
+        // No vision model can be reached here: caption through the built-in scene describer,
+        // over the same OpenAI wire format a real endpoint speaks.
+        scene_captioner: true,
     };
     // A tiny random-weight Stable Diffusion (real weights cannot be downloaded here): the
     // pipeline is the real one, the pictures are noise-like.
@@ -284,12 +291,13 @@ async fn pipeline(embedded: &Embedded, key: &str) -> anyhow::Result<String> {
     summary.push_str("ingest event: ok\n");
 
     generation(&client, &mut summary).await?;
+    datasets(&client, &mut summary).await?;
 
     let health = reqwest::get(format!("http://{}/healthz", embedded.addr))
         .await?
         .text()
         .await?;
-    println!("\n5. GET /healthz → {health}");
+    println!("\n6. GET /healthz → {health}");
     Ok(format!("\nsummary:\n{summary}"))
 }
 
@@ -425,4 +433,192 @@ async fn generation(client: &Client, summary: &mut String) -> anyhow::Result<()>
     );
     summary.push_str("txt2img / img2img / inpaint: ok\n");
     Ok(())
+}
+
+/// Step 5, the dataset side: ingest a folder of generated scenes, caption them, filter them into
+/// a dataset version, export it three ways, and score the captions against the scenes' truth.
+async fn datasets(client: &Client, summary: &mut String) -> anyhow::Result<()> {
+    use atelier_contracts::dataset::{CaptionBackend, CaptionSpec, FilterSpec, Tier};
+    use atelier_ingest::samples;
+    println!("\n5. dataset: atelier ingest → caption → filter → export, then eval-captions");
+    let dir = tempfile::tempdir()?;
+    let n = 24u64;
+    for seed in 0..n {
+        let (fmt, ext) = if seed % 3 == 0 {
+            (image::ImageFormat::Jpeg, "jpg")
+        } else {
+            (image::ImageFormat::Png, "png")
+        };
+        std::fs::write(
+            dir.path().join(format!("scene-{seed:03}.{ext}")),
+            samples::scene_bytes(seed, 160, 120, fmt),
+        )?;
+    }
+    // A copy under another name (one image, two sources), a truncated file, a tiny thumbnail.
+    std::fs::copy(
+        dir.path().join("scene-001.png"),
+        dir.path().join("copy-of-scene-001.png"),
+    )?;
+    let whole = samples::scene_bytes(99, 160, 120, image::ImageFormat::Png);
+    std::fs::write(dir.path().join("broken.png"), &whole[..whole.len() / 2])?;
+    std::fs::write(
+        dir.path().join("thumb.png"),
+        samples::scene_bytes(98, 40, 30, image::ImageFormat::Png),
+    )?;
+    let report = crate::dataset_cli::ingest_dir(
+        client,
+        dir.path(),
+        "scenes",
+        Some("CC0-1.0".into()),
+        Duration::from_secs(60),
+    )
+    .await?;
+    println!(
+        "   ingest: {} files → {} images recorded, flagged: {:?}",
+        report.files, report.recorded, report.flagged
+    );
+    if report.images != (n as usize) + 2 || report.flagged.len() != 1 || !report.pending.is_empty()
+    {
+        bail!("ingest went wrong: {report:?}");
+    }
+
+    let caption = JobSpec::Caption(CaptionSpec {
+        dataset: "scenes".into(),
+        images: vec![],
+        backend: CaptionBackend::default(),
+    });
+    let out = match run_to_end(client, &caption).await? {
+        JobOutput::Captions(c) => c,
+        other => bail!("caption job returned {other:?}"),
+    };
+    println!(
+        "   caption (model {}, source {}): {} captioned, {} unusable, {} prompt + {} completion tokens",
+        out.source.model,
+        out.source_id,
+        out.captioned,
+        out.unusable,
+        out.usage.prompt_tokens,
+        out.usage.completion_tokens
+    );
+    if out.captioned != n + 1 || out.unusable != 1 || !out.failed.is_empty() {
+        bail!("captioning went wrong: {out:?}");
+    }
+    let again = match run_to_end(client, &caption).await? {
+        JobOutput::Captions(c) => c,
+        other => bail!("caption job returned {other:?}"),
+    };
+    println!(
+        "   caption again: {} already captioned, {} new, {} tokens spent",
+        again.already_captioned,
+        again.captioned,
+        again.usage.prompt_tokens + again.usage.completion_tokens
+    );
+    if again.captioned != 0 || again.already_captioned != n + 1 {
+        bail!("re-captioning was not free: {again:?}");
+    }
+
+    let filter = JobSpec::Filter(FilterSpec {
+        dataset: "scenes".into(),
+        caption_source: Some(out.source_id.clone()),
+        policy: Default::default(),
+        split: atelier_contracts::dataset::SplitSpec {
+            val: 0.15,
+            test: 0.15,
+            seed: "demo".into(),
+        },
+        note: Some("atelier demo".into()),
+    });
+    let v = match run_to_end(client, &filter).await? {
+        JobOutput::DatasetVersion(v) => v,
+        other => bail!("filter job returned {other:?}"),
+    };
+    println!(
+        "   filter → {} v{}: {} rows, {} accepted, {} flagged, {} rejected; tiers {:?}; splits {:?}; signals {:?}",
+        v.dataset,
+        v.version,
+        v.counts.rows,
+        v.counts.accepted,
+        v.counts.flagged,
+        v.counts.rejected,
+        v.counts.tiers,
+        v.counts.splits,
+        v.counts.signals
+    );
+    // The broken file and the thumbnail are rejected; the scenes are kept.
+    if v.counts.rows != n + 2 || v.counts.rejected != 2 {
+        bail!("unexpected decisions: {:?}", v.counts);
+    }
+
+    let manifest = client.dataset_version("scenes", Some(v.version)).await?;
+    let rows = crate::dataset_cli::rows(client, &manifest).await?;
+    let exports = tempfile::tempdir()?;
+    for format in [
+        crate::dataset_cli::ExportFormat::Webdataset,
+        crate::dataset_cli::ExportFormat::Jsonl,
+        crate::dataset_cli::ExportFormat::Llava,
+    ] {
+        let out_dir = exports.path().join(format!("{format:?}").to_lowercase());
+        let r = crate::dataset_cli::export(
+            client,
+            &manifest,
+            rows.clone(),
+            format,
+            &[Tier::Gold, Tier::Silver, Tier::Bronze],
+            &out_dir,
+            16,
+        )
+        .await?;
+        let kept: usize = r.splits.values().sum();
+        if kept as u64 != v.counts.accepted + v.counts.flagged {
+            bail!("{format:?} export wrote {kept} rows");
+        }
+        println!(
+            "   export --format {:<10} {kept} rows in {} files, splits {:?}",
+            format!("{format:?}").to_lowercase(),
+            r.files.len(),
+            r.splits
+        );
+    }
+
+    // Captions against the scenes' ground truth (five references each).
+    let mut refs = std::collections::BTreeMap::new();
+    let mut cands = std::collections::BTreeMap::new();
+    for r in &rows {
+        let seed = r
+            .source
+            .as_deref()
+            .and_then(|s| s.strip_prefix("scene-"))
+            .and_then(|s| s.get(..3))
+            .and_then(|s| s.parse::<u64>().ok());
+        if let (Some(seed), Some(c)) = (seed, &r.caption) {
+            refs.insert(r.image_id.clone(), samples::scene_captions(seed));
+            cands.insert(r.image_id.clone(), c.clone());
+        }
+    }
+    let scores = atelier_caption_eval::evaluate(&refs, &cands)
+        .map_err(|e| anyhow::anyhow!("scoring captions: {e}"))?;
+    let get = |k: &str| scores.corpus.get(k).copied().unwrap_or(f64::NAN);
+    println!(
+        "   eval-captions vs ground truth ({} images): Bleu_1 {:.3} Bleu_4 {:.3} ROUGE_L {:.3} CIDEr {:.3}",
+        cands.len(),
+        get("Bleu_1"),
+        get("Bleu_4"),
+        get("ROUGE_L"),
+        get("CIDEr")
+    );
+    if get("Bleu_1") < 0.3 {
+        bail!("captions do not match the scenes: {:?}", scores.corpus);
+    }
+    summary.push_str("ingest / caption / filter / export / eval: ok\n");
+    Ok(())
+}
+
+/// Submits a job and follows it to the end; its output, or an error with the job's reason.
+async fn run_to_end(client: &Client, spec: &JobSpec) -> anyhow::Result<JobOutput> {
+    let record = client.submit(spec).await?;
+    let done = client.follow(&record.id.to_string(), |_| {}).await?;
+    match (done.state, done.output, done.error) {
+        (JobState::Succeeded, Some(out), _) => Ok(out),
+        (state, _, e) => bail!("{} job {} ended {state:?}: {e:?}", spec.kind(), done.id),
+    }
 }

@@ -44,6 +44,14 @@ pub struct UpArgs {
     /// Model registry for the sampler and inpainter (default `<data-dir>/models`).
     #[command(flatten)]
     pub models: atelier_sampler::GeneratorArgs,
+    /// The captioner's endpoint (an OpenAI-compatible vision API).
+    #[command(flatten)]
+    pub openai: atelier_captioner::OpenAiArgs,
+    /// Caption through the built-in scene describer (an OpenAI-compatible server on loopback
+    /// that captions atelier's generated sample scenes) instead of --openai-base-url; for
+    /// trying the pipeline without a vision model.
+    #[arg(long = "scene-captioner", env = "ATELIER_SCENE_CAPTIONER")]
+    pub scene_captioner: bool,
 }
 
 /// A running embedded atelier.
@@ -53,6 +61,8 @@ pub struct Embedded {
     pub bus: Bus,
     pub store: Store,
     nats: Option<NatsServer>,
+    /// The built-in scene describer, when `--scene-captioner` is on.
+    _vision: Option<atelier_captioner::vision_server::VisionServer>,
     tasks: JoinSet<anyhow::Result<()>>,
     shutdown: CancellationToken,
 }
@@ -105,6 +115,39 @@ impl Embedded {
             atelier_ingest::Ingest::run(r, w, atelier_ingest::analyze::DEFAULT_MAX_PIXELS, s).await
         });
 
+        let vision = if args.scene_captioner {
+            let server = atelier_captioner::vision_server::VisionServer::start(
+                atelier_captioner::vision_server::ServerConfig {
+                    model: "atelier-scene-describer".into(),
+                    ..Default::default()
+                },
+            )
+            .await?;
+            args.openai.base_url = server.base_url();
+            args.openai.model = "atelier-scene-describer".into();
+            Some(server)
+        } else {
+            None
+        };
+        let captioner = Worker::new(
+            atelier_captioner::Captioner::new(args.openai.clone())?,
+            rt.bus.clone(),
+            rt.store.clone(),
+            metrics.clone(),
+        )
+        .await?;
+        let (w, s) = (args.worker.clone(), shutdown.clone());
+        tasks.spawn(async move { captioner.run(w, s).await });
+        let filter = Worker::new(
+            atelier_quality_filter::QualityFilter,
+            rt.bus.clone(),
+            rt.store.clone(),
+            metrics.clone(),
+        )
+        .await?;
+        let (w, s) = (args.worker.clone(), shutdown.clone());
+        tasks.spawn(async move { filter.run(w, s).await });
+
         if args.models.models == std::path::Path::new("models") {
             args.models.models = args.data_dir.join("models");
         }
@@ -141,6 +184,7 @@ impl Embedded {
             bus: rt.bus,
             store: rt.store,
             nats,
+            _vision: vision,
             tasks,
             shutdown,
         })

@@ -10,6 +10,8 @@ pub mod a1111;
 pub mod api;
 pub mod auth;
 pub mod client;
+pub mod dataset_cli;
+pub mod datasets;
 pub mod demo;
 pub mod embedded;
 pub mod error;

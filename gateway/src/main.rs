@@ -5,6 +5,7 @@
 //! - `atelier gateway`   the HTTP gateway alone, against a cluster's NATS and store
 //! - `atelier keygen`    a new API key and its config entry
 //! - `atelier upload | submit | job | cancel`   talk to a running gateway
+//! - `atelier ingest | caption | filter | datasets | export`   the dataset side, over the gateway
 
 use std::path::PathBuf;
 
@@ -241,6 +242,91 @@ enum Command {
     /// Cancel a job.
     Cancel {
         id: String,
+        #[command(flatten)]
+        remote: Remote,
+    },
+    /// Upload every image under DIR into a dataset and wait until each is recorded.
+    Ingest {
+        dir: PathBuf,
+        #[arg(long)]
+        dataset: String,
+        /// License recorded for every image (e.g. CC-BY-4.0).
+        #[arg(long)]
+        license: Option<String>,
+        /// Seconds to wait for the ingest service to record them.
+        #[arg(long, default_value_t = 300)]
+        wait_secs: u64,
+        #[command(flatten)]
+        remote: Remote,
+    },
+    /// Caption a dataset's images (the captioner service; skips images already captioned by the
+    /// same model and prompt).
+    Caption {
+        #[arg(long)]
+        dataset: String,
+        /// Model name for the endpoint (the worker's default when absent).
+        #[arg(long)]
+        model: Option<String>,
+        /// Prompt (default ShareGPT4V's).
+        #[arg(long)]
+        prompt: Option<String>,
+        #[arg(long, default_value_t = 300)]
+        max_tokens: u32,
+        #[arg(long, default_value_t = 0.2)]
+        temperature: f32,
+        #[arg(long, default_value_t = 768)]
+        image_max_side: u32,
+        #[command(flatten)]
+        remote: Remote,
+    },
+    /// Check a dataset's images and captions under a policy and write a new dataset version.
+    Filter {
+        #[arg(long)]
+        dataset: String,
+        /// A TOML policy file (thresholds and severities; see docs/datasets.md).
+        #[arg(long)]
+        policy: Option<PathBuf>,
+        /// Caption source id (from a caption job's output); default: each image's newest caption.
+        #[arg(long)]
+        caption_source: Option<String>,
+        #[arg(long, default_value_t = 0.05)]
+        val: f32,
+        #[arg(long, default_value_t = 0.05)]
+        test: f32,
+        #[arg(long, default_value = "atelier")]
+        split_seed: String,
+        #[arg(long)]
+        note: Option<String>,
+        #[command(flatten)]
+        remote: Remote,
+    },
+    /// Dataset versions: list them, or show one's manifest.
+    Datasets {
+        /// Show this dataset's manifest (the latest, or --version).
+        dataset: Option<String>,
+        #[arg(long)]
+        version: Option<u32>,
+        #[command(flatten)]
+        remote: Remote,
+    },
+    /// Export a dataset version for training.
+    Export {
+        #[arg(long)]
+        dataset: String,
+        /// Default: the latest.
+        #[arg(long)]
+        version: Option<u32>,
+        #[arg(long, value_enum)]
+        format: atelier_gateway::dataset_cli::ExportFormat,
+        /// A new or empty folder.
+        #[arg(long)]
+        out: PathBuf,
+        /// Tiers to include, comma-separated.
+        #[arg(long, default_value = "gold,silver,bronze", value_delimiter = ',')]
+        tiers: Vec<String>,
+        /// Samples per WebDataset shard.
+        #[arg(long, default_value_t = 10_000)]
+        shard_size: usize,
         #[command(flatten)]
         remote: Remote,
     },
@@ -550,6 +636,167 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             }
         }
         Command::Cancel { id, remote } => print_json(&remote.client()?.cancel(&id).await?),
+        Command::Ingest {
+            dir,
+            dataset,
+            license,
+            wait_secs,
+            remote,
+        } => {
+            let report = atelier_gateway::dataset_cli::ingest_dir(
+                &remote.client()?,
+                &dir,
+                &dataset,
+                license,
+                std::time::Duration::from_secs(wait_secs),
+            )
+            .await?;
+            print_json(&report)?;
+            if !report.pending.is_empty() {
+                anyhow::bail!(
+                    "{} files not recorded within {wait_secs} s; is the ingest service running?",
+                    report.pending.len()
+                );
+            }
+            Ok(())
+        }
+        Command::Caption {
+            dataset,
+            model,
+            prompt,
+            max_tokens,
+            temperature,
+            image_max_side,
+            remote,
+        } => {
+            let spec = atelier_contracts::JobSpec::Caption(atelier_contracts::CaptionSpec {
+                dataset,
+                images: vec![],
+                backend: atelier_contracts::CaptionBackend::Openai {
+                    model,
+                    prompt,
+                    max_tokens,
+                    temperature,
+                    image_max_side,
+                },
+            });
+            run_job(&remote, &spec).await
+        }
+        Command::Filter {
+            dataset,
+            policy,
+            caption_source,
+            val,
+            test,
+            split_seed,
+            note,
+            remote,
+        } => {
+            let policy = match policy {
+                Some(p) => {
+                    let text = std::fs::read_to_string(&p)
+                        .with_context(|| format!("reading {}", p.display()))?;
+                    toml::from_str(&text)
+                        .with_context(|| format!("{} is not a valid policy", p.display()))?
+                }
+                None => Default::default(),
+            };
+            let spec = atelier_contracts::JobSpec::Filter(atelier_contracts::FilterSpec {
+                dataset,
+                caption_source,
+                policy,
+                split: atelier_contracts::dataset::SplitSpec {
+                    val,
+                    test,
+                    seed: split_seed,
+                },
+                note,
+            });
+            run_job(&remote, &spec).await
+        }
+        Command::Datasets {
+            dataset,
+            version,
+            remote,
+        } => {
+            let client = remote.client()?;
+            match dataset {
+                Some(d) => print_json(&client.dataset_version(&d, version).await?),
+                None => {
+                    for d in client.datasets().await? {
+                        println!(
+                            "{}\tversions {:?}\tlatest: {} rows, {} accepted, {} flagged, {} rejected",
+                            d.dataset,
+                            d.versions,
+                            d.latest.counts.rows,
+                            d.latest.counts.accepted,
+                            d.latest.counts.flagged,
+                            d.latest.counts.rejected
+                        );
+                    }
+                    Ok(())
+                }
+            }
+        }
+        Command::Export {
+            dataset,
+            version,
+            format,
+            out,
+            tiers,
+            shard_size,
+            remote,
+        } => {
+            let tiers = tiers
+                .iter()
+                .map(|t| {
+                    serde_json::from_value::<atelier_contracts::dataset::Tier>(t.trim().into())
+                        .map_err(|_| {
+                            anyhow::anyhow!("--tiers: unknown tier {t:?}; use gold, silver, bronze")
+                        })
+                })
+                .collect::<anyhow::Result<Vec<_>>>()?;
+            let client = remote.client()?;
+            let manifest = client.dataset_version(&dataset, version).await?;
+            let rows = atelier_gateway::dataset_cli::rows(&client, &manifest).await?;
+            let report = atelier_gateway::dataset_cli::export(
+                &client, &manifest, rows, format, &tiers, &out, shard_size,
+            )
+            .await?;
+            print_json(&serde_json::json!({
+                "dataset": report.dataset,
+                "version": report.version,
+                "out": report.out,
+                "splits": report.splits,
+                "files": report.files.len(),
+            }))
+        }
+    }
+}
+
+/// Submits a job, follows it, prints its output; fails with the job's error.
+async fn run_job(remote: &Remote, spec: &atelier_contracts::JobSpec) -> anyhow::Result<()> {
+    let client = remote.client()?;
+    let record = client.submit(spec).await?;
+    eprintln!("job {} queued", record.id);
+    let done = client
+        .follow(&record.id.to_string(), |r| {
+            if let Some(p) = &r.progress {
+                eprintln!(
+                    "{:?} {:.0}% {}",
+                    r.state,
+                    p.fraction * 100.0,
+                    p.message.as_deref().unwrap_or("")
+                );
+            }
+        })
+        .await?;
+    match (done.state, &done.output, &done.error) {
+        (atelier_contracts::JobState::Succeeded, Some(out), _) => print_json(out),
+        (state, _, Some(e)) => {
+            anyhow::bail!("job {} {state:?}: {} ({})", done.id, e.message, e.code)
+        }
+        (state, _, _) => anyhow::bail!("job {} ended {state:?}", done.id),
     }
 }
 

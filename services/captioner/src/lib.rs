@@ -64,6 +64,15 @@ pub struct Captioner {
     client: Arc<Client>,
 }
 
+/// What every image of one job shares.
+struct Batch {
+    captions: async_nats::jetstream::kv::Store,
+    source: CaptionSource,
+    sid: String,
+    req: openai::Request,
+    max_side: u32,
+}
+
 enum One {
     Done(TokenUsage),
     Already,
@@ -77,16 +86,15 @@ impl Captioner {
         })
     }
 
-    async fn one(
-        &self,
-        ctx: &JobCtx,
-        captions: &async_nats::jetstream::kv::Store,
-        rec: &ImageRecord,
-        source: &CaptionSource,
-        sid: &str,
-        req: &openai::Request,
-        max_side: u32,
-    ) -> Result<One, JobError> {
+    async fn one(&self, ctx: &JobCtx, job: &Batch, rec: &ImageRecord) -> Result<One, JobError> {
+        let Batch {
+            captions,
+            source,
+            sid,
+            req,
+            max_side,
+        } = job;
+        let max_side = *max_side;
         let key = format!("{}.{sid}", rec.sha256);
         let fail = |error: String| {
             Ok(One::Failed(CaptionFailure {
@@ -220,21 +228,19 @@ impl Handler for Captioner {
             usage: TokenUsage::default(),
         };
         let finished = Arc::new(finished);
-        let mut results = futures::stream::iter(usable.into_iter())
+        let batch = Arc::new(Batch {
+            captions,
+            source: source.clone(),
+            sid: sid.clone(),
+            req,
+            max_side: image_max_side,
+        });
+        let mut results = futures::stream::iter(usable)
             .map(|rec| {
-                let (this, ctx, captions, source, sid, req, finished) = (
-                    self.clone(),
-                    ctx.clone(),
-                    captions.clone(),
-                    source.clone(),
-                    sid.clone(),
-                    req.clone(),
-                    finished.clone(),
-                );
+                let (this, ctx, batch, finished) =
+                    (self.clone(), ctx.clone(), batch.clone(), finished.clone());
                 async move {
-                    let r = this
-                        .one(&ctx, &captions, &rec, &source, &sid, &req, image_max_side)
-                        .await;
+                    let r = this.one(&ctx, &batch, &rec).await;
                     let k = finished.fetch_add(1, Ordering::Relaxed) + 1;
                     if k % step == 0 || k == n {
                         ctx.progress(

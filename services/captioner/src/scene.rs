@@ -102,7 +102,7 @@ pub fn describe(img: &RgbImage) -> String {
             )
         })
         .collect();
-    objects.sort_by(|a, b| b.0.cmp(&a.0));
+    objects.sort_by_key(|o| std::cmp::Reverse(o.0));
     let bg_name = PALETTE[bg].1;
     match objects.as_slice() {
         [] => format!("The image shows a plain {bg_name} background with nothing on it."),

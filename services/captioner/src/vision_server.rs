@@ -120,7 +120,7 @@ async fn models(State(s): State<Arc<Inner>>) -> Json<serde_json::Value> {
 }
 
 fn every(k: u64, n: u64) -> bool {
-    k > 0 && n % k == 0
+    k > 0 && n.is_multiple_of(k)
 }
 
 async fn completions(

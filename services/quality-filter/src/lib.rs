@@ -478,7 +478,7 @@ mod tests {
         let mut corrupt = image(7, 0, 0, 0);
         corrupt.flag = Some("corrupt: truncated PNG".into());
         corrupt.width = None;
-        let imgs = vec![
+        let imgs = [
             image(1, 128, 128, 0x0f0f_0f0f_0f0f_0f0f),
             image(2, 128, 128, 0x0f0f_0f0f_0f0f_0f0e), // 1 bit from #1
             image(3, 32, 128, 0xffff_0000_ffff_0000),  // small and elongated
@@ -512,9 +512,13 @@ mod tests {
             .collect();
         let policy = QualityPolicy::default();
         let (rows, counts) = assess(&inputs, &policy, &SplitSpec::default());
-        let names = |i: usize| -> Vec<&str> { rows[i].signals.iter().map(|s| s.name.as_str()).collect() };
+        let names =
+            |i: usize| -> Vec<&str> { rows[i].signals.iter().map(|s| s.name.as_str()).collect() };
         assert!(names(0).is_empty(), "{:?}", rows[0].signals);
-        assert_eq!((rows[0].decision, rows[0].tier), (Decision::Accept, Some(Tier::Gold)));
+        assert_eq!(
+            (rows[0].decision, rows[0].tier),
+            (Decision::Accept, Some(Tier::Gold))
+        );
         assert_eq!(names(1), ["duplicate"]);
         assert!(rows[1].signals[0].reason.contains(&imgs[0].sha256));
         assert_eq!(rows[1].decision, Decision::Reject);
@@ -523,13 +527,19 @@ mod tests {
         assert_eq!(names(2), ["small", "aspect"]);
         assert_eq!(names(3), ["refusal"]);
         assert_eq!(names(4), ["truncated"]);
-        assert_eq!((rows[4].decision, rows[4].tier), (Decision::Flag, Some(Tier::Bronze)));
+        assert_eq!(
+            (rows[4].decision, rows[4].tier),
+            (Decision::Flag, Some(Tier::Bronze))
+        );
         assert_eq!(names(5), ["short"]);
         assert_eq!(names(6), ["undecodable", "no_caption"]);
         assert_eq!(names(7), ["no_caption"]);
         assert_eq!(rows[0].language.as_deref(), Some("eng"));
         assert_eq!(counts.rows, 8);
-        assert_eq!((counts.accepted, counts.flagged, counts.rejected), (1, 2, 5));
+        assert_eq!(
+            (counts.accepted, counts.flagged, counts.rejected),
+            (1, 2, 5)
+        );
         assert_eq!(counts.signals["no_caption"], 2);
         assert_eq!(counts.tiers.values().sum::<u64>(), 3);
         assert_eq!(counts.splits.values().sum::<u64>(), 3);

@@ -1,0 +1,342 @@
+//! The dataset side of the CLI, over the gateway's HTTP API: `atelier ingest DIR` (upload and
+//! announce a folder of images, then wait until each is recorded) and `atelier export` (a dataset
+//! version as Hugging Face image folders with `metadata.jsonl`, WebDataset tar shards in
+//! img2dataset's layout, or LLaVA/ShareGPT4V conversation JSON).
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context as _};
+use atelier_contracts::dataset::{DatasetManifest, DatasetRow, Decision, Split, Tier};
+use atelier_contracts::images::{ImagesIngested, IngestedImage};
+use atelier_contracts::SCHEMA_VERSION;
+use futures::{StreamExt as _, TryStreamExt as _};
+use serde::Serialize;
+
+use crate::client::Client;
+
+const IMAGE_EXTENSIONS: &[&str] = &["jpg", "jpeg", "png", "webp", "bmp", "tif", "tiff", "gif"];
+
+#[derive(Debug, Serialize)]
+pub struct IngestReport {
+    pub dataset: String,
+    pub files: usize,
+    /// Distinct images (the same bytes twice are one image).
+    pub images: usize,
+    pub recorded: usize,
+    /// Files whose bytes are not a usable image, with the reason.
+    pub flagged: Vec<(String, String)>,
+    /// Files not yet recorded when the wait ended.
+    pub pending: Vec<String>,
+}
+
+/// Image files under `dir`, sorted, by extension.
+pub fn image_files(dir: &Path) -> anyhow::Result<Vec<PathBuf>> {
+    if !dir.is_dir() {
+        bail!("{} is not a directory", dir.display());
+    }
+    let mut files = Vec::new();
+    for e in walkdir::WalkDir::new(dir).follow_links(true) {
+        let e = e.with_context(|| format!("reading {}", dir.display()))?;
+        let ext = e
+            .path()
+            .extension()
+            .and_then(|x| x.to_str())
+            .map(str::to_ascii_lowercase);
+        if e.file_type().is_file() && ext.is_some_and(|x| IMAGE_EXTENSIONS.contains(&x.as_str())) {
+            files.push(e.into_path());
+        }
+    }
+    files.sort();
+    Ok(files)
+}
+
+fn content_type(path: &Path) -> &'static str {
+    match path
+        .extension()
+        .and_then(|x| x.to_str())
+        .map(str::to_ascii_lowercase)
+        .as_deref()
+    {
+        Some("jpg" | "jpeg") => "image/jpeg",
+        Some("png") => "image/png",
+        Some("webp") => "image/webp",
+        Some("bmp") => "image/bmp",
+        Some("tif" | "tiff") => "image/tiff",
+        Some("gif") => "image/gif",
+        _ => "application/octet-stream",
+    }
+}
+
+/// Uploads every image under `dir`, announces them for `dataset`, and waits (up to `wait`) until
+/// the ingest service has recorded each.
+pub async fn ingest_dir(
+    client: &Client,
+    dir: &Path,
+    dataset: &str,
+    license: Option<String>,
+    wait: Duration,
+) -> anyhow::Result<IngestReport> {
+    atelier_contracts::dataset::check_dataset_name(dataset).map_err(anyhow::Error::msg)?;
+    let files = image_files(dir)?;
+    if files.is_empty() {
+        bail!(
+            "no images under {} (looked for {})",
+            dir.display(),
+            IMAGE_EXTENSIONS.join(", ")
+        );
+    }
+    let uploaded: Vec<(String, String, String)> = futures::stream::iter(files.iter())
+        .map(|f| async move {
+            let bytes = tokio::fs::read(f)
+                .await
+                .with_context(|| format!("reading {}", f.display()))?;
+            let up = client
+                .upload(bytes.into(), content_type(f))
+                .await
+                .with_context(|| format!("uploading {}", f.display()))?;
+            let rel = f.strip_prefix(dir).unwrap_or(f).display().to_string();
+            anyhow::Ok((rel, up.artifact.key, up.artifact.sha256))
+        })
+        .buffered(4)
+        .try_collect()
+        .await?;
+    for chunk in uploaded.chunks(crate::datasets::MAX_IMAGES_PER_ANNOUNCE) {
+        let ev = ImagesIngested {
+            schema_version: SCHEMA_VERSION,
+            dataset: Some(dataset.to_owned()),
+            images: chunk
+                .iter()
+                .map(|(rel, key, sha)| IngestedImage {
+                    key: key.clone(),
+                    sha256: Some(sha.clone()),
+                    source: Some(rel.clone()),
+                    license: license.clone(),
+                    metadata: Default::default(),
+                })
+                .collect(),
+        };
+        client.announce(&ev).await?;
+    }
+    let mut by_sha: BTreeMap<&str, Vec<&str>> = BTreeMap::new();
+    for (rel, _, sha) in &uploaded {
+        by_sha.entry(sha).or_default().push(rel);
+    }
+    let deadline = Instant::now() + wait;
+    let mut pending: Vec<&str> = by_sha.keys().copied().collect();
+    let mut flagged = Vec::new();
+    let mut recorded = 0;
+    loop {
+        let mut still = Vec::new();
+        for sha in pending {
+            match client.image(sha).await? {
+                Some(r) if r.datasets.iter().any(|d| d == dataset) => {
+                    recorded += 1;
+                    if let Some(flag) = r.flag {
+                        for rel in &by_sha[sha] {
+                            flagged.push(((*rel).to_owned(), flag.clone()));
+                        }
+                    }
+                }
+                _ => still.push(sha),
+            }
+        }
+        pending = still;
+        if pending.is_empty() || Instant::now() >= deadline {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    Ok(IngestReport {
+        dataset: dataset.to_owned(),
+        files: files.len(),
+        images: by_sha.len(),
+        recorded,
+        flagged,
+        pending: pending
+            .iter()
+            .flat_map(|s| by_sha[s].iter().map(|r| (*r).to_owned()))
+            .collect(),
+    })
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum ExportFormat {
+    /// Hugging Face image folders: `<split>/metadata.jsonl` + images (`load_dataset("imagefolder")`).
+    Jsonl,
+    /// WebDataset tar shards as img2dataset writes them: `<split>/00000.tar` with key.jpg/png,
+    /// key.txt, key.json.
+    Webdataset,
+    /// LLaVA / ShareGPT4V conversation JSON per split, images under `images/`.
+    Llava,
+}
+
+#[derive(Debug, Serialize)]
+pub struct ExportReport {
+    pub dataset: String,
+    pub version: u32,
+    pub out: PathBuf,
+    /// Rows written per split.
+    pub splits: BTreeMap<String, usize>,
+    pub files: Vec<String>,
+}
+
+fn split_dir(s: Split) -> &'static str {
+    match s {
+        Split::Train => "train",
+        Split::Val => "validation",
+        Split::Test => "test",
+    }
+}
+
+fn ext_of(row: &DatasetRow) -> &str {
+    match row.format.as_deref() {
+        Some("jpeg") => "jpg",
+        Some("tiff") => "tif",
+        Some(f) => f,
+        None => "bin",
+    }
+}
+
+/// Reads a version's rows from its data file.
+pub async fn rows(client: &Client, manifest: &DatasetManifest) -> anyhow::Result<Vec<DatasetRow>> {
+    let data = client.download(&manifest.data.key).await?;
+    let text = std::str::from_utf8(&data).context("the data file is not UTF-8")?;
+    text.lines()
+        .enumerate()
+        .filter(|(_, l)| !l.trim().is_empty())
+        .map(|(i, l)| {
+            serde_json::from_str(l)
+                .with_context(|| format!("{} line {}: not a dataset row", manifest.data.key, i + 1))
+        })
+        .collect()
+}
+
+/// Writes `rows` (kept ones in `tiers`) of a version to `out` in `format`.
+pub async fn export(
+    client: &Client,
+    manifest: &DatasetManifest,
+    all_rows: Vec<DatasetRow>,
+    format: ExportFormat,
+    tiers: &[Tier],
+    out: &Path,
+    shard_size: usize,
+) -> anyhow::Result<ExportReport> {
+    if out.exists() && out.read_dir()?.next().is_some() {
+        bail!(
+            "{} exists and is not empty; choose a new --out folder",
+            out.display()
+        );
+    }
+    std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
+    let rows: Vec<DatasetRow> = all_rows
+        .into_iter()
+        .filter(|r| r.decision != Decision::Reject && r.tier.is_some_and(|t| tiers.contains(&t)))
+        .filter(|r| r.caption.is_some())
+        .collect();
+    // Fetch every image once (a few at a time).
+    let images: Vec<bytes::Bytes> = futures::stream::iter(rows.iter())
+        .map(|r| client.download(&r.image_key))
+        .buffered(8)
+        .try_collect()
+        .await?;
+    let mut report = ExportReport {
+        dataset: manifest.dataset.clone(),
+        version: manifest.version,
+        out: out.to_owned(),
+        splits: BTreeMap::new(),
+        files: Vec::new(),
+    };
+    let mut by_split: BTreeMap<&str, Vec<(&DatasetRow, &bytes::Bytes)>> = BTreeMap::new();
+    for (r, b) in rows.iter().zip(&images) {
+        by_split
+            .entry(split_dir(r.split.unwrap_or(Split::Train)))
+            .or_default()
+            .push((r, b));
+    }
+    let write = |rel: String, bytes: &[u8], files: &mut Vec<String>| -> anyhow::Result<()> {
+        let p = out.join(&rel);
+        if let Some(d) = p.parent() {
+            std::fs::create_dir_all(d)?;
+        }
+        std::fs::write(&p, bytes).with_context(|| format!("writing {}", p.display()))?;
+        files.push(rel);
+        Ok(())
+    };
+    for (split, items) in &by_split {
+        report.splits.insert((*split).to_owned(), items.len());
+        match format {
+            ExportFormat::Jsonl => {
+                let mut meta = Vec::new();
+                for (r, b) in items {
+                    let name = format!("{}.{}", r.image_id, ext_of(r));
+                    write(format!("{split}/{name}"), b, &mut report.files)?;
+                    let mut v = serde_json::to_value(r)?;
+                    v["file_name"] = name.into();
+                    v["text"] = r.caption.clone().unwrap_or_default().into();
+                    serde_json::to_writer(&mut meta, &v)?;
+                    meta.push(b'\n');
+                }
+                write(format!("{split}/metadata.jsonl"), &meta, &mut report.files)?;
+            }
+            ExportFormat::Webdataset => {
+                for (n, shard) in items.chunks(shard_size.max(1)).enumerate() {
+                    let mut tar = tar::Builder::new(Vec::new());
+                    for (r, b) in shard {
+                        let mut add = |name: String, data: &[u8]| -> anyhow::Result<()> {
+                            let mut h = tar::Header::new_gnu();
+                            h.set_size(data.len() as u64);
+                            h.set_mode(0o644);
+                            h.set_mtime(manifest.created_at.timestamp().max(0) as u64);
+                            h.set_cksum();
+                            tar.append_data(&mut h, name, data)?;
+                            Ok(())
+                        };
+                        add(format!("{}.{}", r.image_id, ext_of(r)), b)?;
+                        add(
+                            format!("{}.txt", r.image_id),
+                            r.caption.as_deref().unwrap_or("").as_bytes(),
+                        )?;
+                        let mut v = serde_json::to_value(r)?;
+                        v["key"] = r.image_id.clone().into();
+                        add(format!("{}.json", r.image_id), &serde_json::to_vec(&v)?)?;
+                    }
+                    let bytes = tar.into_inner()?;
+                    write(format!("{split}/{n:05}.tar"), &bytes, &mut report.files)?;
+                }
+            }
+            ExportFormat::Llava => {
+                let mut convs = Vec::new();
+                for (r, b) in items {
+                    let name = format!("images/{}.{}", r.image_id, ext_of(r));
+                    write(name.clone(), b, &mut report.files)?;
+                    let prompt = r
+                        .caption_source
+                        .as_ref()
+                        .map(|s| s.prompt.clone())
+                        .unwrap_or_else(|| atelier_contracts::dataset::SHAREGPT4V_PROMPT.into());
+                    convs.push(serde_json::json!({
+                        "id": r.image_id,
+                        "image": name,
+                        "conversations": [
+                            {"from": "human", "value": format!("<image>\n{prompt}")},
+                            {"from": "gpt", "value": r.caption.clone().unwrap_or_default()},
+                        ],
+                    }));
+                }
+                write(
+                    format!("{split}.json"),
+                    &serde_json::to_vec_pretty(&convs)?,
+                    &mut report.files,
+                )?;
+            }
+        }
+    }
+    write(
+        "manifest.json".into(),
+        &serde_json::to_vec_pretty(manifest)?,
+        &mut report.files,
+    )?;
+    Ok(report)
+}
