@@ -21,3 +21,11 @@ async fn main() -> anyhow::Result<()> {
     let captioner = atelier_captioner::Captioner::new(args.openai)?;
     atelier_kit::service::run_service(captioner, args.kit).await
 }
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_command_line_is_well_formed() {
+        <super::Args as clap::CommandFactory>::command().debug_assert();
+    }
+}

@@ -19,6 +19,7 @@ use crate::budget::Bucket;
 pub struct OpenAiArgs {
     /// Base URL of the OpenAI-compatible API (…/v1).
     #[arg(
+        id = "openai_base_url",
         long = "openai-base-url",
         env = "ATELIER_OPENAI_BASE_URL",
         default_value = "https://api.openai.com/v1"
@@ -26,6 +27,7 @@ pub struct OpenAiArgs {
     pub base_url: String,
     /// API key, sent as `Authorization: Bearer`. Falls back to OPENAI_API_KEY.
     #[arg(
+        id = "openai_api_key",
         long = "openai-api-key",
         env = "ATELIER_OPENAI_API_KEY",
         hide_env_values = true
@@ -33,16 +35,23 @@ pub struct OpenAiArgs {
     pub api_key: Option<String>,
     /// Model used when a job names none.
     #[arg(
+        id = "openai_model",
         long = "openai-model",
         env = "ATELIER_OPENAI_MODEL",
         default_value = "gpt-4o"
     )]
     pub model: String,
     /// Requests per minute this worker may send (0: no limit).
-    #[arg(long = "openai-rpm", env = "ATELIER_OPENAI_RPM", default_value_t = 500)]
+    #[arg(
+        id = "openai_rpm",
+        long = "openai-rpm",
+        env = "ATELIER_OPENAI_RPM",
+        default_value_t = 500
+    )]
     pub requests_per_minute: u32,
     /// Tokens (prompt + completion) per minute this worker may spend (0: no limit).
     #[arg(
+        id = "openai_tpm",
         long = "openai-tpm",
         env = "ATELIER_OPENAI_TPM",
         default_value_t = 200_000
@@ -50,6 +59,7 @@ pub struct OpenAiArgs {
     pub tokens_per_minute: u32,
     /// Requests in flight at once.
     #[arg(
+        id = "openai_concurrency",
         long = "openai-concurrency",
         env = "ATELIER_OPENAI_CONCURRENCY",
         default_value_t = 8
@@ -57,6 +67,7 @@ pub struct OpenAiArgs {
     pub concurrency: usize,
     /// Attempts per image after the first, on 429, 5xx, timeouts and broken responses.
     #[arg(
+        id = "openai_max_retries",
         long = "openai-max-retries",
         env = "ATELIER_OPENAI_MAX_RETRIES",
         default_value_t = 6
@@ -64,6 +75,7 @@ pub struct OpenAiArgs {
     pub max_retries: u32,
     /// Seconds one request may take.
     #[arg(
+        id = "openai_timeout_s",
         long = "openai-timeout-s",
         env = "ATELIER_OPENAI_TIMEOUT_S",
         default_value_t = 120.0
@@ -71,6 +83,7 @@ pub struct OpenAiArgs {
     pub timeout_s: f64,
     /// First backoff in milliseconds (doubled per retry, with jitter, capped at 60 s).
     #[arg(
+        id = "openai_backoff_ms",
         long = "openai-backoff-ms",
         env = "ATELIER_OPENAI_BACKOFF_MS",
         default_value_t = 1000

@@ -18,3 +18,11 @@ async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     atelier_kit::service::run_service(atelier_quality_filter::QualityFilter, args.kit).await
 }
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_command_line_is_well_formed() {
+        <super::Args as clap::CommandFactory>::command().debug_assert();
+    }
+}

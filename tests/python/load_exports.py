@@ -1,0 +1,54 @@
+"""Loads atelier's dataset exports with Hugging Face `datasets` and prints what it saw as JSON.
+
+Usage: load_exports.py FORMAT DIR   (FORMAT: jsonl | webdataset | llava)
+"""
+import json
+import os
+import sys
+
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import datasets  # noqa: E402
+
+fmt, root = sys.argv[1], sys.argv[2]
+splits = [s for s in ("train", "validation", "test")]
+out = {}
+if fmt == "jsonl":
+    ds = datasets.load_dataset("imagefolder", data_dir=root)
+    for name, d in ds.items():
+        first = d[0]
+        out[name] = {
+            "rows": d.num_rows,
+            "columns": sorted(d.column_names),
+            "size": list(first["image"].size),
+            "texts": sorted(d["text"]),
+        }
+elif fmt == "webdataset":
+    files = {s: os.path.join(root, s, "*.tar") for s in splits if os.path.isdir(os.path.join(root, s))}
+    ds = datasets.load_dataset("webdataset", data_files=files)
+    for name, d in ds.items():
+        first = d[0]
+        img = first.get("png") or first.get("jpg")
+        out[name] = {
+            "rows": d.num_rows,
+            "columns": sorted(d.column_names),
+            "size": list(img.size),
+            "texts": sorted(d["txt"]),
+            "keys_match": all(r["__key__"] == r["json"]["key"] for r in d),
+        }
+elif fmt == "llava":
+    files = {s: os.path.join(root, s + ".json") for s in splits if os.path.exists(os.path.join(root, s + ".json"))}
+    ds = datasets.load_dataset("json", data_files=files)
+    for name, d in ds.items():
+        texts = []
+        ok = True
+        for r in d:
+            conv = r["conversations"]
+            ok = ok and conv[0]["from"] == "human" and conv[0]["value"].startswith("<image>\n")
+            ok = ok and conv[1]["from"] == "gpt" and os.path.exists(os.path.join(root, r["image"]))
+            texts.append(conv[1]["value"])
+        out[name] = {"rows": d.num_rows, "columns": sorted(d.column_names), "texts": sorted(texts), "well_formed": ok}
+else:
+    sys.exit(f"unknown format {fmt}")
+print(json.dumps(out))

@@ -1,0 +1,318 @@
+//! The dataset side as processes: ingest, two competing captioners against an OpenAI-compatible
+//! loopback endpoint that injects 429s, 500s and truncated bodies, the quality filter writing
+//! versions to S3 (SeaweedFS), exports loaded by Hugging Face `datasets`.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use atelier_captioner::vision_server::{Faults, ServerConfig, VisionServer};
+use atelier_contracts::dataset::{
+    CaptionBackend, CaptionRecord, CaptionSpec, FilterSpec, SplitSpec, Tier,
+};
+use atelier_contracts::{JobOutput, JobRecord, JobSpec, JobState};
+use atelier_e2e::*;
+use atelier_gateway::dataset_cli::{export, ingest_dir, rows, ExportFormat};
+use tokio_util::sync::CancellationToken;
+
+async fn run(c: &Cluster, client: &atelier_gateway::client::Client, spec: JobSpec) -> JobRecord {
+    let rec = client.submit(&spec).await.unwrap();
+    c.wait_terminal(&[rec.id], Duration::from_secs(120))
+        .await
+        .unwrap()
+        .remove(0)
+}
+
+fn caption(dataset: &str, prompt: Option<&str>, images: Vec<String>) -> JobSpec {
+    JobSpec::Caption(CaptionSpec {
+        dataset: dataset.into(),
+        images,
+        backend: CaptionBackend::Openai {
+            model: None,
+            prompt: prompt.map(Into::into),
+            max_tokens: 300,
+            temperature: 0.2,
+            image_max_side: 96,
+        },
+    })
+}
+
+fn hf_load(format: &str, dir: &std::path::Path) -> serde_json::Value {
+    let script = repo_root().join("tests/python/load_exports.py");
+    let cache = tempfile::tempdir().unwrap();
+    let out = std::process::Command::new(tool("python"))
+        .arg(script)
+        .arg(format)
+        .arg(dir)
+        .env("HF_HOME", cache.path())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "datasets could not load the {format} export: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn ingest_caption_filter_export_through_the_services() {
+    let vision = VisionServer::start(ServerConfig {
+        api_key: Some("sk-e2e".into()),
+        faults: Faults {
+            rate_limit_every: 5,
+            retry_after_s: 0.2,
+            server_error_every: 7,
+            truncate_every: 11,
+            ..Default::default()
+        },
+        model: "scene-describer".into(),
+    })
+    .await
+    .unwrap();
+    let mut c = Cluster::start(shared_s3_store(30)).await.unwrap();
+    let env = vec![
+        ("ATELIER_OPENAI_BASE_URL", vision.base_url()),
+        ("ATELIER_OPENAI_API_KEY", "sk-e2e".to_owned()),
+        ("ATELIER_OPENAI_MODEL", "scene-describer".to_owned()),
+        ("ATELIER_OPENAI_BACKOFF_MS", "20".to_owned()),
+        ("ATELIER_OPENAI_CONCURRENCY", "3".to_owned()),
+    ];
+    c.spawn_service("atelier-ingest", &[]).unwrap();
+    c.spawn_service("atelier-captioner", &env).unwrap();
+    c.spawn_service("atelier-captioner", &env).unwrap();
+    c.spawn_service("atelier-quality-filter", &[]).unwrap();
+    let shutdown = CancellationToken::new();
+    let client = c.open_gateway(&shutdown).await;
+
+    // A folder of scenes, one duplicate file, one truncated PNG.
+    let dir = tempfile::tempdir().unwrap();
+    for seed in 0..20u64 {
+        std::fs::write(
+            dir.path().join(format!("scene-{seed:02}.png")),
+            atelier_ingest::samples::scene_bytes(seed, 128, 96, image::ImageFormat::Png),
+        )
+        .unwrap();
+    }
+    std::fs::copy(dir.path().join("scene-03.png"), dir.path().join("dup.png")).unwrap();
+    let whole = atelier_ingest::samples::scene_bytes(77, 128, 96, image::ImageFormat::Png);
+    std::fs::write(dir.path().join("broken.png"), &whole[..whole.len() / 3]).unwrap();
+    let report = ingest_dir(&client, dir.path(), "scenes", None, Duration::from_secs(60))
+        .await
+        .unwrap();
+    assert_eq!((report.files, report.images, report.recorded), (22, 21, 21));
+    assert_eq!(report.flagged.len(), 1, "{:?}", report.flagged);
+    assert_eq!(report.flagged[0].0, "broken.png");
+
+    // Bad input is refused at the gateway, with the reason; an unknown dataset fails the job.
+    let err = client
+        .submit(&JobSpec::Caption(CaptionSpec {
+            dataset: "no such".into(),
+            images: vec![],
+            backend: CaptionBackend::default(),
+        }))
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("dataset name"), "{err}");
+    let mut bad_policy = FilterSpec {
+        dataset: "scenes".into(),
+        caption_source: None,
+        policy: Default::default(),
+        split: Default::default(),
+        note: None,
+    };
+    bad_policy.policy.languages = vec!["english".into()];
+    let err = client
+        .submit(&JobSpec::Filter(bad_policy))
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("639-3"), "{err}");
+    let r = run(&c, &client, caption("unknown", None, vec![])).await;
+    assert_eq!(r.state, JobState::Failed);
+    assert_eq!(r.error.unwrap().code, "unknown_dataset");
+
+    // Caption a few images first, then all: the second job only pays for the rest.
+    let mut shas: Vec<String> = Vec::new();
+    for seed in 0..5u64 {
+        let b = atelier_ingest::samples::scene_bytes(seed, 128, 96, image::ImageFormat::Png);
+        shas.push(hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&b)));
+    }
+    let r = run(&c, &client, caption("scenes", None, shas.clone())).await;
+    assert_eq!(r.state, JobState::Succeeded, "{:?}", r.error);
+    let Some(JobOutput::Captions(first)) = r.output else {
+        panic!()
+    };
+    assert_eq!((first.captioned, first.already_captioned), (5, 0));
+    let r = run(&c, &client, caption("scenes", None, vec![])).await;
+    assert_eq!(r.state, JobState::Succeeded, "{:?}", r.error);
+    let Some(JobOutput::Captions(all)) = r.output else {
+        panic!()
+    };
+    assert_eq!(
+        (
+            all.images,
+            all.captioned,
+            all.already_captioned,
+            all.unusable
+        ),
+        (21, 15, 5, 1)
+    );
+    assert!(all.failed.is_empty(), "{:?}", all.failed);
+    // The endpoint really misbehaved, and the client rode it out.
+    let stats = &vision.stats;
+    assert!(stats.rate_limited.load(Ordering::Relaxed) >= 3);
+    assert!(stats.server_errors.load(Ordering::Relaxed) >= 2);
+    assert!(stats.truncated.load(Ordering::Relaxed) >= 1);
+    assert_eq!(stats.unauthorized.load(Ordering::Relaxed), 0);
+    // Token usage per caption sums to the job's.
+    let captions_kv = c.bus.captions_kv().await.unwrap();
+    let stored: Vec<(String, CaptionRecord)> =
+        atelier_kit::bus::kv_values(&captions_kv, "").await.unwrap();
+    assert_eq!(stored.len(), 20);
+    let from_second: u64 = stored
+        .iter()
+        .filter(|(_, c)| c.job == r.id)
+        .map(|(_, c)| c.usage.prompt_tokens + c.usage.completion_tokens)
+        .sum();
+    assert_eq!(
+        from_second,
+        all.usage.prompt_tokens + all.usage.completion_tokens
+    );
+    assert!(stored
+        .iter()
+        .all(|(k, c)| k == &format!("{}.{}", c.image_sha256, all.source_id)));
+
+    // A second caption source is kept beside the first.
+    let r = run(
+        &c,
+        &client,
+        caption("scenes", Some("Describe the shapes."), shas[..2].to_vec()),
+    )
+    .await;
+    let Some(JobOutput::Captions(other)) = r.output else {
+        panic!("{:?}", r.error)
+    };
+    assert_ne!(other.source_id, all.source_id);
+    assert_eq!(
+        atelier_kit::bus::kv_values::<CaptionRecord>(&captions_kv, "")
+            .await
+            .unwrap()
+            .len(),
+        22
+    );
+
+    // Filter into version 1, then version 2 with another policy; splits are stable.
+    let filter = |val: f32, min_words: u32| {
+        let mut f = FilterSpec {
+            dataset: "scenes".into(),
+            caption_source: Some(all.source_id.clone()),
+            policy: Default::default(),
+            split: SplitSpec {
+                val,
+                test: 0.2,
+                seed: "e2e".into(),
+            },
+            note: None,
+        };
+        f.policy.min_words = min_words;
+        JobSpec::Filter(f)
+    };
+    let r = run(&c, &client, filter(0.2, 3)).await;
+    let Some(JobOutput::DatasetVersion(v1)) = r.output else {
+        panic!("{:?}", r.error)
+    };
+    assert_eq!(v1.version, 1);
+    assert_eq!(v1.counts.rows, 21);
+    assert_eq!(v1.counts.signals.get("undecodable"), Some(&1));
+    assert_eq!(v1.counts.rejected, 1, "{:?}", v1.counts);
+    let r = run(&c, &client, filter(0.2, 1000)).await;
+    let Some(JobOutput::DatasetVersion(v2)) = r.output else {
+        panic!("{:?}", r.error)
+    };
+    assert_eq!(v2.version, 2);
+    assert_eq!(v2.counts.signals.get("short"), Some(&20));
+    let m2 = client.dataset_version("scenes", None).await.unwrap();
+    assert_eq!((m2.version, m2.parent), (2, Some(1)));
+    let m1 = client.dataset_version("scenes", Some(1)).await.unwrap();
+    let rows1 = rows(&client, &m1).await.unwrap();
+    let rows2 = rows(&client, &m2).await.unwrap();
+    for (a, b) in rows1.iter().zip(&rows2) {
+        assert_eq!(a.sha256, b.sha256);
+        assert_eq!(a.split, b.split, "an image changed split between versions");
+    }
+    assert!(rows2
+        .iter()
+        .filter(|r| r.caption.is_some())
+        .all(|r| r.tier == Some(Tier::Bronze)));
+    let err = client
+        .dataset_version("scenes", Some(9))
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("no version 9"), "{err}");
+    let listed = client.datasets().await.unwrap();
+    assert_eq!(listed.len(), 1);
+    assert_eq!(listed[0].versions, vec![1, 2]);
+
+    // Exports, loaded by Hugging Face datasets.
+    let kept: BTreeMap<String, Vec<String>> = {
+        let mut m: BTreeMap<String, Vec<String>> = BTreeMap::new();
+        for r in rows1.iter().filter(|r| r.tier.is_some()) {
+            let split = match r.split.unwrap() {
+                atelier_contracts::dataset::Split::Train => "train",
+                atelier_contracts::dataset::Split::Val => "validation",
+                atelier_contracts::dataset::Split::Test => "test",
+            };
+            m.entry(split.into())
+                .or_default()
+                .push(r.caption.clone().unwrap());
+        }
+        m.values_mut().for_each(|v| v.sort());
+        m
+    };
+    assert_eq!(kept.values().map(Vec::len).sum::<usize>(), 20);
+    let out = tempfile::tempdir().unwrap();
+    for (format, name) in [
+        (ExportFormat::Jsonl, "jsonl"),
+        (ExportFormat::Webdataset, "webdataset"),
+        (ExportFormat::Llava, "llava"),
+    ] {
+        let dir = out.path().join(name);
+        export(
+            &client,
+            &m1,
+            rows1.clone(),
+            format,
+            &[Tier::Gold, Tier::Silver, Tier::Bronze],
+            &dir,
+            4,
+        )
+        .await
+        .unwrap();
+        let seen = hf_load(name, &dir);
+        for (split, texts) in &kept {
+            let s = &seen[split];
+            assert_eq!(s["rows"], texts.len(), "{name} {split}: {s}");
+            let got: Vec<String> = serde_json::from_value(s["texts"].clone()).unwrap();
+            assert_eq!(&got, texts, "{name} {split}");
+            if name != "llava" {
+                assert_eq!(s["size"], serde_json::json!([128, 96]), "{name}");
+            }
+        }
+        if name == "webdataset" {
+            assert!(seen["train"]["keys_match"].as_bool().unwrap());
+        }
+        if name == "llava" {
+            assert!(seen["train"]["well_formed"].as_bool().unwrap());
+        }
+        // A second export into a non-empty folder is refused, not mixed.
+        let err = export(&client, &m1, rows1.clone(), format, &[Tier::Gold], &dir, 4)
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("not empty"), "{err}");
+    }
+    shutdown.cancel();
+}
