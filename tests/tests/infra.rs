@@ -277,6 +277,93 @@ async fn per_service_nats_permissions_allow_the_work_and_nothing_else() {
         .remove(0);
     assert_eq!(r.state, JobState::Succeeded, "{r:?}");
 
+    // The captioner and the quality filter do their work as their own users: read image records,
+    // list and write captions, list and create dataset versions.
+    let vision = atelier_captioner::vision_server::VisionServer::start(Default::default())
+        .await
+        .unwrap();
+    c.spawn_service(
+        "atelier-captioner",
+        &[
+            ("ATELIER_NATS_USER", "captioner".into()),
+            ("ATELIER_NATS_PASSWORD", pw("CAPTIONER")),
+            ("ATELIER_OPENAI_BASE_URL", vision.base_url()),
+        ],
+    )
+    .unwrap();
+    c.spawn_service(
+        "atelier-quality-filter",
+        &[
+            ("ATELIER_NATS_USER", "quality-filter".into()),
+            ("ATELIER_NATS_PASSWORD", pw("QUALITY_FILTER")),
+        ],
+    )
+    .unwrap();
+    let png = atelier_ingest::samples::scene_bytes(5, 96, 96, image::ImageFormat::Png);
+    let (img, _) = c.store.put_bytes(png.into(), "image/png").await.unwrap();
+    let ev = atelier_contracts::images::ImagesIngested {
+        schema_version: SCHEMA_VERSION,
+        dataset: Some("perm".into()),
+        images: vec![atelier_contracts::images::IngestedImage {
+            key: img.key.clone(),
+            sha256: None,
+            source: None,
+            license: None,
+            metadata: Default::default(),
+        }],
+    };
+    pjs.publish(
+        atelier_contracts::subjects::IMAGES_INGESTED,
+        serde_json::to_vec(&ev).unwrap().into(),
+    )
+    .await
+    .unwrap()
+    .await
+    .unwrap();
+    let images = c.bus.images_kv().await.unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while images.get(&img.sha256).await.unwrap().is_none() {
+        assert!(std::time::Instant::now() < deadline, "image never recorded");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    for spec in [
+        JobSpec::Caption(atelier_contracts::CaptionSpec {
+            dataset: "perm".into(),
+            images: vec![],
+            backend: Default::default(),
+        }),
+        JobSpec::Filter(atelier_contracts::FilterSpec {
+            dataset: "perm".into(),
+            caption_source: None,
+            policy: Default::default(),
+            split: Default::default(),
+            note: None,
+        }),
+    ] {
+        let id = JobId::new();
+        let req = JobRequest {
+            schema_version: SCHEMA_VERSION,
+            id,
+            submitted_at: chrono_now(),
+            submitted_by: Some("publisher".into()),
+            spec,
+        };
+        pjs.publish(
+            req.spec.service().request_subject(),
+            serde_json::to_vec(&req).unwrap().into(),
+        )
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+        let r = c
+            .wait_terminal(&[id], Duration::from_secs(60))
+            .await
+            .unwrap()
+            .remove(0);
+        assert_eq!(r.state, JobState::Succeeded, "{} {:?}", r.kind, r.error);
+    }
+
     // The publisher may not fake results.
     assert!(
         tokio::time::timeout(Duration::from_secs(2), async {
