@@ -20,6 +20,7 @@ use atelier_contracts::images::ImageRecord;
 use atelier_contracts::{JobOutput, JobSpec, Service, SCHEMA_VERSION};
 use atelier_kit::bus::{dataset_images, kv_values};
 use atelier_kit::{Handler, JobCtx, JobError};
+use rayon::prelude::*;
 use sha2::{Digest, Sha256};
 
 /// One image with the caption chosen for it.
@@ -93,9 +94,8 @@ pub fn assess(
         .collect();
     let (mean, sd) = mean_sd(&with_caption);
 
-    let mut counts = VersionCounts::default();
-    let rows = inputs
-        .iter()
+    let rows: Vec<DatasetRow> = inputs
+        .par_iter()
         .enumerate()
         .map(|(k, input)| {
             let img = input.image;
@@ -214,21 +214,6 @@ pub fn assess(
                 Decision::Accept => Some(Tier::Silver),
             };
             let split = tier.map(|_| split_of(split, &img.sha256));
-            counts.rows += 1;
-            match decision {
-                Decision::Accept => counts.accepted += 1,
-                Decision::Flag => counts.flagged += 1,
-                Decision::Reject => counts.rejected += 1,
-            }
-            if let Some(t) = tier {
-                *counts.tiers.entry(enum_name(&t)).or_default() += 1;
-            }
-            if let Some(s) = split {
-                *counts.splits.entry(enum_name(&s)).or_default() += 1;
-            }
-            for s in &signals {
-                *counts.signals.entry(s.name.clone()).or_default() += 1;
-            }
             let first = img.sources.first();
             let tags = first
                 .and_then(|s| s.metadata.get("tags"))
@@ -261,6 +246,24 @@ pub fn assess(
             }
         })
         .collect();
+    let mut counts = VersionCounts::default();
+    for r in &rows {
+        counts.rows += 1;
+        match r.decision {
+            Decision::Accept => counts.accepted += 1,
+            Decision::Flag => counts.flagged += 1,
+            Decision::Reject => counts.rejected += 1,
+        }
+        if let Some(t) = r.tier {
+            *counts.tiers.entry(enum_name(&t)).or_default() += 1;
+        }
+        if let Some(s) = r.split {
+            *counts.splits.entry(enum_name(&s)).or_default() += 1;
+        }
+        for s in &r.signals {
+            *counts.signals.entry(s.name.clone()).or_default() += 1;
+        }
+    }
     (rows, counts)
 }
 
