@@ -37,6 +37,34 @@ impl Client {
         r
     }
 
+    /// Sends a request (built by `make`, so it can be re-sent), retrying 429 and 503 answers
+    /// after the gateway's `Retry-After` (or an exponential backoff), up to a minute in all.
+    async fn send(
+        &self,
+        make: impl Fn() -> reqwest::RequestBuilder,
+    ) -> reqwest::Result<reqwest::Response> {
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        let mut backoff = Duration::from_millis(50);
+        loop {
+            let resp = make().send().await?;
+            let status = resp.status();
+            let busy = status == reqwest::StatusCode::TOO_MANY_REQUESTS
+                || status == reqwest::StatusCode::SERVICE_UNAVAILABLE;
+            if !busy || std::time::Instant::now() >= deadline {
+                return Ok(resp);
+            }
+            let wait = resp
+                .headers()
+                .get(reqwest::header::RETRY_AFTER)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.trim().parse::<f64>().ok())
+                .map(|s| Duration::from_secs_f64(s.clamp(0.0, 30.0)))
+                .unwrap_or(backoff);
+            backoff = (backoff * 2).min(Duration::from_secs(5));
+            tokio::time::sleep(wait.max(Duration::from_millis(10))).await;
+        }
+    }
+
     async fn check(resp: reqwest::Response) -> anyhow::Result<reqwest::Response> {
         if resp.status().is_success() {
             return Ok(resp);
@@ -55,10 +83,11 @@ impl Client {
 
     pub async fn upload(&self, bytes: Bytes, content_type: &str) -> anyhow::Result<UploadResponse> {
         let resp = self
-            .req(reqwest::Method::POST, "/v1/uploads")
-            .header(reqwest::header::CONTENT_TYPE, content_type)
-            .body(bytes)
-            .send()
+            .send(|| {
+                self.req(reqwest::Method::POST, "/v1/uploads")
+                    .header(reqwest::header::CONTENT_TYPE, content_type)
+                    .body(bytes.clone())
+            })
             .await
             .context("uploading")?;
         Ok(Self::check(resp).await?.json().await?)
@@ -67,9 +96,7 @@ impl Client {
     pub async fn submit(&self, spec: &JobSpec) -> anyhow::Result<JobRecord> {
         let body = serde_json::json!({ "schema_version": SCHEMA_VERSION, "spec": spec });
         let resp = self
-            .req(reqwest::Method::POST, "/v1/jobs")
-            .json(&body)
-            .send()
+            .send(|| self.req(reqwest::Method::POST, "/v1/jobs").json(&body))
             .await
             .context("submitting")?;
         Ok(Self::check(resp).await?.json().await?)
@@ -82,9 +109,10 @@ impl Client {
         spec: &atelier_contracts::GenerateSpec,
     ) -> anyhow::Result<JobRecord> {
         let resp = self
-            .req(reqwest::Method::POST, &format!("/v1/{route}"))
-            .json(spec)
-            .send()
+            .send(|| {
+                self.req(reqwest::Method::POST, &format!("/v1/{route}"))
+                    .json(spec)
+            })
             .await
             .context("submitting")?;
         Ok(Self::check(resp).await?.json().await?)
@@ -92,32 +120,28 @@ impl Client {
 
     pub async fn job(&self, id: &str) -> anyhow::Result<JobRecord> {
         let resp = self
-            .req(reqwest::Method::GET, &format!("/v1/jobs/{id}"))
-            .send()
+            .send(|| self.req(reqwest::Method::GET, &format!("/v1/jobs/{id}")))
             .await?;
         Ok(Self::check(resp).await?.json().await?)
     }
 
     pub async fn cancel(&self, id: &str) -> anyhow::Result<JobRecord> {
         let resp = self
-            .req(reqwest::Method::DELETE, &format!("/v1/jobs/{id}"))
-            .send()
+            .send(|| self.req(reqwest::Method::DELETE, &format!("/v1/jobs/{id}")))
             .await?;
         Ok(Self::check(resp).await?.json().await?)
     }
 
     pub async fn download(&self, key: &str) -> anyhow::Result<Bytes> {
         let resp = self
-            .req(reqwest::Method::GET, &format!("/v1/artifacts/{key}"))
-            .send()
+            .send(|| self.req(reqwest::Method::GET, &format!("/v1/artifacts/{key}")))
             .await?;
         Ok(Self::check(resp).await?.bytes().await?)
     }
 
     pub async fn image(&self, sha256: &str) -> anyhow::Result<Option<ImageRecord>> {
         let resp = self
-            .req(reqwest::Method::GET, &format!("/v1/images/{sha256}"))
-            .send()
+            .send(|| self.req(reqwest::Method::GET, &format!("/v1/images/{sha256}")))
             .await?;
         if resp.status() == reqwest::StatusCode::NOT_FOUND {
             return Ok(None);
@@ -131,9 +155,7 @@ impl Client {
         ev: &atelier_contracts::images::ImagesIngested,
     ) -> anyhow::Result<()> {
         let resp = self
-            .req(reqwest::Method::POST, "/v1/images")
-            .json(ev)
-            .send()
+            .send(|| self.req(reqwest::Method::POST, "/v1/images").json(ev))
             .await
             .context("announcing images")?;
         Self::check(resp).await?;
@@ -142,8 +164,7 @@ impl Client {
 
     pub async fn datasets(&self) -> anyhow::Result<Vec<crate::datasets::DatasetSummary>> {
         let resp = self
-            .req(reqwest::Method::GET, "/v1/datasets")
-            .send()
+            .send(|| self.req(reqwest::Method::GET, "/v1/datasets"))
             .await?;
         Ok(Self::check(resp).await?.json().await?)
     }
@@ -156,11 +177,12 @@ impl Client {
     ) -> anyhow::Result<atelier_contracts::DatasetManifest> {
         let v = version.map_or("latest".to_owned(), |v| v.to_string());
         let resp = self
-            .req(
-                reqwest::Method::GET,
-                &format!("/v1/datasets/{dataset}/versions/{v}"),
-            )
-            .send()
+            .send(|| {
+                self.req(
+                    reqwest::Method::GET,
+                    &format!("/v1/datasets/{dataset}/versions/{v}"),
+                )
+            })
             .await?;
         Ok(Self::check(resp).await?.json().await?)
     }
@@ -173,8 +195,7 @@ impl Client {
         mut on_update: impl FnMut(&JobRecord),
     ) -> anyhow::Result<JobRecord> {
         let resp = self
-            .req(reqwest::Method::GET, &format!("/v1/jobs/{id}/events"))
-            .send()
+            .send(|| self.req(reqwest::Method::GET, &format!("/v1/jobs/{id}/events")))
             .await?;
         let mut body = Self::check(resp).await?.bytes_stream();
         let mut buf = String::new();
@@ -204,5 +225,47 @@ impl Client {
         }
         last.filter(|r| r.state.is_terminal())
             .context("the event stream ended before the job finished")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    use std::sync::Arc;
+
+    use axum::http::StatusCode;
+    use axum::response::IntoResponse;
+
+    #[tokio::test]
+    async fn busy_answers_are_retried_after_retry_after() {
+        let hits = Arc::new(AtomicU32::new(0));
+        let h = hits.clone();
+        let app = axum::Router::new().route(
+            "/v1/artifacts/{*key}",
+            axum::routing::get(move || {
+                let h = h.clone();
+                async move {
+                    if h.fetch_add(1, Ordering::SeqCst) < 2 {
+                        (
+                            StatusCode::TOO_MANY_REQUESTS,
+                            [("retry-after", "0.1")],
+                            "slow down",
+                        )
+                            .into_response()
+                    } else {
+                        "bytes".into_response()
+                    }
+                }
+            }),
+        );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        let c = super::Client::new(&format!("http://{addr}"), None).unwrap();
+        let t = std::time::Instant::now();
+        let got = c.download("sha256/ab/x").await.unwrap();
+        assert_eq!(&got[..], b"bytes");
+        assert_eq!(hits.load(Ordering::SeqCst), 3);
+        assert!(t.elapsed() >= std::time::Duration::from_millis(200));
     }
 }

@@ -99,7 +99,7 @@ pub async fn ingest_dir(
             let rel = f.strip_prefix(dir).unwrap_or(f).display().to_string();
             anyhow::Ok((rel, up.artifact.key, up.artifact.sha256))
         })
-        .buffered(4)
+        .buffered(8)
         .try_collect()
         .await?;
     for chunk in uploaded.chunks(crate::datasets::MAX_IMAGES_PER_ANNOUNCE) {
@@ -129,8 +129,13 @@ pub async fn ingest_dir(
     let mut recorded = 0;
     loop {
         let mut still = Vec::new();
-        for sha in pending {
-            match client.image(sha).await? {
+        let seen: Vec<_> = futures::stream::iter(pending)
+            .map(|sha| async move { client.image(sha).await.map(|r| (sha, r)) })
+            .buffered(16)
+            .try_collect()
+            .await?;
+        for (sha, record) in seen {
+            match record {
                 Some(r) if r.datasets.iter().any(|d| d == dataset) => {
                     recorded += 1;
                     if let Some(flag) = r.flag {

@@ -22,6 +22,7 @@ use atelier_kit::consumer::{self, ConsumerSpec, Delivery, Outcome, Processor};
 use atelier_kit::service::Runtime;
 use atelier_kit::store::StoreError;
 use atelier_kit::Store;
+use futures::StreamExt as _;
 use sha2::{Digest, Sha256};
 use tokio_util::sync::CancellationToken;
 
@@ -39,6 +40,9 @@ pub fn consumer_spec(args: WorkerArgs) -> ConsumerSpec {
         args,
     }
 }
+
+/// Images of one event recorded at once.
+const RECORD_CONCURRENCY: usize = 16;
 
 /// Objects larger than this are recorded (digested, flagged `too_large`) but not decoded.
 pub const MAX_IMAGE_BYTES: u64 = 256 << 20;
@@ -321,14 +325,25 @@ impl Ingest {
                 job_id: None,
             };
         }
-        for image in &event.images {
-            match self.record(event.dataset.as_deref(), image).await {
-                Ok(r) => {
-                    tracing::info!(sha256 = %r.sha256, key = %image.key, sources = r.sources.len(), "image recorded")
+        // Images of one event are recorded concurrently (decoding runs on blocking threads); the
+        // same bytes twice in one event merge through the record's compare-and-set.
+        let (dataset, images) = (event.dataset.as_deref(), &event.images);
+        let mut results = futures::stream::iter(0..images.len())
+            .map(|i| async move {
+                let image = &images[i];
+                let r = self.record(dataset, image).await;
+                if let Ok(r) = &r {
+                    tracing::info!(sha256 = %r.sha256, key = %image.key, sources = r.sources.len(), "image recorded");
                 }
-                Err(outcome) => return outcome,
+                r
+            })
+            .buffer_unordered(RECORD_CONCURRENCY);
+        let mut first_error = None;
+        while let Some(r) = results.next().await {
+            if let Err(outcome) = r {
+                first_error.get_or_insert(outcome);
             }
         }
-        Outcome::Ack
+        first_error.unwrap_or(Outcome::Ack)
     }
 }

@@ -28,8 +28,19 @@ impl Rng {
 }
 
 fn caption(rng: &mut Rng) -> (String, &'static str) {
-    let subj = ["a red circle", "a tabby cat", "two surfers", "an old bus", "a wooden table"];
-    let place = ["on a white background", "in a sunny kitchen", "near the ocean", "at a station"];
+    let subj = [
+        "a red circle",
+        "a tabby cat",
+        "two surfers",
+        "an old bus",
+        "a wooden table",
+    ];
+    let place = [
+        "on a white background",
+        "in a sunny kitchen",
+        "near the ocean",
+        "at a station",
+    ];
     let detail = [
         "The lighting is soft and even, with gentle shadows.",
         "In the background there are trees and a clear blue sky.",
@@ -145,15 +156,24 @@ fn main() {
     for c in &captions {
         std::hint::black_box(atelier_quality_filter::text::language(&c.caption));
     }
-    println!("  (language id alone: {:.1} ms)", t.elapsed().as_secs_f64() * 1e3);
+    println!(
+        "  (language id alone: {:.1} ms)",
+        t.elapsed().as_secs_f64() * 1e3
+    );
     let t = Instant::now();
     for c in &captions {
         std::hint::black_box(atelier_quality_filter::text::repetition(&c.caption, 0.3));
     }
-    println!("  (repetition alone: {:.1} ms)", t.elapsed().as_secs_f64() * 1e3);
+    println!(
+        "  (repetition alone: {:.1} ms)",
+        t.elapsed().as_secs_f64() * 1e3
+    );
     for (name, policy) in [
         ("text only (no duplicate search)", text_only),
-        ("full (image checks + near-duplicates ≤4 bits)", QualityPolicy::default()),
+        (
+            "full (image checks + near-duplicates ≤4 bits)",
+            QualityPolicy::default(),
+        ),
     ] {
         let mut times = Vec::new();
         let mut last = None;

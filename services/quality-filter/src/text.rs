@@ -103,8 +103,8 @@ pub fn refusal(caption: &str) -> Option<String> {
 
 /// English function words that other Latin-script languages rarely use as words.
 const ENGLISH_MARKERS: &[&str] = &[
-    "the", "is", "of", "and", "with", "this", "are", "there", "which", "its", "it's", "from",
-    "an", "to", "that", "has", "was", "by", "at", "their", "appears",
+    "the", "is", "of", "and", "with", "this", "are", "there", "which", "its", "it's", "from", "an",
+    "to", "that", "has", "was", "by", "at", "their", "appears",
 ];
 
 /// The caption's language (ISO 639-3) when reasonably sure. A cascade: captions that are
