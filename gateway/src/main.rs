@@ -66,6 +66,9 @@ enum Conformance {
     Captions {
         #[arg(long)]
         cases: PathBuf,
+        /// METEOR 1.5's jar (default: ATELIER_METEOR_JAR, else pycocoevalcap's in .tools/).
+        #[arg(long)]
+        meteor_jar: Option<PathBuf>,
     },
     /// AUTOMATIC1111 prompt-parser outputs (shared/conformance/prompts format).
     Prompts {
@@ -205,6 +208,12 @@ enum Command {
         /// Also print every image's scores.
         #[arg(long)]
         per_image: bool,
+        /// METEOR 1.5's jar (default: ATELIER_METEOR_JAR, else pycocoevalcap's in .tools/); needs Java.
+        #[arg(long)]
+        meteor_jar: Option<PathBuf>,
+        /// Leave METEOR out (it starts a JVM and loads a paraphrase table: seconds).
+        #[arg(long)]
+        no_meteor: bool,
     },
     /// Print a new API key and the NAME:SHA256:SCOPES entry to configure the gateway with.
     Keygen {
@@ -459,7 +468,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 }
             }
         }
-        Command::Conformance(Conformance::Captions { cases }) => {
+        Command::Conformance(Conformance::Captions { cases, meteor_jar }) => {
             let text = std::fs::read_to_string(&cases)
                 .with_context(|| format!("reading {}", cases.display()))?;
             let file = atelier_caption_eval::conformance::parse(&text).with_context(|| {
@@ -468,13 +477,17 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     cases.display()
                 )
             })?;
-            let report = atelier_caption_eval::conformance::replay(&file);
+            let mut meteor = match meteor_jar.or_else(atelier_caption_eval::meteor::find_jar) {
+                Some(jar) => Some(atelier_caption_eval::meteor::Meteor::start(&jar)?),
+                None => None,
+            };
+            let report = atelier_caption_eval::conformance::replay_with(&file, meteor.as_mut());
             for f in &report.failures {
                 println!("FAIL {f}");
             }
             if report.skipped > 0 {
                 eprintln!(
-                    "({} METEOR values skipped: METEOR is not implemented)",
+                    "({} METEOR values skipped: no meteor-1.5.jar; run scripts/bootstrap or pass --meteor-jar)",
                     report.skipped
                 );
             }
@@ -559,6 +572,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             refs,
             cands,
             per_image,
+            meteor_jar,
+            no_meteor,
         } => {
             use atelier_caption_eval::jsonl;
             let read = |p: &PathBuf| {
@@ -566,14 +581,34 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             };
             let r = jsonl::references(&refs.display().to_string(), &read(&refs)?)?;
             let c = jsonl::candidates(&cands.display().to_string(), &read(&cands)?)?;
-            let scores = atelier_caption_eval::evaluate(&r, &c).map_err(|e| {
+            let jar = if no_meteor {
+                None
+            } else {
+                meteor_jar.or_else(atelier_caption_eval::meteor::find_jar)
+            };
+            let hint = |e: atelier_caption_eval::EvalError| {
                 anyhow::anyhow!(
                     "{e}; every candidate needs references and every referenced image a candidate"
                 )
-            })?;
+            };
+            let (scores, note) = match &jar {
+                Some(jar) => {
+                    let mut m = atelier_caption_eval::meteor::Meteor::start(jar)?;
+                    (
+                        atelier_caption_eval::evaluate_with_meteor(&r, &c, &mut m).map_err(hint)?,
+                        "SemSim is not computed yet".to_owned(),
+                    )
+                }
+                None => (
+                    atelier_caption_eval::evaluate(&r, &c).map_err(hint)?,
+                    "METEOR left out: no meteor-1.5.jar (scripts/bootstrap installs pycocoevalcap's; or --meteor-jar). SemSim is not computed yet".to_owned(),
+                ),
+            };
             let mut out = serde_json::json!(scores.corpus);
-            out["METEOR"] = serde_json::Value::Null;
-            out["note"] = "METEOR and SemSim are not computed yet".into();
+            if jar.is_none() {
+                out["METEOR"] = serde_json::Value::Null;
+            }
+            out["note"] = note.into();
             if per_image {
                 out["per_image"] = serde_json::json!(scores.per_image);
             }

@@ -148,6 +148,13 @@ fn eval_captions_scores_jsonl_and_explains_bad_input() {
         assert!(v[m].as_f64().is_some(), "{m} missing: {v}");
     }
     assert!((v["per_image"]["ROUGE_L"]["1"].as_f64().unwrap() - 1.0).abs() < 1e-12);
+    // METEOR from pycocoevalcap's jar (installed into .tools/ by scripts/bootstrap).
+    let meteor = &v["per_image"]["METEOR"];
+    assert!(v["METEOR"].as_f64().is_some_and(|m| m > 0.0), "{v}");
+    assert!(
+        meteor["1"].as_f64().unwrap() > meteor["2"].as_f64().unwrap(),
+        "{v}"
+    );
     assert!(v["per_image"]["Bleu_1"]["2"].as_f64().unwrap() < 1.0);
 
     std::fs::write(&cands, "{\"image_id\":1,\"caption\":\"a dog\"}\n{\"image_id\":9,\"caption\":\"ghost\"}\n{\"image_id\":2,\"caption\":\"x\"}\n").unwrap();

@@ -1,7 +1,8 @@
 //! Replays a pycocoevalcap conformance file (the format of
 //! `shared/conformance/captions/pycocoevalcap-1.2.json`: `refs`, `cands`, `corpus`, `per_image`,
 //! `tokenized`) and checks tokenization exactly and BLEU, ROUGE-L and CIDEr to [`TOLERANCE`].
-//! METEOR values in the file are counted as skipped (METEOR is a Java program, not implemented here).
+//! METEOR is checked when a running METEOR jar is given ([`replay_with`]), else its values are
+//! counted as skipped.
 
 use std::collections::BTreeMap;
 
@@ -54,6 +55,11 @@ pub fn parse(text: &str) -> Result<CaseFile, serde_json::Error> {
 
 /// Checks every tokenized caption, every corpus score and every per-image score in the file.
 pub fn replay(cases: &CaseFile) -> Report {
+    replay_with(cases, None)
+}
+
+/// [`replay`], checking METEOR too when `meteor` is given.
+pub fn replay_with(cases: &CaseFile, meteor: Option<&mut crate::meteor::Meteor>) -> Report {
     let mut report = Report::default();
     for (id, refs) in &cases.refs {
         let want = cases.tokenized.refs.get(id);
@@ -91,7 +97,12 @@ pub fn replay(cases: &CaseFile) -> Report {
                 .unwrap_or_default()
         })
         .collect();
-    let scores = crate::score_tokenized(&ids, &refs, &cands);
+    let mut scores = crate::score_tokenized(&ids, &refs, &cands);
+    if let Some(m) = meteor {
+        if let Err(e) = crate::add_meteor(&mut scores, &ids, &refs, &cands, m) {
+            report.check(false, || e.to_string());
+        }
+    }
     for (metric, want) in &cases.corpus {
         match scores.corpus.get(metric) {
             Some(got) => report.check((got - want).abs() <= TOLERANCE, || {

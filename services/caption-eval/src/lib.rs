@@ -4,12 +4,14 @@
 //!
 //! Inputs are captions per image id: several references and one candidate each. [`evaluate`]
 //! tokenizes both the way pycocoevalcap does (Stanford PTBTokenizer, lower-cased, punctuation
-//! tokens dropped) and scores them. METEOR (a Java program) and embedding similarity are not here.
+//! tokens dropped) and scores them. METEOR 1.5 comes from the reference jar, run as pycocoevalcap
+//! runs it ([`meteor`], [`evaluate_with_meteor`]); embedding similarity is not here.
 
 pub mod bleu;
 pub mod cider;
 pub mod conformance;
 pub mod grams;
+pub mod meteor;
 pub mod ptb;
 pub mod rouge;
 
@@ -30,6 +32,8 @@ pub enum EvalError {
     NoCandidate(String),
     #[error("nothing to evaluate")]
     Empty,
+    #[error("METEOR: {0}")]
+    Meteor(String),
 }
 
 /// Tokenizes and scores. Every image id must have references and exactly one candidate.
@@ -55,6 +59,42 @@ pub fn evaluate(
         .collect();
     let tok_cands: Vec<String> = ids.iter().map(|id| ptb::tokenize(&cands[*id])).collect();
     Ok(score_tokenized(&ids, &tok_refs, &tok_cands))
+}
+
+/// [`evaluate`] plus METEOR from a running jar, under pycocoevalcap's name `METEOR`.
+pub fn evaluate_with_meteor(
+    refs: &BTreeMap<String, Vec<String>>,
+    cands: &BTreeMap<String, String>,
+    meteor: &mut meteor::Meteor,
+) -> Result<Scores, EvalError> {
+    let mut scores = evaluate(refs, cands)?;
+    let ids: Vec<&String> = cands.keys().collect();
+    let tok_refs: Vec<Vec<String>> = ids
+        .iter()
+        .map(|id| refs[*id].iter().map(|c| ptb::tokenize(c)).collect())
+        .collect();
+    let tok_cands: Vec<String> = ids.iter().map(|id| ptb::tokenize(&cands[*id])).collect();
+    add_meteor(&mut scores, &ids, &tok_refs, &tok_cands, meteor)?;
+    Ok(scores)
+}
+
+/// Adds `METEOR` (corpus and per image) for already-tokenized captions.
+pub fn add_meteor(
+    scores: &mut Scores,
+    ids: &[&String],
+    refs: &[Vec<String>],
+    cands: &[String],
+    meteor: &mut meteor::Meteor,
+) -> Result<(), EvalError> {
+    let (total, each) = meteor
+        .score(refs, cands)
+        .map_err(|e| EvalError::Meteor(e.to_string()))?;
+    scores.corpus.insert("METEOR".into(), total);
+    scores.per_image.insert(
+        "METEOR".into(),
+        ids.iter().map(|id| id.to_string()).zip(each).collect(),
+    );
+    Ok(())
 }
 
 /// Scores already-tokenized captions (space-separated tokens), in `ids` order.

@@ -16,16 +16,21 @@ fn pycocoevalcap_reference_file_conforms() {
         )
     });
     let cases = atelier_caption_eval::conformance::parse(&text).unwrap();
-    let report = atelier_caption_eval::conformance::replay(&cases);
+    // METEOR from the reference jar (pycocoevalcap's, installed into .tools/ by scripts/bootstrap).
+    let jar = atelier_caption_eval::meteor::find_jar()
+        .expect("meteor-1.5.jar not found: run scripts/bootstrap (it installs pycocoevalcap into .tools/) or set ATELIER_METEOR_JAR");
+    let mut meteor = atelier_caption_eval::meteor::Meteor::start(&jar).unwrap();
+    let report = atelier_caption_eval::conformance::replay_with(&cases, Some(&mut meteor));
     assert!(
         report.failed == 0,
         "{} failed:\n{}",
         report.failed,
         report.failures.join("\n")
     );
-    // 1,541 captions tokenized, 6 corpus scores, 6 × 300 per-image scores; METEOR skipped.
+    // 1,541 captions tokenized, 7 corpus scores, 7 × 300 per-image scores; nothing skipped.
+    assert_eq!(report.skipped, 0);
     assert!(
-        report.passed >= 1541 + 6 + 1800,
+        report.passed >= 1541 + 7 + 2100,
         "only {} checks ran",
         report.passed
     );
