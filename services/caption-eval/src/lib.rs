@@ -5,7 +5,8 @@
 //! Inputs are captions per image id: several references and one candidate each. [`evaluate`]
 //! tokenizes both the way pycocoevalcap does (Stanford PTBTokenizer, lower-cased, punctuation
 //! tokens dropped) and scores them. METEOR 1.5 comes from the reference jar, run as pycocoevalcap
-//! runs it ([`meteor`], [`evaluate_with_meteor`]); embedding similarity is not here.
+//! runs it ([`meteor`], [`evaluate_with_meteor`]); `SemSim` is the mean cosine similarity of
+//! MiniLM sentence embeddings ([`add_semsim`], with `atelier-embed`).
 
 pub mod bleu;
 pub mod cider;
@@ -34,6 +35,8 @@ pub enum EvalError {
     Empty,
     #[error("METEOR: {0}")]
     Meteor(String),
+    #[error("SemSim: {0}")]
+    SemSim(String),
 }
 
 /// Tokenizes and scores. Every image id must have references and exactly one candidate.
@@ -94,6 +97,41 @@ pub fn add_meteor(
         "METEOR".into(),
         ids.iter().map(|id| id.to_string()).zip(each).collect(),
     );
+    Ok(())
+}
+
+/// Adds `SemSim`: per image, the mean cosine similarity between the candidate's sentence
+/// embedding and each reference's (raw captions, not PTB-tokenized); corpus: the mean over images.
+pub fn add_semsim(
+    scores: &mut Scores,
+    refs: &BTreeMap<String, Vec<String>>,
+    cands: &BTreeMap<String, String>,
+    encoder: &atelier_embed::SentenceEncoder,
+) -> Result<(), EvalError> {
+    let ids: Vec<&String> = cands.keys().collect();
+    let mut texts: Vec<&str> = Vec::new();
+    for id in &ids {
+        texts.push(&cands[*id]);
+        texts.extend(refs[*id].iter().map(String::as_str));
+    }
+    let emb = encoder
+        .embed(&texts)
+        .map_err(|e| EvalError::SemSim(e.to_string()))?;
+    let mut at = 0;
+    let mut each = BTreeMap::new();
+    for id in &ids {
+        let n = refs[*id].len();
+        let c = &emb[at];
+        let sum: f64 = emb[at + 1..at + 1 + n]
+            .iter()
+            .map(|r| f64::from(atelier_embed::cosine(c, r)))
+            .sum();
+        each.insert((*id).clone(), sum / n.max(1) as f64);
+        at += 1 + n;
+    }
+    let total = each.values().sum::<f64>() / each.len().max(1) as f64;
+    scores.corpus.insert("SemSim".into(), total);
+    scores.per_image.insert("SemSim".into(), each);
     Ok(())
 }
 
