@@ -9,7 +9,7 @@
 //! record; then it generates with a tiny model (txt2img twice with one seed, img2img, inpainting).
 //! Then the dataset side: a folder of generated scenes ingested, captioned (through the built-in
 //! scene describer, over the OpenAI wire format), filtered into a dataset version, exported as
-//! WebDataset, image folders and LLaVA JSON, and the captions scored against the scenes' truth.
+//! WebDataset, image folders, LLaVA JSON and Parquet, and the captions scored against the scenes' truth.
 //! Later issues extend it (search, training).
 
 use std::path::PathBuf;
@@ -436,7 +436,7 @@ async fn generation(client: &Client, summary: &mut String) -> anyhow::Result<()>
 }
 
 /// Step 5, the dataset side: ingest a folder of generated scenes, caption them, filter them into
-/// a dataset version, export it three ways, and score the captions against the scenes' truth.
+/// a dataset version, export it four ways, and score the captions against the scenes' truth.
 async fn datasets(client: &Client, summary: &mut String) -> anyhow::Result<()> {
     use atelier_contracts::dataset::{CaptionBackend, CaptionSpec, FilterSpec, Tier};
     use atelier_ingest::samples;
@@ -556,6 +556,7 @@ async fn datasets(client: &Client, summary: &mut String) -> anyhow::Result<()> {
         crate::dataset_cli::ExportFormat::Webdataset,
         crate::dataset_cli::ExportFormat::Jsonl,
         crate::dataset_cli::ExportFormat::Llava,
+        crate::dataset_cli::ExportFormat::Parquet,
     ] {
         let out_dir = exports.path().join(format!("{format:?}").to_lowercase());
         let r = crate::dataset_cli::export(

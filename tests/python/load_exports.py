@@ -1,6 +1,6 @@
 """Loads atelier's dataset exports with Hugging Face `datasets` and prints what it saw as JSON.
 
-Usage: load_exports.py FORMAT DIR   (FORMAT: jsonl | webdataset | llava)
+Usage: load_exports.py FORMAT DIR   (FORMAT: jsonl | webdataset | llava | parquet)
 """
 import json
 import os
@@ -49,6 +49,18 @@ elif fmt == "llava":
             ok = ok and conv[1]["from"] == "gpt" and os.path.exists(os.path.join(root, r["image"]))
             texts.append(conv[1]["value"])
         out[name] = {"rows": d.num_rows, "columns": sorted(d.column_names), "texts": sorted(texts), "well_formed": ok}
+elif fmt == "parquet":
+    # The directory as a Hub-style dataset: splits from data/<split>-NNNNN-of-NNNNN.parquet.
+    ds = datasets.load_dataset(root)
+    for name, d in ds.items():
+        first = d[0]
+        out[name] = {
+            "rows": d.num_rows,
+            "columns": sorted(d.column_names),
+            "size": list(first["image"].size),
+            "image_feature": type(d.features["image"]).__name__,
+            "texts": sorted(d["text"]),
+        }
 else:
     sys.exit(f"unknown format {fmt}")
 print(json.dumps(out))

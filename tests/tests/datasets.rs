@@ -278,6 +278,7 @@ async fn ingest_caption_filter_export_through_the_services() {
         (ExportFormat::Jsonl, "jsonl"),
         (ExportFormat::Webdataset, "webdataset"),
         (ExportFormat::Llava, "llava"),
+        (ExportFormat::Parquet, "parquet"),
     ] {
         let dir = out.path().join(name);
         export(
@@ -306,6 +307,9 @@ async fn ingest_caption_filter_export_through_the_services() {
         }
         if name == "llava" {
             assert!(seen["train"]["well_formed"].as_bool().unwrap());
+        }
+        if name == "parquet" {
+            assert_eq!(seen["train"]["image_feature"], "Image");
         }
         // A second export into a non-empty folder is refused, not mixed.
         let err = export(&client, &m1, rows1.clone(), format, &[Tier::Gold], &dir, 4)
