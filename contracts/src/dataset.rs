@@ -523,6 +523,53 @@ pub struct DatasetVersionOutput {
     pub counts: VersionCounts,
 }
 
+/// Score a dataset version's captions against another caption source (e.g. a new captioner
+/// against the captions a stronger model wrote), with caption evaluation's metrics.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct EvalCaptionsSpec {
+    pub dataset: String,
+    /// Default: the latest version.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub version: Option<u32>,
+    /// The caption source id (16 hex digits) whose captions are the references.
+    pub references: String,
+    /// Score rejected rows too (default: only the kept ones).
+    #[serde(default)]
+    pub include_rejected: bool,
+}
+
+impl EvalCaptionsSpec {
+    pub fn check(&self) -> Result<(), String> {
+        check_dataset_name(&self.dataset)?;
+        if self.references.len() != 16 || !self.references.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Err(format!(
+                "references {:?}: expected a caption source id (16 hex digits)",
+                self.references
+            ));
+        }
+        Ok(())
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema, ToSchema)]
+pub struct CaptionScores {
+    pub dataset: String,
+    pub version: u32,
+    pub references: String,
+    /// Images scored.
+    pub images: u64,
+    /// Images left out because the reference source has no caption for them.
+    pub missing_references: u64,
+    /// pycocoevalcap's names: `Bleu_1`..`Bleu_4`, `ROUGE_L`, `CIDEr`, and `METEOR` / `SemSim`
+    /// when the worker has the METEOR jar / the MiniLM weights.
+    pub corpus: BTreeMap<String, f64>,
+    /// Per-image scores by metric (JSON), content-addressed.
+    pub per_image: ArtifactRef,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub note: Option<String>,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -11,8 +11,8 @@ use utoipa::ToSchema;
 use uuid::Uuid;
 
 use crate::{
-    ArtifactRef, CaptionOutput, CaptionSpec, DatasetVersionOutput, FilterSpec, GenerateSpec,
-    ImagesOutput, Service,
+    ArtifactRef, CaptionOutput, CaptionScores, CaptionSpec, DatasetVersionOutput, EvalCaptionsSpec,
+    FilterSpec, GenerateSpec, ImagesOutput, Service,
 };
 
 /// A job's id: a UUIDv7, so ids sort by submission time.
@@ -71,12 +71,20 @@ pub enum JobSpec {
     Caption(CaptionSpec),
     /// Check a dataset's images and captions and write a new dataset version (quality-filter).
     Filter(FilterSpec),
+    /// Score a version's captions against another caption source (quality-filter).
+    EvalCaptions(EvalCaptionsSpec),
 }
 
 impl JobSpec {
     /// Every `kind` tag this build knows.
     pub const KINDS: &'static [&'static str] = &[
-        "checksum", "txt2img", "img2img", "inpaint", "caption", "filter",
+        "checksum",
+        "txt2img",
+        "img2img",
+        "inpaint",
+        "caption",
+        "filter",
+        "eval_captions",
     ];
 
     pub fn service(&self) -> Service {
@@ -85,7 +93,7 @@ impl JobSpec {
             JobSpec::Txt2img(_) => Service::Sampler,
             JobSpec::Img2img(_) | JobSpec::Inpaint(_) => Service::Inpainter,
             JobSpec::Caption(_) => Service::Captioner,
-            JobSpec::Filter(_) => Service::QualityFilter,
+            JobSpec::Filter(_) | JobSpec::EvalCaptions(_) => Service::QualityFilter,
         }
     }
     pub fn kind(&self) -> &'static str {
@@ -96,6 +104,7 @@ impl JobSpec {
             JobSpec::Inpaint(_) => "inpaint",
             JobSpec::Caption(_) => "caption",
             JobSpec::Filter(_) => "filter",
+            JobSpec::EvalCaptions(_) => "eval_captions",
         }
     }
 }
@@ -121,6 +130,8 @@ pub enum JobOutput {
     Captions(CaptionOutput),
     /// The dataset version a filter job wrote.
     DatasetVersion(DatasetVersionOutput),
+    /// Caption scores of an eval_captions job.
+    CaptionScores(CaptionScores),
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema, ToSchema)]

@@ -20,8 +20,8 @@ pub mod subjects;
 
 pub use artifact::{ArtifactKey, ArtifactRef, KeyError};
 pub use dataset::{
-    CaptionBackend, CaptionOutput, CaptionRecord, CaptionSource, CaptionSpec, DatasetManifest,
-    DatasetRow, DatasetVersionOutput, FilterSpec, QualityPolicy,
+    CaptionBackend, CaptionOutput, CaptionRecord, CaptionScores, CaptionSource, CaptionSpec,
+    DatasetManifest, DatasetRow, DatasetVersionOutput, EvalCaptionsSpec, FilterSpec, QualityPolicy,
 };
 pub use generate::{GenerateKind, GenerateSpec, GeneratedImage, ImagesOutput};
 pub use jobs::{

@@ -277,6 +277,9 @@ fn validate(spec: &JobSpec) -> Result<(), ApiError> {
         JobSpec::Filter(f) => f
             .check()
             .map_err(|e| ApiError::unprocessable("invalid_job", format!("spec: {e}")))?,
+        JobSpec::EvalCaptions(e) => e
+            .check()
+            .map_err(|e| ApiError::unprocessable("invalid_job", format!("spec: {e}")))?,
         JobSpec::Checksum(c) => {
             ArtifactKey::parse(&c.input).map_err(|e| {
                 ApiError::unprocessable(

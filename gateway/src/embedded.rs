@@ -139,7 +139,7 @@ impl Embedded {
         let (w, s) = (args.worker.clone(), shutdown.clone());
         tasks.spawn(async move { captioner.run(w, s).await });
         let filter = Worker::new(
-            atelier_quality_filter::QualityFilter,
+            atelier_quality_filter::QualityFilter::discover(),
             rt.bus.clone(),
             rt.store.clone(),
             metrics.clone(),

@@ -256,6 +256,32 @@ async fn ingest_caption_filter_export_through_the_services() {
     assert_eq!(listed.len(), 1);
     assert_eq!(listed[0].versions, vec![1, 2]);
 
+    // Version 1's captions scored against the second caption source (the same describer, so the
+    // two agree word for word), on the images that source covers.
+    let eval = |references: &str| {
+        JobSpec::EvalCaptions(atelier_contracts::EvalCaptionsSpec {
+            dataset: "scenes".into(),
+            version: Some(1),
+            references: references.into(),
+            include_rejected: false,
+        })
+    };
+    let r = run(&c, &client, eval(&other.source_id)).await;
+    let Some(JobOutput::CaptionScores(scores)) = r.output else {
+        panic!("{:?}", r.error)
+    };
+    assert_eq!((scores.images, scores.missing_references), (2, 18));
+    assert!(scores.corpus["Bleu_1"] > 0.99, "{:?}", scores.corpus);
+    assert!(scores.corpus["METEOR"] > 0.9, "{:?}", scores.corpus);
+    assert!(scores.corpus["SemSim"] > 0.999, "{:?}", scores.corpus);
+    assert_eq!(scores.note, None);
+    let per_image: serde_json::Value =
+        serde_json::from_slice(&client.download(&scores.per_image.key).await.unwrap()).unwrap();
+    assert_eq!(per_image["CIDEr"].as_object().unwrap().len(), 2);
+    let r = run(&c, &client, eval("00000000deadbeef")).await;
+    assert_eq!(r.state, JobState::Failed);
+    assert_eq!(r.error.unwrap().code, "no_references");
+
     // Exports, loaded by Hugging Face datasets.
     let kept: BTreeMap<String, Vec<String>> = {
         let mut m: BTreeMap<String, Vec<String>> = BTreeMap::new();

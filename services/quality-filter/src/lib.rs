@@ -274,9 +274,25 @@ fn enum_name<T: serde::Serialize>(t: &T) -> String {
         .unwrap_or_default()
 }
 
-/// Runs filter jobs.
+/// Runs filter and eval_captions jobs.
 #[derive(Clone, Default)]
-pub struct QualityFilter;
+pub struct QualityFilter {
+    /// METEOR 1.5's jar for eval_captions (left out when absent).
+    pub meteor_jar: Option<std::path::PathBuf>,
+    /// The MiniLM folder for eval_captions' SemSim (left out when absent).
+    pub minilm: Option<std::path::PathBuf>,
+}
+
+impl QualityFilter {
+    /// With the METEOR jar and MiniLM weights found where `scripts/bootstrap` installs them (or
+    /// `ATELIER_METEOR_JAR`, `ATELIER_MINILM_DIR`).
+    pub fn discover() -> Self {
+        Self {
+            meteor_jar: atelier_caption_eval::meteor::find_jar(),
+            minilm: atelier_embed::find_minilm(),
+        }
+    }
+}
 
 fn kv_err(e: impl std::fmt::Display) -> JobError {
     JobError::retryable("kv_unavailable", format!("{e:#}"))
@@ -288,12 +304,23 @@ impl Handler for QualityFilter {
     }
 
     async fn handle(&self, ctx: &JobCtx, spec: JobSpec) -> Result<JobOutput, JobError> {
-        let JobSpec::Filter(spec) = spec else {
-            return Err(JobError::permanent(
+        match spec {
+            JobSpec::Filter(spec) => self.filter(ctx, spec).await,
+            JobSpec::EvalCaptions(spec) => self.eval_captions(ctx, spec).await,
+            other => Err(JobError::permanent(
                 "wrong_service",
-                format!("the quality filter does not run {} jobs", spec.kind()),
-            ));
-        };
+                format!("the quality filter does not run {} jobs", other.kind()),
+            )),
+        }
+    }
+}
+
+impl QualityFilter {
+    async fn filter(
+        &self,
+        ctx: &JobCtx,
+        spec: atelier_contracts::FilterSpec,
+    ) -> Result<JobOutput, JobError> {
         spec.check()
             .map_err(|e| JobError::permanent("invalid_job", e))?;
         let datasets = ctx.bus.datasets_kv().await.map_err(kv_err)?;
@@ -427,6 +454,139 @@ impl Handler for QualityFilter {
             }
         }
     }
+}
+
+impl QualityFilter {
+    async fn eval_captions(
+        &self,
+        ctx: &JobCtx,
+        spec: atelier_contracts::EvalCaptionsSpec,
+    ) -> Result<JobOutput, JobError> {
+        spec.check()
+            .map_err(|e| JobError::permanent("invalid_job", e))?;
+        let datasets = ctx.bus.datasets_kv().await.map_err(kv_err)?;
+        let versions: Vec<(String, DatasetManifest)> =
+            kv_values(&datasets, &format!("{}.", spec.dataset))
+                .await
+                .map_err(kv_err)?;
+        let manifest = match spec.version {
+            Some(v) => versions
+                .into_iter()
+                .map(|(_, m)| m)
+                .find(|m| m.version == v),
+            None => versions
+                .into_iter()
+                .map(|(_, m)| m)
+                .max_by_key(|m| m.version),
+        }
+        .ok_or_else(|| {
+            JobError::permanent(
+                "version_not_found",
+                format!(
+                    "dataset {:?} has no version {}",
+                    spec.dataset,
+                    spec.version.map_or("yet".to_owned(), |v| v.to_string())
+                ),
+            )
+        })?;
+        let key = atelier_contracts::ArtifactKey::parse(&manifest.data.key)
+            .map_err(|e| JobError::permanent("bad_artifact_key", e.to_string()))?;
+        let data = ctx.store.get_bytes(&key).await?;
+        let text = std::str::from_utf8(&data)
+            .map_err(|e| JobError::permanent("corrupt_version", e.to_string()))?;
+        let rows: Vec<DatasetRow> = text
+            .lines()
+            .filter(|l| !l.trim().is_empty())
+            .map(serde_json::from_str)
+            .collect::<Result<_, _>>()
+            .map_err(|e| JobError::permanent("corrupt_version", e.to_string()))?;
+        let captions_kv = ctx.bus.captions_kv().await.map_err(kv_err)?;
+        let mut refs = BTreeMap::new();
+        let mut cands = BTreeMap::new();
+        let mut missing = 0u64;
+        for r in rows
+            .iter()
+            .filter(|r| spec.include_rejected || r.decision != Decision::Reject)
+        {
+            let Some(cand) = r.caption.as_ref().filter(|c| !c.trim().is_empty()) else {
+                continue;
+            };
+            let reference = captions_kv
+                .get(format!("{}.{}", r.sha256, spec.references))
+                .await
+                .map_err(kv_err)?
+                .and_then(|v| serde_json::from_slice::<CaptionRecord>(&v).ok())
+                .filter(|c| !c.caption.trim().is_empty());
+            match reference {
+                Some(c) => {
+                    refs.insert(r.image_id.clone(), vec![c.caption]);
+                    cands.insert(r.image_id.clone(), cand.clone());
+                }
+                None => missing += 1,
+            }
+        }
+        if cands.is_empty() {
+            return Err(JobError::permanent(
+                "no_references",
+                format!(
+                    "no image of {} v{} has a caption from source {} to compare with",
+                    spec.dataset, manifest.version, spec.references
+                ),
+            ));
+        }
+        ctx.progress(0.3, Some(format!("scoring {} images", cands.len())))
+            .await;
+        let (meteor_jar, minilm) = (self.meteor_jar.clone(), self.minilm.clone());
+        let (scores, notes) = tokio::task::spawn_blocking(move || {
+            let mut notes = Vec::new();
+            let scored = match meteor_jar.as_deref() {
+                Some(jar) => match atelier_caption_eval::meteor::Meteor::start(jar) {
+                    Ok(mut m) => atelier_caption_eval::evaluate_with_meteor(&refs, &cands, &mut m),
+                    Err(e) => {
+                        notes.push(format!("METEOR left out: {e}"));
+                        atelier_caption_eval::evaluate(&refs, &cands)
+                    }
+                },
+                None => {
+                    notes.push("METEOR left out: this worker has no meteor-1.5.jar".to_owned());
+                    atelier_caption_eval::evaluate(&refs, &cands)
+                }
+            };
+            let mut scores =
+                scored.map_err(|e| JobError::permanent("eval_failed", e.to_string()))?;
+            match minilm.as_deref() {
+                Some(dir) => {
+                    match atelier_embed::SentenceEncoder::load(dir, &candle_core::Device::Cpu) {
+                        Ok(enc) => {
+                            atelier_caption_eval::add_semsim(&mut scores, &refs, &cands, &enc)
+                                .map_err(|e| JobError::retryable("eval_failed", e.to_string()))?
+                        }
+                        Err(e) => notes.push(format!("SemSim left out: {e}")),
+                    }
+                }
+                None => notes.push("SemSim left out: this worker has no MiniLM weights".to_owned()),
+            }
+            Ok::<_, JobError>((scores, notes))
+        })
+        .await
+        .map_err(|e| JobError::retryable("panicked", e.to_string()))??;
+        let (per_image, _) = ctx.store.put_json(&scores.per_image).await?;
+        let images = cands_count(&scores);
+        Ok(JobOutput::CaptionScores(atelier_contracts::CaptionScores {
+            dataset: spec.dataset,
+            version: manifest.version,
+            references: spec.references,
+            images,
+            missing_references: missing,
+            corpus: scores.corpus,
+            per_image,
+            note: (!notes.is_empty()).then(|| notes.join("; ")),
+        }))
+    }
+}
+
+fn cands_count(scores: &atelier_caption_eval::Scores) -> u64 {
+    scores.per_image.get("CIDEr").map_or(0, |m| m.len() as u64)
 }
 
 #[cfg(test)]

