@@ -239,9 +239,12 @@ pub struct QualityPolicy {
     pub length_outlier_z: f32,
     /// Accepted records with at least this many caption words and no flags are `gold`.
     pub gold_min_words: u32,
+    /// An explicit detection at or above this confidence fails `nsfw` (when the worker has the
+    /// NSFW detector).
+    pub nsfw_threshold: f32,
     /// Severity per signal name (`undecodable`, `small`, `aspect`, `duplicate`, `no_caption`,
     /// `empty`, `short`, `long`, `truncated`, `repetition`, `refusal`, `language`,
-    /// `length_outlier`); signals not listed use their default.
+    /// `length_outlier`, `nsfw`); signals not listed use their default.
     pub severity: BTreeMap<String, Severity>,
 }
 
@@ -257,6 +260,7 @@ impl Default for QualityPolicy {
             languages: vec!["eng".into()],
             length_outlier_z: 4.0,
             gold_min_words: 8,
+            nsfw_threshold: 0.5,
             severity: BTreeMap::new(),
         }
     }
@@ -277,6 +281,7 @@ pub const SIGNALS: &[(&str, Severity)] = &[
     ("refusal", Severity::Reject),
     ("language", Severity::Flag),
     ("length_outlier", Severity::Flag),
+    ("nsfw", Severity::Reject),
 ];
 
 impl QualityPolicy {
@@ -316,6 +321,12 @@ impl QualityPolicy {
         }
         if self.length_outlier_z.is_nan() || self.length_outlier_z < 0.0 {
             return Err("length_outlier_z: must be 0 (off) or positive".into());
+        }
+        if !(0.0..=1.0).contains(&self.nsfw_threshold) {
+            return Err(format!(
+                "nsfw_threshold {}: must be 0 to 1",
+                self.nsfw_threshold
+            ));
         }
         if self.max_words != 0 && self.max_words < self.min_words {
             return Err(format!(
@@ -457,6 +468,9 @@ pub struct DatasetRow {
     /// Detected caption language (ISO 639-3) when known.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub language: Option<String>,
+    /// The NSFW detector's strongest explicit-class confidence (0 when none), when it ran.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nsfw: Option<f32>,
     pub words: u32,
     /// Every check that did not pass.
     pub signals: Vec<Signal>,

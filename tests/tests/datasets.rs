@@ -242,6 +242,12 @@ async fn ingest_caption_filter_export_through_the_services() {
         assert_eq!(a.sha256, b.sha256);
         assert_eq!(a.split, b.split, "an image changed split between versions");
     }
+    // The NSFW detector (nudenet's real model, found in .tools/) ran on every decodable image.
+    assert!(rows1
+        .iter()
+        .filter(|r| r.format.is_some())
+        .all(|r| r.nsfw.is_some_and(|s| s < 0.5)));
+    assert_eq!(rows1.iter().filter(|r| r.nsfw.is_none()).count(), 1);
     assert!(rows2
         .iter()
         .filter(|r| r.caption.is_some())

@@ -137,6 +137,7 @@ fn main() {
         .map(|(image, c)| Input {
             image,
             caption: Some(c),
+            nsfw: None,
         })
         .collect();
     let words: usize = captions

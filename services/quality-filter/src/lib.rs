@@ -8,9 +8,11 @@
 //! reason and the policy's severity), a decision, a tier and a split.
 
 pub mod dups;
+pub mod nsfw;
 pub mod text;
 
 use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, OnceLock};
 
 use atelier_contracts::dataset::{
     CaptionRecord, DatasetManifest, DatasetRow, DatasetVersionOutput, Decision, QualityPolicy,
@@ -23,10 +25,18 @@ use atelier_kit::{Handler, JobCtx, JobError};
 use rayon::prelude::*;
 use sha2::{Digest, Sha256};
 
-/// One image with the caption chosen for it.
+/// One image with the caption chosen for it, and the NSFW detector's verdict when it ran.
 pub struct Input<'a> {
     pub image: &'a ImageRecord,
     pub caption: Option<&'a CaptionRecord>,
+    pub nsfw: Option<NsfwScore>,
+}
+
+/// The strongest explicit-class confidence (0 and no label when none).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct NsfwScore {
+    pub score: f32,
+    pub label: Option<&'static str>,
 }
 
 /// The split of an image: a hash of (seed, sha256) mapped to [0, 1) against the fractions, so
@@ -144,6 +154,19 @@ pub fn assess(
                     ),
                 );
             }
+            if let Some(n) = input.nsfw {
+                if n.score >= policy.nsfw_threshold {
+                    fail(
+                        "nsfw",
+                        format!(
+                            "{} detected at {:.2} (threshold {})",
+                            n.label.unwrap_or("explicit content"),
+                            n.score,
+                            policy.nsfw_threshold
+                        ),
+                    );
+                }
+            }
             // Caption.
             let words = word_counts[k];
             let mut language = None;
@@ -234,6 +257,7 @@ pub fn assess(
                 caption: input.caption.map(|c| c.caption.clone()),
                 caption_source: input.caption.map(|c| c.source.clone()),
                 language: language.map(str::to_owned),
+                nsfw: input.nsfw.map(|n| n.score),
                 words,
                 signals,
                 decision,
@@ -281,6 +305,11 @@ pub struct QualityFilter {
     pub meteor_jar: Option<std::path::PathBuf>,
     /// The MiniLM folder for eval_captions' SemSim (left out when absent).
     pub minilm: Option<std::path::PathBuf>,
+    /// The NSFW detector (`320n.onnx`) and ONNX Runtime's library; filter jobs run it on every
+    /// decodable image when both are set.
+    pub nsfw_model: Option<std::path::PathBuf>,
+    pub onnxruntime: Option<std::path::PathBuf>,
+    detector: Arc<OnceLock<Result<Arc<nsfw::NsfwDetector>, String>>>,
 }
 
 impl QualityFilter {
@@ -290,7 +319,74 @@ impl QualityFilter {
         Self {
             meteor_jar: atelier_caption_eval::meteor::find_jar(),
             minilm: atelier_embed::find_minilm(),
+            nsfw_model: nsfw::find_model(),
+            onnxruntime: nsfw::find_onnxruntime(),
+            detector: Arc::default(),
         }
+    }
+
+    /// The NSFW detector, loaded once; `None` when not configured.
+    fn detector(&self) -> Result<Option<Arc<nsfw::NsfwDetector>>, JobError> {
+        let (Some(model), Some(lib)) = (&self.nsfw_model, &self.onnxruntime) else {
+            return Ok(None);
+        };
+        self.detector
+            .get_or_init(|| nsfw::NsfwDetector::load(model, lib).map(Arc::new))
+            .clone()
+            .map(Some)
+            .map_err(|e| JobError::permanent("nsfw_detector_unavailable", e))
+    }
+
+    /// The NSFW verdict per image (in order), or all `None` without a detector.
+    async fn nsfw_scores(
+        &self,
+        ctx: &JobCtx,
+        images: &[ImageRecord],
+    ) -> Result<Vec<Option<NsfwScore>>, JobError> {
+        let Some(detector) = self.detector()? else {
+            return Ok(vec![None; images.len()]);
+        };
+        let mut out = Vec::with_capacity(images.len());
+        for (i, img) in images.iter().enumerate() {
+            if img.flag.is_some() || img.format.is_none() {
+                out.push(None);
+                continue;
+            }
+            let key = atelier_contracts::ArtifactKey::parse(&img.key)
+                .map_err(|e| JobError::permanent("bad_artifact_key", e.to_string()))?;
+            let bytes = ctx.store.get_bytes(&key).await?;
+            let d = detector.clone();
+            let found = tokio::task::spawn_blocking(move || {
+                let decoded = image::load_from_memory(&bytes).map_err(|e| e.to_string())?;
+                d.detect(&decoded)
+            })
+            .await
+            .map_err(|e| JobError::retryable("panicked", e.to_string()))?;
+            out.push(match found {
+                Ok(found) => Some(match nsfw::explicit(&found) {
+                    Some(e) => NsfwScore {
+                        score: e.score,
+                        label: Some(e.label),
+                    },
+                    None => NsfwScore {
+                        score: 0.0,
+                        label: None,
+                    },
+                }),
+                Err(e) => {
+                    tracing::warn!(image = %img.sha256, error = %e, "NSFW detector failed on an image");
+                    None
+                }
+            });
+            if (i + 1) % 64 == 0 {
+                ctx.progress(
+                    0.1 + 0.5 * (i + 1) as f32 / images.len() as f32,
+                    Some(format!("NSFW detector: {} of {}", i + 1, images.len())),
+                )
+                .await;
+            }
+        }
+        Ok(out)
     }
 }
 
@@ -386,12 +482,15 @@ impl QualityFilter {
                 }
             })
             .collect();
+        let nsfw = self.nsfw_scores(ctx, &images).await?;
         let inputs: Vec<Input<'_>> = images
             .iter()
             .zip(&chosen)
-            .map(|(image, caption)| Input {
+            .zip(&nsfw)
+            .map(|((image, caption), nsfw)| Input {
                 image,
                 caption: *caption,
+                nsfw: *nsfw,
             })
             .collect();
         let (rows, counts) = assess(&inputs, &spec.policy, &spec.split);
@@ -671,6 +770,7 @@ mod tests {
             .map(|(image, c)| Input {
                 image,
                 caption: c.as_ref(),
+                nsfw: None,
             })
             .collect();
         let policy = QualityPolicy::default();
@@ -715,6 +815,55 @@ mod tests {
         assert_eq!(rows2[3].decision, Decision::Flag);
         assert_eq!(rows2[5].decision, Decision::Accept);
         assert_eq!(rows2[5].tier, Some(Tier::Silver));
+    }
+
+    #[test]
+    fn nsfw_verdicts_become_a_signal_at_the_threshold() {
+        let imgs = [
+            image(1, 128, 128, 1),
+            image(2, 128, 128, u64::MAX),
+            image(3, 128, 128, 0x00ff_00ff_00ff_00ff),
+        ];
+        let caps: Vec<CaptionRecord> = imgs.iter().map(|i| caption(i, GOOD, "stop")).collect();
+        let verdicts = [
+            Some(NsfwScore {
+                score: 0.81,
+                label: Some("BUTTOCKS_EXPOSED"),
+            }),
+            Some(NsfwScore {
+                score: 0.0,
+                label: None,
+            }),
+            None,
+        ];
+        let inputs: Vec<Input<'_>> = (0..3)
+            .map(|k| Input {
+                image: &imgs[k],
+                caption: Some(&caps[k]),
+                nsfw: verdicts[k],
+            })
+            .collect();
+        let (rows, counts) = assess(&inputs, &QualityPolicy::default(), &SplitSpec::default());
+        assert_eq!(rows[0].decision, Decision::Reject);
+        assert_eq!(rows[0].signals[0].name, "nsfw");
+        assert!(rows[0].signals[0]
+            .reason
+            .contains("BUTTOCKS_EXPOSED detected at 0.81"));
+        assert_eq!(rows[0].nsfw, Some(0.81));
+        assert_eq!(
+            (rows[1].decision, rows[1].nsfw),
+            (Decision::Accept, Some(0.0))
+        );
+        assert_eq!((rows[2].decision, rows[2].nsfw), (Decision::Accept, None));
+        assert_eq!(counts.signals["nsfw"], 1);
+        let lenient = QualityPolicy {
+            nsfw_threshold: 0.9,
+            ..Default::default()
+        };
+        assert_eq!(
+            assess(&inputs, &lenient, &SplitSpec::default()).0[0].decision,
+            Decision::Accept
+        );
     }
 
     #[test]

