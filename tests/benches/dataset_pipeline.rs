@@ -4,7 +4,8 @@
 //! Stages, timed separately and together: ingest (HTTP upload + announce, until the ingest
 //! service has recorded every image), caption (the `openai` backend against the loopback vision
 //! server with zero added latency, 8 requests in flight), filter (checks, policy and the dataset
-//! version written to the store). Prints images/s per stage and end to end.
+//! version written to the store, with NudeNet's NSFW detector on every image unless
+//! `ATELIER_NO_NSFW=1`). Prints images/s per stage and end to end.
 
 use std::time::{Duration, Instant};
 
@@ -132,8 +133,13 @@ async fn main() {
     shutdown.cancel();
     let _ = embedded.wait().await;
 
+    let nsfw = if std::env::var("ATELIER_NO_NSFW").is_ok_and(|v| v == "1" || v == "true") {
+        "without"
+    } else {
+        "with"
+    };
     println!(
-        "dataset pipeline, embedded default (local store), {} files → {} images, {} captioned:",
+        "dataset pipeline, embedded default (local store), {} files → {} images, {} captioned, filter {nsfw} the NSFW detector:",
         report.files, report.images, c.captioned
     );
     for (stage, t) in [

@@ -312,14 +312,20 @@ pub struct QualityFilter {
     detector: Arc<OnceLock<Result<Arc<nsfw::NsfwDetector>, String>>>,
 }
 
+/// `ATELIER_NO_NSFW` set to `1` or `true`.
+fn nsfw_disabled() -> bool {
+    std::env::var("ATELIER_NO_NSFW").is_ok_and(|v| v == "1" || v.eq_ignore_ascii_case("true"))
+}
+
 impl QualityFilter {
-    /// With the METEOR jar and MiniLM weights found where `scripts/bootstrap` installs them (or
-    /// `ATELIER_METEOR_JAR`, `ATELIER_MINILM_DIR`).
+    /// With the METEOR jar, MiniLM weights and NSFW detector found where `scripts/bootstrap`
+    /// installs them (or `ATELIER_METEOR_JAR`, `ATELIER_MINILM_DIR`, `ATELIER_NSFW_MODEL` and
+    /// `ORT_DYLIB_PATH`); `ATELIER_NO_NSFW=1` leaves the detector out.
     pub fn discover() -> Self {
         Self {
             meteor_jar: atelier_caption_eval::meteor::find_jar(),
             minilm: atelier_embed::find_minilm(),
-            nsfw_model: nsfw::find_model(),
+            nsfw_model: nsfw::find_model().filter(|_| !nsfw_disabled()),
             onnxruntime: nsfw::find_onnxruntime(),
             detector: Arc::default(),
         }
