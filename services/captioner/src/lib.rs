@@ -168,6 +168,9 @@ impl Handler for Captioner {
         };
         spec.check()
             .map_err(|e| JobError::permanent("invalid_job", e))?;
+        if let Some(why) = self.client.unusable() {
+            return Err(JobError::permanent("captioner_not_configured", why));
+        }
         let CaptionSpec {
             dataset,
             images: wanted,

@@ -225,6 +225,21 @@ impl Client {
         })
     }
 
+    /// Why jobs cannot run, when the configuration makes that certain: OpenAI's own API without a
+    /// key.
+    pub fn unusable(&self) -> Option<String> {
+        let official = reqwest::Url::parse(&self.args.base_url)
+            .ok()
+            .and_then(|u| u.host_str().map(|h| h.ends_with("api.openai.com")))
+            .unwrap_or(false);
+        (official && self.key.is_none()).then(|| {
+            format!(
+                "the captioner is configured for {} without an API key: set ATELIER_OPENAI_API_KEY (or OPENAI_API_KEY) on the worker, point ATELIER_OPENAI_BASE_URL at another OpenAI-compatible server, or run `atelier up --scene-captioner`",
+                self.args.base_url
+            )
+        })
+    }
+
     pub fn default_model(&self) -> &str {
         &self.args.model
     }

@@ -189,6 +189,22 @@ async fn the_request_budget_spaces_requests() {
 }
 
 #[test]
+fn openais_api_without_a_key_is_reported_before_any_request() {
+    let mut a = args("https://api.openai.com/v1".into());
+    a.api_key = None;
+    // OPENAI_API_KEY may be set where this runs; only assert when it is not.
+    if std::env::var_os("OPENAI_API_KEY").is_none() {
+        let why = Client::new(a.clone()).unwrap().unusable().unwrap();
+        assert!(why.contains("ATELIER_OPENAI_API_KEY"), "{why}");
+    }
+    a.api_key = Some("sk-x".into());
+    assert_eq!(Client::new(a.clone()).unwrap().unusable(), None);
+    a.api_key = None;
+    a.base_url = "http://127.0.0.1:11434/v1".into(); // e.g. Ollama: no key needed
+    assert_eq!(Client::new(a).unwrap().unusable(), None);
+}
+
+#[test]
 fn bad_configuration_is_a_clear_error() {
     let mut a = args("ftp://x".into());
     assert!(Client::new(a.clone())
