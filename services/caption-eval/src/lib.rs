@@ -44,24 +44,8 @@ pub fn evaluate(
     refs: &BTreeMap<String, Vec<String>>,
     cands: &BTreeMap<String, String>,
 ) -> Result<Scores, EvalError> {
-    if cands.is_empty() {
-        return Err(EvalError::Empty);
-    }
-    for id in cands.keys() {
-        if refs.get(id).is_none_or(|r| r.is_empty()) {
-            return Err(EvalError::NoReferences(id.clone()));
-        }
-    }
-    if let Some(id) = refs.keys().find(|id| !cands.contains_key(*id)) {
-        return Err(EvalError::NoCandidate(id.clone()));
-    }
-    let ids: Vec<&String> = cands.keys().collect();
-    let tok_refs: Vec<Vec<String>> = ids
-        .iter()
-        .map(|id| refs[*id].iter().map(|c| ptb::tokenize(c)).collect())
-        .collect();
-    let tok_cands: Vec<String> = ids.iter().map(|id| ptb::tokenize(&cands[*id])).collect();
-    Ok(score_tokenized(&ids, &tok_refs, &tok_cands))
+    let t = Tokenized::new(refs, cands)?;
+    Ok(score_tokenized(&t.ids, &t.refs, &t.cands))
 }
 
 /// [`evaluate`] plus METEOR from a running jar, under pycocoevalcap's name `METEOR`.
@@ -70,15 +54,47 @@ pub fn evaluate_with_meteor(
     cands: &BTreeMap<String, String>,
     meteor: &mut meteor::Meteor,
 ) -> Result<Scores, EvalError> {
-    let mut scores = evaluate(refs, cands)?;
-    let ids: Vec<&String> = cands.keys().collect();
-    let tok_refs: Vec<Vec<String>> = ids
-        .iter()
-        .map(|id| refs[*id].iter().map(|c| ptb::tokenize(c)).collect())
-        .collect();
-    let tok_cands: Vec<String> = ids.iter().map(|id| ptb::tokenize(&cands[*id])).collect();
-    add_meteor(&mut scores, &ids, &tok_refs, &tok_cands, meteor)?;
+    let t = Tokenized::new(refs, cands)?;
+    let mut scores = score_tokenized(&t.ids, &t.refs, &t.cands);
+    add_meteor(&mut scores, &t.ids, &t.refs, &t.cands, meteor)?;
     Ok(scores)
+}
+
+/// Checked and PTB-tokenized captions, in image id order.
+struct Tokenized<'a> {
+    ids: Vec<&'a String>,
+    refs: Vec<Vec<String>>,
+    cands: Vec<String>,
+}
+
+impl<'a> Tokenized<'a> {
+    fn new(
+        refs: &BTreeMap<String, Vec<String>>,
+        cands: &'a BTreeMap<String, String>,
+    ) -> Result<Self, EvalError> {
+        if cands.is_empty() {
+            return Err(EvalError::Empty);
+        }
+        for id in cands.keys() {
+            if refs.get(id).is_none_or(|r| r.is_empty()) {
+                return Err(EvalError::NoReferences(id.clone()));
+            }
+        }
+        if let Some(id) = refs.keys().find(|id| !cands.contains_key(*id)) {
+            return Err(EvalError::NoCandidate(id.clone()));
+        }
+        let ids: Vec<&String> = cands.keys().collect();
+        let tok_refs = ids
+            .iter()
+            .map(|id| refs[*id].iter().map(|c| ptb::tokenize(c)).collect())
+            .collect();
+        let tok_cands = ids.iter().map(|id| ptb::tokenize(&cands[*id])).collect();
+        Ok(Self {
+            ids,
+            refs: tok_refs,
+            cands: tok_cands,
+        })
+    }
 }
 
 /// Adds `METEOR` (corpus and per image) for already-tokenized captions.
