@@ -19,7 +19,7 @@ use anyhow::{bail, Context as _};
 use atelier_contracts::{JobId, JobRecord, JobState};
 use atelier_kit::config::{NatsArgs, ServiceArgs, StoreArgs, TelemetryArgs, WorkerArgs};
 use atelier_kit::jobstate::JobStates;
-use atelier_kit::nats_server::{die_with_parent, free_port, NatsServer, NatsServerOptions};
+use atelier_kit::nats_server::{die_with_parent, NatsServer, NatsServerOptions};
 use atelier_kit::telemetry::Metrics;
 use atelier_kit::{Bus, Store};
 use futures::StreamExt;
@@ -84,7 +84,16 @@ pub struct Seaweed {
 impl Seaweed {
     pub fn start(dir: &Path) -> anyhow::Result<Self> {
         // 13 consecutive-free ports are not needed: each flag gets its own free port.
-        let ports: Vec<u16> = (0..13).map(|_| free_port()).collect::<Result<_, _>>()?;
+        // Held open together, so the 13 ports are distinct (one bind-and-release at a time can
+        // hand the same port out twice), then released for weed.
+        let held: Vec<std::net::TcpListener> = (0..13)
+            .map(|_| std::net::TcpListener::bind("127.0.0.1:0"))
+            .collect::<Result<_, _>>()?;
+        let ports: Vec<u16> = held
+            .iter()
+            .map(|l| l.local_addr().map(|a| a.port()))
+            .collect::<Result<_, _>>()?;
+        drop(held);
         let mut s = Self {
             dir: dir.to_path_buf(),
             s3_port: ports[6],
@@ -177,8 +186,9 @@ impl Seaweed {
             }
             if Instant::now() > deadline {
                 bail!(
-                    "SeaweedFS S3 did not accept a PUT within {timeout:?}; see {}",
-                    self.dir.join("weed.log").display()
+                    "SeaweedFS S3 did not accept a PUT within {timeout:?}; last lines of {}:\n{}",
+                    self.dir.join("weed.log").display(),
+                    log_tail(&self.dir.join("weed.log"), 25)
                 );
             }
             std::thread::sleep(Duration::from_millis(300));
@@ -217,29 +227,43 @@ impl Drop for Seaweed {
     }
 }
 
+/// The last `n` lines of a log file (for error messages; the file may go with its temp dir).
+fn log_tail(path: &Path, n: usize) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
 /// One SeaweedFS for the whole test binary, started on a thread that never exits (its children
-/// die with the process, not with the test that happened to start it).
+/// die with the process, not with the test that happened to start it). A start that does not come
+/// up is retried twice, on fresh ports and a fresh directory (free ports are picked by binding
+/// port 0, so another process can take one before weed binds it).
 pub fn shared_seaweed() -> &'static (String, u16) {
     static SHARED: OnceLock<(String, u16)> = OnceLock::new();
     SHARED.get_or_init(|| {
         let (tx, rx) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
-            let dir = tempfile::Builder::new()
-                .prefix("atelier-weed-")
-                .tempdir()
-                .expect("tempdir");
-            match Seaweed::start(dir.path()) {
-                Ok(w) => {
-                    tx.send(Ok((w.s3_endpoint(), w.s3_port))).ok();
-                    let _keep = (w, dir);
-                    loop {
-                        std::thread::park();
+            let mut errors = Vec::new();
+            for _ in 0..3 {
+                let dir = tempfile::Builder::new()
+                    .prefix("atelier-weed-")
+                    .tempdir()
+                    .expect("tempdir");
+                match Seaweed::start(dir.path()) {
+                    Ok(w) => {
+                        tx.send(Ok((w.s3_endpoint(), w.s3_port))).ok();
+                        let _keep = (w, dir);
+                        loop {
+                            std::thread::park();
+                        }
+                    }
+                    Err(e) => {
+                        eprintln!("SeaweedFS did not start (will retry): {e:#}");
+                        errors.push(format!("{e:#}"));
                     }
                 }
-                Err(e) => {
-                    tx.send(Err(format!("{e:#}"))).ok();
-                }
             }
+            tx.send(Err(errors.join("\n---\n"))).ok();
         });
         rx.recv()
             .expect("seaweed thread")
