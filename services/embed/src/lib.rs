@@ -61,17 +61,14 @@ impl SentenceEncoder {
             path: dir.join(name),
             message,
         };
-        let config: Config = serde_json::from_str(
+        let raw: serde_json::Value = serde_json::from_str(
             &std::fs::read_to_string(dir.join("config.json"))
                 .map_err(|e| load("config.json", e.to_string()))?,
         )
-        .map_err(|e| load("config.json", format!("not a BERT config: {e}")))?;
-        let dim = serde_json::from_str::<serde_json::Value>(
-            &std::fs::read_to_string(dir.join("config.json")).unwrap_or_default(),
-        )
-        .ok()
-        .and_then(|v| v.get("hidden_size").and_then(|h| h.as_u64()))
-        .unwrap_or(0) as usize;
+        .map_err(|e| load("config.json", format!("not JSON: {e}")))?;
+        let dim = raw.get("hidden_size").and_then(|h| h.as_u64()).unwrap_or(0) as usize;
+        let config: Config = serde_json::from_value(raw)
+            .map_err(|e| load("config.json", format!("not a BERT config: {e}")))?;
         let mut tokenizer = tokenizers::Tokenizer::from_file(dir.join("tokenizer.json"))
             .map_err(|e| load("tokenizer.json", e.to_string()))?;
         tokenizer

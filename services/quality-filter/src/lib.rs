@@ -641,6 +641,7 @@ impl QualityFilter {
         }
         ctx.progress(0.3, Some(format!("scoring {} images", cands.len())))
             .await;
+        let images = cands.len() as u64;
         let (meteor_jar, minilm) = (self.meteor_jar.clone(), self.minilm.clone());
         let (scores, notes) = tokio::task::spawn_blocking(move || {
             let mut notes = Vec::new();
@@ -676,7 +677,6 @@ impl QualityFilter {
         .await
         .map_err(|e| JobError::retryable("panicked", e.to_string()))??;
         let (per_image, _) = ctx.store.put_json(&scores.per_image).await?;
-        let images = cands_count(&scores);
         Ok(JobOutput::CaptionScores(atelier_contracts::CaptionScores {
             dataset: spec.dataset,
             version: manifest.version,
@@ -688,10 +688,6 @@ impl QualityFilter {
             note: (!notes.is_empty()).then(|| notes.join("; ")),
         }))
     }
-}
-
-fn cands_count(scores: &atelier_caption_eval::Scores) -> u64 {
-    scores.per_image.get("CIDEr").map_or(0, |m| m.len() as u64)
 }
 
 #[cfg(test)]
