@@ -12,7 +12,7 @@ use uuid::Uuid;
 
 use crate::{
     ArtifactRef, CaptionOutput, CaptionScores, CaptionSpec, DatasetVersionOutput, EvalCaptionsSpec,
-    FilterSpec, GenerateSpec, ImagesOutput, Service,
+    FilterSpec, GenerateSpec, ImagesOutput, Service, TrainOutput, TrainSpec,
 };
 
 /// A job's id: a UUIDv7, so ids sort by submission time.
@@ -73,6 +73,8 @@ pub enum JobSpec {
     Filter(FilterSpec),
     /// Score a version's captions against another caption source (quality-filter).
     EvalCaptions(EvalCaptionsSpec),
+    /// Train a LoRA (optionally DreamBooth with prior preservation) (trainer service).
+    Train(Box<TrainSpec>),
 }
 
 impl JobSpec {
@@ -85,6 +87,7 @@ impl JobSpec {
         "caption",
         "filter",
         "eval_captions",
+        "train",
     ];
 
     pub fn service(&self) -> Service {
@@ -94,6 +97,7 @@ impl JobSpec {
             JobSpec::Img2img(_) | JobSpec::Inpaint(_) => Service::Inpainter,
             JobSpec::Caption(_) => Service::Captioner,
             JobSpec::Filter(_) | JobSpec::EvalCaptions(_) => Service::QualityFilter,
+            JobSpec::Train(_) => Service::Trainer,
         }
     }
     pub fn kind(&self) -> &'static str {
@@ -105,6 +109,7 @@ impl JobSpec {
             JobSpec::Caption(_) => "caption",
             JobSpec::Filter(_) => "filter",
             JobSpec::EvalCaptions(_) => "eval_captions",
+            JobSpec::Train(_) => "train",
         }
     }
 }
@@ -132,6 +137,8 @@ pub enum JobOutput {
     DatasetVersion(DatasetVersionOutput),
     /// Caption scores of an eval_captions job.
     CaptionScores(CaptionScores),
+    /// The LoRA a training job wrote.
+    Trained(TrainOutput),
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema, ToSchema)]

@@ -17,6 +17,7 @@ pub mod images;
 pub mod jobs;
 pub mod schema;
 pub mod subjects;
+pub mod train;
 
 pub use artifact::{ArtifactKey, ArtifactRef, KeyError};
 pub use dataset::{
@@ -29,6 +30,10 @@ pub use jobs::{
     JobProgress, JobRecord, JobRequest, JobSpec, JobState, Progress,
 };
 pub use subjects::Service;
+pub use train::{
+    DreamBoothSpec, LossPoint, NetworkSpec, TrainData, TrainImage, TrainOutput, TrainSample,
+    TrainSpec,
+};
 
 /// The message schema version this build reads and writes.
 pub const SCHEMA_VERSION: u32 = 1;

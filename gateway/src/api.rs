@@ -280,6 +280,22 @@ fn validate(spec: &JobSpec) -> Result<(), ApiError> {
         JobSpec::EvalCaptions(e) => e
             .check()
             .map_err(|e| ApiError::unprocessable("invalid_job", format!("spec: {e}")))?,
+        JobSpec::Train(t) => {
+            t.check()
+                .map_err(|e| ApiError::unprocessable("invalid_job", format!("spec: {e}")))?;
+            let mut samplers = vec![("sample_sampler", &t.sample_sampler)];
+            if let Some(db) = &t.dreambooth {
+                samplers.push(("dreambooth.class_sampler", &db.class_sampler));
+            }
+            for (field, name) in samplers {
+                if atelier_diffusion::schedulers::SamplerKind::parse(name).is_none() {
+                    return Err(ApiError::unprocessable(
+                        "unknown_sampler",
+                        format!("spec.{field}: unknown sampler {name:?}"),
+                    ));
+                }
+            }
+        }
         JobSpec::Checksum(c) => {
             ArtifactKey::parse(&c.input).map_err(|e| {
                 ApiError::unprocessable(

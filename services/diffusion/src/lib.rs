@@ -12,3 +12,4 @@ pub mod pipeline;
 pub mod prompt;
 pub mod schedulers;
 pub mod tokenizer;
+pub mod train;

@@ -274,6 +274,17 @@ impl SingleFileConfig {
 impl StableDiffusion {
     /// Load a model: a diffusers folder, or a single `.safetensors` checkpoint.
     pub fn load(path: &Path, device: &Device, dtype: DType) -> PResult<Self> {
+        Self::load_with_ops(path, device, dtype, Ops::INFERENCE)
+    }
+
+    /// [`StableDiffusion::load`] for training: every op of the UNet and text encoders records
+    /// gradients (the fused softmax and layer-norm kernels do not). The weights stay plain
+    /// tensors; only the adapters a trainer attaches are `Var`s.
+    pub fn load_for_training(path: &Path, device: &Device, dtype: DType) -> PResult<Self> {
+        Self::load_with_ops(path, device, dtype, Ops::TRAINING)
+    }
+
+    fn load_with_ops(path: &Path, device: &Device, dtype: DType, ops: Ops) -> PResult<Self> {
         if !path.exists() {
             return Err(model_err(
                 path,
@@ -281,9 +292,9 @@ impl StableDiffusion {
             ));
         }
         if path.is_dir() {
-            Self::load_diffusers(path, device, dtype)
+            Self::diffusers_with_ops(path, device, dtype, ops)
         } else {
-            Self::load_single_file(path, device, dtype)
+            Self::single_file_with_ops(path, device, dtype, ops)
         }
     }
 
@@ -291,6 +302,10 @@ impl StableDiffusion {
     /// architecture detected from the keys). The CLIP tokenizer is read from `tokenizer/` (and
     /// `tokenizer_2/`) beside the file.
     pub fn load_single_file(path: &Path, device: &Device, dtype: DType) -> PResult<Self> {
+        Self::single_file_with_ops(path, device, dtype, Ops::INFERENCE)
+    }
+
+    fn single_file_with_ops(path: &Path, device: &Device, dtype: DType, ops: Ops) -> PResult<Self> {
         use crate::models::ldm;
         if path.extension().is_none_or(|e| e != "safetensors") {
             return Err(model_err(path, "expected a .safetensors checkpoint or a diffusers folder (.ckpt pickles are not loaded: convert them to safetensors)"));
@@ -358,7 +373,7 @@ impl StableDiffusion {
         let unet = UNet::new(
             w.with_map(map).var_builder(dtype, device),
             cfg.unet.clone(),
-            Ops::INFERENCE,
+            ops,
         )
         .map_err(|e| model_err(path, e))?;
         let vc = cfg.vae.clone();
@@ -394,7 +409,7 @@ impl StableDiffusion {
                 w.with_map(map).var_builder(DType::F32, device),
                 tc.clone(),
                 with_projection,
-                Ops::INFERENCE,
+                ops,
             )
             .map_err(|e| model_err(path, e))?;
             let tk_dir = [
@@ -438,6 +453,10 @@ impl StableDiffusion {
     /// Load a diffusers folder (`model_index.json`, `unet/`, `vae/`, `text_encoder/`,
     /// `tokenizer/`, and for SDXL `text_encoder_2/`, `tokenizer_2/`).
     pub fn load_diffusers(dir: &Path, device: &Device, dtype: DType) -> PResult<Self> {
+        Self::diffusers_with_ops(dir, device, dtype, Ops::INFERENCE)
+    }
+
+    fn diffusers_with_ops(dir: &Path, device: &Device, dtype: DType, ops: Ops) -> PResult<Self> {
         if !dir.join("model_index.json").exists() {
             return Err(model_err(
                 dir,
@@ -466,7 +485,7 @@ impl StableDiffusion {
         let unet = UNet::new(
             SafetensorsWeights::open(&unet_files)?.var_builder(dtype, device),
             unet_cfg,
-            Ops::INFERENCE,
+            ops,
         )
         .map_err(|e| model_err(&dir.join("unet"), e))?;
         // The VAE runs in f32 (SD's VAE overflows in f16).
@@ -495,13 +514,8 @@ impl StableDiffusion {
         for (te, tk, proj) in encoders {
             let cfg: ClipConfig = read_json(&dir.join(te).join("config.json"))?;
             let w = SafetensorsWeights::open(&component_weights(&dir.join(te))?)?;
-            let model = ClipTextModel::new(
-                w.var_builder(DType::F32, device),
-                cfg,
-                *proj,
-                Ops::INFERENCE,
-            )
-            .map_err(|e| model_err(&dir.join(te), e))?;
+            let model = ClipTextModel::new(w.var_builder(DType::F32, device), cfg, *proj, ops)
+                .map_err(|e| model_err(&dir.join(te), e))?;
             let tok =
                 ClipTokenizer::from_dir(&dir.join(tk)).map_err(|e| model_err(&dir.join(tk), e))?;
             text.push(TextStack { model, tok });
@@ -542,8 +556,12 @@ impl StableDiffusion {
         1 << (self.vae.config.block_out_channels.len().saturating_sub(1))
     }
 
-    /// One prompt's conditioning and pooled embedding (SDXL).
-    fn encode_prompt(&self, prompt: &str, clip_skip: usize) -> PResult<(Tensor, Option<Tensor>)> {
+    /// One prompt's conditioning [1, 77k, D] and pooled embedding (SDXL), in the model's dtype.
+    pub fn encode_prompt(
+        &self,
+        prompt: &str,
+        clip_skip: usize,
+    ) -> PResult<(Tensor, Option<Tensor>)> {
         let bad = |e: String| PipelineError::BadRequest(format!("prompt: {e}"));
         let enc = |i: usize, layer: Layer| {
             conditioning::encode_with(
@@ -569,6 +587,28 @@ impl StableDiffusion {
                 Ok((z, None))
             }
         }
+    }
+
+    /// The UNet and the text encoders, for attaching trainable adapters.
+    pub fn parts_mut(&mut self) -> (&mut UNet, Vec<&mut ClipTextModel>) {
+        (
+            &mut self.unet,
+            self.text.iter_mut().map(|t| &mut t.model).collect(),
+        )
+    }
+
+    /// The UNet (its config, and its forward pass for training).
+    pub fn unet(&self) -> &UNet {
+        &self.unet
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// The UNet's compute dtype.
+    pub fn dtype(&self) -> DType {
+        self.dtype
     }
 
     /// This model with textual-inversion embeddings available to prompts by name.
@@ -628,7 +668,12 @@ impl StableDiffusion {
     }
 
     /// Pixels → scaled latents [1, 4, h, w] (the image resized to `width`×`height`).
-    fn encode_image(&self, img: &image::RgbImage, width: usize, height: usize) -> PResult<Tensor> {
+    pub fn encode_image(
+        &self,
+        img: &image::RgbImage,
+        width: usize,
+        height: usize,
+    ) -> PResult<Tensor> {
         let img = if img.dimensions() != (width as u32, height as u32) {
             image::imageops::resize(
                 img,

@@ -1,0 +1,740 @@
+//! One training run on a loaded model, free of any I/O: prepared examples in, optimizer steps,
+//! checkpoints as bytes, the LoRA file as bytes. The service wraps it with the bus and the store;
+//! tests and the bench drive it directly.
+//!
+//! Reproducibility: every random draw of optimizer step `s` (batch order, captions, flips,
+//! timesteps, noise) comes from streams keyed by (seed, s), so a run resumed from a checkpoint at
+//! step `s` continues exactly as the uninterrupted run would have.
+
+use std::collections::HashMap;
+
+use atelier_contracts::{LossPoint, TrainSpec};
+use atelier_diffusion::pipeline::{Family, StableDiffusion};
+use atelier_diffusion::schedulers::{NoiseSchedule, PredictionType};
+use atelier_diffusion::train::{
+    clip_grad_norm, stream, AdamW, AdamWParams, Batch, Group, LoraConfig, LoraNetwork, LrSchedule,
+    Objective, UnetTargets,
+};
+use candle_core::{DType, Device, Tensor};
+use rand::Rng;
+use sha2::{Digest, Sha256};
+
+use crate::data::{epoch_batches, escape_caption, fit_to, Bucketing, CaptionOps};
+
+const PURPOSE_ORDER: u64 = 1;
+const PURPOSE_STEP: u64 = 2;
+const PURPOSE_INIT: u64 = 3;
+const PURPOSE_EVAL: u64 = 4;
+
+/// Why a run stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum TrainError {
+    /// Bad input found once the model or the data is known.
+    #[error("{0}")]
+    Invalid(String),
+    #[error("compute: {0}")]
+    Compute(#[from] candle_core::Error),
+    #[error("checkpoint: {0}")]
+    Checkpoint(String),
+}
+
+/// An image ready to train: its latents (and its mirror's, for flip_aug), caption and weight.
+pub struct Example {
+    pub latents: Tensor,
+    pub flipped: Option<Tensor>,
+    pub bucket: (u32, u32),
+    pub caption: String,
+    /// 1 for training images, the prior-loss weight for DreamBooth class images.
+    pub weight: f32,
+    pub repeats: u32,
+    /// Counts toward kohya's ss_num_reg_images rather than ss_num_train_images.
+    pub is_class: bool,
+}
+
+/// An image to prepare.
+pub struct Source {
+    pub image: image::RgbImage,
+    pub caption: String,
+    pub weight: f32,
+    pub repeats: u32,
+    pub is_class: bool,
+}
+
+/// Bucket, crop and VAE-encode every image once (kohya's cache_latents).
+pub fn prepare(
+    model: &StableDiffusion,
+    spec: &TrainSpec,
+    sources: Vec<Source>,
+) -> Result<Vec<Example>, TrainError> {
+    let bucketing = Bucketing {
+        resolution: spec.resolution,
+        enabled: spec.enable_bucket,
+        min: spec.min_bucket_reso,
+        max: spec.max_bucket_reso,
+        no_upscale: spec.bucket_no_upscale,
+    };
+    let f = model.vae_scale() as u32;
+    let mut out = Vec::with_capacity(sources.len());
+    for s in sources {
+        let (w, h) = bucketing.bucket_for(s.image.width(), s.image.height());
+        if w % f != 0 || h % f != 0 {
+            return Err(TrainError::Invalid(format!(
+                "bucket {w}x{h} is not a multiple of this model's VAE factor {f}"
+            )));
+        }
+        let img = fit_to(&s.image, w, h);
+        let latents = model
+            .encode_image(&img, w as usize, h as usize)
+            .map_err(|e| TrainError::Invalid(e.to_string()))?;
+        let flipped = if spec.flip_aug {
+            let m = image::imageops::flip_horizontal(&img);
+            Some(
+                model
+                    .encode_image(&m, w as usize, h as usize)
+                    .map_err(|e| TrainError::Invalid(e.to_string()))?,
+            )
+        } else {
+            None
+        };
+        out.push(Example {
+            latents,
+            flipped,
+            bucket: (w, h),
+            caption: s.caption,
+            weight: s.weight,
+            repeats: s.repeats.max(1),
+            is_class: s.is_class,
+        });
+    }
+    if out.is_empty() {
+        return Err(TrainError::Invalid("no training images".into()));
+    }
+    Ok(out)
+}
+
+/// A training run in memory.
+pub struct Session {
+    model: StableDiffusion,
+    network: LoraNetwork,
+    optimizer: AdamW,
+    objective: Objective,
+    schedule: NoiseSchedule,
+    lr_schedule: LrSchedule,
+    spec: TrainSpec,
+    examples: Vec<Example>,
+    captions: CaptionOps,
+    batches_per_epoch: usize,
+    epoch_cache: Option<(usize, Vec<Vec<usize>>)>,
+    text_cache: HashMap<String, (Tensor, Option<Tensor>)>,
+    /// Optimizer steps done.
+    pub step: u32,
+    pub history: Vec<LossPoint>,
+    pub started_at: chrono::DateTime<chrono::Utc>,
+}
+
+impl Session {
+    /// A fresh run: `model` must come from `StableDiffusion::load_for_training`.
+    pub fn new(
+        mut model: StableDiffusion,
+        spec: &TrainSpec,
+        examples: Vec<Example>,
+    ) -> Result<Self, TrainError> {
+        spec.check().map_err(TrainError::Invalid)?;
+        if examples.is_empty() {
+            return Err(TrainError::Invalid("no training images".into()));
+        }
+        let n = &spec.network;
+        let cfg = LoraConfig {
+            rank: n.rank as usize,
+            alpha: n.alpha,
+            conv_rank: n.conv_rank.map(|r| r as usize),
+            conv_alpha: n.conv_alpha,
+            unet_targets: if n.targets == "attention" {
+                UnetTargets::Attention
+            } else {
+                UnetTargets::Transformer
+            },
+            text_encoder: n.train_text_encoder,
+        };
+        let init_seed = stream(spec.seed, PURPOSE_INIT, 0).gen::<u64>();
+        let network = LoraNetwork::attach(&mut model, &cfg, init_seed)?;
+        let vars: Vec<_> = network.vars().into_iter().map(|(v, _)| v).collect();
+        let optimizer = AdamW::new(
+            AdamWParams {
+                beta1: spec.adam_beta1,
+                beta2: spec.adam_beta2,
+                eps: spec.adam_epsilon,
+                weight_decay: spec.weight_decay,
+            },
+            &vars,
+        )?;
+        let prediction = match spec.prediction_type.as_deref() {
+            Some("v_prediction") => PredictionType::VPrediction,
+            Some(_) => PredictionType::Epsilon,
+            None => model.schedule.prediction_type,
+        };
+        let schedule = NoiseSchedule::new(model.schedule.clone());
+        let objective = Objective {
+            prediction,
+            min_snr_gamma: spec.min_snr_gamma,
+            noise_offset: spec.noise_offset,
+            min_timestep: 0,
+            max_timestep: schedule.len(),
+        };
+        let lr_schedule = LrSchedule::parse(&spec.lr_scheduler).ok_or_else(|| {
+            TrainError::Invalid(format!("unknown lr_scheduler {:?}", spec.lr_scheduler))
+        })?;
+        let buckets: Vec<(u32, u32)> = examples.iter().map(|e| e.bucket).collect();
+        let repeats: Vec<u32> = examples.iter().map(|e| e.repeats).collect();
+        let batches_per_epoch = epoch_batches(
+            &buckets,
+            &repeats,
+            spec.batch_size as usize,
+            &mut stream(spec.seed, PURPOSE_ORDER, 0),
+        )
+        .len();
+        Ok(Self {
+            model,
+            network,
+            optimizer,
+            objective,
+            schedule,
+            lr_schedule,
+            spec: spec.clone(),
+            examples,
+            captions: CaptionOps {
+                dropout: spec.caption_dropout_rate,
+                tag_dropout: spec.caption_tag_dropout_rate,
+                shuffle: spec.shuffle_caption,
+                keep_tokens: spec.keep_tokens as usize,
+            },
+            batches_per_epoch,
+            epoch_cache: None,
+            text_cache: HashMap::new(),
+            step: 0,
+            history: Vec::new(),
+            started_at: chrono::Utc::now(),
+        })
+    }
+
+    pub fn network(&self) -> &LoraNetwork {
+        &self.network
+    }
+
+    /// The model with the adapters attached (what the LoRA currently does).
+    pub fn model(&self) -> &StableDiffusion {
+        &self.model
+    }
+
+    pub fn done(&self) -> bool {
+        self.step >= self.spec.max_train_steps
+    }
+
+    pub fn epochs(&self) -> u32 {
+        let micro =
+            self.spec.max_train_steps as usize * self.spec.gradient_accumulation_steps as usize;
+        micro.div_ceil(self.batches_per_epoch.max(1)) as u32
+    }
+
+    /// The learning rate of `group` at optimizer step `step`.
+    pub fn lr(&self, group: Group, step: u32) -> f64 {
+        let base = match group {
+            Group::Unet => self.spec.unet_lr,
+            Group::Text => self.spec.text_encoder_lr,
+        };
+        base * self.lr_schedule.factor(
+            step as usize,
+            self.spec.lr_warmup_steps as usize,
+            self.spec.max_train_steps as usize,
+            self.spec.lr_scheduler_num_cycles as usize,
+        )
+    }
+
+    fn batch_indices(&mut self, micro: usize) -> Vec<usize> {
+        let per = self.batches_per_epoch.max(1);
+        let (epoch, i) = (micro / per, micro % per);
+        if self.epoch_cache.as_ref().map(|c| c.0) != Some(epoch) {
+            let buckets: Vec<(u32, u32)> = self.examples.iter().map(|e| e.bucket).collect();
+            let repeats: Vec<u32> = self.examples.iter().map(|e| e.repeats).collect();
+            let b = epoch_batches(
+                &buckets,
+                &repeats,
+                self.spec.batch_size as usize,
+                &mut stream(self.spec.seed, PURPOSE_ORDER, epoch as u64),
+            );
+            self.epoch_cache = Some((epoch, b));
+        }
+        self.epoch_cache
+            .as_ref()
+            .and_then(|c| c.1.get(i).cloned())
+            .unwrap_or_default()
+    }
+
+    fn encode_text(&mut self, caption: &str) -> Result<(Tensor, Option<Tensor>), TrainError> {
+        let text = escape_caption(caption);
+        let cache = !self.spec.network.train_text_encoder;
+        if cache {
+            if let Some(v) = self.text_cache.get(&text) {
+                return Ok(v.clone());
+            }
+        }
+        let (ctx, pooled) = self
+            .model
+            .encode_prompt(&text, 1)
+            .map_err(|e| TrainError::Invalid(e.to_string()))?;
+        // One 77-token window, as kohya's default max_token_length.
+        let ctx = ctx.narrow(1, 0, ctx.dim(1)?.min(77))?;
+        if cache {
+            self.text_cache.insert(text, (ctx.clone(), pooled.clone()));
+        }
+        Ok((ctx, pooled))
+    }
+
+    fn batch(
+        &mut self,
+        micro: usize,
+        rng: &mut rand_chacha::ChaCha8Rng,
+    ) -> Result<Batch, TrainError> {
+        let idx = self.batch_indices(micro);
+        let mut lat = Vec::with_capacity(idx.len());
+        let mut ctx = Vec::with_capacity(idx.len());
+        let mut pooled = Vec::new();
+        let mut weights = Vec::with_capacity(idx.len());
+        let mut ids = Vec::new();
+        for i in idx {
+            let caption = self.captions.apply(&self.examples[i].caption, rng);
+            let e = &self.examples[i];
+            let flip = e.flipped.is_some() && rng.gen::<bool>();
+            lat.push(if flip {
+                e.flipped.clone().unwrap_or_else(|| e.latents.clone())
+            } else {
+                e.latents.clone()
+            });
+            weights.push(e.weight);
+            let (bw, bh) = e.bucket;
+            let (c, p) = self.encode_text(&caption)?;
+            ctx.push(c);
+            if let Some(p) = p {
+                pooled.push(p);
+                // SDXL size conditioning: original size, crop (0, 0), target size.
+                ids.extend([bh, bw, 0, 0, bh, bw].map(|v| v as f32));
+            }
+        }
+        let b = lat.len();
+        let latents = Tensor::cat(&lat, 0)?.to_dtype(DType::F32)?;
+        let context = Tensor::cat(&ctx, 0)?;
+        let added = if self.model.family == Family::Sdxl && pooled.len() == b {
+            Some(atelier_diffusion::models::unet::AddedCond {
+                text_embeds: Tensor::cat(&pooled, 0)?,
+                time_ids: Tensor::from_vec(ids, (b, 6), latents.device())?
+                    .to_dtype(self.model.dtype())?,
+            })
+        } else {
+            None
+        };
+        Ok(Batch {
+            latents,
+            context,
+            added,
+            weights,
+        })
+    }
+
+    /// One optimizer step (gradient_accumulation_steps micro-batches); its loss point.
+    pub fn train_step(&mut self) -> Result<LossPoint, TrainError> {
+        let accum = self.spec.gradient_accumulation_steps.max(1) as usize;
+        let step = self.step;
+        let vars: Vec<candle_core::Var> = self
+            .network
+            .vars()
+            .into_iter()
+            .map(|(v, _)| v.clone())
+            .collect();
+        let groups: Vec<Group> = self.network.vars().into_iter().map(|(_, g)| g).collect();
+        let mut grads: Vec<Option<Tensor>> = vec![None; vars.len()];
+        let mut loss_sum = 0.0;
+        for k in 0..accum {
+            let micro = step as usize * accum + k;
+            let mut rng = stream(self.spec.seed, PURPOSE_STEP, micro as u64);
+            let batch = self.batch(micro, &mut rng)?;
+            let loss = self
+                .objective
+                .loss(&self.model, &self.schedule, &batch, &mut rng)?;
+            let l = loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+            if !l.is_finite() {
+                return Err(TrainError::Compute(candle_core::Error::Msg(format!(
+                    "loss is {l} at step {step}: lower the learning rate or check the data"
+                ))));
+            }
+            loss_sum += l;
+            let g = (loss / accum as f64)?.backward()?;
+            for (i, v) in vars.iter().enumerate() {
+                let gi = match g.get(v.as_tensor()) {
+                    Some(t) => t.clone(),
+                    None => v.as_tensor().zeros_like()?,
+                };
+                grads[i] = Some(match grads[i].take() {
+                    None => gi,
+                    Some(acc) => (acc + gi)?,
+                });
+            }
+        }
+        let mut grads: Vec<Tensor> = grads
+            .into_iter()
+            .zip(&vars)
+            .map(|(g, v)| g.map_or_else(|| v.as_tensor().zeros_like(), Ok))
+            .collect::<candle_core::Result<_>>()?;
+        if self.spec.max_grad_norm > 0.0 {
+            clip_grad_norm(&mut grads, self.spec.max_grad_norm)?;
+        }
+        let lrs: Vec<f64> = groups.iter().map(|g| self.lr(*g, step)).collect();
+        let refs: Vec<&candle_core::Var> = vars.iter().collect();
+        self.optimizer.step(&refs, &grads, &lrs)?;
+        self.step += 1;
+        let point = LossPoint {
+            step: self.step,
+            loss: loss_sum / accum as f64,
+            lr: self.lr(Group::Unet, step),
+        };
+        self.history.push(point.clone());
+        Ok(point)
+    }
+
+    /// The loss over every example once (caption as written, no flip), each at timesteps and
+    /// noise drawn from `seed`: comparable across steps and runs, nothing trained.
+    pub fn eval_loss(&mut self, seed: u64) -> Result<f64, TrainError> {
+        let mut total = 0.0;
+        for i in 0..self.examples.len() {
+            let mut rng = stream(seed, PURPOSE_EVAL, i as u64);
+            let caption = self.examples[i].caption.clone();
+            let (context, pooled) = self.encode_text(&caption)?;
+            let e = &self.examples[i];
+            let (bw, bh) = e.bucket;
+            let added = match pooled {
+                Some(p) if self.model.family == Family::Sdxl => {
+                    Some(atelier_diffusion::models::unet::AddedCond {
+                        text_embeds: p,
+                        time_ids: Tensor::from_vec(
+                            [bh, bw, 0, 0, bh, bw].map(|v| v as f32).to_vec(),
+                            (1, 6),
+                            e.latents.device(),
+                        )?
+                        .to_dtype(self.model.dtype())?,
+                    })
+                }
+                _ => None,
+            };
+            let batch = Batch {
+                latents: e.latents.to_dtype(DType::F32)?,
+                context,
+                added,
+                weights: vec![e.weight],
+            };
+            let l = self
+                .objective
+                .loss(&self.model, &self.schedule, &batch, &mut rng)?
+                .detach();
+            total += l.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+        }
+        Ok(total / self.examples.len().max(1) as f64)
+    }
+
+    /// The gradients one micro-batch gives every trainable tensor (for checks), by name.
+    pub fn gradients(&mut self) -> Result<Vec<(String, Tensor)>, TrainError> {
+        let micro = self.step as usize * self.spec.gradient_accumulation_steps.max(1) as usize;
+        let mut rng = stream(self.spec.seed, PURPOSE_STEP, micro as u64);
+        let batch = self.batch(micro, &mut rng)?;
+        let loss = self
+            .objective
+            .loss(&self.model, &self.schedule, &batch, &mut rng)?;
+        let g = loss.backward()?;
+        let names = self.network.var_names();
+        let mut out = Vec::new();
+        for (name, (v, _)) in names.into_iter().zip(self.network.vars()) {
+            let t = match g.get(v.as_tensor()) {
+                Some(t) => t.clone(),
+                None => v.as_tensor().zeros_like()?,
+            };
+            out.push((name, t));
+        }
+        Ok(out)
+    }
+
+    /// A resumable checkpoint: LoRA weights, AdamW moments and step count, loss history and the
+    /// spec's hash; the random state is (seed, step) itself.
+    pub fn checkpoint(&self) -> Result<Vec<u8>, TrainError> {
+        let mut tensors = HashMap::new();
+        for (name, (v, _)) in self
+            .network
+            .var_names()
+            .into_iter()
+            .zip(self.network.vars())
+        {
+            tensors.insert(name, v.as_tensor().to_device(&Device::Cpu)?);
+        }
+        for (i, name) in self.network.var_names().into_iter().enumerate() {
+            tensors.insert(
+                format!("optimizer.m.{name}"),
+                self.optimizer.m[i].to_device(&Device::Cpu)?,
+            );
+            tensors.insert(
+                format!("optimizer.v.{name}"),
+                self.optimizer.v[i].to_device(&Device::Cpu)?,
+            );
+        }
+        let state = serde_json::json!({
+            "step": self.step,
+            "optimizer_step": self.optimizer.step,
+            "seed": self.spec.seed,
+            "spec_sha256": spec_hash(&self.spec),
+            "history": self.history,
+            "started_at": self.started_at,
+        });
+        let meta = HashMap::from([("atelier_checkpoint".to_string(), state.to_string())]);
+        atelier_diffusion::train::serialize(&tensors, &meta).map_err(TrainError::Checkpoint)
+    }
+
+    /// Continue from a checkpoint of the same spec.
+    pub fn restore(&mut self, bytes: &[u8]) -> Result<(), TrainError> {
+        let bad = |m: String| TrainError::Checkpoint(m);
+        let st = safetensors::SafeTensors::deserialize(bytes).map_err(|e| bad(e.to_string()))?;
+        let (_, meta) =
+            safetensors::SafeTensors::read_metadata(bytes).map_err(|e| bad(e.to_string()))?;
+        let state: serde_json::Value = meta
+            .metadata()
+            .as_ref()
+            .and_then(|m| m.get("atelier_checkpoint"))
+            .and_then(|s| serde_json::from_str(s).ok())
+            .ok_or_else(|| bad("not an atelier checkpoint".into()))?;
+        if state["spec_sha256"].as_str() != Some(spec_hash(&self.spec).as_str()) {
+            return Err(bad(
+                "the checkpoint was written for another training spec".into()
+            ));
+        }
+        let dev = self.model.device().clone();
+        let mut tensors = HashMap::new();
+        for (name, view) in st.tensors() {
+            let t = candle_core::safetensors::Load::load(&view, &dev)?;
+            tensors.insert(name, t);
+        }
+        self.network.load_weights(&tensors)?;
+        for (i, name) in self.network.var_names().into_iter().enumerate() {
+            let get = |k: String| {
+                tensors
+                    .get(&k)
+                    .cloned()
+                    .ok_or_else(|| bad(format!("checkpoint lacks {k}")))
+            };
+            self.optimizer.m[i] = get(format!("optimizer.m.{name}"))?;
+            self.optimizer.v[i] = get(format!("optimizer.v.{name}"))?;
+        }
+        self.step = state["step"].as_u64().unwrap_or(0) as u32;
+        self.optimizer.step = state["optimizer_step"].as_u64().unwrap_or(0) as usize;
+        self.history = serde_json::from_value(state["history"].clone()).unwrap_or_default();
+        if let Some(t) = state["started_at"]
+            .as_str()
+            .and_then(|s| chrono::DateTime::parse_from_rfc3339(s).ok())
+        {
+            self.started_at = t.with_timezone(&chrono::Utc);
+        }
+        Ok(())
+    }
+
+    /// The LoRA file (kohya's layout and `ss_*` metadata, plus A1111's hashes of the file).
+    pub fn lora_file(&self, base_name: &str, base_hash: &str) -> Result<Vec<u8>, TrainError> {
+        let dtype = if self.spec.save_fp16 {
+            DType::F16
+        } else {
+            DType::F32
+        };
+        let tensors = self.network.tensors(dtype)?;
+        let mut meta = self.metadata(base_name, base_hash);
+        // sshs_*: A1111's hashes of the file's tensor data, computed on the file as written
+        // without them.
+        let plain =
+            atelier_diffusion::train::serialize(&tensors, &meta).map_err(TrainError::Checkpoint)?;
+        let (model_hash, legacy) = lora_hashes(&plain);
+        meta.insert("sshs_model_hash".into(), model_hash);
+        meta.insert("sshs_legacy_hash".into(), legacy);
+        atelier_diffusion::train::serialize(&tensors, &meta).map_err(TrainError::Checkpoint)
+    }
+
+    fn metadata(&self, base_name: &str, base_hash: &str) -> HashMap<String, String> {
+        let s = &self.spec;
+        let n = &s.network;
+        let train_images = self.examples.iter().filter(|e| !e.is_class).count();
+        let reg_images = self.examples.iter().filter(|e| e.is_class).count();
+        let mut tags: HashMap<String, u64> = HashMap::new();
+        for e in self.examples.iter().filter(|e| !e.is_class) {
+            for t in e
+                .caption
+                .split(',')
+                .map(str::trim)
+                .filter(|t| !t.is_empty())
+            {
+                *tags.entry(t.to_string()).or_default() += 1;
+            }
+        }
+        let base_version = match self.model.family {
+            Family::Sd1 => "sd_v1",
+            Family::Sd2 => "sd_v2",
+            Family::Sdxl => "sdxl_base_v1-0",
+        };
+        let mut args = serde_json::Map::new();
+        if let Some(c) = n.conv_rank {
+            args.insert("conv_dim".into(), c.to_string().into());
+            args.insert("conv_alpha".into(), n.conv_alpha.to_string().into());
+        }
+        let now = chrono::Utc::now().timestamp().to_string();
+        let pairs: Vec<(&str, String)> = vec![
+            ("ss_session_id", format!("{}", s.seed)),
+            (
+                "ss_training_started_at",
+                self.started_at.timestamp().to_string(),
+            ),
+            ("ss_training_finished_at", now),
+            ("ss_output_name", s.output_name.clone()),
+            ("ss_learning_rate", s.unet_lr.to_string()),
+            ("ss_unet_lr", s.unet_lr.to_string()),
+            (
+                "ss_text_encoder_lr",
+                if n.train_text_encoder {
+                    s.text_encoder_lr.to_string()
+                } else {
+                    "None".into()
+                },
+            ),
+            ("ss_network_module", "networks.lora".into()),
+            ("ss_network_dim", n.rank.to_string()),
+            ("ss_network_alpha", n.alpha.to_string()),
+            (
+                "ss_network_args",
+                serde_json::Value::Object(args).to_string(),
+            ),
+            (
+                "ss_network_train_unet_only",
+                (!n.train_text_encoder).to_string(),
+            ),
+            ("ss_num_train_images", train_images.to_string()),
+            ("ss_num_reg_images", reg_images.to_string()),
+            (
+                "ss_num_batches_per_epoch",
+                self.batches_per_epoch.to_string(),
+            ),
+            ("ss_num_epochs", self.epochs().to_string()),
+            ("ss_epoch", self.epochs().to_string()),
+            ("ss_steps", self.step.to_string()),
+            ("ss_max_train_steps", s.max_train_steps.to_string()),
+            ("ss_batch_size_per_device", s.batch_size.to_string()),
+            (
+                "ss_total_batch_size",
+                (s.batch_size * s.gradient_accumulation_steps).to_string(),
+            ),
+            (
+                "ss_gradient_accumulation_steps",
+                s.gradient_accumulation_steps.to_string(),
+            ),
+            ("ss_lr_warmup_steps", s.lr_warmup_steps.to_string()),
+            ("ss_lr_scheduler", s.lr_scheduler.clone()),
+            (
+                "ss_optimizer",
+                format!(
+                    "torch.optim.adamw.AdamW(weight_decay={},betas=({}, {}),eps={})",
+                    s.weight_decay, s.adam_beta1, s.adam_beta2, s.adam_epsilon
+                ),
+            ),
+            ("ss_max_grad_norm", s.max_grad_norm.to_string()),
+            ("ss_seed", s.seed.to_string()),
+            (
+                "ss_resolution",
+                format!("({}, {})", s.resolution, s.resolution),
+            ),
+            ("ss_enable_bucket", s.enable_bucket.to_string()),
+            ("ss_min_bucket_reso", s.min_bucket_reso.to_string()),
+            ("ss_max_bucket_reso", s.max_bucket_reso.to_string()),
+            ("ss_bucket_no_upscale", s.bucket_no_upscale.to_string()),
+            ("ss_cache_latents", "True".into()),
+            (
+                "ss_caption_dropout_rate",
+                s.caption_dropout_rate.to_string(),
+            ),
+            (
+                "ss_caption_tag_dropout_rate",
+                s.caption_tag_dropout_rate.to_string(),
+            ),
+            ("ss_shuffle_caption", s.shuffle_caption.to_string()),
+            ("ss_keep_tokens", s.keep_tokens.to_string()),
+            ("ss_flip_aug", s.flip_aug.to_string()),
+            ("ss_noise_offset", s.noise_offset.to_string()),
+            (
+                "ss_min_snr_gamma",
+                s.min_snr_gamma.map_or("None".into(), |g| g.to_string()),
+            ),
+            (
+                "ss_prior_loss_weight",
+                s.dreambooth
+                    .as_ref()
+                    .map_or(1.0, |d| d.prior_loss_weight)
+                    .to_string(),
+            ),
+            ("ss_v2", (self.model.family == Family::Sd2).to_string()),
+            (
+                "ss_v_parameterization",
+                (self.objective.prediction == PredictionType::VPrediction).to_string(),
+            ),
+            ("ss_base_model_version", base_version.into()),
+            ("ss_sd_model_name", base_name.into()),
+            ("ss_sd_model_hash", base_hash.into()),
+            ("ss_new_sd_model_hash", base_hash.into()),
+            ("ss_clip_skip", "None".into()),
+            ("ss_mixed_precision", "no".into()),
+            (
+                "ss_tag_frequency",
+                serde_json::json!({ s.output_name.clone(): tags }).to_string(),
+            ),
+            ("ss_training_comment", "trained by atelier".into()),
+            ("modelspec.sai_model_spec", "1.0.0".into()),
+            (
+                "modelspec.architecture",
+                format!(
+                    "{}/lora",
+                    match self.model.family {
+                        Family::Sd1 => "stable-diffusion-v1",
+                        Family::Sd2 => "stable-diffusion-v2-512",
+                        Family::Sdxl => "stable-diffusion-xl-v1-base",
+                    }
+                ),
+            ),
+            (
+                "modelspec.implementation",
+                "https://github.com/kohya-ss/sd-scripts".into(),
+            ),
+            ("modelspec.title", s.output_name.clone()),
+            (
+                "modelspec.resolution",
+                format!("{}x{}", s.resolution, s.resolution),
+            ),
+        ];
+        pairs.into_iter().map(|(k, v)| (k.to_string(), v)).collect()
+    }
+}
+
+/// A stable hash of a spec (what a checkpoint may be resumed into).
+pub fn spec_hash(spec: &TrainSpec) -> String {
+    hex::encode(Sha256::digest(serde_json::to_vec(spec).unwrap_or_default()))
+}
+
+/// A1111's hashes of a safetensors file: SHA-256 of the bytes after the header
+/// (`sshs_model_hash`, whose first 12 digits A1111 shows as the LoRA hash) and the legacy
+/// 8-digit hash of the 64 KiB at offset 1 MiB (of what is there: nothing, for small files).
+pub fn lora_hashes(file: &[u8]) -> (String, String) {
+    let n = file
+        .get(..8)
+        .map(|b| u64::from_le_bytes(b.try_into().unwrap_or([0; 8])) as usize)
+        .unwrap_or(0);
+    let body = file.get(8 + n..).unwrap_or(&[]);
+    let full = hex::encode(Sha256::digest(body));
+    let legacy_part = &file[file.len().min(0x100000)..file.len().min(0x110000)];
+    let legacy = hex::encode(Sha256::digest(legacy_part))[..8].to_string();
+    (full, legacy)
+}

@@ -1,0 +1,392 @@
+//! Training on a tiny random-weight SD model: gradients reach every LoRA parameter, the loss
+//! falls, a fresh LoRA is a no-op, a trained one changes samples (and loads back through the
+//! sampler's LoRA loader in kohya's layout), a resumed run equals an uninterrupted one, and the
+//! prior loss enters with its weight.
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use atelier_contracts::{TrainData, TrainImage, TrainSpec};
+use atelier_diffusion::lora::{LoraFile, LoraMode};
+use atelier_diffusion::pipeline::{make_tiny, Family, StableDiffusion, Txt2Img};
+use atelier_diffusion::schedulers::SamplerKind;
+use atelier_trainer::session::{lora_hashes, prepare, Session, Source};
+use candle_core::{DType, Device, Tensor};
+
+fn shapes(n: usize) -> Vec<(image::RgbImage, String)> {
+    let colours = [
+        ([220u8, 30, 30], "red"),
+        ([30, 30, 220], "blue"),
+        ([30, 200, 40], "green"),
+    ];
+    (0..n)
+        .map(|i| {
+            let (c, name) = colours[i % colours.len()];
+            let mut img = image::RgbImage::from_pixel(64, 64, image::Rgb([240, 240, 240]));
+            for y in 16..48 {
+                for x in 16..48 {
+                    img.put_pixel(x, y, image::Rgb(c));
+                }
+            }
+            (img, format!("{name} square, on the white"))
+        })
+        .collect()
+}
+
+fn spec() -> TrainSpec {
+    let mut s = TrainSpec::new(
+        "tiny",
+        "test-lora",
+        TrainData::Images {
+            images: vec![TrainImage {
+                image: "unused/by/session".into(),
+                caption: String::new(),
+            }],
+        },
+    );
+    s.resolution = 64;
+    s.min_bucket_reso = 64;
+    s.max_bucket_reso = 128;
+    s.network.rank = 4;
+    s.network.alpha = 4.0;
+    s.unet_lr = 1e-3;
+    s.max_train_steps = 10;
+    s.batch_size = 2;
+    s.seed = 42;
+    s.save_fp16 = false;
+    s
+}
+
+fn model(dir: &Path) -> StableDiffusion {
+    if !dir.join("model_index.json").exists() {
+        make_tiny(dir, Family::Sd1, 3).unwrap();
+    }
+    StableDiffusion::load_for_training(dir, &Device::Cpu, DType::F32).unwrap()
+}
+
+fn session(dir: &Path, spec: &TrainSpec, n: usize) -> Session {
+    let m = model(dir);
+    let sources = shapes(n)
+        .into_iter()
+        .map(|(image, caption)| Source {
+            image,
+            caption,
+            weight: 1.0,
+            repeats: 1,
+            is_class: false,
+        })
+        .collect();
+    let ex = prepare(&m, spec, sources).unwrap();
+    Session::new(m, spec, ex).unwrap()
+}
+
+fn render(m: &StableDiffusion, prompt: &str) -> Vec<u8> {
+    let req = Txt2Img {
+        prompt: prompt.into(),
+        negative_prompt: String::new(),
+        steps: 4,
+        cfg_scale: 5.0,
+        seed: 11,
+        width: 32,
+        height: 32,
+        batch_size: 1,
+        sampler: SamplerKind::parse("euler").unwrap(),
+        clip_skip: 1,
+    };
+    m.txt2img(&req, |_, _| true).unwrap()[0]
+        .image
+        .clone()
+        .into_raw()
+}
+
+fn max_diff(a: &[u8], b: &[u8]) -> u8 {
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| x.abs_diff(*y))
+        .max()
+        .unwrap_or(0)
+}
+
+#[test]
+fn every_lora_parameter_receives_a_gradient() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut s = spec();
+    s.network.conv_rank = Some(2);
+    s.network.train_text_encoder = true;
+    let mut run = session(dir.path(), &s, 2);
+    let names = run.network().var_names();
+    assert!(names.iter().any(|n| n.starts_with("lora_te_")));
+    assert!(names.iter().any(|n| n.contains("resnets")));
+    // Up-projections start at zero, so only they get gradient at step 0 (as in kohya); after
+    // one update every tensor must.
+    let g0 = run.gradients().unwrap();
+    for (name, g) in &g0 {
+        let nz = g
+            .abs()
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        if name.ends_with("lora_up.weight") {
+            assert!(nz > 0.0, "{name} got no gradient at step 0");
+        }
+    }
+    run.train_step().unwrap();
+    let g1 = run.gradients().unwrap();
+    assert_eq!(g1.len(), names.len());
+    for (name, g) in &g1 {
+        let nz = g
+            .abs()
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert!(nz > 0.0 && nz.is_finite(), "{name} got no gradient");
+    }
+}
+
+fn fixed_loss(run: &mut Session) -> f64 {
+    // The mean of several gradient-free evaluations at fixed draws.
+    (0..6)
+        .map(|k| run.eval_loss(1000 + k).unwrap())
+        .sum::<f64>()
+        / 6.0
+}
+
+#[test]
+fn loss_falls_when_overfitting_a_few_images() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut s = spec();
+    s.unet_lr = 3e-3;
+    s.max_train_steps = 40;
+    s.network.targets = "attention".into();
+    let mut run = session(dir.path(), &s, 3);
+    let before = fixed_loss(&mut run);
+    while !run.done() {
+        run.train_step().unwrap();
+    }
+    let after = fixed_loss(&mut run);
+    assert!(
+        after < before * 0.9,
+        "loss did not fall: {before:.5} → {after:.5}"
+    );
+    assert_eq!(run.history.len(), 40);
+    assert!(run.history.iter().all(|p| p.loss.is_finite()));
+}
+
+#[test]
+fn fresh_lora_changes_nothing_and_trained_one_changes_samples() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = spec();
+    let run = session(dir.path(), &s, 2);
+    let base = StableDiffusion::load(dir.path(), &Device::Cpu, DType::F32).unwrap();
+    let prompt = "red square";
+    let plain = render(&base, prompt);
+    // A fresh network: its up-projections are zero.
+    assert_eq!(
+        render(run.model(), prompt),
+        plain,
+        "a fresh LoRA changed the output"
+    );
+    let fresh = run.lora_file("tiny", "abc").unwrap();
+    let file = lora_from_bytes(&fresh);
+    let (with_fresh, applied) = base.with_lora(&file, 1.0, LoraMode::Runtime).unwrap();
+    assert!(applied.unmatched.is_empty(), "{:?}", applied.unmatched);
+    assert_eq!(render(&with_fresh, prompt), plain);
+
+    let mut s2 = s.clone();
+    s2.unet_lr = 2e-2;
+    let mut run = session(dir.path(), &s2, 2);
+    for _ in 0..5 {
+        run.train_step().unwrap();
+    }
+    let trained = run.lora_file("tiny", "abc").unwrap();
+    let file = lora_from_bytes(&trained);
+    let (with_lora, applied) = base.with_lora(&file, 1.0, LoraMode::Merge).unwrap();
+    assert!(applied.unmatched.is_empty());
+    let out = render(&with_lora, prompt);
+    assert!(
+        max_diff(&out, &plain) > 2,
+        "a trained LoRA left samples unchanged"
+    );
+    // Loaded through the sampler's loader, the file does what the training session does.
+    let in_session = render(run.model(), prompt);
+    assert!(
+        max_diff(&out, &in_session) <= 2,
+        "the saved LoRA does not reproduce the trained adapters"
+    );
+}
+
+fn lora_from_bytes(bytes: &[u8]) -> LoraFile {
+    let t = candle_core::safetensors::load_buffer(bytes, &Device::Cpu).unwrap();
+    let (_, meta) = safetensors::SafeTensors::read_metadata(bytes).unwrap();
+    LoraFile::from_tensors(t, meta.metadata().clone().unwrap_or_default()).unwrap()
+}
+
+#[test]
+fn resumed_run_equals_an_uninterrupted_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut s = spec();
+    s.gradient_accumulation_steps = 2;
+    s.lr_scheduler = "cosine".into();
+    s.lr_warmup_steps = 2;
+    s.flip_aug = true;
+    s.shuffle_caption = true;
+    s.caption_dropout_rate = 0.2;
+    s.noise_offset = 0.05;
+    s.min_snr_gamma = Some(5.0);
+    let mut straight = session(dir.path(), &s, 3);
+    for _ in 0..10 {
+        straight.train_step().unwrap();
+    }
+    let mut first = session(dir.path(), &s, 3);
+    for _ in 0..5 {
+        first.train_step().unwrap();
+    }
+    let ckpt = first.checkpoint().unwrap();
+    drop(first);
+    let mut resumed = session(dir.path(), &s, 3);
+    resumed.restore(&ckpt).unwrap();
+    assert_eq!(resumed.step, 5);
+    assert_eq!(resumed.history.len(), 5);
+    while !resumed.done() {
+        resumed.train_step().unwrap();
+    }
+    let a = straight.network().tensors(DType::F32).unwrap();
+    let b = resumed.network().tensors(DType::F32).unwrap();
+    assert_eq!(a.len(), b.len());
+    for (k, ta) in &a {
+        let d = (ta - &b[k])
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert!(d < 1e-5, "{k} differs by {d}");
+    }
+    for (p, q) in straight.history.iter().zip(&resumed.history) {
+        assert!((p.loss - q.loss).abs() < 1e-5, "{p:?} vs {q:?}");
+    }
+    // A checkpoint of another spec is refused.
+    let mut other = s.clone();
+    other.unet_lr = 5e-4;
+    let mut wrong = session(dir.path(), &other, 3);
+    assert!(wrong.restore(&ckpt).is_err());
+}
+
+#[test]
+fn prior_loss_enters_with_its_weight() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = model(dir.path());
+    let mut s = spec();
+    s.batch_size = 2;
+    let mk = |w: f32| {
+        let mut v: Vec<Source> = Vec::new();
+        let imgs = shapes(2);
+        v.push(Source {
+            image: imgs[0].0.clone(),
+            caption: "sks square".into(),
+            weight: 1.0,
+            repeats: 1,
+            is_class: false,
+        });
+        v.push(Source {
+            image: imgs[1].0.clone(),
+            caption: "square".into(),
+            weight: w,
+            repeats: 1,
+            is_class: true,
+        });
+        v
+    };
+    let loss_with = |w: f32| {
+        let ex = prepare(&m, &s, mk(w)).unwrap();
+        let mut run = Session::new(m.clone(), &s, ex).unwrap();
+        run.eval_loss(7).unwrap()
+    };
+    let (l0, l1, l2) = (loss_with(0.0), loss_with(1.0), loss_with(2.0));
+    assert!(l1 > l0, "the class image added no loss");
+    // Linear in the weight: L(2) - L(1) = L(1) - L(0) = the class image's share.
+    assert!(((l2 - l1) - (l1 - l0)).abs() < 1e-5 * l1.abs().max(1.0));
+}
+
+#[test]
+fn file_follows_kohyas_layout() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut s = spec();
+    s.network.train_text_encoder = true;
+    s.save_fp16 = true;
+    let mut run = session(dir.path(), &s, 2);
+    run.train_step().unwrap();
+    let bytes = run.lora_file("tiny", "0123456789").unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
+    let meta: HashMap<String, String> = meta.metadata().clone().unwrap();
+    let names: Vec<String> = st.names().into_iter().map(String::from).collect();
+    assert!(names.contains(
+        &"lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q.lora_down.weight"
+            .to_string()
+    ));
+    assert!(names.contains(
+        &"lora_te_text_model_encoder_layers_0_self_attn_q_proj.lora_up.weight".to_string()
+    ));
+    for n in &names {
+        assert!(
+            n.starts_with("lora_unet_") || n.starts_with("lora_te_"),
+            "{n}"
+        );
+        assert!(
+            n.ends_with(".lora_down.weight")
+                || n.ends_with(".lora_up.weight")
+                || n.ends_with(".alpha"),
+            "{n}"
+        );
+        let t = st.tensor(n).unwrap();
+        assert_eq!(t.dtype(), safetensors::Dtype::F16, "{n}");
+        if n.ends_with(".alpha") {
+            assert!(t.shape().is_empty(), "alpha is a scalar");
+        }
+    }
+    for k in [
+        "ss_network_module",
+        "ss_network_dim",
+        "ss_network_alpha",
+        "ss_learning_rate",
+        "ss_num_train_images",
+        "ss_max_train_steps",
+        "ss_base_model_version",
+        "ss_sd_model_hash",
+        "ss_tag_frequency",
+        "sshs_model_hash",
+        "sshs_legacy_hash",
+    ] {
+        assert!(meta.contains_key(k), "metadata lacks {k}");
+    }
+    assert_eq!(meta["ss_network_module"], "networks.lora");
+    assert_eq!(meta["ss_network_dim"], "4");
+    assert_eq!(meta["ss_base_model_version"], "sd_v1");
+    assert_eq!(meta["ss_steps"], "1");
+    // The recorded hash is the file's tensor data's SHA-256, which metadata does not change.
+    let (h, _) = lora_hashes(&bytes);
+    assert_eq!(meta["sshs_model_hash"], h);
+    // Up-projections of a fresh-then-once-trained network are no longer zero; downs are
+    // initialised as PyTorch's Linear: within ±1/√fan_in.
+    let down = candle_core::safetensors::load_buffer(&bytes, &Device::Cpu).unwrap();
+    let d: &Tensor = &down
+        ["lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q.lora_down.weight"];
+    let fan_in = d.dim(1).unwrap() as f32;
+    let m = d
+        .to_dtype(DType::F32)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    assert!(m <= 1.0 / fan_in.sqrt() + 0.01, "down init {m}");
+}
