@@ -89,6 +89,28 @@ pub enum GenerateKind {
 }
 
 impl GenerateSpec {
+    /// A txt2img spec with every default (A1111's).
+    pub fn txt2img(model: &str, prompt: &str) -> Self {
+        Self {
+            model: model.into(),
+            prompt: prompt.into(),
+            negative_prompt: String::new(),
+            steps: d_steps(),
+            cfg_scale: d_cfg(),
+            seed: None,
+            width: d_side(),
+            height: d_side(),
+            batch_size: d_one(),
+            sampler: d_sampler(),
+            clip_skip: d_one(),
+            init_image: None,
+            strength: d_strength(),
+            mask: None,
+            mask_blur: d_blur(),
+            mask_invert: false,
+        }
+    }
+
     /// A reason for anything out of range or missing for `kind` (sampler and model names are
     /// checked where the sampler list and the registry are known).
     pub fn check(&self, kind: GenerateKind) -> Result<(), String> {

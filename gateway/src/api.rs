@@ -118,6 +118,8 @@ pub fn router(app: AppState, auth: Arc<Auth>) -> Router {
         .route("/v1/images/{sha256}", get(get_image))
         .route("/v1/images", post(crate::datasets::announce))
         .route("/v1/datasets", get(crate::datasets::list))
+        .route("/v1/train/lora", post(crate::train::lora))
+        .route("/v1/train/dreambooth", post(crate::train::dreambooth))
         .route(
             "/v1/datasets/{name}/versions/{version}",
             get(crate::datasets::version),
@@ -266,7 +268,7 @@ pub fn parse_submission(body: &[u8]) -> Result<JobSpec, ApiError> {
     Ok(submit.spec)
 }
 
-fn validate(spec: &JobSpec) -> Result<(), ApiError> {
+pub(crate) fn validate(spec: &JobSpec) -> Result<(), ApiError> {
     match spec {
         JobSpec::Txt2img(g) => validate_generate(g, atelier_contracts::GenerateKind::Txt2Img)?,
         JobSpec::Img2img(g) => validate_generate(g, atelier_contracts::GenerateKind::Img2Img)?,
@@ -380,7 +382,11 @@ pub async fn submit_job(
 }
 
 /// Record and publish a validated job for `caller`.
-async fn queue(app: &AppState, caller: &Caller, spec: JobSpec) -> Result<JobRecord, ApiError> {
+pub(crate) async fn queue(
+    app: &AppState,
+    caller: &Caller,
+    spec: JobSpec,
+) -> Result<JobRecord, ApiError> {
     let request = JobRequest {
         schema_version: SCHEMA_VERSION,
         id: JobId::new(),
@@ -797,9 +803,10 @@ impl utoipa::Modify for BearerAuth {
         crate::a1111::get_options, crate::a1111::set_options, crate::a1111::progress, crate::a1111::interrupt,
         get_job, cancel_job, job_events, upload, get_artifact, get_image,
         crate::datasets::announce, crate::datasets::list, crate::datasets::version,
+        crate::train::lora, crate::train::dreambooth,
         healthz, metrics, openapi_json),
     modifiers(&BearerAuth),
-    tags((name = "jobs"), (name = "generation"), (name = "a1111"), (name = "artifacts"), (name = "images"), (name = "datasets"), (name = "ops"))
+    tags((name = "jobs"), (name = "generation"), (name = "a1111"), (name = "artifacts"), (name = "images"), (name = "datasets"), (name = "training"), (name = "ops"))
 )]
 pub struct ApiDoc;
 
@@ -826,6 +833,8 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("post", "/v1/images"),
     ("get", "/v1/datasets"),
     ("get", "/v1/datasets/{name}/versions/{version}"),
+    ("post", "/v1/train/lora"),
+    ("post", "/v1/train/dreambooth"),
     ("get", "/healthz"),
     ("get", "/metrics"),
     ("get", "/openapi.json"),

@@ -108,11 +108,26 @@ impl Client {
         route: &str,
         spec: &atelier_contracts::GenerateSpec,
     ) -> anyhow::Result<JobRecord> {
+        self.post_job(&format!("/v1/{route}"), spec).await
+    }
+
+    /// `POST /v1/train/lora`, or `/v1/train/dreambooth` when the spec has a DreamBooth part.
+    pub async fn train(&self, spec: &atelier_contracts::TrainSpec) -> anyhow::Result<JobRecord> {
+        let route = if spec.dreambooth.is_some() {
+            "/v1/train/dreambooth"
+        } else {
+            "/v1/train/lora"
+        };
+        self.post_job(route, spec).await
+    }
+
+    async fn post_job<T: serde::Serialize>(
+        &self,
+        path: &str,
+        body: &T,
+    ) -> anyhow::Result<JobRecord> {
         let resp = self
-            .send(|| {
-                self.req(reqwest::Method::POST, &format!("/v1/{route}"))
-                    .json(spec)
-            })
+            .send(|| self.req(reqwest::Method::POST, path).json(body))
             .await
             .context("submitting")?;
         Ok(Self::check(resp).await?.json().await?)

@@ -52,7 +52,7 @@ pub fn image_files(dir: &Path) -> anyhow::Result<Vec<PathBuf>> {
     Ok(files)
 }
 
-fn content_type(path: &Path) -> &'static str {
+pub fn content_type(path: &Path) -> &'static str {
     match path
         .extension()
         .and_then(|x| x.to_str())

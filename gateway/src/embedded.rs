@@ -151,6 +151,7 @@ impl Embedded {
         if args.models.models == std::path::Path::new("models") {
             args.models.models = args.data_dir.join("models");
         }
+        let (device, dtype) = atelier_sampler::device(&args.models.device)?;
         for service in [
             atelier_contracts::Service::Sampler,
             atelier_contracts::Service::Inpainter,
@@ -165,6 +166,21 @@ impl Embedded {
             let (w, s) = (args.worker.clone(), shutdown.clone());
             tasks.spawn(async move { gen.run(w, s).await });
         }
+
+        let trainer = Worker::new(
+            atelier_trainer::Trainer::new(
+                atelier_sampler::Registry::new(&args.models.models),
+                device,
+                dtype,
+                std::time::Duration::from_secs(1800),
+            ),
+            rt.bus.clone(),
+            rt.store.clone(),
+            metrics.clone(),
+        )
+        .await?;
+        let (w, s) = (args.worker.clone(), shutdown.clone());
+        tasks.spawn(async move { trainer.run(w, s).await });
 
         let app = crate::api::AppState::new(
             rt.bus.clone(),

@@ -15,6 +15,8 @@ pub mod datasets;
 pub mod demo;
 pub mod embedded;
 pub mod error;
+pub mod train;
+pub mod train_cli;
 
 use std::net::SocketAddr;
 use std::sync::Arc;

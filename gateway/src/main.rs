@@ -163,6 +163,27 @@ enum PromptCmd {
 }
 
 #[derive(Subcommand)]
+enum TrainCmd {
+    /// LoRA on a dataset version or a folder of captioned images.
+    Lora {
+        #[command(flatten)]
+        train: Box<atelier_gateway::train_cli::TrainArgs>,
+        #[command(flatten)]
+        remote: Remote,
+    },
+    /// DreamBooth with a LoRA: instance images plus prior preservation with class images the
+    /// sampler generates.
+    Dreambooth {
+        #[command(flatten)]
+        train: Box<atelier_gateway::train_cli::TrainArgs>,
+        #[command(flatten)]
+        dreambooth: atelier_gateway::train_cli::DreamBoothArgs,
+        #[command(flatten)]
+        remote: Remote,
+    },
+}
+
+#[derive(Subcommand)]
 enum Command {
     /// Run gateway and every service in this process (nats-server started as a child).
     Up(Box<atelier_gateway::embedded::UpArgs>),
@@ -316,6 +337,9 @@ enum Command {
         #[command(flatten)]
         remote: Remote,
     },
+    /// Train a LoRA or DreamBooth (the trainer service); follows the job and prints its output.
+    #[command(subcommand)]
+    Train(TrainCmd),
     /// Dataset versions: list them, or show one's manifest.
     Datasets {
         /// Show this dataset's manifest (the latest, or --version).
@@ -769,6 +793,24 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             });
             run_job(&remote, &spec).await
         }
+        Command::Train(cmd) => {
+            let (train, dreambooth, remote) = match cmd {
+                TrainCmd::Lora { train, remote } => (train, None, remote),
+                TrainCmd::Dreambooth {
+                    train,
+                    dreambooth,
+                    remote,
+                } => (train, Some(dreambooth), remote),
+            };
+            let client = remote.client()?;
+            let done =
+                atelier_gateway::train_cli::run(&client, &train, dreambooth.as_ref()).await?;
+            if train.detach {
+                print_json(&done)
+            } else {
+                report(&done)
+            }
+        }
         Command::Datasets {
             dataset,
             version,
@@ -846,6 +888,11 @@ async fn run_job(remote: &Remote, spec: &atelier_contracts::JobSpec) -> anyhow::
             }
         })
         .await?;
+    report(&done)
+}
+
+/// A finished job's output, or its error as the command's.
+fn report(done: &atelier_contracts::JobRecord) -> anyhow::Result<()> {
     match (done.state, &done.output, &done.error) {
         (atelier_contracts::JobState::Succeeded, Some(out), _) => print_json(out),
         (state, _, Some(e)) => {

@@ -18,6 +18,7 @@
 pub mod bus;
 pub mod config;
 pub mod consumer;
+pub mod datasets;
 pub mod jobstate;
 pub mod nats_server;
 pub mod service;

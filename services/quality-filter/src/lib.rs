@@ -569,42 +569,8 @@ impl QualityFilter {
     ) -> Result<JobOutput, JobError> {
         spec.check()
             .map_err(|e| JobError::permanent("invalid_job", e))?;
-        let datasets = ctx.bus.datasets_kv().await.map_err(kv_err)?;
-        let versions: Vec<(String, DatasetManifest)> =
-            kv_values(&datasets, &format!("{}.", spec.dataset))
-                .await
-                .map_err(kv_err)?;
-        let manifest = match spec.version {
-            Some(v) => versions
-                .into_iter()
-                .map(|(_, m)| m)
-                .find(|m| m.version == v),
-            None => versions
-                .into_iter()
-                .map(|(_, m)| m)
-                .max_by_key(|m| m.version),
-        }
-        .ok_or_else(|| {
-            JobError::permanent(
-                "version_not_found",
-                format!(
-                    "dataset {:?} has no version {}",
-                    spec.dataset,
-                    spec.version.map_or("yet".to_owned(), |v| v.to_string())
-                ),
-            )
-        })?;
-        let key = atelier_contracts::ArtifactKey::parse(&manifest.data.key)
-            .map_err(|e| JobError::permanent("bad_artifact_key", e.to_string()))?;
-        let data = ctx.store.get_bytes(&key).await?;
-        let text = std::str::from_utf8(&data)
-            .map_err(|e| JobError::permanent("corrupt_version", e.to_string()))?;
-        let rows: Vec<DatasetRow> = text
-            .lines()
-            .filter(|l| !l.trim().is_empty())
-            .map(serde_json::from_str)
-            .collect::<Result<_, _>>()
-            .map_err(|e| JobError::permanent("corrupt_version", e.to_string()))?;
+        let (manifest, rows) =
+            atelier_kit::datasets::load_version(ctx, &spec.dataset, spec.version).await?;
         let captions_kv = ctx.bus.captions_kv().await.map_err(kv_err)?;
         let mut refs = BTreeMap::new();
         let mut cands = BTreeMap::new();

@@ -95,6 +95,40 @@ impl Generator {
     }
 }
 
+/// A LoRA the trainer published to the object store (`loras/NAME.safetensors`), copied to a
+/// local file named by its content hash (so a re-published name is never served stale).
+async fn store_lora(ctx: &JobCtx, name: &str) -> Result<Option<PathBuf>, JobError> {
+    registry::check_name(name).map_err(|e| JobError::permanent("unknown_lora", e))?;
+    let Ok(key) = atelier_contracts::ArtifactKey::parse(&format!("loras/{name}.safetensors"))
+    else {
+        return Ok(None);
+    };
+    let bytes = match ctx.store.get_bytes(&key).await {
+        Ok(b) => b,
+        Err(atelier_kit::store::StoreError::NotFound(_)) => return Ok(None),
+        Err(e) => return Err(e.into()),
+    };
+    let dir = std::env::temp_dir().join("atelier-loras");
+    let path = dir.join(format!("{}.safetensors", hex_sha256(&bytes)));
+    if !path.exists() {
+        let io = |e: std::io::Error| {
+            JobError::retryable("local_disk", format!("{}: {e}", dir.display()))
+        };
+        std::fs::create_dir_all(&dir).map_err(io)?;
+        let tmp = path.with_extension(format!("tmp{}", std::process::id()));
+        std::fs::write(&tmp, &bytes).map_err(io)?;
+        std::fs::rename(&tmp, &path).map_err(io)?;
+    }
+    Ok(Some(path))
+}
+
+fn hex_sha256(b: &[u8]) -> String {
+    Sha256::digest(b)
+        .iter()
+        .map(|x| format!("{x:02x}"))
+        .collect()
+}
+
 fn seed_for(ctx: &JobCtx) -> u64 {
     let h = Sha256::digest(ctx.id.to_string().as_bytes());
     u32::from_le_bytes([h[0], h[1], h[2], h[3]]) as u64
@@ -146,10 +180,18 @@ impl Handler for Generator {
             .map_err(|e| JobError::permanent("invalid_job", e))?;
         let mut loras = Vec::new();
         for t in tags.iter().filter(|t| t.kind == "lora" || t.kind == "lyco") {
-            let p = self
-                .registry
-                .lora(&t.name)
-                .map_err(|e| JobError::permanent("unknown_lora", e))?;
+            let p = match self.registry.lora(&t.name) {
+                Ok(p) => p,
+                Err(local) => match store_lora(ctx, &t.name).await? {
+                    Some(p) => p,
+                    None => {
+                        return Err(JobError::permanent(
+                            "unknown_lora",
+                            format!("{local}, nor loras/{}.safetensors in the object store (where the trainer publishes)", t.name),
+                        ))
+                    }
+                },
+            };
             loras.push((p, t.weight));
         }
         let embeddings = self
@@ -276,16 +318,7 @@ pub struct GeneratorArgs {
 impl GeneratorArgs {
     /// The generator for `service`; an unusable `--device` is an error naming the fix.
     pub fn generator(&self, service: Service) -> anyhow::Result<Generator> {
-        let (device, dtype) = match self.device.as_str() {
-            "cpu" => (Device::Cpu, DType::F32),
-            "cuda" => (
-                Device::new_cuda(0).map_err(|e| {
-                    anyhow::anyhow!("--device cuda: {e} (build with --features cuda, on a machine with an NVIDIA driver)")
-                })?,
-                DType::F16,
-            ),
-            other => anyhow::bail!("--device must be cpu or cuda (got {other:?})"),
-        };
+        let (device, dtype) = device(&self.device)?;
         Ok(Generator::new(
             service,
             Registry::new(&self.models),
@@ -294,4 +327,18 @@ impl GeneratorArgs {
             self.model_cache,
         ))
     }
+}
+
+/// `--device`: `cpu` (f32) or `cuda` (GPU 0, f16 UNet); an unusable one is an error naming the fix.
+pub fn device(name: &str) -> anyhow::Result<(Device, DType)> {
+    Ok(match name {
+        "cpu" => (Device::Cpu, DType::F32),
+        "cuda" => (
+            Device::new_cuda(0).map_err(|e| {
+                anyhow::anyhow!("--device cuda: {e} (build with --features cuda, on a machine with an NVIDIA driver)")
+            })?,
+            DType::F16,
+        ),
+        other => anyhow::bail!("--device must be cpu or cuda (got {other:?})"),
+    })
 }
