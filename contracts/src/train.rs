@@ -17,7 +17,7 @@ pub enum TrainData {
         /// A version number; the latest when absent.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         version: Option<u32>,
-        /// Which splits train (default: `train`).
+        /// Which splits train: `train` (default), `val` (or `validation`), `test`.
         #[serde(default = "d_splits")]
         splits: Vec<String>,
         /// Also train on rows the filter flagged (accepted rows always train).
@@ -306,9 +306,9 @@ impl TrainSpec {
                     return Err("data.splits is empty: name at least one split (train)".into());
                 }
                 for s in splits {
-                    if !["train", "validation", "test"].contains(&s.as_str()) {
+                    if !["train", "val", "validation", "test"].contains(&s.as_str()) {
                         return Err(format!(
-                            "data.splits: {s:?} is not a split (train, validation, test)"
+                            "data.splits: {s:?} is not a split (train, val, test)"
                         ));
                     }
                 }

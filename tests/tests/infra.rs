@@ -364,6 +364,75 @@ async fn per_service_nats_permissions_allow_the_work_and_nothing_else() {
         assert_eq!(r.state, JobState::Succeeded, "{} {:?}", r.kind, r.error);
     }
 
+    // The trainer, as its own user, reads a dataset version, submits txt2img jobs for DreamBooth
+    // class images to the sampler (as its own user) and watches them finish.
+    let models = c.tmp.path().join("models");
+    atelier_diffusion::pipeline::make_tiny_for_training(
+        &models.join("tiny"),
+        atelier_diffusion::pipeline::Family::Sd1,
+        1,
+    )
+    .unwrap();
+    for (bin, user, pw_name) in [
+        ("atelier-trainer", "trainer", "TRAINER"),
+        ("atelier-sampler", "sampler", "SAMPLER"),
+    ] {
+        c.spawn_service(
+            bin,
+            &[
+                ("ATELIER_NATS_USER", user.into()),
+                ("ATELIER_NATS_PASSWORD", pw(pw_name)),
+                ("ATELIER_MODELS", models.display().to_string()),
+            ],
+        )
+        .unwrap();
+    }
+    let mut train = atelier_contracts::TrainSpec::new(
+        "tiny",
+        "perm-lora",
+        atelier_contracts::TrainData::Dataset {
+            dataset: "perm".into(),
+            version: None,
+            splits: vec!["train".into(), "val".into(), "test".into()],
+            include_flagged: true,
+        },
+    );
+    train.resolution = 64;
+    train.min_bucket_reso = 64;
+    train.max_bucket_reso = 128;
+    train.network.rank = 2;
+    train.max_train_steps = 2;
+    train.dreambooth = Some(atelier_contracts::DreamBoothSpec {
+        instance_prompt: "a sks scene".into(),
+        class_prompt: "a scene".into(),
+        prior_loss_weight: 1.0,
+        num_class_images: 1,
+        class_sampler: "euler".into(),
+        class_steps: 2,
+    });
+    let id = JobId::new();
+    let req = JobRequest {
+        schema_version: SCHEMA_VERSION,
+        id,
+        submitted_at: chrono_now(),
+        submitted_by: Some("publisher".into()),
+        spec: JobSpec::Train(Box::new(train)),
+    };
+    pjs.publish(
+        Service::Trainer.request_subject(),
+        serde_json::to_vec(&req).unwrap().into(),
+    )
+    .await
+    .unwrap()
+    .await
+    .unwrap();
+    let r = c
+        .wait_terminal(&[id], Duration::from_secs(180))
+        .await
+        .unwrap()
+        .remove(0);
+    assert_eq!(r.state, JobState::Succeeded, "train {:?}", r.error);
+
     // The publisher may not fake results.
     assert!(
         tokio::time::timeout(Duration::from_secs(2), async {

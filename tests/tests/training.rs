@@ -9,7 +9,7 @@ use atelier_contracts::{
     ArtifactKey, DreamBoothSpec, GenerateSpec, JobOutput, JobState, TrainData, TrainImage,
     TrainOutput, TrainSpec,
 };
-use atelier_diffusion::pipeline::{make_tiny, Family};
+use atelier_diffusion::pipeline::{make_tiny_for_training, Family};
 use atelier_e2e::*;
 use tokio_util::sync::CancellationToken;
 
@@ -69,7 +69,7 @@ fn trained(r: &atelier_contracts::JobRecord) -> TrainOutput {
 async fn lora_training_survives_kill9_and_the_sampler_uses_the_result() {
     let mut c = Cluster::local().await.unwrap();
     let models = c.tmp.path().join("models");
-    make_tiny(&models.join("tiny"), Family::Sd1, 23).unwrap();
+    make_tiny_for_training(&models.join("tiny"), Family::Sd1, 23).unwrap();
     let env = |m: &std::path::Path| {
         vec![
             ("ATELIER_MODELS", m.display().to_string()),
@@ -245,7 +245,7 @@ async fn lora_training_survives_kill9_and_the_sampler_uses_the_result() {
 async fn dreambooth_generates_class_images_with_the_sampler_and_caches_them() {
     let mut c = Cluster::local().await.unwrap();
     let models = c.tmp.path().join("models");
-    make_tiny(&models.join("tiny"), Family::Sd1, 29).unwrap();
+    make_tiny_for_training(&models.join("tiny"), Family::Sd1, 29).unwrap();
     let env = vec![("ATELIER_MODELS", models.display().to_string())];
     c.spawn_service("atelier-trainer", &env).unwrap();
     c.spawn_service("atelier-sampler", &env).unwrap();

@@ -1071,6 +1071,22 @@ pub fn make_tiny(dir: &Path, family: Family, seed: u64) -> PResult<()> {
 
 /// [`make_tiny`], optionally with a 9-channel inpainting UNet.
 pub fn make_tiny_with(dir: &Path, family: Family, seed: u64, inpainting: bool) -> PResult<()> {
+    write_tiny(dir, family, seed, inpainting, 2)
+}
+
+/// [`make_tiny`] with a VAE that downsamples 4× (one more level), so 64-pixel training images
+/// (the smallest multiple of 64) give 16×16 latents: fast training tests.
+pub fn make_tiny_for_training(dir: &Path, family: Family, seed: u64) -> PResult<()> {
+    write_tiny(dir, family, seed, false, 3)
+}
+
+fn write_tiny(
+    dir: &Path,
+    family: Family,
+    seed: u64,
+    inpainting: bool,
+    vae_levels: usize,
+) -> PResult<()> {
     let e = |err: std::io::Error| model_err(dir, err);
     std::fs::create_dir_all(dir).map_err(e)?;
     let words: &[(&str, &str)] = &[
@@ -1171,7 +1187,7 @@ pub fn make_tiny_with(dir: &Path, family: Family, seed: u64, inpainting: bool) -
         &|w| UNet::new(w.var_builder(&dev), uc.clone(), Ops::INFERENCE).map(|_| ()),
     )?;
     let vae = VaeConfig {
-        block_out_channels: vec![16, 32],
+        block_out_channels: [16, 32, 32][..vae_levels.clamp(1, 3)].to_vec(),
         layers_per_block: 1,
         norm_num_groups: 8,
         scaling_factor: if sdxl { 0.13025 } else { 0.18215 },

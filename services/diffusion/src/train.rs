@@ -15,8 +15,9 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use rand_distr::{Distribution, StandardNormal};
 
+use crate::models::clip::ClipTextModel;
 use crate::models::nn::{Conv2d, Linear};
-use crate::models::unet::{AddedCond, Target};
+use crate::models::unet::{AddedCond, Target, UNet};
 use crate::pipeline::{Family, StableDiffusion};
 use crate::schedulers::{NoiseSchedule, PredictionType};
 
@@ -138,12 +139,23 @@ impl LoraNetwork {
     /// Attach fresh adapters to `model` (which keeps them as run-time adapters); `seed` fixes the
     /// down-projections' initial values.
     pub fn attach(model: &mut StableDiffusion, cfg: &LoraConfig, seed: u64) -> Result<Self> {
+        let family = model.family;
+        let (unet, texts) = model.parts_mut();
+        Self::attach_parts(unet, texts, family, cfg, seed)
+    }
+
+    /// [`LoraNetwork::attach`] on a UNet and text encoders of a model of `family`.
+    pub fn attach_parts(
+        unet: &mut UNet,
+        texts: Vec<&mut ClipTextModel>,
+        family: Family,
+        cfg: &LoraConfig,
+        seed: u64,
+    ) -> Result<Self> {
         if cfg.rank == 0 {
             candle_core::bail!("LoRA rank must be at least 1");
         }
         let mut rng = ChaCha8Rng::seed_from_u64(seed);
-        let family = model.family;
-        let (unet, texts) = model.parts_mut();
         let ucfg = unet.config.clone();
         let mut layers = Vec::new();
         for (path, target) in unet.targets_mut() {
@@ -350,6 +362,18 @@ impl Objective {
         batch: &Batch,
         rng: &mut ChaCha8Rng,
     ) -> Result<Tensor> {
+        self.unet_loss(model.unet(), model.dtype(), schedule, batch, rng)
+    }
+
+    /// [`Objective::loss`] for a bare UNet computing in `dtype`.
+    pub fn unet_loss(
+        &self,
+        unet: &UNet,
+        dtype: DType,
+        schedule: &NoiseSchedule,
+        batch: &Batch,
+        rng: &mut ChaCha8Rng,
+    ) -> Result<Tensor> {
         let x0 = &batch.latents;
         let (b, c, h, w) = x0.dims4()?;
         let dev = x0.device();
@@ -380,10 +404,10 @@ impl Objective {
             other => candle_core::bail!("training for {other:?} prediction is not supported"),
         };
         let t = Tensor::from_vec(ts.iter().map(|&t| t as f32).collect::<Vec<_>>(), b, dev)?;
-        let pred = model.unet().forward(
-            &noisy.to_dtype(model.dtype())?,
+        let pred = unet.forward(
+            &noisy.to_dtype(dtype)?,
             &t,
-            &batch.context.to_dtype(model.dtype())?,
+            &batch.context.to_dtype(dtype)?,
             batch.added.as_ref(),
         )?;
         let err = (pred.to_dtype(DType::F32)? - target)?.sqr()?;

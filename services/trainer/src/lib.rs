@@ -83,6 +83,8 @@ fn lora_key(name: &str) -> Result<ArtifactKey, JobError> {
 }
 
 impl Trainer {
+    /// `dtype` is the UNet's compute type; f16 is taken as bf16 (as fast on recent GPUs, and no
+    /// loss scaling needed). LoRA weights, gradients and AdamW state are f32 regardless.
     pub fn new(
         registry: Registry,
         device: Device,
@@ -92,7 +94,11 @@ impl Trainer {
         Self {
             registry,
             device,
-            dtype,
+            dtype: if dtype == DType::F16 {
+                DType::BF16
+            } else {
+                dtype
+            },
             sampler_timeout,
         }
     }
@@ -131,7 +137,10 @@ impl Trainer {
                                 .unwrap_or_default()
                         })
                         .unwrap_or_else(|| "train".into());
-                    decision_ok && splits.contains(&split)
+                    decision_ok
+                        && splits
+                            .iter()
+                            .any(|s| s == &split || (s == "validation" && split == "val"))
                 };
                 let items: Vec<(String, String)> = rows
                     .into_iter()
@@ -571,7 +580,7 @@ pub struct TrainerArgs {
     /// The model registry (base models; trained LoRAs are published to the object store).
     #[arg(long, env = "ATELIER_MODELS", default_value = "models")]
     pub models: PathBuf,
-    /// `cpu`, or `cuda` (GPU 0; f16 UNet, f32 LoRA weights) in a build with the `cuda` feature.
+    /// `cpu`, or `cuda` (GPU 0; bf16 UNet, f32 LoRA weights) in a build with the `cuda` feature.
     #[arg(long, env = "ATELIER_DEVICE", default_value = "cpu")]
     pub device: String,
     /// Seconds to wait for the sampler's class and sample images.

@@ -8,7 +8,7 @@ use std::path::Path;
 
 use atelier_contracts::{TrainData, TrainImage, TrainSpec};
 use atelier_diffusion::lora::{LoraFile, LoraMode};
-use atelier_diffusion::pipeline::{make_tiny, Family, StableDiffusion, Txt2Img};
+use atelier_diffusion::pipeline::{make_tiny_for_training, Family, StableDiffusion, Txt2Img};
 use atelier_diffusion::schedulers::SamplerKind;
 use atelier_trainer::session::{lora_hashes, prepare, Session, Source};
 use candle_core::{DType, Device, Tensor};
@@ -59,7 +59,7 @@ fn spec() -> TrainSpec {
 
 fn model(dir: &Path) -> StableDiffusion {
     if !dir.join("model_index.json").exists() {
-        make_tiny(dir, Family::Sd1, 3).unwrap();
+        make_tiny_for_training(dir, Family::Sd1, 3).unwrap();
     }
     StableDiffusion::load_for_training(dir, &Device::Cpu, DType::F32).unwrap()
 }
