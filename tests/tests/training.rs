@@ -238,6 +238,35 @@ async fn lora_training_survives_kill9_and_the_sampler_uses_the_result() {
         image_of(with.id),
         "the LoRA changed nothing"
     );
+
+    // A long run is cancelled between steps.
+    let mut long = spec("long", images.clone());
+    long.max_train_steps = 100_000;
+    let job = client.train(&long).await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let (r, _) = c.states.get(job.id).await.unwrap().unwrap();
+        let stepping = r
+            .progress
+            .as_ref()
+            .and_then(|p| p.message.as_deref())
+            .is_some_and(|m| m.starts_with("step "));
+        if stepping {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the long run never started stepping"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    client.cancel(&job.id.to_string()).await.unwrap();
+    let r = c
+        .wait_terminal(&[job.id], Duration::from_secs(30))
+        .await
+        .unwrap()
+        .remove(0);
+    assert_eq!(r.state, JobState::Cancelled, "{:?}", r.error);
     shutdown.cancel();
 }
 
