@@ -74,6 +74,27 @@ pub enum CaptionBackend {
         #[serde(default = "default_image_max_side")]
         image_max_side: u32,
     },
+    /// Local BLIP captioning (Hugging Face `BlipForConditionalGeneration` folders) on the worker.
+    Blip {
+        /// A model folder's name in the worker's BLIP directory (`--blip-models`).
+        model: String,
+        /// Text each caption continues (BLIP's conditional captioning, e.g. "a picture of");
+        /// unconditional when absent.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        prompt: Option<String>,
+        #[serde(default = "default_blip_tokens")]
+        max_tokens: u32,
+        /// Images through the vision encoder at once.
+        #[serde(default = "default_blip_batch")]
+        batch_size: u32,
+    },
+}
+
+fn default_blip_tokens() -> u32 {
+    40
+}
+fn default_blip_batch() -> u32 {
+    8
 }
 
 fn default_max_tokens() -> u32 {
@@ -128,6 +149,31 @@ impl CaptionSpec {
                     return Err(format!(
                         "image_max_side {image_max_side}: must be 32 to 4096"
                     ));
+                }
+            }
+            CaptionBackend::Blip {
+                model,
+                prompt,
+                max_tokens,
+                batch_size,
+            } => {
+                if model.is_empty()
+                    || model.len() > 200
+                    || model.contains(['/', '\\', '\0'])
+                    || model.starts_with('.')
+                {
+                    return Err(format!(
+                        "model {model:?}: name a model folder in the worker's BLIP directory"
+                    ));
+                }
+                if prompt.as_deref().is_some_and(|p| p.trim().is_empty()) {
+                    return Err("prompt: empty; leave it out for unconditional captions".into());
+                }
+                if !(1..=512).contains(max_tokens) {
+                    return Err(format!("max_tokens {max_tokens}: must be 1 to 512"));
+                }
+                if !(1..=64).contains(batch_size) {
+                    return Err(format!("batch_size {batch_size}: must be 1 to 64"));
                 }
             }
         }

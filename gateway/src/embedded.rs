@@ -52,6 +52,10 @@ pub struct UpArgs {
     /// trying the pipeline without a vision model.
     #[arg(long = "scene-captioner", env = "ATELIER_SCENE_CAPTIONER")]
     pub scene_captioner: bool,
+    /// A folder of BLIP model folders for the captioner's `blip` backend
+    /// (default `<data-dir>/models/blip` when it exists).
+    #[arg(long = "blip-models", env = "ATELIER_BLIP_MODELS")]
+    pub blip_models: Option<PathBuf>,
 }
 
 /// A running embedded atelier.
@@ -130,7 +134,11 @@ impl Embedded {
             None
         };
         let captioner = Worker::new(
-            atelier_captioner::Captioner::new(args.openai.clone())?,
+            atelier_captioner::Captioner::new(args.openai.clone())?.with_blip_models(
+                args.blip_models
+                    .clone()
+                    .or_else(|| Some(args.data_dir.join("models/blip")).filter(|d| d.is_dir())),
+            ),
             rt.bus.clone(),
             rt.store.clone(),
             metrics.clone(),

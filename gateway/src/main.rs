@@ -100,6 +100,13 @@ enum ModelsCmd {
         #[arg(long, default_value_t = 0)]
         seed: u64,
     },
+    /// Write a tiny random-weight BLIP captioning model (Hugging Face layout) for the
+    /// captioner's `blip` backend: put it under the captioner's --blip-models folder.
+    MakeTinyBlip {
+        out: PathBuf,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+    },
     /// List the registry's checkpoints and LoRAs.
     List {
         #[arg(long, env = "ATELIER_MODELS", default_value = "models")]
@@ -301,18 +308,26 @@ enum Command {
     Caption {
         #[arg(long)]
         dataset: String,
-        /// Model name for the endpoint (the worker's default when absent).
+        /// `openai` (an OpenAI-compatible vision endpoint) or `blip` (local BLIP on the worker).
+        #[arg(long, default_value = "openai", value_parser = ["openai", "blip"])]
+        backend: String,
+        /// openai: the endpoint's model (the worker's default when absent); blip: a model
+        /// folder in the worker's --blip-models directory (required).
         #[arg(long)]
         model: Option<String>,
-        /// Prompt (default ShareGPT4V's).
+        /// openai: the prompt (default ShareGPT4V's); blip: text the caption continues.
         #[arg(long)]
         prompt: Option<String>,
-        #[arg(long, default_value_t = 300)]
-        max_tokens: u32,
+        /// Default 300 for openai, 40 for blip.
+        #[arg(long)]
+        max_tokens: Option<u32>,
         #[arg(long, default_value_t = 0.2)]
         temperature: f32,
         #[arg(long, default_value_t = 768)]
         image_max_side: u32,
+        /// blip: images through the vision encoder at once.
+        #[arg(long, default_value_t = 8)]
+        batch_size: u32,
         #[command(flatten)]
         remote: Remote,
     },
@@ -556,6 +571,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             println!("wrote a tiny {family:?} model to {}", out.display());
             Ok(())
         }
+        Command::Models(ModelsCmd::MakeTinyBlip { out, seed }) => {
+            atelier_captioner::blip::make_tiny(&out, seed).map_err(anyhow::Error::msg)?;
+            println!("wrote a tiny BLIP model to {}", out.display());
+            Ok(())
+        }
         Command::Models(ModelsCmd::List { models }) => {
             let reg = atelier_sampler::Registry::new(&models);
             for e in reg.list() {
@@ -741,23 +761,38 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Caption {
             dataset,
+            backend,
             model,
             prompt,
             max_tokens,
             temperature,
             image_max_side,
+            batch_size,
             remote,
         } => {
+            let backend = if backend == "blip" {
+                let Some(model) = model else {
+                    anyhow::bail!("--backend blip needs --model NAME (a model folder in the captioner's --blip-models directory)");
+                };
+                atelier_contracts::CaptionBackend::Blip {
+                    model,
+                    prompt,
+                    max_tokens: max_tokens.unwrap_or(40),
+                    batch_size,
+                }
+            } else {
+                atelier_contracts::CaptionBackend::Openai {
+                    model,
+                    prompt,
+                    max_tokens: max_tokens.unwrap_or(300),
+                    temperature,
+                    image_max_side,
+                }
+            };
             let spec = atelier_contracts::JobSpec::Caption(atelier_contracts::CaptionSpec {
                 dataset,
                 images: vec![],
-                backend: atelier_contracts::CaptionBackend::Openai {
-                    model,
-                    prompt,
-                    max_tokens,
-                    temperature,
-                    image_max_side,
-                },
+                backend,
             });
             run_job(&remote, &spec).await
         }

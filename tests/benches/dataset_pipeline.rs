@@ -78,6 +78,7 @@ async fn main() {
             ..Default::default()
         },
         scene_captioner: true,
+        blip_models: None,
     };
     let shutdown = CancellationToken::new();
     let embedded = Embedded::start(up, shutdown.clone()).await.expect("up");

@@ -71,7 +71,10 @@ async fn ingest_caption_filter_export_through_the_services() {
     .await
     .unwrap();
     let mut c = Cluster::start(shared_s3_store(30)).await.unwrap();
+    let blip_dir = c.tmp.path().join("blip");
+    atelier_captioner::blip::make_tiny(&blip_dir.join("tiny-blip"), 5).unwrap();
     let env = vec![
+        ("ATELIER_BLIP_MODELS", blip_dir.display().to_string()),
         ("ATELIER_OPENAI_BASE_URL", vision.base_url()),
         ("ATELIER_OPENAI_API_KEY", "sk-e2e".to_owned()),
         ("ATELIER_OPENAI_MODEL", "scene-describer".to_owned()),
@@ -202,6 +205,44 @@ async fn ingest_caption_filter_export_through_the_services() {
             .len(),
         22
     );
+
+    // A third source: local BLIP (a tiny random-weight model) on the worker, batched; a re-run
+    // costs nothing; an unknown model fails the job with the folder it looked in.
+    let blip = |model: &str| {
+        JobSpec::Caption(CaptionSpec {
+            dataset: "scenes".into(),
+            images: shas[..3].to_vec(),
+            backend: CaptionBackend::Blip {
+                model: model.into(),
+                prompt: None,
+                max_tokens: 8,
+                batch_size: 2,
+            },
+        })
+    };
+    let r = run(&c, &client, blip("tiny-blip")).await;
+    let Some(JobOutput::Captions(b)) = r.output else {
+        panic!("{:?}", r.error)
+    };
+    assert_eq!((b.captioned, b.already_captioned), (3, 0));
+    assert_eq!(b.source.backend, "blip");
+    assert_eq!(b.usage.prompt_tokens, 0);
+    assert!(b.usage.completion_tokens > 0);
+    let r = run(&c, &client, blip("tiny-blip")).await;
+    let Some(JobOutput::Captions(again)) = r.output else {
+        panic!("{:?}", r.error)
+    };
+    assert_eq!((again.captioned, again.already_captioned), (0, 3));
+    let r = run(&c, &client, blip("no-such-blip")).await;
+    assert_eq!(r.state, JobState::Failed);
+    assert_eq!(r.error.unwrap().code, "unknown_model");
+    let blip_records: Vec<(String, CaptionRecord)> =
+        atelier_kit::bus::kv_values(&captions_kv, "").await.unwrap();
+    assert_eq!(blip_records.len(), 25);
+    assert!(blip_records
+        .iter()
+        .filter(|(_, r)| r.source.backend == "blip")
+        .all(|(_, r)| r.finish_reason.is_some() && r.source_id == b.source_id));
 
     // Filter into version 1, then version 2 with another policy; splits are stable.
     let filter = |val: f32, min_words: u32| {

@@ -9,6 +9,7 @@
 //! Images the endpoint still fails on after retries are listed in the output, not lost; a job
 //! whose every request failed is retried as a whole (the endpoint is down).
 
+pub mod blip;
 pub mod budget;
 pub mod openai;
 pub mod scene;
@@ -58,10 +59,44 @@ pub async fn dataset_images(
     Ok(all)
 }
 
+/// A loaded BLIP model, by folder.
+type LoadedBlip = Option<(std::path::PathBuf, Arc<std::sync::Mutex<blip::Blip>>)>;
+
 /// Runs caption jobs; one per worker, sharing the endpoint's budgets across jobs.
 #[derive(Clone)]
 pub struct Captioner {
     client: Arc<Client>,
+    /// Folder of BLIP model folders (`--blip-models`); the `blip` backend needs it.
+    blip_dir: Option<std::path::PathBuf>,
+    blip: Arc<tokio::sync::Mutex<LoadedBlip>>,
+}
+
+/// The backend a job runs with, resolved against the worker's configuration.
+enum Backend {
+    Openai {
+        req: openai::Request,
+        max_side: u32,
+    },
+    Blip {
+        dir: std::path::PathBuf,
+        prompt: String,
+        max_tokens: usize,
+        batch: usize,
+    },
+}
+
+async fn put_caption(
+    captions: &async_nats::jetstream::kv::Store,
+    key: &str,
+    record: &CaptionRecord,
+) -> Result<(), JobError> {
+    let value =
+        serde_json::to_vec(record).map_err(|e| JobError::permanent("internal", e.to_string()))?;
+    captions
+        .put(key, value.into())
+        .await
+        .map(|_| ())
+        .map_err(|e| JobError::retryable("kv_unavailable", e.to_string()))
 }
 
 /// What every image of one job shares.
@@ -71,6 +106,15 @@ struct Batch {
     sid: String,
     req: openai::Request,
     max_side: u32,
+}
+
+/// What a job's images came to.
+#[derive(Default)]
+struct Tally {
+    captioned: u64,
+    already: u64,
+    usage: TokenUsage,
+    failed: Vec<CaptionFailure>,
 }
 
 enum One {
@@ -83,7 +127,124 @@ impl Captioner {
     pub fn new(args: OpenAiArgs) -> anyhow::Result<Self> {
         Ok(Self {
             client: Arc::new(Client::new(args)?),
+            blip_dir: None,
+            blip: Arc::default(),
         })
+    }
+
+    /// Serve the `blip` backend from the model folders in `dir`.
+    pub fn with_blip_models(mut self, dir: Option<std::path::PathBuf>) -> Self {
+        self.blip_dir = dir;
+        self
+    }
+
+    /// The BLIP model in `dir`, loaded once and kept (one model per worker).
+    async fn blip_model(
+        &self,
+        dir: &std::path::Path,
+    ) -> Result<Arc<std::sync::Mutex<blip::Blip>>, JobError> {
+        let mut slot = self.blip.lock().await;
+        if let Some((p, m)) = slot.as_ref() {
+            if p == dir {
+                return Ok(m.clone());
+            }
+        }
+        let d = dir.to_path_buf();
+        let m =
+            tokio::task::spawn_blocking(move || blip::Blip::load(&d, &candle_core::Device::Cpu))
+                .await
+                .map_err(|e| JobError::retryable("panicked", e.to_string()))?
+                .map_err(|e| JobError::permanent("model_load_failed", e))?;
+        let m = Arc::new(std::sync::Mutex::new(m));
+        *slot = Some((dir.to_path_buf(), m.clone()));
+        Ok(m)
+    }
+
+    /// Caption `usable` with BLIP: skip those already captioned, then batches through the model.
+    #[allow(clippy::too_many_arguments)]
+    async fn blip_images(
+        &self,
+        ctx: &JobCtx,
+        captions: &async_nats::jetstream::kv::Store,
+        source: &CaptionSource,
+        sid: &str,
+        usable: Vec<ImageRecord>,
+        (dir, prompt, max_tokens, batch): (std::path::PathBuf, String, usize, usize),
+    ) -> Result<Tally, JobError> {
+        let mut tally = Tally::default();
+        let mut pending = Vec::new();
+        for rec in usable {
+            match captions.get(format!("{}.{sid}", rec.sha256)).await {
+                Ok(Some(_)) => tally.already += 1,
+                Ok(None) => pending.push(rec),
+                Err(e) => return Err(JobError::retryable("kv_unavailable", e.to_string())),
+            }
+        }
+        if pending.is_empty() {
+            return Ok(tally);
+        }
+        let model = self.blip_model(&dir).await?;
+        let n = pending.len();
+        for (bi, chunk) in pending.chunks(batch.max(1)).enumerate() {
+            if ctx.is_cancelled() {
+                return Err(JobError::permanent("cancelled", "cancelled"));
+            }
+            let mut images = Vec::with_capacity(chunk.len());
+            let mut recs = Vec::with_capacity(chunk.len());
+            for rec in chunk {
+                let decoded = match ArtifactKey::parse(&rec.key) {
+                    Err(e) => Err(format!("image key {:?}: {e}", rec.key)),
+                    Ok(k) => match ctx.store.get_bytes(&k).await {
+                        Ok(b) => image::load_from_memory(&b)
+                            .map_err(|e| format!("decoding the image: {e}")),
+                        Err(e) if e.is_transient() => return Err(e.into()),
+                        Err(e) => Err(format!("reading {}: {e}", rec.key)),
+                    },
+                };
+                match decoded {
+                    Ok(img) => {
+                        images.push(img);
+                        recs.push(rec);
+                    }
+                    Err(error) => tally.failed.push(CaptionFailure {
+                        image_sha256: rec.sha256.clone(),
+                        error,
+                    }),
+                }
+            }
+            let (m, p) = (model.clone(), prompt.clone());
+            let generated = tokio::task::spawn_blocking(move || {
+                m.lock()
+                    .unwrap_or_else(|poisoned| poisoned.into_inner())
+                    .caption(&images, &p, max_tokens)
+            })
+            .await
+            .map_err(|e| JobError::retryable("panicked", e.to_string()))?
+            .map_err(|e| JobError::retryable("compute_failed", e))?;
+            for (rec, g) in recs.into_iter().zip(generated) {
+                let record = CaptionRecord {
+                    schema_version: SCHEMA_VERSION,
+                    image_sha256: rec.sha256.clone(),
+                    source_id: sid.to_owned(),
+                    source: source.clone(),
+                    caption: g.text,
+                    finish_reason: Some(g.finish_reason.to_string()),
+                    usage: TokenUsage {
+                        prompt_tokens: 0,
+                        completion_tokens: g.tokens,
+                    },
+                    job: ctx.id,
+                    created_at: chrono::Utc::now(),
+                };
+                put_caption(captions, &format!("{}.{sid}", rec.sha256), &record).await?;
+                tally.captioned += 1;
+                tally.usage.add(record.usage);
+            }
+            let k = ((bi + 1) * batch).min(n);
+            ctx.progress(k as f32 / n as f32, Some(format!("{k} of {n} images")))
+                .await;
+        }
+        Ok(tally)
     }
 
     async fn one(&self, ctx: &JobCtx, job: &Batch, rec: &ImageRecord) -> Result<One, JobError> {
@@ -144,12 +305,7 @@ impl Captioner {
             job: ctx.id,
             created_at: chrono::Utc::now(),
         };
-        let value = serde_json::to_vec(&record)
-            .map_err(|e| JobError::permanent("internal", e.to_string()))?;
-        captions
-            .put(&key, value.into())
-            .await
-            .map_err(|e| JobError::retryable("kv_unavailable", e.to_string()))?;
+        put_caption(captions, &key, &record).await?;
         Ok(One::Done(c.usage))
     }
 }
@@ -168,33 +324,81 @@ impl Handler for Captioner {
         };
         spec.check()
             .map_err(|e| JobError::permanent("invalid_job", e))?;
-        if let Some(why) = self.client.unusable() {
-            return Err(JobError::permanent("captioner_not_configured", why));
-        }
         let CaptionSpec {
             dataset,
             images: wanted,
             backend,
         } = spec;
-        let CaptionBackend::Openai {
-            model,
-            prompt,
-            max_tokens,
-            temperature,
-            image_max_side,
-        } = backend;
-        let source = CaptionSource {
-            backend: "openai".into(),
-            model: model.unwrap_or_else(|| self.client.default_model().to_owned()),
-            prompt: prompt.unwrap_or_else(|| SHAREGPT4V_PROMPT.to_owned()),
+        let (source, backend) = match backend {
+            CaptionBackend::Openai {
+                model,
+                prompt,
+                max_tokens,
+                temperature,
+                image_max_side,
+            } => {
+                if let Some(why) = self.client.unusable() {
+                    return Err(JobError::permanent("captioner_not_configured", why));
+                }
+                let source = CaptionSource {
+                    backend: "openai".into(),
+                    model: model.unwrap_or_else(|| self.client.default_model().to_owned()),
+                    prompt: prompt.unwrap_or_else(|| SHAREGPT4V_PROMPT.to_owned()),
+                };
+                let req = openai::Request {
+                    model: source.model.clone(),
+                    prompt: source.prompt.clone(),
+                    max_tokens,
+                    temperature,
+                };
+                (
+                    source,
+                    Backend::Openai {
+                        req,
+                        max_side: image_max_side,
+                    },
+                )
+            }
+            CaptionBackend::Blip {
+                model,
+                prompt,
+                max_tokens,
+                batch_size,
+            } => {
+                let Some(root) = &self.blip_dir else {
+                    return Err(JobError::permanent(
+                        "captioner_not_configured",
+                        "this worker serves no BLIP models: start it with --blip-models DIR (ATELIER_BLIP_MODELS), a folder of BLIP model folders",
+                    ));
+                };
+                let dir = root.join(&model);
+                if !dir.join("config.json").is_file() {
+                    return Err(JobError::permanent(
+                        "unknown_model",
+                        format!(
+                            "no BLIP model {model:?} in {} (expected {}/config.json, model.safetensors, tokenizer.json)",
+                            root.display(),
+                            dir.display()
+                        ),
+                    ));
+                }
+                let source = CaptionSource {
+                    backend: "blip".into(),
+                    model,
+                    prompt: prompt.clone().unwrap_or_default(),
+                };
+                (
+                    source,
+                    Backend::Blip {
+                        dir,
+                        prompt: prompt.unwrap_or_default(),
+                        max_tokens: max_tokens as usize,
+                        batch: batch_size as usize,
+                    },
+                )
+            }
         };
         let sid = source_id(&source);
-        let req = openai::Request {
-            model: source.model.clone(),
-            prompt: source.prompt.clone(),
-            max_tokens,
-            temperature,
-        };
         let kv_err = |e: anyhow::Error| JobError::retryable("kv_unavailable", format!("{e:#}"));
         let images_kv = ctx.bus.images_kv().await.map_err(kv_err)?;
         let captions = ctx.bus.captions_kv().await.map_err(kv_err)?;
@@ -216,9 +420,6 @@ impl Handler for Captioner {
         let (usable, unusable): (Vec<_>, Vec<_>) = records
             .into_iter()
             .partition(|r| r.flag.is_none() && r.format.is_some());
-        let n = usable.len() as u64;
-        let finished = AtomicU64::new(0);
-        let step = (n / 20).max(1);
         let mut out = CaptionOutput {
             dataset: dataset.clone(),
             source_id: sid.clone(),
@@ -230,13 +431,78 @@ impl Handler for Captioner {
             failed: Vec::new(),
             usage: TokenUsage::default(),
         };
-        let finished = Arc::new(finished);
+        let tally = match backend {
+            Backend::Blip {
+                dir,
+                prompt,
+                max_tokens,
+                batch,
+            } => {
+                self.blip_images(
+                    ctx,
+                    &captions,
+                    &source,
+                    &sid,
+                    usable,
+                    (dir, prompt, max_tokens, batch),
+                )
+                .await?
+            }
+            Backend::Openai { req, max_side } => {
+                self.openai_images(ctx, captions, &source, &sid, usable, req, max_side)
+                    .await?
+            }
+        };
+        out.captioned = tally.captioned;
+        out.already_captioned = tally.already;
+        out.usage = tally.usage;
+        out.failed = tally.failed;
+        for f in &out.failed {
+            tracing::warn!(job = %ctx.id, image = %f.image_sha256, error = %f.error, "caption failed");
+        }
+        if out.captioned == 0 && !out.failed.is_empty() {
+            return Err(JobError::retryable(
+                "captioner_unavailable",
+                format!(
+                    "every one of {} caption requests failed; first: {}",
+                    out.failed.len(),
+                    out.failed[0].error
+                ),
+            ));
+        }
+        out.failed
+            .sort_by(|a, b| a.image_sha256.cmp(&b.image_sha256));
+        tracing::info!(job = %ctx.id, dataset = %dataset, captioned = out.captioned,
+            already = out.already_captioned, failed = out.failed.len(),
+            prompt_tokens = out.usage.prompt_tokens,
+            completion_tokens = out.usage.completion_tokens, "captions done");
+        Ok(JobOutput::Captions(out))
+    }
+}
+
+impl Captioner {
+    /// Caption `usable` through the OpenAI-compatible endpoint, `concurrency × 2` at a time.
+    #[allow(clippy::too_many_arguments)]
+    async fn openai_images(
+        &self,
+        ctx: &JobCtx,
+        captions: async_nats::jetstream::kv::Store,
+        source: &CaptionSource,
+        sid: &str,
+        usable: Vec<ImageRecord>,
+        req: openai::Request,
+        max_side: u32,
+    ) -> Result<Tally, JobError> {
+        let mut tally = Tally::default();
+        let n = usable.len() as u64;
+        let step = (n / 20).max(1);
+        let finished = Arc::new(AtomicU64::new(0));
         let batch = Arc::new(Batch {
             captions,
             source: source.clone(),
-            sid: sid.clone(),
+            sid: sid.to_owned(),
             req,
-            max_side: image_max_side,
+            max_side,
         });
         let mut results = futures::stream::iter(usable)
             .map(|rec| {
@@ -259,34 +525,13 @@ impl Handler for Captioner {
         while let Some(r) = results.next().await {
             match r? {
                 One::Done(u) => {
-                    out.captioned += 1;
-                    out.usage.add(u);
+                    tally.captioned += 1;
+                    tally.usage.add(u);
                 }
-                One::Already => out.already_captioned += 1,
-                One::Failed(f) => {
-                    tracing::warn!(job = %ctx.id, image = %f.image_sha256, error = %f.error,
-                        "caption failed");
-                    out.failed.push(f)
-                }
+                One::Already => tally.already += 1,
+                One::Failed(f) => tally.failed.push(f),
             }
         }
-        drop(results);
-        if out.captioned == 0 && !out.failed.is_empty() {
-            return Err(JobError::retryable(
-                "captioner_unavailable",
-                format!(
-                    "every one of {} caption requests failed; first: {}",
-                    out.failed.len(),
-                    out.failed[0].error
-                ),
-            ));
-        }
-        out.failed
-            .sort_by(|a, b| a.image_sha256.cmp(&b.image_sha256));
-        tracing::info!(job = %ctx.id, dataset = %dataset, captioned = out.captioned,
-            already = out.already_captioned, failed = out.failed.len(),
-            prompt_tokens = out.usage.prompt_tokens,
-            completion_tokens = out.usage.completion_tokens, "captions done");
-        Ok(JobOutput::Captions(out))
+        Ok(tally)
     }
 }

@@ -6,19 +6,23 @@ use clap::Parser;
 #[command(
     name = "atelier-captioner",
     version,
-    about = "atelier captioner service (OpenAI-compatible vision endpoints)"
+    about = "atelier captioner service (OpenAI-compatible vision endpoints, local BLIP)"
 )]
 struct Args {
     #[command(flatten)]
     kit: atelier_kit::config::ServiceArgs,
     #[command(flatten)]
     openai: atelier_captioner::OpenAiArgs,
+    /// A folder of BLIP model folders (Hugging Face layout) for the `blip` backend.
+    #[arg(long, env = "ATELIER_BLIP_MODELS")]
+    blip_models: Option<std::path::PathBuf>,
 }
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    let captioner = atelier_captioner::Captioner::new(args.openai)?;
+    let captioner =
+        atelier_captioner::Captioner::new(args.openai)?.with_blip_models(args.blip_models);
     atelier_kit::service::run_service(captioner, args.kit).await
 }
 
