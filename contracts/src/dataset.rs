@@ -288,9 +288,12 @@ pub struct QualityPolicy {
     /// An explicit detection at or above this confidence fails `nsfw` (when the worker has the
     /// NSFW detector).
     pub nsfw_threshold: f32,
+    /// Image–caption pairs whose CLIP score (100 · max(cos, 0)) is below this fail `clip_score`
+    /// (when the worker has a CLIP model); 0 disables.
+    pub min_clip_score: f32,
     /// Severity per signal name (`undecodable`, `small`, `aspect`, `duplicate`, `no_caption`,
     /// `empty`, `short`, `long`, `truncated`, `repetition`, `refusal`, `language`,
-    /// `length_outlier`, `nsfw`); signals not listed use their default.
+    /// `length_outlier`, `nsfw`, `clip_score`); signals not listed use their default.
     pub severity: BTreeMap<String, Severity>,
 }
 
@@ -307,6 +310,7 @@ impl Default for QualityPolicy {
             length_outlier_z: 4.0,
             gold_min_words: 8,
             nsfw_threshold: 0.5,
+            min_clip_score: 18.0,
             severity: BTreeMap::new(),
         }
     }
@@ -328,6 +332,7 @@ pub const SIGNALS: &[(&str, Severity)] = &[
     ("language", Severity::Flag),
     ("length_outlier", Severity::Flag),
     ("nsfw", Severity::Reject),
+    ("clip_score", Severity::Flag),
 ];
 
 impl QualityPolicy {
@@ -372,6 +377,12 @@ impl QualityPolicy {
             return Err(format!(
                 "nsfw_threshold {}: must be 0 to 1",
                 self.nsfw_threshold
+            ));
+        }
+        if !(0.0..=100.0).contains(&self.min_clip_score) {
+            return Err(format!(
+                "min_clip_score {}: must be 0 to 100 (0 disables)",
+                self.min_clip_score
             ));
         }
         if self.max_words != 0 && self.max_words < self.min_words {
@@ -517,6 +528,9 @@ pub struct DatasetRow {
     /// The NSFW detector's strongest explicit-class confidence (0 when none), when it ran.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub nsfw: Option<f32>,
+    /// CLIP score of the image and its caption (100 · max(cos, 0)), when the worker has CLIP.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub clip_score: Option<f32>,
     pub words: u32,
     /// Every check that did not pass.
     pub signals: Vec<Signal>,

@@ -84,7 +84,13 @@ async fn ingest_caption_filter_export_through_the_services() {
     c.spawn_service("atelier-ingest", &[]).unwrap();
     c.spawn_service("atelier-captioner", &env).unwrap();
     c.spawn_service("atelier-captioner", &env).unwrap();
-    c.spawn_service("atelier-quality-filter", &[]).unwrap();
+    let clip_dir = c.tmp.path().join("clip");
+    atelier_embed::clip::make_tiny(&clip_dir, 3).unwrap();
+    c.spawn_service(
+        "atelier-quality-filter",
+        &[("ATELIER_CLIP_MODEL", clip_dir.display().to_string())],
+    )
+    .unwrap();
     let shutdown = CancellationToken::new();
     let client = c.open_gateway(&shutdown).await;
 
@@ -258,6 +264,8 @@ async fn ingest_caption_filter_export_through_the_services() {
             note: None,
         };
         f.policy.min_words = min_words;
+        // The tiny CLIP has random weights: record its scores, do not judge by them.
+        f.policy.min_clip_score = 0.0;
         JobSpec::Filter(f)
     };
     let r = run(&c, &client, filter(0.2, 3)).await;
@@ -266,6 +274,32 @@ async fn ingest_caption_filter_export_through_the_services() {
     };
     assert_eq!(v1.version, 1);
     assert_eq!(v1.counts.rows, 21);
+    // With a CLIP model on the worker every decodable, captioned image has its CLIP score.
+    let (_, v1_rows) = {
+        let datasets = c.bus.datasets_kv().await.unwrap();
+        let m: atelier_contracts::DatasetManifest =
+            serde_json::from_slice(&datasets.get("scenes.1").await.unwrap().unwrap()).unwrap();
+        let data = c
+            .store
+            .get_bytes(&atelier_contracts::ArtifactKey::parse(&m.data.key).unwrap())
+            .await
+            .unwrap();
+        let rows: Vec<atelier_contracts::DatasetRow> = String::from_utf8(data.to_vec())
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        (m, rows)
+    };
+    assert_eq!(
+        v1_rows.iter().filter(|r| r.clip_score.is_some()).count(),
+        20,
+        "CLIP scores on the 20 decodable, captioned images"
+    );
+    assert!(v1_rows
+        .iter()
+        .filter_map(|r| r.clip_score)
+        .all(|s| (0.0..=100.0).contains(&s)));
     assert_eq!(v1.counts.signals.get("undecodable"), Some(&1));
     assert_eq!(v1.counts.rejected, 1, "{:?}", v1.counts);
     let r = run(&c, &client, filter(0.2, 1000)).await;

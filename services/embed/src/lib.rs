@@ -4,6 +4,8 @@
 //! the three modules of that model's `modules.json`. Used for caption evaluation's `SemSim` and,
 //! later, text retrieval.
 
+pub mod clip;
+
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};

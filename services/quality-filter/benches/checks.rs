@@ -138,6 +138,7 @@ fn main() {
             image,
             caption: Some(c),
             nsfw: None,
+            clip_score: None,
         })
         .collect();
     let words: usize = captions

@@ -25,11 +25,13 @@ use atelier_kit::{Handler, JobCtx, JobError};
 use rayon::prelude::*;
 use sha2::{Digest, Sha256};
 
-/// One image with the caption chosen for it, and the NSFW detector's verdict when it ran.
+/// One image with the caption chosen for it, the NSFW detector's verdict and the CLIP score
+/// of the pair when they ran.
 pub struct Input<'a> {
     pub image: &'a ImageRecord,
     pub caption: Option<&'a CaptionRecord>,
     pub nsfw: Option<NsfwScore>,
+    pub clip_score: Option<f32>,
 }
 
 /// The strongest explicit-class confidence (0 and no label when none).
@@ -167,6 +169,17 @@ pub fn assess(
                     );
                 }
             }
+            if let Some(c) = input.clip_score {
+                if policy.min_clip_score > 0.0 && c < policy.min_clip_score {
+                    fail(
+                        "clip_score",
+                        format!(
+                            "CLIP score {c:.1} of image and caption is below {}",
+                            policy.min_clip_score
+                        ),
+                    );
+                }
+            }
             // Caption.
             let words = word_counts[k];
             let mut language = None;
@@ -258,6 +271,7 @@ pub fn assess(
                 caption_source: input.caption.map(|c| c.source.clone()),
                 language: language.map(str::to_owned),
                 nsfw: input.nsfw.map(|n| n.score),
+                clip_score: input.clip_score,
                 words,
                 signals,
                 decision,
@@ -310,6 +324,9 @@ pub struct QualityFilter {
     pub nsfw_model: Option<std::path::PathBuf>,
     pub onnxruntime: Option<std::path::PathBuf>,
     detector: Arc<OnceLock<Result<Arc<nsfw::NsfwDetector>, String>>>,
+    /// A CLIP model folder: filter jobs score every captioned image with it when set.
+    pub clip_model: Option<std::path::PathBuf>,
+    clip: Arc<OnceLock<Result<Arc<atelier_embed::clip::ClipEncoder>, String>>>,
 }
 
 /// `ATELIER_NO_NSFW` set to `1` or `true`.
@@ -328,7 +345,89 @@ impl QualityFilter {
             nsfw_model: nsfw::find_model().filter(|_| !nsfw_disabled()),
             onnxruntime: nsfw::find_onnxruntime(),
             detector: Arc::default(),
+            clip_model: atelier_embed::clip::find_clip(),
+            clip: Arc::default(),
         }
+    }
+
+    /// The CLIP model, loaded once; `None` when not configured.
+    fn clip(&self) -> Result<Option<Arc<atelier_embed::clip::ClipEncoder>>, JobError> {
+        let Some(dir) = &self.clip_model else {
+            return Ok(None);
+        };
+        self.clip
+            .get_or_init(|| {
+                atelier_embed::clip::ClipEncoder::load(dir, &candle_core::Device::Cpu)
+                    .map(Arc::new)
+                    .map_err(|e| e.to_string())
+            })
+            .clone()
+            .map(Some)
+            .map_err(|e| JobError::permanent("clip_unavailable", e))
+    }
+
+    /// The CLIP score of each decodable image with its chosen caption (in order), in batches;
+    /// all `None` without a CLIP model.
+    async fn clip_scores(
+        &self,
+        ctx: &JobCtx,
+        images: &[ImageRecord],
+        captions: &[Option<&CaptionRecord>],
+    ) -> Result<Vec<Option<f32>>, JobError> {
+        let mut out = vec![None; images.len()];
+        let Some(clip) = self.clip()? else {
+            return Ok(out);
+        };
+        let todo: Vec<(usize, String)> = images
+            .iter()
+            .zip(captions)
+            .enumerate()
+            .filter(|(_, (img, c))| img.flag.is_none() && img.format.is_some() && c.is_some())
+            .filter_map(|(i, (_, c))| {
+                let text = (*c)?.caption.trim().to_string();
+                (!text.is_empty()).then_some((i, text))
+            })
+            .collect();
+        for (done, chunk) in todo.chunks(32).enumerate() {
+            let mut decoded = Vec::with_capacity(chunk.len());
+            for (i, text) in chunk {
+                let key = atelier_contracts::ArtifactKey::parse(&images[*i].key)
+                    .map_err(|e| JobError::permanent("bad_artifact_key", e.to_string()))?;
+                decoded.push((*i, text.clone(), ctx.store.get_bytes(&key).await?));
+            }
+            let c = clip.clone();
+            let scored = tokio::task::spawn_blocking(move || {
+                let mut idx = Vec::new();
+                let mut imgs = Vec::new();
+                let mut texts = Vec::new();
+                for (i, text, bytes) in decoded {
+                    if let Ok(img) = image::load_from_memory(&bytes) {
+                        idx.push(i);
+                        imgs.push(img);
+                        texts.push(text);
+                    }
+                }
+                let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
+                c.scores(&imgs, &refs)
+                    .map(|s| idx.into_iter().zip(s).collect::<Vec<_>>())
+            })
+            .await
+            .map_err(|e| JobError::retryable("panicked", e.to_string()))?
+            .map_err(|e| JobError::retryable("compute_failed", e.to_string()))?;
+            for (i, s) in scored {
+                out[i] = Some(s);
+            }
+            ctx.progress(
+                0.6 + 0.2 * ((done + 1) * 32).min(todo.len()) as f32 / todo.len().max(1) as f32,
+                Some(format!(
+                    "CLIP scores: {} of {}",
+                    ((done + 1) * 32).min(todo.len()),
+                    todo.len()
+                )),
+            )
+            .await;
+        }
+        Ok(out)
     }
 
     /// The NSFW detector, loaded once; `None` when not configured.
@@ -489,14 +588,16 @@ impl QualityFilter {
             })
             .collect();
         let nsfw = self.nsfw_scores(ctx, &images).await?;
+        let clip = self.clip_scores(ctx, &images, &chosen).await?;
         let inputs: Vec<Input<'_>> = images
             .iter()
             .zip(&chosen)
-            .zip(&nsfw)
-            .map(|((image, caption), nsfw)| Input {
+            .zip(nsfw.iter().zip(&clip))
+            .map(|((image, caption), (nsfw, clip_score))| Input {
                 image,
                 caption: *caption,
                 nsfw: *nsfw,
+                clip_score: *clip_score,
             })
             .collect();
         let (rows, counts) = assess(&inputs, &spec.policy, &spec.split);
@@ -739,6 +840,7 @@ mod tests {
                 image,
                 caption: c.as_ref(),
                 nsfw: None,
+                clip_score: None,
             })
             .collect();
         let policy = QualityPolicy::default();
@@ -809,6 +911,7 @@ mod tests {
                 image: &imgs[k],
                 caption: Some(&caps[k]),
                 nsfw: verdicts[k],
+                clip_score: None,
             })
             .collect();
         let (rows, counts) = assess(&inputs, &QualityPolicy::default(), &SplitSpec::default());
@@ -830,6 +933,51 @@ mod tests {
         };
         assert_eq!(
             assess(&inputs, &lenient, &SplitSpec::default()).0[0].decision,
+            Decision::Accept
+        );
+    }
+
+    #[test]
+    fn low_clip_scores_are_flagged_at_the_threshold() {
+        let imgs = [
+            image(1, 128, 128, 1),
+            image(2, 128, 128, u64::MAX),
+            image(3, 128, 128, 0x00ff_00ff_00ff_00ff),
+        ];
+        let caps: Vec<CaptionRecord> = imgs.iter().map(|i| caption(i, GOOD, "stop")).collect();
+        let scores = [Some(12.5), Some(31.0), None];
+        let inputs: Vec<Input<'_>> = (0..3)
+            .map(|k| Input {
+                image: &imgs[k],
+                caption: Some(&caps[k]),
+                nsfw: None,
+                clip_score: scores[k],
+            })
+            .collect();
+        let (rows, counts) = assess(&inputs, &QualityPolicy::default(), &SplitSpec::default());
+        assert_eq!(rows[0].decision, Decision::Flag);
+        assert_eq!(rows[0].signals[0].name, "clip_score");
+        assert!(
+            rows[0].signals[0].reason.contains("12.5"),
+            "{:?}",
+            rows[0].signals
+        );
+        assert_eq!(rows[0].clip_score, Some(12.5));
+        assert_eq!(
+            (rows[1].decision, rows[1].clip_score),
+            (Decision::Accept, Some(31.0))
+        );
+        assert_eq!(
+            (rows[2].decision, rows[2].clip_score),
+            (Decision::Accept, None)
+        );
+        assert_eq!(counts.signals["clip_score"], 1);
+        let off = QualityPolicy {
+            min_clip_score: 0.0,
+            ..Default::default()
+        };
+        assert_eq!(
+            assess(&inputs, &off, &SplitSpec::default()).0[0].decision,
             Decision::Accept
         );
     }

@@ -26,6 +26,10 @@ struct Args {
     /// Do not run the NSFW detector.
     #[arg(long, env = "ATELIER_NO_NSFW")]
     no_nsfw: bool,
+    /// A CLIP model folder (Hugging Face CLIPModel: config.json, model.safetensors, vocab.json,
+    /// merges.txt) for the `clip_score` signal; no CLIP scores without one.
+    #[arg(long, env = "ATELIER_CLIP_MODEL")]
+    clip_model: Option<std::path::PathBuf>,
 }
 
 #[tokio::main]
@@ -44,6 +48,9 @@ async fn main() -> anyhow::Result<()> {
     }
     if args.no_nsfw {
         handler.nsfw_model = None;
+    }
+    if args.clip_model.is_some() {
+        handler.clip_model = args.clip_model;
     }
     atelier_kit::service::run_service(handler, args.kit).await
 }

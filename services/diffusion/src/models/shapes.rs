@@ -110,7 +110,8 @@ impl SimpleBackend for RandomWeights {
         let is_norm = name.contains("norm") && !name.contains("proj");
         let t = if dims.len() == 1 && is_norm && name.ends_with("weight") {
             Tensor::ones(s, DType::F32, dev)?
-        } else if dims.len() == 1 {
+        } else if dims.len() <= 1 {
+            // Biases and scalars (CLIP's logit scale).
             rng.randn(s, dev)?.affine(0.02, 0.0)?
         } else {
             let fan_in: usize = dims[1..].iter().product::<usize>().max(1);
