@@ -117,6 +117,15 @@ async fn generation_jobs_run_on_the_services_and_bad_input_is_refused() {
         "{}",
         out.parameters
     );
+    // The LoRA of the prompt is named with A1111's short hash of its file.
+    let lora_bytes = std::fs::read(models.join("loras/style.safetensors")).unwrap();
+    let (lora_hash, _) = atelier_diffusion::lora::file_hashes(&lora_bytes);
+    assert!(
+        out.parameters
+            .contains(&format!("Lora hashes: \"style: {}\"", &lora_hash[..12])),
+        "{}",
+        out.parameters
+    );
     let png = client.download(&out.images[0].image.key).await.unwrap();
     let img = image::load_from_memory(&png).unwrap();
     assert_eq!((img.width(), img.height()), (32, 32));

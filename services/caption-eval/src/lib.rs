@@ -84,11 +84,37 @@ impl<'a> Tokenized<'a> {
             return Err(EvalError::NoCandidate(id.clone()));
         }
         let ids: Vec<&String> = cands.keys().collect();
-        let tok_refs = ids
-            .iter()
-            .map(|id| refs[*id].iter().map(|c| ptb::tokenize(c)).collect())
-            .collect();
-        let tok_cands = ids.iter().map(|id| ptb::tokenize(&cands[*id])).collect();
+        // Tokenization is per caption: split the images over the cores.
+        let threads = std::thread::available_parallelism()
+            .map_or(1, |n| n.get())
+            .clamp(1, 8);
+        let chunk = ids.len().div_ceil(threads).max(1);
+        let parts: Vec<(Vec<Vec<String>>, Vec<String>)> = std::thread::scope(|s| {
+            let handles: Vec<_> = ids
+                .chunks(chunk)
+                .map(|part| {
+                    s.spawn(move || {
+                        let r: Vec<Vec<String>> = part
+                            .iter()
+                            .map(|id| refs[*id].iter().map(|c| ptb::tokenize(c)).collect())
+                            .collect();
+                        let c: Vec<String> =
+                            part.iter().map(|id| ptb::tokenize(&cands[*id])).collect();
+                        (r, c)
+                    })
+                })
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| h.join().expect("tokenizer thread"))
+                .collect()
+        });
+        let mut tok_refs = Vec::with_capacity(ids.len());
+        let mut tok_cands = Vec::with_capacity(ids.len());
+        for (r, c) in parts {
+            tok_refs.extend(r);
+            tok_cands.extend(c);
+        }
         Ok(Self {
             ids,
             refs: tok_refs,
@@ -162,12 +188,14 @@ pub fn score_tokenized(ids: &[&String], refs: &[Vec<String>], cands: &[String]) 
             ids.iter().map(|id| id.to_string()).zip(each).collect(),
         );
     };
-    // CIDEr (the slowest) on its own thread, BLEU and ROUGE-L on this one.
+    // N-grams are counted once for BLEU and CIDEr; then CIDEr (the slowest) runs on its own
+    // thread beside ROUGE-L and BLEU.
+    let prepared = grams::Prepared::new(refs, cands);
     let ((bleu_corpus, bleu_each), (rouge_corpus, rouge_each), (cider_corpus, cider_each)) =
         std::thread::scope(|s| {
-            let cider = s.spawn(|| cider::score(refs, cands));
-            let bleu = bleu::score(refs, cands);
+            let cider = s.spawn(|| cider::score_prepared(&prepared));
             let rouge = rouge::score(refs, cands);
+            let bleu = bleu::score_prepared(&prepared);
             (bleu, rouge, cider.join().expect("cider thread"))
         });
     for k in 0..4 {

@@ -148,6 +148,23 @@ impl LoraFile {
     }
 }
 
+/// A1111's hashes of a safetensors file: the SHA-256 of the bytes after the header (what it
+/// stores as `sshs_model_hash`; its first 12 hex digits are the "Lora hashes" entry) and the
+/// legacy 8-digit hash of the 64 KiB at offset 1 MiB (of what is there, for small files).
+pub fn file_hashes(file: &[u8]) -> (String, String) {
+    use sha2::{Digest, Sha256};
+    let n = file
+        .get(..8)
+        .and_then(|b| <[u8; 8]>::try_from(b).ok())
+        .map(|b| u64::from_le_bytes(b) as usize)
+        .unwrap_or(0);
+    let body = file.get(8usize.saturating_add(n)..).unwrap_or(&[]);
+    let full = hex::encode(Sha256::digest(body));
+    let legacy_part = &file[file.len().min(0x100000)..file.len().min(0x110000)];
+    let legacy = hex::encode(Sha256::digest(legacy_part))[..8].to_string();
+    (full, legacy)
+}
+
 fn as_linear(t: &Tensor) -> candle_core::Result<Tensor> {
     if t.rank() == 4 {
         let a = t.dim(0)?;

@@ -66,6 +66,8 @@ pub struct StableDiffusion {
     vae: Vae,
     text: Vec<TextStack>,
     embeddings: Vec<conditioning::Embedding>,
+    /// (name, A1111 short hash) of the LoRAs applied, for the `parameters` text.
+    lora_hashes: Vec<(String, String)>,
     device: Device,
     dtype: DType,
 }
@@ -445,6 +447,7 @@ impl StableDiffusion {
             vae,
             text,
             embeddings: Vec::new(),
+            lora_hashes: Vec::new(),
             device: device.clone(),
             dtype,
         })
@@ -532,6 +535,7 @@ impl StableDiffusion {
             vae,
             text,
             embeddings: Vec::new(),
+            lora_hashes: Vec::new(),
             device: device.clone(),
             dtype,
         })
@@ -549,6 +553,13 @@ impl StableDiffusion {
         let applied = crate::lora::apply(file, weight, mode, &mut m.unet, &mut text)
             .map_err(PipelineError::BadRequest)?;
         Ok((m, applied))
+    }
+
+    /// This model recording that LoRA `name` (A1111's short hash `hash`) is applied: PNG
+    /// parameters then carry `Lora hashes: "name: hash, ..."` as A1111 writes them.
+    pub fn with_lora_hash(mut self, name: &str, hash: &str) -> Self {
+        self.lora_hashes.push((name.to_owned(), hash.to_owned()));
+        self
     }
 
     /// Pixels per latent cell (8 for real SD VAEs).
@@ -637,6 +648,14 @@ impl StableDiffusion {
         ));
         if req.clip_skip > 1 {
             s.push_str(&format!(", Clip skip: {}", req.clip_skip));
+        }
+        if !self.lora_hashes.is_empty() {
+            let list: Vec<String> = self
+                .lora_hashes
+                .iter()
+                .map(|(n, h)| format!("{n}: {h}"))
+                .collect();
+            s.push_str(&format!(", Lora hashes: \"{}\"", list.join(", ")));
         }
         s.push_str(&format!(", Version: atelier {}", env!("CARGO_PKG_VERSION")));
         s

@@ -192,7 +192,7 @@ impl Handler for Generator {
                     }
                 },
             };
-            loras.push((p, t.weight));
+            loras.push((p, t.weight, t.name.clone()));
         }
         let embeddings = self
             .registry
@@ -250,12 +250,17 @@ impl Handler for Generator {
                     .map_err(|e| JobError::permanent("bad_embedding", e))?;
                 model = model.with_embeddings(loaded);
             }
-            for (p, w) in &loras {
+            for (p, w, name) in &loras {
                 let file = LoraFile::load(p).map_err(|e| JobError::permanent("bad_lora", e))?;
+                let bytes = std::fs::read(p).map_err(|e| {
+                    JobError::retryable("local_disk", format!("{}: {e}", p.display()))
+                })?;
+                let (hash, _) = atelier_diffusion::lora::file_hashes(&bytes);
                 model = model
                     .with_lora(&file, *w, LoraMode::Runtime)
                     .map_err(pipeline_err)?
-                    .0;
+                    .0
+                    .with_lora_hash(name, &hash[..12]);
             }
             let on_step = |done: usize, total: usize| {
                 let _ = tx.send((done, total));

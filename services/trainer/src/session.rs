@@ -724,17 +724,4 @@ pub fn spec_hash(spec: &TrainSpec) -> String {
     hex::encode(Sha256::digest(serde_json::to_vec(spec).unwrap_or_default()))
 }
 
-/// A1111's hashes of a safetensors file: SHA-256 of the bytes after the header
-/// (`sshs_model_hash`, whose first 12 digits A1111 shows as the LoRA hash) and the legacy
-/// 8-digit hash of the 64 KiB at offset 1 MiB (of what is there: nothing, for small files).
-pub fn lora_hashes(file: &[u8]) -> (String, String) {
-    let n = file
-        .get(..8)
-        .map(|b| u64::from_le_bytes(b.try_into().unwrap_or([0; 8])) as usize)
-        .unwrap_or(0);
-    let body = file.get(8 + n..).unwrap_or(&[]);
-    let full = hex::encode(Sha256::digest(body));
-    let legacy_part = &file[file.len().min(0x100000)..file.len().min(0x110000)];
-    let legacy = hex::encode(Sha256::digest(legacy_part))[..8].to_string();
-    (full, legacy)
-}
+pub use atelier_diffusion::lora::file_hashes as lora_hashes;
