@@ -16,19 +16,21 @@ pub type Counts = Vec<(Gram, u32)>;
 pub struct Vocab(FxHashMap<String, u32>);
 
 impl Vocab {
+    /// The id of `w`, added when new.
+    pub fn id(&mut self, w: &str) -> u32 {
+        match self.0.get(w) {
+            Some(&id) => id,
+            None => {
+                let id = self.0.len() as u32;
+                self.0.insert(w.to_owned(), id);
+                id
+            }
+        }
+    }
+
     /// Whitespace-split tokens of a tokenized caption, as ids.
     pub fn ids(&mut self, sentence: &str) -> Vec<u32> {
-        sentence
-            .split_whitespace()
-            .map(|w| match self.0.get(w) {
-                Some(&id) => id,
-                None => {
-                    let id = self.0.len() as u32;
-                    self.0.insert(w.to_owned(), id);
-                    id
-                }
-            })
-            .collect()
+        sentence.split_whitespace().map(|w| self.id(w)).collect()
     }
 }
 
@@ -41,7 +43,12 @@ pub fn order(g: &Gram) -> usize {
 
 /// Counts of every n-gram, n = 1..=4, sorted by gram.
 pub fn counts(ids: &[u32]) -> Counts {
-    let mut all: Vec<Gram> = Vec::with_capacity(ids.len() * MAX_N);
+    counts_into(ids, &mut Vec::new())
+}
+
+/// [`counts`] with a scratch buffer reused across captions.
+fn counts_into(ids: &[u32], all: &mut Vec<Gram>) -> Counts {
+    all.clear();
     for n in 1..=MAX_N {
         for w in ids.windows(n) {
             let mut g: Gram = 0;
@@ -52,8 +59,9 @@ pub fn counts(ids: &[u32]) -> Counts {
         }
     }
     all.sort_unstable();
-    let mut out: Counts = Vec::with_capacity(all.len());
-    for g in all {
+    let distinct = 1 + all.windows(2).filter(|w| w[0] != w[1]).count();
+    let mut out: Counts = Vec::with_capacity(if all.is_empty() { 0 } else { distinct });
+    for &g in all.iter() {
         match out.last_mut() {
             Some((last, c)) if *last == g => *c += 1,
             _ => out.push((g, 1)),
@@ -62,18 +70,35 @@ pub fn counts(ids: &[u32]) -> Counts {
     out
 }
 
-/// Per gram, the largest count in any of `lists` (sorted by gram).
+/// Per gram, the largest count in any of `lists` (sorted by gram): pairwise merges of the
+/// already sorted lists.
 pub fn max_counts(lists: &[Counts]) -> Counts {
-    let mut all: Vec<(Gram, u32)> = lists.iter().flatten().copied().collect();
-    all.sort_unstable();
-    let mut out: Counts = Vec::with_capacity(all.len());
-    for (g, c) in all {
-        match out.last_mut() {
-            Some((last, m)) if *last == g => *m = (*m).max(c),
-            _ => out.push((g, c)),
+    let mut acc: Counts = Vec::new();
+    for list in lists {
+        let mut out: Counts = Vec::with_capacity(acc.len() + list.len());
+        let (mut i, mut j) = (0, 0);
+        while i < acc.len() && j < list.len() {
+            match acc[i].0.cmp(&list[j].0) {
+                std::cmp::Ordering::Less => {
+                    out.push(acc[i]);
+                    i += 1;
+                }
+                std::cmp::Ordering::Greater => {
+                    out.push(list[j]);
+                    j += 1;
+                }
+                std::cmp::Ordering::Equal => {
+                    out.push((acc[i].0, acc[i].1.max(list[j].1)));
+                    i += 1;
+                    j += 1;
+                }
+            }
         }
+        out.extend_from_slice(&acc[i..]);
+        out.extend_from_slice(&list[j..]);
+        acc = out;
     }
-    out
+    acc
 }
 
 /// Calls `f(a_count, b_count)` for every gram in both sorted lists.
@@ -109,30 +134,67 @@ pub struct Prepared {
 
 impl Prepared {
     pub fn new(refs: &[Vec<String>], cands: &[String]) -> Self {
-        // Interning is sequential (one vocabulary); counting is per image and parallel.
-        let mut vocab = Vocab::default();
-        let ids: Vec<(Vec<Vec<u32>>, Vec<u32>)> = refs
-            .iter()
-            .zip(cands)
-            .map(|(rs, c)| (rs.iter().map(|r| vocab.ids(r)).collect(), vocab.ids(c)))
-            .collect();
+        // Each thread interns its images with its own vocabulary; the vocabularies are then
+        // merged into one (small) and each thread maps its ids to the shared ones and counts.
         let threads = std::thread::available_parallelism()
             .map_or(1, |n| n.get())
             .clamp(1, 8);
-        let chunk = ids.len().div_ceil(threads).max(1);
-        let images = std::thread::scope(|s| {
-            let handles: Vec<_> = ids
+        let chunk = refs.len().div_ceil(threads).max(1);
+        type Local = (Vocab, Vec<(Vec<Vec<u32>>, Vec<u32>)>);
+        let locals: Vec<Local> = std::thread::scope(|s| {
+            let handles: Vec<_> = refs
                 .chunks(chunk)
-                .map(|part| {
+                .zip(cands.chunks(chunk))
+                .map(|(rp, cp)| {
                     s.spawn(move || {
-                        part.iter()
+                        let mut vocab = Vocab::default();
+                        let ids = rp
+                            .iter()
+                            .zip(cp)
                             .map(|(rs, c)| {
-                                let refs: Vec<Counts> = rs.iter().map(|r| counts(r)).collect();
+                                (rs.iter().map(|r| vocab.ids(r)).collect(), vocab.ids(c))
+                            })
+                            .collect();
+                        (vocab, ids)
+                    })
+                })
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| h.join().expect("interning thread"))
+                .collect()
+        });
+        let mut shared = Vocab::default();
+        let maps: Vec<Vec<u32>> = locals
+            .iter()
+            .map(|(v, _)| {
+                let mut by_local = vec![0u32; v.0.len()];
+                for (w, &local) in &v.0 {
+                    by_local[local as usize] = shared.id(w);
+                }
+                by_local
+            })
+            .collect();
+        let images = std::thread::scope(|s| {
+            let handles: Vec<_> = locals
+                .iter()
+                .zip(&maps)
+                .map(|((_, ids), map)| {
+                    s.spawn(move || {
+                        let (mut scratch, mut mapped) = (Vec::new(), Vec::new());
+                        let mut count = |v: &[u32]| -> Counts {
+                            mapped.clear();
+                            mapped.extend(v.iter().map(|&i| map[i as usize]));
+                            counts_into(&mapped, &mut scratch)
+                        };
+                        ids.iter()
+                            .map(|(rs, c)| {
+                                let refs: Vec<Counts> = rs.iter().map(|r| count(r)).collect();
                                 Image {
                                     ref_lens: rs.iter().map(Vec::len).collect(),
                                     ref_max: max_counts(&refs),
                                     refs,
-                                    cand: counts(c),
+                                    cand: count(c),
                                     cand_len: c.len(),
                                 }
                             })

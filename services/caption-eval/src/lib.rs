@@ -188,15 +188,19 @@ pub fn score_tokenized(ids: &[&String], refs: &[Vec<String>], cands: &[String]) 
             ids.iter().map(|id| id.to_string()).zip(each).collect(),
         );
     };
-    // N-grams are counted once for BLEU and CIDEr; then CIDEr (the slowest) runs on its own
-    // thread beside ROUGE-L and BLEU.
-    let prepared = grams::Prepared::new(refs, cands);
+    // N-grams are counted once for BLEU and CIDEr; CIDEr (the slowest) then runs on its own
+    // thread beside BLEU.
     let ((bleu_corpus, bleu_each), (rouge_corpus, rouge_each), (cider_corpus, cider_each)) =
         std::thread::scope(|s| {
-            let cider = s.spawn(|| cider::score_prepared(&prepared));
-            let rouge = rouge::score(refs, cands);
-            let bleu = bleu::score_prepared(&prepared);
-            (bleu, rouge, cider.join().expect("cider thread"))
+            // ROUGE-L needs no n-grams: it runs beside the counting.
+            let rouge = s.spawn(|| rouge::score(refs, cands));
+            let prepared = grams::Prepared::new(refs, cands);
+            let (bleu, cider) = std::thread::scope(|inner| {
+                let cider = inner.spawn(|| cider::score_prepared(&prepared));
+                let bleu = bleu::score_prepared(&prepared);
+                (bleu, cider.join().expect("cider thread"))
+            });
+            (bleu, rouge.join().expect("rouge thread"), cider)
         });
     for k in 0..4 {
         put(
