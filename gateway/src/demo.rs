@@ -75,6 +75,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         models: atelier_sampler::GeneratorArgs {
             models: args.data_dir.join("models"),
             model_cache: 2,
+            model_cache_mb: 0,
             device: "cpu".into(),
         },
         openai: atelier_captioner::OpenAiArgs::default(),

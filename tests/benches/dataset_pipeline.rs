@@ -70,6 +70,7 @@ async fn main() {
         models: atelier_sampler::GeneratorArgs {
             models: tmp.path().join("models"),
             model_cache: 1,
+            model_cache_mb: 0,
             device: "cpu".into(),
         },
         openai: atelier_captioner::OpenAiArgs {

@@ -68,6 +68,7 @@ pub struct StableDiffusion {
     embeddings: Vec<conditioning::Embedding>,
     /// (name, A1111 short hash) of the LoRAs applied, for the `parameters` text.
     lora_hashes: Vec<(String, String)>,
+    weight_bytes: u64,
     device: Device,
     dtype: DType,
 }
@@ -448,6 +449,7 @@ impl StableDiffusion {
             text,
             embeddings: Vec::new(),
             lora_hashes: Vec::new(),
+            weight_bytes: w.loaded_bytes(),
             device: device.clone(),
             dtype,
         })
@@ -485,19 +487,14 @@ impl StableDiffusion {
         };
         let unet_files = component_weights(&dir.join("unet"))?;
         let hash = file_hash(&unet_files)?;
-        let unet = UNet::new(
-            SafetensorsWeights::open(&unet_files)?.var_builder(dtype, device),
-            unet_cfg,
-            ops,
-        )
-        .map_err(|e| model_err(&dir.join("unet"), e))?;
+        let unet_w = SafetensorsWeights::open(&unet_files)?;
+        let unet = UNet::new(unet_w.var_builder(dtype, device), unet_cfg, ops)
+            .map_err(|e| model_err(&dir.join("unet"), e))?;
         // The VAE runs in f32 (SD's VAE overflows in f16).
-        let vae = Vae::new(
-            SafetensorsWeights::open(&component_weights(&dir.join("vae"))?)?
-                .var_builder(DType::F32, device),
-            vae_cfg,
-        )
-        .map_err(|e| model_err(&dir.join("vae"), e))?;
+        let vae_w = SafetensorsWeights::open(&component_weights(&dir.join("vae"))?)?;
+        let vae = Vae::new(vae_w.var_builder(DType::F32, device), vae_cfg)
+            .map_err(|e| model_err(&dir.join("vae"), e))?;
+        let mut weight_bytes = unet_w.loaded_bytes() + vae_w.loaded_bytes();
         let family = if sdxl {
             Family::Sdxl
         } else if te_cfg.hidden_act == crate::models::clip::Activation::Gelu {
@@ -519,6 +516,7 @@ impl StableDiffusion {
             let w = SafetensorsWeights::open(&component_weights(&dir.join(te))?)?;
             let model = ClipTextModel::new(w.var_builder(DType::F32, device), cfg, *proj, ops)
                 .map_err(|e| model_err(&dir.join(te), e))?;
+            weight_bytes += w.loaded_bytes();
             let tok =
                 ClipTokenizer::from_dir(&dir.join(tk)).map_err(|e| model_err(&dir.join(tk), e))?;
             text.push(TextStack { model, tok });
@@ -536,9 +534,15 @@ impl StableDiffusion {
             text,
             embeddings: Vec::new(),
             lora_hashes: Vec::new(),
+            weight_bytes,
             device: device.clone(),
             dtype,
         })
+    }
+
+    /// Bytes of the weights this model holds (in their loaded dtypes; adapters not counted).
+    pub fn weight_bytes(&self) -> u64 {
+        self.weight_bytes
     }
 
     /// This model with a LoRA applied at `weight` (the weights it does not touch stay shared).

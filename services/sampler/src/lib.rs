@@ -39,6 +39,8 @@ pub struct Generator {
     dtype: DType,
     cache: Arc<Mutex<Vec<Cached>>>,
     cache_size: usize,
+    /// Bytes of weights the cache may hold (0: no byte limit); the model in use always stays.
+    cache_bytes: u64,
 }
 
 impl Generator {
@@ -56,7 +58,24 @@ impl Generator {
             dtype,
             cache: Arc::default(),
             cache_size: cache_size.max(1),
+            cache_bytes: 0,
         }
+    }
+
+    /// Keep at most `bytes` of model weights loaded (least recently used evicted first).
+    pub fn with_cache_budget(mut self, bytes: u64) -> Self {
+        self.cache_bytes = bytes;
+        self
+    }
+
+    /// The loaded models, least recently used first, with their weight bytes.
+    pub fn cached(&self) -> Vec<(PathBuf, u64)> {
+        self.cache
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .map(|(p, m)| (p.clone(), m.weight_bytes()))
+            .collect()
     }
 
     /// A loaded model, from the cache (most recently used last) or freshly loaded.
@@ -76,8 +95,12 @@ impl Generator {
         );
         let mut c = self.cache.lock().unwrap_or_else(|p| p.into_inner());
         c.push((path.clone(), m.clone()));
-        while c.len() > self.cache_size {
-            c.remove(0);
+        let total = |c: &Vec<Cached>| c.iter().map(|(_, m)| m.weight_bytes()).sum::<u64>();
+        while c.len() > self.cache_size
+            || (self.cache_bytes > 0 && c.len() > 1 && total(&c) > self.cache_bytes)
+        {
+            let (evicted, _) = c.remove(0);
+            tracing::info!(model = %evicted.display(), "evicted from the model cache");
         }
         Ok(m)
     }
@@ -315,6 +338,9 @@ pub struct GeneratorArgs {
     /// Loaded models kept in memory.
     #[arg(long, env = "ATELIER_MODEL_CACHE", default_value_t = 2)]
     pub model_cache: usize,
+    /// Memory budget of the model cache in MiB of weights (0: only --model-cache counts).
+    #[arg(long, env = "ATELIER_MODEL_CACHE_MB", default_value_t = 0)]
+    pub model_cache_mb: u64,
     /// `cpu`, or `cuda` (GPU 0; f16 UNet) in a build with the `cuda` feature.
     #[arg(long, env = "ATELIER_DEVICE", default_value = "cpu")]
     pub device: String,
@@ -330,7 +356,8 @@ impl GeneratorArgs {
             device,
             dtype,
             self.model_cache,
-        ))
+        )
+        .with_cache_budget(self.model_cache_mb * 1024 * 1024))
     }
 }
 
@@ -346,4 +373,43 @@ pub fn device(name: &str) -> anyhow::Result<(Device, DType)> {
         ),
         other => anyhow::bail!("--device must be cpu or cuda (got {other:?})"),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_cache_keeps_within_its_memory_budget() {
+        let dir = tempfile::tempdir().unwrap();
+        for (name, seed) in [("a", 1), ("b", 2), ("c", 3)] {
+            atelier_diffusion::pipeline::make_tiny(
+                &dir.path().join(name),
+                atelier_diffusion::pipeline::Family::Sd1,
+                seed,
+            )
+            .unwrap();
+        }
+        let reg = Registry::new(dir.path());
+        let g = Generator::new(Service::Sampler, reg.clone(), Device::Cpu, DType::F32, 8);
+        let a = g.model(&reg.checkpoint("a").unwrap()).unwrap();
+        let one = a.weight_bytes();
+        assert!(one > 10_000, "a tiny model weighs {one} bytes");
+        // Room for two: loading a third evicts the least recently used.
+        let g = g.with_cache_budget(2 * one + one / 2);
+        g.model(&reg.checkpoint("b").unwrap()).unwrap();
+        g.model(&reg.checkpoint("a").unwrap()).unwrap(); // a is now the most recent
+        g.model(&reg.checkpoint("c").unwrap()).unwrap();
+        let names: Vec<String> = g
+            .cached()
+            .iter()
+            .map(|(p, _)| p.file_name().unwrap().to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(names, vec!["a", "c"]);
+        assert!(g.cached().iter().map(|(_, b)| b).sum::<u64>() <= 2 * one + one / 2);
+        // A budget below one model still keeps the one in use.
+        let small = g.with_cache_budget(1);
+        small.model(&reg.checkpoint("b").unwrap()).unwrap();
+        assert_eq!(small.cached().len(), 1);
+    }
 }

@@ -21,6 +21,8 @@ pub struct SafetensorsWeights {
     label: String,
     /// Single-file checkpoints: where each model parameter is stored.
     map: Option<Arc<std::collections::HashMap<String, Source>>>,
+    /// Bytes of every tensor handed out (in the requested dtype): what the model holds.
+    loaded: Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl SafetensorsWeights {
@@ -46,6 +48,7 @@ impl SafetensorsWeights {
                 .collect::<Vec<_>>()
                 .join(", "),
             map: None,
+            loaded: Arc::default(),
         })
     }
 
@@ -81,6 +84,11 @@ impl SafetensorsWeights {
 
     pub fn names(&self) -> &[String] {
         &self.names
+    }
+
+    /// Bytes of the tensors loaded through this handle (and its clones) so far.
+    pub fn loaded_bytes(&self) -> u64 {
+        self.loaded.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     pub fn var_builder(&self, dtype: DType, device: &Device) -> VarBuilder<'static> {
@@ -170,6 +178,10 @@ impl SimpleBackend for SafetensorsWeights {
                 s.dims()
             )));
         }
+        self.loaded.fetch_add(
+            (t.elem_count() * dtype.size_in_bytes()) as u64,
+            std::sync::atomic::Ordering::Relaxed,
+        );
         t.to_dtype(dtype)
     }
 
