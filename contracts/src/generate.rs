@@ -30,6 +30,10 @@ fn d_sampler() -> String {
 fn d_strength() -> f64 {
     0.75
 }
+fn is_zero(v: &u32) -> bool {
+    *v == 0
+}
+
 fn d_blur() -> f32 {
     4.0
 }
@@ -78,6 +82,9 @@ pub struct GenerateSpec {
     /// inpaint: repaint the black region instead.
     #[serde(default)]
     pub mask_invert: bool,
+    /// Decode the first image every N steps as a preview (its key in the job's progress); 0: off.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub preview_every: u32,
 }
 
 /// Which generation job a spec is.
@@ -108,6 +115,7 @@ impl GenerateSpec {
             mask: None,
             mask_blur: d_blur(),
             mask_invert: false,
+            preview_every: 0,
         }
     }
 
@@ -149,6 +157,12 @@ impl GenerateSpec {
             return Err(format!(
                 "batch_size must be 1..={MAX_BATCH} (got {})",
                 self.batch_size
+            ));
+        }
+        if self.preview_every > self.steps {
+            return Err(format!(
+                "preview_every {} is more than the {} steps (0 turns previews off)",
+                self.preview_every, self.steps
             ));
         }
         if self.clip_skip == 0 || self.clip_skip > 12 {

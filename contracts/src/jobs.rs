@@ -187,6 +187,9 @@ pub struct Progress {
     pub fraction: f32,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub message: Option<String>,
+    /// Artifact key of a preview image (generation jobs with `preview_every`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub preview: Option<String>,
 }
 
 /// A machine-readable code plus a sentence for people.

@@ -239,6 +239,7 @@ fn spec_of(app: &AppState, req: &Txt2ImgRequest) -> Result<GenerateSpec, ApiErro
         mask: None,
         mask_blur: 4.0,
         mask_invert: false,
+        preview_every: 0,
     })
 }
 
@@ -562,15 +563,29 @@ pub async fn progress(
         .map(|a| a.clone())
         .unwrap_or_default();
     let mut fractions = Vec::new();
+    let mut preview = None;
     for id in &ids {
         if let Some((r, _)) = app.states.get(*id).await? {
             let f = match r.state {
                 s if s.is_terminal() => 1.0,
-                _ => r.progress.map(|p| p.fraction).unwrap_or(0.0),
+                _ => r.progress.as_ref().map(|p| p.fraction).unwrap_or(0.0),
             };
             fractions.push(f);
+            if !r.state.is_terminal() {
+                preview = preview.or(r.progress.and_then(|p| p.preview));
+            }
         }
     }
+    // The live preview (jobs with preview_every), base64 as A1111 sends it; none when missing.
+    let current_image = match preview.and_then(|k| atelier_contracts::ArtifactKey::parse(&k).ok()) {
+        Some(key) => app
+            .store
+            .get_bytes(&key)
+            .await
+            .ok()
+            .map(|b| base64::engine::general_purpose::STANDARD.encode(&b)),
+        None => None,
+    };
     let progress = if fractions.is_empty() {
         0.0
     } else {
@@ -581,7 +596,7 @@ pub async fn progress(
         "eta_relative": 0.0,
         "state": {"skipped": false, "interrupted": false, "job": ids.first().map(|i| i.to_string()).unwrap_or_default(),
                   "job_count": ids.len(), "job_timestamp": "", "job_no": 0, "sampling_step": 0, "sampling_steps": 0},
-        "current_image": null,
+        "current_image": current_image,
         "textinfo": null,
     })))
 }

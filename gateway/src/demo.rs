@@ -350,6 +350,7 @@ async fn generation(client: &Client, summary: &mut String) -> anyhow::Result<()>
         mask: None,
         mask_blur: 4.0,
         mask_invert: false,
+        preview_every: 0,
     };
     let first = finish(
         client,

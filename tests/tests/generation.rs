@@ -26,6 +26,7 @@ fn spec(model: &str) -> GenerateSpec {
         mask: None,
         mask_blur: 0.0,
         mask_invert: false,
+        preview_every: 0,
     }
 }
 
@@ -139,6 +140,46 @@ async fn generation_jobs_run_on_the_services_and_bad_input_is_refused() {
     let l = by_id(no_lora.id);
     assert_eq!(l.state, JobState::Failed);
     assert_eq!(l.error.as_ref().unwrap().code, "unknown_lora");
+
+    // Previews every 2 of 4 steps: the progress events carry a decodable preview image.
+    let mut with_previews = spec("tiny");
+    with_previews.preview_every = 2;
+    with_previews.steps = 4;
+    let job = client.generate("txt2img", &with_previews).await.unwrap();
+    let done = c
+        .wait_terminal(&[job.id], Duration::from_secs(120))
+        .await
+        .unwrap();
+    assert_eq!(done[0].state, JobState::Succeeded, "{:?}", done[0].error);
+    let events = c
+        .read_stream(
+            "ATELIER_EVENTS",
+            &atelier_contracts::Service::Sampler.progress_subject(),
+        )
+        .await
+        .unwrap();
+    let previews: Vec<String> = events
+        .iter()
+        .filter_map(|m| serde_json::from_slice::<atelier_contracts::JobProgress>(&m.payload).ok())
+        .filter(|p| p.id == job.id)
+        .filter_map(|p| p.progress.preview)
+        .collect();
+    assert_eq!(
+        previews.len(),
+        1,
+        "one preview (step 2; step 4 is the result)"
+    );
+    let preview = client.download(&previews[0]).await.unwrap();
+    let preview = image::load_from_memory(&preview).unwrap();
+    assert_eq!((preview.width(), preview.height()), (32, 32));
+    let mut bad = spec("tiny");
+    bad.preview_every = 99;
+    let err = client
+        .generate("txt2img", &bad)
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("preview_every"), "{err}");
 
     // img2img and inpaint on the inpainter's queue, from the generated image.
     let mut i2i = spec("tiny");

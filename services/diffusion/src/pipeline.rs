@@ -39,6 +39,9 @@ impl From<candle_core::Error> for PipelineError {
 
 type PResult<T> = std::result::Result<T, PipelineError>;
 
+/// Receives (step, decoded first image) during generation.
+pub type PreviewFn<'a> = dyn FnMut(usize, image::RgbImage) + 'a;
+
 /// Which Stable Diffusion this is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -672,7 +675,23 @@ impl StableDiffusion {
         req: &Txt2Img,
         on_step: impl FnMut(usize, usize) -> bool,
     ) -> PResult<Vec<Generated>> {
-        self.generate(req, None, on_step)
+        self.generate(req, None, on_step, None)
+    }
+
+    /// txt2img (`init` None) or img2img/inpaint, decoding the first image's current latents every
+    /// `every` steps for `on_preview(step, image)` (A1111's live preview, full VAE decode).
+    pub fn generate_with_previews(
+        &self,
+        req: &Txt2Img,
+        init: Option<&Init>,
+        on_step: impl FnMut(usize, usize) -> bool,
+        every: usize,
+        on_preview: &mut dyn FnMut(usize, image::RgbImage),
+    ) -> PResult<Vec<Generated>> {
+        if let Some(i) = init {
+            i.validate().map_err(PipelineError::BadRequest)?;
+        }
+        self.generate(req, init, on_step, Some((every.max(1), on_preview)))
     }
 
     /// img2img and inpainting: start from `init` noised to the strength's timestep (pure noise at
@@ -687,7 +706,7 @@ impl StableDiffusion {
         on_step: impl FnMut(usize, usize) -> bool,
     ) -> PResult<Vec<Generated>> {
         init.validate().map_err(PipelineError::BadRequest)?;
-        self.generate(req, Some(init), on_step)
+        self.generate(req, Some(init), on_step, None)
     }
 
     /// Pixels → scaled latents [1, 4, h, w] (the image resized to `width`×`height`).
@@ -713,6 +732,26 @@ impl StableDiffusion {
             .affine(2.0 / 255.0, -1.0)?
             .unsqueeze(0)?;
         Ok(self.vae.encode(&t)?)
+    }
+
+    /// Latents [B, 4, h, w] → one RGB image per batch item (`width`×`height`).
+    fn decode_rgb(&self, x: &Tensor, width: usize, height: usize) -> PResult<Vec<image::RgbImage>> {
+        let pixels = self.vae.decode(&x.to_dtype(DType::F32)?)?;
+        let pixels = ((pixels.clamp(-1.0, 1.0)? + 1.0)? * 127.5)?
+            .round()?
+            .to_dtype(DType::U8)?;
+        (0..pixels.dim(0)?)
+            .map(|i| {
+                let raw = pixels
+                    .get(i)?
+                    .permute((1, 2, 0))?
+                    .flatten_all()?
+                    .to_vec1::<u8>()?;
+                image::RgbImage::from_raw(width as u32, height as u32, raw).ok_or_else(|| {
+                    PipelineError::Compute("decoded image has the wrong size".into())
+                })
+            })
+            .collect()
     }
 
     /// The mask at latent resolution [1, 1, h, w], 1 where the image is repainted.
@@ -744,6 +783,7 @@ impl StableDiffusion {
         req: &Txt2Img,
         init: Option<&Init>,
         mut on_step: impl FnMut(usize, usize) -> bool,
+        mut preview: Option<(usize, &mut PreviewFn<'_>)>,
     ) -> PResult<Vec<Generated>> {
         req.validate().map_err(PipelineError::BadRequest)?;
         let f = self.vae_scale();
@@ -945,23 +985,21 @@ impl StableDiffusion {
                 x = (x.broadcast_mul(m)? + orig.to_dtype(x.dtype())?.broadcast_mul(keep)?)?;
             }
             done += 1;
+            if let Some((every, cb)) = preview.as_mut() {
+                if done % *every == 0 && !sampler.finished() {
+                    let p = self.decode_rgb(&x.narrow(0, 0, 1)?, req.width, req.height)?;
+                    if let Some(img) = p.into_iter().next() {
+                        cb(done, img);
+                    }
+                }
+            }
             if !on_step(done, total) {
                 return Err(PipelineError::Cancelled);
             }
         }
-        let pixels = self.vae.decode(&x.to_dtype(DType::F32)?)?;
-        let pixels = ((pixels.clamp(-1.0, 1.0)? + 1.0)? * 127.5)?
-            .round()?
-            .to_dtype(DType::U8)?;
+        let decoded = self.decode_rgb(&x, req.width, req.height)?;
         let mut images = Vec::with_capacity(b);
-        for i in 0..b {
-            let img = pixels
-                .get(i)?
-                .permute((1, 2, 0))?
-                .flatten_all()?
-                .to_vec1::<u8>()?;
-            let image = image::RgbImage::from_raw(req.width as u32, req.height as u32, img)
-                .ok_or_else(|| PipelineError::Compute("decoded image has the wrong size".into()))?;
+        for (i, image) in decoded.into_iter().enumerate() {
             let image = match init.and_then(|i| i.mask.as_ref().map(|m| (i, m))) {
                 Some((init, mask)) => overlay(&image, &init.image, mask),
                 None => image,

@@ -217,3 +217,27 @@ fn textual_inversion_embeddings_are_found_by_name() {
     assert!(err.contains("768-wide"), "{err}");
     assert!(Embedding::load(&dir.path().join("x.txt")).is_err());
 }
+
+#[test]
+fn previews_are_decoded_every_n_steps_and_change_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    make_tiny(dir.path(), Family::Sd1, 4).unwrap();
+    let sd = StableDiffusion::load_diffusers(dir.path(), &Device::Cpu, DType::F32).unwrap();
+    let mut req = request(9, SamplerKind::DpmPp2m);
+    req.steps = 6;
+    req.batch_size = 2;
+    let plain = sd.txt2img(&req, |_, _| true).unwrap();
+    let mut seen = Vec::new();
+    let mut on_preview = |step: usize, img: image::RgbImage| {
+        assert_eq!(img.dimensions(), (32, 32));
+        seen.push(step);
+    };
+    let with = sd
+        .generate_with_previews(&req, None, |_, _| true, 2, &mut on_preview)
+        .unwrap();
+    // Every second step, not the last (that is the result itself).
+    assert_eq!(seen, vec![2, 4]);
+    for (a, b) in plain.iter().zip(&with) {
+        assert_eq!(a.image, b.image, "previews changed the result");
+    }
+}

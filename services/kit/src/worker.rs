@@ -156,9 +156,20 @@ impl JobCtx {
     /// Reports progress: updates the job record (what `GET /v1/jobs/{id}/events` streams) and
     /// publishes `atelier.v1.<service>.progress`. Failures are logged, never fatal.
     pub async fn progress(&self, fraction: f32, message: impl Into<Option<String>>) {
+        self.progress_with_preview(fraction, message, None).await
+    }
+
+    /// [`JobCtx::progress`] with the artifact key of a preview image.
+    pub async fn progress_with_preview(
+        &self,
+        fraction: f32,
+        message: impl Into<Option<String>>,
+        preview: Option<String>,
+    ) {
         let progress = Progress {
             fraction: fraction.clamp(0.0, 1.0),
             message: message.into(),
+            preview,
         };
         let p = progress.clone();
         self.take_known();
@@ -500,6 +511,7 @@ impl<H: Handler> Prepared<H> {
                         r.progress = Some(Progress {
                             fraction: 1.0,
                             message: None,
+                            preview: None,
                         });
                         Change::Write
                     })

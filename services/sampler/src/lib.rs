@@ -262,6 +262,9 @@ impl Handler for Generator {
         let this = self.clone();
         let cancel = ctx.cancellation().clone();
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(usize, usize)>();
+        let (ptx, mut prx) = tokio::sync::mpsc::unbounded_channel::<(usize, Vec<u8>)>();
+        let preview_every = g.preview_every as usize;
+        let mut last_total = req.steps;
         let work = tokio::task::spawn_blocking(move || -> Result<Rendered, JobError> {
             let base = this.model(&path)?;
             let mut model = (*base).clone();
@@ -289,9 +292,22 @@ impl Handler for Generator {
                 let _ = tx.send((done, total));
                 !cancel.is_cancelled()
             };
-            let images = match &init {
-                None => model.txt2img(&req, on_step),
-                Some(init) => model.img2img(&req, init, on_step),
+            let images = if preview_every > 0 {
+                let mut send = |step: usize, img: image::RgbImage| {
+                    let mut png = Vec::new();
+                    if image::DynamicImage::ImageRgb8(img)
+                        .write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png)
+                        .is_ok()
+                    {
+                        let _ = ptx.send((step, png));
+                    }
+                };
+                model.generate_with_previews(&req, init.as_ref(), on_step, preview_every, &mut send)
+            } else {
+                match &init {
+                    None => model.txt2img(&req, on_step),
+                    Some(init) => model.img2img(&req, init, on_step),
+                }
             }
             .map_err(pipeline_err)?;
             let params = images
@@ -310,7 +326,20 @@ impl Handler for Generator {
             tokio::select! {
                 r = &mut work => break r,
                 Some((done, total)) = rx.recv() => {
+                    last_total = total;
                     ctx.progress(done as f32 / total.max(1) as f32, Some(format!("step {done}/{total}"))).await;
+                }
+                Some((step, png)) = prx.recv() => {
+                    // A preview that cannot be stored is skipped; the job goes on.
+                    if let Ok((r, _)) = ctx.store.put_bytes(png.into(), "image/png").await {
+                        let total = last_total.max(1);
+                        ctx.progress_with_preview(
+                            step as f32 / total as f32,
+                            Some(format!("step {step}/{total} (preview)")),
+                            Some(r.key),
+                        )
+                        .await;
+                    }
                 }
             }
         };
