@@ -58,6 +58,17 @@ impl LoraFile {
         Self::from_tensors(tensors, metadata).map_err(|e| format!("{}: {e}", path.display()))
     }
 
+    /// A LoRA file already read into memory (its hashes can then come from the same bytes).
+    pub fn from_bytes(bytes: &[u8]) -> Result<Self, String> {
+        let tensors = candle_core::safetensors::load_buffer(bytes, &Device::Cpu)
+            .map_err(|e| e.to_string())?;
+        let metadata = safetensors::SafeTensors::read_metadata(bytes)
+            .ok()
+            .and_then(|(_, m)| m.metadata().clone())
+            .unwrap_or_default();
+        Self::from_tensors(tensors, metadata)
+    }
+
     pub fn from_tensors(
         tensors: HashMap<String, Tensor>,
         metadata: HashMap<String, String>,

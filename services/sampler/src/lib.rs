@@ -277,9 +277,11 @@ impl Handler for Generator {
                 model = model.with_embeddings(loaded);
             }
             for (p, w, name) in &loras {
-                let file = LoraFile::load(p).map_err(|e| JobError::permanent("bad_lora", e))?;
                 let bytes = std::fs::read(p).map_err(|e| {
                     JobError::retryable("local_disk", format!("{}: {e}", p.display()))
+                })?;
+                let file = LoraFile::from_bytes(&bytes).map_err(|e| {
+                    JobError::permanent("bad_lora", format!("{}: {e}", p.display()))
                 })?;
                 let (hash, _) = atelier_diffusion::lora::file_hashes(&bytes);
                 model = model

@@ -128,19 +128,15 @@ impl Trainer {
                         atelier_contracts::dataset::Decision::Flag => *include_flagged,
                         atelier_contracts::dataset::Decision::Reject => false,
                     };
-                    let split = r
-                        .split
-                        .map(|s| {
-                            serde_json::to_value(s)
-                                .ok()
-                                .and_then(|v| v.as_str().map(str::to_owned))
-                                .unwrap_or_default()
-                        })
-                        .unwrap_or_else(|| "train".into());
+                    let split = match r.split {
+                        Some(atelier_contracts::dataset::Split::Val) => "val",
+                        Some(atelier_contracts::dataset::Split::Test) => "test",
+                        Some(atelier_contracts::dataset::Split::Train) | None => "train",
+                    };
                     decision_ok
                         && splits
                             .iter()
-                            .any(|s| s == &split || (s == "validation" && split == "val"))
+                            .any(|s| s == split || (s == "validation" && split == "val"))
                 };
                 let items: Vec<(String, String)> = rows
                     .into_iter()
@@ -344,102 +340,94 @@ impl Trainer {
         let cancel = ctx.cancellation().clone();
         let (device, dtype) = (self.device.clone(), self.dtype);
         let sp = spec.clone();
-        let work = tokio::task::spawn_blocking(
-            move || -> Result<(Finished, String, String), JobError> {
-                let model = StableDiffusion::load_for_training(&path, &device, dtype)
-                    .map_err(|e| JobError::permanent("model_load_failed", e.to_string()))?;
-                let (name, hash) = (model.name.clone(), model.hash.clone());
-                let mut inputs = Vec::with_capacity(sources.len() + class.len());
-                for (bytes, caption, key) in &sources {
+        let work = tokio::task::spawn_blocking(move || -> Result<Finished, JobError> {
+            let model = StableDiffusion::load_for_training(&path, &device, dtype)
+                .map_err(|e| JobError::permanent("model_load_failed", e.to_string()))?;
+            let (name, hash) = (model.name.clone(), model.hash.clone());
+            let mut inputs = Vec::with_capacity(sources.len() + class.len());
+            for (bytes, caption, key) in &sources {
+                let image = image::load_from_memory(bytes)
+                    .map_err(|e| {
+                        JobError::permanent(
+                            "bad_image",
+                            format!("{key}: not a readable image: {e}"),
+                        )
+                    })?
+                    .to_rgb8();
+                let caption = match &sp.dreambooth {
+                    Some(db) => db.instance_prompt.clone(),
+                    None => caption.clone(),
+                };
+                inputs.push(Source {
+                    image,
+                    caption,
+                    weight: 1.0,
+                    repeats: sp.repeats,
+                    is_class: false,
+                });
+            }
+            let images = inputs.len() as u32;
+            if let Some(db) = &sp.dreambooth {
+                // As kohya: class images balance the instance images (each instance image is
+                // seen `repeats` times per epoch; class images fill the same count).
+                let per = (images as usize * sp.repeats as usize).div_ceil(class.len().max(1));
+                for bytes in &class {
                     let image = image::load_from_memory(bytes)
-                        .map_err(|e| {
-                            JobError::permanent(
-                                "bad_image",
-                                format!("{key}: not a readable image: {e}"),
-                            )
-                        })?
+                        .map_err(|e| JobError::permanent("bad_image", format!("class image: {e}")))?
                         .to_rgb8();
-                    let caption = match &sp.dreambooth {
-                        Some(db) => db.instance_prompt.clone(),
-                        None => caption.clone(),
-                    };
                     inputs.push(Source {
                         image,
-                        caption,
-                        weight: 1.0,
-                        repeats: sp.repeats,
-                        is_class: false,
+                        caption: db.class_prompt.clone(),
+                        weight: db.prior_loss_weight as f32,
+                        repeats: per.max(1) as u32,
+                        is_class: true,
                     });
                 }
-                let images = inputs.len() as u32;
-                if let Some(db) = &sp.dreambooth {
-                    // As kohya: class images balance the instance images (each instance image is
-                    // seen `repeats` times per epoch; class images fill the same count).
-                    let per = (images as usize * sp.repeats as usize).div_ceil(class.len().max(1));
-                    for bytes in &class {
-                        let image = image::load_from_memory(bytes)
-                            .map_err(|e| {
-                                JobError::permanent("bad_image", format!("class image: {e}"))
-                            })?
-                            .to_rgb8();
-                        inputs.push(Source {
-                            image,
-                            caption: db.class_prompt.clone(),
-                            weight: db.prior_loss_weight as f32,
-                            repeats: per.max(1) as u32,
-                            is_class: true,
-                        });
+            }
+            let examples = session::prepare(&model, &sp, inputs).map_err(train_err)?;
+            let mut run = Session::new(model, &sp, examples).map_err(train_err)?;
+            let mut resumed_from = None;
+            if let Some(bytes) = checkpoint {
+                match run.restore(&bytes) {
+                    Ok(()) => resumed_from = Some(run.step),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "ignoring an unusable checkpoint; starting over")
                     }
                 }
-                let examples = session::prepare(&model, &sp, inputs).map_err(train_err)?;
-                let mut run = Session::new(model, &sp, examples).map_err(train_err)?;
-                let mut resumed_from = None;
-                if let Some(bytes) = checkpoint {
-                    match run.restore(&bytes) {
-                        Ok(()) => resumed_from = Some(run.step),
-                        Err(e) => {
-                            tracing::warn!(error = %e, "ignoring an unusable checkpoint; starting over")
-                        }
-                    }
+            }
+            let sample = !sp.sample_prompts.is_empty() && sp.sample_every > 0;
+            while !run.done() {
+                if cancel.is_cancelled() {
+                    return Err(JobError::Cancelled);
                 }
-                let sample = !sp.sample_prompts.is_empty() && sp.sample_every > 0;
-                while !run.done() {
-                    if cancel.is_cancelled() {
-                        return Err(JobError::Cancelled);
-                    }
-                    let p = run.train_step().map_err(train_err)?;
-                    let _ = tx.send(Event::Step(p.clone()));
-                    if run.done() {
-                        break;
-                    }
-                    if p.step % sp.checkpoint_every == 0 {
-                        let _ = tx.send(Event::Checkpoint(
-                            p.step,
-                            run.checkpoint().map_err(train_err)?,
-                        ));
-                    }
-                    if sample && p.step % sp.sample_every == 0 {
-                        let _ = tx.send(Event::Sample(
-                            p.step,
-                            run.lora_file(&name, &hash).map_err(train_err)?,
-                        ));
-                    }
+                let p = run.train_step().map_err(train_err)?;
+                let _ = tx.send(Event::Step(p.clone()));
+                if run.done() {
+                    break;
                 }
-                let lora = run.lora_file(&name, &hash).map_err(train_err)?;
-                Ok((
-                    Finished {
-                        lora,
-                        history: run.history.clone(),
-                        steps: run.step,
-                        resumed_from,
-                        images,
-                        class_images: class.len() as u32,
-                    },
-                    name,
-                    hash,
-                ))
-            },
-        );
+                if p.step % sp.checkpoint_every == 0 {
+                    let _ = tx.send(Event::Checkpoint(
+                        p.step,
+                        run.checkpoint().map_err(train_err)?,
+                    ));
+                }
+                if sample && p.step % sp.sample_every == 0 {
+                    let _ = tx.send(Event::Sample(
+                        p.step,
+                        run.lora_file(&name, &hash).map_err(train_err)?,
+                    ));
+                }
+            }
+            let lora = run.lora_file(&name, &hash).map_err(train_err)?;
+            Ok(Finished {
+                lora,
+                history: run.history.clone(),
+                steps: run.step,
+                resumed_from,
+                images,
+                class_images: class.len() as u32,
+            })
+        });
         tokio::pin!(work);
         let total = spec.max_train_steps;
         let mut sample_jobs: Vec<(u32, String, JobId)> = Vec::new();
@@ -469,8 +457,7 @@ impl Trainer {
                 }
             }
         };
-        let (done, _, _) =
-            result.map_err(|e| JobError::retryable("worker_panicked", e.to_string()))??;
+        let done = result.map_err(|e| JobError::retryable("worker_panicked", e.to_string()))??;
         // Drain events the thread sent just before it finished.
         while let Ok(ev) = rx.try_recv() {
             if let Event::Step(p) = ev {

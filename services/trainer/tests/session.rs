@@ -191,7 +191,7 @@ fn fresh_lora_changes_nothing_and_trained_one_changes_samples() {
         "a fresh LoRA changed the output"
     );
     let fresh = run.lora_file("tiny", "abc").unwrap();
-    let file = lora_from_bytes(&fresh);
+    let file = LoraFile::from_bytes(&fresh).unwrap();
     let (with_fresh, applied) = base.with_lora(&file, 1.0, LoraMode::Runtime).unwrap();
     assert!(applied.unmatched.is_empty(), "{:?}", applied.unmatched);
     assert_eq!(render(&with_fresh, prompt), plain);
@@ -203,7 +203,7 @@ fn fresh_lora_changes_nothing_and_trained_one_changes_samples() {
         run.train_step().unwrap();
     }
     let trained = run.lora_file("tiny", "abc").unwrap();
-    let file = lora_from_bytes(&trained);
+    let file = LoraFile::from_bytes(&trained).unwrap();
     let (with_lora, applied) = base.with_lora(&file, 1.0, LoraMode::Merge).unwrap();
     assert!(applied.unmatched.is_empty());
     let out = render(&with_lora, prompt);
@@ -217,12 +217,6 @@ fn fresh_lora_changes_nothing_and_trained_one_changes_samples() {
         max_diff(&out, &in_session) <= 2,
         "the saved LoRA does not reproduce the trained adapters"
     );
-}
-
-fn lora_from_bytes(bytes: &[u8]) -> LoraFile {
-    let t = candle_core::safetensors::load_buffer(bytes, &Device::Cpu).unwrap();
-    let (_, meta) = safetensors::SafeTensors::read_metadata(bytes).unwrap();
-    LoraFile::from_tensors(t, meta.metadata().clone().unwrap_or_default()).unwrap()
 }
 
 #[test]
