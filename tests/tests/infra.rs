@@ -326,46 +326,8 @@ async fn per_service_nats_permissions_allow_the_work_and_nothing_else() {
         assert!(std::time::Instant::now() < deadline, "image never recorded");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    for spec in [
-        JobSpec::Caption(atelier_contracts::CaptionSpec {
-            dataset: "perm".into(),
-            images: vec![],
-            backend: Default::default(),
-        }),
-        JobSpec::Filter(atelier_contracts::FilterSpec {
-            dataset: "perm".into(),
-            caption_source: None,
-            policy: Default::default(),
-            split: Default::default(),
-            note: None,
-        }),
-    ] {
-        let id = JobId::new();
-        let req = JobRequest {
-            schema_version: SCHEMA_VERSION,
-            id,
-            submitted_at: chrono_now(),
-            submitted_by: Some("publisher".into()),
-            spec,
-        };
-        pjs.publish(
-            req.spec.service().request_subject(),
-            serde_json::to_vec(&req).unwrap().into(),
-        )
-        .await
-        .unwrap()
-        .await
-        .unwrap();
-        let r = c
-            .wait_terminal(&[id], Duration::from_secs(60))
-            .await
-            .unwrap()
-            .remove(0);
-        assert_eq!(r.state, JobState::Succeeded, "{} {:?}", r.kind, r.error);
-    }
-
-    // The trainer, as its own user, reads a dataset version, submits txt2img jobs for DreamBooth
-    // class images to the sampler (as its own user) and watches them finish.
+    // The trainer, as its own user, reads the dataset version the filter writes below, submits
+    // txt2img jobs for DreamBooth class images to the sampler (as its own user) and watches them.
     let models = c.tmp.path().join("models");
     atelier_diffusion::pipeline::make_tiny_for_training(
         &models.join("tiny"),
@@ -410,28 +372,44 @@ async fn per_service_nats_permissions_allow_the_work_and_nothing_else() {
         class_sampler: "euler".into(),
         class_steps: 2,
     });
-    let id = JobId::new();
-    let req = JobRequest {
-        schema_version: SCHEMA_VERSION,
-        id,
-        submitted_at: chrono_now(),
-        submitted_by: Some("publisher".into()),
-        spec: JobSpec::Train(Box::new(train)),
-    };
-    pjs.publish(
-        Service::Trainer.request_subject(),
-        serde_json::to_vec(&req).unwrap().into(),
-    )
-    .await
-    .unwrap()
-    .await
-    .unwrap();
-    let r = c
-        .wait_terminal(&[id], Duration::from_secs(180))
+    for spec in [
+        JobSpec::Caption(atelier_contracts::CaptionSpec {
+            dataset: "perm".into(),
+            images: vec![],
+            backend: Default::default(),
+        }),
+        JobSpec::Filter(atelier_contracts::FilterSpec {
+            dataset: "perm".into(),
+            caption_source: None,
+            policy: Default::default(),
+            split: Default::default(),
+            note: None,
+        }),
+        JobSpec::Train(Box::new(train)),
+    ] {
+        let id = JobId::new();
+        let req = JobRequest {
+            schema_version: SCHEMA_VERSION,
+            id,
+            submitted_at: chrono_now(),
+            submitted_by: Some("publisher".into()),
+            spec,
+        };
+        pjs.publish(
+            req.spec.service().request_subject(),
+            serde_json::to_vec(&req).unwrap().into(),
+        )
         .await
         .unwrap()
-        .remove(0);
-    assert_eq!(r.state, JobState::Succeeded, "train {:?}", r.error);
+        .await
+        .unwrap();
+        let r = c
+            .wait_terminal(&[id], Duration::from_secs(180))
+            .await
+            .unwrap()
+            .remove(0);
+        assert_eq!(r.state, JobState::Succeeded, "{} {:?}", r.kind, r.error);
+    }
 
     // The publisher may not fake results.
     assert!(
