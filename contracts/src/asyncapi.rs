@@ -101,6 +101,17 @@ pub fn document() -> Value {
         ),
         "send",
     );
+    add(
+        "retrieval-query".into(),
+        subjects::RETRIEVAL_QUERY.into(),
+        "SearchRequest",
+        format!(
+            "Core NATS request/reply (no stream): a search query, answered with a SearchReply by \
+             one retrieval-indexer replica (queue group {}).",
+            subjects::RETRIEVAL_QUERY_GROUP
+        ),
+        "send",
+    );
     json!({
         "asyncapi": "3.0.0",
         "info": {

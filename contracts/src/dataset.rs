@@ -587,6 +587,54 @@ pub struct DatasetManifest {
     pub data: ArtifactRef,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub note: Option<String>,
+    /// Set on versions a curate job chose from `parent`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub curation: Option<crate::retrieval::Curation>,
+}
+
+impl VersionCounts {
+    /// The counts of a version holding `rows`.
+    pub fn of_rows(rows: &[DatasetRow]) -> Self {
+        let mut c = VersionCounts {
+            rows: rows.len() as u64,
+            ..Default::default()
+        };
+        for r in rows {
+            match r.decision {
+                Decision::Accept => c.accepted += 1,
+                Decision::Flag => c.flagged += 1,
+                Decision::Reject => c.rejected += 1,
+            }
+            if r.decision != Decision::Reject {
+                if let Some(t) = r.tier {
+                    *c.tiers.entry(tier_name(t).to_owned()).or_default() += 1;
+                }
+                if let Some(s) = r.split {
+                    *c.splits.entry(split_name(s).to_owned()).or_default() += 1;
+                }
+            }
+            for s in &r.signals {
+                *c.signals.entry(s.name.clone()).or_default() += 1;
+            }
+        }
+        c
+    }
+}
+
+fn tier_name(t: Tier) -> &'static str {
+    match t {
+        Tier::Gold => "gold",
+        Tier::Silver => "silver",
+        Tier::Bronze => "bronze",
+    }
+}
+
+fn split_name(s: Split) -> &'static str {
+    match s {
+        Split::Train => "train",
+        Split::Val => "val",
+        Split::Test => "test",
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema, ToSchema)]

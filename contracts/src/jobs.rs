@@ -11,8 +11,9 @@ use utoipa::ToSchema;
 use uuid::Uuid;
 
 use crate::{
-    ArtifactRef, CaptionOutput, CaptionScores, CaptionSpec, DatasetVersionOutput, EvalCaptionsSpec,
-    FilterSpec, GenerateSpec, ImagesOutput, Service, TrainOutput, TrainSpec,
+    ArtifactRef, CaptionOutput, CaptionScores, CaptionSpec, CurateOutput, CurateSpec,
+    DatasetVersionOutput, EvalCaptionsSpec, FilterSpec, GenerateSpec, ImagesOutput, IndexOutput,
+    IndexSpec, Service, TrainOutput, TrainSpec,
 };
 
 /// A job's id: a UUIDv7, so ids sort by submission time.
@@ -75,6 +76,10 @@ pub enum JobSpec {
     EvalCaptions(EvalCaptionsSpec),
     /// Train a LoRA (optionally DreamBooth with prior preservation) (trainer service).
     Train(Box<TrainSpec>),
+    /// Embed a dataset version's kept rows into its search index (retrieval-indexer).
+    Index(IndexSpec),
+    /// Choose rows of a version into a new version (retrieval-indexer).
+    Curate(Box<CurateSpec>),
 }
 
 impl JobSpec {
@@ -88,6 +93,8 @@ impl JobSpec {
         "filter",
         "eval_captions",
         "train",
+        "index",
+        "curate",
     ];
 
     pub fn service(&self) -> Service {
@@ -98,6 +105,7 @@ impl JobSpec {
             JobSpec::Caption(_) => Service::Captioner,
             JobSpec::Filter(_) | JobSpec::EvalCaptions(_) => Service::QualityFilter,
             JobSpec::Train(_) => Service::Trainer,
+            JobSpec::Index(_) | JobSpec::Curate(_) => Service::RetrievalIndexer,
         }
     }
     pub fn kind(&self) -> &'static str {
@@ -110,6 +118,8 @@ impl JobSpec {
             JobSpec::Filter(_) => "filter",
             JobSpec::EvalCaptions(_) => "eval_captions",
             JobSpec::Train(_) => "train",
+            JobSpec::Index(_) => "index",
+            JobSpec::Curate(_) => "curate",
         }
     }
 }
@@ -139,6 +149,10 @@ pub enum JobOutput {
     CaptionScores(CaptionScores),
     /// The LoRA a training job wrote.
     Trained(TrainOutput),
+    /// What an index job embedded and removed.
+    Indexed(IndexOutput),
+    /// The version a curate job wrote (or why none).
+    Curated(CurateOutput),
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema, ToSchema)]

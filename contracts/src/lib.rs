@@ -15,6 +15,7 @@ pub mod generate;
 pub mod http;
 pub mod images;
 pub mod jobs;
+pub mod retrieval;
 pub mod schema;
 pub mod subjects;
 pub mod train;
@@ -28,6 +29,10 @@ pub use generate::{GenerateKind, GenerateSpec, GeneratedImage, ImagesOutput};
 pub use jobs::{
     ChecksumOutput, ChecksumSpec, DeadLetter, ErrorInfo, JobDone, JobFailed, JobId, JobOutput,
     JobProgress, JobRecord, JobRequest, JobSpec, JobState, Progress,
+};
+pub use retrieval::{
+    CurateOutput, CurateSpec, IndexManifest, IndexOutput, IndexSpec, RowFilter, SearchHit,
+    SearchReply, SearchRequest, SearchResponse, Space,
 };
 pub use subjects::Service;
 pub use train::{

@@ -2,7 +2,7 @@
 
 use schemars::{schema_for, Schema};
 
-use crate::{dataset, http, images, jobs};
+use crate::{dataset, http, images, jobs, retrieval};
 
 /// `(file stem, schema)` for every message type, in a stable order.
 pub fn all() -> Vec<(&'static str, Schema)> {
@@ -18,6 +18,9 @@ pub fn all() -> Vec<(&'static str, Schema)> {
         ("CaptionRecord", schema_for!(dataset::CaptionRecord)),
         ("DatasetManifest", schema_for!(dataset::DatasetManifest)),
         ("DatasetRow", schema_for!(dataset::DatasetRow)),
+        ("IndexManifest", schema_for!(retrieval::IndexManifest)),
+        ("SearchRequest", schema_for!(retrieval::SearchRequest)),
+        ("SearchReply", schema_for!(retrieval::SearchReply)),
         ("SubmitJob", schema_for!(http::SubmitJob)),
         ("ApiErrorBody", schema_for!(http::ApiErrorBody)),
         ("UploadResponse", schema_for!(http::UploadResponse)),

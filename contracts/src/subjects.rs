@@ -140,6 +140,13 @@ pub const IMAGES_BUCKET: &str = "atelier_images";
 pub const CAPTIONS_BUCKET: &str = "atelier_captions";
 /// KV bucket holding one [`crate::DatasetManifest`] per `<dataset>.<version>`.
 pub const DATASETS_BUCKET: &str = "atelier_datasets";
+/// KV bucket holding one [`crate::retrieval::IndexManifest`] per dataset.
+pub const INDEXES_BUCKET: &str = "atelier_indexes";
+/// Core NATS request/reply (no stream): a [`crate::retrieval::SearchRequest`] answered by a
+/// retrieval-indexer replica (queue group [`RETRIEVAL_QUERY_GROUP`]) with a
+/// [`crate::retrieval::SearchReply`].
+pub const RETRIEVAL_QUERY: &str = "atelier.v1.retrieval.query";
+pub const RETRIEVAL_QUERY_GROUP: &str = "retrieval-indexer";
 
 #[cfg(test)]
 mod tests {

@@ -101,6 +101,7 @@ impl Bus {
         self.images_kv().await?;
         self.captions_kv().await?;
         self.datasets_kv().await?;
+        self.indexes_kv().await?;
         Ok(())
     }
 
@@ -151,6 +152,10 @@ impl Bus {
 
     pub async fn datasets_kv(&self) -> anyhow::Result<kv::Store> {
         self.kv(subjects::DATASETS_BUCKET, 1, Duration::ZERO).await
+    }
+
+    pub async fn indexes_kv(&self) -> anyhow::Result<kv::Store> {
+        self.kv(subjects::INDEXES_BUCKET, 1, Duration::ZERO).await
     }
 
     /// Publishes to a stream and waits for the server's ack. `msg_id` (if any) becomes

@@ -1,6 +1,6 @@
 //! Reading dataset versions (written by the quality-filter) for the services that consume them.
 
-use atelier_contracts::{ArtifactKey, DatasetManifest, DatasetRow};
+use atelier_contracts::{ArtifactKey, ArtifactRef, DatasetManifest, DatasetRow};
 
 use crate::bus::kv_values;
 use crate::{JobCtx, JobError};
@@ -42,4 +42,67 @@ pub async fn load_version(
         .collect::<Result<_, _>>()
         .map_err(|e| JobError::permanent("corrupt_version", e.to_string()))?;
     Ok((manifest, rows))
+}
+
+/// Every version of `dataset`, by version number.
+pub async fn versions(ctx: &JobCtx, dataset: &str) -> Result<Vec<DatasetManifest>, JobError> {
+    let kv_err = |e: anyhow::Error| JobError::retryable("kv_unavailable", format!("{e:#}"));
+    let datasets = ctx.bus.datasets_kv().await.map_err(kv_err)?;
+    let mut out: Vec<DatasetManifest> = kv_values(&datasets, &format!("{dataset}."))
+        .await
+        .map_err(kv_err)?
+        .into_iter()
+        .map(|(_, m): (String, DatasetManifest)| m)
+        .filter(|m| m.dataset == dataset)
+        .collect();
+    out.sort_by_key(|m| m.version);
+    Ok(out)
+}
+
+/// Stores `rows` as a version's JSONL data file (content-addressed).
+pub async fn put_rows(ctx: &JobCtx, rows: &[DatasetRow]) -> Result<ArtifactRef, JobError> {
+    let mut data = Vec::new();
+    for r in rows {
+        serde_json::to_writer(&mut data, r)
+            .map_err(|e| JobError::permanent("internal", e.to_string()))?;
+        data.push(b'\n');
+    }
+    let (data, _) = ctx
+        .store
+        .put_bytes(data.into(), "application/x-ndjson")
+        .await?;
+    Ok(data)
+}
+
+/// Publishes a new version of `dataset`: the next free number after the latest, taken by KV
+/// create so two jobs never get the same one. `manifest` builds the manifest for a number.
+/// Returns the manifest written and its content-addressed copy.
+pub async fn publish_version(
+    ctx: &JobCtx,
+    dataset: &str,
+    manifest: impl Fn(u32) -> DatasetManifest,
+) -> Result<(DatasetManifest, ArtifactRef), JobError> {
+    let kv_err = |e: anyhow::Error| JobError::retryable("kv_unavailable", format!("{e:#}"));
+    let datasets = ctx.bus.datasets_kv().await.map_err(kv_err)?;
+    let latest = versions(ctx, dataset).await?.last().map(|m| m.version);
+    let mut version = latest.unwrap_or(0) + 1;
+    loop {
+        let m = manifest(version);
+        let value =
+            serde_json::to_vec(&m).map_err(|e| JobError::permanent("internal", e.to_string()))?;
+        match datasets
+            .create(format!("{dataset}.{version}"), value.into())
+            .await
+        {
+            Ok(_) => {
+                let (manifest_ref, _) = ctx.store.put_json(&m).await?;
+                return Ok((m, manifest_ref));
+            }
+            Err(e) if e.kind() == async_nats::jetstream::kv::CreateErrorKind::AlreadyExists => {
+                // Another job took this number first.
+                version += 1;
+            }
+            Err(e) => return Err(kv_err(e.into())),
+        }
+    }
 }

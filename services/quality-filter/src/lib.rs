@@ -284,32 +284,8 @@ pub fn assess(
             }
         })
         .collect();
-    let mut counts = VersionCounts::default();
-    for r in &rows {
-        counts.rows += 1;
-        match r.decision {
-            Decision::Accept => counts.accepted += 1,
-            Decision::Flag => counts.flagged += 1,
-            Decision::Reject => counts.rejected += 1,
-        }
-        if let Some(t) = r.tier {
-            *counts.tiers.entry(enum_name(&t)).or_default() += 1;
-        }
-        if let Some(s) = r.split {
-            *counts.splits.entry(enum_name(&s)).or_default() += 1;
-        }
-        for s in &r.signals {
-            *counts.signals.entry(s.name.clone()).or_default() += 1;
-        }
-    }
+    let counts = VersionCounts::of_rows(&rows);
     (rows, counts)
-}
-
-fn enum_name<T: serde::Serialize>(t: &T) -> String {
-    serde_json::to_value(t)
-        .ok()
-        .and_then(|v| v.as_str().map(str::to_owned))
-        .unwrap_or_default()
 }
 
 /// Runs filter and eval_captions jobs.
@@ -606,21 +582,10 @@ impl QualityFilter {
             .flatten()
             .map(|c| (c.source_id.clone(), c.source.clone()))
             .collect();
-        let mut data = Vec::new();
-        for r in &rows {
-            serde_json::to_writer(&mut data, r)
-                .map_err(|e| JobError::permanent("internal", e.to_string()))?;
-            data.push(b'\n');
-        }
-        let (data, _) = ctx
-            .store
-            .put_bytes(data.into(), "application/x-ndjson")
-            .await?;
+        let data = atelier_kit::datasets::put_rows(ctx, &rows).await?;
         ctx.progress(0.8, Some("data written".to_owned())).await;
-        let parent = versions.iter().map(|(_, m)| m.version).max();
-        let mut version = parent.unwrap_or(0) + 1;
-        loop {
-            let manifest = DatasetManifest {
+        let (manifest, manifest_ref) =
+            atelier_kit::datasets::publish_version(ctx, &spec.dataset, |version| DatasetManifest {
                 schema_version: SCHEMA_VERSION,
                 dataset: spec.dataset.clone(),
                 version,
@@ -633,32 +598,18 @@ impl QualityFilter {
                 counts: counts.clone(),
                 data: data.clone(),
                 note: spec.note.clone(),
-            };
-            let value = serde_json::to_vec(&manifest)
-                .map_err(|e| JobError::permanent("internal", e.to_string()))?;
-            match datasets
-                .create(format!("{}.{version}", spec.dataset), value.into())
-                .await
-            {
-                Ok(_) => {
-                    let (manifest_ref, _) = ctx.store.put_json(&manifest).await?;
-                    tracing::info!(job = %ctx.id, dataset = %spec.dataset, version,
-                        rows = counts.rows, accepted = counts.accepted, flagged = counts.flagged,
-                        rejected = counts.rejected, "dataset version written");
-                    return Ok(JobOutput::DatasetVersion(DatasetVersionOutput {
-                        dataset: spec.dataset.clone(),
-                        version,
-                        manifest: manifest_ref,
-                        counts,
-                    }));
-                }
-                Err(e) if e.kind() == async_nats::jetstream::kv::CreateErrorKind::AlreadyExists => {
-                    // Another job took this number first.
-                    version += 1;
-                }
-                Err(e) => return Err(kv_err(e)),
-            }
-        }
+                curation: None,
+            })
+            .await?;
+        tracing::info!(job = %ctx.id, dataset = %spec.dataset, version = manifest.version,
+            rows = counts.rows, accepted = counts.accepted, flagged = counts.flagged,
+            rejected = counts.rejected, "dataset version written");
+        Ok(JobOutput::DatasetVersion(DatasetVersionOutput {
+            dataset: spec.dataset.clone(),
+            version: manifest.version,
+            manifest: manifest_ref,
+            counts,
+        }))
     }
 }
 

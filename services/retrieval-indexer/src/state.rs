@@ -1,0 +1,170 @@
+//! A dataset's index in memory: its manifest (from KV `atelier_indexes`), its rows and one HNSW
+//! graph per space, loaded from the store and cached per KV revision, so every replica answers
+//! from the same files and picks up a new index on its next query.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
+
+use atelier_ann::{AnnIndex, AnnParams};
+use atelier_contracts::retrieval::AnnParamsRecord;
+use atelier_contracts::{ArtifactKey, DatasetRow, IndexManifest, Space};
+use atelier_kit::{Bus, Store};
+
+/// A record's key in every index: the first 8 bytes of its sha256, big-endian.
+pub fn key_of(sha256: &str) -> Option<u64> {
+    u64::from_str_radix(sha256.get(..16)?, 16).ok()
+}
+
+pub fn params_of(p: AnnParamsRecord) -> AnnParams {
+    AnnParams {
+        m: p.m as usize,
+        ef_construction: p.ef_construction as usize,
+        ef_search: p.ef_search as usize,
+    }
+}
+
+pub fn record_of(p: AnnParams) -> AnnParamsRecord {
+    AnnParamsRecord {
+        m: p.m as u32,
+        ef_construction: p.ef_construction as u32,
+        ef_search: p.ef_search as u32,
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    #[error("{0}")]
+    Unavailable(String),
+    #[error("{0}")]
+    Corrupt(String),
+}
+
+pub struct LoadedIndex {
+    pub manifest: IndexManifest,
+    pub revision: u64,
+    pub rows: HashMap<u64, DatasetRow>,
+    pub spaces: BTreeMap<Space, AnnIndex>,
+}
+
+impl LoadedIndex {
+    /// A row by its 16-hex image id or its sha256.
+    pub fn row(&self, id: &str) -> Option<(u64, &DatasetRow)> {
+        let key = key_of(id)?;
+        let row = self.rows.get(&key)?;
+        (row.image_id == id || row.sha256 == id).then_some((key, row))
+    }
+}
+
+fn unavailable(e: impl std::fmt::Display) -> LoadError {
+    LoadError::Unavailable(e.to_string())
+}
+
+/// The current manifest of `dataset`'s index and its KV revision, if it has one.
+pub async fn current(bus: &Bus, dataset: &str) -> Result<Option<(IndexManifest, u64)>, LoadError> {
+    let kv = bus.indexes_kv().await.map_err(unavailable)?;
+    let Some(entry) = kv.entry(dataset).await.map_err(unavailable)? else {
+        return Ok(None);
+    };
+    if entry.operation != async_nats::jetstream::kv::Operation::Put {
+        return Ok(None);
+    }
+    let m: IndexManifest = serde_json::from_slice(&entry.value)
+        .map_err(|e| LoadError::Corrupt(format!("index manifest of {dataset}: {e}")))?;
+    Ok(Some((m, entry.revision)))
+}
+
+pub async fn fetch(store: &Store, key: &str) -> Result<bytes::Bytes, LoadError> {
+    let key = ArtifactKey::parse(key).map_err(|e| LoadError::Corrupt(e.to_string()))?;
+    store.get_bytes(&key).await.map_err(unavailable)
+}
+
+pub fn parse_rows(data: &[u8]) -> Result<Vec<DatasetRow>, LoadError> {
+    let text = std::str::from_utf8(data).map_err(|e| LoadError::Corrupt(e.to_string()))?;
+    text.lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| serde_json::from_str(l).map_err(|e| LoadError::Corrupt(e.to_string())))
+        .collect()
+}
+
+/// Loads one space's graph.
+pub async fn load_graph(
+    store: &Store,
+    manifest: &IndexManifest,
+    space: Space,
+) -> Result<Option<AnnIndex>, LoadError> {
+    let Some(s) = manifest.spaces.get(&space) else {
+        return Ok(None);
+    };
+    let bytes = fetch(store, &s.graph.key).await?;
+    let (dim, params) = (s.dim as usize, params_of(manifest.params));
+    let index = tokio::task::spawn_blocking(move || AnnIndex::from_bytes(&bytes, dim, params))
+        .await
+        .map_err(unavailable)?
+        .map_err(|e| LoadError::Corrupt(format!("graph of space {space}: {e}")))?;
+    Ok(Some(index))
+}
+
+pub async fn load(
+    store: &Store,
+    manifest: IndexManifest,
+    revision: u64,
+) -> Result<LoadedIndex, LoadError> {
+    let rows = parse_rows(&fetch(store, &manifest.rows.key).await?)?;
+    let rows = rows
+        .into_iter()
+        .filter_map(|r| Some((key_of(&r.sha256)?, r)))
+        .collect();
+    let mut spaces = BTreeMap::new();
+    for space in manifest.spaces.keys().copied().collect::<Vec<_>>() {
+        if let Some(g) = load_graph(store, &manifest, space).await? {
+            spaces.insert(space, g);
+        }
+    }
+    Ok(LoadedIndex {
+        manifest,
+        revision,
+        rows,
+        spaces,
+    })
+}
+
+/// Loaded indexes by dataset, each replaced when the KV revision moves.
+#[derive(Clone, Default)]
+pub struct Cache {
+    inner: Arc<Mutex<HashMap<String, Arc<LoadedIndex>>>>,
+    /// Serialises loads so concurrent queries for a new revision load it once.
+    loading: Arc<tokio::sync::Mutex<()>>,
+}
+
+impl Cache {
+    /// The current index of `dataset`; `None` when it has none.
+    pub async fn get(
+        &self,
+        bus: &Bus,
+        store: &Store,
+        dataset: &str,
+    ) -> Result<Option<Arc<LoadedIndex>>, LoadError> {
+        let Some((manifest, revision)) = current(bus, dataset).await? else {
+            return Ok(None);
+        };
+        let cached = |inner: &Mutex<HashMap<String, Arc<LoadedIndex>>>| {
+            inner
+                .lock()
+                .ok()
+                .and_then(|m| m.get(dataset).cloned())
+                .filter(|l| l.revision == revision)
+        };
+        if let Some(l) = cached(&self.inner) {
+            return Ok(Some(l));
+        }
+        let _guard = self.loading.lock().await;
+        if let Some(l) = cached(&self.inner) {
+            return Ok(Some(l));
+        }
+        let loaded = Arc::new(load(store, manifest, revision).await?);
+        if let Ok(mut m) = self.inner.lock() {
+            m.insert(dataset.to_owned(), loaded.clone());
+        }
+        Ok(Some(loaded))
+    }
+}
