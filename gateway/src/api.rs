@@ -8,6 +8,8 @@
 //! - `GET    /v1/jobs/{id}/events`     Server-Sent Events: every change of the record until it ends
 //! - `GET    /v1/images/{sha256}`      an ingested image's record
 //! - `POST   /v1/images`, `GET /v1/datasets…`  announce images, read dataset versions ([`crate::datasets`])
+//! - `GET|POST /v1/search`, `POST /v1/datasets/{name}/index|curate`  retrieval ([`crate::retrieval`])
+//! - `POST   /v1/train/lora|dreambooth`  training ([`crate::train`])
 //! - `GET    /healthz`, `/metrics`, `/openapi.json` (no auth)
 //!
 //! Every `/v1` route needs `Authorization: Bearer <key>` with the route's scope ([`crate::auth`]).
@@ -119,6 +121,12 @@ pub fn router(app: AppState, auth: Arc<Auth>) -> Router {
         .route("/v1/images", post(crate::datasets::announce))
         .route("/v1/datasets", get(crate::datasets::list))
         .route("/v1/train/lora", post(crate::train::lora))
+        .route(
+            "/v1/search",
+            get(crate::retrieval::search).post(crate::retrieval::search_image),
+        )
+        .route("/v1/datasets/{name}/index", post(crate::retrieval::index))
+        .route("/v1/datasets/{name}/curate", post(crate::retrieval::curate))
         .route("/v1/train/dreambooth", post(crate::train::dreambooth))
         .route(
             "/v1/datasets/{name}/versions/{version}",
@@ -280,6 +288,12 @@ pub(crate) fn validate(spec: &JobSpec) -> Result<(), ApiError> {
             .check()
             .map_err(|e| ApiError::unprocessable("invalid_job", format!("spec: {e}")))?,
         JobSpec::EvalCaptions(e) => e
+            .check()
+            .map_err(|e| ApiError::unprocessable("invalid_job", format!("spec: {e}")))?,
+        JobSpec::Index(i) => i
+            .check()
+            .map_err(|e| ApiError::unprocessable("invalid_job", format!("spec: {e}")))?,
+        JobSpec::Curate(c) => c
             .check()
             .map_err(|e| ApiError::unprocessable("invalid_job", format!("spec: {e}")))?,
         JobSpec::Train(t) => {
@@ -804,9 +818,11 @@ impl utoipa::Modify for BearerAuth {
         get_job, cancel_job, job_events, upload, get_artifact, get_image,
         crate::datasets::announce, crate::datasets::list, crate::datasets::version,
         crate::train::lora, crate::train::dreambooth,
+        crate::retrieval::search, crate::retrieval::search_image, crate::retrieval::index,
+        crate::retrieval::curate,
         healthz, metrics, openapi_json),
     modifiers(&BearerAuth),
-    tags((name = "jobs"), (name = "generation"), (name = "a1111"), (name = "artifacts"), (name = "images"), (name = "datasets"), (name = "training"), (name = "ops"))
+    tags((name = "jobs"), (name = "generation"), (name = "a1111"), (name = "artifacts"), (name = "images"), (name = "datasets"), (name = "training"), (name = "retrieval"), (name = "ops"))
 )]
 pub struct ApiDoc;
 
@@ -835,6 +851,10 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("get", "/v1/datasets/{name}/versions/{version}"),
     ("post", "/v1/train/lora"),
     ("post", "/v1/train/dreambooth"),
+    ("get", "/v1/search"),
+    ("post", "/v1/search"),
+    ("post", "/v1/datasets/{name}/index"),
+    ("post", "/v1/datasets/{name}/curate"),
     ("get", "/healthz"),
     ("get", "/metrics"),
     ("get", "/openapi.json"),

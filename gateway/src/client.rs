@@ -29,6 +29,11 @@ impl Client {
         })
     }
 
+    /// The gateway's base URL.
+    pub fn base(&self) -> &str {
+        &self.base
+    }
+
     fn req(&self, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
         let mut r = self.http.request(method, format!("{}{path}", self.base));
         if let Some(k) = &self.key {
@@ -131,6 +136,55 @@ impl Client {
             .await
             .context("submitting")?;
         Ok(Self::check(resp).await?.json().await?)
+    }
+
+    /// `GET /v1/search` with `params`, or `POST /v1/search` with `image` as the body.
+    pub async fn search(
+        &self,
+        params: &[(String, String)],
+        image: Option<(Bytes, &str)>,
+    ) -> anyhow::Result<atelier_contracts::SearchResponse> {
+        let resp = self
+            .send(|| match &image {
+                None => self.req(reqwest::Method::GET, "/v1/search").query(params),
+                Some((bytes, ct)) => self
+                    .req(reqwest::Method::POST, "/v1/search")
+                    .query(params)
+                    .header(reqwest::header::CONTENT_TYPE, *ct)
+                    .body(bytes.clone()),
+            })
+            .await
+            .context("searching")?;
+        Ok(Self::check(resp).await?.json().await?)
+    }
+
+    /// `POST /v1/datasets/{name}/index`.
+    pub async fn index(&self, spec: &atelier_contracts::IndexSpec) -> anyhow::Result<JobRecord> {
+        self.post_job(&format!("/v1/datasets/{}/index", spec.dataset), spec)
+            .await
+    }
+
+    /// `POST /v1/datasets/{name}/curate`: the new version's output, or the job's record when
+    /// it outlasted the route's wait (202).
+    pub async fn curate(
+        &self,
+        spec: &atelier_contracts::CurateSpec,
+    ) -> anyhow::Result<Result<atelier_contracts::CurateOutput, JobRecord>> {
+        let resp = self
+            .send(|| {
+                self.req(
+                    reqwest::Method::POST,
+                    &format!("/v1/datasets/{}/curate", spec.dataset),
+                )
+                .json(spec)
+            })
+            .await
+            .context("curating")?;
+        let resp = Self::check(resp).await?;
+        if resp.status() == reqwest::StatusCode::ACCEPTED {
+            return Ok(Err(resp.json().await?));
+        }
+        Ok(Ok(resp.json().await?))
     }
 
     pub async fn job(&self, id: &str) -> anyhow::Result<JobRecord> {

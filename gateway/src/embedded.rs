@@ -190,6 +190,29 @@ impl Embedded {
         let (w, s) = (args.worker.clone(), shutdown.clone());
         tasks.spawn(async move { trainer.run(w, s).await });
 
+        // The retrieval indexer: MiniLM from .tools/ (or ATELIER_MINILM_DIR), CLIP from
+        // ATELIER_CLIP_MODEL or DATA_DIR/models/clip.
+        let found = atelier_retrieval_indexer::Models::discover();
+        let indexer =
+            atelier_retrieval_indexer::Indexer::new(atelier_retrieval_indexer::Models::new(
+                found.clip_dir.or_else(|| {
+                    Some(args.data_dir.join("models/clip"))
+                        .filter(|d| d.join("config.json").is_file())
+                }),
+                found.minilm_dir,
+            ));
+        let (b, st, s) = (rt.bus.clone(), rt.store.clone(), shutdown.clone());
+        tasks.spawn(atelier_retrieval_indexer::query::serve(
+            indexer.clone(),
+            b,
+            st,
+            s,
+        ));
+        let indexer =
+            Worker::new(indexer, rt.bus.clone(), rt.store.clone(), metrics.clone()).await?;
+        let (w, s) = (args.worker.clone(), shutdown.clone());
+        tasks.spawn(async move { indexer.run(w, s).await });
+
         let app = crate::api::AppState::new(
             rt.bus.clone(),
             rt.store.clone(),

@@ -15,6 +15,8 @@ pub mod datasets;
 pub mod demo;
 pub mod embedded;
 pub mod error;
+pub mod retrieval;
+pub mod search_cli;
 pub mod train;
 pub mod train_cli;
 

@@ -355,6 +355,34 @@ enum Command {
     /// Train a LoRA or DreamBooth (the trainer service); follows the job and prints its output.
     #[command(subcommand)]
     Train(TrainCmd),
+    /// Embed a dataset version into its search index (retrieval-indexer; incremental).
+    Index {
+        #[arg(long)]
+        dataset: String,
+        /// Default: the latest version.
+        #[arg(long)]
+        version: Option<u32>,
+        /// clip_image, clip_text, caption (repeatable; default: every space the indexer has a
+        /// model for).
+        #[arg(long = "space")]
+        spaces: Vec<String>,
+        #[command(flatten)]
+        remote: Remote,
+    },
+    /// Search a dataset's index by text, by one of its records, or by an image file.
+    Search {
+        #[command(flatten)]
+        search: atelier_gateway::search_cli::SearchArgs,
+        #[command(flatten)]
+        remote: Remote,
+    },
+    /// Curate a new dataset version (semantic queries, keywords, metadata, dedup, limit).
+    Curate {
+        #[command(flatten)]
+        curate: atelier_gateway::search_cli::CurateArgs,
+        #[command(flatten)]
+        remote: Remote,
+    },
     /// Dataset versions: list them, or show one's manifest.
     Datasets {
         /// Show this dataset's manifest (the latest, or --version).
@@ -845,6 +873,37 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             } else {
                 report(&done)
             }
+        }
+        Command::Index {
+            dataset,
+            version,
+            spaces,
+            remote,
+        } => {
+            let spaces = spaces
+                .iter()
+                .map(|s| {
+                    atelier_contracts::Space::parse(s).with_context(|| {
+                        format!("--space {s:?}: expected clip_image, clip_text or caption")
+                    })
+                })
+                .collect::<anyhow::Result<Vec<_>>>()?;
+            let spec = atelier_contracts::JobSpec::Index(atelier_contracts::IndexSpec {
+                dataset,
+                version,
+                spaces,
+            });
+            run_job(&remote, &spec).await
+        }
+        Command::Search { search, remote } => {
+            let client = remote.client()?;
+            print_json(&atelier_gateway::search_cli::search(&client, &search).await?)
+        }
+        Command::Curate { curate, remote } => {
+            let client = remote.client()?;
+            let spec = atelier_gateway::search_cli::spec(&curate)?;
+            let out = atelier_gateway::search_cli::curate(&client, &spec).await?;
+            print_json(&out)
         }
         Command::Datasets {
             dataset,

@@ -74,7 +74,7 @@ pub fn draw<'a>(rows: Vec<&'a DatasetRow>, limit: usize, seed: &str) -> Vec<&'a 
             (h.finalize().into(), r)
         })
         .collect();
-    keyed.sort_by(|a, b| a.0.cmp(&b.0));
+    keyed.sort_by_key(|k| k.0);
     let mut out: Vec<&DatasetRow> = keyed.into_iter().take(limit).map(|(_, r)| r).collect();
     out.sort_by(|a, b| a.sha256.cmp(&b.sha256));
     out
