@@ -338,6 +338,7 @@ async fn per_service_nats_permissions_allow_the_work_and_nothing_else() {
     for (bin, user, pw_name) in [
         ("atelier-trainer", "trainer", "TRAINER"),
         ("atelier-sampler", "sampler", "SAMPLER"),
+        ("atelier-retrieval-indexer", "retrieval-indexer", "RETRIEVAL_INDEXER"),
     ] {
         c.spawn_service(
             bin,
@@ -386,6 +387,16 @@ async fn per_service_nats_permissions_allow_the_work_and_nothing_else() {
             note: None,
         }),
         JobSpec::Train(Box::new(train)),
+        // The indexer, as its own user, reads the version, writes the index, and writes a
+        // curated version.
+        JobSpec::Index(atelier_contracts::IndexSpec {
+            dataset: "perm".into(),
+            version: None,
+            spaces: vec![atelier_contracts::Space::Caption],
+        }),
+        JobSpec::Curate(Box::new(
+            serde_json::from_value(serde_json::json!({"dataset": "perm", "limit": 1})).unwrap(),
+        )),
     ] {
         let id = JobId::new();
         let req = JobRequest {
@@ -410,6 +421,22 @@ async fn per_service_nats_permissions_allow_the_work_and_nothing_else() {
             .remove(0);
         assert_eq!(r.state, JobState::Succeeded, "{} {:?}", r.kind, r.error);
     }
+
+    // The publisher may query the index; the indexer answers as its own user.
+    let reply = publisher
+        .request(
+            atelier_contracts::subjects::RETRIEVAL_QUERY,
+            serde_json::to_vec(&serde_json::json!({"dataset": "perm", "text": "a scene", "space": "caption"}))
+                .unwrap()
+                .into(),
+        )
+        .await
+        .unwrap();
+    let reply: atelier_contracts::SearchReply = serde_json::from_slice(&reply.payload).unwrap();
+    assert!(
+        matches!(reply, atelier_contracts::SearchReply::Ok(_)),
+        "{reply:?}"
+    );
 
     // The publisher may not fake results.
     assert!(
