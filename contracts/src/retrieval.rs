@@ -286,7 +286,8 @@ pub struct SearchResponse {
 
 /// The reply on `atelier.v1.retrieval.query`: `{"ok": ...}` or `{"error": {"code", "message"}}`.
 /// Codes: `invalid_query`, `not_found` (dataset, index, space or record), `bad_image`,
-/// `unavailable` (the worker lacks the space's model, or the store is down).
+/// `model_unavailable` (the worker lacks the space's model, or has another than the index's),
+/// `unavailable` (the store is down).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema, ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum SearchReply {

@@ -92,6 +92,10 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         7,
     )
     .map_err(|e| anyhow::anyhow!("writing the demo model: {e}"))?;
+    // A tiny random-weight CLIP for the image spaces of the search index (the caption space
+    // uses the real MiniLM weights from .tools/).
+    atelier_embed::clip::make_tiny(&args.data_dir.join("models/clip"), 3)
+        .map_err(|e| anyhow::anyhow!("writing the demo CLIP: {e}"))?;
     let shutdown = CancellationToken::new();
     let started = Instant::now();
     let embedded = Embedded::start(up, shutdown.clone()).await?;
@@ -295,12 +299,13 @@ async fn pipeline(embedded: &Embedded, key: &str) -> anyhow::Result<String> {
     generation(&client, &mut summary).await?;
     datasets(&client, &mut summary).await?;
     training(&client, &mut summary).await?;
+    retrieval(&client, &mut summary).await?;
 
     let health = reqwest::get(format!("http://{}/healthz", embedded.addr))
         .await?
         .text()
         .await?;
-    println!("\n7. GET /healthz → {health}");
+    println!("\n8. GET /healthz → {health}");
     Ok(format!("\nsummary:\n{summary}"))
 }
 
@@ -697,6 +702,142 @@ async fn training(client: &Client, summary: &mut String) -> anyhow::Result<()> {
         out.output_name, plain.images[0].image.key, with.images[0].image.key
     );
     summary.push_str("train LoRA / sample with it: ok\n");
+    Ok(())
+}
+
+/// Step 7: index the dataset version, search it four ways, curate a new version from it.
+async fn retrieval(client: &Client, summary: &mut String) -> anyhow::Result<()> {
+    use atelier_contracts::{CurateSpec, IndexSpec, Space};
+    println!("\n7. retrieval: atelier index → search → curate on dataset scenes");
+    let spec = JobSpec::Index(IndexSpec {
+        dataset: "scenes".into(),
+        version: None,
+        spaces: vec![],
+    });
+    let out = match run_to_end(client, &spec).await? {
+        JobOutput::Indexed(o) => o,
+        other => bail!("the index job has output {other:?}"),
+    };
+    for (space, c) in &out.spaces {
+        println!(
+            "   index v{} space {space:<10} {} records ({} embedded, {} skipped)",
+            out.version, c.count, c.embedded, c.skipped
+        );
+    }
+    if !out.spaces.contains_key(&Space::Caption) {
+        bail!("no caption space: the MiniLM weights are missing (scripts/bootstrap installs them)");
+    }
+    let manifest = client.dataset_version("scenes", Some(out.version)).await?;
+    let rows = crate::dataset_cli::rows(client, &manifest).await?;
+    let probe = rows
+        .iter()
+        .find(|r| r.decision == atelier_contracts::dataset::Decision::Accept && r.caption.is_some())
+        .context("no accepted row to search for")?;
+    let caption = probe.caption.clone().unwrap_or_default();
+    let q = |pairs: &[(&str, &str)]| -> Vec<(String, String)> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    };
+    // caption→caption: a row's own caption finds it first.
+    let r = client
+        .search(
+            &q(&[
+                ("dataset", "scenes"),
+                ("text", &caption),
+                ("space", "caption"),
+                ("k", "3"),
+            ]),
+            None,
+        )
+        .await?;
+    let top = r.results.first().context("no search results")?;
+    println!(
+        "   GET /v1/search?space=caption&text={:?}\n     → {:?} (score {:.3}), then {} more",
+        caption.chars().take(48).collect::<String>(),
+        top.caption
+            .as_deref()
+            .unwrap_or("")
+            .chars()
+            .take(48)
+            .collect::<String>(),
+        top.score,
+        r.results.len() - 1
+    );
+    if top.sha256 != probe.sha256 {
+        bail!("a caption did not find its own record first: {r:?}");
+    }
+    // A free-text query with a tier filter.
+    let r = client
+        .search(
+            &q(&[
+                ("dataset", "scenes"),
+                ("text", "a red circle"),
+                ("space", "caption"),
+                ("k", "3"),
+                ("tier", "gold,silver"),
+            ]),
+            None,
+        )
+        .await?;
+    for h in &r.results {
+        println!(
+            "   \"a red circle\" (gold/silver) → {:.3} {:?}",
+            h.score,
+            h.caption
+                .as_deref()
+                .unwrap_or("")
+                .chars()
+                .take(60)
+                .collect::<String>()
+        );
+    }
+    // image→image with an uploaded copy of a record's image: that record comes first.
+    let bytes = client.download(&probe.image_key).await?;
+    let r = client
+        .search(
+            &q(&[("dataset", "scenes"), ("k", "3")]),
+            Some((bytes, "image/png")),
+        )
+        .await?;
+    if r.results.first().map(|h| &h.sha256) != Some(&probe.sha256) {
+        bail!("an uploaded image did not find its own record first: {r:?}");
+    }
+    println!(
+        "   POST /v1/search (an image) → {} first, score {:.3}",
+        probe.image_id, r.results[0].score
+    );
+    // Curation: keywords, caption near-duplicates, a seeded limit; twice, the same rows.
+    let spec: CurateSpec = serde_json::from_value(serde_json::json!({
+        "dataset": "scenes",
+        "version": out.version,
+        "queries": [{"text": "colourful shapes", "space": "caption", "min_score": 0.0}],
+        "keywords": {"none": ["blurry"]},
+        "dedup": {"space": "caption", "threshold": 0.97},
+        "limit": 12,
+        "seed": "demo",
+        "note": "demo curation"
+    }))?;
+    let a = crate::search_cli::curate(client, &spec).await?;
+    let b = crate::search_cli::curate(client, &spec).await?;
+    let (ma, mb) = (
+        client.dataset_version("scenes", a.version).await?,
+        client.dataset_version("scenes", b.version).await?,
+    );
+    if ma.data.key != mb.data.key {
+        bail!("the same curation gave different rows");
+    }
+    println!(
+        "   POST /v1/datasets/scenes/curate → v{} from v{}: {} matched, {} near-duplicates dropped, {} rows (again: v{}, the same rows)",
+        a.version.unwrap_or(0),
+        a.parent,
+        a.matched,
+        a.duplicates_removed,
+        a.counts.rows,
+        b.version.unwrap_or(0)
+    );
+    summary.push_str("index / search / curate: ok\n");
     Ok(())
 }
 

@@ -143,6 +143,10 @@ pub async fn ask(app: &AppState, req: &SearchRequest) -> Result<SearchResponse, 
             "not_found" => ApiError::not_found("not_found", e.message),
             "bad_image" => ApiError::unprocessable("bad_image", e.message),
             "invalid_query" => ApiError::unprocessable("invalid_query", e.message),
+            // The space exists but this deployment's indexer cannot embed queries for it.
+            "model_unavailable" => {
+                ApiError::new(StatusCode::CONFLICT, "model_unavailable", e.message)
+            }
             _ => ApiError::unavailable(e.message),
         }),
     }

@@ -338,7 +338,11 @@ async fn per_service_nats_permissions_allow_the_work_and_nothing_else() {
     for (bin, user, pw_name) in [
         ("atelier-trainer", "trainer", "TRAINER"),
         ("atelier-sampler", "sampler", "SAMPLER"),
-        ("atelier-retrieval-indexer", "retrieval-indexer", "RETRIEVAL_INDEXER"),
+        (
+            "atelier-retrieval-indexer",
+            "retrieval-indexer",
+            "RETRIEVAL_INDEXER",
+        ),
     ] {
         c.spawn_service(
             bin,
@@ -426,9 +430,11 @@ async fn per_service_nats_permissions_allow_the_work_and_nothing_else() {
     let reply = publisher
         .request(
             atelier_contracts::subjects::RETRIEVAL_QUERY,
-            serde_json::to_vec(&serde_json::json!({"dataset": "perm", "text": "a scene", "space": "caption"}))
-                .unwrap()
-                .into(),
+            serde_json::to_vec(
+                &serde_json::json!({"dataset": "perm", "text": "a scene", "space": "caption"}),
+            )
+            .unwrap()
+            .into(),
         )
         .await
         .unwrap();

@@ -149,11 +149,11 @@ async fn query_vector(
         Ok(have) if &have == want => {}
         Ok(have) => {
             return Err(err(
-                "unavailable",
+                "model_unavailable",
                 format!("the index of space {space} was built with {want}; this worker has {have}: re-index"),
             ))
         }
-        Err(e) => return Err(err("unavailable", e)),
+        Err(e) => return Err(err("model_unavailable", e)),
     }
     let models = indexer.models.clone();
     if let Some(text) = &req.text {

@@ -1,0 +1,49 @@
+"""faiss IndexHNSWFlat on the vectors atelier-ann-bench wrote: the same M, efConstruction and
+efSearch, recall@k against the bench's exact neighbours, queries/s with 1 and 2 OpenMP threads
+(one batched search call per measurement). Prints one JSON line per efSearch."""
+import argparse
+import json
+import time
+
+import faiss
+import numpy as np
+
+p = argparse.ArgumentParser()
+p.add_argument("--dataset", required=True)
+p.add_argument("--dim", type=int, required=True)
+p.add_argument("--m", type=int, required=True)
+p.add_argument("--ef-construction", type=int, required=True)
+p.add_argument("--ef-search", required=True)
+p.add_argument("--k", type=int, default=10)
+p.add_argument("base")
+p.add_argument("queries")
+p.add_argument("truth")
+a = p.parse_args()
+
+base = np.fromfile(a.base, dtype="<f4").reshape(-1, a.dim)
+queries = np.fromfile(a.queries, dtype="<f4").reshape(-1, a.dim)
+truth = np.fromfile(a.truth, dtype="<i8").reshape(-1, a.k)
+
+faiss.omp_set_num_threads(2)
+index = faiss.IndexHNSWFlat(a.dim, a.m, faiss.METRIC_INNER_PRODUCT)
+index.hnsw.efConstruction = a.ef_construction
+t = time.perf_counter()
+index.add(base)
+build = time.perf_counter() - t
+
+for ef in [int(x) for x in a.ef_search.split(",")]:
+    index.hnsw.efSearch = ef
+    out = {}
+    for threads in (1, 2):
+        faiss.omp_set_num_threads(threads)
+        t = time.perf_counter()
+        _, found = index.search(queries, a.k)
+        out[threads] = (len(queries) / (time.perf_counter() - t), found)
+    found = out[1][1]
+    rec = np.mean([len(set(f[f >= 0]) & set(g[g >= 0])) / max(1, (g >= 0).sum()) for f, g in zip(found, truth)])
+    print(json.dumps({
+        "dataset": a.dataset, "library": f"faiss-cpu {faiss.__version__} IndexHNSWFlat",
+        "n": len(base), "dim": a.dim, "queries": len(queries), "m": a.m,
+        "ef_construction": a.ef_construction, "ef_search": ef, "build_s": build,
+        "recall_at_10": float(rec), "qps_1_thread": out[1][0], "qps_2_threads": out[2][0],
+    }), flush=True)
