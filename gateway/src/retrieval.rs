@@ -257,6 +257,24 @@ fn with_dataset(body: &[u8], name: &str) -> Result<serde_json::Value, ApiError> 
     Ok(v)
 }
 
+/// Reads a JSON body for dataset `name` (from the path) into a spec, checks it and queues it.
+async fn queue_for<T: serde::de::DeserializeOwned>(
+    app: &AppState,
+    caller: &Caller,
+    name: &str,
+    headers: HeaderMap,
+    body: Body,
+    job: impl FnOnce(T) -> JobSpec,
+) -> Result<JobRecord, ApiError> {
+    caller.require(Scope::JobsWrite)?;
+    let body = crate::api::read_body(&headers, body, app.limits.json).await?;
+    let spec: T = serde_json::from_value(with_dataset(&body, name)?)
+        .map_err(|e| ApiError::unprocessable("invalid_job", format!("invalid request: {e}")))?;
+    let spec = job(spec);
+    crate::api::validate(&spec)?;
+    crate::api::queue(app, caller, spec).await
+}
+
 /// Embed a dataset version's kept rows into its index (incremental; default: the latest
 /// version, every space the indexer has a model for). Body: `{"version": N, "spaces": [...]}`
 /// or empty.
@@ -277,13 +295,7 @@ pub async fn index(
     headers: HeaderMap,
     body: Body,
 ) -> Result<(StatusCode, Json<JobRecord>), ApiError> {
-    caller.require(Scope::JobsWrite)?;
-    let body = crate::api::read_body(&headers, body, app.limits.json).await?;
-    let spec: IndexSpec = serde_json::from_value(with_dataset(&body, &name)?)
-        .map_err(|e| ApiError::unprocessable("invalid_job", format!("invalid request: {e}")))?;
-    let spec = JobSpec::Index(spec);
-    crate::api::validate(&spec)?;
-    let record = crate::api::queue(&app, &caller, spec).await?;
+    let record = queue_for(&app, &caller, &name, headers, body, JobSpec::Index).await?;
     Ok((StatusCode::ACCEPTED, Json(record)))
 }
 
@@ -309,13 +321,10 @@ pub async fn curate(
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
-    caller.require(Scope::JobsWrite)?;
-    let body = crate::api::read_body(&headers, body, app.limits.json).await?;
-    let spec: CurateSpec = serde_json::from_value(with_dataset(&body, &name)?)
-        .map_err(|e| ApiError::unprocessable("invalid_job", format!("invalid request: {e}")))?;
-    let spec = JobSpec::Curate(Box::new(spec));
-    crate::api::validate(&spec)?;
-    let record = crate::api::queue(&app, &caller, spec).await?;
+    let record = queue_for(&app, &caller, &name, headers, body, |s: CurateSpec| {
+        JobSpec::Curate(Box::new(s))
+    })
+    .await?;
     let deadline = tokio::time::Instant::now() + CURATE_WAIT;
     loop {
         if let Some((r, _)) = app.states.get(record.id).await? {

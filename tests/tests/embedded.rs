@@ -109,14 +109,20 @@ async fn up_serves_health_openapi_and_a_job_then_resumes_after_a_crash() {
     .unwrap();
     assert_eq!(done.state, JobState::Succeeded);
 
-    // Many slow-ish jobs, one at a time; crash the whole process mid-run.
-    let mut ids = Vec::new();
+    // Many slow-ish jobs submitted in one burst (their inputs uploaded first, so no upload
+    // paces them); crash the whole process while they run.
+    let mut inputs = Vec::new();
     for i in 0..12u64 {
-        let a = client
-            .upload(bytes_of(50 + i, 3 << 20), "application/octet-stream")
-            .await
-            .unwrap()
-            .artifact;
+        inputs.push(
+            client
+                .upload(bytes_of(50 + i, 3 << 20), "application/octet-stream")
+                .await
+                .unwrap()
+                .artifact,
+        );
+    }
+    let mut ids = Vec::new();
+    for a in inputs {
         ids.push(
             client
                 .submit(&JobSpec::Checksum(ChecksumSpec {

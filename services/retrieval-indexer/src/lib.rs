@@ -337,12 +337,17 @@ impl Indexer {
             .map_err(|e| JobError::retryable("compute_failed", e))?;
             return Ok((vectors, 0));
         }
-        let mut fetched = Vec::with_capacity(batch.len());
-        for (k, image_key) in batch {
-            let key = ArtifactKey::parse(image_key)
-                .map_err(|e| JobError::permanent("bad_artifact_key", e.to_string()))?;
-            fetched.push((*k, ctx.store.get_bytes(&key).await?));
-        }
+        // Fetch the batch's images concurrently (in order).
+        use futures::{StreamExt, TryStreamExt};
+        let fetched: Vec<(u64, bytes::Bytes)> = futures::stream::iter(batch.iter().cloned())
+            .map(|(k, image_key)| async move {
+                let key = ArtifactKey::parse(&image_key)
+                    .map_err(|e| JobError::permanent("bad_artifact_key", e.to_string()))?;
+                Ok::<_, JobError>((k, ctx.store.get_bytes(&key).await?))
+            })
+            .buffered(8)
+            .try_collect()
+            .await?;
         tokio::task::spawn_blocking(move || {
             let mut keys = Vec::new();
             let mut images = Vec::new();
