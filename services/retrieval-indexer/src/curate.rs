@@ -231,20 +231,10 @@ async fn semantic<'a>(
 ) -> Result<Vec<&'a DatasetRow>, JobError> {
     let mut pass: Vec<usize> = vec![0; rows.len()];
     for q in &spec.queries {
-        let want = &index.manifest.spaces[&q.space].model;
-        let have = indexer
+        indexer
             .models
-            .id(q.space)
-            .map_err(|e| JobError::permanent("model_unavailable", e))?;
-        if &have != want {
-            return Err(JobError::permanent(
-                "model_mismatch",
-                format!(
-                    "space {} was indexed with {want}; this worker has {have}: re-index",
-                    q.space
-                ),
-            ));
-        }
+            .check(q.space, &index.manifest.spaces[&q.space].model)
+            .map_err(|e| JobError::permanent("model_mismatch", e))?;
         let models = indexer.models.clone();
         let (space, text) = (q.space, q.text.clone());
         let v = tokio::task::spawn_blocking(move || models.embed_texts(space, &[&text]))

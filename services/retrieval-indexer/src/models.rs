@@ -11,11 +11,13 @@ use sha2::{Digest, Sha256};
 
 type Slot<T> = Arc<OnceLock<Result<Arc<T>, String>>>;
 
-/// Model folders and their lazily loaded encoders.
+/// Model folders, their ids (read once, not per query) and their lazily loaded encoders.
 #[derive(Clone, Default)]
 pub struct Models {
     pub clip_dir: Option<PathBuf>,
     pub minilm_dir: Option<PathBuf>,
+    clip_id: Option<String>,
+    minilm_id: Option<String>,
     clip: Slot<ClipEncoder>,
     minilm: Slot<SentenceEncoder>,
 }
@@ -51,6 +53,8 @@ pub enum Encoder {
 impl Models {
     pub fn new(clip_dir: Option<PathBuf>, minilm_dir: Option<PathBuf>) -> Self {
         Self {
+            clip_id: clip_dir.as_deref().map(model_id),
+            minilm_id: minilm_dir.as_deref().map(model_id),
             clip_dir,
             minilm_dir,
             ..Default::default()
@@ -82,9 +86,23 @@ impl Models {
 
     /// The model id of `space`, or why the worker has none.
     pub fn id(&self, space: Space) -> Result<String, String> {
-        self.dir(space)
-            .map(|d| model_id(d))
-            .ok_or_else(|| missing(space))
+        match space {
+            Space::ClipImage | Space::ClipText => self.clip_id.clone(),
+            Space::Caption => self.minilm_id.clone(),
+        }
+        .ok_or_else(|| missing(space))
+    }
+
+    /// Whether this worker embeds `space` with `want`, the model an index was built with; the
+    /// reason when not.
+    pub fn check(&self, space: Space, want: &str) -> Result<(), String> {
+        let have = self.id(space)?;
+        if have != want {
+            return Err(format!(
+                "space {space} was indexed with {want}; this worker has {have}: re-index"
+            ));
+        }
+        Ok(())
     }
 
     /// The encoder of `space` (loading it on first use).

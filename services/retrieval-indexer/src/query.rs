@@ -144,17 +144,10 @@ async fn query_vector(
         return Ok((v, Some(key)));
     }
     // The worker's model must be the one the index was built with.
-    let want = &index.manifest.spaces[&space].model;
-    match indexer.models.id(space) {
-        Ok(have) if &have == want => {}
-        Ok(have) => {
-            return Err(err(
-                "model_unavailable",
-                format!("the index of space {space} was built with {want}; this worker has {have}: re-index"),
-            ))
-        }
-        Err(e) => return Err(err("model_unavailable", e)),
-    }
+    indexer
+        .models
+        .check(space, &index.manifest.spaces[&space].model)
+        .map_err(|e| err("model_unavailable", e))?;
     let models = indexer.models.clone();
     if let Some(text) = &req.text {
         let text = text.clone();

@@ -133,6 +133,33 @@ fn qps(
     )
 }
 
+/// One JSON line: a library's figures at one efSearch.
+#[allow(clippy::too_many_arguments)]
+fn report(
+    a: &Args,
+    d: &Data,
+    library: &str,
+    ef: usize,
+    build_s: f64,
+    found: &[Vec<Hit>],
+    truth: &[Vec<Hit>],
+    (q1, q2): (f64, f64),
+) {
+    let r = found
+        .iter()
+        .zip(truth)
+        .map(|(f, t)| recall(f, t))
+        .sum::<f64>()
+        / truth.len() as f64;
+    println!(
+        "{}",
+        serde_json::json!({"dataset": d.name, "library": library,
+            "n": d.base.len() / d.dim, "dim": d.dim, "queries": truth.len(), "m": a.m,
+            "ef_construction": a.ef_construction, "ef_search": ef,
+            "build_s": build_s, "recall_at_10": r, "qps_1_thread": q1, "qps_2_threads": q2})
+    );
+}
+
 fn main() -> anyhow::Result<()> {
     let a = Args::parse();
     let efs: Vec<usize> = a
@@ -191,18 +218,15 @@ fn main() -> anyhow::Result<()> {
             index.set_ef_search(ef);
             let (q1, found) = qps(&index, &d.queries, d.dim, a.k, 1);
             let (q2, _) = qps(&index, &d.queries, d.dim, a.k, 2);
-            let r = found
-                .iter()
-                .zip(&truth)
-                .map(|(f, t)| recall(f, t))
-                .sum::<f64>()
-                / truth.len() as f64;
-            println!(
-                "{}",
-                serde_json::json!({"dataset": d.name, "library": "atelier-ann (usearch 2.26.6)",
-                    "n": n, "dim": d.dim, "queries": truth.len(), "m": a.m,
-                    "ef_construction": a.ef_construction, "ef_search": ef,
-                    "build_s": build, "recall_at_10": r, "qps_1_thread": q1, "qps_2_threads": q2})
+            report(
+                &a,
+                &d,
+                "atelier-ann (usearch 2.26.6)",
+                ef,
+                build,
+                &found,
+                &truth,
+                (q1, q2),
             );
         }
         #[cfg(feature = "hnsw-rs-bench")]
@@ -291,18 +315,6 @@ fn hnsw_rs_run(a: &Args, d: &Data, efs: &[usize], truth: &[Vec<Hit>]) {
         };
         let (q1, found) = run(1);
         let (q2, _) = run(2);
-        let r = found
-            .iter()
-            .zip(truth)
-            .map(|(f, t)| recall(f, t))
-            .sum::<f64>()
-            / truth.len() as f64;
-        println!(
-            "{}",
-            serde_json::json!({"dataset": d.name, "library": "hnsw_rs 0.3.5",
-                "n": n, "dim": d.dim, "queries": truth.len(), "m": a.m,
-                "ef_construction": a.ef_construction, "ef_search": ef,
-                "build_s": build, "recall_at_10": r, "qps_1_thread": q1, "qps_2_threads": q2})
-        );
+        report(a, d, "hnsw_rs 0.3.5", ef, build, &found, truth, (q1, q2));
     }
 }
