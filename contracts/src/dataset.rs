@@ -551,6 +551,15 @@ pub struct DatasetRow {
     #[serde(default, skip_serializing_if = "serde_json::Map::is_empty")]
     #[schema(value_type = Object)]
     pub metadata: serde_json::Map<String, serde_json::Value>,
+    /// Set on variant rows an augment job made: the parent record and the steps applied.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub augmentation: Option<crate::augment::Augmentation>,
+    /// Hard negative captions for contrastive training (augment jobs).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub negatives: Vec<crate::augment::HardNegative>,
+    /// Paraphrases of `caption` (caption-only augment jobs).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub paraphrases: Vec<crate::augment::Paraphrased>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema, ToSchema)]
@@ -590,6 +599,9 @@ pub struct DatasetManifest {
     /// Set on versions a curate job chose from `parent`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub curation: Option<crate::retrieval::Curation>,
+    /// Set on versions an augment job made from `parent`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub augmentation: Option<Box<crate::augment::AugmentSpec>>,
 }
 
 impl VersionCounts {

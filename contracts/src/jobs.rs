@@ -11,9 +11,9 @@ use utoipa::ToSchema;
 use uuid::Uuid;
 
 use crate::{
-    ArtifactRef, CaptionOutput, CaptionScores, CaptionSpec, CurateOutput, CurateSpec,
-    DatasetVersionOutput, EvalCaptionsSpec, FilterSpec, GenerateSpec, ImagesOutput, IndexOutput,
-    IndexSpec, Service, TrainOutput, TrainSpec,
+    ArtifactRef, AugmentOutput, AugmentSpec, CaptionOutput, CaptionScores, CaptionSpec,
+    CurateOutput, CurateSpec, DatasetVersionOutput, EvalCaptionsSpec, FilterSpec, GenerateSpec,
+    ImagesOutput, IndexOutput, IndexSpec, Service, TrainOutput, TrainSpec,
 };
 
 /// A job's id: a UUIDv7, so ids sort by submission time.
@@ -80,6 +80,8 @@ pub enum JobSpec {
     Index(IndexSpec),
     /// Choose rows of a version into a new version (retrieval-indexer).
     Curate(Box<CurateSpec>),
+    /// Seeded image variants, caption paraphrases and hard negatives into a new version (augmenter).
+    Augment(Box<AugmentSpec>),
 }
 
 impl JobSpec {
@@ -95,6 +97,7 @@ impl JobSpec {
         "train",
         "index",
         "curate",
+        "augment",
     ];
 
     pub fn service(&self) -> Service {
@@ -106,6 +109,7 @@ impl JobSpec {
             JobSpec::Filter(_) | JobSpec::EvalCaptions(_) => Service::QualityFilter,
             JobSpec::Train(_) => Service::Trainer,
             JobSpec::Index(_) | JobSpec::Curate(_) => Service::RetrievalIndexer,
+            JobSpec::Augment(_) => Service::Augmenter,
         }
     }
     pub fn kind(&self) -> &'static str {
@@ -120,6 +124,7 @@ impl JobSpec {
             JobSpec::Train(_) => "train",
             JobSpec::Index(_) => "index",
             JobSpec::Curate(_) => "curate",
+            JobSpec::Augment(_) => "augment",
         }
     }
 }
@@ -153,6 +158,8 @@ pub enum JobOutput {
     Indexed(IndexOutput),
     /// The version a curate job wrote (or why none).
     Curated(CurateOutput),
+    /// The version an augment job wrote.
+    Augmented(AugmentOutput),
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema, ToSchema)]

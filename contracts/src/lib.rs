@@ -10,6 +10,7 @@
 
 pub mod artifact;
 pub mod asyncapi;
+pub mod augment;
 pub mod dataset;
 pub mod generate;
 pub mod http;
@@ -21,6 +22,7 @@ pub mod subjects;
 pub mod train;
 
 pub use artifact::{ArtifactKey, ArtifactRef, KeyError};
+pub use augment::{AugmentOutput, AugmentSpec};
 pub use dataset::{
     CaptionBackend, CaptionOutput, CaptionRecord, CaptionScores, CaptionSource, CaptionSpec,
     DatasetManifest, DatasetRow, DatasetVersionOutput, EvalCaptionsSpec, FilterSpec, QualityPolicy,

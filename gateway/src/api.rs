@@ -296,6 +296,9 @@ pub(crate) fn validate(spec: &JobSpec) -> Result<(), ApiError> {
         JobSpec::Curate(c) => c
             .check()
             .map_err(|e| ApiError::unprocessable("invalid_job", format!("spec: {e}")))?,
+        JobSpec::Augment(a) => a
+            .check()
+            .map_err(|e| ApiError::unprocessable("invalid_job", format!("spec: {e}")))?,
         JobSpec::Train(t) => {
             t.check()
                 .map_err(|e| ApiError::unprocessable("invalid_job", format!("spec: {e}")))?;

@@ -113,6 +113,9 @@ async fn write_version(
             source: Some(if *seed % 2 == 0 { "web" } else { "upload" }.into()),
             license: None,
             metadata: Default::default(),
+            augmentation: None,
+            negatives: vec![],
+            paraphrases: vec![],
         });
     }
     out.sort_by(|a, b| a.sha256.cmp(&b.sha256));
@@ -140,6 +143,7 @@ async fn write_version(
         data,
         note: None,
         curation: None,
+        augmentation: None,
     };
     c.bus
         .datasets_kv()

@@ -234,7 +234,7 @@ impl Client {
             .unwrap_or(false);
         (official && self.key.is_none()).then(|| {
             format!(
-                "the captioner is configured for {} without an API key: set ATELIER_OPENAI_API_KEY (or OPENAI_API_KEY) on the worker, point ATELIER_OPENAI_BASE_URL at another OpenAI-compatible server, or run `atelier up --scene-captioner`",
+                "this worker is configured for {} without an API key: set ATELIER_OPENAI_API_KEY (or OPENAI_API_KEY) on the worker, point ATELIER_OPENAI_BASE_URL at another OpenAI-compatible server, or run `atelier up --scene-captioner`",
                 self.args.base_url
             )
         })
@@ -250,25 +250,39 @@ impl Client {
 
     /// Captions one JPEG; waits for budget and a free slot first.
     pub async fn caption(&self, jpeg: &[u8], req: &Request) -> Result<Caption, CaptionError> {
+        let content = serde_json::json!([
+            {"type": "text", "text": req.prompt},
+            {"type": "image_url", "image_url": {
+                "url": format!("data:image/jpeg;base64,{}",
+                    base64::engine::general_purpose::STANDARD.encode(jpeg)),
+            }},
+        ]);
+        // Reserve the worst case (a typical high-detail image is under 1,200 prompt tokens);
+        // corrected with the real usage afterwards.
+        self.chat(content, req, 1200.0).await
+    }
+
+    /// A text-only completion of `req.prompt` (paraphrases); same budgets, retries and slots.
+    pub async fn complete(&self, req: &Request) -> Result<Caption, CaptionError> {
+        self.chat(serde_json::Value::String(req.prompt.clone()), req, 0.0)
+            .await
+    }
+
+    /// One user message with `content`; `extra_tokens` is what the prompt costs beyond its text.
+    async fn chat(
+        &self,
+        content: serde_json::Value,
+        req: &Request,
+        extra_tokens: f64,
+    ) -> Result<Caption, CaptionError> {
         let body = serde_json::json!({
             "model": req.model,
-            "messages": [{
-                "role": "user",
-                "content": [
-                    {"type": "text", "text": req.prompt},
-                    {"type": "image_url", "image_url": {
-                        "url": format!("data:image/jpeg;base64,{}",
-                            base64::engine::general_purpose::STANDARD.encode(jpeg)),
-                    }},
-                ],
-            }],
+            "messages": [{"role": "user", "content": content}],
             "max_tokens": req.max_tokens,
             "temperature": req.temperature,
         });
         let body = serde_json::to_vec(&body).map_err(|e| CaptionError::Config(e.to_string()))?;
-        // Reserve the worst case (a typical high-detail image is under 1,200 prompt tokens);
-        // corrected with the real usage afterwards.
-        let reserve = f64::from(req.max_tokens) + 1200.0 + req.prompt.len() as f64 / 4.0;
+        let reserve = f64::from(req.max_tokens) + extra_tokens + req.prompt.len() as f64 / 4.0;
         let url = format!(
             "{}/chat/completions",
             self.args.base_url.trim_end_matches('/')

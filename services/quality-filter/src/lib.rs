@@ -281,6 +281,9 @@ pub fn assess(
                 source: first.and_then(|s| s.source.clone()),
                 license: first.and_then(|s| s.license.clone()),
                 metadata: first.map(|s| s.metadata.clone()).unwrap_or_default(),
+                augmentation: None,
+                negatives: Vec::new(),
+                paraphrases: Vec::new(),
             }
         })
         .collect();
@@ -599,6 +602,7 @@ impl QualityFilter {
                 data: data.clone(),
                 note: spec.note.clone(),
                 curation: None,
+                augmentation: None,
             })
             .await?;
         tracing::info!(job = %ctx.id, dataset = %spec.dataset, version = manifest.version,

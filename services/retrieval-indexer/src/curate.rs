@@ -206,6 +206,7 @@ pub async fn run(indexer: &Indexer, ctx: &JobCtx, spec: CurateSpec) -> Result<Jo
             data: data.clone(),
             note: spec.note.clone(),
             curation: Some(curation.clone()),
+            augmentation: None,
         })
         .await?;
     tracing::info!(job = %ctx.id, dataset = %spec.dataset, parent = parent.version,
