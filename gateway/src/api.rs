@@ -9,6 +9,7 @@
 //! - `GET    /v1/images/{sha256}`      an ingested image's record
 //! - `POST   /v1/images`, `GET /v1/datasets…`  announce images, read dataset versions ([`crate::datasets`])
 //! - `GET|POST /v1/search`, `POST /v1/datasets/{name}/index|curate`  retrieval ([`crate::retrieval`])
+//! - `POST /v1/datasets/{name}/augment`  augmentation ([`crate::augment`])
 //! - `POST   /v1/train/lora|dreambooth`  training ([`crate::train`])
 //! - `GET    /healthz`, `/metrics`, `/openapi.json` (no auth)
 //!
@@ -127,6 +128,7 @@ pub fn router(app: AppState, auth: Arc<Auth>) -> Router {
         )
         .route("/v1/datasets/{name}/index", post(crate::retrieval::index))
         .route("/v1/datasets/{name}/curate", post(crate::retrieval::curate))
+        .route("/v1/datasets/{name}/augment", post(crate::augment::augment))
         .route("/v1/train/dreambooth", post(crate::train::dreambooth))
         .route(
             "/v1/datasets/{name}/versions/{version}",
@@ -822,7 +824,7 @@ impl utoipa::Modify for BearerAuth {
         crate::datasets::announce, crate::datasets::list, crate::datasets::version,
         crate::train::lora, crate::train::dreambooth,
         crate::retrieval::search, crate::retrieval::search_image, crate::retrieval::index,
-        crate::retrieval::curate,
+        crate::retrieval::curate, crate::augment::augment,
         healthz, metrics, openapi_json),
     modifiers(&BearerAuth),
     tags((name = "jobs"), (name = "generation"), (name = "a1111"), (name = "artifacts"), (name = "images"), (name = "datasets"), (name = "training"), (name = "retrieval"), (name = "ops"))
@@ -858,6 +860,7 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("post", "/v1/search"),
     ("post", "/v1/datasets/{name}/index"),
     ("post", "/v1/datasets/{name}/curate"),
+    ("post", "/v1/datasets/{name}/augment"),
     ("get", "/healthz"),
     ("get", "/metrics"),
     ("get", "/openapi.json"),

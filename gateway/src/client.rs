@@ -170,16 +170,31 @@ impl Client {
         &self,
         spec: &atelier_contracts::CurateSpec,
     ) -> anyhow::Result<Result<atelier_contracts::CurateOutput, JobRecord>> {
-        let resp = self
-            .send(|| {
-                self.req(
-                    reqwest::Method::POST,
-                    &format!("/v1/datasets/{}/curate", spec.dataset),
-                )
-                .json(spec)
-            })
+        self.post_waiting(&format!("/v1/datasets/{}/curate", spec.dataset), spec)
             .await
-            .context("curating")?;
+            .context("curating")
+    }
+
+    /// `POST /v1/datasets/{name}/augment`: the new version's output, or the job's record when
+    /// it outlasted the route's wait (202).
+    pub async fn augment(
+        &self,
+        spec: &atelier_contracts::AugmentSpec,
+    ) -> anyhow::Result<Result<atelier_contracts::AugmentOutput, JobRecord>> {
+        self.post_waiting(&format!("/v1/datasets/{}/augment", spec.dataset), spec)
+            .await
+            .context("augmenting")
+    }
+
+    /// POSTs to a route that waits for its job: 201 with the output, or 202 with the record.
+    async fn post_waiting<S: serde::Serialize, O: serde::de::DeserializeOwned>(
+        &self,
+        path: &str,
+        spec: &S,
+    ) -> anyhow::Result<Result<O, JobRecord>> {
+        let resp = self
+            .send(|| self.req(reqwest::Method::POST, path).json(spec))
+            .await?;
         let resp = Self::check(resp).await?;
         if resp.status() == reqwest::StatusCode::ACCEPTED {
             return Ok(Err(resp.json().await?));

@@ -213,6 +213,21 @@ impl Embedded {
         let (w, s) = (args.worker.clone(), shutdown.clone());
         tasks.spawn(async move { indexer.run(w, s).await });
 
+        // The augmenter: `openai` paraphrases through the captioner's endpoint settings.
+        let augmenter = Worker::new(
+            atelier_augmenter::Augmenter {
+                openai: Some(std::sync::Arc::new(atelier_captioner::openai::Client::new(
+                    args.openai.clone(),
+                )?)),
+            },
+            rt.bus.clone(),
+            rt.store.clone(),
+            metrics.clone(),
+        )
+        .await?;
+        let (w, s) = (args.worker.clone(), shutdown.clone());
+        tasks.spawn(async move { augmenter.run(w, s).await });
+
         let app = crate::api::AppState::new(
             rt.bus.clone(),
             rt.store.clone(),

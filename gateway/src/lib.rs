@@ -8,6 +8,7 @@
 
 pub mod a1111;
 pub mod api;
+pub mod augment;
 pub mod auth;
 pub mod client;
 pub mod dataset_cli;

@@ -383,6 +383,13 @@ enum Command {
         #[command(flatten)]
         remote: Remote,
     },
+    /// Augment a dataset version: seeded image variants, caption paraphrases, hard negatives.
+    Augment {
+        #[command(flatten)]
+        augment: atelier_gateway::augment::AugmentArgs,
+        #[command(flatten)]
+        remote: Remote,
+    },
     /// Dataset versions: list them, or show one's manifest.
     Datasets {
         /// Show this dataset's manifest (the latest, or --version).
@@ -903,6 +910,12 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let client = remote.client()?;
             let spec = atelier_gateway::search_cli::spec(&curate)?;
             let out = atelier_gateway::search_cli::curate(&client, &spec).await?;
+            print_json(&out)
+        }
+        Command::Augment { augment, remote } => {
+            let client = remote.client()?;
+            let spec = atelier_gateway::augment::spec(&augment)?;
+            let out = atelier_gateway::augment::run(&client, &spec).await?;
             print_json(&out)
         }
         Command::Datasets {

@@ -258,7 +258,7 @@ fn with_dataset(body: &[u8], name: &str) -> Result<serde_json::Value, ApiError> 
 }
 
 /// Reads a JSON body for dataset `name` (from the path) into a spec, checks it and queues it.
-async fn queue_for<T: serde::de::DeserializeOwned>(
+pub(crate) async fn queue_for<T: serde::de::DeserializeOwned>(
     app: &AppState,
     caller: &Caller,
     name: &str,
@@ -325,24 +325,45 @@ pub async fn curate(
         JobSpec::Curate(Box::new(s))
     })
     .await?;
+    let Some(output) = wait_for_output(&app, &record, "curate", "curation_failed").await? else {
+        return Ok((StatusCode::ACCEPTED, Json(record)).into_response());
+    };
+    match output {
+        JobOutput::Curated(out) if out.version.is_none() => Err(ApiError::unprocessable(
+            "empty_curation",
+            out.note
+                .unwrap_or_else(|| "the curation matched nothing".into()),
+        )),
+        JobOutput::Curated(out) => Ok((StatusCode::CREATED, Json(out)).into_response()),
+        other => Err(ApiError::unavailable(format!(
+            "the curate job returned {:?} output",
+            std::mem::discriminant(&other)
+        ))),
+    }
+}
+
+/// Waits up to two minutes for a job this route queued: its output when it succeeded, `None`
+/// when it is still running (the route answers 202 with the record); a failed or cancelled job
+/// is an error naming its code (503 for `*unavailable`, else 422).
+pub(crate) async fn wait_for_output(
+    app: &AppState,
+    record: &JobRecord,
+    what: &str,
+    failed_code: &'static str,
+) -> Result<Option<JobOutput>, ApiError> {
     let deadline = tokio::time::Instant::now() + CURATE_WAIT;
     loop {
         if let Some((r, _)) = app.states.get(record.id).await? {
-            match (r.state, r.output) {
-                (JobState::Succeeded, Some(JobOutput::Curated(out))) => {
-                    if out.version.is_none() {
-                        return Err(ApiError::unprocessable(
-                            "empty_curation",
-                            out.note
-                                .unwrap_or_else(|| "the curation matched nothing".into()),
-                        ));
-                    }
-                    return Ok((StatusCode::CREATED, Json(out)).into_response());
+            match r.state {
+                JobState::Succeeded => {
+                    return r.output.map(Some).ok_or_else(|| {
+                        ApiError::unavailable(format!("the {what} job succeeded without output"))
+                    })
                 }
-                (JobState::Failed, _) => {
+                JobState::Failed => {
                     let e = r.error.unwrap_or(atelier_contracts::ErrorInfo {
                         code: "failed".into(),
-                        message: "the curate job failed".into(),
+                        message: format!("the {what} job failed"),
                     });
                     let status = if e.code.ends_with("unavailable") {
                         StatusCode::SERVICE_UNAVAILABLE
@@ -351,21 +372,21 @@ pub async fn curate(
                     };
                     return Err(ApiError::new(
                         status,
-                        "curation_failed",
+                        failed_code,
                         format!("{}: {}", e.code, e.message),
                     ));
                 }
-                (JobState::Cancelled, _) => {
+                JobState::Cancelled => {
                     return Err(ApiError::unprocessable(
                         "cancelled",
-                        "the curate job was cancelled",
+                        format!("the {what} job was cancelled"),
                     ))
                 }
-                _ => {}
+                JobState::Queued | JobState::Running => {}
             }
         }
         if tokio::time::Instant::now() > deadline || app.shutdown.is_cancelled() {
-            return Ok((StatusCode::ACCEPTED, Json(record)).into_response());
+            return Ok(None);
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }

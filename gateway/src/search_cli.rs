@@ -145,22 +145,23 @@ pub fn parse_query(q: &str) -> anyhow::Result<SemanticQuery> {
     })
 }
 
-pub fn spec(a: &CurateArgs) -> anyhow::Result<CurateSpec> {
-    let mut v: serde_json::Value = match &a.spec {
-        Some(p) => {
-            let text =
-                std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?;
-            if p.extension().is_some_and(|e| e == "toml") {
-                let t: toml::Value = toml::from_str(&text)
-                    .with_context(|| format!("{} is not TOML", p.display()))?;
-                serde_json::to_value(t)?
-            } else {
-                serde_json::from_str(&text)
-                    .with_context(|| format!("{} is not JSON", p.display()))?
-            }
-        }
-        None => serde_json::json!({}),
+/// A spec file (JSON, or TOML by its extension), or an empty object without one.
+pub fn read_spec(path: Option<&std::path::Path>) -> anyhow::Result<serde_json::Value> {
+    let Some(p) = path else {
+        return Ok(serde_json::json!({}));
     };
+    let text = std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?;
+    if p.extension().is_some_and(|e| e == "toml") {
+        let t: toml::Value =
+            toml::from_str(&text).with_context(|| format!("{} is not TOML", p.display()))?;
+        Ok(serde_json::to_value(t)?)
+    } else {
+        serde_json::from_str(&text).with_context(|| format!("{} is not JSON", p.display()))
+    }
+}
+
+pub fn spec(a: &CurateArgs) -> anyhow::Result<CurateSpec> {
+    let mut v = read_spec(a.spec.as_deref())?;
     let obj = v
         .as_object_mut()
         .context("the spec must be a table / object")?;

@@ -588,6 +588,107 @@ impl Drop for Cluster {
 }
 
 /// Deterministic bytes.
+/// A sample scene: PNG, or JPEG for seeds ≥ 100 (the same scene as `seed - 100`).
+pub fn scene_image(seed: u64) -> Vec<u8> {
+    if seed >= 100 {
+        atelier_ingest::samples::scene_bytes(seed - 100, 128, 96, image::ImageFormat::Jpeg)
+    } else {
+        atelier_ingest::samples::scene_bytes(seed, 128, 96, image::ImageFormat::Png)
+    }
+}
+
+/// Stores the images and writes version `version` of `dataset` with `rows` (plus one rejected
+/// row), as the quality filter would.
+pub async fn write_version(
+    c: &Cluster,
+    dataset: &str,
+    version: u32,
+    rows: &[(u64, &str, atelier_contracts::dataset::Tier, &str)],
+) -> Vec<atelier_contracts::DatasetRow> {
+    let mut out = Vec::new();
+    for (i, (seed, caption, tier, tag)) in rows
+        .iter()
+        .chain(&[(
+            42,
+            "rejected: a refusal",
+            atelier_contracts::dataset::Tier::Bronze,
+            "junk",
+        )])
+        .enumerate()
+    {
+        let bytes = scene_image(*seed);
+        let (r, _) = c.store.put_bytes(bytes.into(), "image/png").await.unwrap();
+        let rejected = *seed == 42;
+        out.push(atelier_contracts::DatasetRow {
+            image_id: r.sha256[..16].to_owned(),
+            image_key: r.key.clone(),
+            sha256: r.sha256.clone(),
+            format: Some(if *seed >= 100 { "jpeg" } else { "png" }.into()),
+            width: Some(128 + i as u32),
+            height: Some(96),
+            caption: Some(caption.to_string()),
+            caption_source: None,
+            language: Some("eng".into()),
+            nsfw: None,
+            clip_score: None,
+            words: caption.split_whitespace().count() as u32,
+            signals: vec![],
+            decision: if rejected {
+                atelier_contracts::dataset::Decision::Reject
+            } else {
+                atelier_contracts::dataset::Decision::Accept
+            },
+            tier: (!rejected).then_some(*tier),
+            split: (!rejected).then_some(atelier_contracts::dataset::Split::Train),
+            tags: vec![tag.to_string()],
+            source: Some(if *seed % 2 == 0 { "web" } else { "upload" }.into()),
+            license: None,
+            metadata: Default::default(),
+            augmentation: None,
+            negatives: vec![],
+            paraphrases: vec![],
+        });
+    }
+    out.sort_by(|a, b| a.sha256.cmp(&b.sha256));
+    let mut data = Vec::new();
+    for r in &out {
+        serde_json::to_writer(&mut data, r).unwrap();
+        data.push(b'\n');
+    }
+    let (data, _) = c
+        .store
+        .put_bytes(data.into(), "application/x-ndjson")
+        .await
+        .unwrap();
+    let manifest = atelier_contracts::DatasetManifest {
+        schema_version: 1,
+        dataset: dataset.into(),
+        version,
+        parent: (version > 1).then_some(version - 1),
+        created_at: chrono::Utc::now(),
+        job: atelier_contracts::JobId::new(),
+        policy: Default::default(),
+        split: Default::default(),
+        caption_sources: std::collections::BTreeMap::new(),
+        counts: atelier_contracts::dataset::VersionCounts::of_rows(&out),
+        data,
+        note: None,
+        curation: None,
+        augmentation: None,
+    };
+    c.bus
+        .datasets_kv()
+        .await
+        .unwrap()
+        .put(
+            format!("{dataset}.{version}"),
+            serde_json::to_vec(&manifest).unwrap().into(),
+        )
+        .await
+        .unwrap();
+    out
+}
+
 pub fn bytes_of(seed: u64, len: usize) -> bytes::Bytes {
     atelier_gateway::demo::sample_bytes(seed, len).into()
 }

@@ -343,6 +343,7 @@ async fn per_service_nats_permissions_allow_the_work_and_nothing_else() {
             "retrieval-indexer",
             "RETRIEVAL_INDEXER",
         ),
+        ("atelier-augmenter", "augmenter", "AUGMENTER"),
     ] {
         c.spawn_service(
             bin,
@@ -400,6 +401,16 @@ async fn per_service_nats_permissions_allow_the_work_and_nothing_else() {
         }),
         JobSpec::Curate(Box::new(
             serde_json::from_value(serde_json::json!({"dataset": "perm", "limit": 1})).unwrap(),
+        )),
+        // The augmenter, as its own user, reads the version, writes variant images and a
+        // version, and asks the indexer for neighbours.
+        JobSpec::Augment(Box::new(
+            serde_json::from_value(serde_json::json!({
+                "dataset": "perm",
+                "transforms": [{"op": "resize", "size": 32}],
+                "captions": {"hard_negatives": {"neighbours": 1}}
+            }))
+            .unwrap(),
         )),
     ] {
         let id = JobId::new();

@@ -3,13 +3,10 @@
 //! request/reply, incremental re-indexing, a restarted indexer answering from the store without
 //! re-embedding, and curation into new versions.
 
-use std::collections::BTreeMap;
 use std::time::Duration;
 
 use atelier_contracts::dataset::{Decision, Tier};
-use atelier_contracts::{
-    CurateSpec, DatasetManifest, DatasetRow, IndexSpec, JobOutput, JobState, SearchResponse, Space,
-};
+use atelier_contracts::{CurateSpec, IndexSpec, JobOutput, JobState, SearchResponse, Space};
 use atelier_e2e::*;
 use atelier_gateway::client::Client;
 use tokio_util::sync::CancellationToken;
@@ -62,101 +59,6 @@ const ROWS: &[(u64, &str, Tier, &str)] = &[
     ),
     (9, "a busy street with cars and buses", Tier::Silver, "city"),
 ];
-
-fn image_of(seed: u64) -> Vec<u8> {
-    if seed >= 100 {
-        atelier_ingest::samples::scene_bytes(seed - 100, 128, 96, image::ImageFormat::Jpeg)
-    } else {
-        atelier_ingest::samples::scene_bytes(seed, 128, 96, image::ImageFormat::Png)
-    }
-}
-
-/// Stores the images and writes version `version` of `dataset` with `rows` (plus one rejected
-/// row), as the quality filter would.
-async fn write_version(
-    c: &Cluster,
-    dataset: &str,
-    version: u32,
-    rows: &[(u64, &str, Tier, &str)],
-) -> Vec<DatasetRow> {
-    let mut out = Vec::new();
-    for (i, (seed, caption, tier, tag)) in rows
-        .iter()
-        .chain(&[(42, "rejected: a refusal", Tier::Bronze, "junk")])
-        .enumerate()
-    {
-        let bytes = image_of(*seed);
-        let (r, _) = c.store.put_bytes(bytes.into(), "image/png").await.unwrap();
-        let rejected = *seed == 42;
-        out.push(DatasetRow {
-            image_id: r.sha256[..16].to_owned(),
-            image_key: r.key.clone(),
-            sha256: r.sha256.clone(),
-            format: Some(if *seed >= 100 { "jpeg" } else { "png" }.into()),
-            width: Some(128 + i as u32),
-            height: Some(96),
-            caption: Some(caption.to_string()),
-            caption_source: None,
-            language: Some("eng".into()),
-            nsfw: None,
-            clip_score: None,
-            words: caption.split_whitespace().count() as u32,
-            signals: vec![],
-            decision: if rejected {
-                Decision::Reject
-            } else {
-                Decision::Accept
-            },
-            tier: (!rejected).then_some(*tier),
-            split: (!rejected).then_some(atelier_contracts::dataset::Split::Train),
-            tags: vec![tag.to_string()],
-            source: Some(if *seed % 2 == 0 { "web" } else { "upload" }.into()),
-            license: None,
-            metadata: Default::default(),
-            augmentation: None,
-            negatives: vec![],
-            paraphrases: vec![],
-        });
-    }
-    out.sort_by(|a, b| a.sha256.cmp(&b.sha256));
-    let mut data = Vec::new();
-    for r in &out {
-        serde_json::to_writer(&mut data, r).unwrap();
-        data.push(b'\n');
-    }
-    let (data, _) = c
-        .store
-        .put_bytes(data.into(), "application/x-ndjson")
-        .await
-        .unwrap();
-    let manifest = DatasetManifest {
-        schema_version: 1,
-        dataset: dataset.into(),
-        version,
-        parent: (version > 1).then_some(version - 1),
-        created_at: chrono::Utc::now(),
-        job: atelier_contracts::JobId::new(),
-        policy: Default::default(),
-        split: Default::default(),
-        caption_sources: BTreeMap::new(),
-        counts: atelier_contracts::dataset::VersionCounts::of_rows(&out),
-        data,
-        note: None,
-        curation: None,
-        augmentation: None,
-    };
-    c.bus
-        .datasets_kv()
-        .await
-        .unwrap()
-        .put(
-            format!("{dataset}.{version}"),
-            serde_json::to_vec(&manifest).unwrap().into(),
-        )
-        .await
-        .unwrap();
-    out
-}
 
 async fn index(
     c: &Cluster,
@@ -342,7 +244,7 @@ async fn index_search_reindex_restart_and_curate() {
         ("k".into(), "2".into()),
     ];
     let r = client
-        .search(&p, Some((image_of(3).into(), "image/png")))
+        .search(&p, Some((scene_image(3).into(), "image/png")))
         .await
         .unwrap();
     assert_eq!(r.results[0].sha256, png.sha256);

@@ -40,6 +40,53 @@ const SYNONYMS: &[&[&str]] = &[
     &["beautiful", "lovely"],
     &["bright", "vivid"],
     &["plate", "dish"],
+    &["to the left of", "left of"],
+    &["to the right of", "right of"],
+    &["grassy", "grass-covered"],
+    &["sleeping", "napping"],
+];
+
+/// Words ending in -ing that are not participles.
+const NOT_PARTICIPLES: &[&str] = &[
+    "something",
+    "nothing",
+    "anything",
+    "everything",
+    "building",
+    "ceiling",
+    "clothing",
+    "morning",
+    "evening",
+    "painting",
+    "ring",
+    "king",
+    "thing",
+    "wing",
+    "string",
+    "spring",
+    "swing",
+    "bring",
+    "sing",
+    "sling",
+    "ping",
+    "ding",
+    "icing",
+    "railing",
+    "awning",
+    "during",
+    "ceiling",
+    "siding",
+    "frosting",
+    "wedding",
+    "pudding",
+    "stuffing",
+    "topping",
+    "dressing",
+];
+
+/// Plural determiners: "two dogs running" → "two dogs that are running".
+const PLURAL: &[&str] = &[
+    "two", "three", "four", "five", "several", "many", "some", "these",
 ];
 
 /// Objects by kind, singular and plural: a swapped object stays within its kind.
@@ -307,6 +354,13 @@ pub fn paraphrase(caption: &str, rng: &mut impl Rng) -> (String, Vec<String>) {
         edits.push(format!("synonym:{from}→{to}"));
     }
     text = toks.text();
+    // A participle as a relative clause: "a dog running" → "a dog that is running".
+    if rng.gen_bool(0.5) || edits.is_empty() {
+        if let Some((with, verb)) = relative_clause(&text) {
+            text = with;
+            edits.push(format!("relative:{verb}"));
+        }
+    }
     // A trailing prepositional phrase of the first sentence moved to the front.
     if rng.gen_bool(0.5) || edits.is_empty() {
         if let Some((moved, phrase)) = front_phrase(&text) {
@@ -315,6 +369,43 @@ pub fn paraphrase(caption: &str, rng: &mut impl Rng) -> (String, Vec<String>) {
         }
     }
     (text, edits)
+}
+
+/// The first participle after a noun phrase of the first sentence, as a relative clause.
+fn relative_clause(text: &str) -> Option<(String, String)> {
+    let toks = Tokens::new(text);
+    let words: Vec<usize> = (0..toks.toks.len()).filter(|&i| toks.is_word(i)).collect();
+    let first = toks.toks[*words.first()?].to_lowercase();
+    if !DETERMINERS.contains(&first.as_str()) {
+        return None;
+    }
+    for (n, &i) in words.iter().enumerate().skip(2) {
+        let w = toks.toks[i].to_lowercase();
+        if toks.toks[..i]
+            .iter()
+            .any(|t| matches!(t.as_str(), "." | "!" | "?" | ","))
+        {
+            return None;
+        }
+        if w.len() > 4 && w.ends_with("ing") && !NOT_PARTICIPLES.contains(&w.as_str()) {
+            let prev = toks.toks[words[n - 1]].to_lowercase();
+            if matches!(
+                prev.as_str(),
+                "is" | "are" | "was" | "were" | "be" | "been" | "that" | "of" | "for" | "while"
+            ) {
+                return None;
+            }
+            let plural = PLURAL.contains(&first.as_str());
+            let mut out = toks.clone();
+            out.toks[i] = format!(
+                "{} {}",
+                if plural { "that are" } else { "that is" },
+                toks.toks[i]
+            );
+            return Some((out.text(), w));
+        }
+    }
+    None
 }
 
 /// Sentences (ending in . ! or ?), trimmed.
@@ -585,6 +676,18 @@ mod tests {
             seen.insert(p);
         }
         assert!(seen.len() >= 4, "{seen:?}");
+        assert_eq!(
+            relative_clause("a brown dog running across a park")
+                .unwrap()
+                .0,
+            "a brown dog that is running across a park"
+        );
+        assert_eq!(
+            relative_clause("Two dogs playing with a ball").unwrap().0,
+            "Two dogs that are playing with a ball"
+        );
+        assert!(relative_clause("a tall building at night").is_none());
+        assert!(relative_clause("a man is running").is_none());
         let (moved, _) = front_phrase("A dog sitting on a couch in a living room.").unwrap();
         assert_eq!(moved, "In a living room, a dog sitting on a couch.");
         assert!(front_phrase("Lunch at noon.").is_none());
