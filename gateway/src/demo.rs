@@ -10,7 +10,8 @@
 //! Then the dataset side: a folder of generated scenes ingested, captioned (through the built-in
 //! scene describer, over the OpenAI wire format), filtered into a dataset version, exported as
 //! WebDataset, image folders, LLaVA JSON and Parquet, and the captions scored against the scenes' truth.
-//! Later issues extend it (search, training).
+//! Then training, retrieval (index, search, curation) and augmentation (seeded variants,
+//! paraphrases, hard negatives, checked to be reproducible).
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -300,12 +301,13 @@ async fn pipeline(embedded: &Embedded, key: &str) -> anyhow::Result<String> {
     datasets(&client, &mut summary).await?;
     training(&client, &mut summary).await?;
     retrieval(&client, &mut summary).await?;
+    augmentation(&client, &mut summary).await?;
 
     let health = reqwest::get(format!("http://{}/healthz", embedded.addr))
         .await?
         .text()
         .await?;
-    println!("\n8. GET /healthz → {health}");
+    println!("\n9. GET /healthz → {health}");
     Ok(format!("\nsummary:\n{summary}"))
 }
 
@@ -838,6 +840,69 @@ async fn retrieval(client: &Client, summary: &mut String) -> anyhow::Result<()> 
         b.version.unwrap_or(0)
     );
     summary.push_str("index / search / curate: ok\n");
+    Ok(())
+}
+
+/// Step 8: augment the dataset's latest version twice with one seed (same bytes), and check a
+/// variant against its recorded steps.
+async fn augmentation(client: &Client, summary: &mut String) -> anyhow::Result<()> {
+    println!("\n8. augmentation: atelier augment on dataset scenes");
+    let spec: atelier_contracts::AugmentSpec = serde_json::from_value(serde_json::json!({
+        "dataset": "scenes",
+        "transforms": [
+            {"op": "random_crop", "scale": [0.5, 1.0]},
+            {"op": "resize", "size": 64, "mode": "center_crop"},
+            {"op": "flip"},
+            {"op": "color_jitter", "brightness": 0.2, "contrast": 0.2, "saturation": 0.2, "hue": 0.05},
+            {"op": "jpeg", "quality": [50, 90]}
+        ],
+        "variants": 2,
+        "captions": {"paraphrase": "rules", "hard_negatives": {"neighbours": 1}},
+        "seed": "demo",
+        "note": "demo augmentation"
+    }))?;
+    let a = crate::augment::run(client, &spec).await?;
+    let b = crate::augment::run(client, &spec).await?;
+    let (ma, mb) = (
+        client.dataset_version("scenes", Some(a.version)).await?,
+        client.dataset_version("scenes", Some(b.version)).await?,
+    );
+    if ma.data.key != mb.data.key {
+        bail!("the same augmentation gave different bytes");
+    }
+    let data = client.download(&ma.data.key).await?;
+    let rows: Vec<atelier_contracts::DatasetRow> = std::str::from_utf8(&data)?
+        .lines()
+        .map(serde_json::from_str)
+        .collect::<Result<_, _>>()?;
+    let variant = rows
+        .iter()
+        .find(|r| r.augmentation.is_some())
+        .context("the augmented version has no variant")?;
+    let aug = variant.augmentation.as_ref().context("no augmentation")?;
+    let parent = rows
+        .iter()
+        .find(|r| r.sha256 == aug.parent)
+        .context("a variant's parent is missing")?;
+    println!(
+        "   POST /v1/datasets/scenes/augment → v{} from v{}: {} variants of {} rows, {} hard negatives (again: v{}, the same bytes)",
+        a.version, a.parent, a.variants, a.augmented_rows, a.negatives, b.version
+    );
+    println!(
+        "   {} ← {} by {}",
+        variant.image_id,
+        parent.image_id,
+        serde_json::to_string(&aug.steps)?
+    );
+    println!(
+        "   caption {:?} → {:?}",
+        parent.caption.as_deref().unwrap_or(""),
+        variant.caption.as_deref().unwrap_or("")
+    );
+    if let Some(n) = parent.negatives.first() {
+        println!("   hard negative ({:?}): {:?}", n.kind, n.text);
+    }
+    summary.push_str("augment: ok\n");
     Ok(())
 }
 
