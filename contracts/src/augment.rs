@@ -518,7 +518,8 @@ pub struct AugmentOutput {
     pub variants: u64,
     /// Hard negatives attached, over all rows.
     pub negatives: u64,
-    /// Variants left out because their image could not be read or transformed, with why.
+    /// What was left out and why: variants whose image could not be read or transformed, rows
+    /// the caption index does not hold (no neighbour negatives).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub skipped: Vec<String>,
     pub counts: VersionCounts,

@@ -285,7 +285,8 @@ pub struct SearchResponse {
 }
 
 /// The reply on `atelier.v1.retrieval.query`: `{"ok": ...}` or `{"error": {"code", "message"}}`.
-/// Codes: `invalid_query`, `not_found` (dataset, index, space or record), `bad_image`,
+/// Codes: `invalid_query`, `not_found` (dataset, index or space), `record_not_found` (an
+/// `image_id` the index does not hold: not indexed yet, or of a later version), `bad_image`,
 /// `model_unavailable` (the worker lacks the space's model, or has another than the index's),
 /// `unavailable` (the store is down).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema, ToSchema)]

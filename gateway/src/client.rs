@@ -170,9 +170,12 @@ impl Client {
         &self,
         spec: &atelier_contracts::CurateSpec,
     ) -> anyhow::Result<Result<atelier_contracts::CurateOutput, JobRecord>> {
-        self.post_waiting(&format!("/v1/datasets/{}/curate", spec.dataset), spec)
-            .await
-            .context("curating")
+        self.post_waiting(
+            &format!("/v1/datasets/{}/curate", spec.dataset),
+            spec,
+            "curating",
+        )
+        .await
     }
 
     /// `POST /v1/datasets/{name}/augment`: the new version's output, or the job's record when
@@ -181,9 +184,12 @@ impl Client {
         &self,
         spec: &atelier_contracts::AugmentSpec,
     ) -> anyhow::Result<Result<atelier_contracts::AugmentOutput, JobRecord>> {
-        self.post_waiting(&format!("/v1/datasets/{}/augment", spec.dataset), spec)
-            .await
-            .context("augmenting")
+        self.post_waiting(
+            &format!("/v1/datasets/{}/augment", spec.dataset),
+            spec,
+            "augmenting",
+        )
+        .await
     }
 
     /// POSTs to a route that waits for its job: 201 with the output, or 202 with the record.
@@ -191,10 +197,12 @@ impl Client {
         &self,
         path: &str,
         spec: &S,
+        what: &'static str,
     ) -> anyhow::Result<Result<O, JobRecord>> {
         let resp = self
             .send(|| self.req(reqwest::Method::POST, path).json(spec))
-            .await?;
+            .await
+            .context(what)?;
         let resp = Self::check(resp).await?;
         if resp.status() == reqwest::StatusCode::ACCEPTED {
             return Ok(Err(resp.json().await?));

@@ -364,7 +364,8 @@ pub async fn export(
 /// One Parquet file of rows with their images. Columns: `image` (struct of `bytes`, `path`),
 /// `image_id`, `text` (the caption), `sha256`, `image_key`, `width`, `height`, `format`,
 /// `caption_backend`, `caption_model`, `caption_prompt`, `language`, `words`, `decision`, `tier`,
-/// `split`, `signals` (JSON), `tags` (comma-separated), `source`, `license`. The schema carries the
+/// `split`, `signals` (JSON), `tags` (comma-separated), `source`, `license`, and from augment jobs
+/// `negatives`, `paraphrases` and `augmentation` (JSON, null when absent). The schema carries the
 /// `huggingface` metadata that makes `datasets` decode `image` as an `Image` feature.
 fn parquet_shard(items: &[(&DatasetRow, &bytes::Bytes)]) -> anyhow::Result<Vec<u8>> {
     use std::sync::Arc;
@@ -446,6 +447,30 @@ fn parquet_shard(items: &[(&DatasetRow, &bytes::Bytes)]) -> anyhow::Result<Vec<u
         ("tags", strings(&|r| Some(r.tags.join(", ")))),
         ("source", strings(&|r| r.source.clone())),
         ("license", strings(&|r| r.license.clone())),
+        (
+            "negatives",
+            strings(&|r| {
+                (!r.negatives.is_empty())
+                    .then(|| serde_json::to_string(&r.negatives).ok())
+                    .flatten()
+            }),
+        ),
+        (
+            "paraphrases",
+            strings(&|r| {
+                (!r.paraphrases.is_empty())
+                    .then(|| serde_json::to_string(&r.paraphrases).ok())
+                    .flatten()
+            }),
+        ),
+        (
+            "augmentation",
+            strings(&|r| {
+                r.augmentation
+                    .as_ref()
+                    .and_then(|a| serde_json::to_string(a).ok())
+            }),
+        ),
     ];
     let mut features = serde_json::Map::new();
     let fields: Vec<Field> = columns

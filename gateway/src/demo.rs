@@ -847,8 +847,12 @@ async fn retrieval(client: &Client, summary: &mut String) -> anyhow::Result<()> 
 /// variant against its recorded steps.
 async fn augmentation(client: &Client, summary: &mut String) -> anyhow::Result<()> {
     println!("\n8. augmentation: atelier augment on dataset scenes");
+    // The latest version (the curation); given explicitly, so the run again augments it too
+    // and not the version the first run writes.
+    let latest = client.dataset_version("scenes", None).await?.version;
     let spec: atelier_contracts::AugmentSpec = serde_json::from_value(serde_json::json!({
         "dataset": "scenes",
+        "version": latest,
         "transforms": [
             {"op": "random_crop", "scale": [0.5, 1.0]},
             {"op": "resize", "size": 64, "mode": "center_crop"},

@@ -141,6 +141,7 @@ pub async fn ask(app: &AppState, req: &SearchRequest) -> Result<SearchResponse, 
         SearchReply::Ok(r) => Ok(r),
         SearchReply::Error(e) => Err(match e.code.as_str() {
             "not_found" => ApiError::not_found("not_found", e.message),
+            "record_not_found" => ApiError::not_found("record_not_found", e.message),
             "bad_image" => ApiError::unprocessable("bad_image", e.message),
             "invalid_query" => ApiError::unprocessable("invalid_query", e.message),
             // The space exists but this deployment's indexer cannot embed queries for it.

@@ -273,6 +273,45 @@ async fn augment_variants_paraphrases_negatives_and_bad_input() {
         Paraphrase::Keep
     );
 
+    // A curated version (rows of the indexed version) augments with neighbours too.
+    let cur = atelier_gateway::search_cli::curate(
+        &client,
+        &serde_json::from_value(serde_json::json!({"dataset": "aug", "version": 1, "limit": 3}))
+            .unwrap(),
+    )
+    .await
+    .unwrap();
+    let n = atelier_gateway::augment::run(
+        &client,
+        &spec(serde_json::json!({
+            "dataset": "aug", "captions": {"hard_negatives": {"edits": [], "neighbours": 1}}
+        })),
+    )
+    .await
+    .unwrap();
+    assert_eq!(n.parent, cur.version.unwrap());
+    assert_eq!(n.negatives, 3, "{n:?}");
+    // Variants are not in the index (it holds version 1): they get no neighbours, and the
+    // output says so and what to run.
+    let v = atelier_gateway::augment::run(
+        &client,
+        &spec(serde_json::json!({
+            "dataset": "aug", "version": 2,
+            "captions": {"hard_negatives": {"edits": [], "neighbours": 1}}
+        })),
+    )
+    .await
+    .unwrap();
+    assert_eq!(v.negatives, 5, "{v:?}");
+    assert!(
+        v.skipped
+            .iter()
+            .any(|s| s.contains("10 rows are not in the caption index")
+                && s.contains("atelier index --dataset aug --version 2")),
+        "{:?}",
+        v.skipped
+    );
+
     // Bad input: a 4xx with the reason, and no version written.
     let before = client.dataset_version("aug", None).await.unwrap().version;
     for (body, want) in [

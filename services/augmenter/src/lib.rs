@@ -211,6 +211,7 @@ impl Augmenter {
 
         // Hard negatives: caption edits, then neighbours' captions from the index.
         let mut negatives = 0u64;
+        let mut notes: Vec<String> = Vec::new();
         if let Some(n) = &spec.captions.hard_negatives {
             for &i in &chosen {
                 rows[i].negatives = edit_negatives(&spec, &rows[i]);
@@ -225,19 +226,29 @@ impl Augmenter {
                         async move { neighbour_negatives(ctx, &dataset, &row, k).await }
                     })
                     .collect();
-                let found: Vec<Vec<HardNegative>> = futures::stream::iter(queries)
+                let found: Vec<Option<Vec<HardNegative>>> = futures::stream::iter(queries)
                     .buffered(8)
                     .try_collect()
                     .await?;
+                let mut unindexed = 0;
                 for (&i, more) in chosen.iter().zip(found) {
-                    rows[i].negatives.extend(more);
+                    match more {
+                        Some(more) => rows[i].negatives.extend(more),
+                        None => unindexed += 1,
+                    }
+                }
+                if unindexed > 0 {
+                    notes.push(format!(
+                        "{unindexed} rows are not in the caption index, so they got no neighbour negatives: run `atelier index --dataset {} --version {}` first",
+                        spec.dataset, parent.version
+                    ));
                 }
             }
             negatives = chosen.iter().map(|&i| rows[i].negatives.len() as u64).sum();
         }
 
         let mut variants: Vec<DatasetRow> = Vec::new();
-        let mut skipped: Vec<String> = Vec::new();
+        let mut skipped: Vec<String> = notes;
         let mut augmented_rows = 0u64;
         if spec.makes_variants() && spec.transforms.is_empty() {
             // Caption-only: paraphrases attached to the original rows.
@@ -478,20 +489,21 @@ async fn caption_variant(
     }
 }
 
-/// Captions of the nearest other rows in the dataset's `caption` index.
+/// Captions of the nearest other rows in the dataset's `caption` index; `None` when the index
+/// does not hold this row (indexed before it was added, or a variant of an earlier job).
 async fn neighbour_negatives(
     ctx: &JobCtx,
     dataset: &str,
     row: &DatasetRow,
     n: u32,
-) -> Result<Vec<HardNegative>, JobError> {
+) -> Result<Option<Vec<HardNegative>>, JobError> {
     let Some(own) = row
         .caption
         .as_deref()
         .map(str::trim)
         .filter(|c| !c.is_empty())
     else {
-        return Ok(Vec::new());
+        return Ok(Some(Vec::new()));
     };
     let req = SearchRequest {
         dataset: dataset.to_owned(),
@@ -526,6 +538,7 @@ async fn neighbour_negatives(
         .map_err(|e| JobError::retryable("index_unavailable", e.to_string()))?;
     let found = match reply {
         SearchReply::Ok(r) => r.results,
+        SearchReply::Error(e) if e.code == "record_not_found" => return Ok(None),
         SearchReply::Error(e) if e.code == "not_found" || e.code == "invalid_query" => {
             return Err(JobError::permanent(
                 "no_index",
@@ -538,20 +551,22 @@ async fn neighbour_negatives(
         SearchReply::Error(e) => return Err(JobError::retryable("index_unavailable", e.message)),
     };
     let own_l = own.to_lowercase();
-    Ok(found
-        .into_iter()
-        .filter(|h| h.sha256 != row.sha256)
-        .filter_map(|h| {
-            let c = h.caption?.trim().to_owned();
-            (!c.is_empty() && c.to_lowercase() != own_l).then_some(HardNegative {
-                text: c,
-                kind: NegativeKind::Neighbour,
-                image_id: Some(h.image_id),
-                score: Some(h.score),
+    Ok(Some(
+        found
+            .into_iter()
+            .filter(|h| h.sha256 != row.sha256)
+            .filter_map(|h| {
+                let c = h.caption?.trim().to_owned();
+                (!c.is_empty() && c.to_lowercase() != own_l).then_some(HardNegative {
+                    text: c,
+                    kind: NegativeKind::Neighbour,
+                    image_id: Some(h.image_id),
+                    score: Some(h.score),
+                })
             })
-        })
-        .take(n as usize)
-        .collect())
+            .take(n as usize)
+            .collect(),
+    ))
 }
 
 #[cfg(test)]

@@ -125,7 +125,7 @@ async fn query_vector(
     if let Some(id) = &req.image_id {
         let Some((key, _)) = index.row(id) else {
             return Err(err(
-                "not_found",
+                "record_not_found",
                 format!("dataset {:?} has no indexed record {id:?}", req.dataset),
             ));
         };
@@ -137,7 +137,7 @@ async fn query_vector(
         };
         let Some(v) = index.spaces.get(&from).and_then(|g| g.get(key)) else {
             return Err(err(
-                "not_found",
+                "record_not_found",
                 format!("record {id:?} has no embedding in space {from}"),
             ));
         };
