@@ -472,6 +472,11 @@ pub struct Augmentation {
     pub steps: Vec<Step>,
     /// How the caption was made.
     pub caption: CaptionChange,
+    /// The image is mirrored (an odd number of flips in a direction), so the caption's sides were
+    /// exchanged to match: left/right for horizontal, top/bottom, above/below, upper/lower for
+    /// vertical.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub mirrored: Vec<FlipDirection>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema, ToSchema)]

@@ -148,6 +148,7 @@ async fn augment_variants_paraphrases_negatives_and_bad_input() {
     assert_eq!(manifest.parent, Some(1));
     assert_eq!(manifest.augmentation.as_deref(), Some(&s));
     let mut per_parent: HashMap<&str, u32> = HashMap::new();
+    let mut mirrored_seen = 0;
     for r in v2.iter().filter(|r| r.augmentation.is_some()) {
         let a = r.augmentation.as_ref().unwrap();
         let parent = parents[a.parent.as_str()];
@@ -177,7 +178,34 @@ async fn augment_variants_paraphrases_negatives_and_bad_input() {
         };
         assert!(!edits.is_empty());
         assert_ne!(r.caption, parent.caption, "{edits:?}");
+        // A mirrored image's caption has its sides exchanged.
+        let flips = a
+            .steps
+            .iter()
+            .filter(|s| matches!(s, atelier_contracts::augment::Step::Flip { .. }))
+            .count();
+        let caption = r.caption.as_deref().unwrap();
+        if parent.caption.as_deref() == Some(ROWS[3].1) {
+            if flips == 1 {
+                mirrored_seen += 1;
+                assert_eq!(
+                    a.mirrored,
+                    [atelier_contracts::augment::FlipDirection::Horizontal]
+                );
+                assert!(
+                    caption.contains("right") && !caption.contains("left"),
+                    "{caption}"
+                );
+            } else {
+                assert!(a.mirrored.is_empty());
+                assert!(caption.contains("left"), "{caption}");
+            }
+        }
     }
+    assert!(
+        mirrored_seen >= 1,
+        "the seed gives the left/right row a mirrored variant"
+    );
     assert_eq!(per_parent.len(), 5);
     assert!(per_parent.values().all(|n| *n == 2));
     // Negatives: caption edits that change what the caption says, and other rows' captions.

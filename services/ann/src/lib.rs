@@ -27,6 +27,11 @@ fn lib(e: impl std::fmt::Display) -> AnnError {
     AnnError::Library(e.to_string())
 }
 
+/// Indexes storing at most this many floats (vectors × dimensions; 1,365 × 384 captions hold
+/// 0.5 M) are searched by a flat scan: measured on the caption set, the scan beats the graph
+/// (and faiss' graph) below about this size. See docs/benchmarks.md.
+pub const EXACT_BELOW: usize = 1 << 20;
+
 /// HNSW parameters, named as faiss and hnswlib name them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct AnnParams {
@@ -59,6 +64,71 @@ pub struct AnnIndex {
     dim: usize,
     params: AnnParams,
     inner: usearch::Index,
+    /// USearch keeps one scratch context per concurrent search or insert and fails a call that
+    /// finds none free; callers (query tasks on a blocking pool) may outnumber them, so every
+    /// such call first takes one of these slots, waiting when all are busy.
+    slots: Slots,
+}
+
+/// A counting semaphore over USearch's reserved thread contexts.
+struct Slots {
+    state: std::sync::Mutex<(usize, usize)>,
+    freed: std::sync::Condvar,
+}
+
+struct Slot<'a>(&'a Slots);
+
+impl Slots {
+    fn new(total: usize) -> Self {
+        Self {
+            state: std::sync::Mutex::new((total, total)),
+            freed: std::sync::Condvar::new(),
+        }
+    }
+    fn total(&self) -> usize {
+        self.state.lock().map_or(1, |s| s.1)
+    }
+    /// Raises the number of slots to `total` (never lowers it).
+    fn grow(&self, total: usize) {
+        if let Ok(mut s) = self.state.lock() {
+            if total > s.1 {
+                s.0 += total - s.1;
+                s.1 = total;
+                self.freed.notify_all();
+            }
+        }
+    }
+    fn take(&self) -> Slot<'_> {
+        let mut s = match self.state.lock() {
+            Ok(s) => s,
+            Err(p) => p.into_inner(),
+        };
+        while s.0 == 0 {
+            s = match self.freed.wait(s) {
+                Ok(s) => s,
+                Err(p) => p.into_inner(),
+            };
+        }
+        s.0 -= 1;
+        Slot(self)
+    }
+}
+
+impl Drop for Slot<'_> {
+    fn drop(&mut self) {
+        let mut s = match self.0.state.lock() {
+            Ok(s) => s,
+            Err(p) => p.into_inner(),
+        };
+        s.0 += 1;
+        self.0.freed.notify_one();
+    }
+}
+
+/// Thread contexts reserved per index: the machine's parallelism (more gain nothing, as
+/// searches are CPU-bound).
+fn default_threads() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
 }
 
 fn options(dim: usize, p: AnnParams) -> usearch::IndexOptions {
@@ -143,7 +213,16 @@ impl AnnIndex {
     pub fn new(dim: usize, params: AnnParams) -> Result<Self, AnnError> {
         let mut inner = usearch::Index::new(&options(dim, params)).map_err(lib)?;
         inner.change_metric(ip_metric(dim));
-        Ok(Self { dim, params, inner })
+        let threads = default_threads();
+        inner
+            .reserve_capacity_and_threads(64, threads)
+            .map_err(lib)?;
+        Ok(Self {
+            dim,
+            params,
+            inner,
+            slots: Slots::new(threads),
+        })
     }
 
     pub fn dim(&self) -> usize {
@@ -181,9 +260,12 @@ impl AnnIndex {
     /// Room for `n` more vectors without reallocating, and `threads` concurrent inserters or
     /// searchers.
     pub fn reserve(&self, n: usize, threads: usize) -> Result<(), AnnError> {
+        let threads = threads.max(self.slots.total());
         self.inner
-            .reserve_capacity_and_threads(self.len() + n, threads.max(1))
-            .map_err(lib)
+            .reserve_capacity_and_threads(self.len() + n, threads)
+            .map_err(lib)?;
+        self.slots.grow(threads);
+        Ok(())
     }
 
     /// Inserts (or replaces) `key`. Safe to call from several threads after [`reserve`](Self::reserve).
@@ -194,8 +276,11 @@ impl AnnIndex {
         }
         if self.inner.size() + 1 > self.inner.capacity() {
             let grow = (self.inner.capacity() * 2).max(64);
-            self.inner.reserve(grow).map_err(lib)?;
+            self.inner
+                .reserve_capacity_and_threads(grow, self.slots.total())
+                .map_err(lib)?;
         }
+        let _slot = self.slots.take();
         self.inner.add(key, &v).map_err(lib)
     }
 
@@ -225,13 +310,33 @@ impl AnnIndex {
         Ok(self.inner.remove(key).map_err(lib)? > 0)
     }
 
-    /// The `k` nearest keys, best first.
+    /// The `k` nearest keys, best first. Small indexes (at most [`EXACT_BELOW`] stored floats)
+    /// are scanned exactly: there a flat scan is faster than walking the graph, and its recall
+    /// is 1.
     pub fn search(&self, q: &[f32], k: usize) -> Result<Vec<Hit>, AnnError> {
         let q = self.check(q)?;
         if k == 0 || self.is_empty() {
             return Ok(Vec::new());
         }
+        if self.len().saturating_mul(self.dim) <= EXACT_BELOW {
+            let _slot = self.slots.take();
+            let m = self.inner.exact_search(&q, k).map_err(lib)?;
+            return Ok(hits(m));
+        }
         self.raise_ef(k);
+        let _slot = self.slots.take();
+        let m = self.inner.search(&q, k).map_err(lib)?;
+        Ok(hits(m))
+    }
+
+    /// [`search`](Self::search) through the graph whatever the size (benchmarks, tests).
+    pub fn search_graph(&self, q: &[f32], k: usize) -> Result<Vec<Hit>, AnnError> {
+        let q = self.check(q)?;
+        if k == 0 || self.is_empty() {
+            return Ok(Vec::new());
+        }
+        self.raise_ef(k);
+        let _slot = self.slots.take();
         let m = self.inner.search(&q, k).map_err(lib)?;
         Ok(hits(m))
     }
@@ -248,6 +353,7 @@ impl AnnIndex {
             return Ok(Vec::new());
         }
         self.raise_ef(k);
+        let _slot = self.slots.take();
         let m = self.inner.filtered_search(&q, k, keep).map_err(lib)?;
         Ok(hits(m))
     }
@@ -282,8 +388,13 @@ impl AnnIndex {
             .inner
             .load_from_buffer(bytes)
             .map_err(|e| AnnError::Corrupt(e.to_string()))?;
-        // Loading restores the stored metric kind; ours replaces it again.
+        // Loading restores the stored metric kind; ours replaces it again, and the thread
+        // contexts the slots count on.
         index.inner.change_metric(ip_metric(dim));
+        index
+            .inner
+            .reserve_capacity_and_threads(index.inner.size().max(64), index.slots.total())
+            .map_err(lib)?;
         index.inner.change_expansion_search(params.ef_search);
         Ok(index)
     }
@@ -370,14 +481,22 @@ mod tests {
         assert!((hit[0].score - 1.0).abs() < 1e-4, "{:?}", hit[0]);
 
         let queries = random_unit(&mut rng, 50, dim);
-        let mut total = 0.0;
+        let (mut graph, mut flat) = (0.0, 0.0);
         for q in queries.chunks(dim) {
             let truth = exact_top_k(q, &keys, &data, 10);
-            let found = index.search(q, 10).unwrap();
+            let found = index.search_graph(q, 10).unwrap();
             assert!(found.windows(2).all(|w| w[0].score >= w[1].score));
-            total += recall(&found, &truth);
+            graph += recall(&found, &truth);
+            // This index is small enough for `search` to scan exactly.
+            let exact = index.search(q, 10).unwrap();
+            flat += recall(&exact, &truth);
+            for (a, b) in exact.iter().zip(&truth) {
+                assert!((a.score - b.score).abs() < 1e-5, "{a:?} {b:?}");
+            }
         }
-        assert!(total / 50.0 > 0.9, "recall {}", total / 50.0);
+        assert!(n * dim <= EXACT_BELOW);
+        assert!(graph / 50.0 > 0.9, "graph recall {}", graph / 50.0);
+        assert!(flat / 50.0 > 0.999, "exact recall {}", flat / 50.0);
 
         let stored = index.get(keys[5]).unwrap();
         assert!((dot(&stored, &data[dim * 5..dim * 6]) - 1.0).abs() < 1e-5);
@@ -387,6 +506,8 @@ mod tests {
         assert!(index.remove(keys[5]).unwrap());
         assert!(!index.remove(keys[5]).unwrap());
         let hit = index.search(&data[dim * 5..dim * 6], 5).unwrap();
+        assert!(hit.iter().all(|h| h.key != keys[5]));
+        let hit = index.search_graph(&data[dim * 5..dim * 6], 5).unwrap();
         assert!(hit.iter().all(|h| h.key != keys[5]));
         assert_eq!(index.len(), n - 1);
 
@@ -403,6 +524,10 @@ mod tests {
         assert_eq!(back.len(), n - 1);
         for q in queries.chunks(dim).take(10) {
             assert_eq!(index.search(q, 10).unwrap(), back.search(q, 10).unwrap());
+            assert_eq!(
+                index.search_graph(q, 10).unwrap(),
+                back.search_graph(q, 10).unwrap()
+            );
         }
         back.insert(keys[5], &data[dim * 5..dim * 6]).unwrap();
         assert_eq!(
@@ -414,6 +539,36 @@ mod tests {
             Err(AnnError::Corrupt(_))
         ));
         assert!(AnnIndex::from_bytes(b"not an index", dim, AnnParams::default()).is_err());
+    }
+
+    #[test]
+    fn many_concurrent_searches_wait_for_a_context() {
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(9);
+        let (n, dim) = (1500, 16);
+        let data = random_unit(&mut rng, n, dim);
+        let index = AnnIndex::new(dim, AnnParams::default()).unwrap();
+        let items: Vec<(u64, &[f32])> = (0..n as u64).zip(data.chunks(dim)).collect();
+        index.insert_many(&items).unwrap();
+        let bytes = index.to_bytes().unwrap();
+        let loaded = AnnIndex::from_bytes(&bytes, dim, AnnParams::default()).unwrap();
+        // Far more threads than reserved contexts, as a query server's blocking pool has.
+        std::thread::scope(|s| {
+            for t in 0..32 {
+                let (index, loaded, data) = (&index, &loaded, &data);
+                s.spawn(move || {
+                    for i in 0..20 {
+                        let q = &data[((t * 20 + i) % n) * dim..][..dim];
+                        assert!(!index.search(q, 5).unwrap().is_empty());
+                        assert!(!index.search_graph(q, 5).unwrap().is_empty());
+                        assert!(!loaded.search(q, 5).unwrap().is_empty());
+                        assert!(!loaded
+                            .search_filtered(q, 5, |k| k % 2 == 0)
+                            .unwrap()
+                            .is_empty());
+                    }
+                });
+            }
+        });
     }
 
     #[test]

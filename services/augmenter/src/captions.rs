@@ -40,8 +40,6 @@ const SYNONYMS: &[&[&str]] = &[
     &["beautiful", "lovely"],
     &["bright", "vivid"],
     &["plate", "dish"],
-    &["to the left of", "left of"],
-    &["to the right of", "right of"],
     &["grassy", "grass-covered"],
     &["sleeping", "napping"],
 ];
@@ -438,9 +436,18 @@ fn front_phrase(text: &str) -> Option<(String, String)> {
     }
     // The last frontable preposition with at least two words of head before it and a noun
     // phrase of at least two words after it.
+    let lower: Vec<String> = words.iter().map(|w| w.to_lowercase()).collect();
+    let side = |i: usize| {
+        lower[i] == "to"
+            && lower.get(i + 1).is_some_and(|w| w == "the")
+            && lower
+                .get(i + 2)
+                .is_some_and(|w| w == "left" || w == "right")
+            && lower.get(i + 3).is_some_and(|w| w == "of")
+    };
     let at = (2..words.len().saturating_sub(2))
         .rev()
-        .find(|&i| FRONTABLE.contains(&words[i].to_lowercase().as_str()))?;
+        .find(|&i| FRONTABLE.contains(&lower[i].as_str()) || side(i))?;
     let phrase = words[at..].join(" ");
     let head = words[..at].join(" ");
     let head = if words[0] == "I" {
@@ -452,6 +459,41 @@ fn front_phrase(text: &str) -> Option<(String, String)> {
             .unwrap_or_default()
     };
     Some((format!("{}, {head}{rest}", capitalise(&phrase)), phrase))
+}
+
+/// The caption of a mirrored image: left and right exchanged (a horizontal flip), or top and
+/// bottom, above and below, upper and lower (a vertical one). `None` when nothing changes.
+pub fn mirror(caption: &str, horizontal: bool) -> Option<String> {
+    let pairs: &[(&str, &str)] = if horizontal {
+        &[("left", "right"), ("leftmost", "rightmost")]
+    } else {
+        &[
+            ("top", "bottom"),
+            ("above", "below"),
+            ("upper", "lower"),
+            ("topmost", "bottommost"),
+        ]
+    };
+    let mut toks = Tokens::new(caption);
+    let mut changed = false;
+    for t in toks.toks.iter_mut() {
+        let lower = t.to_lowercase();
+        let to = pairs.iter().find_map(|(a, b)| {
+            if lower == *a {
+                Some(*b)
+            } else if lower == *b {
+                Some(*a)
+            } else {
+                None
+            }
+        });
+        if let Some(to) = to {
+            let cap = t.chars().next().is_some_and(char::is_uppercase);
+            *t = if cap { capitalise(to) } else { to.to_owned() };
+            changed = true;
+        }
+    }
+    changed.then(|| toks.text())
 }
 
 /// One hard negative of `kind` for `caption`, if the caption has something to edit.
@@ -691,6 +733,12 @@ mod tests {
         let (moved, _) = front_phrase("A dog sitting on a couch in a living room.").unwrap();
         assert_eq!(moved, "In a living room, a dog sitting on a couch.");
         assert!(front_phrase("Lunch at noon.").is_none());
+        assert_eq!(
+            front_phrase("a green triangle to the left of a yellow star")
+                .unwrap()
+                .0,
+            "To the left of a yellow star, a green triangle"
+        );
         // Long captions keep their first sentence first.
         let long = "The image shows a kitchen. A red kettle is on the stove. Two cups sit nearby. Light comes from a window.";
         let (p, _) = paraphrase(long, &mut rng(3));
@@ -699,6 +747,20 @@ mod tests {
                 || p.starts_with("The image depicts a kitchen."),
             "{p}"
         );
+    }
+
+    #[test]
+    fn mirrored_captions_swap_sides() {
+        assert_eq!(
+            mirror("A red circle in the upper left, a star to the Right.", true).unwrap(),
+            "A red circle in the upper right, a star to the Left."
+        );
+        assert_eq!(
+            mirror("A lamp above a table, the upper shelf.", false).unwrap(),
+            "A lamp below a table, the lower shelf."
+        );
+        assert!(mirror("A cat on a mat.", true).is_none());
+        assert!(mirror("He left early.", false).is_none());
     }
 
     #[test]

@@ -16,8 +16,8 @@ use std::time::Duration;
 
 use atelier_captioner::openai;
 use atelier_contracts::augment::{
-    Augmentation, CaptionChange, HardNegative, NegativeKind, OutputFormat, Paraphrase, Paraphrased,
-    Step,
+    Augmentation, CaptionChange, FlipDirection, HardNegative, NegativeKind, OutputFormat,
+    Paraphrase, Paraphrased, Step,
 };
 use atelier_contracts::dataset::{Decision, VersionCounts};
 use atelier_contracts::subjects::RETRIEVAL_QUERY;
@@ -334,6 +334,27 @@ impl Augmenter {
                             }
                             _ => (row.caption.clone(), CaptionChange::Kept),
                         };
+                        // A mirrored image gets a mirrored caption ("left" is now "right").
+                        let mut mirrored = Vec::new();
+                        let mut caption = caption;
+                        for d in [FlipDirection::Horizontal, FlipDirection::Vertical] {
+                            let flips = r
+                                .steps
+                                .iter()
+                                .filter(
+                                    |s| matches!(s, Step::Flip { direction } if *direction == d),
+                                )
+                                .count();
+                            if flips % 2 == 1 {
+                                let swapped = caption.as_deref().and_then(|c| {
+                                    captions::mirror(c, d == FlipDirection::Horizontal)
+                                });
+                                if let Some(t) = swapped {
+                                    caption = Some(t);
+                                    mirrored.push(d);
+                                }
+                            }
+                        }
                         let mut out = row.clone();
                         out.image_id = art.sha256[..16].to_owned();
                         out.image_key = art.key.clone();
@@ -358,6 +379,7 @@ impl Augmenter {
                             variant: v,
                             steps: r.steps,
                             caption: change,
+                            mirrored,
                         });
                         variants.push(out);
                         made += 1;
