@@ -27,11 +27,6 @@ fn lib(e: impl std::fmt::Display) -> AnnError {
     AnnError::Library(e.to_string())
 }
 
-/// Indexes storing at most this many floats (vectors × dimensions; 1,365 × 384 captions hold
-/// 0.5 M) are searched by a flat scan: measured on the caption set, the scan beats the graph
-/// (and faiss' graph) below about this size. See docs/benchmarks.md.
-pub const EXACT_BELOW: usize = 1 << 20;
-
 /// HNSW parameters, named as faiss and hnswlib name them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct AnnParams {
@@ -310,27 +305,8 @@ impl AnnIndex {
         Ok(self.inner.remove(key).map_err(lib)? > 0)
     }
 
-    /// The `k` nearest keys, best first. Small indexes (at most [`EXACT_BELOW`] stored floats)
-    /// are scanned exactly: there a flat scan is faster than walking the graph, and its recall
-    /// is 1.
+    /// The `k` nearest keys, best first.
     pub fn search(&self, q: &[f32], k: usize) -> Result<Vec<Hit>, AnnError> {
-        let q = self.check(q)?;
-        if k == 0 || self.is_empty() {
-            return Ok(Vec::new());
-        }
-        if self.len().saturating_mul(self.dim) <= EXACT_BELOW {
-            let _slot = self.slots.take();
-            let m = self.inner.exact_search(&q, k).map_err(lib)?;
-            return Ok(hits(m));
-        }
-        self.raise_ef(k);
-        let _slot = self.slots.take();
-        let m = self.inner.search(&q, k).map_err(lib)?;
-        Ok(hits(m))
-    }
-
-    /// [`search`](Self::search) through the graph whatever the size (benchmarks, tests).
-    pub fn search_graph(&self, q: &[f32], k: usize) -> Result<Vec<Hit>, AnnError> {
         let q = self.check(q)?;
         if k == 0 || self.is_empty() {
             return Ok(Vec::new());
@@ -481,22 +457,14 @@ mod tests {
         assert!((hit[0].score - 1.0).abs() < 1e-4, "{:?}", hit[0]);
 
         let queries = random_unit(&mut rng, 50, dim);
-        let (mut graph, mut flat) = (0.0, 0.0);
+        let mut total = 0.0;
         for q in queries.chunks(dim) {
             let truth = exact_top_k(q, &keys, &data, 10);
-            let found = index.search_graph(q, 10).unwrap();
+            let found = index.search(q, 10).unwrap();
             assert!(found.windows(2).all(|w| w[0].score >= w[1].score));
-            graph += recall(&found, &truth);
-            // This index is small enough for `search` to scan exactly.
-            let exact = index.search(q, 10).unwrap();
-            flat += recall(&exact, &truth);
-            for (a, b) in exact.iter().zip(&truth) {
-                assert!((a.score - b.score).abs() < 1e-5, "{a:?} {b:?}");
-            }
+            total += recall(&found, &truth);
         }
-        assert!(n * dim <= EXACT_BELOW);
-        assert!(graph / 50.0 > 0.9, "graph recall {}", graph / 50.0);
-        assert!(flat / 50.0 > 0.999, "exact recall {}", flat / 50.0);
+        assert!(total / 50.0 > 0.9, "recall {}", total / 50.0);
 
         let stored = index.get(keys[5]).unwrap();
         assert!((dot(&stored, &data[dim * 5..dim * 6]) - 1.0).abs() < 1e-5);
@@ -506,8 +474,6 @@ mod tests {
         assert!(index.remove(keys[5]).unwrap());
         assert!(!index.remove(keys[5]).unwrap());
         let hit = index.search(&data[dim * 5..dim * 6], 5).unwrap();
-        assert!(hit.iter().all(|h| h.key != keys[5]));
-        let hit = index.search_graph(&data[dim * 5..dim * 6], 5).unwrap();
         assert!(hit.iter().all(|h| h.key != keys[5]));
         assert_eq!(index.len(), n - 1);
 
@@ -524,10 +490,6 @@ mod tests {
         assert_eq!(back.len(), n - 1);
         for q in queries.chunks(dim).take(10) {
             assert_eq!(index.search(q, 10).unwrap(), back.search(q, 10).unwrap());
-            assert_eq!(
-                index.search_graph(q, 10).unwrap(),
-                back.search_graph(q, 10).unwrap()
-            );
         }
         back.insert(keys[5], &data[dim * 5..dim * 6]).unwrap();
         assert_eq!(
@@ -559,7 +521,6 @@ mod tests {
                     for i in 0..20 {
                         let q = &data[((t * 20 + i) % n) * dim..][..dim];
                         assert!(!index.search(q, 5).unwrap().is_empty());
-                        assert!(!index.search_graph(q, 5).unwrap().is_empty());
                         assert!(!loaded.search(q, 5).unwrap().is_empty());
                         assert!(!loaded
                             .search_filtered(q, 5, |k| k % 2 == 0)

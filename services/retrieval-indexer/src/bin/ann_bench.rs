@@ -115,7 +115,6 @@ fn qps(
     dim: usize,
     k: usize,
     threads: usize,
-    graph: bool,
 ) -> (f64, Vec<Vec<Hit>>) {
     let pool = rayon::ThreadPoolBuilder::new()
         .num_threads(threads)
@@ -125,13 +124,7 @@ fn qps(
     let found: Vec<Vec<Hit>> = pool.install(|| {
         queries
             .par_chunks(dim)
-            .map(|q| {
-                if graph {
-                    index.search_graph(q, k).expect("search")
-                } else {
-                    index.search(q, k).expect("search")
-                }
-            })
+            .map(|q| index.search(q, k).expect("search"))
             .collect()
     });
     (
@@ -223,28 +216,13 @@ fn main() -> anyhow::Result<()> {
         let build = t.elapsed().as_secs_f64();
         for &ef in &efs {
             index.set_ef_search(ef);
-            let (q1, found) = qps(&index, &d.queries, d.dim, a.k, 1, true);
-            let (q2, _) = qps(&index, &d.queries, d.dim, a.k, 2, true);
+            let (q1, found) = qps(&index, &d.queries, d.dim, a.k, 1);
+            let (q2, _) = qps(&index, &d.queries, d.dim, a.k, 2);
             report(
                 &a,
                 &d,
                 "atelier-ann (usearch 2.26.6)",
                 ef,
-                build,
-                &found,
-                &truth,
-                (q1, q2),
-            );
-        }
-        // What the indexer's search does at this size: below the threshold, a flat exact scan.
-        if n * d.dim <= atelier_ann::EXACT_BELOW {
-            let (q1, found) = qps(&index, &d.queries, d.dim, a.k, 1, false);
-            let (q2, _) = qps(&index, &d.queries, d.dim, a.k, 2, false);
-            report(
-                &a,
-                &d,
-                "atelier-ann search (exact scan below EXACT_BELOW)",
-                0,
                 build,
                 &found,
                 &truth,
