@@ -234,6 +234,30 @@ fn log_tail(path: &Path, n: usize) -> String {
     lines[lines.len().saturating_sub(n)..].join("\n")
 }
 
+/// Removes the data folders of shared SeaweedFS instances whose test process has exited: the
+/// static that owns one is never dropped, so each test binary's run would otherwise leave its
+/// ~250 MB behind. Folders are named `atelier-weed-<pid>-…`; a live pid's folder is kept.
+fn sweep_stale_weed_dirs() {
+    let Ok(entries) = std::fs::read_dir(std::env::temp_dir()) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let Some(rest) = name.strip_prefix("atelier-weed-") else {
+            continue;
+        };
+        let pid = rest.split('-').next().and_then(|p| p.parse::<i32>().ok());
+        let alive = pid.is_some_and(|pid| {
+            // SAFETY: signal 0 only checks that the process exists.
+            let exists = unsafe { libc::kill(pid, 0) == 0 };
+            exists || std::io::Error::last_os_error().raw_os_error() == Some(libc::EPERM)
+        });
+        if !alive {
+            let _ = std::fs::remove_dir_all(e.path());
+        }
+    }
+}
+
 /// One SeaweedFS for the whole test binary, started on a thread that never exits (its children
 /// die with the process, not with the test that happened to start it). A start that does not come
 /// up is retried twice, on fresh ports and a fresh directory (free ports are picked by binding
@@ -244,9 +268,10 @@ pub fn shared_seaweed() -> &'static (String, u16) {
         let (tx, rx) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
             let mut errors = Vec::new();
+            sweep_stale_weed_dirs();
             for _ in 0..3 {
                 let dir = tempfile::Builder::new()
-                    .prefix("atelier-weed-")
+                    .prefix(&format!("atelier-weed-{}-", std::process::id()))
                     .tempdir()
                     .expect("tempdir");
                 match Seaweed::start(dir.path()) {
