@@ -220,4 +220,8 @@ pub struct ImagesOutput {
     pub parameters: String,
     /// A1111's short model hash.
     pub model_hash: String,
+    /// How many jobs shared this job's sampling passes (absent when it ran alone): a sampler
+    /// with a batch window stacks compatible txt2img jobs into one UNet batch.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub batch_jobs: Option<u32>,
 }

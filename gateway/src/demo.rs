@@ -78,6 +78,8 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
             model_cache: 2,
             model_cache_mb: 0,
             device: "cpu".into(),
+            batch_window_ms: 150,
+            max_batch: 8,
         },
         openai: atelier_captioner::OpenAiArgs::default(),
         // No vision model can be reached here: caption through the built-in scene describer,
@@ -388,6 +390,29 @@ async fn generation(client: &Client, summary: &mut String) -> anyhow::Result<()>
     );
     println!("   same seed again → same bytes, same key (deterministic)");
     println!("   parameters: {}", first.parameters.replace('\n', " | "));
+    // Three compatible jobs at once (other prompts and seeds): the sampler stacks them into one
+    // UNet batch (this demo runs it with a 150 ms batch window).
+    let mut ids = Vec::new();
+    for (i, prompt) in ["a green square", "two stars at night", "a yellow sun"]
+        .into_iter()
+        .enumerate()
+    {
+        let s = atelier_contracts::GenerateSpec {
+            prompt: prompt.into(),
+            seed: Some(77 + i as u64),
+            batch_size: 1,
+            ..spec.clone()
+        };
+        ids.push(client.generate("txt2img", &s).await?.id.to_string());
+    }
+    let mut shared = Vec::new();
+    for id in &ids {
+        shared.push(finish(client, id, "txt2img").await?.batch_jobs.unwrap_or(1));
+    }
+    println!("   3 txt2img jobs submitted together → sampled as batches of {shared:?} jobs");
+    if shared.iter().all(|n| *n == 1) {
+        bail!("three compatible jobs submitted together were not batched");
+    }
     if !first
         .parameters
         .contains("Sampler: DPM++ 2M Karras, CFG scale: 6, Seed: 1234, Size: 64x64")

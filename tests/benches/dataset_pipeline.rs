@@ -72,6 +72,8 @@ async fn main() {
             model_cache: 1,
             model_cache_mb: 0,
             device: "cpu".into(),
+            batch_window_ms: 0,
+            max_batch: 8,
         },
         openai: atelier_captioner::OpenAiArgs {
             requests_per_minute: 0,

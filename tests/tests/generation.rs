@@ -410,3 +410,103 @@ async fn a1111_clients_work_unchanged() {
     shutdown.cancel();
     c.stop_services(libc::SIGTERM, Duration::from_secs(10));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn compatible_txt2img_jobs_share_a_batch() {
+    let mut c = Cluster::local().await.unwrap();
+    let models = c.tmp.path().join("models");
+    make_tiny(&models.join("tiny"), Family::Sd1, 23).unwrap();
+    write_lora(&models.join("loras/style.safetensors"));
+    c.spawn_service(
+        "atelier-sampler",
+        &[
+            ("ATELIER_MODELS", models.display().to_string()),
+            ("ATELIER_BATCH_WINDOW_MS", "1500".into()),
+            ("ATELIER_MAX_BATCH", "3".into()),
+        ],
+    )
+    .unwrap();
+    let shutdown = CancellationToken::new();
+    let client = c.open_gateway(&shutdown).await;
+    // Four compatible jobs (other prompts, seeds, batch sizes) and one with other steps.
+    let mut ids = Vec::new();
+    for (i, prompt) in [
+        "a red circle <lora:style:0.8>",
+        "a (blue:1.2) square <lora:style:0.8>",
+        "[a:b:0.5] star <lora:style:0.8>",
+        "a moon <lora:style:0.8>",
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let mut s = spec("tiny");
+        s.prompt = prompt.into();
+        s.seed = Some(10 + i as u64);
+        s.batch_size = 1 + (i as u32 % 2);
+        ids.push(client.generate("txt2img", &s).await.unwrap().id);
+    }
+    let mut other = spec("tiny");
+    other.steps = 3;
+    ids.push(client.generate("txt2img", &other).await.unwrap().id);
+    let records = c
+        .wait_terminal(&ids, Duration::from_secs(120))
+        .await
+        .unwrap();
+    let outputs: Vec<_> = ids
+        .iter()
+        .map(|id| {
+            let r = records.iter().find(|r| r.id == *id).unwrap();
+            assert_eq!(r.state, JobState::Succeeded, "{:?}", r.error);
+            match r.output.clone() {
+                Some(JobOutput::Images(o)) => o,
+                other => panic!("{other:?}"),
+            }
+        })
+        .collect();
+    let shared: Vec<Option<u32>> = outputs.iter().map(|o| o.batch_jobs).collect();
+    // The first three fill a batch (max 3); the fourth opens the next; other steps run apart.
+    assert_eq!(
+        shared.iter().filter(|n| **n == Some(3)).count(),
+        3,
+        "{shared:?}"
+    );
+    assert_eq!(shared[4], None, "{shared:?}");
+    for (o, i) in outputs.iter().zip(0..4u64) {
+        assert_eq!(o.images.len(), 1 + (i as usize % 2));
+        assert_eq!(o.images[0].seed, 10 + i);
+        assert!(
+            o.parameters.contains(&format!("Seed: {}", 10 + i)),
+            "{}",
+            o.parameters
+        );
+        assert!(o.parameters.contains("Lora hashes"), "{}", o.parameters);
+    }
+    // A batched job's image is its solo run's (to float rounding): run job 1 again, alone.
+    let mut again = spec("tiny");
+    again.prompt = "a (blue:1.2) square <lora:style:0.8>".into();
+    again.seed = Some(11);
+    again.batch_size = 2;
+    let solo = client.generate("txt2img", &again).await.unwrap();
+    let r = c
+        .wait_terminal(&[solo.id], Duration::from_secs(60))
+        .await
+        .unwrap()
+        .remove(0);
+    let Some(JobOutput::Images(solo)) = r.output else {
+        panic!("{:?}", r.error)
+    };
+    assert_eq!(solo.batch_jobs, None);
+    for (a, b) in outputs[1].images.iter().zip(&solo.images) {
+        let pa = image::load_from_memory(&client.download(&a.image.key).await.unwrap())
+            .unwrap()
+            .to_rgb8();
+        let pb = image::load_from_memory(&client.download(&b.image.key).await.unwrap())
+            .unwrap()
+            .to_rgb8();
+        assert!(pa
+            .pixels()
+            .zip(pb.pixels())
+            .all(|(p, q)| (0..3).all(|k| (p.0[k] as i32 - q.0[k] as i32).abs() <= 2)));
+    }
+    shutdown.cancel();
+}

@@ -98,6 +98,31 @@ fn one() -> usize {
     1
 }
 
+/// What txt2img requests must share to run in one batch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct BatchKey {
+    pub width: usize,
+    pub height: usize,
+    pub steps: usize,
+    pub sampler: SamplerKind,
+    /// The CFG scale's bits (exact equality).
+    pub cfg_bits: u64,
+    pub clip_skip: usize,
+}
+
+impl BatchKey {
+    pub fn of(r: &Txt2Img) -> Self {
+        Self {
+            width: r.width,
+            height: r.height,
+            steps: r.steps,
+            sampler: r.sampler,
+            cfg_bits: r.cfg_scale.to_bits(),
+            clip_skip: r.clip_skip,
+        }
+    }
+}
+
 /// Limits checked before any model work.
 pub const MAX_STEPS: usize = 150;
 pub const MAX_PIXELS: usize = 2048 * 2048;
@@ -676,6 +701,217 @@ impl StableDiffusion {
         on_step: impl FnMut(usize, usize) -> bool,
     ) -> PResult<Vec<Generated>> {
         self.generate(req, None, on_step, None)
+    }
+
+    /// Several txt2img requests through the same UNet passes: their images are stacked into one
+    /// batch, each with its own prompt (and prompt-editing schedule), negative prompt, seeds and
+    /// batch size, so the result per request is what [`txt2img`](Self::txt2img) gives alone (to
+    /// float rounding). Requests must share the settings of [`BatchKey`]; requests whose encoded
+    /// prompts differ in length (another 75-token chunk count) cannot share a context tensor and
+    /// run one after another instead. `on_step(done, total)` counts the whole group's steps.
+    pub fn txt2img_batch(
+        &self,
+        reqs: &[Txt2Img],
+        mut on_step: impl FnMut(usize, usize) -> bool,
+    ) -> PResult<Vec<Vec<Generated>>> {
+        let Some(first) = reqs.first() else {
+            return Ok(Vec::new());
+        };
+        let key = BatchKey::of(first);
+        if let Some(r) = reqs.iter().find(|r| BatchKey::of(r) != key) {
+            return Err(PipelineError::BadRequest(format!(
+                "requests in one batch must share size, steps, sampler, CFG scale and clip skip: {:?} vs {:?}",
+                key,
+                BatchKey::of(r)
+            )));
+        }
+        for r in reqs {
+            r.validate().map_err(PipelineError::BadRequest)?;
+        }
+        let f = self.vae_scale();
+        if first.width % f != 0 || first.height % f != 0 || reqs.len() == 1 {
+            // One request (or a size the single path rejects with its own message).
+            return reqs
+                .iter()
+                .map(|r| self.generate(r, None, &mut on_step, None))
+                .collect();
+        }
+        let strip = |p: &str| -> PResult<String> {
+            crate::prompt::extract_extra_networks(p)
+                .map(|(clean, _)| clean)
+                .map_err(PipelineError::BadRequest)
+        };
+        let use_cfg = first.cfg_scale != 1.0;
+        let (empty, _) = self.encode_prompt("", first.clip_skip)?;
+        // Per request: its schedule and, per schedule entry, (uncond, cond, pooled pair) padded
+        // to the same length within the request.
+        struct Encoded {
+            sched: Vec<crate::prompt::ScheduleEntry>,
+            ctx: Vec<(Tensor, Tensor)>,
+            pooled: Vec<Option<(Tensor, Tensor)>>,
+        }
+        let mut enc = Vec::with_capacity(reqs.len());
+        for r in reqs {
+            let prompt = strip(&r.prompt)?;
+            let negative = strip(&r.negative_prompt)?;
+            let sched = schedule(&prompt, r.steps);
+            let (uncond, uncond_pooled) = self.encode_prompt(&negative, r.clip_skip)?;
+            let mut ctx = Vec::new();
+            let mut pooled = Vec::new();
+            for e in &sched {
+                let (c, p) = self.encode_prompt(&e.text, r.clip_skip)?;
+                let (u, c) = if use_cfg {
+                    conditioning::pad_to_same(uncond.clone(), c, &empty)?
+                } else {
+                    (uncond.clone(), c)
+                };
+                ctx.push((u, c));
+                pooled.push(match (&uncond_pooled, p) {
+                    (Some(u), Some(p)) => Some((u.clone(), p)),
+                    _ => None,
+                });
+            }
+            enc.push(Encoded { sched, ctx, pooled });
+        }
+        // One context tensor needs one sequence length across the group.
+        let len = |t: &Tensor| t.dim(1).unwrap_or(0);
+        let lens: std::collections::BTreeSet<usize> = enc
+            .iter()
+            .flat_map(|e| {
+                e.ctx.iter().flat_map(|(u, c)| {
+                    if use_cfg {
+                        vec![len(u), len(c)]
+                    } else {
+                        vec![len(c)]
+                    }
+                })
+            })
+            .collect();
+        if lens.len() > 1 {
+            // Prompts of different lengths: the group runs one by one.
+            return reqs
+                .iter()
+                .map(|r| self.generate(r, None, &mut on_step, None))
+                .collect();
+        }
+        let (h, w) = (first.height / f, first.width / f);
+        if h * w > MAX_PIXELS / 64 {
+            return Err(PipelineError::BadRequest(format!(
+                "{}x{} is over this model's latent budget",
+                first.width, first.height
+            )));
+        }
+        let ch = self.unet.config.in_channels.min(4);
+        if self.unet.config.in_channels == 9 {
+            // Inpainting UNets need mask channels: the single path builds them.
+            return reqs
+                .iter()
+                .map(|r| self.generate(r, None, &mut on_step, None))
+                .collect();
+        }
+        let schedule_cfg = NoiseSchedule::new(self.schedule.clone());
+        let mut sampler = first
+            .sampler
+            .build(&schedule_cfg, first.steps)
+            .map_err(|e| PipelineError::BadRequest(e.to_string()))?;
+        let mut streams: Vec<SeededNoise> = reqs
+            .iter()
+            .flat_map(|r| {
+                (0..r.batch_size).map(move |i| SeededNoise::new(r.seed.wrapping_add(i as u64)))
+            })
+            .collect();
+        let b: usize = streams.len();
+        let noise = streams
+            .iter_mut()
+            .map(|s| s.randn((1, ch, h, w), &self.device))
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        let noise = Tensor::cat(&noise, 0)?;
+        let mut x = noise
+            .affine(sampler.init_noise_sigma(), 0.0)?
+            .to_dtype(self.dtype)?;
+        let mut step_noise = BatchNoise { streams };
+        let total = sampler.remaining();
+        let time_ids = |n: usize| -> candle_core::Result<Tensor> {
+            let ids = [first.height, first.width, 0, 0, first.height, first.width]
+                .map(|v| v as f32)
+                .to_vec();
+            Tensor::from_vec(ids, (1, 6), &self.device)?.repeat((n, 1))
+        };
+        let mut done = 0;
+        while !sampler.finished() {
+            let step_no = sampler.step_index() + 1;
+            // Each request's prompt at this step, stacked: [all unconds; all conds] with CFG.
+            let (mut us, mut cs, mut pus, mut pcs) =
+                (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+            for (r, e) in reqs.iter().zip(&enc) {
+                let text = text_at(&e.sched, step_no).unwrap_or_default();
+                let ci = e.sched.iter().position(|s| s.text == text).unwrap_or(0);
+                let (u, c) = &e.ctx[ci];
+                us.push(u.repeat((r.batch_size, 1, 1))?);
+                cs.push(c.repeat((r.batch_size, 1, 1))?);
+                if let Some((pu, pc)) = &e.pooled[ci] {
+                    pus.push(pu.repeat((r.batch_size, 1))?);
+                    pcs.push(pc.repeat((r.batch_size, 1))?);
+                }
+            }
+            let pooled = pcs.len() == reqs.len();
+            let t = sampler.timestep();
+            let input = sampler.scale_model_input(&x)?;
+            let eps = if use_cfg {
+                let ctx = Tensor::cat(&[Tensor::cat(&us, 0)?, Tensor::cat(&cs, 0)?], 0)?;
+                let add = if pooled {
+                    Some(AddedCond {
+                        text_embeds: Tensor::cat(
+                            &[Tensor::cat(&pus, 0)?, Tensor::cat(&pcs, 0)?],
+                            0,
+                        )?,
+                        time_ids: time_ids(2 * b)?,
+                    })
+                } else {
+                    None
+                };
+                let xin = Tensor::cat(&[&input, &input], 0)?;
+                let ts = Tensor::full(t as f32, 2 * b, &self.device)?;
+                let out = self.unet.forward(&xin, &ts, &ctx, add.as_ref())?;
+                let (ou, oc) = (out.narrow(0, 0, b)?, out.narrow(0, b, b)?);
+                (&ou + (oc - &ou)?.affine(first.cfg_scale, 0.0)?)?
+            } else {
+                let ctx = Tensor::cat(&cs, 0)?;
+                let add = if pooled {
+                    Some(AddedCond {
+                        text_embeds: Tensor::cat(&pcs, 0)?,
+                        time_ids: time_ids(b)?,
+                    })
+                } else {
+                    None
+                };
+                let ts = Tensor::full(t as f32, b, &self.device)?;
+                self.unet.forward(&input, &ts, &ctx, add.as_ref())?
+            };
+            x = sampler.step(&eps, &x, &mut step_noise)?;
+            done += 1;
+            if !on_step(done, total) {
+                return Err(PipelineError::Cancelled);
+            }
+        }
+        let mut decoded = self.decode_rgb(&x, first.width, first.height)?.into_iter();
+        let mut out = Vec::with_capacity(reqs.len());
+        for r in reqs {
+            let mut images = Vec::with_capacity(r.batch_size);
+            for i in 0..r.batch_size {
+                let image = decoded.next().ok_or_else(|| {
+                    PipelineError::Compute("the batch decoded fewer images than asked".into())
+                })?;
+                let seed = r.seed.wrapping_add(i as u64);
+                images.push(Generated {
+                    seed,
+                    image,
+                    parameters: self.parameters(r, seed),
+                });
+            }
+            out.push(images);
+        }
+        Ok(out)
     }
 
     /// txt2img (`init` None) or img2img/inpaint, decoding the first image's current latents every

@@ -241,3 +241,62 @@ fn previews_are_decoded_every_n_steps_and_change_nothing() {
         assert_eq!(a.image, b.image, "previews changed the result");
     }
 }
+
+#[test]
+fn requests_batched_together_match_their_single_runs() {
+    let dir = tempfile::tempdir().unwrap();
+    make_tiny(dir.path(), Family::Sd1, 3).unwrap();
+    let sd = StableDiffusion::load_diffusers(dir.path(), &Device::Cpu, DType::F32).unwrap();
+    let close = |x: &image::RgbImage, y: &image::RgbImage| {
+        x.pixels()
+            .zip(y.pixels())
+            .all(|(p, q)| (0..3).all(|i| (p.0[i] as i32 - q.0[i] as i32).abs() <= 2))
+    };
+    // Different prompts (one with prompt editing), negatives, seeds and batch sizes.
+    let a = request(7, SamplerKind::EulerA);
+    let mut b = request(100, SamplerKind::EulerA);
+    b.prompt = "a green square".into();
+    b.negative_prompt = String::new();
+    b.batch_size = 2;
+    let mut c = request(5, SamplerKind::EulerA);
+    c.prompt = "two stars, night".into();
+    let mut steps = Vec::new();
+    let together = sd
+        .txt2img_batch(&[a.clone(), b.clone(), c.clone()], |d, t| {
+            steps.push((d, t));
+            true
+        })
+        .unwrap();
+    assert_eq!(steps.len(), 4, "one pass of 4 steps for the whole group");
+    assert_eq!(
+        together.iter().map(Vec::len).collect::<Vec<_>>(),
+        vec![1, 2, 1]
+    );
+    for (req, got) in [&a, &b, &c].into_iter().zip(&together) {
+        let alone = sd.txt2img(req, |_, _| true).unwrap();
+        for (x, y) in got.iter().zip(&alone) {
+            assert_eq!(x.seed, y.seed);
+            assert_eq!(x.parameters, y.parameters);
+            assert!(
+                close(&x.image, &y.image),
+                "{:?} seed {}",
+                req.prompt,
+                x.seed
+            );
+        }
+    }
+    assert!(!close(&together[0][0].image, &together[2][0].image));
+    // Incompatible settings are refused, not silently mixed.
+    let mut d = request(1, SamplerKind::EulerA);
+    d.steps = 5;
+    assert!(sd.txt2img_batch(&[a.clone(), d], |_, _| true).is_err());
+    // A prompt of another 75-token chunk count cannot share the context: still correct, one by one.
+    let mut long = request(9, SamplerKind::Ddim);
+    long.prompt = vec!["circle"; 100].join(" ");
+    let short = request(9, SamplerKind::Ddim);
+    let mixed = sd
+        .txt2img_batch(&[short.clone(), long.clone()], |_, _| true)
+        .unwrap();
+    let alone = sd.txt2img(&long, |_, _| true).unwrap();
+    assert_eq!(mixed[1][0].png().unwrap(), alone[0].png().unwrap());
+}

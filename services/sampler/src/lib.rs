@@ -7,6 +7,7 @@
 //! `parameters`) content-addressed. A job without a seed gets one derived from its id, so a
 //! redelivered job repeats the same images.
 
+pub mod batch;
 pub mod registry;
 
 use std::path::PathBuf;
@@ -28,7 +29,10 @@ pub use registry::Registry;
 type Cached = (PathBuf, Arc<StableDiffusion>);
 
 /// PNGs with their seeds, the parameters text, the model hash.
-type Rendered = (Vec<(Vec<u8>, u64)>, String, String);
+pub type Rendered = (Vec<(Vec<u8>, u64)>, String, String);
+
+/// A LoRA to apply: its file, weight and name (for the parameters' hashes).
+pub type Lora = (PathBuf, f64, String);
 
 /// Runs generation jobs for one service (sampler or inpainter).
 #[derive(Clone)]
@@ -41,6 +45,8 @@ pub struct Generator {
     cache_size: usize,
     /// Bytes of weights the cache may hold (0: no byte limit); the model in use always stays.
     cache_bytes: u64,
+    /// Groups compatible txt2img jobs into shared UNet batches (off with a zero window).
+    batcher: Arc<batch::Batcher>,
 }
 
 impl Generator {
@@ -59,7 +65,15 @@ impl Generator {
             cache: Arc::default(),
             cache_size: cache_size.max(1),
             cache_bytes: 0,
+            batcher: Arc::new(batch::Batcher::new(std::time::Duration::ZERO, 1)),
         }
+    }
+
+    /// Stack compatible txt2img jobs arriving within `window` of each other, at most `max` jobs
+    /// per batch (a zero window or `max` 1: every job alone).
+    pub fn with_batching(mut self, window: std::time::Duration, max: usize) -> Self {
+        self.batcher = Arc::new(batch::Batcher::new(window, max));
+        self
     }
 
     /// Keep at most `bytes` of model weights loaded (least recently used evicted first).
@@ -103,6 +117,113 @@ impl Generator {
             tracing::info!(model = %evicted.display(), "evicted from the model cache");
         }
         Ok(m)
+    }
+
+    /// One job on its own: sampling on a blocking thread, progress (and previews) relayed.
+    async fn run_alone(
+        &self,
+        ctx: &JobCtx,
+        path: PathBuf,
+        (embeddings, loras): (Vec<PathBuf>, Vec<Lora>),
+        init: Option<Init>,
+        req: Txt2Img,
+        preview_every: usize,
+    ) -> Result<Rendered, JobError> {
+        let this = self.clone();
+        let cancel = ctx.cancellation().clone();
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(usize, usize)>();
+        let (ptx, mut prx) = tokio::sync::mpsc::unbounded_channel::<(usize, Vec<u8>)>();
+        let mut last_total = req.steps;
+        let work = tokio::task::spawn_blocking(move || -> Result<Rendered, JobError> {
+            let model = this.prepared(&path, &embeddings, &loras)?;
+            let on_step = |done: usize, total: usize| {
+                let _ = tx.send((done, total));
+                !cancel.is_cancelled()
+            };
+            let images = if preview_every > 0 {
+                let mut send = |step: usize, img: image::RgbImage| {
+                    let mut png = Vec::new();
+                    if image::DynamicImage::ImageRgb8(img)
+                        .write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png)
+                        .is_ok()
+                    {
+                        let _ = ptx.send((step, png));
+                    }
+                };
+                model.generate_with_previews(&req, init.as_ref(), on_step, preview_every, &mut send)
+            } else {
+                match &init {
+                    None => model.txt2img(&req, on_step),
+                    Some(init) => model.img2img(&req, init, on_step),
+                }
+            }
+            .map_err(pipeline_err)?;
+            let params = images
+                .first()
+                .map(|i| i.parameters.clone())
+                .unwrap_or_default();
+            let pngs = images
+                .iter()
+                .map(|i| i.png().map(|b| (b, i.seed)))
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(pipeline_err)?;
+            Ok((pngs, params, model.hash.clone()))
+        });
+        tokio::pin!(work);
+        let result = loop {
+            tokio::select! {
+                r = &mut work => break r,
+                Some((done, total)) = rx.recv() => {
+                    last_total = total;
+                    ctx.progress(done as f32 / total.max(1) as f32, Some(format!("step {done}/{total}"))).await;
+                }
+                Some((step, png)) = prx.recv() => {
+                    // A preview that cannot be stored is skipped; the job goes on.
+                    if let Ok((r, _)) = ctx.store.put_bytes(png.into(), "image/png").await {
+                        let total = last_total.max(1);
+                        ctx.progress_with_preview(
+                            step as f32 / total as f32,
+                            Some(format!("step {step}/{total} (preview)")),
+                            Some(r.key),
+                        )
+                        .await;
+                    }
+                }
+            }
+        };
+        result.map_err(|e| JobError::retryable("worker_panicked", e.to_string()))?
+    }
+
+    /// The model at `path` with the job's embeddings and LoRAs (applied at run time).
+    fn prepared(
+        &self,
+        path: &PathBuf,
+        embeddings: &[PathBuf],
+        loras: &[Lora],
+    ) -> Result<StableDiffusion, JobError> {
+        let base = self.model(path)?;
+        let mut model = (*base).clone();
+        if !embeddings.is_empty() {
+            let loaded = embeddings
+                .iter()
+                .map(|p| atelier_diffusion::conditioning::Embedding::load(p))
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| JobError::permanent("bad_embedding", e))?;
+            model = model.with_embeddings(loaded);
+        }
+        for (p, w, name) in loras {
+            let bytes = std::fs::read(p)
+                .map_err(|e| JobError::retryable("local_disk", format!("{}: {e}", p.display())))?;
+            let file = LoraFile::from_bytes(&bytes)
+                .map_err(|e| JobError::permanent("bad_lora", format!("{}: {e}", p.display())))?;
+            let (hash, _) = atelier_diffusion::lora::file_hashes(&bytes);
+            model = model
+                .with_lora(&file, *w, LoraMode::Runtime)
+                .map_err(pipeline_err)?
+                .0
+                .with_lora_hash(name, &hash[..12]);
+        }
+        Ok(model)
     }
 
     async fn image(ctx: &JobCtx, key: &str, what: &str) -> Result<image::DynamicImage, JobError> {
@@ -259,94 +380,21 @@ impl Handler for Generator {
         ctx.progress(0.0, Some(format!("loading {}", g.model)))
             .await;
 
-        let this = self.clone();
-        let cancel = ctx.cancellation().clone();
-        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(usize, usize)>();
-        let (ptx, mut prx) = tokio::sync::mpsc::unbounded_channel::<(usize, Vec<u8>)>();
         let preview_every = g.preview_every as usize;
-        let mut last_total = req.steps;
-        let work = tokio::task::spawn_blocking(move || -> Result<Rendered, JobError> {
-            let base = this.model(&path)?;
-            let mut model = (*base).clone();
-            if !embeddings.is_empty() {
-                let loaded = embeddings
-                    .iter()
-                    .map(|p| atelier_diffusion::conditioning::Embedding::load(p))
-                    .collect::<Result<Vec<_>, _>>()
-                    .map_err(|e| JobError::permanent("bad_embedding", e))?;
-                model = model.with_embeddings(loaded);
-            }
-            for (p, w, name) in &loras {
-                let bytes = std::fs::read(p).map_err(|e| {
-                    JobError::retryable("local_disk", format!("{}: {e}", p.display()))
-                })?;
-                let file = LoraFile::from_bytes(&bytes).map_err(|e| {
-                    JobError::permanent("bad_lora", format!("{}: {e}", p.display()))
-                })?;
-                let (hash, _) = atelier_diffusion::lora::file_hashes(&bytes);
-                model = model
-                    .with_lora(&file, *w, LoraMode::Runtime)
-                    .map_err(pipeline_err)?
-                    .0
-                    .with_lora_hash(name, &hash[..12]);
-            }
-            let on_step = |done: usize, total: usize| {
-                let _ = tx.send((done, total));
-                !cancel.is_cancelled()
-            };
-            let images = if preview_every > 0 {
-                let mut send = |step: usize, img: image::RgbImage| {
-                    let mut png = Vec::new();
-                    if image::DynamicImage::ImageRgb8(img)
-                        .write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png)
-                        .is_ok()
-                    {
-                        let _ = ptx.send((step, png));
-                    }
-                };
-                model.generate_with_previews(&req, init.as_ref(), on_step, preview_every, &mut send)
-            } else {
-                match &init {
-                    None => model.txt2img(&req, on_step),
-                    Some(init) => model.img2img(&req, init, on_step),
-                }
-            }
-            .map_err(pipeline_err)?;
-            let params = images
-                .first()
-                .map(|i| i.parameters.clone())
-                .unwrap_or_default();
-            let pngs = images
-                .iter()
-                .map(|i| i.png().map(|b| (b, i.seed)))
-                .collect::<Result<Vec<_>, _>>()
-                .map_err(pipeline_err)?;
-            Ok((pngs, params, model.hash.clone()))
-        });
-        tokio::pin!(work);
-        let result = loop {
-            tokio::select! {
-                r = &mut work => break r,
-                Some((done, total)) = rx.recv() => {
-                    last_total = total;
-                    ctx.progress(done as f32 / total.max(1) as f32, Some(format!("step {done}/{total}"))).await;
-                }
-                Some((step, png)) = prx.recv() => {
-                    // A preview that cannot be stored is skipped; the job goes on.
-                    if let Ok((r, _)) = ctx.store.put_bytes(png.into(), "image/png").await {
-                        let total = last_total.max(1);
-                        ctx.progress_with_preview(
-                            step as f32 / total as f32,
-                            Some(format!("step {step}/{total} (preview)")),
-                            Some(r.key),
-                        )
-                        .await;
-                    }
-                }
-            }
+        let batchable = kind == GenerateKind::Txt2Img
+            && init.is_none()
+            && preview_every == 0
+            && self.batcher.enabled();
+        let (pngs, parameters, model_hash, batch_jobs) = if batchable {
+            let key = batch::GroupKey::new(&path, &loras, &embeddings, &req);
+            let (r, n) = self.batcher.run(self, ctx, key, req).await?;
+            (r.0, r.1, r.2, n)
+        } else {
+            let r = self
+                .run_alone(ctx, path, (embeddings, loras), init, req, preview_every)
+                .await?;
+            (r.0, r.1, r.2, 1)
         };
-        let (pngs, parameters, model_hash) =
-            result.map_err(|e| JobError::retryable("worker_panicked", e.to_string()))??;
         let mut images = Vec::with_capacity(pngs.len());
         for (png, seed) in pngs {
             let (image, _) = ctx.store.put_bytes(png.into(), "image/png").await?;
@@ -356,6 +404,7 @@ impl Handler for Generator {
             images,
             parameters,
             model_hash,
+            batch_jobs: (batch_jobs > 1).then_some(batch_jobs as u32),
         }))
     }
 }
@@ -375,6 +424,15 @@ pub struct GeneratorArgs {
     /// `cpu`, or `cuda` (GPU 0; f16 UNet) in a build with the `cuda` feature.
     #[arg(long, env = "ATELIER_DEVICE", default_value = "cpu")]
     pub device: String,
+    /// Stack compatible txt2img jobs (same model, LoRAs, size, steps, sampler, CFG, clip skip)
+    /// that arrive within this many milliseconds into one UNet batch (0: off). A batched job's
+    /// PNG may differ from its solo run by float rounding; leave it off where byte-identical
+    /// reruns matter.
+    #[arg(long, env = "ATELIER_BATCH_WINDOW_MS", default_value_t = 0)]
+    pub batch_window_ms: u64,
+    /// Most jobs in one batch (the worker's --concurrency bounds it too).
+    #[arg(long, env = "ATELIER_MAX_BATCH", default_value_t = 8)]
+    pub max_batch: usize,
 }
 
 impl GeneratorArgs {
@@ -388,7 +446,11 @@ impl GeneratorArgs {
             dtype,
             self.model_cache,
         )
-        .with_cache_budget(self.model_cache_mb * 1024 * 1024))
+        .with_cache_budget(self.model_cache_mb * 1024 * 1024)
+        .with_batching(
+            std::time::Duration::from_millis(self.batch_window_ms),
+            self.max_batch,
+        ))
     }
 }
 
