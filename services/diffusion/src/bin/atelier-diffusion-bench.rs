@@ -144,6 +144,45 @@ fn main() -> anyhow::Result<()> {
         }
     }
 
+    // Cross-job batching (the sampler's --batch-window-ms): 4 jobs with their own prompts and
+    // seeds, one after another vs stacked into one UNet batch, side by side.
+    {
+        let dir = tempfile::tempdir()?;
+        make_tiny(dir.path(), Family::Sd1, 1)?;
+        let sd = StableDiffusion::load(dir.path(), &device, dtype)?;
+        let reqs: Vec<Txt2Img> = ["a red circle", "a blue square", "two stars", "a green tree"]
+            .iter()
+            .enumerate()
+            .map(|(i, p)| Txt2Img {
+                prompt: (*p).into(),
+                negative_prompt: String::new(),
+                steps: 20,
+                cfg_scale: 7.0,
+                seed: i as u64,
+                width: 32,
+                height: 32,
+                batch_size: 1,
+                sampler: SamplerKind::DpmPp2m,
+                clip_skip: 1,
+            })
+            .collect();
+        let one_by_one = time(&device, runs, || {
+            for r in &reqs {
+                sd.txt2img(r, |_, _| true)?;
+            }
+            Ok(())
+        })?;
+        let batched = time(&device, runs, || {
+            sd.txt2img_batch(&reqs, |_, _| true)?;
+            Ok(())
+        })?;
+        line(serde_json::json!({
+            "bench": "txt2img_4_jobs", "family": "Sd1", "device": dev_name, "size": 32,
+            "steps": 20, "one_by_one_ms": one_by_one, "batched_ms": batched,
+            "speedup": one_by_one / batched,
+        }));
+    }
+
     if flag("--full") {
         // SD1.5 geometry, batch 2 (CFG), 512² → 64² latents.
         for (name, family, side) in [("sd15", Family::Sd1, 64usize), ("sdxl", Family::Sdxl, 128)] {
