@@ -510,3 +510,56 @@ async fn compatible_txt2img_jobs_share_a_batch() {
     }
     shutdown.cancel();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn embeddings_published_to_the_store_are_used_by_name() {
+    let mut c = Cluster::local().await.unwrap();
+    let models = c.tmp.path().join("models");
+    make_tiny(&models.join("tiny"), Family::Sd1, 29).unwrap();
+    c.spawn_service(
+        "atelier-sampler",
+        &[("ATELIER_MODELS", models.display().to_string())],
+    )
+    .unwrap();
+    let shutdown = CancellationToken::new();
+    let client = c.open_gateway(&shutdown).await;
+    let mut s = spec("tiny");
+    s.prompt = "a circle, glowstyle".into();
+    let run = |s: GenerateSpec| {
+        let (client, c) = (&client, &c);
+        async move {
+            let id = client.generate("txt2img", &s).await.unwrap().id;
+            let r = c
+                .wait_terminal(&[id], Duration::from_secs(60))
+                .await
+                .unwrap()
+                .remove(0);
+            match r.output {
+                Some(JobOutput::Images(o)) => o.images[0].image.key.clone(),
+                _ => panic!("{:?}", r.error),
+            }
+        }
+    };
+    let plain = run(s.clone()).await;
+    // A1111's layout for the tiny 32-wide text encoder, published where a trainer would.
+    let v = atelier_diffusion::noise::SeededNoise::new(4)
+        .randn((2, 32), &candle_core::Device::Cpu)
+        .unwrap();
+    let file = c.tmp.path().join("glowstyle.safetensors");
+    candle_core::safetensors::save(&HashMap::from([("emb_params".to_string(), v)]), &file).unwrap();
+    c.store
+        .put_at(
+            &atelier_contracts::ArtifactKey::parse("embeddings/glowstyle.safetensors").unwrap(),
+            std::fs::read(&file).unwrap().into(),
+            "application/octet-stream",
+        )
+        .await
+        .unwrap();
+    let styled = run(s.clone()).await;
+    assert_ne!(
+        plain, styled,
+        "the store's embedding replaces the word's tokens"
+    );
+    assert_eq!(run(s.clone()).await, styled, "and does so every time");
+    shutdown.cancel();
+}

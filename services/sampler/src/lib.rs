@@ -266,6 +266,51 @@ async fn store_lora(ctx: &JobCtx, name: &str) -> Result<Option<PathBuf>, JobErro
     Ok(Some(path))
 }
 
+/// Textual-inversion embeddings under `embeddings/` in the object store whose name occurs in
+/// `text`, fetched into a local cache (by content, under their own file name, which is the
+/// token name).
+async fn store_embeddings(ctx: &JobCtx, text: &str) -> Result<Vec<PathBuf>, JobError> {
+    let listed = match ctx.store.list("embeddings").await {
+        Ok(l) => l,
+        Err(e) if e.is_transient() => return Err(e.into()),
+        // A store without the prefix (or that cannot list it) has no embeddings.
+        Err(_) => return Ok(Vec::new()),
+    };
+    let mut out = Vec::new();
+    for meta in listed {
+        let file = meta.location.filename().unwrap_or_default().to_owned();
+        let Some((stem, ext)) = file.rsplit_once('.') else {
+            continue;
+        };
+        if !(ext == "safetensors" || ext == "pt")
+            || registry::check_name(stem).is_err()
+            || !text.contains(stem)
+        {
+            continue;
+        }
+        let Ok(key) = atelier_contracts::ArtifactKey::parse(meta.location.as_ref()) else {
+            continue;
+        };
+        let bytes = ctx.store.get_bytes(&key).await?;
+        let dir = std::env::temp_dir()
+            .join("atelier-embeddings")
+            .join(&hex_sha256(&bytes)[..16]);
+        let path = dir.join(&file);
+        if !path.exists() {
+            let io = |e: std::io::Error| {
+                JobError::retryable("local_disk", format!("{}: {e}", dir.display()))
+            };
+            std::fs::create_dir_all(&dir).map_err(io)?;
+            let tmp = dir.join(format!(".{file}.tmp{}", std::process::id()));
+            std::fs::write(&tmp, &bytes).map_err(io)?;
+            std::fs::rename(&tmp, &path).map_err(io)?;
+        }
+        out.push(path);
+    }
+    out.sort();
+    Ok(out)
+}
+
 fn hex_sha256(b: &[u8]) -> String {
     Sha256::digest(b)
         .iter()
@@ -338,9 +383,15 @@ impl Handler for Generator {
             };
             loras.push((p, t.weight, t.name.clone()));
         }
-        let embeddings = self
-            .registry
-            .embeddings_in(&format!("{} {}", g.prompt, g.negative_prompt));
+        let text = format!("{} {}", g.prompt, g.negative_prompt);
+        let mut embeddings = self.registry.embeddings_in(&text);
+        // Embeddings published to the object store (`embeddings/NAME.safetensors|.pt`) count
+        // too; a local file of the same name wins.
+        for p in store_embeddings(ctx, &text).await? {
+            if !embeddings.iter().any(|l| l.file_name() == p.file_name()) {
+                embeddings.push(p);
+            }
+        }
         let init = match &g.init_image {
             None => None,
             Some(key) => {
