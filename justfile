@@ -30,6 +30,11 @@ bench: bootstrap
     .tools/bin/pip install --quiet --no-deps pycocoevalcap==1.2 && .tools/bin/pip install --quiet numpy
     cargo bench -p atelier-caption-eval --bench eval
 
+# The ANN index beside faiss HNSW; the augmenter's resize/crop beside Pillow
+bench-retrieval: bootstrap
+    scripts/bench-ann
+    scripts/bench-augment
+
 # Embedded all-in-one (gateway + services in one process)
 embedded *ARGS: bootstrap build
     target/release/atelier up {{ARGS}}
