@@ -604,6 +604,37 @@ pub struct DatasetManifest {
     pub augmentation: Option<Box<crate::augment::AugmentSpec>>,
 }
 
+impl DatasetManifest {
+    /// A version made from `parent` (curation, augmentation): the parent's policy, split and
+    /// caption sources, these rows; `curation` and `augmentation` left for the caller to set.
+    pub fn derived(
+        parent: &DatasetManifest,
+        version: u32,
+        job: JobId,
+        created_at: DateTime<Utc>,
+        counts: VersionCounts,
+        data: ArtifactRef,
+        note: Option<String>,
+    ) -> Self {
+        DatasetManifest {
+            schema_version: crate::SCHEMA_VERSION,
+            dataset: parent.dataset.clone(),
+            version,
+            parent: Some(parent.version),
+            created_at,
+            job,
+            policy: parent.policy.clone(),
+            split: parent.split.clone(),
+            caption_sources: parent.caption_sources.clone(),
+            counts,
+            data,
+            note,
+            curation: None,
+            augmentation: None,
+        }
+    }
+}
+
 impl VersionCounts {
     /// The counts of a version holding `rows`.
     pub fn of_rows(rows: &[DatasetRow]) -> Self {

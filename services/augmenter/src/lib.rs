@@ -23,7 +23,7 @@ use atelier_contracts::dataset::{Decision, VersionCounts};
 use atelier_contracts::subjects::RETRIEVAL_QUERY;
 use atelier_contracts::{
     ArtifactKey, AugmentOutput, AugmentSpec, DatasetManifest, DatasetRow, JobOutput, JobSpec,
-    SearchReply, SearchRequest, Service, Space, SCHEMA_VERSION,
+    SearchReply, SearchRequest, Service, Space,
 };
 use atelier_kit::store::StoreError;
 use atelier_kit::{Handler, JobCtx, JobError};
@@ -418,20 +418,16 @@ impl Augmenter {
         let data = atelier_kit::datasets::put_rows(ctx, &out_rows).await?;
         let (manifest, manifest_ref) =
             atelier_kit::datasets::publish_version(ctx, &spec.dataset, |version| DatasetManifest {
-                schema_version: SCHEMA_VERSION,
-                dataset: spec.dataset.clone(),
-                version,
-                parent: Some(parent.version),
-                created_at: chrono::Utc::now(),
-                job: ctx.id,
-                policy: parent.policy.clone(),
-                split: parent.split.clone(),
-                caption_sources: parent.caption_sources.clone(),
-                counts: counts.clone(),
-                data: data.clone(),
-                note: spec.note.clone(),
-                curation: None,
                 augmentation: Some(Box::new(spec.clone())),
+                ..DatasetManifest::derived(
+                    &parent,
+                    version,
+                    ctx.id,
+                    chrono::Utc::now(),
+                    counts.clone(),
+                    data.clone(),
+                    spec.note.clone(),
+                )
             })
             .await?;
         tracing::info!(job = %ctx.id, dataset = %spec.dataset, parent = parent.version,

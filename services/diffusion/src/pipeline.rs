@@ -729,12 +729,14 @@ impl StableDiffusion {
             r.validate().map_err(PipelineError::BadRequest)?;
         }
         let f = self.vae_scale();
-        if first.width % f != 0 || first.height % f != 0 || reqs.len() == 1 {
-            // One request (or a size the single path rejects with its own message).
-            return reqs
-                .iter()
-                .map(|r| self.generate(r, None, &mut on_step, None))
-                .collect();
+        if first.width % f != 0
+            || first.height % f != 0
+            || reqs.len() == 1
+            || self.unet.config.in_channels == 9
+        {
+            // One request, a size the single path rejects with its own message, or an
+            // inpainting UNet (the single path builds its mask channels).
+            return self.one_by_one(reqs, &mut on_step);
         }
         let strip = |p: &str| -> PResult<String> {
             crate::prompt::extract_extra_networks(p)
@@ -789,10 +791,7 @@ impl StableDiffusion {
             .collect();
         if lens.len() > 1 {
             // Prompts of different lengths: the group runs one by one.
-            return reqs
-                .iter()
-                .map(|r| self.generate(r, None, &mut on_step, None))
-                .collect();
+            return self.one_by_one(reqs, &mut on_step);
         }
         let (h, w) = (first.height / f, first.width / f);
         if h * w > MAX_PIXELS / 64 {
@@ -802,13 +801,6 @@ impl StableDiffusion {
             )));
         }
         let ch = self.unet.config.in_channels.min(4);
-        if self.unet.config.in_channels == 9 {
-            // Inpainting UNets need mask channels: the single path builds them.
-            return reqs
-                .iter()
-                .map(|r| self.generate(r, None, &mut on_step, None))
-                .collect();
-        }
         let schedule_cfg = NoiseSchedule::new(self.schedule.clone());
         let mut sampler = first
             .sampler
@@ -912,6 +904,17 @@ impl StableDiffusion {
             out.push(images);
         }
         Ok(out)
+    }
+
+    /// The requests of a group that cannot share a batch, one after another.
+    fn one_by_one(
+        &self,
+        reqs: &[Txt2Img],
+        on_step: &mut impl FnMut(usize, usize) -> bool,
+    ) -> PResult<Vec<Vec<Generated>>> {
+        reqs.iter()
+            .map(|r| self.generate(r, None, &mut *on_step, None))
+            .collect()
     }
 
     /// txt2img (`init` None) or img2img/inpaint, decoding the first image's current latents every

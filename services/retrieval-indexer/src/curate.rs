@@ -10,9 +10,7 @@ use std::collections::{BTreeMap, HashSet};
 
 use atelier_contracts::dataset::Decision;
 use atelier_contracts::retrieval::{Combine, Curation, Keywords};
-use atelier_contracts::{
-    CurateOutput, CurateSpec, DatasetManifest, DatasetRow, JobOutput, Space, SCHEMA_VERSION,
-};
+use atelier_contracts::{CurateOutput, CurateSpec, DatasetManifest, DatasetRow, JobOutput, Space};
 use atelier_kit::{JobCtx, JobError};
 use sha2::{Digest, Sha256};
 
@@ -193,20 +191,16 @@ pub async fn run(indexer: &Indexer, ctx: &JobCtx, spec: CurateSpec) -> Result<Jo
     };
     let (manifest, manifest_ref) =
         atelier_kit::datasets::publish_version(ctx, &spec.dataset, |version| DatasetManifest {
-            schema_version: SCHEMA_VERSION,
-            dataset: spec.dataset.clone(),
-            version,
-            parent: Some(parent.version),
-            created_at: chrono::Utc::now(),
-            job: ctx.id,
-            policy: parent.policy.clone(),
-            split: parent.split.clone(),
-            caption_sources: parent.caption_sources.clone(),
-            counts: counts.clone(),
-            data: data.clone(),
-            note: spec.note.clone(),
             curation: Some(curation.clone()),
-            augmentation: None,
+            ..DatasetManifest::derived(
+                &parent,
+                version,
+                ctx.id,
+                chrono::Utc::now(),
+                counts.clone(),
+                data.clone(),
+                spec.note.clone(),
+            )
         })
         .await?;
     tracing::info!(job = %ctx.id, dataset = %spec.dataset, parent = parent.version,
