@@ -377,6 +377,53 @@ async fn index_search_reindex_restart_and_curate() {
         "{out:?}"
     );
 
+    // A graph in another format (older releases stored USearch's bytes): queries and the next
+    // index job rebuild it from the embedding segments instead of failing, embedding nothing.
+    let kv = c.bus.indexes_kv().await.unwrap();
+    let mut m: atelier_contracts::IndexManifest =
+        serde_json::from_slice(&kv.get("things").await.unwrap().unwrap()).unwrap();
+    let (foreign, _) = c
+        .store
+        .put_bytes(
+            bytes::Bytes::from_static(b"usearch index bytes of an older release"),
+            "application/octet-stream",
+        )
+        .await
+        .unwrap();
+    m.spaces.get_mut(&Space::Caption).unwrap().graph = foreign;
+    kv.put("things", serde_json::to_vec(&m).unwrap().into())
+        .await
+        .unwrap();
+    let r = search(
+        &client,
+        &[
+            ("dataset", "things"),
+            ("text", "a dog with a frisbee"),
+            ("space", "caption"),
+            ("k", "1"),
+        ],
+    )
+    .await
+    .unwrap();
+    assert_eq!(captions(&r), vec!["a dog catching a frisbee on the beach"]);
+    let out = index(&c, &client, "things", 2).await;
+    assert!(
+        out.spaces
+            .values()
+            .all(|s| s.embedded == 0 && s.count == 10),
+        "{out:?}"
+    );
+    let m: atelier_contracts::IndexManifest =
+        serde_json::from_slice(&kv.get("things").await.unwrap().unwrap()).unwrap();
+    let graph = c
+        .store
+        .get_bytes(
+            &atelier_contracts::ArtifactKey::parse(&m.spaces[&Space::Caption].graph.key).unwrap(),
+        )
+        .await
+        .unwrap();
+    assert!(graph.starts_with(b"ATLHNSW1"));
+
     // Curation: a semantic query, a keyword exclusion and caption dedup.
     let spec: CurateSpec = serde_json::from_value(serde_json::json!({
         "dataset": "things",

@@ -1,15 +1,22 @@
 //! Approximate nearest-neighbour search over unit-length embeddings.
 //!
-//! [`AnnIndex`] is an HNSW graph (Malkov & Yashunin) held by USearch: inner product over
-//! L2-normalised `f32` vectors, so a score is the cosine similarity. Keys are `u64`s the caller
-//! chooses (the retrieval indexer uses the first 8 bytes of an image's sha256, so a key means the
-//! same record on every replica and in every version). Inserts and deletes are incremental; the
-//! whole index round-trips through bytes ([`AnnIndex::to_bytes`], [`AnnIndex::from_bytes`]) for
-//! the object store. [`exact_top_k`] is the brute-force reference recall is measured against.
-//!
-//! The graph library sits behind this one type so it can be replaced without touching callers.
+//! [`AnnIndex`] is an HNSW graph (Malkov & Yashunin) of our own, laid out as hnswlib lays it
+//! out (`graph.rs`): inner product over L2-normalised `f32` vectors, so a score is the cosine
+//! similarity. Keys are `u64`s the caller chooses (the retrieval indexer uses the first 8 bytes
+//! of an image's sha256, so a key means the same record on every replica and in every version).
+//! Inserts (from many threads at once) and deletes are incremental; searches never lock and run
+//! beside inserts. The whole index round-trips through bytes ([`AnnIndex::to_bytes`],
+//! [`AnnIndex::from_bytes`]) for the object store. [`exact_top_k`] is the brute-force reference
+//! recall is measured against.
 
 use std::cmp::Ordering;
+use std::collections::HashMap;
+use std::sync::{Mutex, RwLock};
+
+mod graph;
+mod kernels;
+
+use graph::Graph;
 
 #[derive(Debug, thiserror::Error)]
 pub enum AnnError {
@@ -19,12 +26,10 @@ pub enum AnnError {
     NotNormalisable,
     #[error("index bytes: {0}")]
     Corrupt(String),
-    #[error("index: {0}")]
-    Library(String),
-}
-
-fn lib(e: impl std::fmt::Display) -> AnnError {
-    AnnError::Library(e.to_string())
+    /// Bytes of another index format (older atelier releases stored USearch graphs); the caller
+    /// can rebuild the graph from the vectors it keeps elsewhere.
+    #[error("index bytes are not an atelier HNSW graph ({0})")]
+    Format(String),
 }
 
 /// HNSW parameters, named as faiss and hnswlib name them.
@@ -58,84 +63,11 @@ pub struct Hit {
 pub struct AnnIndex {
     dim: usize,
     params: AnnParams,
-    inner: usearch::Index,
-    /// USearch keeps one scratch context per concurrent search or insert and fails a call that
-    /// finds none free; callers (query tasks on a blocking pool) may outnumber them, so every
-    /// such call first takes one of these slots, waiting when all are busy.
-    slots: Slots,
-}
-
-/// A counting semaphore over USearch's reserved thread contexts.
-struct Slots {
-    state: std::sync::Mutex<(usize, usize)>,
-    freed: std::sync::Condvar,
-}
-
-struct Slot<'a>(&'a Slots);
-
-impl Slots {
-    fn new(total: usize) -> Self {
-        Self {
-            state: std::sync::Mutex::new((total, total)),
-            freed: std::sync::Condvar::new(),
-        }
-    }
-    fn total(&self) -> usize {
-        self.state.lock().map_or(1, |s| s.1)
-    }
-    /// Raises the number of slots to `total` (never lowers it).
-    fn grow(&self, total: usize) {
-        if let Ok(mut s) = self.state.lock() {
-            if total > s.1 {
-                s.0 += total - s.1;
-                s.1 = total;
-                self.freed.notify_all();
-            }
-        }
-    }
-    fn take(&self) -> Slot<'_> {
-        let mut s = match self.state.lock() {
-            Ok(s) => s,
-            Err(p) => p.into_inner(),
-        };
-        while s.0 == 0 {
-            s = match self.freed.wait(s) {
-                Ok(s) => s,
-                Err(p) => p.into_inner(),
-            };
-        }
-        s.0 -= 1;
-        Slot(self)
-    }
-}
-
-impl Drop for Slot<'_> {
-    fn drop(&mut self) {
-        let mut s = match self.0.state.lock() {
-            Ok(s) => s,
-            Err(p) => p.into_inner(),
-        };
-        s.0 += 1;
-        self.0.freed.notify_one();
-    }
-}
-
-/// Thread contexts reserved per index: the machine's parallelism (more gain nothing, as
-/// searches are CPU-bound).
-fn default_threads() -> usize {
-    std::thread::available_parallelism().map_or(1, |n| n.get())
-}
-
-fn options(dim: usize, p: AnnParams) -> usearch::IndexOptions {
-    usearch::IndexOptions {
-        dimensions: dim,
-        metric: usearch::MetricKind::IP,
-        quantization: usearch::ScalarKind::F32,
-        connectivity: p.m,
-        expansion_add: p.ef_construction,
-        expansion_search: p.ef_search,
-        multi: false,
-    }
+    /// Shared by searches and inserts; taken exclusively only to grow the slot arrays.
+    graph: RwLock<Graph>,
+    /// Live keys and their slots. Deleted slots stay in the graph (walked through, never
+    /// returned) until the index is rebuilt.
+    keys: Mutex<HashMap<u64, u32>>,
 }
 
 /// `v` scaled to unit length.
@@ -151,72 +83,36 @@ pub fn dot(a: &[f32], b: &[f32]) -> f32 {
     a.iter().zip(b).map(|(x, y)| x * y).sum()
 }
 
-/// `1 - a·b` over `dim` lanes, in 16 independent accumulators so the compiler vectorises it.
-#[inline(always)]
-fn ip_distance_lanes(a: &[f32], b: &[f32]) -> f32 {
-    let mut acc = [0f32; 16];
-    let (ca, cb) = (a.chunks_exact(16), b.chunks_exact(16));
-    let tail: f32 = ca
-        .remainder()
-        .iter()
-        .zip(cb.remainder())
-        .map(|(x, y)| x * y)
-        .sum();
-    for (x, y) in ca.zip(cb) {
-        for i in 0..16 {
-            acc[i] += x[i] * y[i];
-        }
-    }
-    1.0 - (acc.iter().sum::<f32>() + tail)
+fn read<T>(l: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
+    l.read().unwrap_or_else(|p| p.into_inner())
+}
+fn write<T>(l: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
+    l.write().unwrap_or_else(|p| p.into_inner())
+}
+fn lock<T>(l: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    l.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn ip_distance_avx2(a: &[f32], b: &[f32]) -> f32 {
-    ip_distance_lanes(a, b)
-}
-
-type Metric = Box<dyn Fn(*const f32, *const f32) -> f32 + Send + Sync>;
-
-/// The inner-product distance USearch calls, with AVX2 when the CPU has it (checked at run
-/// time, so the binary still runs on CPUs without it).
-fn ip_metric(dim: usize) -> Metric {
-    #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
-        return Box::new(move |a, b| {
-            // SAFETY: USearch passes two vectors of the index's `dim` f32s; the CPU has AVX2+FMA.
-            unsafe {
-                ip_distance_avx2(
-                    std::slice::from_raw_parts(a, dim),
-                    std::slice::from_raw_parts(b, dim),
-                )
-            }
-        });
-    }
-    Box::new(move |a, b| {
-        // SAFETY: USearch passes two vectors of the index's `dim` f32s.
-        unsafe {
-            ip_distance_lanes(
-                std::slice::from_raw_parts(a, dim),
-                std::slice::from_raw_parts(b, dim),
-            )
-        }
-    })
-}
+const MAGIC: &[u8; 8] = b"ATLHNSW1";
 
 impl AnnIndex {
     pub fn new(dim: usize, params: AnnParams) -> Result<Self, AnnError> {
-        let mut inner = usearch::Index::new(&options(dim, params)).map_err(lib)?;
-        inner.change_metric(ip_metric(dim));
-        let threads = default_threads();
-        inner
-            .reserve_capacity_and_threads(64, threads)
-            .map_err(lib)?;
+        if dim == 0 {
+            return Err(AnnError::Dimensions {
+                expected: 1,
+                got: 0,
+            });
+        }
+        let graph = Graph::new(dim, params.m, params.ef_construction);
         Ok(Self {
             dim,
-            params,
-            inner,
-            slots: Slots::new(threads),
+            params: AnnParams {
+                m: graph.m,
+                ef_construction: graph.ef_construction,
+                ef_search: params.ef_search.max(1),
+            },
+            graph: RwLock::new(graph),
+            keys: Mutex::new(HashMap::new()),
         })
     }
 
@@ -228,93 +124,127 @@ impl AnnIndex {
     }
     /// Changes `efSearch` for later searches.
     pub fn set_ef_search(&mut self, ef: usize) {
-        self.params.ef_search = ef;
-        self.inner.change_expansion_search(ef);
+        self.params.ef_search = ef.max(1);
     }
 
     pub fn len(&self) -> usize {
-        self.inner.size()
+        lock(&self.keys).len()
     }
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
     pub fn contains(&self, key: u64) -> bool {
-        self.inner.contains(key)
+        lock(&self.keys).contains_key(&key)
+    }
+    /// Deleted entries still held by the graph (walked through by searches, never returned).
+    pub fn deleted(&self) -> usize {
+        read(&self.graph).dead()
     }
 
-    fn check(&self, v: &[f32]) -> Result<Vec<f32>, AnnError> {
+    /// `v` at unit length (borrowed when it already is: embedders hand out unit vectors).
+    fn check<'a>(&self, v: &'a [f32]) -> Result<std::borrow::Cow<'a, [f32]>, AnnError> {
         if v.len() != self.dim {
             return Err(AnnError::Dimensions {
                 expected: self.dim,
                 got: v.len(),
             });
         }
-        normalised(v)
+        let n2 = v.iter().map(|x| x * x).sum::<f32>();
+        if (n2 - 1.0).abs() < 1e-6 {
+            return Ok(std::borrow::Cow::Borrowed(v));
+        }
+        normalised(v).map(std::borrow::Cow::Owned)
     }
 
-    /// Room for `n` more vectors without reallocating, and `threads` concurrent inserters or
-    /// searchers.
-    pub fn reserve(&self, n: usize, threads: usize) -> Result<(), AnnError> {
-        let threads = threads.max(self.slots.total());
-        self.inner
-            .reserve_capacity_and_threads(self.len() + n, threads)
-            .map_err(lib)?;
-        self.slots.grow(threads);
-        Ok(())
+    /// Room for `n` more vectors without growing the arrays while inserting.
+    pub fn reserve(&self, n: usize) {
+        let want = read(&self.graph).slots() + n;
+        let mut g = write(&self.graph);
+        if g.capacity() < want {
+            g.grow(want);
+        }
     }
 
-    /// Inserts (or replaces) `key`. Safe to call from several threads after [`reserve`](Self::reserve).
+    /// Inserts (or replaces) `key`. Safe to call from several threads at once, and beside
+    /// searches.
     pub fn insert(&self, key: u64, v: &[f32]) -> Result<(), AnnError> {
         let v = self.check(v)?;
-        if self.inner.contains(key) {
-            self.inner.remove(key).map_err(lib)?;
+        loop {
+            let g = read(&self.graph);
+            let Some(id) = g.allocate() else {
+                let cap = g.capacity();
+                drop(g);
+                let mut g = write(&self.graph);
+                if g.capacity() == cap {
+                    let more = (cap * 2).max(64);
+                    g.grow(more);
+                }
+                continue;
+            };
+            let level = g.level_for(id);
+            g.fill(id, key, &v, level, false);
+            if let Some(old) = lock(&self.keys).insert(key, id) {
+                g.mark_deleted(old);
+            }
+            g.link(id);
+            return Ok(());
         }
-        if self.inner.size() + 1 > self.inner.capacity() {
-            let grow = (self.inner.capacity() * 2).max(64);
-            self.inner
-                .reserve_capacity_and_threads(grow, self.slots.total())
-                .map_err(lib)?;
-        }
-        let _slot = self.slots.take();
-        self.inner.add(key, &v).map_err(lib)
     }
 
     /// Inserts many vectors on the rayon pool.
     pub fn insert_many(&self, items: &[(u64, &[f32])]) -> Result<(), AnnError> {
         use rayon::prelude::*;
-        self.reserve(items.len(), rayon::current_num_threads())?;
+        self.reserve(items.len());
         items
             .par_iter()
             .try_for_each(|(key, v)| self.insert(*key, v))
     }
 
+    /// A fresh graph of the live entries only (deleted slots dropped), built on the rayon pool
+    /// in key order. Worth it once deletions outnumber live entries: walks slow down as they
+    /// pass through more and more deleted slots.
+    pub fn compacted(&self) -> Result<AnnIndex, AnnError> {
+        let mut live: Vec<(u64, Vec<f32>)> = {
+            let g = read(&self.graph);
+            let keys = lock(&self.keys);
+            keys.iter()
+                .map(|(&k, &id)| (k, g.vector(id).to_vec()))
+                .collect()
+        };
+        live.sort_by_key(|(k, _)| *k);
+        let out = AnnIndex::new(self.dim, self.params)?;
+        let items: Vec<(u64, &[f32])> = live.iter().map(|(k, v)| (*k, v.as_slice())).collect();
+        out.insert_many(&items)?;
+        Ok(out)
+    }
+
     /// The stored (unit-length) vector of `key`.
     pub fn get(&self, key: u64) -> Option<Vec<f32>> {
-        if !self.inner.contains(key) {
-            return None;
-        }
-        let mut buf = vec![0f32; self.dim];
-        match self.inner.get(key, &mut buf) {
-            Ok(n) if n > 0 => Some(buf),
-            _ => None,
-        }
+        let id = *lock(&self.keys).get(&key)?;
+        Some(read(&self.graph).vector(id).to_vec())
     }
 
     /// Removes `key`; whether it was there.
     pub fn remove(&self, key: u64) -> Result<bool, AnnError> {
-        Ok(self.inner.remove(key).map_err(lib)? > 0)
+        let Some(id) = lock(&self.keys).remove(&key) else {
+            return Ok(false);
+        };
+        read(&self.graph).mark_deleted(id);
+        Ok(true)
     }
 
     /// The `k` nearest keys, best first.
     pub fn search(&self, q: &[f32], k: usize) -> Result<Vec<Hit>, AnnError> {
         let q = self.check(q)?;
-        if k == 0 || self.is_empty() {
-            return Ok(Vec::new());
-        }
-        self.raise_ef(k);
-        let _slot = self.slots.take();
-        let m = self.inner.search(&q, k).map_err(lib)?;
-        Ok(hits(m))
+        let g = read(&self.graph);
+        let ef = self.params.ef_search.max(k);
+        // No key reads on the way: a walk touches many slots, and each read may miss the cache.
+        let found = match (k, g.dead()) {
+            (0, _) => Vec::new(),
+            (_, 0) => g.search(&q, k, ef, &|_| true),
+            _ => g.search(&q, k, ef, &|id| !g.is_deleted(id)),
+        };
+        Ok(hits(&g, found))
     }
 
     /// The `k` nearest keys for which `keep` holds, best first.
@@ -325,67 +255,216 @@ impl AnnIndex {
         keep: impl Fn(u64) -> bool,
     ) -> Result<Vec<Hit>, AnnError> {
         let q = self.check(q)?;
-        if k == 0 || self.is_empty() {
-            return Ok(Vec::new());
-        }
-        self.raise_ef(k);
-        let _slot = self.slots.take();
-        let m = self.inner.filtered_search(&q, k, keep).map_err(lib)?;
-        Ok(hits(m))
-    }
-
-    fn raise_ef(&self, k: usize) {
+        let g = read(&self.graph);
         let ef = self.params.ef_search.max(k);
-        if self.inner.expansion_search() != ef {
-            self.inner.change_expansion_search(ef);
-        }
+        let found = match k {
+            0 => Vec::new(),
+            _ => g.search(&q, k, ef, &|id| !g.is_deleted(id) && keep(g.key(id))),
+        };
+        Ok(hits(&g, found))
     }
 
-    /// The whole index (graph and vectors) as bytes.
+    /// The whole index (graph and vectors) as bytes: `ATLHNSW1`, then little-endian `dim`, `M`,
+    /// `efConstruction`, slot count, entry slot and top level, then per slot its key, deleted
+    /// mark, level, vector and one neighbour list per level (count, ids).
     pub fn to_bytes(&self) -> Result<Vec<u8>, AnnError> {
-        let mut buf = vec![0u8; self.inner.serialized_length()];
-        self.inner.save_to_buffer(&mut buf).map_err(lib)?;
-        Ok(buf)
+        let g = read(&self.graph);
+        let n = g.slots();
+        let mut out = Vec::with_capacity(64 + n * (self.dim * 4 + 48 + g.m0 * 4));
+        out.extend_from_slice(MAGIC);
+        for x in [self.dim, g.m, g.ef_construction] {
+            out.extend_from_slice(&(x as u32).to_le_bytes());
+        }
+        out.extend_from_slice(&(n as u64).to_le_bytes());
+        let (entry, top) = match g.entry() {
+            Some((e, t)) if (e as usize) < n => (e, t as u32),
+            _ => (u32::MAX, 0),
+        };
+        out.extend_from_slice(&entry.to_le_bytes());
+        out.extend_from_slice(&top.to_le_bytes());
+        let mut ids = Vec::new();
+        for id in 0..n as u32 {
+            out.extend_from_slice(&g.key(id).to_le_bytes());
+            out.push(g.is_deleted(id) as u8);
+            let level = g.level(id);
+            out.push(level as u8);
+            for x in g.vector(id) {
+                out.extend_from_slice(&x.to_le_bytes());
+            }
+            for l in 0..=level {
+                ids.clear();
+                g.neighbours(id, l, &mut ids);
+                // A slot handed out after `n` was read may already be linked: leave it out.
+                ids.retain(|&x| (x as usize) < n);
+                out.extend_from_slice(&(ids.len() as u32).to_le_bytes());
+                for x in &ids {
+                    out.extend_from_slice(&x.to_le_bytes());
+                }
+            }
+        }
+        Ok(out)
     }
 
-    /// An index from [`to_bytes`](Self::to_bytes)' output; `dim` and `params` must be the ones it
-    /// was built with.
+    /// An index from [`to_bytes`](Self::to_bytes)' output; `dim` must be the one it was built
+    /// with. `M` and `efConstruction` come from the bytes, `efSearch` from `params`.
     pub fn from_bytes(bytes: &[u8], dim: usize, params: AnnParams) -> Result<Self, AnnError> {
-        let meta = usearch::Index::metadata_from_buffer(bytes)
-            .map_err(|e| AnnError::Corrupt(e.to_string()))?;
-        if meta.dimensions as usize != dim {
-            return Err(AnnError::Corrupt(format!(
-                "holds {}-dimensional vectors, expected {dim}",
-                meta.dimensions
+        let mut r = Reader { bytes, at: 0 };
+        if r.take(8).ok() != Some(MAGIC.as_slice()) {
+            return Err(AnnError::Format(format!(
+                "no {} header",
+                String::from_utf8_lossy(MAGIC)
             )));
         }
-        let mut index = Self::new(dim, params)?;
-        index
-            .inner
-            .load_from_buffer(bytes)
-            .map_err(|e| AnnError::Corrupt(e.to_string()))?;
-        // Loading restores the stored metric kind; ours replaces it again, and the thread
-        // contexts the slots count on.
-        index.inner.change_metric(ip_metric(dim));
-        index
-            .inner
-            .reserve_capacity_and_threads(index.inner.size().max(64), index.slots.total())
-            .map_err(lib)?;
-        index.inner.change_expansion_search(params.ef_search);
+        let stored_dim = r.u32()? as usize;
+        if stored_dim != dim {
+            return Err(AnnError::Corrupt(format!(
+                "holds {stored_dim}-dimensional vectors, expected {dim}"
+            )));
+        }
+        let (m, efc) = (r.u32()? as usize, r.u32()? as usize);
+        if !(2..=4096).contains(&m) {
+            return Err(AnnError::Corrupt(format!("M {m} out of range")));
+        }
+        let n = r.u64()?;
+        // Every slot takes at least its key, marks, vector and one count.
+        let min_slot = 8 + 2 + dim as u64 * 4 + 4;
+        if n > u32::MAX as u64 || n.saturating_mul(min_slot) > (bytes.len() - r.at) as u64 {
+            return Err(AnnError::Corrupt(format!("{n} slots cannot fit")));
+        }
+        let n = n as usize;
+        let (entry, top) = (r.u32()?, r.u32()? as usize);
+        let index = Self::new(
+            dim,
+            AnnParams {
+                m,
+                ef_construction: efc,
+                ef_search: params.ef_search,
+            },
+        )?;
+        {
+            let mut g = write(&index.graph);
+            g.grow(n.max(64));
+            let mut keys = lock(&index.keys);
+            let mut v = vec![0f32; dim];
+            let mut ids = Vec::new();
+            for id in 0..n as u32 {
+                let Some(slot) = g.allocate() else {
+                    return Err(AnnError::Corrupt("slot arrays".into()));
+                };
+                debug_assert_eq!(slot, id);
+                let key = r.u64()?;
+                let deleted = r.u8()? != 0;
+                let level = r.u8()? as usize;
+                if level > graph::MAX_LEVEL {
+                    return Err(AnnError::Corrupt(format!("slot {id}: level {level}")));
+                }
+                for x in v.iter_mut() {
+                    *x = r.f32()?;
+                }
+                g.fill(id, key, &v, level, deleted);
+                for l in 0..=level {
+                    let count = r.u32()? as usize;
+                    let max = if l == 0 { g.m0 } else { g.m };
+                    if count > max {
+                        return Err(AnnError::Corrupt(format!(
+                            "slot {id} has {count} neighbours on level {l} (at most {max})"
+                        )));
+                    }
+                    ids.clear();
+                    for _ in 0..count {
+                        let x = r.u32()?;
+                        if x as usize >= n {
+                            return Err(AnnError::Corrupt(format!(
+                                "slot {id} links to slot {x} of {n}"
+                            )));
+                        }
+                        ids.push(x);
+                    }
+                    g.set_neighbours(id, l, &ids);
+                }
+                if !deleted && keys.insert(key, id).is_some() {
+                    return Err(AnnError::Corrupt(format!("key {key} stored twice")));
+                }
+            }
+            // A link to a slot of a lower level than the list's would walk into nothing.
+            for id in 0..n as u32 {
+                for l in 1..=g.level(id) {
+                    ids.clear();
+                    g.neighbours(id, l, &mut ids);
+                    if let Some(&x) = ids.iter().find(|&&x| g.level(x) < l) {
+                        return Err(AnnError::Corrupt(format!(
+                            "slot {id} links on level {l} to slot {x} of level {}",
+                            g.level(x)
+                        )));
+                    }
+                }
+            }
+            if entry != u32::MAX {
+                if entry as usize >= n || g.level(entry) != top {
+                    return Err(AnnError::Corrupt(format!(
+                        "entry slot {entry} at level {top}"
+                    )));
+                }
+                g.set_entry(entry, top);
+            } else if n > 0 {
+                return Err(AnnError::Corrupt("slots but no entry point".into()));
+            }
+            if r.at != bytes.len() {
+                return Err(AnnError::Corrupt(format!(
+                    "{} bytes after the last slot",
+                    bytes.len() - r.at
+                )));
+            }
+        }
         Ok(index)
     }
 }
 
-fn hits(m: usearch::ffi::Matches) -> Vec<Hit> {
-    m.keys
+fn hits(g: &Graph, found: Vec<graph::Near>) -> Vec<Hit> {
+    found
         .into_iter()
-        .zip(m.distances)
-        // USearch's inner-product distance is 1 - a·b.
-        .map(|(key, d)| Hit {
-            key,
-            score: 1.0 - d,
+        .map(|n| Hit {
+            key: g.key(n.id),
+            score: 1.0 - n.d,
         })
         .collect()
+}
+
+struct Reader<'a> {
+    bytes: &'a [u8],
+    at: usize,
+}
+
+impl<'a> Reader<'a> {
+    fn take(&mut self, n: usize) -> Result<&'a [u8], AnnError> {
+        let end = self.at.checked_add(n).filter(|&e| e <= self.bytes.len());
+        let Some(end) = end else {
+            return Err(AnnError::Corrupt(format!(
+                "truncated at byte {} of {}",
+                self.at,
+                self.bytes.len()
+            )));
+        };
+        let s = &self.bytes[self.at..end];
+        self.at = end;
+        Ok(s)
+    }
+    fn u8(&mut self) -> Result<u8, AnnError> {
+        Ok(self.take(1)?[0])
+    }
+    fn u32(&mut self) -> Result<u32, AnnError> {
+        let b = self.take(4)?;
+        Ok(u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+    }
+    fn f32(&mut self) -> Result<f32, AnnError> {
+        Ok(f32::from_bits(self.u32()?))
+    }
+    fn u64(&mut self) -> Result<u64, AnnError> {
+        let b = self.take(8)?;
+        let mut a = [0u8; 8];
+        a.copy_from_slice(b);
+        Ok(u64::from_le_bytes(a))
+    }
 }
 
 /// The exact `k` best of `vectors` (unit length) for `q` (unit length), best first; ties by key.
@@ -504,7 +583,116 @@ mod tests {
     }
 
     #[test]
-    fn many_concurrent_searches_wait_for_a_context() {
+    fn inserts_and_searches_run_at_once_and_removals_stay_out() {
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(11);
+        let (n, dim) = (3000, 24);
+        let data = random_unit(&mut rng, n, dim);
+        let index = AnnIndex::new(dim, AnnParams::default()).unwrap();
+        // Four writers (growing the arrays from 64 slots as they go) beside four readers.
+        std::thread::scope(|s| {
+            for t in 0..4 {
+                let (index, data) = (&index, &data);
+                s.spawn(move || {
+                    for i in (t..n).step_by(4) {
+                        index.insert(i as u64, &data[i * dim..][..dim]).unwrap();
+                    }
+                });
+            }
+            for t in 0..4 {
+                let (index, data) = (&index, &data);
+                s.spawn(move || {
+                    for i in 0..300 {
+                        let q = &data[((t * 300 + i) % n) * dim..][..dim];
+                        let hits = index.search(q, 5).unwrap();
+                        assert!(hits.windows(2).all(|w| w[0].score >= w[1].score));
+                    }
+                });
+            }
+        });
+        assert_eq!(index.len(), n);
+        let keys: Vec<u64> = (0..n as u64).collect();
+        let mut total = 0.0;
+        for q in data.chunks(dim).step_by(60) {
+            total += recall(
+                &index.search(q, 10).unwrap(),
+                &exact_top_k(q, &keys, &data, 10),
+            );
+        }
+        assert!(total / 50.0 > 0.9, "recall {}", total / 50.0);
+
+        // Remove two thirds: searches still fill k from the live third and never return a
+        // removed key; the graph keeps the removed slots to walk through.
+        for k in (0..n as u64).filter(|k| k % 3 != 0) {
+            assert!(index.remove(k).unwrap());
+        }
+        assert_eq!(index.len(), n / 3);
+        assert_eq!(index.deleted(), n - n / 3);
+        let live: Vec<u64> = (0..n as u64).filter(|k| k % 3 == 0).collect();
+        let live_data: Vec<f32> = live
+            .iter()
+            .flat_map(|&k| data[k as usize * dim..][..dim].to_vec())
+            .collect();
+        let mut total = 0.0;
+        for q in data.chunks(dim).step_by(60) {
+            let found = index.search(q, 10).unwrap();
+            assert_eq!(found.len(), 10);
+            assert!(found.iter().all(|h| h.key % 3 == 0));
+            total += recall(&found, &exact_top_k(q, &live, &live_data, 10));
+        }
+        assert!(
+            total / 50.0 > 0.85,
+            "recall after removals {}",
+            total / 50.0
+        );
+        let back =
+            AnnIndex::from_bytes(&index.to_bytes().unwrap(), dim, AnnParams::default()).unwrap();
+        assert_eq!((back.len(), back.deleted()), (n / 3, n - n / 3));
+        let small = index.compacted().unwrap();
+        assert_eq!((small.len(), small.deleted()), (n / 3, 0));
+        for q in data.chunks(dim).step_by(60) {
+            let (a, b) = (index.search(q, 10).unwrap(), small.search(q, 10).unwrap());
+            assert!(recall(&b, &a) >= 0.8, "{a:?} vs {b:?}");
+        }
+        assert!(small.to_bytes().unwrap().len() < back.to_bytes().unwrap().len() / 2);
+    }
+
+    #[test]
+    fn damaged_bytes_are_an_error_never_a_panic() {
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(5);
+        let (n, dim) = (300, 8);
+        let data = random_unit(&mut rng, n, dim);
+        let index = AnnIndex::new(dim, AnnParams::default()).unwrap();
+        let items: Vec<(u64, &[f32])> = (0..n as u64).zip(data.chunks(dim)).collect();
+        index.insert_many(&items).unwrap();
+        let bytes = index.to_bytes().unwrap();
+        let p = AnnParams::default();
+        for cut in (0..bytes.len()).step_by(37) {
+            assert!(
+                AnnIndex::from_bytes(&bytes[..cut], dim, p).is_err(),
+                "cut {cut}"
+            );
+        }
+        let mut longer = bytes.clone();
+        longer.push(0);
+        assert!(AnnIndex::from_bytes(&longer, dim, p).is_err());
+        // Flipped bytes anywhere: an error or a graph that still answers without panicking.
+        for _ in 0..400 {
+            let mut b = bytes.clone();
+            let at = rng.gen_range(0..b.len());
+            b[at] ^= 1 << rng.gen_range(0..8);
+            if let Ok(g) = AnnIndex::from_bytes(&b, dim, p) {
+                let _ = g.search(&data[..dim], 5).unwrap();
+            }
+        }
+        // Older releases stored USearch graphs: told apart from damage, so callers can rebuild.
+        assert!(matches!(
+            AnnIndex::from_bytes(b"usearch graph bytes", dim, p),
+            Err(AnnError::Format(_))
+        ));
+    }
+
+    #[test]
+    fn many_concurrent_searches() {
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(9);
         let (n, dim) = (1500, 16);
         let data = random_unit(&mut rng, n, dim);
@@ -513,7 +701,7 @@ mod tests {
         index.insert_many(&items).unwrap();
         let bytes = index.to_bytes().unwrap();
         let loaded = AnnIndex::from_bytes(&bytes, dim, AnnParams::default()).unwrap();
-        // Far more threads than reserved contexts, as a query server's blocking pool has.
+        // Far more threads than cores, as a query server's blocking pool has.
         std::thread::scope(|s| {
             for t in 0..32 {
                 let (index, loaded, data) = (&index, &loaded, &data);

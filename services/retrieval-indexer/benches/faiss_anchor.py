@@ -1,6 +1,6 @@
 """faiss IndexHNSWFlat on the vectors atelier-ann-bench wrote: the same M, efConstruction and
 efSearch, recall@k against the bench's exact neighbours, queries/s with 1 and 2 OpenMP threads
-(one batched search call per measurement). Prints one JSON line per efSearch."""
+(one batched search call per pass; the median pass of at least five and one second). Prints one JSON line per efSearch."""
 import argparse
 import json
 import time
@@ -36,9 +36,13 @@ for ef in [int(x) for x in a.ef_search.split(",")]:
     out = {}
     for threads in (1, 2):
         faiss.omp_set_num_threads(threads)
-        t = time.perf_counter()
-        _, found = index.search(queries, a.k)
-        out[threads] = (len(queries) / (time.perf_counter() - t), found)
+        # At least five passes and one second; the median pass, as atelier-ann-bench measures.
+        rates, start = [], time.perf_counter()
+        while len(rates) < 5 or time.perf_counter() - start < 1.0:
+            t = time.perf_counter()
+            _, found = index.search(queries, a.k)
+            rates.append(len(queries) / (time.perf_counter() - t))
+        out[threads] = (sorted(rates)[len(rates) // 2], found)
     found = out[1][1]
     rec = np.mean([len(set(f[f >= 0]) & set(g[g >= 0])) / max(1, (g >= 0).sum()) for f, g in zip(found, truth)])
     print(json.dumps({

@@ -178,7 +178,7 @@ impl Indexer {
                 .filter(|(_, s)| s.model == model);
             let (graph, mut segments) = match prior {
                 Some((m, s)) => (
-                    state::load_graph(&ctx.store, m, space)
+                    state::load_graph(&ctx.store, m, space, &prev_keys)
                         .await
                         .map_err(load_err)?,
                     s.segments.clone(),
@@ -208,6 +208,16 @@ impl Indexer {
                     c.removed += 1;
                 }
             }
+            // Deleted slots stay in the graph until it is rebuilt; once they outnumber the live
+            // entries, walks pay for them, so the graph is rebuilt from its own vectors.
+            let graph = if graph.deleted() > graph.len().max(64) {
+                tokio::task::spawn_blocking(move || graph.compacted())
+                    .await
+                    .map_err(blocking_err)?
+                    .map_err(|e| JobError::permanent("internal", e.to_string()))?
+            } else {
+                graph
+            };
             let todo: Vec<(u64, String)> = kept
                 .iter()
                 .filter_map(|r| {

@@ -2,10 +2,12 @@
 //! graph per space, loaded from the store and cached per KV revision, so every replica answers
 //! from the same files and picks up a new index on its next query.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 
-use atelier_ann::{AnnIndex, AnnParams};
+use atelier_ann::{AnnError, AnnIndex, AnnParams};
+
+use crate::segment;
 use atelier_contracts::retrieval::AnnParamsRecord;
 use atelier_contracts::{ArtifactKey, DatasetRow, IndexManifest, Space};
 use atelier_kit::{Bus, Store};
@@ -86,21 +88,47 @@ pub fn parse_rows(data: &[u8]) -> Result<Vec<DatasetRow>, LoadError> {
         .collect()
 }
 
-/// Loads one space's graph.
+/// Loads one space's graph. A graph in an older format (USearch's, before atelier-ann had its
+/// own graph) is rebuilt from the space's embedding segments, keeping the keys in `live` (the
+/// manifest's rows): nothing is embedded again.
 pub async fn load_graph(
     store: &Store,
     manifest: &IndexManifest,
     space: Space,
+    live: &HashSet<u64>,
 ) -> Result<Option<AnnIndex>, LoadError> {
     let Some(s) = manifest.spaces.get(&space) else {
         return Ok(None);
     };
     let bytes = fetch(store, &s.graph.key).await?;
     let (dim, params) = (s.dim as usize, params_of(manifest.params));
-    let index = tokio::task::spawn_blocking(move || AnnIndex::from_bytes(&bytes, dim, params))
+    let loaded = tokio::task::spawn_blocking(move || AnnIndex::from_bytes(&bytes, dim, params))
         .await
-        .map_err(unavailable)?
-        .map_err(|e| LoadError::Corrupt(format!("graph of space {space}: {e}")))?;
+        .map_err(unavailable)?;
+    let index = match loaded {
+        Ok(index) => index,
+        Err(AnnError::Format(why)) => {
+            tracing::warn!(%space, dataset = %manifest.dataset, %why, "rebuilding the graph from its embedding segments");
+            let mut vectors = HashMap::new();
+            for seg in &s.segments {
+                let bytes = fetch(store, &seg.key).await?;
+                segment::decode_into(&bytes, dim, &mut vectors)
+                    .map_err(|e| LoadError::Corrupt(format!("segment of space {space}: {e}")))?;
+            }
+            vectors.retain(|k, _| live.contains(k));
+            tokio::task::spawn_blocking(move || {
+                let index = AnnIndex::new(dim, params)?;
+                let mut items: Vec<(u64, &[f32])> =
+                    vectors.iter().map(|(k, v)| (*k, v.as_slice())).collect();
+                items.sort_by_key(|(k, _)| *k);
+                index.insert_many(&items).map(|()| index)
+            })
+            .await
+            .map_err(unavailable)?
+            .map_err(|e| LoadError::Corrupt(format!("graph of space {space}: {e}")))?
+        }
+        Err(e) => return Err(LoadError::Corrupt(format!("graph of space {space}: {e}"))),
+    };
     Ok(Some(index))
 }
 
@@ -110,13 +138,14 @@ pub async fn load(
     revision: u64,
 ) -> Result<LoadedIndex, LoadError> {
     let rows = parse_rows(&fetch(store, &manifest.rows.key).await?)?;
-    let rows = rows
+    let rows: HashMap<u64, DatasetRow> = rows
         .into_iter()
         .filter_map(|r| Some((key_of(&r.sha256)?, r)))
         .collect();
+    let live: HashSet<u64> = rows.keys().copied().collect();
     let mut spaces = BTreeMap::new();
     for space in manifest.spaces.keys().copied().collect::<Vec<_>>() {
-        if let Some(g) = load_graph(store, &manifest, space).await? {
+        if let Some(g) = load_graph(store, &manifest, space, &live).await? {
             spaces.insert(space, g);
         }
     }
