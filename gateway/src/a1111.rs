@@ -43,15 +43,32 @@ impl A1111State {
         self.models.as_ref().map(atelier_sampler::Registry::new)
     }
 
-    fn checkpoints(&self) -> Vec<atelier_sampler::registry::Entry> {
-        self.registry()
+    /// The local registry's checkpoints, then the object store's (`models/`) whose names the
+    /// registry does not have; a store that cannot be listed adds nothing (and is logged).
+    async fn checkpoints(
+        &self,
+        store: &atelier_kit::Store,
+    ) -> Vec<atelier_sampler::registry::Entry> {
+        let mut out: Vec<_> = self
+            .registry()
             .map(|r| {
                 r.list()
                     .into_iter()
-                    .filter(|e| e.kind != atelier_sampler::registry::EntryKind::Lora)
+                    .filter(|e| e.kind.is_checkpoint())
                     .collect()
             })
-            .unwrap_or_default()
+            .unwrap_or_default();
+        match atelier_sampler::store_models::list(store).await {
+            Ok(listed) => {
+                for e in listed.into_iter().filter(|e| e.kind.is_checkpoint()) {
+                    if !out.iter().any(|l| l.name == e.name) {
+                        out.push(e);
+                    }
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "listing models/ in the object store"),
+        }
+        out
     }
 }
 
@@ -170,7 +187,7 @@ fn model_name(title: &str) -> String {
     t.strip_suffix(".safetensors").unwrap_or(t).to_string()
 }
 
-fn model_of(app: &AppState, req: &Txt2ImgRequest) -> Result<String, ApiError> {
+async fn model_of(app: &AppState, req: &Txt2ImgRequest) -> Result<String, ApiError> {
     if let Some(m) = req
         .override_settings
         .as_ref()
@@ -183,7 +200,8 @@ fn model_of(app: &AppState, req: &Txt2ImgRequest) -> Result<String, ApiError> {
         return Ok(m);
     }
     app.a1111
-        .checkpoints()
+        .checkpoints(&app.store)
+        .await
         .into_iter()
         .next()
         .map(|e| e.name)
@@ -208,7 +226,7 @@ fn decode_b64_image(field: &str, s: &str) -> Result<(Vec<u8>, image::DynamicImag
     Ok((bytes, img))
 }
 
-fn spec_of(app: &AppState, req: &Txt2ImgRequest) -> Result<GenerateSpec, ApiError> {
+async fn spec_of(app: &AppState, req: &Txt2ImgRequest) -> Result<GenerateSpec, ApiError> {
     let sampler = sampler_of(req)?;
     let clip_skip = req
         .override_settings
@@ -223,7 +241,7 @@ fn spec_of(app: &AppState, req: &Txt2ImgRequest) -> Result<GenerateSpec, ApiErro
         ));
     }
     Ok(GenerateSpec {
-        model: model_of(app, req)?,
+        model: model_of(app, req).await?,
         prompt: req.prompt.clone(),
         negative_prompt: req.negative_prompt.clone(),
         steps: req.steps,
@@ -402,7 +420,7 @@ pub async fn txt2img(
 ) -> Result<Json<ImageResponse>, ApiError> {
     caller.require(Scope::JobsWrite)?;
     let req: Txt2ImgRequest = json_body(&app, &headers, body).await?;
-    let spec = spec_of(&app, &req)?;
+    let spec = spec_of(&app, &req).await?;
     let params = serde_json::to_value(&req).unwrap_or(Value::Null);
     run(&app, &caller, spec, GenerateKind::Txt2Img, &req, params).await
 }
@@ -419,7 +437,7 @@ pub async fn img2img(
 ) -> Result<Json<ImageResponse>, ApiError> {
     caller.require(Scope::JobsWrite)?;
     let req: Img2ImgRequest = json_body(&app, &headers, body).await?;
-    let mut spec = spec_of(&app, &req.base)?;
+    let mut spec = spec_of(&app, &req.base).await?;
     let first = req.init_images.first().ok_or_else(|| {
         ApiError::unprocessable("invalid_job", "init_images needs one base64 image")
     })?;
@@ -499,7 +517,8 @@ pub async fn sd_models(
     caller.require(Scope::JobsRead)?;
     let list: Vec<Value> = app
         .a1111
-        .checkpoints()
+        .checkpoints(&app.store)
+        .await
         .into_iter()
         .map(|e| json!({"title": e.name, "model_name": e.name, "hash": null, "sha256": null, "filename": e.path, "config": null}))
         .collect();
@@ -515,7 +534,16 @@ pub async fn get_options(
 ) -> Result<Json<Value>, ApiError> {
     caller.require(Scope::JobsRead)?;
     let current = app.a1111.default_model.read().ok().and_then(|g| g.clone());
-    let current = current.or_else(|| app.a1111.checkpoints().into_iter().next().map(|e| e.name));
+    let current = match current {
+        Some(c) => Some(c),
+        None => app
+            .a1111
+            .checkpoints(&app.store)
+            .await
+            .into_iter()
+            .next()
+            .map(|e| e.name),
+    };
     Ok(Json(
         json!({"sd_model_checkpoint": current, "CLIP_stop_at_last_layers": 1, "samples_format": "png"}),
     ))
@@ -538,8 +566,20 @@ pub async fn set_options(
         })?;
         let name = model_name(title);
         if let Some(reg) = app.a1111.registry() {
-            reg.checkpoint(&name)
-                .map_err(|e| ApiError::unprocessable("unknown_model", e))?;
+            if let Err(e) = reg.checkpoint(&name) {
+                let in_store = app
+                    .a1111
+                    .checkpoints(&app.store)
+                    .await
+                    .iter()
+                    .any(|c| c.name == name);
+                if !in_store {
+                    return Err(ApiError::unprocessable(
+                        "unknown_model",
+                        format!("{e}; nor models/{name}.safetensors or models/{name}/ in the object store"),
+                    ));
+                }
+            }
         }
         if let Ok(mut g) = app.a1111.default_model.write() {
             *g = Some(name);

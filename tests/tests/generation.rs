@@ -563,3 +563,175 @@ async fn embeddings_published_to_the_store_are_used_by_name() {
     assert_eq!(run(s.clone()).await, styled, "and does so every time");
     shutdown.cancel();
 }
+
+/// Every file under `dir`, relative to it, with `/` separators.
+fn files_under(dir: &std::path::Path) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).unwrap().flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                stack.push(p);
+            } else {
+                let rel = p.strip_prefix(dir).unwrap();
+                out.push(rel.to_string_lossy().replace('\\', "/"));
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn checkpoints_published_to_the_store_are_fetched_and_listed() {
+    let mut c = Cluster::local().await.unwrap();
+    // The same tiny model three ways: a local diffusers folder (the reference), a diffusers
+    // folder under models/shelf/ and a single file models/solo.safetensors (with the CLIP
+    // tokenizer beside it in models/tokenizer/) in the object store.
+    let models = c.tmp.path().join("models");
+    make_tiny(&models.join("local"), Family::Sd1, 31).unwrap();
+    let single = c.tmp.path().join("single");
+    std::fs::create_dir_all(&single).unwrap();
+    atelier_diffusion::pipeline::write_single_file(
+        &models.join("local"),
+        &single.join("solo.safetensors"),
+    )
+    .unwrap();
+    let put = |key: String, path: std::path::PathBuf| {
+        let c = &c;
+        async move {
+            c.store
+                .put_at(
+                    &atelier_contracts::ArtifactKey::parse(&key).unwrap(),
+                    std::fs::read(path).unwrap().into(),
+                    "application/octet-stream",
+                )
+                .await
+                .unwrap()
+        }
+    };
+    for rel in files_under(&models.join("local")) {
+        put(
+            format!("models/shelf/{rel}"),
+            models.join("local").join(&rel),
+        )
+        .await;
+    }
+    for rel in files_under(&single) {
+        put(format!("models/{rel}"), single.join(&rel)).await;
+    }
+    let cache = c.tmp.path().join("model-cache");
+    c.spawn_service(
+        "atelier-sampler",
+        &[
+            ("ATELIER_MODELS", models.display().to_string()),
+            ("ATELIER_STORE_MODELS_DIR", cache.display().to_string()),
+        ],
+    )
+    .unwrap();
+    c.models = Some(models.clone());
+    let shutdown = CancellationToken::new();
+    let (key, entry) = atelier_gateway::auth::generate_key("models", "*").unwrap();
+    let base = c
+        .gateway(vec![entry], Default::default(), shutdown.clone())
+        .await
+        .unwrap();
+    let client = atelier_gateway::client::Client::new(&base, Some(key.clone())).unwrap();
+    let run = |model: &str| {
+        let (client, c) = (&client, &c);
+        let mut s = spec(model);
+        s.prompt = "a red circle".into();
+        async move {
+            let id = client.generate("txt2img", &s).await.unwrap().id;
+            c.wait_terminal(&[id], Duration::from_secs(120))
+                .await
+                .unwrap()
+                .remove(0)
+        }
+    };
+    let pixels = |r: &atelier_contracts::JobRecord| {
+        let c = &c;
+        let key = match &r.output {
+            Some(JobOutput::Images(o)) => o.images[0].image.key.clone(),
+            _ => panic!("{:?}", r.error),
+        };
+        async move {
+            let png = c
+                .store
+                .get_bytes(&atelier_contracts::ArtifactKey::parse(&key).unwrap())
+                .await
+                .unwrap();
+            image::load_from_memory(&png).unwrap().to_rgb8().into_raw()
+        }
+    };
+    let reference = pixels(&run("local").await).await;
+    let shelf = run("shelf").await;
+    assert_eq!(shelf.state, JobState::Succeeded, "{:?}", shelf.error);
+    assert_eq!(
+        pixels(&shelf).await,
+        reference,
+        "the store's folder is the same model"
+    );
+    let solo = run("solo").await;
+    assert_eq!(solo.state, JobState::Succeeded, "{:?}", solo.error);
+    assert_eq!(
+        pixels(&solo).await,
+        reference,
+        "the single file is the same model"
+    );
+    // Copied once, under a folder named by the objects' sizes and e-tags.
+    let copies: Vec<String> = std::fs::read_dir(&cache)
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(copies.len(), 2, "{copies:?}");
+    assert!(
+        copies.iter().any(|n| n.starts_with("shelf-"))
+            && copies.iter().any(|n| n.starts_with("solo-"))
+    );
+    assert_eq!(run("shelf").await.state, JobState::Succeeded);
+    assert_eq!(std::fs::read_dir(&cache).unwrap().count(), 2);
+
+    // Neither local nor in the store: the job fails saying where it looked.
+    let missing = run("nowhere").await;
+    let e = missing.error.unwrap();
+    assert_eq!(e.code, "unknown_model");
+    assert!(
+        e.message.contains("nowhere") && e.message.contains("object store"),
+        "{}",
+        e.message
+    );
+
+    // A1111's model list has the local and the store's checkpoints; the store's can be chosen.
+    let http = reqwest::Client::new();
+    let listed: serde_json::Value = http
+        .get(format!("{base}/sdapi/v1/sd-models"))
+        .bearer_auth(&key)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let names: Vec<&str> = listed
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["model_name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, vec!["local", "shelf", "solo"]);
+    for (model, status) in [("solo", 200), ("nowhere", 422)] {
+        let r = http
+            .post(format!("{base}/sdapi/v1/options"))
+            .bearer_auth(&key)
+            .json(&serde_json::json!({ "sd_model_checkpoint": model }))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), status, "{model}");
+    }
+    shutdown.cancel();
+    c.stop_services(libc::SIGTERM, Duration::from_secs(10));
+}

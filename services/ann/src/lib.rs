@@ -541,6 +541,11 @@ mod tests {
             let truth = exact_top_k(q, &keys, &data, 10);
             let found = index.search(q, 10).unwrap();
             assert!(found.windows(2).all(|w| w[0].score >= w[1].score));
+            // Scores are exact cosines (the walk's half floats are re-ranked in f32).
+            for h in &found {
+                let v = &data[keys.iter().position(|&k| k == h.key).unwrap() * dim..][..dim];
+                assert!((h.score - dot(q, v)).abs() < 1e-5, "{h:?}");
+            }
             total += recall(&found, &truth);
         }
         assert!(total / 50.0 > 0.9, "recall {}", total / 50.0);

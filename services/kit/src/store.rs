@@ -413,6 +413,60 @@ impl Store {
         .await
     }
 
+    /// Streams an object into the file `dest` (written beside it under a temporary name, then
+    /// renamed, so `dest` is either absent or complete); returns the bytes written. For objects
+    /// too large to hold in memory (model checkpoints). The whole download is retried on
+    /// transient failures.
+    pub async fn download(
+        &self,
+        key: &ArtifactKey,
+        dest: &std::path::Path,
+    ) -> Result<u64, StoreError> {
+        use tokio::io::AsyncWriteExt;
+        let path = Self::path(key);
+        let tmp = dest.with_file_name(format!(
+            ".{}.part{}",
+            dest.file_name()
+                .map(|n| n.to_string_lossy())
+                .unwrap_or_default(),
+            std::process::id()
+        ));
+        let local = |e: std::io::Error| object_store::Error::Generic {
+            store: "local file",
+            source: Box::new(e),
+        };
+        let written = self
+            .retry("download", || {
+                let (inner, path, tmp) = (self.inner.clone(), path.clone(), tmp.clone());
+                async move {
+                    let mut file = tokio::fs::File::create(&tmp).await.map_err(local)?;
+                    let mut stream = inner.get(&path).await?.into_stream();
+                    let mut n = 0u64;
+                    while let Some(chunk) = stream.next().await {
+                        let chunk = chunk?;
+                        n += chunk.len() as u64;
+                        file.write_all(&chunk).await.map_err(local)?;
+                    }
+                    file.flush().await.map_err(local)?;
+                    file.sync_all().await.map_err(local)?;
+                    Ok(n)
+                }
+            })
+            .await;
+        let n = match written {
+            Ok(n) => n,
+            Err(e) => {
+                let _ = std::fs::remove_file(&tmp);
+                return Err(e);
+            }
+        };
+        if let Err(e) = std::fs::rename(&tmp, dest) {
+            let _ = std::fs::remove_file(&tmp);
+            return Err(StoreError::Body(format!("{}: {e}", dest.display())));
+        }
+        Ok(n)
+    }
+
     /// Streams an object through SHA-256 and returns its reference (the digest of the real bytes).
     pub async fn digest(&self, key: &ArtifactKey) -> Result<ArtifactRef, StoreError> {
         let path = Self::path(key);

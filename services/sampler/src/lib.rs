@@ -9,6 +9,7 @@
 
 pub mod batch;
 pub mod registry;
+pub mod store_models;
 
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
@@ -239,6 +240,30 @@ impl Generator {
     }
 }
 
+/// Where checkpoints from the object store are copied: `ATELIER_STORE_MODELS_DIR`, else
+/// `atelier-models` in the temporary folder.
+pub fn model_cache() -> PathBuf {
+    std::env::var_os("ATELIER_STORE_MODELS_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| std::env::temp_dir().join("atelier-models"))
+}
+
+/// Checkpoint `name` from the object store (`models/NAME.safetensors` or `models/NAME/`),
+/// copied into the local cache; `local` is why the registry folder did not have it.
+async fn store_checkpoint(ctx: &JobCtx, name: &str, local: &str) -> Result<PathBuf, JobError> {
+    use store_models::FetchError;
+    match store_models::fetch_checkpoint(&ctx.store, name, &model_cache()).await {
+        Ok(Some(p)) => Ok(p),
+        Ok(None) => Err(JobError::permanent(
+            "unknown_model",
+            format!("{local}; nor models/{name}.safetensors or models/{name}/ in the object store"),
+        )),
+        Err(FetchError::Store(e)) => Err(e.into()),
+        Err(FetchError::Disk(m)) => Err(JobError::retryable("local_disk", m)),
+        Err(e) => Err(JobError::permanent("unknown_model", e.to_string())),
+    }
+}
+
 /// A LoRA the trainer published to the object store (`loras/NAME.safetensors`), copied to a
 /// local file named by its content hash (so a re-published name is never served stale).
 async fn store_lora(ctx: &JobCtx, name: &str) -> Result<Option<PathBuf>, JobError> {
@@ -361,10 +386,10 @@ impl Handler for Generator {
                 format!("unknown sampler {:?}", g.sampler),
             )
         })?;
-        let path = self
-            .registry
-            .checkpoint(&g.model)
-            .map_err(|e| JobError::permanent("unknown_model", e))?;
+        let path = match self.registry.checkpoint(&g.model) {
+            Ok(p) => p,
+            Err(local) => store_checkpoint(ctx, &g.model, &local).await?,
+        };
         let (_, tags) = atelier_diffusion::prompt::extract_extra_networks(&g.prompt)
             .map_err(|e| JobError::permanent("invalid_job", e))?;
         let mut loras = Vec::new();

@@ -1,5 +1,7 @@
 //! The model registry: a folder (`ATELIER_MODELS`) of checkpoints (diffusers folders or
-//! single-file `.safetensors`) and, under `loras/`, LoRA files.
+//! single-file `.safetensors`), LoRA files under `loras/` and textual-inversion embeddings under
+//! `embeddings/`. The object store's `models/`, `loras/` and `embeddings/` are the second source
+//! (`store_models.rs`); a local entry wins over a store entry of the same name.
 
 use std::path::{Path, PathBuf};
 
@@ -12,6 +14,13 @@ pub enum EntryKind {
     DiffusersFolder,
     SingleFile,
     Lora,
+    Embedding,
+}
+
+impl EntryKind {
+    pub fn is_checkpoint(self) -> bool {
+        matches!(self, EntryKind::DiffusersFolder | EntryKind::SingleFile)
+    }
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -82,6 +91,21 @@ impl Registry {
         };
         scan(&self.dir, false, &mut out);
         scan(&self.dir.join("loras"), true, &mut out);
+        if let Ok(rd) = std::fs::read_dir(self.dir.join("embeddings")) {
+            for p in rd.flatten().map(|e| e.path()) {
+                if p.extension()
+                    .is_some_and(|x| x == "safetensors" || x == "pt")
+                {
+                    if let Some(stem) = p.file_stem() {
+                        out.push(Entry {
+                            name: stem.to_string_lossy().into_owned(),
+                            kind: EntryKind::Embedding,
+                            path: p,
+                        });
+                    }
+                }
+            }
+        }
         out.sort_by(|a, b| a.name.cmp(&b.name));
         out
     }
@@ -104,7 +128,7 @@ impl Registry {
         let known: Vec<String> = self
             .list()
             .into_iter()
-            .filter(|e| e.kind != EntryKind::Lora)
+            .filter(|e| e.kind.is_checkpoint())
             .map(|e| e.name)
             .collect();
         Err(format!(
