@@ -7,7 +7,7 @@
 //! - `atelier upload | submit | job | cancel`   talk to a running gateway
 //! - `atelier ingest | caption | filter | datasets | export`   the dataset side, over the gateway
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::Context as _;
 use atelier_gateway::client::Client;
@@ -107,10 +107,18 @@ enum ModelsCmd {
         #[arg(long, default_value_t = 0)]
         seed: u64,
     },
-    /// List the registry's checkpoints and LoRAs.
+    /// List the registry's checkpoints, LoRAs and embeddings (the local folder, then the object
+    /// store's `models/`, `loras/`, `embeddings/`), one JSON line each, with what the local
+    /// files are: family (sd1, sd2, sdxl), inpainting, prediction type; a LoRA's format, rank
+    /// and base; an embedding's vectors and base.
     List {
         #[arg(long, env = "ATELIER_MODELS", default_value = "models")]
         models: PathBuf,
+        /// Only the local folder.
+        #[arg(long)]
+        local: bool,
+        #[command(flatten)]
+        store: StoreArgs,
     },
 }
 
@@ -427,6 +435,50 @@ fn print_json<T: serde::Serialize>(v: &T) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `atelier models list`: local entries with what they are, then the store's.
+async fn list_models(models: &Path, store: Option<&StoreArgs>) -> anyhow::Result<()> {
+    let reg = atelier_sampler::Registry::new(models);
+    let local = reg.list();
+    for e in &local {
+        let mut line = serde_json::json!({
+            "name": e.name, "kind": e.kind, "path": e.path, "source": "local",
+        });
+        match e.detect() {
+            Ok(d) => line["detected"] = serde_json::to_value(d)?,
+            Err(why) => line["error"] = why.into(),
+        }
+        println!("{line}");
+    }
+    let Some(args) = store else {
+        return Ok(());
+    };
+    let store = atelier_kit::Store::open(args)?;
+    match atelier_sampler::store_models::list(&store).await {
+        Ok(entries) => {
+            for e in entries {
+                // A local entry of the same name and kind is the one jobs use.
+                let class = |k: atelier_sampler::registry::EntryKind| (k.is_checkpoint(), k);
+                let same = |a, b| {
+                    let (ca, ka) = class(a);
+                    let (cb, kb) = class(b);
+                    (ca && cb) || ka == kb
+                };
+                let shadowed = local.iter().any(|l| l.name == e.name && same(l.kind, e.kind));
+                let line = serde_json::json!({
+                    "name": e.name, "kind": e.kind, "path": e.path, "source": "store",
+                    "shadowed_by_local": shadowed,
+                });
+                println!("{line}");
+            }
+        }
+        Err(e) => eprintln!(
+            "atelier: the object store ({}) could not be listed: {e}; pass --local to list the folder only",
+            args.store
+        ),
+    }
+    Ok(())
+}
+
 #[tokio::main]
 async fn main() {
     if let Err(e) = run(Cli::parse()).await {
@@ -611,13 +663,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             println!("wrote a tiny BLIP model to {}", out.display());
             Ok(())
         }
-        Command::Models(ModelsCmd::List { models }) => {
-            let reg = atelier_sampler::Registry::new(&models);
-            for e in reg.list() {
-                println!("{}", serde_json::to_string(&e)?);
-            }
-            Ok(())
-        }
+        Command::Models(ModelsCmd::List {
+            models,
+            local,
+            store,
+        }) => list_models(&models, (!local).then_some(&store)).await,
         Command::Generate(g) => generate_local(*g),
         Command::Prompt(PromptCmd::Parse { prompt, steps }) => {
             if steps == 0 || steps > 10_000 {

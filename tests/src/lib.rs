@@ -83,6 +83,19 @@ pub struct Seaweed {
 
 impl Seaweed {
     pub fn start(dir: &Path) -> anyhow::Result<Self> {
+        // On a (nearly) full disk weed starts but registers no volume capacity, and every write
+        // then fails with "no volume server capacity registered yet": say so at once rather
+        // than after a minute of retries per test binary.
+        if let Some(free) = free_bytes(dir) {
+            if free < MIN_FREE_BYTES {
+                bail!(
+                    "only {} MiB free under {}: SeaweedFS needs at least {} MiB to take writes; free some space or point TMPDIR at a larger disk",
+                    free >> 20,
+                    dir.display(),
+                    MIN_FREE_BYTES >> 20
+                );
+            }
+        }
         // 13 consecutive-free ports are not needed: each flag gets its own free port.
         // Held open together, so the 13 ports are distinct (one bind-and-release at a time can
         // hand the same port out twice), then released for weed.
@@ -185,10 +198,13 @@ impl Seaweed {
                 }
             }
             if Instant::now() > deadline {
+                let log = self.dir.join("weed.log");
                 bail!(
-                    "SeaweedFS S3 did not accept a PUT within {timeout:?}; last lines of {}:\n{}",
-                    self.dir.join("weed.log").display(),
-                    log_tail(&self.dir.join("weed.log"), 25)
+                    "SeaweedFS S3 did not accept a PUT within {timeout:?}; {}; weed's own disk report: {}; last lines of {}:\n{}",
+                    free_space(&self.dir),
+                    disk_report(&log),
+                    log.display(),
+                    log_tail(&log, 25)
                 );
             }
             std::thread::sleep(Duration::from_millis(300));
@@ -232,6 +248,46 @@ fn log_tail(path: &Path, n: usize) -> String {
     let text = std::fs::read_to_string(path).unwrap_or_default();
     let lines: Vec<&str> = text.lines().collect();
     lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
+/// Below this much free space the tests' SeaweedFS cannot store anything.
+const MIN_FREE_BYTES: u64 = 256 << 20;
+
+/// Bytes an unprivileged process may still write on the file system holding `dir`.
+fn free_bytes(dir: &Path) -> Option<u64> {
+    let path = std::ffi::CString::new(dir.as_os_str().as_encoded_bytes()).ok()?;
+    // SAFETY: statvfs writes into the zeroed struct we own; the path is NUL-terminated.
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    if unsafe { libc::statvfs(path.as_ptr(), &mut st) } != 0 {
+        return None;
+    }
+    Some(st.f_bavail as u64 * st.f_frsize as u64)
+}
+
+/// The free space of the file system holding `dir`, for error messages.
+fn free_space(dir: &Path) -> String {
+    match free_bytes(dir) {
+        Some(free) => format!("{} MiB free under {}", free >> 20, dir.display()),
+        None => "free space unknown".into(),
+    }
+}
+
+/// The lines of weed's start-up banner that say how much space and how many volumes it saw.
+fn disk_report(log: &Path) -> String {
+    let text = std::fs::read_to_string(log).unwrap_or_default();
+    let lines: Vec<&str> = text
+        .lines()
+        .filter(|l| {
+            l.contains("Free Space") || l.contains("Free Volumes") || l.contains("Volume Size")
+        })
+        .map(str::trim)
+        .take(3)
+        .collect();
+    if lines.is_empty() {
+        "none printed".into()
+    } else {
+        lines.join(", ")
+    }
 }
 
 /// Removes the data folders of shared SeaweedFS instances whose test process has exited: the

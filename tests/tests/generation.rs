@@ -722,6 +722,44 @@ async fn checkpoints_published_to_the_store_are_fetched_and_listed() {
         .map(|m| m["model_name"].as_str().unwrap())
         .collect();
     assert_eq!(names, vec!["local", "shelf", "solo"]);
+
+    // `atelier models list`: the local folder with what each entry is, then the store's.
+    let out = std::process::Command::new(atelier_e2e::bin("atelier"))
+        .args(["models", "list", "--models"])
+        .arg(&models)
+        .args(["--store", &c.store_args.store])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let lines: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let summary: Vec<(&str, &str, &str)> = lines
+        .iter()
+        .map(|l| {
+            (
+                l["name"].as_str().unwrap(),
+                l["kind"].as_str().unwrap(),
+                l["source"].as_str().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        summary,
+        vec![
+            ("local", "diffusers_folder", "local"),
+            ("shelf", "diffusers_folder", "store"),
+            ("solo", "single_file", "store"),
+        ]
+    );
+    assert_eq!(lines[0]["detected"]["family"], "sd1", "{}", lines[0]);
+    assert_eq!(lines[0]["detected"]["inpainting"], false);
+
     for (model, status) in [("solo", 200), ("nowhere", 422)] {
         let r = http
             .post(format!("{base}/sdapi/v1/options"))

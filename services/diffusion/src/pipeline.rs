@@ -236,6 +236,59 @@ pub struct SingleFileConfig {
 
 const META_KEY: &str = "atelier.config";
 
+impl Family {
+    /// A diffusers folder's family: XL by its pipeline class (or a second text encoder), 2.x by
+    /// its OpenCLIP text encoder (GELU), 1.x otherwise.
+    pub(crate) fn of_diffusers(sdxl: bool, text_encoder: &ClipConfig) -> Self {
+        if sdxl {
+            Family::Sdxl
+        } else if text_encoder.hidden_act == crate::models::clip::Activation::Gelu {
+            Family::Sd2
+        } else {
+            Family::Sd1
+        }
+    }
+}
+
+/// The configs of a single-file checkpoint: those atelier stored in its metadata, or the
+/// published ones of the family its keys name (`in_channels` from the UNet's first convolution,
+/// the prediction type from a `NAME.json` sidecar). `shape_of` answers from the file's header,
+/// so listing a registry reads no weights.
+pub(crate) fn single_file_config(
+    path: &Path,
+    meta: &std::collections::HashMap<String, String>,
+    shape_of: impl Fn(&str) -> Option<Vec<usize>>,
+) -> PResult<SingleFileConfig> {
+    if let Some(json) = meta.get(META_KEY) {
+        return serde_json::from_str(json).map_err(|e| model_err(path, format!("{META_KEY}: {e}")));
+    }
+    let has = |n: &str| shape_of(n).is_some();
+    let family = if has("conditioner.embedders.1.model.transformer.resblocks.0.attn.in_proj_weight")
+    {
+        Family::Sdxl
+    } else if has("cond_stage_model.model.transformer.resblocks.0.attn.in_proj_weight") {
+        Family::Sd2
+    } else if has("cond_stage_model.transformer.text_model.embeddings.token_embedding.weight") {
+        Family::Sd1
+    } else {
+        return Err(model_err(path, "unknown checkpoint layout: expected SD 1.x (cond_stage_model.transformer.*), SD 2.x (cond_stage_model.model.*) or SDXL (conditioner.embedders.*) keys beside model.diffusion_model.*"));
+    };
+    let in_ch = shape_of("model.diffusion_model.input_blocks.0.0.weight")
+        .and_then(|s| s.get(1).copied())
+        .unwrap_or(4);
+    let mut c = SingleFileConfig::standard(family, in_ch);
+    let sidecar = path.with_extension("json");
+    if let Ok(text) = std::fs::read_to_string(&sidecar) {
+        let v: serde_json::Value =
+            serde_json::from_str(&text).map_err(|e| model_err(&sidecar, e))?;
+        if let Some(p) = v.get("prediction_type") {
+            c.schedule.prediction_type =
+                serde_json::from_value(p.clone()).map_err(|e| model_err(&sidecar, e))?;
+        }
+    }
+    Ok(c)
+}
+
 impl SingleFileConfig {
     /// The published configs of a family (`in_channels` 9 for inpainting checkpoints).
     pub fn standard(family: Family, in_channels: usize) -> Self {
@@ -343,42 +396,7 @@ impl StableDiffusion {
         }
         let w = SafetensorsWeights::open(&[path.to_path_buf()])?;
         let meta = crate::models::load::read_metadata(path)?;
-        let cfg: SingleFileConfig = match meta.get(META_KEY) {
-            Some(json) => serde_json::from_str(json)
-                .map_err(|e| model_err(path, format!("{META_KEY}: {e}")))?,
-            None => {
-                let family = if w.contains(
-                    "conditioner.embedders.1.model.transformer.resblocks.0.attn.in_proj_weight",
-                ) {
-                    Family::Sdxl
-                } else if w
-                    .contains("cond_stage_model.model.transformer.resblocks.0.attn.in_proj_weight")
-                {
-                    Family::Sd2
-                } else if w.contains(
-                    "cond_stage_model.transformer.text_model.embeddings.token_embedding.weight",
-                ) {
-                    Family::Sd1
-                } else {
-                    return Err(model_err(path, "unknown checkpoint layout: expected SD 1.x (cond_stage_model.transformer.*), SD 2.x (cond_stage_model.model.*) or SDXL (conditioner.embedders.*) keys beside model.diffusion_model.*"));
-                };
-                let in_ch = w
-                    .shape_of("model.diffusion_model.input_blocks.0.0.weight")
-                    .and_then(|s| s.get(1).copied())
-                    .unwrap_or(4);
-                let mut c = SingleFileConfig::standard(family, in_ch);
-                let sidecar = path.with_extension("json");
-                if let Ok(text) = std::fs::read_to_string(&sidecar) {
-                    let v: serde_json::Value =
-                        serde_json::from_str(&text).map_err(|e| model_err(&sidecar, e))?;
-                    if let Some(p) = v.get("prediction_type") {
-                        c.schedule.prediction_type = serde_json::from_value(p.clone())
-                            .map_err(|e| model_err(&sidecar, e))?;
-                    }
-                }
-                c
-            }
-        };
+        let cfg = single_file_config(path, &meta, |n| w.shape_of(n))?;
         let prefixes = match cfg.family {
             Family::Sd1 => &ldm::SD1,
             Family::Sd2 => &ldm::SD2,
@@ -523,13 +541,7 @@ impl StableDiffusion {
         let vae = Vae::new(vae_w.var_builder(DType::F32, device), vae_cfg)
             .map_err(|e| model_err(&dir.join("vae"), e))?;
         let mut weight_bytes = unet_w.loaded_bytes() + vae_w.loaded_bytes();
-        let family = if sdxl {
-            Family::Sdxl
-        } else if te_cfg.hidden_act == crate::models::clip::Activation::Gelu {
-            Family::Sd2
-        } else {
-            Family::Sd1
-        };
+        let family = Family::of_diffusers(sdxl, &te_cfg);
         let mut text = Vec::new();
         let encoders: &[(&str, &str, bool)] = if sdxl {
             &[
@@ -1538,13 +1550,7 @@ pub fn write_single_file(diffusers: &Path, out: &Path) -> PResult<()> {
     if sdxl {
         text.push(read_json(&diffusers.join("text_encoder_2/config.json"))?);
     }
-    let family = if sdxl {
-        Family::Sdxl
-    } else if text[0].hidden_act == crate::models::clip::Activation::Gelu {
-        Family::Sd2
-    } else {
-        Family::Sd1
-    };
+    let family = Family::of_diffusers(sdxl, &text[0]);
     let prefixes = match family {
         Family::Sd1 => &ldm::SD1,
         Family::Sd2 => &ldm::SD2,

@@ -30,6 +30,30 @@ pub struct Entry {
     pub path: PathBuf,
 }
 
+/// What an entry holds, read from its headers and configs (no weights are loaded).
+#[derive(Debug, Clone, Serialize)]
+#[serde(untagged)]
+pub enum Detected {
+    Checkpoint(atelier_diffusion::inspect::CheckpointInfo),
+    Lora(atelier_diffusion::inspect::LoraInfo),
+    Embedding(atelier_diffusion::inspect::EmbeddingInfo),
+}
+
+impl Entry {
+    /// The family and variant of a local entry; an error says why the file is not what its
+    /// place in the registry promises.
+    pub fn detect(&self) -> Result<Detected, String> {
+        use atelier_diffusion::inspect;
+        match self.kind {
+            EntryKind::DiffusersFolder | EntryKind::SingleFile => {
+                inspect::checkpoint(&self.path).map(Detected::Checkpoint)
+            }
+            EntryKind::Lora => inspect::lora(&self.path).map(Detected::Lora),
+            EntryKind::Embedding => inspect::embedding(&self.path).map(Detected::Embedding),
+        }
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct Registry {
     pub dir: PathBuf,
@@ -55,7 +79,7 @@ impl Registry {
         Self { dir: dir.into() }
     }
 
-    /// Every checkpoint and LoRA, sorted by name.
+    /// Every checkpoint, LoRA and embedding, sorted by name.
     pub fn list(&self) -> Vec<Entry> {
         let mut out = Vec::new();
         let scan = |dir: &Path, lora: bool, out: &mut Vec<Entry>| {

@@ -251,32 +251,66 @@ pub fn save(tensors: &std::collections::BTreeMap<String, Tensor>, path: &Path) -
     Ok(())
 }
 
-/// The `__metadata__` of a safetensors file (its header only is read).
-pub fn read_metadata(path: &Path) -> Result<std::collections::HashMap<String, String>> {
+/// A safetensors file's header: each tensor's shape and dtype name, and `__metadata__`.
+#[derive(Debug, Clone, Default)]
+pub struct Header {
+    pub tensors: std::collections::HashMap<String, (Vec<usize>, String)>,
+    pub metadata: std::collections::HashMap<String, String>,
+}
+
+impl Header {
+    pub fn shape_of(&self, name: &str) -> Option<Vec<usize>> {
+        self.tensors.get(name).map(|(s, _)| s.clone())
+    }
+}
+
+/// Read a safetensors file's header only (no tensor data), whatever the file's size.
+pub fn read_header(path: &Path) -> Result<Header> {
     use std::io::Read;
+    let not = |why: String| {
+        candle_core::Error::Msg(format!("{}: not a safetensors file: {why}", path.display()))
+    };
     let mut f = std::fs::File::open(path)?;
     let mut len = [0u8; 8];
     f.read_exact(&mut len)?;
     let n = u64::from_le_bytes(len);
     if n > 100 * 1024 * 1024 {
-        return Err(candle_core::Error::Msg(format!(
-            "{}: not a safetensors file (header of {n} bytes)",
-            path.display()
-        )));
+        return Err(not(format!("header of {n} bytes")));
     }
     let mut header = vec![0u8; n as usize];
     f.read_exact(&mut header)?;
-    let v: serde_json::Value = serde_json::from_slice(&header).map_err(|e| {
-        candle_core::Error::Msg(format!("{}: not a safetensors file: {e}", path.display()))
-    })?;
-    Ok(v.get("__metadata__")
-        .and_then(|m| m.as_object())
-        .map(|m| {
-            m.iter()
-                .filter_map(|(k, v)| v.as_str().map(|s| (k.clone(), s.to_string())))
-                .collect()
-        })
-        .unwrap_or_default())
+    let v: serde_json::Value = serde_json::from_slice(&header).map_err(|e| not(e.to_string()))?;
+    let obj = v
+        .as_object()
+        .ok_or_else(|| not("the header is not a JSON object".into()))?;
+    let mut out = Header::default();
+    for (k, entry) in obj {
+        if k == "__metadata__" {
+            if let Some(m) = entry.as_object() {
+                out.metadata = m
+                    .iter()
+                    .filter_map(|(k, v)| v.as_str().map(|s| (k.clone(), s.to_string())))
+                    .collect();
+            }
+            continue;
+        }
+        let shape = entry["shape"]
+            .as_array()
+            .and_then(|a| {
+                a.iter()
+                    .map(|d| d.as_u64().map(|d| d as usize))
+                    .collect::<Option<Vec<_>>>()
+            })
+            .ok_or_else(|| not(format!("{k} has no shape")))?;
+        let dtype = entry["dtype"].as_str().unwrap_or_default().to_string();
+        out.tensors.insert(k.clone(), (shape, dtype));
+    }
+    Ok(out)
+}
+
+/// The `__metadata__` of a safetensors file (its header only is read).
+pub fn read_metadata(path: &Path) -> Result<std::collections::HashMap<String, String>> {
+    read_header(path).map(|h| h.metadata)
 }
 
 /// Save named tensors with `__metadata__`, written beside and renamed into place.
