@@ -694,6 +694,41 @@ async fn checkpoints_published_to_the_store_are_fetched_and_listed() {
     assert_eq!(run("shelf").await.state, JobState::Succeeded);
     assert_eq!(std::fs::read_dir(&cache).unwrap().count(), 2);
 
+    // Re-published under the same name (other weights): fetched again, the old copy removed.
+    let other = c.tmp.path().join("other");
+    make_tiny(&other, Family::Sd1, 32).unwrap();
+    for rel in files_under(&other) {
+        c.store
+            .put_at(
+                &atelier_contracts::ArtifactKey::parse(&format!("models/shelf/{rel}")).unwrap(),
+                std::fs::read(other.join(&rel)).unwrap().into(),
+                "application/octet-stream",
+            )
+            .await
+            .unwrap();
+    }
+    let republished = run("shelf").await;
+    assert_eq!(
+        republished.state,
+        JobState::Succeeded,
+        "{:?}",
+        republished.error
+    );
+    assert_ne!(
+        pixels(&republished).await,
+        reference,
+        "the new weights are used"
+    );
+    let after: Vec<String> = std::fs::read_dir(&cache)
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(after.len(), 2, "{after:?}");
+    assert!(after.iter().any(|n| n.starts_with("solo-")));
+    let old_shelf = copies.iter().find(|n| n.starts_with("shelf-")).unwrap();
+    assert!(!after.contains(old_shelf), "{after:?}");
+
     // Neither local nor in the store: the job fails saying where it looked.
     let missing = run("nowhere").await;
     let e = missing.error.unwrap();

@@ -201,7 +201,42 @@ async fn copy(
     }
     std::fs::write(&mark, b"").map_err(|e| io(&mark, e))?;
     tracing::info!(model = name, files = files.len(), bytes, dir = %dir.display(), "copied a checkpoint from the object store");
+    remove_older_copies(cache, name, &dir);
     Ok(dir)
+}
+
+/// Removes the copies of earlier publications of `name` (and unfinished ones) once `keep` is
+/// complete: jobs resolve the store on every run, so nothing asks for them again, and a model
+/// still loaded from one keeps its mapped files (Linux frees them when it is unmapped).
+fn remove_older_copies(cache: &Path, name: &str, keep: &Path) {
+    let Ok(entries) = std::fs::read_dir(cache) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let path = e.path();
+        if path == keep {
+            continue;
+        }
+        let file_name = e.file_name();
+        let Some(digest) = file_name
+            .to_str()
+            .and_then(|n| n.strip_prefix(name))
+            .and_then(|n| n.strip_prefix('-'))
+        else {
+            continue;
+        };
+        // `NAME-<16 hex digits>` only: "a-b-…" belongs to model "a-b", not to "a".
+        if digest.len() == 16 && digest.bytes().all(|b| b.is_ascii_hexdigit()) {
+            match std::fs::remove_dir_all(&path) {
+                Ok(()) => {
+                    tracing::info!(model = name, dir = %path.display(), "removed an earlier copy")
+                }
+                Err(err) => {
+                    tracing::warn!(model = name, dir = %path.display(), %err, "could not remove an earlier copy")
+                }
+            }
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
