@@ -437,6 +437,12 @@ fn print_json<T: serde::Serialize>(v: &T) -> anyhow::Result<()> {
 
 /// `atelier models list`: local entries with what they are, then the store's.
 async fn list_models(models: &Path, store: Option<&StoreArgs>) -> anyhow::Result<()> {
+    if !models.is_dir() {
+        eprintln!(
+            "atelier: no model folder at {} (pass --models DIR or set ATELIER_MODELS; `atelier models make-tiny DIR/tiny` writes one)",
+            models.display()
+        );
+    }
     let reg = atelier_sampler::Registry::new(models);
     let local = reg.list();
     for e in &local {
