@@ -598,10 +598,11 @@ async fn checkpoints_published_to_the_store_are_fetched_and_listed() {
         &single.join("solo.safetensors"),
     )
     .unwrap();
+    let store = c.store.clone();
     let put = |key: String, path: std::path::PathBuf| {
-        let c = &c;
+        let store = store.clone();
         async move {
-            c.store
+            store
                 .put_at(
                     &atelier_contracts::ArtifactKey::parse(&key).unwrap(),
                     std::fs::read(path).unwrap().into(),
@@ -618,6 +619,12 @@ async fn checkpoints_published_to_the_store_are_fetched_and_listed() {
         )
         .await;
     }
+    // With the sidecar a single file may carry (SD 2.x v-prediction files name it there).
+    std::fs::write(
+        single.join("solo.json"),
+        r#"{"prediction_type": "epsilon"}"#,
+    )
+    .unwrap();
     for rel in files_under(&single) {
         put(format!("models/{rel}"), single.join(&rel)).await;
     }
@@ -691,6 +698,11 @@ async fn checkpoints_published_to_the_store_are_fetched_and_listed() {
         copies.iter().any(|n| n.starts_with("shelf-"))
             && copies.iter().any(|n| n.starts_with("solo-"))
     );
+    let solo_copy = copies.iter().find(|n| n.starts_with("solo-")).unwrap();
+    assert!(
+        cache.join(solo_copy).join("solo.json").is_file(),
+        "the sidecar is copied beside the file"
+    );
     assert_eq!(run("shelf").await.state, JobState::Succeeded);
     assert_eq!(std::fs::read_dir(&cache).unwrap().count(), 2);
 
@@ -698,14 +710,7 @@ async fn checkpoints_published_to_the_store_are_fetched_and_listed() {
     let other = c.tmp.path().join("other");
     make_tiny(&other, Family::Sd1, 32).unwrap();
     for rel in files_under(&other) {
-        c.store
-            .put_at(
-                &atelier_contracts::ArtifactKey::parse(&format!("models/shelf/{rel}")).unwrap(),
-                std::fs::read(other.join(&rel)).unwrap().into(),
-                "application/octet-stream",
-            )
-            .await
-            .unwrap();
+        put(format!("models/shelf/{rel}"), other.join(&rel)).await;
     }
     let republished = run("shelf").await;
     assert_eq!(

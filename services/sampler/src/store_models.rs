@@ -2,7 +2,8 @@
 //!
 //! Layout under the store's root (the trainer publishes LoRAs the same way):
 //! - `models/NAME.safetensors`: a single-file checkpoint, its CLIP tokenizers beside it in
-//!   `models/tokenizer/` (and `models/tokenizer_2/` for SDXL), as in a local registry folder;
+//!   `models/tokenizer/` (and `models/tokenizer_2/` for SDXL) and its optional `models/NAME.json`
+//!   sidecar, as in a local registry folder;
 //! - `models/NAME/…`: a diffusers folder (with `model_index.json`);
 //! - `loras/NAME.safetensors` and `embeddings/NAME.safetensors|.pt`.
 //!
@@ -155,6 +156,16 @@ pub async fn fetch_checkpoint(
         size: meta.size,
         e_tag: meta.e_tag,
     }];
+    // The `NAME.json` sidecar (`prediction_type` of a v-prediction SD 2.x file) travels too.
+    let sidecar = format!("models/{name}.json");
+    if let Some(meta) = store.head(&ArtifactKey::parse(&sidecar)?).await? {
+        files.push(Object {
+            key: sidecar,
+            rel: PathBuf::from(format!("{name}.json")),
+            size: meta.size,
+            e_tag: meta.e_tag,
+        });
+    }
     for (dir, objs) in [("tokenizer", tokenizers), ("tokenizer_2", tokenizers_2)] {
         files.extend(objs.into_values().map(|mut o| {
             o.rel = Path::new(dir).join(&o.rel);
