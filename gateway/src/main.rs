@@ -108,8 +108,8 @@ enum ModelsCmd {
         seed: u64,
     },
     /// List the registry's checkpoints, LoRAs and embeddings (the local folder, then the object
-    /// store's `models/`, `loras/`, `embeddings/`), one JSON line each, with what the local
-    /// files are: family (sd1, sd2, sdxl), inpainting, prediction type; a LoRA's format, rank
+    /// store's `models/`, `loras/`, `embeddings/`), one JSON line each, with what each is (from
+    /// headers and configs; no weights are read): family (sd1, sd2, sdxl), inpainting, prediction type; a LoRA's format, rank
     /// and base; an embedding's vectors and base.
     List {
         #[arg(long, env = "ATELIER_MODELS", default_value = "models")]
@@ -470,10 +470,14 @@ async fn list_models(models: &Path, store: Option<&StoreArgs>) -> anyhow::Result
                     (ca && cb) || ka == kb
                 };
                 let shadowed = local.iter().any(|l| l.name == e.name && same(l.kind, e.kind));
-                let line = serde_json::json!({
+                let mut line = serde_json::json!({
                     "name": e.name, "kind": e.kind, "path": e.path, "source": "store",
                     "shadowed_by_local": shadowed,
                 });
+                match atelier_sampler::store_models::detect(&store, &e).await {
+                    Ok(d) => line["detected"] = serde_json::to_value(d)?,
+                    Err(why) => line["error"] = why.into(),
+                }
                 println!("{line}");
             }
         }

@@ -763,7 +763,37 @@ async fn checkpoints_published_to_the_store_are_fetched_and_listed() {
         .collect();
     assert_eq!(names, vec!["local", "shelf", "solo"]);
 
-    // `atelier models list`: the local folder with what each entry is, then the store's.
+    // `atelier models list`: the local folder with what each entry is, then the store's (whose
+    // LoRA and embedding are read from the store too).
+    let extras = c.tmp.path().join("extras");
+    std::fs::create_dir_all(&extras).unwrap();
+    let zeros = |shape: &[usize]| {
+        candle_core::Tensor::zeros(shape, candle_core::DType::F32, &candle_core::Device::Cpu)
+            .unwrap()
+    };
+    let k = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_k";
+    let lora: std::collections::BTreeMap<String, candle_core::Tensor> = [
+        (format!("{k}.lora_down.weight"), zeros(&[4, 768])),
+        (format!("{k}.lora_up.weight"), zeros(&[320, 4])),
+    ]
+    .into_iter()
+    .collect();
+    atelier_diffusion::models::load::save(&lora, &extras.join("ink.safetensors")).unwrap();
+    let emb: std::collections::BTreeMap<String, candle_core::Tensor> =
+        [("emb_params".to_string(), zeros(&[2, 768]))]
+            .into_iter()
+            .collect();
+    atelier_diffusion::models::load::save(&emb, &extras.join("style.safetensors")).unwrap();
+    put(
+        "loras/ink.safetensors".into(),
+        extras.join("ink.safetensors"),
+    )
+    .await;
+    put(
+        "embeddings/style.safetensors".into(),
+        extras.join("style.safetensors"),
+    )
+    .await;
     let out = std::process::Command::new(atelier_e2e::bin("atelier"))
         .args(["models", "list", "--models"])
         .arg(&models)
@@ -793,12 +823,25 @@ async fn checkpoints_published_to_the_store_are_fetched_and_listed() {
         summary,
         vec![
             ("local", "diffusers_folder", "local"),
+            ("ink", "lora", "store"),
             ("shelf", "diffusers_folder", "store"),
             ("solo", "single_file", "store"),
+            ("style", "embedding", "store"),
         ]
     );
-    assert_eq!(lines[0]["detected"]["family"], "sd1", "{}", lines[0]);
-    assert_eq!(lines[0]["detected"]["inpainting"], false);
+    for l in [&lines[0], &lines[2], &lines[3]] {
+        assert_eq!(l["detected"]["family"], "sd1", "{l}");
+        assert_eq!(l["detected"]["inpainting"], false, "{l}");
+        assert_eq!(l["detected"]["prediction"], "epsilon", "{l}");
+    }
+    assert_eq!(
+        lines[1]["detected"],
+        serde_json::json!({"format": "kohya", "rank": 4, "unet_layers": 1, "text_layers": 0, "base": "sd1"})
+    );
+    assert_eq!(
+        lines[4]["detected"],
+        serde_json::json!({"vectors": 2, "dims": [768], "base": "sd1"})
+    );
 
     for (model, status) in [("solo", 200), ("nowhere", 422)] {
         let r = http

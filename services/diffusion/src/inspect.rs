@@ -9,7 +9,7 @@ use std::path::Path;
 use serde::Serialize;
 
 use crate::models::clip::ClipConfig;
-use crate::models::load::read_header;
+use crate::models::load::{read_header, Header};
 use crate::models::unet::UNetConfig;
 use crate::pipeline::{single_file_config, Family};
 use crate::schedulers::{PredictionType, ScheduleConfig};
@@ -56,37 +56,72 @@ pub struct EmbeddingInfo {
 
 /// A diffusers folder or a single-file checkpoint.
 pub fn checkpoint(path: &Path) -> Result<CheckpointInfo, String> {
-    let err = |e: &dyn std::fmt::Display| format!("{}: {e}", path.display());
     if path.is_dir() {
         let json = |rel: &str| -> Result<serde_json::Value, String> {
             let p = path.join(rel);
             let text = std::fs::read_to_string(&p).map_err(|e| format!("{}: {e}", p.display()))?;
             serde_json::from_str(&text).map_err(|e| format!("{}: {e}", p.display()))
         };
-        let index = json("model_index.json")?;
-        let sdxl = index["_class_name"]
-            .as_str()
-            .unwrap_or_default()
-            .contains("XL")
-            || path.join("text_encoder_2").exists();
-        let te: ClipConfig = serde_json::from_value(json("text_encoder/config.json")?)
-            .map_err(|e| err(&format!("text_encoder/config.json: {e}")))?;
-        let unet: UNetConfig = serde_json::from_value(json("unet/config.json")?)
-            .map_err(|e| err(&format!("unet/config.json: {e}")))?;
-        let schedule: ScheduleConfig = if path.join("scheduler/scheduler_config.json").exists() {
-            serde_json::from_value(json("scheduler/scheduler_config.json")?)
-                .map_err(|e| err(&format!("scheduler_config.json: {e}")))?
+        let scheduler = path.join("scheduler/scheduler_config.json");
+        let schedule = if scheduler.exists() {
+            Some(json("scheduler/scheduler_config.json")?)
         } else {
-            ScheduleConfig::default()
+            None
         };
-        return Ok(CheckpointInfo {
-            family: Family::of_diffusers(sdxl, &te),
-            inpainting: unet.in_channels == 9,
-            prediction: schedule.prediction_type,
-        });
+        return checkpoint_from_configs(
+            &json("model_index.json")?,
+            &json("text_encoder/config.json")?,
+            &json("unet/config.json")?,
+            schedule.as_ref(),
+            path.join("text_encoder_2").exists(),
+        )
+        .map_err(|e| format!("{}: {e}", path.display()));
     }
     let header = read_header(path).map_err(|e| e.to_string())?;
-    let cfg = single_file_config(path, &header.metadata, |n| header.shape_of(n))
+    let sidecar = std::fs::read_to_string(path.with_extension("json")).ok();
+    checkpoint_from_header(path, &header, sidecar.as_deref())
+}
+
+/// A diffusers folder from its configs: `model_index.json`, `text_encoder/config.json`,
+/// `unet/config.json`, the optional `scheduler/scheduler_config.json`, and whether a second
+/// text encoder is there.
+pub fn checkpoint_from_configs(
+    index: &serde_json::Value,
+    text_encoder: &serde_json::Value,
+    unet: &serde_json::Value,
+    scheduler: Option<&serde_json::Value>,
+    text_encoder_2: bool,
+) -> Result<CheckpointInfo, String> {
+    let sdxl = index["_class_name"]
+        .as_str()
+        .unwrap_or_default()
+        .contains("XL")
+        || text_encoder_2;
+    let te: ClipConfig = serde_json::from_value(text_encoder.clone())
+        .map_err(|e| format!("text_encoder/config.json: {e}"))?;
+    let unet: UNetConfig =
+        serde_json::from_value(unet.clone()).map_err(|e| format!("unet/config.json: {e}"))?;
+    let schedule: ScheduleConfig = match scheduler {
+        Some(v) => {
+            serde_json::from_value(v.clone()).map_err(|e| format!("scheduler_config.json: {e}"))?
+        }
+        None => ScheduleConfig::default(),
+    };
+    Ok(CheckpointInfo {
+        family: Family::of_diffusers(sdxl, &te),
+        inpainting: unet.in_channels == 9,
+        prediction: schedule.prediction_type,
+    })
+}
+
+/// A single-file checkpoint from its header and the text of its `NAME.json` sidecar, if any;
+/// `path` names it in errors.
+pub fn checkpoint_from_header(
+    path: &Path,
+    header: &Header,
+    sidecar: Option<&str>,
+) -> Result<CheckpointInfo, String> {
+    let cfg = single_file_config(path, &header.metadata, |n| header.shape_of(n), sidecar)
         .map_err(|e| e.to_string())?;
     Ok(CheckpointInfo {
         family: cfg.family,
@@ -107,6 +142,11 @@ fn family_of_width(width: usize) -> Option<Family> {
 /// A LoRA `.safetensors` file (kohya/A1111 or diffusers/peft names).
 pub fn lora(path: &Path) -> Result<LoraInfo, String> {
     let header = read_header(path).map_err(|e| e.to_string())?;
+    lora_from_header(&header).map_err(|e| format!("{}: {e}", path.display()))
+}
+
+/// A LoRA from its safetensors header.
+pub fn lora_from_header(header: &Header) -> Result<LoraInfo, String> {
     let mut format = None;
     let mut rank = 0;
     let mut unet = BTreeSet::new();
@@ -151,10 +191,10 @@ pub fn lora(path: &Path) -> Result<LoraInfo, String> {
         }
     }
     let Some(format) = format else {
-        return Err(format!(
-            "{}: no LoRA layers (expected kohya lora_unet_/lora_te_ or diffusers unet./text_encoder. keys)",
-            path.display()
-        ));
+        return Err(
+            "no LoRA layers (expected kohya lora_unet_/lora_te_ or diffusers unet./text_encoder. keys)"
+                .into(),
+        );
     };
     let base = match widths.iter().next() {
         Some(w) if widths.len() == 1 => family_of_width(*w),

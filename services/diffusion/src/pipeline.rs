@@ -252,12 +252,13 @@ impl Family {
 
 /// The configs of a single-file checkpoint: those atelier stored in its metadata, or the
 /// published ones of the family its keys name (`in_channels` from the UNet's first convolution,
-/// the prediction type from a `NAME.json` sidecar). `shape_of` answers from the file's header,
-/// so listing a registry reads no weights.
+/// the prediction type from the `NAME.json` sidecar's text). `shape_of` answers from the file's
+/// header, so listing a registry reads no weights.
 pub(crate) fn single_file_config(
     path: &Path,
     meta: &std::collections::HashMap<String, String>,
     shape_of: impl Fn(&str) -> Option<Vec<usize>>,
+    sidecar: Option<&str>,
 ) -> PResult<SingleFileConfig> {
     if let Some(json) = meta.get(META_KEY) {
         return serde_json::from_str(json).map_err(|e| model_err(path, format!("{META_KEY}: {e}")));
@@ -277,13 +278,12 @@ pub(crate) fn single_file_config(
         .and_then(|s| s.get(1).copied())
         .unwrap_or(4);
     let mut c = SingleFileConfig::standard(family, in_ch);
-    let sidecar = path.with_extension("json");
-    if let Ok(text) = std::fs::read_to_string(&sidecar) {
-        let v: serde_json::Value =
-            serde_json::from_str(&text).map_err(|e| model_err(&sidecar, e))?;
+    if let Some(text) = sidecar {
+        let label = path.with_extension("json");
+        let v: serde_json::Value = serde_json::from_str(text).map_err(|e| model_err(&label, e))?;
         if let Some(p) = v.get("prediction_type") {
             c.schedule.prediction_type =
-                serde_json::from_value(p.clone()).map_err(|e| model_err(&sidecar, e))?;
+                serde_json::from_value(p.clone()).map_err(|e| model_err(&label, e))?;
         }
     }
     Ok(c)
@@ -396,7 +396,8 @@ impl StableDiffusion {
         }
         let w = SafetensorsWeights::open(&[path.to_path_buf()])?;
         let meta = crate::models::load::read_metadata(path)?;
-        let cfg = single_file_config(path, &meta, |n| w.shape_of(n))?;
+        let sidecar = std::fs::read_to_string(path.with_extension("json")).ok();
+        let cfg = single_file_config(path, &meta, |n| w.shape_of(n), sidecar.as_deref())?;
         let prefixes = match cfg.family {
             Family::Sd1 => &ldm::SD1,
             Family::Sd2 => &ldm::SD2,

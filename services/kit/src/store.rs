@@ -413,6 +413,20 @@ impl Store {
         .await
     }
 
+    /// Reads `range` of an object's bytes (a file's header without the rest of it).
+    pub async fn get_range(
+        &self,
+        key: &ArtifactKey,
+        range: std::ops::Range<u64>,
+    ) -> Result<Bytes, StoreError> {
+        let path = Self::path(key);
+        self.retry("get", || {
+            let (inner, path, range) = (self.inner.clone(), path.clone(), range.clone());
+            async move { inner.get_range(&path, range).await }
+        })
+        .await
+    }
+
     /// Streams an object into the file `dest` (written beside it under a temporary name, then
     /// renamed, so `dest` is either absent or complete); returns the bytes written. For objects
     /// too large to hold in memory (model checkpoints). The whole download is retried on

@@ -274,38 +274,48 @@ pub fn read_header(path: &Path) -> Result<Header> {
     let mut len = [0u8; 8];
     f.read_exact(&mut len)?;
     let n = u64::from_le_bytes(len);
-    if n > 100 * 1024 * 1024 {
+    if n > MAX_HEADER_BYTES {
         return Err(not(format!("header of {n} bytes")));
     }
     let mut header = vec![0u8; n as usize];
     f.read_exact(&mut header)?;
-    let v: serde_json::Value = serde_json::from_slice(&header).map_err(|e| not(e.to_string()))?;
-    let obj = v
-        .as_object()
-        .ok_or_else(|| not("the header is not a JSON object".into()))?;
-    let mut out = Header::default();
-    for (k, entry) in obj {
-        if k == "__metadata__" {
-            if let Some(m) = entry.as_object() {
-                out.metadata = m
-                    .iter()
-                    .filter_map(|(k, v)| v.as_str().map(|s| (k.clone(), s.to_string())))
-                    .collect();
+    Header::parse(&header).map_err(not)
+}
+
+/// The longest safetensors header atelier reads (real ones are a few hundred KiB).
+pub const MAX_HEADER_BYTES: u64 = 100 * 1024 * 1024;
+
+impl Header {
+    /// Parses the JSON header that follows a safetensors file's 8-byte length.
+    pub fn parse(header: &[u8]) -> std::result::Result<Self, String> {
+        let v: serde_json::Value = serde_json::from_slice(header).map_err(|e| e.to_string())?;
+        let obj = v
+            .as_object()
+            .ok_or_else(|| "the header is not a JSON object".to_string())?;
+        let mut out = Header::default();
+        for (k, entry) in obj {
+            if k == "__metadata__" {
+                if let Some(m) = entry.as_object() {
+                    out.metadata = m
+                        .iter()
+                        .filter_map(|(k, v)| v.as_str().map(|s| (k.clone(), s.to_string())))
+                        .collect();
+                }
+                continue;
             }
-            continue;
+            let shape = entry["shape"]
+                .as_array()
+                .and_then(|a| {
+                    a.iter()
+                        .map(|d| d.as_u64().map(|d| d as usize))
+                        .collect::<Option<Vec<_>>>()
+                })
+                .ok_or_else(|| format!("{k} has no shape"))?;
+            let dtype = entry["dtype"].as_str().unwrap_or_default().to_string();
+            out.tensors.insert(k.clone(), (shape, dtype));
         }
-        let shape = entry["shape"]
-            .as_array()
-            .and_then(|a| {
-                a.iter()
-                    .map(|d| d.as_u64().map(|d| d as usize))
-                    .collect::<Option<Vec<_>>>()
-            })
-            .ok_or_else(|| not(format!("{k} has no shape")))?;
-        let dtype = entry["dtype"].as_str().unwrap_or_default().to_string();
-        out.tensors.insert(k.clone(), (shape, dtype));
+        Ok(out)
     }
-    Ok(out)
 }
 
 /// The `__metadata__` of a safetensors file (its header only is read).
