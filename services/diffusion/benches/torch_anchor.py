@@ -15,10 +15,24 @@ with torch.no_grad():
     x = torch.randn(2, 4, 64, 64, device=dev, dtype=dt); t = torch.tensor([500, 500], device=dev)
     ctx = torch.randn(2, 77, 768, device=dev, dtype=dt)
     print(json.dumps({"bench": "unet_step", "impl": "diffusers-eager", "geometry": "sd15", "median_ms": med(lambda: unet(x, t, ctx))}))
-    del unet; torch.cuda.empty_cache()
     vae = AutoencoderKL(block_out_channels=[128, 256, 512, 512], down_block_types=["DownEncoderBlock2D"]*4,
                         up_block_types=["UpDecoderBlock2D"]*4, layers_per_block=2, latent_channels=4).to(dev, dt).eval()
     z = torch.randn(1, 4, 64, 64, device=dev, dtype=dt)
+    # The 30-step job as StableDiffusionPipeline runs it (DPM++ 2M, CFG 7, f16 VAE decode), less
+    # the text encoding (a few ms; the conditioning is given).
+    from diffusers import DPMSolverMultistepScheduler
+    sched = DPMSolverMultistepScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
+    ctx1 = ctx
+    def txt2img():
+        sched.set_timesteps(30, device=dev)
+        lat = torch.randn(1, 4, 64, 64, device=dev, dtype=dt) * sched.init_noise_sigma
+        for step_t in sched.timesteps:
+            inp = sched.scale_model_input(torch.cat([lat] * 2), step_t)
+            u, c = unet(inp, step_t, ctx1).sample.chunk(2)
+            lat = sched.step(u + 7.0 * (c - u), step_t, lat).prev_sample
+        return vae.decode(lat / 0.18215).sample
+    print(json.dumps({"bench": "txt2img_full", "impl": "diffusers-eager", "geometry": "sd15", "steps": 30, "median_ms": med(txt2img, runs=3)}))
+    del unet; torch.cuda.empty_cache()
     print(json.dumps({"bench": "vae_decode", "impl": "diffusers-eager", "dtype": "f16", "median_ms": med(lambda: vae.decode(z))}))
     vae32 = vae.to(torch.float32); z32 = z.float()
     print(json.dumps({"bench": "vae_decode", "impl": "diffusers-eager", "dtype": "f32", "median_ms": med(lambda: vae32.decode(z32))}))

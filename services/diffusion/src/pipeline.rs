@@ -315,6 +315,8 @@ impl SingleFileConfig {
                 unet.cross_attention_dim = 1024;
                 unet.attention_head_dim = PerBlock::Each(vec![5, 10, 20, 20]);
                 unet.use_linear_projection = true;
+                // As diffusers' SD 2.1 config: its attention overflows f16.
+                unet.upcast_attention = true;
                 // SD 2.x 768 checkpoints are v-prediction (the 512 "base" ones are not: set
                 // prediction_type in a sidecar `<name>.json` for those).
                 schedule.prediction_type = crate::schedulers::PredictionType::VPrediction;
@@ -497,6 +499,62 @@ impl StableDiffusion {
             embeddings: Vec::new(),
             lora_hashes: Vec::new(),
             weight_bytes: w.loaded_bytes(),
+            device: device.clone(),
+            dtype,
+        })
+    }
+
+    /// A model of `family`'s real geometry with seeded random weights, the UNet in `dtype` (the VAE
+    /// and text encoders in f32, as loaded models have them): benchmarks of the real shapes with no
+    /// checkpoint. Tokenizers come from `tokenizers` (`tokenizer/`, and `tokenizer_2/` for SDXL, as
+    /// [`make_tiny`] writes them).
+    pub fn random(
+        family: Family,
+        tokenizers: &Path,
+        device: &Device,
+        dtype: DType,
+        seed: u64,
+    ) -> PResult<Self> {
+        use crate::models::shapes::RandomWeights;
+        let err = |e: candle_core::Error| model_err(tokenizers, e);
+        let cfg = SingleFileConfig::standard(family, 4);
+        let unet = UNet::new(
+            RandomWeights::unrecorded(seed)
+                .var_builder(device)
+                .set_dtype(dtype),
+            cfg.unet.clone(),
+            Ops::INFERENCE,
+        )
+        .map_err(err)?;
+        let vae = Vae::new(
+            RandomWeights::unrecorded(seed + 1).var_builder(device),
+            cfg.vae.clone(),
+        )
+        .map_err(err)?;
+        let mut text = Vec::new();
+        for (i, tc) in cfg.text.iter().enumerate() {
+            let model = ClipTextModel::new(
+                RandomWeights::unrecorded(seed + 2 + i as u64).var_builder(device),
+                tc.clone(),
+                family == Family::Sdxl && i == 1,
+                Ops::INFERENCE,
+            )
+            .map_err(err)?;
+            let dir = tokenizers.join(if i == 0 { "tokenizer" } else { "tokenizer_2" });
+            let tok = ClipTokenizer::from_dir(&dir).map_err(|e| model_err(&dir, e))?;
+            text.push(TextStack { model, tok });
+        }
+        Ok(Self {
+            family,
+            name: format!("random-{family:?}").to_lowercase(),
+            hash: format!("{seed:010x}"),
+            schedule: cfg.schedule,
+            unet,
+            vae,
+            text,
+            embeddings: Vec::new(),
+            lora_hashes: Vec::new(),
+            weight_bytes: 0,
             device: device.clone(),
             dtype,
         })

@@ -4,13 +4,22 @@
 //! atelier-diffusion-bench                 # tiny models on CPU: UNet step, txt2img end to end
 //! atelier-diffusion-bench --full          # + SD1.5 / SDXL geometry (random weights)
 //! atelier-diffusion-bench --device cuda   # the same on GPU 0 (a build with --features cuda)
+//!   --check          the GPU against the CPU: our kernels vs their reference ops, and a tiny
+//!                    txt2img's pixels (f32, f16, bf16 UNet)
+//!   --profile        with --full: one more run per variant with every building block timed
+//!   --txt2img-full   30-step DPM++ 2M txt2img with CFG and decode at SD1.5 geometry (--size,
+//!                    --steps); --skip-tiny leaves out the tiny-model figures
 //! ```
 //!
-//! Every figure is the median of `--runs` timed runs after one warm-up.
+//! Every figure is the median of `--runs` timed runs after one warm-up. `--full` prints each
+//! SD1.5/SDXL figure for our kernels and for candle's ops side by side, with attention scores in
+//! the model's dtype and upcast to f32, and the VAE decode in f32 (with and without TF32
+//! matmuls), f16 and bf16.
 
 use std::time::Instant;
 
-use atelier_diffusion::models::nn::Ops;
+use atelier_diffusion::kernels;
+use atelier_diffusion::models::nn::{profile, Ops};
 use atelier_diffusion::models::shapes::RandomWeights;
 use atelier_diffusion::models::unet::{AddedCond, UNet};
 use atelier_diffusion::models::vae::Vae;
@@ -48,6 +57,42 @@ fn line(v: serde_json::Value) {
     println!("{v}");
 }
 
+fn variant_name(ours: bool, scores: &str) -> String {
+    format!(
+        "{} kernels, attention scores in {scores}",
+        if ours { "our" } else { "candle's" }
+    )
+}
+
+/// One more run with every building block timed: where the time goes, as one JSON line.
+fn profiled(
+    dev: &Device,
+    bench: &str,
+    geometry: &str,
+    variant: &str,
+    f: &mut dyn FnMut() -> anyhow::Result<()>,
+) -> anyhow::Result<()> {
+    sync(dev);
+    profile::enable(true);
+    let start = Instant::now();
+    let result = f();
+    sync(dev);
+    let total = start.elapsed().as_secs_f64() * 1000.0;
+    let table = profile::take();
+    profile::enable(false);
+    result?;
+    let blocks: serde_json::Map<String, serde_json::Value> = table
+        .iter()
+        .map(|(k, ms, n)| (k.to_string(), serde_json::json!({"ms": ms, "calls": n})))
+        .collect();
+    let counted: f64 = table.iter().map(|(_, ms, _)| ms).sum();
+    line(
+        serde_json::json!({"profile": bench, "geometry": geometry, "variant": variant,
+        "total_ms": total, "other_ms": total - counted, "blocks": blocks}),
+    );
+    Ok(())
+}
+
 fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().collect();
     let flag = |f: &str| args.iter().any(|a| a == f);
@@ -77,6 +122,7 @@ fn main() -> anyhow::Result<()> {
         Some(other) => anyhow::bail!("--dtype f32|f16|bf16 (got {other})"),
     };
     let dev_name = if device.is_cpu() { "cpu" } else { "cuda" };
+    let profiling = flag("--profile");
 
     if flag("--check") && !device.is_cpu() {
         // The device path against the CPU path: the same tiny txt2img, pixel differences.
@@ -96,7 +142,13 @@ fn main() -> anyhow::Result<()> {
         };
         let cpu = StableDiffusion::load(dir.path(), &Device::Cpu, DType::F32)?
             .txt2img(&req, |_, _| true)?;
-        for dt in [DType::F32, DType::F16] {
+        for check in kernels::self_check(&device)? {
+            line(
+                serde_json::json!({"check": "kernel_vs_reference", "device": dev_name,
+                "result": check}),
+            );
+        }
+        for dt in [DType::F32, DType::F16, DType::BF16] {
             let dev = StableDiffusion::load(dir.path(), &device, dt)?.txt2img(&req, |_, _| true)?;
             let diffs: Vec<i32> = cpu[0]
                 .image
@@ -115,7 +167,12 @@ fn main() -> anyhow::Result<()> {
     }
 
     // Tiny models: the pipeline end to end.
-    for family in [Family::Sd1, Family::Sdxl] {
+    let tiny = if flag("--skip-tiny") {
+        &[][..]
+    } else {
+        &[Family::Sd1, Family::Sdxl][..]
+    };
+    for &family in tiny {
         let dir = tempfile::tempdir()?;
         make_tiny(dir.path(), family, 1)?;
         let sd = StableDiffusion::load(dir.path(), &device, dtype)?;
@@ -146,7 +203,7 @@ fn main() -> anyhow::Result<()> {
 
     // Cross-job batching (the sampler's --batch-window-ms): 4 jobs with their own prompts and
     // seeds, one after another vs stacked into one UNet batch, side by side.
-    {
+    if !tiny.is_empty() {
         let dir = tempfile::tempdir()?;
         make_tiny(dir.path(), Family::Sd1, 1)?;
         let sd = StableDiffusion::load(dir.path(), &device, dtype)?;
@@ -184,15 +241,9 @@ fn main() -> anyhow::Result<()> {
     }
 
     if flag("--full") {
-        // SD1.5 geometry, batch 2 (CFG), 512² → 64² latents.
+        // SD1.5 geometry, batch 2 (CFG), 512² → 64² latents; SDXL at 1024² → 128².
         for (name, family, side) in [("sd15", Family::Sd1, 64usize), ("sdxl", Family::Sdxl, 128)] {
             let cfg = SingleFileConfig::standard(family, 4);
-            let weights = RandomWeights::new(7);
-            let unet = UNet::new(
-                weights.var_builder(&device).set_dtype(dtype),
-                cfg.unet.clone(),
-                Ops::INFERENCE,
-            )?;
             let x = Tensor::randn(0f32, 1.0, (2, 4, side, side), &device)?.to_dtype(dtype)?;
             let t = Tensor::new(&[500f32, 500.0], &device)?;
             let ctx_dim = cfg.unet.cross_attention_dim;
@@ -208,29 +259,109 @@ fn main() -> anyhow::Result<()> {
             } else {
                 None
             };
-            let step = time(&device, runs, || {
-                unet.forward(&x, &t, &ctx, added.as_ref())?;
-                Ok(())
-            })?;
-            line(
-                serde_json::json!({"bench": "unet_step", "geometry": name, "device": dev_name,
-                "dtype": format!("{dtype:?}"), "batch": 2, "latent": side, "median_ms": step}),
-            );
-            drop(unet);
+            // Side by side: our kernels or candle's ops; attention scores in the model's dtype
+            // or upcast to f32 (the last row is how every step ran before either existed).
+            for upcast in [false, true] {
+                let mut ucfg = cfg.unet.clone();
+                ucfg.upcast_attention = upcast;
+                let unet = UNet::new(
+                    RandomWeights::unrecorded(7)
+                        .var_builder(&device)
+                        .set_dtype(dtype),
+                    ucfg,
+                    Ops::INFERENCE,
+                )?;
+                for ours in [true, false] {
+                    kernels::set_enabled(ours);
+                    let mut step = || -> anyhow::Result<()> {
+                        unet.forward(&x, &t, &ctx, added.as_ref())?;
+                        Ok(())
+                    };
+                    let ms = time(&device, runs, &mut step)?;
+                    let variant = variant_name(ours, if upcast { "f32" } else { "model" });
+                    line(serde_json::json!({"bench": "unet_step", "geometry": name,
+                        "device": dev_name, "dtype": format!("{dtype:?}"), "batch": 2,
+                        "latent": side, "variant": variant, "median_ms": ms}));
+                    if profiling && (ours != upcast) {
+                        profiled(&device, "unet_step", name, &variant, &mut step)?;
+                    }
+                }
+            }
+            kernels::set_enabled(true);
             if family == Family::Sd1 {
-                let vw = RandomWeights::new(8);
-                let vae = Vae::new(vw.var_builder(&device), cfg.vae.clone())?;
                 let z = Tensor::randn(0f32, 1.0, (1, 4, 64, 64), &device)?;
-                let dec = time(&device, runs, || {
-                    vae.decode(&z)?;
-                    Ok(())
-                })?;
-                line(
-                    serde_json::json!({"bench": "vae_decode", "geometry": "sd15", "device": dev_name,
-                    "dtype": "F32", "size": 512, "median_ms": dec}),
-                );
+                for (vae_dtype, tf32) in [
+                    (DType::F32, false),
+                    (DType::F32, true),
+                    (DType::F16, false),
+                    (DType::BF16, false),
+                ] {
+                    candle_core::cuda::set_gemm_reduced_precision_f32(tf32);
+                    let vae = Vae::new(
+                        RandomWeights::unrecorded(8)
+                            .var_builder(&device)
+                            .set_dtype(vae_dtype),
+                        cfg.vae.clone(),
+                    )?;
+                    let z = z.to_dtype(vae_dtype)?;
+                    for ours in [true, false] {
+                        kernels::set_enabled(ours);
+                        let mut decode = || -> anyhow::Result<()> {
+                            vae.decode(&z)?;
+                            Ok(())
+                        };
+                        let ms = time(&device, runs, &mut decode)?;
+                        let variant = format!(
+                            "{}{}",
+                            variant_name(ours, "f32"),
+                            if tf32 { ", tf32 matmul" } else { "" }
+                        );
+                        line(
+                            serde_json::json!({"bench": "vae_decode", "geometry": "sd15",
+                            "device": dev_name, "dtype": format!("{vae_dtype:?}"), "size": 512,
+                            "variant": variant, "median_ms": ms}),
+                        );
+                        if profiling && ours {
+                            let what = format!("{variant}, {vae_dtype:?}");
+                            profiled(&device, "vae_decode", "sd15", &what, &mut decode)?;
+                        }
+                    }
+                }
+                candle_core::cuda::set_gemm_reduced_precision_f32(false);
+                kernels::set_enabled(true);
             }
         }
+    }
+
+    if flag("--txt2img-full") {
+        // The whole job at SD1.5 geometry: prompt encoding, 30 DPM++ 2M steps with CFG (batch 2
+        // through the UNet), VAE decode to pixels. Random weights; the tiny model's tokenizer.
+        let dir = tempfile::tempdir()?;
+        make_tiny(dir.path(), Family::Sd1, 1)?;
+        let sd = StableDiffusion::random(Family::Sd1, dir.path(), &device, dtype, 11)?;
+        let side: usize = value("--size").and_then(|v| v.parse().ok()).unwrap_or(512);
+        let steps: usize = value("--steps").and_then(|v| v.parse().ok()).unwrap_or(30);
+        let req = Txt2Img {
+            prompt: "a red circle on blue".into(),
+            negative_prompt: "blurry".into(),
+            steps,
+            cfg_scale: 7.0,
+            seed: 1,
+            width: side,
+            height: side,
+            batch_size: 1,
+            sampler: SamplerKind::DpmPp2m,
+            clip_skip: 1,
+        };
+        let ms = time(&device, runs.min(5), || {
+            sd.txt2img(&req, |_, _| true)?;
+            Ok(())
+        })?;
+        line(
+            serde_json::json!({"bench": "txt2img_full", "geometry": "sd15", "device": dev_name,
+            "dtype": format!("{dtype:?}"), "size": side, "steps": steps, "sampler": "DPM++ 2M",
+            "cfg": 7.0, "median_ms": ms}),
+        );
     }
     Ok(())
 }

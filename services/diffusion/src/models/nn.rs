@@ -8,20 +8,89 @@
 use candle_core::{DType, Module, Result, Tensor, D};
 use candle_nn::VarBuilder;
 
+/// Where a forward pass spends its time, by building block: off by default; when on, every block
+/// waits for the device before and after it runs (so the figures are exact per block, and the
+/// pass as a whole is a little slower than unprofiled). Recording is per thread.
+pub mod profile {
+    use std::cell::{Cell, RefCell};
+    use std::collections::BTreeMap;
+    use std::time::Instant;
+
+    use candle_core::{Device, Result};
+
+    // Per thread: a pass is profiled on the thread that runs it, whatever else runs beside it.
+    thread_local! {
+        static ON: Cell<bool> = const { Cell::new(false) };
+        static TABLE: RefCell<BTreeMap<&'static str, (f64, u64)>> =
+            const { RefCell::new(BTreeMap::new()) };
+    }
+
+    /// Starts (or stops) recording on this thread, clearing what was recorded.
+    pub fn enable(on: bool) {
+        TABLE.with(|t| t.borrow_mut().clear());
+        ON.with(|o| o.set(on));
+    }
+
+    /// What this thread recorded since the last call (or [`enable`]): (block, milliseconds,
+    /// calls), by block name.
+    pub fn take() -> Vec<(&'static str, f64, u64)> {
+        TABLE.with(|t| {
+            std::mem::take(&mut *t.borrow_mut())
+                .into_iter()
+                .map(|(k, (ms, n))| (k, ms, n))
+                .collect()
+        })
+    }
+
+    /// Runs `f`, adding its time to `name` when recording.
+    #[inline]
+    pub fn scope<T>(name: &'static str, dev: &Device, f: impl FnOnce() -> Result<T>) -> Result<T> {
+        if !ON.with(|o| o.get()) {
+            return f();
+        }
+        dev.synchronize()?;
+        let start = Instant::now();
+        let out = f()?;
+        dev.synchronize()?;
+        let ms = start.elapsed().as_secs_f64() * 1000.0;
+        TABLE.with(|t| {
+            let mut t = t.borrow_mut();
+            let e = t.entry(name).or_insert((0.0, 0));
+            e.0 += ms;
+            e.1 += 1;
+        });
+        Ok(out)
+    }
+}
+
 /// How the blocks compute.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Ops {
     /// Use only ops that carry gradients (training); else the fused inference kernels.
     pub differentiable: bool,
+    /// Attention scores in f32 whatever the model's dtype (diffusers' `upcast_attention`: SD 2.x
+    /// overflows f16 there); else in the model's dtype, accumulated in f32 by the matmul.
+    /// Training always computes them in f32.
+    pub upcast_attention: bool,
 }
 
 impl Ops {
     pub const INFERENCE: Ops = Ops {
         differentiable: false,
+        upcast_attention: false,
     };
     pub const TRAINING: Ops = Ops {
         differentiable: true,
+        upcast_attention: true,
     };
+
+    /// These ops with attention scores in f32.
+    pub const fn upcast(self) -> Ops {
+        Ops {
+            upcast_attention: true,
+            ..self
+        }
+    }
 }
 
 /// y = x·Wᵀ + b, with an optional low-rank adapter (LoRA) added at run time.
@@ -59,6 +128,12 @@ impl Linear {
 
 impl Module for Linear {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        profile::scope("linear", x.device(), || self.forward_inner(x))
+    }
+}
+
+impl Linear {
+    fn forward_inner(&self, x: &Tensor) -> Result<Tensor> {
         let dims = x.dims().to_vec();
         let in_dim = dims[dims.len() - 1];
         let rows: usize = dims[..dims.len() - 1].iter().product();
@@ -145,11 +220,13 @@ pub fn conv2d(
     stride: usize,
     padding: usize,
 ) -> Result<Tensor> {
-    let y = x.conv2d(weight, padding, stride, 1, 1)?;
-    match bias {
-        Some(b) => y.broadcast_add(&b.reshape((1, b.dim(0)?, 1, 1))?),
-        None => Ok(y),
-    }
+    profile::scope("conv2d", x.device(), || {
+        let y = x.conv2d(weight, padding, stride, 1, 1)?;
+        match bias {
+            Some(b) => y.broadcast_add(&b.reshape((1, b.dim(0)?, 1, 1))?),
+            None => Ok(y),
+        }
+    })
 }
 
 /// Group normalisation over NCHW (statistics in f32), optionally followed by SiLU.
@@ -183,6 +260,23 @@ impl GroupNorm {
 
 /// Group norm (+ SiLU): the one place a fused kernel goes.
 pub fn group_norm(
+    x: &Tensor,
+    groups: usize,
+    weight: &Tensor,
+    bias: &Tensor,
+    eps: f64,
+    silu: bool,
+) -> Result<Tensor> {
+    profile::scope("group_norm", x.device(), || {
+        if let Some(y) = crate::kernels::group_norm(x, groups, weight, bias, eps, silu)? {
+            return Ok(y);
+        }
+        group_norm_ops(x, groups, weight, bias, eps, silu)
+    })
+}
+
+/// The reference: candle's ops, gradients recorded.
+fn group_norm_ops(
     x: &Tensor,
     groups: usize,
     weight: &Tensor,
@@ -230,6 +324,12 @@ impl LayerNorm {
 
 impl Module for LayerNorm {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        profile::scope("layer_norm", x.device(), || self.forward_inner(x))
+    }
+}
+
+impl LayerNorm {
+    fn forward_inner(&self, x: &Tensor) -> Result<Tensor> {
         if !self.ops.differentiable && x.is_contiguous() {
             return candle_nn::ops::layer_norm(x, &self.weight, &self.bias, self.eps as f32);
         }
@@ -280,6 +380,20 @@ pub fn attention_sliced(
     ops: Ops,
     budget: usize,
 ) -> Result<Tensor> {
+    profile::scope("attention", q.device(), || {
+        attention_inner(q, k, v, heads, mask, ops, budget)
+    })
+}
+
+fn attention_inner(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    heads: usize,
+    mask: Option<&Tensor>,
+    ops: Ops,
+    budget: usize,
+) -> Result<Tensor> {
     let (b, n, c) = q.dims3()?;
     let m = k.dim(1)?;
     let d = c / heads;
@@ -288,26 +402,31 @@ pub fn attention_sliced(
     };
     let (q, k, v) = (split(q, n)?, split(k, m)?, split(v, m)?);
     let dtype = q.dtype();
-    let kt = k.to_dtype(DType::F32)?.t()?;
-    // Sliced over queries so the f32 score matrix stays bounded whatever the image size.
+    // Scores in f32 when asked (and when training); else in f16/bf16 from a matmul that
+    // accumulates in f32, with the scale applied to q first, as diffusers' baddbmm does.
+    let upcast = ops.differentiable || ops.upcast_attention || dtype == DType::F32;
+    let score_dtype = if upcast { DType::F32 } else { dtype };
+    let scale = 1.0 / (d as f64).sqrt();
+    let kt = k.to_dtype(score_dtype)?.t()?;
+    // Sliced over queries so the score matrix stays bounded whatever the image size.
     let rows = (budget / (b * heads * m).max(1)).clamp(1, n);
     let mut outs = Vec::with_capacity(n.div_ceil(rows));
     let mut start = 0;
     while start < n {
         let len = rows.min(n - start);
         let qs = q.narrow(2, start, len)?;
-        // Scores in f32 for stability under f16.
-        let mut scores = qs
-            .to_dtype(DType::F32)?
-            .matmul(&kt)?
-            .affine(1.0 / (d as f64).sqrt(), 0.0)?;
+        let mut scores = if upcast {
+            qs.to_dtype(DType::F32)?.matmul(&kt)?.affine(scale, 0.0)?
+        } else {
+            qs.affine(scale, 0.0)?.matmul(&kt)?
+        };
         if let Some(mask) = mask {
             let mask = if mask.dim(D::Minus2)? == n && len != n {
                 mask.narrow(D::Minus2, start, len)?
             } else {
                 mask.clone()
             };
-            scores = scores.broadcast_add(&mask.to_dtype(DType::F32)?)?;
+            scores = scores.broadcast_add(&mask.to_dtype(score_dtype)?)?;
         }
         let p = softmax_last(&scores, ops)?.to_dtype(dtype)?;
         outs.push(p.matmul(&v)?);
@@ -339,7 +458,7 @@ pub fn timestep_embedding(t: &Tensor, dim: usize) -> Result<Tensor> {
 
 /// 2× nearest-neighbour upsampling to an exact size (odd skip sizes included).
 pub fn upsample_nearest(x: &Tensor, h: usize, w: usize) -> Result<Tensor> {
-    x.upsample_nearest2d(h, w)
+    profile::scope("upsample", x.device(), || x.upsample_nearest2d(h, w))
 }
 
 #[cfg(test)]
@@ -376,6 +495,96 @@ mod tests {
                 .unwrap();
             assert!(diff < 1e-6, "{diff}");
         }
+    }
+
+    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
+        (a.to_dtype(DType::F32).unwrap() - b.to_dtype(DType::F32).unwrap())
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+    }
+
+    #[test]
+    fn half_precision_scores_match_upcast_ones() {
+        // f16 and bf16 attention without upcasting (scores from the f16 matmul, scale applied to
+        // q first) against the f32 path, with a causal mask; then upcasting gives the same
+        // numbers as before this option existed (f32 in, f32 scores).
+        let dev = Device::Cpu;
+        let q = Tensor::randn(0f32, 1.0, (2, 33, 16), &dev).unwrap();
+        let k = Tensor::randn(0f32, 1.0, (2, 40, 16), &dev).unwrap();
+        let v = Tensor::randn(0f32, 1.0, (2, 40, 16), &dev).unwrap();
+        let reference = attention(&q, &k, &v, 2, None, Ops::INFERENCE).unwrap();
+        for (dtype, tol) in [(DType::F16, 4e-3), (DType::BF16, 3e-2)] {
+            let (qh, kh, vh) = (
+                q.to_dtype(dtype).unwrap(),
+                k.to_dtype(dtype).unwrap(),
+                v.to_dtype(dtype).unwrap(),
+            );
+            let half = attention(&qh, &kh, &vh, 2, None, Ops::INFERENCE).unwrap();
+            assert_eq!(half.dtype(), dtype);
+            let d = max_diff(&half, &reference);
+            assert!(d < tol, "{dtype:?}: {d}");
+            let up = attention(&qh, &kh, &vh, 2, None, Ops::INFERENCE.upcast()).unwrap();
+            let d = max_diff(&up, &reference);
+            assert!(d < tol, "{dtype:?} upcast: {d}");
+        }
+        let up = attention(&q, &k, &v, 2, None, Ops::INFERENCE.upcast()).unwrap();
+        assert_eq!(max_diff(&up, &reference), 0.0);
+    }
+
+    #[test]
+    fn profile_records_blocks_only_when_on() {
+        let dev = Device::Cpu;
+        let x = Tensor::randn(0f32, 1.0, (1, 8, 6, 6), &dev).unwrap();
+        let w = Tensor::randn(0f32, 0.1, (8, 8, 3, 3), &dev).unwrap();
+        let (gw, gb) = (
+            Tensor::ones(8, DType::F32, &dev).unwrap(),
+            Tensor::zeros(8, DType::F32, &dev).unwrap(),
+        );
+        let run = || {
+            let h = group_norm(&x, 4, &gw, &gb, 1e-6, true).unwrap();
+            let h = conv2d(&h, &w, None, 1, 1).unwrap();
+            let h = conv2d(&h, &w, None, 1, 1).unwrap();
+            upsample_nearest(&h, 12, 12).unwrap()
+        };
+        profile::enable(false);
+        run();
+        assert!(profile::take().is_empty());
+        profile::enable(true);
+        let a = run();
+        let table = profile::take();
+        profile::enable(false);
+        let calls: Vec<(&str, u64)> = table.iter().map(|(k, _, n)| (*k, *n)).collect();
+        assert_eq!(
+            calls,
+            vec![("conv2d", 2), ("group_norm", 1), ("upsample", 1)]
+        );
+        assert!(table.iter().all(|(_, ms, _)| *ms >= 0.0));
+        // Profiling changes nothing in the result.
+        assert_eq!(max_diff(&a, &run()), 0.0);
+    }
+
+    #[test]
+    fn kernels_leave_the_cpu_to_the_reference_ops() {
+        let dev = Device::Cpu;
+        let x = Tensor::randn(0f32, 1.0, (2, 8, 4, 4), &dev).unwrap();
+        let w = Tensor::ones(8, DType::F32, &dev).unwrap();
+        let b = Tensor::zeros(8, DType::F32, &dev).unwrap();
+        assert!(crate::kernels::group_norm(&x, 4, &w, &b, 1e-6, false)
+            .unwrap()
+            .is_none());
+        assert!(crate::kernels::self_check(&dev).unwrap().is_empty());
+        // The reference: zero mean, unit variance per (sample, group).
+        let y = group_norm(&x, 4, &w, &b, 0.0, false).unwrap();
+        let g = y.reshape((2, 4, 32)).unwrap();
+        let mean = g.mean_keepdim(2).unwrap().abs().unwrap().max_all().unwrap();
+        let var = g.sqr().unwrap().mean_keepdim(2).unwrap();
+        assert!(mean.to_scalar::<f32>().unwrap() < 1e-5);
+        assert!(max_diff(&var, &Tensor::ones_like(&var).unwrap()) < 1e-4);
     }
 
     #[test]

@@ -61,6 +61,7 @@ impl SimpleBackend for ShapeRecorder {
 pub struct RandomWeights {
     seed: u64,
     made: Arc<Mutex<BTreeMap<String, Tensor>>>,
+    record: bool,
 }
 
 impl RandomWeights {
@@ -68,6 +69,16 @@ impl RandomWeights {
         Self {
             seed,
             made: Arc::default(),
+            record: true,
+        }
+    }
+
+    /// Weights that are not kept here once handed out (a model of full size is not held twice;
+    /// [`RandomWeights::tensors`] is then empty).
+    pub fn unrecorded(seed: u64) -> Self {
+        Self {
+            record: false,
+            ..Self::new(seed)
         }
     }
 
@@ -122,8 +133,10 @@ impl SimpleBackend for RandomWeights {
             };
             rng.randn(s, dev)?.affine(std, 0.0)?
         };
-        if let Ok(mut m) = self.made.lock() {
-            m.insert(name.to_string(), t.clone());
+        if self.record {
+            if let Ok(mut m) = self.made.lock() {
+                m.insert(name.to_string(), t.clone());
+            }
         }
         t.to_dtype(dtype)
     }

@@ -46,6 +46,8 @@ pub struct UNetConfig {
     pub addition_embed_type: Option<String>,
     pub addition_time_embed_dim: Option<usize>,
     pub projection_class_embeddings_input_dim: Option<usize>,
+    /// Attention scores in f32 under f16/bf16 (diffusers' name; SD 2.1 sets it).
+    pub upcast_attention: bool,
 }
 
 impl Default for UNetConfig {
@@ -83,6 +85,7 @@ impl Default for UNetConfig {
             addition_embed_type: None,
             addition_time_embed_dim: None,
             projection_class_embeddings_input_dim: None,
+            upcast_attention: false,
         }
     }
 }
@@ -429,6 +432,11 @@ pub struct AddedCond {
 impl UNet {
     pub fn new(vb: VarBuilder, config: UNetConfig, ops: Ops) -> Result<Self> {
         config.check()?;
+        let ops = if config.upcast_attention {
+            ops.upcast()
+        } else {
+            ops
+        };
         let cfg = &config;
         let ch = &cfg.block_out_channels;
         let temb = ch[0] * 4;

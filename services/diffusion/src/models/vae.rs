@@ -72,7 +72,8 @@ impl VaeAttention {
             &self.v.forward(&t)?,
             1,
             None,
-            Ops::INFERENCE,
+            // One 512-wide head over every pixel: scores stay in f32 whatever the VAE's dtype.
+            Ops::INFERENCE.upcast(),
         )?;
         let y = self
             .out

@@ -1,0 +1,194 @@
+//! Launching our kernels on candle's CUDA storage. The PTX is compiled by build.rs.
+
+use candle_core::backend::BackendStorage;
+use candle_core::cuda_backend::cudarc::driver::{
+    CudaSlice, DeviceRepr, LaunchConfig, PushKernelArg, ValidAsZeroBits,
+};
+use candle_core::cuda_backend::{kernel_name, Map3, WrapErr};
+use candle_core::{
+    CpuStorage, CudaDevice, CudaStorage, CustomOp3, Layout, Result, Shape, Tensor, WithDType,
+};
+
+const GROUP_NORM_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/group_norm.ptx"));
+const GROUP_NORM_MODULE: &str = "atelier_group_norm";
+const THREADS: u32 = 256;
+/// Elements one block of the statistics pass reduces: enough blocks for a large image, few
+/// partial results to merge.
+const CHUNK: usize = 16 * 1024;
+
+struct GroupNorm {
+    groups: usize,
+    eps: f32,
+    silu: bool,
+}
+
+pub(super) fn group_norm(
+    x: &Tensor,
+    groups: usize,
+    weight: &Tensor,
+    bias: &Tensor,
+    eps: f64,
+    silu: bool,
+) -> Result<Tensor> {
+    let dims = x.dims();
+    if dims.len() < 2 || groups == 0 || dims[1] % groups != 0 {
+        candle_core::bail!("group norm: {groups} groups do not divide the channels of {dims:?}");
+    }
+    let x = x.contiguous()?;
+    let weight = weight.to_dtype(x.dtype())?.contiguous()?;
+    let bias = bias.to_dtype(x.dtype())?.contiguous()?;
+    x.apply_op3_no_bwd(
+        &weight,
+        &bias,
+        &GroupNorm {
+            groups,
+            eps: eps as f32,
+            silu,
+        },
+    )
+}
+
+impl CustomOp3 for GroupNorm {
+    fn name(&self) -> &'static str {
+        "atelier-group-norm"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        candle_core::bail!(
+            "the fused group norm runs on CUDA only; the CPU takes the reference ops"
+        )
+    }
+
+    fn cuda_fwd(
+        &self,
+        s1: &CudaStorage,
+        l1: &Layout,
+        s2: &CudaStorage,
+        l2: &Layout,
+        s3: &CudaStorage,
+        l3: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        let dev = s1.device();
+        let slice = self.map(&s1.slice, l1, &s2.slice, l2, &s3.slice, l3, dev)?;
+        Ok((
+            CudaStorage {
+                slice,
+                device: dev.clone(),
+            },
+            l1.shape().clone(),
+        ))
+    }
+}
+
+fn contiguous<'a, T>(s: &'a CudaSlice<T>, l: &Layout, what: &str) -> Result<CudaView<'a, T>> {
+    match l.contiguous_offsets() {
+        Some((a, b)) => Ok(s.slice(a..b)),
+        None => candle_core::bail!("group norm: the {what} must be contiguous"),
+    }
+}
+
+use candle_core::cuda_backend::cudarc::driver::CudaView;
+
+impl Map3 for GroupNorm {
+    fn f<T: DeviceRepr + WithDType + ValidAsZeroBits>(
+        &self,
+        x: &CudaSlice<T>,
+        xl: &Layout,
+        w: &CudaSlice<T>,
+        wl: &Layout,
+        b: &CudaSlice<T>,
+        bl: &Layout,
+        dev: &CudaDevice,
+    ) -> Result<CudaSlice<T>> {
+        let (x, w, b) = (
+            contiguous(x, xl, "input")?,
+            contiguous(w, wl, "weight")?,
+            contiguous(b, bl, "bias")?,
+        );
+        let dims = xl.shape().dims();
+        let (batch, channels) = (dims[0], dims[1]);
+        let spatial: usize = dims[2..].iter().product();
+        let numel = batch * channels * spatial;
+        let runs = batch * self.groups;
+        let group_size = channels / self.groups * spatial;
+        if numel == 0 {
+            // SAFETY: nothing to write.
+            return unsafe { dev.alloc::<T>(0) };
+        }
+        let chunks = group_size.div_ceil(CHUNK).max(1);
+        let chunk = group_size.div_ceil(chunks);
+        let part = dev.alloc_zeros::<f32>(runs * chunks * 3)?;
+        let stats = dev.alloc_zeros::<f32>(runs * 2)?;
+        // SAFETY: every element is written by the apply pass.
+        let y = unsafe { dev.alloc::<T>(numel)? };
+
+        let partial = dev.get_or_load_custom_func(
+            &kernel_name::<T>("gn_partial"),
+            GROUP_NORM_MODULE,
+            GROUP_NORM_PTX,
+        )?;
+        let mut l = partial.builder();
+        l.arg(&x);
+        l.arg(&part);
+        candle_core::builder_arg!(l, group_size as u64, chunk as u64);
+        let cfg = LaunchConfig {
+            grid_dim: (runs as u32, chunks as u32, 1),
+            block_dim: (THREADS, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: arguments match gn_partial's signature; the grid covers runs × chunks.
+        unsafe { l.launch(cfg) }.w()?;
+
+        let finalize =
+            dev.get_or_load_custom_func("gn_finalize", GROUP_NORM_MODULE, GROUP_NORM_PTX)?;
+        let mut l = finalize.builder();
+        l.arg(&part);
+        l.arg(&stats);
+        candle_core::builder_arg!(l, runs as u32, chunks as u32, self.eps);
+        let cfg = LaunchConfig {
+            grid_dim: ((runs as u32).div_ceil(THREADS), 1, 1),
+            block_dim: (THREADS, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: arguments match gn_finalize's signature.
+        unsafe { l.launch(cfg) }.w()?;
+
+        let apply = dev.get_or_load_custom_func(
+            &kernel_name::<T>("gn_apply"),
+            GROUP_NORM_MODULE,
+            GROUP_NORM_PTX,
+        )?;
+        let mut l = apply.builder();
+        l.arg(&x);
+        l.arg(&y);
+        l.arg(&stats);
+        l.arg(&w);
+        l.arg(&b);
+        candle_core::builder_arg!(
+            l,
+            numel as u64,
+            group_size as u64,
+            spatial as u64,
+            channels as u64,
+            u32::from(self.silu)
+        );
+        // Grid-stride: a few waves of blocks, each thread several elements.
+        let blocks = numel.div_ceil(THREADS as usize).min(65_535 * 4) as u32;
+        let cfg = LaunchConfig {
+            grid_dim: (blocks, 1, 1),
+            block_dim: (THREADS, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: arguments match gn_apply's signature; y holds numel elements.
+        unsafe { l.launch(cfg) }.w()?;
+        Ok(y)
+    }
+}
