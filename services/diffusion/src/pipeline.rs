@@ -57,6 +57,20 @@ struct TextStack {
     tok: ClipTokenizer,
 }
 
+/// The dtype loaded VAEs compute in: f32 unless `ATELIER_VAE_DTYPE` says `f16` or `bf16` (faster
+/// on GPUs; SD 1.x/2.x decode well in f16, SDXL's VAE overflows f16 and wants bf16 or f32).
+pub fn vae_dtype() -> PResult<DType> {
+    match std::env::var("ATELIER_VAE_DTYPE").as_deref() {
+        Err(_) | Ok("") | Ok("f32") => Ok(DType::F32),
+        Ok("f16") => Ok(DType::F16),
+        Ok("bf16") => Ok(DType::BF16),
+        Ok(other) => Err(PipelineError::Model {
+            path: "ATELIER_VAE_DTYPE".into(),
+            reason: format!("the worker setting must be f32, f16 or bf16 (got {other:?})"),
+        }),
+    }
+}
+
 /// A loaded model, ready to sample. Cloning is cheap (weights are shared).
 #[derive(Clone)]
 pub struct StableDiffusion {
@@ -436,7 +450,7 @@ impl StableDiffusion {
         })
         .map_err(|e| model_err(path, e))?;
         let vae = Vae::new(
-            w.with_map(map).var_builder(DType::F32, device),
+            w.with_map(map).var_builder(vae_dtype()?, device),
             cfg.vae.clone(),
         )
         .map_err(|e| model_err(path, e))?;
@@ -504,15 +518,15 @@ impl StableDiffusion {
         })
     }
 
-    /// A model of `family`'s real geometry with seeded random weights, the UNet in `dtype` (the VAE
-    /// and text encoders in f32, as loaded models have them): benchmarks of the real shapes with no
-    /// checkpoint. Tokenizers come from `tokenizers` (`tokenizer/`, and `tokenizer_2/` for SDXL, as
+    /// A model of `family`'s real geometry with seeded random weights, the UNet in `dtype`, the VAE
+    /// in `vae_dtype`, the text encoders in f32: benchmarks of the real shapes with no checkpoint.
+    /// Tokenizers come from `tokenizers` (`tokenizer/`, and `tokenizer_2/` for SDXL, as
     /// [`make_tiny`] writes them).
     pub fn random(
         family: Family,
         tokenizers: &Path,
         device: &Device,
-        dtype: DType,
+        (dtype, vae_dtype): (DType, DType),
         seed: u64,
     ) -> PResult<Self> {
         use crate::models::shapes::RandomWeights;
@@ -527,7 +541,9 @@ impl StableDiffusion {
         )
         .map_err(err)?;
         let vae = Vae::new(
-            RandomWeights::unrecorded(seed + 1).var_builder(device),
+            RandomWeights::unrecorded(seed + 1)
+                .var_builder(device)
+                .set_dtype(vae_dtype),
             cfg.vae.clone(),
         )
         .map_err(err)?;
@@ -597,7 +613,7 @@ impl StableDiffusion {
             .map_err(|e| model_err(&dir.join("unet"), e))?;
         // The VAE runs in f32 (SD's VAE overflows in f16).
         let vae_w = SafetensorsWeights::open(&component_weights(&dir.join("vae"))?)?;
-        let vae = Vae::new(vae_w.var_builder(DType::F32, device), vae_cfg)
+        let vae = Vae::new(vae_w.var_builder(vae_dtype()?, device), vae_cfg)
             .map_err(|e| model_err(&dir.join("vae"), e))?;
         let mut weight_bytes = unet_w.loaded_bytes() + vae_w.loaded_bytes();
         let family = Family::of_diffusers(sdxl, &te_cfg);

@@ -1,11 +1,11 @@
 //! The VAE (diffusers' `AutoencoderKL`): pixels ↔ latents, scaled by 0.18215 (SD 1/2) or 0.13025
 //! (SDXL).
 
-use candle_core::{Module, Result, Tensor};
+use candle_core::{DType, Module, Result, Tensor};
 use candle_nn::VarBuilder;
 use serde::{Deserialize, Serialize};
 
-use super::nn::{attention, Conv2d, GroupNorm, Linear, Ops};
+use super::nn::{attention, upsample_nearest, Conv2d, GroupNorm, Linear, Ops};
 use super::unet::ResnetBlock;
 
 /// `vae/config.json`.
@@ -222,7 +222,7 @@ impl Vae {
 
     /// Pixels in [-1, 1] [B, 3, H, W] → the latent distribution's mean and log-variance.
     pub fn encode_moments(&self, x: &Tensor) -> Result<(Tensor, Tensor)> {
-        let mut h = self.enc_in.forward(x)?;
+        let mut h = self.enc_in.forward(&x.to_dtype(self.dtype())?)?;
         for (resnets, down) in &self.enc_down {
             for r in resnets {
                 h = r.forward(&h, None)?;
@@ -234,7 +234,7 @@ impl Vae {
         }
         h = self.enc_mid.forward(&h)?;
         let h = self.enc_out.forward(&self.enc_norm.forward_silu(&h)?)?;
-        let m = self.quant.forward(&h)?;
+        let m = self.quant.forward(&h)?.to_dtype(DType::F32)?;
         let lat = self.config.latent_channels;
         Ok((
             m.narrow(1, 0, lat)?,
@@ -250,7 +250,9 @@ impl Vae {
 
     /// Scaled latents → pixels in about [-1, 1].
     pub fn decode(&self, z: &Tensor) -> Result<Tensor> {
-        let z = z.affine(1.0 / self.config.scaling_factor, 0.0)?;
+        let z = z
+            .affine(1.0 / self.config.scaling_factor, 0.0)?
+            .to_dtype(self.dtype())?;
         let mut h = self.dec_in.forward(&self.post_quant.forward(&z)?)?;
         h = self.dec_mid.forward(&h)?;
         for (resnets, up) in &self.dec_up {
@@ -259,9 +261,71 @@ impl Vae {
             }
             if let Some(u) = up {
                 let (hh, ww) = (h.dim(2)? * 2, h.dim(3)? * 2);
-                h = u.forward(&h.upsample_nearest2d(hh, ww)?)?;
+                h = u.forward(&upsample_nearest(&h, hh, ww)?)?;
             }
         }
-        self.dec_out.forward(&self.dec_norm.forward_silu(&h)?)
+        self.dec_out
+            .forward(&self.dec_norm.forward_silu(&h)?)?
+            .to_dtype(DType::F32)
+    }
+
+    /// The dtype the VAE computes in (its weights'); inputs are converted to it, and results
+    /// come back in f32.
+    pub fn dtype(&self) -> DType {
+        self.post_quant.weight.dtype()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::models::shapes::RandomWeights;
+    use candle_core::Device;
+
+    #[test]
+    fn half_precision_vae_matches_f32_and_answers_in_f32() {
+        let dev = Device::Cpu;
+        let cfg = VaeConfig {
+            block_out_channels: vec![16, 32],
+            layers_per_block: 1,
+            norm_num_groups: 8,
+            ..VaeConfig::default()
+        };
+        let w = RandomWeights::new(5);
+        let make = |dtype| Vae::new(w.var_builder(&dev).set_dtype(dtype), cfg.clone()).unwrap();
+        let reference = make(DType::F32);
+        let z = Tensor::randn(0f32, 1.0, (1, 4, 8, 8), &dev).unwrap();
+        let px = Tensor::randn(0f32, 0.5, (1, 3, 16, 16), &dev).unwrap();
+        let want = reference.decode(&z).unwrap();
+        let want_lat = reference.encode(&px).unwrap();
+        // (candle's CPU matmul has no bf16; the GPU bench measures that one.)
+        let (dtype, tol) = (DType::F16, 2e-2f32);
+        {
+            let vae = make(dtype);
+            assert_eq!(vae.dtype(), dtype);
+            let got = vae.decode(&z).unwrap();
+            assert_eq!(got.dtype(), DType::F32);
+            assert_eq!(got.dims(), want.dims());
+            let d = (got - &want)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
+            assert!(d < tol, "{dtype:?} decode: {d}");
+            let lat = vae.encode(&px).unwrap();
+            assert_eq!(lat.dtype(), DType::F32);
+            let d = (lat - &want_lat)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
+            assert!(d < tol, "{dtype:?} encode: {d}");
+        }
     }
 }
