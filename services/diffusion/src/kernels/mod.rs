@@ -121,12 +121,7 @@ pub fn self_check(device: &Device) -> Result<Vec<Check>> {
                     let reference = crate::models::nn::group_norm(&x, groups, &w, &b, 1e-6, silu)?;
                     set_enabled(true);
                     let fused = crate::models::nn::group_norm(&x, groups, &w, &b, 1e-6, silu)?;
-                    let max_abs_diff = (fused.to_dtype(DType::F32)?
-                        - reference.to_dtype(DType::F32)?)?
-                    .abs()?
-                    .flatten_all()?
-                    .max(0)?
-                    .to_scalar::<f32>()?;
+                    let max_abs_diff = crate::models::nn::max_abs_diff(&fused, &reference)?;
                     // Outputs are O(10): one or two units in the last place of the dtype.
                     let tolerance = match dtype {
                         DType::F16 => 2e-2,

@@ -440,6 +440,15 @@ fn attention_inner(
     out.transpose(1, 2)?.reshape((b, n, c))
 }
 
+/// Largest |a − b| over all elements, in f32 (comparing a kernel or dtype with its reference).
+pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> Result<f32> {
+    (a.to_dtype(DType::F32)? - b.to_dtype(DType::F32)?)?
+        .abs()?
+        .flatten_all()?
+        .max(0)?
+        .to_scalar::<f32>()
+}
+
 /// Sinusoidal timestep embedding (diffusers' `Timesteps` with flip_sin_to_cos, shift 0):
 /// [B] → [B, dim] as [cos, sin].
 pub fn timestep_embedding(t: &Tensor, dim: usize) -> Result<Tensor> {
@@ -498,14 +507,7 @@ mod tests {
     }
 
     fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
-        (a.to_dtype(DType::F32).unwrap() - b.to_dtype(DType::F32).unwrap())
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap()
+        max_abs_diff(a, b).unwrap()
     }
 
     #[test]
@@ -517,22 +519,33 @@ mod tests {
         let q = Tensor::randn(0f32, 1.0, (2, 33, 16), &dev).unwrap();
         let k = Tensor::randn(0f32, 1.0, (2, 40, 16), &dev).unwrap();
         let v = Tensor::randn(0f32, 1.0, (2, 40, 16), &dev).unwrap();
-        let reference = attention(&q, &k, &v, 2, None, Ops::INFERENCE).unwrap();
+        let mask: Vec<f32> = (0..33 * 40)
+            .map(|i| {
+                if i % 40 > i / 40 + 7 {
+                    f32::NEG_INFINITY
+                } else {
+                    0.0
+                }
+            })
+            .collect();
+        let mask = Tensor::from_vec(mask, (1, 1, 33, 40), &dev).unwrap();
+        let mask = Some(&mask);
+        let reference = attention(&q, &k, &v, 2, mask, Ops::INFERENCE).unwrap();
         for (dtype, tol) in [(DType::F16, 4e-3), (DType::BF16, 3e-2)] {
             let (qh, kh, vh) = (
                 q.to_dtype(dtype).unwrap(),
                 k.to_dtype(dtype).unwrap(),
                 v.to_dtype(dtype).unwrap(),
             );
-            let half = attention(&qh, &kh, &vh, 2, None, Ops::INFERENCE).unwrap();
+            let half = attention(&qh, &kh, &vh, 2, mask, Ops::INFERENCE).unwrap();
             assert_eq!(half.dtype(), dtype);
             let d = max_diff(&half, &reference);
             assert!(d < tol, "{dtype:?}: {d}");
-            let up = attention(&qh, &kh, &vh, 2, None, Ops::INFERENCE.upcast()).unwrap();
+            let up = attention(&qh, &kh, &vh, 2, mask, Ops::INFERENCE.upcast()).unwrap();
             let d = max_diff(&up, &reference);
             assert!(d < tol, "{dtype:?} upcast: {d}");
         }
-        let up = attention(&q, &k, &v, 2, None, Ops::INFERENCE.upcast()).unwrap();
+        let up = attention(&q, &k, &v, 2, mask, Ops::INFERENCE.upcast()).unwrap();
         assert_eq!(max_diff(&up, &reference), 0.0);
     }
 

@@ -279,6 +279,7 @@ impl Vae {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::models::nn::max_abs_diff;
     use crate::models::shapes::RandomWeights;
     use candle_core::Device;
 
@@ -306,25 +307,11 @@ mod tests {
             let got = vae.decode(&z).unwrap();
             assert_eq!(got.dtype(), DType::F32);
             assert_eq!(got.dims(), want.dims());
-            let d = (got - &want)
-                .unwrap()
-                .abs()
-                .unwrap()
-                .max_all()
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap();
+            let d = max_abs_diff(&got, &want).unwrap();
             assert!(d < tol, "{dtype:?} decode: {d}");
             let lat = vae.encode(&px).unwrap();
             assert_eq!(lat.dtype(), DType::F32);
-            let d = (lat - &want_lat)
-                .unwrap()
-                .abs()
-                .unwrap()
-                .max_all()
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap();
+            let d = max_abs_diff(&lat, &want_lat).unwrap();
             assert!(d < tol, "{dtype:?} encode: {d}");
         }
     }
