@@ -5,7 +5,9 @@ use candle_core::{Module, Result, Tensor, D};
 use candle_nn::VarBuilder;
 use serde::{Deserialize, Serialize};
 
-use super::nn::{attention, timestep_embedding, Conv2d, GroupNorm, LayerNorm, Linear, Ops};
+use super::nn::{
+    attention, timestep_embedding, upsample_nearest, Conv2d, GroupNorm, LayerNorm, Linear, Ops,
+};
 
 /// A number or one per block (diffusers accepts both for several fields).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -658,7 +660,7 @@ impl UNet {
                     Some(s) => (s.dim(2)?, s.dim(3)?),
                     None => (h.dim(2)? * 2, h.dim(3)? * 2),
                 };
-                h = u.forward(&h.upsample_nearest2d(th, tw)?)?;
+                h = u.forward(&upsample_nearest(&h, th, tw)?)?;
             }
         }
         self.conv_out.forward(&self.norm_out.forward_silu(&h)?)
