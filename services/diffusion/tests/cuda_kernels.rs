@@ -3,11 +3,10 @@
 #![cfg(feature = "cuda")]
 
 use atelier_diffusion::kernels;
-use candle_core::Device;
 
 #[test]
 fn every_kernel_matches_its_reference_ops() {
-    let device = Device::new_cuda(0).expect("a CUDA device (GPU 0) for the kernel tests");
+    let device = kernels::cuda_device(0).expect("a CUDA device (GPU 0) for the kernel tests");
     let checks = kernels::self_check(&device).expect("kernel checks ran");
     assert!(!checks.is_empty(), "no kernel was checked");
     let failed: Vec<_> = checks.iter().filter(|c| !c.pass).collect();

@@ -535,7 +535,7 @@ pub fn device(name: &str) -> anyhow::Result<(Device, DType)> {
     Ok(match name {
         "cpu" => (Device::Cpu, DType::F32),
         "cuda" => (
-            Device::new_cuda(0).map_err(|e| {
+            atelier_diffusion::kernels::cuda_device(0).map_err(|e| {
                 anyhow::anyhow!("--device cuda: {e} (build with --features cuda, on a machine with an NVIDIA driver)")
             })?,
             DType::F16,

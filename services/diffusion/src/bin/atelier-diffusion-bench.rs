@@ -105,7 +105,7 @@ fn main() -> anyhow::Result<()> {
     let runs: usize = value("--runs").and_then(|v| v.parse().ok()).unwrap_or(5);
     let device = match value("--device").as_deref() {
         None | Some("cpu") => Device::Cpu,
-        Some("cuda") => Device::new_cuda(0)?,
+        Some("cuda") => kernels::cuda_device(0)?,
         Some(other) => anyhow::bail!("--device cpu|cuda (got {other})"),
     };
     let dtype = match value("--dtype").as_deref() {

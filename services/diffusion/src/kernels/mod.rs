@@ -37,6 +37,16 @@ pub fn set_enabled(on: bool) {
     OVERRIDE.store(if on { 1 } else { 2 }, Ordering::Relaxed);
 }
 
+/// GPU `ordinal` as atelier runs on it: freed device memory stays in the driver's pool for the
+/// next allocation (as PyTorch's caching allocator keeps it), instead of going back to the driver
+/// at every synchronisation, so steps after the first allocate nothing new.
+pub fn cuda_device(ordinal: usize) -> Result<Device> {
+    let device = Device::new_cuda(ordinal)?;
+    #[cfg(feature = "cuda")]
+    cuda::keep_freed_memory(&device)?;
+    Ok(device)
+}
+
 /// Whether a fused kernel may stand in for candle's ops on these tensors: a CUDA device, a
 /// float dtype, and nothing that records gradients (our kernels have no backward pass).
 fn applies(x: &Tensor, others: &[&Tensor]) -> bool {

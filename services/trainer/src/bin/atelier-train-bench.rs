@@ -45,7 +45,7 @@ fn main() -> anyhow::Result<()> {
     let runs = num("--runs", 10).max(1);
     let device = match value("--device").as_deref() {
         None | Some("cpu") => Device::Cpu,
-        Some("cuda") => Device::new_cuda(0)?,
+        Some("cuda") => atelier_diffusion::kernels::cuda_device(0)?,
         Some(other) => anyhow::bail!("--device cpu|cuda (got {other})"),
     };
     let dtype = match value("--dtype").as_deref() {
