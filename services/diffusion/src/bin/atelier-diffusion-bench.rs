@@ -7,6 +7,7 @@
 //!   --check          the GPU against the CPU: our kernels vs their reference ops, and a tiny
 //!                    txt2img's pixels (f32, f16, bf16 UNet)
 //!   --profile        with --full: one more run per variant with every building block timed
+//!   --smoke          with --full: 8² latents (every variant's code path, quickly, on a CPU)
 //!   --txt2img-full   30-step DPM++ 2M txt2img with CFG and decode at SD1.5 geometry (--size,
 //!                    --steps); --skip-tiny leaves out the tiny-model figures
 //! ```
@@ -19,7 +20,7 @@
 use std::time::Instant;
 
 use atelier_diffusion::kernels;
-use atelier_diffusion::models::nn::{profile, Ops};
+use atelier_diffusion::models::nn::{max_abs_diff, profile, Ops};
 use atelier_diffusion::models::shapes::RandomWeights;
 use atelier_diffusion::models::unet::{AddedCond, UNet};
 use atelier_diffusion::models::vae::Vae;
@@ -242,7 +243,10 @@ fn main() -> anyhow::Result<()> {
 
     if flag("--full") {
         // SD1.5 geometry, batch 2 (CFG), 512² → 64² latents; SDXL at 1024² → 128².
+        // --smoke: the same code on 8² latents, to try every variant on a CPU in a minute.
+        let smoke = flag("--smoke");
         for (name, family, side) in [("sd15", Family::Sd1, 64usize), ("sdxl", Family::Sdxl, 128)] {
+            let side = if smoke { 8 } else { side };
             let cfg = SingleFileConfig::standard(family, 4);
             let x = Tensor::randn(0f32, 1.0, (2, 4, side, side), &device)?.to_dtype(dtype)?;
             let t = Tensor::new(&[500f32, 500.0], &device)?;
@@ -260,8 +264,10 @@ fn main() -> anyhow::Result<()> {
                 None
             };
             // Side by side: our kernels or candle's ops; attention scores in the model's dtype
-            // or upcast to f32 (the last row is how every step ran before either existed).
-            for upcast in [false, true] {
+            // or upcast to f32. The first row is how every step ran before either existed; each
+            // row says how far its output is from that one's.
+            let mut base: Option<Tensor> = None;
+            for upcast in [true, false] {
                 let mut ucfg = cfg.unet.clone();
                 ucfg.upcast_attention = upcast;
                 let unet = UNet::new(
@@ -271,17 +277,24 @@ fn main() -> anyhow::Result<()> {
                     ucfg,
                     Ops::INFERENCE,
                 )?;
-                for ours in [true, false] {
+                for ours in [false, true] {
                     kernels::set_enabled(ours);
                     let mut step = || -> anyhow::Result<()> {
                         unet.forward(&x, &t, &ctx, added.as_ref())?;
                         Ok(())
                     };
                     let ms = time(&device, runs, &mut step)?;
+                    let out = unet.forward(&x, &t, &ctx, added.as_ref())?;
+                    let diff = match &base {
+                        Some(b) => max_abs_diff(&out, b)?,
+                        None => 0.0,
+                    };
+                    base.get_or_insert(out);
                     let variant = variant_name(ours, if upcast { "f32" } else { "model" });
                     line(serde_json::json!({"bench": "unet_step", "geometry": name,
                         "device": dev_name, "dtype": format!("{dtype:?}"), "batch": 2,
-                        "latent": side, "variant": variant, "median_ms": ms}));
+                        "latent": side, "variant": variant, "median_ms": ms,
+                        "max_abs_diff_vs_first": diff}));
                     if profiling && (ours != upcast) {
                         profiled(&device, "unet_step", name, &variant, &mut step)?;
                     }
@@ -289,13 +302,18 @@ fn main() -> anyhow::Result<()> {
             }
             kernels::set_enabled(true);
             if family == Family::Sd1 {
-                let z = Tensor::randn(0f32, 1.0, (1, 4, 64, 64), &device)?;
+                let z = Tensor::randn(0f32, 1.0, (1, 4, side, side), &device)?;
+                let mut base: Option<Tensor> = None;
                 for (vae_dtype, tf32) in [
                     (DType::F32, false),
                     (DType::F32, true),
                     (DType::F16, false),
                     (DType::BF16, false),
-                ] {
+                ]
+                .into_iter()
+                // candle's CPU matmul has no bf16.
+                .filter(|(d, _)| !(device.is_cpu() && *d == DType::BF16))
+                {
                     candle_core::cuda::set_gemm_reduced_precision_f32(tf32);
                     let vae = Vae::new(
                         RandomWeights::unrecorded(8)
@@ -304,13 +322,20 @@ fn main() -> anyhow::Result<()> {
                         cfg.vae.clone(),
                     )?;
                     let z = z.to_dtype(vae_dtype)?;
-                    for ours in [true, false] {
+                    for ours in [false, true] {
                         kernels::set_enabled(ours);
                         let mut decode = || -> anyhow::Result<()> {
                             vae.decode(&z)?;
                             Ok(())
                         };
                         let ms = time(&device, runs, &mut decode)?;
+                        // Pixels in [-1, 1]: the difference from f32 with candle's ops.
+                        let out = vae.decode(&z)?;
+                        let diff = match &base {
+                            Some(b) => max_abs_diff(&out, b)?,
+                            None => 0.0,
+                        };
+                        base.get_or_insert(out);
                         let variant = format!(
                             "{}{}",
                             variant_name(ours, "f32"),
@@ -318,8 +343,9 @@ fn main() -> anyhow::Result<()> {
                         );
                         line(
                             serde_json::json!({"bench": "vae_decode", "geometry": "sd15",
-                            "device": dev_name, "dtype": format!("{vae_dtype:?}"), "size": 512,
-                            "variant": variant, "median_ms": ms}),
+                            "device": dev_name, "dtype": format!("{vae_dtype:?}"), "size": side * 8,
+                            "variant": variant, "median_ms": ms,
+                            "max_abs_diff_vs_first": diff}),
                         );
                         if profiling && ours {
                             let what = format!("{variant}, {vae_dtype:?}");
