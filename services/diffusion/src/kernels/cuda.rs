@@ -2,7 +2,7 @@
 
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::driver::{
-    CudaSlice, DeviceRepr, LaunchConfig, PushKernelArg, ValidAsZeroBits,
+    CudaSlice, CudaView, DeviceRepr, LaunchConfig, PushKernelArg, ValidAsZeroBits,
 };
 use candle_core::cuda_backend::{kernel_name, Map3, WrapErr};
 use candle_core::{
@@ -94,8 +94,6 @@ fn contiguous<'a, T>(s: &'a CudaSlice<T>, l: &Layout, what: &str) -> Result<Cuda
         None => candle_core::bail!("group norm: the {what} must be contiguous"),
     }
 }
-
-use candle_core::cuda_backend::cudarc::driver::CudaView;
 
 impl Map3 for GroupNorm {
     fn f<T: DeviceRepr + WithDType + ValidAsZeroBits>(
