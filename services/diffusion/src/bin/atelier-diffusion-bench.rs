@@ -8,14 +8,17 @@
 //!                    txt2img's pixels (f32, f16, bf16 UNet)
 //!   --profile        with --full: one more run per variant with every building block timed
 //!   --smoke          with --full: 8² latents (every variant's code path, quickly, on a CPU)
+//!   --kernel-sets L  with --full: which kernels each variant uses, comma-separated, of
+//!                    candle (none: candle's ops), group_norm (our fused group norm),
+//!                    all (+ cuDNN convolutions); default candle,group_norm,all
 //!   --txt2img-full   30-step DPM++ 2M txt2img with CFG and decode at SD1.5 geometry (--size,
 //!                    --steps); --skip-tiny leaves out the tiny-model figures
 //! ```
 //!
 //! Every figure is the median of `--runs` timed runs after one warm-up. `--full` prints each
-//! SD1.5/SDXL figure for our kernels and for candle's ops side by side, with attention scores in
-//! the model's dtype and upcast to f32, and the VAE decode in f32 (with and without TF32
-//! matmuls), f16 and bf16.
+//! SD1.5/SDXL figure for each kernel set side by side, with attention scores in the model's
+//! dtype and upcast to f32, and the VAE decode in f32 (with and without TF32 matmuls), f16 and
+//! bf16. `ATELIER_CUDNN_FIND=1` makes cuDNN time its algorithms once per shape.
 
 use std::time::Instant;
 
@@ -58,11 +61,22 @@ fn line(v: serde_json::Value) {
     println!("{v}");
 }
 
-fn variant_name(ours: bool, scores: &str) -> String {
-    format!(
-        "{} kernels, attention scores in {scores}",
-        if ours { "our" } else { "candle's" }
-    )
+/// A variant's kernels: a name from `--kernel-sets` and what it switches on.
+fn kernel_set(name: &str) -> anyhow::Result<(&'static str, Vec<kernels::Kernel>)> {
+    use kernels::Kernel;
+    Ok(match name {
+        "candle" => ("candle's ops", vec![]),
+        "group_norm" => ("our group norm", vec![Kernel::GroupNorm]),
+        "all" => (
+            "our group norm + cuDNN conv",
+            vec![Kernel::GroupNorm, Kernel::CudnnConv],
+        ),
+        other => anyhow::bail!("--kernel-sets: candle, group_norm or all (got {other})"),
+    })
+}
+
+fn variant_name(set: &str, scores: &str) -> String {
+    format!("{set}, attention scores in {scores}")
 }
 
 /// One more run with every building block timed: where the time goes, as one JSON line.
@@ -123,6 +137,11 @@ fn main() -> anyhow::Result<()> {
         Some(other) => anyhow::bail!("--dtype f32|f16|bf16 (got {other})"),
     };
     let dev_name = if device.is_cpu() { "cpu" } else { "cuda" };
+    let sets = value("--kernel-sets")
+        .unwrap_or_else(|| "candle,group_norm,all".into())
+        .split(',')
+        .map(kernel_set)
+        .collect::<anyhow::Result<Vec<_>>>()?;
     let profiling = flag("--profile");
 
     if flag("--check") && !device.is_cpu() {
@@ -277,8 +296,8 @@ fn main() -> anyhow::Result<()> {
                     ucfg,
                     Ops::INFERENCE,
                 )?;
-                for ours in [false, true] {
-                    kernels::set_enabled(ours);
+                for (i, (set, ks)) in sets.iter().enumerate() {
+                    kernels::set_only(ks);
                     let mut step = || -> anyhow::Result<()> {
                         unet.forward(&x, &t, &ctx, added.as_ref())?;
                         Ok(())
@@ -290,12 +309,15 @@ fn main() -> anyhow::Result<()> {
                         None => 0.0,
                     };
                     base.get_or_insert(out);
-                    let variant = variant_name(ours, if upcast { "f32" } else { "model" });
+                    let variant = variant_name(set, if upcast { "f32" } else { "model" });
                     line(serde_json::json!({"bench": "unet_step", "geometry": name,
                         "device": dev_name, "dtype": format!("{dtype:?}"), "batch": 2,
                         "latent": side, "variant": variant, "median_ms": ms,
                         "max_abs_diff_vs_first": diff}));
-                    if profiling && (ours != upcast) {
+                    // Where the time goes: how steps ran before (the first set, f32 scores) and
+                    // with everything (the last set, scores in the model's dtype).
+                    let last = i + 1 == sets.len();
+                    if profiling && ((i == 0 && upcast) || (last && !upcast)) {
                         profiled(&device, "unet_step", name, &variant, &mut step)?;
                     }
                 }
@@ -322,8 +344,8 @@ fn main() -> anyhow::Result<()> {
                         cfg.vae.clone(),
                     )?;
                     let z = z.to_dtype(vae_dtype)?;
-                    for ours in [false, true] {
-                        kernels::set_enabled(ours);
+                    for (i, (set, ks)) in sets.iter().enumerate() {
+                        kernels::set_only(ks);
                         let mut decode = || -> anyhow::Result<()> {
                             vae.decode(&z)?;
                             Ok(())
@@ -338,7 +360,7 @@ fn main() -> anyhow::Result<()> {
                         base.get_or_insert(out);
                         let variant = format!(
                             "{}{}",
-                            variant_name(ours, "f32"),
+                            variant_name(set, "f32"),
                             if tf32 { ", tf32 matmul" } else { "" }
                         );
                         line(
@@ -347,7 +369,7 @@ fn main() -> anyhow::Result<()> {
                             "variant": variant, "median_ms": ms,
                             "max_abs_diff_vs_first": diff}),
                         );
-                        if profiling && ours {
+                        if profiling && i + 1 == sets.len() {
                             let what = format!("{variant}, {vae_dtype:?}");
                             profiled(&device, "vae_decode", "sd15", &what, &mut decode)?;
                         }

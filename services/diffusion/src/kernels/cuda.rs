@@ -88,10 +88,14 @@ impl CustomOp3 for GroupNorm {
     }
 }
 
-fn contiguous<'a, T>(s: &'a CudaSlice<T>, l: &Layout, what: &str) -> Result<CudaView<'a, T>> {
+pub(super) fn contiguous<'a, T>(
+    s: &'a CudaSlice<T>,
+    l: &Layout,
+    what: &str,
+) -> Result<CudaView<'a, T>> {
     match l.contiguous_offsets() {
         Some((a, b)) => Ok(s.slice(a..b)),
-        None => candle_core::bail!("group norm: the {what} must be contiguous"),
+        None => candle_core::bail!("the {what} must be contiguous"),
     }
 }
 
@@ -107,9 +111,9 @@ impl Map3 for GroupNorm {
         dev: &CudaDevice,
     ) -> Result<CudaSlice<T>> {
         let (x, w, b) = (
-            contiguous(x, xl, "input")?,
-            contiguous(w, wl, "weight")?,
-            contiguous(b, bl, "bias")?,
+            contiguous(x, xl, "group norm input")?,
+            contiguous(w, wl, "group norm weight")?,
+            contiguous(b, bl, "group norm bias")?,
         );
         let dims = xl.shape().dims();
         let (batch, channels) = (dims[0], dims[1]);
