@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::process::Command;
 
 /// Each `src/kernels/NAME.cu` becomes `$OUT_DIR/NAME.ptx`.
-const KERNELS: &[&str] = &["group_norm"];
+const KERNELS: &[&str] = &["group_norm", "flash_attention"];
 
 fn main() {
     println!("cargo::rerun-if-changed=build.rs");

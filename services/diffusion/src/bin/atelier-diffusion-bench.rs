@@ -9,8 +9,9 @@
 //!   --profile        with --full: one more run per variant with every building block timed
 //!   --smoke          with --full: 8² latents (every variant's code path, quickly, on a CPU)
 //!   --kernel-sets L  with --full: which kernels each variant uses, comma-separated, of
-//!                    candle (none: candle's ops), group_norm (our fused group norm),
-//!                    all (+ cuDNN convolutions); default candle,group_norm,all
+//!                    candle (none: candle's ops), group_norm (our fused group norm), cudnn
+//!                    (+ cuDNN convolutions), all (+ our flash attention);
+//!                    default candle,group_norm,cudnn,all
 //!   --txt2img-full   30-step DPM++ 2M txt2img with CFG and decode at SD1.5 geometry (--size,
 //!                    --steps); --skip-tiny leaves out the tiny-model figures
 //! ```
@@ -67,11 +68,15 @@ fn kernel_set(name: &str) -> anyhow::Result<(&'static str, Vec<kernels::Kernel>)
     Ok(match name {
         "candle" => ("candle's ops", vec![]),
         "group_norm" => ("our group norm", vec![Kernel::GroupNorm]),
-        "all" => (
+        "cudnn" => (
             "our group norm + cuDNN conv",
             vec![Kernel::GroupNorm, Kernel::CudnnConv],
         ),
-        other => anyhow::bail!("--kernel-sets: candle, group_norm or all (got {other})"),
+        "all" => (
+            "our group norm + cuDNN conv + our flash attention",
+            Kernel::ALL.to_vec(),
+        ),
+        other => anyhow::bail!("--kernel-sets: candle, group_norm, cudnn or all (got {other})"),
     })
 }
 
@@ -138,7 +143,7 @@ fn main() -> anyhow::Result<()> {
     };
     let dev_name = if device.is_cpu() { "cpu" } else { "cuda" };
     let sets = value("--kernel-sets")
-        .unwrap_or_else(|| "candle,group_norm,all".into())
+        .unwrap_or_else(|| "candle,group_norm,cudnn,all".into())
         .split(',')
         .map(kernel_set)
         .collect::<anyhow::Result<Vec<_>>>()?;

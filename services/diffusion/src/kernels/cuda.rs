@@ -9,6 +9,12 @@ use candle_core::{
     CpuStorage, CudaDevice, CudaStorage, CustomOp3, Layout, Result, Shape, Tensor, WithDType,
 };
 
+const FLASH_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/flash_attention.ptx"));
+const FLASH_MODULE: &str = "atelier_flash_attention";
+/// Head dimensions (padded) the flash-attention kernel is compiled for.
+const FLASH_DIMS: [usize; 6] = [48, 64, 80, 96, 128, 160];
+/// Query rows and keys per block (BR, BC in flash_attention.cu).
+const FLASH_TILE: usize = 64;
 const GROUP_NORM_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/group_norm.ptx"));
 const GROUP_NORM_MODULE: &str = "atelier_group_norm";
 const THREADS: u32 = 256;
@@ -217,4 +223,149 @@ pub(super) fn keep_freed_memory(device: &candle_core::Device) -> Result<()> {
         .map_err(|e| fail("cuMemPoolSetAttribute", e))?;
     }
     Ok(())
+}
+
+/// The padded head dimension the flash-attention kernel runs `d` with, if it has one (`d` a
+/// multiple of 8 up to 160).
+pub(super) fn flash_dim(d: usize) -> Option<usize> {
+    if d == 0 || d % 8 != 0 {
+        return None;
+    }
+    FLASH_DIMS.into_iter().find(|&p| p >= d)
+}
+
+struct Flash {
+    heads: usize,
+    scale: f32,
+}
+
+/// softmax(q·kᵀ/√d)·v over heads: q [B, N, H·d], k and v [B, M, H·d], f16 or bf16, contiguous
+/// with start offsets a multiple of 8 elements (the caller checks).
+pub(super) fn flash_attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize) -> Result<Tensor> {
+    let d = q.dim(2)? / heads;
+    q.apply_op3_no_bwd(
+        k,
+        v,
+        &Flash {
+            heads,
+            scale: 1.0 / (d as f32).sqrt(),
+        },
+    )
+}
+
+impl Flash {
+    #[allow(clippy::too_many_arguments)]
+    fn launch<T: DeviceRepr>(
+        &self,
+        dev: &CudaDevice,
+        suffix: &str,
+        q: &CudaSlice<T>,
+        ql: &Layout,
+        k: &CudaSlice<T>,
+        kl: &Layout,
+        v: &CudaSlice<T>,
+        vl: &Layout,
+    ) -> Result<CudaSlice<T>> {
+        let (b, n, c) = ql.shape().dims3()?;
+        let (_, m, _) = kl.shape().dims3()?;
+        let d = c / self.heads;
+        let Some(dp) = flash_dim(d) else {
+            candle_core::bail!("flash attention: no kernel for head dimension {d}")
+        };
+        let (q, k, v) = (
+            contiguous(q, ql, "attention query")?,
+            contiguous(k, kl, "attention key")?,
+            contiguous(v, vl, "attention value")?,
+        );
+        // SAFETY: the kernel writes every element of [B, N, H·d].
+        let out = unsafe { dev.alloc::<T>(b * n * c)? };
+        if out.is_empty() {
+            return Ok(out);
+        }
+        if m == 0 {
+            candle_core::bail!("flash attention over no keys");
+        }
+        let func = dev.get_or_load_custom_func(
+            &format!("flash_attention_{suffix}_{dp}"),
+            FLASH_MODULE,
+            FLASH_PTX,
+        )?;
+        let t = FLASH_TILE;
+        let smem = (t * dp + 2 * t * dp + t * t) * 2 + (t * t + t * dp + 3 * t) * 4;
+        use candle_core::cuda_backend::cudarc::driver::sys::CUfunction_attribute_enum as Attr;
+        func.set_attribute(
+            Attr::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+            smem as i32,
+        )
+        .w()?;
+        let mut l = func.builder();
+        l.arg(&q);
+        l.arg(&k);
+        l.arg(&v);
+        l.arg(&out);
+        candle_core::builder_arg!(
+            l,
+            n as i32,
+            m as i32,
+            self.heads as i32,
+            d as i32,
+            self.scale
+        );
+        let cfg = LaunchConfig {
+            grid_dim: (n.div_ceil(t) as u32, self.heads as u32, b as u32),
+            block_dim: (128, 1, 1),
+            shared_mem_bytes: smem as u32,
+        };
+        // SAFETY: arguments match flash_attention_*'s signature; the grid covers every query
+        // block, head and batch; the shared memory is what the kernel lays out for `dp`.
+        unsafe { l.launch(cfg) }.w()?;
+        Ok(out)
+    }
+}
+
+impl CustomOp3 for Flash {
+    fn name(&self) -> &'static str {
+        "atelier-flash-attention"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        candle_core::bail!("flash attention runs on CUDA only; the CPU takes the reference ops")
+    }
+
+    fn cuda_fwd(
+        &self,
+        s1: &CudaStorage,
+        l1: &Layout,
+        s2: &CudaStorage,
+        l2: &Layout,
+        s3: &CudaStorage,
+        l3: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        use candle_core::cuda_backend::CudaStorageSlice as S;
+        let dev = s1.device();
+        let slice = match (&s1.slice, &s2.slice, &s3.slice) {
+            (S::F16(q), S::F16(k), S::F16(v)) => {
+                S::F16(self.launch(dev, "f16", q, l1, k, l2, v, l3)?)
+            }
+            (S::BF16(q), S::BF16(k), S::BF16(v)) => {
+                S::BF16(self.launch(dev, "bf16", q, l1, k, l2, v, l3)?)
+            }
+            _ => candle_core::bail!("flash attention takes f16 or bf16 q, k and v of one dtype"),
+        };
+        Ok((
+            CudaStorage {
+                slice,
+                device: dev.clone(),
+            },
+            l1.shape().clone(),
+        ))
+    }
 }

@@ -4,7 +4,7 @@
 //! the CPU, a tensor that records gradients (training), or kernels switched off.
 //!
 //! Switch: `ATELIER_KERNELS=candle` (or [`set_enabled`]) runs candle's ops only, for comparison;
-//! `ATELIER_KERNELS=group_norm,cudnn_conv` names the ones to use ([`set_only`]).
+//! `ATELIER_KERNELS=group_norm,cudnn_conv,flash_attention` names the ones to use ([`set_only`]).
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU8, Ordering};
@@ -24,15 +24,18 @@ pub enum Kernel {
     GroupNorm = 1,
     /// Convolution through cuDNN with a plan cached per shape.
     CudnnConv = 2,
+    /// Flash attention (f16/bf16, no mask), ours (`flash_attention.cu`).
+    FlashAttention = 4,
 }
 
 impl Kernel {
-    pub const ALL: [Kernel; 2] = [Kernel::GroupNorm, Kernel::CudnnConv];
+    pub const ALL: [Kernel; 3] = [Kernel::GroupNorm, Kernel::CudnnConv, Kernel::FlashAttention];
 
     pub fn name(self) -> &'static str {
         match self {
             Kernel::GroupNorm => "group_norm",
             Kernel::CudnnConv => "cudnn_conv",
+            Kernel::FlashAttention => "flash_attention",
         }
     }
 
@@ -41,7 +44,7 @@ impl Kernel {
     }
 }
 
-const ALL_BITS: u8 = 1 | 2;
+const ALL_BITS: u8 = 1 | 2 | 4;
 /// Set once an override was made; the low bits are then the kernels in use.
 const OVERRIDDEN: u8 = 0x80;
 static OVERRIDE: AtomicU8 = AtomicU8::new(0);
@@ -225,6 +228,29 @@ fn first_use_check(kernel: Kernel, device: &Device) -> Result<Option<String>> {
                     }
                 }
             }
+            Kernel::FlashAttention => {
+                // (batch, queries, keys, heads, head dim): SD1.5's 40 and 160, SDXL's 64; key
+                // counts that leave a partial block.
+                let cases = [
+                    (2, 100, 77, 2, 40),
+                    (1, 70, 130, 2, 64),
+                    (1, 64, 64, 1, 160),
+                ];
+                for (b, n, m, heads, d) in cases {
+                    let (q, k, v) = attention_inputs(device, b, n, m, heads * d)?;
+                    for dtype in [DType::F16, DType::BF16] {
+                        let (q, k, v) =
+                            (q.to_dtype(dtype)?, k.to_dtype(dtype)?, v.to_dtype(dtype)?);
+                        let ours = cuda::flash_attention(&q, &k, &v, heads)?;
+                        let reference = crate::models::nn::attention_reference(&q, &k, &v, heads)?;
+                        let diff = crate::models::nn::max_abs_diff(&ours, &reference)?;
+                        let what = format!("attention b{b} n{n} m{m} h{heads} d{d}");
+                        if let Some(m) = mismatch(what, dtype, diff, tolerance(dtype, 0.0)) {
+                            return Ok(Some(m));
+                        }
+                    }
+                }
+            }
         }
         Ok(None)
     }
@@ -233,6 +259,22 @@ fn first_use_check(kernel: Kernel, device: &Device) -> Result<Option<String>> {
         let _ = (kernel, device);
         Ok(None)
     }
+}
+
+/// q [b, n, c], k and v [b, m, c], f32: scores of a few units, as trained projections give.
+#[cfg(feature = "cuda")]
+fn attention_inputs(
+    device: &Device,
+    b: usize,
+    n: usize,
+    m: usize,
+    c: usize,
+) -> Result<(Tensor, Tensor, Tensor)> {
+    Ok((
+        (Tensor::randn(0f32, 1.0, (b, n, c), device)? * 1.5)?,
+        (Tensor::randn(0f32, 1.0, (b, m, c), device)? * 1.5)?,
+        Tensor::randn(0f32, 1.0, (b, m, c), device)?,
+    ))
 }
 
 /// Fused group norm (+ SiLU) over [B, C, ...], statistics in f32: `None` where it does not apply
@@ -277,6 +319,60 @@ pub fn conv2d(
     #[cfg(not(feature = "cuda"))]
     {
         let _ = (stride, padding);
+        Ok(None)
+    }
+}
+
+/// Scaled dot-product attention over heads (q [B, N, H·d], k and v [B, M, H·d]) by our flash
+/// kernel: `None` where it does not apply (a mask, gradients, f32, a head dimension it has no
+/// build for) and the caller runs the reference ops.
+pub fn attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    heads: usize,
+    mask: Option<&Tensor>,
+    differentiable: bool,
+) -> Result<Option<Tensor>> {
+    if mask.is_some()
+        || differentiable
+        || !matches!(q.dtype(), DType::F16 | DType::BF16)
+        || k.dtype() != q.dtype()
+        || v.dtype() != q.dtype()
+        || !applies(Kernel::FlashAttention, q, &[k, v])
+    {
+        return Ok(None);
+    }
+    let (Ok((b, n, c)), Ok((kb, m, kc))) = (q.dims3(), k.dims3()) else {
+        return Ok(None);
+    };
+    if heads == 0
+        || c % heads != 0
+        || kb != b
+        || kc != c
+        || v.dims() != [b, m, c]
+        || n == 0
+        || m == 0
+    {
+        return Ok(None);
+    }
+    #[cfg(feature = "cuda")]
+    {
+        if cuda::flash_dim(c / heads).is_none() {
+            return Ok(None);
+        }
+        let (q, k, v) = (q.contiguous()?, k.contiguous()?, v.contiguous()?);
+        // 16-byte loads: every row starts on a multiple of 8 elements.
+        if [&q, &k, &v]
+            .iter()
+            .any(|t| t.layout().start_offset() % 8 != 0)
+        {
+            return Ok(None);
+        }
+        cuda::flash_attention(&q, &k, &v, heads).map(Some)
+    }
+    #[cfg(not(feature = "cuda"))]
+    {
         Ok(None)
     }
 }
@@ -336,6 +432,10 @@ pub fn self_check(device: &Device) -> Result<Vec<Check>> {
         #[cfg(feature = "cuda")]
         if wanted.contains(&Kernel::CudnnConv) {
             check_conv(device, &mut out)?;
+        }
+        #[cfg(feature = "cuda")]
+        if wanted.contains(&Kernel::FlashAttention) {
+            check_attention(device, &mut out)?;
         }
         Ok(())
     })();
@@ -397,6 +497,47 @@ fn check_group_norm(device: &Device, out: &mut Vec<Check>) -> Result<()> {
                     detail: String::new(),
                 });
             }
+        }
+    }
+    Ok(())
+}
+
+/// Flash attention against the reference ops with f32 scores: the UNet's self- and cross-attention
+/// at 64² latents (SD1.5: 8 heads of 40; SDXL: heads of 64), deeper levels, odd sizes.
+#[cfg(feature = "cuda")]
+fn check_attention(device: &Device, out: &mut Vec<Check>) -> Result<()> {
+    let cases: [(usize, usize, usize, usize, usize); 6] = [
+        (2, 4096, 4096, 8, 40),
+        (2, 4096, 77, 8, 40),
+        (2, 1024, 1024, 8, 80),
+        (2, 256, 77, 8, 160),
+        (2, 1024, 1024, 10, 64),
+        (1, 100, 37, 3, 24),
+    ];
+    for (b, n, m, heads, d) in cases {
+        let (q, k, v) = attention_inputs(device, b, n, m, heads * d)?;
+        for dtype in [DType::F16, DType::BF16] {
+            let (q, k, v) = (q.to_dtype(dtype)?, k.to_dtype(dtype)?, v.to_dtype(dtype)?);
+            let (ours, reference) = both(Kernel::FlashAttention, || {
+                crate::models::nn::attention(
+                    &q,
+                    &k,
+                    &v,
+                    heads,
+                    None,
+                    crate::models::nn::Ops::INFERENCE.upcast(),
+                )
+            })?;
+            let max_abs_diff = crate::models::nn::max_abs_diff(&ours, &reference)?;
+            out.push(Check {
+                kernel: Kernel::FlashAttention.name().into(),
+                shape: vec![b, n, m, heads, d],
+                dtype: format!("{dtype:?}"),
+                max_abs_diff,
+                tolerance: tolerance(dtype, 0.0),
+                pass: max_abs_diff <= tolerance(dtype, 0.0),
+                detail: format!("head dimension padded to {:?}", cuda::flash_dim(d)),
+            });
         }
     }
     Ok(())
@@ -471,6 +612,10 @@ mod tests {
         assert!(parse("candle").unwrap().is_empty());
         assert!(parse(" off ").unwrap().is_empty());
         assert_eq!(parse("cudnn_conv").unwrap(), vec![Kernel::CudnnConv]);
+        assert_eq!(
+            parse("flash_attention").unwrap(),
+            vec![Kernel::FlashAttention]
+        );
         assert_eq!(
             parse("group_norm, cudnn_conv").unwrap(),
             vec![Kernel::GroupNorm, Kernel::CudnnConv]

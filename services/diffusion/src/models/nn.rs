@@ -384,8 +384,22 @@ pub fn attention_sliced(
     budget: usize,
 ) -> Result<Tensor> {
     profile::scope("attention", q.device(), || {
+        if let Some(out) = crate::kernels::attention(q, k, v, heads, mask, ops.differentiable)? {
+            return Ok(out);
+        }
         attention_inner(q, k, v, heads, mask, ops, budget)
     })
+}
+
+/// The reference the flash kernel is checked against: the plain ops with f32 scores.
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+pub(crate) fn attention_reference(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    heads: usize,
+) -> Result<Tensor> {
+    attention_inner(q, k, v, heads, None, Ops::INFERENCE.upcast(), usize::MAX)
 }
 
 fn attention_inner(
