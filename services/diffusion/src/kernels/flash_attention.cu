@@ -16,6 +16,11 @@
 
 using namespace nvcuda;
 
+// The block's dynamic shared memory (tests/emulator runs this file on the CPU with its own).
+#ifndef DYNAMIC_SHARED
+#define DYNAMIC_SHARED(name) extern __shared__ __align__(32) unsigned char name[]
+#endif
+
 constexpr int BR = 64;  // query rows per block
 constexpr int BC = 64;  // keys per step
 constexpr int WARPS = 4;
@@ -55,7 +60,7 @@ template <typename T, int DP>
 __device__ void flash_attention(const T* __restrict__ q, const T* __restrict__ k,
                                 const T* __restrict__ v, T* __restrict__ out, int n, int m,
                                 int heads, int d, float scale) {
-  extern __shared__ __align__(32) unsigned char smem[];
+  DYNAMIC_SHARED(smem);
   T* qs = reinterpret_cast<T*>(smem);                 // [BR][DP]
   T* ks = qs + BR * DP;                               // [BC][DP]
   T* vs = ks + BC * DP;                               // [BC][DP]
