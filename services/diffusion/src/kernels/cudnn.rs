@@ -371,11 +371,21 @@ impl State {
         Ok(h)
     }
 
-    /// The plan for `key`, made on first use.
+    /// The plan for `key`, made on first use. A shape cuDNN cannot plan (an unsupported
+    /// configuration, no memory for timing algorithms) stays with candle's convolution, with a
+    /// warning once.
     fn plan(&mut self, api: &Api, dev: &CudaDevice, key: Key) -> Result<Option<&Plan>> {
         if !self.plans.contains_key(&key) {
-            let handle = self.handle(api, dev)?;
-            let plan = make_plan(api, handle, dev, &key)?;
+            let plan = match self
+                .handle(api, dev)
+                .and_then(|handle| make_plan(api, handle, dev, &key))
+            {
+                Ok(plan) => plan,
+                Err(e) => {
+                    tracing::warn!("convolution {key:?} runs on candle's kernels: {e}");
+                    None
+                }
+            };
             self.plans.insert(key, plan);
         }
         Ok(self.plans.get(&key).and_then(Option::as_ref))
