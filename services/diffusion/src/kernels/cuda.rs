@@ -253,19 +253,20 @@ pub(super) fn flash_attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize) 
     )
 }
 
-impl Flash {
-    #[allow(clippy::too_many_arguments)]
-    fn launch<T: DeviceRepr>(
+impl Map3 for Flash {
+    fn f<T: DeviceRepr + WithDType + ValidAsZeroBits>(
         &self,
-        dev: &CudaDevice,
-        suffix: &str,
         q: &CudaSlice<T>,
         ql: &Layout,
         k: &CudaSlice<T>,
         kl: &Layout,
         v: &CudaSlice<T>,
         vl: &Layout,
+        dev: &CudaDevice,
     ) -> Result<CudaSlice<T>> {
+        if !matches!(T::DTYPE, candle_core::DType::F16 | candle_core::DType::BF16) {
+            candle_core::bail!("flash attention takes f16 or bf16, not {:?}", T::DTYPE)
+        }
         let (b, n, c) = ql.shape().dims3()?;
         let (_, m, _) = kl.shape().dims3()?;
         let d = c / self.heads;
@@ -286,7 +287,7 @@ impl Flash {
             candle_core::bail!("flash attention over no keys");
         }
         let func = dev.get_or_load_custom_func(
-            &format!("flash_attention_{suffix}_{dp}"),
+            &format!("{}_{dp}", kernel_name::<T>("flash_attention")),
             FLASH_MODULE,
             FLASH_PTX,
         )?;
@@ -349,17 +350,8 @@ impl CustomOp3 for Flash {
         s3: &CudaStorage,
         l3: &Layout,
     ) -> Result<(CudaStorage, Shape)> {
-        use candle_core::cuda_backend::CudaStorageSlice as S;
         let dev = s1.device();
-        let slice = match (&s1.slice, &s2.slice, &s3.slice) {
-            (S::F16(q), S::F16(k), S::F16(v)) => {
-                S::F16(self.launch(dev, "f16", q, l1, k, l2, v, l3)?)
-            }
-            (S::BF16(q), S::BF16(k), S::BF16(v)) => {
-                S::BF16(self.launch(dev, "bf16", q, l1, k, l2, v, l3)?)
-            }
-            _ => candle_core::bail!("flash attention takes f16 or bf16 q, k and v of one dtype"),
-        };
+        let slice = self.map(&s1.slice, l1, &s2.slice, l2, &s3.slice, l3, dev)?;
         Ok((
             CudaStorage {
                 slice,

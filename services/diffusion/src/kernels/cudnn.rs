@@ -17,7 +17,7 @@ use std::sync::{Mutex, OnceLock};
 
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::driver::{
-    CudaSlice, DevicePtr, DevicePtrMut, DeviceRepr, ValidAsZeroBits,
+    CudaSlice, CudaStream, DevicePtr, DevicePtrMut, DeviceRepr, ValidAsZeroBits,
 };
 use candle_core::cuda_backend::{Map2, WrapErr};
 use candle_core::{
@@ -239,6 +239,17 @@ impl Api {
             _lib: lib,
             _parts: parts,
         })
+    }
+
+    /// Points `handle` at candle's stream for this thread; what follows is enqueued there.
+    ///
+    /// # Safety
+    /// `handle` is a live cuDNN handle.
+    unsafe fn use_stream(&self, handle: Handle, stream: &CudaStream) -> Result<()> {
+        self.check(
+            "cudnnSetStream",
+            (self.set_stream)(handle, stream.cu_stream().cast()),
+        )
     }
 
     fn check(&self, what: &str, status: Status) -> Result<()> {
@@ -542,10 +553,7 @@ fn find_fastest(
         let (wsp, _gws) = ws.device_ptr_mut(&stream);
         // SAFETY: buffers sized for these descriptors, on the handle's stream.
         unsafe {
-            api.check(
-                "cudnnSetStream",
-                (api.set_stream)(handle, stream.cu_stream().cast()),
-            )?;
+            api.use_stream(handle, &stream)?;
             api.check(
                 "cudnnFindConvolutionForwardAlgorithmEx",
                 (api.find_algorithms)(
@@ -713,10 +721,7 @@ impl Map2 for Conv {
             // its dtype); alpha and beta are f32 as cuDNN wants for f32/f16/bf16 data; the work
             // is enqueued on candle's stream for this thread.
             unsafe {
-                api.check(
-                    "cudnnSetStream",
-                    (api.set_stream)(handle, stream.cu_stream().cast()),
-                )?;
+                api.use_stream(handle, &stream)?;
                 api.check(
                     "cudnnConvolutionForward",
                     (api.forward)(

@@ -94,12 +94,6 @@ fn bits() -> u8 {
     })
 }
 
-/// Whether our kernels replace candle's ops where they apply (default: yes): all of them, or
-/// the one named.
-pub fn enabled() -> bool {
-    bits() != 0
-}
-
 /// Whether `kernel` replaces candle's ops where it applies.
 pub fn kernel_enabled(kernel: Kernel) -> bool {
     bits() & kernel.bit() != 0
@@ -392,6 +386,21 @@ pub struct Check {
     pub detail: String,
 }
 
+impl Check {
+    /// A kernel that could not be compared at all, and why.
+    fn failed(kernel: Kernel, detail: String) -> Check {
+        Check {
+            kernel: kernel.name().into(),
+            shape: Vec::new(),
+            dtype: String::new(),
+            max_abs_diff: f32::NAN,
+            tolerance: 0.0,
+            pass: false,
+            detail,
+        }
+    }
+}
+
 /// Outputs are O(1–10): one or two units in the last place of the dtype; `f32` is the summation
 /// order's share.
 fn tolerance(dtype: DType, f32: f32) -> f32 {
@@ -414,15 +423,10 @@ pub fn self_check(device: &Device) -> Result<Vec<Check>> {
     let was = OVERRIDE.load(Ordering::Relaxed);
     for kernel in &wanted {
         if let Err(why) = verified(*kernel, device) {
-            out.push(Check {
-                kernel: kernel.name().into(),
-                shape: Vec::new(),
-                dtype: String::new(),
-                max_abs_diff: f32::NAN,
-                tolerance: 0.0,
-                pass: false,
-                detail: format!("failed its first-use check, so it stays off: {why}"),
-            });
+            out.push(Check::failed(
+                *kernel,
+                format!("failed its first-use check, so it stays off: {why}"),
+            ));
         }
     }
     let result = (|| -> Result<()> {
@@ -548,15 +552,7 @@ fn check_conv(device: &Device, out: &mut Vec<Check>) -> Result<()> {
     let version = match cudnn::version() {
         Ok(v) => v,
         Err(why) => {
-            out.push(Check {
-                kernel: Kernel::CudnnConv.name().into(),
-                shape: Vec::new(),
-                dtype: String::new(),
-                max_abs_diff: f32::NAN,
-                tolerance: 0.0,
-                pass: false,
-                detail: why,
-            });
+            out.push(Check::failed(Kernel::CudnnConv, why));
             return Ok(());
         }
     };
