@@ -221,6 +221,22 @@ pub struct CaptionRecord {
     pub created_at: DateTime<Utc>,
 }
 
+/// A model's verdict on an image (or an image and its caption), kept in KV `atelier_verdicts` so
+/// that a later filter job with another policy does not run the model again. Keys name the model
+/// and the content, never the dataset: `nsfw.<model id>.<image sha256>` for the NSFW detector,
+/// `clip.<model id>.<sha256 of image sha256, NUL, caption>` for CLIP scores. A model id is 16 hex
+/// digits of the sha256 of the model's files and of how its input is prepared, so a new model or
+/// new preprocessing starts a fresh set of keys.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema, ToSchema)]
+pub struct ModelVerdict {
+    pub schema_version: u32,
+    /// NSFW: the strongest explicit-class confidence (0 when none); CLIP: 100 · max(cos, 0).
+    pub score: f32,
+    /// NSFW: the explicit class behind `score`, when there is one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub label: Option<String>,
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema, ToSchema)]
 pub struct CaptionFailure {
     pub image_sha256: String,

@@ -16,6 +16,7 @@ pub fn all() -> Vec<(&'static str, Schema)> {
         ("ImagesIngested", schema_for!(images::ImagesIngested)),
         ("ImageRecord", schema_for!(images::ImageRecord)),
         ("CaptionRecord", schema_for!(dataset::CaptionRecord)),
+        ("ModelVerdict", schema_for!(dataset::ModelVerdict)),
         ("DatasetManifest", schema_for!(dataset::DatasetManifest)),
         ("DatasetRow", schema_for!(dataset::DatasetRow)),
         ("IndexManifest", schema_for!(retrieval::IndexManifest)),

@@ -142,6 +142,9 @@ pub const CAPTIONS_BUCKET: &str = "atelier_captions";
 pub const DATASETS_BUCKET: &str = "atelier_datasets";
 /// KV bucket holding one [`crate::retrieval::IndexManifest`] per dataset.
 pub const INDEXES_BUCKET: &str = "atelier_indexes";
+/// KV bucket holding one [`crate::dataset::ModelVerdict`] per model and image (NSFW) or image and
+/// caption (CLIP score): what the quality filter's models said, reused by later filter jobs.
+pub const VERDICTS_BUCKET: &str = "atelier_verdicts";
 /// Core NATS request/reply (no stream): a [`crate::retrieval::SearchRequest`] answered by a
 /// retrieval-indexer replica (queue group [`RETRIEVAL_QUERY_GROUP`]) with a
 /// [`crate::retrieval::SearchReply`].

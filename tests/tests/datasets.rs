@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use atelier_captioner::vision_server::{Faults, ServerConfig, VisionServer};
 use atelier_contracts::dataset::{
-    CaptionBackend, CaptionRecord, CaptionSpec, FilterSpec, SplitSpec, Tier,
+    CaptionBackend, CaptionRecord, CaptionSpec, Decision, FilterSpec, ModelVerdict, SplitSpec, Tier,
 };
 use atelier_contracts::{JobOutput, JobRecord, JobSpec, JobState};
 use atelier_e2e::*;
@@ -425,5 +425,67 @@ async fn ingest_caption_filter_export_through_the_services() {
             .to_string();
         assert!(err.contains("not empty"), "{err}");
     }
+
+    // The filter kept its models' verdicts (KV `atelier_verdicts`, keyed by model and content):
+    // version 2 reused version 1's, and a later version reads them instead of running the models
+    // again, which a verdict changed by hand shows.
+    for (a, b) in rows1.iter().zip(&rows2) {
+        assert_eq!(
+            (a.nsfw, a.clip_score),
+            (b.nsfw, b.clip_score),
+            "{}",
+            a.sha256
+        );
+    }
+    let kept_kv = c.bus.verdicts_kv().await.unwrap();
+    let kept: Vec<(String, ModelVerdict)> =
+        atelier_kit::bus::kv_values(&kept_kv, "").await.unwrap();
+    let count = |prefix: &str| kept.iter().filter(|(k, _)| k.starts_with(prefix)).count();
+    assert_eq!((count("nsfw."), count("clip.")), (20, 20), "{kept:?}");
+    let target = rows1
+        .iter()
+        .find(|r| r.decision == Decision::Accept)
+        .unwrap();
+    let (key, _) = kept
+        .iter()
+        .find(|(k, _)| k.starts_with("nsfw.") && k.ends_with(&target.sha256))
+        .unwrap();
+    kept_kv
+        .put(
+            key,
+            serde_json::to_vec(&ModelVerdict {
+                schema_version: atelier_contracts::SCHEMA_VERSION,
+                score: 0.93,
+                label: Some("FEMALE_GENITALIA_EXPOSED".into()),
+            })
+            .unwrap()
+            .into(),
+        )
+        .await
+        .unwrap();
+    let r = run(&c, &client, filter(0.2, 3)).await;
+    let Some(JobOutput::DatasetVersion(v3)) = r.output else {
+        panic!("{:?}", r.error)
+    };
+    assert_eq!(v3.version, 3);
+    let m3 = client.dataset_version("scenes", Some(3)).await.unwrap();
+    let rows3 = rows(&client, &m3).await.unwrap();
+    for (a, b) in rows1.iter().zip(&rows3) {
+        if a.sha256 == target.sha256 {
+            assert_eq!(b.nsfw, Some(0.93));
+            assert_eq!(b.decision, Decision::Reject);
+            assert!(
+                b.signals.iter().any(|s| s.name == "nsfw"),
+                "{:?}",
+                b.signals
+            );
+        } else {
+            assert_eq!(
+                (a.nsfw, a.clip_score, a.decision),
+                (b.nsfw, b.clip_score, b.decision)
+            );
+        }
+    }
+    assert_eq!(v3.counts.rejected, v1.counts.rejected + 1);
     shutdown.cancel();
 }

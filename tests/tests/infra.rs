@@ -436,6 +436,15 @@ async fn per_service_nats_permissions_allow_the_work_and_nothing_else() {
             .remove(0);
         assert_eq!(r.state, JobState::Succeeded, "{} {:?}", r.kind, r.error);
     }
+    // The filter kept its NSFW verdict on the image for later jobs, as its own user.
+    let kept: Vec<(String, atelier_contracts::dataset::ModelVerdict)> =
+        atelier_kit::bus::kv_values(&c.bus.verdicts_kv().await.unwrap(), "nsfw.")
+            .await
+            .unwrap();
+    assert!(
+        kept.iter().any(|(k, _)| k.ends_with(&img.sha256)),
+        "{kept:?}"
+    );
 
     // The publisher may query the index; the indexer answers as its own user.
     let reply = publisher

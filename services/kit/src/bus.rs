@@ -7,7 +7,9 @@
 //! - `ATELIER_DLQ`: dead letters (30 days). `ATELIER_IMAGES`: `atelier.v1.images.ingested` (30 days).
 //! - No stream uses wildcards, so no two streams' subjects can overlap.
 //! - KV `atelier_jobs` (job state), `atelier_images` (image records), `atelier_captions` (captions
-//!   per image and source) and `atelier_datasets` (dataset version manifests).
+//!   per image and source), `atelier_datasets` (dataset version manifests), `atelier_indexes`
+//!   (retrieval index manifests) and `atelier_verdicts` (model verdicts per image, reused by filter
+//!   jobs).
 
 use std::time::Duration;
 
@@ -102,6 +104,7 @@ impl Bus {
         self.captions_kv().await?;
         self.datasets_kv().await?;
         self.indexes_kv().await?;
+        self.verdicts_kv().await?;
         Ok(())
     }
 
@@ -156,6 +159,10 @@ impl Bus {
 
     pub async fn indexes_kv(&self) -> anyhow::Result<kv::Store> {
         self.kv(subjects::INDEXES_BUCKET, 1, Duration::ZERO).await
+    }
+
+    pub async fn verdicts_kv(&self) -> anyhow::Result<kv::Store> {
+        self.kv(subjects::VERDICTS_BUCKET, 1, Duration::ZERO).await
     }
 
     /// Publishes to a stream and waits for the server's ack. `msg_id` (if any) becomes
@@ -243,6 +250,58 @@ pub async fn kv_values<T: serde::de::DeserializeOwned>(
             }
         })
         .collect())
+}
+
+/// The values under `keys` (in order; `None` where a key is absent or its value does not decode),
+/// reading 64 keys at a time.
+pub async fn kv_get_many<T: serde::de::DeserializeOwned>(
+    store: &kv::Store,
+    keys: &[String],
+) -> anyhow::Result<Vec<Option<T>>> {
+    use futures::{StreamExt as _, TryStreamExt as _};
+    // Owned keys: a stream of borrowed ones makes the caller's future not `Send`.
+    futures::stream::iter(keys.to_vec())
+        .map(|k| async move {
+            let v = store
+                .get(&k)
+                .await
+                .with_context(|| format!("reading KV key {k}"))?;
+            anyhow::Ok(v.and_then(|v| match serde_json::from_slice(&v) {
+                Ok(t) => Some(t),
+                Err(e) => {
+                    tracing::warn!(key = %k, error = %e, "ignoring an undecodable KV value");
+                    None
+                }
+            }))
+        })
+        .buffered(64)
+        .try_collect()
+        .await
+}
+
+/// Writes each (key, value) as JSON, 64 at a time; the first failure is returned after every
+/// write was tried.
+pub async fn kv_put_many<T: serde::Serialize>(
+    store: &kv::Store,
+    items: &[(String, T)],
+) -> anyhow::Result<()> {
+    use futures::StreamExt as _;
+    let encoded: Vec<(String, Vec<u8>)> = items
+        .iter()
+        .map(|(k, v)| Ok((k.clone(), serde_json::to_vec(v)?)))
+        .collect::<anyhow::Result<_>>()?;
+    let results: Vec<anyhow::Result<()>> = futures::stream::iter(encoded)
+        .map(|(k, bytes)| async move {
+            store
+                .put(&k, bytes.into())
+                .await
+                .with_context(|| format!("writing KV key {k}"))?;
+            anyhow::Ok(())
+        })
+        .buffer_unordered(64)
+        .collect()
+        .await;
+    results.into_iter().collect()
 }
 
 /// The image records of `dataset` (from the `atelier_images` bucket), sorted by sha256.

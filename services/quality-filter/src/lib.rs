@@ -10,17 +10,18 @@
 pub mod dups;
 pub mod nsfw;
 pub mod text;
+pub mod verdicts;
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, OnceLock};
 
 use atelier_contracts::dataset::{
-    CaptionRecord, DatasetManifest, DatasetRow, DatasetVersionOutput, Decision, QualityPolicy,
-    Severity, Signal, Split, SplitSpec, Tier, VersionCounts,
+    CaptionRecord, DatasetManifest, DatasetRow, DatasetVersionOutput, Decision, ModelVerdict,
+    QualityPolicy, Severity, Signal, Split, SplitSpec, Tier, VersionCounts,
 };
 use atelier_contracts::images::ImageRecord;
 use atelier_contracts::{JobOutput, JobSpec, Service, SCHEMA_VERSION};
-use atelier_kit::bus::{dataset_images, kv_values};
+use atelier_kit::bus::{dataset_images, kv_get_many, kv_put_many, kv_values};
 use atelier_kit::{Handler, JobCtx, JobError};
 use rayon::prelude::*;
 use sha2::{Digest, Sha256};
@@ -302,10 +303,26 @@ pub struct QualityFilter {
     /// decodable image when both are set.
     pub nsfw_model: Option<std::path::PathBuf>,
     pub onnxruntime: Option<std::path::PathBuf>,
-    detector: Arc<OnceLock<Result<Arc<nsfw::NsfwDetector>, String>>>,
+    detector: Arc<OnceLock<Result<Loaded<nsfw::NsfwDetector>, String>>>,
     /// A CLIP model folder: filter jobs score every captioned image with it when set.
     pub clip_model: Option<std::path::PathBuf>,
-    clip: Arc<OnceLock<Result<Arc<atelier_embed::clip::ClipEncoder>, String>>>,
+    clip: Arc<OnceLock<Result<Loaded<atelier_embed::clip::ClipEncoder>, String>>>,
+}
+
+/// A model loaded once per process, with its id in `atelier_verdicts` keys
+/// ([`verdicts::model_id`]).
+pub struct Loaded<T> {
+    pub model: Arc<T>,
+    pub id: String,
+}
+
+impl<T> Clone for Loaded<T> {
+    fn clone(&self) -> Self {
+        Self {
+            model: self.model.clone(),
+            id: self.id.clone(),
+        }
+    }
 }
 
 /// `ATELIER_NO_NSFW` set to `1` or `true`.
@@ -330,23 +347,41 @@ impl QualityFilter {
     }
 
     /// The CLIP model, loaded once; `None` when not configured.
-    fn clip(&self) -> Result<Option<Arc<atelier_embed::clip::ClipEncoder>>, JobError> {
+    fn clip(&self) -> Result<Option<Loaded<atelier_embed::clip::ClipEncoder>>, JobError> {
         let Some(dir) = &self.clip_model else {
             return Ok(None);
         };
         self.clip
             .get_or_init(|| {
-                atelier_embed::clip::ClipEncoder::load(dir, &candle_core::Device::Cpu)
-                    .map(Arc::new)
-                    .map_err(|e| e.to_string())
+                let model = atelier_embed::clip::ClipEncoder::load(dir, &candle_core::Device::Cpu)
+                    .map_err(|e| e.to_string())?;
+                // What the encoder reads: its config, weights and tokenizer files.
+                let files: Vec<std::path::PathBuf> = [
+                    "config.json",
+                    "model.safetensors",
+                    "tokenizer.json",
+                    "vocab.json",
+                    "merges.txt",
+                ]
+                .iter()
+                .map(|f| dir.join(f))
+                .filter(|p| p.is_file())
+                .collect();
+                let files: Vec<&std::path::Path> = files.iter().map(|p| p.as_path()).collect();
+                let id = verdicts::model_id(verdicts::CLIP_TAG, &files)
+                    .map_err(|e| format!("reading the CLIP model in {}: {e}", dir.display()))?;
+                Ok(Loaded {
+                    model: Arc::new(model),
+                    id,
+                })
             })
             .clone()
             .map(Some)
             .map_err(|e| JobError::permanent("clip_unavailable", e))
     }
 
-    /// The CLIP score of each decodable image with its chosen caption (in order), in batches;
-    /// all `None` without a CLIP model.
+    /// The CLIP score of each decodable image with its chosen caption (in order): kept scores from
+    /// `atelier_verdicts`, the rest computed in batches and kept; all `None` without a CLIP model.
     async fn clip_scores(
         &self,
         ctx: &JobCtx,
@@ -367,21 +402,35 @@ impl QualityFilter {
                 (!text.is_empty()).then_some((i, text))
             })
             .collect();
-        for (done, chunk) in todo.chunks(32).enumerate() {
-            let mut decoded = Vec::with_capacity(chunk.len());
-            for (i, text) in chunk {
-                let key = atelier_contracts::ArtifactKey::parse(&images[*i].key)
-                    .map_err(|e| JobError::permanent("bad_artifact_key", e.to_string()))?;
-                decoded.push((*i, text.clone(), ctx.store.get_bytes(&key).await?));
+        let kept_kv = ctx.bus.verdicts_kv().await.map_err(kv_err)?;
+        let keys: Vec<String> = todo
+            .iter()
+            .map(|(i, text)| verdicts::clip_key(&clip.id, &images[*i].sha256, text))
+            .collect();
+        let kept: Vec<Option<ModelVerdict>> = kv_get_many(&kept_kv, &keys).await.map_err(kv_err)?;
+        let total = todo.len();
+        let mut missing = Vec::new();
+        for ((i, text), (key, kept)) in todo.into_iter().zip(keys.into_iter().zip(kept)) {
+            match kept {
+                Some(v) => out[i] = Some(v.score),
+                None => missing.push((i, text, key)),
             }
-            let c = clip.clone();
+        }
+        let reused = total - missing.len();
+        for (done, chunk) in missing.chunks(32).enumerate() {
+            let mut decoded = Vec::with_capacity(chunk.len());
+            for (i, text, key) in chunk {
+                let bytes = ctx.store.get_bytes(&artifact_key(&images[*i])?).await?;
+                decoded.push((*i, text.clone(), key.clone(), bytes));
+            }
+            let c = clip.model.clone();
             let scored = tokio::task::spawn_blocking(move || {
                 let mut idx = Vec::new();
                 let mut imgs = Vec::new();
                 let mut texts = Vec::new();
-                for (i, text, bytes) in decoded {
+                for (i, text, key, bytes) in decoded {
                     if let Ok(img) = image::load_from_memory(&bytes) {
-                        idx.push(i);
+                        idx.push((i, key));
                         imgs.push(img);
                         texts.push(text);
                     }
@@ -393,84 +442,158 @@ impl QualityFilter {
             .await
             .map_err(|e| JobError::retryable("panicked", e.to_string()))?
             .map_err(|e| JobError::retryable("compute_failed", e.to_string()))?;
-            for (i, s) in scored {
-                out[i] = Some(s);
+            let mut fresh = Vec::with_capacity(scored.len());
+            for ((i, key), score) in scored {
+                out[i] = Some(score);
+                fresh.push((key, verdict(score, None)));
             }
+            keep(&kept_kv, &fresh).await;
+            let n = ((done + 1) * 32).min(missing.len());
             ctx.progress(
-                0.6 + 0.2 * ((done + 1) * 32).min(todo.len()) as f32 / todo.len().max(1) as f32,
+                0.6 + 0.2 * (reused + n) as f32 / total.max(1) as f32,
                 Some(format!(
-                    "CLIP scores: {} of {}",
-                    ((done + 1) * 32).min(todo.len()),
-                    todo.len()
+                    "CLIP scores: {n} of {} computed, {reused} kept from earlier jobs",
+                    missing.len()
                 )),
             )
             .await;
         }
+        tracing::info!(job = %ctx.id, computed = missing.len(), reused, "CLIP scores");
         Ok(out)
     }
 
-    /// The NSFW detector, loaded once; `None` when not configured.
-    fn detector(&self) -> Result<Option<Arc<nsfw::NsfwDetector>>, JobError> {
+    /// The NSFW detector, loaded once (its model id from the model file); `None` when not
+    /// configured.
+    fn detector(&self) -> Result<Option<Loaded<nsfw::NsfwDetector>>, JobError> {
         let (Some(model), Some(lib)) = (&self.nsfw_model, &self.onnxruntime) else {
             return Ok(None);
         };
         self.detector
-            .get_or_init(|| nsfw::NsfwDetector::load(model, lib).map(Arc::new))
+            .get_or_init(|| {
+                let detector = nsfw::NsfwDetector::load(model, lib)?;
+                let id = verdicts::model_id(verdicts::NSFW_TAG, &[model])
+                    .map_err(|e| format!("reading {}: {e}", model.display()))?;
+                Ok(Loaded {
+                    model: Arc::new(detector),
+                    id,
+                })
+            })
             .clone()
             .map(Some)
             .map_err(|e| JobError::permanent("nsfw_detector_unavailable", e))
     }
 
-    /// The NSFW verdict per image (in order), or all `None` without a detector.
+    /// The NSFW verdict per image (in order): kept verdicts from `atelier_verdicts`, the detector
+    /// on the rest (their verdicts kept); all `None` without a detector.
     async fn nsfw_scores(
         &self,
         ctx: &JobCtx,
         images: &[ImageRecord],
     ) -> Result<Vec<Option<NsfwScore>>, JobError> {
+        let mut out = vec![None; images.len()];
         let Some(detector) = self.detector()? else {
-            return Ok(vec![None; images.len()]);
+            return Ok(out);
         };
-        let mut out = Vec::with_capacity(images.len());
-        for (i, img) in images.iter().enumerate() {
-            if img.flag.is_some() || img.format.is_none() {
-                out.push(None);
-                continue;
-            }
-            let key = atelier_contracts::ArtifactKey::parse(&img.key)
-                .map_err(|e| JobError::permanent("bad_artifact_key", e.to_string()))?;
-            let bytes = ctx.store.get_bytes(&key).await?;
-            let d = detector.clone();
-            let found = tokio::task::spawn_blocking(move || {
-                let decoded = image::load_from_memory(&bytes).map_err(|e| e.to_string())?;
-                d.detect(&decoded)
-            })
-            .await
-            .map_err(|e| JobError::retryable("panicked", e.to_string()))?;
-            out.push(match found {
-                Ok(found) => Some(match nsfw::explicit(&found) {
-                    Some(e) => NsfwScore {
-                        score: e.score,
-                        label: Some(e.label),
-                    },
-                    None => NsfwScore {
-                        score: 0.0,
-                        label: None,
-                    },
-                }),
-                Err(e) => {
-                    tracing::warn!(image = %img.sha256, error = %e, "NSFW detector failed on an image");
-                    None
-                }
-            });
-            if (i + 1) % 64 == 0 {
-                ctx.progress(
-                    0.1 + 0.5 * (i + 1) as f32 / images.len() as f32,
-                    Some(format!("NSFW detector: {} of {}", i + 1, images.len())),
-                )
-                .await;
+        let todo: Vec<usize> = (0..images.len())
+            .filter(|&i| images[i].flag.is_none() && images[i].format.is_some())
+            .collect();
+        let kept_kv = ctx.bus.verdicts_kv().await.map_err(kv_err)?;
+        let keys: Vec<String> = todo
+            .iter()
+            .map(|&i| verdicts::nsfw_key(&detector.id, &images[i].sha256))
+            .collect();
+        let kept: Vec<Option<ModelVerdict>> = kv_get_many(&kept_kv, &keys).await.map_err(kv_err)?;
+        let total = todo.len();
+        let mut missing = Vec::new();
+        for ((i, key), kept) in todo.into_iter().zip(keys).zip(kept) {
+            // A label this build does not know (another detector's classes) is not reused.
+            match kept.and_then(|v| nsfw_score(&v)) {
+                Some(score) => out[i] = Some(score),
+                None => missing.push((i, key)),
             }
         }
+        let reused = total - missing.len();
+        for (done, chunk) in missing.chunks(64).enumerate() {
+            let mut fresh = Vec::with_capacity(chunk.len());
+            for (i, key) in chunk {
+                let img = &images[*i];
+                let bytes = ctx.store.get_bytes(&artifact_key(img)?).await?;
+                let d = detector.model.clone();
+                let found = tokio::task::spawn_blocking(move || {
+                    let decoded = image::load_from_memory(&bytes).map_err(|e| e.to_string())?;
+                    d.detect(&decoded)
+                })
+                .await
+                .map_err(|e| JobError::retryable("panicked", e.to_string()))?;
+                match found {
+                    Ok(found) => {
+                        let score = match nsfw::explicit(&found) {
+                            Some(e) => NsfwScore {
+                                score: e.score,
+                                label: Some(e.label),
+                            },
+                            None => NsfwScore {
+                                score: 0.0,
+                                label: None,
+                            },
+                        };
+                        out[*i] = Some(score);
+                        fresh.push((
+                            key.clone(),
+                            verdict(score.score, score.label.map(str::to_owned)),
+                        ));
+                    }
+                    Err(e) => {
+                        tracing::warn!(image = %img.sha256, error = %e, "NSFW detector failed on an image");
+                    }
+                }
+            }
+            keep(&kept_kv, &fresh).await;
+            let n = ((done + 1) * 64).min(missing.len());
+            ctx.progress(
+                0.1 + 0.5 * (reused + n) as f32 / total.max(1) as f32,
+                Some(format!(
+                    "NSFW detector: {n} of {} run, {reused} verdicts kept from earlier jobs",
+                    missing.len()
+                )),
+            )
+            .await;
+        }
+        tracing::info!(job = %ctx.id, detected = missing.len(), reused, "NSFW verdicts");
         Ok(out)
+    }
+}
+
+fn artifact_key(img: &ImageRecord) -> Result<atelier_contracts::ArtifactKey, JobError> {
+    atelier_contracts::ArtifactKey::parse(&img.key)
+        .map_err(|e| JobError::permanent("bad_artifact_key", e.to_string()))
+}
+
+fn verdict(score: f32, label: Option<String>) -> ModelVerdict {
+    ModelVerdict {
+        schema_version: SCHEMA_VERSION,
+        score,
+        label,
+    }
+}
+
+/// A kept NSFW verdict as this build's detector labels it; `None` for an unknown label.
+fn nsfw_score(v: &ModelVerdict) -> Option<NsfwScore> {
+    let label = match &v.label {
+        Some(l) => Some(*nsfw::LABELS.iter().find(|k| *k == l)?),
+        None => None,
+    };
+    Some(NsfwScore {
+        score: v.score,
+        label,
+    })
+}
+
+/// Keeps fresh verdicts for later jobs; a failure costs only their reuse, so it is logged, not
+/// raised.
+async fn keep(kv: &async_nats::jetstream::kv::Store, fresh: &[(String, ModelVerdict)]) {
+    if let Err(e) = kv_put_many(kv, fresh).await {
+        tracing::warn!(error = %format!("{e:#}"), "could not keep model verdicts; later filter jobs will compute them again");
     }
 }
 
