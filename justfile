@@ -24,9 +24,10 @@ demo: bootstrap build
 test:
     scripts/test
 
-# Benchmarks: bus+store overhead (no-op handler, 1 and 4 replicas); eval-captions beside pycocoevalcap
+# Benchmarks: bus+store overhead (no-op handler, 1 and 4 replicas); reading a KV bucket; eval-captions beside pycocoevalcap
 bench: bootstrap
     cargo bench -p atelier-e2e --bench bus
+    cargo bench -p atelier-e2e --bench kv_scan
     .tools/bin/pip install --quiet --no-deps pycocoevalcap==1.2 && .tools/bin/pip install --quiet numpy
     cargo bench -p atelier-caption-eval --bench eval
 

@@ -212,44 +212,88 @@ impl Bus {
 }
 
 /// Every value of a KV bucket whose key starts with `prefix` (all when empty), decoded as JSON,
-/// with its key; undecodable values are skipped with a warning. Reads `concurrency` keys at a time.
+/// with its key, in key-revision order; undecodable values are skipped with a warning.
+///
+/// One pass of an ordered consumer delivering each key's last value (as `nats kv ls` does for
+/// keys), not a key listing followed by a read per key: a bucket of a million image records is
+/// one stream of messages, not a million round trips. A prefix ending in `.` narrows the
+/// consumer's subject filter on the server; any other prefix is matched here.
 pub async fn kv_values<T: serde::de::DeserializeOwned>(
     store: &kv::Store,
     prefix: &str,
 ) -> anyhow::Result<Vec<(String, T)>> {
-    use futures::{StreamExt as _, TryStreamExt as _};
-    let keys: Vec<String> = match store.keys().await {
-        Ok(k) => k
-            .try_filter(|k| std::future::ready(k.starts_with(prefix)))
-            .try_collect()
-            .await
-            .context("listing KV keys")?,
-        Err(e) => return Err(anyhow::anyhow!("listing KV keys: {e}")),
+    use futures::StreamExt as _;
+    let server_side = prefix.ends_with('.')
+        && prefix[..prefix.len() - 1]
+            .split('.')
+            .all(|t| !t.is_empty() && t != "*" && t != ">");
+    let filter_subject = if server_side {
+        format!("{}{prefix}>", store.prefix)
+    } else {
+        format!("{}>", store.prefix)
     };
-    let values = futures::stream::iter(keys)
-        .map(|k| async move {
-            let v = store
-                .get(&k)
-                .await
-                .with_context(|| format!("reading KV key {k}"))?;
-            anyhow::Ok((k, v))
+    let consumer = store
+        .stream
+        .create_consumer(jetstream::consumer::push::OrderedConfig {
+            // An inbox of our own (the stream does not lend its client); the default prefix,
+            // which every atelier user may subscribe to.
+            deliver_subject: format!("_INBOX.{}", uuid::Uuid::new_v4().simple()),
+            description: Some("atelier kv_values".into()),
+            filter_subject,
+            deliver_policy: jetstream::consumer::DeliverPolicy::LastPerSubject,
+            replay_policy: jetstream::consumer::ReplayPolicy::Instant,
+            ..Default::default()
         })
-        .buffered(32)
-        .try_collect::<Vec<_>>()
-        .await?;
-    Ok(values
-        .into_iter()
-        .filter_map(|(k, v)| {
-            let v = v?;
-            match serde_json::from_slice(&v) {
-                Ok(t) => Some((k, t)),
+        .await
+        .with_context(|| format!("reading KV bucket {}", store.name))?;
+    let mut out = Vec::new();
+    if consumer.cached_info().num_pending == 0 {
+        return Ok(out);
+    }
+    let mut messages = consumer
+        .messages()
+        .await
+        .with_context(|| format!("reading KV bucket {}", store.name))?;
+    // The last message says it is last (`pending` 0); a stream that stops short of it (values
+    // removed while we read) is an error after a quiet spell, not a hang.
+    loop {
+        let next = tokio::time::timeout(Duration::from_secs(30), messages.next())
+            .await
+            .map_err(|_| {
+                anyhow::anyhow!(
+                    "reading KV bucket {}: no value for 30 s before the last one",
+                    store.name
+                )
+            })?;
+        let Some(message) = next else { break };
+        let message = message.with_context(|| format!("reading KV bucket {}", store.name))?;
+        let pending = message
+            .info()
+            .map_err(|e| anyhow::anyhow!("reading KV bucket {}: {e}", store.name))?
+            .pending;
+        let deleted = message
+            .headers
+            .as_ref()
+            .and_then(|h| h.get("KV-Operation"))
+            .is_some_and(|op| op.as_str() == "DEL" || op.as_str() == "PURGE");
+        let key = message
+            .subject
+            .as_str()
+            .strip_prefix(store.prefix.as_str())
+            .unwrap_or_default();
+        if !deleted && key.starts_with(prefix) {
+            match serde_json::from_slice(&message.payload) {
+                Ok(t) => out.push((key.to_owned(), t)),
                 Err(e) => {
-                    tracing::warn!(key = %k, error = %e, "skipping an undecodable KV value");
-                    None
+                    tracing::warn!(key = %key, error = %e, "skipping an undecodable KV value")
                 }
             }
-        })
-        .collect())
+        }
+        if pending == 0 {
+            break;
+        }
+    }
+    Ok(out)
 }
 
 /// The values under `keys` (in order; `None` where a key is absent or its value does not decode),
@@ -319,4 +363,63 @@ pub async fn dataset_images(
         .collect();
     all.sort_by(|a, b| a.sha256.cmp(&b.sha256));
     Ok(all)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::nats_server::{NatsServer, NatsServerOptions};
+
+    #[tokio::test]
+    async fn kv_values_reads_last_values_by_prefix_and_kv_many_round_trips() {
+        let dir = tempfile::tempdir().unwrap();
+        let server = NatsServer::start(NatsServerOptions {
+            store_dir: dir.path().join("js"),
+            port: 0,
+            log_file: dir.path().join("nats.log"),
+            config: None,
+        })
+        .unwrap();
+        let client = async_nats::connect(server.url()).await.unwrap();
+        let js = jetstream::new(client);
+        let store = js
+            .create_key_value(kv::Config {
+                bucket: "t".into(),
+                history: 1,
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        // Empty: returns at once.
+        assert!(kv_values::<u32>(&store, "").await.unwrap().is_empty());
+
+        let items: Vec<(String, u32)> = (0..2500u32)
+            .map(|i| (format!("{}.{i:05}", if i % 2 == 0 { "a" } else { "ab" }), i))
+            .collect();
+        kv_put_many(&store, &items).await.unwrap();
+        // Overwritten, deleted and undecodable values.
+        store.put("a.00000", "7777".into()).await.unwrap();
+        store.delete("a.00002").await.unwrap();
+        store.put("a.00004", "not json".into()).await.unwrap();
+
+        let all: std::collections::BTreeMap<String, u32> =
+            kv_values(&store, "").await.unwrap().into_iter().collect();
+        assert_eq!(all.len(), 2500 - 2);
+        assert_eq!(all["a.00000"], 7777);
+        assert_eq!(all["ab.00001"], 1);
+        assert!(!all.contains_key("a.00002") && !all.contains_key("a.00004"));
+        // "a." is filtered by the server, "a" here: "ab.*" matches only the second.
+        let a: Vec<(String, u32)> = kv_values(&store, "a.").await.unwrap();
+        assert_eq!(a.len(), 1250 - 2);
+        assert!(a.iter().all(|(k, _)| k.starts_with("a.")));
+        let a_or_ab: Vec<(String, u32)> = kv_values(&store, "a").await.unwrap();
+        assert_eq!(a_or_ab.len(), 2500 - 2);
+        assert!(kv_values::<u32>(&store, "zz.").await.unwrap().is_empty());
+
+        let keys: Vec<String> = ["ab.00001", "nope", "a.00002", "a.00004", "a.00006"]
+            .map(String::from)
+            .to_vec();
+        let got: Vec<Option<u32>> = kv_get_many(&store, &keys).await.unwrap();
+        assert_eq!(got, vec![Some(1), None, None, None, Some(6)]);
+    }
 }
