@@ -13,6 +13,7 @@ use atelier_contracts::images::{ImagesIngested, IngestedImage};
 use atelier_contracts::SCHEMA_VERSION;
 use futures::{StreamExt as _, TryStreamExt as _};
 use serde::Serialize;
+use sha2::Digest as _;
 
 use crate::client::Client;
 
@@ -24,11 +25,26 @@ pub struct IngestReport {
     pub files: usize,
     /// Distinct images (the same bytes twice are one image).
     pub images: usize,
+    /// Files whose bytes were sent (the gateway did not have them).
+    pub uploaded: usize,
+    /// Files skipped: their image was already recorded in this dataset under the same path.
+    pub already_recorded: usize,
+    /// Distinct images recorded in the dataset when the wait ended.
     pub recorded: usize,
     /// Files whose bytes are not a usable image, with the reason.
     pub flagged: Vec<(String, String)>,
     /// Files not yet recorded when the wait ended.
     pub pending: Vec<String>,
+}
+
+/// What one file needs.
+enum Step {
+    /// Recorded in this dataset under this path already: nothing to do.
+    Recorded,
+    /// The gateway has the bytes (under this key): announce only.
+    Announce(String),
+    /// Uploaded just now (under this key): announce.
+    Uploaded(String),
 }
 
 /// Image files under `dir`, sorted, by extension.
@@ -69,7 +85,8 @@ pub fn content_type(path: &Path) -> &'static str {
     }
 }
 
-/// Uploads every image under `dir`, announces them for `dataset`, and waits (up to `wait`) until
+/// Uploads every image under `dir` that the gateway does not have, announces them for `dataset`
+/// (skipping files already recorded there under the same path), and waits (up to `wait`) until
 /// the ingest service has recorded each.
 pub async fn ingest_dir(
     client: &Client,
@@ -87,40 +104,80 @@ pub async fn ingest_dir(
             IMAGE_EXTENSIONS.join(", ")
         );
     }
-    let uploaded: Vec<(String, String, String)> = futures::stream::iter(files.iter())
+    // Each file is hashed here and looked up first: bytes the gateway already has are not sent
+    // again, and a file whose image is recorded in this dataset under the same path is skipped,
+    // so running `atelier ingest` again on a grown (or half-ingested) folder costs only what is
+    // new. Announcements go out as soon as a batch is ready, not after the last upload.
+    let mut checked = futures::stream::iter(files.iter())
         .map(|f| async move {
             let bytes = tokio::fs::read(f)
                 .await
                 .with_context(|| format!("reading {}", f.display()))?;
-            let up = client
-                .upload(bytes.into(), content_type(f))
-                .await
-                .with_context(|| format!("uploading {}", f.display()))?;
+            let sha = hex::encode(sha2::Sha256::digest(&bytes));
             let rel = f.strip_prefix(dir).unwrap_or(f).display().to_string();
-            anyhow::Ok((rel, up.artifact.key, up.artifact.sha256))
+            let known = client
+                .image(&sha)
+                .await
+                .with_context(|| format!("looking up {}", f.display()))?;
+            let step = match known {
+                Some(r)
+                    if r.datasets.iter().any(|d| d == dataset)
+                        && r.sources.iter().any(|s| s.source.as_deref() == Some(&rel)) =>
+                {
+                    Step::Recorded
+                }
+                Some(r) => Step::Announce(r.key),
+                None => {
+                    let up = client
+                        .upload(bytes.into(), content_type(f))
+                        .await
+                        .with_context(|| format!("uploading {}", f.display()))?;
+                    Step::Uploaded(up.artifact.key)
+                }
+            };
+            anyhow::Ok((rel, sha, step))
         })
         .buffered(8)
-        .try_collect()
-        .await?;
-    for chunk in uploaded.chunks(crate::datasets::MAX_IMAGES_PER_ANNOUNCE) {
-        let ev = ImagesIngested {
-            schema_version: SCHEMA_VERSION,
-            dataset: Some(dataset.to_owned()),
-            images: chunk
-                .iter()
-                .map(|(rel, key, sha)| IngestedImage {
-                    key: key.clone(),
+        .try_chunks(crate::datasets::MAX_IMAGES_PER_ANNOUNCE);
+    let mut seen: Vec<(String, String)> = Vec::with_capacity(files.len());
+    let (mut uploaded, mut already_recorded) = (0, 0);
+    while let Some(chunk) = checked.try_next().await.map_err(|e| e.1)? {
+        let mut images = Vec::new();
+        for (rel, sha, step) in chunk {
+            let key = match step {
+                Step::Recorded => {
+                    already_recorded += 1;
+                    None
+                }
+                Step::Announce(key) => Some(key),
+                Step::Uploaded(key) => {
+                    uploaded += 1;
+                    Some(key)
+                }
+            };
+            if let Some(key) = key {
+                images.push(IngestedImage {
+                    key,
                     sha256: Some(sha.clone()),
                     source: Some(rel.clone()),
                     license: license.clone(),
                     metadata: Default::default(),
+                });
+            }
+            seen.push((rel, sha));
+        }
+        if !images.is_empty() {
+            client
+                .announce(&ImagesIngested {
+                    schema_version: SCHEMA_VERSION,
+                    dataset: Some(dataset.to_owned()),
+                    images,
                 })
-                .collect(),
-        };
-        client.announce(&ev).await?;
+                .await?;
+        }
     }
     let mut by_sha: BTreeMap<&str, Vec<&str>> = BTreeMap::new();
-    for (rel, _, sha) in &uploaded {
+    for (rel, sha) in &seen {
         by_sha.entry(sha).or_default().push(rel);
     }
     let deadline = Instant::now() + wait;
@@ -157,6 +214,8 @@ pub async fn ingest_dir(
         dataset: dataset.to_owned(),
         files: files.len(),
         images: by_sha.len(),
+        uploaded,
+        already_recorded,
         recorded,
         flagged,
         pending: pending

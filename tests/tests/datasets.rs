@@ -13,6 +13,7 @@ use atelier_contracts::dataset::{
 use atelier_contracts::{JobOutput, JobRecord, JobSpec, JobState};
 use atelier_e2e::*;
 use atelier_gateway::dataset_cli::{export, ingest_dir, rows, ExportFormat};
+use sha2::Digest as _;
 use tokio_util::sync::CancellationToken;
 
 async fn run(c: &Cluster, client: &atelier_gateway::client::Client, spec: JobSpec) -> JobRecord {
@@ -112,6 +113,15 @@ async fn ingest_caption_filter_export_through_the_services() {
     assert_eq!((report.files, report.images, report.recorded), (22, 21, 21));
     assert_eq!(report.flagged.len(), 1, "{:?}", report.flagged);
     assert_eq!(report.flagged[0].0, "broken.png");
+    // Every file's bytes went up (the two copies before either was recorded).
+    assert_eq!((report.uploaded, report.already_recorded), (22, 0));
+    // Again: nothing is sent, every file is already recorded under its path.
+    let again = ingest_dir(&client, dir.path(), "scenes", None, Duration::from_secs(60))
+        .await
+        .unwrap();
+    assert_eq!((again.files, again.images, again.recorded), (22, 21, 21));
+    assert_eq!((again.uploaded, again.already_recorded), (0, 22));
+    assert_eq!(again.flagged, report.flagged);
 
     // Bad input is refused at the gateway, with the reason; an unknown dataset fails the job.
     let err = client
@@ -487,5 +497,37 @@ async fn ingest_caption_filter_export_through_the_services() {
         }
     }
     assert_eq!(v3.counts.rejected, v1.counts.rejected + 1);
+
+    // The folder grows: only the new file goes up; a copy of known bytes under a new name is
+    // announced without being sent.
+    std::fs::write(
+        dir.path().join("scene-new.png"),
+        atelier_ingest::samples::scene_bytes(99, 128, 96, image::ImageFormat::Png),
+    )
+    .unwrap();
+    std::fs::copy(
+        dir.path().join("scene-05.png"),
+        dir.path().join("copy-05.png"),
+    )
+    .unwrap();
+    let grown = ingest_dir(&client, dir.path(), "scenes", None, Duration::from_secs(60))
+        .await
+        .unwrap();
+    assert_eq!((grown.files, grown.images, grown.recorded), (24, 22, 22));
+    assert_eq!((grown.uploaded, grown.already_recorded), (1, 22));
+    let sources = client
+        .image(&hex::encode(sha2::Sha256::digest(
+            std::fs::read(dir.path().join("copy-05.png")).unwrap(),
+        )))
+        .await
+        .unwrap()
+        .unwrap()
+        .sources;
+    assert!(
+        sources
+            .iter()
+            .any(|s| s.source.as_deref() == Some("copy-05.png")),
+        "{sources:?}"
+    );
     shutdown.cancel();
 }
