@@ -114,11 +114,16 @@ pub async fn ingest_dir(
                 .await
                 .with_context(|| format!("reading {}", f.display()))?;
             let sha = hex::encode(sha2::Sha256::digest(&bytes));
-            let rel = f.strip_prefix(dir).unwrap_or(f).display().to_string();
             let known = client
                 .image(&sha)
                 .await
                 .with_context(|| format!("looking up {}", f.display()))?;
+            anyhow::Ok((f, bytes, sha, known))
+        })
+        // Lookups run ahead of the uploads (they are cheaper), uploads 8 at a time.
+        .buffered(16)
+        .map_ok(|(f, bytes, sha, known)| async move {
+            let rel = f.strip_prefix(dir).unwrap_or(f).display().to_string();
             let step = match known {
                 Some(r)
                     if r.datasets.iter().any(|d| d == dataset)
@@ -137,7 +142,7 @@ pub async fn ingest_dir(
             };
             anyhow::Ok((rel, sha, step))
         })
-        .buffered(8)
+        .try_buffered(8)
         .try_chunks(crate::datasets::MAX_IMAGES_PER_ANNOUNCE);
     let mut seen: Vec<(String, String)> = Vec::with_capacity(files.len());
     let (mut uploaded, mut already_recorded) = (0, 0);

@@ -6,7 +6,8 @@
 //! server with zero added latency, 8 requests in flight), filter (checks, policy and the dataset
 //! version written to the store, with NudeNet's NSFW detector on every image unless
 //! `ATELIER_NO_NSFW=1`). Prints images/s per stage and end to end; then times a second filter job
-//! with another policy, which reuses the first job's model verdicts.
+//! with another policy, which reuses the first job's model verdicts, and `atelier ingest` again on
+//! the same folder.
 
 use std::time::{Duration, Instant};
 
@@ -156,6 +157,20 @@ async fn main() {
         panic!("not a version")
     };
     let t_refilter = t3.elapsed();
+
+    // `atelier ingest` again on the same folder: every file hashed and looked up, none sent.
+    let t4 = Instant::now();
+    let again = atelier_gateway::dataset_cli::ingest_dir(
+        &client,
+        &images,
+        "bench",
+        None,
+        Duration::from_secs(600),
+    )
+    .await
+    .expect("ingest");
+    let t_reingest = t4.elapsed();
+    assert_eq!((again.uploaded, again.already_recorded), (0, report.files));
     shutdown.cancel();
     let _ = embedded.wait().await;
 
@@ -174,6 +189,7 @@ async fn main() {
         ("filter → dataset version", t_filter),
         ("end to end", total),
         ("re-filter, another policy (verdicts kept)", t_refilter),
+        ("re-ingest, same folder (nothing sent)", t_reingest),
     ] {
         println!(
             "  {stage:<40} {:>8.2} s  {:>8.0} images/s",
