@@ -87,13 +87,15 @@ pub fn content_type(path: &Path) -> &'static str {
 
 /// Uploads every image under `dir` that the gateway does not have, announces them for `dataset`
 /// (skipping files already recorded there under the same path), and waits (up to `wait`) until
-/// the ingest service has recorded each.
+/// the ingest service has recorded each. With `progress`, a line on stderr per batch of files and
+/// per wait round.
 pub async fn ingest_dir(
     client: &Client,
     dir: &Path,
     dataset: &str,
     license: Option<String>,
     wait: Duration,
+    progress: bool,
 ) -> anyhow::Result<IngestReport> {
     atelier_contracts::dataset::check_dataset_name(dataset).map_err(anyhow::Error::msg)?;
     let files = image_files(dir)?;
@@ -180,6 +182,13 @@ pub async fn ingest_dir(
                 })
                 .await?;
         }
+        if progress {
+            eprintln!(
+                "ingest: {} of {} files checked, {uploaded} uploaded, {already_recorded} already recorded",
+                seen.len(),
+                files.len()
+            );
+        }
     }
     let mut by_sha: BTreeMap<&str, Vec<&str>> = BTreeMap::new();
     for (rel, sha) in &seen {
@@ -212,6 +221,12 @@ pub async fn ingest_dir(
         pending = still;
         if pending.is_empty() || Instant::now() >= deadline {
             break;
+        }
+        if progress {
+            eprintln!(
+                "ingest: {recorded} of {} images recorded, waiting for the ingest service",
+                by_sha.len()
+            );
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }

@@ -507,6 +507,7 @@ async fn datasets(client: &Client, summary: &mut String) -> anyhow::Result<()> {
         "scenes",
         Some("CC0-1.0".into()),
         Duration::from_secs(60),
+        false,
     )
     .await?;
     println!(

@@ -843,6 +843,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 &dataset,
                 license,
                 std::time::Duration::from_secs(wait_secs),
+                true,
             )
             .await?;
             print_json(&report)?;

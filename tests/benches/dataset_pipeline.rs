@@ -96,6 +96,7 @@ async fn main() {
         "bench",
         None,
         Duration::from_secs(600),
+        false,
     )
     .await
     .expect("ingest");
@@ -166,6 +167,7 @@ async fn main() {
         "bench",
         None,
         Duration::from_secs(600),
+        false,
     )
     .await
     .expect("ingest");

@@ -107,18 +107,32 @@ async fn ingest_caption_filter_export_through_the_services() {
     std::fs::copy(dir.path().join("scene-03.png"), dir.path().join("dup.png")).unwrap();
     let whole = atelier_ingest::samples::scene_bytes(77, 128, 96, image::ImageFormat::Png);
     std::fs::write(dir.path().join("broken.png"), &whole[..whole.len() / 3]).unwrap();
-    let report = ingest_dir(&client, dir.path(), "scenes", None, Duration::from_secs(60))
-        .await
-        .unwrap();
+    let report = ingest_dir(
+        &client,
+        dir.path(),
+        "scenes",
+        None,
+        Duration::from_secs(60),
+        false,
+    )
+    .await
+    .unwrap();
     assert_eq!((report.files, report.images, report.recorded), (22, 21, 21));
     assert_eq!(report.flagged.len(), 1, "{:?}", report.flagged);
     assert_eq!(report.flagged[0].0, "broken.png");
     // Every file's bytes went up (the two copies before either was recorded).
     assert_eq!((report.uploaded, report.already_recorded), (22, 0));
     // Again: nothing is sent, every file is already recorded under its path.
-    let again = ingest_dir(&client, dir.path(), "scenes", None, Duration::from_secs(60))
-        .await
-        .unwrap();
+    let again = ingest_dir(
+        &client,
+        dir.path(),
+        "scenes",
+        None,
+        Duration::from_secs(60),
+        false,
+    )
+    .await
+    .unwrap();
     assert_eq!((again.files, again.images, again.recorded), (22, 21, 21));
     assert_eq!((again.uploaded, again.already_recorded), (0, 22));
     assert_eq!(again.flagged, report.flagged);
@@ -510,9 +524,16 @@ async fn ingest_caption_filter_export_through_the_services() {
         dir.path().join("copy-05.png"),
     )
     .unwrap();
-    let grown = ingest_dir(&client, dir.path(), "scenes", None, Duration::from_secs(60))
-        .await
-        .unwrap();
+    let grown = ingest_dir(
+        &client,
+        dir.path(),
+        "scenes",
+        None,
+        Duration::from_secs(60),
+        false,
+    )
+    .await
+    .unwrap();
     assert_eq!((grown.files, grown.images, grown.recorded), (24, 22, 22));
     assert_eq!((grown.uploaded, grown.already_recorded), (1, 22));
     let sources = client
