@@ -173,11 +173,18 @@ impl Captioner {
     ) -> Result<Tally, JobError> {
         let mut tally = Tally::default();
         let mut pending = Vec::new();
-        for rec in usable {
-            match captions.get(format!("{}.{sid}", rec.sha256)).await {
-                Ok(Some(_)) => tally.already += 1,
-                Ok(None) => pending.push(rec),
-                Err(e) => return Err(JobError::retryable("kv_unavailable", e.to_string())),
+        let keys: Vec<String> = usable
+            .iter()
+            .map(|rec| format!("{}.{sid}", rec.sha256))
+            .collect();
+        let have: Vec<Option<serde::de::IgnoredAny>> =
+            atelier_kit::bus::kv_get_many(captions, &keys)
+                .await
+                .map_err(|e| JobError::retryable("kv_unavailable", format!("{e:#}")))?;
+        for (rec, have) in usable.into_iter().zip(have) {
+            match have {
+                Some(_) => tally.already += 1,
+                None => pending.push(rec),
             }
         }
         if pending.is_empty() {
