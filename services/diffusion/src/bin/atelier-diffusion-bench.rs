@@ -142,11 +142,26 @@ fn main() -> anyhow::Result<()> {
         Some(other) => anyhow::bail!("--dtype f32|f16|bf16 (got {other})"),
     };
     let dev_name = if device.is_cpu() { "cpu" } else { "cuda" };
-    let sets = value("--kernel-sets")
+    // `ATELIER_KERNELS` bounds every variant: a kernel it leaves out (say, one that crashed a
+    // check run) is left out of each set, and sets that become the same run once.
+    let allowed = kernels::from_env().map_err(anyhow::Error::msg)?;
+    let mut sets: Vec<(String, Vec<kernels::Kernel>)> = Vec::new();
+    for name in value("--kernel-sets")
         .unwrap_or_else(|| "candle,group_norm,cudnn,all".into())
         .split(',')
-        .map(kernel_set)
-        .collect::<anyhow::Result<Vec<_>>>()?;
+    {
+        let (label, ks) = kernel_set(name)?;
+        let (kept, left): (Vec<_>, Vec<_>) = ks.into_iter().partition(|k| allowed.contains(k));
+        let label = if left.is_empty() {
+            label.to_owned()
+        } else {
+            let left: Vec<&str> = left.iter().map(|k| k.name()).collect();
+            format!("{label} (ATELIER_KERNELS leaves out {})", left.join(", "))
+        };
+        if !sets.iter().any(|(_, ks)| *ks == kept) {
+            sets.push((label, kept));
+        }
+    }
     let profiling = flag("--profile");
 
     if flag("--check") && !device.is_cpu() {
@@ -327,7 +342,7 @@ fn main() -> anyhow::Result<()> {
                     }
                 }
             }
-            kernels::set_enabled(true);
+            kernels::set_only(&allowed);
             if family == Family::Sd1 {
                 let z = Tensor::randn(0f32, 1.0, (1, 4, side, side), &device)?;
                 let mut base: Option<Tensor> = None;
@@ -381,7 +396,7 @@ fn main() -> anyhow::Result<()> {
                     }
                 }
                 candle_core::cuda::set_gemm_reduced_precision_f32(false);
-                kernels::set_enabled(true);
+                kernels::set_only(&allowed);
             }
         }
     }
