@@ -39,8 +39,9 @@ pub struct IngestReport {
 
 /// What one file needs.
 enum Step {
-    /// Recorded in this dataset under this path already: nothing to do.
-    Recorded,
+    /// Recorded in this dataset under this path already (with the record's flag): nothing to
+    /// do, and nothing to wait for.
+    Recorded(Option<String>),
     /// The gateway has the bytes (under this key): announce only.
     Announce(String),
     /// Uploaded just now (under this key): announce.
@@ -131,7 +132,7 @@ pub async fn ingest_dir(
                     if r.datasets.iter().any(|d| d == dataset)
                         && r.sources.iter().any(|s| s.source.as_deref() == Some(&rel)) =>
                 {
-                    Step::Recorded
+                    Step::Recorded(r.flag)
                 }
                 Some(r) => Step::Announce(r.key),
                 None => {
@@ -148,12 +149,15 @@ pub async fn ingest_dir(
         .try_chunks(crate::datasets::MAX_IMAGES_PER_ANNOUNCE);
     let mut seen: Vec<(String, String)> = Vec::with_capacity(files.len());
     let (mut uploaded, mut already_recorded) = (0, 0);
+    // Images the lookups found recorded in this dataset (sha256 → flag): not polled again.
+    let mut in_dataset: BTreeMap<String, Option<String>> = BTreeMap::new();
     while let Some(chunk) = checked.try_next().await.map_err(|e| e.1)? {
         let mut images = Vec::new();
         for (rel, sha, step) in chunk {
             let key = match step {
-                Step::Recorded => {
+                Step::Recorded(flag) => {
                     already_recorded += 1;
+                    in_dataset.insert(sha.clone(), flag);
                     None
                 }
                 Step::Announce(key) => Some(key),
@@ -195,9 +199,20 @@ pub async fn ingest_dir(
         by_sha.entry(sha).or_default().push(rel);
     }
     let deadline = Instant::now() + wait;
-    let mut pending: Vec<&str> = by_sha.keys().copied().collect();
     let mut flagged = Vec::new();
-    let mut recorded = 0;
+    for (sha, flag) in &in_dataset {
+        if let Some(flag) = flag {
+            for rel in &by_sha[sha.as_str()] {
+                flagged.push(((*rel).to_owned(), flag.clone()));
+            }
+        }
+    }
+    let mut recorded = in_dataset.len();
+    let mut pending: Vec<&str> = by_sha
+        .keys()
+        .copied()
+        .filter(|sha| !in_dataset.contains_key(*sha))
+        .collect();
     loop {
         let mut still = Vec::new();
         let seen: Vec<_> = futures::stream::iter(pending)
