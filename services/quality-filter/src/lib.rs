@@ -403,14 +403,16 @@ impl QualityFilter {
             })
             .collect();
         let kept_kv = ctx.bus.verdicts_kv().await.map_err(kv_err)?;
-        let keys: Vec<String> = todo
-            .iter()
-            .map(|(i, text)| verdicts::clip_key(&clip.id, &images[*i].sha256, text))
-            .collect();
-        let kept: Vec<Option<ModelVerdict>> = kv_get_many(&kept_kv, &keys).await.map_err(kv_err)?;
         let total = todo.len();
+        let keyed = todo
+            .into_iter()
+            .map(|(i, text)| {
+                let key = verdicts::clip_key(&clip.id, &images[i].sha256, &text);
+                (key, (i, text))
+            })
+            .collect();
         let mut missing = Vec::new();
-        for ((i, text), (key, kept)) in todo.into_iter().zip(keys.into_iter().zip(kept)) {
+        for (key, (i, text), kept) in read_kept(&kept_kv, keyed).await? {
             match kept {
                 Some(v) => out[i] = Some(v.score),
                 None => missing.push((i, text, key)),
@@ -498,14 +500,13 @@ impl QualityFilter {
             .filter(|&i| images[i].flag.is_none() && images[i].format.is_some())
             .collect();
         let kept_kv = ctx.bus.verdicts_kv().await.map_err(kv_err)?;
-        let keys: Vec<String> = todo
-            .iter()
-            .map(|&i| verdicts::nsfw_key(&detector.id, &images[i].sha256))
-            .collect();
-        let kept: Vec<Option<ModelVerdict>> = kv_get_many(&kept_kv, &keys).await.map_err(kv_err)?;
         let total = todo.len();
+        let keyed = todo
+            .into_iter()
+            .map(|i| (verdicts::nsfw_key(&detector.id, &images[i].sha256), i))
+            .collect();
         let mut missing = Vec::new();
-        for ((i, key), kept) in todo.into_iter().zip(keys).zip(kept) {
+        for (key, i, kept) in read_kept(&kept_kv, keyed).await? {
             // A label this build does not know (another detector's classes) is not reused.
             match kept.and_then(|v| nsfw_score(&v)) {
                 Some(score) => out[i] = Some(score),
@@ -575,6 +576,20 @@ fn verdict(score: f32, label: Option<String>) -> ModelVerdict {
         score,
         label,
     }
+}
+
+/// Each item with the verdict kept under its key, if any.
+async fn read_kept<T>(
+    kv: &async_nats::jetstream::kv::Store,
+    keyed: Vec<(String, T)>,
+) -> Result<Vec<(String, T, Option<ModelVerdict>)>, JobError> {
+    let keys: Vec<String> = keyed.iter().map(|(k, _)| k.clone()).collect();
+    let kept: Vec<Option<ModelVerdict>> = kv_get_many(kv, &keys).await.map_err(kv_err)?;
+    Ok(keyed
+        .into_iter()
+        .zip(kept)
+        .map(|((key, item), kept)| (key, item, kept))
+        .collect())
 }
 
 /// A kept NSFW verdict as this build's detector labels it; `None` for an unknown label.
