@@ -4,6 +4,7 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
+use crate::dataset::DatasetManifest;
 use crate::JobSpec;
 
 /// `POST /v1/jobs` body.
@@ -27,4 +28,16 @@ pub struct UploadResponse {
     pub artifact: crate::ArtifactRef,
     /// False when the same bytes were already stored (nothing was written).
     pub created: bool,
+}
+
+/// Images per `POST /v1/images` (one bus message each, under NATS's 1 MB payload limit).
+pub const MAX_IMAGES_PER_ANNOUNCE: usize = 1000;
+
+/// One dataset in `GET /v1/datasets`.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct DatasetSummary {
+    pub dataset: String,
+    /// Version numbers, oldest first.
+    pub versions: Vec<u32>,
+    pub latest: DatasetManifest,
 }

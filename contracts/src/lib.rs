@@ -17,6 +17,7 @@ pub mod http;
 pub mod images;
 pub mod jobs;
 pub mod retrieval;
+pub mod samplers;
 pub mod schema;
 pub mod subjects;
 pub mod train;

@@ -8,8 +8,8 @@ use std::path::PathBuf;
 use std::sync::{Mutex, RwLock};
 use std::time::{Duration, Instant};
 
+use atelier_contracts::samplers::SamplerKind;
 use atelier_contracts::{GenerateKind, GenerateSpec, JobId, JobOutput, JobRecord, JobState};
-use atelier_diffusion::schedulers::SamplerKind;
 use axum::body::Body;
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
@@ -39,16 +39,13 @@ impl A1111State {
         }
     }
 
-    fn registry(&self) -> Option<atelier_sampler::Registry> {
-        self.models.as_ref().map(atelier_sampler::Registry::new)
+    fn registry(&self) -> Option<atelier_registry::Registry> {
+        self.models.as_ref().map(atelier_registry::Registry::new)
     }
 
     /// The local registry's checkpoints, then the object store's (`models/`) whose names the
     /// registry does not have; a store that cannot be listed adds nothing (and is logged).
-    async fn checkpoints(
-        &self,
-        store: &atelier_kit::Store,
-    ) -> Vec<atelier_sampler::registry::Entry> {
+    async fn checkpoints(&self, store: &atelier_kit::Store) -> Vec<atelier_registry::Entry> {
         let mut out: Vec<_> = self
             .registry()
             .map(|r| {
@@ -58,7 +55,7 @@ impl A1111State {
                     .collect()
             })
             .unwrap_or_default();
-        match atelier_sampler::store_models::list(store).await {
+        match atelier_registry::store::list(store).await {
             Ok(listed) => {
                 for e in listed.into_iter().filter(|e| e.kind.is_checkpoint()) {
                     if !out.iter().any(|l| l.name == e.name) {

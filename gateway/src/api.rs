@@ -309,7 +309,7 @@ pub(crate) fn validate(spec: &JobSpec) -> Result<(), ApiError> {
                 samplers.push(("dreambooth.class_sampler", &db.class_sampler));
             }
             for (field, name) in samplers {
-                if atelier_diffusion::schedulers::SamplerKind::parse(name).is_none() {
+                if atelier_contracts::samplers::SamplerKind::parse(name).is_none() {
                     return Err(ApiError::unprocessable(
                         "unknown_sampler",
                         format!("spec.{field}: unknown sampler {name:?}"),
@@ -344,8 +344,8 @@ pub fn validate_generate(
 ) -> Result<(), ApiError> {
     g.check(kind)
         .map_err(|e| ApiError::unprocessable("invalid_job", format!("spec: {e}")))?;
-    if atelier_diffusion::schedulers::SamplerKind::parse(&g.sampler).is_none() {
-        let known: Vec<&str> = atelier_diffusion::schedulers::SamplerKind::ALL
+    if atelier_contracts::samplers::SamplerKind::parse(&g.sampler).is_none() {
+        let known: Vec<&str> = atelier_contracts::samplers::SamplerKind::ALL
             .iter()
             .map(|k| k.name())
             .collect();

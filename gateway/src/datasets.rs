@@ -7,6 +7,7 @@
 use std::collections::BTreeMap;
 
 use atelier_contracts::dataset::{check_dataset_name, DatasetManifest};
+use atelier_contracts::http::{DatasetSummary, MAX_IMAGES_PER_ANNOUNCE};
 use atelier_contracts::images::ImagesIngested;
 use atelier_contracts::{subjects, ArtifactKey, SCHEMA_VERSION};
 use axum::extract::{Path, State};
@@ -18,9 +19,6 @@ use utoipa::ToSchema;
 use crate::api::AppState;
 use crate::auth::{Caller, Scope};
 use crate::error::ApiError;
-
-/// Images per `POST /v1/images` (one bus message each, under NATS's 1 MB payload limit).
-pub const MAX_IMAGES_PER_ANNOUNCE: usize = 1000;
 
 #[derive(Debug, Serialize, Deserialize, ToSchema)]
 pub struct Announced {
@@ -82,14 +80,6 @@ pub async fn announce(
             announced: ev.images.len(),
         }),
     ))
-}
-
-#[derive(Debug, Serialize, Deserialize, ToSchema)]
-pub struct DatasetSummary {
-    pub dataset: String,
-    /// Version numbers, oldest first.
-    pub versions: Vec<u32>,
-    pub latest: DatasetManifest,
 }
 
 async fn manifests(app: &AppState, prefix: &str) -> Result<Vec<DatasetManifest>, ApiError> {

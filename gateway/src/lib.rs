@@ -1,25 +1,20 @@
-//! atelier's gateway: the HTTP API ([`api`]), its auth ([`auth`]), the embedded all-in-one mode
-//! ([`embedded`], `atelier up`), the demo pipeline ([`demo`], `atelier demo`) and an HTTP client
-//! ([`client`]) for the CLI. The binary `atelier` (src/main.rs) is thin glue over these.
+//! atelier's HTTP gateway: the API ([`api`], with the dataset, retrieval, training, augmentation
+//! and AUTOMATIC1111-compatible routes in their own modules), its auth and limits ([`auth`]), and
+//! [`Gateway`], the one way to start it — called by the `atelier-gateway` binary (src/main.rs),
+//! by `atelier gateway` and by `atelier up`.
 //!
 //! Architecture invariant: the gateway never runs a job itself. It validates, records the job as
-//! queued, and publishes it; services pick it up from the bus. In embedded mode the services run in
-//! the same process, through exactly the code they run as separate processes.
+//! queued, and publishes it; services pick it up from the bus. It links no ML engine and no
+//! service crate (the test `gateway_links_no_engine_and_no_service` reads `cargo metadata`).
 
 pub mod a1111;
 pub mod api;
 pub mod augment;
 pub mod auth;
-pub mod client;
-pub mod dataset_cli;
 pub mod datasets;
-pub mod demo;
-pub mod embedded;
 pub mod error;
 pub mod retrieval;
-pub mod search_cli;
 pub mod train;
-pub mod train_cli;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -130,4 +125,45 @@ pub async fn serve(
     });
     tracing::info!(%addr, "gateway listening");
     Ok((addr, task))
+}
+
+/// The gateway on its own (cluster mode): its flags, the bus and store it uses, and the model
+/// registry the A1111 routes list. `atelier-gateway` and `atelier gateway` both run this.
+#[derive(clap::Args, Debug, Clone)]
+pub struct Gateway {
+    #[command(flatten)]
+    pub gateway: GatewayArgs,
+    #[command(flatten)]
+    pub nats: atelier_kit::config::NatsArgs,
+    #[command(flatten)]
+    pub store: atelier_kit::config::StoreArgs,
+    #[command(flatten)]
+    pub telemetry: atelier_kit::config::TelemetryArgs,
+    /// The model registry the A1111 routes list and check (a shared volume in a cluster).
+    #[arg(long = "models", env = "ATELIER_MODELS")]
+    pub models: Option<std::path::PathBuf>,
+}
+
+impl Gateway {
+    /// Connects, serves until SIGINT/SIGTERM, then drains.
+    pub async fn run(self) -> anyhow::Result<()> {
+        atelier_kit::telemetry::init_tracing(&self.telemetry);
+        let shutdown = atelier_kit::shutdown::on_signals();
+        let bus = atelier_kit::Bus::connect(&self.nats, "atelier-gateway").await?;
+        bus.ensure_topology().await?;
+        let store = atelier_kit::Store::open(&self.store)?;
+        let app = api::AppState::new(
+            bus.clone(),
+            store,
+            Default::default(),
+            self.gateway.limits(),
+            shutdown.clone(),
+        )
+        .await?
+        .with_models(self.models);
+        let (_, task) = serve(&self.gateway, app, shutdown).await?;
+        task.await??;
+        let _ = bus.client.flush().await;
+        Ok(())
+    }
 }

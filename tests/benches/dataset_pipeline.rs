@@ -11,10 +11,10 @@
 
 use std::time::{Duration, Instant};
 
+use atelier_cli::embedded::{Embedded, UpArgs};
+use atelier_client::Client;
 use atelier_contracts::dataset::{CaptionBackend, CaptionSpec, FilterSpec};
 use atelier_contracts::{JobOutput, JobSpec, JobState};
-use atelier_gateway::client::Client;
-use atelier_gateway::embedded::{Embedded, UpArgs};
 use atelier_kit::config::{NatsArgs, StoreArgs, TelemetryArgs, WorkerArgs};
 use tokio_util::sync::CancellationToken;
 
@@ -69,7 +69,7 @@ async fn main() {
             health_addr: "127.0.0.1:0".parse().expect("addr"),
         },
         worker,
-        models: atelier_sampler::GeneratorArgs {
+        models: atelier_sampler::Config {
             models: tmp.path().join("models"),
             model_cache: 1,
             model_cache_mb: 0,
@@ -90,7 +90,7 @@ async fn main() {
     let client = Client::new(&format!("http://{}", embedded.addr), Some(key)).expect("client");
 
     let t0 = Instant::now();
-    let report = atelier_gateway::dataset_cli::ingest_dir(
+    let report = atelier_cli::ingest::ingest_dir(
         &client,
         &images,
         "bench",
@@ -161,7 +161,7 @@ async fn main() {
 
     // `atelier ingest` again on the same folder: every file hashed and looked up, none sent.
     let t4 = Instant::now();
-    let again = atelier_gateway::dataset_cli::ingest_dir(
+    let again = atelier_cli::ingest::ingest_dir(
         &client,
         &images,
         "bench",

@@ -36,18 +36,10 @@ pub fn repo_root() -> PathBuf {
         .to_path_buf()
 }
 
-/// The shared reference data: `$ATELIER_SHARED_DIR`, else `shared/` beside the checkout (where
-/// CI and sessions have it).
-pub fn shared_dir() -> PathBuf {
-    let dir = std::env::var_os("ATELIER_SHARED_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| repo_root().join("../shared"));
-    assert!(
-        dir.join("conformance").is_dir(),
-        "{} has no conformance/: put shared/ beside the checkout or set ATELIER_SHARED_DIR",
-        dir.display()
-    );
-    dir
+/// The repository's copy of the reference data (`tests/conformance/`, refreshed from
+/// `../shared/conformance` by `scripts/sync-conformance`).
+pub fn conformance_dir() -> PathBuf {
+    repo_root().join("tests/conformance")
 }
 
 /// A tool from `.tools/bin` (installed by `scripts/bootstrap`).
@@ -563,15 +555,12 @@ impl Cluster {
     }
 
     /// Runs the gateway without auth in this process and returns a client for it.
-    pub async fn open_gateway(
-        &self,
-        shutdown: &CancellationToken,
-    ) -> atelier_gateway::client::Client {
+    pub async fn open_gateway(&self, shutdown: &CancellationToken) -> atelier_client::Client {
         let base = self
             .gateway(vec![], Default::default(), shutdown.clone())
             .await
             .expect("gateway starts");
-        atelier_gateway::client::Client::new(&base, None).expect("client")
+        atelier_client::Client::new(&base, None).expect("client")
     }
 
     /// Waits until every job is terminal; returns the records.
@@ -771,7 +760,7 @@ pub async fn write_version(
 }
 
 pub fn bytes_of(seed: u64, len: usize) -> bytes::Bytes {
-    atelier_gateway::demo::sample_bytes(seed, len).into()
+    atelier_cli::demo::sample_bytes(seed, len).into()
 }
 
 pub fn all_succeeded(records: &[JobRecord]) -> bool {

@@ -6,11 +6,11 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
+use atelier_client::Client;
 use atelier_contracts::augment::{CaptionChange, NegativeKind, Paraphrase};
 use atelier_contracts::dataset::{Decision, Tier};
 use atelier_contracts::{AugmentSpec, DatasetRow, IndexSpec, JobState};
 use atelier_e2e::*;
-use atelier_gateway::client::Client;
 use tokio_util::sync::CancellationToken;
 
 const ROWS: &[(u64, &str, Tier, &str)] = &[
@@ -132,7 +132,7 @@ async fn augment_variants_paraphrases_negatives_and_bad_input() {
         "captions": {"paraphrase": "rules", "hard_negatives": {"neighbours": 2}},
         "note": "two variants"
     }));
-    let out = atelier_gateway::augment::run(&client, &s).await.unwrap();
+    let out = atelier_cli::augment::run(&client, &s).await.unwrap();
     assert_eq!((out.parent, out.version), (1, 2));
     assert_eq!(out.augmented_rows, 5, "{out:?}");
     assert_eq!(out.variants, 10, "{:?}", out.skipped);
@@ -249,16 +249,14 @@ async fn augment_variants_paraphrases_negatives_and_bad_input() {
     assert!(rejected.negatives.is_empty() && rejected.augmentation.is_none());
 
     // The same spec again: the same rows, so the same content-addressed data file.
-    let again = atelier_gateway::augment::run(&client, &s).await.unwrap();
+    let again = atelier_cli::augment::run(&client, &s).await.unwrap();
     assert_eq!(again.version, 3);
     let m3 = client.dataset_version("aug", Some(3)).await.unwrap();
     assert_eq!(m3.data.key, manifest.data.key, "same spec, same bytes");
     // Another seed: other variants.
     let mut other = s.clone();
     other.seed = "s2".into();
-    let o = atelier_gateway::augment::run(&client, &other)
-        .await
-        .unwrap();
+    let o = atelier_cli::augment::run(&client, &other).await.unwrap();
     let m4 = client
         .dataset_version("aug", Some(o.version))
         .await
@@ -267,7 +265,7 @@ async fn augment_variants_paraphrases_negatives_and_bad_input() {
 
     // Caption-only augmentation through the OpenAI-compatible endpoint: paraphrases on the
     // original rows, no new images.
-    let p = atelier_gateway::augment::run(
+    let p = atelier_cli::augment::run(
         &client,
         &spec(serde_json::json!({
             "dataset": "aug", "version": 1, "captions": {"paraphrase": "openai"},
@@ -302,14 +300,14 @@ async fn augment_variants_paraphrases_negatives_and_bad_input() {
     );
 
     // A curated version (rows of the indexed version) augments with neighbours too.
-    let cur = atelier_gateway::search_cli::curate(
+    let cur = atelier_cli::search::curate(
         &client,
         &serde_json::from_value(serde_json::json!({"dataset": "aug", "version": 1, "limit": 3}))
             .unwrap(),
     )
     .await
     .unwrap();
-    let n = atelier_gateway::augment::run(
+    let n = atelier_cli::augment::run(
         &client,
         &spec(serde_json::json!({
             "dataset": "aug", "captions": {"hard_negatives": {"edits": [], "neighbours": 1}}
@@ -321,7 +319,7 @@ async fn augment_variants_paraphrases_negatives_and_bad_input() {
     assert_eq!(n.negatives, 3, "{n:?}");
     // Variants are not in the index (it holds version 1): they get no neighbours, and the
     // output says so and what to run.
-    let v = atelier_gateway::augment::run(
+    let v = atelier_cli::augment::run(
         &client,
         &spec(serde_json::json!({
             "dataset": "aug", "version": 2,

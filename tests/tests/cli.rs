@@ -15,7 +15,7 @@ fn atelier(args: &[&str]) -> (bool, String, String) {
 
 #[test]
 fn conformance_captions_replays_the_shared_pycocoevalcap_file() {
-    let file = shared_dir().join("conformance/captions/pycocoevalcap-1.2.json");
+    let file = conformance_dir().join("captions/pycocoevalcap-1.2.json");
     let (ok, stdout, stderr) =
         atelier(&["conformance", "captions", "--cases", file.to_str().unwrap()]);
     assert!(ok, "{stdout}{stderr}");
@@ -27,7 +27,7 @@ fn conformance_captions_replays_the_shared_pycocoevalcap_file() {
 
 #[test]
 fn conformance_fails_loudly_on_a_wrong_reference() {
-    let file = shared_dir().join("conformance/captions/pycocoevalcap-1.2.json");
+    let file = conformance_dir().join("captions/pycocoevalcap-1.2.json");
     let mut doc: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(file).unwrap()).unwrap();
     doc["corpus"]["CIDEr"] = serde_json::json!(9.99);
@@ -44,7 +44,7 @@ fn conformance_fails_loudly_on_a_wrong_reference() {
 
 #[test]
 fn conformance_prompts_replays_the_shared_a1111_cases() {
-    let file = shared_dir().join("conformance/prompts/a1111-prompt-parser.json");
+    let file = conformance_dir().join("prompts/a1111-prompt-parser.json");
     let (ok, stdout, stderr) =
         atelier(&["conformance", "prompts", "--cases", file.to_str().unwrap()]);
     assert!(ok, "{stdout}{stderr}");
@@ -79,7 +79,7 @@ fn prompt_parse_prints_attention_and_schedule() {
 
 #[test]
 fn conformance_schedulers_replays_the_shared_diffusers_traces() {
-    let dir = shared_dir().join("conformance/schedulers");
+    let dir = conformance_dir().join("schedulers");
     let (ok, stdout, stderr) = atelier(&[
         "conformance",
         "schedulers",
@@ -95,7 +95,7 @@ fn conformance_schedulers_replays_the_shared_diffusers_traces() {
 
 #[test]
 fn conformance_schedulers_fails_on_a_diverging_trace_and_explains_a_bad_dir() {
-    let file = shared_dir().join("conformance/schedulers/diffusers-0.42.1.json");
+    let file = conformance_dir().join("schedulers/diffusers-0.42.1.json");
     let mut doc: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(file).unwrap()).unwrap();
     let traces = doc["traces"].as_array_mut().unwrap();

@@ -7,16 +7,17 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use atelier_captioner::vision_server::{Faults, ServerConfig, VisionServer};
+use atelier_cli::export::{export, rows, ExportFormat};
+use atelier_cli::ingest::ingest_dir;
 use atelier_contracts::dataset::{
     CaptionBackend, CaptionRecord, CaptionSpec, Decision, FilterSpec, ModelVerdict, SplitSpec, Tier,
 };
 use atelier_contracts::{JobOutput, JobRecord, JobSpec, JobState};
 use atelier_e2e::*;
-use atelier_gateway::dataset_cli::{export, ingest_dir, rows, ExportFormat};
 use sha2::Digest as _;
 use tokio_util::sync::CancellationToken;
 
-async fn run(c: &Cluster, client: &atelier_gateway::client::Client, spec: JobSpec) -> JobRecord {
+async fn run(c: &Cluster, client: &atelier_client::Client, spec: JobSpec) -> JobRecord {
     let rec = client.submit(&spec).await.unwrap();
     c.wait_terminal(&[rec.id], Duration::from_secs(120))
         .await

@@ -3,9 +3,9 @@
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use atelier_client::Client;
 use atelier_contracts::{ChecksumSpec, JobSpec, JobState};
 use atelier_e2e::*;
-use atelier_gateway::client::Client;
 use atelier_kit::nats_server::{die_with_parent, free_port};
 
 fn up(data_dir: &std::path::Path, port: u16, log: &str) -> Child {

@@ -644,7 +644,7 @@ async fn checkpoints_published_to_the_store_are_fetched_and_listed() {
         .gateway(vec![entry], Default::default(), shutdown.clone())
         .await
         .unwrap();
-    let client = atelier_gateway::client::Client::new(&base, Some(key.clone())).unwrap();
+    let client = atelier_client::Client::new(&base, Some(key.clone())).unwrap();
     let run = |model: &str| {
         let (client, c) = (&client, &c);
         let mut s = spec(model);

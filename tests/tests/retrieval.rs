@@ -5,10 +5,10 @@
 
 use std::time::Duration;
 
+use atelier_client::Client;
 use atelier_contracts::dataset::{Decision, Tier};
 use atelier_contracts::{CurateSpec, IndexSpec, JobOutput, JobState, SearchResponse, Space};
 use atelier_e2e::*;
-use atelier_gateway::client::Client;
 use tokio_util::sync::CancellationToken;
 
 /// (scene seed, caption, tier, tag). Seeds 3 and 103 are the same scene as PNG and JPEG.
@@ -432,15 +432,11 @@ async fn index_search_reindex_restart_and_curate() {
         "note": "dogs outdoors"
     }))
     .unwrap();
-    let out = atelier_gateway::search_cli::curate(&client, &spec)
-        .await
-        .unwrap();
+    let out = atelier_cli::search::curate(&client, &spec).await.unwrap();
     assert_eq!((out.parent, out.version), (2, Some(3)));
     let m = client.dataset_version("things", Some(3)).await.unwrap();
     assert_eq!(m.parent, Some(2));
-    let got = atelier_gateway::dataset_cli::rows(&client, &m)
-        .await
-        .unwrap();
+    let got = atelier_cli::export::rows(&client, &m).await.unwrap();
     let mut caps: Vec<&str> = got.iter().filter_map(|r| r.caption.as_deref()).collect();
     caps.sort();
     assert_eq!(
@@ -454,9 +450,7 @@ async fn index_search_reindex_restart_and_curate() {
     assert_eq!(cur.spec, spec);
     assert!(cur.graphs.contains_key(&Space::Caption));
     // The same spec on the same version: the same rows (the content-addressed data file).
-    let again = atelier_gateway::search_cli::curate(&client, &spec)
-        .await
-        .unwrap();
+    let again = atelier_cli::search::curate(&client, &spec).await.unwrap();
     let m4 = client
         .dataset_version("things", again.version)
         .await
@@ -469,9 +463,7 @@ async fn index_search_reindex_restart_and_curate() {
         "dedup": {"space": "caption", "threshold": 0.99}
     }))
     .unwrap();
-    let out = atelier_gateway::search_cli::curate(&client, &spec)
-        .await
-        .unwrap();
+    let out = atelier_cli::search::curate(&client, &spec).await.unwrap();
     assert_eq!(out.duplicates_removed, 2, "{out:?}");
     assert_eq!(
         out.counts.rows,
@@ -483,18 +475,14 @@ async fn index_search_reindex_restart_and_curate() {
     }))
     .unwrap();
     assert!(
-        atelier_gateway::search_cli::curate(&client, &spec)
-            .await
-            .is_err(),
+        atelier_cli::search::curate(&client, &spec).await.is_err(),
         "no row has both tags"
     );
     let spec: CurateSpec = serde_json::from_value(serde_json::json!({
         "dataset": "things", "version": 2, "limit": 4, "seed": "s"
     }))
     .unwrap();
-    let out = atelier_gateway::search_cli::curate(&client, &spec)
-        .await
-        .unwrap();
+    let out = atelier_cli::search::curate(&client, &spec).await.unwrap();
     assert_eq!(out.counts.rows, 4);
 
     // Nothing matched: a 422 that says so, and no version written.
@@ -503,7 +491,7 @@ async fn index_search_reindex_restart_and_curate() {
         "dataset": "things", "keywords": {"all": ["submarine"]}
     }))
     .unwrap();
-    let err = atelier_gateway::search_cli::curate(&client, &spec)
+    let err = atelier_cli::search::curate(&client, &spec)
         .await
         .unwrap_err()
         .to_string();
@@ -526,7 +514,7 @@ async fn index_search_reindex_restart_and_curate() {
     assert!(resp.text().await.unwrap().contains("keywrods"));
     let spec: CurateSpec =
         serde_json::from_value(serde_json::json!({"dataset": "ghost", "limit": 1})).unwrap();
-    let err = atelier_gateway::search_cli::curate(&client, &spec)
+    let err = atelier_cli::search::curate(&client, &spec)
         .await
         .unwrap_err()
         .to_string();

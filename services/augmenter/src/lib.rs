@@ -14,7 +14,6 @@ use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
 
-use atelier_captioner::openai;
 use atelier_contracts::augment::{
     Augmentation, CaptionChange, FlipDirection, HardNegative, NegativeKind, OutputFormat,
     Paraphrase, Paraphrased, Step,
@@ -27,6 +26,7 @@ use atelier_contracts::{
 };
 use atelier_kit::store::StoreError;
 use atelier_kit::{Handler, JobCtx, JobError};
+use atelier_openai as openai;
 use futures::{StreamExt, TryStreamExt};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;

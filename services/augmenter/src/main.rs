@@ -15,13 +15,13 @@ struct Args {
     kit: atelier_kit::config::ServiceArgs,
     /// The OpenAI-compatible endpoint for `openai` paraphrases (the captioner's settings).
     #[command(flatten)]
-    openai: atelier_captioner::OpenAiArgs,
+    openai: atelier_openai::OpenAiArgs,
 }
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    let client = atelier_captioner::openai::Client::new(args.openai)?;
+    let client = atelier_openai::Client::new(args.openai)?;
     let augmenter = atelier_augmenter::Augmenter {
         openai: Some(Arc::new(client)),
     };

@@ -10,8 +10,6 @@
 //! whose every request failed is retried as a whole (the endpoint is down).
 
 pub mod blip;
-pub mod budget;
-pub mod openai;
 pub mod scene;
 pub mod vision_server;
 
@@ -28,7 +26,8 @@ use atelier_kit::{Handler, JobCtx, JobError};
 use futures::StreamExt as _;
 use sha2::{Digest, Sha256};
 
-pub use openai::{Client, OpenAiArgs};
+pub use atelier_openai as openai;
+pub use atelier_openai::{Client, OpenAiArgs};
 
 /// The 16-hex-digit id of a (backend, model, prompt) triple: part of the caption's KV key.
 pub fn source_id(source: &CaptionSource) -> String {

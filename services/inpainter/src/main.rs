@@ -12,11 +12,11 @@ struct Args {
     #[command(flatten)]
     kit: atelier_kit::config::ServiceArgs,
     #[command(flatten)]
-    gen: atelier_inpainter::GeneratorArgs,
+    config: atelier_inpainter::Config,
 }
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    atelier_kit::service::run_service(atelier_inpainter::generator(&args.gen)?, args.kit).await
+    atelier_kit::service::run_service(atelier_inpainter::build(&args.config)?, args.kit).await
 }

@@ -12,12 +12,11 @@ struct Args {
     #[command(flatten)]
     kit: atelier_kit::config::ServiceArgs,
     #[command(flatten)]
-    gen: atelier_sampler::GeneratorArgs,
+    config: atelier_sampler::Config,
 }
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    let generator = args.gen.generator(atelier_contracts::Service::Sampler)?;
-    atelier_kit::service::run_service(generator, args.kit).await
+    atelier_kit::service::run_service(atelier_sampler::build(&args.config)?, args.kit).await
 }

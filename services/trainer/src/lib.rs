@@ -30,7 +30,7 @@ use atelier_contracts::{
 use atelier_diffusion::pipeline::StableDiffusion;
 use atelier_kit::jobstate::JobStates;
 use atelier_kit::{Handler, JobCtx, JobError};
-use atelier_sampler::Registry;
+use atelier_registry::Registry;
 use candle_core::{DType, Device};
 use futures::StreamExt as _;
 use sha2::{Digest, Sha256};
@@ -577,7 +577,7 @@ pub struct TrainerArgs {
 
 impl TrainerArgs {
     pub fn trainer(&self) -> anyhow::Result<Trainer> {
-        let (device, dtype) = atelier_sampler::device(&self.device)?;
+        let (device, dtype) = atelier_diffusion::kernels::device_named(&self.device)?;
         Ok(Trainer::new(
             Registry::new(&self.models),
             device,

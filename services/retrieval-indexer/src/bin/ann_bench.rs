@@ -40,7 +40,7 @@ struct Args {
     /// A Python with faiss-cpu and numpy (default: .tools/bin/python when it has faiss).
     #[arg(long)]
     python: Option<PathBuf>,
-    /// The caption conformance file (default: ../shared/conformance/captions/pycocoevalcap-1.2.json).
+    /// The caption conformance file (default: tests/conformance/captions/pycocoevalcap-1.2.json).
     #[arg(long)]
     captions: Option<PathBuf>,
     /// Only this dataset (`random` or `captions`).
@@ -191,9 +191,10 @@ fn main() -> anyhow::Result<()> {
     let anchor = Path::new(env!("CARGO_MANIFEST_DIR")).join("benches/faiss_anchor.py");
     let mut sets = Vec::new();
     if a.only.as_deref().is_none_or(|o| o == "captions") {
-        let path = a.captions.clone().unwrap_or_else(|| {
-            PathBuf::from("../shared/conformance/captions/pycocoevalcap-1.2.json")
-        });
+        let path = a
+            .captions
+            .clone()
+            .unwrap_or_else(|| PathBuf::from("tests/conformance/captions/pycocoevalcap-1.2.json"));
         sets.push(captions_data(&path)?);
     }
     if a.only.as_deref().is_none_or(|o| o == "random") {

@@ -1,0 +1,571 @@
+//! Generation jobs on the diffusion engine, shared by the sampler service (txt2img) and the
+//! inpainter service (img2img, inpaint): each runs a [`Generator`] on its own work queue, so GPU
+//! workers for either scale on their own.
+//!
+//! Each job: validate, resolve the model in the [`Registry`] (kept in an LRU cache of loaded
+//! models), apply any `<lora:name:weight>` of the prompt at run time, sample on a blocking thread
+//! with a progress event per step and cancellation between steps, and store the PNGs (with A1111's
+//! `parameters`) content-addressed. A job without a seed gets one derived from its id, so a
+//! redelivered job repeats the same images.
+
+pub mod batch;
+pub mod detect;
+
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+
+use atelier_contracts::{
+    GenerateKind, GenerateSpec, GeneratedImage, ImagesOutput, JobOutput, JobSpec, Service,
+};
+use atelier_diffusion::lora::{LoraFile, LoraMode};
+use atelier_diffusion::pipeline::{Init, Mask, PipelineError, StableDiffusion, Txt2Img};
+use atelier_diffusion::schedulers::SamplerKind;
+use atelier_kit::{Handler, JobCtx, JobError};
+use candle_core::{DType, Device};
+use sha2::{Digest, Sha256};
+
+pub use atelier_registry::Registry;
+use atelier_registry::{check_name, store as store_models};
+
+/// A loaded model and where it came from.
+type Cached = (PathBuf, Arc<StableDiffusion>);
+
+/// PNGs with their seeds, the parameters text, the model hash.
+pub type Rendered = (Vec<(Vec<u8>, u64)>, String, String);
+
+/// A LoRA to apply: its file, weight and name (for the parameters' hashes).
+pub type Lora = (PathBuf, f64, String);
+
+/// Runs generation jobs for one service (sampler or inpainter).
+#[derive(Clone)]
+pub struct Generator {
+    service: Service,
+    registry: Registry,
+    device: Device,
+    dtype: DType,
+    cache: Arc<Mutex<Vec<Cached>>>,
+    cache_size: usize,
+    /// Bytes of weights the cache may hold (0: no byte limit); the model in use always stays.
+    cache_bytes: u64,
+    /// Groups compatible txt2img jobs into shared UNet batches (off with a zero window).
+    batcher: Arc<batch::Batcher>,
+}
+
+impl Generator {
+    pub fn new(
+        service: Service,
+        registry: Registry,
+        device: Device,
+        dtype: DType,
+        cache_size: usize,
+    ) -> Self {
+        Self {
+            service,
+            registry,
+            device,
+            dtype,
+            cache: Arc::default(),
+            cache_size: cache_size.max(1),
+            cache_bytes: 0,
+            batcher: Arc::new(batch::Batcher::new(std::time::Duration::ZERO, 1)),
+        }
+    }
+
+    /// Stack compatible txt2img jobs arriving within `window` of each other, at most `max` jobs
+    /// per batch (a zero window or `max` 1: every job alone).
+    pub fn with_batching(mut self, window: std::time::Duration, max: usize) -> Self {
+        self.batcher = Arc::new(batch::Batcher::new(window, max));
+        self
+    }
+
+    /// Keep at most `bytes` of model weights loaded (least recently used evicted first).
+    pub fn with_cache_budget(mut self, bytes: u64) -> Self {
+        self.cache_bytes = bytes;
+        self
+    }
+
+    /// The loaded models, least recently used first, with their weight bytes.
+    pub fn cached(&self) -> Vec<(PathBuf, u64)> {
+        self.cache
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .map(|(p, m)| (p.clone(), m.weight_bytes()))
+            .collect()
+    }
+
+    /// A loaded model, from the cache (most recently used last) or freshly loaded.
+    fn model(&self, path: &PathBuf) -> Result<Arc<StableDiffusion>, JobError> {
+        {
+            let mut c = self.cache.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some(i) = c.iter().position(|(p, _)| p == path) {
+                let e = c.remove(i);
+                let m = e.1.clone();
+                c.push(e);
+                return Ok(m);
+            }
+        }
+        let m = Arc::new(
+            StableDiffusion::load(path, &self.device, self.dtype)
+                .map_err(|e| JobError::permanent("model_load_failed", e.to_string()))?,
+        );
+        let mut c = self.cache.lock().unwrap_or_else(|p| p.into_inner());
+        c.push((path.clone(), m.clone()));
+        let total = |c: &Vec<Cached>| c.iter().map(|(_, m)| m.weight_bytes()).sum::<u64>();
+        while c.len() > self.cache_size
+            || (self.cache_bytes > 0 && c.len() > 1 && total(&c) > self.cache_bytes)
+        {
+            let (evicted, _) = c.remove(0);
+            tracing::info!(model = %evicted.display(), "evicted from the model cache");
+        }
+        Ok(m)
+    }
+
+    /// One job on its own: sampling on a blocking thread, progress (and previews) relayed.
+    async fn run_alone(
+        &self,
+        ctx: &JobCtx,
+        path: PathBuf,
+        (embeddings, loras): (Vec<PathBuf>, Vec<Lora>),
+        init: Option<Init>,
+        req: Txt2Img,
+        preview_every: usize,
+    ) -> Result<Rendered, JobError> {
+        let this = self.clone();
+        let cancel = ctx.cancellation().clone();
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(usize, usize)>();
+        let (ptx, mut prx) = tokio::sync::mpsc::unbounded_channel::<(usize, Vec<u8>)>();
+        let mut last_total = req.steps;
+        let work = tokio::task::spawn_blocking(move || -> Result<Rendered, JobError> {
+            let model = this.prepared(&path, &embeddings, &loras)?;
+            let on_step = |done: usize, total: usize| {
+                let _ = tx.send((done, total));
+                !cancel.is_cancelled()
+            };
+            let images = if preview_every > 0 {
+                let mut send = |step: usize, img: image::RgbImage| {
+                    let mut png = Vec::new();
+                    if image::DynamicImage::ImageRgb8(img)
+                        .write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png)
+                        .is_ok()
+                    {
+                        let _ = ptx.send((step, png));
+                    }
+                };
+                model.generate_with_previews(&req, init.as_ref(), on_step, preview_every, &mut send)
+            } else {
+                match &init {
+                    None => model.txt2img(&req, on_step),
+                    Some(init) => model.img2img(&req, init, on_step),
+                }
+            }
+            .map_err(pipeline_err)?;
+            let params = images
+                .first()
+                .map(|i| i.parameters.clone())
+                .unwrap_or_default();
+            let pngs = images
+                .iter()
+                .map(|i| i.png().map(|b| (b, i.seed)))
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(pipeline_err)?;
+            Ok((pngs, params, model.hash.clone()))
+        });
+        tokio::pin!(work);
+        let result = loop {
+            tokio::select! {
+                r = &mut work => break r,
+                Some((done, total)) = rx.recv() => {
+                    last_total = total;
+                    ctx.progress(done as f32 / total.max(1) as f32, Some(format!("step {done}/{total}"))).await;
+                }
+                Some((step, png)) = prx.recv() => {
+                    // A preview that cannot be stored is skipped; the job goes on.
+                    if let Ok((r, _)) = ctx.store.put_bytes(png.into(), "image/png").await {
+                        let total = last_total.max(1);
+                        ctx.progress_with_preview(
+                            step as f32 / total as f32,
+                            Some(format!("step {step}/{total} (preview)")),
+                            Some(r.key),
+                        )
+                        .await;
+                    }
+                }
+            }
+        };
+        result.map_err(|e| JobError::retryable("worker_panicked", e.to_string()))?
+    }
+
+    /// The model at `path` with the job's embeddings and LoRAs (applied at run time).
+    fn prepared(
+        &self,
+        path: &PathBuf,
+        embeddings: &[PathBuf],
+        loras: &[Lora],
+    ) -> Result<StableDiffusion, JobError> {
+        let base = self.model(path)?;
+        let mut model = (*base).clone();
+        if !embeddings.is_empty() {
+            let loaded = embeddings
+                .iter()
+                .map(|p| atelier_diffusion::conditioning::Embedding::load(p))
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| JobError::permanent("bad_embedding", e))?;
+            model = model.with_embeddings(loaded);
+        }
+        for (p, w, name) in loras {
+            let bytes = std::fs::read(p)
+                .map_err(|e| JobError::retryable("local_disk", format!("{}: {e}", p.display())))?;
+            let file = LoraFile::from_bytes(&bytes)
+                .map_err(|e| JobError::permanent("bad_lora", format!("{}: {e}", p.display())))?;
+            let (hash, _) = atelier_diffusion::lora::file_hashes(&bytes);
+            model = model
+                .with_lora(&file, *w, LoraMode::Runtime)
+                .map_err(pipeline_err)?
+                .0
+                .with_lora_hash(name, &hash[..12]);
+        }
+        Ok(model)
+    }
+
+    async fn image(ctx: &JobCtx, key: &str, what: &str) -> Result<image::DynamicImage, JobError> {
+        let k = atelier_contracts::ArtifactKey::parse(key)
+            .map_err(|e| JobError::permanent("bad_artifact_key", format!("{what} {key:?}: {e}")))?;
+        let bytes = ctx.store.get_bytes(&k).await?;
+        image::load_from_memory(&bytes).map_err(|e| {
+            JobError::permanent(
+                "bad_image",
+                format!("{what} {key}: not a readable image: {e}"),
+            )
+        })
+    }
+}
+
+/// Where checkpoints from the object store are copied: `ATELIER_STORE_MODELS_DIR`, else
+/// `atelier-models` in the temporary folder.
+pub fn model_cache() -> PathBuf {
+    std::env::var_os("ATELIER_STORE_MODELS_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| std::env::temp_dir().join("atelier-models"))
+}
+
+/// Checkpoint `name` from the object store (`models/NAME.safetensors` or `models/NAME/`),
+/// copied into the local cache; `local` is why the registry folder did not have it.
+async fn store_checkpoint(ctx: &JobCtx, name: &str, local: &str) -> Result<PathBuf, JobError> {
+    use store_models::FetchError;
+    match store_models::fetch_checkpoint(&ctx.store, name, &model_cache()).await {
+        Ok(Some(p)) => Ok(p),
+        Ok(None) => Err(JobError::permanent(
+            "unknown_model",
+            format!("{local}; nor models/{name}.safetensors or models/{name}/ in the object store"),
+        )),
+        Err(FetchError::Store(e)) => Err(e.into()),
+        Err(FetchError::Disk(m)) => Err(JobError::retryable("local_disk", m)),
+        Err(e) => Err(JobError::permanent("unknown_model", e.to_string())),
+    }
+}
+
+/// A LoRA the trainer published to the object store (`loras/NAME.safetensors`), copied to a
+/// local file named by its content hash (so a re-published name is never served stale).
+async fn store_lora(ctx: &JobCtx, name: &str) -> Result<Option<PathBuf>, JobError> {
+    check_name(name).map_err(|e| JobError::permanent("unknown_lora", e))?;
+    let Ok(key) = atelier_contracts::ArtifactKey::parse(&format!("loras/{name}.safetensors"))
+    else {
+        return Ok(None);
+    };
+    let bytes = match ctx.store.get_bytes(&key).await {
+        Ok(b) => b,
+        Err(atelier_kit::store::StoreError::NotFound(_)) => return Ok(None),
+        Err(e) => return Err(e.into()),
+    };
+    let dir = std::env::temp_dir().join("atelier-loras");
+    let path = dir.join(format!("{}.safetensors", hex_sha256(&bytes)));
+    if !path.exists() {
+        let io = |e: std::io::Error| {
+            JobError::retryable("local_disk", format!("{}: {e}", dir.display()))
+        };
+        std::fs::create_dir_all(&dir).map_err(io)?;
+        let tmp = path.with_extension(format!("tmp{}", std::process::id()));
+        std::fs::write(&tmp, &bytes).map_err(io)?;
+        std::fs::rename(&tmp, &path).map_err(io)?;
+    }
+    Ok(Some(path))
+}
+
+/// Textual-inversion embeddings under `embeddings/` in the object store whose name occurs in
+/// `text`, fetched into a local cache (by content, under their own file name, which is the
+/// token name).
+async fn store_embeddings(ctx: &JobCtx, text: &str) -> Result<Vec<PathBuf>, JobError> {
+    let listed = match ctx.store.list("embeddings").await {
+        Ok(l) => l,
+        Err(e) if e.is_transient() => return Err(e.into()),
+        // A store without the prefix (or that cannot list it) has no embeddings.
+        Err(_) => return Ok(Vec::new()),
+    };
+    let mut out = Vec::new();
+    for meta in listed {
+        let file = meta.location.filename().unwrap_or_default().to_owned();
+        let Some((stem, ext)) = file.rsplit_once('.') else {
+            continue;
+        };
+        if !(ext == "safetensors" || ext == "pt")
+            || check_name(stem).is_err()
+            || !text.contains(stem)
+        {
+            continue;
+        }
+        let Ok(key) = atelier_contracts::ArtifactKey::parse(meta.location.as_ref()) else {
+            continue;
+        };
+        let bytes = ctx.store.get_bytes(&key).await?;
+        let dir = std::env::temp_dir()
+            .join("atelier-embeddings")
+            .join(&hex_sha256(&bytes)[..16]);
+        let path = dir.join(&file);
+        if !path.exists() {
+            let io = |e: std::io::Error| {
+                JobError::retryable("local_disk", format!("{}: {e}", dir.display()))
+            };
+            std::fs::create_dir_all(&dir).map_err(io)?;
+            let tmp = dir.join(format!(".{file}.tmp{}", std::process::id()));
+            std::fs::write(&tmp, &bytes).map_err(io)?;
+            std::fs::rename(&tmp, &path).map_err(io)?;
+        }
+        out.push(path);
+    }
+    out.sort();
+    Ok(out)
+}
+
+fn hex_sha256(b: &[u8]) -> String {
+    Sha256::digest(b)
+        .iter()
+        .map(|x| format!("{x:02x}"))
+        .collect()
+}
+
+fn seed_for(ctx: &JobCtx) -> u64 {
+    let h = Sha256::digest(ctx.id.to_string().as_bytes());
+    u32::from_le_bytes([h[0], h[1], h[2], h[3]]) as u64
+}
+
+fn pipeline_err(e: PipelineError) -> JobError {
+    match e {
+        PipelineError::BadRequest(m) => JobError::permanent("invalid_job", m),
+        PipelineError::Model { .. } => JobError::permanent("model_load_failed", e.to_string()),
+        PipelineError::Cancelled => JobError::permanent("cancelled", "cancelled between steps"),
+        PipelineError::Compute(m) => JobError::retryable("compute_failed", m),
+    }
+}
+
+impl Handler for Generator {
+    fn service(&self) -> Service {
+        self.service
+    }
+
+    async fn handle(&self, ctx: &JobCtx, spec: JobSpec) -> Result<JobOutput, JobError> {
+        let (kind, g): (GenerateKind, GenerateSpec) = match (self.service, spec) {
+            (Service::Sampler, JobSpec::Txt2img(g)) => (GenerateKind::Txt2Img, g),
+            (Service::Inpainter, JobSpec::Img2img(g)) => (GenerateKind::Img2Img, g),
+            (Service::Inpainter, JobSpec::Inpaint(g)) => (GenerateKind::Inpaint, g),
+            (s, other) => {
+                return Err(JobError::permanent(
+                    "wrong_service",
+                    format!(
+                        "the {} service does not run {} jobs",
+                        s.name(),
+                        other.kind()
+                    ),
+                ))
+            }
+        };
+        g.check(kind)
+            .map_err(|e| JobError::permanent("invalid_job", e))?;
+        let sampler = SamplerKind::parse(&g.sampler).ok_or_else(|| {
+            JobError::permanent(
+                "unknown_sampler",
+                format!("unknown sampler {:?}", g.sampler),
+            )
+        })?;
+        let path = match self.registry.checkpoint(&g.model) {
+            Ok(p) => p,
+            Err(local) => store_checkpoint(ctx, &g.model, &local).await?,
+        };
+        let (_, tags) = atelier_diffusion::prompt::extract_extra_networks(&g.prompt)
+            .map_err(|e| JobError::permanent("invalid_job", e))?;
+        let mut loras = Vec::new();
+        for t in tags.iter().filter(|t| t.kind == "lora" || t.kind == "lyco") {
+            let p = match self.registry.lora(&t.name) {
+                Ok(p) => p,
+                Err(local) => match store_lora(ctx, &t.name).await? {
+                    Some(p) => p,
+                    None => {
+                        return Err(JobError::permanent(
+                            "unknown_lora",
+                            format!("{local}, nor loras/{}.safetensors in the object store (where the trainer publishes)", t.name),
+                        ))
+                    }
+                },
+            };
+            loras.push((p, t.weight, t.name.clone()));
+        }
+        let text = format!("{} {}", g.prompt, g.negative_prompt);
+        let mut embeddings = self.registry.embeddings_in(&text);
+        // Embeddings published to the object store (`embeddings/NAME.safetensors|.pt`) count
+        // too; a local file of the same name wins.
+        for p in store_embeddings(ctx, &text).await? {
+            if !embeddings.iter().any(|l| l.file_name() == p.file_name()) {
+                embeddings.push(p);
+            }
+        }
+        let init = match &g.init_image {
+            None => None,
+            Some(key) => {
+                let image = Self::image(ctx, key, "init_image").await?.to_rgb8();
+                let mask = match &g.mask {
+                    None => None,
+                    Some(mk) => Some(Mask {
+                        image: Self::image(ctx, mk, "mask").await?.to_luma8(),
+                        blur: g.mask_blur,
+                        invert: g.mask_invert,
+                    }),
+                };
+                let init = Init {
+                    image,
+                    strength: g.strength,
+                    mask,
+                };
+                init.validate()
+                    .map_err(|e| JobError::permanent("invalid_job", e))?;
+                Some(init)
+            }
+        };
+        let req = Txt2Img {
+            prompt: g.prompt.clone(),
+            negative_prompt: g.negative_prompt.clone(),
+            steps: g.steps as usize,
+            cfg_scale: g.cfg_scale,
+            seed: g.seed.unwrap_or_else(|| seed_for(ctx)),
+            width: g.width as usize,
+            height: g.height as usize,
+            batch_size: g.batch_size as usize,
+            sampler,
+            clip_skip: g.clip_skip as usize,
+        };
+        req.validate()
+            .map_err(|e| JobError::permanent("invalid_job", e))?;
+        ctx.progress(0.0, Some(format!("loading {}", g.model)))
+            .await;
+
+        let preview_every = g.preview_every as usize;
+        let batchable = kind == GenerateKind::Txt2Img
+            && init.is_none()
+            && preview_every == 0
+            && self.batcher.enabled();
+        let (pngs, parameters, model_hash, batch_jobs) = if batchable {
+            let key = batch::GroupKey::new(&path, &loras, &embeddings, &req);
+            let (r, n) = self.batcher.run(self, ctx, key, req).await?;
+            (r.0, r.1, r.2, n)
+        } else {
+            let r = self
+                .run_alone(ctx, path, (embeddings, loras), init, req, preview_every)
+                .await?;
+            (r.0, r.1, r.2, 1)
+        };
+        let mut images = Vec::with_capacity(pngs.len());
+        for (png, seed) in pngs {
+            let (image, _) = ctx.store.put_bytes(png.into(), "image/png").await?;
+            images.push(GeneratedImage { image, seed });
+        }
+        Ok(JobOutput::Images(ImagesOutput {
+            images,
+            parameters,
+            model_hash,
+            batch_jobs: (batch_jobs > 1).then_some(batch_jobs as u32),
+        }))
+    }
+}
+
+/// The sampler/inpainter process's own options.
+#[derive(Debug, Clone, clap::Args)]
+pub struct GeneratorArgs {
+    /// The model registry: diffusers folders and `.safetensors` checkpoints; LoRAs in `loras/`.
+    #[arg(long, env = "ATELIER_MODELS", default_value = "models")]
+    pub models: PathBuf,
+    /// Loaded models kept in memory.
+    #[arg(long, env = "ATELIER_MODEL_CACHE", default_value_t = 2)]
+    pub model_cache: usize,
+    /// Memory budget of the model cache in MiB of weights (0: only --model-cache counts).
+    #[arg(long, env = "ATELIER_MODEL_CACHE_MB", default_value_t = 0)]
+    pub model_cache_mb: u64,
+    /// `cpu`, or `cuda` (GPU 0; f16 UNet) in a build with the `cuda` feature.
+    #[arg(long, env = "ATELIER_DEVICE", default_value = "cpu")]
+    pub device: String,
+    /// Stack compatible txt2img jobs (same model, LoRAs, size, steps, sampler, CFG, clip skip)
+    /// that arrive within this many milliseconds into one UNet batch (0: off). A batched job's
+    /// PNG may differ from its solo run by float rounding; leave it off where byte-identical
+    /// reruns matter.
+    #[arg(long, env = "ATELIER_BATCH_WINDOW_MS", default_value_t = 0)]
+    pub batch_window_ms: u64,
+    /// Most jobs in one batch (the worker's --concurrency bounds it too).
+    #[arg(long, env = "ATELIER_MAX_BATCH", default_value_t = 8)]
+    pub max_batch: usize,
+}
+
+impl GeneratorArgs {
+    /// The generator for `service`; an unusable `--device` is an error naming the fix.
+    pub fn generator(&self, service: Service) -> anyhow::Result<Generator> {
+        let (device, dtype) = atelier_diffusion::kernels::device_named(&self.device)?;
+        Ok(Generator::new(
+            service,
+            Registry::new(&self.models),
+            device,
+            dtype,
+            self.model_cache,
+        )
+        .with_cache_budget(self.model_cache_mb * 1024 * 1024)
+        .with_batching(
+            std::time::Duration::from_millis(self.batch_window_ms),
+            self.max_batch,
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_cache_keeps_within_its_memory_budget() {
+        let dir = tempfile::tempdir().unwrap();
+        for (name, seed) in [("a", 1), ("b", 2), ("c", 3)] {
+            atelier_diffusion::pipeline::make_tiny(
+                &dir.path().join(name),
+                atelier_diffusion::pipeline::Family::Sd1,
+                seed,
+            )
+            .unwrap();
+        }
+        let reg = Registry::new(dir.path());
+        let g = Generator::new(Service::Sampler, reg.clone(), Device::Cpu, DType::F32, 8);
+        let a = g.model(&reg.checkpoint("a").unwrap()).unwrap();
+        let one = a.weight_bytes();
+        assert!(one > 10_000, "a tiny model weighs {one} bytes");
+        // Room for two: loading a third evicts the least recently used.
+        let g = g.with_cache_budget(2 * one + one / 2);
+        g.model(&reg.checkpoint("b").unwrap()).unwrap();
+        g.model(&reg.checkpoint("a").unwrap()).unwrap(); // a is now the most recent
+        g.model(&reg.checkpoint("c").unwrap()).unwrap();
+        let names: Vec<String> = g
+            .cached()
+            .iter()
+            .map(|(p, _)| p.file_name().unwrap().to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(names, vec!["a", "c"]);
+        assert!(g.cached().iter().map(|(_, b)| b).sum::<u64>() <= 2 * one + one / 2);
+        // A budget below one model still keeps the one in use.
+        let small = g.with_cache_budget(1);
+        small.model(&reg.checkpoint("b").unwrap()).unwrap();
+        assert_eq!(small.cached().len(), 1);
+    }
+}

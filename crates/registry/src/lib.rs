@@ -1,0 +1,176 @@
+//! The model registry: a folder (`ATELIER_MODELS`) of checkpoints (diffusers folders or
+//! single-file `.safetensors`), LoRA files under `loras/` and textual-inversion embeddings under
+//! `embeddings/`. The object store's `models/`, `loras/` and `embeddings/` are the second source
+//! ([`store`]); a local entry wins over a store entry of the same name.
+//!
+//! Names and files only: what a file holds (family, LoRA rank) is read by the diffusion engine's
+//! `inspect`, so the gateway can list models without linking the engine.
+
+pub mod store;
+
+use std::path::{Path, PathBuf};
+
+use serde::Serialize;
+
+/// What a registry entry is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum EntryKind {
+    DiffusersFolder,
+    SingleFile,
+    Lora,
+    Embedding,
+}
+
+impl EntryKind {
+    pub fn is_checkpoint(self) -> bool {
+        matches!(self, EntryKind::DiffusersFolder | EntryKind::SingleFile)
+    }
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Entry {
+    pub name: String,
+    pub kind: EntryKind,
+    pub path: PathBuf,
+}
+
+#[derive(Debug, Clone)]
+pub struct Registry {
+    pub dir: PathBuf,
+}
+
+/// A registry name: a plain file or folder name, nothing that walks out of the folder.
+pub fn check_name(name: &str) -> Result<(), String> {
+    if name.is_empty()
+        || name.len() > 200
+        || name.contains(['/', '\\', '\0'])
+        || name == "."
+        || name == ".."
+    {
+        return Err(format!(
+            "{name:?} is not a model name (a file or folder name in the registry)"
+        ));
+    }
+    Ok(())
+}
+
+impl Registry {
+    pub fn new(dir: impl Into<PathBuf>) -> Self {
+        Self { dir: dir.into() }
+    }
+
+    /// Every checkpoint, LoRA and embedding, sorted by name.
+    pub fn list(&self) -> Vec<Entry> {
+        let mut out = Vec::new();
+        let scan = |dir: &Path, lora: bool, out: &mut Vec<Entry>| {
+            let Ok(rd) = std::fs::read_dir(dir) else {
+                return;
+            };
+            for e in rd.flatten() {
+                let p = e.path();
+                let name = e.file_name().to_string_lossy().into_owned();
+                if p.is_dir() && !lora && p.join("model_index.json").exists() {
+                    out.push(Entry {
+                        name,
+                        kind: EntryKind::DiffusersFolder,
+                        path: p,
+                    });
+                } else if p.extension().is_some_and(|x| x == "safetensors") {
+                    let stem = p
+                        .file_stem()
+                        .map(|s| s.to_string_lossy().into_owned())
+                        .unwrap_or(name);
+                    let kind = if lora {
+                        EntryKind::Lora
+                    } else {
+                        EntryKind::SingleFile
+                    };
+                    out.push(Entry {
+                        name: stem,
+                        kind,
+                        path: p,
+                    });
+                }
+            }
+        };
+        scan(&self.dir, false, &mut out);
+        scan(&self.dir.join("loras"), true, &mut out);
+        if let Ok(rd) = std::fs::read_dir(self.dir.join("embeddings")) {
+            for p in rd.flatten().map(|e| e.path()) {
+                if p.extension()
+                    .is_some_and(|x| x == "safetensors" || x == "pt")
+                {
+                    if let Some(stem) = p.file_stem() {
+                        out.push(Entry {
+                            name: stem.to_string_lossy().into_owned(),
+                            kind: EntryKind::Embedding,
+                            path: p,
+                        });
+                    }
+                }
+            }
+        }
+        out.sort_by(|a, b| a.name.cmp(&b.name));
+        out
+    }
+
+    /// The path of checkpoint `name` (folder, `name.safetensors`, or `name` itself).
+    pub fn checkpoint(&self, name: &str) -> Result<PathBuf, String> {
+        check_name(name)?;
+        let folder = self.dir.join(name);
+        if folder.join("model_index.json").exists() {
+            return Ok(folder);
+        }
+        for p in [
+            self.dir.join(format!("{name}.safetensors")),
+            self.dir.join(name),
+        ] {
+            if p.is_file() {
+                return Ok(p);
+            }
+        }
+        let known: Vec<String> = self
+            .list()
+            .into_iter()
+            .filter(|e| e.kind.is_checkpoint())
+            .map(|e| e.name)
+            .collect();
+        Err(format!(
+            "unknown model {name:?}; the registry at {} has: {}",
+            self.dir.display(),
+            known.join(", ")
+        ))
+    }
+
+    /// Textual-inversion embeddings under `embeddings/` whose name occurs in `text` (A1111 finds
+    /// them by name in the prompt).
+    pub fn embeddings_in(&self, text: &str) -> Vec<PathBuf> {
+        let Ok(rd) = std::fs::read_dir(self.dir.join("embeddings")) else {
+            return Vec::new();
+        };
+        let mut out: Vec<PathBuf> = rd
+            .flatten()
+            .map(|e| e.path())
+            .filter(|p| {
+                p.extension()
+                    .is_some_and(|x| x == "safetensors" || x == "pt")
+                    && p.file_stem()
+                        .is_some_and(|s| text.contains(&*s.to_string_lossy()))
+            })
+            .collect();
+        out.sort();
+        out
+    }
+
+    /// The path of LoRA `name` under `loras/`.
+    pub fn lora(&self, name: &str) -> Result<PathBuf, String> {
+        check_name(name)?;
+        let p = self.dir.join("loras").join(format!("{name}.safetensors"));
+        if p.is_file() {
+            Ok(p)
+        } else {
+            Err(format!("unknown LoRA {name:?} (expected {})", p.display()))
+        }
+    }
+}
