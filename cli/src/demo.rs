@@ -24,7 +24,7 @@ use bytes::Bytes;
 use sha2::{Digest, Sha256};
 use tokio_util::sync::CancellationToken;
 
-use crate::embedded::{Embedded, UpArgs};
+use crate::embedded::{Embedded, ServiceConfigs, UpArgs};
 use atelier_client::Client;
 
 #[derive(clap::Args, Debug, Clone)]
@@ -79,19 +79,25 @@ pub async fn run(mut args: DemoArgs) -> anyhow::Result<()> {
         store: StoreArgs::default(),
         telemetry: args.telemetry.clone(),
         worker: WorkerArgs::default(),
-        models: atelier_sampler::Config {
-            models: args.data_dir.join("models"),
-            model_cache: 2,
-            model_cache_mb: 0,
-            device: "cpu".into(),
-            batch_window_ms: 150,
-            max_batch: 8,
+        services: ServiceConfigs {
+            generation: atelier_sampler::Config {
+                model: atelier_registry::ModelArgs {
+                    models: args.data_dir.join("models"),
+                    device: "cpu".into(),
+                },
+                model_cache: 2,
+                batch_window_ms: 150,
+                ..Default::default()
+            },
+            captioner: atelier_captioner::Config {
+                openai: atelier_captioner::OpenAiArgs::default(),
+                blip_models: None,
+            },
+            ..Default::default()
         },
-        openai: atelier_captioner::OpenAiArgs::default(),
         // No vision model can be reached here: caption through the built-in scene describer,
         // over the same OpenAI wire format a real endpoint speaks.
         scene_captioner: true,
-        blip_models: None,
     };
     // A tiny random-weight Stable Diffusion (real weights cannot be downloaded here): the
     // pipeline is the real one, the pictures are noise-like.

@@ -6,14 +6,13 @@
 //! restart resumes what was queued or running.
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
-use std::sync::Arc;
+use std::path::{Path, PathBuf};
 
+use atelier_captioner::vision_server::{ServerConfig, VisionServer};
 use atelier_kit::config::{NatsArgs, StoreArgs, TelemetryArgs, WorkerArgs};
 use atelier_kit::nats_server::{NatsServer, NatsServerOptions};
-use atelier_kit::service::Runtime;
-use atelier_kit::telemetry::Metrics;
-use atelier_kit::{Bus, Store, Worker};
+use atelier_kit::service::{Launch, Runtime};
+use atelier_kit::{Bus, Store};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
@@ -21,7 +20,8 @@ use atelier_gateway::GatewayArgs;
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct UpArgs {
-    /// Where embedded state lives: `nats/` (JetStream), `objects/` (default store), `logs/`.
+    /// Where embedded state lives: `nats/` (JetStream), `objects/` (default store), `logs/`,
+    /// `models/` (the registry; `models/blip`, `models/clip` when present).
     #[arg(
         long = "data-dir",
         env = "ATELIER_DATA_DIR",
@@ -41,21 +41,52 @@ pub struct UpArgs {
     pub telemetry: TelemetryArgs,
     #[command(flatten)]
     pub worker: WorkerArgs,
-    /// Model registry for the sampler and inpainter (default `<data-dir>/models`).
+    /// Every service's own settings, the same flags and variables as its binary.
     #[command(flatten)]
-    pub models: atelier_sampler::Config,
-    /// The captioner's endpoint (an OpenAI-compatible vision API).
-    #[command(flatten)]
-    pub openai: atelier_captioner::OpenAiArgs,
+    pub services: ServiceConfigs,
     /// Caption through the built-in scene describer (an OpenAI-compatible server on loopback
     /// that captions atelier's generated sample scenes) instead of --openai-base-url; for
     /// trying the pipeline without a vision model.
     #[arg(long = "scene-captioner", env = "ATELIER_SCENE_CAPTIONER")]
     pub scene_captioner: bool,
-    /// A folder of BLIP model folders for the captioner's `blip` backend
-    /// (default `<data-dir>/models/blip` when it exists).
-    #[arg(long = "blip-models", env = "ATELIER_BLIP_MODELS")]
-    pub blip_models: Option<PathBuf>,
+}
+
+/// The settings of every service, as their binaries read them. Settings two services share are
+/// read once: the OpenAI endpoint (captioner, augmenter), the CLIP and MiniLM folders (quality
+/// filter, retrieval indexer), the registry and device (sampler, inpainter, trainer).
+#[derive(clap::Args, Debug, Clone, Default)]
+pub struct ServiceConfigs {
+    #[command(flatten)]
+    pub ingest: atelier_ingest::Config,
+    #[command(flatten)]
+    pub captioner: atelier_captioner::Config,
+    #[command(flatten)]
+    pub quality_filter: atelier_quality_filter::Config,
+    #[command(flatten)]
+    pub generation: atelier_sampler::Config,
+    #[command(flatten)]
+    pub trainer: atelier_trainer::Config,
+}
+
+impl ServiceConfigs {
+    /// Embedded defaults under the data dir: the registry `<data-dir>/models` (unless
+    /// --models names another), BLIP models in `models/blip`, CLIP in `models/clip`.
+    fn under(mut self, data_dir: &Path) -> Self {
+        let models = &mut self.generation.model.models;
+        if models == Path::new("models") {
+            *models = data_dir.join("models");
+        }
+        let blip = data_dir.join("models/blip");
+        if self.captioner.blip_models.is_none() && blip.is_dir() {
+            self.captioner.blip_models = Some(blip);
+        }
+        let clip = data_dir.join("models/clip");
+        let dirs = &mut self.quality_filter.models;
+        if dirs.clip().is_none() && clip.join("config.json").is_file() {
+            dirs.clip_model = Some(clip);
+        }
+        self
+    }
 }
 
 /// A running embedded atelier.
@@ -66,7 +97,7 @@ pub struct Embedded {
     pub store: Store,
     nats: Option<NatsServer>,
     /// The built-in scene describer, when `--scene-captioner` is on.
-    _vision: Option<atelier_captioner::vision_server::VisionServer>,
+    _vision: Option<VisionServer>,
     tasks: JoinSet<anyhow::Result<()>>,
     shutdown: CancellationToken,
 }
@@ -102,141 +133,36 @@ impl Embedded {
             worker: args.worker.clone(),
         };
         let rt = Runtime::connect(&service_args, "atelier-embedded").await?;
-        let metrics: Arc<Metrics> = rt.metrics.clone();
-        let mut tasks = JoinSet::new();
-
-        let checksum = Worker::new(
-            atelier_checksum::Checksum,
-            rt.bus.clone(),
-            rt.store.clone(),
-            metrics.clone(),
-        )
-        .await?;
-        let (w, s) = (args.worker.clone(), shutdown.clone());
-        tasks.spawn(async move { checksum.run(w, s).await });
-        let (w, s, r) = (args.worker.clone(), shutdown.clone(), rt.clone());
-        tasks.spawn(async move {
-            atelier_ingest::Ingest::run(r, w, atelier_ingest::analyze::DEFAULT_MAX_PIXELS, s).await
-        });
-
+        let mut services = args.services.clone().under(&args.data_dir);
         let vision = if args.scene_captioner {
-            let server = atelier_captioner::vision_server::VisionServer::start(
-                atelier_captioner::vision_server::ServerConfig {
-                    model: "atelier-scene-describer".into(),
-                    ..Default::default()
-                },
-            )
+            let server = VisionServer::start(ServerConfig {
+                model: "atelier-scene-describer".into(),
+                ..Default::default()
+            })
             .await?;
-            args.openai.base_url = server.base_url();
-            args.openai.model = "atelier-scene-describer".into();
+            services.captioner.openai.base_url = server.base_url();
+            services.captioner.openai.model = "atelier-scene-describer".into();
             Some(server)
         } else {
             None
         };
-        let captioner = Worker::new(
-            atelier_captioner::Captioner::new(args.openai.clone())?.with_blip_models(
-                args.blip_models
-                    .clone()
-                    .or_else(|| Some(args.data_dir.join("models/blip")).filter(|d| d.is_dir())),
-            ),
-            rt.bus.clone(),
-            rt.store.clone(),
-            metrics.clone(),
-        )
-        .await?;
-        let (w, s) = (args.worker.clone(), shutdown.clone());
-        tasks.spawn(async move { captioner.run(w, s).await });
-        let filter = Worker::new(
-            atelier_quality_filter::QualityFilter::discover(),
-            rt.bus.clone(),
-            rt.store.clone(),
-            metrics.clone(),
-        )
-        .await?;
-        let (w, s) = (args.worker.clone(), shutdown.clone());
-        tasks.spawn(async move { filter.run(w, s).await });
-
-        if args.models.models == std::path::Path::new("models") {
-            args.models.models = args.data_dir.join("models");
-        }
-        let (device, dtype) = atelier_diffusion::kernels::device_named(&args.models.device)?;
-        for service in [
-            atelier_contracts::Service::Sampler,
-            atelier_contracts::Service::Inpainter,
-        ] {
-            let gen = Worker::new(
-                args.models.generator(service)?,
-                rt.bus.clone(),
-                rt.store.clone(),
-                metrics.clone(),
-            )
-            .await?;
-            let (w, s) = (args.worker.clone(), shutdown.clone());
-            tasks.spawn(async move { gen.run(w, s).await });
-        }
-
-        let trainer = Worker::new(
-            atelier_trainer::Trainer::new(
-                atelier_registry::Registry::new(&args.models.models),
-                device,
-                dtype,
-                std::time::Duration::from_secs(1800),
-            ),
-            rt.bus.clone(),
-            rt.store.clone(),
-            metrics.clone(),
-        )
-        .await?;
-        let (w, s) = (args.worker.clone(), shutdown.clone());
-        tasks.spawn(async move { trainer.run(w, s).await });
-
-        // The retrieval indexer: MiniLM from .tools/ (or ATELIER_MINILM_DIR), CLIP from
-        // ATELIER_CLIP_MODEL or DATA_DIR/models/clip.
-        let found = atelier_retrieval_indexer::Models::discover();
-        let indexer =
-            atelier_retrieval_indexer::Indexer::new(atelier_retrieval_indexer::Models::new(
-                found.clip_dir.or_else(|| {
-                    Some(args.data_dir.join("models/clip"))
-                        .filter(|d| d.join("config.json").is_file())
-                }),
-                found.minilm_dir,
-            ));
-        let (b, st, s) = (rt.bus.clone(), rt.store.clone(), shutdown.clone());
-        tasks.spawn(atelier_retrieval_indexer::query::serve(
-            indexer.clone(),
-            b,
-            st,
-            s,
-        ));
-        let indexer =
-            Worker::new(indexer, rt.bus.clone(), rt.store.clone(), metrics.clone()).await?;
-        let (w, s) = (args.worker.clone(), shutdown.clone());
-        tasks.spawn(async move { indexer.run(w, s).await });
-
-        // The augmenter: `openai` paraphrases through the captioner's endpoint settings.
-        let augmenter = Worker::new(
-            atelier_augmenter::Augmenter {
-                openai: Some(std::sync::Arc::new(atelier_captioner::openai::Client::new(
-                    args.openai.clone(),
-                )?)),
-            },
-            rt.bus.clone(),
-            rt.store.clone(),
-            metrics.clone(),
-        )
-        .await?;
-        let (w, s) = (args.worker.clone(), shutdown.clone());
-        tasks.spawn(async move { augmenter.run(w, s).await });
+        let launch = Launch {
+            rt: rt.clone(),
+            worker: args.worker.clone(),
+            shutdown: shutdown.clone(),
+        };
+        let mut tasks = JoinSet::new();
+        spawn_services(&mut tasks, services.clone(), &launch);
 
         let app = atelier_gateway::api::AppState::new(
             rt.bus.clone(),
             rt.store.clone(),
-            metrics,
+            rt.metrics.clone(),
             args.gateway.limits(),
             shutdown.clone(),
         )
         .await?
-        .with_models(Some(args.models.models.clone()));
+        .with_models(Some(services.generation.model.models.clone()));
         let (addr, server) = atelier_gateway::serve(&args.gateway, app, shutdown.clone()).await?;
         tasks.spawn(async move { server.await? });
         tracing::info!(%addr, nats = %nats_url, store = rt.store.describe(), "atelier is up");
@@ -271,6 +197,108 @@ impl Embedded {
         match first_error {
             Some(e) => Err(e),
             None => Ok(()),
+        }
+    }
+}
+
+/// Every service on `launch`, through the same `serve` functions their binaries call.
+fn spawn_services(tasks: &mut JoinSet<anyhow::Result<()>>, c: ServiceConfigs, launch: &Launch) {
+    let l = || launch.clone();
+    tasks.spawn(atelier_checksum::serve(l()));
+    tasks.spawn(atelier_ingest::serve(c.ingest, l()));
+    tasks.spawn(atelier_augmenter::serve(c.captioner.openai.clone(), l()));
+    tasks.spawn(atelier_captioner::serve(c.captioner, l()));
+    let models = c.quality_filter.models.clone();
+    tasks.spawn(atelier_retrieval_indexer::serve(models, l()));
+    tasks.spawn(atelier_quality_filter::serve(c.quality_filter, l()));
+    let model = c.generation.model.clone();
+    tasks.spawn(atelier_trainer::serve(c.trainer, model, l()));
+    tasks.spawn(atelier_sampler::serve(c.generation.clone(), l()));
+    tasks.spawn(atelier_inpainter::serve(c.generation, l()));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser as _;
+
+    #[derive(clap::Parser)]
+    struct Up {
+        #[command(flatten)]
+        up: UpArgs,
+    }
+
+    /// `atelier up` takes every service's own settings, the flags their binaries take, and hands
+    /// them to the services unchanged (the embedded defaults fill only what was not given).
+    #[test]
+    fn up_takes_every_services_settings() {
+        let tmp = tempfile::tempdir().unwrap();
+        let d = |name: &str| tmp.path().join(name).display().to_string();
+        let argv = [
+            "up",
+            "--data-dir",
+            &d("data"),
+            "--max-image-pixels",
+            "100",
+            "--blip-models",
+            &d("blip"),
+            "--openai-model",
+            "my-vlm",
+            "--meteor-jar",
+            &d("meteor.jar"),
+            "--nsfw-model",
+            &d("320n.onnx"),
+            "--no-nsfw",
+            "--clip-model",
+            &d("clip"),
+            "--minilm",
+            &d("minilm"),
+            "--models",
+            &d("registry"),
+            "--model-cache",
+            "5",
+            "--batch-window-ms",
+            "7",
+            "--sampler-timeout-s",
+            "42",
+        ];
+        let up = Up::try_parse_from(argv).unwrap().up;
+        let c = up.services.clone().under(&up.data_dir);
+        assert_eq!(c.ingest.max_image_pixels, 100);
+        assert_eq!(c.captioner.blip_models, Some(tmp.path().join("blip")));
+        assert_eq!(c.captioner.openai.model, "my-vlm");
+        let qf = &c.quality_filter;
+        assert_eq!(qf.meteor_jar, Some(tmp.path().join("meteor.jar")));
+        assert!(qf.no_nsfw);
+        assert_eq!(
+            qf.filter().nsfw_model,
+            None,
+            "--no-nsfw turns the detector off"
+        );
+        assert_eq!(qf.models.clip(), Some(tmp.path().join("clip")));
+        assert_eq!(qf.models.minilm(), Some(tmp.path().join("minilm")));
+        assert_eq!(c.generation.model.models, tmp.path().join("registry"));
+        assert_eq!(c.generation.model_cache, 5);
+        assert_eq!(c.generation.batch_window_ms, 7);
+        assert_eq!(c.trainer.sampler_timeout_s, 42);
+    }
+
+    #[test]
+    fn embedded_defaults_live_under_the_data_dir() {
+        let tmp = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(tmp.path().join("models/blip")).unwrap();
+        atelier_embed::clip::make_tiny(&tmp.path().join("models/clip"), 1).unwrap();
+        let c = ServiceConfigs::default().under(tmp.path());
+        assert_eq!(c.generation.model.models, tmp.path().join("models"));
+        assert_eq!(
+            c.captioner.blip_models,
+            Some(tmp.path().join("models/blip"))
+        );
+        if std::env::var_os("ATELIER_CLIP_MODEL").is_none() {
+            assert_eq!(
+                c.quality_filter.models.clip(),
+                Some(tmp.path().join("models/clip"))
+            );
         }
     }
 }

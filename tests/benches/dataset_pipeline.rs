@@ -11,7 +11,7 @@
 
 use std::time::{Duration, Instant};
 
-use atelier_cli::embedded::{Embedded, UpArgs};
+use atelier_cli::embedded::{Embedded, ServiceConfigs, UpArgs};
 use atelier_client::Client;
 use atelier_contracts::dataset::{CaptionBackend, CaptionSpec, FilterSpec};
 use atelier_contracts::{JobOutput, JobSpec, JobState};
@@ -69,21 +69,27 @@ async fn main() {
             health_addr: "127.0.0.1:0".parse().expect("addr"),
         },
         worker,
-        models: atelier_sampler::Config {
-            models: tmp.path().join("models"),
-            model_cache: 1,
-            model_cache_mb: 0,
-            device: "cpu".into(),
-            batch_window_ms: 0,
-            max_batch: 8,
-        },
-        openai: atelier_captioner::OpenAiArgs {
-            requests_per_minute: 0,
-            tokens_per_minute: 0,
+        services: ServiceConfigs {
+            generation: atelier_sampler::Config {
+                model: atelier_registry::ModelArgs {
+                    models: tmp.path().join("models"),
+                    device: "cpu".into(),
+                },
+                model_cache: 1,
+                batch_window_ms: 0,
+                ..Default::default()
+            },
+            captioner: atelier_captioner::Config {
+                openai: atelier_captioner::OpenAiArgs {
+                    requests_per_minute: 0,
+                    tokens_per_minute: 0,
+                    ..Default::default()
+                },
+                blip_models: None,
+            },
             ..Default::default()
         },
         scene_captioner: true,
-        blip_models: None,
     };
     let shutdown = CancellationToken::new();
     let embedded = Embedded::start(up, shutdown.clone()).await.expect("up");

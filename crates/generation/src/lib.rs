@@ -489,18 +489,14 @@ impl Handler for Generator {
 /// The sampler/inpainter process's own options.
 #[derive(Debug, Clone, clap::Args)]
 pub struct GeneratorArgs {
-    /// The model registry: diffusers folders and `.safetensors` checkpoints; LoRAs in `loras/`.
-    #[arg(long, env = "ATELIER_MODELS", default_value = "models")]
-    pub models: PathBuf,
+    #[command(flatten)]
+    pub model: atelier_registry::ModelArgs,
     /// Loaded models kept in memory.
     #[arg(long, env = "ATELIER_MODEL_CACHE", default_value_t = 2)]
     pub model_cache: usize,
     /// Memory budget of the model cache in MiB of weights (0: only --model-cache counts).
     #[arg(long, env = "ATELIER_MODEL_CACHE_MB", default_value_t = 0)]
     pub model_cache_mb: u64,
-    /// `cpu`, or `cuda` (GPU 0; f16 UNet) in a build with the `cuda` feature.
-    #[arg(long, env = "ATELIER_DEVICE", default_value = "cpu")]
-    pub device: String,
     /// Stack compatible txt2img jobs (same model, LoRAs, size, steps, sampler, CFG, clip skip)
     /// that arrive within this many milliseconds into one UNet batch (0: off). A batched job's
     /// PNG may differ from its solo run by float rounding; leave it off where byte-identical
@@ -512,13 +508,25 @@ pub struct GeneratorArgs {
     pub max_batch: usize,
 }
 
+impl Default for GeneratorArgs {
+    fn default() -> Self {
+        Self {
+            model: Default::default(),
+            model_cache: 2,
+            model_cache_mb: 0,
+            batch_window_ms: 0,
+            max_batch: 8,
+        }
+    }
+}
+
 impl GeneratorArgs {
     /// The generator for `service`; an unusable `--device` is an error naming the fix.
     pub fn generator(&self, service: Service) -> anyhow::Result<Generator> {
-        let (device, dtype) = atelier_diffusion::kernels::device_named(&self.device)?;
+        let (device, dtype) = atelier_diffusion::kernels::device_named(&self.model.device)?;
         Ok(Generator::new(
             service,
-            Registry::new(&self.models),
+            Registry::new(&self.model.models),
             device,
             dtype,
             self.model_cache,

@@ -174,3 +174,24 @@ impl Registry {
         }
     }
 }
+
+/// The model registry and the device that runs its models (flags and `ATELIER_*` variables),
+/// shared by the sampler, the inpainter and the trainer.
+#[derive(clap::Args, Debug, Clone)]
+pub struct ModelArgs {
+    /// The model registry: diffusers folders and `.safetensors` checkpoints; LoRAs in `loras/`.
+    #[arg(long, env = "ATELIER_MODELS", default_value = "models")]
+    pub models: PathBuf,
+    /// `cpu`, or `cuda` (GPU 0) in a build with the `cuda` feature.
+    #[arg(long, env = "ATELIER_DEVICE", default_value = "cpu")]
+    pub device: String,
+}
+
+impl Default for ModelArgs {
+    fn default() -> Self {
+        Self {
+            models: PathBuf::from("models"),
+            device: "cpu".into(),
+        }
+    }
+}

@@ -587,6 +587,20 @@ async fn neighbour_negatives(
     ))
 }
 
+/// Runs the augmenter; `openai` paraphrases go to the captioner's endpoint settings. The
+/// `atelier-augmenter` binary and `atelier up` both call this.
+pub async fn serve(
+    openai: atelier_openai::OpenAiArgs,
+    launch: atelier_kit::service::Launch,
+) -> anyhow::Result<()> {
+    let client = atelier_openai::Client::new(openai)?;
+    launch
+        .run(Augmenter {
+            openai: Some(std::sync::Arc::new(client)),
+        })
+        .await
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -1,7 +1,5 @@
 //! `atelier-augmenter`: the augmenter service as its own process (one replica of many).
 
-use std::sync::Arc;
-
 use clap::Parser;
 
 #[derive(Parser)]
@@ -21,11 +19,11 @@ struct Args {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    let client = atelier_openai::Client::new(args.openai)?;
-    let augmenter = atelier_augmenter::Augmenter {
-        openai: Some(Arc::new(client)),
-    };
-    atelier_kit::service::run_service(augmenter, args.kit).await
+    let openai = args.openai;
+    atelier_kit::service::run_main("augmenter", args.kit, |launch| {
+        atelier_augmenter::serve(openai, launch)
+    })
+    .await
 }
 
 #[cfg(test)]

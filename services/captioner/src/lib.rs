@@ -541,3 +541,21 @@ impl Captioner {
         Ok(tally)
     }
 }
+
+/// The captioner's settings (flags and `ATELIER_*` variables; docs/configuration.md).
+#[derive(clap::Args, Debug, Clone, Default)]
+#[group(id = "captioner")]
+pub struct Config {
+    /// The OpenAI-compatible vision endpoint (the augmenter's paraphrases use it too).
+    #[command(flatten)]
+    pub openai: OpenAiArgs,
+    /// A folder of BLIP model folders (Hugging Face layout) for the `blip` backend.
+    #[arg(long, env = "ATELIER_BLIP_MODELS")]
+    pub blip_models: Option<std::path::PathBuf>,
+}
+
+/// Runs the captioner: the `atelier-captioner` binary and `atelier up` both call this.
+pub async fn serve(config: Config, launch: atelier_kit::service::Launch) -> anyhow::Result<()> {
+    let captioner = Captioner::new(config.openai)?.with_blip_models(config.blip_models);
+    launch.run(captioner).await
+}

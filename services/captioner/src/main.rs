@@ -12,18 +12,17 @@ struct Args {
     #[command(flatten)]
     kit: atelier_kit::config::ServiceArgs,
     #[command(flatten)]
-    openai: atelier_captioner::OpenAiArgs,
-    /// A folder of BLIP model folders (Hugging Face layout) for the `blip` backend.
-    #[arg(long, env = "ATELIER_BLIP_MODELS")]
-    blip_models: Option<std::path::PathBuf>,
+    config: atelier_captioner::Config,
 }
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    let captioner =
-        atelier_captioner::Captioner::new(args.openai)?.with_blip_models(args.blip_models);
-    atelier_kit::service::run_service(captioner, args.kit).await
+    let config = args.config;
+    atelier_kit::service::run_main("captioner", args.kit, |launch| {
+        atelier_captioner::serve(config, launch)
+    })
+    .await
 }
 
 #[cfg(test)]

@@ -54,3 +54,9 @@ impl Handler for Checksum {
         Ok(JobOutput::Checksum(ChecksumOutput { input, report }))
     }
 }
+
+/// Runs the checksum service (it has no settings of its own): the `atelier-checksum` binary and
+/// `atelier up` both call this.
+pub async fn serve(launch: atelier_kit::service::Launch) -> anyhow::Result<()> {
+    launch.run(Checksum).await
+}

@@ -12,5 +12,5 @@ struct Args {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    atelier_kit::service::run_service(atelier_checksum::Checksum, args.kit).await
+    atelier_kit::service::run_main("checksum", args.kit, atelier_checksum::serve).await
 }

@@ -347,3 +347,31 @@ impl Ingest {
         first_error.unwrap_or(Outcome::Ack)
     }
 }
+
+/// The ingest service's settings (flags and `ATELIER_*` variables; docs/configuration.md).
+#[derive(clap::Args, Debug, Clone)]
+#[group(id = "ingest")]
+pub struct Config {
+    /// Decompression-bomb guard: images with more pixels are recorded, flagged, not decoded.
+    #[arg(long = "max-image-pixels", env = "ATELIER_MAX_IMAGE_PIXELS", default_value_t = analyze::DEFAULT_MAX_PIXELS)]
+    pub max_image_pixels: u64,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            max_image_pixels: analyze::DEFAULT_MAX_PIXELS,
+        }
+    }
+}
+
+/// Runs the ingest service: the `atelier-ingest` binary and `atelier up` both call this.
+pub async fn serve(config: Config, launch: atelier_kit::service::Launch) -> anyhow::Result<()> {
+    Ingest::run(
+        launch.rt,
+        launch.worker,
+        config.max_image_pixels,
+        launch.shutdown,
+    )
+    .await
+}

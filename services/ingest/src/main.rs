@@ -7,18 +7,24 @@ use clap::Parser;
 struct Args {
     #[command(flatten)]
     kit: atelier_kit::config::ServiceArgs,
-    /// Decompression-bomb guard: images with more pixels are recorded, flagged, not decoded.
-    #[arg(long = "max-image-pixels", env = "ATELIER_MAX_IMAGE_PIXELS", default_value_t = atelier_ingest::analyze::DEFAULT_MAX_PIXELS)]
-    max_image_pixels: u64,
+    #[command(flatten)]
+    config: atelier_ingest::Config,
 }
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    let worker = args.kit.worker.clone();
-    let max_pixels = args.max_image_pixels;
-    atelier_kit::service::run_process("ingest", args.kit, move |rt, shutdown| {
-        atelier_ingest::Ingest::run(rt, worker, max_pixels, shutdown)
+    let config = args.config;
+    atelier_kit::service::run_main("ingest", args.kit, |launch| {
+        atelier_ingest::serve(config, launch)
     })
     .await
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_command_line_is_well_formed() {
+        <super::Args as clap::CommandFactory>::command().debug_assert();
+    }
 }

@@ -13,3 +13,8 @@ pub use atelier_generation::{Generator, GeneratorArgs as Config};
 pub fn build(config: &Config) -> anyhow::Result<Generator> {
     config.generator(Service::Inpainter)
 }
+
+/// Runs the inpainter: the `atelier-inpainter` binary and `atelier up` both call this.
+pub async fn serve(config: Config, launch: atelier_kit::service::Launch) -> anyhow::Result<()> {
+    launch.run(build(&config)?).await
+}

@@ -18,5 +18,17 @@ struct Args {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    atelier_kit::service::run_service(atelier_inpainter::build(&args.config)?, args.kit).await
+    let config = args.config;
+    atelier_kit::service::run_main("inpainter", args.kit, |launch| {
+        atelier_inpainter::serve(config, launch)
+    })
+    .await
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_command_line_is_well_formed() {
+        <super::Args as clap::CommandFactory>::command().debug_assert();
+    }
 }

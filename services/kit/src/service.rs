@@ -1,8 +1,10 @@
-//! `run_service`: everything a service binary's `main` does, once for all services.
+//! How a service starts. Each service crate exposes `serve(config, Launch)`; its binary calls it
+//! through [`run_main`] (logs, connection, health server, signals) and `atelier up` calls the same
+//! function with the embedded process's [`Launch`], so both honour the same settings.
 
 use std::sync::Arc;
 
-use crate::config::ServiceArgs;
+use crate::config::{ServiceArgs, WorkerArgs};
 use crate::telemetry::{self, Health, Metrics};
 use crate::{shutdown, Bus, Handler, Store, Worker};
 
@@ -36,22 +38,51 @@ impl Runtime {
     }
 }
 
+/// What a service needs to run inside a process: the connected runtime, how to consume its
+/// queue, and the token that stops it.
+#[derive(Clone)]
+pub struct Launch {
+    pub rt: Runtime,
+    pub worker: WorkerArgs,
+    pub shutdown: shutdown::CancellationToken,
+}
+
+impl Launch {
+    /// Consumes the handler's queue until shutdown (the common body of a `serve`).
+    pub async fn run<H: Handler>(self, handler: H) -> anyhow::Result<()> {
+        let worker = Worker::new(
+            handler,
+            self.rt.bus.clone(),
+            self.rt.store.clone(),
+            self.rt.metrics.clone(),
+        )
+        .await?;
+        worker.run(self.worker, self.shutdown).await
+    }
+}
+
+/// A service binary's `main`: the process shell of [`run_process`] around `serve(Launch)`.
+pub async fn run_main<F, Fut>(name: &str, args: ServiceArgs, serve: F) -> anyhow::Result<()>
+where
+    F: FnOnce(Launch) -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<()>>,
+{
+    let worker = args.worker.clone();
+    run_process(name, args, move |rt, shutdown| {
+        serve(Launch {
+            rt,
+            worker,
+            shutdown,
+        })
+    })
+    .await
+}
+
 /// Runs one service process: logs, connection, topology, `/healthz` + `/metrics`, the worker, and a
 /// graceful drain on SIGINT/SIGTERM.
 pub async fn run_service<H: Handler>(handler: H, args: ServiceArgs) -> anyhow::Result<()> {
     let name = handler.service().name();
-    let worker_args = args.worker.clone();
-    run_process(name, args, move |rt, shutdown| async move {
-        let worker = Worker::new(
-            handler,
-            rt.bus.clone(),
-            rt.store.clone(),
-            rt.metrics.clone(),
-        )
-        .await?;
-        worker.run(worker_args, shutdown).await
-    })
-    .await
+    run_main(name, args, move |launch| launch.run(handler)).await
 }
 
 /// The process shell around any consumer loop `body`: logs, connection, topology, health server,

@@ -407,3 +407,21 @@ impl Indexer {
         Ok(r)
     }
 }
+
+/// Runs the retrieval indexer — index and curate jobs, and search queries — on `models` (the
+/// quality filter's CLIP and MiniLM settings). The `atelier-retrieval-indexer` binary and
+/// `atelier up` both call this.
+pub async fn serve(
+    models: atelier_embed::ModelDirs,
+    launch: atelier_kit::service::Launch,
+) -> anyhow::Result<()> {
+    let indexer = Indexer::new(Models::new(models.clip(), models.minilm()));
+    let queries = tokio::spawn(query::serve(
+        indexer.clone(),
+        launch.rt.bus.clone(),
+        launch.rt.store.clone(),
+        launch.shutdown.clone(),
+    ));
+    launch.run(indexer).await?;
+    queries.await?
+}

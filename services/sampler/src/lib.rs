@@ -12,3 +12,8 @@ pub use atelier_generation::{Generator, GeneratorArgs as Config};
 pub fn build(config: &Config) -> anyhow::Result<Generator> {
     config.generator(Service::Sampler)
 }
+
+/// Runs the sampler: the `atelier-sampler` binary and `atelier up` both call this.
+pub async fn serve(config: Config, launch: atelier_kit::service::Launch) -> anyhow::Result<()> {
+    launch.run(build(&config)?).await
+}

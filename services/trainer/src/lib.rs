@@ -30,7 +30,7 @@ use atelier_contracts::{
 use atelier_diffusion::pipeline::StableDiffusion;
 use atelier_kit::jobstate::JobStates;
 use atelier_kit::{Handler, JobCtx, JobError};
-use atelier_registry::Registry;
+use atelier_registry::{ModelArgs, Registry};
 use candle_core::{DType, Device};
 use futures::StreamExt as _;
 use sha2::{Digest, Sha256};
@@ -561,28 +561,43 @@ impl Handler for Trainer {
     }
 }
 
-/// The trainer process's own options.
+/// The trainer's own settings (flags and `ATELIER_*` variables; docs/configuration.md); the
+/// registry and device are the sampler's ([`ModelArgs`]). On `cuda` the UNet runs in bf16 with
+/// f32 LoRA weights.
 #[derive(Debug, Clone, clap::Args)]
-pub struct TrainerArgs {
-    /// The model registry (base models; trained LoRAs are published to the object store).
-    #[arg(long, env = "ATELIER_MODELS", default_value = "models")]
-    pub models: PathBuf,
-    /// `cpu`, or `cuda` (GPU 0; bf16 UNet, f32 LoRA weights) in a build with the `cuda` feature.
-    #[arg(long, env = "ATELIER_DEVICE", default_value = "cpu")]
-    pub device: String,
+#[group(id = "trainer")]
+pub struct Config {
     /// Seconds to wait for the sampler's class and sample images.
     #[arg(long, env = "ATELIER_SAMPLER_TIMEOUT_S", default_value_t = 1800)]
     pub sampler_timeout_s: u64,
 }
 
-impl TrainerArgs {
-    pub fn trainer(&self) -> anyhow::Result<Trainer> {
-        let (device, dtype) = atelier_diffusion::kernels::device_named(&self.device)?;
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            sampler_timeout_s: 1800,
+        }
+    }
+}
+
+impl Config {
+    /// The trainer on `model`'s registry and device; an unusable device is an error naming the fix.
+    pub fn trainer(&self, model: &ModelArgs) -> anyhow::Result<Trainer> {
+        let (device, dtype) = atelier_diffusion::kernels::device_named(&model.device)?;
         Ok(Trainer::new(
-            Registry::new(&self.models),
+            Registry::new(&model.models),
             device,
             dtype,
             Duration::from_secs(self.sampler_timeout_s.max(1)),
         ))
     }
+}
+
+/// Runs the trainer: the `atelier-trainer` binary and `atelier up` both call this.
+pub async fn serve(
+    config: Config,
+    model: ModelArgs,
+    launch: atelier_kit::service::Launch,
+) -> anyhow::Result<()> {
+    launch.run(config.trainer(&model)?).await
 }

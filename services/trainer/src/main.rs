@@ -12,14 +12,19 @@ struct Args {
     #[command(flatten)]
     kit: atelier_kit::config::ServiceArgs,
     #[command(flatten)]
-    trainer: atelier_trainer::TrainerArgs,
+    model: atelier_registry::ModelArgs,
+    #[command(flatten)]
+    config: atelier_trainer::Config,
 }
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    let trainer = args.trainer.trainer()?;
-    atelier_kit::service::run_service(trainer, args.kit).await
+    let (config, model) = (args.config, args.model);
+    atelier_kit::service::run_main("trainer", args.kit, |launch| {
+        atelier_trainer::serve(config, model, launch)
+    })
+    .await
 }
 
 #[cfg(test)]
