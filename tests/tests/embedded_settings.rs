@@ -51,8 +51,13 @@ async fn up_applies_the_ingest_limit_and_the_model_registry_it_is_given() {
     // 40×40 = 1,600 pixels is over --max-image-pixels 1000; 20×20 is under.
     let images = tmp.path().join("images");
     std::fs::create_dir_all(&images).unwrap();
-    for (name, side) in [("big.png", 40), ("small.png", 20)] {
-        let bytes = atelier_ingest::samples::scene_bytes(side, side, side, image::ImageFormat::Png);
+    for (name, side) in [("big.png", 40u32), ("small.png", 20)] {
+        let bytes = atelier_ingest::samples::scene_bytes(
+            u64::from(side),
+            side,
+            side,
+            image::ImageFormat::Png,
+        );
         std::fs::write(images.join(name), bytes).unwrap();
     }
     let client = Client::new(&base, None).unwrap();

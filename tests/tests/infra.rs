@@ -10,10 +10,10 @@ use atelier_contracts::{
 };
 use atelier_e2e::*;
 
-/// The binaries the workspace builds.
+/// The server binaries the workspace builds (the `atelier` CLI is not a deployed process).
 fn workspace_bins() -> BTreeSet<String> {
     let root = repo_root();
-    let mut bins = BTreeSet::from(["atelier".to_string(), "atelier-gateway".to_string()]);
+    let mut bins = BTreeSet::from(["atelier-gateway".to_string()]);
     for entry in std::fs::read_dir(root.join("services")).unwrap() {
         let dir = entry.unwrap().path();
         if dir.join("src/main.rs").is_file() {

@@ -542,7 +542,7 @@ impl Captioner {
     }
 }
 
-/// The captioner's settings (flags and `ATELIER_*` variables; docs/configuration.md).
+/// The captioner's settings (flags and `ATELIER_*` variables; docs/guide.md, "Configuration").
 #[derive(clap::Args, Debug, Clone, Default)]
 #[group(id = "captioner")]
 pub struct Config {

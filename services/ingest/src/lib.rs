@@ -348,7 +348,7 @@ impl Ingest {
     }
 }
 
-/// The ingest service's settings (flags and `ATELIER_*` variables; docs/configuration.md).
+/// The ingest service's settings (flags and `ATELIER_*` variables; docs/guide.md, "Configuration").
 #[derive(clap::Args, Debug, Clone)]
 #[group(id = "ingest")]
 pub struct Config {

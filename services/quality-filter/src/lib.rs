@@ -850,7 +850,7 @@ impl QualityFilter {
     }
 }
 
-/// The quality filter's settings (flags and `ATELIER_*` variables; docs/configuration.md).
+/// The quality filter's settings (flags and `ATELIER_*` variables; docs/guide.md, "Configuration").
 #[derive(clap::Args, Debug, Clone, Default)]
 #[group(id = "quality_filter")]
 pub struct Config {
