@@ -50,7 +50,8 @@ pub struct GenerateArgs {
 
 pub fn run(g: GenerateArgs) -> anyhow::Result<()> {
     use atelier_diffusion::lora::{LoraFile, LoraMode};
-    use atelier_diffusion::pipeline::{Init, Mask, StableDiffusion, Txt2Img};
+    use atelier_diffusion::pipeline::{Init, StableDiffusion, Txt2Img};
+    use atelier_inpainter::mask::Mask;
     let sampler = crate::models::sampler(&g.sampler)?;
     let req = Txt2Img {
         prompt: g.prompt,
@@ -91,18 +92,21 @@ pub fn run(g: GenerateArgs) -> anyhow::Result<()> {
     let images = match &g.init {
         None => model.txt2img(&req, progress)?,
         Some(init) => {
-            let mask = match &g.mask {
-                Some(m) => Some(Mask {
-                    image: read(m)?.to_luma8(),
-                    blur: g.mask_blur,
-                    invert: false,
-                }),
+            let repaint = match &g.mask {
+                Some(m) => Some(
+                    Mask {
+                        image: read(m)?.to_luma8(),
+                        blur: g.mask_blur,
+                        invert: false,
+                    }
+                    .repaint(),
+                ),
                 None => None,
             };
             let init = Init {
                 image: read(init)?.to_rgb8(),
                 strength: g.strength,
-                mask,
+                repaint,
             };
             model.img2img(&req, &init, progress)?
         }

@@ -18,7 +18,7 @@ use atelier_contracts::{
     GenerateKind, GenerateSpec, GeneratedImage, ImagesOutput, JobOutput, JobSpec, Service,
 };
 use atelier_diffusion::lora::{LoraFile, LoraMode};
-use atelier_diffusion::pipeline::{Init, Mask, PipelineError, StableDiffusion, Txt2Img};
+use atelier_diffusion::pipeline::{Init, PipelineError, Repaint, StableDiffusion, Txt2Img};
 use atelier_diffusion::schedulers::SamplerKind;
 use atelier_kit::{Handler, JobCtx, JobError};
 use candle_core::{DType, Device};
@@ -36,6 +36,10 @@ pub type Rendered = (Vec<(Vec<u8>, u64)>, String, String);
 /// A LoRA to apply: its file, weight and name (for the parameters' hashes).
 pub type Lora = (PathBuf, f64, String);
 
+/// Turns a job's mask (image, `mask_blur`, `mask_invert`) into the engine's repaint hooks: the
+/// inpainter's masks, handed to its generator with [`Generator::with_masks`].
+pub type Masks = fn(image::GrayImage, f32, bool) -> Arc<dyn Repaint>;
+
 /// Runs generation jobs for one service (sampler or inpainter).
 #[derive(Clone)]
 pub struct Generator {
@@ -49,6 +53,8 @@ pub struct Generator {
     cache_bytes: u64,
     /// Groups compatible txt2img jobs into shared UNet batches (off with a zero window).
     batcher: Arc<batch::Batcher>,
+    /// How masks repaint (the inpainter's); without them inpaint jobs are refused.
+    masks: Option<Masks>,
 }
 
 impl Generator {
@@ -68,7 +74,14 @@ impl Generator {
             cache_size: cache_size.max(1),
             cache_bytes: 0,
             batcher: Arc::new(batch::Batcher::new(std::time::Duration::ZERO, 1)),
+            masks: None,
         }
+    }
+
+    /// Run masked jobs with `masks` (the inpainter's).
+    pub fn with_masks(mut self, masks: Masks) -> Self {
+        self.masks = Some(masks);
+        self
     }
 
     /// Stack compatible txt2img jobs arriving within `window` of each other, at most `max` jobs
@@ -422,18 +435,23 @@ impl Handler for Generator {
             None => None,
             Some(key) => {
                 let image = Self::image(ctx, key, "init_image").await?.to_rgb8();
-                let mask = match &g.mask {
-                    None => None,
-                    Some(mk) => Some(Mask {
-                        image: Self::image(ctx, mk, "mask").await?.to_luma8(),
-                        blur: g.mask_blur,
-                        invert: g.mask_invert,
-                    }),
+                let repaint = match (&g.mask, self.masks) {
+                    (None, _) => None,
+                    (Some(mk), Some(masks)) => {
+                        let mask = Self::image(ctx, mk, "mask").await?.to_luma8();
+                        Some(masks(mask, g.mask_blur, g.mask_invert))
+                    }
+                    (Some(_), None) => {
+                        return Err(JobError::permanent(
+                            "invalid_job",
+                            "masks are the inpainter's work: send the job to atelier.v1.inpainter.request",
+                        ))
+                    }
                 };
                 let init = Init {
                     image,
                     strength: g.strength,
-                    mask,
+                    repaint,
                 };
                 init.validate()
                     .map_err(|e| JobError::permanent("invalid_job", e))?;

@@ -1,0 +1,137 @@
+//! The one denoise loop every generation runs (txt2img alone or batched, img2img, inpainting),
+//! and its one guidance function.
+
+use candle_core::{Device, Shape, Tensor};
+
+use super::cond::Cond;
+use super::img2img::RepaintRun;
+use super::{PResult, PipelineError, PreviewFn, StableDiffusion};
+use crate::noise::{NoiseSource, SeededNoise};
+use crate::schedulers::Sampler;
+
+/// One run of the loop: what its steps share.
+pub(super) struct Run<'a> {
+    pub sampler: Box<dyn Sampler>,
+    /// Classifier-free guidance scale; 1 runs the prompt alone.
+    pub cfg_scale: f64,
+    /// Images in the batch.
+    pub batch: usize,
+    /// Output size in pixels (width, height), for previews.
+    pub size: (usize, usize),
+    /// UNet input channels after the latents (9-channel inpainting models), in the model's dtype.
+    pub extra: Option<Tensor>,
+    /// The inpainter's hook after each step (latent injection).
+    pub repaint: Option<&'a dyn RepaintRun>,
+    /// Step noise, per image from its own seed.
+    pub noise: BatchNoise,
+}
+
+/// Receives (step, decoded first image) every `.0` steps.
+pub(super) type Preview<'a, 'b> = Option<(usize, &'a mut PreviewFn<'b>)>;
+
+impl StableDiffusion {
+    /// Runs `run.sampler` to its end from latents `x`. Each step: the conditioning
+    /// `cond_at(step number)` (prompt editing changes it), one guided UNet evaluation, the
+    /// sampler's step, then the repaint hook; a preview every N steps; `on_step(done, total)`
+    /// returning false cancels between steps.
+    pub(super) fn denoise(
+        &self,
+        mut run: Run<'_>,
+        mut x: Tensor,
+        cond_at: &mut dyn FnMut(usize) -> PResult<Cond>,
+        on_step: &mut dyn FnMut(usize, usize) -> bool,
+        mut preview: Preview<'_, '_>,
+    ) -> PResult<Tensor> {
+        let total = run.sampler.remaining();
+        let mut done = 0;
+        while !run.sampler.finished() {
+            let cond = cond_at(run.sampler.step_index() + 1)?;
+            let t = run.sampler.timestep();
+            let mut input = run.sampler.scale_model_input(&x)?;
+            if let Some(e) = &run.extra {
+                input = Tensor::cat(&[&input, e], 1)?;
+            }
+            let eps = self.guided(&input, t, &cond, run.cfg_scale, run.batch)?;
+            x = run.sampler.step(&eps, &x, &mut run.noise)?;
+            if let Some(r) = run.repaint {
+                x = r.after_step(x, run.sampler.as_ref())?;
+            }
+            done += 1;
+            if let Some((every, cb)) = preview.as_mut() {
+                if done % *every == 0 && !run.sampler.finished() {
+                    let (w, h) = run.size;
+                    let first = self.decode_rgb(&x.narrow(0, 0, 1)?, w, h)?;
+                    if let Some(img) = first.into_iter().next() {
+                        cb(done, img);
+                    }
+                }
+            }
+            if !on_step(done, total) {
+                return Err(PipelineError::Cancelled);
+            }
+        }
+        Ok(x)
+    }
+
+    /// The noise prediction at timestep `t` for `b` images. With classifier-free guidance
+    /// (`cfg_scale` ≠ 1) both halves of `cond` go through one UNet pass and combine as
+    /// uncond + scale × (cond − uncond).
+    fn guided(
+        &self,
+        input: &Tensor,
+        t: f64,
+        cond: &Cond,
+        cfg_scale: f64,
+        b: usize,
+    ) -> PResult<Tensor> {
+        if cfg_scale == 1.0 {
+            let ts = Tensor::full(t as f32, b, &self.device)?;
+            return Ok(self
+                .unet
+                .forward(input, &ts, &cond.ctx, cond.add.as_ref())?);
+        }
+        let xin = Tensor::cat(&[input, input], 0)?;
+        let ts = Tensor::full(t as f32, 2 * b, &self.device)?;
+        let out = self.unet.forward(&xin, &ts, &cond.ctx, cond.add.as_ref())?;
+        let (ou, oc) = (out.narrow(0, 0, b)?, out.narrow(0, b, b)?);
+        Ok((&ou + (oc - &ou)?.affine(cfg_scale, 0.0)?)?)
+    }
+}
+
+/// Noise drawn per image from its own seeded stream, so a batch equals its single runs.
+pub(super) struct BatchNoise {
+    streams: Vec<SeededNoise>,
+}
+
+impl BatchNoise {
+    pub fn seeded(seeds: impl IntoIterator<Item = u64>) -> Self {
+        Self {
+            streams: seeds.into_iter().map(SeededNoise::new).collect(),
+        }
+    }
+
+    /// One draw of `one` (batch dimension 1) per image, stacked: the initial noise.
+    pub fn initial(&mut self, one: impl Into<Shape>, device: &Device) -> PResult<Tensor> {
+        let one = one.into();
+        let parts = self
+            .streams
+            .iter_mut()
+            .map(|s| s.randn(one.clone(), device))
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        Ok(Tensor::cat(&parts, 0)?)
+    }
+}
+
+impl NoiseSource for BatchNoise {
+    fn randn_like(&mut self, like: &Tensor) -> candle_core::Result<Tensor> {
+        let dims = like.dims().to_vec();
+        let mut one = dims.clone();
+        one[0] = 1;
+        let parts = self
+            .streams
+            .iter_mut()
+            .map(|s| s.randn(one.clone(), like.device()))
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        Tensor::cat(&parts, 0)?.to_dtype(like.dtype())
+    }
+}

@@ -1,0 +1,57 @@
+//! Pixels in and out of latent space through the model's VAE.
+
+use candle_core::{DType, Tensor};
+
+use super::{PResult, PipelineError, StableDiffusion};
+
+impl StableDiffusion {
+    /// Pixels → scaled latents [1, 4, h, w] (the image resized to `width`×`height`).
+    pub fn encode_image(
+        &self,
+        img: &image::RgbImage,
+        width: usize,
+        height: usize,
+    ) -> PResult<Tensor> {
+        let img = if img.dimensions() != (width as u32, height as u32) {
+            image::imageops::resize(
+                img,
+                width as u32,
+                height as u32,
+                image::imageops::FilterType::Lanczos3,
+            )
+        } else {
+            img.clone()
+        };
+        let t = Tensor::from_vec(img.into_raw(), (height, width, 3), &self.device)?
+            .permute((2, 0, 1))?
+            .to_dtype(DType::F32)?
+            .affine(2.0 / 255.0, -1.0)?
+            .unsqueeze(0)?;
+        Ok(self.vae.encode(&t)?)
+    }
+
+    /// Latents [B, 4, h, w] → one RGB image per batch item (`width`×`height`).
+    pub(super) fn decode_rgb(
+        &self,
+        x: &Tensor,
+        width: usize,
+        height: usize,
+    ) -> PResult<Vec<image::RgbImage>> {
+        let pixels = self.vae.decode(&x.to_dtype(DType::F32)?)?;
+        let pixels = ((pixels.clamp(-1.0, 1.0)? + 1.0)? * 127.5)?
+            .round()?
+            .to_dtype(DType::U8)?;
+        (0..pixels.dim(0)?)
+            .map(|i| {
+                let raw = pixels
+                    .get(i)?
+                    .permute((1, 2, 0))?
+                    .flatten_all()?
+                    .to_vec1::<u8>()?;
+                image::RgbImage::from_raw(width as u32, height as u32, raw).ok_or_else(|| {
+                    PipelineError::Compute("decoded image has the wrong size".into())
+                })
+            })
+            .collect()
+    }
+}

@@ -1,0 +1,66 @@
+//! What a PNG says about how it was made: A1111's `parameters` text, which A1111, ComfyUI and
+//! civitai read back.
+
+use super::{PResult, PipelineError, StableDiffusion, Txt2Img};
+
+#[derive(Debug, Clone)]
+pub struct Generated {
+    pub seed: u64,
+    pub image: image::RgbImage,
+    /// A1111's `parameters` text.
+    pub parameters: String,
+}
+
+impl Generated {
+    /// PNG bytes with the `parameters` text chunk (A1111, ComfyUI and civitai read it back).
+    pub fn png(&self) -> PResult<Vec<u8>> {
+        let mut out = Vec::new();
+        {
+            let mut enc = png::Encoder::new(&mut out, self.image.width(), self.image.height());
+            enc.set_color(png::ColorType::Rgb);
+            enc.set_depth(png::BitDepth::Eight);
+            enc.add_text_chunk("parameters".into(), self.parameters.clone())
+                .map_err(|e| PipelineError::Compute(e.to_string()))?;
+            let mut w = enc
+                .write_header()
+                .map_err(|e| PipelineError::Compute(e.to_string()))?;
+            w.write_image_data(self.image.as_raw())
+                .map_err(|e| PipelineError::Compute(e.to_string()))?;
+        }
+        Ok(out)
+    }
+}
+
+impl StableDiffusion {
+    /// A1111's `parameters` text for image `i`'s seed.
+    pub(super) fn parameters(&self, req: &Txt2Img, seed: u64) -> String {
+        let mut s = req.prompt.clone();
+        if !req.negative_prompt.is_empty() {
+            s.push_str(&format!("\nNegative prompt: {}", req.negative_prompt));
+        }
+        s.push_str(&format!(
+            "\nSteps: {}, Sampler: {}, CFG scale: {}, Seed: {}, Size: {}x{}, Model hash: {}, Model: {}",
+            req.steps,
+            req.sampler.a1111_name().unwrap_or(req.sampler.name()),
+            req.cfg_scale,
+            seed,
+            req.width,
+            req.height,
+            self.hash,
+            self.name
+        ));
+        if req.clip_skip > 1 {
+            s.push_str(&format!(", Clip skip: {}", req.clip_skip));
+        }
+        if !self.lora_hashes.is_empty() {
+            let list: Vec<String> = self
+                .lora_hashes
+                .iter()
+                .map(|(n, h)| format!("{n}: {h}"))
+                .collect();
+            s.push_str(&format!(", Lora hashes: \"{}\"", list.join(", ")));
+        }
+        s.push_str(&format!(", Version: atelier {}", env!("CARGO_PKG_VERSION")));
+        s
+    }
+}

@@ -1,0 +1,210 @@
+//! Stable Diffusion pipelines on our models: load a checkpoint, then txt2img (alone or batched),
+//! img2img and the engine's side of inpainting, with any sampler, A1111 prompts and seeds, and
+//! PNGs carrying A1111's `parameters` text.
+//!
+//! - [`request`]: what a generation asks for and its limits;
+//! - [`load`]: diffusers folders, single files, random weights; [`convert`]: folder → single file;
+//! - `denoise`: the one denoise loop and its one guidance function, which every path runs;
+//! - [`txt2img`] (alone and batched), [`img2img`] (init images, and the [`Repaint`] hooks the
+//!   inpainter implements); [`infotext`]: the PNG's `parameters`; [`fixtures`]: tiny models.
+
+use candle_core::{DType, Device, Tensor};
+use serde::{Deserialize, Serialize};
+
+use crate::conditioning::{self, Layer};
+use crate::models::clip::ClipTextModel;
+use crate::models::unet::UNet;
+use crate::models::vae::Vae;
+use crate::schedulers::ScheduleConfig;
+use crate::tokenizer::ClipTokenizer;
+
+mod cond;
+pub mod convert;
+mod denoise;
+pub mod fixtures;
+mod generate;
+mod images;
+pub mod img2img;
+pub mod infotext;
+pub mod load;
+pub mod request;
+pub mod txt2img;
+
+pub use convert::write_single_file;
+pub use fixtures::{make_tiny, make_tiny_for_training, make_tiny_with};
+pub use img2img::{Init, Repaint, RepaintRun, RepaintStart};
+pub use infotext::Generated;
+pub(crate) use load::single_file_config;
+pub use load::SingleFileConfig;
+pub use request::{BatchKey, Txt2Img, MAX_PIXELS, MAX_STEPS};
+
+#[derive(Debug, thiserror::Error)]
+pub enum PipelineError {
+    #[error("model {path}: {reason}")]
+    Model { path: String, reason: String },
+    #[error("{0}")]
+    BadRequest(String),
+    #[error("cancelled")]
+    Cancelled,
+    #[error("{0}")]
+    Compute(String),
+}
+
+impl From<candle_core::Error> for PipelineError {
+    fn from(e: candle_core::Error) -> Self {
+        PipelineError::Compute(e.to_string())
+    }
+}
+
+pub(crate) type PResult<T> = std::result::Result<T, PipelineError>;
+
+/// Receives (step, decoded first image) during generation.
+pub type PreviewFn<'a> = dyn FnMut(usize, image::RgbImage) + 'a;
+
+/// Which Stable Diffusion this is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Family {
+    Sd1,
+    Sd2,
+    Sdxl,
+}
+
+#[derive(Clone)]
+struct TextStack {
+    model: ClipTextModel,
+    tok: ClipTokenizer,
+}
+
+/// The dtype loaded VAEs compute in: f32 unless `ATELIER_VAE_DTYPE` says `f16` or `bf16` (faster
+/// on GPUs; SD 1.x/2.x decode well in f16, SDXL's VAE overflows f16 and wants bf16 or f32).
+pub fn vae_dtype() -> PResult<DType> {
+    match std::env::var("ATELIER_VAE_DTYPE").as_deref() {
+        Err(_) | Ok("") | Ok("f32") => Ok(DType::F32),
+        Ok("f16") => Ok(DType::F16),
+        Ok("bf16") => Ok(DType::BF16),
+        Ok(other) => Err(PipelineError::Model {
+            path: "ATELIER_VAE_DTYPE".into(),
+            reason: format!("the worker setting must be f32, f16 or bf16 (got {other:?})"),
+        }),
+    }
+}
+
+/// A loaded model, ready to sample. Cloning is cheap (weights are shared).
+#[derive(Clone)]
+pub struct StableDiffusion {
+    pub family: Family,
+    pub name: String,
+    /// A1111's short model hash: the first 10 hex digits of the UNet weights' SHA-256.
+    pub hash: String,
+    pub schedule: ScheduleConfig,
+    unet: UNet,
+    vae: Vae,
+    text: Vec<TextStack>,
+    embeddings: Vec<conditioning::Embedding>,
+    /// (name, A1111 short hash) of the LoRAs applied, for the `parameters` text.
+    lora_hashes: Vec<(String, String)>,
+    weight_bytes: u64,
+    device: Device,
+    dtype: DType,
+}
+
+impl StableDiffusion {
+    /// Bytes of the weights this model holds (in their loaded dtypes; adapters not counted).
+    pub fn weight_bytes(&self) -> u64 {
+        self.weight_bytes
+    }
+
+    /// This model with a LoRA applied at `weight` (the weights it does not touch stay shared).
+    pub fn with_lora(
+        &self,
+        file: &crate::lora::LoraFile,
+        weight: f64,
+        mode: crate::lora::LoraMode,
+    ) -> PResult<(Self, crate::lora::Applied)> {
+        let mut m = self.clone();
+        let mut text: Vec<&mut ClipTextModel> = m.text.iter_mut().map(|t| &mut t.model).collect();
+        let applied = crate::lora::apply(file, weight, mode, &mut m.unet, &mut text)
+            .map_err(PipelineError::BadRequest)?;
+        Ok((m, applied))
+    }
+
+    /// This model recording that LoRA `name` (A1111's short hash `hash`) is applied: PNG
+    /// parameters then carry `Lora hashes: "name: hash, ..."` as A1111 writes them.
+    pub fn with_lora_hash(mut self, name: &str, hash: &str) -> Self {
+        self.lora_hashes.push((name.to_owned(), hash.to_owned()));
+        self
+    }
+
+    /// Whether this is a 9-channel inpainting model (latents, mask, masked-image latents).
+    pub fn is_inpainting(&self) -> bool {
+        self.unet.config.in_channels == 9
+    }
+
+    /// Pixels per latent cell (8 for real SD VAEs).
+    pub fn vae_scale(&self) -> usize {
+        1 << (self.vae.config.block_out_channels.len().saturating_sub(1))
+    }
+
+    /// One prompt's conditioning [1, 77k, D] and pooled embedding (SDXL), in the model's dtype.
+    pub fn encode_prompt(
+        &self,
+        prompt: &str,
+        clip_skip: usize,
+    ) -> PResult<(Tensor, Option<Tensor>)> {
+        let bad = |e: String| PipelineError::BadRequest(format!("prompt: {e}"));
+        let enc = |i: usize, layer: Layer| {
+            conditioning::encode_with(
+                &self.text[i].model,
+                &self.text[i].tok,
+                prompt,
+                layer,
+                &self.device,
+                self.dtype,
+                &self.embeddings,
+                i,
+            )
+            .map_err(bad)
+        };
+        match self.family {
+            Family::Sdxl => {
+                let (z1, _) = enc(0, Layer::Penultimate)?;
+                let (z2, pooled) = enc(1, Layer::Penultimate)?;
+                Ok((Tensor::cat(&[z1, z2], 2)?, Some(pooled)))
+            }
+            _ => {
+                let (z, _) = enc(0, Layer::Normed { clip_skip })?;
+                Ok((z, None))
+            }
+        }
+    }
+
+    /// The UNet and the text encoders, for attaching trainable adapters.
+    pub fn parts_mut(&mut self) -> (&mut UNet, Vec<&mut ClipTextModel>) {
+        (
+            &mut self.unet,
+            self.text.iter_mut().map(|t| &mut t.model).collect(),
+        )
+    }
+
+    /// The UNet (its config, and its forward pass for training).
+    pub fn unet(&self) -> &UNet {
+        &self.unet
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// The UNet's compute dtype.
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    /// This model with textual-inversion embeddings available to prompts by name.
+    pub fn with_embeddings(&self, embeddings: Vec<conditioning::Embedding>) -> Self {
+        let mut m = self.clone();
+        m.embeddings.extend(embeddings);
+        m
+    }
+}

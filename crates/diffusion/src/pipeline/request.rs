@@ -1,0 +1,96 @@
+//! What a generation asks for, and the limits checked before any model work.
+
+use serde::{Deserialize, Serialize};
+
+use crate::schedulers::SamplerKind;
+
+/// txt2img settings (A1111's names where it has them).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Txt2Img {
+    pub prompt: String,
+    #[serde(default)]
+    pub negative_prompt: String,
+    pub steps: usize,
+    pub cfg_scale: f64,
+    pub seed: u64,
+    pub width: usize,
+    pub height: usize,
+    #[serde(default = "one")]
+    pub batch_size: usize,
+    pub sampler: SamplerKind,
+    #[serde(default = "one")]
+    pub clip_skip: usize,
+}
+
+fn one() -> usize {
+    1
+}
+
+/// What txt2img requests must share to run in one batch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct BatchKey {
+    pub width: usize,
+    pub height: usize,
+    pub steps: usize,
+    pub sampler: SamplerKind,
+    /// The CFG scale's bits (exact equality).
+    pub cfg_bits: u64,
+    pub clip_skip: usize,
+}
+
+impl BatchKey {
+    pub fn of(r: &Txt2Img) -> Self {
+        Self {
+            width: r.width,
+            height: r.height,
+            steps: r.steps,
+            sampler: r.sampler,
+            cfg_bits: r.cfg_scale.to_bits(),
+            clip_skip: r.clip_skip,
+        }
+    }
+}
+
+/// Limits checked before any model work.
+pub const MAX_STEPS: usize = 150;
+pub const MAX_PIXELS: usize = 2048 * 2048;
+
+impl Txt2Img {
+    /// A clear reason for any setting out of range.
+    pub fn validate(&self) -> std::result::Result<(), String> {
+        if self.steps == 0 || self.steps > MAX_STEPS {
+            return Err(format!(
+                "steps must be 1..={MAX_STEPS} (got {})",
+                self.steps
+            ));
+        }
+        if !(self.cfg_scale.is_finite() && (0.0..=30.0).contains(&self.cfg_scale)) {
+            return Err(format!(
+                "cfg_scale must be within 0..=30 (got {})",
+                self.cfg_scale
+            ));
+        }
+        if self.width == 0 || self.height == 0 || self.width % 8 != 0 || self.height % 8 != 0 {
+            return Err(format!(
+                "width and height must be positive multiples of 8 (got {}x{})",
+                self.width, self.height
+            ));
+        }
+        if self.width * self.height > MAX_PIXELS {
+            return Err(format!(
+                "{}x{} is over the pixel budget of {MAX_PIXELS} pixels",
+                self.width, self.height
+            ));
+        }
+        if self.batch_size == 0 || self.batch_size > 16 {
+            return Err(format!(
+                "batch_size must be 1..=16 (got {})",
+                self.batch_size
+            ));
+        }
+        if self.clip_skip == 0 || self.clip_skip > 12 {
+            return Err(format!("clip_skip must be 1..=12 (got {})", self.clip_skip));
+        }
+        Ok(())
+    }
+}
