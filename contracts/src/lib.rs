@@ -21,6 +21,7 @@ pub mod samplers;
 pub mod schema;
 pub mod subjects;
 pub mod train;
+pub mod typed;
 
 pub use artifact::{ArtifactKey, ArtifactRef, KeyError};
 pub use augment::{AugmentOutput, AugmentSpec};

@@ -168,3 +168,27 @@ fn no_service_depends_on_another_service_and_no_library_on_a_service() {
         "shared code belongs in a library under crates/, not in a service: {bad:#?}"
     );
 }
+
+#[test]
+fn services_reach_the_bus_only_through_the_kit() {
+    let g = graph();
+    let mut bad = Vec::new();
+    for name in g
+        .members_under("services")
+        .iter()
+        .chain(&g.members_under("crates"))
+    {
+        if name == "atelier-kit" {
+            continue;
+        }
+        for dep in g.edges.get(g.id(name)).into_iter().flatten() {
+            if g.name(dep) == "async-nats" {
+                bad.push(name.clone());
+            }
+        }
+    }
+    assert!(
+        bad.is_empty(),
+        "these reach NATS directly; use JobCtx's typed buckets and queries (atelier_contracts::typed): {bad:?}"
+    );
+}

@@ -194,7 +194,7 @@ impl Generator {
                 }
                 Some((step, png)) = prx.recv() => {
                     // A preview that cannot be stored is skipped; the job goes on.
-                    if let Ok((r, _)) = ctx.store.put_bytes(png.into(), "image/png").await {
+                    if let Ok((r, _)) = ctx.store().put_bytes(png.into(), "image/png").await {
                         let total = last_total.max(1);
                         ctx.progress_with_preview(
                             step as f32 / total as f32,
@@ -244,7 +244,7 @@ impl Generator {
     async fn image(ctx: &JobCtx, key: &str, what: &str) -> Result<image::DynamicImage, JobError> {
         let k = atelier_contracts::ArtifactKey::parse(key)
             .map_err(|e| JobError::permanent("bad_artifact_key", format!("{what} {key:?}: {e}")))?;
-        let bytes = ctx.store.get_bytes(&k).await?;
+        let bytes = ctx.store().get_bytes(&k).await?;
         image::load_from_memory(&bytes).map_err(|e| {
             JobError::permanent(
                 "bad_image",
@@ -266,7 +266,7 @@ pub fn model_cache() -> PathBuf {
 /// copied into the local cache; `local` is why the registry folder did not have it.
 async fn store_checkpoint(ctx: &JobCtx, name: &str, local: &str) -> Result<PathBuf, JobError> {
     use store_models::FetchError;
-    match store_models::fetch_checkpoint(&ctx.store, name, &model_cache()).await {
+    match store_models::fetch_checkpoint(ctx.store(), name, &model_cache()).await {
         Ok(Some(p)) => Ok(p),
         Ok(None) => Err(JobError::permanent(
             "unknown_model",
@@ -286,7 +286,7 @@ async fn store_lora(ctx: &JobCtx, name: &str) -> Result<Option<PathBuf>, JobErro
     else {
         return Ok(None);
     };
-    let bytes = match ctx.store.get_bytes(&key).await {
+    let bytes = match ctx.store().get_bytes(&key).await {
         Ok(b) => b,
         Err(atelier_kit::store::StoreError::NotFound(_)) => return Ok(None),
         Err(e) => return Err(e.into()),
@@ -309,7 +309,7 @@ async fn store_lora(ctx: &JobCtx, name: &str) -> Result<Option<PathBuf>, JobErro
 /// `text`, fetched into a local cache (by content, under their own file name, which is the
 /// token name).
 async fn store_embeddings(ctx: &JobCtx, text: &str) -> Result<Vec<PathBuf>, JobError> {
-    let listed = match ctx.store.list("embeddings").await {
+    let listed = match ctx.store().list("embeddings").await {
         Ok(l) => l,
         Err(e) if e.is_transient() => return Err(e.into()),
         // A store without the prefix (or that cannot list it) has no embeddings.
@@ -330,7 +330,7 @@ async fn store_embeddings(ctx: &JobCtx, text: &str) -> Result<Vec<PathBuf>, JobE
         let Ok(key) = atelier_contracts::ArtifactKey::parse(meta.location.as_ref()) else {
             continue;
         };
-        let bytes = ctx.store.get_bytes(&key).await?;
+        let bytes = ctx.store().get_bytes(&key).await?;
         let dir = std::env::temp_dir()
             .join("atelier-embeddings")
             .join(&hex_sha256(&bytes)[..16]);
@@ -492,7 +492,7 @@ impl Handler for Generator {
         };
         let mut images = Vec::with_capacity(pngs.len());
         for (png, seed) in pngs {
-            let (image, _) = ctx.store.put_bytes(png.into(), "image/png").await?;
+            let (image, _) = ctx.store().put_bytes(png.into(), "image/png").await?;
             images.push(GeneratedImage { image, seed });
         }
         Ok(JobOutput::Images(ImagesOutput {

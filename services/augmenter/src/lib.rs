@@ -19,11 +19,11 @@ use atelier_contracts::augment::{
     Paraphrase, Paraphrased, Step,
 };
 use atelier_contracts::dataset::{Decision, VersionCounts};
-use atelier_contracts::subjects::RETRIEVAL_QUERY;
 use atelier_contracts::{
     ArtifactKey, AugmentOutput, AugmentSpec, DatasetManifest, DatasetRow, JobOutput, JobSpec,
     SearchReply, SearchRequest, Service, Space,
 };
+use atelier_kit::bus::AskError;
 use atelier_kit::store::StoreError;
 use atelier_kit::{Handler, JobCtx, JobError};
 use atelier_openai as openai;
@@ -170,7 +170,7 @@ impl Augmenter {
         {
             let (_, rows) =
                 atelier_kit::datasets::load_version(ctx, &spec.dataset, Some(m.version)).await?;
-            let (manifest_ref, _) = ctx.store.put_json(&m).await?;
+            let (manifest_ref, _) = ctx.store().put_json(&m).await?;
             return Ok(JobOutput::Augmented(output_of(&m, manifest_ref, &rows)));
         }
         let llm = if spec.captions.paraphrase == Paraphrase::Openai {
@@ -318,7 +318,7 @@ impl Augmenter {
                             OutputFormat::Jpeg => "image/jpeg",
                             OutputFormat::Png => "image/png",
                         };
-                        let (art, _) = ctx.store.put_bytes(r.bytes.into(), content_type).await?;
+                        let (art, _) = ctx.store().put_bytes(r.bytes.into(), content_type).await?;
                         if !seen.insert(art.sha256.clone()) {
                             skipped.push(format!(
                                 "{} variant {v}: the same image as another row",
@@ -454,7 +454,7 @@ async fn fetch(ctx: &JobCtx, row: &DatasetRow) -> Result<Option<bytes::Bytes>, J
     }
     let key = ArtifactKey::parse(&row.image_key)
         .map_err(|e| JobError::permanent("bad_artifact_key", e.to_string()))?;
-    match ctx.store.get_bytes(&key).await {
+    match ctx.store().get_bytes(&key).await {
         Ok(b) => Ok(Some(b)),
         Err(StoreError::NotFound(_)) => Ok(None),
         Err(e) => Err(e.into()),
@@ -533,27 +533,20 @@ async fn neighbour_negatives(
         k: (n * 2 + 4).min(atelier_contracts::retrieval::MAX_K),
         filter: Default::default(),
     };
-    let body =
-        serde_json::to_vec(&req).map_err(|e| JobError::permanent("internal", e.to_string()))?;
-    let msg = tokio::time::timeout(
-        QUERY_TIMEOUT,
-        ctx.bus.client.request(RETRIEVAL_QUERY, body.into()),
-    )
-    .await
-    .map_err(|_| {
-        JobError::retryable(
-            "index_unavailable",
-            "the retrieval-indexer did not answer in time",
-        )
-    })?
-    .map_err(|e| {
-        JobError::retryable(
-            "index_unavailable",
-            format!("no retrieval-indexer answered the neighbour query ({e})"),
-        )
-    })?;
-    let reply: SearchReply = serde_json::from_slice(&msg.payload)
-        .map_err(|e| JobError::retryable("index_unavailable", e.to_string()))?;
+    let reply = ctx
+        .ask(atelier_contracts::typed::SEARCH, &req, QUERY_TIMEOUT)
+        .await
+        .map_err(|e| match e {
+            AskError::Timeout => JobError::retryable(
+                "index_unavailable",
+                "the retrieval-indexer did not answer in time",
+            ),
+            AskError::NoAnswer(e) => JobError::retryable(
+                "index_unavailable",
+                format!("no retrieval-indexer answered the neighbour query ({e})"),
+            ),
+            AskError::Reply(e) => JobError::retryable("index_unavailable", e),
+        })?;
     let found = match reply {
         SearchReply::Ok(r) => r.results,
         SearchReply::Error(e) if e.code == "record_not_found" => return Ok(None),

@@ -22,6 +22,7 @@ use atelier_contracts::dataset::{
 };
 use atelier_contracts::images::ImageRecord;
 use atelier_contracts::{ArtifactKey, JobOutput, JobSpec, Service, SCHEMA_VERSION};
+use atelier_kit::kv::Kv;
 use atelier_kit::{Handler, JobCtx, JobError};
 use futures::StreamExt as _;
 use sha2::{Digest, Sha256};
@@ -41,10 +42,11 @@ pub fn source_id(source: &CaptionSource) -> String {
 
 /// The images of `dataset`, sorted by sha256; `unknown_dataset` when it has none.
 pub async fn dataset_images(
-    images: &async_nats::jetstream::kv::Store,
+    images: &Kv<ImageRecord>,
     dataset: &str,
 ) -> Result<Vec<ImageRecord>, JobError> {
-    let all = atelier_kit::bus::dataset_images(images, dataset)
+    let all = images
+        .of_dataset(dataset)
         .await
         .map_err(|e| JobError::retryable("kv_unavailable", format!("{e:#}")))?;
     if all.is_empty() {
@@ -85,14 +87,12 @@ enum Backend {
 }
 
 async fn put_caption(
-    captions: &async_nats::jetstream::kv::Store,
+    captions: &Kv<CaptionRecord>,
     key: &str,
     record: &CaptionRecord,
 ) -> Result<(), JobError> {
-    let value =
-        serde_json::to_vec(record).map_err(|e| JobError::permanent("internal", e.to_string()))?;
     captions
-        .put(key, value.into())
+        .put(key, record)
         .await
         .map(|_| ())
         .map_err(|e| JobError::retryable("kv_unavailable", e.to_string()))
@@ -100,7 +100,7 @@ async fn put_caption(
 
 /// What every image of one job shares.
 struct Batch {
-    captions: async_nats::jetstream::kv::Store,
+    captions: Kv<CaptionRecord>,
     source: CaptionSource,
     sid: String,
     req: openai::Request,
@@ -164,7 +164,7 @@ impl Captioner {
     async fn blip_images(
         &self,
         ctx: &JobCtx,
-        captions: &async_nats::jetstream::kv::Store,
+        captions: &Kv<CaptionRecord>,
         source: &CaptionSource,
         sid: &str,
         usable: Vec<ImageRecord>,
@@ -176,10 +176,10 @@ impl Captioner {
             .iter()
             .map(|rec| format!("{}.{sid}", rec.sha256))
             .collect();
-        let have: Vec<Option<serde::de::IgnoredAny>> =
-            atelier_kit::bus::kv_get_many(captions, &keys)
-                .await
-                .map_err(|e| JobError::retryable("kv_unavailable", format!("{e:#}")))?;
+        let have: Vec<Option<CaptionRecord>> = captions
+            .get_many(&keys)
+            .await
+            .map_err(|e| JobError::retryable("kv_unavailable", format!("{e:#}")))?;
         for (rec, have) in usable.into_iter().zip(have) {
             match have {
                 Some(_) => tally.already += 1,
@@ -200,7 +200,7 @@ impl Captioner {
             for rec in chunk {
                 let decoded = match ArtifactKey::parse(&rec.key) {
                     Err(e) => Err(format!("image key {:?}: {e}", rec.key)),
-                    Ok(k) => match ctx.store.get_bytes(&k).await {
+                    Ok(k) => match ctx.store().get_bytes(&k).await {
                         Ok(b) => image::load_from_memory(&b)
                             .map_err(|e| format!("decoding the image: {e}")),
                         Err(e) if e.is_transient() => return Err(e.into()),
@@ -269,7 +269,7 @@ impl Captioner {
                 error,
             }))
         };
-        match captions.get(&key).await {
+        match captions.entry(&key).await {
             Ok(Some(_)) => return Ok(One::Already),
             Ok(None) => {}
             Err(e) => return Err(JobError::retryable("kv_unavailable", e.to_string())),
@@ -281,7 +281,7 @@ impl Captioner {
             Ok(k) => k,
             Err(e) => return fail(format!("image key {:?}: {e}", rec.key)),
         };
-        let bytes = match ctx.store.get_bytes(&k).await {
+        let bytes = match ctx.store().get_bytes(&k).await {
             Ok(b) => b,
             Err(e) if e.is_transient() => return Err(e.into()),
             Err(e) => return fail(format!("reading {}: {e}", rec.key)),
@@ -405,9 +405,8 @@ impl Handler for Captioner {
             }
         };
         let sid = source_id(&source);
-        let kv_err = |e: anyhow::Error| JobError::retryable("kv_unavailable", format!("{e:#}"));
-        let images_kv = ctx.bus.images_kv().await.map_err(kv_err)?;
-        let captions = ctx.bus.captions_kv().await.map_err(kv_err)?;
+        let images_kv = ctx.bucket(atelier_contracts::typed::IMAGES).await?;
+        let captions = ctx.bucket(atelier_contracts::typed::CAPTIONS).await?;
         let mut records = dataset_images(&images_kv, &dataset).await?;
         if !wanted.is_empty() {
             let missing: Vec<&String> = wanted
@@ -492,7 +491,7 @@ impl Captioner {
     async fn openai_images(
         &self,
         ctx: &JobCtx,
-        captions: async_nats::jetstream::kv::Store,
+        captions: Kv<CaptionRecord>,
         source: &CaptionSource,
         sid: &str,
         usable: Vec<ImageRecord>,

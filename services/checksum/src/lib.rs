@@ -28,7 +28,7 @@ impl Handler for Checksum {
         let key = ArtifactKey::parse(&spec.input).map_err(|e| {
             JobError::permanent("bad_artifact_key", format!("input {:?}: {e}", spec.input))
         })?;
-        let input = ctx.store.digest(&key).await?;
+        let input = ctx.store().digest(&key).await?;
         if let Some(expected) = &spec.expected_sha256 {
             if !expected.eq_ignore_ascii_case(&input.sha256) {
                 return Err(JobError::permanent(
@@ -50,7 +50,7 @@ impl Handler for Checksum {
             "size": input.size,
             "verified": spec.expected_sha256.is_some(),
         });
-        let (report, _) = ctx.store.put_json(&report).await?;
+        let (report, _) = ctx.store().put_json(&report).await?;
         Ok(JobOutput::Checksum(ChecksumOutput { input, report }))
     }
 }

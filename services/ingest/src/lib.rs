@@ -13,12 +13,13 @@
 
 use std::sync::Arc;
 
-use async_nats::jetstream::kv;
 use atelier_contracts::images::{ImageRecord, ImageSource, ImagesIngested, IngestedImage};
 use atelier_contracts::subjects::{IMAGES_INGESTED, IMAGES_STREAM};
+use atelier_contracts::typed::IMAGES;
 use atelier_contracts::{ArtifactKey, ErrorInfo, Service, SCHEMA_VERSION};
 use atelier_kit::config::WorkerArgs;
 use atelier_kit::consumer::{self, ConsumerSpec, Delivery, Outcome, Processor};
+use atelier_kit::kv::{Kv, WriteError};
 use atelier_kit::service::Runtime;
 use atelier_kit::store::StoreError;
 use atelier_kit::Store;
@@ -49,7 +50,7 @@ pub const MAX_IMAGE_BYTES: u64 = 256 << 20;
 
 pub struct Ingest {
     store: Store,
-    images: kv::Store,
+    images: Kv<ImageRecord>,
     max_pixels: u64,
 }
 
@@ -58,7 +59,7 @@ impl Ingest {
     pub async fn new(rt: &Runtime, max_pixels: u64) -> anyhow::Result<Self> {
         Ok(Self {
             store: rt.store.clone(),
-            images: rt.bus.images_kv().await?,
+            images: rt.bus.bucket(IMAGES).await?,
             max_pixels,
         })
     }
@@ -193,16 +194,13 @@ impl Ingest {
                 })
             })?;
             let (mut record, revision) = match existing {
-                Some(e) if e.operation == kv::Operation::Put => {
-                    match serde_json::from_slice::<ImageRecord>(&e.value) {
-                        Ok(r) => (r, Some(e.revision)),
-                        Err(_) => (
-                            fresh(&found, &content_key, &content_type, info.as_ref(), now),
-                            Some(e.revision),
-                        ),
-                    }
-                }
-                _ => (
+                Some(e) => (
+                    e.value.unwrap_or_else(|_| {
+                        fresh(&found, &content_key, &content_type, info.as_ref(), now)
+                    }),
+                    Some(e.revision),
+                ),
+                None => (
                     fresh(&found, &content_key, &content_type, info.as_ref(), now),
                     None,
                 ),
@@ -219,23 +217,15 @@ impl Ingest {
                 record.flag = flag.clone();
             }
             record.updated_at = now;
-            let bytes = serde_json::to_vec(&record).expect("records serialize");
-            let written = match revision {
-                Some(rev) => self
-                    .images
-                    .update(&found.sha256, bytes.into(), rev)
-                    .await
-                    .map(|_| ())
-                    .map_err(|e| e.to_string()),
-                None => self
-                    .images
-                    .create(&found.sha256, bytes.into())
-                    .await
-                    .map(|_| ())
-                    .map_err(|e| e.to_string()),
-            };
-            if written.is_ok() {
-                return Ok(record);
+            match self.images.write(&found.sha256, &record, revision).await {
+                Ok(_) => return Ok(record),
+                Err(WriteError::Conflict(_)) => {}
+                Err(WriteError::Other(e)) => {
+                    return Err(Outcome::Retry(ErrorInfo {
+                        code: "bus_unavailable".into(),
+                        message: format!("{e:#}"),
+                    }))
+                }
             }
             // Lost a race with another replica: read again and merge again.
         }

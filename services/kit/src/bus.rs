@@ -18,6 +18,19 @@ use async_nats::jetstream::{self, kv, stream};
 use atelier_contracts::subjects::{self, Service};
 
 use crate::config::NatsArgs;
+use crate::kv::Kv;
+use atelier_contracts::typed::{Bucket, Query};
+
+/// Why a [`Bus::ask`] got no usable reply.
+#[derive(Debug, thiserror::Error)]
+pub enum AskError {
+    #[error("no reply in time")]
+    Timeout,
+    #[error("no one answered ({0})")]
+    NoAnswer(String),
+    #[error("the reply does not decode: {0}")]
+    Reply(String),
+}
 
 /// How long `atelier_jobs` keeps a job record.
 pub const JOB_RETENTION: Duration = Duration::from_secs(30 * 24 * 3600);
@@ -163,6 +176,77 @@ impl Bus {
 
     pub async fn verdicts_kv(&self) -> anyhow::Result<kv::Store> {
         self.kv(subjects::VERDICTS_BUCKET, 1, Duration::ZERO).await
+    }
+
+    /// The bucket `bucket`, typed by its values (created with the topology's settings if it
+    /// does not exist yet).
+    pub async fn bucket<V: serde::Serialize + serde::de::DeserializeOwned>(
+        &self,
+        bucket: Bucket<V>,
+    ) -> anyhow::Result<Kv<V>> {
+        let max_age = if bucket.name == subjects::JOBS_BUCKET {
+            JOB_RETENTION
+        } else {
+            Duration::ZERO
+        };
+        Ok(Kv::new(self.kv(bucket.name, 1, max_age).await?))
+    }
+
+    /// Sends `req` on `query`'s subject and decodes the one reply, within `timeout`.
+    pub async fn ask<Req: serde::Serialize, Rep: serde::de::DeserializeOwned>(
+        &self,
+        query: Query<Req, Rep>,
+        req: &Req,
+        timeout: Duration,
+    ) -> Result<Rep, AskError> {
+        let body = serde_json::to_vec(req).map_err(|e| AskError::Reply(e.to_string()))?;
+        let msg = tokio::time::timeout(timeout, self.client.request(query.subject, body.into()))
+            .await
+            .map_err(|_| AskError::Timeout)?
+            .map_err(|e| AskError::NoAnswer(e.to_string()))?;
+        serde_json::from_slice(&msg.payload).map_err(|e| AskError::Reply(e.to_string()))
+    }
+
+    /// Answers `query` as one member of its queue group until `shutdown`: each request runs
+    /// `handle` on its own task (a request that does not decode gets `handle(Err(reason))`).
+    pub async fn answer<Req, Rep, F, Fut>(
+        &self,
+        query: Query<Req, Rep>,
+        shutdown: tokio_util::sync::CancellationToken,
+        handle: F,
+    ) -> anyhow::Result<()>
+    where
+        Req: serde::de::DeserializeOwned + Send + 'static,
+        Rep: serde::Serialize + Send + 'static,
+        F: Fn(Result<Req, String>) -> Fut + Clone + Send + Sync + 'static,
+        Fut: std::future::Future<Output = Rep> + Send + 'static,
+    {
+        use futures::StreamExt as _;
+        let mut sub = self
+            .client
+            .queue_subscribe(query.subject, query.group.to_owned())
+            .await
+            .with_context(|| format!("subscribing to {}", query.subject))?;
+        tracing::info!(subject = query.subject, "answering requests");
+        loop {
+            let msg = tokio::select! {
+                _ = shutdown.cancelled() => break,
+                m = sub.next() => match m { Some(m) => m, None => break },
+            };
+            let Some(reply_to) = msg.reply.clone() else {
+                continue;
+            };
+            let (client, handle) = (self.client.clone(), handle.clone());
+            tokio::spawn(async move {
+                let req = serde_json::from_slice::<Req>(&msg.payload).map_err(|e| e.to_string());
+                let body = serde_json::to_vec(&handle(req).await).unwrap_or_default();
+                if let Err(e) = client.publish(reply_to, body.into()).await {
+                    tracing::warn!(error = %e, "could not send a reply");
+                }
+            });
+        }
+        let _ = sub.unsubscribe().await;
+        Ok(())
     }
 
     /// Publishes to a stream and waits for the server's ack. `msg_id` (if any) becomes

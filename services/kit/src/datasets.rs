@@ -2,7 +2,7 @@
 
 use atelier_contracts::{ArtifactKey, ArtifactRef, DatasetManifest, DatasetRow};
 
-use crate::bus::kv_values;
+use crate::kv::WriteError;
 use crate::{JobCtx, JobError};
 
 /// A version's manifest and rows: version `version` of `dataset`, or its latest when `None`.
@@ -12,8 +12,9 @@ pub async fn load_version(
     version: Option<u32>,
 ) -> Result<(DatasetManifest, Vec<DatasetRow>), JobError> {
     let kv_err = |e: anyhow::Error| JobError::retryable("kv_unavailable", format!("{e:#}"));
-    let datasets = ctx.bus.datasets_kv().await.map_err(kv_err)?;
-    let versions: Vec<(String, DatasetManifest)> = kv_values(&datasets, &format!("{dataset}."))
+    let datasets = ctx.bucket(atelier_contracts::typed::DATASETS).await?;
+    let versions: Vec<(String, DatasetManifest)> = datasets
+        .values(&format!("{dataset}."))
         .await
         .map_err(kv_err)?;
     let manifest = versions
@@ -32,7 +33,7 @@ pub async fn load_version(
         })?;
     let key = ArtifactKey::parse(&manifest.data.key)
         .map_err(|e| JobError::permanent("bad_artifact_key", e.to_string()))?;
-    let data = ctx.store.get_bytes(&key).await?;
+    let data = ctx.store().get_bytes(&key).await?;
     let text = std::str::from_utf8(&data)
         .map_err(|e| JobError::permanent("corrupt_version", e.to_string()))?;
     let rows: Vec<DatasetRow> = text
@@ -47,8 +48,9 @@ pub async fn load_version(
 /// Every version of `dataset`, by version number.
 pub async fn versions(ctx: &JobCtx, dataset: &str) -> Result<Vec<DatasetManifest>, JobError> {
     let kv_err = |e: anyhow::Error| JobError::retryable("kv_unavailable", format!("{e:#}"));
-    let datasets = ctx.bus.datasets_kv().await.map_err(kv_err)?;
-    let mut out: Vec<DatasetManifest> = kv_values(&datasets, &format!("{dataset}."))
+    let datasets = ctx.bucket(atelier_contracts::typed::DATASETS).await?;
+    let mut out: Vec<DatasetManifest> = datasets
+        .values(&format!("{dataset}."))
         .await
         .map_err(kv_err)?
         .into_iter()
@@ -68,7 +70,7 @@ pub async fn put_rows(ctx: &JobCtx, rows: &[DatasetRow]) -> Result<ArtifactRef, 
         data.push(b'\n');
     }
     let (data, _) = ctx
-        .store
+        .store()
         .put_bytes(data.into(), "application/x-ndjson")
         .await?;
     Ok(data)
@@ -83,26 +85,24 @@ pub async fn publish_version(
     manifest: impl Fn(u32) -> DatasetManifest,
 ) -> Result<(DatasetManifest, ArtifactRef), JobError> {
     let kv_err = |e: anyhow::Error| JobError::retryable("kv_unavailable", format!("{e:#}"));
-    let datasets = ctx.bus.datasets_kv().await.map_err(kv_err)?;
+    let datasets = ctx.bucket(atelier_contracts::typed::DATASETS).await?;
     let latest = versions(ctx, dataset).await?.last().map(|m| m.version);
     let mut version = latest.unwrap_or(0) + 1;
     loop {
         let m = manifest(version);
-        let value =
-            serde_json::to_vec(&m).map_err(|e| JobError::permanent("internal", e.to_string()))?;
         match datasets
-            .create(format!("{dataset}.{version}"), value.into())
+            .write(&format!("{dataset}.{version}"), &m, None)
             .await
         {
             Ok(_) => {
-                let (manifest_ref, _) = ctx.store.put_json(&m).await?;
+                let (manifest_ref, _) = ctx.store().put_json(&m).await?;
                 return Ok((m, manifest_ref));
             }
-            Err(e) if e.kind() == async_nats::jetstream::kv::CreateErrorKind::AlreadyExists => {
+            Err(WriteError::Conflict(_)) => {
                 // Another job took this number first.
                 version += 1;
             }
-            Err(e) => return Err(kv_err(e.into())),
+            Err(WriteError::Other(e)) => return Err(kv_err(e)),
         }
     }
 }

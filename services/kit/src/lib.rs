@@ -6,6 +6,7 @@
 //!
 //! - [`config`]: CLI flags and environment (`ATELIER_*`), the single place they are documented.
 //! - [`bus`]: connecting to NATS and declaring every stream, consumer and KV bucket.
+//! - [`kv`]: typed key-value buckets (a bucket reads and writes only its own value type).
 //! - [`store`]: the object store (local directory or S3), content-addressed, with retries.
 //! - [`jobstate`]: the `atelier_jobs` KV bucket: queued → running → succeeded | failed | cancelled.
 //! - [`consumer`]: the JetStream pull loop: batched fetch, back-pressure, in-progress acks, nak with
@@ -20,6 +21,7 @@ pub mod config;
 pub mod consumer;
 pub mod datasets;
 pub mod jobstate;
+pub mod kv;
 pub mod nats_server;
 pub mod service;
 pub mod shutdown;

@@ -26,12 +26,15 @@ use atelier_contracts::{
 use futures::future::join_all;
 use tokio_util::sync::CancellationToken;
 
+use crate::bus::AskError;
 use crate::config::WorkerArgs;
 use crate::consumer::{self, ConsumerSpec, Delivery, Outcome, Processor};
-use crate::jobstate::{Change, JobStates};
+use crate::jobstate::{Change, JobStates, StateError};
+use crate::kv::Kv;
 use crate::store::StoreError;
 use crate::telemetry::{Metrics, ServiceLabel};
 use crate::{Bus, Store};
+use atelier_contracts::typed::{Bucket, Query};
 
 /// Transport hint on a request: the revision of the job record the submitter created. A worker
 /// receiving the first delivery rebuilds the queued record from the request and moves it to
@@ -127,8 +130,8 @@ pub struct JobCtx {
     /// 1 on the first attempt.
     pub attempt: u64,
     pub service: Service,
-    pub store: Store,
-    pub bus: Bus,
+    store: Store,
+    bus: Bus,
     states: JobStates,
     cancel: CancellationToken,
     /// The record and revision this worker last wrote, so finishing can skip a read. Taken (and
@@ -144,6 +147,58 @@ impl JobCtx {
 
     pub fn is_cancelled(&self) -> bool {
         self.cancel.is_cancelled()
+    }
+
+    /// The object store (content-addressed artifacts).
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    /// A key-value bucket, typed by its values (`atelier_contracts::typed`).
+    pub async fn bucket<V: serde::Serialize + serde::de::DeserializeOwned>(
+        &self,
+        bucket: Bucket<V>,
+    ) -> Result<Kv<V>, JobError> {
+        self.bus
+            .bucket(bucket)
+            .await
+            .map_err(|e| JobError::retryable("kv_unavailable", format!("{e:#}")))
+    }
+
+    /// Sends `req` on a request/reply subject and waits up to `timeout` for the reply.
+    pub async fn ask<Req: serde::Serialize, Rep: serde::de::DeserializeOwned>(
+        &self,
+        query: Query<Req, Rep>,
+        req: &Req,
+        timeout: std::time::Duration,
+    ) -> Result<Rep, AskError> {
+        self.bus.ask(query, req, timeout).await
+    }
+
+    /// Queues a job of another service on this job's behalf (`submitted_by` names this job).
+    pub async fn submit(&self, spec: JobSpec) -> Result<JobId, JobError> {
+        let req = JobRequest {
+            schema_version: SCHEMA_VERSION,
+            id: JobId::new(),
+            submitted_at: chrono::Utc::now(),
+            submitted_by: Some(format!("{}:{}", self.service.name(), self.id)),
+            spec,
+        };
+        enqueue(&self.bus, &self.states, &req)
+            .await
+            .map_err(|e| JobError::retryable("bus_unavailable", e.to_string()))?;
+        Ok(req.id)
+    }
+
+    /// Job `id`'s record each time it changes, from its current one.
+    pub async fn watch(
+        &self,
+        id: JobId,
+    ) -> Result<impl futures::Stream<Item = Result<JobRecord, StateError>>, JobError> {
+        self.states
+            .watch(id)
+            .await
+            .map_err(|e| JobError::retryable("kv_unavailable", e.to_string()))
     }
 
     fn take_known(&self) -> Option<(JobRecord, u64)> {

@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 
 use crate::models::{kv_err, QualityFilter};
-use atelier_contracts::dataset::{CaptionRecord, Decision};
+use atelier_contracts::dataset::Decision;
 use atelier_contracts::JobOutput;
 use atelier_kit::{JobCtx, JobError};
 
@@ -18,7 +18,7 @@ impl QualityFilter {
             .map_err(|e| JobError::permanent("invalid_job", e))?;
         let (manifest, rows) =
             atelier_kit::datasets::load_version(ctx, &spec.dataset, spec.version).await?;
-        let captions_kv = ctx.bus.captions_kv().await.map_err(kv_err)?;
+        let captions_kv = ctx.bucket(atelier_contracts::typed::CAPTIONS).await?;
         let mut refs = BTreeMap::new();
         let mut cands = BTreeMap::new();
         let mut missing = 0u64;
@@ -30,10 +30,9 @@ impl QualityFilter {
                 continue;
             };
             let reference = captions_kv
-                .get(format!("{}.{}", r.sha256, spec.references))
+                .get(&format!("{}.{}", r.sha256, spec.references))
                 .await
                 .map_err(kv_err)?
-                .and_then(|v| serde_json::from_slice::<CaptionRecord>(&v).ok())
                 .filter(|c| !c.caption.trim().is_empty());
             match reference {
                 Some(c) => {
@@ -89,7 +88,7 @@ impl QualityFilter {
         })
         .await
         .map_err(|e| JobError::retryable("panicked", e.to_string()))??;
-        let (per_image, _) = ctx.store.put_json(&scores.per_image).await?;
+        let (per_image, _) = ctx.store().put_json(&scores.per_image).await?;
         Ok(JobOutput::CaptionScores(atelier_contracts::CaptionScores {
             dataset: spec.dataset,
             version: manifest.version,

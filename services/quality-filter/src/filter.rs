@@ -6,7 +6,6 @@ use crate::models::{kv_err, QualityFilter};
 use crate::policy::{assess, Input};
 use atelier_contracts::dataset::{CaptionRecord, DatasetManifest, DatasetVersionOutput};
 use atelier_contracts::{JobOutput, SCHEMA_VERSION};
-use atelier_kit::bus::{dataset_images, kv_values};
 use atelier_kit::{JobCtx, JobError};
 
 impl QualityFilter {
@@ -17,13 +16,13 @@ impl QualityFilter {
     ) -> Result<JobOutput, JobError> {
         spec.check()
             .map_err(|e| JobError::permanent("invalid_job", e))?;
-        let datasets = ctx.bus.datasets_kv().await.map_err(kv_err)?;
+        let datasets = ctx.bucket(atelier_contracts::typed::DATASETS).await?;
         let prefix = format!("{}.", spec.dataset);
         let versions: Vec<(String, DatasetManifest)> =
-            kv_values(&datasets, &prefix).await.map_err(kv_err)?;
+            datasets.values(&prefix).await.map_err(kv_err)?;
         // A redelivered job whose version was already written returns it.
         if let Some((_, m)) = versions.iter().find(|(_, m)| m.job == ctx.id) {
-            let (manifest, _) = ctx.store.put_json(m).await?;
+            let (manifest, _) = ctx.store().put_json(m).await?;
             return Ok(JobOutput::DatasetVersion(DatasetVersionOutput {
                 dataset: m.dataset.clone(),
                 version: m.version,
@@ -31,10 +30,8 @@ impl QualityFilter {
                 counts: m.counts.clone(),
             }));
         }
-        let images_kv = ctx.bus.images_kv().await.map_err(kv_err)?;
-        let images = dataset_images(&images_kv, &spec.dataset)
-            .await
-            .map_err(kv_err)?;
+        let images_kv = ctx.bucket(atelier_contracts::typed::IMAGES).await?;
+        let images = images_kv.of_dataset(&spec.dataset).await.map_err(kv_err)?;
         if images.is_empty() {
             return Err(JobError::permanent(
                 "unknown_dataset",
@@ -46,12 +43,9 @@ impl QualityFilter {
         }
         ctx.progress(0.1, Some(format!("{} images", images.len())))
             .await;
-        let captions_kv = ctx.bus.captions_kv().await.map_err(kv_err)?;
+        let captions_kv = ctx.bucket(atelier_contracts::typed::CAPTIONS).await?;
         let mut by_image: HashMap<String, Vec<CaptionRecord>> = HashMap::new();
-        for (_, c) in kv_values::<CaptionRecord>(&captions_kv, "")
-            .await
-            .map_err(kv_err)?
-        {
+        for (_, c) in captions_kv.values("").await.map_err(kv_err)? {
             by_image.entry(c.image_sha256.clone()).or_default().push(c);
         }
         if let Some(sid) = &spec.caption_source {

@@ -8,7 +8,7 @@ use crate::{nsfw, verdicts};
 use atelier_contracts::dataset::{CaptionRecord, ModelVerdict};
 use atelier_contracts::images::ImageRecord;
 use atelier_contracts::SCHEMA_VERSION;
-use atelier_kit::bus::{kv_get_many, kv_put_many};
+use atelier_kit::kv::Kv;
 use atelier_kit::{JobCtx, JobError};
 
 /// Runs filter and eval_captions jobs.
@@ -121,7 +121,7 @@ impl QualityFilter {
                 (!text.is_empty()).then_some((i, text))
             })
             .collect();
-        let kept_kv = ctx.bus.verdicts_kv().await.map_err(kv_err)?;
+        let kept_kv = ctx.bucket(atelier_contracts::typed::VERDICTS).await?;
         let total = todo.len();
         let keyed = todo
             .into_iter()
@@ -141,7 +141,7 @@ impl QualityFilter {
         for (done, chunk) in missing.chunks(32).enumerate() {
             let mut decoded = Vec::with_capacity(chunk.len());
             for (i, text, key) in chunk {
-                let bytes = ctx.store.get_bytes(&artifact_key(&images[*i])?).await?;
+                let bytes = ctx.store().get_bytes(&artifact_key(&images[*i])?).await?;
                 decoded.push((*i, text.clone(), key.clone(), bytes));
             }
             let c = clip.model.clone();
@@ -218,7 +218,7 @@ impl QualityFilter {
         let todo: Vec<usize> = (0..images.len())
             .filter(|&i| images[i].flag.is_none() && images[i].format.is_some())
             .collect();
-        let kept_kv = ctx.bus.verdicts_kv().await.map_err(kv_err)?;
+        let kept_kv = ctx.bucket(atelier_contracts::typed::VERDICTS).await?;
         let total = todo.len();
         let keyed = todo
             .into_iter()
@@ -237,7 +237,7 @@ impl QualityFilter {
             let mut fresh = Vec::with_capacity(chunk.len());
             for (i, key) in chunk {
                 let img = &images[*i];
-                let bytes = ctx.store.get_bytes(&artifact_key(img)?).await?;
+                let bytes = ctx.store().get_bytes(&artifact_key(img)?).await?;
                 let d = detector.model.clone();
                 let found = tokio::task::spawn_blocking(move || {
                     let decoded = image::load_from_memory(&bytes).map_err(|e| e.to_string())?;
@@ -299,11 +299,11 @@ fn verdict(score: f32, label: Option<String>) -> ModelVerdict {
 
 /// Each item with the verdict kept under its key, if any.
 async fn read_kept<T>(
-    kv: &async_nats::jetstream::kv::Store,
+    kv: &Kv<ModelVerdict>,
     keyed: Vec<(String, T)>,
 ) -> Result<Vec<(String, T, Option<ModelVerdict>)>, JobError> {
     let keys: Vec<String> = keyed.iter().map(|(k, _)| k.clone()).collect();
-    let kept: Vec<Option<ModelVerdict>> = kv_get_many(kv, &keys).await.map_err(kv_err)?;
+    let kept: Vec<Option<ModelVerdict>> = kv.get_many(&keys).await.map_err(kv_err)?;
     Ok(keyed
         .into_iter()
         .zip(kept)
@@ -325,8 +325,8 @@ fn nsfw_score(v: &ModelVerdict) -> Option<NsfwScore> {
 
 /// Keeps fresh verdicts for later jobs; a failure costs only their reuse, so it is logged, not
 /// raised.
-async fn keep(kv: &async_nats::jetstream::kv::Store, fresh: &[(String, ModelVerdict)]) {
-    if let Err(e) = kv_put_many(kv, fresh).await {
+async fn keep(kv: &Kv<ModelVerdict>, fresh: &[(String, ModelVerdict)]) {
+    if let Err(e) = kv.put_many(fresh).await {
         tracing::warn!(error = %format!("{e:#}"), "could not keep model verdicts; later filter jobs will compute them again");
     }
 }

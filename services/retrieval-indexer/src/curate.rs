@@ -10,6 +10,7 @@ use std::collections::{BTreeMap, HashSet};
 
 use atelier_contracts::dataset::Decision;
 use atelier_contracts::retrieval::{Combine, Curation, Keywords};
+use atelier_contracts::typed::INDEXES;
 use atelier_contracts::{CurateOutput, CurateSpec, DatasetManifest, DatasetRow, JobOutput, Space};
 use atelier_kit::{JobCtx, JobError};
 use sha2::{Digest, Sha256};
@@ -84,7 +85,7 @@ pub async fn run(indexer: &Indexer, ctx: &JobCtx, spec: CurateSpec) -> Result<Jo
     let versions = atelier_kit::datasets::versions(ctx, &spec.dataset).await?;
     if let Some(m) = versions.iter().find(|m| m.job == ctx.id) {
         // A redelivery of a job that already wrote its version.
-        let (manifest, _) = ctx.store.put_json(m).await?;
+        let (manifest, _) = ctx.store().put_json(m).await?;
         let c = m.curation.as_ref();
         return Ok(JobOutput::Curated(CurateOutput {
             dataset: m.dataset.clone(),
@@ -105,7 +106,7 @@ pub async fn run(indexer: &Indexer, ctx: &JobCtx, spec: CurateSpec) -> Result<Jo
         Some(
             indexer
                 .cache
-                .get(&ctx.bus, &ctx.store, &spec.dataset)
+                .get(&ctx.bucket(INDEXES).await?, ctx.store(), &spec.dataset)
                 .await
                 .map_err(load_err)?
                 .ok_or_else(|| {

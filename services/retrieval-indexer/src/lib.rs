@@ -17,10 +17,12 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 
 use atelier_ann::{AnnIndex, AnnParams};
 use atelier_contracts::retrieval::{SpaceCounts, SpaceIndex};
+use atelier_contracts::typed::INDEXES;
 use atelier_contracts::{
     dataset::Decision, ArtifactKey, ArtifactRef, IndexManifest, IndexOutput, IndexSpec, JobOutput,
     JobSpec, Service, Space, SCHEMA_VERSION,
 };
+use atelier_kit::kv::WriteError;
 use atelier_kit::{Handler, JobCtx, JobError};
 
 pub use models::Models;
@@ -98,7 +100,8 @@ impl Indexer {
             .map_err(|e| JobError::permanent("invalid_job", e))?;
         let (version, rows) =
             atelier_kit::datasets::load_version(ctx, &spec.dataset, spec.version).await?;
-        let existing = state::current(&ctx.bus, &spec.dataset)
+        let indexes = ctx.bucket(INDEXES).await?;
+        let existing = state::current(&indexes, &spec.dataset)
             .await
             .map_err(load_err)?;
         if let Some((m, _)) = &existing {
@@ -150,7 +153,7 @@ impl Indexer {
         let live: HashSet<u64> = kept.iter().filter_map(|r| key_of(&r.sha256)).collect();
         let prev_keys: HashSet<u64> = match &existing {
             Some((m, _)) => state::parse_rows(
-                &state::fetch(&ctx.store, &m.rows.key)
+                &state::fetch(ctx.store(), &m.rows.key)
                     .await
                     .map_err(load_err)?,
             )
@@ -178,7 +181,7 @@ impl Indexer {
                 .filter(|(_, s)| s.model == model);
             let (graph, mut segments) = match prior {
                 Some((m, s)) => (
-                    state::load_graph(&ctx.store, m, space, &prev_keys)
+                    state::load_graph(ctx.store(), m, space, &prev_keys)
                         .await
                         .map_err(load_err)?,
                     s.segments.clone(),
@@ -250,7 +253,7 @@ impl Indexer {
             if !embedded.is_empty() {
                 let bytes = segment::encode(graph.dim(), &embedded);
                 let (r, _) = ctx
-                    .store
+                    .store()
                     .put_bytes(bytes.into(), "application/octet-stream")
                     .await?;
                 segments.push(r);
@@ -265,7 +268,7 @@ impl Indexer {
                 .to_bytes()
                 .map_err(|e| JobError::permanent("internal", e.to_string()))?;
             let (graph_ref, _) = ctx
-                .store
+                .store()
                 .put_bytes(bytes.into(), "application/octet-stream")
                 .await?;
             c.count = graph.len() as u64;
@@ -292,30 +295,20 @@ impl Indexer {
             rows: rows_ref,
             spaces: out_spaces,
         };
-        let value = serde_json::to_vec(&manifest)
-            .map_err(|e| JobError::permanent("internal", e.to_string()))?;
-        let kv = ctx.bus.indexes_kv().await.map_err(kv_err)?;
-        let written = match &existing {
-            Some((_, revision)) => kv
-                .update(&spec.dataset, value.into(), *revision)
-                .await
-                .map(|_| ())
-                .map_err(|e| e.to_string()),
-            None => kv
-                .create(&spec.dataset, value.into())
-                .await
-                .map(|_| ())
-                .map_err(|e| e.to_string()),
-        };
-        if let Err(e) = written {
+        let revision = existing.as_ref().map(|(_, r)| *r);
+        match indexes.write(&spec.dataset, &manifest, revision).await {
+            Ok(_) => {}
             // Another index job of this dataset finished first: start again from its manifest.
-            return Err(JobError::retryable(
-                "index_conflict",
-                format!(
+            Err(WriteError::Conflict(e)) => {
+                return Err(JobError::retryable(
+                    "index_conflict",
+                    format!(
                     "the index of {} changed while this job ran ({e}); retrying from the new one",
                     spec.dataset
                 ),
-            ));
+                ))
+            }
+            Err(WriteError::Other(e)) => return Err(kv_err(e)),
         }
         tracing::info!(job = %ctx.id, dataset = %spec.dataset, version = version.version,
             spaces = ?counts, "index written");
@@ -353,7 +346,7 @@ impl Indexer {
             .map(|(k, image_key)| async move {
                 let key = ArtifactKey::parse(&image_key)
                     .map_err(|e| JobError::permanent("bad_artifact_key", e.to_string()))?;
-                Ok::<_, JobError>((k, ctx.store.get_bytes(&key).await?))
+                Ok::<_, JobError>((k, ctx.store().get_bytes(&key).await?))
             })
             .buffered(8)
             .try_collect()
@@ -390,7 +383,7 @@ impl Indexer {
     ) -> Result<ArtifactRef, JobError> {
         let mut all: HashMap<u64, Vec<f32>> = HashMap::new();
         for s in segments {
-            let bytes = state::fetch(&ctx.store, &s.key).await.map_err(load_err)?;
+            let bytes = state::fetch(ctx.store(), &s.key).await.map_err(load_err)?;
             segment::decode_into(&bytes, dim, &mut all)
                 .map_err(|e| JobError::permanent("corrupt_index", e))?;
         }
@@ -398,7 +391,7 @@ impl Indexer {
             all.into_iter().filter(|(k, _)| live.contains(k)).collect();
         items.sort_by_key(|(k, _)| *k);
         let (r, _) = ctx
-            .store
+            .store()
             .put_bytes(
                 segment::encode(dim, &items).into(),
                 "application/octet-stream",

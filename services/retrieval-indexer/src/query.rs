@@ -3,13 +3,14 @@
 
 use std::sync::Arc;
 
-use atelier_contracts::subjects::{RETRIEVAL_QUERY, RETRIEVAL_QUERY_GROUP};
+use atelier_contracts::retrieval::IndexManifest;
+use atelier_contracts::typed::{INDEXES, SEARCH};
 use atelier_contracts::{
     ArtifactKey, ErrorInfo, SearchHit, SearchReply, SearchRequest, SearchResponse, Space,
 };
+use atelier_kit::kv::Kv;
 use atelier_kit::shutdown::CancellationToken;
 use atelier_kit::{Bus, Store};
-use futures::StreamExt;
 
 use crate::state::{LoadError, LoadedIndex};
 use crate::Indexer;
@@ -36,14 +37,14 @@ pub fn space_of(req: &SearchRequest) -> Space {
 /// Answers one query.
 pub async fn answer(
     indexer: &Indexer,
-    bus: &Bus,
+    indexes: &Kv<IndexManifest>,
     store: &Store,
     req: SearchRequest,
 ) -> SearchReply {
     if let Err(e) = req.check() {
         return err("invalid_query", e);
     }
-    let index = match indexer.cache.get(bus, store, &req.dataset).await {
+    let index = match indexer.cache.get(indexes, store, &req.dataset).await {
         Ok(Some(i)) => i,
         Ok(None) => {
             return err(
@@ -185,31 +186,19 @@ pub async fn serve(
     store: Store,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
-    let mut sub = bus
-        .client
-        .queue_subscribe(RETRIEVAL_QUERY, RETRIEVAL_QUERY_GROUP.to_owned())
-        .await?;
-    tracing::info!(subject = RETRIEVAL_QUERY, "answering search queries");
-    loop {
-        let msg = tokio::select! {
-            _ = shutdown.cancelled() => break,
-            m = sub.next() => match m { Some(m) => m, None => break },
-        };
-        let Some(reply_to) = msg.reply.clone() else {
-            continue;
-        };
-        let (indexer, bus, store) = (indexer.clone(), bus.clone(), store.clone());
-        tokio::spawn(async move {
-            let reply = match serde_json::from_slice::<SearchRequest>(&msg.payload) {
-                Ok(req) => answer(&indexer, &bus, &store, req).await,
-                Err(e) => err("invalid_query", format!("not a search request: {e}")),
-            };
-            let body = serde_json::to_vec(&reply).unwrap_or_default();
-            if let Err(e) = bus.client.publish(reply_to, body.into()).await {
-                tracing::warn!(error = %e, "could not send a search reply");
+    let indexes = bus.bucket(INDEXES).await?;
+    bus.answer(
+        SEARCH,
+        shutdown,
+        move |req: Result<SearchRequest, String>| {
+            let (indexer, indexes, store) = (indexer.clone(), indexes.clone(), store.clone());
+            async move {
+                match req {
+                    Ok(req) => answer(&indexer, &indexes, &store, req).await,
+                    Err(e) => err("invalid_query", format!("not a search request: {e}")),
+                }
             }
-        });
-    }
-    let _ = sub.unsubscribe().await;
-    Ok(())
+        },
+    )
+    .await
 }

@@ -10,7 +10,8 @@ use atelier_ann::{AnnError, AnnIndex, AnnParams};
 use crate::segment;
 use atelier_contracts::retrieval::AnnParamsRecord;
 use atelier_contracts::{ArtifactKey, DatasetRow, IndexManifest, Space};
-use atelier_kit::{Bus, Store};
+use atelier_kit::kv::Kv;
+use atelier_kit::Store;
 
 /// A record's key in every index: the first 8 bytes of its sha256, big-endian.
 pub fn key_of(sha256: &str) -> Option<u64> {
@@ -62,15 +63,15 @@ fn unavailable(e: impl std::fmt::Display) -> LoadError {
 }
 
 /// The current manifest of `dataset`'s index and its KV revision, if it has one.
-pub async fn current(bus: &Bus, dataset: &str) -> Result<Option<(IndexManifest, u64)>, LoadError> {
-    let kv = bus.indexes_kv().await.map_err(unavailable)?;
-    let Some(entry) = kv.entry(dataset).await.map_err(unavailable)? else {
+pub async fn current(
+    indexes: &Kv<IndexManifest>,
+    dataset: &str,
+) -> Result<Option<(IndexManifest, u64)>, LoadError> {
+    let Some(entry) = indexes.entry(dataset).await.map_err(unavailable)? else {
         return Ok(None);
     };
-    if entry.operation != async_nats::jetstream::kv::Operation::Put {
-        return Ok(None);
-    }
-    let m: IndexManifest = serde_json::from_slice(&entry.value)
+    let m = entry
+        .value
         .map_err(|e| LoadError::Corrupt(format!("index manifest of {dataset}: {e}")))?;
     Ok(Some((m, entry.revision)))
 }
@@ -169,11 +170,11 @@ impl Cache {
     /// The current index of `dataset`; `None` when it has none.
     pub async fn get(
         &self,
-        bus: &Bus,
+        indexes: &Kv<IndexManifest>,
         store: &Store,
         dataset: &str,
     ) -> Result<Option<Arc<LoadedIndex>>, LoadError> {
-        let Some((manifest, revision)) = current(bus, dataset).await? else {
+        let Some((manifest, revision)) = current(indexes, dataset).await? else {
             return Ok(None);
         };
         let cached = |inner: &Mutex<HashMap<String, Arc<LoadedIndex>>>| {

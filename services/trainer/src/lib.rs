@@ -24,11 +24,10 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use atelier_contracts::{
-    ArtifactKey, DatasetRow, GenerateSpec, JobId, JobOutput, JobRequest, JobSpec, JobState,
-    LossPoint, Service, TrainData, TrainOutput, TrainSample, TrainSpec, SCHEMA_VERSION,
+    ArtifactKey, DatasetRow, GenerateSpec, JobId, JobOutput, JobSpec, JobState, LossPoint, Service,
+    TrainData, TrainOutput, TrainSample, TrainSpec,
 };
 use atelier_diffusion::pipeline::StableDiffusion;
-use atelier_kit::jobstate::JobStates;
 use atelier_kit::{Handler, JobCtx, JobError};
 use atelier_registry::{ModelArgs, Registry};
 use candle_core::{DType, Device};
@@ -161,7 +160,7 @@ impl Trainer {
         for (key, caption) in items {
             let k = ArtifactKey::parse(&key)
                 .map_err(|e| JobError::permanent("bad_artifact_key", format!("{key:?}: {e}")))?;
-            let bytes = ctx.store.get_bytes(&k).await?;
+            let bytes = ctx.store().get_bytes(&k).await?;
             out.push((bytes.to_vec(), caption, key));
         }
         Ok(out)
@@ -189,7 +188,7 @@ impl Trainer {
         ));
         let cache_key = ArtifactKey::parse(&format!("class-images/{id}.json"))
             .map_err(|e| JobError::permanent("bad_artifact_key", e.to_string()))?;
-        let mut keys: Vec<String> = match ctx.store.get_bytes(&cache_key).await {
+        let mut keys: Vec<String> = match ctx.store().get_bytes(&cache_key).await {
             Ok(b) => serde_json::from_slice(&b).unwrap_or_default(),
             Err(atelier_kit::store::StoreError::NotFound(_)) => Vec::new(),
             Err(e) => return Err(e.into()),
@@ -230,7 +229,7 @@ impl Trainer {
                     }
                 }
             }
-            ctx.store
+            ctx.store()
                 .put_at(
                     &cache_key,
                     serde_json::to_vec(&keys).unwrap_or_default().into(),
@@ -242,43 +241,18 @@ impl Trainer {
         for k in keys.iter().take(want) {
             let key = ArtifactKey::parse(k)
                 .map_err(|e| JobError::permanent("bad_artifact_key", e.to_string()))?;
-            out.push(ctx.store.get_bytes(&key).await?.to_vec());
+            out.push(ctx.store().get_bytes(&key).await?.to_vec());
         }
         Ok(out)
     }
 
     async fn submit(&self, ctx: &JobCtx, spec: JobSpec) -> Result<JobId, JobError> {
-        let states = JobStates::new(
-            ctx.bus
-                .jobs_kv()
-                .await
-                .map_err(|e| JobError::retryable("kv_unavailable", format!("{e:#}")))?,
-        );
-        let req = JobRequest {
-            schema_version: SCHEMA_VERSION,
-            id: JobId::new(),
-            submitted_at: chrono::Utc::now(),
-            submitted_by: Some(format!("trainer:{}", ctx.id)),
-            spec,
-        };
-        atelier_kit::worker::enqueue(&ctx.bus, &states, &req)
-            .await
-            .map_err(|e| JobError::retryable("bus_unavailable", e.to_string()))?;
-        Ok(req.id)
+        ctx.submit(spec).await
     }
 
     /// A submitted job's output once it ends (None when it failed or was cancelled).
     async fn wait(&self, ctx: &JobCtx, id: JobId) -> Result<Option<JobOutput>, JobError> {
-        let states = JobStates::new(
-            ctx.bus
-                .jobs_kv()
-                .await
-                .map_err(|e| JobError::retryable("kv_unavailable", format!("{e:#}")))?,
-        );
-        let watch = states
-            .watch(id)
-            .await
-            .map_err(|e| JobError::retryable("kv_unavailable", e.to_string()))?;
+        let watch = ctx.watch(id).await?;
         let fut = async {
             tokio::pin!(watch);
             while let Some(r) = watch.next().await {
@@ -328,7 +302,7 @@ impl Trainer {
         let class = self.class_images(ctx, &spec).await?;
         let ckpt_key = ArtifactKey::parse(&format!("checkpoints/{}/latest.safetensors", ctx.id))
             .map_err(|e| JobError::permanent("bad_artifact_key", e.to_string()))?;
-        let checkpoint = match ctx.store.get_bytes(&ckpt_key).await {
+        let checkpoint = match ctx.store().get_bytes(&ckpt_key).await {
             Ok(b) => Some(b.to_vec()),
             Err(atelier_kit::store::StoreError::NotFound(_)) => None,
             Err(e) => return Err(e.into()),
@@ -443,12 +417,12 @@ impl Trainer {
                         .await;
                     }
                     Event::Checkpoint(step, bytes) => {
-                        ctx.store.put_at(&ckpt_key, bytes.into(), "application/octet-stream").await?;
+                        ctx.store().put_at(&ckpt_key, bytes.into(), "application/octet-stream").await?;
                         tracing::info!(job = %ctx.id, step, "checkpoint saved");
                     }
                     Event::Sample(step, bytes) => {
                         let name = step_name(&spec.output_name, step);
-                        ctx.store.put_at(&lora_key(&name)?, bytes.into(), "application/octet-stream").await?;
+                        ctx.store().put_at(&lora_key(&name)?, bytes.into(), "application/octet-stream").await?;
                         for prompt in &spec.sample_prompts {
                             let id = self.submit(ctx, JobSpec::Txt2img(self.sample_spec(&spec, &name, prompt))).await?;
                             sample_jobs.push((step, prompt.clone(), id));
@@ -469,11 +443,11 @@ impl Trainer {
             }
         }
         let (lora, _) = ctx
-            .store
+            .store()
             .put_bytes(done.lora.clone().into(), "application/octet-stream")
             .await?;
         let published = lora_key(&spec.output_name)?;
-        ctx.store
+        ctx.store()
             .put_at(
                 &published,
                 done.lora.clone().into(),
@@ -486,12 +460,12 @@ impl Trainer {
             csv.push_str(&format!("{},{},{}\n", p.step, p.loss, p.lr));
         }
         let (loss_csv, _) = ctx
-            .store
+            .store()
             .put_bytes(csv.into_bytes().into(), "text/csv")
             .await?;
         let png =
             plot::loss_png(&done.history).map_err(|e| JobError::permanent("plot_failed", e))?;
-        let (loss_plot, _) = ctx.store.put_bytes(png.into(), "image/png").await?;
+        let (loss_plot, _) = ctx.store().put_bytes(png.into(), "image/png").await?;
         // Final samples with the finished LoRA.
         for prompt in &spec.sample_prompts {
             let id = self
