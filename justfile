@@ -17,8 +17,8 @@ build-cuda: bootstrap
     PYTHON=.tools/bin/python scripts/build-cuda
 
 # The main job: the demo pipeline on the embedded default
-demo: bootstrap build
-    target/release/atelier demo
+demo:
+    scripts/demo
 
 # Every test, against real servers
 test:
