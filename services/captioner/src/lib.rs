@@ -541,7 +541,7 @@ impl Captioner {
     }
 }
 
-/// The captioner's settings (flags and `ATELIER_*` variables; docs/guide.md, "Configuration").
+/// The captioner's settings (flags and `ATELIER_*` variables; docs/configuration.md).
 #[derive(clap::Args, Debug, Clone, Default)]
 #[group(id = "captioner")]
 pub struct Config {

@@ -338,7 +338,7 @@ impl Ingest {
     }
 }
 
-/// The ingest service's settings (flags and `ATELIER_*` variables; docs/guide.md, "Configuration").
+/// The ingest service's settings (flags and `ATELIER_*` variables; docs/configuration.md).
 #[derive(clap::Args, Debug, Clone)]
 #[group(id = "ingest")]
 pub struct Config {

@@ -2,7 +2,7 @@
 
 use crate::QualityFilter;
 
-/// The quality filter's settings (flags and `ATELIER_*` variables; docs/guide.md, "Configuration").
+/// The quality filter's settings (flags and `ATELIER_*` variables; docs/configuration.md).
 #[derive(clap::Args, Debug, Clone, Default)]
 #[group(id = "quality_filter")]
 pub struct Config {

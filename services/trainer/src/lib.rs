@@ -535,7 +535,7 @@ impl Handler for Trainer {
     }
 }
 
-/// The trainer's own settings (flags and `ATELIER_*` variables; docs/guide.md, "Configuration"); the
+/// The trainer's own settings (flags and `ATELIER_*` variables; docs/configuration.md); the
 /// registry and device are the sampler's ([`ModelArgs`]). On `cuda` the UNet runs in bf16 with
 /// f32 LoRA weights.
 #[derive(Debug, Clone, clap::Args)]
