@@ -192,3 +192,28 @@ fn services_reach_the_bus_only_through_the_kit() {
         "these reach NATS directly; use JobCtx's typed buckets and queries (atelier_contracts::typed): {bad:?}"
     );
 }
+
+#[test]
+fn the_data_services_do_not_link_the_diffusion_engine() {
+    let g = graph();
+    let mut bad = Vec::new();
+    for name in [
+        "atelier-embed",
+        "atelier-captioner",
+        "atelier-quality-filter",
+        "atelier-retrieval-indexer",
+        "atelier-augmenter",
+    ] {
+        if let Some(path) = g
+            .closure(name)
+            .into_iter()
+            .find_map(|(id, path)| (g.name(&id) == "atelier-diffusion").then_some(path))
+        {
+            bad.push(path.join(" -> "));
+        }
+    }
+    assert!(
+        bad.is_empty(),
+        "what the CLIP/MiniLM side shares with the engine belongs in atelier-modelkit: {bad:#?}"
+    );
+}

@@ -9,9 +9,10 @@ pub mod inspect;
 pub mod kernels;
 pub mod lora;
 pub mod models;
-pub mod noise;
 pub mod pipeline;
 pub mod prompt;
 pub mod schedulers;
-pub mod tokenizer;
 pub mod train;
+
+/// Shared with the CLIP encoders (`atelier-modelkit`).
+pub use atelier_modelkit::{noise, tokenizer};

@@ -8,7 +8,7 @@
 
 use std::path::{Path, PathBuf};
 
-use atelier_diffusion::tokenizer::ClipTokenizer;
+use atelier_modelkit::tokenizer::ClipTokenizer;
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 use candle_transformers::models::clip::{
@@ -202,7 +202,7 @@ impl ClipEncoder {
 pub fn make_tiny(dir: &Path, seed: u64) -> Result<(), EmbedError> {
     let io = |e: std::io::Error| load_err(dir, e);
     std::fs::create_dir_all(dir).map_err(io)?;
-    let vocab = atelier_diffusion::tokenizer::write_tiny_vocab(
+    let vocab = atelier_modelkit::tokenizer::write_tiny_vocab(
         dir,
         &[
             ("r", "e"),
@@ -228,7 +228,7 @@ pub fn make_tiny(dir: &Path, seed: u64) -> Result<(), EmbedError> {
     )
     .map_err(io)?;
     let cfg = config(&v, dir)?;
-    let weights = atelier_diffusion::models::shapes::RandomWeights::new(seed);
+    let weights = atelier_modelkit::shapes::RandomWeights::new(seed);
     ClipModel::new(weights.var_builder(&Device::Cpu), &cfg)?;
     let tensors: std::collections::HashMap<String, Tensor> =
         weights.tensors().into_iter().collect();

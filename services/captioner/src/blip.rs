@@ -284,7 +284,7 @@ pub fn make_tiny(dir: &Path, seed: u64) -> Result<(), String> {
     )
     .map_err(|e| e.to_string())?;
     let cfg = config_with_defaults(config)?;
-    let weights = atelier_diffusion::models::shapes::RandomWeights::new(seed);
+    let weights = atelier_modelkit::shapes::RandomWeights::new(seed);
     blip::BlipForConditionalGeneration::new(&cfg, weights.var_builder(&Device::Cpu))
         .map_err(|e| e.to_string())?;
     let tensors: HashMap<String, Tensor> = weights.tensors().into_iter().collect();

@@ -5,6 +5,6 @@ pub mod clip;
 pub mod ldm;
 pub mod load;
 pub mod nn;
-pub mod shapes;
+pub use atelier_modelkit::shapes;
 pub mod unet;
 pub mod vae;
