@@ -5,11 +5,12 @@
 use std::time::Duration;
 
 use atelier_contracts::dataset::Tier;
-use atelier_contracts::subjects::RETRIEVAL_QUERY;
+use atelier_contracts::typed::SEARCH;
 use atelier_contracts::{
     CurateOutput, CurateSpec, IndexSpec, JobOutput, JobRecord, JobSpec, JobState, RowFilter,
     SearchReply, SearchRequest, SearchResponse, Space,
 };
+use atelier_kit::bus::AskError;
 use axum::body::Body;
 use axum::extract::{Path, Query, State};
 use axum::http::{header, HeaderMap, StatusCode};
@@ -122,21 +123,21 @@ impl SearchParams {
 pub async fn ask(app: &AppState, req: &SearchRequest) -> Result<SearchResponse, ApiError> {
     req.check()
         .map_err(|e| ApiError::unprocessable("invalid_query", e))?;
-    let body = serde_json::to_vec(req)
-        .map_err(|e| ApiError::unprocessable("invalid_query", e.to_string()))?;
-    let msg = tokio::time::timeout(
-        QUERY_TIMEOUT,
-        app.bus.client.request(RETRIEVAL_QUERY, body.into()),
-    )
-    .await
-    .map_err(|_| ApiError::unavailable("the retrieval-indexer did not answer in time"))?
-    .map_err(|e| {
-        ApiError::unavailable(format!(
-            "no retrieval-indexer answered ({e}); start one (`atelier up` runs it)"
-        ))
-    })?;
-    let reply: SearchReply = serde_json::from_slice(&msg.payload)
-        .map_err(|e| ApiError::unavailable(format!("unreadable reply from the indexer: {e}")))?;
+    let reply = app
+        .bus
+        .ask(SEARCH, req, QUERY_TIMEOUT)
+        .await
+        .map_err(|e| match e {
+            AskError::Timeout => {
+                ApiError::unavailable("the retrieval-indexer did not answer in time")
+            }
+            AskError::NoAnswer(e) => ApiError::unavailable(format!(
+                "no retrieval-indexer answered ({e}); start one (`atelier up` runs it)"
+            )),
+            AskError::Reply(e) => {
+                ApiError::unavailable(format!("unreadable reply from the indexer: {e}"))
+            }
+        })?;
     match reply {
         SearchReply::Ok(r) => Ok(r),
         SearchReply::Error(e) => Err(match e.code.as_str() {
