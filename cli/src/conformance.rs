@@ -19,6 +19,12 @@ pub enum Conformance {
         #[arg(long)]
         cases: PathBuf,
     },
+    /// Model components against diffusers and transformers: every case folder in DIR
+    /// (tests/conformance/models format): text encoders, UNets, VAE decode and encode, LoRAs.
+    Models {
+        #[arg(long)]
+        cases: PathBuf,
+    },
     /// Diffusers scheduler traces: every `*.json` in DIR (tests/conformance/schedulers format).
     Schedulers {
         #[arg(long)]
@@ -40,6 +46,18 @@ pub fn run(cmd: Conformance) -> anyhow::Result<bool> {
             }
             println!("{}", report.summary());
             Ok(report.failed == 0)
+        }
+        Conformance::Models { cases } => {
+            let lines = atelier_diffusion::conformance::models::replay_dir(&cases)
+                .map_err(anyhow::Error::msg)?;
+            for l in &lines {
+                println!("{l}");
+            }
+            let passed = lines.iter().filter(|l| l.passed).count();
+            let skipped = lines.iter().filter(|l| l.skipped()).count();
+            let failed = lines.len() - passed - skipped;
+            println!("{passed} passed, {failed} failed ({skipped} skipped)");
+            Ok(failed == 0)
         }
         Conformance::Schedulers { traces } => {
             let report = atelier_diffusion::conformance::schedulers::replay_dir(&traces)

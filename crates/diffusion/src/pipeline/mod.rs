@@ -187,6 +187,16 @@ impl StableDiffusion {
         )
     }
 
+    /// Text encoder `index` (0: the first; SDXL's second is 1).
+    pub fn text_model(&self, index: usize) -> Option<&ClipTextModel> {
+        self.text.get(index).map(|t| &t.model)
+    }
+
+    /// The VAE.
+    pub fn vae(&self) -> &Vae {
+        &self.vae
+    }
+
     /// The UNet (its config, and its forward pass for training).
     pub fn unet(&self) -> &UNet {
         &self.unet
