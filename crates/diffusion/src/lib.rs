@@ -12,6 +12,7 @@ pub mod models;
 pub mod pipeline;
 pub mod prompt;
 pub mod schedulers;
+pub mod torch;
 pub mod train;
 
 /// Shared with the CLIP encoders (`atelier-modelkit`).

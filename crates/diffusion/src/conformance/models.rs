@@ -13,9 +13,8 @@ use candle_core::{DType, Device, Tensor};
 use serde::Deserialize;
 use serde_json::Value;
 
-use crate::lora::{LoraFile, LoraMode};
-use crate::models::unet::AddedCond;
-use crate::pipeline::StableDiffusion;
+use super::engines::{self, Components, Engine};
+use crate::lora::LoraFile;
 
 #[derive(Debug, Deserialize)]
 struct Case {
@@ -77,7 +76,7 @@ impl Line {
 }
 
 /// Every case folder under `dir` (or `dir` itself when it holds a `case.json`), in name order.
-pub fn replay_dir(dir: &Path) -> Result<Vec<Line>, String> {
+pub fn replay_dir(dir: &Path, engine: Engine) -> Result<Vec<Line>, String> {
     let mut cases: Vec<PathBuf> = if dir.join("case.json").is_file() {
         vec![dir.to_path_buf()]
     } else {
@@ -97,17 +96,17 @@ pub fn replay_dir(dir: &Path) -> Result<Vec<Line>, String> {
     cases.sort();
     let mut lines = Vec::new();
     for c in cases {
-        lines.extend(replay_case(&c)?);
+        lines.extend(replay_case(&c, engine)?);
     }
     Ok(lines)
 }
 
 /// One case folder's checks.
-pub fn replay_case(dir: &Path) -> Result<Vec<Line>, String> {
+pub fn replay_case(dir: &Path, engine: Engine) -> Result<Vec<Line>, String> {
     let case: Case = read_json(&dir.join("case.json"))?;
     let tensors = candle_core::safetensors::load(dir.join(&case.tensors), &Device::Cpu)
         .map_err(|e| format!("{}: {e}", dir.join(&case.tensors).display()))?;
-    let mut model: Option<Result<StableDiffusion, String>> = None;
+    let mut model: Option<Result<Box<dyn Components>, String>> = None;
     let mut lines = Vec::new();
     for (i, check) in case.checks.iter().enumerate() {
         let kind = check["kind"].as_str().unwrap_or("?");
@@ -143,7 +142,7 @@ pub fn replay_case(dir: &Path) -> Result<Vec<Line>, String> {
             continue;
         }
         if kind == "lora" {
-            model = Some(lora_model(dir, check));
+            model = Some(lora_model(dir, check, engine));
             match &model {
                 Some(Ok(_)) => line.passed = true,
                 Some(Err(e)) => line.note = Some(e.clone()),
@@ -153,14 +152,14 @@ pub fn replay_case(dir: &Path) -> Result<Vec<Line>, String> {
             continue;
         }
         let m = model.get_or_insert_with(|| match &case.model {
-            Some(m) if dir.join(m).is_dir() => load(&dir.join(m)),
+            Some(m) if dir.join(m).is_dir() => engines::load(engine, &dir.join(m), None),
             _ => Err(format!(
                 "{}: no model folder and no lora check before this one",
                 dir.display()
             )),
         });
         let result = match m {
-            Ok(m) => run_check(m, kind, check, &tensors),
+            Ok(m) => run_check(m.as_ref(), kind, check, &tensors),
             Err(e) => Err(e.clone()),
         };
         match result {
@@ -180,31 +179,17 @@ fn read_json<T: serde::de::DeserializeOwned>(p: &Path) -> Result<T, String> {
     serde_json::from_str(&text).map_err(|e| format!("{}: {e}", p.display()))
 }
 
-fn load(dir: &Path) -> Result<StableDiffusion, String> {
-    StableDiffusion::load_diffusers(dir, &Device::Cpu, DType::F32).map_err(|e| e.to_string())
-}
-
 /// The base case's model with the check's LoRA merged at its weight.
-fn lora_model(dir: &Path, check: &Value) -> Result<StableDiffusion, String> {
+fn lora_model(dir: &Path, check: &Value, engine: Engine) -> Result<Box<dyn Components>, String> {
     let base = check["base_case"]
         .as_str()
         .ok_or("lora check without base_case")?;
     let base_dir = dir.parent().unwrap_or(Path::new(".")).join(base);
     let base_case: Case = read_json(&base_dir.join("case.json"))?;
-    let model = load(&base_dir.join(base_case.model.as_deref().unwrap_or("model")))?;
+    let model_dir = base_dir.join(base_case.model.as_deref().unwrap_or("model"));
     let file = LoraFile::load(&dir.join(check["file"].as_str().ok_or("lora check without file")?))?;
     let weight = check["weight"].as_f64().unwrap_or(1.0);
-    let (m, applied) = model
-        .with_lora(&file, weight, LoraMode::Merge)
-        .map_err(|e| e.to_string())?;
-    if !applied.unmatched.is_empty() {
-        return Err(format!(
-            "{} LoRA layers matched no weight: {:?}",
-            applied.unmatched.len(),
-            applied.unmatched
-        ));
-    }
-    Ok(m)
+    engines::load(engine, &model_dir, Some((&file, weight)))
 }
 
 type Tensors = HashMap<String, Tensor>;
@@ -218,21 +203,18 @@ fn get<'a>(t: &'a Tensors, check: &Value, field: &str) -> Result<&'a Tensor, Str
 }
 
 /// The largest absolute difference of the check's outputs from the references.
-fn run_check(m: &StableDiffusion, kind: &str, check: &Value, t: &Tensors) -> Result<f64, String> {
+fn run_check(m: &dyn Components, kind: &str, check: &Value, t: &Tensors) -> Result<f64, String> {
     let r = match kind {
         "text_encoder" => text_encoder(m, check, t),
         "unet" => unet(m, check, t),
-        "vae_decode" => {
-            let z = get(t, check, "scaled_latents")?;
-            diff(&m.vae().decode(z).map_err(err)?, get(t, check, "output")?)
-        }
-        "vae_encode" => {
-            let (mean, _) = m
-                .vae()
-                .encode_moments(get(t, check, "image")?)
-                .map_err(err)?;
-            diff(&mean, get(t, check, "mean")?)
-        }
+        "vae_decode" => diff(
+            &m.vae_decode(get(t, check, "scaled_latents")?)?,
+            get(t, check, "output")?,
+        ),
+        "vae_encode" => diff(
+            &m.vae_encode_mean(get(t, check, "image")?)?,
+            get(t, check, "mean")?,
+        ),
         other => return Err(format!("unknown check kind {other:?}")),
     };
     r.map_err(|e| format!("{kind}: {e}"))
@@ -242,49 +224,40 @@ fn err(e: candle_core::Error) -> String {
     e.to_string()
 }
 
-fn text_encoder(m: &StableDiffusion, check: &Value, t: &Tensors) -> Result<f64, String> {
+fn text_encoder(m: &dyn Components, check: &Value, t: &Tensors) -> Result<f64, String> {
     let index = match check["component"].as_str() {
         Some("text_encoder") => 0,
         Some("text_encoder_2") => 1,
         other => return Err(format!("unknown component {other:?}")),
     };
-    let model = m
-        .text_model(index)
-        .ok_or_else(|| format!("the model has no text encoder {}", index + 1))?;
-    let ids = get(t, check, "input_ids")?
-        .to_dtype(DType::U32)
-        .map_err(err)?;
-    let out = model.forward(&ids).map_err(err)?;
-    let penultimate = out
-        .hidden
-        .get(out.hidden.len().saturating_sub(2))
-        .ok_or("the encoder returned no hidden states")?;
-    let mut d = diff(&out.last, get(t, check, "last_hidden_state")?)?;
+    let (last, penultimate, pooled) = m.text(index, get(t, check, "input_ids")?)?;
+    let mut d = diff(&last, get(t, check, "last_hidden_state")?)?;
     d = d.max(diff(
-        penultimate,
+        &penultimate,
         get(t, check, "penultimate_hidden_state")?,
     )?);
     if check.get("text_embeds").is_some_and(|v| !v.is_null()) {
-        d = d.max(diff(&out.pooled, get(t, check, "text_embeds")?)?);
+        d = d.max(diff(&pooled, get(t, check, "text_embeds")?)?);
     }
     Ok(d)
 }
 
-fn unet(m: &StableDiffusion, check: &Value, t: &Tensors) -> Result<f64, String> {
-    let x = get(t, check, "sample")?;
-    let ctx = get(t, check, "encoder_hidden_states")?;
+fn unet(m: &dyn Components, check: &Value, t: &Tensors) -> Result<f64, String> {
     let step = check["timestep"]
         .as_f64()
         .ok_or("unet check without timestep")?;
-    let ts = Tensor::full(step as f32, x.dim(0).map_err(err)?, &Device::Cpu).map_err(err)?;
     let added = match (check.get("text_embeds"), check.get("time_ids")) {
-        (Some(e), Some(i)) if !e.is_null() && !i.is_null() => Some(AddedCond {
-            text_embeds: get(t, check, "text_embeds")?.clone(),
-            time_ids: get(t, check, "time_ids")?.clone(),
-        }),
+        (Some(e), Some(i)) if !e.is_null() && !i.is_null() => {
+            Some((get(t, check, "text_embeds")?, get(t, check, "time_ids")?))
+        }
         _ => None,
     };
-    let out = m.unet().forward(x, &ts, ctx, added.as_ref()).map_err(err)?;
+    let out = m.unet(
+        get(t, check, "sample")?,
+        step,
+        get(t, check, "encoder_hidden_states")?,
+        added,
+    )?;
     diff(&out, get(t, check, "output")?)
 }
 

@@ -105,7 +105,7 @@ impl UNetConfig {
         self.addition_embed_type.as_deref() == Some("text_time")
     }
 
-    fn check(&self) -> Result<()> {
+    pub(crate) fn check(&self) -> Result<()> {
         let n = self.block_out_channels.len();
         if n == 0 || self.down_block_types.len() != n || self.up_block_types.len() != n {
             return Err(candle_core::Error::Msg(format!(

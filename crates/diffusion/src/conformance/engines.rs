@@ -1,0 +1,187 @@
+//! The two engines seen the same way by the component checks: a loaded model answering the text
+//! encoder, UNet and VAE questions with candle tensors (the references' format).
+
+use std::path::Path;
+
+use candle_core::{DType, Device, Tensor};
+
+use crate::lora::{LoraFile, LoraMode};
+use crate::pipeline::StableDiffusion;
+use crate::torch::weights::{from_candle, to_candle};
+use crate::torch::{guard, TorchModels};
+
+/// Which engine runs the models.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Engine {
+    Candle,
+    Torch,
+}
+
+impl std::str::FromStr for Engine {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "candle" => Ok(Engine::Candle),
+            "torch" | "libtorch" | "tch" => Ok(Engine::Torch),
+            other => Err(format!(
+                "unknown engine {other:?} (expected candle or torch)"
+            )),
+        }
+    }
+}
+
+/// A text encoder's last (normed) states, penultimate layer output and pooled embedding.
+pub type TextOut = (Tensor, Tensor, Tensor);
+
+/// What the component checks ask of a model.
+pub trait Components {
+    fn text(&self, index: usize, ids: &Tensor) -> Result<TextOut, String>;
+    fn unet(
+        &self,
+        x: &Tensor,
+        t: f64,
+        ctx: &Tensor,
+        added: Option<(&Tensor, &Tensor)>,
+    ) -> Result<Tensor, String>;
+    fn vae_decode(&self, z: &Tensor) -> Result<Tensor, String>;
+    fn vae_encode_mean(&self, image: &Tensor) -> Result<Tensor, String>;
+}
+
+fn s(e: impl std::fmt::Display) -> String {
+    e.to_string()
+}
+
+/// A diffusers folder on `engine`, f32 on the CPU, with a LoRA merged at a weight.
+pub fn load(
+    engine: Engine,
+    dir: &Path,
+    lora: Option<(&LoraFile, f64)>,
+) -> Result<Box<dyn Components>, String> {
+    match engine {
+        Engine::Candle => {
+            let mut m =
+                StableDiffusion::load_diffusers(dir, &Device::Cpu, DType::F32).map_err(s)?;
+            if let Some((file, weight)) = lora {
+                let (merged, applied) = m.with_lora(file, weight, LoraMode::Merge).map_err(s)?;
+                unmatched(&applied.unmatched)?;
+                m = merged;
+            }
+            Ok(Box::new(m))
+        }
+        Engine::Torch => {
+            let mut m =
+                TorchModels::load_diffusers(dir, tch::Device::Cpu, tch::Kind::Float).map_err(s)?;
+            if let Some((file, weight)) = lora {
+                let applied = crate::torch::lora::merge_file(&mut m, file, weight).map_err(s)?;
+                unmatched(&applied.unmatched)?;
+            }
+            Ok(Box::new(m))
+        }
+    }
+}
+
+fn unmatched(keys: &[String]) -> Result<(), String> {
+    if keys.is_empty() {
+        Ok(())
+    } else {
+        Err(format!(
+            "{} LoRA layers matched no weight: {keys:?}",
+            keys.len()
+        ))
+    }
+}
+
+impl Components for StableDiffusion {
+    fn text(&self, index: usize, ids: &Tensor) -> Result<TextOut, String> {
+        let model = self
+            .text_model(index)
+            .ok_or_else(|| format!("the model has no text encoder {}", index + 1))?;
+        let out = model
+            .forward(&ids.to_dtype(DType::U32).map_err(s)?)
+            .map_err(s)?;
+        let pen = out
+            .hidden
+            .get(out.hidden.len().saturating_sub(2))
+            .ok_or("the encoder returned no hidden states")?
+            .clone();
+        Ok((out.last, pen, out.pooled))
+    }
+
+    fn unet(
+        &self,
+        x: &Tensor,
+        t: f64,
+        ctx: &Tensor,
+        added: Option<(&Tensor, &Tensor)>,
+    ) -> Result<Tensor, String> {
+        let ts = Tensor::full(t as f32, x.dim(0).map_err(s)?, &Device::Cpu).map_err(s)?;
+        let added = added.map(|(e, i)| crate::models::unet::AddedCond {
+            text_embeds: e.clone(),
+            time_ids: i.clone(),
+        });
+        self.unet().forward(x, &ts, ctx, added.as_ref()).map_err(s)
+    }
+
+    fn vae_decode(&self, z: &Tensor) -> Result<Tensor, String> {
+        self.vae().decode(z).map_err(s)
+    }
+
+    fn vae_encode_mean(&self, image: &Tensor) -> Result<Tensor, String> {
+        Ok(self.vae().encode_moments(image).map_err(s)?.0)
+    }
+}
+
+fn tt(t: &Tensor) -> Result<tch::Tensor, String> {
+    from_candle(t).map_err(s)
+}
+
+fn ct(t: &tch::Tensor) -> Result<Tensor, String> {
+    to_candle(t).map_err(s)
+}
+
+impl Components for TorchModels {
+    fn text(&self, index: usize, ids: &Tensor) -> Result<TextOut, String> {
+        let model = self
+            .text
+            .get(index)
+            .ok_or_else(|| format!("the model has no text encoder {}", index + 1))?;
+        let ids = tt(ids)?;
+        let out = guard(|| tch::no_grad(|| model.forward(&ids))).map_err(s)?;
+        let pen = out
+            .hidden
+            .get(out.hidden.len().saturating_sub(2))
+            .ok_or("the encoder returned no hidden states")?;
+        Ok((ct(&out.last)?, ct(pen)?, ct(&out.pooled)?))
+    }
+
+    fn unet(
+        &self,
+        x: &Tensor,
+        t: f64,
+        ctx: &Tensor,
+        added: Option<(&Tensor, &Tensor)>,
+    ) -> Result<Tensor, String> {
+        let added = match added {
+            Some((e, i)) => Some(crate::torch::unet::AddedCond {
+                text_embeds: tt(e)?,
+                time_ids: tt(i)?,
+            }),
+            None => None,
+        };
+        let ts = tch::Tensor::from(t as f32);
+        let (x, ctx) = (tt(x)?, tt(ctx)?);
+        let out = guard(|| tch::no_grad(|| self.unet.forward(&x, &ts, &ctx, added.as_ref())))
+            .map_err(s)?;
+        ct(&out)
+    }
+
+    fn vae_decode(&self, z: &Tensor) -> Result<Tensor, String> {
+        let z = tt(z)?;
+        ct(&guard(|| Ok(tch::no_grad(|| self.vae.decode(&z)))).map_err(s)?)
+    }
+
+    fn vae_encode_mean(&self, image: &Tensor) -> Result<Tensor, String> {
+        let image = tt(image)?;
+        ct(&guard(|| Ok(tch::no_grad(|| self.vae.encode_moments(&image).0))).map_err(s)?)
+    }
+}

@@ -1,0 +1,118 @@
+//! A Stable Diffusion model's networks on libtorch, loaded from a diffusers folder (or made of
+//! seeded random weights of a family's real geometry, for benchmarks).
+
+use std::path::Path;
+use std::sync::Arc;
+
+use tch::{Device, Kind};
+
+use super::clip::{ClipConfig, ClipTextModel};
+use super::unet::{UNet, UNetConfig};
+use super::vae::{Vae, VaeConfig};
+use super::weights::{CandleSource, Source, Weights};
+use super::{msg, Result};
+use crate::models::load::{component_weights, SafetensorsWeights};
+use crate::pipeline::{Family, SingleFileConfig};
+
+/// The UNet, the VAE and the text encoders (one, or SDXL's two).
+pub struct TorchModels {
+    pub family: Family,
+    pub unet: UNet,
+    pub vae: Vae,
+    pub text: Vec<ClipTextModel>,
+}
+
+fn read_json<T: serde::de::DeserializeOwned>(p: &Path) -> Result<T> {
+    let text = std::fs::read_to_string(p).map_err(|e| msg(format!("{}: {e}", p.display())))?;
+    serde_json::from_str(&text).map_err(|e| msg(format!("{}: {e}", p.display())))
+}
+
+fn files(dir: &Path) -> Result<Weights> {
+    let paths = component_weights(dir)?;
+    let src: Arc<dyn Source> = Arc::new(CandleSource(SafetensorsWeights::open(&paths)?));
+    Ok(Weights::new(src, Kind::Float, Device::Cpu))
+}
+
+fn on(w: Weights, kind: Kind, device: Device) -> Weights {
+    w.on(kind, device)
+}
+
+fn at(dir: &Path, e: super::Error) -> super::Error {
+    msg(format!("{}: {e}", dir.display()))
+}
+
+impl TorchModels {
+    /// Load a diffusers folder: the UNet in `kind`, the VAE and text encoders in f32.
+    pub fn load_diffusers(dir: &Path, device: Device, kind: Kind) -> Result<Self> {
+        if !dir.join("model_index.json").exists() {
+            return Err(msg(format!(
+                "{}: not a diffusers folder (expected model_index.json with unet/, vae/, text_encoder/, tokenizer/)",
+                dir.display()
+            )));
+        }
+        let sdxl = dir.join("text_encoder_2").exists();
+        let unet_cfg: UNetConfig = read_json(&dir.join("unet/config.json"))?;
+        let vae_cfg: VaeConfig = read_json(&dir.join("vae/config.json"))?;
+        let te_cfg: ClipConfig = read_json(&dir.join("text_encoder/config.json"))?;
+        let unet_dir = dir.join("unet");
+        let unet = UNet::new(&on(files(&unet_dir)?, kind, device), unet_cfg)
+            .map_err(|e| at(&unet_dir, e))?;
+        let vae_dir = dir.join("vae");
+        let vae = Vae::new(&on(files(&vae_dir)?, Kind::Float, device), vae_cfg)
+            .map_err(|e| at(&vae_dir, e))?;
+        let encoders: &[(&str, bool)] = if sdxl {
+            &[("text_encoder", false), ("text_encoder_2", true)]
+        } else {
+            &[("text_encoder", false)]
+        };
+        let text = encoders
+            .iter()
+            .map(|(te, proj)| {
+                let d = dir.join(te);
+                let cfg: ClipConfig = read_json(&d.join("config.json"))?;
+                ClipTextModel::new(&on(files(&d)?, Kind::Float, device), cfg, *proj)
+                    .map_err(|e| at(&d, e))
+            })
+            .collect::<Result<_>>()?;
+        Ok(Self {
+            family: Family::of_diffusers(sdxl, &te_cfg),
+            unet,
+            vae,
+            text,
+        })
+    }
+
+    /// `family`'s real geometry with seeded random weights (the same values as the candle
+    /// engine's [`crate::pipeline::StableDiffusion::random`] for the same seed), the UNet in `kind`,
+    /// the VAE in `vae_kind`, the text encoders in f32.
+    pub fn random(
+        family: Family,
+        device: Device,
+        (kind, vae_kind): (Kind, Kind),
+        seed: u64,
+    ) -> Result<Self> {
+        use atelier_modelkit::shapes::RandomWeights;
+        let random = |s: u64, k: Kind| {
+            let src: Arc<dyn Source> = Arc::new(CandleSource(RandomWeights::unrecorded(s)));
+            Weights::new(src, k, device)
+        };
+        let cfg = SingleFileConfig::standard(family, 4);
+        let unet = UNet::new(&random(seed, kind), cfg.unet.clone())?;
+        let vae = Vae::new(&random(seed + 1, vae_kind), cfg.vae.clone())?;
+        let text = cfg
+            .text
+            .iter()
+            .enumerate()
+            .map(|(i, tc)| {
+                let proj = family == Family::Sdxl && i == 1;
+                ClipTextModel::new(&random(seed + 2 + i as u64, Kind::Float), tc.clone(), proj)
+            })
+            .collect::<Result<_>>()?;
+        Ok(Self {
+            family,
+            unet,
+            vae,
+            text,
+        })
+    }
+}
