@@ -134,6 +134,8 @@ fn the_gateway_reaches_no_ml_engine_and_no_service() {
     for (id, path) in g.closure("atelier-gateway") {
         let name = g.name(&id);
         if name.starts_with("candle")
+            || name == "tch"
+            || name == "torch-sys"
             || name == "ort"
             || name.starts_with("ort-")
             || engine.contains(name)

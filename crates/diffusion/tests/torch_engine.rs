@@ -3,7 +3,7 @@
 //! states, UNet predictions and VAE decodes/encodes.
 
 use atelier_diffusion::conformance::engines::{load, Engine};
-use atelier_diffusion::pipeline::{make_tiny_with, Family};
+use atelier_diffusion::pipeline::{make_tiny_with, write_single_file, Family};
 use candle_core::{DType, Device, Tensor};
 
 fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
@@ -123,4 +123,76 @@ fn libtorch_errors_are_errors_not_panics() {
         .text(0, &Tensor::new(&[[1u32, 99_999]], &Device::Cpu).unwrap())
         .unwrap_err();
     assert!(e.contains("outside this text encoder's vocabulary"), "{e}");
+}
+
+#[test]
+fn single_file_checkpoints_load_on_libtorch_as_their_folders_do() {
+    for family in [Family::Sd1, Family::Sd2, Family::Sdxl] {
+        let root = tempfile::tempdir().unwrap();
+        let folder = root.path().join("tiny");
+        make_tiny_with(&folder, family, 5, false).unwrap();
+        let file = root.path().join("tiny.safetensors");
+        write_single_file(&folder, &file).unwrap();
+        let (a, b) = (
+            load(Engine::Torch, &folder, None).unwrap(),
+            load(Engine::Torch, &file, None).unwrap(),
+        );
+        let ids = Tensor::new(&[[1u32, 20, 30, 526]], &Device::Cpu).unwrap();
+        let encoders = if family == Family::Sdxl { 2 } else { 1 };
+        for i in 0..encoders {
+            let d = max_diff(&a.text(i, &ids).unwrap().0, &b.text(i, &ids).unwrap().0);
+            assert_eq!(d, 0.0, "{family:?}: text encoder {i}");
+        }
+        let z = randn(&[1, 4, 8, 8], 4);
+        assert_eq!(
+            max_diff(&a.vae_decode(&z).unwrap(), &b.vae_decode(&z).unwrap()),
+            0.0
+        );
+        if family != Family::Sdxl {
+            let x = randn(&[1, 4, 8, 8], 5);
+            let ctx = a.text(0, &ids).unwrap().0;
+            let d = max_diff(
+                &a.unet(&x, 10.0, &ctx, None).unwrap(),
+                &b.unet(&x, 10.0, &ctx, None).unwrap(),
+            );
+            assert_eq!(d, 0.0, "{family:?}: unet");
+        }
+    }
+}
+
+#[test]
+fn a_lora_merged_into_a_clone_leaves_the_original_alone() {
+    use atelier_diffusion::torch::{lora::merge_file, TorchModels};
+    let models =
+        std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/conformance/models");
+    let base = TorchModels::load(
+        &models.join("sd1/model"),
+        tch::Device::Cpu,
+        tch::Kind::Float,
+    )
+    .unwrap();
+    let file =
+        atelier_diffusion::lora::LoraFile::load(&models.join("sd1-lora-kohya/lora.safetensors"))
+            .unwrap();
+    let mut merged = base.clone();
+    let applied = merge_file(&mut merged, &file, 0.7).unwrap();
+    assert!(
+        applied.matched > 0 && applied.unmatched.is_empty(),
+        "{applied:?}"
+    );
+    let x = tch::Tensor::randn([1, 4, 8, 8], (tch::Kind::Float, tch::Device::Cpu));
+    let ctx = tch::Tensor::randn([1, 77, 32], (tch::Kind::Float, tch::Device::Cpu));
+    let t = tch::Tensor::from(10f32);
+    let (a, b, again) = tch::no_grad(|| {
+        (
+            base.unet.forward(&x, &t, &ctx, None).unwrap(),
+            merged.unet.forward(&x, &t, &ctx, None).unwrap(),
+            base.clone().unet.forward(&x, &t, &ctx, None).unwrap(),
+        )
+    });
+    assert!(
+        (&a - &b).abs().max().double_value(&[]) > 1e-4,
+        "the LoRA changed nothing"
+    );
+    assert_eq!((&a - &again).abs().max().double_value(&[]), 0.0);
 }

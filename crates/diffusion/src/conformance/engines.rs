@@ -51,7 +51,8 @@ fn s(e: impl std::fmt::Display) -> String {
     e.to_string()
 }
 
-/// A diffusers folder on `engine`, f32 on the CPU, with a LoRA merged at a weight.
+/// A model (diffusers folder or single file) on `engine`, f32 on the CPU, with a LoRA merged at a
+/// weight.
 pub fn load(
     engine: Engine,
     dir: &Path,
@@ -69,8 +70,7 @@ pub fn load(
             Ok(Box::new(m))
         }
         Engine::Torch => {
-            let mut m =
-                TorchModels::load_diffusers(dir, tch::Device::Cpu, tch::Kind::Float).map_err(s)?;
+            let mut m = TorchModels::load(dir, tch::Device::Cpu, tch::Kind::Float).map_err(s)?;
             if let Some((file, weight)) = lora {
                 let applied = crate::torch::lora::merge_file(&mut m, file, weight).map_err(s)?;
                 unmatched(&applied.unmatched)?;

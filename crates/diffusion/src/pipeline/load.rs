@@ -212,75 +212,19 @@ impl StableDiffusion {
     }
 
     fn single_file_with_ops(path: &Path, device: &Device, dtype: DType, ops: Ops) -> PResult<Self> {
-        use crate::models::ldm;
-        if path.extension().is_none_or(|e| e != "safetensors") {
-            return Err(model_err(path, "expected a .safetensors checkpoint or a diffusers folder (.ckpt pickles are not loaded: convert them to safetensors)"));
-        }
-        let w = SafetensorsWeights::open(&[path.to_path_buf()])?;
-        let meta = crate::models::load::read_metadata(path)?;
-        let sidecar = std::fs::read_to_string(path.with_extension("json")).ok();
-        let cfg = single_file_config(path, &meta, |n| w.shape_of(n), sidecar.as_deref())?;
-        let prefixes = match cfg.family {
-            Family::Sd1 => &ldm::SD1,
-            Family::Sd2 => &ldm::SD2,
-            Family::Sdxl => &ldm::SDXL,
-        };
-        let recorder_names = |build: &dyn Fn(
-            &crate::models::shapes::ShapeRecorder,
-        ) -> candle_core::Result<()>|
-         -> PResult<Vec<String>> {
-            let rec = crate::models::shapes::ShapeRecorder::default();
-            build(&rec)?;
-            Ok(rec.shapes().into_keys().collect())
-        };
-        let uc = cfg.unet.clone();
-        let names = recorder_names(&|r| {
-            UNet::new(r.var_builder(), uc.clone(), Ops::INFERENCE).map(|_| ())
-        })?;
-        let map = ldm::map_names(names, |n| {
-            ldm::unet_name(n, &cfg.unet)
-                .map(|s| ldm::Source::Rename(format!("{}{s}", prefixes.unet)))
-        })
-        .map_err(|e| model_err(path, e))?;
-        let unet = UNet::new(
-            w.with_map(map).var_builder(dtype, device),
-            cfg.unet.clone(),
-            ops,
-        )
-        .map_err(|e| model_err(path, e))?;
-        let vc = cfg.vae.clone();
-        let names = recorder_names(&|r| Vae::new(r.var_builder(), vc.clone()).map(|_| ()))?;
-        let levels = cfg.vae.block_out_channels.len();
-        let map = ldm::map_names(names, |n| {
-            ldm::vae_name(n, levels).map(|s| ldm::Source::Rename(format!("{}{s}", prefixes.vae)))
-        })
-        .map_err(|e| model_err(path, e))?;
-        let vae = Vae::new(
-            w.with_map(map).var_builder(vae_dtype()?, device),
-            cfg.vae.clone(),
-        )
-        .map_err(|e| model_err(path, e))?;
+        let file = SingleFile::open(path)?;
+        let cfg = &file.cfg;
+        let unet = UNet::new(file.unet.var_builder(dtype, device), cfg.unet.clone(), ops)
+            .map_err(|e| model_err(path, e))?;
+        let vae = Vae::new(file.vae.var_builder(vae_dtype()?, device), cfg.vae.clone())
+            .map_err(|e| model_err(path, e))?;
         let dir = path.parent().unwrap_or(Path::new("."));
         let mut text = Vec::new();
-        for (i, ((prefix, openclip), tc)) in prefixes.text.iter().zip(&cfg.text).enumerate() {
-            let with_projection = cfg.family == Family::Sdxl && i == 1;
-            let c = tc.clone();
-            let names = recorder_names(&|r| {
-                ClipTextModel::new(r.var_builder(), c.clone(), with_projection, Ops::INFERENCE)
-                    .map(|_| ())
-            })?;
-            let map = ldm::map_names(names, |n| {
-                if *openclip {
-                    ldm::openclip_source(n, prefix)
-                } else {
-                    Some(ldm::hf_clip_source(n, prefix))
-                }
-            })
-            .map_err(|e| model_err(path, e))?;
+        for (i, (w, with_projection, openclip)) in file.text.iter().enumerate() {
             let model = ClipTextModel::new(
-                w.with_map(map).var_builder(DType::F32, device),
-                tc.clone(),
-                with_projection,
+                w.var_builder(DType::F32, device),
+                cfg.text[i].clone(),
+                *with_projection,
                 ops,
             )
             .map_err(|e| model_err(path, e))?;
@@ -312,13 +256,13 @@ impl StableDiffusion {
                 .map(|n| n.to_string_lossy().into_owned())
                 .unwrap_or_else(|| "model".into()),
             hash: file_hash(&[path.to_path_buf()])?,
-            schedule: cfg.schedule,
+            schedule: cfg.schedule.clone(),
             unet,
             vae,
             text,
             embeddings: Vec::new(),
             lora_hashes: Vec::new(),
-            weight_bytes: w.loaded_bytes(),
+            weight_bytes: file.all.loaded_bytes(),
             device: device.clone(),
             dtype,
         })
@@ -458,6 +402,93 @@ impl StableDiffusion {
             weight_bytes,
             device: device.clone(),
             dtype,
+        })
+    }
+}
+
+/// A single-file checkpoint (original LDM key names; SD 1.x, 2.x, XL detected from the keys) seen
+/// as diffusers components: each one's weights under the diffusers names, for either engine.
+pub(crate) struct SingleFile {
+    pub cfg: SingleFileConfig,
+    pub unet: SafetensorsWeights,
+    pub vae: SafetensorsWeights,
+    /// Each text encoder's weights, whether it has a projection (SDXL's second), whether it is
+    /// OpenCLIP's layout.
+    pub text: Vec<(SafetensorsWeights, bool, bool)>,
+    /// The file as opened (counts the bytes every component loads).
+    pub all: SafetensorsWeights,
+}
+
+impl SingleFile {
+    pub fn open(path: &Path) -> PResult<Self> {
+        use crate::models::ldm;
+        if path.extension().is_none_or(|e| e != "safetensors") {
+            return Err(model_err(path, "expected a .safetensors checkpoint or a diffusers folder (.ckpt pickles are not loaded: convert them to safetensors)"));
+        }
+        let w = SafetensorsWeights::open(&[path.to_path_buf()])?;
+        let meta = crate::models::load::read_metadata(path)?;
+        let sidecar = std::fs::read_to_string(path.with_extension("json")).ok();
+        let cfg = single_file_config(path, &meta, |n| w.shape_of(n), sidecar.as_deref())?;
+        let prefixes = match cfg.family {
+            Family::Sd1 => &ldm::SD1,
+            Family::Sd2 => &ldm::SD2,
+            Family::Sdxl => &ldm::SDXL,
+        };
+        let names = |build: &dyn Fn(
+            &crate::models::shapes::ShapeRecorder,
+        ) -> candle_core::Result<()>|
+         -> PResult<Vec<String>> {
+            let rec = crate::models::shapes::ShapeRecorder::default();
+            build(&rec)?;
+            Ok(rec.shapes().into_keys().collect())
+        };
+        let mapped = |names: Vec<String>, f: &dyn Fn(&str) -> Option<ldm::Source>| {
+            ldm::map_names(names, f)
+                .map(|m| w.with_map(m))
+                .map_err(|e| model_err(path, e))
+        };
+        let uc = cfg.unet.clone();
+        let unet = mapped(
+            names(&|r| UNet::new(r.var_builder(), uc.clone(), Ops::INFERENCE).map(|_| ()))?,
+            &|n| {
+                ldm::unet_name(n, &cfg.unet)
+                    .map(|s| ldm::Source::Rename(format!("{}{s}", prefixes.unet)))
+            },
+        )?;
+        let vc = cfg.vae.clone();
+        let levels = cfg.vae.block_out_channels.len();
+        let vae = mapped(
+            names(&|r| Vae::new(r.var_builder(), vc.clone()).map(|_| ()))?,
+            &|n| {
+                ldm::vae_name(n, levels)
+                    .map(|s| ldm::Source::Rename(format!("{}{s}", prefixes.vae)))
+            },
+        )?;
+        let mut text = Vec::new();
+        for (i, ((prefix, openclip), tc)) in prefixes.text.iter().zip(&cfg.text).enumerate() {
+            let with_projection = cfg.family == Family::Sdxl && i == 1;
+            let c = tc.clone();
+            let encoder = mapped(
+                names(&|r| {
+                    ClipTextModel::new(r.var_builder(), c.clone(), with_projection, Ops::INFERENCE)
+                        .map(|_| ())
+                })?,
+                &|n| {
+                    if *openclip {
+                        ldm::openclip_source(n, prefix)
+                    } else {
+                        Some(ldm::hf_clip_source(n, prefix))
+                    }
+                },
+            )?;
+            text.push((encoder, with_projection, *openclip));
+        }
+        Ok(Self {
+            cfg,
+            unet,
+            vae,
+            text,
+            all: w,
         })
     }
 }

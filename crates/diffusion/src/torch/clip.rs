@@ -9,7 +9,7 @@ use super::nn::{attention, LayerNorm, Linear};
 use super::weights::Weights;
 use super::{msg, Result};
 
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 struct Layer {
     ln1: LayerNorm,
     q: Linear,
@@ -72,6 +72,19 @@ pub struct ClipTextModel {
     layers: Vec<Layer>,
     final_ln: LayerNorm,
     projection: Option<Linear>,
+}
+
+impl Clone for ClipTextModel {
+    fn clone(&self) -> Self {
+        Self {
+            config: self.config.clone(),
+            token_embedding: self.token_embedding.shallow_clone(),
+            position_embedding: self.position_embedding.shallow_clone(),
+            layers: self.layers.clone(),
+            final_ln: self.final_ln.clone(),
+            projection: self.projection.clone(),
+        }
+    }
 }
 
 impl ClipTextModel {

@@ -183,3 +183,34 @@ pub fn merge_file(m: &mut TorchModels, file: &LoraFile, weight: f64) -> Result<A
     }
     Ok(applied)
 }
+
+/// Trainable LoRA adapters (rank `rank`, scale alpha / rank) on every attention projection of
+/// the UNet's transformer blocks (kohya's default targets), as variables of `vs`: down random
+/// (Kaiming-uniform, as kohya and peft start them), up zero.
+pub fn attach_attention(unet: &mut UNet, vs: &tch::nn::Path, rank: i64, alpha: f64) -> usize {
+    let mut count = 0;
+    for (path, target) in unet_targets(unet) {
+        let Target::Linear(l) = target else { continue };
+        if !path.contains(".attn1.") && !path.contains(".attn2.") {
+            continue;
+        }
+        let name = path.replace('.', "_");
+        let bound = 1.0 / (l.in_dim() as f64).sqrt();
+        let down = vs.var(
+            &format!("{name}_down"),
+            &[rank, l.in_dim()],
+            tch::nn::Init::Uniform {
+                lo: -bound,
+                up: bound,
+            },
+        );
+        let up = vs.zeros(&format!("{name}_up"), &[l.out_dim(), rank]);
+        count += (down.numel() + up.numel()) as usize;
+        l.adapters.push(super::nn::Adapter {
+            down,
+            up,
+            scale: alpha / rank as f64,
+        });
+    }
+    count
+}

@@ -12,9 +12,11 @@ use super::vae::{Vae, VaeConfig};
 use super::weights::{CandleSource, Source, Weights};
 use super::{msg, Result};
 use crate::models::load::{component_weights, SafetensorsWeights};
+use crate::pipeline::load::SingleFile;
 use crate::pipeline::{Family, SingleFileConfig};
 
-/// The UNet, the VAE and the text encoders (one, or SDXL's two).
+/// The UNet, the VAE and the text encoders (one, or SDXL's two). Cloning shares the weights.
+#[derive(Clone)]
 pub struct TorchModels {
     pub family: Family,
     pub unet: UNet,
@@ -42,6 +44,47 @@ fn at(dir: &Path, e: super::Error) -> super::Error {
 }
 
 impl TorchModels {
+    /// Load a model: a diffusers folder, or a single `.safetensors` checkpoint (A1111's and
+    /// ComfyUI's LDM layout), with the UNet in `kind`.
+    pub fn load(path: &Path, device: Device, kind: Kind) -> Result<Self> {
+        if path.is_dir() {
+            Self::load_diffusers(path, device, kind)
+        } else if path.exists() {
+            Self::load_single_file(path, device, kind)
+        } else {
+            Err(msg(format!(
+                "{}: does not exist (expected a diffusers folder or a .safetensors checkpoint)",
+                path.display()
+            )))
+        }
+    }
+
+    /// Load a single-file checkpoint through the same name maps as the candle engine.
+    pub fn load_single_file(path: &Path, device: Device, kind: Kind) -> Result<Self> {
+        let file = SingleFile::open(path).map_err(|e| msg(e.to_string()))?;
+        let source = |w: SafetensorsWeights, k: Kind| {
+            let src: Arc<dyn Source> = Arc::new(CandleSource(w));
+            Weights::new(src, k, device)
+        };
+        let cfg = file.cfg;
+        let unet = UNet::new(&source(file.unet, kind), cfg.unet).map_err(|e| at(path, e))?;
+        let vae = Vae::new(&source(file.vae, Kind::Float), cfg.vae).map_err(|e| at(path, e))?;
+        let text = file
+            .text
+            .into_iter()
+            .zip(cfg.text)
+            .map(|((w, proj, _), c)| {
+                ClipTextModel::new(&source(w, Kind::Float), c, proj).map_err(|e| at(path, e))
+            })
+            .collect::<Result<_>>()?;
+        Ok(Self {
+            family: cfg.family,
+            unet,
+            vae,
+            text,
+        })
+    }
+
     /// Load a diffusers folder: the UNet in `kind`, the VAE and text encoders in f32.
     pub fn load_diffusers(dir: &Path, device: Device, kind: Kind) -> Result<Self> {
         if !dir.join("model_index.json").exists() {

@@ -5,11 +5,20 @@ use tch::{Kind, Tensor};
 use super::weights::Weights;
 use super::Result;
 
-/// y = x Wᵀ + b.
+/// A low-rank adapter beside a layer's weight: y += scale · (x downᵀ) upᵀ.
+#[derive(Debug)]
+pub struct Adapter {
+    pub down: Tensor,
+    pub up: Tensor,
+    pub scale: f64,
+}
+
+/// y = x Wᵀ + b (+ the adapters).
 #[derive(Debug)]
 pub struct Linear {
     pub weight: Tensor,
     pub bias: Option<Tensor>,
+    pub adapters: Vec<Adapter>,
 }
 
 impl Linear {
@@ -21,11 +30,25 @@ impl Linear {
             } else {
                 None
             },
+            adapters: Vec::new(),
         })
     }
 
+    pub fn in_dim(&self) -> i64 {
+        self.weight.size()[1]
+    }
+
+    pub fn out_dim(&self) -> i64 {
+        self.weight.size()[0]
+    }
+
     pub fn forward(&self, x: &Tensor) -> Tensor {
-        x.linear(&self.weight, self.bias.as_ref())
+        let mut y = x.linear(&self.weight, self.bias.as_ref());
+        for a in &self.adapters {
+            let h = x.to_kind(a.down.kind()).linear(&a.down, None::<Tensor>);
+            y += (h.linear(&a.up, None::<Tensor>) * a.scale).to_kind(y.kind());
+        }
+        y
     }
 }
 
@@ -166,4 +189,56 @@ pub fn timestep_embedding(t: &Tensor, dim: usize) -> Tensor {
 /// Nearest-neighbour upsampling to an exact size.
 pub fn upsample_nearest(x: &Tensor, h: usize, w: usize) -> Tensor {
     x.upsample_nearest2d([h as i64, w as i64], None, None)
+}
+
+// Cloning a layer shares its tensors (as candle's clones do): merging a LoRA into a clone assigns
+// new weight tensors and leaves the original's alone.
+impl Clone for Adapter {
+    fn clone(&self) -> Self {
+        Self {
+            down: self.down.shallow_clone(),
+            up: self.up.shallow_clone(),
+            scale: self.scale,
+        }
+    }
+}
+
+impl Clone for Linear {
+    fn clone(&self) -> Self {
+        Self {
+            weight: self.weight.shallow_clone(),
+            bias: self.bias.as_ref().map(Tensor::shallow_clone),
+            adapters: self.adapters.clone(),
+        }
+    }
+}
+
+impl Clone for Conv2d {
+    fn clone(&self) -> Self {
+        Self {
+            weight: self.weight.shallow_clone(),
+            bias: self.bias.shallow_clone(),
+            ..*self
+        }
+    }
+}
+
+impl Clone for GroupNorm {
+    fn clone(&self) -> Self {
+        Self {
+            weight: self.weight.shallow_clone(),
+            bias: self.bias.shallow_clone(),
+            ..*self
+        }
+    }
+}
+
+impl Clone for LayerNorm {
+    fn clone(&self) -> Self {
+        Self {
+            weight: self.weight.shallow_clone(),
+            bias: self.bias.shallow_clone(),
+            ..*self
+        }
+    }
 }

@@ -12,7 +12,7 @@ use super::weights::Weights;
 use super::{msg, Result};
 
 /// A residual block conditioned on the time embedding.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct ResnetBlock {
     norm1: GroupNorm,
     pub conv1: Conv2d,
@@ -59,7 +59,7 @@ impl ResnetBlock {
 }
 
 /// Multi-head attention with diffusers' names (to_q, to_k, to_v, to_out.0).
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct Attention {
     pub to_q: Linear,
     pub to_k: Linear,
@@ -93,7 +93,7 @@ impl Attention {
 }
 
 /// Self-attention, cross-attention and a GEGLU feed-forward, pre-norm.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct TransformerBlock {
     norm1: LayerNorm,
     pub attn1: Attention,
@@ -127,14 +127,14 @@ impl TransformerBlock {
 }
 
 /// A projection in or out of a spatial transformer: 1×1 convolution or linear (SD 2.x, SDXL).
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub enum Proj {
     Conv(Conv2d),
     Linear(Linear),
 }
 
 /// diffusers' `Transformer2DModel`: group norm, projection in, transformer blocks, projection out.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct SpatialTransformer {
     norm: GroupNorm,
     pub proj_in: Proj,
@@ -190,7 +190,7 @@ impl SpatialTransformer {
 }
 
 /// Resnets (each followed by a spatial transformer in cross-attention blocks) and a resampler.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct Block {
     pub resnets: Vec<ResnetBlock>,
     pub attentions: Vec<SpatialTransformer>,
@@ -204,7 +204,7 @@ pub struct AddedCond {
 }
 
 /// The UNet.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct UNet {
     pub config: UNetConfig,
     pub conv_in: Conv2d,

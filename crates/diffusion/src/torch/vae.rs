@@ -11,7 +11,7 @@ use super::weights::Weights;
 use super::{msg, Result};
 
 /// Single-head self-attention over the pixels of the middle block.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 struct VaeAttention {
     norm: GroupNorm,
     q: Linear,
@@ -46,7 +46,7 @@ impl VaeAttention {
     }
 }
 
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 struct Mid {
     r0: ResnetBlock,
     attn: VaeAttention,
@@ -71,7 +71,7 @@ impl Mid {
 type Stage = (Vec<ResnetBlock>, Option<Conv2d>);
 
 /// The autoencoder.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct Vae {
     pub config: VaeConfig,
     enc_in: Conv2d,

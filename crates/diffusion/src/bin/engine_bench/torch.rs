@@ -1,0 +1,155 @@
+//! The items on the libtorch engine.
+
+use std::sync::Arc;
+
+use atelier_diffusion::pipeline::{Family, SingleFileConfig};
+use atelier_diffusion::schedulers::{NoiseSchedule, ScheduleConfig};
+use atelier_diffusion::torch::unet::{AddedCond, UNet};
+use atelier_diffusion::torch::vae::Vae;
+use atelier_diffusion::torch::weights::{CandleSource, Source, Weights};
+use atelier_modelkit::shapes::RandomWeights;
+use tch::nn::OptimizerConfig;
+use tch::{Device, Kind, Tensor};
+
+use super::common::{euler_sigmas, euler_timestep, time, Args};
+
+fn setup(args: &Args) -> anyhow::Result<(Device, Kind)> {
+    let device = if args.cuda {
+        atelier_diffusion::torch::open_cuda();
+        anyhow::ensure!(tch::Cuda::is_available(), "libtorch sees no CUDA device");
+        Device::Cuda(0)
+    } else {
+        Device::Cpu
+    };
+    let kind = match args.dtype.as_str() {
+        "f16" => Kind::Half,
+        "bf16" => Kind::BFloat16,
+        _ => Kind::Float,
+    };
+    Ok((device, kind))
+}
+
+fn random(seed: u64, kind: Kind, device: Device) -> Weights {
+    let src: Arc<dyn Source> = Arc::new(CandleSource(RandomWeights::unrecorded(seed)));
+    Weights::new(src, kind, device)
+}
+
+fn unet(family: Family, device: Device, kind: Kind) -> anyhow::Result<UNet> {
+    let cfg = SingleFileConfig::standard(family, 4);
+    Ok(UNet::new(&random(7, kind, device), cfg.unet)?)
+}
+
+fn vae(device: Device) -> anyhow::Result<Vae> {
+    let cfg = SingleFileConfig::standard(Family::Sd1, 4);
+    Ok(Vae::new(&random(8, Kind::Float, device), cfg.vae)?)
+}
+
+pub fn run(args: &Args) -> anyhow::Result<f64> {
+    let (dev, kind) = setup(args)?;
+    let sync = move || {
+        if let Device::Cuda(i) = dev {
+            tch::Cuda::synchronize(i as i64);
+        }
+    };
+    let s = args.latent as i64;
+    if args.item == "lora_step" {
+        return lora_step(args, dev, kind, sync);
+    }
+    let _guard = tch::no_grad_guard();
+    match args.item.as_str() {
+        "unet_sd15" | "unet_sdxl" => {
+            let sdxl = args.item == "unet_sdxl";
+            let u = unet(if sdxl { Family::Sdxl } else { Family::Sd1 }, dev, kind)?;
+            let x = Tensor::randn([2, 4, s, s], (kind, dev));
+            let ctx = Tensor::randn([2, 77, u.config.cross_attention_dim as i64], (kind, dev));
+            let t = Tensor::from_slice(&[500f32, 500.]).to_device(dev);
+            let px = (s * 8) as f32;
+            let added = sdxl.then(|| AddedCond {
+                text_embeds: Tensor::randn([2, 1280], (kind, dev)),
+                time_ids: Tensor::from_slice(&[px, px, 0., 0., px, px])
+                    .repeat([2])
+                    .view([2, 6])
+                    .to_device(dev),
+            });
+            time(
+                args,
+                || {
+                    let _ = u.forward(&x, &t, &ctx, added.as_ref())?;
+                    Ok(())
+                },
+                sync,
+            )
+        }
+        "vae_decode" => {
+            let v = vae(dev)?;
+            let z = Tensor::randn([1, 4, s, s], (Kind::Float, dev));
+            time(
+                args,
+                || {
+                    let _ = v.decode(&z);
+                    Ok(())
+                },
+                sync,
+            )
+        }
+        _ => txt2img(args, dev, kind, sync),
+    }
+}
+
+fn txt2img(args: &Args, dev: Device, kind: Kind, sync: impl Fn()) -> anyhow::Result<f64> {
+    let u = unet(Family::Sd1, dev, kind)?;
+    let v = vae(dev)?;
+    let s = args.latent as i64;
+    let ctx = Tensor::randn([2, 77, 768], (kind, dev));
+    let sigmas = euler_sigmas(args.steps);
+    time(
+        args,
+        || {
+            let mut x = Tensor::randn([1, 4, s, s], (Kind::Float, dev)) * sigmas[0];
+            for i in 0..args.steps {
+                let sigma = sigmas[i];
+                let inp = Tensor::cat(&[&x, &x], 0) / (sigma * sigma + 1.0).sqrt();
+                let t = Tensor::full([2], euler_timestep(i, args.steps), (Kind::Float, dev));
+                let eps = u.forward(&inp, &t, &ctx, None)?.to_kind(Kind::Float);
+                let parts = eps.chunk(2, 0);
+                let guided = &parts[0] + (&parts[1] - &parts[0]) * 7.5;
+                x += guided * (sigmas[i + 1] - sigma);
+            }
+            drop(v.decode(&(x * 0.18215)));
+            Ok(())
+        },
+        sync,
+    )
+}
+
+fn lora_step(args: &Args, dev: Device, kind: Kind, sync: impl Fn()) -> anyhow::Result<f64> {
+    let mut u = unet(Family::Sd1, dev, kind)?;
+    let vs = tch::nn::VarStore::new(dev);
+    let rank = args.rank as i64;
+    atelier_diffusion::torch::lora::attach_attention(&mut u, &vs.root(), rank, rank as f64);
+    let mut opt = tch::nn::AdamW::default().build(&vs, 1e-4)?;
+    let schedule = NoiseSchedule::new(ScheduleConfig::default());
+    let (b, s) = (args.batch as i64, args.latent as i64);
+    let x0 = Tensor::randn([b, 4, s, s], (Kind::Float, dev));
+    let ctx = Tensor::randn([b, 77, 768], (kind, dev));
+    time(
+        args,
+        || {
+            let ts = Tensor::randint(1000, [b], (Kind::Int64, Device::Cpu));
+            let steps = Vec::<i64>::try_from(&ts)?;
+            let ac: Vec<f32> = steps
+                .iter()
+                .map(|&t| schedule.alpha_cumprod(t) as f32)
+                .collect();
+            let ac = Tensor::from_slice(&ac).to_device(dev).view([b, 1, 1, 1]);
+            let noise = Tensor::randn([b, 4, s, s], (Kind::Float, dev));
+            let noisy = &x0 * ac.sqrt() + &noise * (ac.ones_like() - &ac).sqrt();
+            let t = ts.to_kind(Kind::Float).to_device(dev);
+            let pred = u.forward(&noisy, &t, &ctx, None)?.to_kind(Kind::Float);
+            let loss = (pred - noise).square().mean(Kind::Float);
+            opt.backward_step(&loss);
+            Ok(())
+        },
+        sync,
+    )
+}
