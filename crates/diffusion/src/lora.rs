@@ -46,7 +46,7 @@ pub struct LoraFile {
 /// (down, up, alpha) of one layer while reading a file.
 type Pieces = (Option<Tensor>, Option<Tensor>, Option<f64>);
 
-fn underscore(path: &str) -> String {
+pub(crate) fn underscore(path: &str) -> String {
     path.replace('.', "_")
 }
 
@@ -270,6 +270,22 @@ fn apply_conv(
     Ok(())
 }
 
+/// Each UNet layer's position among `paths` (diffusers paths), by its underscored diffusers name
+/// and its underscored LDM name (kohya's SDXL LoRAs use those).
+pub(crate) fn unet_index<'a>(
+    paths: impl Iterator<Item = &'a str>,
+    cfg: &crate::models::unet::UNetConfig,
+) -> HashMap<String, usize> {
+    let mut index = HashMap::new();
+    for (i, path) in paths.enumerate() {
+        index.insert(underscore(path), i);
+        if let Some(ldm) = crate::models::ldm::unet_name(&format!("{path}.weight"), cfg) {
+            index.insert(underscore(ldm.trim_end_matches(".weight")), i);
+        }
+    }
+    index
+}
+
 /// What applying a file did.
 #[derive(Debug, Clone, Default)]
 pub struct Applied {
@@ -289,13 +305,7 @@ pub fn apply(
 ) -> Result<Applied, String> {
     let cfg = unet.config.clone();
     let mut targets = unet.targets_mut();
-    let mut index: HashMap<String, usize> = HashMap::new();
-    for (i, (path, _)) in targets.iter().enumerate() {
-        index.insert(underscore(path), i);
-        if let Some(ldm) = crate::models::ldm::unet_name(&format!("{path}.weight"), &cfg) {
-            index.insert(underscore(ldm.trim_end_matches(".weight")), i);
-        }
-    }
+    let index = unet_index(targets.iter().map(|(p, _)| p.as_str()), &cfg);
     let mut applied = Applied::default();
     for ((part, key), layer) in &file.layers {
         let result = match part {

@@ -196,3 +196,63 @@ fn a_lora_merged_into_a_clone_leaves_the_original_alone() {
     );
     assert_eq!((&a - &again).abs().max().double_value(&[]), 0.0);
 }
+
+#[test]
+fn lora_training_on_libtorch_lowers_the_loss_and_writes_a_kohya_file() {
+    use atelier_diffusion::lora::LoraFile;
+    use atelier_diffusion::schedulers::{NoiseSchedule, PredictionType, ScheduleConfig};
+    use atelier_diffusion::torch::lora::merge_file;
+    use atelier_diffusion::torch::train::{loss, TrainableLora};
+    use atelier_diffusion::torch::TorchModels;
+    use tch::nn::OptimizerConfig;
+    let dir = tempfile::tempdir().unwrap();
+    make_tiny_with(dir.path(), Family::Sd1, 3, false).unwrap();
+    let (cpu, f32k) = (tch::Device::Cpu, tch::Kind::Float);
+    let base = TorchModels::load(dir.path(), cpu, f32k).unwrap();
+    let mut trained = base.clone();
+    let lora = TrainableLora::attach_attention(&mut trained.unet, Family::Sd1, 4, 4.0);
+    assert!(lora.parameter_count() > 0);
+    let mut opt = tch::nn::AdamW::default().build(&lora.vs, 1e-2).unwrap();
+    tch::manual_seed(1);
+    let x0 = tch::Tensor::randn([2, 4, 8, 8], (f32k, cpu));
+    let noise = tch::Tensor::randn([2, 4, 8, 8], (f32k, cpu));
+    let ctx = tch::Tensor::randn([2, 77, 32], (f32k, cpu));
+    let schedule = NoiseSchedule::new(ScheduleConfig::default());
+    let step = |opt: &mut tch::nn::Optimizer| {
+        let l = loss(
+            &trained.unet,
+            &schedule,
+            PredictionType::Epsilon,
+            Some(5.0),
+            &x0,
+            &noise,
+            &[300, 700],
+            &ctx,
+            None,
+        )
+        .unwrap();
+        opt.backward_step(&l);
+        l.double_value(&[])
+    };
+    let first = step(&mut opt);
+    let last = (0..30).map(|_| step(&mut opt)).last().unwrap();
+    assert!(last < first * 0.9, "loss {first} → {last}");
+    // The file in kohya's layout, merged into the base model, predicts as the trained adapters do.
+    let path = dir.path().join("trained.safetensors");
+    lora.save(&path, &Default::default()).unwrap();
+    let file = LoraFile::load(&path).unwrap();
+    let mut merged = base.clone();
+    let applied = merge_file(&mut merged, &file, 1.0).unwrap();
+    assert!(applied.unmatched.is_empty(), "{:?}", applied.unmatched);
+    let x = tch::Tensor::randn([1, 4, 8, 8], (f32k, cpu));
+    let t = tch::Tensor::from(500f32);
+    let c = ctx.narrow(0, 0, 1);
+    let (a, b) = tch::no_grad(|| {
+        (
+            trained.unet.forward(&x, &t, &c, None).unwrap(),
+            merged.unet.forward(&x, &t, &c, None).unwrap(),
+        )
+    });
+    let d = (&a - &b).abs().max().double_value(&[]);
+    assert!(d < 1e-4, "merged file vs trained adapters: {d}");
+}

@@ -1,15 +1,13 @@
 //! LoRA files (kohya/A1111 and diffusers/peft layouts, parsed by [`crate::lora::LoraFile`]) merged
 //! into the libtorch models' weights.
 
-use std::collections::HashMap;
-
 use tch::{Kind, Tensor};
 
 use super::nn::{Conv2d, Linear};
 use super::unet::{Proj, ResnetBlock, SpatialTransformer, UNet};
 use super::weights::from_candle;
 use super::{msg, Result, TorchModels};
-use crate::lora::{Applied, LoraFile, LoraLayer, Part};
+use crate::lora::{underscore, unet_index, Applied, LoraFile, LoraLayer, Part};
 
 /// A layer a LoRA can adapt.
 pub enum Target<'a> {
@@ -135,22 +133,12 @@ fn merge(weight: &mut Tensor, layer: &LoraLayer, s: f64) -> Result<()> {
     Ok(())
 }
 
-fn underscore(path: &str) -> String {
-    path.replace('.', "_")
-}
-
 /// Merge `file` at `weight` into the UNet and text encoders; UNet layers may be named by their
 /// diffusers or (SDXL LoRAs from kohya's scripts) LDM paths.
 pub fn merge_file(m: &mut TorchModels, file: &LoraFile, weight: f64) -> Result<Applied> {
     let cfg = m.unet.config.clone();
     let mut targets = unet_targets(&mut m.unet);
-    let mut index: HashMap<String, usize> = HashMap::new();
-    for (i, (path, _)) in targets.iter().enumerate() {
-        index.insert(underscore(path), i);
-        if let Some(ldm) = crate::models::ldm::unet_name(&format!("{path}.weight"), &cfg) {
-            index.insert(underscore(ldm.trim_end_matches(".weight")), i);
-        }
-    }
+    let index = unet_index(targets.iter().map(|(p, _)| p.as_str()), &cfg);
     let mut applied = Applied::default();
     for ((part, key), layer) in &file.layers {
         let s = weight * layer.scale;
@@ -182,35 +170,4 @@ pub fn merge_file(m: &mut TorchModels, file: &LoraFile, weight: f64) -> Result<A
         )));
     }
     Ok(applied)
-}
-
-/// Trainable LoRA adapters (rank `rank`, scale alpha / rank) on every attention projection of
-/// the UNet's transformer blocks (kohya's default targets), as variables of `vs`: down random
-/// (Kaiming-uniform, as kohya and peft start them), up zero.
-pub fn attach_attention(unet: &mut UNet, vs: &tch::nn::Path, rank: i64, alpha: f64) -> usize {
-    let mut count = 0;
-    for (path, target) in unet_targets(unet) {
-        let Target::Linear(l) = target else { continue };
-        if !path.contains(".attn1.") && !path.contains(".attn2.") {
-            continue;
-        }
-        let name = path.replace('.', "_");
-        let bound = 1.0 / (l.in_dim() as f64).sqrt();
-        let down = vs.var(
-            &format!("{name}_down"),
-            &[rank, l.in_dim()],
-            tch::nn::Init::Uniform {
-                lo: -bound,
-                up: bound,
-            },
-        );
-        let up = vs.zeros(&format!("{name}_up"), &[l.out_dim(), rank]);
-        count += (down.numel() + up.numel()) as usize;
-        l.adapters.push(super::nn::Adapter {
-            down,
-            up,
-            scale: alpha / rank as f64,
-        });
-    }
-    count
 }

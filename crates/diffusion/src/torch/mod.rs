@@ -11,6 +11,7 @@ pub mod clip;
 pub mod lora;
 pub mod models;
 pub mod nn;
+pub mod train;
 pub mod unet;
 pub mod vae;
 pub mod weights;

@@ -123,11 +123,12 @@ fn txt2img(args: &Args, dev: Device, kind: Kind, sync: impl Fn()) -> anyhow::Res
 }
 
 fn lora_step(args: &Args, dev: Device, kind: Kind, sync: impl Fn()) -> anyhow::Result<f64> {
+    use atelier_diffusion::schedulers::PredictionType;
+    use atelier_diffusion::torch::train::{loss, TrainableLora};
     let mut u = unet(Family::Sd1, dev, kind)?;
-    let vs = tch::nn::VarStore::new(dev);
     let rank = args.rank as i64;
-    atelier_diffusion::torch::lora::attach_attention(&mut u, &vs.root(), rank, rank as f64);
-    let mut opt = tch::nn::AdamW::default().build(&vs, 1e-4)?;
+    let lora = TrainableLora::attach_attention(&mut u, Family::Sd1, rank, rank as f64);
+    let mut opt = tch::nn::AdamW::default().build(&lora.vs, 1e-4)?;
     let schedule = NoiseSchedule::new(ScheduleConfig::default());
     let (b, s) = (args.batch as i64, args.latent as i64);
     let x0 = Tensor::randn([b, 4, s, s], (Kind::Float, dev));
@@ -135,19 +136,20 @@ fn lora_step(args: &Args, dev: Device, kind: Kind, sync: impl Fn()) -> anyhow::R
     time(
         args,
         || {
-            let ts = Tensor::randint(1000, [b], (Kind::Int64, Device::Cpu));
-            let steps = Vec::<i64>::try_from(&ts)?;
-            let ac: Vec<f32> = steps
-                .iter()
-                .map(|&t| schedule.alpha_cumprod(t) as f32)
-                .collect();
-            let ac = Tensor::from_slice(&ac).to_device(dev).view([b, 1, 1, 1]);
+            let t = Vec::<i64>::try_from(&Tensor::randint(1000, [b], (Kind::Int64, Device::Cpu)))?;
             let noise = Tensor::randn([b, 4, s, s], (Kind::Float, dev));
-            let noisy = &x0 * ac.sqrt() + &noise * (ac.ones_like() - &ac).sqrt();
-            let t = ts.to_kind(Kind::Float).to_device(dev);
-            let pred = u.forward(&noisy, &t, &ctx, None)?.to_kind(Kind::Float);
-            let loss = (pred - noise).square().mean(Kind::Float);
-            opt.backward_step(&loss);
+            let l = loss(
+                &u,
+                &schedule,
+                PredictionType::Epsilon,
+                None,
+                &x0,
+                &noise,
+                &t,
+                &ctx,
+                None,
+            )?;
+            opt.backward_step(&l);
             Ok(())
         },
         sync,
