@@ -256,3 +256,52 @@ fn lora_training_on_libtorch_lowers_the_loss_and_writes_a_kohya_file() {
     let d = (&a - &b).abs().max().double_value(&[]);
     assert!(d < 1e-4, "merged file vs trained adapters: {d}");
 }
+
+#[test]
+fn half_precision_unets_on_libtorch_follow_f32() {
+    // bf16 weights and activations (CPU kernels here; the GPU path's dtype handling is the same
+    // code): SD 1.x and SDXL (added conditioning cast to the UNet's kind) stay near f32.
+    use atelier_diffusion::torch::unet::AddedCond;
+    use atelier_diffusion::torch::TorchModels;
+    for family in [Family::Sd1, Family::Sdxl] {
+        let dir = tempfile::tempdir().unwrap();
+        make_tiny_with(dir.path(), family, 9, false).unwrap();
+        let cpu = tch::Device::Cpu;
+        let full = TorchModels::load(dir.path(), cpu, tch::Kind::Float).unwrap();
+        let half = TorchModels::load(dir.path(), cpu, tch::Kind::BFloat16).unwrap();
+        let dim = full.unet.config.cross_attention_dim as i64;
+        let x = tch::Tensor::randn([2, 4, 8, 8], (tch::Kind::Float, cpu));
+        let ctx = tch::Tensor::randn([2, 7, dim], (tch::Kind::Float, cpu));
+        let t = tch::Tensor::from_slice(&[900f32, 20.]);
+        let added = (family == Family::Sdxl).then(|| {
+            let n = full
+                .unet
+                .config
+                .projection_class_embeddings_input_dim
+                .unwrap_or(2816) as i64
+                - 6 * full.unet.config.addition_time_embed_dim.unwrap_or(256) as i64;
+            AddedCond {
+                text_embeds: tch::Tensor::randn([2, n], (tch::Kind::Float, cpu)),
+                time_ids: tch::Tensor::from_slice(&[64f32, 64., 0., 0., 64., 64.])
+                    .repeat([2])
+                    .view([2, 6]),
+            }
+        });
+        let (a, b) = tch::no_grad(|| {
+            (
+                full.unet.forward(&x, &t, &ctx, added.as_ref()).unwrap(),
+                half.unet.forward(&x, &t, &ctx, added.as_ref()).unwrap(),
+            )
+        });
+        assert_eq!(b.kind(), tch::Kind::BFloat16);
+        let scale = a.abs().max().double_value(&[]);
+        let d = (&a - b.to_kind(tch::Kind::Float))
+            .abs()
+            .max()
+            .double_value(&[]);
+        assert!(
+            d < 0.05 * scale.max(1.0),
+            "{family:?}: bf16 vs f32 {d} (output scale {scale})"
+        );
+    }
+}
