@@ -305,3 +305,97 @@ fn half_precision_unets_on_libtorch_follow_f32() {
         );
     }
 }
+
+#[test]
+fn a_lora_at_run_time_predicts_as_merged() {
+    use atelier_diffusion::lora::{LoraFile, LoraMode};
+    use atelier_diffusion::torch::lora::apply_file;
+    use atelier_diffusion::torch::TorchModels;
+    let models =
+        std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/conformance/models");
+    let cpu = tch::Device::Cpu;
+    let base = TorchModels::load(&models.join("sd1/model"), cpu, tch::Kind::Float).unwrap();
+    let file = LoraFile::load(&models.join("sd1-lora-kohya/lora.safetensors")).unwrap();
+    let (mut merged, mut runtime) = (base.clone(), base.clone());
+    let a = apply_file(&mut merged, &file, 0.7, LoraMode::Merge).unwrap();
+    let b = apply_file(&mut runtime, &file, 0.7, LoraMode::Runtime).unwrap();
+    assert_eq!(
+        (a.matched, b.matched),
+        (file.layers.len(), file.layers.len())
+    );
+    let ids = tch::Tensor::from_slice(&[1i64, 320, 1125, 2]).view([1, 4]);
+    let x = tch::Tensor::randn([1, 4, 8, 8], (tch::Kind::Float, cpu));
+    let t = tch::Tensor::from(300f32);
+    tch::no_grad(|| {
+        let (tm, tr) = (
+            merged.text[0].forward(&ids).unwrap(),
+            runtime.text[0].forward(&ids).unwrap(),
+        );
+        let d = (&tm.last - &tr.last).abs().max().double_value(&[]);
+        assert!(d < 1e-5, "text encoder: {d}");
+        let um = merged.unet.forward(&x, &t, &tm.last, None).unwrap();
+        let ur = runtime.unet.forward(&x, &t, &tm.last, None).unwrap();
+        let d = (&um - &ur).abs().max().double_value(&[]);
+        assert!(d < 1e-5, "unet: {d}");
+    });
+}
+
+#[test]
+fn conv_adapters_at_run_time_predict_as_merged() {
+    // LoCon on a 3×3 convolution: a 3×3 down, and a 1×1 down acting at the kernel's centre.
+    use atelier_diffusion::lora::{LoraFile, LoraMode};
+    use atelier_diffusion::torch::lora::apply_file;
+    use atelier_diffusion::torch::TorchModels;
+    let dir = tempfile::tempdir().unwrap();
+    make_tiny_with(dir.path(), Family::Sd1, 2, false).unwrap();
+    let cpu = tch::Device::Cpu;
+    let base = TorchModels::load(dir.path(), cpu, tch::Kind::Float).unwrap();
+    let w = base.unet.down[0].resnets[0].conv1.weight.size();
+    let (out, inp) = (w[0] as usize, w[1] as usize);
+    let mut tensors = std::collections::HashMap::new();
+    for (module, k) in [("conv1", 3usize), ("conv2", 1)] {
+        let key = format!("lora_unet_down_blocks_0_resnets_0_{module}");
+        let c_in = if module == "conv1" { inp } else { out };
+        tensors.insert(
+            format!("{key}.lora_down.weight"),
+            (randn(&[2, c_in, k, k], 7) * 0.1).unwrap(),
+        );
+        tensors.insert(
+            format!("{key}.lora_up.weight"),
+            (randn(&[out, 2, 1, 1], 8) * 0.1).unwrap(),
+        );
+        tensors.insert(
+            format!("{key}.alpha"),
+            Tensor::new(1f32, &Device::Cpu).unwrap(),
+        );
+    }
+    let file = LoraFile::from_tensors(tensors, Default::default()).unwrap();
+    let (mut merged, mut runtime) = (base.clone(), base.clone());
+    assert_eq!(
+        apply_file(&mut merged, &file, 1.0, LoraMode::Merge)
+            .unwrap()
+            .matched,
+        2
+    );
+    assert_eq!(
+        apply_file(&mut runtime, &file, 1.0, LoraMode::Runtime)
+            .unwrap()
+            .matched,
+        2
+    );
+    let dim = base.unet.config.cross_attention_dim as i64;
+    let x = tch::Tensor::randn([1, 4, 8, 8], (tch::Kind::Float, cpu));
+    let ctx = tch::Tensor::randn([1, 4, dim], (tch::Kind::Float, cpu));
+    let t = tch::Tensor::from(300f32);
+    tch::no_grad(|| {
+        let b = base.unet.forward(&x, &t, &ctx, None).unwrap();
+        let m = merged.unet.forward(&x, &t, &ctx, None).unwrap();
+        let r = runtime.unet.forward(&x, &t, &ctx, None).unwrap();
+        assert!(
+            (&m - &b).abs().max().double_value(&[]) > 1e-4,
+            "the LoRA changed nothing"
+        );
+        let d = (&m - &r).abs().max().double_value(&[]);
+        assert!(d < 1e-5, "merged vs run time: {d}");
+    });
+}

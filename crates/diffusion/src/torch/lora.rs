@@ -3,11 +3,11 @@
 
 use tch::{Kind, Tensor};
 
-use super::nn::{Conv2d, Linear};
+use super::nn::{Adapter, Conv2d, Linear};
 use super::unet::{Proj, ResnetBlock, SpatialTransformer, UNet};
 use super::weights::from_candle;
 use super::{msg, Result, TorchModels};
-use crate::lora::{underscore, unet_index, Applied, LoraFile, LoraLayer, Part};
+use crate::lora::{underscore, unet_index, Applied, LoraFile, LoraLayer, LoraMode, Part};
 
 /// A layer a LoRA can adapt.
 pub enum Target<'a> {
@@ -119,6 +119,34 @@ fn delta(weight: &Tensor, layer: &LoraLayer, s: f64) -> Result<Tensor> {
     Ok(d * s)
 }
 
+/// The layer's adapter for a weight of `weight`'s shape, on its device, in f32.
+fn adapter(weight: &Tensor, layer: &LoraLayer, s: f64) -> Result<Adapter> {
+    let (down, up) = (from_candle(&layer.down)?, from_candle(&layer.up)?);
+    let w = weight.size();
+    let r = down.size()[0];
+    let fits = down.size()[1] == w[1] && up.numel() as i64 == w[0] * r;
+    if !fits {
+        return Err(msg(format!(
+            "LoRA shape {:?}/{:?} does not fit a layer of shape {w:?}",
+            layer.down.dims(),
+            layer.up.dims()
+        )));
+    }
+    let dev = weight.device();
+    let (down, up) = match w.len() {
+        2 => (down.reshape([r, w[1]]), up.reshape([w[0], r])),
+        _ => {
+            let k = down.size().get(2).copied().unwrap_or(1);
+            (down.reshape([r, w[1], k, k]), up.reshape([w[0], r, 1, 1]))
+        }
+    };
+    Ok(Adapter {
+        down: down.to_device(dev),
+        up: up.to_device(dev),
+        scale: s,
+    })
+}
+
 fn merge(weight: &mut Tensor, layer: &LoraLayer, s: f64) -> Result<()> {
     let d = delta(weight, layer, s).map_err(|e| {
         msg(format!(
@@ -133,35 +161,59 @@ fn merge(weight: &mut Tensor, layer: &LoraLayer, s: f64) -> Result<()> {
     Ok(())
 }
 
-/// Merge `file` at `weight` into the UNet and text encoders; UNet layers may be named by their
-/// diffusers or (SDXL LoRAs from kohya's scripts) LDM paths.
+/// Merge `file` at `weight` into the UNet and text encoders.
 pub fn merge_file(m: &mut TorchModels, file: &LoraFile, weight: f64) -> Result<Applied> {
+    apply_file(m, file, weight, LoraMode::Merge)
+}
+
+/// A layer the file adapts: a linear layer's or a convolution's weight and adapters.
+fn parts<'a>(t: &'a mut Target<'_>) -> (&'a mut Tensor, &'a mut Vec<Adapter>) {
+    match t {
+        Target::Linear(l) => (&mut l.weight, &mut l.adapters),
+        Target::Conv(c) => (&mut c.weight, &mut c.adapters),
+    }
+}
+
+/// Apply `file` at `weight` to the UNet and text encoders, merged into the weights or as
+/// run-time adapters (the same predictions either way); UNet layers may be named by their
+/// diffusers or (SDXL LoRAs from kohya's scripts) LDM paths.
+pub fn apply_file(
+    m: &mut TorchModels,
+    file: &LoraFile,
+    weight: f64,
+    mode: LoraMode,
+) -> Result<Applied> {
     let cfg = m.unet.config.clone();
     let mut targets = unet_targets(&mut m.unet);
     let index = unet_index(targets.iter().map(|(p, _)| p.as_str()), &cfg);
     let mut applied = Applied::default();
     for ((part, key), layer) in &file.layers {
         let s = weight * layer.scale;
-        let w: Option<&mut Tensor> = match part {
-            Part::Unet => index.get(key).map(|&i| match &mut targets[i].1 {
-                Target::Linear(l) => &mut l.weight,
-                Target::Conv(c) => &mut c.weight,
-            }),
-            Part::Text(n) => m.text.get_mut(*n).and_then(|model| {
-                model
-                    .linears_mut()
-                    .into_iter()
-                    .find(|(p, _)| underscore(p.strip_prefix("text_model.").unwrap_or(p)) == *key)
-                    .map(|(_, l)| &mut l.weight)
-            }),
-        };
-        match w {
-            Some(w) => {
-                merge(w, layer, s).map_err(|e| msg(format!("{key}: {e}")))?;
-                applied.matched += 1;
+        let (mut unet_target, mut text_linear) = (None, None);
+        match part {
+            Part::Unet => unet_target = index.get(key).map(|&i| parts(&mut targets[i].1)),
+            Part::Text(n) => {
+                text_linear = m.text.get_mut(*n).and_then(|model| {
+                    model
+                        .linears_mut()
+                        .into_iter()
+                        .find(|(p, _)| {
+                            underscore(p.strip_prefix("text_model.").unwrap_or(p)) == *key
+                        })
+                        .map(|(_, l)| (&mut l.weight, &mut l.adapters))
+                })
             }
-            None => applied.unmatched.push(key.clone()),
         }
+        let Some((w, adapters)) = unet_target.or(text_linear) else {
+            applied.unmatched.push(key.clone());
+            continue;
+        };
+        let done = match mode {
+            LoraMode::Merge => merge(w, layer, s),
+            LoraMode::Runtime => adapter(w, layer, s).map(|a| adapters.push(a)),
+        };
+        done.map_err(|e| msg(format!("{key}: {e}")))?;
+        applied.matched += 1;
     }
     if applied.matched == 0 {
         return Err(msg(format!(

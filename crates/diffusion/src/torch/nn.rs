@@ -52,11 +52,13 @@ impl Linear {
     }
 }
 
-/// A 2-D convolution with square kernels, stride and padding.
+/// A 2-D convolution with square kernels, stride and padding (+ LoCon adapters: down
+/// [r, in, k, k] or [r, in, 1, 1], up [out, r, 1, 1]; a 1×1 down acts at the kernel's centre).
 #[derive(Debug)]
 pub struct Conv2d {
     pub weight: Tensor,
     pub bias: Tensor,
+    pub adapters: Vec<Adapter>,
     stride: i64,
     padding: i64,
 }
@@ -73,20 +75,29 @@ impl Conv2d {
         Ok(Self {
             weight: w.get(&[out_ch, in_ch, kernel, kernel], "weight")?,
             bias: w.get(&[out_ch], "bias")?,
+            adapters: Vec::new(),
             stride: stride as i64,
             padding: padding as i64,
         })
     }
 
     pub fn forward(&self, x: &Tensor) -> Tensor {
-        x.conv2d(
-            &self.weight,
-            Some(&self.bias),
-            [self.stride, self.stride],
-            [self.padding, self.padding],
-            [1, 1],
-            1,
-        )
+        let (s, p) = (self.stride, self.padding);
+        let mut y = x.conv2d(&self.weight, Some(&self.bias), [s, s], [p, p], [1, 1], 1);
+        for a in &self.adapters {
+            let pad = if a.down.size()[2] == 1 { 0 } else { p };
+            let d = x.to_kind(a.down.kind()).conv2d(
+                &a.down,
+                None::<Tensor>,
+                [s, s],
+                [pad, pad],
+                [1, 1],
+                1,
+            );
+            let u = d.conv2d(&a.up, None::<Tensor>, [1, 1], [0, 0], [1, 1], 1) * a.scale;
+            y += u.to_kind(y.kind());
+        }
+        y
     }
 }
 
@@ -218,7 +229,9 @@ impl Clone for Conv2d {
         Self {
             weight: self.weight.shallow_clone(),
             bias: self.bias.shallow_clone(),
-            ..*self
+            adapters: self.adapters.clone(),
+            stride: self.stride,
+            padding: self.padding,
         }
     }
 }
