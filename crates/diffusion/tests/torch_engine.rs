@@ -399,3 +399,15 @@ fn conv_adapters_at_run_time_predict_as_merged() {
         assert!(d < 1e-5, "merged vs run time: {d}");
     });
 }
+
+#[test]
+fn libtorch_cuda_opens_or_the_cpu_stays() {
+    // On a machine without a GPU, opening libtorch's CUDA library (or failing to) leaves libtorch
+    // answering on the CPU; with one, libtorch sees it after.
+    let opened = atelier_diffusion::torch::open_cuda();
+    let x = tch::Tensor::from_slice(&[1f32, 2., 3.]).sum(tch::Kind::Float);
+    assert_eq!(x.double_value(&[]), 6.0);
+    if !opened {
+        assert!(!tch::Cuda::is_available());
+    }
+}

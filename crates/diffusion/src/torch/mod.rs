@@ -109,8 +109,3 @@ pub fn guard<T>(f: impl FnOnce() -> Result<T>) -> Result<T> {
         }
     }
 }
-
-/// A tensor's dimensions as `usize`.
-pub fn dims(t: &Tensor) -> Vec<usize> {
-    t.size().iter().map(|&d| d as usize).collect()
-}
