@@ -32,6 +32,10 @@ bench: bootstrap
     cargo bench -p atelier-caption-eval --bench eval
 
 # The ANN index beside faiss HNSW; the augmenter's resize/crop beside Pillow
+# The diffusion engines side by side (candle, libtorch through tch, PyTorch from Python): ~20 min
+bench-engines: bootstrap
+    scripts/bench-engines
+
 bench-retrieval: bootstrap
     scripts/bench-ann
     scripts/bench-augment
