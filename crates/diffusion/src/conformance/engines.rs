@@ -99,11 +99,7 @@ impl Components for StableDiffusion {
         let out = model
             .forward(&ids.to_dtype(DType::U32).map_err(s)?)
             .map_err(s)?;
-        let pen = out
-            .hidden
-            .get(out.hidden.len().saturating_sub(2))
-            .ok_or("the encoder returned no hidden states")?
-            .clone();
+        let pen = penultimate(&out.hidden)?.clone();
         Ok((out.last, pen, out.pooled))
     }
 
@@ -131,6 +127,13 @@ impl Components for StableDiffusion {
     }
 }
 
+/// The penultimate layer's output among an encoder's hidden states.
+fn penultimate<T>(hidden: &[T]) -> Result<&T, String> {
+    hidden
+        .get(hidden.len().saturating_sub(2))
+        .ok_or_else(|| "the encoder returned no hidden states".to_string())
+}
+
 fn tt(t: &Tensor) -> Result<tch::Tensor, String> {
     from_candle(t).map_err(s)
 }
@@ -147,10 +150,7 @@ impl Components for TorchModels {
             .ok_or_else(|| format!("the model has no text encoder {}", index + 1))?;
         let ids = tt(ids)?;
         let out = guard(|| tch::no_grad(|| model.forward(&ids))).map_err(s)?;
-        let pen = out
-            .hidden
-            .get(out.hidden.len().saturating_sub(2))
-            .ok_or("the encoder returned no hidden states")?;
+        let pen = penultimate(&out.hidden)?;
         Ok((ct(&out.last)?, ct(pen)?, ct(&out.pooled)?))
     }
 

@@ -16,7 +16,7 @@ use crate::models::vae::{Vae, VaeConfig};
 use crate::schedulers::ScheduleConfig;
 use crate::tokenizer::ClipTokenizer;
 
-pub(super) fn read_json<T: serde::de::DeserializeOwned>(p: &Path) -> PResult<T> {
+pub(crate) fn read_json<T: serde::de::DeserializeOwned>(p: &Path) -> PResult<T> {
     let text = std::fs::read_to_string(p).map_err(|e| PipelineError::Model {
         path: p.display().to_string(),
         reason: e.to_string(),

@@ -2,14 +2,12 @@
 //! seeded random weights of a family's real geometry, for benchmarks).
 
 use std::path::Path;
-use std::sync::Arc;
-
 use tch::{Device, Kind};
 
 use super::clip::{ClipConfig, ClipTextModel};
 use super::unet::{UNet, UNetConfig};
 use super::vae::{Vae, VaeConfig};
-use super::weights::{CandleSource, Source, Weights};
+use super::weights::Weights;
 use super::{msg, Result};
 use crate::models::load::{component_weights, SafetensorsWeights};
 use crate::pipeline::load::SingleFile;
@@ -25,18 +23,13 @@ pub struct TorchModels {
 }
 
 fn read_json<T: serde::de::DeserializeOwned>(p: &Path) -> Result<T> {
-    let text = std::fs::read_to_string(p).map_err(|e| msg(format!("{}: {e}", p.display())))?;
-    serde_json::from_str(&text).map_err(|e| msg(format!("{}: {e}", p.display())))
+    crate::pipeline::load::read_json(p).map_err(|e| msg(e.to_string()))
 }
 
-fn files(dir: &Path) -> Result<Weights> {
-    let paths = component_weights(dir)?;
-    let src: Arc<dyn Source> = Arc::new(CandleSource(SafetensorsWeights::open(&paths)?));
-    Ok(Weights::new(src, Kind::Float, Device::Cpu))
-}
-
-fn on(w: Weights, kind: Kind, device: Device) -> Weights {
-    w.on(kind, device)
+/// A diffusers component folder's weights, handing out `kind` on `device`.
+fn files(dir: &Path, kind: Kind, device: Device) -> Result<Weights> {
+    let st = SafetensorsWeights::open(&component_weights(dir)?)?;
+    Ok(Weights::from_backend(st, kind, device))
 }
 
 fn at(dir: &Path, e: super::Error) -> super::Error {
@@ -62,10 +55,7 @@ impl TorchModels {
     /// Load a single-file checkpoint through the same name maps as the candle engine.
     pub fn load_single_file(path: &Path, device: Device, kind: Kind) -> Result<Self> {
         let file = SingleFile::open(path).map_err(|e| msg(e.to_string()))?;
-        let source = |w: SafetensorsWeights, k: Kind| {
-            let src: Arc<dyn Source> = Arc::new(CandleSource(w));
-            Weights::new(src, k, device)
-        };
+        let source = |w: SafetensorsWeights, k: Kind| Weights::from_backend(w, k, device);
         let cfg = file.cfg;
         let unet = UNet::new(&source(file.unet, kind), cfg.unet).map_err(|e| at(path, e))?;
         let vae = Vae::new(&source(file.vae, Kind::Float), cfg.vae).map_err(|e| at(path, e))?;
@@ -98,10 +88,10 @@ impl TorchModels {
         let vae_cfg: VaeConfig = read_json(&dir.join("vae/config.json"))?;
         let te_cfg: ClipConfig = read_json(&dir.join("text_encoder/config.json"))?;
         let unet_dir = dir.join("unet");
-        let unet = UNet::new(&on(files(&unet_dir)?, kind, device), unet_cfg)
-            .map_err(|e| at(&unet_dir, e))?;
+        let unet =
+            UNet::new(&files(&unet_dir, kind, device)?, unet_cfg).map_err(|e| at(&unet_dir, e))?;
         let vae_dir = dir.join("vae");
-        let vae = Vae::new(&on(files(&vae_dir)?, Kind::Float, device), vae_cfg)
+        let vae = Vae::new(&files(&vae_dir, Kind::Float, device)?, vae_cfg)
             .map_err(|e| at(&vae_dir, e))?;
         let encoders: &[(&str, bool)] = if sdxl {
             &[("text_encoder", false), ("text_encoder_2", true)]
@@ -113,7 +103,7 @@ impl TorchModels {
             .map(|(te, proj)| {
                 let d = dir.join(te);
                 let cfg: ClipConfig = read_json(&d.join("config.json"))?;
-                ClipTextModel::new(&on(files(&d)?, Kind::Float, device), cfg, *proj)
+                ClipTextModel::new(&files(&d, Kind::Float, device)?, cfg, *proj)
                     .map_err(|e| at(&d, e))
             })
             .collect::<Result<_>>()?;
@@ -135,10 +125,8 @@ impl TorchModels {
         seed: u64,
     ) -> Result<Self> {
         use atelier_modelkit::shapes::RandomWeights;
-        let random = |s: u64, k: Kind| {
-            let src: Arc<dyn Source> = Arc::new(CandleSource(RandomWeights::unrecorded(s)));
-            Weights::new(src, k, device)
-        };
+        let random =
+            |s: u64, k: Kind| Weights::from_backend(RandomWeights::unrecorded(s), k, device);
         let cfg = SingleFileConfig::standard(family, 4);
         let unet = UNet::new(&random(seed, kind), cfg.unet.clone())?;
         let vae = Vae::new(&random(seed + 1, vae_kind), cfg.vae.clone())?;

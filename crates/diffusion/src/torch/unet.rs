@@ -362,19 +362,53 @@ impl UNet {
 fn down_block(w: &Weights, cfg: &UNetConfig, i: usize) -> Result<Block> {
     let ch = &cfg.block_out_channels;
     let (in_ch, out_ch) = (ch[i.saturating_sub(1)], ch[i]);
-    let temb = ch[0] * 4;
+    let inputs: Vec<usize> = (0..cfg.layers_per_block)
+        .map(|j| if j == 0 { in_ch } else { out_ch })
+        .collect();
     let cross = cfg.down_block_types[i] == "CrossAttnDownBlock2D";
+    let sampler = (i + 1 < ch.len()).then_some(("downsamplers.0.conv", 2));
+    block(w, cfg, &inputs, out_ch, cross, i, sampler)
+}
+
+fn up_block(w: &Weights, cfg: &UNetConfig, i: usize) -> Result<Block> {
+    let rev: Vec<usize> = cfg.block_out_channels.iter().rev().copied().collect();
+    let n = rev.len();
+    let (out_c, in_c, prev_out) = (rev[i], rev[(i + 1).min(n - 1)], rev[i.saturating_sub(1)]);
+    let layers = cfg.layers_per_block + 1;
+    // Each resnet takes the previous output and a skip connection.
+    let inputs: Vec<usize> = (0..layers)
+        .map(|j| {
+            let skip = if j == layers - 1 { in_c } else { out_c };
+            (if j == 0 { prev_out } else { out_c }) + skip
+        })
+        .collect();
+    let cross = cfg.up_block_types[i] == "CrossAttnUpBlock2D";
+    let sampler = (i + 1 < n).then_some(("upsamplers.0.conv", 1));
+    block(w, cfg, &inputs, out_c, cross, n - 1 - i, sampler)
+}
+
+/// A resnet per input width in `inputs` (each followed by a spatial transformer with level
+/// `level`'s heads when `cross`), at `out` channels, then the resampler (name, stride).
+fn block(
+    w: &Weights,
+    cfg: &UNetConfig,
+    inputs: &[usize],
+    out: usize,
+    cross: bool,
+    level: usize,
+    sampler: Option<(&str, usize)>,
+) -> Result<Block> {
+    let temb = cfg.block_out_channels[0] * 4;
     let mut block = Block {
         resnets: Vec::new(),
         attentions: Vec::new(),
         sampler: None,
     };
-    for j in 0..cfg.layers_per_block {
-        let r_in = if j == 0 { in_ch } else { out_ch };
+    for (j, &r_in) in inputs.iter().enumerate() {
         block.resnets.push(ResnetBlock::new(
             &w.pp(format!("resnets.{j}")),
             r_in,
-            out_ch,
+            out,
             Some(temb),
             cfg.norm_num_groups,
             cfg.norm_eps,
@@ -382,70 +416,15 @@ fn down_block(w: &Weights, cfg: &UNetConfig, i: usize) -> Result<Block> {
         if cross {
             block.attentions.push(SpatialTransformer::new(
                 &w.pp(format!("attentions.{j}")),
-                out_ch,
+                out,
                 cfg,
-                cfg.heads(i),
-                cfg.transformer_layers_per_block.get(i),
+                cfg.heads(level),
+                cfg.transformer_layers_per_block.get(level),
             )?);
         }
     }
-    if i + 1 < ch.len() {
-        block.sampler = Some(Conv2d::new(
-            &w.pp("downsamplers.0.conv"),
-            out_ch,
-            out_ch,
-            3,
-            2,
-            1,
-        )?);
-    }
-    Ok(block)
-}
-
-fn up_block(w: &Weights, cfg: &UNetConfig, i: usize) -> Result<Block> {
-    let rev: Vec<usize> = cfg.block_out_channels.iter().rev().copied().collect();
-    let n = rev.len();
-    let out_c = rev[i];
-    let in_c = rev[(i + 1).min(n - 1)];
-    let prev_out = rev[i.saturating_sub(1)];
-    let down_index = n - 1 - i;
-    let cross = cfg.up_block_types[i] == "CrossAttnUpBlock2D";
-    let layers = cfg.layers_per_block + 1;
-    let mut block = Block {
-        resnets: Vec::new(),
-        attentions: Vec::new(),
-        sampler: None,
-    };
-    for j in 0..layers {
-        let skip = if j == layers - 1 { in_c } else { out_c };
-        let r_in = if j == 0 { prev_out } else { out_c };
-        block.resnets.push(ResnetBlock::new(
-            &w.pp(format!("resnets.{j}")),
-            r_in + skip,
-            out_c,
-            Some(rev[n - 1] * 4),
-            cfg.norm_num_groups,
-            cfg.norm_eps,
-        )?);
-        if cross {
-            block.attentions.push(SpatialTransformer::new(
-                &w.pp(format!("attentions.{j}")),
-                out_c,
-                cfg,
-                cfg.heads(down_index),
-                cfg.transformer_layers_per_block.get(down_index),
-            )?);
-        }
-    }
-    if i + 1 < n {
-        block.sampler = Some(Conv2d::new(
-            &w.pp("upsamplers.0.conv"),
-            out_c,
-            out_c,
-            3,
-            1,
-            1,
-        )?);
+    if let Some((name, stride)) = sampler {
+        block.sampler = Some(Conv2d::new(&w.pp(name), out, out, 3, stride, 1)?);
     }
     Ok(block)
 }

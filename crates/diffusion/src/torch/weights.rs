@@ -56,13 +56,14 @@ impl Weights {
         }
     }
 
-    /// The same source handing out `kind` on `device`.
-    pub fn on(&self, kind: Kind, device: Device) -> Self {
-        Self {
-            kind,
-            device,
-            ..self.clone()
-        }
+    /// Any candle weight backend (a safetensors loader, seeded random weights), handing out
+    /// `kind` on `device`.
+    pub fn from_backend<B: SimpleBackend + 'static>(
+        backend: B,
+        kind: Kind,
+        device: Device,
+    ) -> Self {
+        Self::new(Arc::new(CandleSource(backend)), kind, device)
     }
 
     /// The same source under `prefix.name`.

@@ -1,12 +1,10 @@
 //! The items on the libtorch engine.
 
-use std::sync::Arc;
-
 use atelier_diffusion::pipeline::{Family, SingleFileConfig};
 use atelier_diffusion::schedulers::{NoiseSchedule, ScheduleConfig};
 use atelier_diffusion::torch::unet::{AddedCond, UNet};
 use atelier_diffusion::torch::vae::Vae;
-use atelier_diffusion::torch::weights::{CandleSource, Source, Weights};
+use atelier_diffusion::torch::weights::Weights;
 use atelier_modelkit::shapes::RandomWeights;
 use tch::nn::OptimizerConfig;
 use tch::{Device, Kind, Tensor};
@@ -30,8 +28,7 @@ fn setup(args: &Args) -> anyhow::Result<(Device, Kind)> {
 }
 
 fn random(seed: u64, kind: Kind, device: Device) -> Weights {
-    let src: Arc<dyn Source> = Arc::new(CandleSource(RandomWeights::unrecorded(seed)));
-    Weights::new(src, kind, device)
+    Weights::from_backend(RandomWeights::unrecorded(seed), kind, device)
 }
 
 fn unet(family: Family, device: Device, kind: Kind) -> anyhow::Result<UNet> {
