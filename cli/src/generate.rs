@@ -66,8 +66,8 @@ pub fn run(g: GenerateArgs) -> anyhow::Result<()> {
         clip_skip: g.clip_skip,
     };
     req.validate().map_err(anyhow::Error::msg)?;
-    let device = candle_core::Device::Cpu;
-    let mut model = StableDiffusion::load(&g.model, &device, candle_core::DType::F32)?;
+    let placement = atelier_diffusion::pipeline::Placement::from_env()?;
+    let mut model = StableDiffusion::load(&g.model, placement)?;
     for l in &g.lora {
         let (path, weight) = match l.rsplit_once(':') {
             Some((p, w)) if w.parse::<f64>().is_ok() => (p, w.parse::<f64>()?),

@@ -192,26 +192,66 @@ pub enum Layer {
     Penultimate,
 }
 
+/// A text encoder prompts are encoded with (either engine's CLIP).
+pub trait TextEncoder {
+    /// The width of its token states.
+    fn hidden_size(&self) -> usize;
+
+    /// One framed chunk of token ids → (its states [1, T, D] read at `layer`, its pooled
+    /// embedding [1, P]), with the embeddings at `overrides`' positions replaced by their vectors.
+    fn states(
+        &self,
+        ids: &[u32],
+        overrides: &[(usize, Tensor)],
+        layer: Layer,
+    ) -> std::result::Result<(Tensor, Tensor), String>;
+}
+
+impl TextEncoder for ClipTextModel {
+    fn hidden_size(&self) -> usize {
+        self.config.hidden_size
+    }
+
+    fn states(
+        &self,
+        ids: &[u32],
+        overrides: &[(usize, Tensor)],
+        layer: Layer,
+    ) -> std::result::Result<(Tensor, Tensor), String> {
+        let e = |err: candle_core::Error| err.to_string();
+        let device = self.device();
+        let overrides = overrides
+            .iter()
+            .map(|(i, v)| Ok((*i, v.to_device(device)?)))
+            .collect::<Result<Vec<_>>>()
+            .map_err(e)?;
+        let ids = Tensor::from_vec(ids.to_vec(), (1, ids.len()), device).map_err(e)?;
+        let out: ClipOutput = self.forward_with(&ids, &overrides).map_err(e)?;
+        let z = match layer {
+            Layer::Normed { clip_skip } => self.conditioning(&out, clip_skip).map_err(e)?,
+            Layer::Penultimate => ClipTextModel::penultimate(&out),
+        };
+        Ok((z, out.pooled))
+    }
+}
+
 /// One encoder's conditioning for a prompt: [1, 77·chunks, D] and the first chunk's pooled state.
 pub fn encode(
-    model: &ClipTextModel,
+    model: &dyn TextEncoder,
     tok: &ClipTokenizer,
     prompt: &str,
     layer: Layer,
-    device: &Device,
     dtype: DType,
 ) -> std::result::Result<(Tensor, Tensor), String> {
-    encode_with(model, tok, prompt, layer, device, dtype, &[], 0)
+    encode_with(model, tok, prompt, layer, dtype, &[], 0)
 }
 
 /// [`encode`] with textual-inversion `embeddings` (their `encoder`-th matrices).
-#[allow(clippy::too_many_arguments)]
 pub fn encode_with(
-    model: &ClipTextModel,
+    model: &dyn TextEncoder,
     tok: &ClipTokenizer,
     prompt: &str,
     layer: Layer,
-    device: &Device,
     dtype: DType,
     embeddings: &[Embedding],
     encoder: usize,
@@ -232,13 +272,14 @@ pub fn encode_with(
                     )
                 })?;
                 let width = m.dim(1).map_err(e)?;
-                if width != model.config.hidden_size {
+                if width != model.hidden_size() {
                     return Err(format!(
                         "embedding {} is for a {width}-wide text encoder, this model's is {}",
-                        emb.name, model.config.hidden_size
+                        emb.name,
+                        model.hidden_size()
                     ));
                 }
-                overrides.push((i + 1, m.get(*row).map_err(e)?.to_device(device).map_err(e)?));
+                overrides.push((i + 1, m.get(*row).map_err(e)?));
             }
         }
         let mut ids = Vec::with_capacity(CHUNK + 2);
@@ -255,15 +296,10 @@ pub fn encode_with(
         let mut weights = vec![1.0f32];
         weights.extend(&c.weights);
         weights.push(1.0);
-        let ids = Tensor::from_vec(ids, (1, CHUNK + 2), device).map_err(e)?;
-        let out: ClipOutput = model.forward_with(&ids, &overrides).map_err(e)?;
-        let z = match layer {
-            Layer::Normed { clip_skip } => model.conditioning(&out, clip_skip).map_err(e)?,
-            Layer::Penultimate => ClipTextModel::penultimate(&out),
-        };
+        let (z, p) = model.states(&ids, &overrides, layer)?;
         let z = apply_weights(&z, &weights).map_err(e)?;
         if pooled.is_none() {
-            pooled = Some(out.pooled.clone());
+            pooled = Some(p);
         }
         states.push(z.to_dtype(dtype).map_err(e)?);
     }

@@ -140,8 +140,13 @@ impl LoraNetwork {
     /// down-projections' initial values.
     pub fn attach(model: &mut StableDiffusion, cfg: &LoraConfig, seed: u64) -> Result<Self> {
         let family = model.family;
-        let (unet, texts) = model.parts_mut();
-        Self::attach_parts(unet, texts, family, cfg, seed)
+        let nets = model.candle_mut().ok_or_else(|| {
+            candle_core::Error::Msg(
+                "train a model loaded with StableDiffusion::load_for_training".into(),
+            )
+        })?;
+        let texts = nets.text.iter_mut().collect();
+        Self::attach_parts(&mut nets.unet, texts, family, cfg, seed)
     }
 
     /// [`LoraNetwork::attach`] on a UNet and text encoders of a model of `family`.
@@ -362,7 +367,12 @@ impl Objective {
         batch: &Batch,
         rng: &mut ChaCha8Rng,
     ) -> Result<Tensor> {
-        self.unet_loss(model.unet(), model.dtype(), schedule, batch, rng)
+        let nets = model.candle().ok_or_else(|| {
+            candle_core::Error::Msg(
+                "train a model loaded with StableDiffusion::load_for_training".into(),
+            )
+        })?;
+        self.unet_loss(&nets.unet, model.dtype(), schedule, batch, rng)
     }
 
     /// [`Objective::loss`] for a bare UNet computing in `dtype`.

@@ -1,7 +1,6 @@
 //! img2img on tiny models (inpainting's masks are the inpainter's: services/inpainter/tests).
-use atelier_diffusion::pipeline::{make_tiny, Family, Init, StableDiffusion, Txt2Img};
+use atelier_diffusion::pipeline::{make_tiny, Family, Init, Placement, StableDiffusion, Txt2Img};
 use atelier_diffusion::schedulers::SamplerKind;
-use candle_core::{DType, Device};
 
 fn req(sampler: SamplerKind) -> Txt2Img {
     Txt2Img {
@@ -28,7 +27,7 @@ fn picture() -> image::RgbImage {
 fn strength_one_equals_txt2img_and_lower_strength_runs_the_tail() {
     let dir = tempfile::tempdir().unwrap();
     make_tiny(dir.path(), Family::Sd1, 21).unwrap();
-    let sd = StableDiffusion::load(dir.path(), &Device::Cpu, DType::F32).unwrap();
+    let sd = StableDiffusion::load(dir.path(), Placement::CPU).unwrap();
     for sampler in [SamplerKind::Euler, SamplerKind::Ddim, SamplerKind::Heun] {
         let t2i = sd.txt2img(&req(sampler), |_, _| true).unwrap();
         let full = Init {
@@ -80,7 +79,7 @@ fn strength_one_equals_txt2img_and_lower_strength_runs_the_tail() {
 fn bad_strengths_are_refused() {
     let dir = tempfile::tempdir().unwrap();
     make_tiny(dir.path(), Family::Sd1, 41).unwrap();
-    let sd = StableDiffusion::load(dir.path(), &Device::Cpu, DType::F32).unwrap();
+    let sd = StableDiffusion::load(dir.path(), Placement::CPU).unwrap();
     let bad = Init {
         image: picture(),
         strength: 1.5,

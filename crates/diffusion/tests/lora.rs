@@ -2,9 +2,9 @@
 use std::collections::HashMap;
 
 use atelier_diffusion::lora::{LoraFile, LoraMode};
-use atelier_diffusion::pipeline::{make_tiny, Family, StableDiffusion, Txt2Img};
+use atelier_diffusion::pipeline::{make_tiny, Family, Placement, StableDiffusion, Txt2Img};
 use atelier_diffusion::schedulers::SamplerKind;
-use candle_core::{DType, Device, Tensor};
+use candle_core::{Device, Tensor};
 
 fn req() -> Txt2Img {
     Txt2Img {
@@ -83,7 +83,7 @@ fn kohya_file() -> HashMap<String, Tensor> {
 fn weight_zero_is_the_base_and_merged_equals_runtime() {
     let dir = tempfile::tempdir().unwrap();
     make_tiny(dir.path(), Family::Sd1, 51).unwrap();
-    let sd = StableDiffusion::load(dir.path(), &Device::Cpu, DType::F32).unwrap();
+    let sd = StableDiffusion::load(dir.path(), Placement::CPU).unwrap();
     let base = sd.txt2img(&req(), |_, _| true).unwrap()[0].image.clone();
     let file = LoraFile::from_tensors(kohya_file(), HashMap::new()).unwrap();
     assert_eq!(file.layers.len(), 5);
@@ -135,7 +135,7 @@ fn peft_layout_loads_and_foreign_files_are_refused() {
     let file = LoraFile::from_tensors(t, HashMap::new()).unwrap();
     let dir = tempfile::tempdir().unwrap();
     make_tiny(dir.path(), Family::Sd1, 52).unwrap();
-    let sd = StableDiffusion::load(dir.path(), &Device::Cpu, DType::F32).unwrap();
+    let sd = StableDiffusion::load(dir.path(), Placement::CPU).unwrap();
     let (_, applied) = sd.with_lora(&file, 1.0, LoraMode::Merge).unwrap();
     assert_eq!(applied.matched, 2);
 

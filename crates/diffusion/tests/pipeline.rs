@@ -1,5 +1,5 @@
 //! txt2img end to end on tiny random-weight models written in diffusers' layout.
-use atelier_diffusion::pipeline::{make_tiny, Family, StableDiffusion, Txt2Img};
+use atelier_diffusion::pipeline::{make_tiny, Family, Placement, StableDiffusion, Txt2Img};
 use atelier_diffusion::schedulers::SamplerKind;
 use candle_core::{DType, Device};
 
@@ -22,7 +22,7 @@ fn request(seed: u64, sampler: SamplerKind) -> Txt2Img {
 fn sd1_txt2img_is_deterministic_and_batches_match_singles() {
     let dir = tempfile::tempdir().unwrap();
     make_tiny(dir.path(), Family::Sd1, 1).unwrap();
-    let sd = StableDiffusion::load_diffusers(dir.path(), &Device::Cpu, DType::F32).unwrap();
+    let sd = StableDiffusion::load_diffusers(dir.path(), Placement::CPU).unwrap();
     assert_eq!(sd.family, Family::Sd1);
     assert_eq!(sd.vae_scale(), 2);
 
@@ -86,7 +86,7 @@ fn sd1_txt2img_is_deterministic_and_batches_match_singles() {
 fn every_sampler_runs_and_cancellation_stops_between_steps() {
     let dir = tempfile::tempdir().unwrap();
     make_tiny(dir.path(), Family::Sd1, 2).unwrap();
-    let sd = StableDiffusion::load_diffusers(dir.path(), &Device::Cpu, DType::F32).unwrap();
+    let sd = StableDiffusion::load_diffusers(dir.path(), Placement::CPU).unwrap();
     for kind in SamplerKind::ALL {
         let mut req = request(1, kind);
         req.steps = 3;
@@ -111,7 +111,7 @@ fn every_sampler_runs_and_cancellation_stops_between_steps() {
 fn sdxl_txt2img_runs_with_two_encoders() {
     let dir = tempfile::tempdir().unwrap();
     make_tiny(dir.path(), Family::Sdxl, 3).unwrap();
-    let sd = StableDiffusion::load_diffusers(dir.path(), &Device::Cpu, DType::F32).unwrap();
+    let sd = StableDiffusion::load_diffusers(dir.path(), Placement::CPU).unwrap();
     assert_eq!(sd.family, Family::Sdxl);
     let a = sd
         .txt2img(&request(5, SamplerKind::DpmPp2mKarras), |_, _| true)
@@ -133,7 +133,7 @@ fn sdxl_txt2img_runs_with_two_encoders() {
 fn bad_requests_are_refused_before_model_work() {
     let dir = tempfile::tempdir().unwrap();
     make_tiny(dir.path(), Family::Sd1, 4).unwrap();
-    let sd = StableDiffusion::load_diffusers(dir.path(), &Device::Cpu, DType::F32).unwrap();
+    let sd = StableDiffusion::load_diffusers(dir.path(), Placement::CPU).unwrap();
     for (mutate, why) in [
         (
             Box::new(|r: &mut Txt2Img| r.steps = 0) as Box<dyn Fn(&mut Txt2Img)>,
@@ -164,7 +164,7 @@ fn bad_requests_are_refused_before_model_work() {
         assert!(err.contains(why), "{err}");
     }
     let empty = tempfile::tempdir().unwrap();
-    let err = StableDiffusion::load_diffusers(empty.path(), &Device::Cpu, DType::F32)
+    let err = StableDiffusion::load_diffusers(empty.path(), Placement::CPU)
         .err()
         .unwrap();
     assert!(err.to_string().contains("model_index.json"), "{err}");
@@ -175,7 +175,7 @@ fn textual_inversion_embeddings_are_found_by_name() {
     use atelier_diffusion::conditioning::Embedding;
     let dir = tempfile::tempdir().unwrap();
     make_tiny(dir.path(), Family::Sd1, 6).unwrap();
-    let sd = StableDiffusion::load_diffusers(dir.path(), &Device::Cpu, DType::F32).unwrap();
+    let sd = StableDiffusion::load_diffusers(dir.path(), Placement::CPU).unwrap();
     // A1111's .safetensors layout: emb_params [n, 32] for the tiny 32-wide encoder.
     let path = dir.path().join("redstyle.safetensors");
     let v = atelier_diffusion::noise::SeededNoise::new(3)
@@ -222,7 +222,7 @@ fn textual_inversion_embeddings_are_found_by_name() {
 fn previews_are_decoded_every_n_steps_and_change_nothing() {
     let dir = tempfile::tempdir().unwrap();
     make_tiny(dir.path(), Family::Sd1, 4).unwrap();
-    let sd = StableDiffusion::load_diffusers(dir.path(), &Device::Cpu, DType::F32).unwrap();
+    let sd = StableDiffusion::load_diffusers(dir.path(), Placement::CPU).unwrap();
     let mut req = request(9, SamplerKind::DpmPp2m);
     req.steps = 6;
     req.batch_size = 2;
@@ -246,7 +246,7 @@ fn previews_are_decoded_every_n_steps_and_change_nothing() {
 fn requests_batched_together_match_their_single_runs() {
     let dir = tempfile::tempdir().unwrap();
     make_tiny(dir.path(), Family::Sd1, 3).unwrap();
-    let sd = StableDiffusion::load_diffusers(dir.path(), &Device::Cpu, DType::F32).unwrap();
+    let sd = StableDiffusion::load_diffusers(dir.path(), Placement::CPU).unwrap();
     let close = |x: &image::RgbImage, y: &image::RgbImage| {
         x.pixels()
             .zip(y.pixels())

@@ -7,7 +7,7 @@ use atelier_diffusion::models::shapes::ShapeRecorder;
 use atelier_diffusion::models::unet::UNet;
 use atelier_diffusion::models::vae::Vae;
 use atelier_diffusion::pipeline::{
-    make_tiny, write_single_file, Family, SingleFileConfig, StableDiffusion, Txt2Img,
+    make_tiny, write_single_file, Family, Placement, SingleFileConfig, StableDiffusion, Txt2Img,
 };
 use atelier_diffusion::schedulers::SamplerKind;
 use candle_core::{DType, Device};
@@ -139,8 +139,8 @@ fn tiny_models_round_trip_through_the_single_file_layout() {
                 || n.starts_with("conditioner.embedders.")),
             "{names:?}"
         );
-        let a = StableDiffusion::load(&folder, &Device::Cpu, DType::F32).unwrap();
-        let b = StableDiffusion::load(&file, &Device::Cpu, DType::F32).unwrap();
+        let a = StableDiffusion::load(&folder, Placement::CPU).unwrap();
+        let b = StableDiffusion::load(&file, Placement::CPU).unwrap();
         assert_eq!(b.family, family);
         let ia = a.txt2img(&req(), |_, _| true).unwrap();
         let ib = b.txt2img(&req(), |_, _| true).unwrap();
@@ -161,12 +161,12 @@ fn unknown_single_file_layouts_are_named() {
         &p,
     )
     .unwrap();
-    let err = StableDiffusion::load(&p, &Device::Cpu, DType::F32)
+    let err = StableDiffusion::load(&p, Placement::CPU)
         .err()
         .unwrap()
         .to_string();
     assert!(err.contains("unknown checkpoint layout"), "{err}");
-    let err = StableDiffusion::load(&dir.path().join("x.ckpt"), &Device::Cpu, DType::F32)
+    let err = StableDiffusion::load(&dir.path().join("x.ckpt"), Placement::CPU)
         .err()
         .unwrap()
         .to_string();

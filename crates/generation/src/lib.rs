@@ -18,10 +18,11 @@ use atelier_contracts::{
     GenerateKind, GenerateSpec, GeneratedImage, ImagesOutput, JobOutput, JobSpec, Service,
 };
 use atelier_diffusion::lora::{LoraFile, LoraMode};
-use atelier_diffusion::pipeline::{Init, PipelineError, Repaint, StableDiffusion, Txt2Img};
+use atelier_diffusion::pipeline::{
+    Init, PipelineError, Placement, Repaint, StableDiffusion, Txt2Img,
+};
 use atelier_diffusion::schedulers::SamplerKind;
 use atelier_kit::{Handler, JobCtx, JobError};
-use candle_core::{DType, Device};
 use sha2::{Digest, Sha256};
 
 pub use atelier_registry::Registry;
@@ -45,8 +46,7 @@ pub type Masks = fn(image::GrayImage, f32, bool) -> Arc<dyn Repaint>;
 pub struct Generator {
     service: Service,
     registry: Registry,
-    device: Device,
-    dtype: DType,
+    placement: Placement,
     cache: Arc<Mutex<Vec<Cached>>>,
     cache_size: usize,
     /// Bytes of weights the cache may hold (0: no byte limit); the model in use always stays.
@@ -61,15 +61,13 @@ impl Generator {
     pub fn new(
         service: Service,
         registry: Registry,
-        device: Device,
-        dtype: DType,
+        placement: Placement,
         cache_size: usize,
     ) -> Self {
         Self {
             service,
             registry,
-            device,
-            dtype,
+            placement,
             cache: Arc::default(),
             cache_size: cache_size.max(1),
             cache_bytes: 0,
@@ -119,7 +117,7 @@ impl Generator {
             }
         }
         let m = Arc::new(
-            StableDiffusion::load(path, &self.device, self.dtype)
+            StableDiffusion::load(path, self.placement)
                 .map_err(|e| JobError::permanent("model_load_failed", e.to_string()))?,
         );
         let mut c = self.cache.lock().unwrap_or_else(|p| p.into_inner());
@@ -541,12 +539,11 @@ impl Default for GeneratorArgs {
 impl GeneratorArgs {
     /// The generator for `service`; an unusable `--device` is an error naming the fix.
     pub fn generator(&self, service: Service) -> anyhow::Result<Generator> {
-        let (device, dtype) = atelier_diffusion::kernels::device_named(&self.model.device)?;
+        let placement = Placement::named(&self.model.device)?;
         Ok(Generator::new(
             service,
             Registry::new(&self.model.models),
-            device,
-            dtype,
+            placement,
             self.model_cache,
         )
         .with_cache_budget(self.model_cache_mb * 1024 * 1024)
@@ -573,7 +570,7 @@ mod tests {
             .unwrap();
         }
         let reg = Registry::new(dir.path());
-        let g = Generator::new(Service::Sampler, reg.clone(), Device::Cpu, DType::F32, 8);
+        let g = Generator::new(Service::Sampler, reg.clone(), Placement::CPU, 8);
         let a = g.model(&reg.checkpoint("a").unwrap()).unwrap();
         let one = a.weight_bytes();
         assert!(one > 10_000, "a tiny model weighs {one} bytes");

@@ -1,10 +1,9 @@
 //! Inpainting on tiny models: the inpainter's masks around the engine's denoise loop.
 use atelier_diffusion::pipeline::{
-    make_tiny, make_tiny_with, Family, Init, StableDiffusion, Txt2Img,
+    make_tiny, make_tiny_with, Family, Init, Placement, StableDiffusion, Txt2Img,
 };
 use atelier_diffusion::schedulers::SamplerKind;
 use atelier_inpainter::mask::Mask;
-use candle_core::{DType, Device};
 
 fn req(sampler: SamplerKind) -> Txt2Img {
     Txt2Img {
@@ -37,7 +36,7 @@ fn inpainting_keeps_the_unmasked_region_and_repaints_the_rest() {
     for (inpainting, name) in [(false, "regular"), (true, "9-channel")] {
         let d = dir.path().join(name);
         make_tiny_with(&d, Family::Sd1, 31, inpainting).unwrap();
-        let sd = StableDiffusion::load(&d, &Device::Cpu, DType::F32).unwrap();
+        let sd = StableDiffusion::load(&d, Placement::CPU).unwrap();
         let init = Init {
             image: picture(),
             strength: 0.8,
@@ -106,7 +105,7 @@ fn inpainting_keeps_the_unmasked_region_and_repaints_the_rest() {
 fn masks_of_another_size_or_blur_are_refused() {
     let dir = tempfile::tempdir().unwrap();
     make_tiny(dir.path(), Family::Sd1, 41).unwrap();
-    let sd = StableDiffusion::load(dir.path(), &Device::Cpu, DType::F32).unwrap();
+    let sd = StableDiffusion::load(dir.path(), Placement::CPU).unwrap();
     let small_mask = Init {
         image: picture(),
         strength: 0.5,

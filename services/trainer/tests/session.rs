@@ -8,7 +8,9 @@ use std::path::Path;
 
 use atelier_contracts::{TrainData, TrainImage, TrainSpec};
 use atelier_diffusion::lora::{LoraFile, LoraMode};
-use atelier_diffusion::pipeline::{make_tiny_for_training, Family, StableDiffusion, Txt2Img};
+use atelier_diffusion::pipeline::{
+    make_tiny_for_training, Family, Placement, StableDiffusion, Txt2Img,
+};
 use atelier_diffusion::schedulers::SamplerKind;
 use atelier_trainer::session::{lora_hashes, prepare, Session, Source};
 use candle_core::{DType, Device, Tensor};
@@ -181,13 +183,15 @@ fn fresh_lora_changes_nothing_and_trained_one_changes_samples() {
     let dir = tempfile::tempdir().unwrap();
     let s = spec();
     let run = session(dir.path(), &s, 2);
-    let base = StableDiffusion::load(dir.path(), &Device::Cpu, DType::F32).unwrap();
+    // The sampler's model (libtorch), and the same on the trainer's engine (candle).
+    let base = StableDiffusion::load(dir.path(), Placement::CPU).unwrap();
+    let base_candle = StableDiffusion::load_candle(dir.path(), &Device::Cpu, DType::F32).unwrap();
     let prompt = "red square";
     let plain = render(&base, prompt);
     // A fresh network: its up-projections are zero.
     assert_eq!(
         render(run.model(), prompt),
-        plain,
+        render(&base_candle, prompt),
         "a fresh LoRA changed the output"
     );
     let fresh = run.lora_file("tiny", "abc").unwrap();

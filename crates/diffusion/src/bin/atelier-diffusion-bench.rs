@@ -180,7 +180,7 @@ fn main() -> anyhow::Result<()> {
             sampler: SamplerKind::DpmPp2m,
             clip_skip: 1,
         };
-        let cpu = StableDiffusion::load(dir.path(), &Device::Cpu, DType::F32)?
+        let cpu = StableDiffusion::load_candle(dir.path(), &Device::Cpu, DType::F32)?
             .txt2img(&req, |_, _| true)?;
         for check in kernels::self_check(&device)? {
             line(
@@ -189,7 +189,8 @@ fn main() -> anyhow::Result<()> {
             );
         }
         for dt in [DType::F32, DType::F16, DType::BF16] {
-            let dev = StableDiffusion::load(dir.path(), &device, dt)?.txt2img(&req, |_, _| true)?;
+            let dev = StableDiffusion::load_candle(dir.path(), &device, dt)?
+                .txt2img(&req, |_, _| true)?;
             let diffs: Vec<i32> = cpu[0]
                 .image
                 .as_raw()
@@ -215,7 +216,7 @@ fn main() -> anyhow::Result<()> {
     for &family in tiny {
         let dir = tempfile::tempdir()?;
         make_tiny(dir.path(), family, 1)?;
-        let sd = StableDiffusion::load(dir.path(), &device, dtype)?;
+        let sd = StableDiffusion::load_candle(dir.path(), &device, dtype)?;
         for (side, steps) in [(32usize, 20usize), (64, 20)] {
             let req = Txt2Img {
                 prompt: "a red circle on blue".into(),
@@ -246,7 +247,7 @@ fn main() -> anyhow::Result<()> {
     if !tiny.is_empty() {
         let dir = tempfile::tempdir()?;
         make_tiny(dir.path(), Family::Sd1, 1)?;
-        let sd = StableDiffusion::load(dir.path(), &device, dtype)?;
+        let sd = StableDiffusion::load_candle(dir.path(), &device, dtype)?;
         let reqs: Vec<Txt2Img> = ["a red circle", "a blue square", "two stars", "a green tree"]
             .iter()
             .enumerate()
@@ -420,15 +421,35 @@ fn main() -> anyhow::Result<()> {
             sampler: SamplerKind::DpmPp2m,
             clip_skip: 1,
         };
-        // The VAE in each dtype `ATELIER_VAE_DTYPE` offers (f32 is the default).
+        // The pipeline runs its networks on libtorch: the UNet in the bench's dtype, the VAE in
+        // each dtype `ATELIER_VAE_DTYPE` offers (f32 is the default).
+        let on = if device.is_cpu() {
+            tch::Device::Cpu
+        } else {
+            tch::Device::Cuda(0)
+        };
+        let kind_of = |d: DType| match d {
+            DType::F16 => tch::Kind::Half,
+            DType::BF16 => tch::Kind::BFloat16,
+            _ => tch::Kind::Float,
+        };
+        let placement = atelier_diffusion::pipeline::Placement {
+            device: on,
+            kind: kind_of(dtype),
+        };
         let vae_dtypes = if device.is_cpu() {
             vec![DType::F32]
         } else {
             vec![DType::F32, DType::F16, DType::BF16]
         };
         for vae_dtype in vae_dtypes {
-            let sd =
-                StableDiffusion::random(Family::Sd1, dir.path(), &device, (dtype, vae_dtype), 11)?;
+            let sd = StableDiffusion::random(
+                Family::Sd1,
+                dir.path(),
+                placement,
+                kind_of(vae_dtype),
+                11,
+            )?;
             let ms = time(&device, runs.min(5), || {
                 sd.txt2img(&req, |_, _| true)?;
                 Ok(())

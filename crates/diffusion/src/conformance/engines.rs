@@ -6,7 +6,7 @@ use std::path::Path;
 use candle_core::{DType, Device, Tensor};
 
 use crate::lora::{LoraFile, LoraMode};
-use crate::pipeline::StableDiffusion;
+use crate::pipeline::{CandleNets, StableDiffusion};
 use crate::torch::weights::{from_candle, to_candle};
 use crate::torch::{guard, TorchModels};
 
@@ -60,14 +60,14 @@ pub fn load(
 ) -> Result<Box<dyn Components>, String> {
     match engine {
         Engine::Candle => {
-            let mut m =
-                StableDiffusion::load_diffusers(dir, &Device::Cpu, DType::F32).map_err(s)?;
+            let mut m = StableDiffusion::load_candle(dir, &Device::Cpu, DType::F32).map_err(s)?;
             if let Some((file, weight)) = lora {
                 let (merged, applied) = m.with_lora(file, weight, LoraMode::Merge).map_err(s)?;
                 unmatched(&applied.unmatched)?;
                 m = merged;
             }
-            Ok(Box::new(m))
+            let nets = m.candle().cloned().ok_or("not loaded on candle")?;
+            Ok(Box::new(nets))
         }
         Engine::Torch => {
             let mut m = TorchModels::load(dir, tch::Device::Cpu, tch::Kind::Float).map_err(s)?;
@@ -91,10 +91,11 @@ fn unmatched(keys: &[String]) -> Result<(), String> {
     }
 }
 
-impl Components for StableDiffusion {
+impl Components for CandleNets {
     fn text(&self, index: usize, ids: &Tensor) -> Result<TextOut, String> {
         let model = self
-            .text_model(index)
+            .text
+            .get(index)
             .ok_or_else(|| format!("the model has no text encoder {}", index + 1))?;
         let out = model
             .forward(&ids.to_dtype(DType::U32).map_err(s)?)
@@ -115,15 +116,15 @@ impl Components for StableDiffusion {
             text_embeds: e.clone(),
             time_ids: i.clone(),
         });
-        self.unet().forward(x, &ts, ctx, added.as_ref()).map_err(s)
+        self.unet.forward(x, &ts, ctx, added.as_ref()).map_err(s)
     }
 
     fn vae_decode(&self, z: &Tensor) -> Result<Tensor, String> {
-        self.vae().decode(z).map_err(s)
+        self.vae.decode(z).map_err(s)
     }
 
     fn vae_encode_mean(&self, image: &Tensor) -> Result<Tensor, String> {
-        Ok(self.vae().encode_moments(image).map_err(s)?.0)
+        Ok(self.vae.encode_moments(image).map_err(s)?.0)
     }
 }
 

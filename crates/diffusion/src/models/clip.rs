@@ -158,6 +158,11 @@ impl ClipTextModel {
         self.forward_with(ids, &[])
     }
 
+    /// The device its weights are on.
+    pub fn device(&self) -> &Device {
+        self.token_embedding.embeddings().device()
+    }
+
     /// [`ClipTextModel::forward`] with some token embeddings replaced (textual inversion):
     /// `(position, vector [D])` for sequence 0 of the batch.
     pub fn forward_with(&self, ids: &Tensor, overrides: &[(usize, Tensor)]) -> Result<ClipOutput> {

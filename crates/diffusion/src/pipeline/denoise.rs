@@ -85,14 +85,10 @@ impl StableDiffusion {
         b: usize,
     ) -> PResult<Tensor> {
         if cfg_scale == 1.0 {
-            let ts = Tensor::full(t as f32, b, &self.device)?;
-            return Ok(self
-                .unet
-                .forward(input, &ts, &cond.ctx, cond.add.as_ref())?);
+            return self.nets.unet(input, t, &cond.ctx, cond.add.as_ref());
         }
         let xin = Tensor::cat(&[input, input], 0)?;
-        let ts = Tensor::full(t as f32, 2 * b, &self.device)?;
-        let out = self.unet.forward(&xin, &ts, &cond.ctx, cond.add.as_ref())?;
+        let out = self.nets.unet(&xin, t, &cond.ctx, cond.add.as_ref())?;
         let (ou, oc) = (out.narrow(0, 0, b)?, out.narrow(0, b, b)?);
         Ok((&ou + (oc - &ou)?.affine(cfg_scale, 0.0)?)?)
     }

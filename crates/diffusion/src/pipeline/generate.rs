@@ -44,7 +44,7 @@ impl StableDiffusion {
 
     /// Latent channels the sampler works on (a 9-channel UNet's first 4).
     pub(super) fn latent_channels(&self) -> usize {
-        self.unet.config.in_channels.min(4)
+        self.nets.in_channels().min(4)
     }
 
     /// One request: `req.batch_size` images, image i from seed + i.

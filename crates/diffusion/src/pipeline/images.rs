@@ -27,7 +27,7 @@ impl StableDiffusion {
             .to_dtype(DType::F32)?
             .affine(2.0 / 255.0, -1.0)?
             .unsqueeze(0)?;
-        Ok(self.vae.encode(&t)?)
+        self.nets.vae_encode(&t)
     }
 
     /// Latents [B, 4, h, w] → one RGB image per batch item (`width`×`height`).
@@ -37,7 +37,7 @@ impl StableDiffusion {
         width: usize,
         height: usize,
     ) -> PResult<Vec<image::RgbImage>> {
-        let pixels = self.vae.decode(&x.to_dtype(DType::F32)?)?;
+        let pixels = self.nets.vae_decode(x)?;
         let pixels = ((pixels.clamp(-1.0, 1.0)? + 1.0)? * 127.5)?
             .round()?
             .to_dtype(DType::U8)?;

@@ -3,11 +3,14 @@
 
 use std::path::{Path, PathBuf};
 
+use atelier_modelkit::shapes::RandomWeights;
 use candle_core::{DType, Device};
+use candle_nn::VarBuilder;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use super::{vae_dtype, Family, PResult, PipelineError, StableDiffusion, TextStack};
+use super::nets::{CandleNets, Nets};
+use super::{vae_dtype, Family, PResult, PipelineError, Placement, StableDiffusion};
 use crate::models::clip::{ClipConfig, ClipTextModel};
 use crate::models::load::{component_weights, SafetensorsWeights};
 use crate::models::nn::Ops;
@@ -15,6 +18,7 @@ use crate::models::unet::{PerBlock, UNet, UNetConfig};
 use crate::models::vae::{Vae, VaeConfig};
 use crate::schedulers::ScheduleConfig;
 use crate::tokenizer::ClipTokenizer;
+use crate::torch::{self, TorchModels};
 
 pub(crate) fn read_json<T: serde::de::DeserializeOwned>(p: &Path) -> PResult<T> {
     let text = std::fs::read_to_string(p).map_err(|e| PipelineError::Model {
@@ -177,20 +181,51 @@ impl SingleFileConfig {
     }
 }
 
-impl StableDiffusion {
-    /// Load a model: a diffusers folder, or a single `.safetensors` checkpoint.
-    pub fn load(path: &Path, device: &Device, dtype: DType) -> PResult<Self> {
-        Self::load_with_ops(path, device, dtype, Ops::INFERENCE)
+/// One component's weights: a safetensors loader, or seeded random values.
+#[derive(Clone)]
+enum Src {
+    File(SafetensorsWeights),
+    Random(RandomWeights),
+}
+
+impl Src {
+    fn candle(&self, dtype: DType, device: &Device) -> VarBuilder<'static> {
+        match self {
+            Src::File(w) => w.var_builder(dtype, device),
+            Src::Random(r) => r.var_builder(device).set_dtype(dtype),
+        }
     }
 
-    /// [`StableDiffusion::load`] for training: every op of the UNet and text encoders records
-    /// gradients (the fused softmax and layer-norm kernels do not). The weights stay plain
-    /// tensors; only the adapters a trainer attaches are `Var`s.
-    pub fn load_for_training(path: &Path, device: &Device, dtype: DType) -> PResult<Self> {
-        Self::load_with_ops(path, device, dtype, Ops::TRAINING)
+    fn torch(&self, kind: tch::Kind, device: tch::Device) -> torch::weights::Weights {
+        match self {
+            Src::File(w) => torch::weights::Weights::from_backend(w.clone(), kind, device),
+            Src::Random(r) => torch::weights::Weights::from_backend(r.clone(), kind, device),
+        }
     }
+}
 
-    fn load_with_ops(path: &Path, device: &Device, dtype: DType, ops: Ops) -> PResult<Self> {
+/// A checkpoint opened (a diffusers folder, a single file, or random weights of a family's
+/// geometry): its configs and each component's weights, before either engine builds networks.
+pub(crate) struct Checkpoint {
+    pub family: Family,
+    pub schedule: ScheduleConfig,
+    name: String,
+    unet: (Src, UNetConfig),
+    vae: (Src, VaeConfig),
+    /// Each text encoder's weights and config, and whether it has a projection (SDXL's second).
+    text: Vec<(Src, ClipConfig, bool)>,
+    /// Where each encoder's tokenizer is looked for, in order, and whether it is OpenCLIP's.
+    tokenizers: Vec<(Vec<PathBuf>, bool)>,
+    /// The files A1111's short hash covers (none: a seed's hash).
+    hashed: Vec<PathBuf>,
+    seed: u64,
+    /// Handles that count the bytes loaded.
+    counters: Vec<SafetensorsWeights>,
+}
+
+impl Checkpoint {
+    /// A diffusers folder, or a single `.safetensors` checkpoint.
+    pub fn open(path: &Path) -> PResult<Self> {
         if !path.exists() {
             return Err(model_err(
                 path,
@@ -198,141 +233,46 @@ impl StableDiffusion {
             ));
         }
         if path.is_dir() {
-            Self::diffusers_with_ops(path, device, dtype, ops)
+            Self::diffusers(path)
         } else {
-            Self::single_file_with_ops(path, device, dtype, ops)
+            Self::single_file(path)
         }
     }
 
-    /// Load a single-file checkpoint with the original LDM key names (SD 1.x, 2.x, XL; the
-    /// architecture detected from the keys). The CLIP tokenizer is read from `tokenizer/` (and
-    /// `tokenizer_2/`) beside the file.
-    pub fn load_single_file(path: &Path, device: &Device, dtype: DType) -> PResult<Self> {
-        Self::single_file_with_ops(path, device, dtype, Ops::INFERENCE)
-    }
-
-    fn single_file_with_ops(path: &Path, device: &Device, dtype: DType, ops: Ops) -> PResult<Self> {
+    /// A single-file checkpoint with the original LDM key names (SD 1.x, 2.x, XL; the
+    /// architecture detected from the keys); tokenizers from `tokenizer/` (and `tokenizer_2/`)
+    /// beside it.
+    pub fn single_file(path: &Path) -> PResult<Self> {
         let file = SingleFile::open(path)?;
-        let cfg = &file.cfg;
-        let unet = UNet::new(file.unet.var_builder(dtype, device), cfg.unet.clone(), ops)
-            .map_err(|e| model_err(path, e))?;
-        let vae = Vae::new(file.vae.var_builder(vae_dtype()?, device), cfg.vae.clone())
-            .map_err(|e| model_err(path, e))?;
+        let cfg = file.cfg;
         let dir = path.parent().unwrap_or(Path::new("."));
         let mut text = Vec::new();
-        for (i, (w, with_projection, openclip)) in file.text.iter().enumerate() {
-            let model = ClipTextModel::new(
-                w.var_builder(DType::F32, device),
-                cfg.text[i].clone(),
-                *with_projection,
-                ops,
-            )
-            .map_err(|e| model_err(path, e))?;
-            let tk_dir = [
-                dir.join(if i == 0 { "tokenizer" } else { "tokenizer_2" }),
-                dir.join("tokenizer"),
-            ]
-            .into_iter()
-            .find(|d| d.join("vocab.json").exists() || d.join("tokenizer.json").exists())
-            .ok_or_else(|| {
-                model_err(
-                    path,
-                    format!(
-                        "no CLIP tokenizer: put CLIP's vocab.json and merges.txt into {}",
-                        dir.join("tokenizer").display()
-                    ),
-                )
-            })?;
-            let mut tok = ClipTokenizer::from_dir(&tk_dir).map_err(|e| model_err(&tk_dir, e))?;
-            if *openclip && tk_dir.ends_with("tokenizer") {
-                tok.pad = 0; // OpenCLIP pads with "!"
-            }
-            text.push(TextStack { model, tok });
+        let mut tokenizers = Vec::new();
+        for (i, ((w, proj, openclip), c)) in file.text.into_iter().zip(cfg.text).enumerate() {
+            text.push((Src::File(w), c, proj));
+            let own = dir.join(if i == 0 { "tokenizer" } else { "tokenizer_2" });
+            tokenizers.push((vec![own, dir.join("tokenizer")], openclip));
         }
         Ok(Self {
             family: cfg.family,
+            schedule: cfg.schedule,
             name: path
                 .file_stem()
                 .map(|n| n.to_string_lossy().into_owned())
                 .unwrap_or_else(|| "model".into()),
-            hash: file_hash(&[path.to_path_buf()])?,
-            schedule: cfg.schedule.clone(),
-            unet,
-            vae,
+            unet: (Src::File(file.unet), cfg.unet),
+            vae: (Src::File(file.vae), cfg.vae),
             text,
-            embeddings: Vec::new(),
-            lora_hashes: Vec::new(),
-            weight_bytes: file.all.loaded_bytes(),
-            device: device.clone(),
-            dtype,
+            tokenizers,
+            hashed: vec![path.to_path_buf()],
+            seed: 0,
+            counters: vec![file.all],
         })
     }
 
-    /// A model of `family`'s real geometry with seeded random weights, the UNet in `dtype`, the VAE
-    /// in `vae_dtype`, the text encoders in f32: benchmarks of the real shapes with no checkpoint.
-    /// Tokenizers come from `tokenizers` (`tokenizer/`, and `tokenizer_2/` for SDXL, as
-    /// [`make_tiny`] writes them).
-    pub fn random(
-        family: Family,
-        tokenizers: &Path,
-        device: &Device,
-        (dtype, vae_dtype): (DType, DType),
-        seed: u64,
-    ) -> PResult<Self> {
-        use crate::models::shapes::RandomWeights;
-        let err = |e: candle_core::Error| model_err(tokenizers, e);
-        let cfg = SingleFileConfig::standard(family, 4);
-        let unet = UNet::new(
-            RandomWeights::unrecorded(seed)
-                .var_builder(device)
-                .set_dtype(dtype),
-            cfg.unet.clone(),
-            Ops::INFERENCE,
-        )
-        .map_err(err)?;
-        let vae = Vae::new(
-            RandomWeights::unrecorded(seed + 1)
-                .var_builder(device)
-                .set_dtype(vae_dtype),
-            cfg.vae.clone(),
-        )
-        .map_err(err)?;
-        let mut text = Vec::new();
-        for (i, tc) in cfg.text.iter().enumerate() {
-            let model = ClipTextModel::new(
-                RandomWeights::unrecorded(seed + 2 + i as u64).var_builder(device),
-                tc.clone(),
-                family == Family::Sdxl && i == 1,
-                Ops::INFERENCE,
-            )
-            .map_err(err)?;
-            let dir = tokenizers.join(if i == 0 { "tokenizer" } else { "tokenizer_2" });
-            let tok = ClipTokenizer::from_dir(&dir).map_err(|e| model_err(&dir, e))?;
-            text.push(TextStack { model, tok });
-        }
-        Ok(Self {
-            family,
-            name: format!("random-{family:?}").to_lowercase(),
-            hash: format!("{seed:010x}"),
-            schedule: cfg.schedule,
-            unet,
-            vae,
-            text,
-            embeddings: Vec::new(),
-            lora_hashes: Vec::new(),
-            weight_bytes: 0,
-            device: device.clone(),
-            dtype,
-        })
-    }
-
-    /// Load a diffusers folder (`model_index.json`, `unet/`, `vae/`, `text_encoder/`,
-    /// `tokenizer/`, and for SDXL `text_encoder_2/`, `tokenizer_2/`).
-    pub fn load_diffusers(dir: &Path, device: &Device, dtype: DType) -> PResult<Self> {
-        Self::diffusers_with_ops(dir, device, dtype, Ops::INFERENCE)
-    }
-
-    fn diffusers_with_ops(dir: &Path, device: &Device, dtype: DType, ops: Ops) -> PResult<Self> {
+    /// A diffusers folder (`model_index.json`, `unet/`, `vae/`, `text_encoder/`, `tokenizer/`,
+    /// and for SDXL `text_encoder_2/`, `tokenizer_2/`).
+    pub fn diffusers(dir: &Path) -> PResult<Self> {
         if !dir.join("model_index.json").exists() {
             return Err(model_err(
                 dir,
@@ -340,14 +280,8 @@ impl StableDiffusion {
             ));
         }
         let index: serde_json::Value = read_json(&dir.join("model_index.json"))?;
-        let class = index["_class_name"]
-            .as_str()
-            .unwrap_or_default()
-            .to_string();
+        let class = index["_class_name"].as_str().unwrap_or_default();
         let sdxl = class.contains("XL") || dir.join("text_encoder_2").exists();
-        let unet_cfg: UNetConfig = read_json(&dir.join("unet/config.json"))?;
-        let vae_cfg: VaeConfig = read_json(&dir.join("vae/config.json"))?;
-        let te_cfg: ClipConfig = read_json(&dir.join("text_encoder/config.json"))?;
         let schedule: ScheduleConfig = {
             let p = dir.join("scheduler/scheduler_config.json");
             if p.exists() {
@@ -356,18 +290,10 @@ impl StableDiffusion {
                 ScheduleConfig::default()
             }
         };
+        let open = |c: &str| SafetensorsWeights::open(&component_weights(&dir.join(c))?);
         let unet_files = component_weights(&dir.join("unet"))?;
-        let hash = file_hash(&unet_files)?;
-        let unet_w = SafetensorsWeights::open(&unet_files)?;
-        let unet = UNet::new(unet_w.var_builder(dtype, device), unet_cfg, ops)
-            .map_err(|e| model_err(&dir.join("unet"), e))?;
-        // The VAE runs in f32 (SD's VAE overflows in f16).
-        let vae_w = SafetensorsWeights::open(&component_weights(&dir.join("vae"))?)?;
-        let vae = Vae::new(vae_w.var_builder(vae_dtype()?, device), vae_cfg)
-            .map_err(|e| model_err(&dir.join("vae"), e))?;
-        let mut weight_bytes = unet_w.loaded_bytes() + vae_w.loaded_bytes();
-        let family = Family::of_diffusers(sdxl, &te_cfg);
-        let mut text = Vec::new();
+        let (unet, vae) = (SafetensorsWeights::open(&unet_files)?, open("vae")?);
+        let mut counters = vec![unet.clone(), vae.clone()];
         let encoders: &[(&str, &str, bool)] = if sdxl {
             &[
                 ("text_encoder", "tokenizer", false),
@@ -376,33 +302,231 @@ impl StableDiffusion {
         } else {
             &[("text_encoder", "tokenizer", false)]
         };
-        for (te, tk, proj) in encoders {
-            let cfg: ClipConfig = read_json(&dir.join(te).join("config.json"))?;
-            let w = SafetensorsWeights::open(&component_weights(&dir.join(te))?)?;
-            let model = ClipTextModel::new(w.var_builder(DType::F32, device), cfg, *proj, ops)
-                .map_err(|e| model_err(&dir.join(te), e))?;
-            weight_bytes += w.loaded_bytes();
-            let tok =
-                ClipTokenizer::from_dir(&dir.join(tk)).map_err(|e| model_err(&dir.join(tk), e))?;
-            text.push(TextStack { model, tok });
+        let mut text = Vec::new();
+        for (te, _, proj) in encoders {
+            let w = open(te)?;
+            counters.push(w.clone());
+            text.push((
+                Src::File(w),
+                read_json(&dir.join(te).join("config.json"))?,
+                *proj,
+            ));
         }
         Ok(Self {
-            family,
+            family: Family::of_diffusers(sdxl, &text[0].1),
+            schedule,
             name: dir
                 .file_name()
                 .map(|n| n.to_string_lossy().into_owned())
                 .unwrap_or_else(|| "model".into()),
-            hash,
-            schedule,
+            unet: (Src::File(unet), read_json(&dir.join("unet/config.json"))?),
+            vae: (Src::File(vae), read_json(&dir.join("vae/config.json"))?),
+            text,
+            tokenizers: encoders
+                .iter()
+                .map(|(_, tk, _)| (vec![dir.join(tk)], false))
+                .collect(),
+            hashed: unet_files,
+            seed: 0,
+            counters,
+        })
+    }
+
+    /// `family`'s real geometry with seeded random weights (the UNet from `seed`, the VAE from
+    /// `seed + 1`, text encoder i from `seed + 2 + i`); tokenizers from `tokenizers/tokenizer`
+    /// (and `tokenizer_2`).
+    pub fn random(family: Family, tokenizers: &Path, seed: u64) -> Self {
+        let cfg = SingleFileConfig::standard(family, 4);
+        let random = |s: u64| Src::Random(RandomWeights::unrecorded(s));
+        Self {
+            family,
+            schedule: cfg.schedule,
+            name: format!("random-{family:?}").to_lowercase(),
+            unet: (random(seed), cfg.unet),
+            vae: (random(seed + 1), cfg.vae),
+            text: cfg
+                .text
+                .into_iter()
+                .enumerate()
+                .map(|(i, c)| {
+                    (
+                        random(seed + 2 + i as u64),
+                        c,
+                        family == Family::Sdxl && i == 1,
+                    )
+                })
+                .collect(),
+            tokenizers: ["tokenizer", "tokenizer_2"]
+                .iter()
+                .take(if family == Family::Sdxl { 2 } else { 1 })
+                .map(|t| (vec![tokenizers.join(t)], false))
+                .collect(),
+            hashed: Vec::new(),
+            seed,
+            counters: Vec::new(),
+        }
+    }
+
+    /// The networks on libtorch: the UNet in `placement.kind`, the VAE in `vae_kind`, the text
+    /// encoders in f32.
+    pub fn torch(&self, placement: Placement, vae_kind: tch::Kind) -> torch::Result<TorchModels> {
+        let at =
+            |what: &str, e: torch::Error| torch::Error::Msg(format!("{}: {what}: {e}", self.name));
+        let dev = placement.device;
+        let unet =
+            torch::unet::UNet::new(&self.unet.0.torch(placement.kind, dev), self.unet.1.clone())
+                .map_err(|e| at("unet", e))?;
+        let vae = torch::vae::Vae::new(&self.vae.0.torch(vae_kind, dev), self.vae.1.clone())
+            .map_err(|e| at("vae", e))?;
+        let text = self
+            .text
+            .iter()
+            .map(|(w, c, proj)| {
+                torch::clip::ClipTextModel::new(&w.torch(tch::Kind::Float, dev), c.clone(), *proj)
+                    .map_err(|e| at("text encoder", e))
+            })
+            .collect::<torch::Result<_>>()?;
+        Ok(TorchModels {
+            family: self.family,
             unet,
             vae,
             text,
+        })
+    }
+
+    /// The networks on candle (the trainer's), `ops` saying whether they record gradients.
+    fn candle(&self, device: &Device, dtype: DType, ops: Ops) -> PResult<CandleNets> {
+        let at = |what: &str, e: candle_core::Error| {
+            model_err(Path::new(&self.name), format!("{what}: {e}"))
+        };
+        let unet = UNet::new(self.unet.0.candle(dtype, device), self.unet.1.clone(), ops)
+            .map_err(|e| at("unet", e))?;
+        let vae = Vae::new(self.vae.0.candle(vae_dtype()?, device), self.vae.1.clone())
+            .map_err(|e| at("vae", e))?;
+        let text = self
+            .text
+            .iter()
+            .map(|(w, c, proj)| {
+                ClipTextModel::new(w.candle(DType::F32, device), c.clone(), *proj, ops)
+                    .map_err(|e| at("text encoder", e))
+            })
+            .collect::<PResult<_>>()?;
+        Ok(CandleNets { unet, vae, text })
+    }
+
+    fn tokenizers(&self) -> PResult<Vec<ClipTokenizer>> {
+        let mut out = Vec::new();
+        for (dirs, openclip) in &self.tokenizers {
+            let Some(dir) = dirs
+                .iter()
+                .find(|d| d.join("vocab.json").exists() || d.join("tokenizer.json").exists())
+            else {
+                let want = dirs
+                    .first()
+                    .map(|d| d.display().to_string())
+                    .unwrap_or_default();
+                return Err(model_err(
+                    Path::new(&self.name),
+                    format!("no CLIP tokenizer: put CLIP's vocab.json and merges.txt into {want}"),
+                ));
+            };
+            let mut tok = ClipTokenizer::from_dir(dir).map_err(|e| model_err(dir, e))?;
+            if *openclip && dir.ends_with("tokenizer") {
+                tok.pad = 0; // OpenCLIP pads with "!"
+            }
+            out.push(tok);
+        }
+        Ok(out)
+    }
+
+    /// The model around `nets`, computing with `device` and `dtype` on the pipeline's side.
+    fn assemble(self, nets: Nets, device: &Device, dtype: DType) -> PResult<StableDiffusion> {
+        let hash = if self.hashed.is_empty() {
+            format!("{:010x}", self.seed)
+        } else {
+            file_hash(&self.hashed)?
+        };
+        Ok(StableDiffusion {
+            family: self.family,
+            tokenizers: self.tokenizers()?,
+            name: self.name,
+            hash,
+            schedule: self.schedule,
+            nets,
             embeddings: Vec::new(),
             lora_hashes: Vec::new(),
-            weight_bytes,
+            weight_bytes: self.counters.iter().map(|c| c.loaded_bytes()).sum(),
             device: device.clone(),
             dtype,
         })
+    }
+}
+
+fn vae_kind() -> PResult<tch::Kind> {
+    Ok(match vae_dtype()? {
+        DType::F16 => tch::Kind::Half,
+        DType::BF16 => tch::Kind::BFloat16,
+        _ => tch::Kind::Float,
+    })
+}
+
+impl StableDiffusion {
+    /// Load a model onto libtorch: a diffusers folder, or a single `.safetensors` checkpoint
+    /// (A1111's and ComfyUI's LDM layout; the tokenizers in `tokenizer/`, `tokenizer_2/` beside
+    /// it).
+    pub fn load(path: &Path, placement: Placement) -> PResult<Self> {
+        Self::on_torch(Checkpoint::open(path)?, placement)
+    }
+
+    /// Load a diffusers folder onto libtorch.
+    pub fn load_diffusers(dir: &Path, placement: Placement) -> PResult<Self> {
+        Self::on_torch(Checkpoint::diffusers(dir)?, placement)
+    }
+
+    /// Load a single-file checkpoint onto libtorch.
+    pub fn load_single_file(path: &Path, placement: Placement) -> PResult<Self> {
+        Self::on_torch(Checkpoint::single_file(path)?, placement)
+    }
+
+    /// A model of `family`'s real geometry with seeded random weights on libtorch (the VAE in
+    /// `vae_kind`): benchmarks of the real shapes with no checkpoint. Tokenizers come from
+    /// `tokenizers` (`tokenizer/`, and `tokenizer_2/` for SDXL, as [`make_tiny`] writes them).
+    ///
+    /// [`make_tiny`]: super::make_tiny
+    pub fn random(
+        family: Family,
+        tokenizers: &Path,
+        placement: Placement,
+        vae_kind: tch::Kind,
+        seed: u64,
+    ) -> PResult<Self> {
+        let ckpt = Checkpoint::random(family, tokenizers, seed);
+        let nets = ckpt.torch(placement, vae_kind)?;
+        ckpt.assemble(Nets::Torch(nets), &Device::Cpu, DType::F32)
+    }
+
+    fn on_torch(ckpt: Checkpoint, placement: Placement) -> PResult<Self> {
+        let nets = ckpt
+            .torch(placement, vae_kind()?)
+            .map_err(|e| model_err(Path::new(&ckpt.name), e))?;
+        ckpt.assemble(Nets::Torch(nets), &Device::Cpu, DType::F32)
+    }
+
+    /// Load a model onto candle for the trainer: every op of the UNet and text encoders records
+    /// gradients (the fused softmax and layer-norm kernels do not). The weights stay plain
+    /// tensors; only the adapters a trainer attaches are `Var`s.
+    pub fn load_for_training(path: &Path, device: &Device, dtype: DType) -> PResult<Self> {
+        Self::on_candle(Checkpoint::open(path)?, device, dtype, Ops::TRAINING)
+    }
+
+    /// Load a model onto candle for inference (the conformance checks of the candle engine).
+    pub fn load_candle(path: &Path, device: &Device, dtype: DType) -> PResult<Self> {
+        Self::on_candle(Checkpoint::open(path)?, device, dtype, Ops::INFERENCE)
+    }
+
+    fn on_candle(ckpt: Checkpoint, device: &Device, dtype: DType, ops: Ops) -> PResult<Self> {
+        let nets = ckpt.candle(device, dtype, ops)?;
+        ckpt.assemble(Nets::Candle(nets), device, dtype)
     }
 }
 

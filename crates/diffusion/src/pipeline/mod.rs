@@ -12,11 +12,9 @@ use candle_core::{DType, Device, Tensor};
 use serde::{Deserialize, Serialize};
 
 use crate::conditioning::{self, Layer};
-use crate::models::clip::ClipTextModel;
-use crate::models::unet::UNet;
-use crate::models::vae::Vae;
 use crate::schedulers::ScheduleConfig;
 use crate::tokenizer::ClipTokenizer;
+use nets::Nets;
 
 mod cond;
 pub mod convert;
@@ -27,6 +25,7 @@ mod images;
 pub mod img2img;
 pub mod infotext;
 pub mod load;
+mod nets;
 pub mod request;
 pub mod txt2img;
 
@@ -36,6 +35,7 @@ pub use img2img::{Init, Repaint, RepaintRun, RepaintStart};
 pub use infotext::Generated;
 pub(crate) use load::single_file_config;
 pub use load::SingleFileConfig;
+pub use nets::CandleNets;
 pub use request::{BatchKey, Txt2Img, MAX_PIXELS, MAX_STEPS};
 
 #[derive(Debug, thiserror::Error)]
@@ -70,10 +70,47 @@ pub enum Family {
     Sdxl,
 }
 
-#[derive(Clone)]
-struct TextStack {
-    model: ClipTextModel,
-    tok: ClipTokenizer,
+/// Where a model's libtorch networks run, and the UNet's precision there.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Placement {
+    pub device: tch::Device,
+    pub kind: tch::Kind,
+}
+
+impl Placement {
+    /// The CPU in f32.
+    pub const CPU: Placement = Placement {
+        device: tch::Device::Cpu,
+        kind: tch::Kind::Float,
+    };
+
+    /// `cpu` (f32), `cuda` or `cuda:N` (the UNet in f16), as the workers' `--device` says.
+    pub fn named(name: &str) -> PResult<Self> {
+        let device = crate::torch::device_named(name).map_err(|e| PipelineError::Model {
+            path: "--device".into(),
+            reason: e.to_string(),
+        })?;
+        Ok(Self::on(device))
+    }
+
+    /// The device `ATELIER_DEVICE` names (`cpu`, `cuda`, `cuda:N`), else the first CUDA GPU
+    /// libtorch sees, else the CPU.
+    pub fn from_env() -> PResult<Self> {
+        let device = crate::torch::device().map_err(|e| PipelineError::Model {
+            path: "ATELIER_DEVICE".into(),
+            reason: e.to_string(),
+        })?;
+        Ok(Self::on(device))
+    }
+
+    /// `device` in f32 on the CPU, f16 on a GPU.
+    pub fn on(device: tch::Device) -> Self {
+        let kind = match device {
+            tch::Device::Cpu => tch::Kind::Float,
+            _ => tch::Kind::Half,
+        };
+        Self { device, kind }
+    }
 }
 
 /// The dtype loaded VAEs compute in: f32 unless `ATELIER_VAE_DTYPE` says `f16` or `bf16` (faster
@@ -98,14 +135,15 @@ pub struct StableDiffusion {
     /// A1111's short model hash: the first 10 hex digits of the UNet weights' SHA-256.
     pub hash: String,
     pub schedule: ScheduleConfig,
-    unet: UNet,
-    vae: Vae,
-    text: Vec<TextStack>,
+    nets: Nets,
+    tokenizers: Vec<ClipTokenizer>,
     embeddings: Vec<conditioning::Embedding>,
     /// (name, A1111 short hash) of the LoRAs applied, for the `parameters` text.
     lora_hashes: Vec<(String, String)>,
     weight_bytes: u64,
+    /// Where the pipeline's own tensors live (the CPU for libtorch networks).
     device: Device,
+    /// The dtype of the UNet's inputs on that side.
     dtype: DType,
 }
 
@@ -123,9 +161,7 @@ impl StableDiffusion {
         mode: crate::lora::LoraMode,
     ) -> PResult<(Self, crate::lora::Applied)> {
         let mut m = self.clone();
-        let mut text: Vec<&mut ClipTextModel> = m.text.iter_mut().map(|t| &mut t.model).collect();
-        let applied = crate::lora::apply(file, weight, mode, &mut m.unet, &mut text)
-            .map_err(PipelineError::BadRequest)?;
+        let applied = m.nets.apply_lora(file, weight, mode)?;
         Ok((m, applied))
     }
 
@@ -138,12 +174,12 @@ impl StableDiffusion {
 
     /// Whether this is a 9-channel inpainting model (latents, mask, masked-image latents).
     pub fn is_inpainting(&self) -> bool {
-        self.unet.config.in_channels == 9
+        self.nets.in_channels() == 9
     }
 
     /// Pixels per latent cell (8 for real SD VAEs).
     pub fn vae_scale(&self) -> usize {
-        1 << (self.vae.config.block_out_channels.len().saturating_sub(1))
+        1 << self.nets.vae_levels().saturating_sub(1)
     }
 
     /// One prompt's conditioning [1, 77k, D] and pooled embedding (SDXL), in the model's dtype.
@@ -154,17 +190,11 @@ impl StableDiffusion {
     ) -> PResult<(Tensor, Option<Tensor>)> {
         let bad = |e: String| PipelineError::BadRequest(format!("prompt: {e}"));
         let enc = |i: usize, layer: Layer| {
-            conditioning::encode_with(
-                &self.text[i].model,
-                &self.text[i].tok,
-                prompt,
-                layer,
-                &self.device,
-                self.dtype,
-                &self.embeddings,
-                i,
-            )
-            .map_err(bad)
+            let (Some(model), Some(tok)) = (self.nets.text(i), self.tokenizers.get(i)) else {
+                return Err(PipelineError::Compute(format!("no text encoder {}", i + 1)));
+            };
+            conditioning::encode_with(model, tok, prompt, layer, self.dtype, &self.embeddings, i)
+                .map_err(bad)
         };
         match self.family {
             Family::Sdxl => {
@@ -179,27 +209,29 @@ impl StableDiffusion {
         }
     }
 
-    /// The UNet and the text encoders, for attaching trainable adapters.
-    pub fn parts_mut(&mut self) -> (&mut UNet, Vec<&mut ClipTextModel>) {
-        (
-            &mut self.unet,
-            self.text.iter_mut().map(|t| &mut t.model).collect(),
-        )
+    /// The candle networks of a model loaded for training (the trainer attaches its adapters
+    /// to them); `None` for the libtorch networks generation runs.
+    pub fn candle_mut(&mut self) -> Option<&mut CandleNets> {
+        match &mut self.nets {
+            Nets::Candle(n) => Some(n),
+            Nets::Torch(_) => None,
+        }
     }
 
-    /// Text encoder `index` (0: the first; SDXL's second is 1).
-    pub fn text_model(&self, index: usize) -> Option<&ClipTextModel> {
-        self.text.get(index).map(|t| &t.model)
+    /// [`StableDiffusion::candle_mut`], to read.
+    pub fn candle(&self) -> Option<&CandleNets> {
+        match &self.nets {
+            Nets::Candle(n) => Some(n),
+            Nets::Torch(_) => None,
+        }
     }
 
-    /// The VAE.
-    pub fn vae(&self) -> &Vae {
-        &self.vae
-    }
-
-    /// The UNet (its config, and its forward pass for training).
-    pub fn unet(&self) -> &UNet {
-        &self.unet
+    /// The libtorch networks (`None` for a model loaded for the candle trainer).
+    pub fn torch(&self) -> Option<&crate::torch::TorchModels> {
+        match &self.nets {
+            Nets::Torch(n) => Some(n),
+            Nets::Candle(_) => None,
+        }
     }
 
     pub fn device(&self) -> &Device {

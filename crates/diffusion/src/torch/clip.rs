@@ -116,6 +116,12 @@ impl ClipTextModel {
 
     /// Encode token ids [B, T] (any integer kind).
     pub fn forward(&self, ids: &Tensor) -> Result<ClipOutput> {
+        self.forward_with(ids, &[])
+    }
+
+    /// [`ClipTextModel::forward`] with some token embeddings replaced (textual inversion):
+    /// `(position, vector [D])` for sequence 0 of the batch.
+    pub fn forward_with(&self, ids: &Tensor, overrides: &[(usize, Tensor)]) -> Result<ClipOutput> {
         let ids = ids
             .to_kind(Kind::Int64)
             .to_device(self.token_embedding.device());
@@ -144,7 +150,22 @@ impl ClipTextModel {
                 if lo < 0 { lo } else { hi }
             )));
         }
-        let tok = Tensor::embedding(&self.token_embedding, &ids, -1, false, false);
+        let mut tok = Tensor::embedding(&self.token_embedding, &ids, -1, false, false);
+        if !overrides.is_empty() {
+            let d = tok.size()[2];
+            let rows: Vec<Tensor> = (0..t)
+                .map(|i| match overrides.iter().find(|(p, _)| *p as i64 == i) {
+                    Some((_, v)) => v.to_kind(tok.kind()).to_device(tok.device()).view([d]),
+                    None => tok.get(0).get(i),
+                })
+                .collect();
+            let first = Tensor::stack(&rows, 0).unsqueeze(0);
+            tok = if b > 1 {
+                Tensor::cat(&[first, tok.narrow(0, 1, b - 1)], 0)
+            } else {
+                first
+            };
+        }
         let mut x = tok + self.position_embedding.narrow(0, 0, t).unsqueeze(0);
         let mut hidden = vec![x.shallow_clone()];
         for l in &self.layers {
@@ -192,6 +213,11 @@ impl ClipTextModel {
         }
         let i = out.hidden.len().saturating_sub(clip_skip).max(1);
         self.final_ln.forward(&out.hidden[i])
+    }
+
+    /// The raw penultimate layer output (SDXL conditions on it without the final norm).
+    pub fn penultimate(out: &ClipOutput) -> Tensor {
+        out.hidden[out.hidden.len() - 2].shallow_clone()
     }
 
     /// Every projection, with its transformers path (LoRA targets).

@@ -44,17 +44,24 @@ pub(crate) fn msg(m: impl Into<String>) -> Error {
 /// The device named by `ATELIER_DEVICE` (`cpu`, `cuda`, `cuda:N`), else the first CUDA GPU when
 /// libtorch sees one, else the CPU.
 pub fn device() -> Result<Device> {
-    if std::env::var("ATELIER_DEVICE").as_deref() != Ok("cpu") {
-        open_cuda();
-    }
     match std::env::var("ATELIER_DEVICE").ok().as_deref() {
-        None | Some("") => Ok(Device::cuda_if_available()),
-        Some("cpu") => Ok(Device::Cpu),
-        Some("cuda") => cuda(0),
-        Some(other) => match other.strip_prefix("cuda:").map(str::parse::<usize>) {
+        None | Some("") => {
+            open_cuda();
+            Ok(Device::cuda_if_available())
+        }
+        Some(name) => device_named(name).map_err(|e| msg(format!("ATELIER_DEVICE={name:?}: {e}"))),
+    }
+}
+
+/// The device `name` says: `cpu`, `cuda` (the first GPU) or `cuda:N`.
+pub fn device_named(name: &str) -> Result<Device> {
+    match name {
+        "cpu" => Ok(Device::Cpu),
+        "cuda" => cuda(0),
+        other => match other.strip_prefix("cuda:").map(str::parse::<usize>) {
             Some(Ok(n)) => cuda(n),
             _ => Err(msg(format!(
-                "ATELIER_DEVICE={other:?}: expected cpu, cuda or cuda:N"
+                "unknown device {other:?}: expected cpu, cuda or cuda:N"
             ))),
         },
     }
@@ -83,12 +90,13 @@ pub fn open_cuda() -> bool {
 }
 
 fn cuda(n: usize) -> Result<Device> {
+    open_cuda();
     let count = tch::Cuda::device_count() as usize;
     if n < count {
         Ok(Device::Cuda(n))
     } else {
         Err(msg(format!(
-            "ATELIER_DEVICE asks for CUDA device {n}; libtorch sees {count}"
+            "CUDA device {n} asked for; libtorch sees {count} (an NVIDIA driver and PyTorch's CUDA libraries are needed)"
         )))
     }
 }

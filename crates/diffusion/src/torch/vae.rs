@@ -154,6 +154,10 @@ impl Vae {
         })
     }
 
+    pub fn device(&self) -> tch::Device {
+        self.post_quant.weight.device()
+    }
+
     pub fn kind(&self) -> Kind {
         self.post_quant.weight.kind()
     }
