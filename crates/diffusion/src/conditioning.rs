@@ -282,20 +282,7 @@ pub fn encode_with(
                 overrides.push((i + 1, m.get(*row).map_err(e)?));
             }
         }
-        let mut ids = Vec::with_capacity(CHUNK + 2);
-        ids.push(tok.bos);
-        ids.extend(&c.tokens);
-        ids.push(tok.eos);
-        if tok.pad != tok.eos {
-            if let Some(first) = ids.iter().position(|&i| i == tok.eos) {
-                for id in ids.iter_mut().skip(first + 1) {
-                    *id = tok.pad;
-                }
-            }
-        }
-        let mut weights = vec![1.0f32];
-        weights.extend(&c.weights);
-        weights.push(1.0);
+        let (ids, weights) = framed(tok, &c);
         let (z, p) = model.states(&ids, &overrides, layer)?;
         let z = apply_weights(&z, &weights).map_err(e)?;
         if pooled.is_none() {
@@ -306,6 +293,27 @@ pub fn encode_with(
     let z = Tensor::cat(&states, 1).map_err(e)?;
     let pooled = pooled.ok_or("no chunks")?.to_dtype(dtype).map_err(e)?;
     Ok((z, pooled))
+}
+
+/// A chunk as its encoder takes it: the start token, the chunk's tokens, the end token (where
+/// the tokenizer pads with another token, every position after the first end token holds it),
+/// and the weights of those positions (1 for the start and end).
+pub fn framed(tok: &ClipTokenizer, c: &TokenChunk) -> (Vec<u32>, Vec<f32>) {
+    let mut ids = Vec::with_capacity(c.tokens.len() + 2);
+    ids.push(tok.bos);
+    ids.extend(&c.tokens);
+    ids.push(tok.eos);
+    if tok.pad != tok.eos {
+        if let Some(first) = ids.iter().position(|&i| i == tok.eos) {
+            for id in ids.iter_mut().skip(first + 1) {
+                *id = tok.pad;
+            }
+        }
+    }
+    let mut weights = vec![1.0f32];
+    weights.extend(&c.weights);
+    weights.push(1.0);
+    (ids, weights)
 }
 
 /// Scale token states by their weights, then restore the original mean (A1111's "Original"

@@ -202,44 +202,61 @@ fn lora_training_on_libtorch_lowers_the_loss_and_writes_a_kohya_file() {
     use atelier_diffusion::lora::LoraFile;
     use atelier_diffusion::schedulers::{NoiseSchedule, PredictionType, ScheduleConfig};
     use atelier_diffusion::torch::lora::merge_file;
-    use atelier_diffusion::torch::train::{loss, TrainableLora};
     use atelier_diffusion::torch::TorchModels;
-    use tch::nn::OptimizerConfig;
+    use atelier_diffusion::train::{
+        stream, AdamW, AdamWParams, Batch, LoraConfig, LoraNetwork, Objective, UnetTargets,
+    };
     let dir = tempfile::tempdir().unwrap();
     make_tiny_with(dir.path(), Family::Sd1, 3, false).unwrap();
     let (cpu, f32k) = (tch::Device::Cpu, tch::Kind::Float);
     let base = TorchModels::load(dir.path(), cpu, f32k).unwrap();
     let mut trained = base.clone();
-    let lora = TrainableLora::attach_attention(&mut trained.unet, Family::Sd1, 4, 4.0);
+    let cfg = LoraConfig {
+        rank: 4,
+        alpha: 4.0,
+        conv_rank: None,
+        conv_alpha: 1.0,
+        unet_targets: UnetTargets::Attention,
+        text_encoder: false,
+    };
+    let lora = LoraNetwork::attach(&mut trained, &cfg, 9).unwrap();
     assert!(lora.parameter_count() > 0);
-    let mut opt = tch::nn::AdamW::default().build(&lora.vs, 1e-2).unwrap();
+    let (vars, _): (Vec<&tch::Tensor>, Vec<_>) = lora.vars().into_iter().unzip();
+    let mut opt = AdamW::new(AdamWParams::default(), &vars);
     tch::manual_seed(1);
-    let x0 = tch::Tensor::randn([2, 4, 8, 8], (f32k, cpu));
-    let noise = tch::Tensor::randn([2, 4, 8, 8], (f32k, cpu));
     let ctx = tch::Tensor::randn([2, 77, 32], (f32k, cpu));
+    let batch = Batch {
+        latents: tch::Tensor::randn([2, 4, 8, 8], (f32k, cpu)),
+        context: ctx.shallow_clone(),
+        added: None,
+        weights: vec![1.0, 1.0],
+    };
     let schedule = NoiseSchedule::new(ScheduleConfig::default());
-    let step = |opt: &mut tch::nn::Optimizer| {
-        let l = loss(
-            &trained.unet,
-            &schedule,
-            PredictionType::Epsilon,
-            Some(5.0),
-            &x0,
-            &noise,
-            &[300, 700],
-            &ctx,
-            None,
-        )
-        .unwrap();
-        opt.backward_step(&l);
+    let objective = Objective {
+        prediction: PredictionType::Epsilon,
+        min_snr_gamma: Some(5.0),
+        noise_offset: 0.0,
+        min_timestep: 0,
+        max_timestep: 1000,
+    };
+    let mut step = || {
+        // The same timesteps and noise every step: the loss of one fixed sample falls.
+        let l = objective
+            .loss(&trained.unet, &schedule, &batch, &mut stream(1, 2, 0))
+            .unwrap();
+        lora.zero_grad();
+        l.backward();
+        opt.step(&vars, &lora.grads(), &vec![1e-2; vars.len()])
+            .unwrap();
         l.double_value(&[])
     };
-    let first = step(&mut opt);
-    let last = (0..30).map(|_| step(&mut opt)).last().unwrap();
+    let first = step();
+    let last = (0..30).map(|_| step()).last().unwrap();
     assert!(last < first * 0.9, "loss {first} → {last}");
     // The file in kohya's layout, merged into the base model, predicts as the trained adapters do.
     let path = dir.path().join("trained.safetensors");
-    lora.save(&path, &Default::default()).unwrap();
+    lora.save(&path, candle_core::DType::F32, &Default::default())
+        .unwrap();
     let file = LoraFile::load(&path).unwrap();
     let mut merged = base.clone();
     let applied = merge_file(&mut merged, &file, 1.0).unwrap();

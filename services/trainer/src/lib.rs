@@ -27,10 +27,9 @@ use atelier_contracts::{
     ArtifactKey, DatasetRow, GenerateSpec, JobId, JobOutput, JobSpec, JobState, LossPoint, Service,
     TrainData, TrainOutput, TrainSample, TrainSpec,
 };
-use atelier_diffusion::pipeline::StableDiffusion;
+use atelier_diffusion::pipeline::{Placement, StableDiffusion};
 use atelier_kit::{Handler, JobCtx, JobError};
 use atelier_registry::{ModelArgs, Registry};
-use candle_core::{DType, Device};
 use futures::StreamExt as _;
 use sha2::{Digest, Sha256};
 
@@ -40,8 +39,7 @@ use session::{Session, Source, TrainError};
 #[derive(Clone)]
 pub struct Trainer {
     registry: Registry,
-    device: Device,
-    dtype: DType,
+    placement: Placement,
     /// How long to wait for the sampler's class and sample images.
     sampler_timeout: Duration,
 }
@@ -67,6 +65,7 @@ fn train_err(e: TrainError) -> JobError {
     match e {
         TrainError::Invalid(m) => JobError::permanent("invalid_job", m),
         TrainError::Compute(e) => JobError::retryable("compute_failed", e.to_string()),
+        TrainError::Torch(e) => JobError::retryable("compute_failed", e.to_string()),
         TrainError::Checkpoint(m) => JobError::retryable("checkpoint_unusable", m),
     }
 }
@@ -82,22 +81,17 @@ fn lora_key(name: &str) -> Result<ArtifactKey, JobError> {
 }
 
 impl Trainer {
-    /// `dtype` is the UNet's compute type; f16 is taken as bf16 (as fast on recent GPUs, and no
-    /// loss scaling needed). LoRA weights, gradients and AdamW state are f32 regardless.
-    pub fn new(
-        registry: Registry,
-        device: Device,
-        dtype: DType,
-        sampler_timeout: Duration,
-    ) -> Self {
+    /// `placement.kind` is the UNet's compute type; f16 is taken as bf16 (as fast on recent
+    /// GPUs, and no loss scaling needed). LoRA weights, gradients and AdamW state are f32
+    /// regardless.
+    pub fn new(registry: Registry, placement: Placement, sampler_timeout: Duration) -> Self {
+        let kind = match placement.kind {
+            atelier_diffusion::torch::Kind::Half => atelier_diffusion::torch::Kind::BFloat16,
+            k => k,
+        };
         Self {
             registry,
-            device,
-            dtype: if dtype == DType::F16 {
-                DType::BF16
-            } else {
-                dtype
-            },
+            placement: Placement { kind, ..placement },
             sampler_timeout,
         }
     }
@@ -312,10 +306,10 @@ impl Trainer {
 
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Event>();
         let cancel = ctx.cancellation().clone();
-        let (device, dtype) = (self.device.clone(), self.dtype);
+        let placement = self.placement;
         let sp = spec.clone();
         let work = tokio::task::spawn_blocking(move || -> Result<Finished, JobError> {
-            let model = StableDiffusion::load_for_training(&path, &device, dtype)
+            let model = StableDiffusion::load(&path, placement)
                 .map_err(|e| JobError::permanent("model_load_failed", e.to_string()))?;
             let (name, hash) = (model.name.clone(), model.hash.clone());
             let mut inputs = Vec::with_capacity(sources.len() + class.len());
@@ -557,11 +551,9 @@ impl Default for Config {
 impl Config {
     /// The trainer on `model`'s registry and device; an unusable device is an error naming the fix.
     pub fn trainer(&self, model: &ModelArgs) -> anyhow::Result<Trainer> {
-        let (device, dtype) = atelier_diffusion::kernels::device_named(&model.device)?;
         Ok(Trainer::new(
             Registry::new(&model.models),
-            device,
-            dtype,
+            Placement::named(&model.device)?,
             Duration::from_secs(self.sampler_timeout_s.max(1)),
         ))
     }

@@ -11,6 +11,9 @@ use std::collections::HashMap;
 use atelier_contracts::{LossPoint, TrainSpec};
 use atelier_diffusion::pipeline::{Family, StableDiffusion};
 use atelier_diffusion::schedulers::{NoiseSchedule, PredictionType};
+use atelier_diffusion::torch::train::encode_caption;
+use atelier_diffusion::torch::weights::{from_candle, to_candle};
+use atelier_diffusion::torch::{self as engine, Kind};
 use atelier_diffusion::train::{
     clip_grad_norm, stream, AdamW, AdamWParams, Batch, Group, LoraConfig, LoraNetwork, LrSchedule,
     Objective, UnetTargets,
@@ -34,6 +37,8 @@ pub enum TrainError {
     Invalid(String),
     #[error("compute: {0}")]
     Compute(#[from] candle_core::Error),
+    #[error("compute: {0}")]
+    Torch(#[from] engine::Error),
     #[error("checkpoint: {0}")]
     Checkpoint(String),
 }
@@ -125,7 +130,7 @@ pub struct Session {
     captions: CaptionOps,
     batches_per_epoch: usize,
     epoch_cache: Option<(usize, Vec<Vec<usize>>)>,
-    text_cache: HashMap<String, (Tensor, Option<Tensor>)>,
+    text_cache: HashMap<String, (engine::Tensor, Option<engine::Tensor>)>,
     /// Optimizer steps done.
     pub step: u32,
     pub history: Vec<LossPoint>,
@@ -133,7 +138,7 @@ pub struct Session {
 }
 
 impl Session {
-    /// A fresh run: `model` must come from `StableDiffusion::load_for_training`.
+    /// A fresh run on `model` (loaded on libtorch).
     pub fn new(
         mut model: StableDiffusion,
         spec: &TrainSpec,
@@ -157,7 +162,10 @@ impl Session {
             text_encoder: n.train_text_encoder,
         };
         let init_seed = stream(spec.seed, PURPOSE_INIT, 0).gen::<u64>();
-        let network = LoraNetwork::attach(&mut model, &cfg, init_seed)?;
+        let nets = model
+            .torch_mut()
+            .ok_or_else(|| TrainError::Invalid("the model is not loaded on libtorch".into()))?;
+        let network = LoraNetwork::attach(nets, &cfg, init_seed)?;
         let vars: Vec<_> = network.vars().into_iter().map(|(v, _)| v).collect();
         let optimizer = AdamW::new(
             AdamWParams {
@@ -167,7 +175,7 @@ impl Session {
                 weight_decay: spec.weight_decay,
             },
             &vars,
-        )?;
+        );
         let prediction = match spec.prediction_type.as_deref() {
             Some("v_prediction") => PredictionType::VPrediction,
             Some(_) => PredictionType::Epsilon,
@@ -270,24 +278,55 @@ impl Session {
             .unwrap_or_default()
     }
 
-    fn encode_text(&mut self, caption: &str) -> Result<(Tensor, Option<Tensor>), TrainError> {
+    fn encode_text(
+        &mut self,
+        caption: &str,
+    ) -> Result<(engine::Tensor, Option<engine::Tensor>), TrainError> {
         let text = escape_caption(caption);
-        let cache = !self.spec.network.train_text_encoder;
-        if cache {
-            if let Some(v) = self.text_cache.get(&text) {
-                return Ok(v.clone());
-            }
+        if self.spec.network.train_text_encoder {
+            return Ok(encode_caption(&self.model, &text)?);
         }
-        let (ctx, pooled) = self
+        if let Some((c, p)) = self.text_cache.get(&text) {
+            return Ok((c.shallow_clone(), p.as_ref().map(|p| p.shallow_clone())));
+        }
+        let (c, p) = engine::no_grad(|| encode_caption(&self.model, &text))?;
+        let entry = (c.shallow_clone(), p.as_ref().map(|p| p.shallow_clone()));
+        self.text_cache.insert(text, entry);
+        Ok((c, p))
+    }
+
+    /// SDXL's added conditioning for `pooled` embeddings of images of `sizes` (original size,
+    /// crop (0, 0), target size, as kohya's bucketed images).
+    fn added(
+        &self,
+        pooled: Vec<engine::Tensor>,
+        sizes: &[(u32, u32)],
+    ) -> Option<engine::unet::AddedCond> {
+        if self.model.family != Family::Sdxl || pooled.len() != sizes.len() || sizes.is_empty() {
+            return None;
+        }
+        let ids: Vec<f32> = sizes
+            .iter()
+            .flat_map(|&(w, h)| [h, w, 0, 0, h, w].map(|v| v as f32))
+            .collect();
+        let text_embeds = engine::Tensor::cat(&pooled, 0);
+        let time_ids = engine::Tensor::from_slice(&ids)
+            .view([sizes.len() as i64, 6])
+            .to_device(text_embeds.device());
+        Some(engine::unet::AddedCond {
+            text_embeds,
+            time_ids,
+        })
+    }
+
+    /// Cached latents on the model's device.
+    fn latents(&self, t: &Tensor) -> Result<engine::Tensor, TrainError> {
+        let dev = self
             .model
-            .encode_prompt(&text, 1)
-            .map_err(|e| TrainError::Invalid(e.to_string()))?;
-        // One 77-token window, as kohya's default max_token_length.
-        let ctx = ctx.narrow(1, 0, ctx.dim(1)?.min(77))?;
-        if cache {
-            self.text_cache.insert(text, (ctx.clone(), pooled.clone()));
-        }
-        Ok((ctx, pooled))
+            .torch()
+            .map(|m| m.vae.device())
+            .unwrap_or(engine::Device::Cpu);
+        Ok(from_candle(t)?.to_device(dev))
     }
 
     fn batch(
@@ -300,96 +339,80 @@ impl Session {
         let mut ctx = Vec::with_capacity(idx.len());
         let mut pooled = Vec::new();
         let mut weights = Vec::with_capacity(idx.len());
-        let mut ids = Vec::new();
+        let mut sizes = Vec::new();
         for i in idx {
             let caption = self.captions.apply(&self.examples[i].caption, rng);
             let e = &self.examples[i];
             let flip = e.flipped.is_some() && rng.gen::<bool>();
-            lat.push(if flip {
-                e.flipped.clone().unwrap_or_else(|| e.latents.clone())
-            } else {
-                e.latents.clone()
-            });
+            let chosen = match (&e.flipped, flip) {
+                (Some(f), true) => f.clone(),
+                _ => e.latents.clone(),
+            };
+            lat.push(self.latents(&chosen)?);
             weights.push(e.weight);
-            let (bw, bh) = e.bucket;
+            let bucket = e.bucket;
             let (c, p) = self.encode_text(&caption)?;
             ctx.push(c);
             if let Some(p) = p {
                 pooled.push(p);
-                // SDXL size conditioning: original size, crop (0, 0), target size.
-                ids.extend([bh, bw, 0, 0, bh, bw].map(|v| v as f32));
+                sizes.push(bucket);
             }
         }
-        let b = lat.len();
-        let latents = Tensor::cat(&lat, 0)?.to_dtype(DType::F32)?;
-        let context = Tensor::cat(&ctx, 0)?;
-        let added = if self.model.family == Family::Sdxl && pooled.len() == b {
-            Some(atelier_diffusion::models::unet::AddedCond {
-                text_embeds: Tensor::cat(&pooled, 0)?,
-                time_ids: Tensor::from_vec(ids, (b, 6), latents.device())?
-                    .to_dtype(self.model.dtype())?,
-            })
-        } else {
-            None
-        };
         Ok(Batch {
-            latents,
-            context,
-            added,
+            latents: engine::Tensor::cat(&lat, 0).to_kind(Kind::Float),
+            context: engine::Tensor::cat(&ctx, 0),
+            added: self.added(pooled, &sizes),
             weights,
         })
+    }
+
+    fn loss(
+        &self,
+        batch: &Batch,
+        rng: &mut rand_chacha::ChaCha8Rng,
+    ) -> Result<engine::Tensor, TrainError> {
+        let unet = &self
+            .model
+            .torch()
+            .ok_or_else(|| TrainError::Invalid("the model is not loaded on libtorch".into()))?
+            .unet;
+        Ok(engine::guard(|| {
+            self.objective.loss(unet, &self.schedule, batch, rng)
+        })?)
     }
 
     /// One optimizer step (gradient_accumulation_steps micro-batches); its loss point.
     pub fn train_step(&mut self) -> Result<LossPoint, TrainError> {
         let accum = self.spec.gradient_accumulation_steps.max(1) as usize;
         let step = self.step;
-        let vars: Vec<candle_core::Var> = self
-            .network
-            .vars()
-            .into_iter()
-            .map(|(v, _)| v.clone())
-            .collect();
-        let groups: Vec<Group> = self.network.vars().into_iter().map(|(_, g)| g).collect();
-        let mut grads: Vec<Option<Tensor>> = vec![None; vars.len()];
+        self.network.zero_grad();
         let mut loss_sum = 0.0;
         for k in 0..accum {
             let micro = step as usize * accum + k;
             let mut rng = stream(self.spec.seed, PURPOSE_STEP, micro as u64);
             let batch = self.batch(micro, &mut rng)?;
-            let loss = self
-                .objective
-                .loss(&self.model, &self.schedule, &batch, &mut rng)?;
-            let l = loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+            let loss = self.loss(&batch, &mut rng)?;
+            let l = loss.double_value(&[]);
             if !l.is_finite() {
-                return Err(TrainError::Compute(candle_core::Error::Msg(format!(
+                return Err(TrainError::Invalid(format!(
                     "loss is {l} at step {step}: lower the learning rate or check the data"
-                ))));
+                )));
             }
             loss_sum += l;
-            let g = (loss / accum as f64)?.backward()?;
-            for (i, v) in vars.iter().enumerate() {
-                let gi = match g.get(v.as_tensor()) {
-                    Some(t) => t.clone(),
-                    None => v.as_tensor().zeros_like()?,
-                };
-                grads[i] = Some(match grads[i].take() {
-                    None => gi,
-                    Some(acc) => (acc + gi)?,
-                });
-            }
+            engine::guard(|| {
+                (loss / accum as f64).f_backward()?;
+                Ok(())
+            })?;
         }
-        let mut grads: Vec<Tensor> = grads
-            .into_iter()
-            .zip(&vars)
-            .map(|(g, v)| g.map_or_else(|| v.as_tensor().zeros_like(), Ok))
-            .collect::<candle_core::Result<_>>()?;
+        let mut grads = self.network.grads();
+        self.network.zero_grad();
         if self.spec.max_grad_norm > 0.0 {
-            clip_grad_norm(&mut grads, self.spec.max_grad_norm)?;
+            clip_grad_norm(&mut grads, self.spec.max_grad_norm);
         }
+        let (vars, groups): (Vec<&engine::Tensor>, Vec<Group>) =
+            self.network.vars().into_iter().unzip();
         let lrs: Vec<f64> = groups.iter().map(|g| self.lr(*g, step)).collect();
-        let refs: Vec<&candle_core::Var> = vars.iter().collect();
-        self.optimizer.step(&refs, &grads, &lrs)?;
+        self.optimizer.step(&vars, &grads, &lrs)?;
         self.step += 1;
         let point = LossPoint {
             step: self.step,
@@ -407,34 +430,19 @@ impl Session {
         for i in 0..self.examples.len() {
             let mut rng = stream(seed, PURPOSE_EVAL, i as u64);
             let caption = self.examples[i].caption.clone();
-            let (context, pooled) = self.encode_text(&caption)?;
-            let e = &self.examples[i];
-            let (bw, bh) = e.bucket;
-            let added = match pooled {
-                Some(p) if self.model.family == Family::Sdxl => {
-                    Some(atelier_diffusion::models::unet::AddedCond {
-                        text_embeds: p,
-                        time_ids: Tensor::from_vec(
-                            [bh, bw, 0, 0, bh, bw].map(|v| v as f32).to_vec(),
-                            (1, 6),
-                            e.latents.device(),
-                        )?
-                        .to_dtype(self.model.dtype())?,
-                    })
-                }
-                _ => None,
-            };
-            let batch = Batch {
-                latents: e.latents.to_dtype(DType::F32)?,
-                context,
-                added,
-                weights: vec![e.weight],
-            };
-            let l = self
-                .objective
-                .loss(&self.model, &self.schedule, &batch, &mut rng)?
-                .detach();
-            total += l.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+            let l = engine::no_grad(|| -> Result<f64, TrainError> {
+                let (context, pooled) = self.encode_text(&caption)?;
+                let e = &self.examples[i];
+                let bucket = e.bucket;
+                let batch = Batch {
+                    latents: self.latents(&e.latents)?.to_kind(Kind::Float),
+                    context,
+                    added: self.added(pooled.into_iter().collect(), &[bucket]),
+                    weights: vec![e.weight],
+                };
+                Ok(self.loss(&batch, &mut rng)?.double_value(&[]))
+            })?;
+            total += l;
         }
         Ok(total / self.examples.len().max(1) as f64)
     }
@@ -444,20 +452,17 @@ impl Session {
         let micro = self.step as usize * self.spec.gradient_accumulation_steps.max(1) as usize;
         let mut rng = stream(self.spec.seed, PURPOSE_STEP, micro as u64);
         let batch = self.batch(micro, &mut rng)?;
-        let loss = self
-            .objective
-            .loss(&self.model, &self.schedule, &batch, &mut rng)?;
-        let g = loss.backward()?;
-        let names = self.network.var_names();
-        let mut out = Vec::new();
-        for (name, (v, _)) in names.into_iter().zip(self.network.vars()) {
-            let t = match g.get(v.as_tensor()) {
-                Some(t) => t.clone(),
-                None => v.as_tensor().zeros_like()?,
-            };
-            out.push((name, t));
-        }
-        Ok(out)
+        self.network.zero_grad();
+        let loss = self.loss(&batch, &mut rng)?;
+        engine::guard(|| Ok(loss.f_backward()?))?;
+        let grads = self.network.grads();
+        self.network.zero_grad();
+        self.network
+            .var_names()
+            .into_iter()
+            .zip(grads)
+            .map(|(name, g)| Ok((name, to_candle(&g)?)))
+            .collect()
     }
 
     /// A resumable checkpoint: LoRA weights, AdamW moments and step count, loss history and the
@@ -470,16 +475,16 @@ impl Session {
             .into_iter()
             .zip(self.network.vars())
         {
-            tensors.insert(name, v.as_tensor().to_device(&Device::Cpu)?);
+            tensors.insert(name, to_candle(v)?);
         }
         for (i, name) in self.network.var_names().into_iter().enumerate() {
             tensors.insert(
                 format!("optimizer.m.{name}"),
-                self.optimizer.m[i].to_device(&Device::Cpu)?,
+                to_candle(&self.optimizer.m[i])?,
             );
             tensors.insert(
                 format!("optimizer.v.{name}"),
-                self.optimizer.v[i].to_device(&Device::Cpu)?,
+                to_candle(&self.optimizer.v[i])?,
             );
         }
         let state = serde_json::json!({
@@ -511,10 +516,9 @@ impl Session {
                 "the checkpoint was written for another training spec".into()
             ));
         }
-        let dev = self.model.device().clone();
         let mut tensors = HashMap::new();
         for (name, view) in st.tensors() {
-            let t = candle_core::safetensors::Load::load(&view, &dev)?;
+            let t = candle_core::safetensors::Load::load(&view, &Device::Cpu)?;
             tensors.insert(name, t);
         }
         self.network.load_weights(&tensors)?;
@@ -525,8 +529,9 @@ impl Session {
                     .cloned()
                     .ok_or_else(|| bad(format!("checkpoint lacks {k}")))
             };
-            self.optimizer.m[i] = get(format!("optimizer.m.{name}"))?;
-            self.optimizer.v[i] = get(format!("optimizer.v.{name}"))?;
+            let dev = self.optimizer.m[i].device();
+            self.optimizer.m[i] = from_candle(&get(format!("optimizer.m.{name}"))?)?.to_device(dev);
+            self.optimizer.v[i] = from_candle(&get(format!("optimizer.v.{name}"))?)?.to_device(dev);
         }
         self.step = state["step"].as_u64().unwrap_or(0) as u32;
         self.optimizer.step = state["optimizer_step"].as_u64().unwrap_or(0) as usize;

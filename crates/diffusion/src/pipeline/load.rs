@@ -512,20 +512,10 @@ impl StableDiffusion {
         ckpt.assemble(Nets::Torch(nets), &Device::Cpu, DType::F32)
     }
 
-    /// Load a model onto candle for the trainer: every op of the UNet and text encoders records
-    /// gradients (the fused softmax and layer-norm kernels do not). The weights stay plain
-    /// tensors; only the adapters a trainer attaches are `Var`s.
-    pub fn load_for_training(path: &Path, device: &Device, dtype: DType) -> PResult<Self> {
-        Self::on_candle(Checkpoint::open(path)?, device, dtype, Ops::TRAINING)
-    }
-
-    /// Load a model onto candle for inference (the conformance checks of the candle engine).
+    /// Load a model onto candle (the conformance checks of the candle engine).
     pub fn load_candle(path: &Path, device: &Device, dtype: DType) -> PResult<Self> {
-        Self::on_candle(Checkpoint::open(path)?, device, dtype, Ops::INFERENCE)
-    }
-
-    fn on_candle(ckpt: Checkpoint, device: &Device, dtype: DType, ops: Ops) -> PResult<Self> {
-        let nets = ckpt.candle(device, dtype, ops)?;
+        let ckpt = Checkpoint::open(path)?;
+        let nets = ckpt.candle(device, dtype, Ops::INFERENCE)?;
         ckpt.assemble(Nets::Candle(nets), device, dtype)
     }
 }

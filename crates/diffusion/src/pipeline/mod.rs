@@ -209,8 +209,7 @@ impl StableDiffusion {
         }
     }
 
-    /// The candle networks of a model loaded for training (the trainer attaches its adapters
-    /// to them); `None` for the libtorch networks generation runs.
+    /// The candle networks of a model loaded with [`StableDiffusion::load_candle`].
     pub fn candle_mut(&mut self) -> Option<&mut CandleNets> {
         match &mut self.nets {
             Nets::Candle(n) => Some(n),
@@ -226,7 +225,20 @@ impl StableDiffusion {
         }
     }
 
-    /// The libtorch networks (`None` for a model loaded for the candle trainer).
+    /// The libtorch networks, to attach trainable adapters (`None` for a model loaded on candle).
+    pub fn torch_mut(&mut self) -> Option<&mut crate::torch::TorchModels> {
+        match &mut self.nets {
+            Nets::Torch(n) => Some(n),
+            Nets::Candle(_) => None,
+        }
+    }
+
+    /// Text encoder `index`'s tokenizer.
+    pub fn tokenizer(&self, index: usize) -> Option<&ClipTokenizer> {
+        self.tokenizers.get(index)
+    }
+
+    /// The libtorch networks (`None` for a model loaded on candle).
     pub fn torch(&self) -> Option<&crate::torch::TorchModels> {
         match &self.nets {
             Nets::Torch(n) => Some(n),

@@ -17,7 +17,7 @@ pub mod vae;
 pub mod weights;
 
 pub use models::TorchModels;
-pub use tch::{Device, Kind, Tensor};
+pub use tch::{no_grad, Cuda, Device, Kind, Tensor};
 
 /// What the libtorch path reports.
 #[derive(Debug, thiserror::Error)]

@@ -1,86 +1,204 @@
-//! LoRA training on libtorch: adapters as variables of a `VarStore` (libtorch's autograd and its
-//! AdamW train them), the noise-prediction objective, and kohya's file layout.
+//! LoRA training on libtorch: trainable adapters in kohya's layout attached to a model's UNet (and
+//! text encoders), the denoising objective, AdamW with its state open for checkpoints, and
+//! gradient clipping. libtorch's autograd computes the gradients; the base weights never require
+//! them, so gradients (and the memory they cost) exist for the adapters alone.
 
 use std::collections::HashMap;
 use std::path::Path;
 
-use tch::nn::{Init, VarStore};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use rand_distr::{Distribution, StandardNormal};
 use tch::{Kind, Tensor};
 
+use super::clip::ClipTextModel;
 use super::lora::{unet_targets, Target};
-use super::nn::Adapter;
+use super::nn::{Adapter, Conv2d, Linear};
 use super::unet::{AddedCond, UNet};
-use super::weights::to_candle;
-use super::{msg, Result};
+use super::weights::{from_candle, to_candle};
+use super::{msg, Result, TorchModels};
 use crate::pipeline::Family;
 use crate::schedulers::{NoiseSchedule, PredictionType};
+use crate::train::{AdamWParams, Group, LoraConfig, Objective, UnetTargets};
 
-/// One adapted layer: kohya's module key and its two matrices.
-struct Layer {
+/// One trainable adapter: down [r, in(, k, k)] initialised as PyTorch's Linear/Conv does, up
+/// [out, r(, 1, 1)] zero, so a fresh network changes nothing.
+pub struct TrainableLayer {
+    /// kohya's module name, e.g. `lora_unet_down_blocks_0_attentions_0_proj_in`.
+    pub key: String,
+    pub group: Group,
+    pub down: Tensor,
+    pub up: Tensor,
+    pub alpha: f64,
+}
+
+/// The adapters attached to a model.
+pub struct LoraNetwork {
+    pub layers: Vec<TrainableLayer>,
+}
+
+/// PyTorch's default init (kaiming_uniform with a = √5): U(-1/√fan_in, 1/√fan_in), drawn from
+/// `rng` (so a seed fixes a network on any device), f32 on `device`, requiring gradients.
+fn kaiming_uniform(shape: &[i64], rng: &mut ChaCha8Rng, device: tch::Device) -> Tensor {
+    let fan_in: i64 = shape[1..].iter().product();
+    let bound = 1.0 / (fan_in.max(1) as f64).sqrt();
+    let n: i64 = shape.iter().product();
+    let data: Vec<f32> = (0..n)
+        .map(|_| rng.gen_range(-bound..bound) as f32)
+        .collect();
+    Tensor::from_slice(&data)
+        .view(shape)
+        .to_device(device)
+        .set_requires_grad(true)
+}
+
+fn zeros(shape: &[i64], device: tch::Device) -> Tensor {
+    Tensor::zeros(shape, (Kind::Float, device)).set_requires_grad(true)
+}
+
+fn attach(
+    adapters: &mut Vec<Adapter>,
     key: String,
-    down: Tensor,
-    up: Tensor,
+    group: Group,
+    (down, up): (Tensor, Tensor),
+    rank: i64,
     alpha: f64,
+) -> TrainableLayer {
+    adapters.push(Adapter {
+        down: down.shallow_clone(),
+        up: up.shallow_clone(),
+        scale: alpha / rank as f64,
+    });
+    TrainableLayer {
+        key,
+        group,
+        down,
+        up,
+        alpha,
+    }
 }
 
-/// Trainable LoRA adapters attached to a UNet.
-pub struct TrainableLora {
-    pub vs: VarStore,
-    layers: Vec<Layer>,
+fn linear_layer(
+    key: String,
+    group: Group,
+    l: &mut Linear,
+    (rank, alpha): (i64, f64),
+    rng: &mut ChaCha8Rng,
+) -> TrainableLayer {
+    let dev = l.weight.device();
+    let down = kaiming_uniform(&[rank, l.in_dim()], rng, dev);
+    let up = zeros(&[l.out_dim(), rank], dev);
+    attach(&mut l.adapters, key, group, (down, up), rank, alpha)
 }
 
-impl TrainableLora {
-    /// Rank-`rank` adapters (scale alpha / rank) on the attention projections (to_q, to_k, to_v,
-    /// to_out.0 of attn1 and attn2) of the UNet's transformer blocks, kohya's default targets:
-    /// down Kaiming-uniform (as kohya and peft start it), up zero, so training starts from the
-    /// base model. Keys are kohya's (`lora_unet_…`; LDM names for SDXL, as its scripts write them).
-    pub fn attach_attention(unet: &mut UNet, family: Family, rank: i64, alpha: f64) -> Self {
-        let cfg = unet.config.clone();
-        let device = unet.conv_in.weight.device();
-        let vs = VarStore::new(device);
-        let root = vs.root();
-        let mut layers = Vec::new();
-        for (path, target) in unet_targets(unet) {
-            let Target::Linear(l) = target else { continue };
-            let attention = [".to_q", ".to_k", ".to_v", ".to_out.0"]
-                .iter()
-                .any(|s| path.ends_with(s));
-            if !path.contains(".attentions.") || !attention {
-                continue;
-            }
-            let name = match family {
-                Family::Sdxl => crate::models::ldm::unet_name(&format!("{path}.weight"), &cfg)
-                    .map(|n| n.trim_end_matches(".weight").to_string())
-                    .unwrap_or_else(|| path.clone()),
-                _ => path.clone(),
-            };
-            let key = format!("lora_unet_{}", name.replace('.', "_"));
-            let bound = 1.0 / (l.in_dim() as f64).sqrt();
-            let down = root.var(
-                &format!("{key}__lora_down"),
-                &[rank, l.in_dim()],
-                Init::Uniform {
-                    lo: -bound,
-                    up: bound,
-                },
-            );
-            let up = root.zeros(&format!("{key}__lora_up"), &[l.out_dim(), rank]);
-            l.adapters.push(Adapter {
-                down: down.shallow_clone(),
-                up: up.shallow_clone(),
-                scale: alpha / rank as f64,
-            });
-            layers.push(Layer {
-                key,
-                down,
-                up,
-                alpha,
-            });
-        }
-        Self { vs, layers }
+fn conv_layer(
+    key: String,
+    c: &mut Conv2d,
+    (rank, alpha): (i64, f64),
+    rng: &mut ChaCha8Rng,
+) -> TrainableLayer {
+    let (dev, s) = (c.weight.device(), c.weight.size());
+    let down = kaiming_uniform(&[rank, s[1], s[2], s[3]], rng, dev);
+    let up = zeros(&[s[0], rank, 1, 1], dev);
+    attach(&mut c.adapters, key, Group::Unet, (down, up), rank, alpha)
+}
+
+fn is_attention_projection(path: &str) -> bool {
+    [".to_q", ".to_k", ".to_v", ".to_out.0"]
+        .iter()
+        .any(|s| path.ends_with(s))
+}
+
+/// kohya's module key of a UNet layer: SDXL LoRAs carry LDM names (as kohya's sdxl scripts write
+/// them), SD 1.x/2.x diffusers names.
+fn unet_key(path: &str, family: Family, unet: &crate::models::unet::UNetConfig) -> String {
+    let name = if family == Family::Sdxl {
+        crate::models::ldm::unet_name(&format!("{path}.weight"), unet)
+            .map(|n| n.trim_end_matches(".weight").to_string())
+            .unwrap_or_else(|| path.to_string())
+    } else {
+        path.to_string()
+    };
+    format!("lora_unet_{}", name.replace('.', "_"))
+}
+
+impl LoraNetwork {
+    /// Fresh adapters on `models` (which keep them as run-time adapters), as `cfg` says; `seed`
+    /// fixes the down-projections' initial values.
+    pub fn attach(models: &mut TorchModels, cfg: &LoraConfig, seed: u64) -> Result<Self> {
+        let texts = models.text.iter_mut().collect();
+        Self::attach_parts(&mut models.unet, texts, models.family, cfg, seed)
     }
 
-    /// Trainable parameters.
+    /// [`LoraNetwork::attach`] on a UNet and the text encoders of a model of `family`.
+    pub fn attach_parts(
+        unet: &mut UNet,
+        texts: Vec<&mut ClipTextModel>,
+        family: Family,
+        cfg: &LoraConfig,
+        seed: u64,
+    ) -> Result<Self> {
+        if cfg.rank == 0 {
+            return Err(msg("LoRA rank must be at least 1"));
+        }
+        let mut rng = ChaCha8Rng::seed_from_u64(seed);
+        let ucfg = unet.config.clone();
+        let main = (cfg.rank as i64, cfg.alpha);
+        let transformer = cfg.unet_targets == UnetTargets::Transformer;
+        let mut layers = Vec::new();
+        for (path, target) in unet_targets(unet) {
+            let in_transformer = path.contains(".attentions.");
+            let in_conv_module = path.contains(".resnets.")
+                || path.contains(".downsamplers.")
+                || path.contains(".upsamplers.");
+            let key = unet_key(&path, family, &ucfg);
+            match target {
+                // Linears of the attention blocks (all, or the attention projections only).
+                Target::Linear(l)
+                    if in_transformer && (transformer || is_attention_projection(&path)) =>
+                {
+                    layers.push(linear_layer(key, Group::Unet, l, main, &mut rng))
+                }
+                // proj_in / proj_out as 1×1 convolutions (SD 1.x).
+                Target::Conv(c) if in_transformer && transformer => {
+                    layers.push(conv_layer(key, c, main, &mut rng))
+                }
+                // With conv_dim, kohya also adapts the ResNet/resampler modules: their linears
+                // and 1×1 convolutions at network_dim, 3×3 convolutions at conv_dim.
+                Target::Linear(l) if in_conv_module && cfg.conv_rank.is_some() => {
+                    layers.push(linear_layer(key, Group::Unet, l, main, &mut rng))
+                }
+                Target::Conv(c) if in_conv_module => match cfg.conv_rank {
+                    Some(r) if c.weight.size()[2] > 1 => {
+                        layers.push(conv_layer(key, c, (r as i64, cfg.conv_alpha), &mut rng))
+                    }
+                    Some(_) => layers.push(conv_layer(key, c, main, &mut rng)),
+                    None => {}
+                },
+                _ => {}
+            }
+        }
+        if cfg.text_encoder {
+            let n = texts.len();
+            for (i, te) in texts.into_iter().enumerate() {
+                let prefix = match (n, i) {
+                    (1, _) => "lora_te_".to_string(),
+                    (_, i) => format!("lora_te{}_", i + 1),
+                };
+                for (path, l) in te.linears_mut() {
+                    let p = path.strip_prefix("text_model.").unwrap_or(&path);
+                    let key = format!("{prefix}text_model_{}", p.replace('.', "_"));
+                    layers.push(linear_layer(key, Group::Text, l, main, &mut rng));
+                }
+            }
+        }
+        if layers.is_empty() {
+            return Err(msg("no layer of this model matches the LoRA targets"));
+        }
+        Ok(Self { layers })
+    }
+
+    /// Number of trainable numbers.
     pub fn parameter_count(&self) -> usize {
         self.layers
             .iter()
@@ -88,81 +206,294 @@ impl TrainableLora {
             .sum()
     }
 
-    /// The network in kohya's layout (`<key>.lora_down.weight`, `.lora_up.weight`, `.alpha`), f32.
-    pub fn tensors(&self) -> Result<HashMap<String, candle_core::Tensor>> {
+    /// Every trainable tensor with its learning-rate group, in a fixed order.
+    pub fn vars(&self) -> Vec<(&Tensor, Group)> {
+        self.layers
+            .iter()
+            .flat_map(|l| [(&l.down, l.group), (&l.up, l.group)])
+            .collect()
+    }
+
+    /// The tensor names of [`LoraNetwork::vars`], in the same order.
+    pub fn var_names(&self) -> Vec<String> {
+        self.layers
+            .iter()
+            .flat_map(|l| {
+                [
+                    format!("{}.lora_down.weight", l.key),
+                    format!("{}.lora_up.weight", l.key),
+                ]
+            })
+            .collect()
+    }
+
+    /// The network in kohya's layout: `<module>.lora_down.weight`, `.lora_up.weight`, `.alpha`,
+    /// in `dtype` (alpha stays a scalar of that dtype, as kohya writes it).
+    pub fn tensors(
+        &self,
+        dtype: candle_core::DType,
+    ) -> Result<HashMap<String, candle_core::Tensor>> {
         let mut out = HashMap::new();
         for l in &self.layers {
-            out.insert(format!("{}.lora_down.weight", l.key), to_candle(&l.down)?);
-            out.insert(format!("{}.lora_up.weight", l.key), to_candle(&l.up)?);
-            out.insert(
-                format!("{}.alpha", l.key),
-                candle_core::Tensor::new(l.alpha as f32, &candle_core::Device::Cpu)?,
-            );
+            let cpu = |t: &Tensor| Ok::<_, super::Error>(to_candle(t)?.to_dtype(dtype)?);
+            out.insert(format!("{}.lora_down.weight", l.key), cpu(&l.down)?);
+            out.insert(format!("{}.lora_up.weight", l.key), cpu(&l.up)?);
+            let alpha = candle_core::Tensor::new(l.alpha as f32, &candle_core::Device::Cpu)?;
+            out.insert(format!("{}.alpha", l.key), alpha.to_dtype(dtype)?);
         }
         Ok(out)
     }
 
     /// Write the network to a `.safetensors` file with `metadata` in its header.
-    pub fn save(&self, path: &Path, metadata: &HashMap<String, String>) -> Result<()> {
-        let bytes = crate::train::serialize(&self.tensors()?, metadata).map_err(msg)?;
+    pub fn save(
+        &self,
+        path: &Path,
+        dtype: candle_core::DType,
+        metadata: &HashMap<String, String>,
+    ) -> Result<()> {
+        let bytes = crate::train::serialize(&self.tensors(dtype)?, metadata).map_err(msg)?;
         std::fs::write(path, bytes).map_err(|e| msg(format!("{}: {e}", path.display())))
+    }
+
+    /// Set the weights from tensors named as [`LoraNetwork::var_names`] (a checkpoint).
+    pub fn load_weights(&self, tensors: &HashMap<String, candle_core::Tensor>) -> Result<()> {
+        for (name, (var, _)) in self.var_names().iter().zip(self.vars()) {
+            let t = tensors
+                .get(name)
+                .ok_or_else(|| msg(format!("checkpoint lacks {name}")))?;
+            set(var, &from_candle(t)?, name)?;
+        }
+        Ok(())
+    }
+
+    /// Clears every adapter's accumulated gradient.
+    pub fn zero_grad(&self) {
+        for (v, _) in self.vars() {
+            let mut g = v.grad();
+            if g.defined() {
+                let _ = g.zero_();
+            }
+        }
+    }
+
+    /// Every adapter's accumulated gradient (zeros where none flowed), in [`Self::vars`] order.
+    pub fn grads(&self) -> Vec<Tensor> {
+        self.vars()
+            .into_iter()
+            .map(|(v, _)| {
+                let g = v.grad();
+                if g.defined() {
+                    g.detach().copy()
+                } else {
+                    v.zeros_like()
+                }
+            })
+            .collect()
     }
 }
 
-/// The training objective at timesteps `t` [B] with `noise` like `x0`: the mean squared error of
-/// the UNet's prediction (noise, or v) for `x0` noised to `t`, weighted per sample by min-SNR-γ
-/// when `min_snr_gamma` is set (for ε-prediction: min(SNR, γ) / SNR).
-#[allow(clippy::too_many_arguments)]
-pub fn loss(
-    unet: &UNet,
-    schedule: &NoiseSchedule,
-    prediction: PredictionType,
-    min_snr_gamma: Option<f64>,
-    x0: &Tensor,
-    noise: &Tensor,
-    t: &[i64],
-    context: &Tensor,
-    added: Option<&AddedCond>,
-) -> Result<Tensor> {
-    let device = x0.device();
-    let b = t.len() as i64;
-    let per = |f: &dyn Fn(f64) -> f64| {
-        let v: Vec<f32> = t
-            .iter()
-            .map(|&s| f(schedule.alpha_cumprod(s)) as f32)
-            .collect();
-        Tensor::from_slice(&v).to_device(device).view([b, 1, 1, 1])
-    };
-    let (sa, s1a) = (per(&|a| a.sqrt()), per(&|a| (1.0 - a).sqrt()));
-    let noisy = x0 * &sa + noise * &s1a;
-    let target = match prediction {
-        PredictionType::Epsilon => noise.shallow_clone(),
-        PredictionType::VPrediction => noise * &sa - x0 * &s1a,
-        other => {
-            return Err(msg(format!(
-                "training for {other:?} prediction is not supported"
-            )))
+/// Overwrite `var`'s values (same shape) without recording the write.
+fn set(var: &Tensor, values: &Tensor, name: &str) -> Result<()> {
+    if values.size() != var.size() {
+        return Err(msg(format!(
+            "{name}: checkpoint has shape {:?}, the network {:?}",
+            values.size(),
+            var.size()
+        )));
+    }
+    let mut v = var.shallow_clone();
+    tch::no_grad(|| v.f_copy_(&values.to_device(var.device()).to_kind(var.kind())))?;
+    Ok(())
+}
+
+/// One batch, ready for the UNet.
+pub struct Batch {
+    /// Scaled latents [B, 4, h, w], f32.
+    pub latents: Tensor,
+    /// Text conditioning [B, 77k, D].
+    pub context: Tensor,
+    /// SDXL's pooled text embedding and size/crop ids.
+    pub added: Option<AddedCond>,
+    /// Per-sample loss weights (1 for training images, the prior-loss weight for class images).
+    pub weights: Vec<f32>,
+}
+
+impl Objective {
+    /// The batch's loss: per-sample mean squared error against the target, weighted, averaged.
+    /// `rng` draws timesteps and noise (seed it per step for reproducible, resumable runs).
+    pub fn loss(
+        &self,
+        unet: &UNet,
+        schedule: &NoiseSchedule,
+        batch: &Batch,
+        rng: &mut ChaCha8Rng,
+    ) -> Result<Tensor> {
+        let x0 = &batch.latents;
+        let size = x0.size();
+        let (b, dev) = (size[0], x0.device());
+        let lo = self.min_timestep.min(schedule.len().saturating_sub(1));
+        let hi = self.max_timestep.clamp(lo + 1, schedule.len());
+        let ts: Vec<i64> = (0..b).map(|_| rng.gen_range(lo..hi) as i64).collect();
+        let draws = |n: i64, rng: &mut ChaCha8Rng| -> Vec<f32> {
+            (0..n).map(|_| StandardNormal.sample(rng)).collect()
+        };
+        let drawn = |shape: &[i64], rng: &mut ChaCha8Rng| {
+            Tensor::from_slice(&draws(shape.iter().product(), rng))
+                .view(shape)
+                .to_device(dev)
+        };
+        let mut noise = drawn(&size, rng);
+        if self.noise_offset != 0.0 {
+            noise += drawn(&[b, size[1], 1, 1], rng) * self.noise_offset;
         }
-    };
-    let steps: Vec<f32> = t.iter().map(|&s| s as f32).collect();
-    let ts = Tensor::from_slice(&steps).to_device(device);
-    let pred = unet
-        .forward(&noisy, &ts, context, added)?
-        .to_kind(Kind::Float);
-    let per_sample = (pred - target)
-        .square()
-        .mean_dim(&[1i64, 2, 3][..], false, Kind::Float);
-    let weights: Vec<f32> = t
-        .iter()
-        .map(|&s| {
-            let a = schedule.alpha_cumprod(s);
-            let snr = a / (1.0 - a);
-            match (min_snr_gamma, prediction) {
-                (Some(g), PredictionType::VPrediction) => (snr.min(g) / (snr + 1.0)) as f32,
-                (Some(g), _) => (snr.min(g) / snr) as f32,
-                (None, _) => 1.0,
+        let per = |f: &dyn Fn(f64) -> f64| {
+            let v: Vec<f32> = ts
+                .iter()
+                .map(|&t| f(schedule.alpha_cumprod(t)) as f32)
+                .collect();
+            Tensor::from_slice(&v).to_device(dev).view([b, 1, 1, 1])
+        };
+        let (sa, s1a) = (per(&|a| a.sqrt()), per(&|a| (1.0 - a).sqrt()));
+        let noisy = x0 * &sa + &noise * &s1a;
+        let target = match self.prediction {
+            PredictionType::Epsilon => noise,
+            PredictionType::VPrediction => &noise * &sa - x0 * &s1a,
+            other => {
+                return Err(msg(format!(
+                    "training for {other:?} prediction is not supported"
+                )))
             }
+        };
+        let steps: Vec<f32> = ts.iter().map(|&t| t as f32).collect();
+        let t = Tensor::from_slice(&steps).to_device(dev);
+        let pred = unet
+            .forward(&noisy, &t, &batch.context, batch.added.as_ref())?
+            .to_kind(Kind::Float);
+        let per_sample =
+            (pred - target)
+                .square()
+                .reshape([b, -1])
+                .mean_dim(&[1i64][..], false, Kind::Float);
+        let weights: Vec<f32> = ts
+            .iter()
+            .zip(&batch.weights)
+            .map(|(&t, &w)| (self.snr_weight(schedule, t) * w as f64) as f32)
+            .collect();
+        Ok((per_sample * Tensor::from_slice(&weights).to_device(dev)).mean(Kind::Float))
+    }
+}
+
+/// A caption's conditioning as LoRA training sees it: its first 75 tokens framed to 77 (kohya's
+/// default `max_token_length`), through every text encoder with gradients where they have
+/// adapters: [1, 77, D] (SDXL: both encoders' penultimate states side by side) and SDXL's pooled
+/// embedding. Emphasis weights apply as in generation.
+pub fn encode_caption(
+    model: &crate::pipeline::StableDiffusion,
+    caption: &str,
+) -> Result<(Tensor, Option<Tensor>)> {
+    use crate::conditioning::{chunks, framed};
+    let nets = model
+        .torch()
+        .ok_or_else(|| msg("the model is not loaded on libtorch"))?;
+    let sdxl = nets.family == Family::Sdxl;
+    let mut states = Vec::new();
+    let mut pooled = None;
+    for (i, te) in nets.text.iter().enumerate() {
+        let tok = model
+            .tokenizer(i)
+            .ok_or_else(|| msg(format!("no tokenizer for text encoder {}", i + 1)))?;
+        let first = chunks(tok, caption)
+            .map_err(msg)?
+            .into_iter()
+            .next()
+            .ok_or_else(|| msg("no tokens"))?;
+        let (ids, weights) = framed(tok, &first);
+        let ids: Vec<i64> = ids.into_iter().map(i64::from).collect();
+        let out = te.forward(&Tensor::from_slice(&ids).view([1, -1]))?;
+        let z = if sdxl {
+            ClipTextModel::penultimate(&out)
+        } else {
+            out.last.shallow_clone()
+        };
+        states.push(weighted(&z, &weights));
+        if sdxl && i == 1 {
+            pooled = Some(out.pooled);
+        }
+    }
+    Ok((Tensor::cat(&states, 2), pooled))
+}
+
+/// Token states scaled by their weights, the original mean restored (A1111's emphasis).
+fn weighted(z: &Tensor, weights: &[f32]) -> Tensor {
+    if weights.iter().all(|&w| w == 1.0) {
+        return z.shallow_clone();
+    }
+    let before = z.mean(Kind::Float);
+    let w = Tensor::from_slice(weights)
+        .to_device(z.device())
+        .view([1, -1, 1]);
+    let scaled = z * w;
+    let after = scaled.mean(Kind::Float);
+    if after.double_value(&[]) == 0.0 {
+        return scaled;
+    }
+    &scaled * (before / after)
+}
+
+/// AdamW (decoupled weight decay, bias-corrected moments), with its state open for checkpoints.
+pub struct AdamW {
+    pub params: AdamWParams,
+    /// Optimizer steps taken.
+    pub step: usize,
+    pub m: Vec<Tensor>,
+    pub v: Vec<Tensor>,
+}
+
+impl AdamW {
+    pub fn new(params: AdamWParams, vars: &[&Tensor]) -> Self {
+        let zeros = || vars.iter().map(|v| v.zeros_like().detach()).collect();
+        Self {
+            params,
+            step: 0,
+            m: zeros(),
+            v: zeros(),
+        }
+    }
+
+    /// One update of every var with its gradient and learning rate.
+    pub fn step(&mut self, vars: &[&Tensor], grads: &[Tensor], lrs: &[f64]) -> Result<()> {
+        self.step += 1;
+        let p = self.params;
+        let t = self.step as i32;
+        let (bc1, bc2) = (1.0 - p.beta1.powi(t), 1.0 - p.beta2.powi(t));
+        tch::no_grad(|| {
+            for (i, var) in vars.iter().enumerate() {
+                let (g, lr) = (&grads[i], lrs[i]);
+                let m = &self.m[i] * p.beta1 + g * (1.0 - p.beta1);
+                let v = &self.v[i] * p.beta2 + g.square() * (1.0 - p.beta2);
+                let update = (&m / bc1) / ((&v / bc2).sqrt() + p.eps);
+                let next = *var * (1.0 - lr * p.weight_decay) - update * lr;
+                var.shallow_clone().f_copy_(&next)?;
+                self.m[i] = m;
+                self.v[i] = v;
+            }
+            Ok(())
         })
-        .collect();
-    Ok((per_sample * Tensor::from_slice(&weights).to_device(device)).mean(Kind::Float))
+    }
+}
+
+/// Scale `grads` so their global L2 norm is at most `max_norm`; returns the norm before.
+pub fn clip_grad_norm(grads: &mut [Tensor], max_norm: f64) -> f64 {
+    let total: f64 = grads
+        .iter()
+        .map(|g| g.square().sum(Kind::Double).double_value(&[]))
+        .sum();
+    let norm = total.sqrt();
+    if norm > max_norm && norm > 0.0 {
+        let k = max_norm / (norm + 1e-6);
+        for g in grads.iter_mut() {
+            *g = &*g * k;
+        }
+    }
+    norm
 }

@@ -14,18 +14,18 @@
 use std::time::Instant;
 
 use atelier_contracts::{TrainData, TrainImage, TrainSpec};
-use atelier_diffusion::models::nn::Ops;
 use atelier_diffusion::models::shapes::RandomWeights;
-use atelier_diffusion::models::unet::UNet;
 use atelier_diffusion::pipeline::{
-    make_tiny_for_training, Family, SingleFileConfig, StableDiffusion,
+    make_tiny_for_training, Family, Placement, SingleFileConfig, StableDiffusion,
 };
 use atelier_diffusion::schedulers::{NoiseSchedule, PredictionType, ScheduleConfig};
+use atelier_diffusion::torch::unet::UNet;
+use atelier_diffusion::torch::weights::Weights;
+use atelier_diffusion::torch::{Kind, Tensor};
 use atelier_diffusion::train::{
     stream, AdamW, AdamWParams, Batch, LoraConfig, LoraNetwork, Objective, UnetTargets,
 };
 use atelier_trainer::session::{prepare, Session, Source};
-use candle_core::{DType, Device, Tensor};
 
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(|a, b| a.total_cmp(b));
@@ -43,27 +43,29 @@ fn main() -> anyhow::Result<()> {
     };
     let num = |f: &str, d: usize| -> usize { value(f).and_then(|v| v.parse().ok()).unwrap_or(d) };
     let runs = num("--runs", 10).max(1);
-    let device = match value("--device").as_deref() {
-        None | Some("cpu") => Device::Cpu,
-        Some("cuda") => atelier_diffusion::kernels::cuda_device(0)?,
-        Some(other) => anyhow::bail!("--device cpu|cuda (got {other})"),
-    };
-    let dtype = match value("--dtype").as_deref() {
-        None if device.is_cpu() => DType::F32,
-        None => DType::BF16,
-        Some("f32") => DType::F32,
-        Some("f16") => DType::F16,
-        Some("bf16") => DType::BF16,
+    let dev_name = value("--device").unwrap_or_else(|| "cpu".into());
+    let device = Placement::named(&dev_name)?.device;
+    let kind = match value("--dtype").as_deref() {
+        None if device == atelier_diffusion::torch::Device::Cpu => Kind::Float,
+        None => Kind::BFloat16,
+        Some("f32") => Kind::Float,
+        Some("f16") => Kind::Half,
+        Some("bf16") => Kind::BFloat16,
         Some(other) => anyhow::bail!("--dtype f32|f16|bf16 (got {other})"),
     };
-    let dev_name = if device.is_cpu() { "cpu" } else { "cuda" };
+    let placement = Placement { device, kind };
+    let sync = || {
+        if let atelier_diffusion::torch::Device::Cuda(i) = device {
+            atelier_diffusion::torch::Cuda::synchronize(i as i64);
+        }
+    };
 
     if !flag("--sd15") {
         // The tiny model through a whole session: data, text cache, loss, AdamW.
         let dir = tempfile::tempdir()?;
         make_tiny_for_training(dir.path(), Family::Sd1, 1)?;
         for batch in [1u32, 2] {
-            let model = StableDiffusion::load_for_training(dir.path(), &device, dtype)?;
+            let model = StableDiffusion::load(dir.path(), placement)?;
             let mut spec = TrainSpec::new(
                 "tiny",
                 "bench",
@@ -103,7 +105,7 @@ fn main() -> anyhow::Result<()> {
             println!(
                 "{}",
                 serde_json::json!({"bench": "tiny_lora_step", "device": dev_name,
-                    "dtype": format!("{dtype:?}"), "batch": batch, "size": 64, "rank": 4,
+                    "dtype": format!("{kind:?}"), "batch": batch, "size": 64, "rank": 4,
                     "median_ms": ms, "steps_per_s": 1000.0 / ms})
             );
         }
@@ -115,12 +117,8 @@ fn main() -> anyhow::Result<()> {
     let side = num("--latent", 64);
     let rank = num("--rank", 16);
     let cfg = SingleFileConfig::standard(Family::Sd1, 4);
-    let weights = RandomWeights::new(7);
-    let mut unet = UNet::new(
-        weights.var_builder(&device).set_dtype(dtype),
-        cfg.unet.clone(),
-        Ops::TRAINING,
-    )?;
+    let weights = Weights::from_backend(RandomWeights::unrecorded(7), kind, device);
+    let mut unet = UNet::new(&weights, cfg.unet.clone())?;
     let lora = LoraConfig {
         rank,
         alpha: rank as f64,
@@ -130,9 +128,8 @@ fn main() -> anyhow::Result<()> {
         text_encoder: false,
     };
     let network = LoraNetwork::attach_parts(&mut unet, Vec::new(), Family::Sd1, &lora, 1)?;
-    let vars: Vec<_> = network.vars().into_iter().map(|(v, _)| v.clone()).collect();
-    let refs: Vec<&candle_core::Var> = vars.iter().collect();
-    let mut opt = AdamW::new(AdamWParams::default(), &refs)?;
+    let (vars, _): (Vec<&Tensor>, Vec<_>) = network.vars().into_iter().unzip();
+    let mut opt = AdamW::new(AdamWParams::default(), &vars);
     let schedule = NoiseSchedule::new(ScheduleConfig::default());
     let objective = Objective {
         prediction: PredictionType::Epsilon,
@@ -141,33 +138,26 @@ fn main() -> anyhow::Result<()> {
         min_timestep: 0,
         max_timestep: 1000,
     };
+    let (b, s) = (batch as i64, side as i64);
     let batch_data = Batch {
-        latents: Tensor::randn(0f32, 1.0, (batch, 4, side, side), &device)?,
+        latents: Tensor::randn([b, 4, s, s], (Kind::Float, device)),
         context: Tensor::randn(
-            0f32,
-            1.0,
-            (batch, 77, cfg.unet.cross_attention_dim),
-            &device,
-        )?
-        .to_dtype(dtype)?,
+            [b, 77, cfg.unet.cross_attention_dim as i64],
+            (Kind::Float, device),
+        )
+        .to_kind(kind),
         added: None,
         weights: vec![1.0; batch],
     };
     let lrs = vec![1e-4; vars.len()];
     let mut step = |i: u64| -> anyhow::Result<()> {
         let mut rng = stream(1, 2, i);
-        let loss = objective.unet_loss(&unet, dtype, &schedule, &batch_data, &mut rng)?;
-        let g = loss.backward()?;
-        let grads: Vec<Tensor> = vars
-            .iter()
-            .map(|v| {
-                g.get(v.as_tensor())
-                    .cloned()
-                    .map_or_else(|| v.as_tensor().zeros_like(), Ok)
-            })
-            .collect::<candle_core::Result<_>>()?;
-        opt.step(&refs, &grads, &lrs)?;
-        device.synchronize()?;
+        network.zero_grad();
+        objective
+            .loss(&unet, &schedule, &batch_data, &mut rng)?
+            .f_backward()?;
+        opt.step(&vars, &network.grads(), &lrs)?;
+        sync();
         Ok(())
     };
     step(0)?;
@@ -181,7 +171,7 @@ fn main() -> anyhow::Result<()> {
     println!(
         "{}",
         serde_json::json!({"bench": "sd15_lora_step", "device": dev_name,
-            "dtype": format!("{dtype:?}"), "batch": batch, "latent": side,
+            "dtype": format!("{kind:?}"), "batch": batch, "latent": side,
             "pixels": side * 8, "rank": rank, "targets": "attention",
             "lora_params": network.parameter_count(), "median_ms": median(t)})
     );

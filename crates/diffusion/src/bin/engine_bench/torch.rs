@@ -6,7 +6,6 @@ use atelier_diffusion::torch::unet::{AddedCond, UNet};
 use atelier_diffusion::torch::vae::Vae;
 use atelier_diffusion::torch::weights::Weights;
 use atelier_modelkit::shapes::RandomWeights;
-use tch::nn::OptimizerConfig;
 use tch::{Device, Kind, Tensor};
 
 use super::common::{euler_sigmas, euler_timestep, time, Args};
@@ -121,32 +120,46 @@ fn txt2img(args: &Args, dev: Device, kind: Kind, sync: impl Fn()) -> anyhow::Res
 
 fn lora_step(args: &Args, dev: Device, kind: Kind, sync: impl Fn()) -> anyhow::Result<f64> {
     use atelier_diffusion::schedulers::PredictionType;
-    use atelier_diffusion::torch::train::{loss, TrainableLora};
+    use atelier_diffusion::train::{
+        stream, AdamW, AdamWParams, Batch, LoraConfig, LoraNetwork, Objective, UnetTargets,
+    };
     let mut u = unet(Family::Sd1, dev, kind)?;
-    let rank = args.rank as i64;
-    let lora = TrainableLora::attach_attention(&mut u, Family::Sd1, rank, rank as f64);
-    let mut opt = tch::nn::AdamW::default().build(&lora.vs, 1e-4)?;
+    let cfg = LoraConfig {
+        rank: args.rank,
+        alpha: args.rank as f64,
+        conv_rank: None,
+        conv_alpha: 1.0,
+        unet_targets: UnetTargets::Attention,
+        text_encoder: false,
+    };
+    let lora = LoraNetwork::attach_parts(&mut u, Vec::new(), Family::Sd1, &cfg, 1)?;
+    let (vars, _): (Vec<&Tensor>, Vec<_>) = lora.vars().into_iter().unzip();
+    let mut opt = AdamW::new(AdamWParams::default(), &vars);
+    let lrs = vec![1e-4; vars.len()];
     let schedule = NoiseSchedule::new(ScheduleConfig::default());
+    let objective = Objective {
+        prediction: PredictionType::Epsilon,
+        min_snr_gamma: None,
+        noise_offset: 0.0,
+        min_timestep: 0,
+        max_timestep: 1000,
+    };
     let (b, s) = (args.batch as i64, args.latent as i64);
-    let x0 = Tensor::randn([b, 4, s, s], (Kind::Float, dev));
-    let ctx = Tensor::randn([b, 77, 768], (kind, dev));
+    let batch = Batch {
+        latents: Tensor::randn([b, 4, s, s], (Kind::Float, dev)),
+        context: Tensor::randn([b, 77, 768], (kind, dev)),
+        added: None,
+        weights: vec![1.0; args.batch],
+    };
+    let mut i = 0u64;
     time(
         args,
         || {
-            let t = Vec::<i64>::try_from(&Tensor::randint(1000, [b], (Kind::Int64, Device::Cpu)))?;
-            let noise = Tensor::randn([b, 4, s, s], (Kind::Float, dev));
-            let l = loss(
-                &u,
-                &schedule,
-                PredictionType::Epsilon,
-                None,
-                &x0,
-                &noise,
-                &t,
-                &ctx,
-                None,
-            )?;
-            opt.backward_step(&l);
+            i += 1;
+            lora.zero_grad();
+            let l = objective.loss(&u, &schedule, &batch, &mut stream(1, 2, i))?;
+            l.f_backward()?;
+            opt.step(&vars, &lora.grads(), &lrs)?;
             Ok(())
         },
         sync,
