@@ -12,10 +12,6 @@ bootstrap:
 build:
     cargo build --release --workspace --bins
 
-# CUDA build of the GPU binaries (sampler, inpainter, bench) into target/cuda: nvcc from PyPI wheels
-build-cuda: bootstrap
-    PYTHON=.tools/bin/python scripts/build-cuda
-
 # The main job: the demo pipeline on the embedded default
 demo:
     scripts/demo
@@ -32,7 +28,7 @@ bench: bootstrap
     cargo bench -p atelier-caption-eval --bench eval
 
 # The ANN index beside faiss HNSW; the augmenter's resize/crop beside Pillow
-# The diffusion engines side by side (candle, libtorch through tch, PyTorch from Python): ~20 min
+# The diffusion engine (libtorch through tch) side by side with PyTorch from Python: ~15 min
 bench-engines: bootstrap
     scripts/bench-engines
 

@@ -24,9 +24,6 @@ pub enum Conformance {
     Models {
         #[arg(long)]
         cases: PathBuf,
-        /// The engine that runs the models: `torch` (libtorch) or `candle`.
-        #[arg(long, default_value = "torch")]
-        engine: atelier_diffusion::conformance::engines::Engine,
     },
     /// Diffusers scheduler traces: every `*.json` in DIR (tests/conformance/schedulers format).
     Schedulers {
@@ -50,8 +47,8 @@ pub fn run(cmd: Conformance) -> anyhow::Result<bool> {
             println!("{}", report.summary());
             Ok(report.failed == 0)
         }
-        Conformance::Models { cases, engine } => {
-            let lines = atelier_diffusion::conformance::models::replay_dir(&cases, engine)
+        Conformance::Models { cases } => {
+            let lines = atelier_diffusion::conformance::models::replay_dir(&cases)
                 .map_err(anyhow::Error::msg)?;
             for l in &lines {
                 println!("{l}");

@@ -185,44 +185,33 @@ fn eval_captions_scores_jsonl_and_explains_bad_input() {
 
 #[test]
 fn conformance_models_replays_the_component_references() {
-    // On both engines, every SD 1.x / 2.x / XL, inpainting and LoRA component check runs and passes.
+    // Every SD 1.x / 2.x / XL, inpainting and LoRA component check runs and passes on libtorch.
     let dir = conformance_dir().join("models");
-    for engine in ["torch", "candle"] {
-        let (ok, stdout, stderr) = atelier(&[
-            "conformance",
-            "models",
-            "--cases",
-            dir.to_str().unwrap(),
-            "--engine",
-            engine,
-        ]);
-        assert!(ok, "{engine}: {stdout}{stderr}");
-        for check in [
-            "ok   sd1/0:text_encoder",
-            "ok   sd2-v/1:unet",
-            "ok   sdxl/1:text_encoder text_encoder_2",
-            "ok   sdxl/2:unet",
-            "ok   sd1-inpainting-unet/1:unet",
-            "ok   sd1-lora-kohya/2:unet",
-            "ok   sd2-v/5:vae_encode",
-        ] {
-            assert!(
-                stdout.contains(check),
-                "{engine}: {check} missing:\n{stdout}"
-            );
-        }
-        let last = stdout.lines().last().unwrap();
-        assert!(last.contains(" passed, 0 failed"), "{engine}: {stdout}");
-        let passed: usize = last.split(' ').next().unwrap().parse().unwrap();
-        assert!(passed >= 28, "{engine}: {last}");
+    let (ok, stdout, stderr) =
+        atelier(&["conformance", "models", "--cases", dir.to_str().unwrap()]);
+    assert!(ok, "{stdout}{stderr}");
+    for check in [
+        "ok   sd1/0:text_encoder",
+        "ok   sd2-v/1:unet",
+        "ok   sdxl/1:text_encoder text_encoder_2",
+        "ok   sdxl/2:unet",
+        "ok   sd1-inpainting-unet/1:unet",
+        "ok   sd1-lora-kohya/2:unet",
+        "ok   sd2-v/5:vae_encode",
+    ] {
+        assert!(stdout.contains(check), "{check} missing:\n{stdout}");
     }
+    let last = stdout.lines().last().unwrap();
+    assert!(last.contains(" passed, 0 failed"), "{stdout}");
+    let passed: usize = last.split(' ').next().unwrap().parse().unwrap();
+    assert!(passed >= 28, "{last}");
 }
 
 #[test]
 fn conformance_models_fails_beyond_the_tolerance() {
-    // The sd1 case with a tolerance of 1e-9: candle's kernels differ from PyTorch's in every
-    // computed check; libtorch's UNet outputs differ in the last bits (here its text encoder
-    // and VAE agree bit for bit, which other CPUs need not repeat).
+    // The sd1 case with a tolerance of 1e-9: libtorch's UNet outputs differ from PyTorch's in
+    // the last bits (here its text encoder and VAE agree bit for bit, which other CPUs need not
+    // repeat).
     let src = conformance_dir().join("models/sd1");
     let dir = tempfile::tempdir().unwrap();
     let case = dir.path().join("sd1");
@@ -237,23 +226,16 @@ fn conformance_models_fails_beyond_the_tolerance() {
         case.join("tensors.safetensors"),
     )
     .unwrap();
-    for (engine, summary) in [
-        ("candle", "0 passed, 6 failed (4 skipped)"),
-        ("torch", " failed (4 skipped)"),
-    ] {
-        let (ok, stdout, _) = atelier(&[
-            "conformance",
-            "models",
-            "--cases",
-            dir.path().to_str().unwrap(),
-            "--engine",
-            engine,
-        ]);
-        assert!(!ok, "{engine}: {stdout}");
-        assert!(
-            stdout.contains("FAIL sd1/1:unet: max |diff|"),
-            "{engine}: {stdout}"
-        );
-        assert!(stdout.trim_end().ends_with(summary), "{engine}: {stdout}");
-    }
+    let (ok, stdout, _) = atelier(&[
+        "conformance",
+        "models",
+        "--cases",
+        dir.path().to_str().unwrap(),
+    ]);
+    assert!(!ok, "{stdout}");
+    assert!(stdout.contains("FAIL sd1/1:unet: max |diff|"), "{stdout}");
+    assert!(
+        stdout.trim_end().ends_with(" failed (4 skipped)"),
+        "{stdout}"
+    );
 }

@@ -5,7 +5,6 @@
 
 use candle_core::{DType, Device, Result, Tensor};
 
-use crate::models::clip::{ClipOutput, ClipTextModel};
 use crate::prompt::parse_attention;
 use crate::tokenizer::ClipTokenizer;
 
@@ -205,34 +204,6 @@ pub trait TextEncoder {
         overrides: &[(usize, Tensor)],
         layer: Layer,
     ) -> std::result::Result<(Tensor, Tensor), String>;
-}
-
-impl TextEncoder for ClipTextModel {
-    fn hidden_size(&self) -> usize {
-        self.config.hidden_size
-    }
-
-    fn states(
-        &self,
-        ids: &[u32],
-        overrides: &[(usize, Tensor)],
-        layer: Layer,
-    ) -> std::result::Result<(Tensor, Tensor), String> {
-        let e = |err: candle_core::Error| err.to_string();
-        let device = self.device();
-        let overrides = overrides
-            .iter()
-            .map(|(i, v)| Ok((*i, v.to_device(device)?)))
-            .collect::<Result<Vec<_>>>()
-            .map_err(e)?;
-        let ids = Tensor::from_vec(ids.to_vec(), (1, ids.len()), device).map_err(e)?;
-        let out: ClipOutput = self.forward_with(&ids, &overrides).map_err(e)?;
-        let z = match layer {
-            Layer::Normed { clip_skip } => self.conditioning(&out, clip_skip).map_err(e)?,
-            Layer::Penultimate => ClipTextModel::penultimate(&out),
-        };
-        Ok((z, out.pooled))
-    }
 }
 
 /// One encoder's conditioning for a prompt: [1, 77·chunks, D] and the first chunk's pooled state.

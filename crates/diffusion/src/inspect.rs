@@ -8,9 +8,9 @@ use std::path::Path;
 
 use serde::Serialize;
 
-use crate::models::clip::ClipConfig;
+use crate::models::config::ClipConfig;
+use crate::models::config::UNetConfig;
 use crate::models::load::{read_header, Header};
-use crate::models::unet::UNetConfig;
 use crate::pipeline::{single_file_config, Family};
 use crate::schedulers::{PredictionType, ScheduleConfig};
 

@@ -6,7 +6,6 @@
 pub mod conditioning;
 pub mod conformance;
 pub mod inspect;
-pub mod kernels;
 pub mod lora;
 pub mod models;
 pub mod pipeline;

@@ -8,10 +8,6 @@ use std::path::Path;
 
 use candle_core::{DType, Device, Tensor};
 
-use crate::models::clip::ClipTextModel;
-use crate::models::nn::{Conv2d, Linear};
-use crate::models::unet::{Target, UNet};
-
 /// How a LoRA is applied.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LoraMode {
@@ -176,105 +172,11 @@ pub fn file_hashes(file: &[u8]) -> (String, String) {
     (full, legacy)
 }
 
-fn as_linear(t: &Tensor) -> candle_core::Result<Tensor> {
-    if t.rank() == 4 {
-        let a = t.dim(0)?;
-        t.reshape((a, t.elem_count() / a))
-    } else {
-        Ok(t.clone())
-    }
-}
-
-fn apply_linear(
-    l: &mut Linear,
-    layer: &LoraLayer,
-    weight: f64,
-    mode: LoraMode,
-) -> candle_core::Result<()> {
-    let down = as_linear(&layer.down)?;
-    let up = as_linear(&layer.up)?;
-    if down.dim(1)? != l.in_dim() || up.dim(0)? != l.out_dim() {
-        candle_core::bail!(
-            "LoRA shape {:?}/{:?} does not fit a {}→{} layer",
-            down.dims(),
-            up.dims(),
-            l.in_dim(),
-            l.out_dim()
-        );
-    }
-    let s = weight * layer.scale;
-    match mode {
-        LoraMode::Runtime => l.adapters.push((
-            down.to_device(l.weight.device())?,
-            up.to_device(l.weight.device())?,
-            s,
-        )),
-        LoraMode::Merge => {
-            let delta = up
-                .matmul(&down)?
-                .affine(s, 0.0)?
-                .to_device(l.weight.device())?;
-            l.weight = (l.weight.to_dtype(DType::F32)? + delta)?.to_dtype(l.weight.dtype())?;
-        }
-    }
-    Ok(())
-}
-
-fn apply_conv(
-    c: &mut Conv2d,
-    layer: &LoraLayer,
-    weight: f64,
-    mode: LoraMode,
-) -> candle_core::Result<()> {
-    let (out, inp, k, _) = c.weight.dims4()?;
-    let r = layer.down.dim(0)?;
-    let down = if layer.down.rank() == 2 {
-        layer.down.reshape((r, inp, 1, 1))?
-    } else {
-        layer.down.clone()
-    };
-    let up = layer.up.reshape((out, r, 1, 1))?;
-    let dk = down.dim(2)?;
-    if down.dim(1)? != inp || (dk != k && dk != 1) {
-        candle_core::bail!(
-            "LoRA shape {:?} does not fit a {inp}→{out} {k}×{k} convolution",
-            layer.down.dims()
-        );
-    }
-    let s = weight * layer.scale;
-    match mode {
-        LoraMode::Runtime => c.adapters.push((
-            down.to_device(c.weight.device())?,
-            up.to_device(c.weight.device())?,
-            s,
-        )),
-        LoraMode::Merge => {
-            let d2 = down.reshape((r, ()))?;
-            let delta = up
-                .reshape((out, r))?
-                .matmul(&d2)?
-                .reshape((out, inp, dk, dk))?;
-            let delta = if dk == k {
-                delta
-            } else {
-                // A 1×1 adapter on a k×k kernel acts at the kernel's centre.
-                let pad = (k - 1) / 2;
-                delta
-                    .pad_with_zeros(2, pad, k - 1 - pad)?
-                    .pad_with_zeros(3, pad, k - 1 - pad)?
-            };
-            let delta = delta.affine(s, 0.0)?.to_device(c.weight.device())?;
-            c.weight = (c.weight.to_dtype(DType::F32)? + delta)?.to_dtype(c.weight.dtype())?;
-        }
-    }
-    Ok(())
-}
-
 /// Each UNet layer's position among `paths` (diffusers paths), by its underscored diffusers name
 /// and its underscored LDM name (kohya's SDXL LoRAs use those).
 pub(crate) fn unet_index<'a>(
     paths: impl Iterator<Item = &'a str>,
-    cfg: &crate::models::unet::UNetConfig,
+    cfg: &crate::models::config::UNetConfig,
 ) -> HashMap<String, usize> {
     let mut index = HashMap::new();
     for (i, path) in paths.enumerate() {
@@ -292,47 +194,4 @@ pub struct Applied {
     pub matched: usize,
     /// Layers of the file no module of this model answers to.
     pub unmatched: Vec<String>,
-}
-
-/// Apply `file` at `weight` to a UNet and its text encoders. UNet layers may be named by their
-/// diffusers path or, as SDXL LoRAs from kohya's scripts are, by their LDM path.
-pub fn apply(
-    file: &LoraFile,
-    weight: f64,
-    mode: LoraMode,
-    unet: &mut UNet,
-    text: &mut [&mut ClipTextModel],
-) -> Result<Applied, String> {
-    let cfg = unet.config.clone();
-    let mut targets = unet.targets_mut();
-    let index = unet_index(targets.iter().map(|(p, _)| p.as_str()), &cfg);
-    let mut applied = Applied::default();
-    for ((part, key), layer) in &file.layers {
-        let result = match part {
-            Part::Unet => index.get(key).map(|&i| match &mut targets[i].1 {
-                Target::Linear(l) => apply_linear(l, layer, weight, mode),
-                Target::Conv(c) => apply_conv(c, layer, weight, mode),
-            }),
-            Part::Text(n) => match text.get_mut(*n) {
-                Some(model) => model
-                    .linears_mut()
-                    .into_iter()
-                    .find(|(p, _)| underscore(p.strip_prefix("text_model.").unwrap_or(p)) == *key)
-                    .map(|(_, l)| apply_linear(l, layer, weight, mode)),
-                None => None,
-            },
-        };
-        match result {
-            Some(Ok(())) => applied.matched += 1,
-            Some(Err(e)) => return Err(format!("{key}: {e}")),
-            None => applied.unmatched.push(key.clone()),
-        }
-    }
-    if applied.matched == 0 {
-        return Err(format!(
-            "no layer of this LoRA matches the model (first keys: {:?}): is it for another architecture?",
-            applied.unmatched.iter().take(3).collect::<Vec<_>>()
-        ));
-    }
-    Ok(applied)
 }

@@ -3,11 +3,12 @@
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
-use atelier_diffusion::models::clip::{ClipConfig, ClipTextModel};
-use atelier_diffusion::models::nn::Ops;
-use atelier_diffusion::models::shapes::ShapeRecorder;
-use atelier_diffusion::models::unet::{UNet, UNetConfig};
-use atelier_diffusion::models::vae::{Vae, VaeConfig};
+use atelier_diffusion::models::config::ClipConfig;
+use atelier_diffusion::models::config::{UNetConfig, VaeConfig};
+use atelier_diffusion::torch::clip::ClipTextModel;
+use atelier_diffusion::torch::unet::UNet;
+use atelier_diffusion::torch::vae::Vae;
+use atelier_diffusion::torch::weights::Recorder;
 
 fn layout() -> serde_json::Value {
     let p = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -48,8 +49,8 @@ fn unet(doc: &serde_json::Value, config_key: &str, component: &str, in_channels:
     if let Some(c) = in_channels {
         cfg.in_channels = c;
     }
-    let rec = ShapeRecorder::default();
-    UNet::new(rec.var_builder(), cfg, Ops::INFERENCE).unwrap();
+    let rec = Recorder::default();
+    UNet::new(&rec.weights(), cfg).unwrap();
     compare(component, rec.shapes(), expected(doc, component));
 }
 
@@ -68,9 +69,9 @@ fn sd2_unet() {
 #[test]
 fn sdxl_unet() {
     let doc = layout();
-    let rec = ShapeRecorder::default();
+    let rec = Recorder::default();
     let cfg: UNetConfig = serde_json::from_value(doc["configs"]["sdxl/unet"].clone()).unwrap();
-    UNet::new(rec.var_builder(), cfg, Ops::INFERENCE).unwrap();
+    UNet::new(&rec.weights(), cfg).unwrap();
     let shapes = rec.shapes();
     let params: usize = shapes.values().map(|s| s.iter().product::<usize>()).sum();
     assert_eq!(params, 2_567_463_684);
@@ -81,8 +82,8 @@ fn sdxl_unet() {
 fn vae() {
     let doc = layout();
     let cfg: VaeConfig = serde_json::from_value(doc["configs"]["vae"].clone()).unwrap();
-    let rec = ShapeRecorder::default();
-    Vae::new(rec.var_builder(), cfg).unwrap();
+    let rec = Recorder::default();
+    Vae::new(&rec.weights(), cfg).unwrap();
     let shapes = rec.shapes();
     let params: usize = shapes.values().map(|s| s.iter().product::<usize>()).sum();
     assert_eq!(params, 83_653_863);
@@ -99,8 +100,8 @@ fn text_encoders() {
         ("openclip_bigg", "sdxl/text_encoder_2", true),
     ] {
         let cfg: ClipConfig = serde_json::from_value(doc["configs"][config].clone()).unwrap();
-        let rec = ShapeRecorder::default();
-        ClipTextModel::new(rec.var_builder(), cfg, projection, Ops::INFERENCE).unwrap();
+        let rec = Recorder::default();
+        ClipTextModel::new(&rec.weights(), cfg, projection).unwrap();
         compare(component, rec.shapes(), expected(&doc, component));
     }
 }

@@ -2,23 +2,22 @@
 //! of the published architectures, hits the names real files use, and a tiny model written in
 //! that layout loads back to the same images as its diffusers folder.
 use atelier_diffusion::models::ldm;
-use atelier_diffusion::models::nn::Ops;
-use atelier_diffusion::models::shapes::ShapeRecorder;
-use atelier_diffusion::models::unet::UNet;
-use atelier_diffusion::models::vae::Vae;
 use atelier_diffusion::pipeline::{
     make_tiny, write_single_file, Family, Placement, SingleFileConfig, StableDiffusion, Txt2Img,
 };
 use atelier_diffusion::schedulers::SamplerKind;
+use atelier_diffusion::torch::unet::UNet;
+use atelier_diffusion::torch::vae::Vae;
+use atelier_diffusion::torch::weights::Recorder;
 use candle_core::{DType, Device};
 
 fn all_names(family: Family) -> (Vec<String>, Vec<String>, SingleFileConfig) {
     let cfg = SingleFileConfig::standard(family, 4);
-    let r = ShapeRecorder::default();
-    UNet::new(r.var_builder(), cfg.unet.clone(), Ops::INFERENCE).unwrap();
+    let r = Recorder::default();
+    UNet::new(&r.weights(), cfg.unet.clone()).unwrap();
     let unet: Vec<String> = r.shapes().into_keys().collect();
-    let r = ShapeRecorder::default();
-    Vae::new(r.var_builder(), cfg.vae.clone()).unwrap();
+    let r = Recorder::default();
+    Vae::new(&r.weights(), cfg.vae.clone()).unwrap();
     let vae: Vec<String> = r.shapes().into_keys().collect();
     (unet, vae, cfg)
 }

@@ -1,10 +1,10 @@
-//! The libtorch models against the candle ones on the same files: tiny diffusers folders of every
-//! family (SD 1.x, 2.x, SDXL, 9-channel inpainting) loaded by both engines give the same text
-//! states, UNet predictions and VAE decodes/encodes.
+//! The libtorch engine beyond the component references (tests/conformance/models, replayed by
+//! tests/tests/cli.rs): devices and errors, single files, LoRAs merged and at run time, training,
+//! half precision.
 
-use atelier_diffusion::conformance::engines::{load, Engine};
+use atelier_diffusion::conformance::engines::load;
 use atelier_diffusion::pipeline::{make_tiny_with, write_single_file, Family};
-use candle_core::{DType, Device, Tensor};
+use candle_core::{Device, Tensor};
 
 fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
     assert_eq!(a.dims(), b.dims());
@@ -25,78 +25,6 @@ fn randn(shape: &[usize], seed: u64) -> Tensor {
     noise.randn(shape.to_vec(), &Device::Cpu).unwrap()
 }
 
-fn compare(family: Family, inpainting: bool) {
-    let dir = tempfile::tempdir().unwrap();
-    make_tiny_with(dir.path(), family, 7, inpainting).unwrap();
-    let candle = load(Engine::Candle, dir.path(), None).unwrap();
-    let torch = load(Engine::Torch, dir.path(), None).unwrap();
-    let label = format!("{family:?} inpainting={inpainting}");
-    let ids = Tensor::new(&[[1u32, 320, 125, 39, 526, 526, 526]], &Device::Cpu).unwrap();
-    let encoders = if family == Family::Sdxl { 2 } else { 1 };
-    let mut contexts = Vec::new();
-    for i in 0..encoders {
-        let (a, b) = (candle.text(i, &ids).unwrap(), torch.text(i, &ids).unwrap());
-        for (x, y) in [(&a.0, &b.0), (&a.1, &b.1), (&a.2, &b.2)] {
-            let d = max_diff(x, y);
-            assert!(d < 1e-4, "{label}: text encoder {i}: {d}");
-        }
-        contexts.push(if family == Family::Sdxl { a.1 } else { a.0 });
-    }
-    let ctx = Tensor::cat(&contexts, 2).unwrap();
-    let channels = if inpainting { 9 } else { 4 };
-    let x = randn(&[2, channels, 8, 8], 1);
-    let ctx = Tensor::cat(&[&ctx, &ctx], 0).unwrap();
-    let (embeds, ids6);
-    let added = if family == Family::Sdxl {
-        let pooled = candle.text(1, &ids).unwrap().2;
-        embeds = Tensor::cat(&[&pooled, &pooled], 0).unwrap();
-        ids6 = Tensor::new(&[[64f32, 64., 0., 0., 64., 64.]; 2], &Device::Cpu).unwrap();
-        Some((&embeds, &ids6))
-    } else {
-        None
-    };
-    for t in [999.0, 500.0, 1.0] {
-        let a = candle.unet(&x, t, &ctx, added).unwrap();
-        let b = torch.unet(&x, t, &ctx, added).unwrap();
-        assert_eq!(a.dims(), &[2, 4, 8, 8]);
-        let d = max_diff(&a, &b);
-        assert!(d < 1e-4, "{label}: unet at {t}: {d}");
-    }
-    let z = randn(&[1, 4, 8, 8], 2);
-    let d = max_diff(
-        &candle.vae_decode(&z).unwrap(),
-        &torch.vae_decode(&z).unwrap(),
-    );
-    assert!(d < 1e-4, "{label}: vae decode: {d}");
-    let px = (randn(&[1, 3, 16, 16], 3) * 0.5)
-        .unwrap()
-        .to_dtype(DType::F32)
-        .unwrap();
-    let a = candle.vae_encode_mean(&px).unwrap();
-    let d = max_diff(&a, &torch.vae_encode_mean(&px).unwrap());
-    assert!(d < 1e-4, "{label}: vae encode: {d}");
-}
-
-#[test]
-fn sd1_models_agree_across_engines() {
-    compare(Family::Sd1, false);
-}
-
-#[test]
-fn sd2_models_agree_across_engines() {
-    compare(Family::Sd2, false);
-}
-
-#[test]
-fn sdxl_models_agree_across_engines() {
-    compare(Family::Sdxl, false);
-}
-
-#[test]
-fn inpainting_unet_agrees_across_engines() {
-    compare(Family::Sd1, true);
-}
-
 #[test]
 fn a_bad_device_name_is_an_error_naming_the_choices() {
     std::env::set_var("ATELIER_DEVICE", "tpu");
@@ -110,7 +38,7 @@ fn libtorch_errors_are_errors_not_panics() {
     // A UNet fed latents with the wrong channel count: libtorch's error comes back as a message.
     let dir = tempfile::tempdir().unwrap();
     make_tiny_with(dir.path(), Family::Sd1, 7, false).unwrap();
-    let torch = load(Engine::Torch, dir.path(), None).unwrap();
+    let torch = load(dir.path(), None).unwrap();
     let ctx = torch
         .text(0, &Tensor::new(&[[1u32, 2, 3]], &Device::Cpu).unwrap())
         .unwrap()
@@ -133,10 +61,7 @@ fn single_file_checkpoints_load_on_libtorch_as_their_folders_do() {
         make_tiny_with(&folder, family, 5, false).unwrap();
         let file = root.path().join("tiny.safetensors");
         write_single_file(&folder, &file).unwrap();
-        let (a, b) = (
-            load(Engine::Torch, &folder, None).unwrap(),
-            load(Engine::Torch, &file, None).unwrap(),
-        );
+        let (a, b) = (load(&folder, None).unwrap(), load(&file, None).unwrap());
         let ids = Tensor::new(&[[1u32, 20, 30, 526]], &Device::Cpu).unwrap();
         let encoders = if family == Family::Sdxl { 2 } else { 1 };
         for i in 0..encoders {

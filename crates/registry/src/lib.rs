@@ -182,7 +182,7 @@ pub struct ModelArgs {
     /// The model registry: diffusers folders and `.safetensors` checkpoints; LoRAs in `loras/`.
     #[arg(long, env = "ATELIER_MODELS", default_value = "models")]
     pub models: PathBuf,
-    /// `cpu`, or `cuda` (GPU 0) in a build with the `cuda` feature.
+    /// Where the diffusion networks run: `cpu`, `cuda` (GPU 0) or `cuda:N` (through libtorch).
     #[arg(long, env = "ATELIER_DEVICE", default_value = "cpu")]
     pub device: String,
 }

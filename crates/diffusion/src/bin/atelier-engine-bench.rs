@@ -1,8 +1,9 @@
-//! `atelier-engine-bench`: one figure of one engine, as a JSON line, so engines are compared
-//! side by side in separate processes (each with its own peak memory).
+//! `atelier-engine-bench`: one figure of the diffusion engine (libtorch through tch), as a JSON
+//! line, to compare side by side with PyTorch from Python in separate processes (each with its
+//! own peak memory).
 //!
 //! ```text
-//! atelier-engine-bench --engine candle|torch --item ITEM [--device cpu|cuda] [--dtype f32|f16|bf16]
+//! atelier-engine-bench --item ITEM [--device cpu|cuda] [--dtype f32|f16|bf16]
 //!                      [--latent N] [--runs N] [--warmup N] [--steps N] [--batch N] [--rank N]
 //! ```
 //!
@@ -16,23 +17,18 @@
 //!
 //! The figure is the median of `--runs` (3) timed runs after `--warmup` (1) untimed ones; `peak_rss_mb` is the
 //! process's peak resident memory. `crates/diffusion/benches/engines.py` times the same items on
-//! PyTorch from Python (diffusers' models); `scripts/bench-engines` runs all three.
+//! PyTorch from Python (diffusers' models); `scripts/bench-engines` runs both.
 
-#[path = "engine_bench/candle.rs"]
-mod candle_items;
 #[path = "engine_bench/common.rs"]
 mod common;
 #[path = "engine_bench/torch.rs"]
 mod torch_items;
 
-use common::{Args, Engine};
+use common::Args;
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse()?;
-    let ms = match args.engine {
-        Engine::Candle => candle_items::run(&args)?,
-        Engine::Torch => torch_items::run(&args)?,
-    };
+    let ms = torch_items::run(&args)?;
     println!("{}", args.report(ms));
     Ok(())
 }

@@ -1,34 +1,13 @@
-//! The two engines seen the same way by the component checks: a loaded model answering the text
-//! encoder, UNet and VAE questions with candle tensors (the references' format).
+//! A loaded model as the component checks see it: answering the text encoder, UNet and VAE
+//! questions with candle tensors (the references' format).
 
 use std::path::Path;
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::Tensor;
 
-use crate::lora::{LoraFile, LoraMode};
-use crate::pipeline::{CandleNets, StableDiffusion};
+use crate::lora::LoraFile;
 use crate::torch::weights::{from_candle, to_candle};
 use crate::torch::{guard, TorchModels};
-
-/// Which engine runs the models.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Engine {
-    Candle,
-    Torch,
-}
-
-impl std::str::FromStr for Engine {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        match s {
-            "candle" => Ok(Engine::Candle),
-            "torch" | "libtorch" | "tch" => Ok(Engine::Torch),
-            other => Err(format!(
-                "unknown engine {other:?} (expected candle or torch)"
-            )),
-        }
-    }
-}
 
 /// A text encoder's last (normed) states, penultimate layer output and pooled embedding.
 pub type TextOut = (Tensor, Tensor, Tensor);
@@ -51,33 +30,14 @@ fn s(e: impl std::fmt::Display) -> String {
     e.to_string()
 }
 
-/// A model (diffusers folder or single file) on `engine`, f32 on the CPU, with a LoRA merged at a
-/// weight.
-pub fn load(
-    engine: Engine,
-    dir: &Path,
-    lora: Option<(&LoraFile, f64)>,
-) -> Result<Box<dyn Components>, String> {
-    match engine {
-        Engine::Candle => {
-            let mut m = StableDiffusion::load_candle(dir, &Device::Cpu, DType::F32).map_err(s)?;
-            if let Some((file, weight)) = lora {
-                let (merged, applied) = m.with_lora(file, weight, LoraMode::Merge).map_err(s)?;
-                unmatched(&applied.unmatched)?;
-                m = merged;
-            }
-            let nets = m.candle().cloned().ok_or("not loaded on candle")?;
-            Ok(Box::new(nets))
-        }
-        Engine::Torch => {
-            let mut m = TorchModels::load(dir, tch::Device::Cpu, tch::Kind::Float).map_err(s)?;
-            if let Some((file, weight)) = lora {
-                let applied = crate::torch::lora::merge_file(&mut m, file, weight).map_err(s)?;
-                unmatched(&applied.unmatched)?;
-            }
-            Ok(Box::new(m))
-        }
+/// A model (diffusers folder or single file), f32 on the CPU, with a LoRA merged at a weight.
+pub fn load(dir: &Path, lora: Option<(&LoraFile, f64)>) -> Result<Box<dyn Components>, String> {
+    let mut m = TorchModels::load(dir, tch::Device::Cpu, tch::Kind::Float).map_err(s)?;
+    if let Some((file, weight)) = lora {
+        let applied = crate::torch::lora::merge_file(&mut m, file, weight).map_err(s)?;
+        unmatched(&applied.unmatched)?;
     }
+    Ok(Box::new(m))
 }
 
 fn unmatched(keys: &[String]) -> Result<(), String> {
@@ -88,43 +48,6 @@ fn unmatched(keys: &[String]) -> Result<(), String> {
             "{} LoRA layers matched no weight: {keys:?}",
             keys.len()
         ))
-    }
-}
-
-impl Components for CandleNets {
-    fn text(&self, index: usize, ids: &Tensor) -> Result<TextOut, String> {
-        let model = self
-            .text
-            .get(index)
-            .ok_or_else(|| format!("the model has no text encoder {}", index + 1))?;
-        let out = model
-            .forward(&ids.to_dtype(DType::U32).map_err(s)?)
-            .map_err(s)?;
-        let pen = penultimate(&out.hidden)?.clone();
-        Ok((out.last, pen, out.pooled))
-    }
-
-    fn unet(
-        &self,
-        x: &Tensor,
-        t: f64,
-        ctx: &Tensor,
-        added: Option<(&Tensor, &Tensor)>,
-    ) -> Result<Tensor, String> {
-        let ts = Tensor::full(t as f32, x.dim(0).map_err(s)?, &Device::Cpu).map_err(s)?;
-        let added = added.map(|(e, i)| crate::models::unet::AddedCond {
-            text_embeds: e.clone(),
-            time_ids: i.clone(),
-        });
-        self.unet.forward(x, &ts, ctx, added.as_ref()).map_err(s)
-    }
-
-    fn vae_decode(&self, z: &Tensor) -> Result<Tensor, String> {
-        self.vae.decode(z).map_err(s)
-    }
-
-    fn vae_encode_mean(&self, image: &Tensor) -> Result<Tensor, String> {
-        Ok(self.vae.encode_moments(image).map_err(s)?.0)
     }
 }
 

@@ -13,7 +13,7 @@ use candle_core::{DType, Device, Tensor};
 use serde::Deserialize;
 use serde_json::Value;
 
-use super::engines::{self, Components, Engine};
+use super::engines::{self, Components};
 use crate::lora::LoraFile;
 
 #[derive(Debug, Deserialize)]
@@ -76,7 +76,7 @@ impl Line {
 }
 
 /// Every case folder under `dir` (or `dir` itself when it holds a `case.json`), in name order.
-pub fn replay_dir(dir: &Path, engine: Engine) -> Result<Vec<Line>, String> {
+pub fn replay_dir(dir: &Path) -> Result<Vec<Line>, String> {
     let mut cases: Vec<PathBuf> = if dir.join("case.json").is_file() {
         vec![dir.to_path_buf()]
     } else {
@@ -96,13 +96,13 @@ pub fn replay_dir(dir: &Path, engine: Engine) -> Result<Vec<Line>, String> {
     cases.sort();
     let mut lines = Vec::new();
     for c in cases {
-        lines.extend(replay_case(&c, engine)?);
+        lines.extend(replay_case(&c)?);
     }
     Ok(lines)
 }
 
 /// One case folder's checks.
-pub fn replay_case(dir: &Path, engine: Engine) -> Result<Vec<Line>, String> {
+pub fn replay_case(dir: &Path) -> Result<Vec<Line>, String> {
     let case: Case = read_json(&dir.join("case.json"))?;
     let tensors = candle_core::safetensors::load(dir.join(&case.tensors), &Device::Cpu)
         .map_err(|e| format!("{}: {e}", dir.join(&case.tensors).display()))?;
@@ -142,7 +142,7 @@ pub fn replay_case(dir: &Path, engine: Engine) -> Result<Vec<Line>, String> {
             continue;
         }
         if kind == "lora" {
-            model = Some(lora_model(dir, check, engine));
+            model = Some(lora_model(dir, check));
             match &model {
                 Some(Ok(_)) => line.passed = true,
                 Some(Err(e)) => line.note = Some(e.clone()),
@@ -152,7 +152,7 @@ pub fn replay_case(dir: &Path, engine: Engine) -> Result<Vec<Line>, String> {
             continue;
         }
         let m = model.get_or_insert_with(|| match &case.model {
-            Some(m) if dir.join(m).is_dir() => engines::load(engine, &dir.join(m), None),
+            Some(m) if dir.join(m).is_dir() => engines::load(&dir.join(m), None),
             _ => Err(format!(
                 "{}: no model folder and no lora check before this one",
                 dir.display()
@@ -180,7 +180,7 @@ fn read_json<T: serde::de::DeserializeOwned>(p: &Path) -> Result<T, String> {
 }
 
 /// The base case's model with the check's LoRA merged at its weight.
-fn lora_model(dir: &Path, check: &Value, engine: Engine) -> Result<Box<dyn Components>, String> {
+fn lora_model(dir: &Path, check: &Value) -> Result<Box<dyn Components>, String> {
     let base = check["base_case"]
         .as_str()
         .ok_or("lora check without base_case")?;
@@ -189,7 +189,7 @@ fn lora_model(dir: &Path, check: &Value, engine: Engine) -> Result<Box<dyn Compo
     let model_dir = base_dir.join(base_case.model.as_deref().unwrap_or("model"));
     let file = LoraFile::load(&dir.join(check["file"].as_str().ok_or("lora check without file")?))?;
     let weight = check["weight"].as_f64().unwrap_or(1.0);
-    engines::load(engine, &model_dir, Some((&file, weight)))
+    engines::load(&model_dir, Some((&file, weight)))
 }
 
 type Tensors = HashMap<String, Tensor>;

@@ -5,7 +5,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 
-use super::unet::UNetConfig;
+use super::config::UNetConfig;
 
 /// Where a model parameter lives in a single-file checkpoint.
 #[derive(Debug, Clone, PartialEq, Eq)]

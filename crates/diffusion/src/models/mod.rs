@@ -1,10 +1,8 @@
-//! Stable Diffusion's networks written on candle-core/candle-nn: the UNet, the VAE and the CLIP
-//! text encoders, named and shaped as diffusers/transformers name them so real files load.
+//! What Stable Diffusion checkpoints are made of, apart from the networks (which run on
+//! libtorch: [`crate::torch`]): the components' configs, the LDM ↔ diffusers name maps of single
+//! files, and the safetensors loaders.
 
-pub mod clip;
+pub mod config;
 pub mod ldm;
 pub mod load;
-pub mod nn;
 pub use atelier_modelkit::shapes;
-pub mod unet;
-pub mod vae;

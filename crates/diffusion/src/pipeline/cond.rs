@@ -5,8 +5,14 @@ use candle_core::Tensor;
 
 use super::{PResult, PipelineError, StableDiffusion, Txt2Img};
 use crate::conditioning;
-use crate::models::unet::AddedCond;
 use crate::prompt::{schedule, text_at, ScheduleEntry};
+
+/// SDXL's added conditioning: pooled text embeddings [B, 1280] and size/crop ids [B, 6].
+#[derive(Clone)]
+pub(super) struct AddedCond {
+    pub text_embeds: Tensor,
+    pub time_ids: Tensor,
+}
 
 /// The UNet's conditioning at one step: `[B, …]` without CFG; with CFG the negative prompts'
 /// half first, then the prompts' (`[2B, …]`).

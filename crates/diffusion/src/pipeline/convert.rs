@@ -6,10 +6,10 @@ use candle_core::{Device, Tensor};
 
 use super::load::{model_err, read_json, SingleFileConfig, META_KEY};
 use super::{Family, PResult};
-use crate::models::clip::ClipConfig;
+use crate::models::config::ClipConfig;
+use crate::models::config::UNetConfig;
+use crate::models::config::VaeConfig;
 use crate::models::load::component_weights;
-use crate::models::unet::UNetConfig;
-use crate::models::vae::VaeConfig;
 use crate::schedulers::ScheduleConfig;
 
 /// Convert a diffusers folder written by [`make_tiny`] (or any diffusers folder) into one

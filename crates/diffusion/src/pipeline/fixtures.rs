@@ -2,18 +2,17 @@
 
 use std::path::Path;
 
-use candle_core::Device;
-
 use super::load::model_err;
 use super::{Family, PResult};
-use crate::models::clip::{ClipConfig, ClipTextModel};
+use crate::models::config::{Activation, ClipConfig, PerBlock, UNetConfig, VaeConfig};
 use crate::models::load::save;
-use crate::models::nn::Ops;
 use crate::models::shapes::RandomWeights;
-use crate::models::unet::{PerBlock, UNet, UNetConfig};
-use crate::models::vae::{Vae, VaeConfig};
 use crate::schedulers::ScheduleConfig;
 use crate::tokenizer::write_tiny_vocab;
+use crate::torch::clip::ClipTextModel;
+use crate::torch::unet::UNet;
+use crate::torch::vae::Vae;
+use crate::torch::{self, weights::Weights};
 
 pub fn make_tiny(dir: &Path, family: Family, seed: u64) -> PResult<()> {
     make_tiny_with(dir, family, seed, false)
@@ -54,10 +53,9 @@ fn write_tiny(
         ("t", "h"),
         ("th", "e</w>"),
     ];
-    let dev = Device::Cpu;
     let write_component = |name: &str,
                            config: serde_json::Value,
-                           build: &dyn Fn(&RandomWeights) -> candle_core::Result<()>|
+                           build: &dyn Fn(&Weights) -> torch::Result<()>|
      -> PResult<()> {
         let d = dir.join(name);
         std::fs::create_dir_all(&d).map_err(e)?;
@@ -67,7 +65,12 @@ fn write_tiny(
         )
         .map_err(e)?;
         let weights = RandomWeights::new(seed ^ name.len() as u64 ^ 0x5eed);
-        build(&weights)?;
+        build(&Weights::from_backend(
+            weights.clone(),
+            tch::Kind::Float,
+            tch::Device::Cpu,
+        ))
+        .map_err(|err| model_err(&d, err))?;
         let file = if name.starts_with("text_encoder") {
             "model.safetensors"
         } else {
@@ -96,14 +99,14 @@ fn write_tiny(
     };
     let te = serde_json::to_value(&clip).unwrap_or_default();
     write_component("text_encoder", te.clone(), &|w| {
-        ClipTextModel::new(w.var_builder(&dev), clip.clone(), false, Ops::INFERENCE).map(|_| ())
+        ClipTextModel::new(w, clip.clone(), false).map(|_| ())
     })?;
     if sdxl {
         let mut c2 = clip.clone();
-        c2.hidden_act = crate::models::clip::Activation::Gelu;
+        c2.hidden_act = Activation::Gelu;
         let te2 = serde_json::to_value(&c2).unwrap_or_default();
         write_component("text_encoder_2", te2, &|w| {
-            ClipTextModel::new(w.var_builder(&dev), c2.clone(), true, Ops::INFERENCE).map(|_| ())
+            ClipTextModel::new(w, c2.clone(), true).map(|_| ())
         })?;
     }
     let mut unet = UNetConfig {
@@ -134,7 +137,7 @@ fn write_tiny(
     write_component(
         "unet",
         serde_json::to_value(&unet).unwrap_or_default(),
-        &|w| UNet::new(w.var_builder(&dev), uc.clone(), Ops::INFERENCE).map(|_| ()),
+        &|w| UNet::new(w, uc.clone()).map(|_| ()),
     )?;
     let vae = VaeConfig {
         block_out_channels: [16, 32, 32][..vae_levels.clamp(1, 3)].to_vec(),
@@ -148,7 +151,7 @@ fn write_tiny(
     write_component(
         "vae",
         serde_json::to_value(&vae).unwrap_or_default(),
-        &|w| Vae::new(w.var_builder(&dev), vc.clone()).map(|_| ()),
+        &|w| Vae::new(w, vc.clone()).map(|_| ()),
     )?;
     let sched = dir.join("scheduler");
     std::fs::create_dir_all(&sched).map_err(e)?;

@@ -5,17 +5,13 @@ use std::path::{Path, PathBuf};
 
 use atelier_modelkit::shapes::RandomWeights;
 use candle_core::{DType, Device};
-use candle_nn::VarBuilder;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use super::nets::{CandleNets, Nets};
+use super::nets::Nets;
 use super::{vae_dtype, Family, PResult, PipelineError, Placement, StableDiffusion};
-use crate::models::clip::{ClipConfig, ClipTextModel};
+use crate::models::config::{Activation, ClipConfig, PerBlock, UNetConfig, VaeConfig};
 use crate::models::load::{component_weights, SafetensorsWeights};
-use crate::models::nn::Ops;
-use crate::models::unet::{PerBlock, UNet, UNetConfig};
-use crate::models::vae::{Vae, VaeConfig};
 use crate::schedulers::ScheduleConfig;
 use crate::tokenizer::ClipTokenizer;
 use crate::torch::{self, TorchModels};
@@ -66,7 +62,7 @@ impl Family {
     pub(crate) fn of_diffusers(sdxl: bool, text_encoder: &ClipConfig) -> Self {
         if sdxl {
             Family::Sdxl
-        } else if text_encoder.hidden_act == crate::models::clip::Activation::Gelu {
+        } else if text_encoder.hidden_act == Activation::Gelu {
             Family::Sd2
         } else {
             Family::Sd1
@@ -128,7 +124,7 @@ impl SingleFileConfig {
             num_hidden_layers: layers,
             num_attention_heads: heads,
             projection_dim: proj,
-            hidden_act: crate::models::clip::Activation::Gelu,
+            hidden_act: Activation::Gelu,
             ..ClipConfig::default()
         };
         let mut schedule = ScheduleConfig::default();
@@ -189,13 +185,6 @@ enum Src {
 }
 
 impl Src {
-    fn candle(&self, dtype: DType, device: &Device) -> VarBuilder<'static> {
-        match self {
-            Src::File(w) => w.var_builder(dtype, device),
-            Src::Random(r) => r.var_builder(device).set_dtype(dtype),
-        }
-    }
-
     fn torch(&self, kind: tch::Kind, device: tch::Device) -> torch::weights::Weights {
         match self {
             Src::File(w) => torch::weights::Weights::from_backend(w.clone(), kind, device),
@@ -394,26 +383,6 @@ impl Checkpoint {
         })
     }
 
-    /// The networks on candle (the trainer's), `ops` saying whether they record gradients.
-    fn candle(&self, device: &Device, dtype: DType, ops: Ops) -> PResult<CandleNets> {
-        let at = |what: &str, e: candle_core::Error| {
-            model_err(Path::new(&self.name), format!("{what}: {e}"))
-        };
-        let unet = UNet::new(self.unet.0.candle(dtype, device), self.unet.1.clone(), ops)
-            .map_err(|e| at("unet", e))?;
-        let vae = Vae::new(self.vae.0.candle(vae_dtype()?, device), self.vae.1.clone())
-            .map_err(|e| at("vae", e))?;
-        let text = self
-            .text
-            .iter()
-            .map(|(w, c, proj)| {
-                ClipTextModel::new(w.candle(DType::F32, device), c.clone(), *proj, ops)
-                    .map_err(|e| at("text encoder", e))
-            })
-            .collect::<PResult<_>>()?;
-        Ok(CandleNets { unet, vae, text })
-    }
-
     fn tokenizers(&self) -> PResult<Vec<ClipTokenizer>> {
         let mut out = Vec::new();
         for (dirs, openclip) in &self.tokenizers {
@@ -502,21 +471,14 @@ impl StableDiffusion {
     ) -> PResult<Self> {
         let ckpt = Checkpoint::random(family, tokenizers, seed);
         let nets = ckpt.torch(placement, vae_kind)?;
-        ckpt.assemble(Nets::Torch(nets), &Device::Cpu, DType::F32)
+        ckpt.assemble(Nets(nets), &Device::Cpu, DType::F32)
     }
 
     fn on_torch(ckpt: Checkpoint, placement: Placement) -> PResult<Self> {
         let nets = ckpt
             .torch(placement, vae_kind()?)
             .map_err(|e| model_err(Path::new(&ckpt.name), e))?;
-        ckpt.assemble(Nets::Torch(nets), &Device::Cpu, DType::F32)
-    }
-
-    /// Load a model onto candle (the conformance checks of the candle engine).
-    pub fn load_candle(path: &Path, device: &Device, dtype: DType) -> PResult<Self> {
-        let ckpt = Checkpoint::open(path)?;
-        let nets = ckpt.candle(device, dtype, Ops::INFERENCE)?;
-        ckpt.assemble(Nets::Candle(nets), device, dtype)
+        ckpt.assemble(Nets(nets), &Device::Cpu, DType::F32)
     }
 }
 
@@ -548,13 +510,10 @@ impl SingleFile {
             Family::Sd2 => &ldm::SD2,
             Family::Sdxl => &ldm::SDXL,
         };
-        let names = |build: &dyn Fn(
-            &crate::models::shapes::ShapeRecorder,
-        ) -> candle_core::Result<()>|
-         -> PResult<Vec<String>> {
-            let rec = crate::models::shapes::ShapeRecorder::default();
-            build(&rec)?;
-            Ok(rec.shapes().into_keys().collect())
+        let names = |build: &dyn Fn(&torch::weights::Weights) -> torch::Result<()>| {
+            let rec = torch::weights::Recorder::default();
+            build(&rec.weights()).map_err(|e| model_err(path, e))?;
+            Ok::<_, PipelineError>(rec.shapes().into_keys().collect::<Vec<_>>())
         };
         let mapped = |names: Vec<String>, f: &dyn Fn(&str) -> Option<ldm::Source>| {
             ldm::map_names(names, f)
@@ -563,7 +522,7 @@ impl SingleFile {
         };
         let uc = cfg.unet.clone();
         let unet = mapped(
-            names(&|r| UNet::new(r.var_builder(), uc.clone(), Ops::INFERENCE).map(|_| ()))?,
+            names(&|w| torch::unet::UNet::new(w, uc.clone()).map(|_| ()))?,
             &|n| {
                 ldm::unet_name(n, &cfg.unet)
                     .map(|s| ldm::Source::Rename(format!("{}{s}", prefixes.unet)))
@@ -572,7 +531,7 @@ impl SingleFile {
         let vc = cfg.vae.clone();
         let levels = cfg.vae.block_out_channels.len();
         let vae = mapped(
-            names(&|r| Vae::new(r.var_builder(), vc.clone()).map(|_| ()))?,
+            names(&|w| torch::vae::Vae::new(w, vc.clone()).map(|_| ()))?,
             &|n| {
                 ldm::vae_name(n, levels)
                     .map(|s| ldm::Source::Rename(format!("{}{s}", prefixes.vae)))
@@ -583,9 +542,8 @@ impl SingleFile {
             let with_projection = cfg.family == Family::Sdxl && i == 1;
             let c = tc.clone();
             let encoder = mapped(
-                names(&|r| {
-                    ClipTextModel::new(r.var_builder(), c.clone(), with_projection, Ops::INFERENCE)
-                        .map(|_| ())
+                names(&|w| {
+                    torch::clip::ClipTextModel::new(w, c.clone(), with_projection).map(|_| ())
                 })?,
                 &|n| {
                     if *openclip {

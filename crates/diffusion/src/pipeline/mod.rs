@@ -35,7 +35,6 @@ pub use img2img::{Init, Repaint, RepaintRun, RepaintStart};
 pub use infotext::Generated;
 pub(crate) use load::single_file_config;
 pub use load::SingleFileConfig;
-pub use nets::CandleNets;
 pub use request::{BatchKey, Txt2Img, MAX_PIXELS, MAX_STEPS};
 
 #[derive(Debug, thiserror::Error)]
@@ -209,28 +208,9 @@ impl StableDiffusion {
         }
     }
 
-    /// The candle networks of a model loaded with [`StableDiffusion::load_candle`].
-    pub fn candle_mut(&mut self) -> Option<&mut CandleNets> {
-        match &mut self.nets {
-            Nets::Candle(n) => Some(n),
-            Nets::Torch(_) => None,
-        }
-    }
-
-    /// [`StableDiffusion::candle_mut`], to read.
-    pub fn candle(&self) -> Option<&CandleNets> {
-        match &self.nets {
-            Nets::Candle(n) => Some(n),
-            Nets::Torch(_) => None,
-        }
-    }
-
     /// The libtorch networks, to attach trainable adapters (`None` for a model loaded on candle).
     pub fn torch_mut(&mut self) -> Option<&mut crate::torch::TorchModels> {
-        match &mut self.nets {
-            Nets::Torch(n) => Some(n),
-            Nets::Candle(_) => None,
-        }
+        Some(&mut self.nets.0)
     }
 
     /// Text encoder `index`'s tokenizer.
@@ -240,10 +220,7 @@ impl StableDiffusion {
 
     /// The libtorch networks (`None` for a model loaded on candle).
     pub fn torch(&self) -> Option<&crate::torch::TorchModels> {
-        match &self.nets {
-            Nets::Torch(n) => Some(n),
-            Nets::Candle(_) => None,
-        }
+        Some(&self.nets.0)
     }
 
     pub fn device(&self) -> &Device {

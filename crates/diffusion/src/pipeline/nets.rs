@@ -1,38 +1,26 @@
-//! The networks a loaded model runs. Generation runs them on libtorch; the trainer's models are
-//! still candle's until the trainer moves to libtorch. Either way the pipeline sees candle
-//! tensors on the CPU (latents, conditioning, schedulers' arithmetic); a libtorch network takes
-//! them onto its device and kind and hands its result back in f32.
+//! The networks a loaded model runs, on libtorch. The pipeline sees candle tensors on the CPU
+//! (latents, conditioning, the schedulers' arithmetic); each network takes them onto its device
+//! and kind and hands its result back in f32.
 
-use candle_core::{DType, Tensor};
+use candle_core::Tensor;
 
+use super::cond::AddedCond;
 use super::{PResult, PipelineError};
 use crate::conditioning::{Layer, TextEncoder};
 use crate::lora::{Applied, LoraFile, LoraMode};
-use crate::models::clip::ClipTextModel;
-use crate::models::unet::{AddedCond, UNet};
-use crate::models::vae::Vae;
 use crate::torch::{self, TorchModels};
 
-/// The candle networks (the trainer's, which records gradients through them).
+/// A model's libtorch networks.
 #[derive(Clone)]
-pub struct CandleNets {
-    pub unet: UNet,
-    pub vae: Vae,
-    pub text: Vec<ClipTextModel>,
-}
-
-#[derive(Clone)]
-pub(crate) enum Nets {
-    Torch(TorchModels),
-    Candle(CandleNets),
-}
+pub(crate) struct Nets(pub TorchModels);
 
 // SAFETY: `tch::Tensor` is `Send` but not `Sync` because some of its methods change a tensor
 // through a shared reference (in-place ops, gradients accumulated by `backward`). Through a
-// shared `Nets` the libtorch networks only run inference: every call goes through `run`, under
+// shared `Nets` the networks only run inference: every call goes through `run`, under
 // `no_grad`, and reads the weights to allocate new tensors (libtorch's ops are safe to call
-// concurrently on shared inputs). Changing them (applying a LoRA) takes `&mut Nets` on a clone
-// and replaces tensor handles rather than writing into the shared storage.
+// concurrently on shared inputs). Changing them (applying a LoRA, attaching a trainer's
+// adapters) takes `&mut` on a clone and replaces tensor handles rather than writing into the
+// shared storage.
 unsafe impl Sync for Nets {}
 
 impl From<torch::Error> for PipelineError {
@@ -55,26 +43,17 @@ fn run<T>(f: impl FnOnce() -> torch::Result<T>) -> torch::Result<T> {
 
 impl Nets {
     pub fn in_channels(&self) -> usize {
-        match self {
-            Nets::Torch(m) => m.unet.config.in_channels,
-            Nets::Candle(m) => m.unet.config.in_channels,
-        }
+        self.0.unet.config.in_channels
     }
 
     /// Downsampling levels of the VAE (its scale is 2^(levels − 1)).
     pub fn vae_levels(&self) -> usize {
-        match self {
-            Nets::Torch(m) => m.vae.config.block_out_channels.len(),
-            Nets::Candle(m) => m.vae.config.block_out_channels.len(),
-        }
+        self.0.vae.config.block_out_channels.len()
     }
 
     /// Text encoder `i`.
     pub fn text(&self, i: usize) -> Option<&dyn TextEncoder> {
-        match self {
-            Nets::Torch(m) => m.text.get(i).map(|t| t as &dyn TextEncoder),
-            Nets::Candle(m) => m.text.get(i).map(|t| t as &dyn TextEncoder),
-        }
+        self.0.text.get(i).map(|t| t as &dyn TextEncoder)
     }
 
     /// The UNet's prediction for latents `x` [B, C, h, w] at timestep `t`.
@@ -85,70 +64,52 @@ impl Nets {
         ctx: &Tensor,
         added: Option<&AddedCond>,
     ) -> PResult<Tensor> {
-        let b = x.dim(0)?;
-        match self {
-            Nets::Candle(m) => {
-                let ts = Tensor::full(t as f32, b, x.device())?;
-                Ok(m.unet.forward(x, &ts, ctx, added)?)
-            }
-            Nets::Torch(m) => Ok(run(|| {
-                let (kind, dev) = (m.unet.conv_in.weight.kind(), m.unet.conv_in.weight.device());
-                let added = added
-                    .map(|a| {
-                        Ok::<_, torch::Error>(torch::unet::AddedCond {
-                            text_embeds: to_torch(&a.text_embeds, kind, dev)?,
-                            time_ids: to_torch(&a.time_ids, kind, dev)?,
-                        })
+        let b = x.dim(0)? as i64;
+        let unet = &self.0.unet;
+        let out = run(|| {
+            let (kind, dev) = (unet.conv_in.weight.kind(), unet.conv_in.weight.device());
+            let added = added
+                .map(|a| {
+                    Ok::<_, torch::Error>(torch::unet::AddedCond {
+                        text_embeds: to_torch(&a.text_embeds, kind, dev)?,
+                        time_ids: to_torch(&a.time_ids, kind, dev)?,
                     })
-                    .transpose()?;
-                let ts = tch::Tensor::full([b as i64], t, (tch::Kind::Float, dev));
-                let out = m.unet.forward(
-                    &to_torch(x, kind, dev)?,
-                    &ts,
-                    &to_torch(ctx, kind, dev)?,
-                    added.as_ref(),
-                )?;
-                torch::weights::to_candle(&out)
-            })?
-            .to_dtype(x.dtype())?),
-        }
+                })
+                .transpose()?;
+            let ts = tch::Tensor::full([b], t, (tch::Kind::Float, dev));
+            let out = unet.forward(
+                &to_torch(x, kind, dev)?,
+                &ts,
+                &to_torch(ctx, kind, dev)?,
+                added.as_ref(),
+            )?;
+            torch::weights::to_candle(&out)
+        })?;
+        Ok(out.to_dtype(x.dtype())?)
     }
 
     /// Pixels [B, 3, H, W] in [-1, 1] → scaled latents (the distribution's mean).
     pub fn vae_encode(&self, pixels: &Tensor) -> PResult<Tensor> {
-        match self {
-            Nets::Candle(m) => Ok(m.vae.encode(pixels)?),
-            Nets::Torch(m) => Ok(run(|| {
-                let dev = m.vae.device();
-                let z = m.vae.encode(&to_torch(pixels, tch::Kind::Float, dev)?);
-                torch::weights::to_candle(&z)
-            })?),
-        }
+        let vae = &self.0.vae;
+        Ok(run(|| {
+            let z = vae.encode(&to_torch(pixels, tch::Kind::Float, vae.device())?);
+            torch::weights::to_candle(&z)
+        })?)
     }
 
     /// Scaled latents → pixels in [-1, 1], f32.
     pub fn vae_decode(&self, z: &Tensor) -> PResult<Tensor> {
-        match self {
-            Nets::Candle(m) => Ok(m.vae.decode(&z.to_dtype(DType::F32)?)?),
-            Nets::Torch(m) => Ok(run(|| {
-                let dev = m.vae.device();
-                let px = m.vae.decode(&to_torch(z, tch::Kind::Float, dev)?);
-                torch::weights::to_candle(&px)
-            })?),
-        }
+        let vae = &self.0.vae;
+        Ok(run(|| {
+            let px = vae.decode(&to_torch(z, tch::Kind::Float, vae.device())?);
+            torch::weights::to_candle(&px)
+        })?)
     }
 
     /// `file` at `weight` applied to the UNet and the text encoders.
     pub fn apply_lora(&mut self, file: &LoraFile, weight: f64, mode: LoraMode) -> PResult<Applied> {
-        match self {
-            Nets::Torch(m) => run(|| torch::lora::apply_file(m, file, weight, mode))
-                .map_err(|e| PipelineError::BadRequest(e.to_string())),
-            Nets::Candle(m) => {
-                let mut text: Vec<&mut ClipTextModel> = m.text.iter_mut().collect();
-                crate::lora::apply(file, weight, mode, &mut m.unet, &mut text)
-                    .map_err(PipelineError::BadRequest)
-            }
-        }
+        run(|| torch::lora::apply_file(&mut self.0, file, weight, mode))
+            .map_err(|e| PipelineError::BadRequest(e.to_string()))
     }
 }
 

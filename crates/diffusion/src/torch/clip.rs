@@ -3,7 +3,7 @@
 
 use tch::{Kind, Tensor};
 
-pub use crate::models::clip::{Activation, ClipConfig};
+pub use crate::models::config::{Activation, ClipConfig};
 
 use super::nn::{attention, LayerNorm, Linear};
 use super::weights::Weights;

@@ -111,7 +111,7 @@ fn is_attention_projection(path: &str) -> bool {
 
 /// kohya's module key of a UNet layer: SDXL LoRAs carry LDM names (as kohya's sdxl scripts write
 /// them), SD 1.x/2.x diffusers names.
-fn unet_key(path: &str, family: Family, unet: &crate::models::unet::UNetConfig) -> String {
+fn unet_key(path: &str, family: Family, unet: &crate::models::config::UNetConfig) -> String {
     let name = if family == Family::Sdxl {
         crate::models::ldm::unet_name(&format!("{path}.weight"), unet)
             .map(|n| n.trim_end_matches(".weight").to_string())

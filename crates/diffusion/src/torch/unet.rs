@@ -3,7 +3,7 @@
 
 use tch::Tensor;
 
-pub use crate::models::unet::UNetConfig;
+pub use crate::models::config::UNetConfig;
 
 use super::nn::{
     attention, timestep_embedding, upsample_nearest, Conv2d, GroupNorm, LayerNorm, Linear,
@@ -222,7 +222,7 @@ pub struct UNet {
 
 impl UNet {
     pub fn new(w: &Weights, config: UNetConfig) -> Result<Self> {
-        config.check()?;
+        config.check().map_err(super::msg)?;
         let cfg = &config;
         let ch = &cfg.block_out_channels;
         let temb = ch[0] * 4;

@@ -3,7 +3,7 @@
 
 use tch::{Kind, Tensor};
 
-pub use crate::models::vae::VaeConfig;
+pub use crate::models::config::VaeConfig;
 
 use super::nn::{attention, upsample_nearest, Conv2d, GroupNorm, Linear};
 use super::unet::ResnetBlock;

@@ -2,14 +2,7 @@
 
 use std::time::Instant;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Engine {
-    Candle,
-    Torch,
-}
-
 pub struct Args {
-    pub engine: Engine,
     pub item: String,
     pub cuda: bool,
     pub dtype: String,
@@ -40,11 +33,12 @@ impl Args {
         };
         let num =
             |f: &str, d: usize| -> usize { value(f).and_then(|v| v.parse().ok()).unwrap_or(d) };
-        let engine = match value("--engine").as_deref() {
-            Some("candle") => Engine::Candle,
-            Some("torch") => Engine::Torch,
-            other => anyhow::bail!("--engine candle|torch (got {other:?})"),
-        };
+        // The engine is libtorch (tch); `--engine torch` is accepted as earlier scripts wrote it.
+        if let Some(other) = value("--engine").filter(|e| e != "torch") {
+            anyhow::bail!(
+                "--engine: the engine is torch (candle's models left the tree; got {other})"
+            );
+        }
         let item = value("--item").unwrap_or_default();
         if !ITEMS.contains(&item.as_str()) {
             anyhow::bail!("--item: one of {ITEMS:?} (got {item:?})");
@@ -61,7 +55,6 @@ impl Args {
         }
         let default_latent = if item == "unet_sdxl" { 128 } else { 64 };
         Ok(Self {
-            engine,
             latent: num("--latent", default_latent),
             runs: num("--runs", 3).max(1),
             warmup: num("--warmup", 1),
@@ -77,7 +70,7 @@ impl Args {
     pub fn report(&self, ms: f64) -> serde_json::Value {
         serde_json::json!({
             "bench": self.item,
-            "engine": match self.engine { Engine::Candle => "candle", Engine::Torch => "tch" },
+            "engine": "tch",
             "device": if self.cuda { "cuda" } else { "cpu" },
             "dtype": self.dtype,
             "latent": self.latent,

@@ -1,3 +1,0 @@
-// The CPU emulator's stand-in for CUDA's cuda_fp16.h.
-#pragma once
-#include "cuda_emu.h"
