@@ -156,6 +156,10 @@ pub struct TrainSpec {
     pub batch_size: u32,
     #[serde(default = "d_one")]
     pub gradient_accumulation_steps: u32,
+    /// Recompute the UNet's activations layer by layer in the backward pass instead of keeping
+    /// them all (kohya's `gradient_checkpointing`): far less memory for one more forward pass.
+    #[serde(default)]
+    pub gradient_checkpointing: bool,
     /// Optimizer steps.
     #[serde(default = "d_steps")]
     pub max_train_steps: u32,

@@ -353,3 +353,69 @@ fn libtorch_cuda_opens_or_the_cpu_stays() {
         assert!(!tch::Cuda::is_available());
     }
 }
+
+#[test]
+fn checkpointed_backward_equals_the_plain_one_on_sdxl() {
+    // SDXL's layout: added conditioning, linear projections, two transformer layers per block.
+    use atelier_diffusion::schedulers::{NoiseSchedule, PredictionType, ScheduleConfig};
+    use atelier_diffusion::torch::unet::AddedCond;
+    use atelier_diffusion::torch::TorchModels;
+    use atelier_diffusion::train::{
+        stream, Batch, LoraConfig, LoraNetwork, Objective, UnetTargets,
+    };
+    let dir = tempfile::tempdir().unwrap();
+    make_tiny_with(dir.path(), Family::Sdxl, 4, false).unwrap();
+    let (cpu, f32k) = (tch::Device::Cpu, tch::Kind::Float);
+    let mut m = TorchModels::load(dir.path(), cpu, f32k).unwrap();
+    let cfg = LoraConfig {
+        rank: 2,
+        alpha: 2.0,
+        conv_rank: Some(2),
+        conv_alpha: 1.0,
+        unet_targets: UnetTargets::Transformer,
+        text_encoder: false,
+    };
+    let lora = LoraNetwork::attach(&mut m, &cfg, 3).unwrap();
+    // Non-zero up-projections, so every down-projection gets a gradient too.
+    tch::no_grad(|| {
+        for l in &lora.layers {
+            let _ = l.up.shallow_clone().normal_(0.0, 0.05);
+        }
+    });
+    tch::manual_seed(2);
+    let batch = Batch {
+        latents: tch::Tensor::randn([2, 4, 8, 8], (f32k, cpu)),
+        context: tch::Tensor::randn([2, 77, 64], (f32k, cpu)),
+        added: Some(AddedCond {
+            text_embeds: tch::Tensor::randn([2, 32], (f32k, cpu)),
+            time_ids: tch::Tensor::from_slice(&[64f32, 64., 0., 0., 64., 64.].repeat(2))
+                .view([2, 6]),
+        }),
+        weights: vec![1.0, 0.5],
+    };
+    let schedule = NoiseSchedule::new(ScheduleConfig::default());
+    let objective = Objective {
+        prediction: PredictionType::VPrediction,
+        min_snr_gamma: Some(5.0),
+        noise_offset: 0.05,
+        min_timestep: 0,
+        max_timestep: 1000,
+    };
+    let plain = objective
+        .loss(&m.unet, &schedule, &batch, &mut stream(1, 2, 0))
+        .unwrap();
+    plain.backward();
+    let a = lora.grads();
+    lora.zero_grad();
+    let l = objective
+        .backward_checkpointed(&m.unet, &schedule, &batch, &mut stream(1, 2, 0), 0.5)
+        .unwrap();
+    let b = lora.grads();
+    assert!((l - plain.double_value(&[])).abs() < 1e-6, "loss {l}");
+    for ((ga, gb), name) in a.iter().zip(&b).zip(lora.var_names()) {
+        let scale = ga.abs().max().double_value(&[]);
+        let d = (ga * 0.5 - gb).abs().max().double_value(&[]);
+        assert!(scale > 0.0, "{name} got no gradient");
+        assert!(d <= 1e-4 * scale, "{name}: {d} against {scale}");
+    }
+}

@@ -366,19 +366,43 @@ impl Session {
         })
     }
 
+    fn unet(&self) -> Result<&engine::unet::UNet, TrainError> {
+        self.model
+            .torch()
+            .map(|m| &m.unet)
+            .ok_or_else(|| TrainError::Invalid("the model is not loaded on libtorch".into()))
+    }
+
     fn loss(
         &self,
         batch: &Batch,
         rng: &mut rand_chacha::ChaCha8Rng,
     ) -> Result<engine::Tensor, TrainError> {
-        let unet = &self
-            .model
-            .torch()
-            .ok_or_else(|| TrainError::Invalid("the model is not loaded on libtorch".into()))?
-            .unet;
+        let unet = self.unet()?;
         Ok(engine::guard(|| {
             self.objective.loss(unet, &self.schedule, batch, rng)
         })?)
+    }
+
+    /// The batch's loss, with the gradients of `scale` × the loss accumulated in the adapters
+    /// (the UNet checkpointed layer by layer when the spec asks for it).
+    fn backward(
+        &self,
+        batch: &Batch,
+        rng: &mut rand_chacha::ChaCha8Rng,
+        scale: f64,
+    ) -> Result<f64, TrainError> {
+        let unet = self.unet()?;
+        if self.spec.gradient_checkpointing {
+            return Ok(engine::guard(|| {
+                self.objective
+                    .backward_checkpointed(unet, &self.schedule, batch, rng, scale)
+            })?);
+        }
+        let loss = self.loss(batch, rng)?;
+        let value = loss.double_value(&[]);
+        engine::guard(|| Ok((loss * scale).f_backward()?))?;
+        Ok(value)
     }
 
     /// One optimizer step (gradient_accumulation_steps micro-batches); its loss point.
@@ -391,18 +415,13 @@ impl Session {
             let micro = step as usize * accum + k;
             let mut rng = stream(self.spec.seed, PURPOSE_STEP, micro as u64);
             let batch = self.batch(micro, &mut rng)?;
-            let loss = self.loss(&batch, &mut rng)?;
-            let l = loss.double_value(&[]);
+            let l = self.backward(&batch, &mut rng, 1.0 / accum as f64)?;
             if !l.is_finite() {
                 return Err(TrainError::Invalid(format!(
                     "loss is {l} at step {step}: lower the learning rate or check the data"
                 )));
             }
             loss_sum += l;
-            engine::guard(|| {
-                (loss / accum as f64).f_backward()?;
-                Ok(())
-            })?;
         }
         let mut grads = self.network.grads();
         self.network.zero_grad();
@@ -453,8 +472,7 @@ impl Session {
         let mut rng = stream(self.spec.seed, PURPOSE_STEP, micro as u64);
         let batch = self.batch(micro, &mut rng)?;
         self.network.zero_grad();
-        let loss = self.loss(&batch, &mut rng)?;
-        engine::guard(|| Ok(loss.f_backward()?))?;
+        self.backward(&batch, &mut rng, 1.0)?;
         let grads = self.network.grads();
         self.network.zero_grad();
         self.network
@@ -634,6 +652,10 @@ impl Session {
             (
                 "ss_total_batch_size",
                 (s.batch_size * s.gradient_accumulation_steps).to_string(),
+            ),
+            (
+                "ss_gradient_checkpointing",
+                s.gradient_checkpointing.to_string(),
             ),
             (
                 "ss_gradient_accumulation_steps",

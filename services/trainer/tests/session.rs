@@ -386,3 +386,51 @@ fn file_follows_kohyas_layout() {
         .unwrap();
     assert!(m <= 1.0 / fan_in.sqrt() + 0.01, "down init {m}");
 }
+
+fn abs_max(t: &Tensor) -> f32 {
+    t.abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
+}
+
+#[test]
+fn gradient_checkpointing_gives_the_gradients_of_the_plain_backward_pass() {
+    // Every kind of adapter (attention and transformer linears, 1×1 projections, LoCon convs,
+    // the text encoder through the context), one step in so the down-projections get gradients.
+    let dir = tempfile::tempdir().unwrap();
+    let mut s = spec();
+    s.network.targets = "transformer".into();
+    s.network.conv_rank = Some(2);
+    s.network.train_text_encoder = true;
+    let mut checkpointed = s.clone();
+    checkpointed.gradient_checkpointing = true;
+    let mut runs = [
+        session(dir.path(), &s, 2),
+        session(dir.path(), &checkpointed, 2),
+    ];
+    let losses: Vec<f64> = runs
+        .iter_mut()
+        .map(|r| r.train_step().unwrap().loss)
+        .collect();
+    assert!(
+        (losses[0] - losses[1]).abs() <= 1e-6 * losses[0].abs(),
+        "{losses:?}"
+    );
+    let [a, b] = runs.map(|mut r| r.gradients().unwrap());
+    assert_eq!(a.len(), b.len());
+    let mut text = 0;
+    for ((na, ga), (nb, gb)) in a.iter().zip(&b) {
+        assert_eq!(na, nb);
+        let d = abs_max(&(ga - gb).unwrap());
+        let scale = abs_max(ga);
+        assert!(scale > 0.0, "{na} got no gradient");
+        assert!(d <= 1e-4 * scale, "{na}: {d} against {scale}");
+        text += usize::from(na.starts_with("lora_te_"));
+    }
+    assert!(text > 0, "the text encoder's adapters were not compared");
+}

@@ -13,7 +13,8 @@
 //! - `vae_decode`: the SD VAE decoding one `--latent`² latent (default 64: 512²), f32;
 //! - `txt2img`: `--steps` (20) Euler steps with CFG 7.5 on the SD 1.5 UNet, then the VAE decode;
 //! - `lora_step`: one LoRA training step (rank `--rank` 16 on the attention projections, AdamW,
-//!   noise-prediction MSE), batch `--batch` (1), SD 1.5 UNet.
+//!   noise-prediction MSE), batch `--batch` (1), SD 1.5 UNet; `--checkpointing` recomputes the
+//!   UNet layer by layer in the backward pass (gradient checkpointing).
 //!
 //! The figure is the median of `--runs` (3) timed runs after `--warmup` (1) untimed ones; `peak_rss_mb` is the
 //! process's peak resident memory. `crates/diffusion/benches/engines.py` times the same items on

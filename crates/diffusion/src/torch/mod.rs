@@ -7,6 +7,7 @@
 //! kernels on GPUs, fused kernels on CPUs); group and layer norms and convolutions are libtorch's
 //! (oneDNN on CPUs, cuDNN on NVIDIA GPUs).
 
+pub mod checkpoint;
 pub mod clip;
 pub mod lora;
 pub mod models;

@@ -318,6 +318,14 @@ pub struct Batch {
     pub weights: Vec<f32>,
 }
 
+/// One batch noised for the objective: the UNet's input, timesteps, target and loss weights.
+struct Noised {
+    noisy: Tensor,
+    t: Tensor,
+    target: Tensor,
+    weights: Tensor,
+}
+
 impl Objective {
     /// The batch's loss: per-sample mean squared error against the target, weighted, averaged.
     /// `rng` draws timesteps and noise (seed it per step for reproducible, resumable runs).
@@ -328,6 +336,40 @@ impl Objective {
         batch: &Batch,
         rng: &mut ChaCha8Rng,
     ) -> Result<Tensor> {
+        let n = self.noised(schedule, batch, rng)?;
+        let pred = unet.forward(&n.noisy, &n.t, &batch.context, batch.added.as_ref())?;
+        Ok(weighted_mse(&pred, &n))
+    }
+
+    /// [`Objective::loss`] × `scale`, and its backward pass, with the UNet checkpointed layer by
+    /// layer ([`UNet::backward_checkpointed`]): the gradients [`Objective::loss`]'s backward
+    /// pass would give, for the memory of one layer's intermediates. Returns the (unscaled) loss.
+    pub fn backward_checkpointed(
+        &self,
+        unet: &UNet,
+        schedule: &NoiseSchedule,
+        batch: &Batch,
+        rng: &mut ChaCha8Rng,
+        scale: f64,
+    ) -> Result<f64> {
+        let n = self.noised(schedule, batch, rng)?;
+        let scaled = unet.backward_checkpointed(
+            &n.noisy,
+            &n.t,
+            &batch.context,
+            batch.added.as_ref(),
+            |pred| Ok(weighted_mse(pred, &n) * scale),
+        )?;
+        Ok(scaled / scale)
+    }
+
+    /// Draws timesteps and noise for `batch` and noises it.
+    fn noised(
+        &self,
+        schedule: &NoiseSchedule,
+        batch: &Batch,
+        rng: &mut ChaCha8Rng,
+    ) -> Result<Noised> {
         let x0 = &batch.latents;
         let size = x0.size();
         let (b, dev) = (size[0], x0.device());
@@ -365,22 +407,28 @@ impl Objective {
             }
         };
         let steps: Vec<f32> = ts.iter().map(|&t| t as f32).collect();
-        let t = Tensor::from_slice(&steps).to_device(dev);
-        let pred = unet
-            .forward(&noisy, &t, &batch.context, batch.added.as_ref())?
-            .to_kind(Kind::Float);
-        let per_sample =
-            (pred - target)
-                .square()
-                .reshape([b, -1])
-                .mean_dim(&[1i64][..], false, Kind::Float);
         let weights: Vec<f32> = ts
             .iter()
             .zip(&batch.weights)
             .map(|(&t, &w)| (self.snr_weight(schedule, t) * w as f64) as f32)
             .collect();
-        Ok((per_sample * Tensor::from_slice(&weights).to_device(dev)).mean(Kind::Float))
+        Ok(Noised {
+            noisy,
+            t: Tensor::from_slice(&steps).to_device(dev),
+            target,
+            weights: Tensor::from_slice(&weights).to_device(dev),
+        })
     }
+}
+
+/// The per-sample mean squared error of `pred` against the target, weighted, averaged.
+fn weighted_mse(pred: &Tensor, n: &Noised) -> Tensor {
+    let b = n.target.size()[0];
+    let per_sample = (pred.to_kind(Kind::Float) - &n.target)
+        .square()
+        .reshape([b, -1])
+        .mean_dim(&[1i64][..], false, Kind::Float);
+    (per_sample * &n.weights).mean(Kind::Float)
 }
 
 /// A caption's conditioning as LoRA training sees it: its first 75 tokens framed to 77 (kohya's

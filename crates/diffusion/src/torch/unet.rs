@@ -168,7 +168,7 @@ impl SpatialTransformer {
         })
     }
 
-    fn forward(&self, x: &Tensor, context: &Tensor) -> Tensor {
+    pub(crate) fn forward(&self, x: &Tensor, context: &Tensor) -> Tensor {
         let s = x.size();
         let (b, c, h, w) = (s[0], s[1], s[2], s[3]);
         let n = self.norm.forward(x);
@@ -216,7 +216,7 @@ pub struct UNet {
     pub mid_resnets: Vec<ResnetBlock>,
     pub mid_attention: SpatialTransformer,
     pub up: Vec<Block>,
-    norm_out: GroupNorm,
+    pub(crate) norm_out: GroupNorm,
     pub conv_out: Conv2d,
 }
 
@@ -283,7 +283,12 @@ impl UNet {
     }
 
     /// The time embedding (plus SDXL's added conditioning) for timesteps `t` [B].
-    fn embedding(&self, t: &Tensor, added: Option<&AddedCond>, kind: tch::Kind) -> Result<Tensor> {
+    pub(crate) fn embedding(
+        &self,
+        t: &Tensor,
+        added: Option<&AddedCond>,
+        kind: tch::Kind,
+    ) -> Result<Tensor> {
         let ch0 = self.config.block_out_channels[0];
         let temb = timestep_embedding(t, ch0).to_kind(kind);
         let mut emb = self.time_2.forward(&self.time_1.forward(&temb).silu());

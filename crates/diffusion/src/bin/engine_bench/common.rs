@@ -12,6 +12,8 @@ pub struct Args {
     pub steps: usize,
     pub batch: usize,
     pub rank: usize,
+    /// `lora_step` with the UNet checkpointed layer by layer.
+    pub checkpointing: bool,
 }
 
 const ITEMS: [&str; 5] = [
@@ -61,6 +63,7 @@ impl Args {
             steps: num("--steps", 20).max(1),
             batch: num("--batch", 1).max(1),
             rank: num("--rank", 16).max(1),
+            checkpointing: args.iter().any(|a| a == "--checkpointing"),
             item,
             cuda,
             dtype,
@@ -77,6 +80,7 @@ impl Args {
             "pixels": self.latent * 8,
             "steps": (self.item == "txt2img").then_some(self.steps),
             "batch": (self.item == "lora_step").then_some(self.batch),
+            "checkpointing": (self.item == "lora_step").then_some(self.checkpointing),
             "median_ms": (ms * 10.0).round() / 10.0,
             "runs": self.runs,
             "peak_rss_mb": peak_rss_mb(),

@@ -157,8 +157,14 @@ fn lora_step(args: &Args, dev: Device, kind: Kind, sync: impl Fn()) -> anyhow::R
         || {
             i += 1;
             lora.zero_grad();
-            let l = objective.loss(&u, &schedule, &batch, &mut stream(1, 2, i))?;
-            l.f_backward()?;
+            let mut rng = stream(1, 2, i);
+            if args.checkpointing {
+                objective.backward_checkpointed(&u, &schedule, &batch, &mut rng, 1.0)?;
+            } else {
+                objective
+                    .loss(&u, &schedule, &batch, &mut rng)?
+                    .f_backward()?;
+            }
             opt.step(&vars, &lora.grads(), &lrs)?;
             Ok(())
         },
