@@ -162,10 +162,7 @@ impl Session {
             text_encoder: n.train_text_encoder,
         };
         let init_seed = stream(spec.seed, PURPOSE_INIT, 0).gen::<u64>();
-        let nets = model
-            .torch_mut()
-            .ok_or_else(|| TrainError::Invalid("the model is not loaded on libtorch".into()))?;
-        let network = LoraNetwork::attach(nets, &cfg, init_seed)?;
+        let network = LoraNetwork::attach(model.torch_mut(), &cfg, init_seed)?;
         let vars: Vec<_> = network.vars().into_iter().map(|(v, _)| v).collect();
         let optimizer = AdamW::new(
             AdamWParams {
@@ -321,12 +318,7 @@ impl Session {
 
     /// Cached latents on the model's device.
     fn latents(&self, t: &Tensor) -> Result<engine::Tensor, TrainError> {
-        let dev = self
-            .model
-            .torch()
-            .map(|m| m.vae.device())
-            .unwrap_or(engine::Device::Cpu);
-        Ok(from_candle(t)?.to_device(dev))
+        Ok(from_candle(t)?.to_device(self.model.torch().vae.device()))
     }
 
     fn batch(
@@ -366,11 +358,8 @@ impl Session {
         })
     }
 
-    fn unet(&self) -> Result<&engine::unet::UNet, TrainError> {
-        self.model
-            .torch()
-            .map(|m| &m.unet)
-            .ok_or_else(|| TrainError::Invalid("the model is not loaded on libtorch".into()))
+    fn unet(&self) -> &engine::unet::UNet {
+        &self.model.torch().unet
     }
 
     fn loss(
@@ -378,7 +367,7 @@ impl Session {
         batch: &Batch,
         rng: &mut rand_chacha::ChaCha8Rng,
     ) -> Result<engine::Tensor, TrainError> {
-        let unet = self.unet()?;
+        let unet = self.unet();
         Ok(engine::guard(|| {
             self.objective.loss(unet, &self.schedule, batch, rng)
         })?)
@@ -392,7 +381,7 @@ impl Session {
         rng: &mut rand_chacha::ChaCha8Rng,
         scale: f64,
     ) -> Result<f64, TrainError> {
-        let unet = self.unet()?;
+        let unet = self.unet();
         if self.spec.gradient_checkpointing {
             return Ok(engine::guard(|| {
                 self.objective

@@ -208,9 +208,9 @@ impl StableDiffusion {
         }
     }
 
-    /// The libtorch networks, to attach trainable adapters (`None` for a model loaded on candle).
-    pub fn torch_mut(&mut self) -> Option<&mut crate::torch::TorchModels> {
-        Some(&mut self.nets.0)
+    /// The networks, to attach trainable adapters.
+    pub fn torch_mut(&mut self) -> &mut crate::torch::TorchModels {
+        &mut self.nets.0
     }
 
     /// Text encoder `index`'s tokenizer.
@@ -218,9 +218,9 @@ impl StableDiffusion {
         self.tokenizers.get(index)
     }
 
-    /// The libtorch networks (`None` for a model loaded on candle).
-    pub fn torch(&self) -> Option<&crate::torch::TorchModels> {
-        Some(&self.nets.0)
+    /// The networks (libtorch).
+    pub fn torch(&self) -> &crate::torch::TorchModels {
+        &self.nets.0
     }
 
     pub fn device(&self) -> &Device {

@@ -440,9 +440,7 @@ pub fn encode_caption(
     caption: &str,
 ) -> Result<(Tensor, Option<Tensor>)> {
     use crate::conditioning::{chunks, framed};
-    let nets = model
-        .torch()
-        .ok_or_else(|| msg("the model is not loaded on libtorch"))?;
+    let nets = model.torch();
     let sdxl = nets.family == Family::Sdxl;
     let mut states = Vec::new();
     let mut pooled = None;
