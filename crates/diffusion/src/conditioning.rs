@@ -323,3 +323,25 @@ pub fn pad_to_same(a: Tensor, b: Tensor, empty: &Tensor) -> Result<(Tensor, Tens
         (a, b)
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn framing_pads_after_the_end_token_and_keeps_the_pad_id_inside_the_prompt() {
+        let dir = tempfile::tempdir().unwrap();
+        crate::tokenizer::write_tiny_vocab(dir.path(), &[("c", "a")]).unwrap();
+        let mut tok = ClipTokenizer::from_dir(dir.path()).unwrap();
+        tok.pad = 0; // "!" as SD 2.x pads
+        let c = TokenChunk {
+            tokens: vec![5, 0, 7, tok.eos, tok.eos],
+            weights: vec![1.0; 5],
+            vectors: vec![None; 5],
+        };
+        let (ids, weights) = framed(&tok, &c);
+        // The prompt's own id 0 stays; after the end token every position is the pad.
+        assert_eq!(ids, vec![tok.bos, 5, 0, 7, tok.eos, 0, 0]);
+        assert_eq!(weights.len(), ids.len());
+    }
+}

@@ -37,9 +37,19 @@ fn err(dir: &Path, e: impl std::fmt::Display) -> TokenizerError {
     TokenizerError::Load(dir.display().to_string(), e.to_string())
 }
 
+/// The `pad_token` a transformers tokenizer file names (a string, or an added token's `content`).
+fn pad_token(file: &Path) -> Option<String> {
+    let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(file).ok()?).ok()?;
+    let p = &v["pad_token"];
+    p.as_str()
+        .or_else(|| p["content"].as_str())
+        .map(str::to_string)
+}
+
 impl ClipTokenizer {
-    /// Load a `tokenizer/` folder. The pad token comes from `special_tokens_map.json` (SD 2 and
-    /// SDXL's second tokenizer pad with `!`), defaulting to end-of-text.
+    /// Load a `tokenizer/` folder. The pad token comes from `tokenizer_config.json` or
+    /// `special_tokens_map.json` (SD 2 and SDXL's second tokenizer pad with `!`), defaulting to
+    /// end-of-text.
     pub fn from_dir(dir: &Path) -> Result<Self, TokenizerError> {
         let json = dir.join("tokenizer.json");
         let inner = if json.exists() {
@@ -88,15 +98,11 @@ impl ClipTokenizer {
                 .ok_or_else(|| err(dir, format!("the vocabulary has no {tok}")))
         };
         let (bos, eos) = (id(BOS)?, id(EOS)?);
-        let pad = std::fs::read_to_string(dir.join("special_tokens_map.json"))
-            .ok()
-            .and_then(|s| serde_json::from_str::<serde_json::Value>(&s).ok())
-            .and_then(|v| {
-                let p = &v["pad_token"];
-                p.as_str()
-                    .map(str::to_string)
-                    .or_else(|| p["content"].as_str().map(str::to_string))
-            })
+        // transformers reads the pad token from tokenizer_config.json; an older
+        // special_tokens_map.json beside it overrides it, as transformers applies it last.
+        let pad = ["special_tokens_map.json", "tokenizer_config.json"]
+            .iter()
+            .find_map(|f| pad_token(&dir.join(f)))
             .and_then(|p| inner.token_to_id(&p))
             .unwrap_or(eos);
         Ok(Self {
@@ -221,5 +227,37 @@ mod tests {
         );
         assert!(t.encode("").unwrap().is_empty());
         assert!(ClipTokenizer::from_dir(&dir.path().join("nope")).is_err());
+    }
+
+    #[test]
+    fn the_pad_token_comes_from_tokenizer_config_or_the_older_map() {
+        let dir = tempfile::tempdir().unwrap();
+        write_tiny_vocab(dir.path(), &[("c", "a")]).unwrap();
+        let bang = |t: &ClipTokenizer| t.inner.token_to_id("!").unwrap();
+        // Newer folders (SD 2.x, SDXL's second tokenizer) name "!" only in tokenizer_config.json,
+        // as an added token.
+        std::fs::remove_file(dir.path().join("special_tokens_map.json")).unwrap();
+        std::fs::write(
+            dir.path().join("tokenizer_config.json"),
+            r#"{"pad_token": {"__type": "AddedToken", "content": "!", "lstrip": false}}"#,
+        )
+        .unwrap();
+        let t = ClipTokenizer::from_dir(dir.path()).unwrap();
+        assert_eq!(t.pad, bang(&t));
+        // A literal "!" in a prompt is the end-of-word token "!</w>", not the pad.
+        let word = t.inner.token_to_id("!</w>").unwrap();
+        assert_eq!(t.encode("ca!").unwrap().last(), Some(&word));
+        // The older file, when present, has the last word.
+        std::fs::write(
+            dir.path().join("special_tokens_map.json"),
+            r#"{"pad_token": "<|endoftext|>"}"#,
+        )
+        .unwrap();
+        let t = ClipTokenizer::from_dir(dir.path()).unwrap();
+        assert_eq!(t.pad, t.eos);
+        // Neither file: end-of-text.
+        std::fs::remove_file(dir.path().join("special_tokens_map.json")).unwrap();
+        std::fs::remove_file(dir.path().join("tokenizer_config.json")).unwrap();
+        assert_eq!(ClipTokenizer::from_dir(dir.path()).unwrap().pad, t.eos);
     }
 }
