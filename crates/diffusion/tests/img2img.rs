@@ -91,3 +91,22 @@ fn bad_strengths_are_refused() {
         .to_string();
     assert!(err.contains("strength"), "{err}");
 }
+
+#[test]
+fn img2img_infotexts_carry_the_denoising_strength_as_a1111_writes_it() {
+    let dir = tempfile::tempdir().unwrap();
+    make_tiny(dir.path(), Family::Sd1, 21).unwrap();
+    let sd = StableDiffusion::load(dir.path(), Placement::CPU).unwrap();
+    let r = req(SamplerKind::Euler);
+    let init = Init {
+        image: picture(),
+        strength: 0.5,
+        repaint: None,
+    };
+    let p = &sd.img2img(&r, &init, |_, _| true).unwrap()[0].parameters;
+    let model = p.find(", Model: ").expect("Model");
+    let strength = p.find(", Denoising strength: 0.5,").expect(p);
+    assert!(strength > model, "A1111 writes it after the model: {p}");
+    let t2i = &sd.txt2img(&r, |_, _| true).unwrap()[0].parameters;
+    assert!(!t2i.contains("Denoising strength"), "{t2i}");
+}

@@ -105,7 +105,7 @@ impl StableDiffusion {
                 Generated {
                     seed,
                     image,
-                    parameters: self.parameters(req, seed),
+                    parameters: self.parameters(req, seed, init.map(|i| i.strength)),
                 }
             })
             .collect())

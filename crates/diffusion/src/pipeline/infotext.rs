@@ -32,8 +32,9 @@ impl Generated {
 }
 
 impl StableDiffusion {
-    /// A1111's `parameters` text for image `i`'s seed.
-    pub(super) fn parameters(&self, req: &Txt2Img, seed: u64) -> String {
+    /// A1111's `parameters` text for image `i`'s seed (`strength`: an img2img's denoising
+    /// strength, which A1111 writes after the model).
+    pub(super) fn parameters(&self, req: &Txt2Img, seed: u64, strength: Option<f64>) -> String {
         let mut s = req.prompt.clone();
         if !req.negative_prompt.is_empty() {
             s.push_str(&format!("\nNegative prompt: {}", req.negative_prompt));
@@ -49,6 +50,9 @@ impl StableDiffusion {
             self.hash,
             self.name
         ));
+        if let Some(d) = strength {
+            s.push_str(&format!(", Denoising strength: {d}"));
+        }
         if req.clip_skip > 1 {
             s.push_str(&format!(", Clip skip: {}", req.clip_skip));
         }

@@ -93,7 +93,7 @@ impl StableDiffusion {
                 images.push(Generated {
                     seed,
                     image,
-                    parameters: self.parameters(r, seed),
+                    parameters: self.parameters(r, seed, None),
                 });
             }
             out.push(images);
