@@ -110,3 +110,41 @@ fn img2img_infotexts_carry_the_denoising_strength_as_a1111_writes_it() {
     let t2i = &sd.txt2img(&r, |_, _| true).unwrap()[0].parameters;
     assert!(!t2i.contains("Denoising strength"), "{t2i}");
 }
+
+#[test]
+fn txt2img_starts_from_given_latents() {
+    use atelier_diffusion::noise::SeededNoise;
+    use candle_core::{Device, Tensor};
+    let dir = tempfile::tempdir().unwrap();
+    make_tiny(dir.path(), Family::Sd1, 21).unwrap();
+    let sd = StableDiffusion::load(dir.path(), Placement::CPU).unwrap();
+    let mut r = req(SamplerKind::EulerA);
+    r.batch_size = 2;
+    // The seeds' own initial noise as latents: the same images, ancestral steps included.
+    let seeded: Vec<Tensor> = (0..2)
+        .map(|i| {
+            SeededNoise::new(r.seed + i)
+                .randn((1, 4, 16, 16), &Device::Cpu)
+                .unwrap()
+        })
+        .collect();
+    let latents = Tensor::cat(&seeded, 0).unwrap();
+    let plain = sd.txt2img(&r, |_, _| true).unwrap();
+    let given = sd.txt2img_from_latents(&r, &latents, |_, _| true).unwrap();
+    for (a, b) in plain.iter().zip(&given) {
+        assert_eq!(a.image, b.image);
+    }
+    // Other latents, another image; a wrong shape is a clear error.
+    let other = sd
+        .txt2img_from_latents(&r, &(latents.clone() * -1.0).unwrap(), |_, _| true)
+        .unwrap();
+    assert_ne!(other[0].image, plain[0].image);
+    let err = sd
+        .txt2img_from_latents(&r, &latents.narrow(0, 0, 1).unwrap(), |_, _| true)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("[1, 4, 16, 16]") && err.contains("(2, 4, 16, 16)"),
+        "{err}"
+    );
+}

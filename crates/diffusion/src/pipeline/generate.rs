@@ -47,11 +47,12 @@ impl StableDiffusion {
         self.nets.in_channels().min(4)
     }
 
-    /// One request: `req.batch_size` images, image i from seed + i.
+    /// One request: `req.batch_size` images, image i from seed + i (its initial noise the given
+    /// `latents`' row i when there are some).
     pub(super) fn generate(
         &self,
         req: &Txt2Img,
-        init: Option<&Init>,
+        (init, latents): (Option<&Init>, Option<&Tensor>),
         mut on_step: impl FnMut(usize, usize) -> bool,
         preview: Preview<'_, '_>,
     ) -> PResult<Vec<Generated>> {
@@ -66,7 +67,23 @@ impl StableDiffusion {
             .collect::<PResult<Vec<Cond>>>()?;
         let mut sampler = self.sampler_for(req)?;
         let mut noise = BatchNoise::seeded((0..b).map(|i| req.seed.wrapping_add(i as u64)));
-        let first = noise.initial((1, self.latent_channels(), h, w), &self.device)?;
+        let shape = (b, self.latent_channels(), h, w);
+        // Drawn either way, so later steps' noise is the seeds' next draws.
+        let drawn = noise.initial((1, shape.1, h, w), &self.device)?;
+        let first = match latents {
+            None => drawn,
+            Some(l) if l.dims() == [shape.0, shape.1, shape.2, shape.3] => {
+                l.to_dtype(DType::F32)?.to_device(&self.device)?
+            }
+            Some(l) => {
+                return Err(PipelineError::BadRequest(format!(
+                    "initial latents of shape {:?}; this request needs {shape:?} \
+                     (batch, channels, height / {f}, width / {f})",
+                    l.dims(),
+                    f = self.vae_scale()
+                )))
+            }
+        };
         let start = match init {
             None => Start {
                 x: first.affine(sampler.init_noise_sigma(), 0.0)?,

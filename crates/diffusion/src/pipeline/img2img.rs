@@ -80,7 +80,7 @@ impl StableDiffusion {
         on_step: impl FnMut(usize, usize) -> bool,
     ) -> PResult<Vec<Generated>> {
         init.validate().map_err(PipelineError::BadRequest)?;
-        self.generate(req, Some(init), on_step, None)
+        self.generate(req, (Some(init), None), on_step, None)
     }
 
     /// txt2img (`init` None) or img2img, decoding the first image's current latents every
@@ -96,7 +96,7 @@ impl StableDiffusion {
         if let Some(i) = init {
             i.validate().map_err(PipelineError::BadRequest)?;
         }
-        self.generate(req, init, on_step, Some((every.max(1), on_preview)))
+        self.generate(req, (init, None), on_step, Some((every.max(1), on_preview)))
     }
 
     /// The loop's start from an init image: the sampler set to begin at the strength's step,

@@ -12,7 +12,21 @@ impl StableDiffusion {
         req: &Txt2Img,
         on_step: impl FnMut(usize, usize) -> bool,
     ) -> PResult<Vec<Generated>> {
-        self.generate(req, None, on_step, None)
+        self.generate(req, (None, None), on_step, None)
+    }
+
+    /// txt2img from given initial latents `[batch_size, 4, height / 8, width / 8]` instead of the
+    /// seeds' noise, as diffusers' `latents=` (the sampler scales them by its initial sigma):
+    /// the way to check a pipeline against a reference run. Later steps' noise (ancestral and
+    /// SDE samplers) is still the seeds' (their draws after the initial noise), so the seeds'
+    /// own noise given as latents reproduces [`txt2img`](Self::txt2img) exactly.
+    pub fn txt2img_from_latents(
+        &self,
+        req: &Txt2Img,
+        latents: &candle_core::Tensor,
+        on_step: impl FnMut(usize, usize) -> bool,
+    ) -> PResult<Vec<Generated>> {
+        self.generate(req, (None, Some(latents)), on_step, None)
     }
 
     /// Several txt2img requests through the same UNet passes: their images are stacked into one
@@ -108,7 +122,7 @@ impl StableDiffusion {
         on_step: &mut impl FnMut(usize, usize) -> bool,
     ) -> PResult<Vec<Vec<Generated>>> {
         reqs.iter()
-            .map(|r| self.generate(r, None, &mut *on_step, None))
+            .map(|r| self.generate(r, (None, None), &mut *on_step, None))
             .collect()
     }
 }
