@@ -300,3 +300,31 @@ fn requests_batched_together_match_their_single_runs() {
     let alone = sd.txt2img(&long, |_, _| true).unwrap();
     assert_eq!(mixed[1][0].png().unwrap(), alone[0].png().unwrap());
 }
+
+#[test]
+fn sdxl_conditions_an_empty_negative_on_zeros_where_the_model_asks() {
+    // diffusers' force_zeros_for_empty_prompt (model_index.json, true by default for SDXL; A1111
+    // zeros an empty SDXL negative too): the same folder with the flag off encodes "" instead.
+    let dir = tempfile::tempdir().unwrap();
+    make_tiny(dir.path(), Family::Sdxl, 2).unwrap();
+    let zeros = StableDiffusion::load_diffusers(dir.path(), Placement::CPU).unwrap();
+    let index = dir.path().join("model_index.json");
+    let mut v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&index).unwrap()).unwrap();
+    v["force_zeros_for_empty_prompt"] = serde_json::json!(false);
+    std::fs::write(&index, v.to_string()).unwrap();
+    let encoded = StableDiffusion::load_diffusers(dir.path(), Placement::CPU).unwrap();
+    let mut r = request(3, SamplerKind::Euler);
+    r.negative_prompt.clear();
+    let a = zeros.txt2img(&r, |_, _| true).unwrap();
+    let b = encoded.txt2img(&r, |_, _| true).unwrap();
+    assert_ne!(
+        a[0].image, b[0].image,
+        "an empty negative was encoded either way"
+    );
+    // A negative prompt with text is encoded by both.
+    r.negative_prompt = "the".into();
+    let a = zeros.txt2img(&r, |_, _| true).unwrap();
+    let b = encoded.txt2img(&r, |_, _| true).unwrap();
+    assert_eq!(a[0].image, b[0].image);
+}

@@ -53,8 +53,16 @@ impl StableDiffusion {
         let prompt = without_extra_networks(&req.prompt)?;
         let negative = without_extra_networks(&req.negative_prompt)?;
         let sched = schedule(&prompt, req.steps);
-        let (uncond, uncond_pooled) = self.encode_prompt(&negative, req.clip_skip)?;
-        let (empty, _) = self.encode_prompt("", req.clip_skip)?;
+        let (mut empty, empty_pooled) = self.encode_prompt("", req.clip_skip)?;
+        let (uncond, uncond_pooled) = if negative.is_empty() && self.zero_empty_negative {
+            // Zeros for the negative, padded with zeros to a longer prompt's length (diffusers'
+            // zeros_like(prompt_embeds)).
+            empty = empty.zeros_like()?;
+            let pooled = empty_pooled.map(|p| p.zeros_like()).transpose()?;
+            (empty.clone(), pooled)
+        } else {
+            self.encode_prompt(&negative, req.clip_skip)?
+        };
         let (mut ctx, mut pooled) = (Vec::new(), Vec::new());
         for e in &sched {
             let (c, p) = self.encode_prompt(&e.text, req.clip_skip)?;

@@ -210,6 +210,9 @@ pub(crate) struct Checkpoint {
     seed: u64,
     /// Handles that count the bytes loaded.
     counters: Vec<SafetensorsWeights>,
+    /// An empty negative prompt conditions on zeros (diffusers' `force_zeros_for_empty_prompt`,
+    /// SDXL's default; A1111 zeros an empty SDXL negative too).
+    zero_empty_negative: bool,
 }
 
 impl Checkpoint {
@@ -256,6 +259,7 @@ impl Checkpoint {
             hashed: vec![path.to_path_buf()],
             seed: 0,
             counters: vec![file.all],
+            zero_empty_negative: cfg.family == Family::Sdxl,
         })
     }
 
@@ -318,6 +322,10 @@ impl Checkpoint {
             hashed: unet_files,
             seed: 0,
             counters,
+            zero_empty_negative: sdxl
+                && index["force_zeros_for_empty_prompt"]
+                    .as_bool()
+                    .unwrap_or(true),
         })
     }
 
@@ -353,6 +361,7 @@ impl Checkpoint {
             hashed: Vec::new(),
             seed,
             counters: Vec::new(),
+            zero_empty_negative: family == Family::Sdxl,
         }
     }
 
@@ -424,6 +433,7 @@ impl Checkpoint {
             nets,
             embeddings: Vec::new(),
             lora_hashes: Vec::new(),
+            zero_empty_negative: self.zero_empty_negative,
             weight_bytes: self.counters.iter().map(|c| c.loaded_bytes()).sum(),
             device: device.clone(),
             dtype,

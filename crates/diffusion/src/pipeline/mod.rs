@@ -139,6 +139,9 @@ pub struct StableDiffusion {
     embeddings: Vec<conditioning::Embedding>,
     /// (name, A1111 short hash) of the LoRAs applied, for the `parameters` text.
     lora_hashes: Vec<(String, String)>,
+    /// An empty negative prompt conditions on zeros (SDXL: diffusers' `force_zeros_for_empty_prompt`
+    /// from `model_index.json`, true by default; A1111 does the same).
+    zero_empty_negative: bool,
     weight_bytes: u64,
     /// Where the pipeline's own tensors live (the CPU for libtorch networks).
     device: Device,
