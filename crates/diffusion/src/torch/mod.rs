@@ -1,7 +1,7 @@
 //! Stable Diffusion's networks on libtorch (PyTorch's kernels, through `tch`): the CLIP text
 //! encoders, the UNets (SD 1.x, 2.x, SDXL, 9-channel inpainting) and the VAE, named and shaped as
-//! diffusers/transformers name them, loaded through the same weight loaders as the candle models
-//! (every file layout those read), with kohya/diffusers LoRAs merged in.
+//! diffusers/transformers name them, loaded from diffusers folders and single files, with
+//! kohya/diffusers LoRAs merged or at run time, and LoRA training (`train`, `checkpoint`).
 //!
 //! Attention runs through libtorch's `scaled_dot_product_attention` (flash and memory-efficient
 //! kernels on GPUs, fused kernels on CPUs); group and layer norms and convolutions are libtorch's

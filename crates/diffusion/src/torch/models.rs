@@ -29,9 +29,8 @@ impl TorchModels {
             .torch(Placement { device, kind }, Kind::Float)
     }
 
-    /// `family`'s real geometry with seeded random weights (the same values as the candle
-    /// engine's for the same seed), the UNet in `kind`, the VAE in `vae_kind`, the text encoders
-    /// in f32.
+    /// `family`'s real geometry with seeded random weights, the UNet in `kind`, the VAE in
+    /// `vae_kind`, the text encoders in f32.
     pub fn random(
         family: Family,
         device: Device,

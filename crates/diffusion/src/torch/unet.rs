@@ -1,5 +1,5 @@
 //! diffusers' `UNet2DConditionModel` on libtorch: SD 1.x/2.x, SDXL (added text/time
-//! conditioning) and 9-channel inpainting variants, from the same config as the candle UNet.
+//! conditioning) and 9-channel inpainting variants, from diffusers' `unet/config.json`.
 
 use tch::Tensor;
 

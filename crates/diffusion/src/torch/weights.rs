@@ -1,6 +1,6 @@
 //! Parameters for the libtorch models: a name → tensor source with diffusers-style prefixes, fed
-//! by the same loaders as the candle models (safetensors folders and single-file checkpoints with
-//! their name maps and fallbacks, or seeded random weights for tiny test models).
+//! by the safetensors loaders (folders and single-file checkpoints with their name maps and
+//! fallbacks), seeded random weights for tiny test models, or a [`Recorder`] that lists names.
 
 use std::sync::Arc;
 
