@@ -1,6 +1,5 @@
-//! Build a model without weights to list its parameters' names and shapes (every tensor is a
-//! zero-stride view of one scalar, so a 2.6-billion-parameter UNet costs nothing), and a backend
-//! that fills a model with seeded random weights (tiny test models).
+//! A weight backend that fills a model with seeded random weights (tiny test models, benchmarks
+//! of the real geometries).
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
@@ -10,49 +9,6 @@ use candle_nn::var_builder::SimpleBackend;
 use candle_nn::VarBuilder;
 
 use crate::noise::SeededNoise;
-
-/// Records every parameter a model asks for.
-#[derive(Clone, Default)]
-pub struct ShapeRecorder {
-    seen: Arc<Mutex<BTreeMap<String, Vec<usize>>>>,
-}
-
-impl ShapeRecorder {
-    pub fn var_builder(&self) -> VarBuilder<'static> {
-        VarBuilder::from_backend(Box::new(self.clone()), DType::F32, Device::Cpu)
-    }
-
-    /// name → shape, sorted by name.
-    pub fn shapes(&self) -> BTreeMap<String, Vec<usize>> {
-        self.seen.lock().map(|m| m.clone()).unwrap_or_default()
-    }
-}
-
-impl SimpleBackend for ShapeRecorder {
-    fn get(
-        &self,
-        s: Shape,
-        name: &str,
-        _h: candle_nn::Init,
-        dtype: DType,
-        dev: &Device,
-    ) -> Result<Tensor> {
-        if let Ok(mut m) = self.seen.lock() {
-            m.insert(name.to_string(), s.dims().to_vec());
-        }
-        Tensor::zeros((), dtype, dev)?.broadcast_as(s)
-    }
-
-    fn get_unchecked(&self, name: &str, _dtype: DType, _dev: &Device) -> Result<Tensor> {
-        Err(candle_core::Error::Msg(format!(
-            "shape recorder: {name} has no known shape"
-        )))
-    }
-
-    fn contains_tensor(&self, _name: &str) -> bool {
-        true
-    }
-}
 
 /// Seeded random weights (a tiny model for tests and the demo): normal(0, 1/√fan_in) for
 /// matrices and kernels, 1 for norm scales, small values for biases. Every tensor is recorded so

@@ -9,11 +9,12 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use super::nets::Nets;
-use super::{vae_dtype, Family, PResult, PipelineError, Placement, StableDiffusion};
+use super::{vae_kind, Family, PResult, PipelineError, Placement, StableDiffusion};
 use crate::models::config::{Activation, ClipConfig, PerBlock, UNetConfig, VaeConfig};
 use crate::models::load::{component_weights, SafetensorsWeights};
 use crate::schedulers::ScheduleConfig;
 use crate::tokenizer::ClipTokenizer;
+use crate::torch::weights::Weights;
 use crate::torch::{self, TorchModels};
 
 pub(crate) fn read_json<T: serde::de::DeserializeOwned>(p: &Path) -> PResult<T> {
@@ -178,23 +179,14 @@ impl SingleFileConfig {
 }
 
 /// One component's weights: a safetensors loader, or seeded random values.
-#[derive(Clone)]
-enum Src {
-    File(SafetensorsWeights),
-    Random(RandomWeights),
-}
+type Src = std::sync::Arc<dyn torch::weights::Source>;
 
-impl Src {
-    fn torch(&self, kind: tch::Kind, device: tch::Device) -> torch::weights::Weights {
-        match self {
-            Src::File(w) => torch::weights::Weights::from_backend(w.clone(), kind, device),
-            Src::Random(r) => torch::weights::Weights::from_backend(r.clone(), kind, device),
-        }
-    }
+fn source<B: candle_nn::var_builder::SimpleBackend + 'static>(backend: B) -> Src {
+    std::sync::Arc::new(torch::weights::CandleSource(backend))
 }
 
 /// A checkpoint opened (a diffusers folder, a single file, or random weights of a family's
-/// geometry): its configs and each component's weights, before either engine builds networks.
+/// geometry): its configs and each component's weights, before the networks are built.
 pub(crate) struct Checkpoint {
     pub family: Family,
     pub schedule: ScheduleConfig,
@@ -241,7 +233,7 @@ impl Checkpoint {
         let mut text = Vec::new();
         let mut tokenizers = Vec::new();
         for (i, ((w, proj, openclip), c)) in file.text.into_iter().zip(cfg.text).enumerate() {
-            text.push((Src::File(w), c, proj));
+            text.push((source(w), c, proj));
             let own = dir.join(if i == 0 { "tokenizer" } else { "tokenizer_2" });
             tokenizers.push((vec![own, dir.join("tokenizer")], openclip));
         }
@@ -252,8 +244,8 @@ impl Checkpoint {
                 .file_stem()
                 .map(|n| n.to_string_lossy().into_owned())
                 .unwrap_or_else(|| "model".into()),
-            unet: (Src::File(file.unet), cfg.unet),
-            vae: (Src::File(file.vae), cfg.vae),
+            unet: (source(file.unet), cfg.unet),
+            vae: (source(file.vae), cfg.vae),
             text,
             tokenizers,
             hashed: vec![path.to_path_buf()],
@@ -300,7 +292,7 @@ impl Checkpoint {
             let w = open(te)?;
             counters.push(w.clone());
             text.push((
-                Src::File(w),
+                source(w),
                 read_json(&dir.join(te).join("config.json"))?,
                 *proj,
             ));
@@ -312,8 +304,8 @@ impl Checkpoint {
                 .file_name()
                 .map(|n| n.to_string_lossy().into_owned())
                 .unwrap_or_else(|| "model".into()),
-            unet: (Src::File(unet), read_json(&dir.join("unet/config.json"))?),
-            vae: (Src::File(vae), read_json(&dir.join("vae/config.json"))?),
+            unet: (source(unet), read_json(&dir.join("unet/config.json"))?),
+            vae: (source(vae), read_json(&dir.join("vae/config.json"))?),
             text,
             tokenizers: encoders
                 .iter()
@@ -334,7 +326,7 @@ impl Checkpoint {
     /// (and `tokenizer_2`).
     pub fn random(family: Family, tokenizers: &Path, seed: u64) -> Self {
         let cfg = SingleFileConfig::standard(family, 4);
-        let random = |s: u64| Src::Random(RandomWeights::unrecorded(s));
+        let random = |s: u64| source(RandomWeights::unrecorded(s));
         Self {
             family,
             schedule: cfg.schedule,
@@ -371,17 +363,26 @@ impl Checkpoint {
         let at =
             |what: &str, e: torch::Error| torch::Error::Msg(format!("{}: {what}: {e}", self.name));
         let dev = placement.device;
-        let unet =
-            torch::unet::UNet::new(&self.unet.0.torch(placement.kind, dev), self.unet.1.clone())
-                .map_err(|e| at("unet", e))?;
-        let vae = torch::vae::Vae::new(&self.vae.0.torch(vae_kind, dev), self.vae.1.clone())
-            .map_err(|e| at("vae", e))?;
+        let unet = torch::unet::UNet::new(
+            &Weights::new(self.unet.0.clone(), placement.kind, dev),
+            self.unet.1.clone(),
+        )
+        .map_err(|e| at("unet", e))?;
+        let vae = torch::vae::Vae::new(
+            &Weights::new(self.vae.0.clone(), vae_kind, dev),
+            self.vae.1.clone(),
+        )
+        .map_err(|e| at("vae", e))?;
         let text = self
             .text
             .iter()
             .map(|(w, c, proj)| {
-                torch::clip::ClipTextModel::new(&w.torch(tch::Kind::Float, dev), c.clone(), *proj)
-                    .map_err(|e| at("text encoder", e))
+                torch::clip::ClipTextModel::new(
+                    &Weights::new(w.clone(), tch::Kind::Float, dev),
+                    c.clone(),
+                    *proj,
+                )
+                .map_err(|e| at("text encoder", e))
             })
             .collect::<torch::Result<_>>()?;
         Ok(TorchModels {
@@ -439,14 +440,6 @@ impl Checkpoint {
             dtype,
         })
     }
-}
-
-fn vae_kind() -> PResult<tch::Kind> {
-    Ok(match vae_dtype()? {
-        DType::F16 => tch::Kind::Half,
-        DType::BF16 => tch::Kind::BFloat16,
-        _ => tch::Kind::Float,
-    })
 }
 
 impl StableDiffusion {

@@ -112,13 +112,13 @@ impl Placement {
     }
 }
 
-/// The dtype loaded VAEs compute in: f32 unless `ATELIER_VAE_DTYPE` says `f16` or `bf16` (faster
+/// The kind loaded VAEs compute in: f32 unless `ATELIER_VAE_DTYPE` says `f16` or `bf16` (faster
 /// on GPUs; SD 1.x/2.x decode well in f16, SDXL's VAE overflows f16 and wants bf16 or f32).
-pub fn vae_dtype() -> PResult<DType> {
+pub fn vae_kind() -> PResult<tch::Kind> {
     match std::env::var("ATELIER_VAE_DTYPE").as_deref() {
-        Err(_) | Ok("") | Ok("f32") => Ok(DType::F32),
-        Ok("f16") => Ok(DType::F16),
-        Ok("bf16") => Ok(DType::BF16),
+        Err(_) | Ok("") | Ok("f32") => Ok(tch::Kind::Float),
+        Ok("f16") => Ok(tch::Kind::Half),
+        Ok("bf16") => Ok(tch::Kind::BFloat16),
         Ok(other) => Err(PipelineError::Model {
             path: "ATELIER_VAE_DTYPE".into(),
             reason: format!("the worker setting must be f32, f16 or bf16 (got {other:?})"),
