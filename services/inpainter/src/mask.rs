@@ -115,7 +115,6 @@ impl Repaint for Mask {
                 .repeat((b, 1, 1, 1))?;
             Latents::Channels(Tensor::cat(&[m, ml], 1)?)
         } else {
-            let m = m.to_dtype(s.model.dtype())?;
             let keep = (1.0 - &m)?;
             Latents::Inject {
                 clean: s.clean.clone(),

@@ -106,7 +106,7 @@ impl StableDiffusion {
         let pooled = pcs.len() == parts.len();
         let ids = [height, width, 0, 0, height, width].map(|v| v as f32);
         let time_ids =
-            |n: usize| Tensor::from_vec(ids.to_vec(), (1, 6), &self.device)?.repeat((n, 1));
+            |n: usize| Tensor::from_vec(ids.to_vec(), (1, 6), self.device())?.repeat((n, 1));
         Ok(if use_cfg {
             Cond {
                 ctx: Tensor::cat(&[Tensor::cat(&us, 0)?, Tensor::cat(&cs, 0)?], 0)?,

@@ -69,11 +69,11 @@ impl StableDiffusion {
         let mut noise = BatchNoise::seeded((0..b).map(|i| req.seed.wrapping_add(i as u64)));
         let shape = (b, self.latent_channels(), h, w);
         // Drawn either way, so later steps' noise is the seeds' next draws.
-        let drawn = noise.initial((1, shape.1, h, w), &self.device)?;
+        let drawn = noise.initial((1, shape.1, h, w), self.device())?;
         let first = match latents {
             None => drawn,
             Some(l) if l.dims() == [shape.0, shape.1, shape.2, shape.3] => {
-                l.to_dtype(DType::F32)?.to_device(&self.device)?
+                l.to_dtype(DType::F32)?.to_device(self.device())?
             }
             Some(l) => {
                 return Err(PipelineError::BadRequest(format!(
@@ -102,11 +102,11 @@ impl StableDiffusion {
             cfg_scale: req.cfg_scale,
             batch: b,
             size,
-            extra: extra.map(|e| e.to_dtype(self.dtype)).transpose()?,
+            extra,
             repaint: start.repaint.as_deref(),
             noise,
         };
-        let x = start.x.to_dtype(self.dtype)?;
+        let x = start.x;
         let mut cond_at = |step: usize| Ok(conds[enc.entry_at(step)].clone());
         let x = self.denoise(run, x, &mut cond_at, &mut on_step, preview)?;
         let decoded = self.decode_rgb(&x, req.width, req.height)?;
@@ -133,7 +133,7 @@ impl StableDiffusion {
     fn whole_image_channels(&self, req: &Txt2Img) -> PResult<Tensor> {
         let (h, w) = self.latent_size(req.width, req.height)?;
         let b = req.batch_size;
-        let m = Tensor::ones((b, 1, h, w), DType::F32, &self.device)?;
+        let m = Tensor::ones((b, 1, h, w), DType::F32, self.device())?;
         let grey = image::RgbImage::from_pixel(
             req.width as u32,
             req.height as u32,

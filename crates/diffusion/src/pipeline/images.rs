@@ -22,7 +22,7 @@ impl StableDiffusion {
         } else {
             img.clone()
         };
-        let t = Tensor::from_vec(img.into_raw(), (height, width, 3), &self.device)?
+        let t = Tensor::from_vec(img.into_raw(), (height, width, 3), self.device())?
             .permute((2, 0, 1))?
             .to_dtype(DType::F32)?
             .affine(2.0 / 255.0, -1.0)?

@@ -4,7 +4,6 @@
 use std::path::{Path, PathBuf};
 
 use atelier_modelkit::shapes::RandomWeights;
-use candle_core::{DType, Device};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
@@ -418,8 +417,8 @@ impl Checkpoint {
         Ok(out)
     }
 
-    /// The model around `nets`, computing with `device` and `dtype` on the pipeline's side.
-    fn assemble(self, nets: Nets, device: &Device, dtype: DType) -> PResult<StableDiffusion> {
+    /// The model around `nets`.
+    fn assemble(self, nets: Nets) -> PResult<StableDiffusion> {
         let hash = if self.hashed.is_empty() {
             format!("{:010x}", self.seed)
         } else {
@@ -436,8 +435,6 @@ impl Checkpoint {
             lora_hashes: Vec::new(),
             zero_empty_negative: self.zero_empty_negative,
             weight_bytes: self.counters.iter().map(|c| c.loaded_bytes()).sum(),
-            device: device.clone(),
-            dtype,
         })
     }
 }
@@ -474,14 +471,14 @@ impl StableDiffusion {
     ) -> PResult<Self> {
         let ckpt = Checkpoint::random(family, tokenizers, seed);
         let nets = ckpt.torch(placement, vae_kind)?;
-        ckpt.assemble(Nets(nets), &Device::Cpu, DType::F32)
+        ckpt.assemble(Nets(nets))
     }
 
     fn on_torch(ckpt: Checkpoint, placement: Placement) -> PResult<Self> {
         let nets = ckpt
             .torch(placement, vae_kind()?)
             .map_err(|e| model_err(Path::new(&ckpt.name), e))?;
-        ckpt.assemble(Nets(nets), &Device::Cpu, DType::F32)
+        ckpt.assemble(Nets(nets))
     }
 }
 

@@ -143,11 +143,11 @@ pub struct StableDiffusion {
     /// from `model_index.json`, true by default; A1111 does the same).
     zero_empty_negative: bool,
     weight_bytes: u64,
-    /// Where the pipeline's own tensors live (the CPU for libtorch networks).
-    device: Device,
-    /// The dtype of the UNet's inputs on that side.
-    dtype: DType,
 }
+
+/// Where the pipeline's own tensors live (latents, conditioning, masks: f32 on the CPU); the
+/// networks take them onto their device and kind.
+static PIPELINE_DEVICE: Device = Device::Cpu;
 
 impl StableDiffusion {
     /// Bytes of the weights this model holds (in their loaded dtypes; adapters not counted).
@@ -195,7 +195,7 @@ impl StableDiffusion {
             let (Some(model), Some(tok)) = (self.nets.text(i), self.tokenizers.get(i)) else {
                 return Err(PipelineError::Compute(format!("no text encoder {}", i + 1)));
             };
-            conditioning::encode_with(model, tok, prompt, layer, self.dtype, &self.embeddings, i)
+            conditioning::encode_with(model, tok, prompt, layer, DType::F32, &self.embeddings, i)
                 .map_err(bad)
         };
         match self.family {
@@ -226,13 +226,9 @@ impl StableDiffusion {
         &self.nets.0
     }
 
+    /// Where the pipeline's own tensors (latents, masks) live: the CPU, in f32.
     pub fn device(&self) -> &Device {
-        &self.device
-    }
-
-    /// The UNet's compute dtype.
-    pub fn dtype(&self) -> DType {
-        self.dtype
+        &PIPELINE_DEVICE
     }
 
     /// This model with textual-inversion embeddings available to prompts by name.

@@ -77,9 +77,8 @@ impl StableDiffusion {
                 .flat_map(|r| (0..r.batch_size).map(move |i| r.seed.wrapping_add(i as u64))),
         );
         let x = noise
-            .initial((1, self.latent_channels(), h, w), &self.device)?
-            .affine(sampler.init_noise_sigma(), 0.0)?
-            .to_dtype(self.dtype)?;
+            .initial((1, self.latent_channels(), h, w), self.device())?
+            .affine(sampler.init_noise_sigma(), 0.0)?;
         let size = (first.width, first.height);
         let run = Run {
             sampler,
