@@ -2,7 +2,7 @@
 //! tests/tests/cli.rs): devices and errors, single files, LoRAs merged and at run time, training,
 //! half precision.
 
-use atelier_diffusion::conformance::engines::load;
+use atelier_diffusion::conformance::components::load;
 use atelier_diffusion::pipeline::{make_tiny_with, write_single_file, Family};
 use candle_core::{Device, Tensor};
 

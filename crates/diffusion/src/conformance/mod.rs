@@ -1,6 +1,6 @@
 //! Replays of reference data (`tests/conformance/`): diffusers scheduler traces and
 //! AUTOMATIC1111 prompt-parser outputs, diffusers' and transformers' model components.
-pub mod engines;
+pub mod components;
 pub mod models;
 pub mod prompts;
 pub mod schedulers;

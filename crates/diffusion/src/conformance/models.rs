@@ -13,7 +13,7 @@ use candle_core::{DType, Device, Tensor};
 use serde::Deserialize;
 use serde_json::Value;
 
-use super::engines::{self, Components};
+use super::components::{self, Components};
 use crate::lora::LoraFile;
 
 #[derive(Debug, Deserialize)]
@@ -106,7 +106,7 @@ pub fn replay_case(dir: &Path) -> Result<Vec<Line>, String> {
     let case: Case = read_json(&dir.join("case.json"))?;
     let tensors = candle_core::safetensors::load(dir.join(&case.tensors), &Device::Cpu)
         .map_err(|e| format!("{}: {e}", dir.join(&case.tensors).display()))?;
-    let mut model: Option<Result<Box<dyn Components>, String>> = None;
+    let mut model: Option<Result<Components, String>> = None;
     let mut lines = Vec::new();
     for (i, check) in case.checks.iter().enumerate() {
         let kind = check["kind"].as_str().unwrap_or("?");
@@ -152,14 +152,14 @@ pub fn replay_case(dir: &Path) -> Result<Vec<Line>, String> {
             continue;
         }
         let m = model.get_or_insert_with(|| match &case.model {
-            Some(m) if dir.join(m).is_dir() => engines::load(&dir.join(m), None),
+            Some(m) if dir.join(m).is_dir() => components::load(&dir.join(m), None),
             _ => Err(format!(
                 "{}: no model folder and no lora check before this one",
                 dir.display()
             )),
         });
         let result = match m {
-            Ok(m) => run_check(m.as_ref(), kind, check, &tensors),
+            Ok(m) => run_check(m, kind, check, &tensors),
             Err(e) => Err(e.clone()),
         };
         match result {
@@ -180,7 +180,7 @@ fn read_json<T: serde::de::DeserializeOwned>(p: &Path) -> Result<T, String> {
 }
 
 /// The base case's model with the check's LoRA merged at its weight.
-fn lora_model(dir: &Path, check: &Value) -> Result<Box<dyn Components>, String> {
+fn lora_model(dir: &Path, check: &Value) -> Result<Components, String> {
     let base = check["base_case"]
         .as_str()
         .ok_or("lora check without base_case")?;
@@ -189,7 +189,7 @@ fn lora_model(dir: &Path, check: &Value) -> Result<Box<dyn Components>, String> 
     let model_dir = base_dir.join(base_case.model.as_deref().unwrap_or("model"));
     let file = LoraFile::load(&dir.join(check["file"].as_str().ok_or("lora check without file")?))?;
     let weight = check["weight"].as_f64().unwrap_or(1.0);
-    engines::load(&model_dir, Some((&file, weight)))
+    components::load(&model_dir, Some((&file, weight)))
 }
 
 type Tensors = HashMap<String, Tensor>;
@@ -203,7 +203,7 @@ fn get<'a>(t: &'a Tensors, check: &Value, field: &str) -> Result<&'a Tensor, Str
 }
 
 /// The largest absolute difference of the check's outputs from the references.
-fn run_check(m: &dyn Components, kind: &str, check: &Value, t: &Tensors) -> Result<f64, String> {
+fn run_check(m: &Components, kind: &str, check: &Value, t: &Tensors) -> Result<f64, String> {
     let r = match kind {
         "text_encoder" => text_encoder(m, check, t),
         "unet" => unet(m, check, t),
@@ -224,7 +224,7 @@ fn err(e: candle_core::Error) -> String {
     e.to_string()
 }
 
-fn text_encoder(m: &dyn Components, check: &Value, t: &Tensors) -> Result<f64, String> {
+fn text_encoder(m: &Components, check: &Value, t: &Tensors) -> Result<f64, String> {
     let index = match check["component"].as_str() {
         Some("text_encoder") => 0,
         Some("text_encoder_2") => 1,
@@ -242,7 +242,7 @@ fn text_encoder(m: &dyn Components, check: &Value, t: &Tensors) -> Result<f64, S
     Ok(d)
 }
 
-fn unet(m: &dyn Components, check: &Value, t: &Tensors) -> Result<f64, String> {
+fn unet(m: &Components, check: &Value, t: &Tensors) -> Result<f64, String> {
     let step = check["timestep"]
         .as_f64()
         .ok_or("unet check without timestep")?;

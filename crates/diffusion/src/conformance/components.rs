@@ -12,32 +12,21 @@ use crate::torch::{guard, TorchModels};
 /// A text encoder's last (normed) states, penultimate layer output and pooled embedding.
 pub type TextOut = (Tensor, Tensor, Tensor);
 
-/// What the component checks ask of a model.
-pub trait Components {
-    fn text(&self, index: usize, ids: &Tensor) -> Result<TextOut, String>;
-    fn unet(
-        &self,
-        x: &Tensor,
-        t: f64,
-        ctx: &Tensor,
-        added: Option<(&Tensor, &Tensor)>,
-    ) -> Result<Tensor, String>;
-    fn vae_decode(&self, z: &Tensor) -> Result<Tensor, String>;
-    fn vae_encode_mean(&self, image: &Tensor) -> Result<Tensor, String>;
-}
+/// A model the component checks ask (f32 on the CPU, on libtorch).
+pub struct Components(TorchModels);
 
 fn s(e: impl std::fmt::Display) -> String {
     e.to_string()
 }
 
 /// A model (diffusers folder or single file), f32 on the CPU, with a LoRA merged at a weight.
-pub fn load(dir: &Path, lora: Option<(&LoraFile, f64)>) -> Result<Box<dyn Components>, String> {
+pub fn load(dir: &Path, lora: Option<(&LoraFile, f64)>) -> Result<Components, String> {
     let mut m = TorchModels::load(dir, tch::Device::Cpu, tch::Kind::Float).map_err(s)?;
     if let Some((file, weight)) = lora {
         let applied = crate::torch::lora::merge_file(&mut m, file, weight).map_err(s)?;
         unmatched(&applied.unmatched)?;
     }
-    Ok(Box::new(m))
+    Ok(Components(m))
 }
 
 fn unmatched(keys: &[String]) -> Result<(), String> {
@@ -66,9 +55,10 @@ fn ct(t: &tch::Tensor) -> Result<Tensor, String> {
     to_candle(t).map_err(s)
 }
 
-impl Components for TorchModels {
-    fn text(&self, index: usize, ids: &Tensor) -> Result<TextOut, String> {
+impl Components {
+    pub fn text(&self, index: usize, ids: &Tensor) -> Result<TextOut, String> {
         let model = self
+            .0
             .text
             .get(index)
             .ok_or_else(|| format!("the model has no text encoder {}", index + 1))?;
@@ -78,7 +68,7 @@ impl Components for TorchModels {
         Ok((ct(&out.last)?, ct(pen)?, ct(&out.pooled)?))
     }
 
-    fn unet(
+    pub fn unet(
         &self,
         x: &Tensor,
         t: f64,
@@ -94,18 +84,18 @@ impl Components for TorchModels {
         };
         let ts = tch::Tensor::from(t as f32);
         let (x, ctx) = (tt(x)?, tt(ctx)?);
-        let out = guard(|| tch::no_grad(|| self.unet.forward(&x, &ts, &ctx, added.as_ref())))
+        let out = guard(|| tch::no_grad(|| self.0.unet.forward(&x, &ts, &ctx, added.as_ref())))
             .map_err(s)?;
         ct(&out)
     }
 
-    fn vae_decode(&self, z: &Tensor) -> Result<Tensor, String> {
+    pub fn vae_decode(&self, z: &Tensor) -> Result<Tensor, String> {
         let z = tt(z)?;
-        ct(&guard(|| Ok(tch::no_grad(|| self.vae.decode(&z)))).map_err(s)?)
+        ct(&guard(|| Ok(tch::no_grad(|| self.0.vae.decode(&z)))).map_err(s)?)
     }
 
-    fn vae_encode_mean(&self, image: &Tensor) -> Result<Tensor, String> {
+    pub fn vae_encode_mean(&self, image: &Tensor) -> Result<Tensor, String> {
         let image = tt(image)?;
-        ct(&guard(|| Ok(tch::no_grad(|| self.vae.encode_moments(&image).0))).map_err(s)?)
+        ct(&guard(|| Ok(tch::no_grad(|| self.0.vae.encode_moments(&image).0))).map_err(s)?)
     }
 }
