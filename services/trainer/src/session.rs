@@ -11,9 +11,9 @@ use std::collections::HashMap;
 use atelier_contracts::{LossPoint, TrainSpec};
 use atelier_diffusion::pipeline::{Family, StableDiffusion};
 use atelier_diffusion::schedulers::{NoiseSchedule, PredictionType};
+use atelier_diffusion::torch as engine;
 use atelier_diffusion::torch::train::encode_caption;
 use atelier_diffusion::torch::weights::{from_candle, to_candle};
-use atelier_diffusion::torch::{self as engine, Kind};
 use atelier_diffusion::train::{
     clip_grad_norm, stream, AdamW, AdamWParams, Batch, Group, LoraConfig, LoraNetwork, LrSchedule,
     Objective, UnetTargets,
@@ -43,10 +43,11 @@ pub enum TrainError {
     Checkpoint(String),
 }
 
-/// An image ready to train: its latents (and its mirror's, for flip_aug), caption and weight.
+/// An image ready to train: its latents (and its mirror's, for flip_aug) on the model's device,
+/// in f32, caption and weight.
 pub struct Example {
-    pub latents: Tensor,
-    pub flipped: Option<Tensor>,
+    pub latents: engine::Tensor,
+    pub flipped: Option<engine::Tensor>,
     pub bucket: (u32, u32),
     pub caption: String,
     /// 1 for training images, the prior-loss weight for DreamBooth class images.
@@ -79,6 +80,7 @@ pub fn prepare(
         no_upscale: spec.bucket_no_upscale,
     };
     let f = model.vae_scale() as u32;
+    let device = model.torch().vae.device();
     let mut out = Vec::with_capacity(sources.len());
     for s in sources {
         let (w, h) = bucketing.bucket_for(s.image.width(), s.image.height());
@@ -88,16 +90,15 @@ pub fn prepare(
             )));
         }
         let img = fit_to(&s.image, w, h);
-        let latents = model
-            .encode_image(&img, w as usize, h as usize)
-            .map_err(|e| TrainError::Invalid(e.to_string()))?;
+        let encode = |img: &image::RgbImage| -> Result<engine::Tensor, TrainError> {
+            let z = model
+                .encode_image(img, w as usize, h as usize)
+                .map_err(|e| TrainError::Invalid(e.to_string()))?;
+            Ok(from_candle(&z)?.to_device(device))
+        };
+        let latents = encode(&img)?;
         let flipped = if spec.flip_aug {
-            let m = image::imageops::flip_horizontal(&img);
-            Some(
-                model
-                    .encode_image(&m, w as usize, h as usize)
-                    .map_err(|e| TrainError::Invalid(e.to_string()))?,
-            )
+            Some(encode(&image::imageops::flip_horizontal(&img))?)
         } else {
             None
         };
@@ -316,11 +317,6 @@ impl Session {
         })
     }
 
-    /// Cached latents on the model's device.
-    fn latents(&self, t: &Tensor) -> Result<engine::Tensor, TrainError> {
-        Ok(from_candle(t)?.to_device(self.model.torch().vae.device()))
-    }
-
     fn batch(
         &mut self,
         micro: usize,
@@ -336,11 +332,10 @@ impl Session {
             let caption = self.captions.apply(&self.examples[i].caption, rng);
             let e = &self.examples[i];
             let flip = e.flipped.is_some() && rng.gen::<bool>();
-            let chosen = match (&e.flipped, flip) {
-                (Some(f), true) => f.clone(),
-                _ => e.latents.clone(),
-            };
-            lat.push(self.latents(&chosen)?);
+            lat.push(match (&e.flipped, flip) {
+                (Some(f), true) => f.shallow_clone(),
+                _ => e.latents.shallow_clone(),
+            });
             weights.push(e.weight);
             let bucket = e.bucket;
             let (c, p) = self.encode_text(&caption)?;
@@ -351,7 +346,7 @@ impl Session {
             }
         }
         Ok(Batch {
-            latents: engine::Tensor::cat(&lat, 0).to_kind(Kind::Float),
+            latents: engine::Tensor::cat(&lat, 0),
             context: engine::Tensor::cat(&ctx, 0),
             added: self.added(pooled, &sizes),
             weights,
@@ -443,7 +438,7 @@ impl Session {
                 let e = &self.examples[i];
                 let bucket = e.bucket;
                 let batch = Batch {
-                    latents: self.latents(&e.latents)?.to_kind(Kind::Float),
+                    latents: e.latents.shallow_clone(),
                     context,
                     added: self.added(pooled.into_iter().collect(), &[bucket]),
                     weights: vec![e.weight],
