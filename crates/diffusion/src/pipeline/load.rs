@@ -13,7 +13,7 @@ use crate::models::config::{Activation, ClipConfig, PerBlock, UNetConfig, VaeCon
 use crate::models::load::{component_weights, SafetensorsWeights};
 use crate::schedulers::ScheduleConfig;
 use crate::tokenizer::ClipTokenizer;
-use crate::torch::weights::Weights;
+use crate::torch::weights::{source, Weights};
 use crate::torch::{self, TorchModels};
 
 pub(crate) fn read_json<T: serde::de::DeserializeOwned>(p: &Path) -> PResult<T> {
@@ -179,10 +179,6 @@ impl SingleFileConfig {
 
 /// One component's weights: a safetensors loader, or seeded random values.
 type Src = std::sync::Arc<dyn torch::weights::Source>;
-
-fn source<B: candle_nn::var_builder::SimpleBackend + 'static>(backend: B) -> Src {
-    std::sync::Arc::new(torch::weights::CandleSource(backend))
-}
 
 /// A checkpoint opened (a diffusers folder, a single file, or random weights of a family's
 /// geometry): its configs and each component's weights, before the networks are built.

@@ -66,7 +66,7 @@ impl Nets {
     ) -> PResult<Tensor> {
         let b = x.dim(0)? as i64;
         let unet = &self.0.unet;
-        let out = run(|| {
+        Ok(run(|| {
             let (kind, dev) = (unet.conv_in.weight.kind(), unet.conv_in.weight.device());
             let added = added
                 .map(|a| {
@@ -84,8 +84,7 @@ impl Nets {
                 added.as_ref(),
             )?;
             torch::weights::to_candle(&out)
-        })?;
-        Ok(out.to_dtype(x.dtype())?)
+        })?)
     }
 
     /// Pixels [B, 3, H, W] in [-1, 1] → scaled latents (the distribution's mean).

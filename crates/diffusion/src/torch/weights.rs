@@ -37,6 +37,11 @@ impl<B: SimpleBackend> Source for CandleSource<B> {
     }
 }
 
+/// Any candle weight backend as a shared source.
+pub fn source<B: SimpleBackend + 'static>(backend: B) -> Arc<dyn Source> {
+    Arc::new(CandleSource(backend))
+}
+
 /// A source seen under a prefix, handing out tensors of one kind on one device.
 #[derive(Clone)]
 pub struct Weights {
@@ -63,7 +68,7 @@ impl Weights {
         kind: Kind,
         device: Device,
     ) -> Self {
-        Self::new(Arc::new(CandleSource(backend)), kind, device)
+        Self::new(source(backend), kind, device)
     }
 
     /// The same source under `prefix.name`.
