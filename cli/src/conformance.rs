@@ -25,6 +25,12 @@ pub enum Conformance {
         #[arg(long)]
         cases: PathBuf,
     },
+    /// What seeds draw: torch's CPU generator and A1111's "NV" source, draw by draw, bit for bit
+    /// (tests/conformance/noise/noise.json format; its tensors file beside it).
+    Noise {
+        #[arg(long)]
+        file: PathBuf,
+    },
     /// Diffusers scheduler traces: every `*.json` in DIR (tests/conformance/schedulers format).
     Schedulers {
         #[arg(long)]
@@ -58,6 +64,16 @@ pub fn run(cmd: Conformance) -> anyhow::Result<bool> {
             let failed = lines.len() - passed - skipped;
             println!("{passed} passed, {failed} failed ({skipped} skipped)");
             Ok(failed == 0)
+        }
+        Conformance::Noise { file } => {
+            let lines = atelier_diffusion::conformance::noise::replay_file(&file)
+                .map_err(anyhow::Error::msg)?;
+            for l in &lines {
+                println!("{l}");
+            }
+            let passed = lines.iter().filter(|l| l.passed()).count();
+            println!("{passed} passed, {} failed", lines.len() - passed);
+            Ok(passed == lines.len())
         }
         Conformance::Schedulers { traces } => {
             let report = atelier_diffusion::conformance::schedulers::replay_dir(&traces)

@@ -28,8 +28,19 @@ pub struct GenerateArgs {
     /// Our name (euler_a, dpmpp_2m_karras, ...) or A1111's ("Euler a", ...).
     #[arg(long, default_value = "euler_a")]
     pub sampler: String,
+    /// A1111's "Clip skip" (1: the last layer).
     #[arg(long, default_value_t = 1)]
     pub clip_skip: usize,
+    /// Noise source: cpu (torch's CPU generator, as diffusers, ComfyUI and A1111's "CPU") or nv
+    /// (A1111's "NV").
+    #[arg(long, default_value = "cpu", value_parser = parse_source)]
+    pub randn_source: atelier_diffusion::noise::RandnSource,
+    /// A1111's variation seed (image i uses subseed + i).
+    #[arg(long)]
+    pub subseed: Option<u64>,
+    /// A1111's variation strength, 0..=1.
+    #[arg(long, default_value_t = 0.0)]
+    pub subseed_strength: f64,
     /// img2img: the starting image.
     #[arg(long)]
     pub init: Option<PathBuf>,
@@ -48,6 +59,11 @@ pub struct GenerateArgs {
     pub out: PathBuf,
 }
 
+fn parse_source(s: &str) -> Result<atelier_diffusion::noise::RandnSource, String> {
+    atelier_diffusion::noise::RandnSource::parse(s)
+        .ok_or_else(|| format!("unknown noise source {s:?}: use cpu or nv"))
+}
+
 pub fn run(g: GenerateArgs) -> anyhow::Result<()> {
     use atelier_diffusion::lora::{LoraFile, LoraMode};
     use atelier_diffusion::pipeline::{Init, StableDiffusion, Txt2Img};
@@ -64,6 +80,12 @@ pub fn run(g: GenerateArgs) -> anyhow::Result<()> {
         batch_size: g.batch_size,
         sampler,
         clip_skip: g.clip_skip,
+        noise: atelier_diffusion::pipeline::NoiseOptions {
+            source: g.randn_source,
+            subseed: g.subseed,
+            subseed_strength: g.subseed_strength,
+            eta_noise_seed_delta: 0,
+        },
     };
     req.validate().map_err(anyhow::Error::msg)?;
     let placement = atelier_diffusion::pipeline::Placement::from_env()?;

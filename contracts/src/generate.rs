@@ -37,6 +37,28 @@ fn is_zero(v: &u32) -> bool {
 fn d_blur() -> f32 {
     4.0
 }
+fn is_zero_f64(v: &f64) -> bool {
+    *v == 0.0
+}
+fn is_zero_u64(v: &u64) -> bool {
+    *v == 0
+}
+
+/// Where a seed's noise comes from.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, JsonSchema, ToSchema,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum RandnSource {
+    /// torch's CPU generator, bit for bit: what diffusers with
+    /// `torch.Generator("cpu").manual_seed(seed)`, ComfyUI and A1111's "CPU" source draw.
+    #[default]
+    #[serde(alias = "CPU")]
+    Cpu,
+    /// A1111's "NV" source: what torch draws on a CUDA device, reproduced on any device.
+    #[serde(alias = "NV")]
+    Nv,
+}
 
 /// A generation request. Prompts use AUTOMATIC1111's syntax (emphasis, BREAK, prompt editing,
 /// alternation, `<lora:name:weight>`).
@@ -65,8 +87,24 @@ pub struct GenerateSpec {
     /// Our sampler name (`euler_a`, `dpmpp_2m_karras`, ...) or A1111's (`Euler a`, ...).
     #[serde(default = "d_sampler")]
     pub sampler: String,
+    /// A1111's "Clip skip": 1 conditions on the text encoder's last layer, N on the N-th from the
+    /// end (then its final layer norm), for the prompt and the negative prompt alike. diffusers'
+    /// `clip_skip=k` is N = k + 1 and leaves the negative prompt on the last layer.
     #[serde(default = "d_one")]
     pub clip_skip: u32,
+    /// Where the seeds' noise comes from (default `cpu`).
+    #[serde(default)]
+    pub randn_source: RandnSource,
+    /// A1111's variation seed of the first image (image i uses subseed + i).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub subseed: Option<u64>,
+    /// A1111's variation strength (0..=1): how far the noise moves, along the sphere, from the
+    /// seed's toward the variation seed's.
+    #[serde(default, skip_serializing_if = "is_zero_f64")]
+    pub subseed_strength: f64,
+    /// A1111's eta noise seed delta (ENSD): samplers' step noise comes from seed + delta.
+    #[serde(default, skip_serializing_if = "is_zero_u64")]
+    pub eta_noise_seed_delta: u64,
     /// img2img / inpaint: the starting image's artifact key.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub init_image: Option<String>,
@@ -110,6 +148,10 @@ impl GenerateSpec {
             batch_size: d_one(),
             sampler: d_sampler(),
             clip_skip: d_one(),
+            randn_source: RandnSource::Cpu,
+            subseed: None,
+            subseed_strength: 0.0,
+            eta_noise_seed_delta: 0,
             init_image: None,
             strength: d_strength(),
             mask: None,
@@ -167,6 +209,12 @@ impl GenerateSpec {
         }
         if self.clip_skip == 0 || self.clip_skip > 12 {
             return Err(format!("clip_skip must be 1..=12 (got {})", self.clip_skip));
+        }
+        if !(self.subseed_strength.is_finite() && (0.0..=1.0).contains(&self.subseed_strength)) {
+            return Err(format!(
+                "subseed_strength must be within 0..=1 (got {})",
+                self.subseed_strength
+            ));
         }
         match kind {
             GenerateKind::Txt2Img => {

@@ -8,6 +8,7 @@ use std::path::PathBuf;
 use std::sync::{Mutex, RwLock};
 use std::time::{Duration, Instant};
 
+use atelier_contracts::generate::RandnSource;
 use atelier_contracts::samplers::SamplerKind;
 use atelier_contracts::{GenerateKind, GenerateSpec, JobId, JobOutput, JobRecord, JobState};
 use axum::body::Body;
@@ -28,7 +29,65 @@ use crate::error::ApiError;
 pub struct A1111State {
     models: Option<PathBuf>,
     default_model: RwLock<Option<String>>,
+    settings: RwLock<Settings>,
     active: Mutex<Vec<JobId>>,
+}
+
+/// The A1111 options that change how images are made, as `POST /sdapi/v1/options` set them.
+#[derive(Debug, Clone, Copy)]
+struct Settings {
+    /// `CLIP_stop_at_last_layers`: A1111's clip skip.
+    clip_skip: u32,
+    /// `randn_source`: "CPU", or "NV" (A1111's "GPU" on an NVIDIA card draws what NV draws).
+    randn_source: RandnSource,
+    /// `eta_noise_seed_delta`.
+    ensd: u64,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Self {
+            clip_skip: 1,
+            randn_source: RandnSource::Cpu,
+            ensd: 0,
+        }
+    }
+}
+
+impl Settings {
+    /// These settings with A1111 option values from `opts` applied, or why one is invalid.
+    fn with(mut self, opts: &HashMap<String, Value>) -> Result<Self, ApiError> {
+        let bad = |name: &str, want: &str| {
+            ApiError::unprocessable("invalid_option", format!("{name} must be {want}"))
+        };
+        if let Some(v) = opts.get("CLIP_stop_at_last_layers") {
+            self.clip_skip = v
+                .as_u64()
+                .filter(|n| (1..=12).contains(n))
+                .ok_or_else(|| bad("CLIP_stop_at_last_layers", "an integer 1..=12"))?
+                as u32;
+        }
+        if let Some(v) = opts.get("randn_source") {
+            self.randn_source = match v.as_str() {
+                Some("CPU") | Some("cpu") => RandnSource::Cpu,
+                Some("NV") | Some("nv") | Some("GPU") | Some("gpu") => RandnSource::Nv,
+                _ => return Err(bad("randn_source", "\"CPU\", \"GPU\" or \"NV\"")),
+            };
+        }
+        if let Some(v) = opts.get("eta_noise_seed_delta") {
+            self.ensd = v
+                .as_u64()
+                .ok_or_else(|| bad("eta_noise_seed_delta", "a non-negative integer"))?;
+        }
+        Ok(self)
+    }
+
+    fn randn_source_name(&self) -> &'static str {
+        match self.randn_source {
+            RandnSource::Cpu => "CPU",
+            RandnSource::Nv => "NV",
+        }
+    }
 }
 
 impl A1111State {
@@ -121,7 +180,13 @@ pub struct Txt2ImgRequest {
     pub width: u32,
     #[serde(default = "d_side")]
     pub height: u32,
-    /// `sd_model_checkpoint`, `CLIP_stop_at_last_layers`.
+    /// Variation seed; -1 picks one at random (used when `subseed_strength` is not 0).
+    #[serde(default = "d_seed")]
+    pub subseed: i64,
+    #[serde(default)]
+    pub subseed_strength: f64,
+    /// `sd_model_checkpoint`, `CLIP_stop_at_last_layers`, `randn_source`,
+    /// `eta_noise_seed_delta`.
     #[serde(default)]
     #[schema(value_type = Object)]
     pub override_settings: Option<HashMap<String, Value>>,
@@ -225,12 +290,11 @@ fn decode_b64_image(field: &str, s: &str) -> Result<(Vec<u8>, image::DynamicImag
 
 async fn spec_of(app: &AppState, req: &Txt2ImgRequest) -> Result<GenerateSpec, ApiError> {
     let sampler = sampler_of(req)?;
-    let clip_skip = req
-        .override_settings
-        .as_ref()
-        .and_then(|o| o.get("CLIP_stop_at_last_layers"))
-        .and_then(|v| v.as_u64())
-        .unwrap_or(1) as u32;
+    let saved = app.a1111.settings.read().map(|s| *s).unwrap_or_default();
+    let settings = match &req.override_settings {
+        Some(o) => saved.with(o)?,
+        None => saved,
+    };
     if req.n_iter == 0 || req.n_iter > 16 {
         return Err(ApiError::unprocessable(
             "invalid_job",
@@ -248,7 +312,11 @@ async fn spec_of(app: &AppState, req: &Txt2ImgRequest) -> Result<GenerateSpec, A
         height: req.height,
         batch_size: req.batch_size,
         sampler: sampler.name().to_string(),
-        clip_skip,
+        clip_skip: settings.clip_skip,
+        randn_source: settings.randn_source,
+        subseed: None,
+        subseed_strength: req.subseed_strength,
+        eta_noise_seed_delta: settings.ensd,
         init_image: None,
         strength: 0.75,
         mask: None,
@@ -267,15 +335,19 @@ async fn run(
     req: &Txt2ImgRequest,
     parameters: Value,
 ) -> Result<Json<ImageResponse>, ApiError> {
-    let seed = if req.seed < 0 {
-        rand::random::<u32>() as u64
-    } else {
-        req.seed as u64
+    let pick = |s: i64| {
+        if s < 0 {
+            rand::random::<u32>() as u64
+        } else {
+            s as u64
+        }
     };
+    let (seed, subseed) = (pick(req.seed), pick(req.subseed));
     let mut ids = Vec::new();
     for i in 0..req.n_iter as u64 {
         let mut s = spec.clone();
         s.seed = Some(seed + i * spec.batch_size as u64);
+        s.subseed = Some(subseed + i * spec.batch_size as u64);
         let record = enqueue_generate(app, caller, s, kind).await?;
         ids.push(record.id);
     }
@@ -344,8 +416,9 @@ async fn run(
         "all_negative_prompts": vec![spec.negative_prompt.clone(); seeds.len()],
         "seed": seeds.first().copied().unwrap_or(seed),
         "all_seeds": seeds,
-        "subseed": -1,
-        "all_subseeds": vec![-1; images.len()],
+        "subseed": subseed,
+        "all_subseeds": (0..seeds.len() as u64).map(|i| subseed + i).collect::<Vec<_>>(),
+        "subseed_strength": spec.subseed_strength,
         "width": spec.width,
         "height": spec.height,
         "sampler_name": SamplerKind::parse(&spec.sampler).and_then(|k| k.a1111_name()).unwrap_or(&spec.sampler),
@@ -541,12 +614,19 @@ pub async fn get_options(
             .next()
             .map(|e| e.name),
     };
-    Ok(Json(
-        json!({"sd_model_checkpoint": current, "CLIP_stop_at_last_layers": 1, "samples_format": "png"}),
-    ))
+    let s = app.a1111.settings.read().map(|s| *s).unwrap_or_default();
+    Ok(Json(json!({
+        "sd_model_checkpoint": current,
+        "CLIP_stop_at_last_layers": s.clip_skip,
+        "randn_source": s.randn_source_name(),
+        "eta_noise_seed_delta": s.ensd,
+        "samples_format": "png",
+    })))
 }
 
-/// Set the default model (`sd_model_checkpoint`); other options are accepted and ignored.
+/// Set the default model (`sd_model_checkpoint`), clip skip (`CLIP_stop_at_last_layers`), the
+/// noise source (`randn_source`: CPU, or NV, which A1111's GPU also means) and
+/// `eta_noise_seed_delta`; other options are accepted and ignored.
 #[utoipa::path(post, path = "/sdapi/v1/options", tag = "a1111",
     responses((status = 200, description = "null"), (status = 422, body = atelier_contracts::http::ApiErrorBody)), security(("bearer" = ["jobs:write"])))]
 pub async fn set_options(
@@ -557,6 +637,8 @@ pub async fn set_options(
 ) -> Result<Json<Value>, ApiError> {
     caller.require(Scope::JobsWrite)?;
     let opts: HashMap<String, Value> = json_body(&app, &headers, body).await?;
+    let saved = app.a1111.settings.read().map(|s| *s).unwrap_or_default();
+    let settings = saved.with(&opts)?;
     if let Some(v) = opts.get("sd_model_checkpoint") {
         let title = v.as_str().ok_or_else(|| {
             ApiError::unprocessable("invalid_json", "sd_model_checkpoint must be a string")
@@ -581,6 +663,9 @@ pub async fn set_options(
         if let Ok(mut g) = app.a1111.default_model.write() {
             *g = Some(name);
         }
+    }
+    if let Ok(mut g) = app.a1111.settings.write() {
+        *g = settings;
     }
     Ok(Json(Value::Null))
 }

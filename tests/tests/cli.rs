@@ -78,6 +78,36 @@ fn prompt_parse_prints_attention_and_schedule() {
 }
 
 #[test]
+fn conformance_noise_is_bit_exact_on_the_shared_seeds_and_fails_on_a_wrong_one() {
+    let file = conformance_dir().join("noise/noise.json");
+    let (ok, stdout, stderr) = atelier(&["conformance", "noise", "--file", file.to_str().unwrap()]);
+    assert!(ok, "{stdout}{stderr}");
+    assert!(
+        stdout.trim_end().ends_with("50 passed, 0 failed"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("ok   a1111_nv seed 9223372036854775819"),
+        "{stdout}"
+    );
+
+    let mut doc: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&file).unwrap()).unwrap();
+    doc["tensors"] = serde_json::json!(file.with_file_name("noise.safetensors"));
+    doc["torch_cpu"]["cases"][0]["seed"] = serde_json::json!(5);
+    let dir = tempfile::tempdir().unwrap();
+    let wrong = dir.path().join("noise.json");
+    std::fs::write(&wrong, doc.to_string()).unwrap();
+    let (ok, stdout, _) = atelier(&["conformance", "noise", "--file", wrong.to_str().unwrap()]);
+    assert!(!ok);
+    assert!(stdout.contains("FAIL torch_cpu seed 5 draw 0"), "{stdout}");
+    assert!(
+        stdout.trim_end().ends_with("47 passed, 3 failed"),
+        "{stdout}"
+    );
+}
+
+#[test]
 fn conformance_schedulers_replays_the_shared_diffusers_traces() {
     let dir = conformance_dir().join("schedulers");
     let (ok, stdout, stderr) = atelier(&[

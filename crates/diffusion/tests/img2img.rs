@@ -14,6 +14,7 @@ fn req(sampler: SamplerKind) -> Txt2Img {
         batch_size: 1,
         sampler,
         clip_skip: 1,
+        noise: Default::default(),
     }
 }
 
@@ -113,17 +114,19 @@ fn img2img_infotexts_carry_the_denoising_strength_as_a1111_writes_it() {
 
 #[test]
 fn txt2img_starts_from_given_latents() {
-    use atelier_diffusion::noise::SeededNoise;
+    use atelier_diffusion::noise::{Generator, RandnSource};
     use candle_core::{Device, Tensor};
     let dir = tempfile::tempdir().unwrap();
     make_tiny(dir.path(), Family::Sd1, 21).unwrap();
     let sd = StableDiffusion::load(dir.path(), Placement::CPU).unwrap();
     let mut r = req(SamplerKind::EulerA);
     r.batch_size = 2;
-    // The seeds' own initial noise as latents: the same images, ancestral steps included.
+    // The seeds' own initial noise as latents — what torch.randn draws from
+    // torch.Generator("cpu").manual_seed(seed + i) — gives the same images, ancestral steps
+    // included.
     let seeded: Vec<Tensor> = (0..2)
         .map(|i| {
-            SeededNoise::new(r.seed + i)
+            Generator::new(RandnSource::TorchCpu, r.seed + i)
                 .randn((1, 4, 16, 16), &Device::Cpu)
                 .unwrap()
         })

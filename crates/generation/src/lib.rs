@@ -18,8 +18,9 @@ use atelier_contracts::{
     GenerateKind, GenerateSpec, GeneratedImage, ImagesOutput, JobOutput, JobSpec, Service,
 };
 use atelier_diffusion::lora::{LoraFile, LoraMode};
+use atelier_diffusion::noise::RandnSource;
 use atelier_diffusion::pipeline::{
-    Init, PipelineError, Placement, Repaint, StableDiffusion, Txt2Img,
+    Init, NoiseOptions, PipelineError, Placement, Repaint, StableDiffusion, Txt2Img,
 };
 use atelier_diffusion::schedulers::SamplerKind;
 use atelier_kit::{Handler, JobCtx, JobError};
@@ -467,6 +468,15 @@ impl Handler for Generator {
             batch_size: g.batch_size as usize,
             sampler,
             clip_skip: g.clip_skip as usize,
+            noise: NoiseOptions {
+                source: match g.randn_source {
+                    atelier_contracts::generate::RandnSource::Cpu => RandnSource::TorchCpu,
+                    atelier_contracts::generate::RandnSource::Nv => RandnSource::Nv,
+                },
+                subseed: g.subseed,
+                subseed_strength: g.subseed_strength,
+                eta_noise_seed_delta: g.eta_noise_seed_delta,
+            },
         };
         req.validate()
             .map_err(|e| JobError::permanent("invalid_job", e))?;

@@ -2,6 +2,7 @@
 //! AUTOMATIC1111 prompt-parser outputs, diffusers' and transformers' model components.
 pub mod components;
 pub mod models;
+pub mod noise;
 pub mod prompts;
 pub mod schedulers;
 

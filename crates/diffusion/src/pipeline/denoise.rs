@@ -1,12 +1,12 @@
 //! The one denoise loop every generation runs (txt2img alone or batched, img2img, inpainting),
 //! and its one guidance function.
 
-use candle_core::{Device, Shape, Tensor};
+use candle_core::Tensor;
 
 use super::cond::Cond;
 use super::img2img::RepaintRun;
+use super::seeds::BatchNoise;
 use super::{PResult, PipelineError, PreviewFn, StableDiffusion};
-use crate::noise::{NoiseSource, SeededNoise};
 use crate::schedulers::Sampler;
 
 /// One run of the loop: what its steps share.
@@ -91,43 +91,5 @@ impl StableDiffusion {
         let out = self.nets.unet(&xin, t, &cond.ctx, cond.add.as_ref())?;
         let (ou, oc) = (out.narrow(0, 0, b)?, out.narrow(0, b, b)?);
         Ok((&ou + (oc - &ou)?.affine(cfg_scale, 0.0)?)?)
-    }
-}
-
-/// Noise drawn per image from its own seeded stream, so a batch equals its single runs.
-pub(super) struct BatchNoise {
-    streams: Vec<SeededNoise>,
-}
-
-impl BatchNoise {
-    pub fn seeded(seeds: impl IntoIterator<Item = u64>) -> Self {
-        Self {
-            streams: seeds.into_iter().map(SeededNoise::new).collect(),
-        }
-    }
-
-    /// One draw of `one` (batch dimension 1) per image, stacked: the initial noise.
-    pub fn initial(&mut self, one: impl Into<Shape>, device: &Device) -> PResult<Tensor> {
-        let one = one.into();
-        let parts = self
-            .streams
-            .iter_mut()
-            .map(|s| s.randn(one.clone(), device))
-            .collect::<candle_core::Result<Vec<_>>>()?;
-        Ok(Tensor::cat(&parts, 0)?)
-    }
-}
-
-impl NoiseSource for BatchNoise {
-    fn randn_like(&mut self, like: &Tensor) -> candle_core::Result<Tensor> {
-        let dims = like.dims().to_vec();
-        let mut one = dims.clone();
-        one[0] = 1;
-        let parts = self
-            .streams
-            .iter_mut()
-            .map(|s| s.randn(one.clone(), like.device()))
-            .collect::<candle_core::Result<Vec<_>>>()?;
-        Tensor::cat(&parts, 0)?.to_dtype(like.dtype())
     }
 }

@@ -3,8 +3,9 @@
 use candle_core::{DType, Tensor};
 
 use super::cond::Cond;
-use super::denoise::{BatchNoise, Preview, Run};
+use super::denoise::{Preview, Run};
 use super::img2img::{Init, RepaintRun};
+use super::seeds::{BatchNoise, ImageSeeds};
 use super::{Generated, PResult, PipelineError, StableDiffusion, Txt2Img, MAX_PIXELS};
 use crate::schedulers::{NoiseSchedule, Sampler};
 
@@ -66,7 +67,11 @@ impl StableDiffusion {
             .map(|ci| self.stack(&[(&enc, ci)], use_cfg, size))
             .collect::<PResult<Vec<Cond>>>()?;
         let mut sampler = self.sampler_for(req)?;
-        let mut noise = BatchNoise::seeded((0..b).map(|i| req.seed.wrapping_add(i as u64)));
+        let mut noise = BatchNoise::new(
+            req.noise.source,
+            req.noise.eta_noise_seed_delta,
+            (0..b).map(|i| ImageSeeds::of(req.seed, &req.noise, i)),
+        );
         let shape = (b, self.latent_channels(), h, w);
         // Drawn either way, so later steps' noise is the seeds' next draws.
         let drawn = noise.initial((1, shape.1, h, w), self.device())?;
@@ -118,11 +123,11 @@ impl StableDiffusion {
                     Some(r) => r.finish(image),
                     None => image,
                 };
-                let seed = req.seed.wrapping_add(i as u64);
+                let seeds = ImageSeeds::of(req.seed, &req.noise, i);
                 Generated {
-                    seed,
+                    seed: seeds.seed,
                     image,
-                    parameters: self.parameters(req, seed, init.map(|i| i.strength)),
+                    parameters: self.parameters(req, &seeds, init.map(|i| i.strength)),
                 }
             })
             .collect())

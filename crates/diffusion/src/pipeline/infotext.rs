@@ -1,6 +1,7 @@
 //! What a PNG says about how it was made: A1111's `parameters` text, which A1111, ComfyUI and
 //! civitai read back.
 
+use super::seeds::ImageSeeds;
 use super::{PResult, PipelineError, StableDiffusion, Txt2Img};
 
 #[derive(Debug, Clone)]
@@ -32,9 +33,15 @@ impl Generated {
 }
 
 impl StableDiffusion {
-    /// A1111's `parameters` text for image `i`'s seed (`strength`: an img2img's denoising
-    /// strength, which A1111 writes after the model).
-    pub(super) fn parameters(&self, req: &Txt2Img, seed: u64, strength: Option<f64>) -> String {
+    /// A1111's `parameters` text for one image's seeds (`strength`: an img2img's denoising
+    /// strength), fields in A1111's order. `RNG` names the noise source always: A1111's default
+    /// is "GPU", so a text without it would send an A1111 user to other noise.
+    pub(super) fn parameters(
+        &self,
+        req: &Txt2Img,
+        seeds: &ImageSeeds,
+        strength: Option<f64>,
+    ) -> String {
         let mut s = req.prompt.clone();
         if !req.negative_prompt.is_empty() {
             s.push_str(&format!("\nNegative prompt: {}", req.negative_prompt));
@@ -44,18 +51,27 @@ impl StableDiffusion {
             req.steps,
             req.sampler.a1111_name().unwrap_or(req.sampler.name()),
             req.cfg_scale,
-            seed,
+            seeds.seed,
             req.width,
             req.height,
             self.hash,
             self.name
         ));
+        if let Some((sub, w)) = seeds.variation {
+            s.push_str(&format!(
+                ", Variation seed: {sub}, Variation seed strength: {w}"
+            ));
+        }
         if let Some(d) = strength {
             s.push_str(&format!(", Denoising strength: {d}"));
         }
         if req.clip_skip > 1 {
             s.push_str(&format!(", Clip skip: {}", req.clip_skip));
         }
+        if req.noise.eta_noise_seed_delta != 0 {
+            s.push_str(&format!(", ENSD: {}", req.noise.eta_noise_seed_delta));
+        }
+        s.push_str(&format!(", RNG: {}", req.noise.source.a1111_name()));
         if !self.lora_hashes.is_empty() {
             let list: Vec<String> = self
                 .lora_hashes

@@ -27,6 +27,7 @@ pub mod infotext;
 pub mod load;
 mod nets;
 pub mod request;
+mod seeds;
 pub mod txt2img;
 
 pub use convert::write_single_file;
@@ -36,6 +37,7 @@ pub use infotext::Generated;
 pub(crate) use load::single_file_config;
 pub use load::SingleFileConfig;
 pub use request::{BatchKey, Txt2Img, MAX_PIXELS, MAX_STEPS};
+pub use seeds::NoiseOptions;
 
 #[derive(Debug, thiserror::Error)]
 pub enum PipelineError {

@@ -2,6 +2,8 @@
 
 use serde::{Deserialize, Serialize};
 
+use super::seeds::NoiseOptions;
+use crate::noise::RandnSource;
 use crate::schedulers::SamplerKind;
 
 /// txt2img settings (A1111's names where it has them).
@@ -20,6 +22,9 @@ pub struct Txt2Img {
     pub sampler: SamplerKind,
     #[serde(default = "one")]
     pub clip_skip: usize,
+    /// Noise source, variation seed, eta noise seed delta.
+    #[serde(default)]
+    pub noise: NoiseOptions,
 }
 
 fn one() -> usize {
@@ -36,6 +41,8 @@ pub struct BatchKey {
     /// The CFG scale's bits (exact equality).
     pub cfg_bits: u64,
     pub clip_skip: usize,
+    /// Noise source and eta noise seed delta (variation seeds are per image).
+    pub noise: (RandnSource, u64),
 }
 
 impl BatchKey {
@@ -47,6 +54,7 @@ impl BatchKey {
             sampler: r.sampler,
             cfg_bits: r.cfg_scale.to_bits(),
             clip_skip: r.clip_skip,
+            noise: r.noise.batch_key(),
         }
     }
 }
@@ -91,6 +99,6 @@ impl Txt2Img {
         if self.clip_skip == 0 || self.clip_skip > 12 {
             return Err(format!("clip_skip must be 1..=12 (got {})", self.clip_skip));
         }
-        Ok(())
+        self.noise.validate()
     }
 }

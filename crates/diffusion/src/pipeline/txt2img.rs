@@ -1,7 +1,8 @@
 //! txt2img: one request, or several stacked into one batch of UNet passes.
 
 use super::cond::Encoded;
-use super::denoise::{BatchNoise, Run};
+use super::denoise::Run;
+use super::seeds::{BatchNoise, ImageSeeds};
 use super::{BatchKey, Generated, PResult, PipelineError, StableDiffusion, Txt2Img};
 
 impl StableDiffusion {
@@ -46,7 +47,7 @@ impl StableDiffusion {
         let key = BatchKey::of(first);
         if let Some(r) = reqs.iter().find(|r| BatchKey::of(r) != key) {
             return Err(PipelineError::BadRequest(format!(
-                "requests in one batch must share size, steps, sampler, CFG scale and clip skip: {:?} vs {:?}",
+                "requests in one batch must share size, steps, sampler, CFG scale, clip skip and noise source: {:?} vs {:?}",
                 key,
                 BatchKey::of(r)
             )));
@@ -72,9 +73,11 @@ impl StableDiffusion {
         }
         let (h, w) = self.latent_size(first.width, first.height)?;
         let sampler = self.sampler_for(first)?;
-        let mut noise = BatchNoise::seeded(
+        let mut noise = BatchNoise::new(
+            first.noise.source,
+            first.noise.eta_noise_seed_delta,
             reqs.iter()
-                .flat_map(|r| (0..r.batch_size).map(move |i| r.seed.wrapping_add(i as u64))),
+                .flat_map(|r| (0..r.batch_size).map(move |i| ImageSeeds::of(r.seed, &r.noise, i))),
         );
         let x = noise
             .initial((1, self.latent_channels(), h, w), self.device())?
@@ -102,11 +105,11 @@ impl StableDiffusion {
                 let image = decoded.next().ok_or_else(|| {
                     PipelineError::Compute("the batch decoded fewer images than asked".into())
                 })?;
-                let seed = r.seed.wrapping_add(i as u64);
+                let seeds = ImageSeeds::of(r.seed, &r.noise, i);
                 images.push(Generated {
-                    seed,
+                    seed: seeds.seed,
                     image,
-                    parameters: self.parameters(r, seed, None),
+                    parameters: self.parameters(r, &seeds, None),
                 });
             }
             out.push(images);
