@@ -28,9 +28,13 @@ pub struct GenerateArgs {
     /// Our name (euler_a, dpmpp_2m_karras, ...) or A1111's ("Euler a", ...).
     #[arg(long, default_value = "euler_a")]
     pub sampler: String,
-    /// A1111's "Clip skip" (1: the last layer).
+    /// A1111's "Clip skip" (1: the last layer; prompt and negative prompt alike).
     #[arg(long, default_value_t = 1)]
     pub clip_skip: usize,
+    /// Count --clip-skip as diffusers' `clip_skip=k` instead (layer k + 1 from the end, for the
+    /// prompt only; 0 skips nothing).
+    #[arg(long)]
+    pub diffusers_clip_skip: bool,
     /// Noise source: cpu (torch's CPU generator, as diffusers, ComfyUI and A1111's "CPU") or nv
     /// (A1111's "NV").
     #[arg(long, default_value = "cpu", value_parser = parse_source)]
@@ -80,6 +84,11 @@ pub fn run(g: GenerateArgs) -> anyhow::Result<()> {
         batch_size: g.batch_size,
         sampler,
         clip_skip: g.clip_skip,
+        clip_skip_convention: if g.diffusers_clip_skip {
+            atelier_diffusion::pipeline::ClipSkipConvention::Diffusers
+        } else {
+            atelier_diffusion::pipeline::ClipSkipConvention::A1111
+        },
         noise: atelier_diffusion::pipeline::NoiseOptions {
             source: g.randn_source,
             subseed: g.subseed,

@@ -21,6 +21,8 @@ pub enum SamplerKind {
     DpmPp2m,
     #[serde(rename = "dpmpp_2m_karras")]
     DpmPp2mKarras,
+    #[serde(rename = "dpmpp_2m_sde")]
+    DpmPp2mSde,
     #[serde(rename = "dpmpp_2m_sde_karras")]
     DpmPp2mSdeKarras,
     EulerKarras,
@@ -31,7 +33,7 @@ pub enum SamplerKind {
 }
 
 impl SamplerKind {
-    pub const ALL: [SamplerKind; 16] = [
+    pub const ALL: [SamplerKind; 17] = [
         SamplerKind::Euler,
         SamplerKind::EulerA,
         SamplerKind::EulerKarras,
@@ -42,6 +44,7 @@ impl SamplerKind {
         SamplerKind::Dpm2A,
         SamplerKind::DpmPp2m,
         SamplerKind::DpmPp2mKarras,
+        SamplerKind::DpmPp2mSde,
         SamplerKind::DpmPp2mSdeKarras,
         SamplerKind::Ddim,
         SamplerKind::Ddpm,
@@ -64,6 +67,7 @@ impl SamplerKind {
             SamplerKind::Dpm2A => "dpm2_a",
             SamplerKind::DpmPp2m => "dpmpp_2m",
             SamplerKind::DpmPp2mKarras => "dpmpp_2m_karras",
+            SamplerKind::DpmPp2mSde => "dpmpp_2m_sde",
             SamplerKind::DpmPp2mSdeKarras => "dpmpp_2m_sde_karras",
             SamplerKind::EulerKarras => "euler_karras",
             SamplerKind::EulerTrailing => "euler_trailing",
@@ -86,6 +90,7 @@ impl SamplerKind {
             SamplerKind::Dpm2A => "DPM2 a",
             SamplerKind::DpmPp2m => "DPM++ 2M",
             SamplerKind::DpmPp2mKarras => "DPM++ 2M Karras",
+            SamplerKind::DpmPp2mSde => "DPM++ 2M SDE",
             SamplerKind::DpmPp2mSdeKarras => "DPM++ 2M SDE Karras",
             SamplerKind::EulerKarras => "Euler Karras",
             SamplerKind::UniPc => "UniPC",
@@ -107,9 +112,10 @@ impl SamplerKind {
             SamplerKind::Heun => "HeunDiscreteScheduler",
             SamplerKind::Dpm2 => "KDPM2DiscreteScheduler",
             SamplerKind::Dpm2A => "KDPM2AncestralDiscreteScheduler",
-            SamplerKind::DpmPp2m | SamplerKind::DpmPp2mKarras | SamplerKind::DpmPp2mSdeKarras => {
-                "DPMSolverMultistepScheduler"
-            }
+            SamplerKind::DpmPp2m
+            | SamplerKind::DpmPp2mKarras
+            | SamplerKind::DpmPp2mSde
+            | SamplerKind::DpmPp2mSdeKarras => "DPMSolverMultistepScheduler",
             SamplerKind::UniPc => "UniPCMultistepScheduler",
             SamplerKind::Lcm => "LCMScheduler",
         }
@@ -122,6 +128,7 @@ impl SamplerKind {
             SamplerKind::Ddpm
                 | SamplerKind::EulerA
                 | SamplerKind::Dpm2A
+                | SamplerKind::DpmPp2mSde
                 | SamplerKind::DpmPp2mSdeKarras
                 | SamplerKind::Lcm
         )

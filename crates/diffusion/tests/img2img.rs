@@ -14,6 +14,7 @@ fn req(sampler: SamplerKind) -> Txt2Img {
         batch_size: 1,
         sampler,
         clip_skip: 1,
+        clip_skip_convention: Default::default(),
         noise: Default::default(),
     }
 }

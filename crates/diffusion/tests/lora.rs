@@ -18,6 +18,7 @@ fn req() -> Txt2Img {
         batch_size: 1,
         sampler: SamplerKind::Euler,
         clip_skip: 1,
+        clip_skip_convention: Default::default(),
         noise: Default::default(),
     }
 }

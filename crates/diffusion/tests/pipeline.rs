@@ -15,6 +15,7 @@ fn request(seed: u64, sampler: SamplerKind) -> Txt2Img {
         batch_size: 1,
         sampler,
         clip_skip: 1,
+        clip_skip_convention: Default::default(),
         noise: Default::default(),
     }
 }

@@ -20,7 +20,8 @@ use atelier_contracts::{
 use atelier_diffusion::lora::{LoraFile, LoraMode};
 use atelier_diffusion::noise::RandnSource;
 use atelier_diffusion::pipeline::{
-    Init, NoiseOptions, PipelineError, Placement, Repaint, StableDiffusion, Txt2Img,
+    ClipSkipConvention, Init, NoiseOptions, PipelineError, Placement, Repaint, StableDiffusion,
+    Txt2Img,
 };
 use atelier_diffusion::schedulers::SamplerKind;
 use atelier_kit::{Handler, JobCtx, JobError};
@@ -468,6 +469,8 @@ impl Handler for Generator {
             batch_size: g.batch_size as usize,
             sampler,
             clip_skip: g.clip_skip as usize,
+            // /v1 and the A1111 routes count clip skip as A1111 does (see GenerateSpec).
+            clip_skip_convention: ClipSkipConvention::A1111,
             noise: NoiseOptions {
                 source: match g.randn_source {
                     atelier_contracts::generate::RandnSource::Cpu => RandnSource::TorchCpu,

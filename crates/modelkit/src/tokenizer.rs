@@ -131,6 +131,11 @@ impl ClipTokenizer {
         self.inner.token_to_id(",</w>")
     }
 
+    /// The id of a vocabulary entry (`"!"`, `"<|endoftext|>"`, ...).
+    pub fn token_id(&self, token: &str) -> Option<u32> {
+        self.inner.token_to_id(token)
+    }
+
     pub fn vocab_size(&self) -> usize {
         self.inner.get_vocab_size(true)
     }

@@ -94,6 +94,7 @@ fn render(m: &StableDiffusion, prompt: &str) -> Vec<u8> {
         batch_size: 1,
         sampler: SamplerKind::parse("euler").unwrap(),
         clip_skip: 1,
+        clip_skip_convention: Default::default(),
         noise: Default::default(),
     };
     m.txt2img(&req, |_, _| true).unwrap()[0]

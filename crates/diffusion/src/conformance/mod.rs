@@ -3,8 +3,10 @@
 pub mod components;
 pub mod models;
 pub mod noise;
+pub mod pipelines;
 pub mod prompts;
 pub mod schedulers;
+pub mod tokenizer;
 
 /// Passed/failed counts with a line per failure.
 #[derive(Debug, Default, Clone, serde::Serialize)]

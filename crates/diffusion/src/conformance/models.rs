@@ -1,10 +1,11 @@
-//! Replays the component references of `tests/conformance/models/` (what diffusers and
-//! transformers compute from small models with the real structures): text encoders, UNets, the
-//! VAE's decode and encode, and a kohya LoRA applied to a base case. One [`Line`] per check with
-//! its largest difference against the case's tolerance.
+//! Replays the references of `tests/conformance/models/` (what diffusers and transformers compute
+//! from small models with the real structures): the CLIP tokenizer, text encoders, UNets, the
+//! VAE's decode and encode, a kohya LoRA applied to a base case, and whole txt2img runs from given
+//! latents or from seeds. One [`Line`] per check with its largest difference against the case's
+//! tolerance.
 //!
-//! Whole-pipeline checks (`pipeline`) and the transformer families (FLUX.1, SD 3.5) are reported
-//! as skipped: the fidelity and transformer-family work replays them.
+//! The transformer families (FLUX.1, SD 3.5) are reported as skipped: the transformer-family
+//! work replays them.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -14,7 +15,9 @@ use serde::Deserialize;
 use serde_json::Value;
 
 use super::components::{self, Components};
+use super::{pipelines, tokenizer};
 use crate::lora::LoraFile;
+use crate::pipeline::StableDiffusion;
 
 #[derive(Debug, Deserialize)]
 struct Case {
@@ -77,16 +80,17 @@ impl Line {
 
 /// Every case folder under `dir` (or `dir` itself when it holds a `case.json`), in name order.
 pub fn replay_dir(dir: &Path) -> Result<Vec<Line>, String> {
-    let mut cases: Vec<PathBuf> = if dir.join("case.json").is_file() {
-        vec![dir.to_path_buf()]
-    } else {
-        std::fs::read_dir(dir)
-            .map_err(|e| format!("{}: {e}", dir.display()))?
-            .flatten()
-            .map(|e| e.path())
-            .filter(|p| p.join("case.json").is_file())
-            .collect()
-    };
+    let mut cases: Vec<PathBuf> =
+        if dir.join("case.json").is_file() || dir.join("cases.json").is_file() {
+            vec![dir.to_path_buf()]
+        } else {
+            std::fs::read_dir(dir)
+                .map_err(|e| format!("{}: {e}", dir.display()))?
+                .flatten()
+                .map(|e| e.path())
+                .filter(|p| p.join("case.json").is_file() || p.join("cases.json").is_file())
+                .collect()
+        };
     if cases.is_empty() {
         return Err(format!(
             "{}: no case folders (each holds a case.json; tests/conformance/models is one such folder)",
@@ -101,12 +105,92 @@ pub fn replay_dir(dir: &Path) -> Result<Vec<Line>, String> {
     Ok(lines)
 }
 
-/// One case folder's checks.
+/// Where a case's model comes from: its folder, or a base case's with a LoRA at a weight.
+struct Source {
+    dir: PathBuf,
+    lora: Option<(LoraFile, f64)>,
+}
+
+impl Source {
+    fn lora(&self) -> Option<(&LoraFile, f64)> {
+        self.lora.as_ref().map(|(f, w)| (f, *w))
+    }
+}
+
+/// The case's models, each loaded on first use.
+#[derive(Default)]
+struct Loaded {
+    source: Option<Result<Source, String>>,
+    components: Option<Result<Components, String>>,
+    pipeline: Option<Result<StableDiffusion, String>>,
+}
+
+impl Loaded {
+    fn source(&mut self, case: &Case, dir: &Path) -> Result<&Source, String> {
+        self.source
+            .get_or_insert_with(|| match &case.model {
+                Some(m) if dir.join(m).is_dir() => Ok(Source {
+                    dir: dir.join(m),
+                    lora: None,
+                }),
+                _ => Err(format!(
+                    "{}: no model folder and no lora check before this one",
+                    dir.display()
+                )),
+            })
+            .as_ref()
+            .map_err(Clone::clone)
+    }
+
+    fn components(&mut self, case: &Case, dir: &Path) -> Result<&Components, String> {
+        if self.components.is_none() {
+            let c = self
+                .source(case, dir)
+                .and_then(|s| components::load(&s.dir, s.lora()));
+            self.components = Some(c);
+        }
+        self.components
+            .as_ref()
+            .map(|c| c.as_ref().map_err(Clone::clone))
+            .unwrap_or_else(|| Err("not loaded".into()))
+    }
+
+    fn pipeline(&mut self, case: &Case, dir: &Path) -> Result<&StableDiffusion, String> {
+        if self.pipeline.is_none() {
+            let p = self
+                .source(case, dir)
+                .and_then(|s| pipelines::load(&s.dir, s.lora()));
+            self.pipeline = Some(p);
+        }
+        self.pipeline
+            .as_ref()
+            .map(|c| c.as_ref().map_err(Clone::clone))
+            .unwrap_or_else(|| Err("not loaded".into()))
+    }
+}
+
+/// Why a check is not run here, if it is not.
+fn skip_reason(case: &Case, kind: &str) -> Option<&'static str> {
+    let transformer = case.family.starts_with("flux") || case.family.starts_with("sd3");
+    match kind {
+        _ if transformer => Some("skipped: the transformer families are not in the engine yet"),
+        "pipeline_flux" | "pipeline_sd3" | "tokenizer_t5" | "text_encoder_t5"
+        | "transformer_flux" | "transformer_sd3" => {
+            Some("skipped: the transformer families are not in the engine yet")
+        }
+        _ => None,
+    }
+}
+
+/// One case folder's checks (a `cases.json` folder holds tokenizer cases instead).
 pub fn replay_case(dir: &Path) -> Result<Vec<Line>, String> {
+    if !dir.join("case.json").is_file() {
+        return tokenizer::replay(dir);
+    }
     let case: Case = read_json(&dir.join("case.json"))?;
     let tensors = candle_core::safetensors::load(dir.join(&case.tensors), &Device::Cpu)
         .map_err(|e| format!("{}: {e}", dir.join(&case.tensors).display()))?;
-    let mut model: Option<Result<Components, String>> = None;
+    let mut loaded = Loaded::default();
     let mut lines = Vec::new();
     for (i, check) in case.checks.iter().enumerate() {
         let kind = check["kind"].as_str().unwrap_or("?");
@@ -125,42 +209,34 @@ pub fn replay_case(dir: &Path) -> Result<Vec<Line>, String> {
             note: None,
             passed: false,
         };
-        let transformer = case.family.starts_with("flux") || case.family.starts_with("sd3");
-        let skip = match kind {
-            _ if transformer => Some("skipped: the transformer families are not in the engine yet"),
-            "pipeline" | "pipeline_flux" | "pipeline_sd3" => {
-                Some("skipped: whole-pipeline checks are the fidelity work's")
-            }
-            "tokenizer_t5" | "text_encoder_t5" | "transformer_flux" | "transformer_sd3" => {
-                Some("skipped: the transformer families are not in the engine yet")
-            }
-            _ => None,
-        };
-        if let Some(why) = skip {
+        if let Some(why) = skip_reason(&case, kind) {
             line.note = Some(why.into());
             lines.push(line);
             continue;
         }
         if kind == "lora" {
-            model = Some(lora_model(dir, check));
-            match &model {
-                Some(Ok(_)) => line.passed = true,
-                Some(Err(e)) => line.note = Some(e.clone()),
-                None => {}
+            let source = lora_source(dir, check);
+            match &source {
+                Ok(_) => line.passed = true,
+                Err(e) => line.note = Some(e.clone()),
             }
+            loaded = Loaded {
+                source: Some(source),
+                ..Loaded::default()
+            };
             lines.push(line);
             continue;
         }
-        let m = model.get_or_insert_with(|| match &case.model {
-            Some(m) if dir.join(m).is_dir() => components::load(&dir.join(m), None),
-            _ => Err(format!(
-                "{}: no model folder and no lora check before this one",
-                dir.display()
-            )),
-        });
-        let result = match m {
-            Ok(m) => run_check(m, kind, check, &tensors),
-            Err(e) => Err(e.clone()),
+        let result = if kind == "pipeline" {
+            loaded
+                .pipeline(&case, dir)
+                .and_then(|m| pipelines::run(m, check, &tensors))
+                .and_then(|(got, want)| diff(&got, &want))
+                .map_err(|e| format!("pipeline: {e}"))
+        } else {
+            loaded
+                .components(&case, dir)
+                .and_then(|m| run_check(m, kind, check, &tensors))
         };
         match result {
             Ok(d) => {
@@ -179,8 +255,8 @@ fn read_json<T: serde::de::DeserializeOwned>(p: &Path) -> Result<T, String> {
     serde_json::from_str(&text).map_err(|e| format!("{}: {e}", p.display()))
 }
 
-/// The base case's model with the check's LoRA merged at its weight.
-fn lora_model(dir: &Path, check: &Value) -> Result<Components, String> {
+/// The base case's model with the check's LoRA at its weight.
+fn lora_source(dir: &Path, check: &Value) -> Result<Source, String> {
     let base = check["base_case"]
         .as_str()
         .ok_or("lora check without base_case")?;
@@ -189,7 +265,10 @@ fn lora_model(dir: &Path, check: &Value) -> Result<Components, String> {
     let model_dir = base_dir.join(base_case.model.as_deref().unwrap_or("model"));
     let file = LoraFile::load(&dir.join(check["file"].as_str().ok_or("lora check without file")?))?;
     let weight = check["weight"].as_f64().unwrap_or(1.0);
-    components::load(&model_dir, Some((&file, weight)))
+    Ok(Source {
+        dir: model_dir,
+        lora: Some((file, weight)),
+    })
 }
 
 type Tensors = HashMap<String, Tensor>;

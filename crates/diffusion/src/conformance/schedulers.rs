@@ -8,7 +8,9 @@ use serde::Deserialize;
 
 use super::Report;
 use crate::noise::ReplayNoise;
-use crate::schedulers::{NoiseSchedule, SamplerKind, ScheduleConfig, TimestepSpacing};
+use crate::schedulers::{
+    NoiseSchedule, SamplerKind, SamplerOptions, ScheduleConfig, SchedulerConfig,
+};
 
 /// Absolute tolerance, relative for values above 1.
 pub const TOLERANCE: f64 = 1e-4;
@@ -74,7 +76,7 @@ fn mismatch(got: &[f32], want: &[f32]) -> Option<String> {
         .map(|(i, (g, w))| format!("[{i}] = {g}, expected {w}"))
 }
 
-fn config_of(trace: &Trace) -> Result<(SamplerKind, ScheduleConfig), String> {
+fn config_of(trace: &Trace) -> Result<(SamplerKind, ScheduleConfig, SamplerOptions), String> {
     let kind = SamplerKind::parse(&trace.scheduler)
         .ok_or_else(|| format!("unknown scheduler {:?}", trace.scheduler))?;
     if let Some(class) = &trace.diffusers_class {
@@ -96,7 +98,10 @@ fn config_of(trace: &Trace) -> Result<(SamplerKind, ScheduleConfig), String> {
         return Err(format!("use_karras_sigmas={karras} does not fit {kind}"));
     }
     if let Some(alg) = c.get("algorithm_type").and_then(|v| v.as_str()) {
-        let want = if kind == SamplerKind::DpmPp2mSdeKarras {
+        let want = if matches!(
+            kind,
+            SamplerKind::DpmPp2mSde | SamplerKind::DpmPp2mSdeKarras
+        ) {
             "sde-dpmsolver++"
         } else {
             "dpmsolver++"
@@ -105,23 +110,19 @@ fn config_of(trace: &Trace) -> Result<(SamplerKind, ScheduleConfig), String> {
             return Err(format!("algorithm_type {alg} does not fit {kind}"));
         }
     }
-    let mut cfg: ScheduleConfig = serde_json::from_value(serde_json::Value::Object(c.clone()))
-        .map_err(|e| format!("config: {e}"))?;
-    if !c.contains_key("steps_offset") {
-        cfg.steps_offset = 0;
-    }
-    if !c.contains_key("timestep_spacing") {
-        cfg.timestep_spacing = TimestepSpacing::Linspace;
-    }
-    Ok((kind, cfg))
+    // Keys the trace's config lacks take the class's defaults, as diffusers' constructor gives
+    // them.
+    let (cfg, options) =
+        SchedulerConfig::from_value(serde_json::Value::Object(c.clone()))?.for_sampler(kind)?;
+    Ok((kind, cfg, options))
 }
 
 /// Replay one trace; `Err` says where it first diverged.
 pub fn replay(trace: &Trace) -> Result<(), String> {
-    let (kind, cfg) = config_of(trace)?;
+    let (kind, cfg, options) = config_of(trace)?;
     let schedule = NoiseSchedule::new(cfg);
-    let mut sampler =
-        crate::schedulers::build(kind, &schedule, trace.steps).map_err(|e| e.to_string())?;
+    let mut sampler = crate::schedulers::build_with(kind, &schedule, trace.steps, options)
+        .map_err(|e| e.to_string())?;
     let dev = Device::Cpu;
     let e = |err: candle_core::Error| err.to_string();
 

@@ -53,7 +53,8 @@ impl StableDiffusion {
         let prompt = without_extra_networks(&req.prompt)?;
         let negative = without_extra_networks(&req.negative_prompt)?;
         let sched = schedule(&prompt, req.steps);
-        let (mut empty, empty_pooled) = self.encode_prompt("", req.clip_skip)?;
+        let (prompt_layer, negative_layer) = req.clip_layers();
+        let (mut empty, empty_pooled) = self.encode_prompt("", negative_layer)?;
         let (uncond, uncond_pooled) = if negative.is_empty() && self.zero_empty_negative {
             // Zeros for the negative, padded with zeros to a longer prompt's length (diffusers'
             // zeros_like(prompt_embeds)).
@@ -61,11 +62,11 @@ impl StableDiffusion {
             let pooled = empty_pooled.map(|p| p.zeros_like()).transpose()?;
             (empty.clone(), pooled)
         } else {
-            self.encode_prompt(&negative, req.clip_skip)?
+            self.encode_prompt(&negative, negative_layer)?
         };
         let (mut ctx, mut pooled) = (Vec::new(), Vec::new());
         for e in &sched {
-            let (c, p) = self.encode_prompt(&e.text, req.clip_skip)?;
+            let (c, p) = self.encode_prompt(&e.text, prompt_layer)?;
             ctx.push(if use_cfg {
                 conditioning::pad_to_same(uncond.clone(), c, &empty)?
             } else {

@@ -7,7 +7,7 @@ use super::{Family, PResult};
 use crate::models::config::{Activation, ClipConfig, PerBlock, UNetConfig, VaeConfig};
 use crate::models::load::save;
 use crate::models::shapes::RandomWeights;
-use crate::schedulers::ScheduleConfig;
+use crate::schedulers::{ScheduleConfig, SchedulerConfig};
 use crate::tokenizer::write_tiny_vocab;
 use crate::torch::clip::ClipTextModel;
 use crate::torch::unet::UNet;
@@ -157,7 +157,10 @@ fn write_tiny(
     std::fs::create_dir_all(&sched).map_err(e)?;
     std::fs::write(
         sched.join("scheduler_config.json"),
-        serde_json::to_string_pretty(&ScheduleConfig::default()).unwrap_or_default(),
+        serde_json::to_string_pretty(
+            &SchedulerConfig::of_schedule(&ScheduleConfig::default()).to_value(),
+        )
+        .unwrap_or_default(),
     )
     .map_err(e)?;
     let class = if sdxl {

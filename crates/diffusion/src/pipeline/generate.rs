@@ -38,8 +38,14 @@ impl StableDiffusion {
 
     /// A fresh sampler of `req`'s kind over `req.steps` on this model's noise schedule.
     pub(super) fn sampler_for(&self, req: &Txt2Img) -> PResult<Box<dyn Sampler>> {
-        let schedule = NoiseSchedule::new(self.schedule.clone());
-        crate::schedulers::build(req.sampler, &schedule, req.steps)
+        let (config, options) =
+            self.scheduler
+                .for_sampler(req.sampler)
+                .map_err(|e| PipelineError::Model {
+                    path: format!("{}/scheduler", self.name),
+                    reason: e,
+                })?;
+        crate::schedulers::build_with(req.sampler, &NoiseSchedule::new(config), req.steps, options)
             .map_err(|e| PipelineError::BadRequest(e.to_string()))
     }
 
@@ -54,9 +60,50 @@ impl StableDiffusion {
         &self,
         req: &Txt2Img,
         (init, latents): (Option<&Init>, Option<&Tensor>),
-        mut on_step: impl FnMut(usize, usize) -> bool,
+        on_step: impl FnMut(usize, usize) -> bool,
         preview: Preview<'_, '_>,
     ) -> PResult<Vec<Generated>> {
+        let (x, repaint) = self.denoised(req, (init, latents), on_step, preview)?;
+        let decoded = self.decode_rgb(&x, req.width, req.height)?;
+        Ok(decoded
+            .into_iter()
+            .enumerate()
+            .map(|(i, image)| {
+                let image = match &repaint {
+                    Some(r) => r.finish(image),
+                    None => image,
+                };
+                let seeds = ImageSeeds::of(req.seed, &req.noise, i);
+                Generated {
+                    seed: seeds.seed,
+                    image,
+                    parameters: self.parameters(req, &seeds, init.map(|i| i.strength)),
+                }
+            })
+            .collect())
+    }
+
+    /// txt2img up to the VAE: the images as floats `[batch_size, height, width, 3]` in [0, 1]
+    /// (diffusers' `output_type="np"`, before 8-bit rounding), from the seeds' noise or from
+    /// given initial `latents` (see [`txt2img_from_latents`](Self::txt2img_from_latents)).
+    pub fn txt2img_pixels(
+        &self,
+        req: &Txt2Img,
+        latents: Option<&Tensor>,
+        on_step: impl FnMut(usize, usize) -> bool,
+    ) -> PResult<Tensor> {
+        let (x, _) = self.denoised(req, (None, latents), on_step, None)?;
+        self.decode_unit(&x)
+    }
+
+    /// One request's final latents (and the repaint hooks that finish its images).
+    fn denoised(
+        &self,
+        req: &Txt2Img,
+        (init, latents): (Option<&Init>, Option<&Tensor>),
+        mut on_step: impl FnMut(usize, usize) -> bool,
+        preview: Preview<'_, '_>,
+    ) -> PResult<(Tensor, Option<Box<dyn RepaintRun>>)> {
         req.validate().map_err(PipelineError::BadRequest)?;
         let (h, w) = self.latent_size(req.width, req.height)?;
         let b = req.batch_size;
@@ -114,23 +161,7 @@ impl StableDiffusion {
         let x = start.x;
         let mut cond_at = |step: usize| Ok(conds[enc.entry_at(step)].clone());
         let x = self.denoise(run, x, &mut cond_at, &mut on_step, preview)?;
-        let decoded = self.decode_rgb(&x, req.width, req.height)?;
-        Ok(decoded
-            .into_iter()
-            .enumerate()
-            .map(|(i, image)| {
-                let image = match &start.repaint {
-                    Some(r) => r.finish(image),
-                    None => image,
-                };
-                let seeds = ImageSeeds::of(req.seed, &req.noise, i);
-                Generated {
-                    seed: seeds.seed,
-                    image,
-                    parameters: self.parameters(req, &seeds, init.map(|i| i.strength)),
-                }
-            })
-            .collect())
+        Ok((x, start.repaint))
     }
 
     /// A 9-channel model's extra input when nothing is masked: the whole image is repainted

@@ -30,6 +30,16 @@ impl StableDiffusion {
         self.nets.vae_encode(&t)
     }
 
+    /// Latents [B, 4, h, w] → images [B, H, W, 3] as floats in [0, 1], before 8-bit rounding.
+    pub(super) fn decode_unit(&self, x: &Tensor) -> PResult<Tensor> {
+        let pixels = self.nets.vae_decode(x)?.to_dtype(DType::F32)?;
+        Ok(pixels
+            .affine(0.5, 0.5)?
+            .clamp(0.0, 1.0)?
+            .permute((0, 2, 3, 1))?
+            .contiguous()?)
+    }
+
     /// Latents [B, 4, h, w] → one RGB image per batch item (`width`×`height`).
     pub(super) fn decode_rgb(
         &self,

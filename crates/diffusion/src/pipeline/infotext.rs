@@ -65,8 +65,10 @@ impl StableDiffusion {
         if let Some(d) = strength {
             s.push_str(&format!(", Denoising strength: {d}"));
         }
-        if req.clip_skip > 1 {
-            s.push_str(&format!(", Clip skip: {}", req.clip_skip));
+        // A1111's count (the prompt's layer; diffusers' k is written as k + 1).
+        let (layer, _) = req.clip_layers();
+        if layer > 1 {
+            s.push_str(&format!(", Clip skip: {layer}"));
         }
         if req.noise.eta_noise_seed_delta != 0 {
             s.push_str(&format!(", ENSD: {}", req.noise.eta_noise_seed_delta));

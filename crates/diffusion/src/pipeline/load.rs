@@ -11,7 +11,7 @@ use super::nets::Nets;
 use super::{vae_kind, Family, PResult, PipelineError, Placement, StableDiffusion};
 use crate::models::config::{Activation, ClipConfig, PerBlock, UNetConfig, VaeConfig};
 use crate::models::load::{component_weights, SafetensorsWeights};
-use crate::schedulers::ScheduleConfig;
+use crate::schedulers::{ScheduleConfig, SchedulerConfig};
 use crate::tokenizer::ClipTokenizer;
 use crate::torch::weights::{source, Weights};
 use crate::torch::{self, TorchModels};
@@ -185,6 +185,8 @@ type Src = std::sync::Arc<dyn torch::weights::Source>;
 pub(crate) struct Checkpoint {
     pub family: Family,
     pub schedule: ScheduleConfig,
+    /// The scheduler config file's keys (samplers read their options from it).
+    pub scheduler: SchedulerConfig,
     name: String,
     unet: (Src, UNetConfig),
     vae: (Src, VaeConfig),
@@ -234,6 +236,7 @@ impl Checkpoint {
         }
         Ok(Self {
             family: cfg.family,
+            scheduler: SchedulerConfig::of_schedule(&cfg.schedule),
             schedule: cfg.schedule,
             name: path
                 .file_stem()
@@ -262,12 +265,19 @@ impl Checkpoint {
         let index: serde_json::Value = read_json(&dir.join("model_index.json"))?;
         let class = index["_class_name"].as_str().unwrap_or_default();
         let sdxl = class.contains("XL") || dir.join("text_encoder_2").exists();
-        let schedule: ScheduleConfig = {
+        let (schedule, scheduler) = {
             let p = dir.join("scheduler/scheduler_config.json");
             if p.exists() {
-                read_json(&p)?
+                let v: serde_json::Value = read_json(&p)?;
+                let schedule: ScheduleConfig =
+                    serde_json::from_value(v.clone()).map_err(|e| model_err(&p, e))?;
+                (
+                    schedule,
+                    SchedulerConfig::from_value(v).map_err(|e| model_err(&p, e))?,
+                )
             } else {
-                ScheduleConfig::default()
+                let s = ScheduleConfig::default();
+                (s.clone(), SchedulerConfig::of_schedule(&s))
             }
         };
         let open = |c: &str| SafetensorsWeights::open(&component_weights(&dir.join(c))?);
@@ -295,6 +305,7 @@ impl Checkpoint {
         Ok(Self {
             family: Family::of_diffusers(sdxl, &text[0].1),
             schedule,
+            scheduler,
             name: dir
                 .file_name()
                 .map(|n| n.to_string_lossy().into_owned())
@@ -324,6 +335,7 @@ impl Checkpoint {
         let random = |s: u64| source(RandomWeights::unrecorded(s));
         Self {
             family,
+            scheduler: SchedulerConfig::of_schedule(&cfg.schedule),
             schedule: cfg.schedule,
             name: format!("random-{family:?}").to_lowercase(),
             unet: (random(seed), cfg.unet),
@@ -426,6 +438,7 @@ impl Checkpoint {
             name: self.name,
             hash,
             schedule: self.schedule,
+            scheduler: self.scheduler,
             nets,
             embeddings: Vec::new(),
             lora_hashes: Vec::new(),

@@ -12,7 +12,7 @@ use candle_core::{DType, Device, Tensor};
 use serde::{Deserialize, Serialize};
 
 use crate::conditioning::{self, Layer};
-use crate::schedulers::ScheduleConfig;
+use crate::schedulers::{ScheduleConfig, SchedulerConfig};
 use crate::tokenizer::ClipTokenizer;
 use nets::Nets;
 
@@ -36,7 +36,7 @@ pub use img2img::{Init, Repaint, RepaintRun, RepaintStart};
 pub use infotext::Generated;
 pub(crate) use load::single_file_config;
 pub use load::SingleFileConfig;
-pub use request::{BatchKey, Txt2Img, MAX_PIXELS, MAX_STEPS};
+pub use request::{BatchKey, ClipSkipConvention, Txt2Img, MAX_PIXELS, MAX_STEPS};
 pub use seeds::NoiseOptions;
 
 #[derive(Debug, thiserror::Error)]
@@ -136,6 +136,9 @@ pub struct StableDiffusion {
     /// A1111's short model hash: the first 10 hex digits of the UNet weights' SHA-256.
     pub hash: String,
     pub schedule: ScheduleConfig,
+    /// The model's scheduler config: each sampler reads its options from it as diffusers'
+    /// `from_config` does (keys the file lacks take the sampler class's defaults).
+    pub scheduler: SchedulerConfig,
     nets: Nets,
     tokenizers: Vec<ClipTokenizer>,
     embeddings: Vec<conditioning::Embedding>,

@@ -20,8 +20,11 @@ pub struct Txt2Img {
     #[serde(default = "one")]
     pub batch_size: usize,
     pub sampler: SamplerKind,
+    /// Clip skip, counted as `clip_skip_convention` says (A1111's by default).
     #[serde(default = "one")]
     pub clip_skip: usize,
+    #[serde(default)]
+    pub clip_skip_convention: ClipSkipConvention,
     /// Noise source, variation seed, eta noise seed delta.
     #[serde(default)]
     pub noise: NoiseOptions,
@@ -29,6 +32,31 @@ pub struct Txt2Img {
 
 fn one() -> usize {
     1
+}
+
+/// The two meanings "clip skip" has among the tools people bring.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ClipSkipConvention {
+    /// AUTOMATIC1111's "Clip skip" N (ComfyUI's `CLIPSetLastLayer` −N): the prompt and the
+    /// negative prompt are both read from the N-th layer from the end, then the final layer
+    /// norm; 1 is the last layer.
+    #[default]
+    A1111,
+    /// diffusers' `clip_skip=k`: the prompt is read from `hidden_states[-(k + 1)]` (A1111's
+    /// N = k + 1) through the final layer norm; the negative prompt stays on the last layer;
+    /// 0 skips nothing.
+    Diffusers,
+}
+
+impl Txt2Img {
+    /// The layers (A1111's count: 1 = last) the prompt and the negative prompt are read from.
+    pub fn clip_layers(&self) -> (usize, usize) {
+        match self.clip_skip_convention {
+            ClipSkipConvention::A1111 => (self.clip_skip, self.clip_skip),
+            ClipSkipConvention::Diffusers => (self.clip_skip + 1, 1),
+        }
+    }
 }
 
 /// What txt2img requests must share to run in one batch.
@@ -40,7 +68,7 @@ pub struct BatchKey {
     pub sampler: SamplerKind,
     /// The CFG scale's bits (exact equality).
     pub cfg_bits: u64,
-    pub clip_skip: usize,
+    pub clip_skip: (usize, usize),
     /// Noise source and eta noise seed delta (variation seeds are per image).
     pub noise: (RandnSource, u64),
 }
@@ -53,7 +81,7 @@ impl BatchKey {
             steps: r.steps,
             sampler: r.sampler,
             cfg_bits: r.cfg_scale.to_bits(),
-            clip_skip: r.clip_skip,
+            clip_skip: r.clip_layers(),
             noise: r.noise.batch_key(),
         }
     }
@@ -96,8 +124,17 @@ impl Txt2Img {
                 self.batch_size
             ));
         }
-        if self.clip_skip == 0 || self.clip_skip > 12 {
-            return Err(format!("clip_skip must be 1..=12 (got {})", self.clip_skip));
+        let (prompt_layer, _) = self.clip_layers();
+        if prompt_layer == 0 || prompt_layer > 12 {
+            return Err(match self.clip_skip_convention {
+                ClipSkipConvention::A1111 => {
+                    format!("clip_skip must be 1..=12 (got {})", self.clip_skip)
+                }
+                ClipSkipConvention::Diffusers => format!(
+                    "clip_skip in diffusers' convention must be 0..=11 (got {})",
+                    self.clip_skip
+                ),
+            });
         }
         self.noise.validate()
     }

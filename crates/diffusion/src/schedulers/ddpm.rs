@@ -2,11 +2,26 @@
 
 use candle_core::{Result, Tensor};
 
-use super::{lin2, NoiseSchedule, PredictionType, Sampler, SamplerKind};
+use super::{lin2, NoiseSchedule, PredictionType, Sampler, SamplerKind, SamplerOptions};
 use crate::noise::NoiseSource;
 
-/// x0 and ε from a model output at ᾱ_t.
+/// x0 (clamped to ±`clip` when set, as diffusers' `clip_sample`) and ε from a model output at
+/// ᾱ_t. ε stays the unclipped model's.
 fn pred_x0_eps(
+    prediction: PredictionType,
+    alpha_prod_t: f64,
+    model_output: &Tensor,
+    sample: &Tensor,
+    clip: Option<f64>,
+) -> Result<(Tensor, Tensor)> {
+    let (x0, eps) = pred_unclipped(prediction, alpha_prod_t, model_output, sample)?;
+    match clip {
+        Some(r) => Ok((x0.clamp(-r, r)?, eps)),
+        None => Ok((x0, eps)),
+    }
+}
+
+fn pred_unclipped(
     prediction: PredictionType,
     alpha_prod_t: f64,
     model_output: &Tensor,
@@ -34,16 +49,18 @@ pub(super) struct Ddpm {
     timesteps: Vec<f64>,
     steps: usize,
     index: usize,
+    options: SamplerOptions,
 }
 
 impl Ddpm {
-    pub(super) fn new(schedule: NoiseSchedule, steps: usize) -> Self {
+    pub(super) fn new(schedule: NoiseSchedule, steps: usize, options: SamplerOptions) -> Self {
         let timesteps = schedule.spaced_timesteps(steps);
         Self {
             schedule,
             timesteps,
             steps,
             index: 0,
+            options,
         }
     }
 }
@@ -84,6 +101,7 @@ impl Sampler for Ddpm {
             a_t,
             model_output,
             sample,
+            self.options.clip_sample,
         )?;
         let c_x0 = a_prev.sqrt() * cur_beta / beta_t;
         let c_x = cur_alpha.sqrt() * beta_prev / beta_t;
@@ -111,16 +129,18 @@ pub(super) struct Ddim {
     timesteps: Vec<f64>,
     steps: usize,
     index: usize,
+    options: SamplerOptions,
 }
 
 impl Ddim {
-    pub(super) fn new(schedule: NoiseSchedule, steps: usize) -> Self {
+    pub(super) fn new(schedule: NoiseSchedule, steps: usize, options: SamplerOptions) -> Self {
         let timesteps = schedule.spaced_timesteps(steps);
         Self {
             schedule,
             timesteps,
             steps,
             index: 0,
+            options,
         }
     }
 }
@@ -148,13 +168,18 @@ impl Sampler for Ddim {
         let t = self.timestep() as i64;
         let prev_t = t - (self.schedule.len() / self.steps) as i64;
         let a_t = self.schedule.alpha_cumprod(t);
-        // set_alpha_to_one = false: the final step lands on ᾱ_0.
-        let a_prev = self.schedule.alpha_cumprod(prev_t.max(0));
+        // Past timestep 0: ᾱ = 1 with set_alpha_to_one, else ᾱ_0.
+        let a_prev = match (prev_t >= 0, self.options.set_alpha_to_one) {
+            (true, _) => self.schedule.alpha_cumprod(prev_t),
+            (false, true) => 1.0,
+            (false, false) => self.schedule.alpha_cumprod(0),
+        };
         let (x0, eps) = pred_x0_eps(
             self.schedule.config.prediction_type,
             a_t,
             model_output,
             sample,
+            self.options.clip_sample,
         )?;
         self.index += 1;
         lin2(a_prev.sqrt(), &x0, (1.0 - a_prev).sqrt(), &eps)

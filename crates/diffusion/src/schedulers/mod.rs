@@ -10,6 +10,7 @@
 //! The coefficients are computed in f64 from the same f32 tables diffusers builds; the tensor
 //! arithmetic runs in the latents' dtype. `conformance::schedulers` replays diffusers' traces.
 
+mod config;
 mod ddpm;
 mod dpmsolver;
 mod k;
@@ -21,6 +22,7 @@ use candle_core::{Result, Tensor};
 use serde::{Deserialize, Serialize};
 
 use crate::noise::NoiseSource;
+pub use config::{SamplerOptions, SchedulerConfig};
 
 /// How the betas run over the training timesteps.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -321,20 +323,31 @@ pub(crate) fn k_pred_original(
 
 pub use atelier_contracts::samplers::SamplerKind;
 
-/// A sampler of `kind` for `steps` steps on `schedule`.
+/// A sampler of `kind` for `steps` steps on `schedule`, with the options of SD's published
+/// configs (no clipping, the last step ends on ᾱ₀).
 pub fn build(
     kind: SamplerKind,
     schedule: &NoiseSchedule,
     steps: usize,
+) -> std::result::Result<Box<dyn Sampler>, SamplerError> {
+    build_with(kind, schedule, steps, SamplerOptions::default())
+}
+
+/// [`build`] with the options a scheduler config gives (see [`SchedulerConfig::for_sampler`]).
+pub fn build_with(
+    kind: SamplerKind,
+    schedule: &NoiseSchedule,
+    steps: usize,
+    options: SamplerOptions,
 ) -> std::result::Result<Box<dyn Sampler>, SamplerError> {
     if steps == 0 {
         return Err(SamplerError::NoSteps);
     }
     let s = schedule.clone();
     Ok(match kind {
-        SamplerKind::Ddpm => Box::new(ddpm::Ddpm::new(s, steps)),
-        SamplerKind::Ddim => Box::new(ddpm::Ddim::new(s, steps)),
-        SamplerKind::Pndm => Box::new(pndm::Plms::new(s, steps)),
+        SamplerKind::Ddpm => Box::new(ddpm::Ddpm::new(s, steps, options)),
+        SamplerKind::Ddim => Box::new(ddpm::Ddim::new(s, steps, options)),
+        SamplerKind::Pndm => Box::new(pndm::Plms::new(s, steps, options)),
         SamplerKind::Lcm => Box::new(lcm::Lcm::new(s, steps)?),
         SamplerKind::Euler => Box::new(k::Euler::new(s, steps, false, kind)),
         SamplerKind::EulerKarras => Box::new(k::Euler::new(s, steps, true, kind)),
@@ -353,6 +366,9 @@ pub fn build(
         )),
         SamplerKind::DpmPp2mKarras => Box::new(dpmsolver::DpmSolverMultistep::new(
             s, steps, true, false, kind,
+        )),
+        SamplerKind::DpmPp2mSde => Box::new(dpmsolver::DpmSolverMultistep::new(
+            s, steps, false, true, kind,
         )),
         SamplerKind::DpmPp2mSdeKarras => Box::new(dpmsolver::DpmSolverMultistep::new(
             s, steps, true, true, kind,

@@ -3,7 +3,7 @@
 
 use candle_core::{Result, Tensor};
 
-use super::{lin, lin2, NoiseSchedule, PredictionType, Sampler, SamplerKind};
+use super::{lin, lin2, NoiseSchedule, PredictionType, Sampler, SamplerKind, SamplerOptions};
 use crate::noise::NoiseSource;
 
 pub(super) struct Plms {
@@ -14,10 +14,12 @@ pub(super) struct Plms {
     counter: usize,
     ets: Vec<Tensor>,
     cur_sample: Option<Tensor>,
+    /// Past timestep 0 the step lands on ᾱ = 1 (else ᾱ₀).
+    set_alpha_to_one: bool,
 }
 
 impl Plms {
-    pub(super) fn new(schedule: NoiseSchedule, steps: usize) -> Self {
+    pub(super) fn new(schedule: NoiseSchedule, steps: usize, options: SamplerOptions) -> Self {
         // Ascending spaced timesteps; the second-largest is visited twice (the warm-up pair).
         let mut asc = schedule.spaced_timesteps(steps);
         asc.reverse();
@@ -36,6 +38,7 @@ impl Plms {
             counter: 0,
             ets: Vec::new(),
             cur_sample: None,
+            set_alpha_to_one: options.set_alpha_to_one,
         }
     }
 
@@ -47,7 +50,11 @@ impl Plms {
         model_output: &Tensor,
     ) -> Result<Tensor> {
         let a_t = self.schedule.alpha_cumprod(t);
-        let a_prev = self.schedule.alpha_cumprod(prev_t.max(0));
+        let a_prev = match (prev_t >= 0, self.set_alpha_to_one) {
+            (true, _) => self.schedule.alpha_cumprod(prev_t),
+            (false, true) => 1.0,
+            (false, false) => self.schedule.alpha_cumprod(0),
+        };
         let (b_t, b_prev) = (1.0 - a_t, 1.0 - a_prev);
         let eps = match self.schedule.config.prediction_type {
             PredictionType::VPrediction => lin2(a_t.sqrt(), model_output, b_t.sqrt(), sample)?,
