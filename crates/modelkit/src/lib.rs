@@ -1,10 +1,12 @@
 //! What atelier's model libraries share (the diffusion engine and the CLIP/MiniLM encoders), so
 //! neither depends on the other:
 //!
-//! - [`tokenizer`]: CLIP's byte-level BPE tokenizer, as `transformers`' `CLIPTokenizer`;
+//! - [`tokenizer`]: CLIP's byte-level BPE tokenizer, as `transformers`' `CLIPTokenizer`, with
+//!   [`text_fix`], the ftfy cleanup it applies first;
 //! - [`noise`]: seeded Gaussian noise, the same on every machine;
 //! - [`shapes`]: recording a model's weight shapes, and random weights of that geometry (tiny
 //!   test models and benchmarks of the real sizes).
 pub mod noise;
 pub mod shapes;
+pub mod text_fix;
 pub mod tokenizer;

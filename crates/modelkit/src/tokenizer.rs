@@ -98,24 +98,47 @@ impl ClipTokenizer {
                 .ok_or_else(|| err(dir, format!("the vocabulary has no {tok}")))
         };
         let (bos, eos) = (id(BOS)?, id(EOS)?);
-        // transformers reads the pad token from tokenizer_config.json; an older
-        // special_tokens_map.json beside it overrides it, as transformers applies it last.
-        let pad = ["special_tokens_map.json", "tokenizer_config.json"]
-            .iter()
-            .find_map(|f| pad_token(&dir.join(f)))
-            .and_then(|p| inner.token_to_id(&p))
-            .unwrap_or(eos);
-        Ok(Self {
+        let mut tok = Self {
             inner,
             bos,
             eos,
-            pad,
-        })
+            pad: eos,
+        };
+        // transformers reads the pad token from tokenizer_config.json; an older
+        // special_tokens_map.json beside it overrides it, as transformers applies it last.
+        let named = ["special_tokens_map.json", "tokenizer_config.json"]
+            .iter()
+            .find_map(|f| pad_token(&dir.join(f)));
+        if let Some(p) = named {
+            tok.set_pad_token(&p).map_err(|e| err(dir, e))?;
+        }
+        Ok(tok)
     }
 
-    /// Token ids of `text` (no start/end tokens). Text is trimmed as CLIP's tokenizer does.
+    /// Pad with `token`, as transformers does when a tokenizer folder names it: the token becomes
+    /// one of the tokenizer's special tokens, so where it appears in a text it is split out as
+    /// that id before BPE (SD 2.x's and SDXL's second tokenizer: `"wow!!!"` → `wow`, `!`, `!`,
+    /// `!`, where open_clip's own tokenizer, which A1111 runs for SD 2.x checkpoints, reads `!!!`
+    /// as one token; a single-file checkpoint's OpenCLIP encoder sets [`pad`](Self::pad) alone).
+    pub fn set_pad_token(&mut self, token: &str) -> Result<(), String> {
+        let id = self
+            .inner
+            .token_to_id(token)
+            .ok_or_else(|| format!("the pad token {token:?} is not in the vocabulary"))?;
+        if id != self.eos && id != self.bos {
+            self.inner
+                .add_special_tokens([tokenizers::AddedToken::from(token.to_string(), true)])
+                .map_err(|e| format!("the pad token {token:?}: {e}"))?;
+        }
+        self.pad = id;
+        Ok(())
+    }
+
+    /// Token ids of `text` (no start/end tokens). Text is cleaned as CLIP's tokenizer does with
+    /// ftfy ([`fix_text`](crate::text_fix::fix_text)) and trimmed.
     pub fn encode(&self, text: &str) -> Result<Vec<u32>, TokenizerError> {
-        let text = text.trim();
+        let fixed = crate::text_fix::fix_text(text);
+        let text = fixed.trim();
         if text.is_empty() {
             return Ok(Vec::new());
         }
@@ -249,9 +272,12 @@ mod tests {
         .unwrap();
         let t = ClipTokenizer::from_dir(dir.path()).unwrap();
         assert_eq!(t.pad, bang(&t));
-        // A literal "!" in a prompt is the end-of-word token "!</w>", not the pad.
-        let word = t.inner.token_to_id("!</w>").unwrap();
-        assert_eq!(t.encode("ca!").unwrap().last(), Some(&word));
+        // As in transformers, the named pad token is a special token: a literal "!" is split
+        // out as the vocabulary's "!" (the pad's id), not BPE's end-of-word "!</w>".
+        assert!(t.encode("ca!!").unwrap().ends_with(&[bang(&t), bang(&t)]));
+        let mut plain = ClipTokenizer::from_dir(dir.path()).unwrap();
+        plain.pad = plain.eos;
+        assert_eq!(plain.encode("&amp;").unwrap(), plain.encode("&").unwrap());
         // The older file, when present, has the last word.
         std::fs::write(
             dir.path().join("special_tokens_map.json"),

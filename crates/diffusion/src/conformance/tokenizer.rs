@@ -53,7 +53,7 @@ fn bang_tokenizer(
         Some(name) if dir.join(name).is_dir() => tokenizer(dir, name),
         _ => {
             let mut t = first.clone();
-            t.pad = t.token_id("!").ok_or("the vocabulary has no \"!\"")?;
+            t.set_pad_token("!")?;
             Ok(t)
         }
     }
