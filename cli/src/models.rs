@@ -95,7 +95,7 @@ pub async fn run(cmd: LocalCmd) -> anyhow::Result<()> {
             if steps == 0 || steps > 10_000 {
                 anyhow::bail!("--steps must be between 1 and 10000 (got {steps})");
             }
-            let parsed = atelier_diffusion::prompt::parse(&prompt, steps);
+            let parsed = atelier_diffusion::prompt::parse(&prompt, steps as i64);
             println!("{}", serde_json::to_string(&parsed)?);
             Ok(())
         }

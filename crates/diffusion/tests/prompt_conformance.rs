@@ -18,6 +18,19 @@ fn a1111_cases_replay() {
 }
 
 #[test]
+fn a1111_edge_cases_replay() {
+    // 400 outputs of A1111's own parser on generated prompts (tests/data): step counts of zero
+    // and below (schedules whose steps come out zero or negative), whitespace inside the
+    // brackets and around the colons, fractions, exponents, escapes, stray brackets.
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/data/a1111-prompt-edges.json");
+    let file = prompts::parse_file(&std::fs::read_to_string(path).unwrap()).unwrap();
+    assert!(file.cases.iter().any(|c| c.steps < 0));
+    let report = prompts::replay(&file);
+    assert_eq!(report.failed, 0, "{}", report.failures.join("\n"));
+    assert_eq!(report.passed, 2 * file.cases.len());
+}
+
+#[test]
 fn null_references_only_need_no_panic_and_wrong_ones_fail() {
     let file = prompts::parse_file(
         r#"{"cases": [

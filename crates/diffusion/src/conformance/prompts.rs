@@ -15,9 +15,10 @@ pub struct CaseFile {
 #[derive(Debug, Deserialize)]
 pub struct Case {
     pub prompt: String,
-    pub steps: usize,
+    /// Any integer: A1111's parser computes schedules for zero and negative step counts too.
+    pub steps: i64,
     pub attention: Option<Vec<(String, f64)>>,
-    pub schedule: Option<Vec<(usize, String)>>,
+    pub schedule: Option<Vec<(i64, String)>>,
 }
 
 /// Parse a case file; the error names what is wrong.

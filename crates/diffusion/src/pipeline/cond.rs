@@ -52,7 +52,7 @@ impl StableDiffusion {
     pub(super) fn encode_request(&self, req: &Txt2Img, use_cfg: bool) -> PResult<Encoded> {
         let prompt = without_extra_networks(&req.prompt)?;
         let negative = without_extra_networks(&req.negative_prompt)?;
-        let sched = schedule(&prompt, req.steps);
+        let sched = schedule(&prompt, req.steps as i64);
         let (prompt_layer, negative_layer) = req.clip_layers();
         let (mut empty, empty_pooled) = self.encode_prompt("", negative_layer)?;
         let (uncond, uncond_pooled) = if negative.is_empty() && self.zero_empty_negative {

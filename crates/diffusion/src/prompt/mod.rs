@@ -21,11 +21,11 @@ pub struct Parsed {
     /// `[text, weight]` runs; `["BREAK", -1]` marks a BREAK.
     pub attention: Vec<(String, f64)>,
     /// `[until_step, text]`: the text to use up to and including each step.
-    pub schedule: Vec<(usize, String)>,
+    pub schedule: Vec<(i64, String)>,
 }
 
-/// Parse a prompt as A1111 does for `steps` sampling steps.
-pub fn parse(prompt: &str, steps: usize) -> Parsed {
+/// Parse a prompt as A1111 does for `steps` sampling steps (any integer, as A1111's parser takes).
+pub fn parse(prompt: &str, steps: i64) -> Parsed {
     Parsed {
         attention: parse_attention(prompt)
             .into_iter()

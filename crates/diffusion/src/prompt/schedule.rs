@@ -18,10 +18,11 @@ use std::sync::LazyLock;
 
 use regex::Regex;
 
-/// The text to use up to and including `until_step`.
+/// The text to use up to and including `until_step` (below 1 only when the step count is: A1111
+/// computes schedules for any integer step count).
 #[derive(Debug, Clone, PartialEq)]
 pub struct ScheduleEntry {
-    pub until_step: usize,
+    pub until_step: i64,
     pub text: String,
 }
 
@@ -189,7 +190,7 @@ impl<'a> Parser<'a> {
 }
 
 /// The step a `when` number means: a fraction of the steps if it has a decimal point, else a step.
-fn resolve_when(when: &str, steps: usize) -> i64 {
+fn resolve_when(when: &str, steps: i64) -> i64 {
     let v: f64 = when.parse().unwrap_or(0.0);
     let v = if when.contains('.') {
         v * steps as f64
@@ -203,10 +204,10 @@ fn resolve_when(when: &str, steps: usize) -> i64 {
     } else {
         f64::MIN
     };
-    (v as i64).min(steps as i64)
+    (v as i64).min(steps)
 }
 
-fn collect_steps(nodes: &[Node], steps: usize, out: &mut Vec<usize>) {
+fn collect_steps(nodes: &[Node], steps: i64, out: &mut Vec<i64>) {
     for n in nodes {
         match n {
             Node::Text(_) => {}
@@ -217,7 +218,7 @@ fn collect_steps(nodes: &[Node], steps: usize, out: &mut Vec<usize>) {
             } => {
                 let w = resolve_when(when, steps);
                 if w >= 1 {
-                    out.push(w as usize);
+                    out.push(w);
                 }
                 collect_steps(before, steps, out);
                 collect_steps(after, steps, out);
@@ -232,7 +233,7 @@ fn collect_steps(nodes: &[Node], steps: usize, out: &mut Vec<usize>) {
     }
 }
 
-fn render(nodes: &[Node], step: usize, steps: usize, out: &mut String) {
+fn render(nodes: &[Node], step: i64, steps: i64, out: &mut String) {
     for n in nodes {
         match n {
             Node::Text(t) => out.push_str(t),
@@ -241,14 +242,15 @@ fn render(nodes: &[Node], step: usize, steps: usize, out: &mut String) {
                 after,
                 when,
             } => {
-                if step as i64 <= resolve_when(when, steps) {
+                if step <= resolve_when(when, steps) {
                     render(before, step, steps, out);
                 } else {
                     render(after, step, steps, out);
                 }
             }
             Node::Alternate(options) => {
-                let pick = &options[(step.max(1) - 1) % options.len()];
+                // Python's `(step - 1) % len`: never negative (step 0 picks the last option).
+                let pick = &options[(step - 1).rem_euclid(options.len() as i64) as usize];
                 render(pick, step, steps, out);
             }
         }
@@ -257,7 +259,7 @@ fn render(nodes: &[Node], step: usize, steps: usize, out: &mut String) {
 
 /// The prompt-editing schedule of `prompt` over `steps` steps (A1111's
 /// `get_learned_conditioning_prompt_schedules` for one prompt, without hires-fix offsets).
-pub fn schedule(prompt: &str, steps: usize) -> Vec<ScheduleEntry> {
+pub fn schedule(prompt: &str, steps: i64) -> Vec<ScheduleEntry> {
     let Some(tree) = (Parser { s: prompt }).start() else {
         return vec![ScheduleEntry {
             until_step: steps,
@@ -282,6 +284,7 @@ pub fn schedule(prompt: &str, steps: usize) -> Vec<ScheduleEntry> {
 
 /// The entry in force at `step` (1-based).
 pub fn text_at(schedule: &[ScheduleEntry], step: usize) -> Option<&str> {
+    let step = i64::try_from(step).unwrap_or(i64::MAX);
     schedule
         .iter()
         .find(|e| step <= e.until_step)
@@ -292,6 +295,25 @@ pub fn text_at(schedule: &[ScheduleEntry], step: usize) -> Option<&str> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn step_counts_of_zero_and_below_follow_pythons_arithmetic() {
+        // No step is ≥ 1: one entry at the step count; alternation at step 0 takes the last
+        // option ((0 - 1) % 2 == 1 in Python); step 0 is "up to" a `when` of 0.
+        let s = schedule("[a|b] [c:d:0]", 0);
+        assert_eq!(
+            s,
+            vec![ScheduleEntry {
+                until_step: 0,
+                text: "b c".into()
+            }]
+        );
+        let s = schedule("[a|b|c] x", -2);
+        assert_eq!((s[0].until_step, s[0].text.as_str()), (-2, "a x"));
+        // Whitespace around the number; a fraction's "." makes it a share of the steps.
+        let s = schedule("[ a : b : 5. ]", 10);
+        assert_eq!((s[0].until_step, s[0].text.as_str()), (10, " a "));
+    }
 
     #[test]
     fn editing_and_alternation() {
