@@ -30,9 +30,23 @@ impl StableDiffusion {
         self.nets.vae_encode(&t)
     }
 
+    /// Latents [B, 4, h, w] → pixels [B, 3, H, W] in [-1, 1]: one image per pass unless
+    /// batches are stacked (see [`UnetBatch`](super::UnetBatch)), so a batch's images equal
+    /// their single runs bit for bit.
+    fn decode(&self, x: &Tensor) -> PResult<Tensor> {
+        let b = x.dim(0)?;
+        if b == 1 || super::unet_batch()? == super::UnetBatch::Stacked {
+            return self.nets.vae_decode(x);
+        }
+        let each = (0..b)
+            .map(|i| self.nets.vae_decode(&x.narrow(0, i, 1)?))
+            .collect::<PResult<Vec<_>>>()?;
+        Ok(Tensor::cat(&each, 0)?)
+    }
+
     /// Latents [B, 4, h, w] → images [B, H, W, 3] as floats in [0, 1], before 8-bit rounding.
     pub(super) fn decode_unit(&self, x: &Tensor) -> PResult<Tensor> {
-        let pixels = self.nets.vae_decode(x)?.to_dtype(DType::F32)?;
+        let pixels = self.decode(x)?.to_dtype(DType::F32)?;
         Ok(pixels
             .affine(0.5, 0.5)?
             .clamp(0.0, 1.0)?
@@ -47,7 +61,7 @@ impl StableDiffusion {
         width: usize,
         height: usize,
     ) -> PResult<Vec<image::RgbImage>> {
-        let pixels = self.nets.vae_decode(x)?;
+        let pixels = self.decode(x)?;
         let pixels = ((pixels.clamp(-1.0, 1.0)? + 1.0)? * 127.5)?
             .round()?
             .to_dtype(DType::U8)?;
