@@ -585,14 +585,35 @@ pub async fn sd_models(
     Extension(caller): Extension<Caller>,
 ) -> Result<Json<Value>, ApiError> {
     caller.require(Scope::JobsRead)?;
-    let list: Vec<Value> = app
-        .a1111
-        .checkpoints(&app.store)
+    let entries = app.a1111.checkpoints(&app.store).await;
+    let list = tokio::task::spawn_blocking(move || entries.iter().map(sd_model).collect())
         .await
-        .into_iter()
-        .map(|e| json!({"title": e.name, "model_name": e.name, "hash": null, "sha256": null, "filename": e.path, "config": null}))
-        .collect();
+        .map_err(|e| {
+            ApiError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "internal",
+                format!("hashing checkpoints: {e}"),
+            )
+        })?;
     Ok(Json(Value::Array(list)))
+}
+
+/// One checkpoint as A1111 lists it: `hash` is the short hash infotexts carry as `Model hash`
+/// (the first 10 hex digits of `sha256`); the title carries it in brackets. Checkpoints only in
+/// the object store are not hashed until a worker has fetched them (`null`).
+fn sd_model(e: &atelier_registry::Entry) -> Value {
+    let sha = match e.path.exists() {
+        true => atelier_registry::hash::sha256(&e.path)
+            .map_err(|err| tracing::warn!(model = %e.name, error = %err, "hashing a checkpoint"))
+            .ok(),
+        false => None,
+    };
+    let short = sha.as_deref().map(atelier_registry::hash::short);
+    let title = match short {
+        Some(h) => format!("{} [{h}]", e.name),
+        None => e.name.clone(),
+    };
+    json!({"title": title, "model_name": e.name, "hash": short, "sha256": sha, "filename": e.path, "config": null})
 }
 
 /// The options A1111 clients read: the current model, clip skip, output format.

@@ -274,6 +274,12 @@ async fn a1111_clients_work_unchanged() {
         .await
         .unwrap();
     assert_eq!(models_list[0]["model_name"], "tiny");
+    // A1111's short hash: the first 10 hex digits of the sha256, in the title's brackets.
+    let sha = models_list[0]["sha256"].as_str().unwrap().to_string();
+    assert_eq!(sha.len(), 64);
+    let short = models_list[0]["hash"].as_str().unwrap().to_string();
+    assert_eq!(short, sha[..10]);
+    assert_eq!(models_list[0]["title"], format!("tiny [{short}]"));
     let opts: serde_json::Value = get("/sdapi/v1/options")
         .await
         .unwrap()
@@ -325,6 +331,12 @@ async fn a1111_clients_work_unchanged() {
     assert_eq!(info["all_seeds"], serde_json::json!([100, 101]));
     assert_eq!(info["sampler_name"], "DPM++ 2M Karras");
     assert!(info["infotexts"][1].as_str().unwrap().contains("Seed: 101"));
+    // The infotext's Model hash is the one sd-models lists.
+    let infotext = info["infotexts"][0].as_str().unwrap();
+    assert!(
+        infotext.contains(&format!("Model hash: {short}")),
+        "{infotext}"
+    );
     assert_eq!(out["parameters"]["prompt"], "a (red:1.2) circle");
 
     // img2img with a mask; bad base64 and a mask of the wrong size are refused.

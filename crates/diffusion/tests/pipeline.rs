@@ -340,3 +340,84 @@ fn sdxl_conditions_an_empty_negative_on_zeros_where_the_model_asks() {
     let b = encoded.txt2img(&r, |_, _| true).unwrap();
     assert_eq!(a[0].image, b[0].image);
 }
+
+#[test]
+fn clip_skip_counts_in_either_convention() {
+    use atelier_diffusion::pipeline::ClipSkipConvention;
+    let dir = tempfile::tempdir().unwrap();
+    make_tiny(dir.path(), Family::Sd1, 4).unwrap();
+    let sd = StableDiffusion::load_diffusers(dir.path(), Placement::CPU).unwrap();
+    let run = |clip_skip, convention, cfg_scale| {
+        let mut r = request(11, SamplerKind::Euler);
+        (r.clip_skip, r.clip_skip_convention, r.cfg_scale) = (clip_skip, convention, cfg_scale);
+        sd.txt2img(&r, |_, _| true).unwrap().remove(0)
+    };
+    // diffusers' clip_skip=1 reads the prompt where A1111's 2 does: without guidance (no
+    // negative prompt) the images are the same.
+    let d1 = run(1, ClipSkipConvention::Diffusers, 1.0);
+    let a2 = run(2, ClipSkipConvention::A1111, 1.0);
+    assert!(d1.image == a2.image);
+    assert!(d1.image != run(1, ClipSkipConvention::A1111, 1.0).image);
+    // With guidance they differ: diffusers keeps the negative prompt on the last layer.
+    let d1 = run(1, ClipSkipConvention::Diffusers, 7.0);
+    let a2 = run(2, ClipSkipConvention::A1111, 7.0);
+    assert!(d1.image != a2.image);
+    // Infotexts count as A1111 does, and only when it is not 1.
+    assert!(d1.parameters.contains("Clip skip: 2"), "{}", d1.parameters);
+    assert!(a2.parameters.contains("Clip skip: 2"));
+    assert!(!run(0, ClipSkipConvention::Diffusers, 7.0)
+        .parameters
+        .contains("Clip skip"));
+    // Out of range in either count.
+    let mut r = request(1, SamplerKind::Euler);
+    (r.clip_skip, r.clip_skip_convention) = (12, ClipSkipConvention::Diffusers);
+    assert!(r.validate().unwrap_err().contains("diffusers"));
+    (r.clip_skip, r.clip_skip_convention) = (0, ClipSkipConvention::A1111);
+    assert!(r.validate().is_err());
+}
+
+#[test]
+fn variation_seeds_nv_noise_and_ensd_change_what_they_should() {
+    use atelier_diffusion::noise::RandnSource;
+    let dir = tempfile::tempdir().unwrap();
+    make_tiny(dir.path(), Family::Sd1, 5).unwrap();
+    let sd = StableDiffusion::load_diffusers(dir.path(), Placement::CPU).unwrap();
+    let run = |seed, sampler, f: &dyn Fn(&mut Txt2Img)| {
+        let mut r = request(seed, sampler);
+        f(&mut r);
+        sd.txt2img(&r, |_, _| true).unwrap().remove(0)
+    };
+    let plain = run(3, SamplerKind::Euler, &|_| {});
+    // Strength 0 is the seed's image; strength 1 the variation seed's (Euler draws no more).
+    let s0 = run(3, SamplerKind::Euler, &|r| {
+        (r.noise.subseed, r.noise.subseed_strength) = (Some(9), 0.0)
+    });
+    assert!(s0.image == plain.image);
+    assert!(!s0.parameters.contains("Variation seed"));
+    let s1 = run(3, SamplerKind::Euler, &|r| {
+        (r.noise.subseed, r.noise.subseed_strength) = (Some(9), 1.0)
+    });
+    assert!(s1.image == run(9, SamplerKind::Euler, &|_| {}).image);
+    let half = run(3, SamplerKind::Euler, &|r| {
+        (r.noise.subseed, r.noise.subseed_strength) = (Some(9), 0.5)
+    });
+    assert!(half.image != plain.image && half.image != s1.image);
+    assert!(
+        half.parameters
+            .contains("Variation seed: 9, Variation seed strength: 0.5"),
+        "{}",
+        half.parameters
+    );
+    assert!(plain.parameters.contains("RNG: CPU"));
+    // A1111's NV source draws other noise.
+    let nv = run(3, SamplerKind::Euler, &|r| r.noise.source = RandnSource::Nv);
+    assert!(nv.image != plain.image);
+    assert!(nv.parameters.contains("RNG: NV"));
+    // ENSD reseeds only the step noise: Euler a changes, Euler does not.
+    let ensd = |r: &mut Txt2Img| r.noise.eta_noise_seed_delta = 31337;
+    assert!(run(3, SamplerKind::Euler, &ensd).image == plain.image);
+    let a = run(3, SamplerKind::EulerA, &|_| {});
+    let a_ensd = run(3, SamplerKind::EulerA, &ensd);
+    assert!(a_ensd.image != a.image);
+    assert!(a_ensd.parameters.contains("ENSD: 31337"));
+}

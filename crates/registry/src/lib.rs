@@ -6,6 +6,7 @@
 //! Names and files only: what a file holds (family, LoRA rank) is read by the diffusion engine's
 //! `inspect`, so the gateway can list models without linking the engine.
 
+pub mod hash;
 pub mod store;
 
 use std::path::{Path, PathBuf};
