@@ -271,9 +271,11 @@ fn lora_source(dir: &Path, check: &Value) -> Result<Source, String> {
     })
 }
 
-type Tensors = HashMap<String, Tensor>;
+/// A case's tensors file, by name.
+pub(super) type Tensors = HashMap<String, Tensor>;
 
-fn get<'a>(t: &'a Tensors, check: &Value, field: &str) -> Result<&'a Tensor, String> {
+/// The tensor a check names in `field`.
+pub(super) fn get<'a>(t: &'a Tensors, check: &Value, field: &str) -> Result<&'a Tensor, String> {
     let name = check[field]
         .as_str()
         .ok_or_else(|| format!("check has no {field}"))?;

@@ -2,18 +2,16 @@
 //! describes diffusers' run — from its given initial latents, or from its seeds with one torch
 //! CPU generator per image — compared with diffusers' image before 8-bit rounding.
 
-use std::collections::HashMap;
 use std::path::Path;
 
 use candle_core::Tensor;
 use serde_json::Value;
 
+use super::models::{get, Tensors};
 use crate::lora::{LoraFile, LoraMode};
 use crate::noise::RandnSource;
 use crate::pipeline::{ClipSkipConvention, NoiseOptions, Placement, StableDiffusion, Txt2Img};
 use crate::schedulers::SamplerKind;
-
-type Tensors = HashMap<String, Tensor>;
 
 /// A case's model as the pipeline runs it, with the case's LoRA merged when it has one.
 pub fn load(dir: &Path, lora: Option<(&LoraFile, f64)>) -> Result<StableDiffusion, String> {
@@ -100,14 +98,6 @@ fn request(check: &Value, seed: u64, batch_size: usize) -> Result<Txt2Img, Strin
             ..NoiseOptions::default()
         },
     })
-}
-
-fn get<'a>(t: &'a Tensors, check: &Value, field: &str) -> Result<&'a Tensor, String> {
-    let name = check[field]
-        .as_str()
-        .ok_or_else(|| format!("check has no {field}"))?;
-    t.get(name)
-        .ok_or_else(|| format!("tensors file has no {name}"))
 }
 
 /// The images `[B, H, W, 3]` atelier makes for the check, and diffusers' (`image` is one H×W×3,
