@@ -3,7 +3,8 @@
 //!
 //! - [`tokenizer`]: CLIP's byte-level BPE tokenizer, as `transformers`' `CLIPTokenizer`, with
 //!   [`text_fix`], the ftfy cleanup it applies first;
-//! - [`noise`]: seeded Gaussian noise, the same on every machine;
+//! - [`noise`]: what seeds draw: torch's CPU generator and A1111's NV source bit for bit, and a
+//!   portable seeded stream for random weights and test data;
 //! - [`shapes`]: recording a model's weight shapes, and random weights of that geometry (tiny
 //!   test models and benchmarks of the real sizes).
 pub mod noise;
