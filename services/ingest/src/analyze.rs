@@ -90,6 +90,10 @@ pub fn analyze(bytes: &[u8], max_pixels: u64) -> Result<ImageInfo, Rejected> {
             limit: max_pixels,
         });
     }
+    // Decoders accept a file cut off mid-scan; its container must reach the format's end.
+    if let Some(why) = crate::complete::incomplete(bytes, format) {
+        return Err(Rejected::Corrupt(why));
+    }
     let mut r = reader()?;
     let mut limits = Limits::default();
     limits.max_alloc = Some(max_pixels.saturating_mul(16));
@@ -244,6 +248,27 @@ mod tests {
         let cut = &png[..png.len() / 2];
         let e = analyze(cut, DEFAULT_MAX_PIXELS).unwrap_err();
         assert!(matches!(e, Rejected::Corrupt(_)), "{e:?}");
+        // Cut anywhere after the header, every format is flagged as truncated (decoders alone
+        // fill a cut JPEG with grey, and stop reading a PNG once its pixels are in).
+        for f in [
+            ImageFormat::Jpeg,
+            ImageFormat::Png,
+            ImageFormat::Gif,
+            ImageFormat::WebP,
+        ] {
+            let whole = encode(&scene(64, 48, 5), f);
+            assert!(analyze(&whole, DEFAULT_MAX_PIXELS).is_ok(), "{f:?}");
+            for keep in [whole.len() - 1, whole.len() * 9 / 10, whole.len() * 2 / 3] {
+                let e = analyze(&whole[..keep], DEFAULT_MAX_PIXELS).unwrap_err();
+                assert!(
+                    e.to_string().starts_with("corrupt: "),
+                    "{f:?} at {keep}: {e}"
+                );
+            }
+        }
+        let jpeg = encode(&scene(64, 48, 5), ImageFormat::Jpeg);
+        let e = analyze(&jpeg[..jpeg.len() * 2 / 3], DEFAULT_MAX_PIXELS).unwrap_err();
+        assert!(e.to_string().contains("truncated JPEG"), "{e}");
         assert_eq!(
             analyze(b"definitely not an image", DEFAULT_MAX_PIXELS).unwrap_err(),
             Rejected::UnknownFormat

@@ -29,6 +29,7 @@ use tokio_util::sync::CancellationToken;
 
 /// The consumer of `atelier.v1.images.ingested`.
 pub mod analyze;
+pub mod complete;
 pub mod samples;
 
 pub fn consumer_spec(args: WorkerArgs) -> ConsumerSpec {
