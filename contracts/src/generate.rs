@@ -11,6 +11,9 @@ use crate::ArtifactRef;
 pub const MAX_STEPS: u32 = 150;
 pub const MAX_PIXELS: u64 = 2048 * 2048;
 pub const MAX_BATCH: u32 = 16;
+/// Longest prompt or negative prompt, in bytes (about 4,000 CLIP tokens, 55 chunks of 75: far
+/// past any prompt A1111 users write, and a bound on the text encoder's work per request).
+pub const MAX_PROMPT_BYTES: usize = 16 * 1024;
 
 fn d_steps() -> u32 {
     20
@@ -167,6 +170,17 @@ impl GenerateSpec {
         if self.model.trim().is_empty() {
             return Err("model is empty".into());
         }
+        for (name, text) in [
+            ("prompt", &self.prompt),
+            ("negative_prompt", &self.negative_prompt),
+        ] {
+            if text.len() > MAX_PROMPT_BYTES {
+                return Err(format!(
+                    "{name} is {} bytes, over the limit of {MAX_PROMPT_BYTES}",
+                    text.len()
+                ));
+            }
+        }
         if self.steps == 0 || self.steps > MAX_STEPS {
             return Err(format!(
                 "steps must be 1..={MAX_STEPS} (got {})",
@@ -272,4 +286,18 @@ pub struct ImagesOutput {
     /// with a batch window stacks compatible txt2img jobs into one UNet batch.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub batch_jobs: Option<u32>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn prompts_over_the_limit_are_refused_with_the_figure() {
+        let mut spec = GenerateSpec::txt2img("m", &"a".repeat(MAX_PROMPT_BYTES));
+        assert!(spec.check(GenerateKind::Txt2Img).is_ok());
+        spec.negative_prompt = "b".repeat(MAX_PROMPT_BYTES + 1);
+        let e = spec.check(GenerateKind::Txt2Img).unwrap_err();
+        assert!(e.contains("negative_prompt") && e.contains("16384"), "{e}");
+    }
 }

@@ -472,8 +472,7 @@ async fn json_body<T: serde::de::DeserializeOwned>(
     headers: &HeaderMap,
     body: Body,
 ) -> Result<T, ApiError> {
-    let bytes =
-        crate::api::read_body(headers, body, app.limits.upload.max(app.limits.json)).await?;
+    let bytes = crate::api::read_body(headers, body, app.limits.a1111).await?;
     serde_json::from_slice(&bytes)
         .map_err(|e| ApiError::unprocessable("invalid_json", format!("invalid request: {e}")))
 }

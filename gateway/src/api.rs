@@ -51,6 +51,8 @@ pub struct BodyLimits {
     pub json: u64,
     /// `POST /v1/uploads` bodies.
     pub upload: u64,
+    /// A1111 request bodies (JSON carrying base64 images).
+    pub a1111: u64,
 }
 
 /// Everything handlers share.

@@ -65,6 +65,9 @@ pub struct GatewayArgs {
     /// Largest upload, bytes.
     #[arg(long = "max-upload-bytes", env = "ATELIER_MAX_UPLOAD_BYTES", default_value_t = 4 << 30)]
     pub max_upload_bytes: u64,
+    /// Largest A1111 request (`/sdapi/v1/*`: JSON with base64 images), bytes.
+    #[arg(long = "max-a1111-bytes", env = "ATELIER_MAX_A1111_BYTES", default_value_t = 64 << 20)]
+    pub max_a1111_bytes: u64,
 }
 
 impl Default for GatewayArgs {
@@ -78,6 +81,7 @@ impl Default for GatewayArgs {
             key_concurrency: 64,
             max_json_bytes: 1 << 20,
             max_upload_bytes: 4 << 30,
+            max_a1111_bytes: 64 << 20,
         }
     }
 }
@@ -101,6 +105,7 @@ impl GatewayArgs {
         api::BodyLimits {
             json: self.max_json_bytes,
             upload: self.max_upload_bytes,
+            a1111: self.max_a1111_bytes,
         }
     }
 }

@@ -436,6 +436,20 @@ async fn gateway_rejects_bad_input_clearly() {
     .await;
     assert_eq!(status, 413, "{body}");
     assert!(body.contains("payload_too_large"), "{body}");
+    // A1111 routes have their own limit (64 MiB by default), answered as JSON naming it.
+    let (status, body) = raw_request(
+        &base,
+        "POST",
+        "/sdapi/v1/txt2img",
+        &full_key,
+        &[("Content-Length", (300u64 << 20).to_string())],
+    )
+    .await;
+    assert_eq!(status, 413, "{body}");
+    assert!(
+        body.contains("payload_too_large") && body.contains("67108864"),
+        "{body}"
+    );
     expect(
         post(
             r#"{"schema_version":1,"spec":{"kind":"checksum","input":"x"}}"#,
