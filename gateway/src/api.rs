@@ -402,12 +402,28 @@ pub async fn submit_job(
     Ok((StatusCode::ACCEPTED, Json(record)))
 }
 
+/// Seconds a client is told to wait (`Retry-After`) while the bus is down.
+const BUS_RETRY_AFTER_S: u64 = 2;
+
+/// A 503 with `Retry-After` at once while the gateway has no connection to NATS, instead of
+/// waiting out a request timeout; nothing is recorded or queued.
+pub(crate) fn bus_ready(app: &AppState) -> Result<(), ApiError> {
+    match app.bus.client.connection_state() {
+        async_nats::connection::State::Connected => Ok(()),
+        _ => Err(ApiError::unavailable(
+            "the message bus (NATS) is not reachable; nothing was queued, retry shortly",
+        )
+        .with_retry_after(BUS_RETRY_AFTER_S)),
+    }
+}
+
 /// Record and publish a validated job for `caller`.
 pub(crate) async fn queue(
     app: &AppState,
     caller: &Caller,
     spec: JobSpec,
 ) -> Result<JobRecord, ApiError> {
+    bus_ready(app)?;
     let request = JobRequest {
         schema_version: SCHEMA_VERSION,
         id: JobId::new(),
@@ -544,6 +560,7 @@ pub async fn get_job(
     Path(id): Path<String>,
 ) -> Result<Json<JobRecord>, ApiError> {
     caller.require(Scope::JobsRead)?;
+    bus_ready(&app)?;
     let id = parse_job_id(&id)?;
     match app.states.get(id).await? {
         Some((r, _)) => Ok(Json(r)),
@@ -568,6 +585,7 @@ pub async fn cancel_job(
     Path(id): Path<String>,
 ) -> Result<Json<JobRecord>, ApiError> {
     caller.require(Scope::JobsWrite)?;
+    bus_ready(&app)?;
     let id = parse_job_id(&id)?;
     let record = app
         .states
@@ -613,6 +631,7 @@ pub async fn job_events(
     Path(id): Path<String>,
 ) -> Result<Sse<impl Stream<Item = Result<Event, Infallible>>>, ApiError> {
     caller.require(Scope::JobsRead)?;
+    bus_ready(&app)?;
     let id = parse_job_id(&id)?;
     if app.states.get(id).await?.is_none() {
         return Err(ApiError::not_found("job_not_found", format!("no job {id}")));

@@ -1059,3 +1059,53 @@ async fn large_uploads_stream_through_s3_multipart() {
     assert_eq!(c.store.list("sha256").await.unwrap().len(), 1);
     shutdown.cancel();
 }
+
+/// While NATS is down the gateway answers 503 with `Retry-After` at once (not after a request
+/// timeout) and records nothing; once NATS is back, submissions are accepted again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_down_bus_is_answered_503_at_once() {
+    let mut c = Cluster::local().await.unwrap();
+    let shutdown = CancellationToken::new();
+    let (key, entry) = atelier_gateway::auth::generate_key("full", "*").unwrap();
+    let base = c
+        .gateway(vec![entry], Default::default(), shutdown.clone())
+        .await
+        .unwrap();
+    let http = reqwest::Client::new();
+    let submit = || {
+        http.post(format!("{base}/v1/jobs"))
+            .bearer_auth(&key)
+            .header("content-type", "application/json")
+            .body(r#"{"schema_version":1,"spec":{"kind":"checksum","input":"x"}}"#)
+            .send()
+    };
+    assert_eq!(submit().await.unwrap().status(), 202);
+    tokio::task::block_in_place(|| c.nats.stop(Duration::from_secs(5)));
+    // The client notices the closed socket; from then on every answer is immediate.
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    let mut fast = 0;
+    while fast < 5 {
+        let t0 = std::time::Instant::now();
+        let r = submit().await.unwrap();
+        let took = t0.elapsed();
+        if r.status() == 503 {
+            assert!(took < Duration::from_secs(1), "503 after {took:?}");
+            assert_eq!(r.headers()["retry-after"], "2");
+            let body: serde_json::Value = r.json().await.unwrap();
+            assert_eq!(body["error"]["code"], "unavailable", "{body}");
+            fast += 1;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no 503 while NATS is down"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    tokio::task::block_in_place(|| c.nats.restart()).unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while submit().await.unwrap().status() != 202 {
+        assert!(std::time::Instant::now() < deadline, "never accepted again");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    shutdown.cancel();
+}
