@@ -7,8 +7,8 @@ use std::time::Duration;
 use atelier_contracts::dataset::Tier;
 use atelier_contracts::typed::SEARCH;
 use atelier_contracts::{
-    CurateOutput, CurateSpec, IndexSpec, JobOutput, JobRecord, JobSpec, JobState, RowFilter,
-    SearchReply, SearchRequest, SearchResponse, Space,
+    ArtifactKey, CurateOutput, CurateSpec, IndexSpec, JobOutput, JobRecord, JobSpec, JobState,
+    RowFilter, SearchReply, SearchRequest, SearchResponse, Space,
 };
 use atelier_kit::bus::AskError;
 use axum::body::Body;
@@ -211,7 +211,8 @@ pub async fn search_image(
         ));
     }
     let mut req = params.request()?;
-    let bytes = crate::api::read_body(&headers, body, app.limits.upload).await?;
+    let limit = app.limits.upload.min(MAX_QUERY_IMAGE_BYTES);
+    let bytes = crate::api::read_body(&headers, body, limit).await?;
     if bytes.is_empty() {
         return Err(ApiError::unprocessable(
             "bad_image",
@@ -229,10 +230,20 @@ pub async fn search_image(
         .and_then(|v| v.to_str().ok())
         .unwrap_or("application/octet-stream")
         .to_owned();
-    let (r, _) = app.store.put_bytes(bytes, &content_type).await?;
-    req.image_key = Some(r.key);
-    Ok(Json(ask(&app, &req).await?))
+    // The query image lives for this request only: a key of its own, removed once answered.
+    let key = ArtifactKey::parse(&format!("queries/{}", atelier_contracts::JobId::new()))
+        .map_err(|e| ApiError::unavailable(format!("query key: {e}")))?;
+    app.store.put_at(&key, bytes, &content_type).await?;
+    req.image_key = Some(key.to_string());
+    let answer = ask(&app, &req).await;
+    if let Err(e) = app.store.delete(&key).await {
+        tracing::warn!(%key, error = %e, "removing a search query image");
+    }
+    Ok(Json(answer?))
 }
+
+/// Largest query image `POST /v1/search` takes, bytes.
+const MAX_QUERY_IMAGE_BYTES: u64 = 32 << 20;
 
 /// A JSON body whose `dataset` comes from the path.
 fn with_dataset(body: &[u8], name: &str) -> Result<serde_json::Value, ApiError> {

@@ -165,6 +165,15 @@ async fn index_search_reindex_restart_and_curate() {
         captions(&r)
     );
     assert!(r.results.windows(2).all(|w| w[0].score >= w[1].score));
+    // A query image: answered, and gone from the store once answered.
+    let query = atelier_ingest::samples::scene_bytes(7, 64, 64, image::ImageFormat::Png);
+    let p = [("dataset", "things"), ("k", "3")].map(|(k, v)| (k.to_string(), v.to_string()));
+    let r = client
+        .search(&p, Some((query.into(), "image/png")))
+        .await
+        .unwrap();
+    assert_eq!(r.results.len(), 3);
+    assert!(c.store.list("queries").await.unwrap().is_empty());
     // Filters: tier, tags, source, size; the rejected row is never indexed.
     let r = search(
         &client,

@@ -393,6 +393,21 @@ impl Store {
         }
     }
 
+    /// Removes an object (one that is already gone is not an error).
+    pub async fn delete(&self, key: &ArtifactKey) -> Result<(), StoreError> {
+        let path = Self::path(key);
+        let r = self
+            .retry("delete", || {
+                let (inner, path) = (self.inner.clone(), path.clone());
+                async move { inner.delete(&path).await }
+            })
+            .await;
+        match r {
+            Err(StoreError::NotFound(_)) => Ok(()),
+            other => other,
+        }
+    }
+
     /// Opens an object for streaming.
     pub async fn get(&self, key: &ArtifactKey) -> Result<GetResult, StoreError> {
         let path = Self::path(key);
