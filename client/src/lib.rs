@@ -49,10 +49,33 @@ impl Client {
         &self,
         make: impl Fn() -> reqwest::RequestBuilder,
     ) -> reqwest::Result<reqwest::Response> {
+        self.send_with(make, false).await
+    }
+
+    /// Sends, retrying 429 and 503 (after `Retry-After`) for up to a minute; with
+    /// `retry_transport`, also connection failures and timeouts — only for requests that are safe
+    /// to repeat (reads, and submissions carrying an `Idempotency-Key`).
+    async fn send_with(
+        &self,
+        make: impl Fn() -> reqwest::RequestBuilder,
+        retry_transport: bool,
+    ) -> reqwest::Result<reqwest::Response> {
         let deadline = std::time::Instant::now() + Duration::from_secs(60);
         let mut backoff = Duration::from_millis(50);
         loop {
-            let resp = make().send().await?;
+            let resp = match make().send().await {
+                Ok(r) => r,
+                Err(e)
+                    if retry_transport
+                        && (e.is_connect() || e.is_timeout() || e.is_request())
+                        && std::time::Instant::now() < deadline =>
+                {
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                    continue;
+                }
+                Err(e) => return Err(e),
+            };
             let status = resp.status();
             let busy = status == reqwest::StatusCode::TOO_MANY_REQUESTS
                 || status == reqwest::StatusCode::SERVICE_UNAVAILABLE;
@@ -101,11 +124,7 @@ impl Client {
 
     pub async fn submit(&self, spec: &JobSpec) -> anyhow::Result<JobRecord> {
         let body = serde_json::json!({ "schema_version": SCHEMA_VERSION, "spec": spec });
-        let resp = self
-            .send(|| self.req(reqwest::Method::POST, "/v1/jobs").json(&body))
-            .await
-            .context("submitting")?;
-        Ok(Self::check(resp).await?.json().await?)
+        self.post_job("/v1/jobs", &body).await
     }
 
     /// `POST /v1/txt2img`, `/v1/img2img` or `/v1/inpaint` (`route` is the last segment).
@@ -127,13 +146,23 @@ impl Client {
         self.post_job(route, spec).await
     }
 
+    /// Submits with one `Idempotency-Key` for this logical submission, reused by every retry:
+    /// a retry after a lost answer gets the job the first attempt created, never a second one.
     async fn post_job<T: serde::Serialize>(
         &self,
         path: &str,
         body: &T,
     ) -> anyhow::Result<JobRecord> {
+        let key = atelier_contracts::JobId::new().to_string();
         let resp = self
-            .send(|| self.req(reqwest::Method::POST, path).json(body))
+            .send_with(
+                || {
+                    self.req(reqwest::Method::POST, path)
+                        .header("Idempotency-Key", &key)
+                        .json(body)
+                },
+                true,
+            )
             .await
             .context("submitting")?;
         Ok(Self::check(resp).await?.json().await?)

@@ -145,6 +145,9 @@ pub const INDEXES_BUCKET: &str = "atelier_indexes";
 /// KV bucket holding one [`crate::dataset::ModelVerdict`] per model and image (NSFW) or image and
 /// caption (CLIP score): what the quality filter's models said, reused by later filter jobs.
 pub const VERDICTS_BUCKET: &str = "atelier_verdicts";
+/// KV bucket the gateway keeps `Idempotency-Key`s in (24 h): per caller and key, the hash of the
+/// request body and the job it created.
+pub const IDEMPOTENCY_BUCKET: &str = "atelier_idempotency";
 /// Core NATS request/reply (no stream): a [`crate::retrieval::SearchRequest`] answered by a
 /// retrieval-indexer replica (queue group [`RETRIEVAL_QUERY_GROUP`]) with a
 /// [`crate::retrieval::SearchReply`].

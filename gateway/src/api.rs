@@ -62,6 +62,8 @@ pub struct AppState {
     pub store: Store,
     pub states: JobStates,
     pub images: kv::Store,
+    /// `Idempotency-Key` entries (see [`crate::idempotency`]).
+    pub idempotency: kv::Store,
     pub metrics: Arc<Metrics>,
     pub limits: BodyLimits,
     /// Ends open event streams when the gateway shuts down.
@@ -80,11 +82,13 @@ impl AppState {
     ) -> anyhow::Result<Self> {
         let states = JobStates::new(bus.jobs_kv().await?);
         let images = bus.images_kv().await?;
+        let idempotency = bus.idempotency_kv().await?;
         Ok(Self {
             bus,
             store,
             states,
             images,
+            idempotency,
             metrics,
             limits,
             shutdown,
@@ -136,6 +140,10 @@ pub fn router(app: AppState, auth: Arc<Auth>) -> Router {
             "/v1/datasets/{name}/versions/{version}",
             get(crate::datasets::version),
         )
+        .route_layer(middleware::from_fn_with_state(
+            app.clone(),
+            crate::idempotency::middleware,
+        ))
         .route_layer(middleware::from_fn_with_state(auth, auth::middleware));
     Router::new()
         .merge(v1)
@@ -426,7 +434,7 @@ pub(crate) async fn queue(
     bus_ready(app)?;
     let request = JobRequest {
         schema_version: SCHEMA_VERSION,
-        id: JobId::new(),
+        id: crate::idempotency::preset_job_id().unwrap_or_default(),
         submitted_at: chrono::Utc::now(),
         submitted_by: Some(caller.name.clone()),
         spec,

@@ -13,6 +13,7 @@ pub mod augment;
 pub mod auth;
 pub mod datasets;
 pub mod error;
+pub mod idempotency;
 pub mod retrieval;
 pub mod train;
 

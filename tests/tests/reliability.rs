@@ -1109,3 +1109,81 @@ async fn a_down_bus_is_answered_503_at_once() {
     }
     shutdown.cancel();
 }
+
+/// `Idempotency-Key`: a repeat gets the first attempt's job, another body under the key is
+/// refused, a refused request releases its key, concurrent repeats make one job, keys are per
+/// caller.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idempotency_keys_make_one_job_per_logical_submit() {
+    let c = Cluster::local().await.unwrap();
+    let shutdown = CancellationToken::new();
+    let (key_a, a) = atelier_gateway::auth::generate_key("a", "*").unwrap();
+    let (key_b, b) = atelier_gateway::auth::generate_key("b", "*").unwrap();
+    let base = c
+        .gateway(vec![a, b], Default::default(), shutdown.clone())
+        .await
+        .unwrap();
+    let http = reqwest::Client::new();
+    let body = r#"{"schema_version":1,"spec":{"kind":"checksum","input":"x"}}"#;
+    let other = r#"{"schema_version":1,"spec":{"kind":"checksum","input":"y"}}"#;
+    let post = |api_key: &str, idem: Option<&str>, body: &'static str| {
+        let mut r = http
+            .post(format!("{base}/v1/jobs"))
+            .bearer_auth(api_key)
+            .header("content-type", "application/json")
+            .body(body);
+        if let Some(k) = idem {
+            r = r.header("Idempotency-Key", k);
+        }
+        r.send()
+    };
+    async fn id_of(r: reqwest::Response) -> (u16, String) {
+        let status = r.status().as_u16();
+        let v: serde_json::Value = r.json().await.unwrap();
+        (status, v["id"].as_str().unwrap_or_default().to_string())
+    }
+    let (s, first) = id_of(post(&key_a, Some("k1"), body).await.unwrap()).await;
+    assert_eq!(s, 202);
+    let again = post(&key_a, Some("k1"), body).await.unwrap();
+    assert_eq!(again.headers()["idempotency-replayed"], "true");
+    assert_eq!(id_of(again).await, (200, first.clone()));
+    let reused = post(&key_a, Some("k1"), other).await.unwrap();
+    assert_eq!(reused.status(), 422);
+    assert!(reused
+        .text()
+        .await
+        .unwrap()
+        .contains("idempotency_key_reused"));
+    // Another caller's key space.
+    let (s, theirs) = id_of(post(&key_b, Some("k1"), body).await.unwrap()).await;
+    assert_eq!(s, 202);
+    assert_ne!(theirs, first);
+    // A refused request releases its key.
+    let bad = r#"{"schema_version":1,"spec":{"kind":"teleport","input":"x"}}"#;
+    assert_eq!(post(&key_a, Some("k2"), bad).await.unwrap().status(), 422);
+    assert_eq!(
+        id_of(post(&key_a, Some("k2"), body).await.unwrap()).await.0,
+        202
+    );
+    // Without a key, every submission is a job.
+    let (_, x) = id_of(post(&key_a, None, body).await.unwrap()).await;
+    let (_, y) = id_of(post(&key_a, None, body).await.unwrap()).await;
+    assert_ne!(x, y);
+    // Ten concurrent repeats: one job.
+    let all = futures::future::join_all((0..10).map(|_| post(&key_a, Some("k3"), body))).await;
+    let mut ids = std::collections::BTreeSet::new();
+    for r in all {
+        let (s, id) = id_of(r.unwrap()).await;
+        assert!(matches!(s, 200 | 202 | 409), "{s}");
+        if s != 409 {
+            ids.insert(id);
+        }
+    }
+    assert_eq!(ids.len(), 1, "{ids:?}");
+    let (s, later) = id_of(post(&key_a, Some("k3"), body).await.unwrap()).await;
+    assert_eq!((s, Some(&later)), (200, ids.first()));
+    // Oversized or empty keys are refused.
+    let long = "k".repeat(300);
+    assert_eq!(post(&key_a, Some(&long), body).await.unwrap().status(), 400);
+    shutdown.cancel();
+}

@@ -158,6 +158,16 @@ impl Bus {
         self.kv(subjects::JOBS_BUCKET, 1, JOB_RETENTION).await
     }
 
+    /// The gateway's `Idempotency-Key` bucket (entries expire after 24 h).
+    pub async fn idempotency_kv(&self) -> anyhow::Result<kv::Store> {
+        self.kv(
+            subjects::IDEMPOTENCY_BUCKET,
+            1,
+            Duration::from_secs(24 * 3600),
+        )
+        .await
+    }
+
     pub async fn images_kv(&self) -> anyhow::Result<kv::Store> {
         self.kv(subjects::IMAGES_BUCKET, 1, Duration::ZERO).await
     }
