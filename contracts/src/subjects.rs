@@ -145,6 +145,9 @@ pub const INDEXES_BUCKET: &str = "atelier_indexes";
 /// KV bucket holding one [`crate::dataset::ModelVerdict`] per model and image (NSFW) or image and
 /// caption (CLIP score): what the quality filter's models said, reused by later filter jobs.
 pub const VERDICTS_BUCKET: &str = "atelier_verdicts";
+/// KV bucket of submissions not yet known to be on the bus (the publish outbox): one
+/// `JobRequest` per job id while it is being queued; entries left behind are republished.
+pub const OUTBOX_BUCKET: &str = "atelier_outbox";
 /// KV bucket the gateway keeps `Idempotency-Key`s in (24 h): per caller and key, the hash of the
 /// request body and the job it created.
 pub const IDEMPOTENCY_BUCKET: &str = "atelier_idempotency";

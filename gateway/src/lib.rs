@@ -122,6 +122,12 @@ pub async fn serve(
         anyhow::anyhow!("binding the gateway to {}: {e} (is another atelier running? pick another with --addr / ATELIER_ADDR)", args.addr)
     })?;
     let addr = listener.local_addr()?;
+    atelier_kit::outbox::spawn_reconciler(
+        app.bus.clone(),
+        app.states.clone(),
+        std::time::Duration::from_secs(30),
+        shutdown.clone(),
+    );
     let router = api::router(app, auth);
     let task = tokio::spawn(async move {
         axum::serve(listener, router)

@@ -1187,3 +1187,66 @@ async fn idempotency_keys_make_one_job_per_logical_submit() {
     assert_eq!(post(&key_a, Some(&long), body).await.unwrap().status(), 400);
     shutdown.cancel();
 }
+
+/// Accepted means it will run: a job recorded `queued` by a gateway that died before publishing it
+/// is published by the reconciler, and one that was published before the gateway died (its
+/// outbox entry left behind) is not run twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn jobs_left_in_the_outbox_run_exactly_once() {
+    use atelier_kit::outbox::{reconcile, Pending};
+    let mut c = Cluster::start(shared_s3_store(30)).await.unwrap();
+    c.spawn_service("atelier-checksum", &fast_worker_env())
+        .unwrap();
+    let up = c
+        .store
+        .put_bytes(bytes_of(77, 4096), "application/octet-stream")
+        .await
+        .unwrap()
+        .0;
+    let request = |spec| atelier_contracts::JobRequest {
+        schema_version: atelier_contracts::SCHEMA_VERSION,
+        id: JobId::new(),
+        submitted_at: chrono::Utc::now(),
+        submitted_by: Some("drill".into()),
+        spec,
+    };
+    let outbox = c.bus.outbox().await.unwrap();
+    let leave = |req: &atelier_contracts::JobRequest| {
+        let p = Pending {
+            request: req.clone(),
+            since: chrono::Utc::now() - chrono::Duration::seconds(60),
+        };
+        (req.id.to_string(), serde_json::to_vec(&p).unwrap())
+    };
+    // Died after recording, before publishing.
+    let unpublished = request(checksum(&up.key.to_string()));
+    let (k, v) = leave(&unpublished);
+    outbox.put(&k, v.into()).await.unwrap();
+    c.states
+        .create(&atelier_contracts::JobRecord::queued(&unpublished))
+        .await
+        .unwrap();
+    // Died after publishing, before clearing its outbox entry.
+    let published = request(checksum(&up.key.to_string()));
+    atelier_kit::worker::enqueue(&c.bus, &c.states, &published)
+        .await
+        .unwrap();
+    let (k, v) = leave(&published);
+    outbox.put(&k, v.into()).await.unwrap();
+
+    let r = reconcile(&c.bus, &c.states, Duration::ZERO).await.unwrap();
+    assert_eq!(r.republished + r.cleared, 2, "{r:?}");
+    assert!(r.republished >= 1, "{r:?}");
+    let ids = [unpublished.id, published.id];
+    let records = c
+        .wait_terminal(&ids, Duration::from_secs(60))
+        .await
+        .unwrap();
+    assert!(all_succeeded(&records), "{records:?}");
+    // Give a duplicate delivery time to show, then count.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let done = done_events(&c).await;
+    assert!(ids.iter().all(|id| done.get(id) == Some(&1)), "{done:?}");
+    let again = reconcile(&c.bus, &c.states, Duration::ZERO).await.unwrap();
+    assert_eq!(again, Default::default());
+}

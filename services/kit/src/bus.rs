@@ -41,6 +41,8 @@ pub const DUPLICATE_WINDOW: Duration = Duration::from_secs(3600);
 pub struct Bus {
     pub client: async_nats::Client,
     pub js: jetstream::Context,
+    /// The publish outbox's bucket, opened on first use (see [`crate::outbox`]).
+    outbox: std::sync::Arc<tokio::sync::OnceCell<kv::Store>>,
 }
 
 impl Bus {
@@ -67,7 +69,11 @@ impl Bus {
             .with_context(|| format!("NATS at {url} did not answer within 60 s; is nats-server running? (`atelier up` starts one, or set ATELIER_NATS_URL)"))?
             .with_context(|| format!("connecting to NATS at {url}"))?;
         let js = jetstream::new(client.clone());
-        Ok(Self { client, js })
+        Ok(Self {
+            client,
+            js,
+            outbox: Default::default(),
+        })
     }
 
     /// Declares every stream and bucket. Safe to call from every process at start.
@@ -156,6 +162,20 @@ impl Bus {
 
     pub async fn jobs_kv(&self) -> anyhow::Result<kv::Store> {
         self.kv(subjects::JOBS_BUCKET, 1, JOB_RETENTION).await
+    }
+
+    /// The publish outbox (see [`crate::outbox`]; entries are kept a week at most).
+    pub async fn outbox(&self) -> anyhow::Result<kv::Store> {
+        self.outbox
+            .get_or_try_init(|| {
+                self.kv(
+                    subjects::OUTBOX_BUCKET,
+                    1,
+                    Duration::from_secs(7 * 24 * 3600),
+                )
+            })
+            .await
+            .cloned()
     }
 
     /// The gateway's `Idempotency-Key` bucket (entries expire after 24 h).

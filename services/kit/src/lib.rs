@@ -23,6 +23,7 @@ pub mod datasets;
 pub mod jobstate;
 pub mod kv;
 pub mod nats_server;
+pub mod outbox;
 pub mod service;
 pub mod shutdown;
 pub mod store;

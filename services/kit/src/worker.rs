@@ -50,22 +50,42 @@ pub enum EnqueueError {
     Bus(anyhow::Error),
 }
 
-/// Queues a job as the gateway does: record it as `queued`, then publish the request (with
-/// `Nats-Msg-Id` = job id, so a retried publish is dropped by the server). If publishing fails the
-/// record is marked failed, so no job stays queued with nothing on the bus.
+/// Queues a job as the gateway does: the request into the publish outbox, the record as
+/// `queued`, then the request on the bus (with `Nats-Msg-Id` = job id, so a retried publish is
+/// dropped by the server), then out of the outbox. If publishing fails the record is marked
+/// failed; if the process dies before the outbox entry is removed, the gateways' reconciler
+/// publishes the job again ([`crate::outbox`]), so an accepted job is never left queued with
+/// nothing on the bus.
 pub async fn enqueue(
     bus: &Bus,
     states: &JobStates,
     request: &JobRequest,
 ) -> Result<JobRecord, EnqueueError> {
+    let outbox = bus.outbox().await.map_err(EnqueueError::Bus)?;
+    let key = request.id.to_string();
+    let pending = crate::outbox::Pending {
+        request: request.clone(),
+        since: chrono::Utc::now(),
+    };
+    let bytes = serde_json::to_vec(&pending).map_err(|e| EnqueueError::Bus(e.into()))?;
+    outbox
+        .put(&key, bytes.into())
+        .await
+        .map_err(|e| EnqueueError::Bus(e.into()))?;
     let record = JobRecord::queued(request);
-    let revision = states.create(&record).await?;
+    let revision = match states.create(&record).await {
+        Ok(r) => r,
+        Err(e) => {
+            let _ = outbox.delete(&key).await;
+            return Err(e.into());
+        }
+    };
     let subject = request.spec.service().request_subject();
     let headers = [(RECORD_REVISION_HEADER, revision.to_string())];
-    if let Err(e) = bus
-        .publish_json_with(subject, Some(&request.id.to_string()), &headers, request)
-        .await
-    {
+    let published = bus
+        .publish_json_with(subject, Some(&key), &headers, request)
+        .await;
+    if let Err(e) = published {
         let msg = format!("{e:#}");
         let _ = states
             .update(request.id, |r| {
@@ -77,7 +97,12 @@ pub async fn enqueue(
                 Change::Write
             })
             .await;
+        let _ = outbox.delete(&key).await;
         return Err(EnqueueError::Bus(e));
+    }
+    if let Err(e) = outbox.delete(&key).await {
+        // Left for the reconciler, which finds the job no longer queued or drops the duplicate.
+        tracing::warn!(job = %key, error = %e, "removing a published job from the outbox");
     }
     Ok(record)
 }
