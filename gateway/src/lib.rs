@@ -111,6 +111,10 @@ impl GatewayArgs {
     }
 }
 
+/// Staged uploads older than this are debris of a crash (no upload runs this long unfinished
+/// without writing: the staging file's modification time moves with every part).
+const STALE_UPLOAD_AGE: std::time::Duration = std::time::Duration::from_secs(6 * 3600);
+
 /// Binds and serves the API until `shutdown`; returns the bound address and the server task.
 pub async fn serve(
     args: &GatewayArgs,
@@ -122,6 +126,15 @@ pub async fn serve(
         anyhow::anyhow!("binding the gateway to {}: {e} (is another atelier running? pick another with --addr / ATELIER_ADDR)", args.addr)
     })?;
     let addr = listener.local_addr()?;
+    // Uploads a crash cut off (staged, never copied to their content address).
+    let store = app.store.clone();
+    tokio::spawn(async move {
+        match store.remove_stale_uploads(STALE_UPLOAD_AGE).await {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(removed = n, "removed stale partial uploads"),
+            Err(e) => tracing::warn!(error = %e, "removing stale partial uploads"),
+        }
+    });
     atelier_kit::outbox::spawn_reconciler(
         app.bus.clone(),
         app.states.clone(),

@@ -26,6 +26,7 @@ pub mod nats_server;
 pub mod outbox;
 pub mod service;
 pub mod shutdown;
+pub mod stale_uploads;
 pub mod store;
 pub mod telemetry;
 pub mod worker;

@@ -5,6 +5,7 @@
 //! creates a second object. Every operation retries transient failures (connection refused, 5xx,
 //! timeouts) with exponential backoff for up to `--store-retry-secs`.
 
+use crate::stale_uploads::UPLOADS_PREFIX;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -73,7 +74,9 @@ fn is_transient(e: &object_store::Error) -> bool {
 
 #[derive(Clone)]
 pub struct Store {
-    inner: Arc<dyn ObjectStore>,
+    pub(crate) inner: Arc<dyn ObjectStore>,
+    /// The directory of a local store (its multipart staging files are plain files there).
+    pub(crate) local_root: Option<std::path::PathBuf>,
     retry_for: Duration,
     /// Whether the backend keeps a Content-Type attribute (S3 does, a local directory does not).
     attributes: bool,
@@ -97,6 +100,7 @@ impl Store {
                 let fs = LocalFileSystem::new_with_prefix(&dir)?.with_automatic_cleanup(true);
                 Ok(Self {
                     inner: Arc::new(fs),
+                    local_root: Some(dir.clone()),
                     retry_for,
                     attributes: false,
                     description: format!("local store at {}", dir.display()),
@@ -134,6 +138,7 @@ impl Store {
                 };
                 Ok(Self {
                     inner,
+                    local_root: None,
                     retry_for,
                     attributes: true,
                     description: format!(
@@ -150,6 +155,7 @@ impl Store {
     pub fn from_object_store(inner: Arc<dyn ObjectStore>, retry_for: Duration) -> Self {
         Self {
             inner,
+            local_root: None,
             retry_for,
             attributes: false,
             description: "custom store".into(),
@@ -160,7 +166,7 @@ impl Store {
         &self.description
     }
 
-    async fn retry<T, F, Fut>(&self, op: &'static str, mut f: F) -> Result<T, StoreError>
+    pub(crate) async fn retry<T, F, Fut>(&self, op: &'static str, mut f: F) -> Result<T, StoreError>
     where
         F: FnMut() -> Fut,
         Fut: std::future::Future<Output = object_store::Result<T>>,
@@ -300,7 +306,7 @@ impl Store {
         S: Stream<Item = Result<Bytes, E>> + Unpin,
         E: std::fmt::Display,
     {
-        let tmp = Path::from(format!("tmp/uploads/{}", uuid::Uuid::now_v7()));
+        let tmp = Path::from(format!("{UPLOADS_PREFIX}/{}", uuid::Uuid::now_v7()));
         let backend = |op, source| StoreError::Backend {
             op,
             attempts: 1,
