@@ -13,14 +13,41 @@ pub struct Remote {
         default_value = "http://127.0.0.1:7860"
     )]
     pub gateway: String,
-    /// API key (from `atelier keygen`).
-    #[arg(long = "key", env = "ATELIER_API_KEY", hide_env_values = true)]
+    /// API key (from `atelier keygen`), from the environment only: a command line is visible to
+    /// every user of the machine (`ps`).
+    #[arg(skip = std::env::var("ATELIER_API_KEY").ok().filter(|k| !k.is_empty()))]
     pub key: Option<String>,
+    /// A file holding the API key (its first line).
+    #[arg(long = "key-file", env = "ATELIER_API_KEY_FILE")]
+    pub key_file: Option<std::path::PathBuf>,
+    /// Refused: keys on the command line leak through `ps`.
+    #[arg(long = "key", hide = true)]
+    pub key_in_argv: Option<String>,
 }
 
 impl Remote {
     pub fn client(&self) -> anyhow::Result<Client> {
-        Client::new(&self.gateway, self.key.clone())
+        Client::new(&self.gateway, self.api_key()?)
+    }
+
+    /// The key from `--key-file` or `ATELIER_API_KEY`.
+    fn api_key(&self) -> anyhow::Result<Option<String>> {
+        if self.key_in_argv.is_some() {
+            anyhow::bail!("--key puts the API key where every user of this machine can read it (ps); set ATELIER_API_KEY or pass --key-file PATH instead");
+        }
+        match &self.key_file {
+            Some(path) => {
+                let text = std::fs::read_to_string(path).map_err(|e| {
+                    anyhow::anyhow!("reading the API key from {}: {e}", path.display())
+                })?;
+                let key = text.lines().next().unwrap_or_default().trim().to_string();
+                if key.is_empty() {
+                    anyhow::bail!("{} holds no API key on its first line", path.display());
+                }
+                Ok(Some(key))
+            }
+            None => Ok(self.key.clone()),
+        }
     }
 }
 

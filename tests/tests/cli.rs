@@ -286,3 +286,29 @@ fn conformance_models_fails_beyond_the_tolerance() {
     );
     assert!(stdout.trim_end().ends_with(" failed"), "{stdout}");
 }
+
+#[test]
+fn api_keys_never_travel_in_argv() {
+    // A key on the command line is refused with the fix; a key file is read (and an unreachable
+    // gateway is then the error, not the key).
+    let (ok, _, stderr) = atelier(&[
+        "job",
+        "00000000-0000-0000-0000-000000000000",
+        "--key",
+        "secret",
+    ]);
+    assert!(
+        !ok && stderr.contains("ATELIER_API_KEY") && stderr.contains("--key-file"),
+        "{stderr}"
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let empty = dir.path().join("empty");
+    std::fs::write(&empty, "\n").unwrap();
+    let (ok, _, stderr) = atelier(&[
+        "job",
+        "00000000-0000-0000-0000-000000000000",
+        "--key-file",
+        empty.to_str().unwrap(),
+    ]);
+    assert!(!ok && stderr.contains("holds no API key"), "{stderr}");
+}
