@@ -11,6 +11,7 @@ pub mod a1111;
 pub mod api;
 pub mod augment;
 pub mod auth;
+pub mod conn;
 pub mod datasets;
 pub mod error;
 pub mod idempotency;
@@ -69,6 +70,28 @@ pub struct GatewayArgs {
     /// Largest A1111 request (`/sdapi/v1/*`: JSON with base64 images), bytes.
     #[arg(long = "max-a1111-bytes", env = "ATELIER_MAX_A1111_BYTES", default_value_t = 64 << 20)]
     pub max_a1111_bytes: u64,
+    /// Open connections at most; a new one over the cap is closed at once.
+    #[arg(
+        long = "max-connections",
+        env = "ATELIER_MAX_CONNECTIONS",
+        default_value_t = 1024
+    )]
+    pub max_connections: usize,
+    /// Seconds a client has to send a request's headers (and to start the next one on a
+    /// kept-alive connection).
+    #[arg(
+        long = "header-timeout-secs",
+        env = "ATELIER_HEADER_TIMEOUT_SECS",
+        default_value_t = 10
+    )]
+    pub header_timeout_secs: u64,
+    /// Seconds a request body may go without a byte before the request ends with 408.
+    #[arg(
+        long = "body-idle-secs",
+        env = "ATELIER_BODY_IDLE_SECS",
+        default_value_t = 30
+    )]
+    pub body_idle_secs: u64,
 }
 
 impl Default for GatewayArgs {
@@ -83,6 +106,9 @@ impl Default for GatewayArgs {
             max_json_bytes: 1 << 20,
             max_upload_bytes: 4 << 30,
             max_a1111_bytes: 64 << 20,
+            max_connections: 1024,
+            header_timeout_secs: 10,
+            body_idle_secs: 30,
         }
     }
 }
@@ -100,6 +126,14 @@ impl GatewayArgs {
             },
         )
         .map_err(anyhow::Error::msg)
+    }
+
+    pub fn conn_limits(&self) -> conn::ConnLimits {
+        conn::ConnLimits {
+            max_connections: self.max_connections.max(1),
+            header_timeout: std::time::Duration::from_secs(self.header_timeout_secs.max(1)),
+            body_idle_timeout: std::time::Duration::from_secs(self.body_idle_secs.max(1)),
+        }
     }
 
     pub fn limits(&self) -> api::BodyLimits {
@@ -141,13 +175,9 @@ pub async fn serve(
         std::time::Duration::from_secs(30),
         shutdown.clone(),
     );
-    let router = api::router(app, auth);
-    let task = tokio::spawn(async move {
-        axum::serve(listener, router)
-            .with_graceful_shutdown(async move { shutdown.cancelled().await })
-            .await
-            .map_err(anyhow::Error::from)
-    });
+    let limits = args.conn_limits();
+    let router = conn::with_body_timeout(api::router(app, auth), limits);
+    let task = tokio::spawn(conn::serve(listener, router, limits, shutdown));
     tracing::info!(%addr, "gateway listening");
     Ok((addr, task))
 }

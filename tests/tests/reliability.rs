@@ -1250,3 +1250,59 @@ async fn jobs_left_in_the_outbox_run_exactly_once() {
     let again = reconcile(&c.bus, &c.states, Duration::ZERO).await.unwrap();
     assert_eq!(again, Default::default());
 }
+
+/// Slowloris: clients that send headers or bodies slowly are cut off (header deadline, body idle
+/// limit), connections over the cap are closed at once, and everyone else is still served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_clients_cannot_stall_the_gateway() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let c = Cluster::local().await.unwrap();
+    let shutdown = CancellationToken::new();
+    let (key, entry) = atelier_gateway::auth::generate_key("full", "*").unwrap();
+    let args = atelier_gateway::GatewayArgs {
+        max_connections: 16,
+        header_timeout_secs: 1,
+        body_idle_secs: 1,
+        ..Default::default()
+    };
+    let base = c
+        .gateway(vec![entry], args, shutdown.clone())
+        .await
+        .unwrap();
+    let addr = base.trim_start_matches("http://").to_string();
+    // 40 connections that never finish their headers: 16 hold slots, the rest are closed at
+    // once; the held ones are closed at the header deadline.
+    let t0 = std::time::Instant::now();
+    let mut slow = Vec::new();
+    for _ in 0..40 {
+        let mut s = tokio::net::TcpStream::connect(&addr).await.unwrap();
+        let _ = s.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n").await;
+        slow.push(s);
+    }
+    for mut s in slow {
+        let mut buf = [0u8; 256];
+        let r = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf)).await;
+        assert!(r.is_ok(), "a slow connection was still open after 5 s");
+    }
+    assert!(t0.elapsed() < Duration::from_secs(5), "{:?}", t0.elapsed());
+    // Everyone else is served.
+    let http = reqwest::Client::new();
+    let ok = http.get(format!("{base}/healthz")).send().await.unwrap();
+    assert!(ok.status().is_success());
+    // A body that stops arriving ends with 408 after the idle limit, not a held request.
+    let mut s = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    let head = format!(
+        "POST /v1/uploads HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {key}\r\nContent-Type: application/octet-stream\r\nContent-Length: 100000\r\n\r\n0123456789"
+    );
+    s.write_all(head.as_bytes()).await.unwrap();
+    let mut answer = Vec::new();
+    let t0 = std::time::Instant::now();
+    let _ = tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut answer)).await;
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(
+        answer.starts_with("HTTP/1.1 408") || answer.starts_with("HTTP/1.1 400"),
+        "{answer}"
+    );
+    assert!(t0.elapsed() < Duration::from_secs(5), "{:?}", t0.elapsed());
+    shutdown.cancel();
+}
