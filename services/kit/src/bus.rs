@@ -124,6 +124,8 @@ impl Bus {
         self.datasets_kv().await?;
         self.indexes_kv().await?;
         self.verdicts_kv().await?;
+        self.outbox().await?;
+        self.idempotency_kv().await?;
         Ok(())
     }
 
