@@ -77,7 +77,15 @@ impl From<atelier_kit::store::StoreError> for ApiError {
             E::BadKey(_) => ApiError::bad_request("bad_artifact_key", e.to_string()),
             E::TooLarge { limit } => ApiError::too_large(*limit),
             E::Body(_) => ApiError::bad_request("bad_body", e.to_string()),
-            E::Backend { .. } => ApiError::unavailable(e.to_string()),
+            E::Backend { op, attempts, .. } => {
+                // The backend's own message can name server paths (a local store's directory):
+                // logged here, summarised for the client.
+                tracing::warn!(error = %e, "object store");
+                ApiError::unavailable(format!(
+                    "the object store did not answer ({op}, {attempts} attempt(s)); retry shortly"
+                ))
+                .with_retry_after(2)
+            }
         }
     }
 }
@@ -89,5 +97,28 @@ impl From<atelier_kit::jobstate::StateError> for ApiError {
             E::Missing(_) => ApiError::not_found("job_not_found", e.to_string()),
             _ => ApiError::unavailable(e.to_string()),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn store_failures_do_not_show_server_paths() {
+        let source = object_store::Error::Generic {
+            store: "LocalFileSystem",
+            source: "Unable to open file /var/lib/atelier/objects/sha256/ab/cd: Permission denied"
+                .into(),
+        };
+        let e = ApiError::from(atelier_kit::store::StoreError::Backend {
+            op: "get",
+            attempts: 3,
+            elapsed: std::time::Duration::from_secs(1),
+            source,
+        });
+        assert_eq!(e.status, StatusCode::SERVICE_UNAVAILABLE);
+        assert!(!e.message.contains("/var/lib"), "{}", e.message);
+        assert!(e.message.contains("get"), "{}", e.message);
     }
 }
