@@ -105,13 +105,25 @@ impl AppState {
 
 /// The whole HTTP surface.
 pub fn router(app: AppState, auth: Arc<Auth>) -> Router {
-    let v1 = Router::new()
+    // The routes that create a job, which honour `Idempotency-Key`.
+    let creating = Router::new()
         .route("/v1/jobs", post(submit_job))
-        .route("/v1/jobs/{id}", get(get_job).delete(cancel_job))
-        .route("/v1/jobs/{id}/events", get(job_events))
         .route("/v1/txt2img", post(txt2img))
         .route("/v1/img2img", post(img2img))
         .route("/v1/inpaint", post(inpaint))
+        .route("/v1/train/lora", post(crate::train::lora))
+        .route("/v1/train/dreambooth", post(crate::train::dreambooth))
+        .route("/v1/datasets/{name}/index", post(crate::retrieval::index))
+        .route("/v1/datasets/{name}/curate", post(crate::retrieval::curate))
+        .route("/v1/datasets/{name}/augment", post(crate::augment::augment))
+        .route_layer(middleware::from_fn_with_state(
+            app.clone(),
+            crate::idempotency::middleware,
+        ));
+    let v1 = Router::new()
+        .merge(creating)
+        .route("/v1/jobs/{id}", get(get_job).delete(cancel_job))
+        .route("/v1/jobs/{id}/events", get(job_events))
         .route("/v1/uploads", post(upload))
         .route("/sdapi/v1/txt2img", post(crate::a1111::txt2img))
         .route("/sdapi/v1/img2img", post(crate::a1111::img2img))
@@ -127,23 +139,14 @@ pub fn router(app: AppState, auth: Arc<Auth>) -> Router {
         .route("/v1/images/{sha256}", get(get_image))
         .route("/v1/images", post(crate::datasets::announce))
         .route("/v1/datasets", get(crate::datasets::list))
-        .route("/v1/train/lora", post(crate::train::lora))
         .route(
             "/v1/search",
             get(crate::retrieval::search).post(crate::retrieval::search_image),
         )
-        .route("/v1/datasets/{name}/index", post(crate::retrieval::index))
-        .route("/v1/datasets/{name}/curate", post(crate::retrieval::curate))
-        .route("/v1/datasets/{name}/augment", post(crate::augment::augment))
-        .route("/v1/train/dreambooth", post(crate::train::dreambooth))
         .route(
             "/v1/datasets/{name}/versions/{version}",
             get(crate::datasets::version),
         )
-        .route_layer(middleware::from_fn_with_state(
-            app.clone(),
-            crate::idempotency::middleware,
-        ))
         .route_layer(middleware::from_fn_with_state(auth, auth::middleware));
     Router::new()
         .merge(v1)

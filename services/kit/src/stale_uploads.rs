@@ -15,6 +15,11 @@ impl Store {
     /// Removes staged uploads last written more than `older_than` ago; returns how many.
     pub async fn remove_stale_uploads(&self, older_than: Duration) -> Result<usize, StoreError> {
         let cutoff = SystemTime::now() - older_than;
+        // A local store: its directory holds every staged file, including the multipart staging
+        // files (`<key>#<n>`) listings do not show.
+        if let Some(root) = &self.local_root {
+            return Ok(remove_old_files(&root.join(UPLOADS_PREFIX), cutoff));
+        }
         let mut removed = 0;
         for meta in self.list(UPLOADS_PREFIX).await? {
             if SystemTime::from(meta.last_modified) < cutoff {
@@ -27,14 +32,11 @@ impl Store {
                 removed += 1;
             }
         }
-        if let Some(root) = &self.local_root {
-            removed += remove_old_files(&root.join(UPLOADS_PREFIX), cutoff);
-        }
         Ok(removed)
     }
 }
 
-/// A local store's staging files (`<key>#<n>`, which listings do not show) older than `cutoff`.
+/// The files in a local store's staging directory older than `cutoff`.
 fn remove_old_files(dir: &std::path::Path, cutoff: SystemTime) -> usize {
     let Ok(entries) = std::fs::read_dir(dir) else {
         return 0;

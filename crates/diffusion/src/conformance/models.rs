@@ -126,47 +126,45 @@ struct Loaded {
 }
 
 impl Loaded {
-    fn source(&mut self, case: &Case, dir: &Path) -> Result<&Source, String> {
-        self.source
-            .get_or_insert_with(|| match &case.model {
-                Some(m) if dir.join(m).is_dir() => Ok(Source {
-                    dir: dir.join(m),
-                    lora: None,
-                }),
-                _ => Err(format!(
-                    "{}: no model folder and no lora check before this one",
-                    dir.display()
-                )),
-            })
-            .as_ref()
-            .map_err(Clone::clone)
-    }
-
     fn components(&mut self, case: &Case, dir: &Path) -> Result<&Components, String> {
-        if self.components.is_none() {
-            let c = self
-                .source(case, dir)
-                .and_then(|s| components::load(&s.dir, s.lora()));
-            self.components = Some(c);
-        }
-        self.components
-            .as_ref()
-            .map(|c| c.as_ref().map_err(Clone::clone))
-            .unwrap_or_else(|| Err("not loaded".into()))
+        let source = source_of(&mut self.source, case, dir);
+        once(&mut self.components, || {
+            source.and_then(|s| components::load(&s.dir, s.lora()))
+        })
     }
 
     fn pipeline(&mut self, case: &Case, dir: &Path) -> Result<&StableDiffusion, String> {
-        if self.pipeline.is_none() {
-            let p = self
-                .source(case, dir)
-                .and_then(|s| pipelines::load(&s.dir, s.lora()));
-            self.pipeline = Some(p);
-        }
-        self.pipeline
-            .as_ref()
-            .map(|c| c.as_ref().map_err(Clone::clone))
-            .unwrap_or_else(|| Err("not loaded".into()))
+        let source = source_of(&mut self.source, case, dir);
+        once(&mut self.pipeline, || {
+            source.and_then(|s| pipelines::load(&s.dir, s.lora()))
+        })
     }
+}
+
+/// The case's model folder, unless a lora check set another source first.
+fn source_of<'a>(
+    slot: &'a mut Option<Result<Source, String>>,
+    case: &Case,
+    dir: &Path,
+) -> Result<&'a Source, String> {
+    once(slot, || match &case.model {
+        Some(m) if dir.join(m).is_dir() => Ok(Source {
+            dir: dir.join(m),
+            lora: None,
+        }),
+        _ => Err(format!(
+            "{}: no model folder and no lora check before this one",
+            dir.display()
+        )),
+    })
+}
+
+/// What `slot` holds, made by `make` on first use (a failure is kept and repeated).
+fn once<T>(
+    slot: &mut Option<Result<T, String>>,
+    make: impl FnOnce() -> Result<T, String>,
+) -> Result<&T, String> {
+    slot.get_or_insert_with(make).as_ref().map_err(Clone::clone)
 }
 
 /// Why a check is not run here, if it is not.

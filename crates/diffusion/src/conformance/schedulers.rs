@@ -76,20 +76,25 @@ fn mismatch(got: &[f32], want: &[f32]) -> Option<String> {
         .map(|(i, (g, w))| format!("[{i}] = {g}, expected {w}"))
 }
 
-fn config_of(trace: &Trace) -> Result<(SamplerKind, ScheduleConfig, SamplerOptions), String> {
-    let kind = SamplerKind::parse(&trace.scheduler)
-        .ok_or_else(|| format!("unknown scheduler {:?}", trace.scheduler))?;
-    if let Some(class) = &trace.diffusers_class {
+/// Whether `kind` runs what a reference ran: the diffusers class (when named) and the options a
+/// sampler name implies (Karras sigmas, the SDE algorithm, PNDM's PRK steps skipped).
+pub(super) fn fits(
+    kind: SamplerKind,
+    class: Option<&str>,
+    options: &serde_json::Map<String, serde_json::Value>,
+) -> Result<(), String> {
+    if let Some(class) = class {
         if class != kind.diffusers_class() {
             return Err(format!(
-                "{kind} reproduces {}, the trace ran {class}",
+                "{kind} reproduces {}, the reference ran {class}",
                 kind.diffusers_class()
             ));
         }
     }
-    let c = &trace.config;
-    let flag = |k: &str| c.get(k).and_then(|v| v.as_bool()).unwrap_or(false);
-    let karras = flag("use_karras_sigmas");
+    let karras = options
+        .get("use_karras_sigmas")
+        .and_then(|v| v.as_bool())
+        .unwrap_or(false);
     let wants_karras = matches!(
         kind,
         SamplerKind::EulerKarras | SamplerKind::DpmPp2mKarras | SamplerKind::DpmPp2mSdeKarras
@@ -97,19 +102,27 @@ fn config_of(trace: &Trace) -> Result<(SamplerKind, ScheduleConfig, SamplerOptio
     if karras != wants_karras {
         return Err(format!("use_karras_sigmas={karras} does not fit {kind}"));
     }
-    if let Some(alg) = c.get("algorithm_type").and_then(|v| v.as_str()) {
-        let want = if matches!(
-            kind,
-            SamplerKind::DpmPp2mSde | SamplerKind::DpmPp2mSdeKarras
-        ) {
-            "sde-dpmsolver++"
-        } else {
-            "dpmsolver++"
-        };
-        if alg != want {
-            return Err(format!("algorithm_type {alg} does not fit {kind}"));
-        }
+    let algorithm = options.get("algorithm_type").and_then(|v| v.as_str());
+    let sde = algorithm.is_some_and(|a| a.starts_with("sde"));
+    let wants_sde = matches!(
+        kind,
+        SamplerKind::DpmPp2mSde | SamplerKind::DpmPp2mSdeKarras
+    );
+    if sde != wants_sde || algorithm.is_some_and(|a| !a.ends_with("dpmsolver++")) {
+        return Err(format!("algorithm_type {algorithm:?} does not fit {kind}"));
     }
+    let skips_prk = options.get("skip_prk_steps").and_then(|v| v.as_bool());
+    if kind == SamplerKind::Pndm && skips_prk != Some(true) {
+        return Err("PNDM runs as PLMS (skip_prk_steps=True) only".into());
+    }
+    Ok(())
+}
+
+fn config_of(trace: &Trace) -> Result<(SamplerKind, ScheduleConfig, SamplerOptions), String> {
+    let kind = SamplerKind::parse(&trace.scheduler)
+        .ok_or_else(|| format!("unknown scheduler {:?}", trace.scheduler))?;
+    let c = &trace.config;
+    fits(kind, trace.diffusers_class.as_deref(), c)?;
     // Keys the trace's config lacks take the class's defaults, as diffusers' constructor gives
     // them.
     let (cfg, options) =

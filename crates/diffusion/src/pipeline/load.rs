@@ -184,8 +184,8 @@ type Src = std::sync::Arc<dyn torch::weights::Source>;
 /// geometry): its configs and each component's weights, before the networks are built.
 pub(crate) struct Checkpoint {
     pub family: Family,
-    pub schedule: ScheduleConfig,
-    /// The scheduler config file's keys (samplers read their options from it).
+    /// The scheduler config file's keys (the model's noise schedule; samplers read their options
+    /// from it).
     pub scheduler: SchedulerConfig,
     name: String,
     unet: (Src, UNetConfig),
@@ -237,7 +237,6 @@ impl Checkpoint {
         Ok(Self {
             family: cfg.family,
             scheduler: SchedulerConfig::of_schedule(&cfg.schedule),
-            schedule: cfg.schedule,
             name: path
                 .file_stem()
                 .map(|n| n.to_string_lossy().into_owned())
@@ -265,19 +264,13 @@ impl Checkpoint {
         let index: serde_json::Value = read_json(&dir.join("model_index.json"))?;
         let class = index["_class_name"].as_str().unwrap_or_default();
         let sdxl = class.contains("XL") || dir.join("text_encoder_2").exists();
-        let (schedule, scheduler) = {
+        let scheduler = {
             let p = dir.join("scheduler/scheduler_config.json");
             if p.exists() {
                 let v: serde_json::Value = read_json(&p)?;
-                let schedule: ScheduleConfig =
-                    serde_json::from_value(v.clone()).map_err(|e| model_err(&p, e))?;
-                (
-                    schedule,
-                    SchedulerConfig::from_value(v).map_err(|e| model_err(&p, e))?,
-                )
+                SchedulerConfig::from_value(v).map_err(|e| model_err(&p, e))?
             } else {
-                let s = ScheduleConfig::default();
-                (s.clone(), SchedulerConfig::of_schedule(&s))
+                SchedulerConfig::of_schedule(&ScheduleConfig::default())
             }
         };
         let open = |c: &str| SafetensorsWeights::open(&component_weights(&dir.join(c))?);
@@ -304,7 +297,6 @@ impl Checkpoint {
         }
         Ok(Self {
             family: Family::of_diffusers(sdxl, &text[0].1),
-            schedule,
             scheduler,
             name: dir
                 .file_name()
@@ -336,7 +328,6 @@ impl Checkpoint {
         Self {
             family,
             scheduler: SchedulerConfig::of_schedule(&cfg.schedule),
-            schedule: cfg.schedule,
             name: format!("random-{family:?}").to_lowercase(),
             unet: (random(seed), cfg.unet),
             vae: (random(seed + 1), cfg.vae),
@@ -432,12 +423,16 @@ impl Checkpoint {
         } else {
             file_hash(&self.hashed)?
         };
+        let schedule = self
+            .scheduler
+            .schedule()
+            .map_err(|e| model_err(Path::new(&self.name), e))?;
         Ok(StableDiffusion {
             family: self.family,
             tokenizers: self.tokenizers()?,
             name: self.name,
             hash,
-            schedule: self.schedule,
+            schedule,
             scheduler: self.scheduler,
             nets,
             embeddings: Vec::new(),

@@ -158,6 +158,7 @@ pub struct StableDiffusion {
     pub name: String,
     /// A1111's short model hash: the first 10 hex digits of the UNet weights' SHA-256.
     pub hash: String,
+    /// The model's own noise schedule (what it was trained with), read from `scheduler` at load.
     pub schedule: ScheduleConfig,
     /// The model's scheduler config: each sampler reads its options from it as diffusers'
     /// `from_config` does (keys the file lacks take the sampler class's defaults).

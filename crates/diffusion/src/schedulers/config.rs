@@ -80,6 +80,12 @@ impl SchedulerConfig {
         Self { keys }
     }
 
+    /// The model's own noise schedule (what it was trained with): the file's keys over Stable
+    /// Diffusion's values.
+    pub fn schedule(&self) -> Result<ScheduleConfig, String> {
+        serde_json::from_value(self.to_value()).map_err(|e| format!("scheduler config: {e}"))
+    }
+
     /// The file's JSON (to write into a diffusers folder).
     pub fn to_value(&self) -> Value {
         Value::Object(self.keys.clone())
