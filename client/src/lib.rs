@@ -52,7 +52,7 @@ impl Client {
         self.send_with(make, false).await
     }
 
-    /// Sends, retrying 429 and 503 (after `Retry-After`) for up to a minute; with
+    /// Sends, retrying 429, 503 and a 409 with `Retry-After` (after it) for up to a minute; with
     /// `retry_transport`, also connection failures and timeouts — only for requests that are safe
     /// to repeat (reads, and submissions carrying an `Idempotency-Key`).
     async fn send_with(
@@ -77,8 +77,11 @@ impl Client {
                 Err(e) => return Err(e),
             };
             let status = resp.status();
+            // 409 with Retry-After: the same Idempotency-Key is still being accepted.
             let busy = status == reqwest::StatusCode::TOO_MANY_REQUESTS
-                || status == reqwest::StatusCode::SERVICE_UNAVAILABLE;
+                || status == reqwest::StatusCode::SERVICE_UNAVAILABLE
+                || (status == reqwest::StatusCode::CONFLICT
+                    && resp.headers().contains_key(reqwest::header::RETRY_AFTER));
             if !busy || std::time::Instant::now() >= deadline {
                 return Ok(resp);
             }

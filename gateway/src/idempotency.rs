@@ -6,10 +6,10 @@
 //! before the handler runs; the handler's [`crate::api::queue`] creates the job under that id
 //! ([`preset_job_id`]). A repeat with the same body answers the job's record (200, header
 //! `Idempotency-Replayed: true`); with another body, 422 `idempotency_key_reused`. If the first
-//! attempt died between reserving the key and recording the job, the repeat runs the handler
-//! again under the same id (a concurrent repeat that loses the race to record it answers the
-//! winner's record). A first attempt that is not accepted (4xx, or a 503 while the bus is down)
-//! releases its key, so a retry or a corrected body can use it.
+//! attempt is still being accepted, a repeat gets 409 `idempotency_in_progress` with
+//! `Retry-After`; if it died between reserving the key and recording the job (30 s on), the repeat
+//! runs the handler again under the same id. A first attempt that is not accepted (4xx, or a 503
+//! while the bus is down) releases its key, so a retry or a corrected body can use it.
 
 use std::cell::Cell;
 
@@ -35,7 +35,13 @@ const MAX_KEY_LEN: usize = 255;
 struct Entry {
     body_sha256: String,
     job: JobId,
+    /// When the first attempt reserved the key.
+    since: chrono::DateTime<chrono::Utc>,
 }
+
+/// A reserved key whose job is not recorded after this long belongs to an attempt that died: a
+/// repeat takes it over. Younger, the first attempt may still be recording it: a repeat waits.
+const TAKE_OVER_AFTER: chrono::TimeDelta = chrono::TimeDelta::seconds(30);
 
 tokio::task_local! {
     static PRESET: Cell<Option<JobId>>;
@@ -46,37 +52,16 @@ pub fn preset_job_id() -> Option<JobId> {
     PRESET.try_with(Cell::take).ok().flatten()
 }
 
-/// Whether a route creates a job (these honour `Idempotency-Key`).
-fn creates_a_job(path: &str) -> bool {
-    matches!(
-        path,
-        "/v1/jobs"
-            | "/v1/txt2img"
-            | "/v1/img2img"
-            | "/v1/inpaint"
-            | "/v1/train/lora"
-            | "/v1/train/dreambooth"
-            | "/v1/datasets/{name}/index"
-            | "/v1/datasets/{name}/curate"
-            | "/v1/datasets/{name}/augment"
-    )
-}
-
-/// The middleware (after authentication, so the key is the caller's own).
+/// The middleware of the routes that create a job (after authentication, so the key is the
+/// caller's own).
 pub async fn middleware(State(app): State<AppState>, req: Request, next: Next) -> Response {
-    let route = req
-        .extensions()
-        .get::<axum::extract::MatchedPath>()
-        .map(|p| p.as_str().to_owned());
     let key = req.headers().get(HEADER).cloned();
     let caller = req.extensions().get::<Caller>().map(|c| c.name.clone());
-    match (key, caller, route) {
-        (Some(key), Some(caller), Some(route)) if creates_a_job(&route) => {
-            match idempotent(&app, &caller, &key, req, next).await {
-                Ok(r) => r,
-                Err(e) => e.into_response(),
-            }
-        }
+    match (key, caller) {
+        (Some(key), Some(caller)) => match idempotent(&app, &caller, &key, req, next).await {
+            Ok(r) => r,
+            Err(e) => e.into_response(),
+        },
         _ => next.run(req).await,
     }
 }
@@ -121,22 +106,24 @@ async fn idempotent(
         }
         Reserved::Existing(entry) => match replay(app, entry.job).await? {
             Some(r) => return Ok(r),
-            // Reserved, not (yet) recorded: run again under the same id.
+            None if chrono::Utc::now() - entry.since < TAKE_OVER_AFTER => {
+                return Err(ApiError::new(
+                    StatusCode::CONFLICT,
+                    "idempotency_in_progress",
+                    "a request with this Idempotency-Key is still being accepted; retry",
+                )
+                .with_retry_after(1));
+            }
+            // Reserved long ago and never recorded: run again under the same id.
             None => (entry.job, false),
         },
     };
     let req = Request::from_parts(parts, Body::from(bytes));
     let resp = PRESET.scope(Cell::new(Some(job)), next.run(req)).await;
-    if resp.status().is_success() {
-        return Ok(resp);
-    }
-    if !reserved_here {
-        // A concurrent first attempt recorded the job meanwhile: answer it.
-        if let Some(r) = replay(app, job).await? {
-            return Ok(r);
+    if !resp.status().is_success() && reserved_here {
+        if let Err(e) = app.idempotency.delete(&kv_key).await {
+            tracing::warn!(error = %e, "releasing an idempotency key");
         }
-    } else if let Err(e) = app.idempotency.delete(&kv_key).await {
-        tracing::warn!(error = %e, "releasing an idempotency key");
     }
     Ok(resp)
 }
@@ -172,6 +159,7 @@ async fn reserve(store: &kv::Store, key: &str, body_sha256: &str) -> Result<Rese
         let entry = Entry {
             body_sha256: body_sha256.to_string(),
             job: JobId::new(),
+            since: chrono::Utc::now(),
         };
         let value = serde_json::to_vec(&entry).map_err(|e| unavailable(e.to_string()))?;
         match store.create(key, value.into()).await {
