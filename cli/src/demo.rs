@@ -98,6 +98,7 @@ pub async fn run(mut args: DemoArgs) -> anyhow::Result<()> {
         // No vision model can be reached here: caption through the built-in scene describer,
         // over the same OpenAI wire format a real endpoint speaks.
         scene_captioner: true,
+        drain_secs: 8.0,
     };
     // A tiny random-weight Stable Diffusion (real weights cannot be downloaded here): the
     // pipeline is the real one, the pictures are noise-like.

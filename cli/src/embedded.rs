@@ -49,6 +49,10 @@ pub struct UpArgs {
     /// trying the pipeline without a vision model.
     #[arg(long = "scene-captioner", env = "ATELIER_SCENE_CAPTIONER")]
     pub scene_captioner: bool,
+    /// Seconds Ctrl-C / SIGTERM waits for running jobs before exiting; jobs still running then
+    /// are not acknowledged and run again at the next start.
+    #[arg(long = "drain-secs", env = "ATELIER_DRAIN_SECS", default_value_t = 8.0)]
+    pub drain_secs: f64,
 }
 
 /// The settings of every service, as their binaries read them. Settings two services share are
@@ -100,6 +104,7 @@ pub struct Embedded {
     _vision: Option<VisionServer>,
     tasks: JoinSet<anyhow::Result<()>>,
     shutdown: CancellationToken,
+    drain: std::time::Duration,
 }
 
 impl Embedded {
@@ -175,24 +180,44 @@ impl Embedded {
             _vision: vision,
             tasks,
             shutdown,
+            drain: std::time::Duration::from_secs_f64(args.drain_secs.clamp(0.0, 3600.0)),
         })
     }
 
     /// Waits for every part to finish (after the shutdown token fired, or after one part failed,
-    /// which stops the others), then stops nats-server.
+    /// which stops the others), at most `--drain-secs` after shutdown, then stops nats-server.
     pub async fn wait(mut self) -> anyhow::Result<()> {
         let mut first_error = None;
-        while let Some(res) = self.tasks.join_next().await {
-            let res = res.map_err(anyhow::Error::from).and_then(|r| r);
-            if let Err(e) = res {
+        let shutdown = self.shutdown.clone();
+        let drain = self.drain;
+        let deadline = async move {
+            shutdown.cancelled().await;
+            tokio::time::sleep(drain).await;
+        };
+        tokio::pin!(deadline);
+        loop {
+            let res = tokio::select! {
+                r = self.tasks.join_next() => match r { Some(r) => r, None => break },
+                _ = &mut deadline => {
+                    tracing::warn!(
+                        parts = self.tasks.len(), drain = ?drain,
+                        "drain deadline passed: stopping what is still running (its jobs run again at the next start)"
+                    );
+                    self.tasks.abort_all();
+                    while self.tasks.join_next().await.is_some() {}
+                    break;
+                }
+            };
+            if let Err(e) = res.map_err(anyhow::Error::from).and_then(|r| r) {
                 tracing::error!(error = %e, "embedded part failed; stopping the others");
                 self.shutdown.cancel();
                 first_error.get_or_insert(e);
             }
         }
-        let _ = self.bus.client.flush().await;
+        let _ =
+            tokio::time::timeout(std::time::Duration::from_secs(2), self.bus.client.flush()).await;
         if let Some(mut nats) = self.nats.take() {
-            tokio::task::block_in_place(|| nats.stop(std::time::Duration::from_secs(10)));
+            tokio::task::block_in_place(|| nats.stop(std::time::Duration::from_secs(5)));
         }
         match first_error {
             Some(e) => Err(e),

@@ -33,6 +33,8 @@ fn up(data_dir: &std::path::Path, port: u16, log: &str) -> Child {
     .stdout(log.try_clone().unwrap())
     .stderr(log);
     die_with_parent(&mut cmd);
+    // Its own process group, as a shell job is: Ctrl-C goes to the whole group.
+    std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
     cmd.spawn().unwrap()
 }
 
@@ -50,6 +52,26 @@ async fn wait_healthy(base: &str) {
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+}
+
+/// The pids whose parent is `parent` (from /proc).
+fn child_pids(parent: u32) -> Vec<u32> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let stat = std::fs::read_to_string(entry.path().join("stat")).unwrap_or_default();
+        // pid (comm) state ppid ...
+        let ppid = stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().nth(1))
+            .and_then(|p| p.parse::<u32>().ok());
+        if ppid == Some(parent) {
+            out.push(pid);
+        }
+    }
+    out
 }
 
 fn wait_exit(child: &mut Child, timeout: Duration) -> Option<std::process::ExitStatus> {
@@ -162,12 +184,39 @@ async fn up_serves_health_openapi_and_a_job_then_resumes_after_a_crash() {
         "every job had finished before the crash; nothing was resumed"
     );
 
-    // Ctrl-C stops everything cleanly.
-    // SAFETY: kill(2) on our own child.
-    unsafe {
-        libc::kill(proc.id() as i32, libc::SIGINT);
+    // Ctrl-C in a terminal (SIGINT to the whole process group) drains and exits within 10 s,
+    // with a job running, and takes its nats-server with it.
+    for i in 0..6u64 {
+        let a = client
+            .upload(bytes_of(90 + i, 8 << 20), "application/octet-stream")
+            .await
+            .unwrap()
+            .artifact;
+        client
+            .submit(&JobSpec::Checksum(ChecksumSpec {
+                input: a.key,
+                expected_sha256: Some(a.sha256),
+            }))
+            .await
+            .unwrap();
     }
-    let status =
-        wait_exit(&mut proc, Duration::from_secs(30)).expect("atelier up did not stop on SIGINT");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let nats_pids = child_pids(proc.id());
+    assert!(!nats_pids.is_empty(), "atelier up runs a nats-server child");
+    let signalled = Instant::now();
+    // SAFETY: kill(2) on our own child's process group.
+    unsafe {
+        libc::kill(-(proc.id() as i32), libc::SIGINT);
+    }
+    let status = wait_exit(&mut proc, Duration::from_secs(10))
+        .expect("atelier up did not stop within 10 s of SIGINT to its process group");
     assert!(status.success(), "atelier up exited with {status}");
+    eprintln!("SIGINT to the group: exited in {:?}", signalled.elapsed());
+    for pid in nats_pids {
+        let alive = std::path::Path::new(&format!("/proc/{pid}")).exists()
+            && !std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                .unwrap_or_default()
+                .contains(") Z ");
+        assert!(!alive, "nats-server {pid} outlived atelier up");
+    }
 }

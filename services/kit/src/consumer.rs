@@ -165,12 +165,15 @@ pub async fn run<P: Processor>(
             }
         }
         let want = permits.len() * spec.batch_size;
-        let batch = consumer
-            .batch()
-            .max_messages(want)
-            .expires(Duration::from_millis(1000))
-            .messages()
-            .await;
+        // With the bus down the fetch request waits for its timeout: shutdown must not.
+        let batch = tokio::select! {
+            _ = shutdown.cancelled() => break 'outer,
+            b = consumer
+                .batch()
+                .max_messages(want)
+                .expires(Duration::from_millis(1000))
+                .messages() => b,
+        };
         let mut messages = match batch {
             Ok(m) => m,
             Err(e) => {

@@ -116,6 +116,12 @@ impl NatsServer {
         .stdout(log.try_clone()?)
         .stderr(log);
         die_with_parent(&mut cmd);
+        // Its own process group: Ctrl-C in a terminal (SIGINT to the foreground group) reaches
+        // the parent only, which drains its workers against a live server and then stops it.
+        {
+            use std::os::unix::process::CommandExt;
+            cmd.process_group(0);
+        }
         let child = cmd
             .spawn()
             .with_context(|| format!("starting {}", bin.display()))?;
