@@ -275,17 +275,18 @@ async fn model_of(app: &AppState, req: &Txt2ImgRequest) -> Result<String, ApiErr
         })
 }
 
-fn decode_b64_image(field: &str, s: &str) -> Result<(Vec<u8>, image::DynamicImage), ApiError> {
+/// The image's bytes and header. Pixels are decoded by the worker (under its decode budget); the
+/// gateway reads only the header, checked against the decode limits.
+fn decode_b64_image(field: &str, s: &str) -> Result<(Vec<u8>, atelier_decode::Header), ApiError> {
     let data = s.split_once(";base64,").map_or(s, |(_, d)| d).trim();
     let bytes = base64::engine::general_purpose::STANDARD
         .decode(data)
         .map_err(|e| {
             ApiError::unprocessable("malformed_base64", format!("{field}: not base64: {e}"))
         })?;
-    let img = image::load_from_memory(&bytes).map_err(|e| {
-        ApiError::unprocessable("bad_image", format!("{field}: not a readable image: {e}"))
-    })?;
-    Ok((bytes, img))
+    let header = atelier_decode::header(&bytes, &atelier_decode::Limits::default())
+        .map_err(|e| crate::error::decode_error(field, &e))?;
+    Ok((bytes, header))
 }
 
 async fn spec_of(app: &AppState, req: &Txt2ImgRequest) -> Result<GenerateSpec, ApiError> {
@@ -514,15 +515,12 @@ pub async fn img2img(
     let mask = match &req.mask {
         Some(m) => {
             let (bytes, img) = decode_b64_image("mask", m)?;
-            if (img.width(), img.height()) != (init.width(), init.height()) {
+            if (img.width, img.height) != (init.width, init.height) {
                 return Err(ApiError::unprocessable(
                     "mask_size_mismatch",
                     format!(
                         "the mask is {}x{} but the image is {}x{}",
-                        img.width(),
-                        img.height(),
-                        init.width(),
-                        init.height()
+                        img.width, img.height, init.width, init.height
                     ),
                 ));
             }

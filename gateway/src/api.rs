@@ -449,6 +449,11 @@ pub(crate) async fn queue(
             atelier_kit::worker::EnqueueError::Bus(e) => {
                 ApiError::unavailable(format!("could not queue the job: {e:#}"))
             }
+            too_large @ atelier_kit::worker::EnqueueError::TooLarge { .. } => ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "request_too_large",
+                too_large.to_string(),
+            ),
         })?;
     tracing::info!(job = %record.id, kind = %record.kind, by = %caller.name, "job submitted");
     Ok(record)

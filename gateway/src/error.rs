@@ -48,6 +48,17 @@ impl ApiError {
     }
 }
 
+/// An image the request carries that cannot be decoded within the limits: 413 for a limit
+/// (bytes, pixels, the decode budget), 422 for bytes that are not an image.
+pub fn decode_error(field: &str, e: &atelier_decode::DecodeError) -> ApiError {
+    let status = if e.is_limit() {
+        StatusCode::PAYLOAD_TOO_LARGE
+    } else {
+        StatusCode::UNPROCESSABLE_ENTITY
+    };
+    ApiError::new(status, e.code(), format!("{field}: {e}"))
+}
+
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         if self.status.is_server_error() {

@@ -90,6 +90,7 @@ async fn main() {
             ..Default::default()
         },
         scene_captioner: true,
+        drain_secs: 8.0,
     };
     let shutdown = CancellationToken::new();
     let embedded = Embedded::start(up, shutdown.clone()).await.expect("up");

@@ -374,6 +374,22 @@ async fn a1111_clients_work_unchanged() {
         .unwrap();
     assert_eq!(r.status(), 422);
     assert!(r.text().await.unwrap().contains("malformed_base64"));
+    // A PNG whose header claims 100,000 × 100,000 pixels is refused from its header (413, the
+    // limit named); the gateway decodes no pixel.
+    bad["init_images"] = serde_json::json!([b64(&claimed_size(&png, 100_000, 100_000))]);
+    let r = http
+        .post(format!("{base}/sdapi/v1/img2img"))
+        .bearer_auth(&key)
+        .json(&bad)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 413);
+    let text = r.text().await.unwrap();
+    assert!(
+        text.contains("decompression_bomb") && text.contains("178956970"),
+        "{text}"
+    );
     let small = image::GrayImage::new(8, 8);
     let mut small_png = Vec::new();
     image::DynamicImage::ImageLuma8(small)
@@ -871,4 +887,16 @@ async fn checkpoints_published_to_the_store_are_fetched_and_listed() {
     }
     shutdown.cancel();
     c.stop_services(libc::SIGTERM, Duration::from_secs(10));
+}
+
+/// `png` with its IHDR rewritten to claim `w`×`h` (CRC fixed; the pixel data is unchanged).
+fn claimed_size(png: &[u8], w: u32, h: u32) -> Vec<u8> {
+    let mut out = png.to_vec();
+    // Signature (8), length (4), "IHDR" (4), then width and height.
+    assert_eq!(&out[12..16], b"IHDR");
+    out[16..20].copy_from_slice(&w.to_be_bytes());
+    out[20..24].copy_from_slice(&h.to_be_bytes());
+    let crc = crc32fast::hash(&out[12..29]);
+    out[29..33].copy_from_slice(&crc.to_be_bytes());
+    out
 }

@@ -541,6 +541,41 @@ async fn gateway_rejects_bad_input_clearly() {
     .await
     .unwrap();
     assert_eq!(ok.status(), 202);
+
+    // A request the bus cannot carry (NATS' max_payload, 1 MiB) is a 413 at submit, not a
+    // retryable 503, and nothing is recorded: a caption job listing 20,000 images.
+    let roomy = atelier_gateway::GatewayArgs {
+        max_json_bytes: 8 << 20,
+        ..Default::default()
+    };
+    let (big_key, big) = atelier_gateway::auth::generate_key("big", "*").unwrap();
+    let base2 = c.gateway(vec![big], roomy, shutdown.clone()).await.unwrap();
+    let images: Vec<String> = (0..20_000).map(|i| format!("{i:064x}")).collect();
+    let job = serde_json::json!({"schema_version": 1, "spec": {"kind": "caption",
+        "dataset": "many", "images": images}});
+    let before =
+        futures::StreamExt::count(c.bus.jobs_kv().await.unwrap().keys().await.unwrap()).await;
+    let resp = http
+        .post(format!("{base2}/v1/jobs"))
+        .bearer_auth(&big_key)
+        .json(&job)
+        .send()
+        .await
+        .unwrap();
+    let status = resp.status().as_u16();
+    let body: serde_json::Value = resp.json().await.unwrap();
+    assert_eq!(status, 413, "{body}");
+    assert_eq!(body["error"]["code"], "request_too_large", "{body}");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("/v1/uploads"),
+        "{body}"
+    );
+    let after =
+        futures::StreamExt::count(c.bus.jobs_kv().await.unwrap().keys().await.unwrap()).await;
+    assert_eq!(before, after, "a refused request left a job record");
     shutdown.cancel();
 }
 

@@ -245,12 +245,10 @@ impl Generator {
         let k = atelier_contracts::ArtifactKey::parse(key)
             .map_err(|e| JobError::permanent("bad_artifact_key", format!("{what} {key:?}: {e}")))?;
         let bytes = ctx.store().get_bytes(&k).await?;
-        image::load_from_memory(&bytes).map_err(|e| {
-            JobError::permanent(
-                "bad_image",
-                format!("{what} {key}: not a readable image: {e}"),
-            )
-        })
+        atelier_decode::decode_async(bytes, atelier_decode::Limits::default())
+            .await
+            .map(atelier_decode::Decoded::into_image)
+            .map_err(|e| JobError::permanent(e.code(), format!("{what} {key}: {e}")))
     }
 }
 

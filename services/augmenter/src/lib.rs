@@ -295,9 +295,10 @@ impl Augmenter {
                     };
                     let (s, sha) = (spec_arc.clone(), row.sha256.clone());
                     let rendered = tokio::task::spawn_blocking(move || {
-                        let img = image::load_from_memory(&bytes)
-                            .map_err(|e| format!("the image does not decode: {e}"))?
-                            .to_rgb8();
+                        let img =
+                            atelier_decode::decode(&bytes, &atelier_decode::Limits::default())
+                                .map_err(|e| format!("the image does not decode: {e}"))?
+                                .to_rgb8();
                         (0..s.variants)
                             .map(|v| render(&s, &sha, &img, v).map_err(|e| e.to_string()))
                             .collect::<Result<Vec<Rendered>, String>>()

@@ -201,7 +201,9 @@ impl Captioner {
                 let decoded = match ArtifactKey::parse(&rec.key) {
                     Err(e) => Err(format!("image key {:?}: {e}", rec.key)),
                     Ok(k) => match ctx.store().get_bytes(&k).await {
-                        Ok(b) => image::load_from_memory(&b)
+                        Ok(b) => atelier_decode::decode_async(b, atelier_decode::Limits::default())
+                            .await
+                            .map(atelier_decode::Decoded::into_image)
                             .map_err(|e| format!("decoding the image: {e}")),
                         Err(e) if e.is_transient() => return Err(e.into()),
                         Err(e) => Err(format!("reading {}: {e}", rec.key)),
@@ -287,7 +289,8 @@ impl Captioner {
             Err(e) => return fail(format!("reading {}: {e}", rec.key)),
         };
         let jpeg = tokio::task::spawn_blocking(move || {
-            let img = image::load_from_memory(&bytes).map_err(|e| e.to_string())?;
+            let img = atelier_decode::decode(&bytes, &atelier_decode::Limits::default())
+                .map_err(|e| e.to_string())?;
             openai::prepare_image(&img, max_side)
         })
         .await

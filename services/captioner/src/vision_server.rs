@@ -278,7 +278,8 @@ fn parse_request(req: &serde_json::Value) -> Result<(String, image::DynamicImage
     let bytes = base64::engine::general_purpose::STANDARD
         .decode(data)
         .map_err(|e| format!("invalid base64 image data: {e}"))?;
-    let img = image::load_from_memory(&bytes)
-        .map_err(|e| format!("You uploaded an unsupported image. {e}"))?;
+    let img = atelier_decode::decode(&bytes, &atelier_decode::Limits::default())
+        .map_err(|e| format!("You uploaded an unsupported image. {e}"))?
+        .into_image();
     Ok((prompt, img))
 }

@@ -2,16 +2,16 @@
 //! orientation applied, and a perceptual hash — or, for bytes that are not a usable image, the
 //! reason, so the record is flagged instead of the batch failing.
 //!
-//! Decoding is guarded: the header's dimensions are checked against a pixel limit before any
-//! pixel is decoded (a decompression bomb is a few KiB on disk), and the decoder runs with an
-//! allocation limit. GIFs are analysed by their first frame.
+//! Decoding is guarded by `atelier-decode`: the header's dimensions are checked against a pixel
+//! limit before any pixel is decoded (a decompression bomb is a few KiB on disk), the decoder runs
+//! with an allocation limit (ancillary chunks included), and the decode draws on the process's
+//! decode-memory budget. GIFs are analysed by their first frame.
 
-use std::io::Cursor;
-
-use image::{DynamicImage, ImageDecoder, ImageFormat, ImageReader, Limits};
+use atelier_decode::{DecodeError, Limits};
+use image::{DynamicImage, ImageFormat};
 
 /// PIL's default bomb threshold (2 × 89,478,485), which our users' tools already apply.
-pub const DEFAULT_MAX_PIXELS: u64 = 178_956_970;
+pub const DEFAULT_MAX_PIXELS: u64 = atelier_decode::DEFAULT_MAX_PIXELS;
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct ImageInfo {
@@ -31,15 +31,23 @@ pub struct ImageInfo {
 pub enum Rejected {
     #[error("unknown_format: not a JPEG, PNG, WebP, BMP, TIFF or GIF")]
     UnknownFormat,
-    #[error("decompression_bomb: {width}x{height} = {pixels} pixels exceeds the limit of {limit}")]
-    Bomb {
-        width: u32,
-        height: u32,
-        pixels: u64,
-        limit: u64,
-    },
+    #[error("decompression_bomb: {0}")]
+    Bomb(DecodeError),
+    #[error("too_large: {0}")]
+    TooLarge(DecodeError),
     #[error("corrupt: {0}")]
     Corrupt(String),
+}
+
+impl From<DecodeError> for Rejected {
+    fn from(e: DecodeError) -> Self {
+        match e {
+            DecodeError::UnknownFormat => Self::UnknownFormat,
+            DecodeError::TooManyPixels { .. } => Self::Bomb(e),
+            DecodeError::TooManyBytes { .. } | DecodeError::OverBudget { .. } => Self::TooLarge(e),
+            DecodeError::Corrupt(why) => Self::Corrupt(why),
+        }
+    }
 }
 
 fn format_name(f: ImageFormat) -> Option<&'static str> {
@@ -68,50 +76,19 @@ pub fn content_type(format: &str) -> &'static str {
 }
 
 pub fn analyze(bytes: &[u8], max_pixels: u64) -> Result<ImageInfo, Rejected> {
-    let reader = || {
-        ImageReader::new(Cursor::new(bytes))
-            .with_guessed_format()
-            .map_err(|e| Rejected::Corrupt(e.to_string()))
-    };
-    let format = reader()?
-        .format()
-        .and_then(format_name)
-        .ok_or(Rejected::UnknownFormat)?;
-    // The header alone first: refuse bombs before decoding a pixel.
-    let (width, height) = reader()?
-        .into_dimensions()
-        .map_err(|e| Rejected::Corrupt(e.to_string()))?;
-    let pixels = u64::from(width) * u64::from(height);
-    if pixels > max_pixels {
-        return Err(Rejected::Bomb {
-            width,
-            height,
-            pixels,
-            limit: max_pixels,
-        });
-    }
+    let limits = Limits::default().with_max_pixels(max_pixels);
+    let header = atelier_decode::header(bytes, &limits)?;
+    let format = format_name(header.format).ok_or(Rejected::UnknownFormat)?;
     // Decoders accept a file cut off mid-scan; its container must reach the format's end.
     if let Some(why) = crate::complete::incomplete(bytes, format) {
         return Err(Rejected::Corrupt(why));
     }
-    let mut r = reader()?;
-    let mut limits = Limits::default();
-    limits.max_alloc = Some(max_pixels.saturating_mul(16));
-    r.limits(limits);
-    let mut decoder = r
-        .into_decoder()
-        .map_err(|e| Rejected::Corrupt(e.to_string()))?;
-    let orientation = decoder
-        .orientation()
-        .unwrap_or(image::metadata::Orientation::NoTransforms);
-    let mut img =
-        DynamicImage::from_decoder(decoder).map_err(|e| Rejected::Corrupt(e.to_string()))?;
-    img.apply_orientation(orientation);
+    let (img, exif_orientation) = atelier_decode::decode_oriented(bytes, &limits)?;
     Ok(ImageInfo {
         format: format.to_owned(),
         width: img.width(),
         height: img.height(),
-        exif_orientation: orientation.to_exif(),
+        exif_orientation,
         phash: format!("{:016x}", phash(&img)),
     })
 }
@@ -170,7 +147,7 @@ mod tests {
     }
 
     fn encode(img: &RgbImage, f: ImageFormat) -> Vec<u8> {
-        let mut out = Cursor::new(Vec::new());
+        let mut out = std::io::Cursor::new(Vec::new());
         DynamicImage::ImageRgb8(img.clone())
             .write_to(&mut out, f)
             .unwrap();
@@ -238,12 +215,12 @@ mod tests {
         let png = encode(&scene(64, 64, 3), ImageFormat::Png);
         assert!(matches!(
             analyze(&png, 1000),
-            Err(Rejected::Bomb {
+            Err(Rejected::Bomb(atelier_decode::DecodeError::TooManyPixels {
                 width: 64,
                 height: 64,
                 pixels: 4096,
                 limit: 1000
-            })
+            }))
         ));
         let cut = &png[..png.len() / 2];
         let e = analyze(cut, DEFAULT_MAX_PIXELS).unwrap_err();

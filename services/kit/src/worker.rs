@@ -48,7 +48,16 @@ pub enum EnqueueError {
     State(#[from] crate::jobstate::StateError),
     #[error("could not publish the job: {0}")]
     Bus(anyhow::Error),
+    /// The request is larger than a NATS message may be: nothing was written.
+    #[error(
+        "the job request is {bytes} bytes; the bus carries at most {limit} per message: \
+         upload large inputs (POST /v1/uploads) and pass their keys"
+    )]
+    TooLarge { bytes: usize, limit: usize },
 }
+
+/// Room a request leaves in a NATS message for its outbox and record envelopes and headers.
+const ENVELOPE_BYTES: usize = 4096;
 
 /// Queues a job as the gateway does: the request into the publish outbox, the record as
 /// `queued`, then the request on the bus (with `Nats-Msg-Id` = job id, so a retried publish is
@@ -61,6 +70,14 @@ pub async fn enqueue(
     states: &JobStates,
     request: &JobRequest,
 ) -> Result<JobRecord, EnqueueError> {
+    let size = serde_json::to_vec(request).map_or(0, |b| b.len());
+    let max_payload = bus.client.server_info().max_payload;
+    if max_payload > 0 && size + ENVELOPE_BYTES > max_payload {
+        return Err(EnqueueError::TooLarge {
+            bytes: size,
+            limit: max_payload.saturating_sub(ENVELOPE_BYTES),
+        });
+    }
     let outbox = bus.outbox().await.map_err(EnqueueError::Bus)?;
     let key = request.id.to_string();
     let pending = crate::outbox::Pending {

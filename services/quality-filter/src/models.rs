@@ -150,9 +150,11 @@ impl QualityFilter {
                 let mut imgs = Vec::new();
                 let mut texts = Vec::new();
                 for (i, text, key, bytes) in decoded {
-                    if let Ok(img) = image::load_from_memory(&bytes) {
+                    if let Ok(img) =
+                        atelier_decode::decode(&bytes, &atelier_decode::Limits::default())
+                    {
                         idx.push((i, key));
-                        imgs.push(img);
+                        imgs.push(img.into_image());
                         texts.push(text);
                     }
                 }
@@ -240,7 +242,9 @@ impl QualityFilter {
                 let bytes = ctx.store().get_bytes(&artifact_key(img)?).await?;
                 let d = detector.model.clone();
                 let found = tokio::task::spawn_blocking(move || {
-                    let decoded = image::load_from_memory(&bytes).map_err(|e| e.to_string())?;
+                    let decoded =
+                        atelier_decode::decode(&bytes, &atelier_decode::Limits::default())
+                            .map_err(|e| e.to_string())?;
                     d.detect(&decoded)
                 })
                 .await

@@ -356,8 +356,9 @@ impl Indexer {
             let mut images = Vec::new();
             let mut skipped = 0;
             for (k, bytes) in fetched {
-                match image::load_from_memory(&bytes) {
+                match atelier_decode::decode(&bytes, &atelier_decode::Limits::default()) {
                     Ok(img) => {
+                        let img = img.into_image();
                         keys.push(k);
                         images.push(img);
                     }

@@ -168,10 +168,10 @@ async fn query_vector(
         Err(_) => return Err(err("not_found", format!("no image at {image_key}"))),
     };
     let v = tokio::task::spawn_blocking(move || {
-        let img = image::load_from_memory(&bytes)
-            .map_err(|e| err("bad_image", format!("the image does not decode: {e}")))?;
+        let img = atelier_decode::decode(&bytes, &atelier_decode::Limits::default())
+            .map_err(|e| err(e.code(), format!("the query image: {e}")))?;
         models
-            .embed_images(&[img])
+            .embed_images(std::slice::from_ref(&img.image))
             .map_err(|e| err("unavailable", e))
     })
     .await

@@ -314,13 +314,8 @@ impl Trainer {
             let (name, hash) = (model.name.clone(), model.hash.clone());
             let mut inputs = Vec::with_capacity(sources.len() + class.len());
             for (bytes, caption, key) in &sources {
-                let image = image::load_from_memory(bytes)
-                    .map_err(|e| {
-                        JobError::permanent(
-                            "bad_image",
-                            format!("{key}: not a readable image: {e}"),
-                        )
-                    })?
+                let image = atelier_decode::decode(bytes, &atelier_decode::Limits::default())
+                    .map_err(|e| JobError::permanent(e.code(), format!("{key}: {e}")))?
                     .to_rgb8();
                 let caption = match &sp.dreambooth {
                     Some(db) => db.instance_prompt.clone(),
@@ -340,8 +335,8 @@ impl Trainer {
                 // seen `repeats` times per epoch; class images fill the same count).
                 let per = (images as usize * sp.repeats as usize).div_ceil(class.len().max(1));
                 for bytes in &class {
-                    let image = image::load_from_memory(bytes)
-                        .map_err(|e| JobError::permanent("bad_image", format!("class image: {e}")))?
+                    let image = atelier_decode::decode(bytes, &atelier_decode::Limits::default())
+                        .map_err(|e| JobError::permanent(e.code(), format!("class image: {e}")))?
                         .to_rgb8();
                     inputs.push(Source {
                         image,
