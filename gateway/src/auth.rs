@@ -303,8 +303,23 @@ pub async fn middleware(State(auth): State<Arc<Auth>>, mut req: Request, next: N
     };
     req.extensions_mut().insert(caller);
     let resp = next.run(req).await;
-    drop(permit);
-    resp
+    hold_while_streaming(resp, permit)
+}
+
+/// A response whose length is unknown (an event stream, a streamed download) keeps the key's
+/// in-flight slot until its body ends or the client goes away; others give it back now.
+fn hold_while_streaming(resp: Response, permit: tokio::sync::OwnedSemaphorePermit) -> Response {
+    use axum::body::{Body, HttpBody as _};
+    if resp.body().size_hint().exact().is_some() {
+        return resp;
+    }
+    resp.map(|body| {
+        let stream = futures::StreamExt::map(body.into_data_stream(), move |chunk| {
+            let _held = &permit;
+            chunk
+        });
+        Body::from_stream(stream)
+    })
 }
 
 #[cfg(test)]

@@ -1341,3 +1341,77 @@ async fn slow_clients_cannot_stall_the_gateway() {
     assert!(t0.elapsed() < Duration::from_secs(5), "{:?}", t0.elapsed());
     shutdown.cancel();
 }
+
+/// A key's in-flight limit counts open event streams: a client cannot hold more streams than its
+/// limit, and a closed stream gives its slot back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn event_streams_count_toward_a_keys_in_flight_limit() {
+    let c = Cluster::local().await.unwrap();
+    let shutdown = CancellationToken::new();
+    let (key, entry) = atelier_gateway::auth::generate_key("full", "*").unwrap();
+    let args = atelier_gateway::GatewayArgs {
+        key_concurrency: 2,
+        ..Default::default()
+    };
+    let base = c
+        .gateway(vec![entry], args, shutdown.clone())
+        .await
+        .unwrap();
+    let http = reqwest::Client::new();
+    // No service runs: the job stays queued and its event stream stays open.
+    let job: serde_json::Value = http
+        .post(format!("{base}/v1/jobs"))
+        .bearer_auth(&key)
+        .json(&serde_json::json!({"schema_version": 1,
+            "spec": {"kind": "checksum", "input": "sha256/ab/x"}}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let id = job["id"].as_str().unwrap().to_owned();
+    let events = || {
+        http.get(format!("{base}/v1/jobs/{id}/events"))
+            .bearer_auth(&key)
+            .send()
+    };
+    let first = events().await.unwrap();
+    let second = events().await.unwrap();
+    assert_eq!(
+        (first.status().as_u16(), second.status().as_u16()),
+        (200, 200)
+    );
+    let third = events().await.unwrap();
+    assert_eq!(third.status(), 429);
+    let body: serde_json::Value = third.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "too_many_in_flight", "{body}");
+    let plain = http
+        .get(format!("{base}/v1/jobs/{id}"))
+        .bearer_auth(&key)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(plain.status(), 429, "two open streams fill a limit of 2");
+    // Closing a stream frees its slot (the server sees the connection go).
+    drop(first);
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let r = http
+            .get(format!("{base}/v1/jobs/{id}"))
+            .bearer_auth(&key)
+            .send()
+            .await
+            .unwrap();
+        if r.status() == 200 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "a closed stream kept its slot"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    drop(second);
+    shutdown.cancel();
+}
