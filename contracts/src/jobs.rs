@@ -220,6 +220,10 @@ pub struct ErrorInfo {
     pub message: String,
 }
 
+fn is_zero(n: &u64) -> bool {
+    *n == 0
+}
+
 /// The value stored under the job id in the `atelier_jobs` KV bucket.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema, ToSchema)]
 pub struct JobRecord {
@@ -231,6 +235,10 @@ pub struct JobRecord {
     pub spec: JobSpec,
     /// How many times a worker has started this job (redeliveries after crashes count).
     pub attempts: u64,
+    /// Attempts that ended with their worker's death (killed, out of memory, cut off from the
+    /// bus) rather than with an outcome. A job interrupted too often fails `worker_died`.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub interrupted: u64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub progress: Option<Progress>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -254,6 +262,7 @@ impl JobRecord {
             state: JobState::Queued,
             spec: request.spec.clone(),
             attempts: 0,
+            interrupted: 0,
             progress: None,
             output: None,
             error: None,

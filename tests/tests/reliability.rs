@@ -38,6 +38,7 @@ fn fast_worker_env() -> Vec<(&'static str, String)> {
         ("ATELIER_ACK_WAIT_SECS", "2".into()),
         ("ATELIER_CONCURRENCY", "2".into()),
         ("ATELIER_MAX_DELIVER", "50".into()),
+        ("ATELIER_MAX_WORKER_DEATHS", "50".into()),
         ("ATELIER_RETRY_BACKOFF_MS", "100".into()),
     ]
 }
@@ -1413,5 +1414,78 @@ async fn event_streams_count_toward_a_keys_in_flight_limit() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     drop(second);
+    shutdown.cancel();
+}
+
+/// A job whose every attempt ends with its worker's death (as a job that needs more memory than
+/// the worker has) fails `worker_died` after `--max-worker-deaths`, instead of taking down each
+/// next worker. The workers here hang on a store that never answers, and are killed mid-job.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_that_keeps_killing_its_workers_fails_worker_died() {
+    let mut c = Cluster::local().await.unwrap();
+    let shutdown = CancellationToken::new();
+    let client = c.open_gateway(&shutdown).await;
+    // Accepts connections and never answers: the worker's input read hangs, mid-job.
+    let blackhole = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let hole = format!("http://{}", blackhole.local_addr().unwrap());
+    let held = tokio::spawn(async move {
+        let mut open = Vec::new();
+        while let Ok((s, _)) = blackhole.accept().await {
+            open.push(s);
+        }
+    });
+    let env = vec![
+        ("ATELIER_ACK_WAIT_SECS", "1".to_string()),
+        ("ATELIER_MAX_DELIVER", "50".into()),
+        ("ATELIER_MAX_WORKER_DEATHS", "2".into()),
+        ("ATELIER_STORE", "s3://nowhere".into()),
+        ("ATELIER_S3_ENDPOINT", hole),
+        ("AWS_ACCESS_KEY_ID", "x".into()),
+        ("AWS_SECRET_ACCESS_KEY", "x".into()),
+        ("ATELIER_STORE_RETRY_SECS", "600".into()),
+    ];
+    let id = client
+        .submit(&checksum("sha256/ab/never"))
+        .await
+        .unwrap()
+        .id;
+    let mut kills = 0;
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let last = loop {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the job neither ran nor failed"
+        );
+        let pid = c.spawn_service("atelier-checksum", &env).unwrap();
+        // Wait for this worker to take the job, or for the job to end.
+        let r = loop {
+            let (r, _) = c.states.get(id).await.unwrap().unwrap();
+            let by_it = r.worker.as_deref().and_then(|w| w.split(':').nth(1))
+                == Some(pid.to_string().as_str());
+            if r.state.is_terminal() || (r.state == JobState::Running && by_it) {
+                break r;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "no worker took the job: {r:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
+        if r.state.is_terminal() {
+            break r;
+        }
+        c.kill9(pid);
+        kills += 1;
+    };
+    assert_eq!(last.state, JobState::Failed, "{last:?}");
+    let error = last.error.clone().unwrap();
+    assert_eq!(error.code, "worker_died", "{error:?}");
+    assert!(error.message.contains("--max-worker-deaths 2"), "{error:?}");
+    assert_eq!(
+        kills, 3,
+        "two deaths are allowed, the third fails it at the next delivery"
+    );
+    assert_eq!(last.interrupted, 3);
+    held.abort();
     shutdown.cancel();
 }

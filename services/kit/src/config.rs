@@ -166,6 +166,14 @@ pub struct WorkerArgs {
     /// Deliveries before a failing job goes to the dead-letter stream.
     #[arg(long = "max-deliver", env = "ATELIER_MAX_DELIVER", default_value_t = 5)]
     pub max_deliver: u64,
+    /// Attempts of one job that may end with their worker's death (killed, out of memory)
+    /// before the job fails `worker_died` instead of taking down the next worker.
+    #[arg(
+        long = "max-worker-deaths",
+        env = "ATELIER_MAX_WORKER_DEATHS",
+        default_value_t = 2
+    )]
+    pub max_worker_deaths: u64,
     /// Seconds without an ack (or in-progress ack) before NATS redelivers a job to another replica.
     #[arg(
         long = "ack-wait-secs",
@@ -194,6 +202,7 @@ impl Default for WorkerArgs {
         Self {
             concurrency: 16,
             max_deliver: 5,
+            max_worker_deaths: 2,
             ack_wait_secs: 30.0,
             max_ack_pending: 1000,
             retry_backoff_ms: 1000,

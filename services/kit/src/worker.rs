@@ -457,6 +457,10 @@ impl<H: Handler> Prepared<H> {
             if r.state.is_terminal() {
                 return Change::Keep;
             }
+            // Still `running` from an earlier delivery: that attempt never reached an outcome.
+            if r.state == JobState::Running && d.delivered > 1 {
+                r.interrupted += 1;
+            }
             r.state = JobState::Running;
             r.attempts += 1;
             r.worker = Some(instance.clone());
@@ -508,6 +512,9 @@ impl<H: Handler> Prepared<H> {
                 return Plan::Settled(Outcome::Ack);
             }
         }
+        if record.interrupted > self.args.max_worker_deaths {
+            return Plan::Settled(self.fail_interrupted(&record).await);
+        }
         let ctx = JobCtx {
             id,
             attempt: attempt.max(record.attempts),
@@ -519,6 +526,28 @@ impl<H: Handler> Prepared<H> {
             last_state: Arc::new(std::sync::Mutex::new(Some((record, revision)))),
         };
         Plan::Run(Box::new((ctx, request.spec)))
+    }
+
+    /// Fails a job whose attempts keep ending with their worker's death instead of running it
+    /// again (a job that needs more memory than the worker has would take it down every time).
+    async fn fail_interrupted(&self, record: &JobRecord) -> Outcome {
+        let error = info(
+            "worker_died",
+            format!(
+                "{} attempts of this job ended with their worker's death (killed or out of \
+                 memory?) and it is not tried again (--max-worker-deaths {}); check what it \
+                 needs (resolution, batch size, model) against the worker's memory",
+                record.interrupted, self.args.max_worker_deaths
+            ),
+        );
+        tracing::error!(job = %record.id, interrupted = record.interrupted, "failing a job that keeps killing its workers");
+        match self.fail(record.id, error).await {
+            Ok(()) => {
+                self.worker.metrics.job(self.service().name(), "failed");
+                Outcome::Ack
+            }
+            Err(e) => Outcome::Retry(info("job_state_unavailable", e.to_string())),
+        }
     }
 
     async fn publish_done(&self, record: &JobRecord, duration_ms: u64) -> anyhow::Result<()> {
