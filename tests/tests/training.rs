@@ -74,6 +74,7 @@ async fn lora_training_survives_kill9_and_the_sampler_uses_the_result() {
         vec![
             ("ATELIER_MODELS", m.display().to_string()),
             ("ATELIER_ACK_WAIT_SECS", "3".to_string()),
+            ("ATELIER_TRAIN_MEMORY_BUDGET_MIB", "2048".to_string()),
         ]
     };
     let trainer = c.spawn_service("atelier-trainer", &env(&models)).unwrap();
@@ -117,9 +118,16 @@ async fn lora_training_survives_kill9_and_the_sampler_uses_the_result() {
         splits: vec!["train".into()],
         include_flagged: false,
     };
+    // A run that cannot fit the trainer's memory budget is refused before its first step, with
+    // the figures (4096 px at batch 8 on this model: hundreds of GiB of activations).
+    let mut huge = spec("huge", images.clone());
+    huge.resolution = 4096;
+    huge.max_bucket_reso = 4096;
+    huge.batch_size = 8;
     let ids = vec![
         client.train(&unknown).await.unwrap().id,
         client.train(&missing).await.unwrap().id,
+        client.train(&huge).await.unwrap().id,
     ];
     let done = c
         .wait_terminal(&ids, Duration::from_secs(60))
@@ -136,6 +144,13 @@ async fn lora_training_survives_kill9_and_the_sampler_uses_the_result() {
     assert!(
         codes.contains(&"version_not_found".to_string()),
         "{codes:?}"
+    );
+    let refused = done[2].error.as_ref().unwrap();
+    assert_eq!(refused.code, "insufficient_memory", "{refused:?}");
+    assert!(
+        refused.message.contains("4096x4096 with batch_size 8")
+            && refused.message.contains("budget is 2.0 GiB"),
+        "{refused:?}"
     );
 
     // An uninterrupted run, for reference.

@@ -7,6 +7,7 @@ pub mod conditioning;
 pub mod conformance;
 pub mod inspect;
 pub mod lora;
+pub mod memory;
 pub mod models;
 pub mod pipeline;
 pub mod prompt;

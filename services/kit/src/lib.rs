@@ -14,6 +14,7 @@
 //! - [`worker`]: the job protocol on top of [`consumer`]: idempotency, state, cancellation, results.
 //! - [`telemetry`]: tracing, Prometheus metrics, `/healthz` and `/metrics`.
 //! - [`shutdown`]: SIGINT/SIGTERM into a cancellation token.
+//! - [`memory`]: a worker's memory budget (jobs that cannot fit are refused with the figure).
 //! - [`nats_server`]: starting the official nats-server binary as a child process.
 
 pub mod bus;
@@ -22,6 +23,7 @@ pub mod consumer;
 pub mod datasets;
 pub mod jobstate;
 pub mod kv;
+pub mod memory;
 pub mod nats_server;
 pub mod outbox;
 pub mod service;

@@ -42,6 +42,8 @@ pub struct Trainer {
     placement: Placement,
     /// How long to wait for the sampler's class and sample images.
     sampler_timeout: Duration,
+    /// Bytes a training job may plan on in this process (`None`: not checked).
+    memory_budget: Option<u64>,
 }
 
 /// What the training thread tells the job.
@@ -93,7 +95,14 @@ impl Trainer {
             registry,
             placement: Placement { kind, ..placement },
             sampler_timeout,
+            memory_budget: None,
         }
+    }
+
+    /// Refuse jobs whose estimated peak exceeds `bytes` (`None`: run everything).
+    pub fn with_memory_budget(mut self, bytes: Option<u64>) -> Self {
+        self.memory_budget = bytes;
+        self
     }
 
     /// The training images and captions (bytes, not yet decoded).
@@ -307,10 +316,12 @@ impl Trainer {
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Event>();
         let cancel = ctx.cancellation().clone();
         let placement = self.placement;
+        let budget = self.memory_budget;
         let sp = spec.clone();
         let work = tokio::task::spawn_blocking(move || -> Result<Finished, JobError> {
             let model = StableDiffusion::load(&path, placement)
                 .map_err(|e| JobError::permanent("model_load_failed", e.to_string()))?;
+            check_fits(&model, &sp, placement, budget)?;
             let (name, hash) = (model.name.clone(), model.hash.clone());
             let mut inputs = Vec::with_capacity(sources.len() + class.len());
             for (bytes, caption, key) in &sources {
@@ -533,12 +544,22 @@ pub struct Config {
     /// Seconds to wait for the sampler's class and sample images.
     #[arg(long, env = "ATELIER_SAMPLER_TIMEOUT_S", default_value_t = 1800)]
     pub sampler_timeout_s: u64,
+    /// MiB a training job may plan on (weights and activations, estimated from the model's
+    /// geometry, resolution and batch before it runs); a job over it fails
+    /// `insufficient_memory` with the figure. Unset: 80% of the machine's or container's memory
+    /// when training on the CPU, no check on a GPU. 0: no check.
+    #[arg(
+        long = "train-memory-budget-mib",
+        env = "ATELIER_TRAIN_MEMORY_BUDGET_MIB"
+    )]
+    pub memory_budget_mib: Option<u64>,
 }
 
 impl Default for Config {
     fn default() -> Self {
         Self {
             sampler_timeout_s: 1800,
+            memory_budget_mib: None,
         }
     }
 }
@@ -546,12 +567,69 @@ impl Default for Config {
 impl Config {
     /// The trainer on `model`'s registry and device; an unusable device is an error naming the fix.
     pub fn trainer(&self, model: &ModelArgs) -> anyhow::Result<Trainer> {
+        let placement = Placement::named(&model.device)?;
+        let on_cpu = placement.device == atelier_diffusion::torch::Device::Cpu;
+        let budget = match self.memory_budget_mib {
+            None if !on_cpu => None,
+            explicit => atelier_kit::memory::budget_bytes(explicit),
+        };
         Ok(Trainer::new(
             Registry::new(&model.models),
-            Placement::named(&model.device)?,
+            placement,
             Duration::from_secs(self.sampler_timeout_s.max(1)),
-        ))
+        )
+        .with_memory_budget(budget))
     }
+}
+
+/// Refuses a run whose estimated peak (the loaded weights, and the activations a step keeps at
+/// the spec's resolution and batch) exceeds the budget, naming the figures and what to change.
+fn check_fits(
+    model: &StableDiffusion,
+    spec: &TrainSpec,
+    placement: Placement,
+    budget: Option<u64>,
+) -> Result<(), JobError> {
+    let Some(budget) = budget else {
+        return Ok(());
+    };
+    // Buckets keep the area of resolution², whatever their shape.
+    let side = spec.resolution as usize / model.vae_scale().max(1);
+    let elem = if placement.kind == atelier_diffusion::torch::Kind::Float {
+        4
+    } else {
+        2
+    };
+    let est = atelier_diffusion::memory::Estimate {
+        weights: model.weight_bytes(),
+        activations: atelier_diffusion::memory::train_activation_bytes(
+            model.unet_config(),
+            side,
+            side,
+            spec.batch_size as usize,
+            spec.gradient_checkpointing,
+            elem,
+        ),
+    };
+    if est.total() <= budget {
+        return Ok(());
+    }
+    let gib = atelier_kit::memory::gib;
+    Err(JobError::permanent(
+        "insufficient_memory",
+        format!(
+            "training at {res}x{res} with batch_size {batch} needs about {total} (weights {w}, \
+             activations {a}, estimated from the model's UNet); this worker's budget is {budget} \
+             (--train-memory-budget-mib): lower resolution or batch_size, or set \
+             gradient_checkpointing",
+            res = spec.resolution,
+            batch = spec.batch_size,
+            total = gib(est.total()),
+            w = gib(est.weights),
+            a = gib(est.activations),
+            budget = gib(budget),
+        ),
+    ))
 }
 
 /// Runs the trainer: the `atelier-trainer` binary and `atelier up` both call this.

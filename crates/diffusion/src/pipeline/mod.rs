@@ -208,6 +208,11 @@ impl StableDiffusion {
         self.nets.in_channels() == 9
     }
 
+    /// The UNet's shape (what memory estimates read).
+    pub fn unet_config(&self) -> &crate::models::config::UNetConfig {
+        self.nets.unet_config()
+    }
+
     /// Pixels per latent cell (8 for real SD VAEs).
     pub fn vae_scale(&self) -> usize {
         1 << self.nets.vae_levels().saturating_sub(1)

@@ -46,6 +46,11 @@ impl Nets {
         self.0.unet.config.in_channels
     }
 
+    /// The UNet's shape.
+    pub fn unet_config(&self) -> &crate::models::config::UNetConfig {
+        &self.0.unet.config
+    }
+
     /// Downsampling levels of the VAE (its scale is 2^(levels − 1)).
     pub fn vae_levels(&self) -> usize {
         self.0.vae.config.block_out_channels.len()
