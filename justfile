@@ -44,6 +44,10 @@ embedded *ARGS: bootstrap build
 up: bootstrap build
     scripts/cluster up
 
+# Fresh credentials for the compose cluster (infra/docker/.env, mode 600; compose refuses to start without them)
+cluster-env: build
+    scripts/cluster compose-env
+
 # Stop the local cluster
 down:
     scripts/cluster down

@@ -1,7 +1,7 @@
 //! `atelier up`: gateway plus every service in one process, on the same code as the cluster.
 //!
 //! Starts nats-server as a child process with JetStream under `<data-dir>/nats` unless a NATS URL
-//! is configured; objects go under `<data-dir>/objects` unless S3 is configured. Ctrl-C drains the
+//! is configured (on 127.0.0.1, user `atelier` with the password in `<data-dir>/nats-password`); objects go under `<data-dir>/objects` unless S3 is configured. Ctrl-C drains the
 //! workers, stops the gateway and then nats-server. Jobs live in JetStream's file storage, so a
 //! restart resumes what was queued or running.
 
@@ -105,6 +105,7 @@ pub struct Embedded {
     tasks: JoinSet<anyhow::Result<()>>,
     shutdown: CancellationToken,
     drain: std::time::Duration,
+    data_dir: PathBuf,
 }
 
 impl Embedded {
@@ -117,16 +118,19 @@ impl Embedded {
         let nats = match &args.nats.nats_url {
             Some(_) => None,
             None => {
+                let (password, conf) = crate::embedded_nats::prepare(&args.data_dir)?;
                 let server = tokio::task::block_in_place(|| {
                     NatsServer::start(NatsServerOptions {
                         store_dir: args.data_dir.join("nats"),
                         port: args.nats_port,
                         log_file: args.data_dir.join("logs/nats-server.log"),
-                        config: None,
+                        config: Some(conf),
                     })
                 })
                 .map_err(|e| anyhow::anyhow!("{e:#} (port {} busy? use --nats-port 0, or ATELIER_NATS_URL for an existing server)", args.nats_port))?;
                 args.nats.nats_url = Some(server.url());
+                args.nats.nats_user = Some(crate::embedded_nats::USER.into());
+                args.nats.nats_password = Some(password);
                 Some(server)
             }
         };
@@ -181,7 +185,20 @@ impl Embedded {
             tasks,
             shutdown,
             drain: std::time::Duration::from_secs_f64(args.drain_secs.clamp(0.0, 3600.0)),
+            data_dir: args.data_dir.clone(),
         })
+    }
+
+    /// Where external publishers find the embedded server's credentials ("" for an external one).
+    pub fn nats_credentials_hint(&self) -> String {
+        match &self.nats {
+            Some(_) => format!(
+                ", user {} with the password in {}",
+                crate::embedded_nats::USER,
+                self.data_dir.join("nats-password").display()
+            ),
+            None => String::new(),
+        }
     }
 
     /// Waits for every part to finish (after the shutdown token fired, or after one part failed,

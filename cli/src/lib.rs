@@ -14,6 +14,7 @@ pub mod conformance;
 pub mod datasets;
 pub mod demo;
 pub mod embedded;
+pub mod embedded_nats;
 pub mod eval;
 pub mod export;
 pub mod generate;
@@ -102,8 +103,10 @@ async fn up(args: embedded::UpArgs) -> anyhow::Result<()> {
     let shutdown = atelier_kit::shutdown::on_signals();
     let embedded = embedded::Embedded::start(args, shutdown).await?;
     eprintln!(
-        "atelier is up: http://{}  (nats {}; Ctrl-C stops)",
-        embedded.addr, embedded.nats_url
+        "atelier is up: http://{}  (nats {}{}; Ctrl-C stops)",
+        embedded.addr,
+        embedded.nats_url,
+        embedded.nats_credentials_hint()
     );
     embedded.wait().await
 }

@@ -9,13 +9,17 @@ use atelier_e2e::*;
 use atelier_kit::nats_server::{die_with_parent, free_port};
 
 fn up(data_dir: &std::path::Path, port: u16, log: &str) -> Child {
+    up_with_nats(data_dir, port, 0, log)
+}
+
+fn up_with_nats(data_dir: &std::path::Path, port: u16, nats_port: u16, log: &str) -> Child {
     let log = std::fs::File::create(data_dir.with_extension(log)).unwrap();
     let mut cmd = Command::new(bin("atelier"));
     cmd.args([
         "up",
         "--insecure-no-auth",
         "--nats-port",
-        "0",
+        &nats_port.to_string(),
         "--concurrency",
         "1",
         // A job interrupted by the crash is redelivered after ack_wait.
@@ -91,8 +95,25 @@ async fn up_serves_health_openapi_and_a_job_then_resumes_after_a_crash() {
     let data = tmp.path().join("atelier");
     let port = free_port().unwrap();
     let base = format!("http://127.0.0.1:{port}");
-    let mut proc = up(&data, port, "log1");
+    let nats_port = free_port().unwrap();
+    let mut proc = up_with_nats(&data, port, nats_port, "log1");
     wait_healthy(&base).await;
+
+    // The embedded NATS takes no anonymous clients; its generated password (0600) lets one in.
+    let nats = format!("nats://127.0.0.1:{nats_port}");
+    let anonymous = async_nats::ConnectOptions::new()
+        .connection_timeout(Duration::from_secs(2))
+        .connect(&nats)
+        .await;
+    assert!(
+        anonymous.is_err(),
+        "an anonymous client connected to the embedded NATS"
+    );
+    let password = std::fs::read_to_string(data.join("nats-password")).unwrap();
+    async_nats::ConnectOptions::with_user_and_password("atelier".into(), password.trim().into())
+        .connect(&nats)
+        .await
+        .expect("the generated credentials connect");
 
     let spec: serde_json::Value = reqwest::get(format!("{base}/openapi.json"))
         .await

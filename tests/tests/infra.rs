@@ -139,6 +139,24 @@ fn compose_k8s_and_dockerfiles_reference_what_exists() {
                         "{}",
                         path.display()
                     );
+                    // Requests and limits for CPU and memory; non-root, read-only, no escalation.
+                    for (what, key) in [
+                        ("requests", "cpu"),
+                        ("requests", "memory"),
+                        ("limits", "cpu"),
+                        ("limits", "memory"),
+                    ] {
+                        assert!(
+                            c["resources"][what][key].is_string(),
+                            "{}: no {what}.{key}",
+                            path.display()
+                        );
+                    }
+                    let pod = &doc["spec"]["template"]["spec"]["securityContext"];
+                    assert_eq!(pod["runAsNonRoot"], true, "{}", path.display());
+                    let sc = &c["securityContext"];
+                    assert_eq!(sc["allowPrivilegeEscalation"], false, "{}", path.display());
+                    assert_eq!(sc["readOnlyRootFilesystem"], true, "{}", path.display());
                 }
                 Some("ScaledObject") => scaled.push(doc),
                 _ => {}
@@ -185,7 +203,7 @@ fn justfile_has_the_documented_recipes() {
         .unwrap();
     assert!(out.status.success());
     let recipes = String::from_utf8(out.stdout).unwrap();
-    for r in ["up", "down", "demo", "test", "bench"] {
+    for r in ["up", "down", "demo", "test", "bench", "cluster-env"] {
         assert!(
             recipes.split_whitespace().any(|x| x == r),
             "just {r} missing: {recipes}"
@@ -502,4 +520,63 @@ async fn per_service_nats_permissions_allow_the_work_and_nothing_else() {
 
 fn chrono_now() -> chrono::DateTime<chrono::Utc> {
     chrono::Utc::now()
+}
+
+/// `just cluster-env` (scripts/cluster compose-env) writes every credential compose requires,
+/// fresh, readable by its owner only, and never replaces an existing file; compose refuses to
+/// start without them (`${VAR:?...}`), and publishes its ports on 127.0.0.1 by default.
+#[test]
+fn cluster_env_writes_every_credential_compose_requires() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let root = repo_root();
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join(".env");
+    let run = || {
+        std::process::Command::new(root.join("scripts/cluster"))
+            .arg("compose-env")
+            .env("ATELIER_COMPOSE_ENV", &out)
+            .env("ATELIER_BIN_DIR", bin("atelier").parent().unwrap())
+            .output()
+            .unwrap()
+    };
+    let first = run();
+    assert!(
+        first.status.success(),
+        "{}",
+        String::from_utf8_lossy(&first.stderr)
+    );
+    let mode = std::fs::metadata(&out).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600);
+    let env: std::collections::HashMap<String, String> = std::fs::read_to_string(&out)
+        .unwrap()
+        .lines()
+        .filter_map(|l| l.split_once('='))
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    let compose = std::fs::read_to_string(root.join("infra/docker/compose.yaml")).unwrap();
+    let required: BTreeSet<&str> = compose
+        .split("${")
+        .skip(1)
+        .filter_map(|rest| rest.split_once(":?").map(|(var, _)| var))
+        .filter(|var| var.chars().all(|c| c.is_ascii_uppercase() || c == '_'))
+        .collect();
+    assert!(
+        required.contains("ATELIER_NATS_GATEWAY_PASSWORD"),
+        "{required:?}"
+    );
+    for var in &required {
+        let value = env.get(*var).unwrap_or_else(|| panic!("{var} not written"));
+        let secret = var.contains("PASSWORD") || var.contains("SECRET");
+        assert!(
+            !value.is_empty() && (!secret || value.len() >= 16),
+            "{var} is weak: {value:?}"
+        );
+    }
+    assert!(!run().status.success(), "an existing .env was replaced");
+    for port in ["4222:4222", "7860:7860"] {
+        assert!(
+            compose.contains(&format!("${{ATELIER_BIND:-127.0.0.1}}:{port}")),
+            "{port} is published beyond loopback by default"
+        );
+    }
 }

@@ -48,6 +48,7 @@ pub struct Bus {
 impl Bus {
     /// Connects, retrying until the server answers (NATS may start after us).
     pub async fn connect(args: &NatsArgs, name: &str) -> anyhow::Result<Self> {
+        args.check_credentials().map_err(anyhow::Error::msg)?;
         let mut opts = async_nats::ConnectOptions::new()
             .name(name)
             .retry_on_initial_connect()

@@ -23,10 +23,43 @@ pub struct NatsArgs {
     pub nats_password: Option<String>,
 }
 
+/// Passwords that are someone's default somewhere: refused like an empty one.
+const DEFAULT_PASSWORDS: &[&str] = &[
+    "password",
+    "changeme",
+    "change-me",
+    "secret",
+    "atelier",
+    "nats",
+    "admin",
+    "default",
+    "s3cr3t",
+];
+
 impl NatsArgs {
     pub const DEFAULT_URL: &'static str = "nats://127.0.0.1:4222";
     pub fn url(&self) -> &str {
         self.nats_url.as_deref().unwrap_or(Self::DEFAULT_URL)
+    }
+
+    /// A user without a password, or with an empty, short or well-known one, is refused before
+    /// connecting: the error names the variable to set.
+    pub fn check_credentials(&self) -> Result<(), String> {
+        let Some(user) = &self.nats_user else {
+            return Ok(());
+        };
+        let password = self.nats_password.as_deref().unwrap_or_default();
+        let weak = password.trim().is_empty()
+            || password.chars().count() < 8
+            || DEFAULT_PASSWORDS.contains(&password.to_lowercase().as_str());
+        if weak {
+            return Err(format!(
+                "NATS user {user:?} has an empty, short or default password: set \
+                 ATELIER_NATS_PASSWORD to the generated one (`just cluster-env` writes fresh \
+                 credentials; the local cluster's are in .atelier/cluster/env)"
+            ));
+        }
+        Ok(())
     }
 }
 
@@ -261,6 +294,24 @@ mod tests {
         assert!(a.location().unwrap_err().contains("no bucket"));
         a.store = "gs://x".into();
         assert!(a.location().unwrap_err().contains("unsupported scheme"));
+    }
+
+    #[test]
+    fn empty_short_and_default_nats_passwords_are_refused() {
+        let with = |pw: Option<&str>| NatsArgs {
+            nats_url: None,
+            nats_user: Some("sampler".into()),
+            nats_password: pw.map(String::from),
+        };
+        for bad in [None, Some(""), Some("   "), Some("short"), Some("ChangeMe")] {
+            let e = with(bad).check_credentials().unwrap_err();
+            assert!(e.contains("ATELIER_NATS_PASSWORD"), "{e}");
+        }
+        assert!(with(Some("9f2c1e7a44b0d3c8")).check_credentials().is_ok());
+        assert!(
+            NatsArgs::default().check_credentials().is_ok(),
+            "no user: no auth"
+        );
     }
 
     #[test]
