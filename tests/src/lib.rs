@@ -361,6 +361,12 @@ pub fn shared_s3_store(retry_secs: u64) -> StoreArgs {
 pub struct Cluster {
     pub tmp: tempfile::TempDir,
     pub nats: NatsServer,
+    /// The other nodes of a three-node NATS cluster ([`Cluster::start_three_node`]).
+    pub peers: Vec<NatsServer>,
+    /// Every node's client URL, comma-separated (what services are given).
+    pub nats_urls: String,
+    /// Replicas of streams and buckets.
+    pub replicas: usize,
     pub store_args: StoreArgs,
     pub bus: Bus,
     pub store: Store,
@@ -395,14 +401,19 @@ impl Cluster {
             nats_url: Some(nats.url()),
             nats_user: admin.map(|a| a.0.to_owned()),
             nats_password: admin.map(|a| a.1.to_owned()),
+            ..Default::default()
         };
         let bus = Bus::connect(&nats_args, "atelier-test").await?;
         bus.ensure_topology().await?;
         let store = Store::open(&store_args)?;
         let states = JobStates::new(bus.jobs_kv().await?);
+        let nats_urls = nats.url();
         Ok(Self {
             tmp,
             nats,
+            peers: Vec::new(),
+            nats_urls,
+            replicas: 1,
             store_args,
             bus,
             store,
@@ -421,9 +432,75 @@ impl Cluster {
         .await
     }
 
+    /// Three nats-servers in one JetStream cluster (routes on loopback), streams and buckets
+    /// replicated on all three: any one node can die without losing a job.
+    pub async fn start_three_node(store_args: StoreArgs) -> anyhow::Result<Self> {
+        let tmp = tempfile::Builder::new().prefix("atelier-test-").tempdir()?;
+        let routes: Vec<u16> = (0..3)
+            .map(|_| atelier_kit::nats_server::free_port())
+            .collect::<Result<_, _>>()?;
+        let route_urls: Vec<String> = routes
+            .iter()
+            .map(|p| format!("nats://127.0.0.1:{p}"))
+            .collect();
+        let mut nodes = Vec::new();
+        for (i, port) in routes.iter().enumerate() {
+            let conf = tmp.path().join(format!("n{i}.conf"));
+            std::fs::write(
+                &conf,
+                format!(
+                    "server_name: n{i}\njetstream {{ sync_interval: always }}\n\
+                     cluster {{ name: atelier, listen: 127.0.0.1:{port}, routes: [{}] }}\n",
+                    route_urls.join(", ")
+                ),
+            )?;
+            let opts = NatsServerOptions {
+                store_dir: tmp.path().join(format!("nats{i}")),
+                port: 0,
+                log_file: tmp.path().join(format!("nats{i}.log")),
+                config: Some(conf),
+            };
+            nodes.push(tokio::task::block_in_place(|| NatsServer::start(opts))?);
+        }
+        let nats_urls = nodes
+            .iter()
+            .map(NatsServer::url)
+            .collect::<Vec<_>>()
+            .join(",");
+        let nats_args = NatsArgs {
+            nats_url: Some(nats_urls.clone()),
+            nats_replicas: 3,
+            ..Default::default()
+        };
+        let bus = Bus::connect(&nats_args, "atelier-test").await?;
+        // JetStream answers once the nodes have elected a meta leader.
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while let Err(e) = bus.ensure_topology().await {
+            anyhow::ensure!(Instant::now() < deadline, "cluster not ready: {e:#}");
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+        let store = Store::open(&store_args)?;
+        let states = JobStates::new(bus.jobs_kv().await?);
+        let nats = nodes.remove(0);
+        Ok(Self {
+            tmp,
+            nats,
+            peers: nodes,
+            nats_urls,
+            replicas: 3,
+            store_args,
+            bus,
+            store,
+            states,
+            workers: Vec::new(),
+            models: None,
+        })
+    }
+
     pub fn nats_args(&self) -> NatsArgs {
         NatsArgs {
-            nats_url: Some(self.nats.url()),
+            nats_url: Some(self.nats_urls.clone()),
+            nats_replicas: self.replicas,
             ..Default::default()
         }
     }
@@ -454,7 +531,8 @@ impl Cluster {
         let log = std::fs::File::create(&log_path)?;
         let s = &self.store_args;
         let mut cmd = Command::new(bin(binary));
-        cmd.env("ATELIER_NATS_URL", self.nats.url())
+        cmd.env("ATELIER_NATS_URL", &self.nats_urls)
+            .env("ATELIER_NATS_REPLICAS", self.replicas.to_string())
             .env("ATELIER_STORE", &s.store)
             .env("ATELIER_STORE_RETRY_SECS", s.store_retry_secs.to_string())
             .env("ATELIER_S3_REGION", &s.s3_region)

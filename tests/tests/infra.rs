@@ -121,6 +121,32 @@ fn compose_k8s_and_dockerfiles_reference_what_exists() {
         }
     }
     assert_eq!(built, bins, "every binary has a compose service");
+    // NATS as three clustered nodes; services replicate streams and buckets on all three.
+    let nodes: Vec<_> = services
+        .iter()
+        .filter(|(_, svc)| {
+            svc["image"]
+                .as_str()
+                .is_some_and(|i| i.starts_with("nats:"))
+        })
+        .collect();
+    assert_eq!(nodes.len(), 3, "compose runs NATS as three nodes");
+    for (name, svc) in &nodes {
+        let cmd: Vec<&str> = svc["command"]
+            .as_sequence()
+            .unwrap()
+            .iter()
+            .filter_map(|v| v.as_str())
+            .collect();
+        assert!(
+            cmd.contains(&"--cluster_name") && cmd.contains(&"--routes"),
+            "{name:?} is not clustered"
+        );
+    }
+    assert_eq!(
+        services["gateway"]["environment"]["ATELIER_NATS_REPLICAS"],
+        "3"
+    );
     assert!(root.join("infra/docker/s3.json").is_file());
     // k8s: each Deployment has probes on /healthz; each ScaledObject scales an existing Deployment on
     // a stream and durable consumer the code declares.
@@ -152,6 +178,17 @@ fn compose_k8s_and_dockerfiles_reference_what_exists() {
                             path.display()
                         );
                     }
+                    let replicas = c["env"]
+                        .as_sequence()
+                        .unwrap()
+                        .iter()
+                        .find(|e| e["name"] == "ATELIER_NATS_REPLICAS");
+                    assert_eq!(
+                        replicas.map(|e| e["value"].clone()),
+                        Some("3".into()),
+                        "{}",
+                        path.display()
+                    );
                     let pod = &doc["spec"]["template"]["spec"]["securityContext"];
                     assert_eq!(pod["runAsNonRoot"], true, "{}", path.display());
                     let sc = &c["securityContext"];

@@ -43,6 +43,8 @@ pub struct Bus {
     pub js: jetstream::Context,
     /// The publish outbox's bucket, opened on first use (see [`crate::outbox`]).
     outbox: std::sync::Arc<tokio::sync::OnceCell<kv::Store>>,
+    /// Copies JetStream keeps of every stream and bucket this process declares.
+    replicas: usize,
 }
 
 impl Bus {
@@ -65,7 +67,15 @@ impl Bus {
             opts = opts.user_and_password(u.clone(), p.clone());
         }
         let url = args.url();
-        let client = tokio::time::timeout(Duration::from_secs(60), opts.connect(url))
+        // A cluster's nodes, comma-separated: the client connects to any and fails over.
+        let servers = url
+            .split(',')
+            .map(|u| u.trim().parse::<async_nats::ServerAddr>())
+            .collect::<Result<Vec<_>, _>>()
+            .with_context(|| {
+                format!("NATS URL {url:?}: write nats://host:port[,nats://host:port...]")
+            })?;
+        let client = tokio::time::timeout(Duration::from_secs(60), opts.connect(servers))
             .await
             .with_context(|| format!("NATS at {url} did not answer within 60 s; is nats-server running? (`atelier up` starts one, or set ATELIER_NATS_URL)"))?
             .with_context(|| format!("connecting to NATS at {url}"))?;
@@ -74,6 +84,7 @@ impl Bus {
             client,
             js,
             outbox: Default::default(),
+            replicas: args.nats_replicas.clamp(1, 5),
         })
     }
 
@@ -86,6 +97,7 @@ impl Bus {
                 retention: stream::RetentionPolicy::WorkQueue,
                 storage: stream::StorageType::File,
                 duplicate_window: DUPLICATE_WINDOW,
+                num_replicas: self.replicas,
                 ..Default::default()
             })
             .await?;
@@ -97,6 +109,7 @@ impl Bus {
             storage: stream::StorageType::File,
             max_age: Duration::from_secs(7 * 24 * 3600),
             duplicate_window: DUPLICATE_WINDOW,
+            num_replicas: self.replicas,
             ..Default::default()
         })
         .await?;
@@ -106,6 +119,7 @@ impl Bus {
             retention: stream::RetentionPolicy::Limits,
             storage: stream::StorageType::File,
             max_age: Duration::from_secs(30 * 24 * 3600),
+            num_replicas: self.replicas,
             ..Default::default()
         })
         .await?;
@@ -116,6 +130,7 @@ impl Bus {
             storage: stream::StorageType::File,
             max_age: Duration::from_secs(30 * 24 * 3600),
             duplicate_window: DUPLICATE_WINDOW,
+            num_replicas: self.replicas,
             ..Default::default()
         })
         .await?;
@@ -132,35 +147,60 @@ impl Bus {
 
     async fn ensure_stream(&self, config: stream::Config) -> anyhow::Result<stream::Stream> {
         let name = config.name.clone();
-        self.js
+        let mut stream = self
+            .js
             .get_or_create_stream(config)
             .await
-            .with_context(|| format!("declaring JetStream stream {name}"))
+            .with_context(|| format!("declaring JetStream stream {name}"))?;
+        self.ensure_replicas(&mut stream).await?;
+        Ok(stream)
+    }
+
+    /// Scales a stream declared earlier with another replica count to this process's.
+    async fn ensure_replicas(&self, stream: &mut stream::Stream) -> anyhow::Result<()> {
+        let mut config = stream.info().await?.config.clone();
+        if config.num_replicas == self.replicas {
+            return Ok(());
+        }
+        tracing::info!(stream = %config.name, from = config.num_replicas, to = self.replicas, "changing replicas");
+        config.num_replicas = self.replicas;
+        let name = config.name.clone();
+        self.js.update_stream(config).await.with_context(|| {
+            format!(
+                "setting {name} to {} replicas (ATELIER_NATS_REPLICAS)",
+                self.replicas
+            )
+        })?;
+        Ok(())
     }
 
     async fn kv(&self, bucket: &str, history: i64, max_age: Duration) -> anyhow::Result<kv::Store> {
-        if let Ok(store) = self.js.get_key_value(bucket).await {
-            return Ok(store);
-        }
-        match self
-            .js
-            .create_key_value(kv::Config {
-                bucket: bucket.into(),
-                history,
-                max_age,
-                storage: stream::StorageType::File,
-                ..Default::default()
-            })
-            .await
-        {
-            Ok(s) => Ok(s),
-            // Another process created it between our get and create.
-            Err(_) => self
+        let store = match self.js.get_key_value(bucket).await {
+            Ok(store) => store,
+            Err(_) => match self
                 .js
-                .get_key_value(bucket)
+                .create_key_value(kv::Config {
+                    bucket: bucket.into(),
+                    history,
+                    max_age,
+                    storage: stream::StorageType::File,
+                    num_replicas: self.replicas,
+                    ..Default::default()
+                })
                 .await
-                .with_context(|| format!("opening KV bucket {bucket}")),
-        }
+            {
+                Ok(s) => s,
+                // Another process created it between our get and create.
+                Err(_) => self
+                    .js
+                    .get_key_value(bucket)
+                    .await
+                    .with_context(|| format!("opening KV bucket {bucket}"))?,
+            },
+        };
+        let mut stream = self.js.get_stream(format!("KV_{bucket}")).await?;
+        self.ensure_replicas(&mut stream).await?;
+        Ok(store)
     }
 
     pub async fn jobs_kv(&self) -> anyhow::Result<kv::Store> {

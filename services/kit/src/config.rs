@@ -6,9 +6,10 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 /// How to reach NATS.
-#[derive(clap::Args, Debug, Clone, Default)]
+#[derive(clap::Args, Debug, Clone)]
 pub struct NatsArgs {
-    /// NATS server URL. `atelier up` starts its own nats-server when this is unset.
+    /// NATS server URL; a cluster's nodes comma-separated. `atelier up` starts its own
+    /// nats-server when this is unset.
     #[arg(long = "nats-url", env = "ATELIER_NATS_URL")]
     pub nats_url: Option<String>,
     /// NATS user (see infra/nats/ for per-service users).
@@ -21,6 +22,25 @@ pub struct NatsArgs {
         hide_env_values = true
     )]
     pub nats_password: Option<String>,
+    /// Copies JetStream keeps of every stream and bucket (1 on a single server; 3 on a
+    /// three-node cluster, so losing a node loses nothing).
+    #[arg(
+        long = "nats-replicas",
+        env = "ATELIER_NATS_REPLICAS",
+        default_value_t = 1
+    )]
+    pub nats_replicas: usize,
+}
+
+impl Default for NatsArgs {
+    fn default() -> Self {
+        Self {
+            nats_url: None,
+            nats_user: None,
+            nats_password: None,
+            nats_replicas: 1,
+        }
+    }
 }
 
 /// Passwords that are someone's default somewhere: refused like an empty one.
@@ -299,9 +319,9 @@ mod tests {
     #[test]
     fn empty_short_and_default_nats_passwords_are_refused() {
         let with = |pw: Option<&str>| NatsArgs {
-            nats_url: None,
             nats_user: Some("sampler".into()),
             nats_password: pw.map(String::from),
+            ..Default::default()
         };
         for bad in [None, Some(""), Some("   "), Some("short"), Some("ChangeMe")] {
             let e = with(bad).check_credentials().unwrap_err();

@@ -198,6 +198,14 @@ impl NatsServer {
         let _ = child.wait();
     }
 
+    /// SIGKILL: the node is gone at once, as in a crash or power loss.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
     /// Starts the server again on the same port and store directory.
     pub fn restart(&mut self) -> anyhow::Result<()> {
         self.stop(Duration::from_secs(10));
