@@ -617,3 +617,61 @@ fn cluster_env_writes_every_credential_compose_requires() {
         );
     }
 }
+
+/// NATS over TLS with a private CA: services connect with `ATELIER_NATS_TLS_CA` and do their
+/// work; a client that does not trust the CA is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nats_over_tls_with_a_private_ca() {
+    let tmp = tempfile::tempdir().unwrap();
+    let ca_key = rcgen::KeyPair::generate().unwrap();
+    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    let ca = ca_params.self_signed(&ca_key).unwrap();
+    let key = rcgen::KeyPair::generate().unwrap();
+    let server = rcgen::CertificateParams::new(vec!["localhost".into(), "127.0.0.1".into()])
+        .unwrap()
+        .signed_by(&key, &ca, &ca_key)
+        .unwrap();
+    let file = |name: &str, text: String| {
+        let p = tmp.path().join(name);
+        std::fs::write(&p, text).unwrap();
+        p
+    };
+    let ca_pem = file("ca.pem", ca.pem());
+    let cert = file("server.pem", server.pem());
+    let key_pem = file("server-key.pem", key.serialize_pem());
+    let conf = file(
+        "tls.conf",
+        format!(
+            "tls {{ cert_file: \"{}\", key_file: \"{}\" }}\n",
+            cert.display(),
+            key_pem.display()
+        ),
+    );
+    let nats = tokio::task::block_in_place(|| {
+        atelier_kit::nats_server::NatsServer::start(atelier_kit::nats_server::NatsServerOptions {
+            store_dir: tmp.path().join("js"),
+            port: 0,
+            log_file: tmp.path().join("nats.log"),
+            config: Some(conf),
+        })
+    })
+    .unwrap();
+    let args = atelier_kit::config::NatsArgs {
+        nats_url: Some(nats.url()),
+        nats_tls_ca: Some(ca_pem),
+        ..Default::default()
+    };
+    let bus = atelier_kit::Bus::connect(&args, "tls-test").await.unwrap();
+    bus.ensure_topology().await.unwrap();
+    let kv = bus.jobs_kv().await.unwrap();
+    kv.put("probe", "over tls".into()).await.unwrap();
+    assert_eq!(kv.get("probe").await.unwrap().unwrap(), "over tls");
+    // Without the CA the server's certificate is not trusted.
+    let untrusting = async_nats::ConnectOptions::new()
+        .connection_timeout(Duration::from_secs(2))
+        .require_tls(true)
+        .connect(nats.url())
+        .await;
+    assert!(untrusting.is_err(), "a client without the CA connected");
+}

@@ -67,6 +67,16 @@ impl Bus {
             opts = opts.user_and_password(u.clone(), p.clone());
         }
         let url = args.url();
+        if let Some(ca) = &args.nats_tls_ca {
+            anyhow::ensure!(
+                ca.is_file(),
+                "ATELIER_NATS_TLS_CA {} is not a file (a PEM CA certificate)",
+                ca.display()
+            );
+            opts = opts.add_root_certificates(ca.clone()).require_tls(true);
+        } else if url.starts_with("tls://") {
+            opts = opts.require_tls(true);
+        }
         // A cluster's nodes, comma-separated: the client connects to any and fails over.
         let servers = url
             .split(',')

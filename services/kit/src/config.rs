@@ -30,6 +30,10 @@ pub struct NatsArgs {
         default_value_t = 1
     )]
     pub nats_replicas: usize,
+    /// CA certificate (PEM) the NATS servers' certificates must chain to. TLS is required when
+    /// this is set or the URL starts with `tls://`.
+    #[arg(long = "nats-tls-ca", env = "ATELIER_NATS_TLS_CA")]
+    pub nats_tls_ca: Option<PathBuf>,
 }
 
 impl Default for NatsArgs {
@@ -39,6 +43,7 @@ impl Default for NatsArgs {
             nats_user: None,
             nats_password: None,
             nats_replicas: 1,
+            nats_tls_ca: None,
         }
     }
 }
