@@ -837,6 +837,16 @@ pub async fn write_version(
     out
 }
 
+/// Drill counts: `ATELIER_DRILL=full` (`scripts/drill --full`, by hand) runs `full`; otherwise
+/// the small count the test suite (and CI) runs.
+pub fn drill_count(ci: usize, full: usize) -> usize {
+    if std::env::var("ATELIER_DRILL").is_ok_and(|v| v == "full") {
+        full
+    } else {
+        ci
+    }
+}
+
 pub fn bytes_of(seed: u64, len: usize) -> bytes::Bytes {
     atelier_cli::demo::sample_bytes(seed, len).into()
 }

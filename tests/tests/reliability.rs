@@ -1583,3 +1583,117 @@ async fn kill_one_nats_node_of_three_mid_run() {
     c.stop_services(libc::SIGTERM, Duration::from_secs(10));
     let _ = std::fs::remove_dir_all(dir);
 }
+
+/// Submissions through a gateway process that is killed (SIGKILL) mid-submit, while nats-server
+/// is restarted too: every logical submit (one `Idempotency-Key`, retried by the client) becomes
+/// exactly one job, and every job runs once. 200 submits here; 2,000 with `scripts/drill --full`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn submits_survive_gateway_kills_and_nats_restarts() {
+    use std::sync::{Arc, Mutex};
+    let submits = drill_count(200, 2000);
+    let chaos = drill_count(6, 30);
+    let mut c = Cluster::local().await.unwrap();
+    for _ in 0..2 {
+        c.spawn_service("atelier-checksum", &fast_worker_env())
+            .unwrap();
+    }
+    let port = atelier_kit::nats_server::free_port().unwrap();
+    let base = format!("http://127.0.0.1:{port}");
+    let gw_env = vec![
+        ("ATELIER_ADDR", format!("127.0.0.1:{port}")),
+        ("ATELIER_INSECURE_NO_AUTH", "true".to_string()),
+    ];
+    let healthy = |base: String| async move {
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while reqwest::get(format!("{base}/healthz"))
+            .await
+            .map_or(true, |r| r.status() != 200)
+        {
+            assert!(std::time::Instant::now() < deadline, "gateway not healthy");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    };
+    let mut gateway = c.spawn_service("atelier-gateway", &gw_env).unwrap();
+    healthy(base.clone()).await;
+    let client = atelier_client::Client::new(&base, None).unwrap();
+    let input = client
+        .upload(bytes_of(77, 4096), "application/octet-stream")
+        .await
+        .unwrap()
+        .artifact
+        .key;
+    let ids = Arc::new(Mutex::new(Vec::new()));
+    let gave_up = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let mut submitters = tokio::task::JoinSet::new();
+    for t in 0..8 {
+        let (client, ids, gave_up, input) =
+            (client.clone(), ids.clone(), gave_up.clone(), input.clone());
+        submitters.spawn(async move {
+            for _ in (t..submits).step_by(8) {
+                match client.submit(&checksum(&input)).await {
+                    Ok(r) => ids.lock().unwrap().push(r.id),
+                    Err(e) => {
+                        eprintln!("a submit was given up: {e:#}");
+                        gave_up.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                    }
+                }
+            }
+        });
+    }
+    // Chaos while they submit: alternately SIGKILL the gateway (restarted on the same port) and
+    // restart nats-server.
+    let (mut gateway_kills, mut nats_restarts) = (0, 0);
+    let mut rng = rand::thread_rng();
+    for k in 0..chaos {
+        if submitters.is_empty() || ids.lock().unwrap().len() >= submits {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(rng.gen_range(100..600))).await;
+        if k % 3 == 2 {
+            tokio::task::block_in_place(|| c.nats.restart()).unwrap();
+            nats_restarts += 1;
+        } else {
+            c.kill9(gateway);
+            gateway_kills += 1;
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            gateway = c.spawn_service("atelier-gateway", &gw_env).unwrap();
+            healthy(base.clone()).await;
+        }
+    }
+    while let Some(r) = submitters.join_next().await {
+        r.unwrap();
+    }
+    let ids = ids.lock().unwrap().clone();
+    let records = c
+        .wait_terminal(&ids, Duration::from_secs(600))
+        .await
+        .unwrap();
+    let not_done: Vec<_> = records
+        .iter()
+        .filter(|r| r.state != JobState::Succeeded)
+        .map(|r| (r.id, r.state, r.error.clone()))
+        .collect();
+    // Every record in the bucket is one the clients were answered with: no logical submit
+    // made a second job.
+    let all = futures::StreamExt::count(c.bus.jobs_kv().await.unwrap().keys().await.unwrap()).await;
+    let done = done_events(&c).await;
+    let duplicated = ids.iter().filter(|id| done.get(id) != Some(&1)).count();
+    eprintln!(
+        "drill: {submits} submits, {gateway_kills} gateway kills, {nats_restarts} NATS restarts: \
+         {} accepted, {} given up, {} lost or failed, {} jobs in the bucket, {duplicated} without \
+         exactly one done event",
+        ids.len(),
+        gave_up.load(std::sync::atomic::Ordering::SeqCst),
+        not_done.len(),
+        all
+    );
+    assert!(
+        gateway_kills > 0 && nats_restarts > 0,
+        "the chaos did not happen"
+    );
+    assert!(not_done.is_empty(), "{not_done:?}");
+    assert_eq!(all, ids.len(), "a logical submit made more than one job");
+    assert_eq!(duplicated, 0);
+    assert_eq!(gave_up.load(std::sync::atomic::Ordering::SeqCst), 0);
+    c.stop_services(libc::SIGTERM, Duration::from_secs(10));
+}
