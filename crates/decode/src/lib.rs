@@ -201,8 +201,13 @@ pub fn header(bytes: &[u8], limits: &Limits) -> Result<Header, DecodeError> {
 }
 
 /// Decodes pixels after [`header`] passed, with the decoder's allocations capped at what the
-/// header justifies (ancillary chunks included). Applies the EXIF orientation when `orient`.
-fn decode_pixels(bytes: &[u8], h: &Header, orient: bool) -> Result<DynamicImage, DecodeError> {
+/// header justifies (ancillary chunks included). Applies the EXIF orientation when `orient`, and
+/// returns it (1 when none or not applied).
+fn decode_pixels(
+    bytes: &[u8],
+    h: &Header,
+    orient: bool,
+) -> Result<(DynamicImage, u8), DecodeError> {
     let mut r = reader(bytes)?;
     let mut limits = image::Limits::default();
     limits.max_image_width = Some(h.width);
@@ -223,7 +228,7 @@ fn decode_pixels(bytes: &[u8], h: &Header, orient: bool) -> Result<DynamicImage,
     let mut img =
         DynamicImage::from_decoder(decoder).map_err(|e| DecodeError::Corrupt(e.to_string()))?;
     img.apply_orientation(orientation);
-    Ok(img)
+    Ok((img, orientation.to_exif()))
 }
 
 /// Decodes on the calling thread, waiting for budget. Call it where blocking is allowed (a
@@ -231,7 +236,7 @@ fn decode_pixels(bytes: &[u8], h: &Header, orient: bool) -> Result<DynamicImage,
 pub fn decode(bytes: &[u8], limits: &Limits) -> Result<Decoded, DecodeError> {
     let h = header(bytes, limits)?;
     let held = futures::executor::block_on(Budget::global().hold(&h, bytes.len()))?;
-    let image = decode_pixels(bytes, &h, false)?;
+    let (image, _) = decode_pixels(bytes, &h, false)?;
     Ok(Decoded {
         image,
         format: h.format,
@@ -243,12 +248,7 @@ pub fn decode(bytes: &[u8], limits: &Limits) -> Result<Decoded, DecodeError> {
 pub fn decode_oriented(bytes: &[u8], limits: &Limits) -> Result<(Decoded, u8), DecodeError> {
     let h = header(bytes, limits)?;
     let held = futures::executor::block_on(Budget::global().hold(&h, bytes.len()))?;
-    let orientation = reader(bytes)?
-        .into_decoder()
-        .ok()
-        .and_then(|mut d| d.orientation().ok())
-        .map_or(1, |o| o.to_exif());
-    let image = decode_pixels(bytes, &h, true)?;
+    let (image, orientation) = decode_pixels(bytes, &h, true)?;
     let decoded = Decoded {
         image,
         format: h.format,
@@ -264,7 +264,7 @@ pub async fn decode_async(
 ) -> Result<Decoded, DecodeError> {
     let h = header(bytes.as_ref(), &limits)?;
     let held = Budget::global().hold(&h, bytes.as_ref().len()).await?;
-    let image = tokio::task::spawn_blocking(move || decode_pixels(bytes.as_ref(), &h, false))
+    let (image, _) = tokio::task::spawn_blocking(move || decode_pixels(bytes.as_ref(), &h, false))
         .await
         .map_err(|e| DecodeError::Corrupt(format!("decoder stopped: {e}")))??;
     Ok(Decoded {

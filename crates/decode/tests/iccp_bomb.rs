@@ -26,4 +26,16 @@ fn an_iccp_bomb_is_not_inflated() {
     if let Ok(img) = res {
         assert_eq!((img.width(), img.height()), (64, 64));
     }
+    // The same through the path that also reads the EXIF orientation (ingest's).
+    let base = common::reset_peak();
+    let res = atelier_decode::decode_oriented(&bomb, &atelier_decode::Limits::default());
+    let grew = common::peak() - base;
+    assert!(
+        grew < 64 << 20,
+        "decode_oriented allocated {} MiB for the iCCP chunk",
+        grew >> 20
+    );
+    if let Ok((img, orientation)) = res {
+        assert_eq!((img.width(), orientation), (64, 1));
+    }
 }
