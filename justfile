@@ -56,6 +56,10 @@ down:
 status:
     scripts/cluster status
 
+# The reliability drills with their figures (small counts; `just drill --full` for the full ones)
+drill *ARGS:
+    scripts/drill {{ARGS}}
+
 # Lints as CI runs them
 lint:
     cargo fmt --all -- --check

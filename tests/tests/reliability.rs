@@ -66,10 +66,12 @@ async fn kill9_workers_mid_job_twenty_times() {
     let mut ids = Vec::new();
     let mut rng = rand::thread_rng();
     let mut mid_job_kills = 0;
-    for round in 0..20 {
+    // 20 rounds of 5 jobs here; 300 rounds of 7 (2,100 jobs) with ATELIER_DRILL=full.
+    let (rounds, per_round) = (drill_count(20, 300), drill_count(5, 7));
+    for round in 0..rounds {
         let mut round_ids = Vec::new();
-        for j in 0..5 {
-            let input = &inputs[(round * 5 + j) % inputs.len()];
+        for j in 0..per_round {
+            let input = &inputs[(round * per_round + j) % inputs.len()];
             round_ids.push(client.submit(&checksum(&input.key)).await.unwrap().id);
         }
         ids.extend(&round_ids);
@@ -105,7 +107,7 @@ async fn kill9_workers_mid_job_twenty_times() {
             .unwrap();
     }
     let records = c
-        .wait_terminal(&ids, Duration::from_secs(240))
+        .wait_terminal(&ids, Duration::from_secs(drill_count(240, 3600) as u64))
         .await
         .unwrap();
     let failed: Vec<_> = records
@@ -150,7 +152,7 @@ async fn kill9_workers_mid_job_twenty_times() {
             .collect::<Vec<_>>()
     );
     assert!(c.store.list("tmp").await.unwrap().is_empty());
-    eprintln!("kill -9 x20 ({mid_job_kills} while the victim ran a job): {} jobs, {redelivered} redelivered, all succeeded once", ids.len());
+    eprintln!("drill: kill -9 x{rounds} ({mid_job_kills} while the victim ran a job): {} jobs, {redelivered} redelivered, 0 lost, 0 duplicated, 0 stuck", ids.len());
     shutdown.cancel();
 }
 
@@ -1576,7 +1578,7 @@ async fn kill_one_nats_node_of_three_mid_run() {
         );
     }
     eprintln!(
-        "three-node NATS, one node killed: {} jobs, 0 lost, 0 duplicated, 0 stuck",
+        "drill: three-node NATS, the work queue's leader killed: {} jobs, 0 lost, 0 duplicated, 0 stuck",
         ids.len()
     );
     shutdown.cancel();

@@ -74,7 +74,7 @@ async fn store_outage_of_thirty_seconds() {
     tokio::time::sleep(Duration::from_secs(30).saturating_sub(stopped.elapsed())).await;
     tokio::task::block_in_place(|| weed.restart()).unwrap();
     eprintln!(
-        "store was down for {:.1} s",
+        "drill: store was down for {:.1} s",
         stopped.elapsed().as_secs_f64()
     );
 
