@@ -837,6 +837,28 @@ pub async fn write_version(
     out
 }
 
+/// `atelier up` as a user runs it: the real binary, its own nats-server (on `nats_port`, 0 picks
+/// one), the local store under `data_dir`, no auth (loopback), the gateway on `port`, output to
+/// `log`. Callers add flags and spawn it.
+pub fn atelier_up(data_dir: &Path, port: u16, nats_port: u16, log: &Path) -> Command {
+    let log = std::fs::File::create(log).expect("creating the log");
+    let mut cmd = Command::new(bin("atelier"));
+    cmd.args(["up", "--insecure-no-auth", "--nats-port"])
+        .arg(nats_port.to_string())
+        .arg("--addr")
+        .arg(format!("127.0.0.1:{port}"))
+        .arg("--data-dir")
+        .arg(data_dir)
+        .env("ATELIER_NATS_SERVER", tool("nats-server"))
+        .env_remove("ATELIER_NATS_URL")
+        .env_remove("ATELIER_STORE")
+        .stdin(Stdio::null())
+        .stdout(log.try_clone().expect("log"))
+        .stderr(log);
+    die_with_parent(&mut cmd);
+    cmd
+}
+
 /// Drill counts: `ATELIER_DRILL=full` (`scripts/drill --full`, by hand) runs `full`; otherwise
 /// the small count the test suite (and CI) runs.
 pub fn drill_count(ci: usize, full: usize) -> usize {

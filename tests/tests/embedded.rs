@@ -1,42 +1,21 @@
 //! `atelier up` as a user runs it: the real binary, its own nats-server, the local store.
 
-use std::process::{Child, Command, Stdio};
+use std::process::Child;
 use std::time::{Duration, Instant};
 
 use atelier_client::Client;
 use atelier_contracts::{ChecksumSpec, JobSpec, JobState};
 use atelier_e2e::*;
-use atelier_kit::nats_server::{die_with_parent, free_port};
+use atelier_kit::nats_server::free_port;
 
 fn up(data_dir: &std::path::Path, port: u16, log: &str) -> Child {
     up_with_nats(data_dir, port, 0, log)
 }
 
 fn up_with_nats(data_dir: &std::path::Path, port: u16, nats_port: u16, log: &str) -> Child {
-    let log = std::fs::File::create(data_dir.with_extension(log)).unwrap();
-    let mut cmd = Command::new(bin("atelier"));
-    cmd.args([
-        "up",
-        "--insecure-no-auth",
-        "--nats-port",
-        &nats_port.to_string(),
-        "--concurrency",
-        "1",
-        // A job interrupted by the crash is redelivered after ack_wait.
-        "--ack-wait-secs",
-        "5",
-    ])
-    .arg("--addr")
-    .arg(format!("127.0.0.1:{port}"))
-    .arg("--data-dir")
-    .arg(data_dir)
-    .env("ATELIER_NATS_SERVER", tool("nats-server"))
-    .env_remove("ATELIER_NATS_URL")
-    .env_remove("ATELIER_STORE")
-    .stdin(Stdio::null())
-    .stdout(log.try_clone().unwrap())
-    .stderr(log);
-    die_with_parent(&mut cmd);
+    let mut cmd = atelier_up(data_dir, port, nats_port, &data_dir.with_extension(log));
+    // A job interrupted by the crash is redelivered after ack_wait.
+    cmd.args(["--concurrency", "1", "--ack-wait-secs", "5"]);
     // Its own process group, as a shell job is: Ctrl-C goes to the whole group.
     std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
     cmd.spawn().unwrap()

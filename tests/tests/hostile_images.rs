@@ -7,12 +7,11 @@
 //! (`scripts/drill --full`) sends 16 of 8,000 × 8,000 under the default 1,024 MiB.
 
 use std::io::Write as _;
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use atelier_contracts::images::{ImagesIngested, IngestedImage};
 use atelier_e2e::*;
-use atelier_kit::nats_server::{die_with_parent, free_port};
+use atelier_kit::nats_server::free_port;
 
 fn status_kib(pid: u32, field: &str) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
@@ -66,21 +65,13 @@ async fn hostile_images_at_once_stay_within_the_decode_budget() {
     let tmp = tempfile::tempdir().unwrap();
     let port = free_port().unwrap();
     let base = format!("http://127.0.0.1:{port}");
-    let log = std::fs::File::create(tmp.path().join("up.log")).unwrap();
-    let mut cmd = Command::new(bin("atelier"));
-    cmd.args(["up", "--insecure-no-auth", "--nats-port", "0"])
-        .arg("--addr")
-        .arg(format!("127.0.0.1:{port}"))
-        .arg("--data-dir")
-        .arg(tmp.path().join("data"))
-        .env("ATELIER_NATS_SERVER", tool("nats-server"))
-        .env("ATELIER_DECODE_BUDGET_MIB", budget_mib.to_string())
-        .env_remove("ATELIER_NATS_URL")
-        .env_remove("ATELIER_STORE")
-        .stdin(Stdio::null())
-        .stdout(log.try_clone().unwrap())
-        .stderr(log);
-    die_with_parent(&mut cmd);
+    let mut cmd = atelier_up(
+        &tmp.path().join("data"),
+        port,
+        0,
+        &tmp.path().join("up.log"),
+    );
+    cmd.env("ATELIER_DECODE_BUDGET_MIB", budget_mib.to_string());
     let mut proc = cmd.spawn().unwrap();
     let pid = proc.id();
     let client = atelier_client::Client::new(&base, None).unwrap();
