@@ -169,7 +169,7 @@ async fn query_vector(
     };
     let v = tokio::task::spawn_blocking(move || {
         let img = atelier_decode::decode(&bytes, &atelier_decode::Limits::default())
-            .map_err(|e| err(e.code(), format!("the query image: {e}")))?;
+            .map_err(|e| err(e.code(), format!("the query image does not decode: {e}")))?;
         models
             .embed_images(std::slice::from_ref(&img.image))
             .map_err(|e| err("unavailable", e))
