@@ -1699,3 +1699,74 @@ async fn submits_survive_gateway_kills_and_nats_restarts() {
     assert_eq!(gave_up.load(std::sync::atomic::Ordering::SeqCst), 0);
     c.stop_services(libc::SIGTERM, Duration::from_secs(10));
 }
+
+/// Reports progress from concurrent tasks in no particular order.
+struct Jumpy;
+
+impl atelier_kit::Handler for Jumpy {
+    fn service(&self) -> Service {
+        Service::Checksum
+    }
+    async fn handle(
+        &self,
+        ctx: &atelier_kit::JobCtx,
+        _spec: JobSpec,
+    ) -> Result<JobOutput, atelier_kit::JobError> {
+        // 0/40 .. 39/40, permuted, all in flight at once.
+        let reports = (0..40u32).map(|i| {
+            let f = ((i * 17) % 40) as f32 / 40.0;
+            ctx.progress(f, Some(format!("{f}")))
+        });
+        futures::future::join_all(reports).await;
+        Err(atelier_kit::JobError::permanent(
+            "reported",
+            "the test handler only reports progress",
+        ))
+    }
+}
+
+/// Progress only moves forward: reports from concurrent tasks of one job, in any order, reach
+/// the record and the event stream as a non-decreasing sequence.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn progress_only_moves_forward() {
+    let c = Cluster::local().await.unwrap();
+    let shutdown = CancellationToken::new();
+    let client = c.open_gateway(&shutdown).await;
+    let rt = atelier_kit::service::Runtime::connect(
+        &c.service_args(WorkerArgs::default()),
+        "progress-test",
+    )
+    .await
+    .unwrap();
+    let worker =
+        atelier_kit::Worker::new(Jumpy, rt.bus.clone(), rt.store.clone(), rt.metrics.clone())
+            .await
+            .unwrap();
+    let running = tokio::spawn(worker.run(WorkerArgs::default(), shutdown.clone()));
+    let job = client
+        .submit(&checksum("sha256/00/whatever"))
+        .await
+        .unwrap();
+    let records = c
+        .wait_terminal(&[job.id], Duration::from_secs(30))
+        .await
+        .unwrap();
+    assert_eq!(records[0].state, JobState::Failed);
+    let fractions: Vec<f32> = c
+        .read_stream("ATELIER_EVENTS", &Service::Checksum.progress_subject())
+        .await
+        .unwrap()
+        .iter()
+        .filter_map(|m| serde_json::from_slice::<atelier_contracts::JobProgress>(&m.payload).ok())
+        .filter(|p| p.id == job.id)
+        .map(|p| p.progress.fraction)
+        .collect();
+    assert_eq!(fractions.len(), 40, "{fractions:?}");
+    assert!(
+        fractions.windows(2).all(|w| w[0] <= w[1]),
+        "progress went backwards: {fractions:?}"
+    );
+    assert_eq!(fractions.last(), Some(&(39.0 / 40.0)));
+    shutdown.cancel();
+    running.await.unwrap().unwrap();
+}

@@ -179,6 +179,9 @@ pub struct JobCtx {
     /// The record and revision this worker last wrote, so finishing can skip a read. Taken (and
     /// so invalidated) by anything else that writes the record.
     last_state: Arc<std::sync::Mutex<Option<(JobRecord, u64)>>>,
+    /// The last progress fraction reported, held while one report is written and published, so
+    /// reports from concurrent tasks of one job reach the record and the bus in order.
+    reported: Arc<tokio::sync::Mutex<f32>>,
 }
 
 impl JobCtx {
@@ -263,8 +266,13 @@ impl JobCtx {
         message: impl Into<Option<String>>,
         preview: Option<String>,
     ) {
+        // Progress only moves forward: a report below the last one (a slower task of the same
+        // job, a redelivered attempt starting over) keeps the fraction already shown.
+        let mut reported = self.reported.lock().await;
+        let fraction = fraction.clamp(0.0, 1.0).max(*reported);
+        *reported = fraction;
         let progress = Progress {
-            fraction: fraction.clamp(0.0, 1.0),
+            fraction,
             message: message.into(),
             preview,
         };
@@ -274,16 +282,32 @@ impl JobCtx {
             .states
             .update(self.id, |r| {
                 if r.state == JobState::Running {
-                    r.progress = Some(p.clone());
+                    let shown = r.progress.as_ref().map_or(0.0, |old| old.fraction);
+                    r.progress = Some(Progress {
+                        fraction: p.fraction.max(shown),
+                        ..p.clone()
+                    });
                     Change::Write
                 } else {
                     Change::Keep
                 }
             })
             .await;
-        if let Err(e) = res {
-            tracing::debug!(job = %self.id, error = %e, "progress not recorded");
-        }
+        // The event carries what the record shows (an earlier attempt may have shown more).
+        let progress = match res {
+            Ok(JobRecord {
+                progress: Some(written),
+                ..
+            }) => {
+                *reported = reported.max(written.fraction);
+                written
+            }
+            Ok(_) => progress,
+            Err(e) => {
+                tracing::debug!(job = %self.id, error = %e, "progress not recorded");
+                progress
+            }
+        };
         let event = JobProgress {
             schema_version: SCHEMA_VERSION,
             id: self.id,
@@ -524,6 +548,7 @@ impl<H: Handler> Prepared<H> {
             states: w.states.clone(),
             cancel: CancellationToken::new(),
             last_state: Arc::new(std::sync::Mutex::new(Some((record, revision)))),
+            reported: Default::default(),
         };
         Plan::Run(Box::new((ctx, request.spec)))
     }
