@@ -36,8 +36,8 @@ pub fn repo_root() -> PathBuf {
         .to_path_buf()
 }
 
-/// The repository's copy of the reference data (`tests/conformance/`, refreshed from
-/// `../shared/conformance` by `scripts/sync-conformance`).
+/// The repository's copy of the reference data (`tests/conformance/`, refreshed from the
+/// team's reference data by `scripts/sync-conformance`).
 pub fn conformance_dir() -> PathBuf {
     repo_root().join("tests/conformance")
 }
@@ -405,15 +405,31 @@ impl Cluster {
         };
         let bus = Bus::connect(&nats_args, "atelier-test").await?;
         bus.ensure_topology().await?;
+        Self::assemble(tmp, vec![nats], bus, store_args, 1).await
+    }
+
+    /// The harness around running NATS nodes (the first is `nats`) and a connected bus.
+    async fn assemble(
+        tmp: tempfile::TempDir,
+        mut nodes: Vec<NatsServer>,
+        bus: Bus,
+        store_args: StoreArgs,
+        replicas: usize,
+    ) -> anyhow::Result<Self> {
+        let nats_urls = nodes
+            .iter()
+            .map(NatsServer::url)
+            .collect::<Vec<_>>()
+            .join(",");
         let store = Store::open(&store_args)?;
         let states = JobStates::new(bus.jobs_kv().await?);
-        let nats_urls = nats.url();
+        let nats = nodes.remove(0);
         Ok(Self {
             tmp,
             nats,
-            peers: Vec::new(),
+            peers: nodes,
             nats_urls,
-            replicas: 1,
+            replicas,
             store_args,
             bus,
             store,
@@ -479,22 +495,7 @@ impl Cluster {
             anyhow::ensure!(Instant::now() < deadline, "cluster not ready: {e:#}");
             tokio::time::sleep(Duration::from_millis(250)).await;
         }
-        let store = Store::open(&store_args)?;
-        let states = JobStates::new(bus.jobs_kv().await?);
-        let nats = nodes.remove(0);
-        Ok(Self {
-            tmp,
-            nats,
-            peers: nodes,
-            nats_urls,
-            replicas: 3,
-            store_args,
-            bus,
-            store,
-            states,
-            workers: Vec::new(),
-            models: None,
-        })
+        Self::assemble(tmp, nodes, bus, store_args, 3).await
     }
 
     pub fn nats_args(&self) -> NatsArgs {

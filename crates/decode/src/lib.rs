@@ -125,7 +125,6 @@ impl Header {
 #[derive(Debug)]
 pub struct Decoded {
     pub image: DynamicImage,
-    pub format: ImageFormat,
     _held: Held,
 }
 
@@ -231,30 +230,28 @@ fn decode_pixels(
     Ok((img, orientation.to_exif()))
 }
 
+/// Decodes bytes whose header already passed [`header`] (callers that check the header
+/// themselves read it once), waiting for budget on the calling thread; applies the EXIF
+/// orientation when `orient` and returns it (1 when none or not applied).
+pub fn decode_checked(
+    bytes: &[u8],
+    h: &Header,
+    orient: bool,
+) -> Result<(Decoded, u8), DecodeError> {
+    let held = futures::executor::block_on(Budget::global().hold(h, bytes.len()))?;
+    let (image, orientation) = decode_pixels(bytes, h, orient)?;
+    Ok((Decoded { image, _held: held }, orientation))
+}
+
 /// Decodes on the calling thread, waiting for budget. Call it where blocking is allowed (a
 /// blocking thread, `spawn_blocking`, a CLI); from async code use [`decode_async`].
 pub fn decode(bytes: &[u8], limits: &Limits) -> Result<Decoded, DecodeError> {
-    let h = header(bytes, limits)?;
-    let held = futures::executor::block_on(Budget::global().hold(&h, bytes.len()))?;
-    let (image, _) = decode_pixels(bytes, &h, false)?;
-    Ok(Decoded {
-        image,
-        format: h.format,
-        _held: held,
-    })
+    decode_checked(bytes, &header(bytes, limits)?, false).map(|(d, _)| d)
 }
 
 /// [`decode`] with the EXIF orientation applied (what ingest records and trainers see).
 pub fn decode_oriented(bytes: &[u8], limits: &Limits) -> Result<(Decoded, u8), DecodeError> {
-    let h = header(bytes, limits)?;
-    let held = futures::executor::block_on(Budget::global().hold(&h, bytes.len()))?;
-    let (image, orientation) = decode_pixels(bytes, &h, true)?;
-    let decoded = Decoded {
-        image,
-        format: h.format,
-        _held: held,
-    };
-    Ok((decoded, orientation))
+    decode_checked(bytes, &header(bytes, limits)?, true)
 }
 
 /// Waits for budget without blocking the runtime, then decodes on a blocking thread.
@@ -267,9 +264,5 @@ pub async fn decode_async(
     let (image, _) = tokio::task::spawn_blocking(move || decode_pixels(bytes.as_ref(), &h, false))
         .await
         .map_err(|e| DecodeError::Corrupt(format!("decoder stopped: {e}")))??;
-    Ok(Decoded {
-        image,
-        format: h.format,
-        _held: held,
-    })
+    Ok(Decoded { image, _held: held })
 }

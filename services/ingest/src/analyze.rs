@@ -83,7 +83,7 @@ pub fn analyze(bytes: &[u8], max_pixels: u64) -> Result<ImageInfo, Rejected> {
     if let Some(why) = crate::complete::incomplete(bytes, format) {
         return Err(Rejected::Corrupt(why));
     }
-    let (img, exif_orientation) = atelier_decode::decode_oriented(bytes, &limits)?;
+    let (img, exif_orientation) = atelier_decode::decode_checked(bytes, &header, true)?;
     Ok(ImageInfo {
         format: format.to_owned(),
         width: img.width(),

@@ -144,14 +144,22 @@ impl Bus {
             ..Default::default()
         })
         .await?;
-        self.jobs_kv().await?;
-        self.images_kv().await?;
-        self.captions_kv().await?;
-        self.datasets_kv().await?;
-        self.indexes_kv().await?;
-        self.verdicts_kv().await?;
-        self.outbox().await?;
-        self.idempotency_kv().await?;
+        let buckets = [
+            self.jobs_kv().await?,
+            self.images_kv().await?,
+            self.captions_kv().await?,
+            self.datasets_kv().await?,
+            self.indexes_kv().await?,
+            self.verdicts_kv().await?,
+            self.outbox().await?,
+            self.idempotency_kv().await?,
+        ];
+        // Buckets created earlier with another replica count are scaled here, once per process
+        // start, not at every open.
+        for bucket in buckets {
+            let mut stream = self.js.get_stream(&bucket.stream_name).await?;
+            self.ensure_replicas(&mut stream).await?;
+        }
         Ok(())
     }
 
@@ -185,8 +193,8 @@ impl Bus {
     }
 
     async fn kv(&self, bucket: &str, history: i64, max_age: Duration) -> anyhow::Result<kv::Store> {
-        let store = match self.js.get_key_value(bucket).await {
-            Ok(store) => store,
+        match self.js.get_key_value(bucket).await {
+            Ok(store) => Ok(store),
             Err(_) => match self
                 .js
                 .create_key_value(kv::Config {
@@ -199,18 +207,15 @@ impl Bus {
                 })
                 .await
             {
-                Ok(s) => s,
+                Ok(s) => Ok(s),
                 // Another process created it between our get and create.
                 Err(_) => self
                     .js
                     .get_key_value(bucket)
                     .await
-                    .with_context(|| format!("opening KV bucket {bucket}"))?,
+                    .with_context(|| format!("opening KV bucket {bucket}")),
             },
-        };
-        let mut stream = self.js.get_stream(format!("KV_{bucket}")).await?;
-        self.ensure_replicas(&mut stream).await?;
-        Ok(store)
+        }
     }
 
     pub async fn jobs_kv(&self) -> anyhow::Result<kv::Store> {

@@ -70,21 +70,22 @@ pub async fn enqueue(
     states: &JobStates,
     request: &JobRequest,
 ) -> Result<JobRecord, EnqueueError> {
-    let size = serde_json::to_vec(request).map_or(0, |b| b.len());
-    let max_payload = bus.client.server_info().max_payload;
-    if max_payload > 0 && size + ENVELOPE_BYTES > max_payload {
-        return Err(EnqueueError::TooLarge {
-            bytes: size,
-            limit: max_payload.saturating_sub(ENVELOPE_BYTES),
-        });
-    }
-    let outbox = bus.outbox().await.map_err(EnqueueError::Bus)?;
     let key = request.id.to_string();
     let pending = crate::outbox::Pending {
         request: request.clone(),
         since: chrono::Utc::now(),
     };
     let bytes = serde_json::to_vec(&pending).map_err(|e| EnqueueError::Bus(e.into()))?;
+    // Every message this job makes (outbox entry, record, request) is about this size; the
+    // envelope allowance covers the record's state fields and headers.
+    let max_payload = bus.client.server_info().max_payload;
+    if max_payload > 0 && bytes.len() + ENVELOPE_BYTES > max_payload {
+        return Err(EnqueueError::TooLarge {
+            bytes: bytes.len(),
+            limit: max_payload.saturating_sub(ENVELOPE_BYTES),
+        });
+    }
+    let outbox = bus.outbox().await.map_err(EnqueueError::Bus)?;
     outbox
         .put(&key, bytes.into())
         .await
