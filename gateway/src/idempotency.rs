@@ -8,8 +8,9 @@
 //! `Idempotency-Replayed: true`); with another body, 422 `idempotency_key_reused`. If the first
 //! attempt is still being accepted, a repeat gets 409 `idempotency_in_progress` with
 //! `Retry-After`; if it died between reserving the key and recording the job (30 s on), the repeat
-//! runs the handler again under the same id. A first attempt that is not accepted (4xx, or a 503
-//! while the bus is down) releases its key, so a retry or a corrected body can use it.
+//! runs the handler again under the same id. A refused attempt (4xx) releases its key, so a
+//! corrected body can use it; one that failed on the server's side (5xx) keeps the key's job id —
+//! its job may be recorded all the same — and a repeat settles it at once under that id.
 
 use std::cell::Cell;
 
@@ -37,6 +38,10 @@ struct Entry {
     job: JobId,
     /// When the first attempt reserved the key.
     since: chrono::DateTime<chrono::Utc>,
+    /// An attempt ended with a server error: the job may or may not be recorded, and a repeat
+    /// settles it under the same id at once.
+    #[serde(default)]
+    abandoned: bool,
 }
 
 /// A reserved key whose job is not recorded after this long belongs to an attempt that died: a
@@ -96,8 +101,8 @@ async fn idempotent(
         .map(|b| format!("{b:02x}"))
         .collect();
     let kv_key = entry_key(caller, key);
-    let (job, reserved_here) = match reserve(&app.idempotency, &kv_key, &body_sha256).await? {
-        Reserved::New(job) => (job, true),
+    let entry = match reserve(&app.idempotency, &kv_key, &body_sha256).await? {
+        Reserved::New(entry) => entry,
         Reserved::Existing(entry) if entry.body_sha256 != body_sha256 => {
             return Err(ApiError::unprocessable(
                 "idempotency_key_reused",
@@ -106,7 +111,7 @@ async fn idempotent(
         }
         Reserved::Existing(entry) => match replay(app, entry.job).await? {
             Some(r) => return Ok(r),
-            None if chrono::Utc::now() - entry.since < TAKE_OVER_AFTER => {
+            None if !entry.abandoned && chrono::Utc::now() - entry.since < TAKE_OVER_AFTER => {
                 return Err(ApiError::new(
                     StatusCode::CONFLICT,
                     "idempotency_in_progress",
@@ -114,18 +119,38 @@ async fn idempotent(
                 )
                 .with_retry_after(1));
             }
-            // Reserved long ago and never recorded: run again under the same id.
-            None => (entry.job, false),
+            // Abandoned, or reserved long ago and never recorded: run again under the same id.
+            None => entry,
         },
     };
     let req = Request::from_parts(parts, Body::from(bytes));
-    let resp = PRESET.scope(Cell::new(Some(job)), next.run(req)).await;
-    if !resp.status().is_success() && reserved_here {
-        if let Err(e) = app.idempotency.delete(&kv_key).await {
+    let resp = PRESET
+        .scope(Cell::new(Some(entry.job)), next.run(req))
+        .await;
+    settle(app, &kv_key, resp.status(), entry).await;
+    Ok(resp)
+}
+
+/// After the handler: a refusal (4xx, decided before anything is recorded) releases the key; a
+/// server error keeps it bound to the job id — the job may have been recorded even though the
+/// attempt failed (an acknowledgement lost to a NATS restart), and a second id would make a
+/// second job — and marks it abandoned, so a repeat takes over at once.
+async fn settle(app: &AppState, kv_key: &str, status: StatusCode, entry: Entry) {
+    if status.is_client_error() {
+        if let Err(e) = app.idempotency.delete(kv_key).await {
             tracing::warn!(error = %e, "releasing an idempotency key");
         }
+    } else if status.is_server_error() {
+        let entry = Entry {
+            abandoned: true,
+            ..entry
+        };
+        let value = serde_json::to_vec(&entry).unwrap_or_default();
+        if let Err(e) = app.idempotency.put(kv_key, value.into()).await {
+            // A repeat takes over after TAKE_OVER_AFTER instead.
+            tracing::warn!(error = %e, "marking an idempotency key's attempt abandoned");
+        }
     }
-    Ok(resp)
 }
 
 /// The recorded job, answered as a replay.
@@ -139,7 +164,7 @@ async fn replay(app: &AppState, job: JobId) -> Result<Option<Response>, ApiError
 }
 
 enum Reserved {
-    New(JobId),
+    New(Entry),
     Existing(Entry),
 }
 
@@ -160,10 +185,11 @@ async fn reserve(store: &kv::Store, key: &str, body_sha256: &str) -> Result<Rese
             body_sha256: body_sha256.to_string(),
             job: JobId::new(),
             since: chrono::Utc::now(),
+            abandoned: false,
         };
         let value = serde_json::to_vec(&entry).map_err(|e| unavailable(e.to_string()))?;
         match store.create(key, value.into()).await {
-            Ok(_) => return Ok(Reserved::New(entry.job)),
+            Ok(_) => return Ok(Reserved::New(entry)),
             // Another attempt created it first (or a deleted entry's tombstone is in the way).
             Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => continue,
             Err(e) => return Err(unavailable(e.to_string())),

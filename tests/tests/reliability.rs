@@ -1289,6 +1289,103 @@ async fn jobs_left_in_the_outbox_run_exactly_once() {
     assert_eq!(again, Default::default());
 }
 
+/// A submit whose outcome the gateway cannot know is settled under one job id. The publish fails
+/// after the record is written: the job is accepted (202) and the reconciler publishes it. The
+/// record's write fails (here its bucket is gone; in the drill, an acknowledgement lost to a NATS
+/// restart): the 503 keeps the `Idempotency-Key` bound to the job id the outbox holds, and the
+/// client's retry creates the job under that id, not a second one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn submits_that_fail_midway_settle_under_one_job_id() {
+    use atelier_kit::outbox::{reconcile, Pending};
+    let mut c = Cluster::local().await.unwrap();
+    let shutdown = CancellationToken::new();
+    let (key, entry) = atelier_gateway::auth::generate_key("full", "*").unwrap();
+    let base = c
+        .gateway(vec![entry], Default::default(), shutdown.clone())
+        .await
+        .unwrap();
+    let client = atelier_client::Client::new(&base, Some(key.clone())).unwrap();
+    let input = client
+        .upload(bytes_of(78, 4096), "application/octet-stream")
+        .await
+        .unwrap()
+        .artifact
+        .key
+        .to_string();
+    let body = serde_json::json!({"schema_version": 1, "spec": checksum(&input)}).to_string();
+    let http = reqwest::Client::new();
+    let post = |idem: &'static str| {
+        http.post(format!("{base}/v1/jobs"))
+            .bearer_auth(&key)
+            .header("content-type", "application/json")
+            .header("Idempotency-Key", idem)
+            .body(body.clone())
+            .send()
+    };
+    async fn answer(r: reqwest::Response) -> (u16, String) {
+        let status = r.status().as_u16();
+        let v: serde_json::Value = r.json().await.unwrap();
+        (status, v["id"].as_str().unwrap_or_default().to_string())
+    }
+    c.spawn_service("atelier-checksum", &fast_worker_env())
+        .unwrap();
+    let outbox = c.bus.outbox().await.unwrap();
+    let outbox_ids = || async {
+        let mut ids = Vec::new();
+        let mut keys = outbox.keys().await.unwrap();
+        while let Some(k) = futures::StreamExt::next(&mut keys).await {
+            let p: Pending =
+                serde_json::from_slice(&outbox.get(k.unwrap()).await.unwrap().unwrap()).unwrap();
+            ids.push(p.request.id.to_string());
+        }
+        ids
+    };
+    // The record's write fails: the job bucket is gone.
+    let jobs_stream = format!("KV_{}", atelier_contracts::subjects::JOBS_BUCKET);
+    c.bus.js.delete_stream(&jobs_stream).await.unwrap();
+    assert_eq!(answer(post("k-record").await.unwrap()).await.0, 503);
+    let left = outbox_ids().await;
+    assert_eq!(left.len(), 1, "the attempt's request stays in the outbox");
+    c.bus.ensure_topology().await.unwrap();
+    let (status, retried) = answer(post("k-record").await.unwrap()).await;
+    assert_eq!((status, vec![retried.clone()]), (202, left));
+
+    // The publish fails: no stream takes checksum requests.
+    let retried = JobId::parse(&retried).unwrap();
+    c.wait_terminal(&[retried], Duration::from_secs(60))
+        .await
+        .unwrap();
+    c.bus
+        .js
+        .delete_stream(Service::Checksum.request_stream())
+        .await
+        .unwrap();
+    let (status, published_later) = answer(post("k-publish").await.unwrap()).await;
+    assert_eq!(status, 202, "a recorded job is accepted");
+    assert_eq!(
+        answer(post("k-publish").await.unwrap()).await,
+        (200, published_later.clone())
+    );
+    assert_eq!(outbox_ids().await, vec![published_later.clone()]);
+    c.bus.ensure_topology().await.unwrap();
+    let r = reconcile(&c.bus, &c.states, Duration::ZERO).await.unwrap();
+    assert_eq!(r.republished, 1, "{r:?}");
+
+    let ids = [retried, JobId::parse(&published_later).unwrap()];
+    let records = c
+        .wait_terminal(&ids, Duration::from_secs(60))
+        .await
+        .unwrap();
+    assert!(all_succeeded(&records), "{records:?}");
+    let all = futures::StreamExt::count(c.bus.jobs_kv().await.unwrap().keys().await.unwrap()).await;
+    assert_eq!(all, 2, "one job per logical submit");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let done = done_events(&c).await;
+    assert!(ids.iter().all(|id| done.get(id) == Some(&1)), "{done:?}");
+    shutdown.cancel();
+    c.stop_services(libc::SIGTERM, Duration::from_secs(10));
+}
+
 /// Slowloris: clients that send headers or bodies slowly are cut off (header deadline, body idle
 /// limit), connections over the cap are closed at once, and everyone else is still served.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

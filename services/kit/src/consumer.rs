@@ -138,7 +138,10 @@ pub async fn run<P: Processor>(
     metrics: Arc<Metrics>,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
-    let consumer = bind(&bus, &spec).await?;
+    let mut consumer = bind(&bus, &spec).await?;
+    // Fetches in a row that failed; a few mean the consumer may be gone (a JetStream that lost
+    // its state, a stream recreated), so it is bound again.
+    let mut failures = 0u32;
     let concurrency = spec.args.concurrency.max(1);
     let slots = Arc::new(Semaphore::new(concurrency));
     let mut tasks = JoinSet::new();
@@ -180,6 +183,8 @@ pub async fn run<P: Processor>(
                 metrics.fetch_errors.get_or_create(&label).inc();
                 tracing::warn!(error = %e, "fetch failed; retrying");
                 drop(permits);
+                failures += 1;
+                rebind_after_failures(&bus, &spec, &mut consumer, &mut failures).await;
                 tokio::select! {
                     _ = shutdown.cancelled() => break 'outer,
                     _ = tokio::time::sleep(Duration::from_millis(500)) => continue,
@@ -195,9 +200,11 @@ pub async fn run<P: Processor>(
                 Err(e) => {
                     metrics.fetch_errors.get_or_create(&label).inc();
                     tracing::debug!(error = %e, "fetch ended with an error");
+                    failures += 1;
                     break;
                 }
             };
+            failures = 0;
             let (delivered, stream_sequence) = match msg.info() {
                 Ok(i) => (i.delivered.max(1) as u64, i.stream_sequence),
                 Err(_) => (1, 0),
@@ -213,6 +220,7 @@ pub async fn run<P: Processor>(
                 spawn_batch(&mut tasks, &bus, &spec, &processor, &metrics, batch, permit);
             }
         }
+        rebind_after_failures(&bus, &spec, &mut consumer, &mut failures).await;
         if !pending.is_empty() {
             let permit = match permits.pop() {
                 Some(p) => p,
@@ -233,6 +241,29 @@ pub async fn run<P: Processor>(
     tracing::info!(service = %spec.service, "drained");
     Ok(())
 }
+
+/// After [`REBIND_AFTER`] failed fetches in a row, binds the consumer again (creating it if it
+/// is gone; its stream must exist). Errors are logged: the loop keeps trying.
+async fn rebind_after_failures(
+    bus: &Bus,
+    spec: &ConsumerSpec,
+    consumer: &mut jetstream::consumer::Consumer<pull::Config>,
+    failures: &mut u32,
+) {
+    if *failures < REBIND_AFTER {
+        return;
+    }
+    *failures = 0;
+    match bind(bus, spec).await {
+        Ok(c) => {
+            tracing::info!(consumer = %spec.durable, "bound the consumer again after failed fetches");
+            *consumer = c;
+        }
+        Err(e) => tracing::warn!(error = %e, "binding the consumer again"),
+    }
+}
+
+const REBIND_AFTER: u32 = 3;
 
 /// A batch task that panicked leaves its messages unacked: they are redelivered after `ack_wait`
 /// and, if the panic repeats, dead-lettered after `max_deliver`. Say so in the log.

@@ -61,10 +61,11 @@ const ENVELOPE_BYTES: usize = 4096;
 
 /// Queues a job as the gateway does: the request into the publish outbox, the record as
 /// `queued`, then the request on the bus (with `Nats-Msg-Id` = job id, so a retried publish is
-/// dropped by the server), then out of the outbox. If publishing fails the record is marked
-/// failed; if the process dies before the outbox entry is removed, the gateways' reconciler
-/// publishes the job again ([`crate::outbox`]), so an accepted job is never left queued with
-/// nothing on the bus.
+/// dropped by the server), then out of the outbox. Once the record is written the job is
+/// accepted: if publishing fails, or the process dies before the outbox entry is removed, the
+/// gateways' reconciler publishes the job ([`crate::outbox`]), so an accepted job is never left
+/// queued with nothing on the bus. An error means the job may or may not be recorded; a retry
+/// under the same id (an `Idempotency-Key`) settles which.
 pub async fn enqueue(
     bus: &Bus,
     states: &JobStates,
@@ -91,32 +92,19 @@ pub async fn enqueue(
         .await
         .map_err(|e| EnqueueError::Bus(e.into()))?;
     let record = JobRecord::queued(request);
-    let revision = match states.create(&record).await {
-        Ok(r) => r,
-        Err(e) => {
-            let _ = outbox.delete(&key).await;
-            return Err(e.into());
-        }
-    };
+    // A failed create may still have been written (an acknowledgement lost to a restart): the
+    // outbox entry stays, and the reconciler publishes the job if it turns out to be recorded.
+    let revision = states.create(&record).await?;
     let subject = request.spec.service().request_subject();
     let headers = [(RECORD_REVISION_HEADER, revision.to_string())];
     let published = bus
         .publish_json_with(subject, Some(&key), &headers, request)
         .await;
     if let Err(e) = published {
-        let msg = format!("{e:#}");
-        let _ = states
-            .update(request.id, |r| {
-                r.state = JobState::Failed;
-                r.error = Some(ErrorInfo {
-                    code: "bus_unavailable".into(),
-                    message: msg.clone(),
-                });
-                Change::Write
-            })
-            .await;
-        let _ = outbox.delete(&key).await;
-        return Err(EnqueueError::Bus(e));
+        // Recorded and in the outbox: accepted. The reconciler publishes it (under its id, so a
+        // publish that did land is not run twice).
+        tracing::warn!(job = %key, error = %format!("{e:#}"), "publishing a job failed; the outbox reconciler will publish it");
+        return Ok(record);
     }
     if let Err(e) = outbox.delete(&key).await {
         // Left for the reconciler, which finds the job no longer queued or drops the duplicate.
