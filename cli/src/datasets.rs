@@ -47,6 +47,17 @@ pub enum DatasetCmd {
         /// blip: images through the vision encoder at once.
         #[arg(long, default_value_t = 8)]
         batch_size: u32,
+        /// Images per shard job: a dataset with more is captioned by a run of shards that every
+        /// captioner replica takes (default 1000).
+        #[arg(long)]
+        shard_size: Option<u32>,
+        /// openai: stop the run once it has spent this many tokens (prompt + completion).
+        #[arg(long)]
+        spend_cap_tokens: Option<u64>,
+        /// openai: stop the run once it has spent this many US dollars (at the captioners'
+        /// ATELIER_OPENAI_PRICES).
+        #[arg(long)]
+        spend_cap_usd: Option<f64>,
         #[command(flatten)]
         remote: Remote,
     },
@@ -139,8 +150,17 @@ pub async fn run(cmd: DatasetCmd) -> anyhow::Result<()> {
             temperature,
             image_max_side,
             batch_size,
+            shard_size,
+            spend_cap_tokens,
+            spend_cap_usd,
             remote,
         } => {
+            let spend_cap = (spend_cap_tokens.is_some() || spend_cap_usd.is_some()).then_some(
+                atelier_contracts::dataset::SpendCap {
+                    tokens: spend_cap_tokens,
+                    usd: spend_cap_usd,
+                },
+            );
             let backend = if backend == "blip" {
                 let Some(model) = model else {
                     anyhow::bail!("--backend blip needs --model NAME (a model folder in the captioner's --blip-models directory)");
@@ -164,6 +184,9 @@ pub async fn run(cmd: DatasetCmd) -> anyhow::Result<()> {
                 dataset,
                 images: vec![],
                 backend,
+                shard_size,
+                spend_cap,
+                shard: None,
             });
             run_job(&remote, &spec).await
         }

@@ -91,7 +91,7 @@ pub async fn run(mut args: DemoArgs) -> anyhow::Result<()> {
             },
             captioner: atelier_captioner::Config {
                 openai: atelier_captioner::OpenAiArgs::default(),
-                blip_models: None,
+                ..Default::default()
             },
             ..Default::default()
         },
@@ -540,6 +540,9 @@ async fn datasets(client: &Client, summary: &mut String) -> anyhow::Result<()> {
         dataset: "scenes".into(),
         images: vec![],
         backend: CaptionBackend::default(),
+        shard_size: None,
+        spend_cap: None,
+        shard: None,
     });
     let out = match run_to_end(client, &caption).await? {
         JobOutput::Captions(c) => c,

@@ -41,7 +41,7 @@ fn is_sha256_hex(s: &str) -> bool {
 /// Caption every usable image of a dataset (or the listed ones) with one backend. Images that
 /// already have a caption from the same backend, model and prompt are skipped, so a re-run costs
 /// nothing and a failed run resumes.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema, ToSchema)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CaptionSpec {
     pub dataset: String,
@@ -50,6 +50,69 @@ pub struct CaptionSpec {
     pub images: Vec<String>,
     #[serde(default)]
     pub backend: CaptionBackend,
+    /// Images per shard. A request covering more becomes a run: shard jobs of this many images
+    /// on the captioner's subject, taken by any number of replicas, and this job aggregating
+    /// them. Default [`DEFAULT_SHARD_SIZE`]; 1 to [`MAX_SHARD_SIZE`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shard_size: Option<u32>,
+    /// Stops the run once it has spent this much (every caption already paid for is kept).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub spend_cap: Option<SpendCap>,
+    /// Set by a run on each of its shards; never by a client.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shard: Option<ShardOf>,
+}
+
+pub const DEFAULT_SHARD_SIZE: u32 = 1000;
+pub const MAX_SHARD_SIZE: u32 = 5000;
+
+/// A run's spending limit: tokens (prompt + completion), or US dollars at the worker's price for
+/// the model (`ATELIER_OPENAI_PRICES`). A run that reaches either ends `budget_exhausted`.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize, JsonSchema, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SpendCap {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tokens: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub usd: Option<f64>,
+}
+
+/// Which run a shard belongs to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ShardOf {
+    pub run: JobId,
+    pub index: u32,
+    pub count: u32,
+}
+
+/// A rate budget shared by every replica calling one endpoint: two token buckets (requests and
+/// tokens per minute) refilling continuously, and a pause the endpoint asked for (429 with
+/// `Retry-After`). Times are Unix milliseconds.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize, JsonSchema, ToSchema)]
+pub struct RateBudget {
+    pub requests: f64,
+    pub tokens: f64,
+    pub at_ms: i64,
+    #[serde(default)]
+    pub paused_until_ms: i64,
+}
+
+/// A shard of a run that failed; its images are captioned by a re-run.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema, ToSchema)]
+pub struct ShardFailure {
+    pub index: u32,
+    pub job: JobId,
+    pub error: crate::ErrorInfo,
+}
+
+/// What a run has spent so far, shared by its shards through the `atelier_spend` bucket
+/// (key: the run's id).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize, JsonSchema, ToSchema)]
+pub struct RunSpend {
+    pub usage: TokenUsage,
+    pub usd: f64,
+    pub captioned: u64,
 }
 
 /// Which captioner, and its per-job settings. Endpoints, keys and rate budgets are the worker's
@@ -123,6 +186,27 @@ impl CaptionSpec {
     /// Checks what can be checked without I/O.
     pub fn check(&self) -> Result<(), String> {
         check_dataset_name(&self.dataset)?;
+        if let Some(n) = self.shard_size {
+            if !(1..=MAX_SHARD_SIZE).contains(&n) {
+                return Err(format!("shard_size {n}: must be 1 to {MAX_SHARD_SIZE}"));
+            }
+        }
+        if let Some(cap) = &self.spend_cap {
+            if cap.tokens.is_none() && cap.usd.is_none() {
+                return Err("spend_cap: give tokens, usd or both".into());
+            }
+            if cap.usd.is_some_and(|u| !(u.is_finite() && u > 0.0)) {
+                return Err("spend_cap.usd: must be a positive amount".into());
+            }
+            if cap.tokens == Some(0) {
+                return Err("spend_cap.tokens: must be positive".into());
+            }
+            if matches!(self.backend, CaptionBackend::Blip { .. }) {
+                return Err(
+                    "spend_cap: only the openai backend spends; leave it out for blip".into(),
+                );
+            }
+        }
         if let Some(bad) = self.images.iter().find(|s| !is_sha256_hex(s)) {
             return Err(format!(
                 "images: {bad:?} is not a sha256 (64 lower-case hex digits)"
@@ -261,7 +345,22 @@ pub struct CaptionOutput {
     pub failed: Vec<CaptionFailure>,
     /// Tokens spent by this job.
     pub usage: TokenUsage,
+    /// Images the backend failed on in all (`failed` lists at most [`MAX_LISTED_FAILURES`]).
+    #[serde(default)]
+    pub failed_total: u64,
+    /// Money spent, at the worker's price for the model, when it has one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cost_usd: Option<f64>,
+    /// A run's shard jobs, in order (empty when the job captioned its images itself).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub shards: Vec<JobId>,
+    /// Shards that failed; their images are captioned by a re-run.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub failed_shards: Vec<ShardFailure>,
 }
+
+/// The most failures a caption output lists (a record must fit in one bus message).
+pub const MAX_LISTED_FAILURES: usize = 1000;
 
 // ---------------------------------------------------------------------------------------------
 // Quality policy

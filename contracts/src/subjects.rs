@@ -151,6 +151,12 @@ pub const OUTBOX_BUCKET: &str = "atelier_outbox";
 /// KV bucket the gateway keeps `Idempotency-Key`s in (24 h): per caller and key, the hash of the
 /// request body and the job it created.
 pub const IDEMPOTENCY_BUCKET: &str = "atelier_idempotency";
+/// KV bucket of what each caption run has spent ([`crate::dataset::RunSpend`] per run id), shared
+/// by its shards on every replica (a week).
+pub const SPEND_BUCKET: &str = "atelier_spend";
+/// KV bucket of rate budgets shared by the replicas calling one endpoint
+/// ([`crate::dataset::RateBudget`] per endpoint).
+pub const LIMITS_BUCKET: &str = "atelier_limits";
 /// Core NATS request/reply (no stream): a [`crate::retrieval::SearchRequest`] answered by a
 /// retrieval-indexer replica (queue group [`RETRIEVAL_QUERY_GROUP`]) with a
 /// [`crate::retrieval::SearchReply`].

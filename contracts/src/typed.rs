@@ -44,6 +44,10 @@ pub const CAPTIONS: Bucket<CaptionRecord> = Bucket::named(subjects::CAPTIONS_BUC
 pub const DATASETS: Bucket<DatasetManifest> = Bucket::named(subjects::DATASETS_BUCKET);
 /// One [`IndexManifest`] per dataset.
 pub const INDEXES: Bucket<IndexManifest> = Bucket::named(subjects::INDEXES_BUCKET);
+/// One [`crate::dataset::RunSpend`] per caption run.
+pub const SPEND: Bucket<crate::dataset::RunSpend> = Bucket::named(subjects::SPEND_BUCKET);
+/// One [`crate::dataset::RateBudget`] per endpoint the captioners share.
+pub const LIMITS: Bucket<crate::dataset::RateBudget> = Bucket::named(subjects::LIMITS_BUCKET);
 /// One [`ModelVerdict`] per model and image, or image and caption.
 pub const VERDICTS: Bucket<ModelVerdict> = Bucket::named(subjects::VERDICTS_BUCKET);
 

@@ -85,7 +85,7 @@ async fn main() {
                     tokens_per_minute: 0,
                     ..Default::default()
                 },
-                blip_models: None,
+                ..Default::default()
             },
             ..Default::default()
         },
@@ -118,6 +118,7 @@ async fn main() {
             dataset: "bench".into(),
             images: vec![],
             backend: CaptionBackend::default(),
+            ..Default::default()
         }),
     )
     .await

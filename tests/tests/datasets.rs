@@ -36,6 +36,7 @@ fn caption(dataset: &str, prompt: Option<&str>, images: Vec<String>) -> JobSpec 
             temperature: 0.2,
             image_max_side: 96,
         },
+        ..Default::default()
     })
 }
 
@@ -144,6 +145,7 @@ async fn ingest_caption_filter_export_through_the_services() {
             dataset: "no such".into(),
             images: vec![],
             backend: CaptionBackend::default(),
+            ..Default::default()
         }))
         .await
         .unwrap_err()
@@ -249,6 +251,7 @@ async fn ingest_caption_filter_export_through_the_services() {
                 max_tokens: 8,
                 batch_size: 2,
             },
+            ..Default::default()
         })
     };
     let r = run(&c, &client, blip("tiny-blip")).await;

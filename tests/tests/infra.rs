@@ -437,6 +437,7 @@ async fn per_service_nats_permissions_allow_the_work_and_nothing_else() {
             dataset: "perm".into(),
             images: vec![],
             backend: Default::default(),
+            ..Default::default()
         }),
         JobSpec::Filter(atelier_contracts::FilterSpec {
             dataset: "perm".into(),

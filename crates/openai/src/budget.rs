@@ -1,7 +1,11 @@
 //! Client-side budgets: requests per minute and tokens per minute as token buckets that refill
 //! continuously (a minute's budget may be spent in a burst, then it refills at budget/60 per
-//! second), and a concurrency limit.
+//! second), and a concurrency limit. [`Limiter`] is what the client draws from: [`Local`] keeps
+//! the buckets in this process; a limiter shared by replicas (the captioner's, over the bus's
+//! key-value store) implements the same trait.
 
+use std::future::Future;
+use std::pin::Pin;
 use std::time::Duration;
 
 use tokio::time::Instant;
@@ -56,6 +60,71 @@ impl Bucket {
         let (level, at) = &mut *g;
         self.refill(level, at, Instant::now());
         *level = (*level + delta).min(self.per_minute);
+    }
+}
+
+/// A boxed future, so limiters can be trait objects.
+pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// Rate budgets a client draws from before each request.
+pub trait Limiter: Send + Sync {
+    /// Waits until one request and `tokens` tokens are available, and takes them.
+    fn take(&self, tokens: f64) -> BoxFuture<'_, ()>;
+    /// Gives back (or, negative, takes more of) `delta` tokens once a request's real cost is known.
+    fn adjust_tokens(&self, delta: f64) -> BoxFuture<'_, ()>;
+    /// The endpoint asked everyone to wait `wait` (429 with `Retry-After`): no request starts
+    /// before then.
+    fn pause(&self, wait: Duration) -> BoxFuture<'_, ()>;
+}
+
+/// Budgets kept in this process (one worker's).
+pub struct Local {
+    requests: Option<Bucket>,
+    tokens: Option<Bucket>,
+    paused_until: Mutex<Option<Instant>>,
+}
+
+impl Local {
+    /// `0` disables a budget.
+    pub fn new(requests_per_minute: u32, tokens_per_minute: u32) -> Self {
+        Self {
+            requests: (requests_per_minute > 0).then(|| Bucket::new(requests_per_minute)),
+            tokens: (tokens_per_minute > 0).then(|| Bucket::new(tokens_per_minute)),
+            paused_until: Mutex::new(None),
+        }
+    }
+}
+
+impl Limiter for Local {
+    fn take(&self, tokens: f64) -> BoxFuture<'_, ()> {
+        Box::pin(async move {
+            let until = *self.paused_until.lock().await;
+            if let Some(until) = until {
+                tokio::time::sleep_until(until).await;
+            }
+            if let Some(b) = &self.requests {
+                b.take(1.0).await;
+            }
+            if let Some(b) = &self.tokens {
+                b.take(tokens).await;
+            }
+        })
+    }
+
+    fn adjust_tokens(&self, delta: f64) -> BoxFuture<'_, ()> {
+        Box::pin(async move {
+            if let Some(b) = &self.tokens {
+                b.adjust(delta).await;
+            }
+        })
+    }
+
+    fn pause(&self, wait: Duration) -> BoxFuture<'_, ()> {
+        Box::pin(async move {
+            let until = Instant::now() + wait;
+            let mut g = self.paused_until.lock().await;
+            *g = Some(g.map_or(until, |u| u.max(until)));
+        })
     }
 }
 

@@ -14,7 +14,7 @@ use rand::Rng as _;
 use serde::Deserialize;
 use tokio::sync::Semaphore;
 
-use crate::budget::Bucket;
+use crate::budget::{Limiter, Local};
 
 /// The worker's endpoint configuration (never a job's).
 #[derive(Debug, Clone, clap::Args)]
@@ -91,6 +91,55 @@ pub struct OpenAiArgs {
         default_value_t = 1000
     )]
     pub backoff_ms: u64,
+    /// Prices in US dollars per million prompt and completion tokens, per model:
+    /// `gpt-4o=2.50/10.00,gpt-4o-mini=0.15/0.60`. Runs with a spend cap in dollars need the
+    /// model's price; outputs report the cost of models that have one.
+    #[arg(
+        id = "openai_prices",
+        long = "openai-prices",
+        env = "ATELIER_OPENAI_PRICES"
+    )]
+    pub prices: Option<String>,
+}
+
+/// US dollars per million tokens.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Price {
+    pub prompt: f64,
+    pub completion: f64,
+}
+
+impl Price {
+    pub fn cost(&self, usage: TokenUsage) -> f64 {
+        (usage.prompt_tokens as f64 * self.prompt
+            + usage.completion_tokens as f64 * self.completion)
+            / 1e6
+    }
+}
+
+/// Parses `--openai-prices`.
+pub fn parse_prices(s: &str) -> Result<std::collections::HashMap<String, Price>, String> {
+    let mut out = std::collections::HashMap::new();
+    for item in s.split(',').map(str::trim).filter(|i| !i.is_empty()) {
+        let bad = || {
+            format!("--openai-prices: {item:?} is not MODEL=PROMPT/COMPLETION (US dollars per million tokens, e.g. gpt-4o=2.50/10.00)")
+        };
+        let (model, rest) = item.split_once('=').ok_or_else(bad)?;
+        let (p, c) = rest.split_once('/').ok_or_else(bad)?;
+        let num = |v: &str| {
+            v.trim()
+                .parse::<f64>()
+                .ok()
+                .filter(|x| x.is_finite() && *x >= 0.0)
+                .ok_or_else(bad)
+        };
+        let price = Price {
+            prompt: num(p)?,
+            completion: num(c)?,
+        };
+        out.insert(model.trim().to_owned(), price);
+    }
+    Ok(out)
 }
 
 impl Default for OpenAiArgs {
@@ -105,6 +154,7 @@ impl Default for OpenAiArgs {
             max_retries: 6,
             timeout_s: 120.0,
             backoff_ms: 1000,
+            prices: None,
         }
     }
 }
@@ -145,8 +195,8 @@ pub struct Client {
     http: reqwest::Client,
     args: OpenAiArgs,
     key: Option<String>,
-    requests: Option<Bucket>,
-    tokens: Option<Bucket>,
+    limiter: Arc<dyn Limiter>,
+    prices: std::collections::HashMap<String, Price>,
     slots: Arc<Semaphore>,
 }
 
@@ -217,10 +267,12 @@ impl Client {
             .clone()
             .or_else(|| std::env::var("OPENAI_API_KEY").ok())
             .filter(|k| !k.is_empty());
+        let prices = parse_prices(args.prices.as_deref().unwrap_or_default())
+            .map_err(CaptionError::Config)?;
         Ok(Self {
             http,
-            requests: (args.requests_per_minute > 0).then(|| Bucket::new(args.requests_per_minute)),
-            tokens: (args.tokens_per_minute > 0).then(|| Bucket::new(args.tokens_per_minute)),
+            limiter: Arc::new(Local::new(args.requests_per_minute, args.tokens_per_minute)),
+            prices,
             slots: Arc::new(Semaphore::new(args.concurrency.max(1))),
             key,
             args,
@@ -240,6 +292,22 @@ impl Client {
                 self.args.base_url
             )
         })
+    }
+
+    /// Draw from `limiter` instead of this process's own budgets (replicas sharing one).
+    pub fn with_limiter(mut self, limiter: Arc<dyn Limiter>) -> Self {
+        self.limiter = limiter;
+        self
+    }
+
+    /// The configuration this client was made with.
+    pub fn args(&self) -> &OpenAiArgs {
+        &self.args
+    }
+
+    /// The price of `model`, when `--openai-prices` names it.
+    pub fn price(&self, model: &str) -> Option<Price> {
+        self.prices.get(model).copied()
     }
 
     pub fn default_model(&self) -> &str {
@@ -292,12 +360,7 @@ impl Client {
         let mut attempts = 0u32;
         loop {
             attempts += 1;
-            if let Some(b) = &self.requests {
-                b.take(1.0).await;
-            }
-            if let Some(b) = &self.tokens {
-                b.take(reserve).await;
-            }
+            self.limiter.take(reserve).await;
             let result = {
                 let _slot = self
                     .slots
@@ -308,16 +371,16 @@ impl Client {
             };
             match result {
                 Ok(mut c) => {
-                    if let Some(b) = &self.tokens {
-                        let used = (c.usage.prompt_tokens + c.usage.completion_tokens) as f64;
-                        b.adjust(reserve - used).await;
-                    }
+                    let used = (c.usage.prompt_tokens + c.usage.completion_tokens) as f64;
+                    self.limiter.adjust_tokens(reserve - used).await;
                     c.attempts = attempts;
                     return Ok(c);
                 }
                 Err(a) => {
-                    if let Some(b) = &self.tokens {
-                        b.adjust(reserve).await;
+                    self.limiter.adjust_tokens(reserve).await;
+                    if let (Some(429), Some(after)) = (a.status, a.after) {
+                        // Everyone drawing from this budget waits, not only this request.
+                        self.limiter.pause(after).await;
                     }
                     if !a.retry {
                         return Err(CaptionError::Refused {

@@ -10,15 +10,18 @@
 //! whose every request failed is retried as a whole (the endpoint is down).
 
 pub mod blip;
+pub mod run;
 pub mod scene;
+pub mod shared_budget;
+pub mod spend;
 pub mod vision_server;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use atelier_contracts::dataset::{
-    CaptionBackend, CaptionFailure, CaptionOutput, CaptionRecord, CaptionSource, CaptionSpec,
-    TokenUsage, SHAREGPT4V_PROMPT,
+    CaptionBackend, CaptionFailure, CaptionOutput, CaptionRecord, CaptionSource, TokenUsage,
+    DEFAULT_SHARD_SIZE, MAX_LISTED_FAILURES, SHAREGPT4V_PROMPT,
 };
 use atelier_contracts::images::ImageRecord;
 use atelier_contracts::{ArtifactKey, JobOutput, JobSpec, Service, SCHEMA_VERSION};
@@ -105,6 +108,8 @@ struct Batch {
     sid: String,
     req: openai::Request,
     max_side: u32,
+    /// The run's shared spend, when it is tracked (a shard, or a job with a cap).
+    spend: Option<spend::Spend>,
 }
 
 /// What a job's images came to.
@@ -114,21 +119,30 @@ struct Tally {
     already: u64,
     usage: TokenUsage,
     failed: Vec<CaptionFailure>,
+    /// Why requests stopped: the run's spend cap.
+    over_budget: Option<String>,
 }
 
 enum One {
     Done(TokenUsage),
     Already,
     Failed(CaptionFailure),
+    /// Not sent: the run's spend cap is reached.
+    OverBudget(String),
 }
 
 impl Captioner {
     pub fn new(args: OpenAiArgs) -> anyhow::Result<Self> {
-        Ok(Self {
-            client: Arc::new(Client::new(args)?),
+        Ok(Self::with_client(Client::new(args)?))
+    }
+
+    /// A captioner calling the endpoint through `client` (its budgets, shared or not).
+    pub fn with_client(client: Client) -> Self {
+        Self {
+            client: Arc::new(client),
             blip_dir: None,
             blip: Arc::default(),
-        })
+        }
     }
 
     /// Serve the `blip` backend from the model folders in `dir`.
@@ -262,6 +276,7 @@ impl Captioner {
             sid,
             req,
             max_side,
+            spend,
         } = job;
         let max_side = *max_side;
         let key = format!("{}.{sid}", rec.sha256);
@@ -278,6 +293,11 @@ impl Captioner {
         }
         if ctx.is_cancelled() {
             return Err(JobError::permanent("cancelled", "cancelled"));
+        }
+        if let Some(s) = spend {
+            if let Some(why) = s.exhausted().await? {
+                return Ok(One::OverBudget(why));
+            }
         }
         let k = match ArtifactKey::parse(&rec.key) {
             Ok(k) => k,
@@ -315,6 +335,9 @@ impl Captioner {
             created_at: chrono::Utc::now(),
         };
         put_caption(captions, &key, &record).await?;
+        if let Some(s) = spend {
+            s.add(c.usage).await?;
+        }
         Ok(One::Done(c.usage))
     }
 }
@@ -333,12 +356,153 @@ impl Handler for Captioner {
         };
         spec.check()
             .map_err(|e| JobError::permanent("invalid_job", e))?;
-        let CaptionSpec {
-            dataset,
-            images: wanted,
-            backend,
-        } = spec;
-        let (source, backend) = match backend {
+        let (source, backend) = self.resolve(spec.backend.clone())?;
+        let sid = source_id(&source);
+        let records = selected_images(ctx, &spec.dataset, &spec.images).await?;
+        let total = records.len() as u64;
+        let (usable, unusable): (Vec<_>, Vec<_>) = records
+            .into_iter()
+            .partition(|r| r.flag.is_none() && r.format.is_some());
+        let out = CaptionOutput {
+            dataset: spec.dataset.clone(),
+            source_id: sid.clone(),
+            source: source.clone(),
+            images: total,
+            captioned: 0,
+            already_captioned: 0,
+            unusable: unusable.len() as u64,
+            failed: Vec::new(),
+            usage: TokenUsage::default(),
+            failed_total: 0,
+            cost_usd: None,
+            shards: Vec::new(),
+            failed_shards: Vec::new(),
+        };
+        let price = match &backend {
+            Backend::Openai { req, .. } => self.client.price(&req.model),
+            Backend::Blip { .. } => None,
+        };
+        if spec.spend_cap.is_some_and(|c| c.usd.is_some()) && price.is_none() {
+            return Err(JobError::permanent(
+                "invalid_job",
+                format!("spend_cap.usd needs the price of model {:?}: set ATELIER_OPENAI_PRICES on the captioners (e.g. {}=2.50/10.00, US dollars per million prompt/completion tokens), or cap tokens instead", source.model, source.model),
+            ));
+        }
+        let shard_size = spec.shard_size.unwrap_or(DEFAULT_SHARD_SIZE) as usize;
+        let run_id = spec.shard.map_or(ctx.id, |s| s.run);
+        let spend = spend::Spend::new(
+            ctx.bucket(atelier_contracts::typed::SPEND).await?,
+            run_id,
+            spec.spend_cap,
+            price,
+        );
+        if spec.shard.is_none() && usable.len() > shard_size {
+            return run::run(ctx, &spec, &usable, shard_size, spend, out).await;
+        }
+        let tracked = spec.shard.is_some() || spec.spend_cap.is_some();
+        let captions = ctx.bucket(atelier_contracts::typed::CAPTIONS).await?;
+        let tally = match backend {
+            Backend::Blip {
+                dir,
+                prompt,
+                max_tokens,
+                batch,
+            } => {
+                self.blip_images(
+                    ctx,
+                    &captions,
+                    &source,
+                    &sid,
+                    usable,
+                    (dir, prompt, max_tokens, batch),
+                )
+                .await?
+            }
+            Backend::Openai { req, max_side } => {
+                let batch = Batch {
+                    captions,
+                    source,
+                    sid,
+                    req,
+                    max_side,
+                    spend: tracked.then_some(spend),
+                };
+                self.openai_images(ctx, batch, usable).await?
+            }
+        };
+        finish(ctx, out, tally, price)
+    }
+}
+
+/// The images a caption job covers: the dataset's, or the `wanted` ones of it.
+async fn selected_images(
+    ctx: &JobCtx,
+    dataset: &str,
+    wanted: &[String],
+) -> Result<Vec<ImageRecord>, JobError> {
+    let images_kv = ctx.bucket(atelier_contracts::typed::IMAGES).await?;
+    let mut records = dataset_images(&images_kv, dataset).await?;
+    if !wanted.is_empty() {
+        let wanted: std::collections::HashSet<&String> = wanted.iter().collect();
+        let missing: Vec<&&String> = wanted
+            .iter()
+            .filter(|w| !records.iter().any(|r| &&r.sha256 == *w))
+            .take(20)
+            .collect();
+        if !missing.is_empty() {
+            return Err(JobError::permanent(
+                "unknown_image",
+                format!("not in dataset {dataset:?}: {missing:?}"),
+            ));
+        }
+        records.retain(|r| wanted.contains(&r.sha256));
+    }
+    Ok(records)
+}
+
+/// A job's output from what its images came to.
+fn finish(
+    ctx: &JobCtx,
+    mut out: CaptionOutput,
+    tally: Tally,
+    price: Option<openai::Price>,
+) -> Result<JobOutput, JobError> {
+    out.captioned = tally.captioned;
+    out.already_captioned = tally.already;
+    out.usage = tally.usage;
+    out.cost_usd = price.map(|p| p.cost(tally.usage));
+    out.failed_total = tally.failed.len() as u64;
+    out.failed = tally.failed;
+    for f in &out.failed {
+        tracing::warn!(job = %ctx.id, image = %f.image_sha256, error = %f.error, "caption failed");
+    }
+    if let Some(why) = tally.over_budget {
+        return Err(JobError::permanent("budget_exhausted", why));
+    }
+    if out.captioned == 0 && !out.failed.is_empty() {
+        return Err(JobError::retryable(
+            "captioner_unavailable",
+            format!(
+                "every one of {} caption requests failed; first: {}",
+                out.failed.len(),
+                out.failed[0].error
+            ),
+        ));
+    }
+    out.failed
+        .sort_by(|a, b| a.image_sha256.cmp(&b.image_sha256));
+    out.failed.truncate(MAX_LISTED_FAILURES);
+    tracing::info!(job = %ctx.id, dataset = %out.dataset, captioned = out.captioned,
+        already = out.already_captioned, failed = out.failed_total,
+        prompt_tokens = out.usage.prompt_tokens,
+        completion_tokens = out.usage.completion_tokens, "captions done");
+    Ok(JobOutput::Captions(out))
+}
+
+impl Captioner {
+    /// The caption source and backend a job asks for, against this worker's configuration.
+    fn resolve(&self, backend: CaptionBackend) -> Result<(CaptionSource, Backend), JobError> {
+        Ok(match backend {
             CaptionBackend::Openai {
                 model,
                 prompt,
@@ -406,112 +570,23 @@ impl Handler for Captioner {
                     },
                 )
             }
-        };
-        let sid = source_id(&source);
-        let images_kv = ctx.bucket(atelier_contracts::typed::IMAGES).await?;
-        let captions = ctx.bucket(atelier_contracts::typed::CAPTIONS).await?;
-        let mut records = dataset_images(&images_kv, &dataset).await?;
-        if !wanted.is_empty() {
-            let missing: Vec<&String> = wanted
-                .iter()
-                .filter(|w| !records.iter().any(|r| &r.sha256 == *w))
-                .collect();
-            if !missing.is_empty() {
-                return Err(JobError::permanent(
-                    "unknown_image",
-                    format!("not in dataset {dataset:?}: {missing:?}"),
-                ));
-            }
-            records.retain(|r| wanted.contains(&r.sha256));
-        }
-        let total = records.len() as u64;
-        let (usable, unusable): (Vec<_>, Vec<_>) = records
-            .into_iter()
-            .partition(|r| r.flag.is_none() && r.format.is_some());
-        let mut out = CaptionOutput {
-            dataset: dataset.clone(),
-            source_id: sid.clone(),
-            source: source.clone(),
-            images: total,
-            captioned: 0,
-            already_captioned: 0,
-            unusable: unusable.len() as u64,
-            failed: Vec::new(),
-            usage: TokenUsage::default(),
-        };
-        let tally = match backend {
-            Backend::Blip {
-                dir,
-                prompt,
-                max_tokens,
-                batch,
-            } => {
-                self.blip_images(
-                    ctx,
-                    &captions,
-                    &source,
-                    &sid,
-                    usable,
-                    (dir, prompt, max_tokens, batch),
-                )
-                .await?
-            }
-            Backend::Openai { req, max_side } => {
-                self.openai_images(ctx, captions, &source, &sid, usable, req, max_side)
-                    .await?
-            }
-        };
-        out.captioned = tally.captioned;
-        out.already_captioned = tally.already;
-        out.usage = tally.usage;
-        out.failed = tally.failed;
-        for f in &out.failed {
-            tracing::warn!(job = %ctx.id, image = %f.image_sha256, error = %f.error, "caption failed");
-        }
-        if out.captioned == 0 && !out.failed.is_empty() {
-            return Err(JobError::retryable(
-                "captioner_unavailable",
-                format!(
-                    "every one of {} caption requests failed; first: {}",
-                    out.failed.len(),
-                    out.failed[0].error
-                ),
-            ));
-        }
-        out.failed
-            .sort_by(|a, b| a.image_sha256.cmp(&b.image_sha256));
-        tracing::info!(job = %ctx.id, dataset = %dataset, captioned = out.captioned,
-            already = out.already_captioned, failed = out.failed.len(),
-            prompt_tokens = out.usage.prompt_tokens,
-            completion_tokens = out.usage.completion_tokens, "captions done");
-        Ok(JobOutput::Captions(out))
+        })
     }
 }
 
 impl Captioner {
     /// Caption `usable` through the OpenAI-compatible endpoint, `concurrency × 2` at a time.
-    #[allow(clippy::too_many_arguments)]
     async fn openai_images(
         &self,
         ctx: &JobCtx,
-        captions: Kv<CaptionRecord>,
-        source: &CaptionSource,
-        sid: &str,
+        batch: Batch,
         usable: Vec<ImageRecord>,
-        req: openai::Request,
-        max_side: u32,
     ) -> Result<Tally, JobError> {
         let mut tally = Tally::default();
         let n = usable.len() as u64;
         let step = (n / 20).max(1);
         let finished = Arc::new(AtomicU64::new(0));
-        let batch = Arc::new(Batch {
-            captions,
-            source: source.clone(),
-            sid: sid.to_owned(),
-            req,
-            max_side,
-        });
+        let batch = Arc::new(batch);
         let mut results = futures::stream::iter(usable)
             .map(|rec| {
                 let (this, ctx, batch, finished) =
@@ -538,10 +613,21 @@ impl Captioner {
                 }
                 One::Already => tally.already += 1,
                 One::Failed(f) => tally.failed.push(f),
+                One::OverBudget(why) => tally.over_budget = Some(why),
             }
         }
         Ok(tally)
     }
+}
+
+/// Where a captioner's request and token budgets live.
+#[derive(clap::ValueEnum, Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum BudgetScope {
+    /// One budget per endpoint for every replica, kept on the bus (`atelier_limits`).
+    #[default]
+    Shared,
+    /// Each replica spends its own budget (N replicas may send N times the rate).
+    Local,
 }
 
 /// The captioner's settings (flags and `ATELIER_*` variables; docs/configuration.md).
@@ -551,6 +637,10 @@ pub struct Config {
     /// The OpenAI-compatible vision endpoint (the augmenter's paraphrases use it too).
     #[command(flatten)]
     pub openai: OpenAiArgs,
+    /// Whether `--openai-rpm` and `--openai-tpm` are one budget for all replicas (shared) or per
+    /// replica (local).
+    #[arg(long, env = "ATELIER_OPENAI_BUDGET", value_enum, default_value_t = BudgetScope::Shared)]
+    pub openai_budget: BudgetScope,
     /// A folder of BLIP model folders (Hugging Face layout) for the `blip` backend.
     #[arg(long, env = "ATELIER_BLIP_MODELS")]
     pub blip_models: Option<std::path::PathBuf>,
@@ -558,6 +648,26 @@ pub struct Config {
 
 /// Runs the captioner: the `atelier-captioner` binary and `atelier up` both call this.
 pub async fn serve(config: Config, launch: atelier_kit::service::Launch) -> anyhow::Result<()> {
-    let captioner = Captioner::new(config.openai)?.with_blip_models(config.blip_models);
+    let mut client = Client::new(config.openai.clone())?;
+    if config.openai_budget == BudgetScope::Shared {
+        let args = &config.openai;
+        let key = args
+            .api_key
+            .clone()
+            .or_else(|| std::env::var("OPENAI_API_KEY").ok());
+        let shared = shared_budget::SharedBudget::new(
+            launch
+                .rt
+                .bus
+                .bucket(atelier_contracts::typed::LIMITS)
+                .await?,
+            &args.base_url,
+            key.as_deref(),
+            args.requests_per_minute,
+            args.tokens_per_minute,
+        );
+        client = client.with_limiter(Arc::new(shared));
+    }
+    let captioner = Captioner::with_client(client).with_blip_models(config.blip_models);
     launch.run(captioner).await
 }

@@ -153,6 +153,13 @@ impl Bus {
             self.verdicts_kv().await?,
             self.outbox().await?,
             self.idempotency_kv().await?,
+            self.kv(
+                subjects::SPEND_BUCKET,
+                1,
+                Duration::from_secs(7 * 24 * 3600),
+            )
+            .await?,
+            self.kv(subjects::LIMITS_BUCKET, 1, Duration::ZERO).await?,
         ];
         // Buckets created earlier with another replica count are scaled here, once per process
         // start, not at every open.

@@ -61,6 +61,29 @@ pub struct Delivery {
     /// 1 for the first delivery.
     pub delivered: u64,
     pub stream_sequence: u64,
+    /// The concurrency slot the delivery's batch holds.
+    pub slot: Slot,
+}
+
+/// A batch's share of `--concurrency`, held until the batch is settled or released earlier by a
+/// job that only waits on others (a run waiting for its shards): the loop then fetches more.
+#[derive(Clone, Default)]
+pub struct Slot(Arc<std::sync::Mutex<Option<tokio::sync::OwnedSemaphorePermit>>>);
+
+impl Slot {
+    fn holding(permit: tokio::sync::OwnedSemaphorePermit) -> Self {
+        Self(Arc::new(std::sync::Mutex::new(Some(permit))))
+    }
+
+    /// Gives the slot back to the loop (the batch's messages stay held and heartbeated).
+    pub fn release(&self) {
+        let permit = self
+            .0
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .take();
+        drop(permit);
+    }
 }
 
 impl Delivery {
@@ -193,7 +216,7 @@ pub async fn run<P: Processor>(
         };
         // Messages already delivered to this request are processed even during shutdown (the
         // request lasts at most a second): dropping them would delay them by `ack_wait`.
-        let mut pending: Vec<Arc<Delivery>> = Vec::new();
+        let mut pending: Vec<(jetstream::Message, u64, u64)> = Vec::new();
         while let Some(next) = messages.next().await {
             let msg = match next {
                 Ok(m) => m,
@@ -209,11 +232,7 @@ pub async fn run<P: Processor>(
                 Ok(i) => (i.delivered.max(1) as u64, i.stream_sequence),
                 Err(_) => (1, 0),
             };
-            pending.push(Arc::new(Delivery {
-                msg,
-                delivered,
-                stream_sequence,
-            }));
+            pending.push((msg, delivered, stream_sequence));
             if pending.len() >= spec.batch_size {
                 let Some(permit) = permits.pop() else { break };
                 let batch = std::mem::take(&mut pending);
@@ -281,7 +300,7 @@ fn spawn_batch<P: Processor>(
     spec: &ConsumerSpec,
     processor: &Arc<P>,
     metrics: &Arc<Metrics>,
-    batch: Vec<Arc<Delivery>>,
+    batch: Vec<(jetstream::Message, u64, u64)>,
     permit: tokio::sync::OwnedSemaphorePermit,
 ) {
     let (bus, spec, processor, metrics) = (
@@ -290,9 +309,21 @@ fn spawn_batch<P: Processor>(
         processor.clone(),
         metrics.clone(),
     );
+    let slot = Slot::holding(permit);
+    let batch = batch
+        .into_iter()
+        .map(|(msg, delivered, stream_sequence)| {
+            Arc::new(Delivery {
+                msg,
+                delivered,
+                stream_sequence,
+                slot: slot.clone(),
+            })
+        })
+        .collect();
     tasks.spawn(async move {
-        let _permit = permit;
         handle_batch(&bus, &spec, &*processor, &metrics, batch).await;
+        slot.release();
     });
 }
 

@@ -35,6 +35,8 @@ pub enum WriteError {
     Other(anyhow::Error),
 }
 
+const MODIFY_TRIES: usize = 200;
+
 /// A key's current value and revision (for compare-and-set writes with [`Kv::write`]).
 pub struct Entry<V> {
     /// The value, or why it does not decode as a `V`.
@@ -120,6 +122,31 @@ impl<V: Serialize + DeserializeOwned> Kv<V> {
                     ),
                 }),
         }
+    }
+
+    /// Read-modify-write under compare-and-set, retried while other writers come first: `f` sees
+    /// the current value (None when absent or undecodable) and returns the value to write (None:
+    /// write nothing) and what to answer.
+    pub async fn modify<T>(
+        &self,
+        key: &str,
+        mut f: impl FnMut(Option<&V>) -> (Option<V>, T),
+    ) -> anyhow::Result<T> {
+        for _ in 0..MODIFY_TRIES {
+            let entry = self.entry(key).await?;
+            let revision = entry.as_ref().map(|e| e.revision);
+            let current = entry.and_then(|e| e.value.ok());
+            let (next, answer) = f(current.as_ref());
+            let Some(next) = next else {
+                return Ok(answer);
+            };
+            match self.write(key, &next, revision).await {
+                Ok(_) => return Ok(answer),
+                Err(WriteError::Conflict(_)) => continue,
+                Err(WriteError::Other(e)) => return Err(e),
+            }
+        }
+        anyhow::bail!("KV key {key}: {MODIFY_TRIES} concurrent writers in a row came first")
     }
 
     /// The values under `keys`, in order (see [`kv_get_many`]).

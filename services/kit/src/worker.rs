@@ -171,9 +171,60 @@ pub struct JobCtx {
     /// The last progress fraction reported, held while one report is written and published, so
     /// reports from concurrent tasks of one job reach the record and the bus in order.
     reported: Arc<tokio::sync::Mutex<f32>>,
+    /// The concurrency slot this job's delivery holds.
+    slot: crate::consumer::Slot,
 }
 
 impl JobCtx {
+    /// Gives this job's concurrency slot back to the worker: for a job that from now on only
+    /// waits on other jobs (a caption run waiting for its shards), so the shards it waits for can
+    /// run on this worker too. The job keeps running and its message stays held.
+    pub fn release_slot(&self) {
+        self.slot.release();
+    }
+
+    /// Queues a job of another service on this job's behalf under a chosen `id` (derived, so a
+    /// retried attempt queues the same jobs again). `false` when a job with that id exists.
+    pub async fn submit_as(&self, id: JobId, spec: JobSpec) -> Result<bool, JobError> {
+        let req = JobRequest {
+            schema_version: SCHEMA_VERSION,
+            id,
+            submitted_at: chrono::Utc::now(),
+            submitted_by: Some(format!("{}:{}", self.service.name(), self.id)),
+            spec,
+        };
+        match enqueue(&self.bus, &self.states, &req).await {
+            Ok(_) => Ok(true),
+            Err(EnqueueError::State(StateError::Exists(_))) => Ok(false),
+            Err(e) => Err(JobError::retryable("bus_unavailable", e.to_string())),
+        }
+    }
+
+    /// Job `id`'s record.
+    pub async fn record(&self, id: JobId) -> Result<Option<JobRecord>, JobError> {
+        self.states
+            .get(id)
+            .await
+            .map(|r| r.map(|(record, _)| record))
+            .map_err(|e| JobError::retryable("job_state_unavailable", e.to_string()))
+    }
+
+    /// Cancels job `id` unless it has finished (what `DELETE /v1/jobs/{id}` does).
+    pub async fn cancel_job(&self, id: JobId) -> Result<(), JobError> {
+        self.states
+            .update(id, |r| {
+                if r.state.is_terminal() {
+                    Change::Keep
+                } else {
+                    r.state = JobState::Cancelled;
+                    Change::Write
+                }
+            })
+            .await
+            .map(drop)
+            .map_err(|e| JobError::retryable("job_state_unavailable", e.to_string()))
+    }
+
     /// Fires when the job is cancelled; long handlers should check it between steps.
     pub fn cancellation(&self) -> &CancellationToken {
         &self.cancel
@@ -538,6 +589,7 @@ impl<H: Handler> Prepared<H> {
             cancel: CancellationToken::new(),
             last_state: Arc::new(std::sync::Mutex::new(Some((record, revision)))),
             reported: Default::default(),
+            slot: d.slot.clone(),
         };
         Plan::Run(Box::new((ctx, request.spec)))
     }
