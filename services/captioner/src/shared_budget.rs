@@ -70,15 +70,17 @@ impl SharedBudget {
         }
     }
 
-    /// One attempt to take a request and `tokens`: the new bucket, or how long to wait.
-    fn try_take(&self, b: Option<&RateBudget>, tokens: f64) -> (Option<RateBudget>, Duration) {
+    /// One attempt to take a request and `tokens`: the new bucket (taken), or how long to wait.
+    fn try_take(
+        &self,
+        b: Option<&RateBudget>,
+        tokens: f64,
+    ) -> (Option<RateBudget>, Option<Duration>) {
         let now = Self::now_ms();
         let mut next = self.refilled(b, now);
         if next.paused_until_ms > now {
-            return (
-                None,
-                Duration::from_millis((next.paused_until_ms - now) as u64),
-            );
+            let wait = Duration::from_millis((next.paused_until_ms - now) as u64);
+            return (None, Some(wait));
         }
         let tokens = tokens.min(self.tokens_per_minute);
         let short = |level: f64, want: f64, per_minute: f64| {
@@ -94,7 +96,9 @@ impl SharedBudget {
             self.tokens_per_minute,
         ));
         if wait > 0.0 {
-            return (None, Duration::from_secs_f64(wait));
+            // A wait too short to represent is still a wait: the units are not there yet.
+            let wait = Duration::from_secs_f64(wait).max(Duration::from_millis(1));
+            return (None, Some(wait));
         }
         if self.requests_per_minute > 0.0 {
             next.requests -= 1.0;
@@ -102,7 +106,7 @@ impl SharedBudget {
         if self.tokens_per_minute > 0.0 {
             next.tokens -= tokens;
         }
-        (Some(next), Duration::ZERO)
+        (Some(next), None)
     }
 
     async fn modify<T>(
@@ -127,14 +131,15 @@ impl Limiter for SharedBudget {
                 return;
             }
             loop {
-                let wait = self
+                let wait = match self
                     .modify("drawing from", |b| self.try_take(b, tokens))
                     .await
+                {
+                    Some(None) => return,
+                    Some(Some(wait)) => wait,
                     // The bus is unreachable: wait a little and try again rather than exceed.
-                    .unwrap_or(Duration::from_millis(500));
-                if wait.is_zero() {
-                    return;
-                }
+                    None => Duration::from_millis(500),
+                };
                 // Short naps with jitter: other replicas refill and draw meanwhile.
                 let jitter = rand::random::<f64>() * 0.2 + 0.9;
                 tokio::time::sleep(wait.min(MAX_NAP).mul_f64(jitter)).await;

@@ -1,0 +1,283 @@
+//! Caption runs at scale, as processes: a dataset caption request split into shards that two
+//! captioner replicas take (one killed mid-shard), a spend cap that stops a run cleanly, and the
+//! request budget the replicas share through the bus.
+
+use std::collections::HashMap;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use atelier_captioner::run::shard_id;
+use atelier_captioner::shared_budget::SharedBudget;
+use atelier_captioner::vision_server::{Faults, ServerConfig, VisionServer};
+use atelier_cli::ingest::ingest_dir;
+use atelier_contracts::dataset::{CaptionBackend, CaptionRecord, CaptionSpec, SpendCap};
+use atelier_contracts::{JobId, JobOutput, JobSpec, JobState};
+use atelier_e2e::*;
+use atelier_openai::budget::Limiter;
+use tokio_util::sync::CancellationToken;
+
+const IMAGES: u64 = 60;
+const SHARD: u32 = 10;
+
+fn caption(prompt: &str, spend_cap: Option<SpendCap>) -> JobSpec {
+    JobSpec::Caption(CaptionSpec {
+        dataset: "runs".into(),
+        backend: CaptionBackend::Openai {
+            model: None,
+            prompt: Some(prompt.into()),
+            max_tokens: 100,
+            temperature: 0.2,
+            image_max_side: 64,
+        },
+        shard_size: Some(SHARD),
+        spend_cap,
+        ..Default::default()
+    })
+}
+
+/// Captions of `source_id`, by image.
+async fn captions_of(c: &Cluster, source_id: &str) -> HashMap<String, CaptionRecord> {
+    let kv = c.bus.captions_kv().await.unwrap();
+    atelier_kit::bus::kv_values::<CaptionRecord>(&kv, "")
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|(_, r)| r)
+        .filter(|r| r.source_id == source_id)
+        .map(|r| (r.image_sha256.clone(), r))
+        .collect()
+}
+
+/// Two captioner replicas with one slot each (a run holding its slot would starve its shards),
+/// one killed while it runs a shard: every image captioned once, the run's output sums its shards.
+/// Then a second run under a token cap ends `budget_exhausted` with every paid caption kept and
+/// no request sent once the cap was seen.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_sharded_run_on_two_replicas_survives_a_kill_and_stops_at_its_cap() {
+    let vision = VisionServer::start(ServerConfig {
+        faults: Faults {
+            latency: Duration::from_millis(120),
+            ..Default::default()
+        },
+        model: "scene-describer".into(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let mut c = Cluster::local().await.unwrap();
+    let env = vec![
+        ("ATELIER_OPENAI_BASE_URL", vision.base_url()),
+        ("ATELIER_OPENAI_MODEL", "scene-describer".to_owned()),
+        ("ATELIER_OPENAI_CONCURRENCY", "2".to_owned()),
+        ("ATELIER_CONCURRENCY", "1".to_owned()),
+        ("ATELIER_ACK_WAIT_SECS", "2".to_owned()),
+        ("ATELIER_MAX_WORKER_DEATHS", "5".to_owned()),
+    ];
+    c.spawn_service("atelier-ingest", &[]).unwrap();
+    let victim = c.spawn_service("atelier-captioner", &env).unwrap();
+    c.spawn_service("atelier-captioner", &env).unwrap();
+    let shutdown = CancellationToken::new();
+    let client = c.open_gateway(&shutdown).await;
+    let dir = tempfile::tempdir().unwrap();
+    for seed in 0..IMAGES {
+        std::fs::write(
+            dir.path().join(format!("s{seed:03}.png")),
+            atelier_ingest::samples::scene_bytes(seed, 64, 48, image::ImageFormat::Png),
+        )
+        .unwrap();
+    }
+    let report = ingest_dir(
+        &client,
+        dir.path(),
+        "runs",
+        None,
+        Duration::from_secs(60),
+        false,
+    )
+    .await
+    .unwrap();
+    assert_eq!(report.recorded as u64, IMAGES);
+
+    let run = client
+        .submit(&caption("Describe it.", None))
+        .await
+        .unwrap()
+        .id;
+    let shards: Vec<JobId> = (0..(IMAGES as u32).div_ceil(SHARD))
+        .map(|i| shard_id(run, i))
+        .collect();
+    // Kill the victim while it runs a shard.
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    'wait: loop {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the victim never took a shard"
+        );
+        for id in &shards {
+            if let Some((r, _)) = c.states.get(*id).await.unwrap() {
+                let by_victim = r.worker.as_deref().and_then(|w| w.split(':').nth(1))
+                    == Some(victim.to_string().as_str());
+                if r.state == JobState::Running && by_victim {
+                    break 'wait;
+                }
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    c.kill9(victim);
+    c.spawn_service("atelier-captioner", &env).unwrap();
+    let record = c
+        .wait_terminal(&[run], Duration::from_secs(120))
+        .await
+        .unwrap()
+        .remove(0);
+    assert_eq!(record.state, JobState::Succeeded, "{:?}", record.error);
+    let Some(JobOutput::Captions(out)) = record.output else {
+        panic!("{:?}", record.output)
+    };
+    assert_eq!(out.shards, shards);
+    assert_eq!(
+        (out.images, out.captioned, out.failed_total),
+        (IMAGES, IMAGES, 0)
+    );
+    assert!(out.failed_shards.is_empty(), "{:?}", out.failed_shards);
+    let captions = captions_of(&c, &out.source_id).await;
+    assert_eq!(captions.len() as u64, IMAGES, "one caption per image");
+    assert!(captions.values().all(|r| shards.contains(&r.job)));
+    let sum: u64 = captions
+        .values()
+        .map(|r| r.usage.prompt_tokens + r.usage.completion_tokens)
+        .sum();
+    assert_eq!(out.usage.prompt_tokens + out.usage.completion_tokens, sum);
+    // At most the victim's requests in flight were paid twice.
+    let ok = vision.stats.ok.load(Ordering::SeqCst);
+    assert!(
+        ok >= IMAGES && ok <= IMAGES + 2,
+        "{ok} requests for {IMAGES} images"
+    );
+    let per_caption = sum / IMAGES;
+
+    // A second source under a cap of about 15 captions' tokens.
+    let cap = per_caption * 15;
+    let ok_before = vision.stats.ok.load(Ordering::SeqCst);
+    let capped = client
+        .submit(&caption(
+            "Describe the shapes.",
+            Some(SpendCap {
+                tokens: Some(cap),
+                usd: None,
+            }),
+        ))
+        .await
+        .unwrap()
+        .id;
+    let record = c
+        .wait_terminal(&[capped], Duration::from_secs(120))
+        .await
+        .unwrap()
+        .remove(0);
+    assert_eq!(record.state, JobState::Failed);
+    let error = record.error.unwrap();
+    assert_eq!(error.code, "budget_exhausted", "{error:?}");
+    let spend = c
+        .bus
+        .bucket(atelier_contracts::typed::SPEND)
+        .await
+        .unwrap()
+        .get(&capped.to_string())
+        .await
+        .unwrap()
+        .unwrap();
+    let source = atelier_captioner::source_id(&atelier_contracts::dataset::CaptionSource {
+        backend: "openai".into(),
+        model: "scene-describer".into(),
+        prompt: "Describe the shapes.".into(),
+    });
+    let kept = captions_of(&c, &source).await;
+    assert_eq!(
+        kept.len() as u64,
+        spend.captioned,
+        "every paid caption is kept"
+    );
+    let spent = spend.usage.prompt_tokens + spend.usage.completion_tokens;
+    // Over the cap by at most the requests in flight when it was reached (2 replicas × 2).
+    assert!(
+        spent >= cap && spent <= cap + 4 * per_caption * 2,
+        "{spent} of {cap}"
+    );
+    assert!(kept.len() < IMAGES as usize, "the run stopped");
+    assert!(
+        error
+            .message
+            .contains(&format!("{} images captioned", spend.captioned)),
+        "{error:?}"
+    );
+    // No request was sent past the cap but those in flight, and each of those was kept.
+    let sent = vision.stats.ok.load(Ordering::SeqCst) - ok_before;
+    assert_eq!(sent, spend.captioned);
+    for i in 0..(IMAGES as u32).div_ceil(SHARD) {
+        let (r, _) = c.states.get(shard_id(capped, i)).await.unwrap().unwrap();
+        assert!(r.state.is_terminal(), "{r:?}");
+    }
+    shutdown.cancel();
+    c.stop_services(libc::SIGTERM, Duration::from_secs(10));
+}
+
+/// Two replicas' limiters on one endpoint draw from one bucket: at 120 requests a minute (a
+/// burst of 120, then 2 a second) 16 concurrent takers on two "replicas" get about 126 requests
+/// in 3 s, not twice that; and a 429's pause holds every replica.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn replicas_share_one_request_budget() {
+    let c = Cluster::local().await.unwrap();
+    let kv = c
+        .bus
+        .bucket(atelier_contracts::typed::LIMITS)
+        .await
+        .unwrap();
+    let replica = || {
+        Arc::new(SharedBudget::new(
+            kv.clone(),
+            "http://127.0.0.1:9/v1",
+            Some("sk"),
+            120,
+            0,
+        ))
+    };
+    let (a, b) = (replica(), replica());
+    let taken = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let until = std::time::Instant::now() + Duration::from_secs(3);
+    let mut tasks = tokio::task::JoinSet::new();
+    for i in 0..16 {
+        let (limiter, taken) = (
+            if i % 2 == 0 { a.clone() } else { b.clone() },
+            taken.clone(),
+        );
+        tasks.spawn(async move {
+            loop {
+                let left = until.saturating_duration_since(std::time::Instant::now());
+                if left.is_zero() || tokio::time::timeout(left, limiter.take(0.0)).await.is_err() {
+                    return;
+                }
+                if std::time::Instant::now() < until {
+                    taken.fetch_add(1, Ordering::SeqCst);
+                }
+            }
+        });
+    }
+    while tasks.join_next().await.is_some() {}
+    let n = taken.load(Ordering::SeqCst);
+    assert!(
+        (120..=128).contains(&n),
+        "{n} requests in 3 s at 120/min shared"
+    );
+    // One replica is told to wait 1.5 s: the other waits too.
+    a.pause(Duration::from_millis(1500)).await;
+    let t0 = std::time::Instant::now();
+    b.take(0.0).await;
+    assert!(
+        t0.elapsed() >= Duration::from_millis(1300),
+        "{:?}",
+        t0.elapsed()
+    );
+}
