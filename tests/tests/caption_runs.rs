@@ -153,7 +153,7 @@ async fn a_sharded_run_on_two_replicas_survives_a_kill_and_stops_at_its_cap() {
     // At most the victim's requests in flight were paid twice.
     let ok = vision.stats.ok.load(Ordering::SeqCst);
     assert!(
-        ok >= IMAGES && ok <= IMAGES + 2,
+        (IMAGES..=IMAGES + 2).contains(&ok),
         "{ok} requests for {IMAGES} images"
     );
     let per_caption = sum / IMAGES;
