@@ -100,15 +100,19 @@ pub enum DatasetCmd {
         version: Option<u32>,
         #[arg(long, value_enum)]
         format: crate::export::ExportFormat,
-        /// A new or empty folder.
+        /// A new or empty folder (or, with --resume, the folder of an interrupted export).
         #[arg(long)]
         out: PathBuf,
         /// Tiers to include, comma-separated.
         #[arg(long, default_value = "gold,silver,bronze", value_delimiter = ',')]
         tiers: Vec<String>,
-        /// Samples per WebDataset shard.
-        #[arg(long, default_value_t = 10_000)]
+        /// Rows per shard (tar, Parquet file, metadata folder, LLaVA file). Memory holds about
+        /// one shard's images.
+        #[arg(long, default_value_t = 1000)]
         shard_size: usize,
+        /// Continue an export interrupted in --out: complete shards are kept.
+        #[arg(long)]
+        resume: bool,
         #[command(flatten)]
         remote: Remote,
     },
@@ -253,6 +257,7 @@ pub async fn run(cmd: DatasetCmd) -> anyhow::Result<()> {
             out,
             tiers,
             shard_size,
+            resume,
             remote,
         } => {
             let tiers = tiers
@@ -266,16 +271,19 @@ pub async fn run(cmd: DatasetCmd) -> anyhow::Result<()> {
                 .collect::<anyhow::Result<Vec<_>>>()?;
             let client = remote.client()?;
             let manifest = client.dataset_version(&dataset, version).await?;
-            let rows = crate::export::rows(&client, &manifest).await?;
             let report =
-                crate::export::export(&client, &manifest, rows, format, &tiers, &out, shard_size)
+                crate::export::export(&client, &manifest, format, &tiers, &out, shard_size, resume)
                     .await?;
             print_json(&serde_json::json!({
                 "dataset": report.dataset,
                 "version": report.version,
-                "out": report.out,
+                "out": out,
                 "splits": report.splits,
-                "files": report.files.len(),
+                "files": report.files,
+                "shards_written": report.shards_written,
+                "shards_skipped": report.shards_skipped,
+                "transcoded": report.transcoded,
+                "bytes": report.bytes_written,
             }))
         }
     }

@@ -607,7 +607,6 @@ async fn datasets(client: &Client, summary: &mut String) -> anyhow::Result<()> {
     }
 
     let manifest = client.dataset_version("scenes", Some(v.version)).await?;
-    let rows = crate::export::rows(client, &manifest).await?;
     let exports = tempfile::tempdir()?;
     for format in [
         crate::export::ExportFormat::Webdataset,
@@ -619,11 +618,11 @@ async fn datasets(client: &Client, summary: &mut String) -> anyhow::Result<()> {
         let r = crate::export::export(
             client,
             &manifest,
-            rows.clone(),
             format,
             &[Tier::Gold, Tier::Silver, Tier::Bronze],
             &out_dir,
             16,
+            false,
         )
         .await?;
         let kept: usize = r.splits.values().sum();
@@ -633,12 +632,13 @@ async fn datasets(client: &Client, summary: &mut String) -> anyhow::Result<()> {
         println!(
             "   export --format {:<10} {kept} rows in {} files, splits {:?}",
             format!("{format:?}").to_lowercase(),
-            r.files.len(),
+            r.files,
             r.splits
         );
     }
 
     // Captions against the scenes' ground truth (five references each).
+    let rows = crate::export::rows(client, &manifest).await?;
     let mut refs = std::collections::BTreeMap::new();
     let mut cands = std::collections::BTreeMap::new();
     for r in &rows {

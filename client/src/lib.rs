@@ -264,6 +264,26 @@ impl Client {
         Ok(Self::check(resp).await?.bytes().await?)
     }
 
+    /// Streams the artifact `key` into the file `path` (never whole in memory).
+    pub async fn download_to_file(&self, key: &str, path: &std::path::Path) -> anyhow::Result<u64> {
+        use tokio::io::AsyncWriteExt as _;
+        let resp = self
+            .send(|| self.req(reqwest::Method::GET, &format!("/v1/artifacts/{key}")))
+            .await?;
+        let mut body = Self::check(resp).await?.bytes_stream();
+        let mut file = tokio::fs::File::create(path)
+            .await
+            .with_context(|| format!("creating {}", path.display()))?;
+        let mut n = 0;
+        while let Some(chunk) = body.next().await {
+            let chunk = chunk.with_context(|| format!("downloading {key}"))?;
+            n += chunk.len() as u64;
+            file.write_all(&chunk).await?;
+        }
+        file.flush().await?;
+        Ok(n)
+    }
+
     pub async fn image(&self, sha256: &str) -> anyhow::Result<Option<ImageRecord>> {
         let resp = self
             .send(|| self.req(reqwest::Method::GET, &format!("/v1/images/{sha256}")))

@@ -363,6 +363,37 @@ pub struct CaptionOutput {
 pub const MAX_LISTED_FAILURES: usize = 1000;
 
 // ---------------------------------------------------------------------------------------------
+// Exports
+
+/// A dataset version's export format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum ExportFormat {
+    /// Hugging Face image folders: `<split>/<shard>/metadata.jsonl` + images
+    /// (`load_dataset("imagefolder")`).
+    Jsonl,
+    /// WebDataset tar shards as img2dataset writes them: `<split>/<shard>.tar` with one image
+    /// key for every sample (key.jpg or key.png), key.txt, key.json.
+    Webdataset,
+    /// LLaVA / ShareGPT4V conversation JSON per split and shard, images under `images/`.
+    Llava,
+    /// Parquet shards as the Hub lays them out (`data/<split>-00000-of-0000N.parquet`), images
+    /// embedded as `{bytes, path}` and marked as the `Image` feature.
+    Parquet,
+}
+
+impl ExportFormat {
+    pub fn name(self) -> &'static str {
+        match self {
+            ExportFormat::Jsonl => "jsonl",
+            ExportFormat::Webdataset => "webdataset",
+            ExportFormat::Llava => "llava",
+            ExportFormat::Parquet => "parquet",
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
 // Quality policy
 
 /// What a failed check does to a record.
@@ -604,7 +635,9 @@ pub enum Tier {
     Bronze,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema, ToSchema)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize, JsonSchema, ToSchema,
+)]
 #[serde(rename_all = "snake_case")]
 pub enum Split {
     Train,

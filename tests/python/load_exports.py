@@ -1,7 +1,10 @@
 """Loads atelier's dataset exports with Hugging Face `datasets` and prints what it saw as JSON.
 
-Usage: load_exports.py FORMAT DIR   (FORMAT: jsonl | webdataset | llava | parquet)
+Usage: load_exports.py FORMAT DIR   (FORMAT: jsonl | webdataset | llava | parquet | card)
+
+`card` opens the folder as the Hub would, from its README.md `configs` (any format).
 """
+import glob
 import json
 import os
 import sys
@@ -38,8 +41,8 @@ elif fmt == "webdataset":
             "keys_match": all(r["__key__"] == r["json"]["key"] for r in d),
         }
 elif fmt == "llava":
-    files = {s: os.path.join(root, s + ".json") for s in splits if os.path.exists(os.path.join(root, s + ".json"))}
-    ds = datasets.load_dataset("json", data_files=files)
+    files = {s: sorted(glob.glob(os.path.join(root, s + "-*.json"))) for s in splits}
+    ds = datasets.load_dataset("json", data_files={s: f for s, f in files.items() if f})
     for name, d in ds.items():
         texts = []
         ok = True
@@ -60,6 +63,18 @@ elif fmt == "parquet":
             "size": list(first["image"].size),
             "image_feature": type(d.features["image"]).__name__,
             "texts": sorted(d["text"]),
+        }
+elif fmt == "card":
+    ds = datasets.load_dataset(root)
+    for name, d in ds.items():
+        first = d[0]
+        images = [k for k, f in d.features.items() if isinstance(f, datasets.Image)]
+        out[name] = {
+            "rows": d.num_rows,
+            "columns": sorted(d.column_names),
+            # Every sample has its image (a WebDataset shard mixing keys loses some).
+            "with_image": sum(1 for r in d if any(r.get(k) is not None for k in images)) if images else None,
+            "size": list(first[images[0]].size) if images else None,
         }
 else:
     sys.exit(f"unknown format {fmt}")

@@ -877,3 +877,23 @@ pub fn bytes_of(seed: u64, len: usize) -> bytes::Bytes {
 pub fn all_succeeded(records: &[JobRecord]) -> bool {
     records.iter().all(|r| r.state == JobState::Succeeded)
 }
+
+/// Loads an export with Hugging Face `datasets` (`tests/python/load_exports.py FORMAT DIR`) and
+/// returns what it saw.
+pub fn hf_load(format: &str, dir: &std::path::Path) -> serde_json::Value {
+    let script = repo_root().join("tests/python/load_exports.py");
+    let cache = tempfile::tempdir().unwrap();
+    let out = std::process::Command::new(tool("python"))
+        .arg(script)
+        .arg(format)
+        .arg(dir)
+        .env("HF_HOME", cache.path())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "datasets could not load the {format} export: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}

@@ -40,24 +40,6 @@ fn caption(dataset: &str, prompt: Option<&str>, images: Vec<String>) -> JobSpec 
     })
 }
 
-fn hf_load(format: &str, dir: &std::path::Path) -> serde_json::Value {
-    let script = repo_root().join("tests/python/load_exports.py");
-    let cache = tempfile::tempdir().unwrap();
-    let out = std::process::Command::new(tool("python"))
-        .arg(script)
-        .arg(format)
-        .arg(dir)
-        .env("HF_HOME", cache.path())
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "datasets could not load the {format} export: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).unwrap()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn ingest_caption_filter_export_through_the_services() {
     let vision = VisionServer::start(ServerConfig {
@@ -419,11 +401,11 @@ async fn ingest_caption_filter_export_through_the_services() {
         export(
             &client,
             &m1,
-            rows1.clone(),
             format,
             &[Tier::Gold, Tier::Silver, Tier::Bronze],
             &dir,
             4,
+            false,
         )
         .await
         .unwrap();
@@ -447,7 +429,7 @@ async fn ingest_caption_filter_export_through_the_services() {
             assert_eq!(seen["train"]["image_feature"], "Image");
         }
         // A second export into a non-empty folder is refused, not mixed.
-        let err = export(&client, &m1, rows1.clone(), format, &[Tier::Gold], &dir, 4)
+        let err = export(&client, &m1, format, &[Tier::Gold], &dir, 4, false)
             .await
             .unwrap_err()
             .to_string();
