@@ -191,6 +191,15 @@ impl Client {
         Ok(Self::check(resp).await?.json().await?)
     }
 
+    /// `POST /v1/datasets/{name}/exports`: an export job into the object store.
+    pub async fn export(
+        &self,
+        spec: &atelier_contracts::dataset::ExportSpec,
+    ) -> anyhow::Result<JobRecord> {
+        self.post_job(&format!("/v1/datasets/{}/exports", spec.dataset), spec)
+            .await
+    }
+
     /// `POST /v1/datasets/{name}/index`.
     pub async fn index(&self, spec: &atelier_contracts::IndexSpec) -> anyhow::Result<JobRecord> {
         self.post_job(&format!("/v1/datasets/{}/index", spec.dataset), spec)

@@ -393,6 +393,64 @@ impl ExportFormat {
     }
 }
 
+/// Export a dataset version into the object store, under
+/// `exports/<dataset>/v<version>/<format>-<options hash>/`, shard by shard: the same request run
+/// again (or a redelivered job) resumes, keeping the shards already written. The export ends with
+/// the Hub dataset card (`README.md`) and `manifest.json`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ExportSpec {
+    pub dataset: String,
+    /// Default: the latest.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub version: Option<u32>,
+    pub format: ExportFormat,
+    /// Kept rows of these tiers (default all three).
+    #[serde(default = "all_tiers")]
+    pub tiers: Vec<Tier>,
+    /// Rows per shard (default 1,000; 1 to 100,000).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shard_size: Option<u32>,
+}
+
+fn all_tiers() -> Vec<Tier> {
+    vec![Tier::Gold, Tier::Silver, Tier::Bronze]
+}
+
+pub const DEFAULT_EXPORT_SHARD_SIZE: u32 = 1000;
+
+impl ExportSpec {
+    pub fn check(&self) -> Result<(), String> {
+        check_dataset_name(&self.dataset)?;
+        if self.tiers.is_empty() {
+            return Err("tiers: name at least one of gold, silver, bronze".into());
+        }
+        if let Some(n) = self.shard_size.filter(|n| !(1..=100_000).contains(n)) {
+            return Err(format!("shard_size {n}: must be 1 to 100000"));
+        }
+        Ok(())
+    }
+}
+
+/// Where an export job wrote a version, and what it found already written.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema, ToSchema)]
+pub struct ExportOutput {
+    pub dataset: String,
+    pub version: u32,
+    pub format: ExportFormat,
+    /// Object-store prefix of the export's files (`GET /v1/artifacts/<prefix>/README.md`).
+    pub prefix: String,
+    /// Rows per split.
+    pub splits: BTreeMap<String, u64>,
+    pub files: u64,
+    pub shards_written: u64,
+    /// Shards found complete from an earlier run (resumed).
+    pub shards_skipped: u64,
+    /// WebDataset images re-encoded as PNG so every sample has one image key.
+    pub transcoded: u64,
+    pub bytes_written: u64,
+}
+
 // ---------------------------------------------------------------------------------------------
 // Quality policy
 

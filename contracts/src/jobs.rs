@@ -82,6 +82,8 @@ pub enum JobSpec {
     Curate(Box<CurateSpec>),
     /// Seeded image variants, caption paraphrases and hard negatives into a new version (augmenter).
     Augment(Box<AugmentSpec>),
+    /// Export a version into the object store, shard by shard (quality-filter).
+    Export(crate::dataset::ExportSpec),
 }
 
 impl JobSpec {
@@ -98,6 +100,7 @@ impl JobSpec {
         "index",
         "curate",
         "augment",
+        "export",
     ];
 
     pub fn service(&self) -> Service {
@@ -106,7 +109,9 @@ impl JobSpec {
             JobSpec::Txt2img(_) => Service::Sampler,
             JobSpec::Img2img(_) | JobSpec::Inpaint(_) => Service::Inpainter,
             JobSpec::Caption(_) => Service::Captioner,
-            JobSpec::Filter(_) | JobSpec::EvalCaptions(_) => Service::QualityFilter,
+            JobSpec::Filter(_) | JobSpec::EvalCaptions(_) | JobSpec::Export(_) => {
+                Service::QualityFilter
+            }
             JobSpec::Train(_) => Service::Trainer,
             JobSpec::Index(_) | JobSpec::Curate(_) => Service::RetrievalIndexer,
             JobSpec::Augment(_) => Service::Augmenter,
@@ -125,6 +130,7 @@ impl JobSpec {
             JobSpec::Index(_) => "index",
             JobSpec::Curate(_) => "curate",
             JobSpec::Augment(_) => "augment",
+            JobSpec::Export(_) => "export",
         }
     }
 }
@@ -160,6 +166,8 @@ pub enum JobOutput {
     Curated(CurateOutput),
     /// The version an augment job wrote.
     Augmented(AugmentOutput),
+    /// Where an export job wrote a version.
+    Exported(crate::dataset::ExportOutput),
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema, ToSchema)]

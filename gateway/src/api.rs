@@ -10,6 +10,7 @@
 //! - `POST   /v1/images`, `GET /v1/datasets…`  announce images, read dataset versions ([`crate::datasets`])
 //! - `GET|POST /v1/search`, `POST /v1/datasets/{name}/index|curate`  retrieval ([`crate::retrieval`])
 //! - `POST /v1/datasets/{name}/augment`  augmentation ([`crate::augment`])
+//! - `POST /v1/datasets/{name}/exports`  a version exported into the object store ([`crate::datasets`])
 //! - `POST   /v1/train/lora|dreambooth`  training ([`crate::train`])
 //! - `GET    /healthz`, `/metrics`, `/openapi.json` (no auth)
 //!
@@ -116,6 +117,7 @@ pub fn router(app: AppState, auth: Arc<Auth>) -> Router {
         .route("/v1/datasets/{name}/index", post(crate::retrieval::index))
         .route("/v1/datasets/{name}/curate", post(crate::retrieval::curate))
         .route("/v1/datasets/{name}/augment", post(crate::augment::augment))
+        .route("/v1/datasets/{name}/exports", post(crate::datasets::export))
         .route_layer(middleware::from_fn_with_state(
             app.clone(),
             crate::idempotency::middleware,
@@ -312,6 +314,9 @@ pub(crate) fn validate(spec: &JobSpec) -> Result<(), ApiError> {
             .check()
             .map_err(|e| ApiError::unprocessable("invalid_job", format!("spec: {e}")))?,
         JobSpec::Augment(a) => a
+            .check()
+            .map_err(|e| ApiError::unprocessable("invalid_job", format!("spec: {e}")))?,
+        JobSpec::Export(x) => x
             .check()
             .map_err(|e| ApiError::unprocessable("invalid_job", format!("spec: {e}")))?,
         JobSpec::Train(t) => {
@@ -861,7 +866,7 @@ impl utoipa::Modify for BearerAuth {
         crate::datasets::announce, crate::datasets::list, crate::datasets::version,
         crate::train::lora, crate::train::dreambooth,
         crate::retrieval::search, crate::retrieval::search_image, crate::retrieval::index,
-        crate::retrieval::curate, crate::augment::augment,
+        crate::retrieval::curate, crate::augment::augment, crate::datasets::export,
         healthz, metrics, openapi_json),
     modifiers(&BearerAuth),
     tags((name = "jobs"), (name = "generation"), (name = "a1111"), (name = "artifacts"), (name = "images"), (name = "datasets"), (name = "training"), (name = "retrieval"), (name = "ops"))
@@ -898,6 +903,7 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("post", "/v1/datasets/{name}/index"),
     ("post", "/v1/datasets/{name}/curate"),
     ("post", "/v1/datasets/{name}/augment"),
+    ("post", "/v1/datasets/{name}/exports"),
     ("get", "/healthz"),
     ("get", "/metrics"),
     ("get", "/openapi.json"),

@@ -172,3 +172,37 @@ pub async fn version(
         )
     })
 }
+
+/// Export a version (default: the latest) into the object store as a job on the quality filter:
+/// `{"format": "webdataset" | "parquet" | "jsonl" | "llava", "version": N, "tiers": [...],
+/// "shard_size": N}`. Shards are written as they fill, so memory does not grow with the dataset;
+/// the same request sent again resumes an interrupted export. The job's output names the prefix
+/// (`GET /v1/artifacts/<prefix>/README.md`, the Hub dataset card).
+#[utoipa::path(
+    post, path = "/v1/datasets/{name}/exports", tag = "datasets",
+    params(("name" = String, Path)),
+    request_body = atelier_contracts::dataset::ExportSpec,
+    responses(
+        (status = 202, description = "Queued; the output is an `exported` ExportOutput", body = atelier_contracts::JobRecord),
+        (status = 422, body = atelier_contracts::http::ApiErrorBody),
+    ),
+    security(("bearer" = ["jobs:write"]))
+)]
+pub async fn export(
+    State(app): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    Path(name): Path<String>,
+    headers: axum::http::HeaderMap,
+    body: axum::body::Body,
+) -> Result<(StatusCode, Json<atelier_contracts::JobRecord>), ApiError> {
+    let record = crate::retrieval::queue_for(
+        &app,
+        &caller,
+        &name,
+        headers,
+        body,
+        atelier_contracts::JobSpec::Export,
+    )
+    .await?;
+    Ok((StatusCode::ACCEPTED, Json(record)))
+}

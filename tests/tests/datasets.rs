@@ -436,6 +436,55 @@ async fn ingest_caption_filter_export_through_the_services() {
         assert!(err.contains("not empty"), "{err}");
     }
 
+    // The same export as a job through the gateway, into the object store; run again, it keeps
+    // every shard it finds written.
+    let spec = atelier_contracts::dataset::ExportSpec {
+        dataset: "scenes".into(),
+        version: Some(m1.version),
+        format: atelier_contracts::dataset::ExportFormat::Webdataset,
+        tiers: vec![Tier::Gold, Tier::Silver, Tier::Bronze],
+        shard_size: Some(4),
+    };
+    let mut outputs = Vec::new();
+    for _ in 0..2 {
+        let id = client.export(&spec).await.unwrap().id;
+        let r = c
+            .wait_terminal(&[id], Duration::from_secs(120))
+            .await
+            .unwrap()
+            .remove(0);
+        assert_eq!(r.state, JobState::Succeeded, "{:?}", r.error);
+        let Some(JobOutput::Exported(out)) = r.output else {
+            panic!("{:?}", r.output)
+        };
+        outputs.push(out);
+    }
+    let (first, again) = (&outputs[0], &outputs[1]);
+    assert_eq!(first.prefix, again.prefix);
+    let kept_rows: u64 = first.splits.values().sum();
+    assert_eq!(
+        kept_rows as usize,
+        kept.values().map(Vec::len).sum::<usize>()
+    );
+    assert!(
+        first.shards_written > 1 && first.shards_skipped == 0,
+        "{first:?}"
+    );
+    assert_eq!(
+        (again.shards_written, again.shards_skipped),
+        (0, first.shards_written)
+    );
+    let card = client
+        .download(&format!("{}/README.md", first.prefix))
+        .await
+        .unwrap();
+    assert!(card.starts_with(b"---\nconfigs:"));
+    let shard = client
+        .download(&format!("{}/train/00000.tar", first.prefix))
+        .await
+        .unwrap();
+    assert!(tar::Archive::new(&shard[..]).entries().unwrap().count() >= 3);
+
     // The filter kept its models' verdicts (KV `atelier_verdicts`, keyed by model and content):
     // version 2 reused version 1's, and a later version reads them instead of running the models
     // again, which a verdict changed by hand shows.

@@ -81,8 +81,11 @@ impl Plan {
             report.files += files;
             return Ok(());
         }
-        let bytes: Vec<bytes::Bytes> = futures::stream::iter(&rows)
-            .map(|r| images.get(&r.image_key))
+        // Owned keys: the fetches' futures borrow nothing of the loop (so they are `Send` for
+        // any caller).
+        let keys: Vec<String> = rows.iter().map(|r| r.image_key.clone()).collect();
+        let bytes: Vec<bytes::Bytes> = futures::stream::iter(keys)
+            .map(|k| async move { images.get(&k).await })
             .buffered(FETCH_AHEAD)
             .try_collect()
             .await?;

@@ -11,6 +11,27 @@ pub async fn load_version(
     dataset: &str,
     version: Option<u32>,
 ) -> Result<(DatasetManifest, Vec<DatasetRow>), JobError> {
+    let manifest = manifest(ctx, dataset, version).await?;
+    let key = ArtifactKey::parse(&manifest.data.key)
+        .map_err(|e| JobError::permanent("bad_artifact_key", e.to_string()))?;
+    let data = ctx.store().get_bytes(&key).await?;
+    let text = std::str::from_utf8(&data)
+        .map_err(|e| JobError::permanent("corrupt_version", e.to_string()))?;
+    let rows: Vec<DatasetRow> = text
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(serde_json::from_str)
+        .collect::<Result<_, _>>()
+        .map_err(|e| JobError::permanent("corrupt_version", e.to_string()))?;
+    Ok((manifest, rows))
+}
+
+/// Version `version` of `dataset`'s manifest, or its latest when `None`.
+pub async fn manifest(
+    ctx: &JobCtx,
+    dataset: &str,
+    version: Option<u32>,
+) -> Result<DatasetManifest, JobError> {
     let kv_err = |e: anyhow::Error| JobError::retryable("kv_unavailable", format!("{e:#}"));
     let datasets = ctx.bucket(atelier_contracts::typed::DATASETS).await?;
     let versions: Vec<(String, DatasetManifest)> = datasets
@@ -31,18 +52,7 @@ pub async fn load_version(
                 ),
             )
         })?;
-    let key = ArtifactKey::parse(&manifest.data.key)
-        .map_err(|e| JobError::permanent("bad_artifact_key", e.to_string()))?;
-    let data = ctx.store().get_bytes(&key).await?;
-    let text = std::str::from_utf8(&data)
-        .map_err(|e| JobError::permanent("corrupt_version", e.to_string()))?;
-    let rows: Vec<DatasetRow> = text
-        .lines()
-        .filter(|l| !l.trim().is_empty())
-        .map(serde_json::from_str)
-        .collect::<Result<_, _>>()
-        .map_err(|e| JobError::permanent("corrupt_version", e.to_string()))?;
-    Ok((manifest, rows))
+    Ok(manifest)
 }
 
 /// Every version of `dataset`, by version number.

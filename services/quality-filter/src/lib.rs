@@ -10,6 +10,7 @@
 mod config;
 pub mod dups;
 mod eval;
+mod export;
 mod filter;
 mod models;
 pub mod nsfw;
@@ -33,6 +34,7 @@ impl Handler for QualityFilter {
         match spec {
             JobSpec::Filter(spec) => self.filter(ctx, spec).await,
             JobSpec::EvalCaptions(spec) => self.eval_captions(ctx, spec).await,
+            JobSpec::Export(spec) => self.export(ctx, spec).await,
             other => Err(JobError::permanent(
                 "wrong_service",
                 format!("the quality filter does not run {} jobs", other.kind()),
