@@ -51,6 +51,9 @@ pub enum DatasetCmd {
         /// captioner replica takes (default 1000).
         #[arg(long)]
         shard_size: Option<u32>,
+        /// openai: through the endpoint's Batch API (half the price, results within 24 hours).
+        #[arg(long)]
+        batch: bool,
         /// openai: stop the run once it has spent this many tokens (prompt + completion).
         #[arg(long)]
         spend_cap_tokens: Option<u64>,
@@ -155,6 +158,7 @@ pub async fn run(cmd: DatasetCmd) -> anyhow::Result<()> {
             image_max_side,
             batch_size,
             shard_size,
+            batch,
             spend_cap_tokens,
             spend_cap_usd,
             remote,
@@ -182,6 +186,7 @@ pub async fn run(cmd: DatasetCmd) -> anyhow::Result<()> {
                     max_tokens: max_tokens.unwrap_or(300),
                     temperature,
                     image_max_side,
+                    batch,
                 }
             };
             let spec = atelier_contracts::JobSpec::Caption(atelier_contracts::CaptionSpec {

@@ -98,6 +98,25 @@ pub struct RateBudget {
     pub paused_until_ms: i64,
 }
 
+/// The Batch API batches a caption job created (`atelier_batches`, keyed by the job's id), so
+/// an attempt after a restart follows them instead of creating (and paying for) them again.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema, ToSchema)]
+pub struct CaptionBatches {
+    pub batches: Vec<SubmittedBatch>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema, ToSchema)]
+pub struct SubmittedBatch {
+    /// The endpoint's batch id.
+    pub id: String,
+    pub input_file_id: String,
+    /// The images it captions (sha256; each request's `custom_id`).
+    pub images: Vec<String>,
+    /// Its output has been read into caption records.
+    #[serde(default)]
+    pub read: bool,
+}
+
 /// A shard of a run that failed; its images are captioned by a re-run.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema, ToSchema)]
 pub struct ShardFailure {
@@ -136,6 +155,10 @@ pub enum CaptionBackend {
         /// Images are downscaled so their longer side is at most this before sending.
         #[serde(default = "default_image_max_side")]
         image_max_side: u32,
+        /// Through the endpoint's Batch API (Files + Batches: half the price, results within
+        /// 24 hours) instead of one request per image.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        batch: bool,
     },
     /// Local BLIP captioning (Hugging Face `BlipForConditionalGeneration` folders) on the worker.
     Blip {
@@ -178,6 +201,7 @@ impl Default for CaptionBackend {
             max_tokens: default_max_tokens(),
             temperature: default_temperature(),
             image_max_side: default_image_max_side(),
+            batch: false,
         }
     }
 }

@@ -157,6 +157,9 @@ pub const SPEND_BUCKET: &str = "atelier_spend";
 /// KV bucket of rate budgets shared by the replicas calling one endpoint
 /// ([`crate::dataset::RateBudget`] per endpoint).
 pub const LIMITS_BUCKET: &str = "atelier_limits";
+/// KV bucket of the Batch API batches each caption job created
+/// ([`crate::dataset::CaptionBatches`] per job id; a month).
+pub const BATCHES_BUCKET: &str = "atelier_batches";
 /// Core NATS request/reply (no stream): a [`crate::retrieval::SearchRequest`] answered by a
 /// retrieval-indexer replica (queue group [`RETRIEVAL_QUERY_GROUP`]) with a
 /// [`crate::retrieval::SearchReply`].

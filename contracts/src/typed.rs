@@ -48,6 +48,8 @@ pub const INDEXES: Bucket<IndexManifest> = Bucket::named(subjects::INDEXES_BUCKE
 pub const SPEND: Bucket<crate::dataset::RunSpend> = Bucket::named(subjects::SPEND_BUCKET);
 /// One [`crate::dataset::RateBudget`] per endpoint the captioners share.
 pub const LIMITS: Bucket<crate::dataset::RateBudget> = Bucket::named(subjects::LIMITS_BUCKET);
+/// One [`crate::dataset::CaptionBatches`] per caption job using the Batch API.
+pub const BATCHES: Bucket<crate::dataset::CaptionBatches> = Bucket::named(subjects::BATCHES_BUCKET);
 /// One [`ModelVerdict`] per model and image, or image and caption.
 pub const VERDICTS: Bucket<ModelVerdict> = Bucket::named(subjects::VERDICTS_BUCKET);
 

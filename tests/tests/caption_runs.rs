@@ -21,6 +21,10 @@ const IMAGES: u64 = 60;
 const SHARD: u32 = 10;
 
 fn caption(prompt: &str, spend_cap: Option<SpendCap>) -> JobSpec {
+    caption_via(prompt, spend_cap, false)
+}
+
+fn caption_via(prompt: &str, spend_cap: Option<SpendCap>, batch: bool) -> JobSpec {
     JobSpec::Caption(CaptionSpec {
         dataset: "runs".into(),
         backend: CaptionBackend::Openai {
@@ -29,6 +33,7 @@ fn caption(prompt: &str, spend_cap: Option<SpendCap>) -> JobSpec {
             max_tokens: 100,
             temperature: 0.2,
             image_max_side: 64,
+            batch,
         },
         shard_size: Some(SHARD),
         spend_cap,
@@ -220,6 +225,129 @@ async fn a_sharded_run_on_two_replicas_survives_a_kill_and_stops_at_its_cap() {
         let (r, _) = c.states.get(shard_id(capped, i)).await.unwrap().unwrap();
         assert!(r.state.is_terminal(), "{r:?}");
     }
+    shutdown.cancel();
+    c.stop_services(libc::SIGTERM, Duration::from_secs(10));
+}
+
+async fn ingest_scenes(client: &atelier_client::Client, n: u64) {
+    let dir = tempfile::tempdir().unwrap();
+    for seed in 0..n {
+        std::fs::write(
+            dir.path().join(format!("s{seed:03}.png")),
+            atelier_ingest::samples::scene_bytes(seed, 64, 48, image::ImageFormat::Png),
+        )
+        .unwrap();
+    }
+    let report = ingest_dir(
+        client,
+        dir.path(),
+        "runs",
+        None,
+        Duration::from_secs(60),
+        false,
+    )
+    .await
+    .unwrap();
+    assert_eq!(report.recorded as u64, n);
+}
+
+/// Batch mode against the loopback Files/Batches server: a run of 3 shards whose jobs write
+/// several input files each (a small file limit), the replica killed once batches exist and a
+/// new one following them (no batch created twice); the same caption records as online mode,
+/// failed requests listed; a re-run sends only the failed images.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn batch_mode_captions_a_run_and_follows_its_batches_after_a_restart() {
+    const N: u64 = 30;
+    let vision = VisionServer::start(ServerConfig {
+        faults: Faults {
+            latency: Duration::from_millis(60),
+            server_error_every: 9,
+            ..Default::default()
+        },
+        model: "scene-describer".into(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let mut c = Cluster::local().await.unwrap();
+    let env = vec![
+        ("ATELIER_OPENAI_BASE_URL", vision.base_url()),
+        ("ATELIER_OPENAI_MODEL", "scene-describer".to_owned()),
+        ("ATELIER_OPENAI_BATCH_POLL_SECS", "0.2".to_owned()),
+        ("ATELIER_OPENAI_BATCH_MAX_BYTES", "20000".to_owned()),
+        ("ATELIER_ACK_WAIT_SECS", "2".to_owned()),
+    ];
+    c.spawn_service("atelier-ingest", &[]).unwrap();
+    let first = c.spawn_service("atelier-captioner", &env).unwrap();
+    let shutdown = CancellationToken::new();
+    let client = c.open_gateway(&shutdown).await;
+    ingest_scenes(&client, N).await;
+    let run = client
+        .submit(&caption_via("Describe it.", None, true))
+        .await
+        .unwrap()
+        .id;
+    let batches_kv = c
+        .bus
+        .bucket(atelier_contracts::typed::BATCHES)
+        .await
+        .unwrap();
+    let recorded = || async {
+        batches_kv
+            .values("")
+            .await
+            .unwrap()
+            .iter()
+            .map(|(_, b)| b.batches.len())
+            .sum::<usize>()
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while recorded().await == 0 {
+        assert!(std::time::Instant::now() < deadline, "no batch was created");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    c.kill9(first);
+    c.spawn_service("atelier-captioner", &env).unwrap();
+    let record = c
+        .wait_terminal(&[run], Duration::from_secs(120))
+        .await
+        .unwrap()
+        .remove(0);
+    assert_eq!(record.state, JobState::Succeeded, "{:?}", record.error);
+    let Some(JobOutput::Captions(out)) = record.output else {
+        panic!("{:?}", record.output)
+    };
+    assert_eq!(out.shards.len(), 3);
+    assert_eq!(out.captioned + out.failed_total, N, "{out:?}");
+    assert!(out.failed_total > 0, "the server failed every 9th request");
+    assert!(
+        out.failed.iter().all(|f| f.error.contains("HTTP 500")),
+        "{:?}",
+        out.failed
+    );
+    let created = vision.stats.batches.load(Ordering::SeqCst) as usize;
+    assert_eq!(created, recorded().await, "no batch created twice");
+    assert!(created > 3, "several input files per shard: {created}");
+    let captions = captions_of(&c, &out.source_id).await;
+    assert_eq!(captions.len() as u64, out.captioned);
+    assert!(captions.values().all(|r| out.shards.contains(&r.job)));
+
+    // Again: only the failed images are sent.
+    let again = client
+        .submit(&caption_via("Describe it.", None, true))
+        .await
+        .unwrap()
+        .id;
+    let record = c
+        .wait_terminal(&[again], Duration::from_secs(120))
+        .await
+        .unwrap()
+        .remove(0);
+    let Some(JobOutput::Captions(second)) = record.output else {
+        panic!("{:?}", record.error)
+    };
+    assert_eq!(second.already_captioned, out.captioned);
+    assert_eq!(second.captioned + second.failed_total, out.failed_total);
     shutdown.cancel();
     c.stop_services(libc::SIGTERM, Duration::from_secs(10));
 }

@@ -35,6 +35,7 @@ fn caption(dataset: &str, prompt: Option<&str>, images: Vec<String>) -> JobSpec 
             max_tokens: 300,
             temperature: 0.2,
             image_max_side: 96,
+            batch: false,
         },
         ..Default::default()
     })

@@ -3,6 +3,7 @@
 //! budgets, a concurrency limit, timeouts, and retries with exponential backoff that honour
 //! `Retry-After` (and `retry-after-ms`) on 429 and 503.
 
+pub mod batch;
 pub mod budget;
 
 use std::sync::Arc;
@@ -100,6 +101,22 @@ pub struct OpenAiArgs {
         env = "ATELIER_OPENAI_PRICES"
     )]
     pub prices: Option<String>,
+    /// Seconds between looks at a Batch API batch.
+    #[arg(
+        id = "openai_batch_poll_secs",
+        long = "openai-batch-poll-secs",
+        env = "ATELIER_OPENAI_BATCH_POLL_SECS",
+        default_value_t = 60.0
+    )]
+    pub batch_poll_secs: f64,
+    /// Largest Batch API input file, bytes (the API's limit is 200 MB).
+    #[arg(
+        id = "openai_batch_max_bytes",
+        long = "openai-batch-max-bytes",
+        env = "ATELIER_OPENAI_BATCH_MAX_BYTES",
+        default_value_t = 190_000_000
+    )]
+    pub batch_max_bytes: u64,
 }
 
 /// US dollars per million tokens.
@@ -110,6 +127,14 @@ pub struct Price {
 }
 
 impl Price {
+    /// This price times `factor` (the Batch API's discount).
+    pub fn scaled(self, factor: f64) -> Self {
+        Self {
+            prompt: self.prompt * factor,
+            completion: self.completion * factor,
+        }
+    }
+
     pub fn cost(&self, usage: TokenUsage) -> f64 {
         (usage.prompt_tokens as f64 * self.prompt
             + usage.completion_tokens as f64 * self.completion)
@@ -155,6 +180,8 @@ impl Default for OpenAiArgs {
             timeout_s: 120.0,
             backoff_ms: 1000,
             prices: None,
+            batch_poll_secs: 60.0,
+            batch_max_bytes: 190_000_000,
         }
     }
 }
@@ -209,7 +236,7 @@ struct Attempt {
 }
 
 #[derive(Deserialize)]
-struct Completion {
+pub(crate) struct Completion {
     choices: Vec<Choice>,
     #[serde(default)]
     usage: Option<Usage>,
@@ -320,13 +347,7 @@ impl Client {
 
     /// Captions one JPEG; waits for budget and a free slot first.
     pub async fn caption(&self, jpeg: &[u8], req: &Request) -> Result<Caption, CaptionError> {
-        let content = serde_json::json!([
-            {"type": "text", "text": req.prompt},
-            {"type": "image_url", "image_url": {
-                "url": format!("data:image/jpeg;base64,{}",
-                    base64::engine::general_purpose::STANDARD.encode(jpeg)),
-            }},
-        ]);
+        let content = vision_content(jpeg, req);
         // Reserve the worst case (a typical high-detail image is under 1,200 prompt tokens);
         // corrected with the real usage afterwards.
         self.chat(content, req, 1200.0).await
@@ -345,12 +366,7 @@ impl Client {
         req: &Request,
         extra_tokens: f64,
     ) -> Result<Caption, CaptionError> {
-        let body = serde_json::json!({
-            "model": req.model,
-            "messages": [{"role": "user", "content": content}],
-            "max_tokens": req.max_tokens,
-            "temperature": req.temperature,
-        });
+        let body = chat_body(content, req);
         let body = serde_json::to_vec(&body).map_err(|e| CaptionError::Config(e.to_string()))?;
         let reserve = f64::from(req.max_tokens) + extra_tokens + req.prompt.len() as f64 / 4.0;
         let url = format!(
@@ -455,11 +471,39 @@ impl Client {
                 text.chars().take(80).collect::<String>()
             ))
         })?;
+        caption_of(c).map_err(transient)
+    }
+}
+
+/// The user message content of a vision request: the prompt and the JPEG as a data URL.
+pub(crate) fn vision_content(jpeg: &[u8], req: &Request) -> serde_json::Value {
+    serde_json::json!([
+        {"type": "text", "text": req.prompt},
+        {"type": "image_url", "image_url": {
+            "url": format!("data:image/jpeg;base64,{}",
+                base64::engine::general_purpose::STANDARD.encode(jpeg)),
+        }},
+    ])
+}
+
+/// A chat-completions request body.
+pub(crate) fn chat_body(content: serde_json::Value, req: &Request) -> serde_json::Value {
+    serde_json::json!({
+        "model": req.model,
+        "messages": [{"role": "user", "content": content}],
+        "max_tokens": req.max_tokens,
+        "temperature": req.temperature,
+    })
+}
+
+/// The caption in a chat completion.
+fn caption_of(c: Completion) -> Result<Caption, String> {
+    {
         let choice = c
             .choices
             .into_iter()
             .next()
-            .ok_or_else(|| transient("the response has no choices".into()))?;
+            .ok_or_else(|| "the response has no choices".to_owned())?;
         let text = match choice.message.content {
             Some(serde_json::Value::String(s)) => s,
             // Some servers return content parts.

@@ -9,6 +9,7 @@
 //! Images the endpoint still fails on after retries are listed in the output, not lost; a job
 //! whose every request failed is retried as a whole (the endpoint is down).
 
+mod batch;
 pub mod blip;
 pub mod run;
 pub mod scene;
@@ -80,6 +81,8 @@ enum Backend {
     Openai {
         req: openai::Request,
         max_side: u32,
+        /// Through the Batch API.
+        batch: bool,
     },
     Blip {
         dir: std::path::PathBuf,
@@ -272,11 +275,11 @@ impl Captioner {
     async fn one(&self, ctx: &JobCtx, job: &Batch, rec: &ImageRecord) -> Result<One, JobError> {
         let Batch {
             captions,
-            source,
             sid,
             req,
             max_side,
             spend,
+            ..
         } = job;
         let max_side = *max_side;
         let key = format!("{}.{sid}", rec.sha256);
@@ -299,47 +302,69 @@ impl Captioner {
                 return Ok(One::OverBudget(why));
             }
         }
-        let k = match ArtifactKey::parse(&rec.key) {
-            Ok(k) => k,
-            Err(e) => return fail(format!("image key {:?}: {e}", rec.key)),
-        };
-        let bytes = match ctx.store().get_bytes(&k).await {
-            Ok(b) => b,
-            Err(e) if e.is_transient() => return Err(e.into()),
-            Err(e) => return fail(format!("reading {}: {e}", rec.key)),
-        };
-        let jpeg = tokio::task::spawn_blocking(move || {
-            let img = atelier_decode::decode(&bytes, &atelier_decode::Limits::default())
-                .map_err(|e| e.to_string())?;
-            openai::prepare_image(&img, max_side)
-        })
-        .await
-        .map_err(|e| JobError::retryable("panicked", e.to_string()))?;
-        let jpeg = match jpeg {
+        let jpeg = match prepared_jpeg(ctx, rec, max_side).await? {
             Ok(j) => j,
-            Err(e) => return fail(format!("decoding the image: {e}")),
+            Err(e) => return fail(e),
         };
         let c = match self.client.caption(&jpeg, req).await {
             Ok(c) => c,
             Err(e) => return fail(e.to_string()),
         };
-        let record = CaptionRecord {
-            schema_version: SCHEMA_VERSION,
-            image_sha256: rec.sha256.clone(),
-            source_id: sid.to_owned(),
-            source: source.clone(),
-            caption: c.text,
-            finish_reason: c.finish_reason,
-            usage: c.usage,
-            job: ctx.id,
-            created_at: chrono::Utc::now(),
-        };
-        put_caption(captions, &key, &record).await?;
-        if let Some(s) = spend {
-            s.add(c.usage).await?;
-        }
-        Ok(One::Done(c.usage))
+        let usage = c.usage;
+        store_caption(ctx, job, &rec.sha256, c).await?;
+        Ok(One::Done(usage))
     }
+}
+
+/// An image as the endpoint gets it: decoded under the limits, downscaled to `max_side`, JPEG.
+/// The inner error says why this image cannot be sent (the job goes on without it).
+async fn prepared_jpeg(
+    ctx: &JobCtx,
+    rec: &ImageRecord,
+    max_side: u32,
+) -> Result<Result<Vec<u8>, String>, JobError> {
+    let k = match ArtifactKey::parse(&rec.key) {
+        Ok(k) => k,
+        Err(e) => return Ok(Err(format!("image key {:?}: {e}", rec.key))),
+    };
+    let bytes = match ctx.store().get_bytes(&k).await {
+        Ok(b) => b,
+        Err(e) if e.is_transient() => return Err(e.into()),
+        Err(e) => return Ok(Err(format!("reading {}: {e}", rec.key))),
+    };
+    let jpeg = tokio::task::spawn_blocking(move || {
+        let img = atelier_decode::decode(&bytes, &atelier_decode::Limits::default())
+            .map_err(|e| e.to_string())?;
+        openai::prepare_image(&img, max_side)
+    })
+    .await
+    .map_err(|e| JobError::retryable("panicked", e.to_string()))?;
+    Ok(jpeg.map_err(|e| format!("decoding the image: {e}")))
+}
+
+/// Stores one caption and adds its cost to the run's spend.
+async fn store_caption(
+    ctx: &JobCtx,
+    job: &Batch,
+    sha256: &str,
+    c: openai::Caption,
+) -> Result<(), JobError> {
+    let record = CaptionRecord {
+        schema_version: SCHEMA_VERSION,
+        image_sha256: sha256.to_owned(),
+        source_id: job.sid.clone(),
+        source: job.source.clone(),
+        caption: c.text,
+        finish_reason: c.finish_reason,
+        usage: c.usage,
+        job: ctx.id,
+        created_at: chrono::Utc::now(),
+    };
+    put_caption(&job.captions, &format!("{sha256}.{}", job.sid), &record).await?;
+    if let Some(s) = &job.spend {
+        s.add(c.usage).await?;
+    }
+    Ok(())
 }
 
 impl Handler for Captioner {
@@ -379,7 +404,12 @@ impl Handler for Captioner {
             failed_shards: Vec::new(),
         };
         let price = match &backend {
-            Backend::Openai { req, .. } => self.client.price(&req.model),
+            // The Batch API costs half the online price.
+            Backend::Openai { req, batch, .. } => {
+                self.client
+                    .price(&req.model)
+                    .map(|p| if *batch { p.scaled(0.5) } else { p })
+            }
             Backend::Blip { .. } => None,
         };
         if spec.spend_cap.is_some_and(|c| c.usd.is_some()) && price.is_none() {
@@ -418,7 +448,11 @@ impl Handler for Captioner {
                 )
                 .await?
             }
-            Backend::Openai { req, max_side } => {
+            Backend::Openai {
+                req,
+                max_side,
+                batch: via_batch_api,
+            } => {
                 let batch = Batch {
                     captions,
                     source,
@@ -427,7 +461,11 @@ impl Handler for Captioner {
                     max_side,
                     spend: tracked.then_some(spend),
                 };
-                self.openai_images(ctx, batch, usable).await?
+                if via_batch_api {
+                    batch::caption(self, ctx, batch, usable).await?
+                } else {
+                    self.openai_images(ctx, batch, usable).await?
+                }
             }
         };
         finish(ctx, out, tally, price)
@@ -509,6 +547,7 @@ impl Captioner {
                 max_tokens,
                 temperature,
                 image_max_side,
+                batch,
             } => {
                 if let Some(why) = self.client.unusable() {
                     return Err(JobError::permanent("captioner_not_configured", why));
@@ -529,6 +568,7 @@ impl Captioner {
                     Backend::Openai {
                         req,
                         max_side: image_max_side,
+                        batch,
                     },
                 )
             }

@@ -18,7 +18,7 @@ fn args(url: String) -> OpenAiArgs {
         max_retries: 4,
         timeout_s: 5.0,
         backoff_ms: 10,
-        prices: None,
+        ..Default::default()
     }
 }
 

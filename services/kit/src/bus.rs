@@ -160,6 +160,12 @@ impl Bus {
             )
             .await?,
             self.kv(subjects::LIMITS_BUCKET, 1, Duration::ZERO).await?,
+            self.kv(
+                subjects::BATCHES_BUCKET,
+                1,
+                Duration::from_secs(30 * 24 * 3600),
+            )
+            .await?,
         ];
         // Buckets created earlier with another replica count are scaled here, once per process
         // start, not at every open.

@@ -15,6 +15,8 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use base64::Engine as _;
 
+mod batches;
+
 /// Which requests fail, by their 1-based arrival number `n` (0 disables each).
 #[derive(Debug, Clone, Default)]
 pub struct Faults {
@@ -54,11 +56,14 @@ pub struct Stats {
     pub slow: AtomicU64,
     pub unauthorized: AtomicU64,
     pub bad_requests: AtomicU64,
+    /// Batch API batches created.
+    pub batches: AtomicU64,
 }
 
 struct Inner {
     config: ServerConfig,
     stats: Arc<Stats>,
+    batches: batches::Store,
 }
 
 /// A running server: its base URL (…/v1) and counters.
@@ -102,7 +107,12 @@ pub fn router(config: ServerConfig, stats: Arc<Stats>) -> Router {
     Router::new()
         .route("/v1/chat/completions", post(completions))
         .route("/v1/models", get(models))
-        .with_state(Arc::new(Inner { config, stats }))
+        .merge(batches::routes())
+        .with_state(Arc::new(Inner {
+            config,
+            stats,
+            batches: Default::default(),
+        }))
         .layer(axum::extract::DefaultBodyLimit::max(64 << 20))
 }
 
@@ -134,19 +144,8 @@ async fn completions(
     if !f.latency.is_zero() {
         tokio::time::sleep(f.latency).await;
     }
-    if let Some(key) = &s.config.api_key {
-        let ok = headers
-            .get("authorization")
-            .and_then(|v| v.to_str().ok())
-            .is_some_and(|v| v == format!("Bearer {key}"));
-        if !ok {
-            stats.unauthorized.fetch_add(1, Ordering::Relaxed);
-            return openai_error(
-                StatusCode::UNAUTHORIZED,
-                "invalid_request_error",
-                "Incorrect API key provided.",
-            );
-        }
+    if let Some(r) = authorized(&s, &headers) {
+        return r;
     }
     if every(f.rate_limit_every, n) {
         stats.rate_limited.fetch_add(1, Ordering::Relaxed);
@@ -187,13 +186,49 @@ async fn completions(
             );
         }
     };
-    let (prompt, image) = match parse_request(&req) {
-        Ok(x) => x,
+    let body = match completion(&s, n, &req) {
+        Ok(b) => b,
         Err(m) => {
             stats.bad_requests.fetch_add(1, Ordering::Relaxed);
             return openai_error(StatusCode::BAD_REQUEST, "invalid_request_error", &m);
         }
     };
+    let mut bytes = serde_json::to_vec(&body).unwrap_or_default();
+    if every(f.truncate_every, n) {
+        stats.truncated.fetch_add(1, Ordering::Relaxed);
+        bytes.truncate(bytes.len() / 2);
+    } else {
+        stats.ok.fetch_add(1, Ordering::Relaxed);
+    }
+    (
+        StatusCode::OK,
+        [(axum::http::header::CONTENT_TYPE, "application/json")],
+        bytes,
+    )
+        .into_response()
+}
+
+/// A 401 when the server wants a key and the request does not carry it.
+fn authorized(s: &Inner, headers: &HeaderMap) -> Option<Response> {
+    let key = s.config.api_key.as_ref()?;
+    let ok = headers
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v == format!("Bearer {key}"));
+    if ok {
+        return None;
+    }
+    s.stats.unauthorized.fetch_add(1, Ordering::Relaxed);
+    Some(openai_error(
+        StatusCode::UNAUTHORIZED,
+        "invalid_request_error",
+        "Incorrect API key provided.",
+    ))
+}
+
+/// The chat completion the server answers `req` (request number `n`) with.
+fn completion(s: &Inner, n: u64, req: &serde_json::Value) -> Result<serde_json::Value, String> {
+    let (prompt, image) = parse_request(req)?;
     let caption = crate::scene::describe(&image.to_rgb8());
     let max_tokens = req
         .get("max_tokens")
@@ -214,7 +249,7 @@ async fn completions(
         .and_then(|m| m.as_str())
         .unwrap_or(&s.config.model)
         .to_owned();
-    let body = serde_json::json!({
+    Ok(serde_json::json!({
         "id": format!("chatcmpl-atelier-{n}"),
         "object": "chat.completion",
         "created": chrono::Utc::now().timestamp(),
@@ -223,20 +258,7 @@ async fn completions(
                      "finish_reason": finish}],
         "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
                   "total_tokens": prompt_tokens + completion_tokens},
-    });
-    let mut bytes = serde_json::to_vec(&body).unwrap_or_default();
-    if every(f.truncate_every, n) {
-        stats.truncated.fetch_add(1, Ordering::Relaxed);
-        bytes.truncate(bytes.len() / 2);
-    } else {
-        stats.ok.fetch_add(1, Ordering::Relaxed);
-    }
-    (
-        StatusCode::OK,
-        [(axum::http::header::CONTENT_TYPE, "application/json")],
-        bytes,
-    )
-        .into_response()
+    }))
 }
 
 /// The text prompt and the decoded image of a chat-completions vision request.
