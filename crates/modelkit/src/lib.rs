@@ -11,3 +11,4 @@ pub mod noise;
 pub mod shapes;
 pub mod text_fix;
 pub mod tokenizer;
+pub mod tools;

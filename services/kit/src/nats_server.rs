@@ -4,26 +4,25 @@
 //! The binary is found at `$ATELIER_NATS_SERVER`, then `.tools/bin/nats-server` (what
 //! `scripts/bootstrap` installs) in the current directory or any parent, then on `PATH`.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context as _};
 
-/// Finds an executable named `name`: `$env_var`, `.tools/bin/<name>` here or in a parent, `PATH`.
+/// Finds an executable named `name`: `$env_var`, `$ATELIER_TOOLS_DIR/bin/<name>`, `.tools/bin/<name>`
+/// beside an ancestor of the running binary (target/<profile>/atelier → ../../.tools), `PATH` —
+/// never by the working directory.
 pub fn find_tool(name: &str, env_var: &str) -> Option<PathBuf> {
     if let Some(p) = std::env::var_os(env_var) {
         return Some(PathBuf::from(p));
     }
-    let mut dir = std::env::current_dir().ok();
-    while let Some(d) = dir {
-        let candidate = d.join(".tools/bin").join(name);
+    if let Some(dir) = std::env::var_os("ATELIER_TOOLS_DIR") {
+        let candidate = PathBuf::from(dir).join("bin").join(name);
         if candidate.is_file() {
             return Some(candidate);
         }
-        dir = d.parent().map(Path::to_path_buf);
     }
-    // Next to the running binary's workspace (target/<profile>/atelier → ../../.tools).
     if let Ok(exe) = std::env::current_exe() {
         for anc in exe.ancestors().skip(1).take(4) {
             let candidate = anc.join(".tools/bin").join(name);

@@ -35,13 +35,89 @@ impl Config {
         }
         if self.no_nsfw {
             handler.nsfw_model = None;
+            handler.nsfw_off = true;
         }
         handler.clip_model = self.models.clip();
         handler
     }
 }
 
+impl Config {
+    /// A model that is configured but missing stops the start, saying which.
+    pub fn check(&self) -> anyhow::Result<()> {
+        self.models.check().map_err(anyhow::Error::msg)?;
+        let files = [
+            ("--meteor-jar (ATELIER_METEOR_JAR)", self.meteor_jar.clone()),
+            ("--nsfw-model (ATELIER_NSFW_MODEL)", self.nsfw_model.clone()),
+            (
+                "ORT_DYLIB_PATH",
+                std::env::var_os("ORT_DYLIB_PATH").map(Into::into),
+            ),
+        ];
+        for (what, path) in files {
+            if let Some(p) = path.filter(|p| !p.is_file()) {
+                anyhow::bail!(
+                    "{what} is {} but there is no such file: fix the path, or unset it",
+                    p.display()
+                );
+            }
+        }
+        Ok(())
+    }
+}
+
 /// Runs the quality filter: the `atelier-quality-filter` binary and `atelier up` both call this.
 pub async fn serve(config: Config, launch: atelier_kit::service::Launch) -> anyhow::Result<()> {
-    launch.run(config.filter()).await
+    config.check()?;
+    let filter = config.filter();
+    filter.log_models();
+    launch.run(filter).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_configured_model_that_is_missing_is_an_error_naming_it() {
+        let tmp = tempfile::tempdir().unwrap();
+        let missing = tmp.path().join("nope.onnx");
+        let c = Config {
+            nsfw_model: Some(missing.clone()),
+            ..Default::default()
+        };
+        let e = c.check().unwrap_err().to_string();
+        assert!(
+            e.contains("ATELIER_NSFW_MODEL") && e.contains("nope.onnx"),
+            "{e}"
+        );
+        let c = Config {
+            models: atelier_embed::ModelDirs {
+                clip_model: Some(tmp.path().to_owned()),
+                minilm: None,
+            },
+            ..Default::default()
+        };
+        let e = c.check().unwrap_err().to_string();
+        assert!(
+            e.contains("ATELIER_CLIP_MODEL") && e.contains("config.json"),
+            "{e}"
+        );
+        assert!(Config::default().check().is_ok());
+    }
+
+    #[test]
+    fn a_policy_using_nsfw_needs_the_detector_or_its_explicit_absence() {
+        use atelier_contracts::dataset::{QualityPolicy, Severity};
+        let missing = crate::QualityFilter::default();
+        let policy = QualityPolicy::default();
+        let e = missing.require_nsfw(&policy).unwrap_err();
+        assert!(format!("{e:?}").contains("nsfw_unavailable"), "{e:?}");
+        let mut off = crate::QualityFilter::default();
+        off.nsfw_off = true;
+        assert!(off.require_nsfw(&policy).is_ok());
+        let mut ignoring = QualityPolicy::default();
+        ignoring.severity.insert("nsfw".into(), Severity::Ignore);
+        assert!(missing.require_nsfw(&ignoring).is_ok());
+    }
 }

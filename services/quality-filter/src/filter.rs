@@ -16,6 +16,7 @@ impl QualityFilter {
     ) -> Result<JobOutput, JobError> {
         spec.check()
             .map_err(|e| JobError::permanent("invalid_job", e))?;
+        self.require_nsfw(&spec.policy)?;
         let datasets = ctx.bucket(atelier_contracts::typed::DATASETS).await?;
         let prefix = format!("{}.", spec.dataset);
         let versions: Vec<(String, DatasetManifest)> =

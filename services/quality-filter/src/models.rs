@@ -22,6 +22,9 @@ pub struct QualityFilter {
     /// decodable image when both are set.
     pub nsfw_model: Option<std::path::PathBuf>,
     pub onnxruntime: Option<std::path::PathBuf>,
+    /// The detector was turned off on purpose (`--no-nsfw`): filter jobs go on without the
+    /// `nsfw` signal. Not off and not found, a job whose policy uses the signal fails.
+    pub nsfw_off: bool,
     detector: Arc<OnceLock<Result<Loaded<nsfw::NsfwDetector>, String>>>,
     /// A CLIP model folder: filter jobs score every captioned image with it when set.
     pub clip_model: Option<std::path::PathBuf>,
@@ -59,10 +62,43 @@ impl QualityFilter {
             minilm: atelier_embed::find_minilm(),
             nsfw_model: nsfw::find_model().filter(|_| !nsfw_disabled()),
             onnxruntime: nsfw::find_onnxruntime(),
+            nsfw_off: nsfw_disabled(),
             detector: Arc::default(),
             clip_model: atelier_embed::clip::find_clip(),
             clip: Arc::default(),
         }
+    }
+
+    /// Says at start which models this worker runs, and what is off.
+    pub fn log_models(&self) {
+        let show = |p: &Option<std::path::PathBuf>| {
+            p.as_ref()
+                .map_or("not found".to_owned(), |p| p.display().to_string())
+        };
+        let nsfw = match (&self.nsfw_model, &self.onnxruntime, self.nsfw_off) {
+            (_, _, true) => "off (--no-nsfw)".to_owned(),
+            (Some(m), Some(_), _) => m.display().to_string(),
+            _ => "not found: filter jobs whose policy uses `nsfw` fail (set ATELIER_NSFW_MODEL and ORT_DYLIB_PATH, run scripts/bootstrap, or ATELIER_NO_NSFW=1)".to_owned(),
+        };
+        tracing::info!(nsfw = %nsfw, clip = %show(&self.clip_model), minilm = %show(&self.minilm),
+            meteor = %show(&self.meteor_jar), "quality filter models");
+    }
+
+    /// Fails a job whose policy uses the `nsfw` signal when the detector is neither available
+    /// nor turned off on purpose.
+    pub(crate) fn require_nsfw(
+        &self,
+        policy: &atelier_contracts::dataset::QualityPolicy,
+    ) -> Result<(), JobError> {
+        let available = self.nsfw_model.is_some() && self.onnxruntime.is_some();
+        let used = policy.severity_of("nsfw") != atelier_contracts::dataset::Severity::Ignore;
+        if available || self.nsfw_off || !used {
+            return Ok(());
+        }
+        Err(JobError::permanent(
+            "nsfw_unavailable",
+            "the policy uses the nsfw signal but this quality filter has no NSFW detector: install it (scripts/bootstrap), point ATELIER_NSFW_MODEL and ORT_DYLIB_PATH at nudenet's 320n.onnx and libonnxruntime, start the worker with --no-nsfw (ATELIER_NO_NSFW=1) to go without it, or set the policy's nsfw severity to ignore",
+        ))
     }
 
     /// The CLIP model, loaded once; `None` when not configured.

@@ -46,19 +46,7 @@ pub const SIDE: u32 = 320;
 pub const MIN_SCORE: f32 = 0.2;
 
 fn in_tools(rel: &str) -> Option<PathBuf> {
-    let cwd = std::env::current_dir().ok()?;
-    for dir in cwd.ancestors() {
-        let Ok(entries) = std::fs::read_dir(dir.join(".tools/lib")) else {
-            continue;
-        };
-        for e in entries.flatten() {
-            let p = e.path().join("site-packages").join(rel);
-            if p.exists() {
-                return Some(p);
-            }
-        }
-    }
-    None
+    atelier_embed::tools::site_package(rel)
 }
 
 /// `ATELIER_NSFW_MODEL`, else nudenet's `320n.onnx` in the project's `.tools/` venv.

@@ -409,6 +409,7 @@ pub async fn serve(
     models: atelier_embed::ModelDirs,
     launch: atelier_kit::service::Launch,
 ) -> anyhow::Result<()> {
+    models.check().map_err(anyhow::Error::msg)?;
     let indexer = Indexer::new(Models::new(models.clip(), models.minilm()));
     let queries = tokio::spawn(query::serve(
         indexer.clone(),
