@@ -1,4 +1,6 @@
-//! `atelier eval-captions`: score candidate captions against references, offline.
+//! `atelier eval-captions`: score candidate captions against references — offline from two
+//! files, or a dataset version's captions against human references (a JSONL or CSV file) as an
+//! `eval_captions` job through the gateway.
 
 use std::path::{Path, PathBuf};
 
@@ -9,12 +11,22 @@ use crate::remote::print_json;
 
 #[derive(clap::Args)]
 pub struct EvalArgs {
-    /// JSONL of {"image_id", "caption"}, several lines per image allowed.
+    /// Human references: JSONL of {"image_id", "caption"} (several lines per image allowed, or
+    /// "captions": [...]) or CSV with image_id,caption columns.
     #[arg(long)]
     refs: PathBuf,
-    /// JSONL of {"image_id", "caption"}, one line per image.
+    /// JSONL of {"image_id", "caption"}, one line per image (offline scoring).
+    #[arg(long, required_unless_present = "dataset", conflicts_with = "dataset")]
+    cands: Option<PathBuf>,
+    /// Score this dataset's captions instead (an eval_captions job through the gateway; ids in
+    /// --refs are rows' image_id or sha256).
     #[arg(long)]
-    cands: PathBuf,
+    dataset: Option<String>,
+    /// With --dataset: the version (default: the latest).
+    #[arg(long, requires = "dataset")]
+    version: Option<u32>,
+    #[command(flatten)]
+    remote: crate::remote::Remote,
     /// Also print every image's scores.
     #[arg(long)]
     per_image: bool,
@@ -37,9 +49,14 @@ fn read(p: &Path) -> anyhow::Result<String> {
     std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))
 }
 
-pub fn run(a: EvalArgs) -> anyhow::Result<()> {
-    let r = jsonl::references(&a.refs.display().to_string(), &read(&a.refs)?)?;
-    let c = jsonl::candidates(&a.cands.display().to_string(), &read(&a.cands)?)?;
+pub async fn run(a: EvalArgs) -> anyhow::Result<()> {
+    let refs_text = read(&a.refs)?;
+    // Parsed here first, so a malformed file is reported with its line before anything is sent.
+    let r = jsonl::any_references(&a.refs.display().to_string(), &refs_text)?;
+    let (Some(cands), None) = (&a.cands, &a.dataset) else {
+        return remote(&a, refs_text).await;
+    };
+    let c = jsonl::candidates(&cands.display().to_string(), &read(cands)?)?;
     let hint = |e: EvalError| {
         anyhow::anyhow!(
             "{e}; every candidate needs references and every referenced image a candidate"
@@ -63,6 +80,27 @@ pub fn run(a: EvalArgs) -> anyhow::Result<()> {
         atelier_caption_eval::add_semsim(&mut scores, &r, &c, &enc)?;
     }
     print_json(&summary(&a, &scores, jar.is_some(), minilm.is_some()))
+}
+
+/// Uploads the references and runs an eval_captions job on the dataset's captions.
+async fn remote(a: &EvalArgs, refs: String) -> anyhow::Result<()> {
+    let dataset = a
+        .dataset
+        .clone()
+        .ok_or_else(|| anyhow::anyhow!("give --cands FILE or --dataset NAME"))?;
+    let client = a.remote.client()?;
+    let up = client
+        .upload(refs.into_bytes().into(), "text/plain")
+        .await
+        .context("uploading the references")?;
+    let spec = atelier_contracts::JobSpec::EvalCaptions(atelier_contracts::EvalCaptionsSpec {
+        dataset,
+        version: a.version,
+        references: String::new(),
+        references_file: Some(up.artifact.key),
+        include_rejected: false,
+    });
+    crate::remote::run_job(&a.remote, &spec).await
 }
 
 /// The corpus scores, with a null and a note for each metric left out.

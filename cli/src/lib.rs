@@ -94,7 +94,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             }
             Ok(())
         }
-        Command::EvalCaptions(args) => eval::run(args),
+        Command::EvalCaptions(args) => eval::run(args).await,
     }
 }
 

@@ -927,8 +927,15 @@ pub struct EvalCaptionsSpec {
     /// Default: the latest version.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub version: Option<u32>,
-    /// The caption source id (16 hex digits) whose captions are the references.
+    /// The caption source id (16 hex digits) whose captions are the references; or give
+    /// `references_file`.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
     pub references: String,
+    /// An uploaded file of human references (`POST /v1/uploads`): JSONL of `{"image_id",
+    /// "caption"}` (or `"captions": [...]`) lines, or CSV with `image_id,caption` columns; ids
+    /// are a row's `image_id` or its image's sha256.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub references_file: Option<String>,
     /// Score rejected rows too (default: only the kept ones).
     #[serde(default)]
     pub include_rejected: bool,
@@ -937,9 +944,22 @@ pub struct EvalCaptionsSpec {
 impl EvalCaptionsSpec {
     pub fn check(&self) -> Result<(), String> {
         check_dataset_name(&self.dataset)?;
+        match (&self.references_file, self.references.is_empty()) {
+            (Some(_), false) => {
+                return Err(
+                    "give references (a caption source) or references_file, not both".into(),
+                )
+            }
+            (Some(key), true) => {
+                return crate::ArtifactKey::parse(key)
+                    .map(drop)
+                    .map_err(|e| format!("references_file {key:?}: {e}"))
+            }
+            (None, _) => {}
+        }
         if self.references.len() != 16 || !self.references.bytes().all(|b| b.is_ascii_hexdigit()) {
             return Err(format!(
-                "references {:?}: expected a caption source id (16 hex digits)",
+                "references {:?}: expected a caption source id (16 hex digits), or give references_file",
                 self.references
             ));
         }

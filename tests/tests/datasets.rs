@@ -355,6 +355,7 @@ async fn ingest_caption_filter_export_through_the_services() {
             dataset: "scenes".into(),
             version: Some(1),
             references: references.into(),
+            references_file: None,
             include_rejected: false,
         })
     };
@@ -373,6 +374,55 @@ async fn ingest_caption_filter_export_through_the_services() {
     let r = run(&c, &client, eval("00000000deadbeef")).await;
     assert_eq!(r.state, JobState::Failed);
     assert_eq!(r.error.unwrap().code, "no_references");
+
+    // Human references from an uploaded CSV: three images by image_id (one with two
+    // references, one a caption with a comma and quotes), one by sha256, one unknown id.
+    let kept_rows: Vec<_> = rows1
+        .iter()
+        .filter(|r| {
+            r.decision != atelier_contracts::dataset::Decision::Reject && r.caption.is_some()
+        })
+        .collect();
+    let mut csv = String::from("image_id,caption\n");
+    for r in &kept_rows[..3] {
+        csv += &format!(
+            "{},\"{}\"\n",
+            r.image_id,
+            r.caption.clone().unwrap().replace('"', "\"\"")
+        );
+    }
+    csv += &format!(
+        "{},\"a scene, \"\"roughly\"\" drawn\"\n",
+        kept_rows[0].image_id
+    );
+    csv += &format!(
+        "{},{}\n",
+        kept_rows[3].sha256, "shapes on a plain background"
+    );
+    csv += "no-such-image,whatever\n";
+    let up = client
+        .upload(csv.into_bytes().into(), "text/csv")
+        .await
+        .unwrap();
+    let human = JobSpec::EvalCaptions(atelier_contracts::EvalCaptionsSpec {
+        dataset: "scenes".into(),
+        version: Some(1),
+        references: String::new(),
+        references_file: Some(up.artifact.key.clone()),
+        include_rejected: false,
+    });
+    let r = run(&c, &client, human).await;
+    let Some(JobOutput::CaptionScores(scores)) = r.output else {
+        panic!("{:?}", r.error)
+    };
+    assert_eq!(scores.images, 4);
+    assert_eq!(scores.missing_references as usize, kept_rows.len() - 4);
+    assert_eq!(scores.references, up.artifact.key);
+    assert!(
+        scores.corpus["Bleu_1"] > 0.5 && scores.corpus["Bleu_1"] < 1.0,
+        "{:?}",
+        scores.corpus
+    );
 
     // Exports, loaded by Hugging Face datasets.
     let kept: BTreeMap<String, Vec<String>> = {

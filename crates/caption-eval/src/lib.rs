@@ -264,6 +264,93 @@ pub mod jsonl {
         Ok(refs)
     }
 
+    /// Human references from a file in either format: JSONL as [`references`] reads it (also
+    /// `{"image_id", "captions": [...]}`), or CSV with a header naming `image_id` and `caption`
+    /// columns (one row per reference; quoted fields may hold commas, quotes and newlines).
+    /// JSONL when the first non-blank character is `{`.
+    pub fn any_references(
+        file: &str,
+        text: &str,
+    ) -> Result<BTreeMap<String, Vec<String>>, JsonlError> {
+        if text.trim_start().starts_with('{') {
+            return references(file, &expand_lists(file, text)?);
+        }
+        csv_references(file, text)
+    }
+
+    /// JSONL whose lines may carry `"captions": [...]`, as one line per caption.
+    fn expand_lists(file: &str, text: &str) -> Result<String, JsonlError> {
+        let mut out = String::new();
+        for (i, line) in text.lines().enumerate() {
+            let v: Option<serde_json::Value> = serde_json::from_str(line).ok();
+            match v
+                .as_ref()
+                .and_then(|v| Some((v.get("image_id")?, v.get("captions")?)))
+            {
+                Some((id, serde_json::Value::Array(cs))) => {
+                    for c in cs {
+                        let one = serde_json::json!({"image_id": id, "caption": c});
+                        out.push_str(&one.to_string());
+                        out.push('\n');
+                    }
+                }
+                Some(_) => {
+                    return Err(JsonlError::Line {
+                        file: file.to_owned(),
+                        line: i + 1,
+                        message: "\"captions\" must be a list of strings".into(),
+                    })
+                }
+                None => {
+                    out.push_str(line);
+                    out.push('\n');
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    fn csv_references(file: &str, text: &str) -> Result<BTreeMap<String, Vec<String>>, JsonlError> {
+        let err = |line: usize, message: String| JsonlError::Line {
+            file: file.to_owned(),
+            line,
+            message,
+        };
+        let mut reader = csv::ReaderBuilder::new()
+            .flexible(false)
+            .from_reader(text.as_bytes());
+        let header = reader
+            .headers()
+            .map_err(|e| err(1, format!("not CSV: {e}")))?
+            .clone();
+        let col = |name: &str| {
+            header.iter().position(|h| h.trim() == name).ok_or_else(|| {
+                err(
+                    1,
+                    format!("the header needs an {name:?} column (image_id,caption)"),
+                )
+            })
+        };
+        let (id_col, caption_col) = (col("image_id")?, col("caption")?);
+        let mut refs: BTreeMap<String, Vec<String>> = BTreeMap::new();
+        for record in reader.records() {
+            let record = record.map_err(|e| {
+                let line = e.position().map_or(0, |p| p.line() as usize);
+                err(line, format!("not CSV: {e}"))
+            })?;
+            let line = record.position().map_or(0, |p| p.line() as usize);
+            let id = record.get(id_col).unwrap_or_default().trim();
+            let caption = record.get(caption_col).unwrap_or_default();
+            if id.is_empty() {
+                return Err(err(line, "an empty image_id".into()));
+            }
+            refs.entry(id.to_owned())
+                .or_default()
+                .push(caption.to_owned());
+        }
+        Ok(refs)
+    }
+
     pub fn candidates(file: &str, text: &str) -> Result<BTreeMap<String, String>, JsonlError> {
         let mut cands = BTreeMap::new();
         for (i, (id, c)) in entries(file, text)?.into_iter().enumerate() {
@@ -284,6 +371,23 @@ pub mod jsonl {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn references_read_from_jsonl_lists_and_csv_alike() {
+        let jsonl = "{\"image_id\": 7, \"caption\": \"a dog\"}\n{\"image_id\": \"x\", \"captions\": [\"one\", \"two\"]}\n";
+        let r = jsonl::any_references("refs.jsonl", jsonl).unwrap();
+        assert_eq!(r["7"], vec!["a dog"]);
+        assert_eq!(r["x"], vec!["one", "two"]);
+        let csv =
+            "image_id,caption\n7,a dog\nx,\"one, with a comma\"\nx,\"two \"\"quoted\"\"\nline\"\n";
+        let r = jsonl::any_references("refs.csv", csv).unwrap();
+        assert_eq!(r["7"], vec!["a dog"]);
+        assert_eq!(r["x"], vec!["one, with a comma", "two \"quoted\"\nline"]);
+        let e = jsonl::any_references("refs.csv", "id,text\n1,a\n").unwrap_err();
+        assert!(e.to_string().contains("image_id"), "{e}");
+        let e = jsonl::any_references("refs.csv", "image_id,caption\n1,a,extra\n").unwrap_err();
+        assert!(e.to_string().starts_with("refs.csv:"), "{e}");
+    }
 
     #[test]
     fn identical_captions_score_perfectly_and_mismatches_are_errors() {

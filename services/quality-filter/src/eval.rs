@@ -8,6 +8,24 @@ use atelier_contracts::dataset::Decision;
 use atelier_contracts::JobOutput;
 use atelier_kit::{JobCtx, JobError};
 
+/// The human references in an uploaded JSONL or CSV file, by image id (or sha256).
+async fn human_references(
+    ctx: &JobCtx,
+    key: &str,
+) -> Result<BTreeMap<String, Vec<String>>, JobError> {
+    let k = atelier_contracts::ArtifactKey::parse(key)
+        .map_err(|e| JobError::permanent("bad_artifact_key", e.to_string()))?;
+    let bytes = ctx.store().get_bytes(&k).await?;
+    let text = std::str::from_utf8(&bytes).map_err(|e| {
+        JobError::permanent(
+            "invalid_references",
+            format!("{key} is not UTF-8 text: {e}"),
+        )
+    })?;
+    atelier_caption_eval::jsonl::any_references(key, text)
+        .map_err(|e| JobError::permanent("invalid_references", e.to_string()))
+}
+
 impl QualityFilter {
     pub(crate) async fn eval_captions(
         &self,
@@ -18,6 +36,10 @@ impl QualityFilter {
             .map_err(|e| JobError::permanent("invalid_job", e))?;
         let (manifest, rows) =
             atelier_kit::datasets::load_version(ctx, &spec.dataset, spec.version).await?;
+        let human = match &spec.references_file {
+            Some(key) => Some(human_references(ctx, key).await?),
+            None => None,
+        };
         let captions_kv = ctx.bucket(atelier_contracts::typed::CAPTIONS).await?;
         let mut refs = BTreeMap::new();
         let mut cands = BTreeMap::new();
@@ -29,25 +51,32 @@ impl QualityFilter {
             let Some(cand) = r.caption.as_ref().filter(|c| !c.trim().is_empty()) else {
                 continue;
             };
-            let reference = captions_kv
-                .get(&format!("{}.{}", r.sha256, spec.references))
-                .await
-                .map_err(kv_err)?
-                .filter(|c| !c.caption.trim().is_empty());
-            match reference {
-                Some(c) => {
-                    refs.insert(r.image_id.clone(), vec![c.caption]);
+            let reference: Option<Vec<String>> = match &human {
+                Some(h) => h.get(&r.image_id).or_else(|| h.get(&r.sha256)).cloned(),
+                None => captions_kv
+                    .get(&format!("{}.{}", r.sha256, spec.references))
+                    .await
+                    .map_err(kv_err)?
+                    .map(|c| vec![c.caption]),
+            };
+            match reference.filter(|cs| cs.iter().any(|c| !c.trim().is_empty())) {
+                Some(cs) => {
+                    refs.insert(r.image_id.clone(), cs);
                     cands.insert(r.image_id.clone(), cand.clone());
                 }
                 None => missing += 1,
             }
         }
+        let references = spec
+            .references_file
+            .clone()
+            .unwrap_or_else(|| spec.references.clone());
         if cands.is_empty() {
             return Err(JobError::permanent(
                 "no_references",
                 format!(
-                    "no image of {} v{} has a caption from source {} to compare with",
-                    spec.dataset, manifest.version, spec.references
+                    "no image of {} v{} has a reference in {references} to compare with (references are matched by image_id or sha256)",
+                    spec.dataset, manifest.version
                 ),
             ));
         }
@@ -92,7 +121,7 @@ impl QualityFilter {
         Ok(JobOutput::CaptionScores(atelier_contracts::CaptionScores {
             dataset: spec.dataset,
             version: manifest.version,
-            references: spec.references,
+            references,
             images,
             missing_references: missing,
             corpus: scores.corpus,
