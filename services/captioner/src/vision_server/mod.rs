@@ -34,6 +34,9 @@ pub struct Faults {
     pub latency: Duration,
     /// Every request fails with 500 (an endpoint that is down).
     pub fail_all: bool,
+    /// Requests per minute the server accepts (a sliding 60-second window; 0: no limit);
+    /// over it, 429 with `Retry-After` until the oldest request in the window leaves it.
+    pub rpm_limit: u32,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -64,6 +67,30 @@ struct Inner {
     config: ServerConfig,
     stats: Arc<Stats>,
     batches: batches::Store,
+    /// Arrival times of the accepted requests of the last minute (`rpm_limit`).
+    window: std::sync::Mutex<std::collections::VecDeque<std::time::Instant>>,
+}
+
+impl Inner {
+    /// Admits a request under `rpm_limit`, or says how long until one would be admitted.
+    fn admit(&self) -> Result<(), Duration> {
+        let limit = self.config.faults.rpm_limit as usize;
+        if limit == 0 {
+            return Ok(());
+        }
+        let now = std::time::Instant::now();
+        let minute = Duration::from_secs(60);
+        let mut w = self.window.lock().unwrap_or_else(|p| p.into_inner());
+        while w.front().is_some_and(|t| now.duration_since(*t) >= minute) {
+            w.pop_front();
+        }
+        if w.len() >= limit {
+            let oldest = w.front().copied().unwrap_or(now);
+            return Err(minute.saturating_sub(now.duration_since(oldest)));
+        }
+        w.push_back(now);
+        Ok(())
+    }
 }
 
 /// A running server: its base URL (…/v1) and counters.
@@ -112,6 +139,7 @@ pub fn router(config: ServerConfig, stats: Arc<Stats>) -> Router {
             config,
             stats,
             batches: Default::default(),
+            window: Default::default(),
         }))
         .layer(axum::extract::DefaultBodyLimit::max(64 << 20))
 }
@@ -147,7 +175,9 @@ async fn completions(
     if let Some(r) = authorized(&s, &headers) {
         return r;
     }
-    if every(f.rate_limit_every, n) {
+    let over = s.admit().err();
+    if over.is_some() || every(f.rate_limit_every, n) {
+        let retry_after_s = over.map_or(f.retry_after_s, |d| d.as_secs_f64());
         stats.rate_limited.fetch_add(1, Ordering::Relaxed);
         let mut r = openai_error(
             StatusCode::TOO_MANY_REQUESTS,
@@ -155,10 +185,10 @@ async fn completions(
             "Rate limit reached for requests per min. Please try again later.",
         );
         let h = r.headers_mut();
-        if let Ok(v) = format!("{}", f.retry_after_s.ceil() as u64).parse() {
+        if let Ok(v) = format!("{}", retry_after_s.ceil() as u64).parse() {
             h.insert("retry-after", v);
         }
-        if let Ok(v) = format!("{}", (f.retry_after_s * 1000.0) as u64).parse() {
+        if let Ok(v) = format!("{}", (retry_after_s * 1000.0) as u64).parse() {
             h.insert("retry-after-ms", v);
         }
         return r;

@@ -1,0 +1,242 @@
+//! Captioning at scale: `scripts/bench-dataset` (or `cargo bench -p atelier-e2e --bench
+//! caption_scale`). Generated images (ATELIER_BENCH_IMAGES, default 100,000) ingested into one
+//! dataset, then captioned by 1, 2 and 4 captioner replicas (ATELIER_BENCH_REPLICAS) on one NATS,
+//! each run as its own caption source, through the loopback OpenAI-compatible server with 200 ms
+//! latency that accepts 600 requests a minute (429 beyond). The replicas share one 600/minute
+//! budget. Printed per run: wall time, requests the server accepted and refused, the rate used
+//! against the allowed one, captions lost and duplicated. Then the version is exported in every
+//! format by `atelier export` processes, with their peak RSS, and each export loaded by `datasets`.
+
+use std::collections::HashSet;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use atelier_captioner::vision_server::{Faults, ServerConfig, VisionServer};
+use atelier_contracts::dataset::{CaptionBackend, CaptionRecord, CaptionSpec, FilterSpec};
+use atelier_contracts::{JobOutput, JobSpec, JobState};
+use atelier_e2e::*;
+use tokio_util::sync::CancellationToken;
+
+const RPM: u32 = 600;
+
+fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+async fn finish(c: &Cluster, client: &atelier_client::Client, spec: &JobSpec) -> JobOutput {
+    let id = client.submit(spec).await.expect("submitted").id;
+    let r = c
+        .wait_terminal(&[id], Duration::from_secs(24 * 3600))
+        .await
+        .expect("finished")
+        .remove(0);
+    assert_eq!(r.state, JobState::Succeeded, "{:?}", r.error);
+    r.output.expect("output")
+}
+
+#[tokio::main(flavor = "multi_thread")]
+async fn main() {
+    let n: u64 = env_or("ATELIER_BENCH_IMAGES", 100_000);
+    let replicas: Vec<usize> = std::env::var("ATELIER_BENCH_REPLICAS")
+        .unwrap_or_else(|_| "1,2,4".into())
+        .split(',')
+        .filter_map(|r| r.trim().parse().ok())
+        .collect();
+    let vision = VisionServer::start(ServerConfig {
+        faults: Faults {
+            latency: Duration::from_millis(200),
+            rpm_limit: RPM,
+            ..Default::default()
+        },
+        model: "scene-describer".into(),
+        ..Default::default()
+    })
+    .await
+    .expect("vision server");
+    let mut c = Cluster::local().await.expect("cluster");
+    c.spawn_service("atelier-ingest", &[]).expect("ingest");
+    c.spawn_service(
+        "atelier-quality-filter",
+        &[("ATELIER_NO_NSFW", "1".to_owned())],
+    )
+    .expect("filter");
+    let shutdown = CancellationToken::new();
+    let client = c.open_gateway(&shutdown).await;
+
+    let dir = tempfile::tempdir().expect("tmp");
+    for seed in 0..n {
+        std::fs::write(
+            dir.path().join(format!("{seed:07}.png")),
+            atelier_ingest::samples::scene_bytes(seed, 48, 32, image::ImageFormat::Png),
+        )
+        .expect("write");
+    }
+    let t0 = Instant::now();
+    let report = atelier_cli::ingest::ingest_dir(
+        &client,
+        dir.path(),
+        "scale",
+        None,
+        Duration::from_secs(3600),
+        false,
+    )
+    .await
+    .expect("ingest");
+    println!(
+        "ingest: {} images in {:.1} s ({:.0}/s)",
+        report.recorded,
+        t0.elapsed().as_secs_f64(),
+        report.recorded as f64 / t0.elapsed().as_secs_f64()
+    );
+
+    let env = vec![
+        ("ATELIER_OPENAI_BASE_URL", vision.base_url()),
+        ("ATELIER_OPENAI_MODEL", "scene-describer".to_owned()),
+        ("ATELIER_OPENAI_RPM", RPM.to_string()),
+        ("ATELIER_OPENAI_TPM", "0".to_owned()),
+        ("ATELIER_OPENAI_CONCURRENCY", "4".to_owned()),
+        ("ATELIER_CONCURRENCY", "2".to_owned()),
+    ];
+    let mut spawned = Vec::new();
+    for (run, &r) in replicas.iter().enumerate() {
+        while spawned.len() < r {
+            spawned.push(
+                c.spawn_service("atelier-captioner", &env)
+                    .expect("captioner"),
+            );
+        }
+        caption_run(&c, &client, &vision, n, r, run).await;
+        // The next run starts from an idle minute: the server's window and the shared bucket
+        // refill, so each run is measured alike.
+        tokio::time::sleep(Duration::from_secs(61)).await;
+    }
+    export_all(&c, &client, n).await;
+    shutdown.cancel();
+    c.stop_services(libc::SIGTERM, Duration::from_secs(10));
+}
+
+async fn caption_run(
+    c: &Cluster,
+    client: &atelier_client::Client,
+    vision: &VisionServer,
+    n: u64,
+    replicas: usize,
+    run: usize,
+) {
+    let (ok0, refused0) = (
+        vision.stats.ok.load(Ordering::SeqCst),
+        vision.stats.rate_limited.load(Ordering::SeqCst),
+    );
+    let spec = JobSpec::Caption(CaptionSpec {
+        dataset: "scale".into(),
+        backend: CaptionBackend::Openai {
+            model: None,
+            prompt: Some(format!("Describe the picture (run {run}).")),
+            max_tokens: 60,
+            temperature: 0.2,
+            image_max_side: 64,
+            batch: false,
+        },
+        shard_size: Some(500),
+        ..Default::default()
+    });
+    let t0 = Instant::now();
+    let JobOutput::Captions(out) = finish(c, client, &spec).await else {
+        panic!("not a caption output")
+    };
+    let secs = t0.elapsed().as_secs_f64();
+    let ok = vision.stats.ok.load(Ordering::SeqCst) - ok0;
+    let refused = vision.stats.rate_limited.load(Ordering::SeqCst) - refused0;
+    // The most a 60-second sliding window of RPM allows in `secs`.
+    let allowed = f64::from(RPM) * (secs / 60.0).max(1.0);
+    let kv = c.bus.captions_kv().await.expect("kv");
+    let captions: Vec<(String, CaptionRecord)> = atelier_kit::bus::kv_values(&kv, "")
+        .await
+        .expect("captions");
+    let mine: Vec<&CaptionRecord> = captions
+        .iter()
+        .map(|(_, r)| r)
+        .filter(|r| r.source_id == out.source_id)
+        .collect();
+    let distinct: HashSet<&str> = mine.iter().map(|r| r.image_sha256.as_str()).collect();
+    println!(
+        "caption, {replicas} replica(s): {n} images in {secs:.1} s; {ok} requests accepted, {refused} refused (429); \
+         rate used {:.1}% of {RPM}/min; {} captions, {} lost, {} duplicated, {} failed",
+        100.0 * ok as f64 / allowed,
+        mine.len(),
+        n - distinct.len() as u64,
+        mine.len() - distinct.len(),
+        out.failed_total
+    );
+}
+
+async fn export_all(c: &Cluster, client: &atelier_client::Client, n: u64) {
+    let policy = atelier_contracts::dataset::QualityPolicy {
+        min_side: 16,
+        ..Default::default()
+    };
+    let JobOutput::DatasetVersion(v) = finish(
+        c,
+        client,
+        &JobSpec::Filter(FilterSpec {
+            dataset: "scale".into(),
+            caption_source: None,
+            policy,
+            split: Default::default(),
+            note: None,
+        }),
+    )
+    .await
+    else {
+        panic!("not a version")
+    };
+    let kept = v.counts.accepted + v.counts.flagged;
+    println!("filter: version {} keeps {kept} of {n}", v.version);
+    let out = tempfile::tempdir().expect("tmp");
+    for format in ["parquet", "webdataset", "jsonl", "llava"] {
+        let dir = out.path().join(format);
+        let t0 = Instant::now();
+        let peak = peak_rss_of(
+            std::process::Command::new(bin("atelier"))
+                .args(["export", "--dataset", "scale", "--format", format, "--out"])
+                .arg(&dir)
+                .env("ATELIER_GATEWAY", client.base())
+                .stdout(std::process::Stdio::null()),
+        );
+        let secs = t0.elapsed().as_secs_f64();
+        let loaded = if format == "llava" {
+            "llava JSON (not an image builder)".to_owned()
+        } else {
+            let seen = hf_load("card", &dir);
+            let rows: u64 = seen
+                .as_object()
+                .map(|o| o.values().filter_map(|s| s["rows"].as_u64()).sum())
+                .unwrap_or(0);
+            format!("datasets loads {rows} rows")
+        };
+        println!(
+            "export {format}: {kept} rows in {secs:.1} s, peak RSS {:.0} MiB; {loaded}",
+            peak as f64 / 1024.0
+        );
+    }
+}
+
+/// Runs `cmd` to the end and returns its peak resident set in KiB (`ru_maxrss`).
+fn peak_rss_of(cmd: &mut std::process::Command) -> i64 {
+    let child = cmd.spawn().expect("spawned");
+    let pid = child.id() as libc::pid_t;
+    let mut status = 0;
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: waits for our own child; `status` and `usage` are valid out-pointers.
+    let r = unsafe { libc::wait4(pid, &mut status, 0, &mut usage) };
+    assert_eq!(r, pid, "wait4");
+    assert!(
+        libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
+        "export failed"
+    );
+    std::mem::forget(child);
+    usage.ru_maxrss
+}
