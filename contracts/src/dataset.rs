@@ -89,13 +89,17 @@ pub struct ShardOf {
 /// A rate budget shared by every replica calling one endpoint: two token buckets (requests and
 /// tokens per minute) refilling continuously, and a pause the endpoint asked for (429 with
 /// `Retry-After`). Times are Unix milliseconds.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize, JsonSchema, ToSchema)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema, ToSchema)]
 pub struct RateBudget {
     pub requests: f64,
     pub tokens: f64,
     pub at_ms: i64,
     #[serde(default)]
     pub paused_until_ms: i64,
+    /// Requests in flight: (lease id, expiry), each given back when its request ends or dropped
+    /// when it expires (its replica died).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub leases: Vec<(u64, i64)>,
 }
 
 /// The Batch API batches a caption job created (`atelier_batches`, keyed by the job's id), so

@@ -409,3 +409,52 @@ async fn replicas_share_one_request_budget() {
         t0.elapsed()
     );
 }
+
+/// At most 3 requests in flight across two replicas: 12 requests of 100 ms never overlap more
+/// than 3 deep; a lease its replica never gives back (it died) lapses after its time to live.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn replicas_share_a_limit_on_requests_in_flight() {
+    let c = Cluster::local().await.unwrap();
+    let kv = c
+        .bus
+        .bucket(atelier_contracts::typed::LIMITS)
+        .await
+        .unwrap();
+    let replica = |ttl_ms| {
+        Arc::new(
+            SharedBudget::new(kv.clone(), "http://127.0.0.1:9/v1", None, 0, 0)
+                .with_in_flight(3, Duration::from_millis(ttl_ms)),
+        )
+    };
+    let (a, b) = (replica(10_000), replica(10_000));
+    let now = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let peak = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let mut tasks = tokio::task::JoinSet::new();
+    for i in 0..12 {
+        let limiter = if i % 2 == 0 { a.clone() } else { b.clone() };
+        let (now, peak) = (now.clone(), peak.clone());
+        tasks.spawn(async move {
+            let lease = limiter.take(0.0).await;
+            let n = now.fetch_add(1, Ordering::SeqCst) + 1;
+            peak.fetch_max(n, Ordering::SeqCst);
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            now.fetch_sub(1, Ordering::SeqCst);
+            limiter.release(lease).await;
+        });
+    }
+    while tasks.join_next().await.is_some() {}
+    assert_eq!(peak.load(Ordering::SeqCst), 3);
+    // Three leases never given back, with a short life: the next request waits them out.
+    let dying = replica(400);
+    for _ in 0..3 {
+        dying.take(0.0).await;
+    }
+    let t0 = std::time::Instant::now();
+    let lease = a.take(0.0).await;
+    assert!(
+        t0.elapsed() >= Duration::from_millis(300),
+        "{:?}",
+        t0.elapsed()
+    );
+    a.release(lease).await;
+}

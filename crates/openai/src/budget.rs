@@ -68,8 +68,14 @@ pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
 /// Rate budgets a client draws from before each request.
 pub trait Limiter: Send + Sync {
-    /// Waits until one request and `tokens` tokens are available, and takes them.
-    fn take(&self, tokens: f64) -> BoxFuture<'_, ()>;
+    /// Waits until one request and `tokens` tokens are available (and, where requests in flight
+    /// are limited, a place among them), and takes them. Returns the in-flight lease to give
+    /// back with [`Limiter::release`] when the request ends (0: none).
+    fn take(&self, tokens: f64) -> BoxFuture<'_, u64>;
+    /// Gives back an in-flight lease from [`Limiter::take`].
+    fn release(&self, _lease: u64) -> BoxFuture<'_, ()> {
+        Box::pin(async {})
+    }
     /// Gives back (or, negative, takes more of) `delta` tokens once a request's real cost is known.
     fn adjust_tokens(&self, delta: f64) -> BoxFuture<'_, ()>;
     /// The endpoint asked everyone to wait `wait` (429 with `Retry-After`): no request starts
@@ -96,7 +102,7 @@ impl Local {
 }
 
 impl Limiter for Local {
-    fn take(&self, tokens: f64) -> BoxFuture<'_, ()> {
+    fn take(&self, tokens: f64) -> BoxFuture<'_, u64> {
         Box::pin(async move {
             let until = *self.paused_until.lock().await;
             if let Some(until) = until {
@@ -108,6 +114,7 @@ impl Limiter for Local {
             if let Some(b) = &self.tokens {
                 b.take(tokens).await;
             }
+            0
         })
     }
 

@@ -101,6 +101,15 @@ pub struct OpenAiArgs {
         env = "ATELIER_OPENAI_PRICES"
     )]
     pub prices: Option<String>,
+    /// Requests in flight at once across every replica sharing the budget (0: only
+    /// `--openai-concurrency` per worker).
+    #[arg(
+        id = "openai_max_in_flight",
+        long = "openai-max-in-flight",
+        env = "ATELIER_OPENAI_MAX_IN_FLIGHT",
+        default_value_t = 0
+    )]
+    pub max_in_flight: u32,
     /// Seconds between looks at a Batch API batch.
     #[arg(
         id = "openai_batch_poll_secs",
@@ -180,6 +189,7 @@ impl Default for OpenAiArgs {
             timeout_s: 120.0,
             backoff_ms: 1000,
             prices: None,
+            max_in_flight: 0,
             batch_poll_secs: 60.0,
             batch_max_bytes: 190_000_000,
         }
@@ -376,14 +386,16 @@ impl Client {
         let mut attempts = 0u32;
         loop {
             attempts += 1;
-            self.limiter.take(reserve).await;
             let result = {
                 let _slot = self
                     .slots
                     .acquire()
                     .await
                     .map_err(|_| CaptionError::Config("client closed".into()))?;
-                self.attempt(&url, body.clone()).await
+                let lease = self.limiter.take(reserve).await;
+                let r = self.attempt(&url, body.clone()).await;
+                self.limiter.release(lease).await;
+                r
             };
             match result {
                 Ok(mut c) => {

@@ -705,6 +705,10 @@ pub async fn serve(config: Config, launch: atelier_kit::service::Launch) -> anyh
             key.as_deref(),
             args.requests_per_minute,
             args.tokens_per_minute,
+        )
+        .with_in_flight(
+            args.max_in_flight,
+            std::time::Duration::from_secs_f64(args.timeout_s + 10.0),
         );
         client = client.with_limiter(Arc::new(shared));
     }

@@ -19,6 +19,10 @@ pub struct SharedBudget {
     key: String,
     requests_per_minute: f64,
     tokens_per_minute: f64,
+    /// Requests in flight across replicas (0: no shared limit).
+    max_in_flight: usize,
+    /// How long a lease lives if its request never gives it back (its replica died).
+    lease_ttl: Duration,
 }
 
 /// The longest a replica sleeps before looking at the bucket again.
@@ -43,7 +47,17 @@ impl SharedBudget {
             key: format!("endpoint.{}", hex::encode(&h.finalize()[..8])),
             requests_per_minute: f64::from(requests_per_minute),
             tokens_per_minute: f64::from(tokens_per_minute),
+            max_in_flight: 0,
+            lease_ttl: Duration::from_secs(130),
         }
+    }
+
+    /// At most `max` requests in flight across the replicas (0: no limit); a lease not given back
+    /// lapses after `ttl` (the request timeout and a margin).
+    pub fn with_in_flight(mut self, max: u32, ttl: Duration) -> Self {
+        self.max_in_flight = max as usize;
+        self.lease_ttl = ttl;
+        self
     }
 
     fn now_ms() -> i64 {
@@ -58,6 +72,7 @@ impl SharedBudget {
                 tokens: self.tokens_per_minute,
                 at_ms: now,
                 paused_until_ms: 0,
+                leases: Vec::new(),
             };
         };
         let minutes = (now - b.at_ms).max(0) as f64 / 60_000.0;
@@ -67,6 +82,12 @@ impl SharedBudget {
             tokens: (b.tokens + minutes * self.tokens_per_minute).min(self.tokens_per_minute),
             at_ms: now.max(b.at_ms),
             paused_until_ms: b.paused_until_ms,
+            leases: b
+                .leases
+                .iter()
+                .copied()
+                .filter(|(_, exp)| *exp > now)
+                .collect(),
         }
     }
 
@@ -75,9 +96,14 @@ impl SharedBudget {
         &self,
         b: Option<&RateBudget>,
         tokens: f64,
+        lease: u64,
     ) -> (Option<RateBudget>, Option<Duration>) {
         let now = Self::now_ms();
         let mut next = self.refilled(b, now);
+        if self.max_in_flight > 0 && next.leases.len() >= self.max_in_flight {
+            // Wait for a request to end (the next look sees it gone).
+            return (None, Some(Duration::from_millis(20)));
+        }
         if next.paused_until_ms > now {
             let wait = Duration::from_millis((next.paused_until_ms - now) as u64);
             return (None, Some(wait));
@@ -106,6 +132,10 @@ impl SharedBudget {
         if self.tokens_per_minute > 0.0 {
             next.tokens -= tokens;
         }
+        if self.max_in_flight > 0 {
+            next.leases
+                .push((lease, now + self.lease_ttl.as_millis() as i64));
+        }
         (Some(next), None)
     }
 
@@ -125,17 +155,23 @@ impl SharedBudget {
 }
 
 impl Limiter for SharedBudget {
-    fn take(&self, tokens: f64) -> BoxFuture<'_, ()> {
+    fn take(&self, tokens: f64) -> BoxFuture<'_, u64> {
         Box::pin(async move {
-            if self.requests_per_minute <= 0.0 && self.tokens_per_minute <= 0.0 {
-                return;
+            let unlimited = self.requests_per_minute <= 0.0 && self.tokens_per_minute <= 0.0;
+            if unlimited && self.max_in_flight == 0 {
+                return 0;
             }
+            let lease = if self.max_in_flight > 0 {
+                rand::random::<u64>().max(1)
+            } else {
+                0
+            };
             loop {
                 let wait = match self
-                    .modify("drawing from", |b| self.try_take(b, tokens))
+                    .modify("drawing from", |b| self.try_take(b, tokens, lease))
                     .await
                 {
-                    Some(None) => return,
+                    Some(None) => return lease,
                     Some(Some(wait)) => wait,
                     // The bus is unreachable: wait a little and try again rather than exceed.
                     None => Duration::from_millis(500),
@@ -144,6 +180,22 @@ impl Limiter for SharedBudget {
                 let jitter = rand::random::<f64>() * 0.2 + 0.9;
                 tokio::time::sleep(wait.min(MAX_NAP).mul_f64(jitter)).await;
             }
+        })
+    }
+
+    fn release(&self, lease: u64) -> BoxFuture<'_, ()> {
+        Box::pin(async move {
+            if lease == 0 {
+                return;
+            }
+            self.modify("giving back a lease to", |b| {
+                let mut next = self.refilled(b, Self::now_ms());
+                let before = next.leases.len();
+                next.leases.retain(|(id, _)| *id != lease);
+                let changed = next.leases.len() != before;
+                (changed.then_some(next), ())
+            })
+            .await;
         })
     }
 
