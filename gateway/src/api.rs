@@ -28,7 +28,7 @@ use atelier_contracts::{
     artifact::is_sha256_hex, ArtifactKey, JobId, JobRecord, JobRequest, JobSpec, JobState,
     SCHEMA_VERSION,
 };
-use atelier_kit::jobstate::{Change, JobStates};
+use atelier_kit::jobstate::JobStates;
 use atelier_kit::telemetry::{Health, HttpLabels, Metrics};
 use atelier_kit::{Bus, Store};
 use axum::body::Body;
@@ -608,17 +608,7 @@ pub async fn cancel_job(
     caller.require(Scope::JobsWrite)?;
     bus_ready(&app)?;
     let id = parse_job_id(&id)?;
-    let record = app
-        .states
-        .update(id, |r| {
-            if r.state.is_terminal() {
-                Change::Keep
-            } else {
-                r.state = JobState::Cancelled;
-                Change::Write
-            }
-        })
-        .await?;
+    let record = app.states.cancel(id).await?;
     match record.state {
         JobState::Cancelled => Ok(Json(record)),
         s => Err(ApiError::new(

@@ -56,6 +56,20 @@ impl JobStates {
         }
     }
 
+    /// Cancels job `id` unless it has finished: queued jobs never start, running ones see it
+    /// within a second. Returns the record (its state says which happened).
+    pub async fn cancel(&self, id: JobId) -> Result<JobRecord, StateError> {
+        self.update(id, |r| {
+            if r.state.is_terminal() {
+                Change::Keep
+            } else {
+                r.state = atelier_contracts::JobState::Cancelled;
+                Change::Write
+            }
+        })
+        .await
+    }
+
     /// The record and its revision.
     pub async fn get(&self, id: JobId) -> Result<Option<(JobRecord, u64)>, StateError> {
         match self.kv.entry(id.to_string()).await {

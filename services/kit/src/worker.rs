@@ -212,14 +212,7 @@ impl JobCtx {
     /// Cancels job `id` unless it has finished (what `DELETE /v1/jobs/{id}` does).
     pub async fn cancel_job(&self, id: JobId) -> Result<(), JobError> {
         self.states
-            .update(id, |r| {
-                if r.state.is_terminal() {
-                    Change::Keep
-                } else {
-                    r.state = JobState::Cancelled;
-                    Change::Write
-                }
-            })
+            .cancel(id)
             .await
             .map(drop)
             .map_err(|e| JobError::retryable("job_state_unavailable", e.to_string()))
