@@ -111,7 +111,8 @@ pub struct CaptionBatches {
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema, ToSchema)]
 pub struct SubmittedBatch {
-    /// The endpoint's batch id.
+    /// The endpoint's batch id; empty while it is being created on `input_file_id` (a job that
+    /// died then finds it by its file instead of creating another).
     pub id: String,
     pub input_file_id: String,
     /// The images it captions (sha256; each request's `custom_id`).

@@ -193,6 +193,46 @@ impl Client {
             .map_err(|e| CaptionError::Config(format!("the batch's answer: {e}")))
     }
 
+    /// The batch created on input file `input_file_id`, if there is one (the endpoint's most
+    /// recent batches, newest first, up to 10 pages of 100).
+    pub async fn batch_of_file(
+        &self,
+        input_file_id: &str,
+    ) -> Result<Option<BatchInfo>, CaptionError> {
+        #[derive(Deserialize)]
+        struct Page {
+            data: Vec<Listed>,
+            #[serde(default)]
+            has_more: bool,
+        }
+        #[derive(Deserialize)]
+        struct Listed {
+            id: String,
+            #[serde(default)]
+            input_file_id: String,
+        }
+        let mut after: Option<String> = None;
+        for _ in 0..10 {
+            let mut url = self.url("/batches?limit=100");
+            if let Some(a) = &after {
+                url.push_str(&format!("&after={a}"));
+            }
+            let resp = self.call("listing batches", || self.http.get(&url)).await?;
+            let page: Page = resp
+                .json()
+                .await
+                .map_err(|e| CaptionError::Config(format!("the batch list: {e}")))?;
+            if let Some(b) = page.data.iter().find(|b| b.input_file_id == input_file_id) {
+                return self.batch(&b.id).await.map(Some);
+            }
+            match page.data.last() {
+                Some(last) if page.has_more => after = Some(last.id.clone()),
+                _ => break,
+            }
+        }
+        Ok(None)
+    }
+
     pub async fn batch(&self, id: &str) -> Result<BatchInfo, CaptionError> {
         let url = self.url(&format!("/batches/{id}"));
         let resp = self

@@ -40,6 +40,7 @@ pub(crate) async fn caption(
     let kv = ctx.bucket(atelier_contracts::typed::BATCHES).await?;
     let key = ctx.id.to_string();
     let mut state = kv.get(&key).await.map_err(kv_error)?.unwrap_or_default();
+    settle_unconfirmed(c, &kv, &key, &mut state).await?;
     let mut tally = Tally::default();
     let keys: Vec<String> = usable
         .iter()
@@ -115,7 +116,8 @@ async fn submit(
     Ok(())
 }
 
-/// Uploads one input file, creates its batch and records it.
+/// Uploads one input file, records it, creates its batch and records that: a job that dies in
+/// between finds the batch by its file ([`settle_unconfirmed`]) rather than paying twice.
 async fn create(
     c: &Captioner,
     kv: &Kv<CaptionBatches>,
@@ -129,19 +131,58 @@ async fn create(
         .upload_batch_file(file)
         .await
         .map_err(endpoint_error)?;
+    let requests = images.len();
+    state.batches.push(SubmittedBatch {
+        id: String::new(),
+        input_file_id: input_file_id.clone(),
+        images,
+        read: false,
+    });
+    kv.put(key, state).await.map_err(kv_error)?;
     let b = c
         .client
         .create_batch(&input_file_id)
         .await
         .map_err(endpoint_error)?;
-    tracing::info!(batch = %b.id, requests = images.len(), bytes, "created a caption batch");
-    state.batches.push(SubmittedBatch {
-        id: b.id,
-        input_file_id,
-        images,
-        read: false,
-    });
+    tracing::info!(batch = %b.id, requests, bytes, "created a caption batch");
+    if let Some(last) = state.batches.last_mut() {
+        last.id = b.id;
+    }
     kv.put(key, state).await.map_err(kv_error)?;
+    Ok(())
+}
+
+/// Batches an earlier attempt recorded only by their input file: the batch made on it, or a new
+/// one when the attempt died before creating it.
+async fn settle_unconfirmed(
+    c: &Captioner,
+    kv: &Kv<CaptionBatches>,
+    key: &str,
+    state: &mut CaptionBatches,
+) -> Result<(), JobError> {
+    for i in 0..state.batches.len() {
+        if !state.batches[i].id.is_empty() {
+            continue;
+        }
+        let file = state.batches[i].input_file_id.clone();
+        let found = c
+            .client
+            .batch_of_file(&file)
+            .await
+            .map_err(endpoint_error)?;
+        let id = match found {
+            Some(b) => b.id,
+            None => {
+                c.client
+                    .create_batch(&file)
+                    .await
+                    .map_err(endpoint_error)?
+                    .id
+            }
+        };
+        state.batches[i].id = id;
+        kv.put(key, state).await.map_err(kv_error)?;
+    }
     Ok(())
 }
 

@@ -220,3 +220,54 @@ fn bad_configuration_is_a_clear_error() {
         .to_string()
         .contains("--openai-base-url"));
 }
+
+/// The Batch API round trip: an input file uploaded, a batch created on it, found again by its
+/// file (what a job that died between creating and recording a batch relies on), polled to
+/// completion, and its output read back by custom_id; a file with no batch finds none.
+#[tokio::test]
+async fn a_batch_is_created_found_by_its_file_and_read_back() {
+    use atelier_captioner::openai::batch::{read_line, request_line};
+    let s = server(Faults::default()).await;
+    let mut a = args(s.base_url());
+    a.batch_poll_secs = 0.05;
+    let c = Client::new(a).unwrap();
+    let mut file = Vec::new();
+    for seed in 0..3 {
+        file.extend(request_line(
+            &format!("img-{seed}"),
+            &scene_jpeg(seed),
+            &req(50),
+        ));
+    }
+    let input = c.upload_batch_file(file).await.unwrap();
+    let created = c.create_batch(&input).await.unwrap();
+    let found = c.batch_of_file(&input).await.unwrap().unwrap();
+    assert_eq!(found.id, created.id);
+    let other = c
+        .upload_batch_file(request_line("x", &scene_jpeg(9), &req(50)))
+        .await
+        .unwrap();
+    assert!(c.batch_of_file(&other).await.unwrap().is_none());
+    let done = loop {
+        let b = c.batch(&created.id).await.unwrap();
+        if b.is_terminal() {
+            break b;
+        }
+        tokio::time::sleep(c.batch_poll()).await;
+    };
+    assert_eq!(done.status, "completed");
+    let out = c
+        .file_content(done.output_file_id.as_deref().unwrap())
+        .await
+        .unwrap();
+    let mut ids: Vec<String> = String::from_utf8_lossy(&out)
+        .lines()
+        .map(|l| {
+            let (id, caption) = read_line(l).unwrap();
+            assert!(!caption.unwrap().text.is_empty());
+            id
+        })
+        .collect();
+    ids.sort();
+    assert_eq!(ids, ["img-0", "img-1", "img-2"]);
+}

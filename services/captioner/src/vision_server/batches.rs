@@ -54,7 +54,7 @@ pub(super) fn routes() -> Router<Arc<Inner>> {
             )),
         )
         .route("/v1/files/{id}/content", get(content))
-        .route("/v1/batches", post(create))
+        .route("/v1/batches", post(create).get(list))
         .route("/v1/batches/{id}", get(batch))
         .route("/v1/batches/{id}/cancel", post(cancel))
 }
@@ -127,6 +127,23 @@ async fn batch(
             "No such batch",
         ),
     }
+}
+
+/// Every batch, newest first (one page).
+async fn list(State(s): State<Arc<Inner>>, headers: HeaderMap) -> Response {
+    if let Some(r) = authorized(&s, &headers) {
+        return r;
+    }
+    let mut data: Vec<serde_json::Value> =
+        s.batches.with(|st| st.batches.values().cloned().collect());
+    data.sort_by_key(|b| {
+        std::cmp::Reverse(
+            b["id"]
+                .as_str()
+                .and_then(|i| i.strip_prefix("batch_")?.parse::<u64>().ok()),
+        )
+    });
+    Json(serde_json::json!({"object": "list", "data": data, "has_more": false})).into_response()
 }
 
 async fn cancel(
