@@ -53,8 +53,15 @@ pub fn tool(name: &str) -> PathBuf {
     p
 }
 
-/// A workspace binary next to this test executable (`target/<profile>/<name>`).
+/// A workspace binary: in `ATELIER_BIN_DIR` when set (a benchmark built in one profile running
+/// binaries of another), else next to this test executable (`target/<profile>/<name>`).
 pub fn bin(name: &str) -> PathBuf {
+    if let Some(dir) = std::env::var_os("ATELIER_BIN_DIR") {
+        let p = PathBuf::from(dir).join(name);
+        if p.is_file() {
+            return p;
+        }
+    }
     let exe = std::env::current_exe().expect("current exe");
     for dir in exe.ancestors().skip(1).take(3) {
         let p = dir.join(name);
