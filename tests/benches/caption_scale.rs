@@ -70,7 +70,7 @@ async fn main() {
     for seed in 0..n {
         std::fs::write(
             dir.path().join(format!("{seed:07}.png")),
-            atelier_ingest::samples::scene_bytes(seed, 48, 32, image::ImageFormat::Png),
+            unique_scene(seed),
         )
         .expect("write");
     }
@@ -85,6 +85,10 @@ async fn main() {
     )
     .await
     .expect("ingest");
+    assert_eq!(
+        report.recorded as u64, n,
+        "every generated image is distinct"
+    );
     println!(
         "ingest: {} images in {:.1} s ({:.0}/s)",
         report.recorded,
@@ -118,6 +122,22 @@ async fn main() {
     c.stop_services(libc::SIGTERM, Duration::from_secs(10));
 }
 
+/// A small scene whose first pixels spell out `seed`, so every image has its own sha256 (small
+/// scenes of simple shapes repeat).
+fn unique_scene(seed: u64) -> Vec<u8> {
+    let png = atelier_ingest::samples::scene_bytes(seed, 48, 32, image::ImageFormat::Png);
+    let mut img = image::load_from_memory(&png).expect("scene").to_rgb8();
+    for (i, b) in seed.to_le_bytes().chunks(3).enumerate() {
+        let mut px = [0u8; 3];
+        px[..b.len()].copy_from_slice(b);
+        img.put_pixel(i as u32, 0, image::Rgb(px));
+    }
+    let mut out = std::io::Cursor::new(Vec::new());
+    img.write_to(&mut out, image::ImageFormat::Png)
+        .expect("png");
+    out.into_inner()
+}
+
 async fn caption_run(
     c: &Cluster,
     client: &atelier_client::Client,
@@ -144,14 +164,31 @@ async fn caption_run(
         ..Default::default()
     });
     let t0 = Instant::now();
+    // The first minute may spend a whole minute's budget at once (the bucket and the server's
+    // window both start full); the rate that counts is the one after it.
+    let stats = vision.stats.clone();
+    let at_minute = tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_secs(60)).await;
+        stats.ok.load(Ordering::SeqCst)
+    });
     let JobOutput::Captions(out) = finish(c, client, &spec).await else {
         panic!("not a caption output")
     };
     let secs = t0.elapsed().as_secs_f64();
-    let ok = vision.stats.ok.load(Ordering::SeqCst) - ok0;
+    let ok_end = vision.stats.ok.load(Ordering::SeqCst);
+    let ok = ok_end - ok0;
     let refused = vision.stats.rate_limited.load(Ordering::SeqCst) - refused0;
-    // The most a 60-second sliding window of RPM allows in `secs`.
-    let allowed = f64::from(RPM) * (secs / 60.0).max(1.0);
+    let steady = if secs > 75.0 {
+        let at60 = at_minute.await.unwrap_or(ok_end);
+        let per_min = (ok_end - at60) as f64 / ((secs - 60.0) / 60.0);
+        format!(
+            "{per_min:.0}/min after the first minute = {:.1}% of {RPM}/min",
+            100.0 * per_min / f64::from(RPM)
+        )
+    } else {
+        at_minute.abort();
+        "run shorter than 75 s: no steady rate".to_owned()
+    };
     let kv = c.bus.captions_kv().await.expect("kv");
     let captions: Vec<(String, CaptionRecord)> = atelier_kit::bus::kv_values(&kv, "")
         .await
@@ -164,8 +201,7 @@ async fn caption_run(
     let distinct: HashSet<&str> = mine.iter().map(|r| r.image_sha256.as_str()).collect();
     println!(
         "caption, {replicas} replica(s): {n} images in {secs:.1} s; {ok} requests accepted, {refused} refused (429); \
-         rate used {:.1}% of {RPM}/min; {} captions, {} lost, {} duplicated, {} failed",
-        100.0 * ok as f64 / allowed,
+         rate used: {steady}; {} captions, {} lost, {} duplicated, {} failed",
         mine.len(),
         n - distinct.len() as u64,
         mine.len() - distinct.len(),
