@@ -15,7 +15,7 @@ pub struct Config {
     #[arg(long, env = "ATELIER_NSFW_MODEL")]
     pub nsfw_model: Option<std::path::PathBuf>,
     /// Do not run the NSFW detector.
-    #[arg(long, env = "ATELIER_NO_NSFW")]
+    #[arg(long, env = "ATELIER_NO_NSFW", value_parser = clap::builder::BoolishValueParser::new())]
     pub no_nsfw: bool,
     /// CLIP (the `clip_score` signal; none without it) and MiniLM (eval_captions' SemSim).
     #[command(flatten)]
@@ -104,6 +104,31 @@ mod tests {
             "{e}"
         );
         assert!(Config::default().check().is_ok());
+    }
+
+    #[test]
+    fn no_nsfw_reads_the_usual_ways_of_saying_yes() {
+        use clap::Parser as _;
+        #[derive(clap::Parser)]
+        struct Cli {
+            #[command(flatten)]
+            qf: Config,
+        }
+        // From the environment, as deployments set it (this test is the only one that reads it).
+        for (v, off) in [
+            ("1", true),
+            ("true", true),
+            ("yes", true),
+            ("0", false),
+            ("false", false),
+        ] {
+            std::env::set_var("ATELIER_NO_NSFW", v);
+            let cli = Cli::try_parse_from(["qf"]).map(|c| c.qf.no_nsfw);
+            assert_eq!(cli.ok(), Some(off), "ATELIER_NO_NSFW={v}");
+        }
+        std::env::remove_var("ATELIER_NO_NSFW");
+        assert!(Cli::try_parse_from(["qf", "--no-nsfw"]).is_ok_and(|c| c.qf.no_nsfw));
+        assert!(Cli::try_parse_from(["qf"]).is_ok_and(|c| !c.qf.no_nsfw));
     }
 
     #[test]
