@@ -115,7 +115,9 @@ async fn main() {
         caption_run(&c, &client, &vision, n, r, run).await;
         // The next run starts from an idle minute: the server's window and the shared bucket
         // refill, so each run is measured alike.
-        tokio::time::sleep(Duration::from_secs(61)).await;
+        if run + 1 < replicas.len() {
+            tokio::time::sleep(Duration::from_secs(61)).await;
+        }
     }
     export_all(&c, &client, n).await;
     shutdown.cancel();
@@ -210,8 +212,10 @@ async fn caption_run(
 }
 
 async fn export_all(c: &Cluster, client: &atelier_client::Client, n: u64) {
+    // The generated scenes are small and alike: keep them all (no size or near-duplicate check).
     let policy = atelier_contracts::dataset::QualityPolicy {
         min_side: 16,
+        duplicate_max_bits: -1,
         ..Default::default()
     };
     let JobOutput::DatasetVersion(v) = finish(
@@ -231,6 +235,15 @@ async fn export_all(c: &Cluster, client: &atelier_client::Client, n: u64) {
     };
     let kept = v.counts.accepted + v.counts.flagged;
     println!("filter: version {} keeps {kept} of {n}", v.version);
+    let idle = peak_rss_of(
+        std::process::Command::new(bin("atelier"))
+            .arg("--version")
+            .stdout(std::process::Stdio::null()),
+    );
+    println!(
+        "atelier --version: peak RSS {:.0} MiB (the process before any work)",
+        idle as f64 / 1024.0
+    );
     let out = tempfile::tempdir().expect("tmp");
     for format in ["parquet", "webdataset", "jsonl", "llava"] {
         let dir = out.path().join(format);
@@ -254,8 +267,9 @@ async fn export_all(c: &Cluster, client: &atelier_client::Client, n: u64) {
             format!("datasets loads {rows} rows")
         };
         println!(
-            "export {format}: {kept} rows in {secs:.1} s, peak RSS {:.0} MiB; {loaded}",
-            peak as f64 / 1024.0
+            "export {format}: {kept} rows in {secs:.1} s, peak RSS {:.0} MiB ({:.0} MiB above idle); {loaded}",
+            peak as f64 / 1024.0,
+            (peak - idle) as f64 / 1024.0
         );
     }
 }
