@@ -88,16 +88,24 @@ async fn follow(
             }
             return Err(JobError::Cancelled);
         }
+        // One concurrent read of every unfinished shard per look.
+        let open: Vec<usize> = (0..shards.len())
+            .filter(|i| !finished.contains_key(i))
+            .collect();
+        let ids: Vec<JobId> = open.iter().map(|&i| shards[i]).collect();
         let mut running = 0.0f32;
-        for (i, id) in shards.iter().enumerate() {
-            if finished.contains_key(&i) {
-                continue;
-            }
-            match ctx.record(*id).await? {
+        let mut queued = Vec::new();
+        for (i, record) in open.into_iter().zip(ctx.records(&ids).await?) {
+            match record {
                 Some(r) if r.state.is_terminal() => {
                     finished.insert(i, r);
                 }
-                Some(r) => running += r.progress.as_ref().map_or(0.0, |p| p.fraction),
+                Some(r) => {
+                    if r.state == JobState::Queued {
+                        queued.push(r.id);
+                    }
+                    running += r.progress.as_ref().map_or(0.0, |p| p.fraction);
+                }
                 None => {}
             }
         }
@@ -106,14 +114,8 @@ async fn follow(
         // total); those not started yet are cancelled so they never take a slot.
         if !stopping && over_cap(spec.spend_cap.as_ref(), &spent).is_some() {
             stopping = true;
-            for (i, id) in shards.iter().enumerate() {
-                if !finished.contains_key(&i) {
-                    if let Some(r) = ctx.record(*id).await? {
-                        if r.state == JobState::Queued {
-                            ctx.cancel_job(*id).await?;
-                        }
-                    }
-                }
+            for id in queued {
+                ctx.cancel_job(id).await?;
             }
         }
         let n = shards.len();

@@ -70,6 +70,14 @@ impl JobStates {
         .await
     }
 
+    /// The records of `ids`, in order, read 64 at a time (None: absent or undecodable).
+    pub async fn get_many(&self, ids: &[JobId]) -> Result<Vec<Option<JobRecord>>, StateError> {
+        let keys: Vec<String> = ids.iter().map(ToString::to_string).collect();
+        crate::bus::kv_get_many(&self.kv, &keys)
+            .await
+            .map_err(|e| StateError::Nats(format!("{e:#}")))
+    }
+
     /// The record and its revision.
     pub async fn get(&self, id: JobId) -> Result<Option<(JobRecord, u64)>, StateError> {
         match self.kv.entry(id.to_string()).await {

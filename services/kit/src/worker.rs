@@ -200,12 +200,11 @@ impl JobCtx {
         }
     }
 
-    /// Job `id`'s record.
-    pub async fn record(&self, id: JobId) -> Result<Option<JobRecord>, JobError> {
+    /// The records of jobs `ids`, in order.
+    pub async fn records(&self, ids: &[JobId]) -> Result<Vec<Option<JobRecord>>, JobError> {
         self.states
-            .get(id)
+            .get_many(ids)
             .await
-            .map(|r| r.map(|(record, _)| record))
             .map_err(|e| JobError::retryable("job_state_unavailable", e.to_string()))
     }
 
