@@ -692,15 +692,35 @@ impl Cluster {
         }
     }
 
-    /// Every message currently in `stream` on `subject` (read with an ephemeral ordered consumer).
+    /// Every message currently in `stream` on `subject` (read with an ephemeral consumer). A read
+    /// that fails (a JetStream cluster electing new leaders after a node was killed answers
+    /// "timed out" for a while) is started again, for up to 60 s.
     pub async fn read_stream(
+        &self,
+        stream: &str,
+        subject: &str,
+    ) -> anyhow::Result<Vec<async_nats::jetstream::Message>> {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            match self.read_stream_once(stream, subject).await {
+                Ok(m) => return Ok(m),
+                Err(e) if Instant::now() < deadline => {
+                    eprintln!("reading {stream}: {e:#}; trying again");
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    async fn read_stream_once(
         &self,
         stream: &str,
         subject: &str,
     ) -> anyhow::Result<Vec<async_nats::jetstream::Message>> {
         use async_nats::jetstream::consumer::{pull, DeliverPolicy};
         let s = self.bus.js.get_stream(stream).await?;
-        let total = s.get_info().await.map(|i| i.state.messages).unwrap_or(0);
+        let total = s.get_info().await?.state.messages;
         if total == 0 {
             return Ok(Vec::new());
         }

@@ -119,12 +119,21 @@ impl JobStates {
                 Change::Write => {
                     record.updated_at = chrono::Utc::now();
                     let bytes = serde_json::to_vec(&record).expect("records serialize");
-                    match self.kv.update(id.to_string(), bytes.into(), rev).await {
+                    match self
+                        .kv
+                        .update(id.to_string(), bytes.clone().into(), rev)
+                        .await
+                    {
                         Ok(new_rev) => return Ok((record, new_rev)),
                         Err(e) => {
                             // Wrong last revision means someone else wrote: read again and redo.
-                            // Anything else is a real failure, unless the revision moved anyway.
+                            // Anything else is a real failure, unless the revision moved anyway
+                            // — by this very write (its acknowledgement lost), which must not be
+                            // applied twice, or by another.
                             match self.kv.entry(id.to_string()).await {
+                                Ok(Some(now)) if now.revision != rev && now.value == bytes => {
+                                    return Ok((record, now.revision))
+                                }
                                 Ok(Some(now)) if now.revision != rev => continue,
                                 _ => return Err(StateError::Nats(e.to_string())),
                             }

@@ -509,6 +509,7 @@ impl<H: Handler> Prepared<H> {
         }
         let instance = w.instance.clone();
         let attempt = d.delivered;
+        let max_deaths = self.args.max_worker_deaths;
         let start_running = |r: &mut JobRecord| {
             if r.state.is_terminal() {
                 return Change::Keep;
@@ -516,6 +517,11 @@ impl<H: Handler> Prepared<H> {
             // Still `running` from an earlier delivery: that attempt never reached an outcome.
             if r.state == JobState::Running && d.delivered > 1 {
                 r.interrupted += 1;
+                if r.interrupted > max_deaths {
+                    // Counted, and not taken: it is failed below. (Taking it first would show it
+                    // running here for a moment, and a death then would go uncounted.)
+                    return Change::Write;
+                }
             }
             r.state = JobState::Running;
             r.attempts += 1;
@@ -554,6 +560,9 @@ impl<H: Handler> Prepared<H> {
                 return Plan::Settled(Outcome::Retry(info("job_state_unavailable", e.to_string())))
             }
         };
+        if record.state == JobState::Running && record.interrupted > self.args.max_worker_deaths {
+            return Plan::Settled(self.fail_interrupted(&record).await);
+        }
         match record.state {
             JobState::Running if record.worker.as_deref() == Some(w.instance.as_str()) => {}
             JobState::Succeeded => {
@@ -567,9 +576,6 @@ impl<H: Handler> Prepared<H> {
                 w.metrics.job(self.service().name(), "duplicate");
                 return Plan::Settled(Outcome::Ack);
             }
-        }
-        if record.interrupted > self.args.max_worker_deaths {
-            return Plan::Settled(self.fail_interrupted(&record).await);
         }
         let ctx = JobCtx {
             id,
