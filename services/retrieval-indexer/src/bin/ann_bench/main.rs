@@ -8,6 +8,8 @@
 //! caption is a query). faiss runs through `benches/faiss_anchor.py` with `--python` (a Python
 //! with `faiss-cpu` and numpy; `scripts/bench-ann` installs them into `.tools/`).
 
+mod scale;
+
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -22,10 +24,25 @@ use rayon::prelude::*;
     about = "HNSW index beside faiss HNSW: build time, recall@10, queries/s"
 )]
 struct Args {
+    /// Base vectors (100,000 random ones; 1,200,000 with --scale).
+    #[arg(long)]
+    n: Option<usize>,
+    /// Dimensions (512 random; 384 with --scale).
+    #[arg(long)]
+    dim: Option<usize>,
+    /// The index at corpus size: clustered vectors, built in segments through the store's bytes
+    /// as index jobs build it (see scale.rs).
+    #[arg(long)]
+    scale: bool,
+    /// Vectors per segment (one index job's worth) with --scale.
     #[arg(long, default_value_t = 100_000)]
-    n: usize,
-    #[arg(long, default_value_t = 512)]
-    dim: usize,
+    segment: usize,
+    /// Cluster centres of the --scale vectors.
+    #[arg(long, default_value_t = 1000)]
+    clusters: usize,
+    /// Where --scale writes the graph, segments and faiss' files (default: the current folder).
+    #[arg(long)]
+    work_dir: Option<PathBuf>,
     #[arg(long, default_value_t = 1000)]
     queries: usize,
     #[arg(long, default_value_t = 16)]
@@ -46,6 +63,26 @@ struct Args {
     /// Only this dataset (`random` or `captions`).
     #[arg(long)]
     only: Option<String>,
+}
+
+impl Args {
+    fn n(&self) -> usize {
+        self.n
+            .unwrap_or(if self.scale { 1_200_000 } else { 100_000 })
+    }
+    fn dim(&self) -> usize {
+        self.dim.unwrap_or(if self.scale { 384 } else { 512 })
+    }
+}
+
+fn ef_list(a: &Args) -> anyhow::Result<Vec<usize>> {
+    let efs: Vec<usize> = a
+        .ef_search
+        .split(',')
+        .map(|s| s.trim().parse())
+        .collect::<Result<_, _>>()?;
+    anyhow::ensure!(!efs.is_empty(), "--ef-search needs at least one value");
+    Ok(efs)
 }
 
 struct Data {
@@ -105,8 +142,12 @@ fn captions_data(path: &Path) -> anyhow::Result<Data> {
 }
 
 fn write_f32(path: &Path, v: &[f32]) -> std::io::Result<()> {
-    let bytes: Vec<u8> = v.iter().flat_map(|x| x.to_le_bytes()).collect();
-    std::fs::write(path, bytes)
+    use std::io::Write;
+    let mut out = std::io::BufWriter::new(std::fs::File::create(path)?);
+    for x in v {
+        out.write_all(&x.to_le_bytes())?;
+    }
+    out.flush()
 }
 
 fn qps(
@@ -175,11 +216,7 @@ fn report(
 
 fn main() -> anyhow::Result<()> {
     let a = Args::parse();
-    let efs: Vec<usize> = a
-        .ef_search
-        .split(',')
-        .map(|s| s.trim().parse())
-        .collect::<Result<_, _>>()?;
+    let efs = ef_list(&a)?;
     let python = a.python.clone().or_else(|| {
         let p = PathBuf::from(".tools/bin/python");
         let ok = std::process::Command::new(&p)
@@ -189,6 +226,9 @@ fn main() -> anyhow::Result<()> {
         ok.then_some(p)
     });
     let anchor = Path::new(env!("CARGO_MANIFEST_DIR")).join("benches/faiss_anchor.py");
+    if a.scale {
+        return scale::run(&a, python.as_deref(), &anchor);
+    }
     let mut sets = Vec::new();
     if a.only.as_deref().is_none_or(|o| o == "captions") {
         let path = a
@@ -201,9 +241,9 @@ fn main() -> anyhow::Result<()> {
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(2026);
         sets.push(Data {
             name: "random",
-            dim: a.dim,
-            base: random_unit(&mut rng, a.n, a.dim),
-            queries: random_unit(&mut rng, a.queries, a.dim),
+            dim: a.dim(),
+            base: random_unit(&mut rng, a.n(), a.dim()),
+            queries: random_unit(&mut rng, a.queries, a.dim()),
         });
     }
     let tmp = tempfile::tempdir()?;
@@ -240,40 +280,57 @@ fn main() -> anyhow::Result<()> {
             eprintln!("faiss: skipped (no Python with faiss-cpu; run scripts/bench-ann)");
             continue;
         };
-        let (b, q, g) = (
-            tmp.path().join(format!("{}-base.f32", d.name)),
-            tmp.path().join(format!("{}-queries.f32", d.name)),
-            tmp.path().join(format!("{}-truth.i64", d.name)),
-        );
-        write_f32(&b, &d.base)?;
-        write_f32(&q, &d.queries)?;
-        let gt: Vec<u8> = truth
-            .iter()
-            .flat_map(|t| {
-                (0..a.k).flat_map(move |i| t.get(i).map_or(-1i64, |h| h.key as i64).to_le_bytes())
-            })
-            .collect();
-        std::fs::write(&g, gt)?;
-        let out = std::process::Command::new(py)
-            .arg(&anchor)
-            .args(["--dataset", d.name])
-            .args(["--dim", &d.dim.to_string()])
-            .args(["--m", &a.m.to_string()])
-            .args(["--ef-construction", &a.ef_construction.to_string()])
-            .args(["--ef-search", &a.ef_search])
-            .args(["--k", &a.k.to_string()])
-            .arg(&b)
-            .arg(&q)
-            .arg(&g)
-            .output()?;
-        print!("{}", String::from_utf8_lossy(&out.stdout));
-        if !out.status.success() {
-            eprintln!(
-                "faiss anchor failed: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-        }
+        faiss_run(&a, &d, &truth, py, &anchor, tmp.path(), None)?;
     }
+    Ok(())
+}
+
+/// faiss on the same vectors and exact neighbours (`benches/faiss_anchor.py`), its JSON lines
+/// passed through; with `segment`, grown segment by segment through its index file.
+fn faiss_run(
+    a: &Args,
+    d: &Data,
+    truth: &[Vec<Hit>],
+    py: &Path,
+    anchor: &Path,
+    dir: &Path,
+    segment: Option<usize>,
+) -> anyhow::Result<()> {
+    let (b, q, g) = (
+        dir.join(format!("{}-base.f32", d.name)),
+        dir.join(format!("{}-queries.f32", d.name)),
+        dir.join(format!("{}-truth.i64", d.name)),
+    );
+    write_f32(&b, &d.base)?;
+    write_f32(&q, &d.queries)?;
+    let gt: Vec<u8> = truth
+        .iter()
+        .flat_map(|t| {
+            (0..a.k).flat_map(move |i| t.get(i).map_or(-1i64, |h| h.key as i64).to_le_bytes())
+        })
+        .collect();
+    std::fs::write(&g, gt)?;
+    let mut cmd = std::process::Command::new(py);
+    cmd.arg(anchor)
+        .args(["--dataset", d.name])
+        .args(["--dim", &d.dim.to_string()])
+        .args(["--m", &a.m.to_string()])
+        .args(["--ef-construction", &a.ef_construction.to_string()])
+        .args(["--ef-search", &a.ef_search])
+        .args(["--k", &a.k.to_string()]);
+    if let Some(s) = segment {
+        cmd.args(["--segment", &s.to_string()])
+            .arg("--work-dir")
+            .arg(dir);
+    }
+    let out = cmd
+        .arg(&b)
+        .arg(&q)
+        .arg(&g)
+        .stderr(std::process::Stdio::inherit())
+        .output()?;
+    print!("{}", String::from_utf8_lossy(&out.stdout));
+    anyhow::ensure!(out.status.success(), "faiss anchor failed ({})", out.status);
     Ok(())
 }
 
