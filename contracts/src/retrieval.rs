@@ -95,8 +95,9 @@ pub struct SpaceIndex {
     pub model: String,
     pub dim: u32,
     pub count: u64,
-    /// The HNSW graph with its vectors (atelier-ann's `ATLHNSW1` bytes), content-addressed. A
-    /// graph in another format (older releases stored USearch's) is rebuilt from `segments`.
+    /// The HNSW graph with its vectors (atelier-ann's `ATLHNSW2` bytes, half floats; the older
+    /// `ATLHNSW1`, with `f32` vectors, is read too), content-addressed. A graph in another format
+    /// (older releases stored USearch's) is rebuilt from `segments`.
     pub graph: ArtifactRef,
     /// Embedding segments (`ATLVEC1` files: key, vector per record), oldest first; a later
     /// segment's vector for a key wins. A record's key is the first 8 bytes of its sha256, big-endian.

@@ -431,7 +431,7 @@ async fn index_search_reindex_restart_and_curate() {
         )
         .await
         .unwrap();
-    assert!(graph.starts_with(b"ATLHNSW1"));
+    assert!(graph.starts_with(b"ATLHNSW2"));
 
     // Curation: a semantic query, a keyword exclusion and caption dedup.
     let spec: CurateSpec = serde_json::from_value(serde_json::json!({

@@ -22,9 +22,13 @@ use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicU8, AtomicUsize,
 use std::sync::{Mutex, OnceLock};
 
 use crate::kernels::{self, Kernel};
+use crate::precision::{self, HALF_ERROR};
 
 /// The highest level a node may get (probability e^-(17·ln M) of more: never in practice).
 pub(crate) const MAX_LEVEL: usize = 16;
+
+/// A list that overflows is pruned to `max - max / PRUNE_HEADROOM` (a fifth left free).
+const PRUNE_HEADROOM: usize = 5;
 
 /// A node and its distance (`1 - a·b`) to the point being searched for.
 #[derive(Debug, Clone, Copy)]
@@ -51,59 +55,45 @@ impl Ord for Near {
 }
 
 /// A distance kernel: how stored vectors are read during a walk and how a query meets them.
-/// Every distance has an `f32` side (the query, or the base node's exact vector) and a stored
+/// Every distance has an `f32` side (the query, or a stored node's vector widened) and a stored
 /// side.
 pub(crate) trait Dot {
     type Elem;
-    /// A bound on `|dot(q, stored(v)) - q·v|` for unit `q` and `v` (0 for exact kernels).
-    const ERROR: f32;
     fn stored(g: &Graph, id: u32) -> &[Self::Elem];
     fn dot(q: &[f32], v: &[Self::Elem]) -> f32;
     /// The first `count` of four products in one pass over `q`.
     fn dot4(q: &[f32], v: [&[Self::Elem]; 4], count: usize) -> [f32; 4];
-    /// The exact product of two `f32` vectors (final ranking).
-    fn exact(a: &[f32], b: &[f32]) -> f32;
 }
 
-/// Walks the `f32` vectors.
+/// Any CPU: widens each half float in software.
 pub(crate) struct PortableDot;
 impl Dot for PortableDot {
-    type Elem = f32;
-    const ERROR: f32 = 0.0;
+    type Elem = u16;
     #[inline(always)]
-    fn stored(g: &Graph, id: u32) -> &[f32] {
-        g.vector(id)
+    fn stored(g: &Graph, id: u32) -> &[u16] {
+        g.half(id)
     }
     #[inline(always)]
-    fn dot(q: &[f32], v: &[f32]) -> f32 {
-        kernels::dot_portable(q, v)
+    fn dot(q: &[f32], v: &[u16]) -> f32 {
+        kernels::dot_f16_portable(q, v)
     }
     #[inline(always)]
-    fn dot4(q: &[f32], v: [&[f32]; 4], count: usize) -> [f32; 4] {
+    fn dot4(q: &[f32], v: [&[u16]; 4], count: usize) -> [f32; 4] {
         let mut out = [0f32; 4];
         for j in 0..count.min(4) {
-            out[j] = kernels::dot_portable(q, v[j]);
+            out[j] = kernels::dot_f16_portable(q, v[j]);
         }
         out
     }
-    #[inline(always)]
-    fn exact(a: &[f32], b: &[f32]) -> f32 {
-        kernels::dot_portable(a, b)
-    }
 }
 
-/// Walks the half-float copies (half the memory traffic; a walk is bound by it), ranks the
-/// final candidates by the exact `f32` vectors. Only used by the `*_avx2` entry points, which
+/// Widens half floats with F16C, eight at a time. Only used by the `*_avx2` entry points, which
 /// run when [`Kernel::detect`] found AVX2, FMA and F16C.
 #[cfg(target_arch = "x86_64")]
 pub(crate) struct Avx2Dot;
 #[cfg(target_arch = "x86_64")]
 impl Dot for Avx2Dot {
     type Elem = u16;
-    /// Rounding to half floats moves each component by at most 2^-11 of itself (so the product
-    /// by at most 2^-11·Σ|q_i·v_i| ≤ 2^-11 for unit vectors), by at most 2^-25 where it
-    /// underflows; 1e-4 more covers those and the `f32` accumulation at any practical dimension.
-    const ERROR: f32 = 1.0 / 2048.0 + 1e-4;
     #[inline(always)]
     fn stored(g: &Graph, id: u32) -> &[u16] {
         g.half(id)
@@ -117,11 +107,6 @@ impl Dot for Avx2Dot {
     fn dot4(q: &[f32], v: [&[u16]; 4], count: usize) -> [f32; 4] {
         // SAFETY: as above.
         unsafe { kernels::dot4_f16_avx2(q, v, count) }
-    }
-    #[inline(always)]
-    fn exact(a: &[f32], b: &[f32]) -> f32 {
-        // SAFETY: as above.
-        unsafe { kernels::dot_avx2(a, b) }
     }
 }
 
@@ -200,9 +185,11 @@ pub(crate) struct Graph {
     pub kernel: Kernel,
     /// Slots handed out (live, deleted, or being inserted).
     len: AtomicUsize,
-    vectors: Vec<UnsafeCell<f32>>,
-    /// The same vectors as IEEE half floats (bit patterns), walked by the AVX2 kernel.
+    /// The vectors as IEEE half floats (bit patterns), what walks read (see `precision.rs`).
     halves: Vec<UnsafeCell<u16>>,
+    /// What rounding to half floats lost, a byte per component: the final candidates are
+    /// ranked with it.
+    codes: Vec<UnsafeCell<i8>>,
     links0: Vec<AtomicU32>,
     upper: Vec<OnceLock<Box<[AtomicU32]>>>,
     levels: Vec<AtomicU8>,
@@ -215,7 +202,7 @@ pub(crate) struct Graph {
     dead: AtomicUsize,
 }
 
-// SAFETY: the only non-Sync parts are `vectors` and `halves`. A slot's vector is written exactly once, by the
+// SAFETY: the only non-Sync parts are `halves` and `codes`. A slot's vector is written once, by the
 // thread that allocated the slot (`allocate` hands each slot out once), before the slot's id is
 // published with a `Release` store into a neighbour list or the entry point; readers reach a slot
 // only through an `Acquire` load of such a store, so the write happens-before every read.
@@ -244,8 +231,8 @@ impl Graph {
             level_mult: 1.0 / (m as f64).ln(),
             kernel: Kernel::detect(),
             len: AtomicUsize::new(0),
-            vectors: Vec::new(),
             halves: Vec::new(),
+            codes: Vec::new(),
             links0: Vec::new(),
             upper: Vec::new(),
             levels: Vec::new(),
@@ -275,9 +262,9 @@ impl Graph {
         if cap <= self.capacity() {
             return;
         }
-        self.vectors
-            .resize_with(cap * self.dim, || UnsafeCell::new(0.0));
         self.halves
+            .resize_with(cap * self.dim, || UnsafeCell::new(0));
+        self.codes
             .resize_with(cap * self.dim, || UnsafeCell::new(0));
         self.links0
             .resize_with(cap * (1 + self.m0), || AtomicU32::new(0));
@@ -312,33 +299,54 @@ impl Graph {
     }
 
     #[inline(always)]
-    pub fn vector(&self, id: u32) -> &[f32] {
-        let start = id as usize * self.dim;
-        let cells = &self.vectors[start..start + self.dim];
-        // SAFETY: UnsafeCell<f32> has f32's layout; the slot's vector was written before its id
-        // could be read (see the Sync impl), and is never written again.
-        unsafe { std::slice::from_raw_parts(cells.as_ptr().cast::<f32>(), self.dim) }
-    }
-
-    #[inline(always)]
     pub fn half(&self, id: u32) -> &[u16] {
         let start = id as usize * self.dim;
         let cells = &self.halves[start..start + self.dim];
-        // SAFETY: as in `vector`.
+        // SAFETY: UnsafeCell<u16> has u16's layout; the slot's vector was written before its id
+        // could be read (see the Sync impl), and is never written again.
         unsafe { std::slice::from_raw_parts(cells.as_ptr().cast::<u16>(), self.dim) }
+    }
+
+    #[inline(always)]
+    pub fn codes(&self, id: u32) -> &[i8] {
+        let start = id as usize * self.dim;
+        let cells = &self.codes[start..start + self.dim];
+        // SAFETY: as in `half`.
+        unsafe { std::slice::from_raw_parts(cells.as_ptr().cast::<i8>(), self.dim) }
+    }
+
+    /// `id`'s vector as stored (18 significant bits a component) into `out`.
+    pub fn restore(&self, id: u32, out: &mut Vec<f32>) {
+        out.clear();
+        out.extend(
+            self.half(id)
+                .iter()
+                .zip(self.codes(id))
+                .map(|(&h, &c)| precision::join(h, c)),
+        );
+    }
+
+    /// `id`'s vector widened from its half floats alone into `out` (for the build's heuristic).
+    pub fn widen(&self, id: u32, out: &mut Vec<f32>) {
+        use half::slice::{HalfBitsSliceExt, HalfFloatSliceExt};
+        let h = self.half(id);
+        out.resize(h.len(), 0.0);
+        // F16C when the CPU has it (`half` looks at run time).
+        h.reinterpret_cast::<half::f16>().convert_to_f32_slice(out);
     }
 
     /// Fills a freshly allocated slot. Only the thread `allocate` gave `id` to may call this,
     /// once, before publishing the slot with [`link`](Self::link).
     pub fn fill(&self, id: u32, key: u64, v: &[f32], level: usize, deleted: bool) {
         let start = id as usize * self.dim;
-        let cells = &self.vectors[start..start + self.dim];
         let halves = &self.halves[start..start + self.dim];
-        for ((c, h), x) in cells.iter().zip(halves).zip(v) {
+        let codes = &self.codes[start..start + self.dim];
+        for ((h, c), x) in halves.iter().zip(codes).zip(v) {
+            let (half, code) = precision::split(*x);
             // SAFETY: this slot is unpublished and owned by the caller (see above).
             unsafe {
-                *c.get() = *x;
-                *h.get() = half::f16::from_f32(*x).to_bits();
+                *h.get() = half;
+                *c.get() = code;
             }
         }
         self.keys[id as usize].store(key, Relaxed);
@@ -531,14 +539,14 @@ impl Graph {
         }
         self.search_layer::<D>(s, q, at, ef.max(k), 0, accept);
         let mut out = std::mem::take(&mut s.top).into_sorted_vec();
-        if D::ERROR > 0.0 && !out.is_empty() {
-            // The walk's distances are approximate (half floats): rank exactly the candidates
-            // that can be among the exact k best. The exact k-th best is within ERROR of the
-            // approximate k-th; a candidate more than 2·ERROR behind that cannot beat it.
-            let limit = out[k.saturating_sub(1).min(out.len() - 1)].d + 2.0 * D::ERROR;
+        if !out.is_empty() {
+            // The walk's distances are the half floats': rank the candidates that can be among
+            // the best k by the full stored vectors. The true k-th best is within HALF_ERROR of
+            // the walk's k-th; a candidate more than twice that behind it cannot beat it.
+            let limit = out[k.saturating_sub(1).min(out.len() - 1)].d + 2.0 * HALF_ERROR;
             out.truncate(out.partition_point(|c| c.d <= limit));
             for c in &mut out {
-                c.d = 1.0 - D::exact(q, self.vector(c.id));
+                c.d = 1.0 - precision::fine_dot(q, self.half(c.id), self.codes(c.id));
             }
             out.sort_unstable();
         }
@@ -582,17 +590,17 @@ impl Graph {
             return cands.iter().map(|c| c.id).collect();
         }
         let mut kept: Vec<u32> = Vec::with_capacity(max);
+        let mut v = Vec::with_capacity(self.dim);
         for c in cands {
             if kept.len() >= max {
                 break;
             }
-            let v = self.vector(c.id);
-            // Four kept nodes at a time; the first one nearer to `c` than the base rejects it.
-            let good = kept.chunks(4).all(|r| {
-                let pick = |j: usize| D::stored(self, r.get(j).copied().unwrap_or(r[0]));
-                let dots = D::dot4(v, [pick(0), pick(1), pick(2), pick(3)], r.len());
-                dots[..r.len()].iter().all(|dot| 1.0 - dot >= c.d)
-            });
+            self.widen(c.id, &mut v);
+            // The first kept node nearer to `c` than the base rejects it — most often one of the
+            // first kept (the nearest), so one at a time: no products past the rejecting one.
+            let good = kept
+                .iter()
+                .all(|&k| 1.0 - D::dot(&v, D::stored(self, k)) >= c.d);
             if good {
                 kept.push(c.id);
             }
@@ -617,25 +625,29 @@ impl Graph {
             }
         }
         if ids.len() > max {
-            let base = self.vector(id);
+            let mut base = Vec::with_capacity(self.dim);
+            self.widen(id, &mut base);
             let mut cands: Vec<Near> = Vec::with_capacity(ids.len());
             for g in ids.chunks(4) {
                 let pick = |j: usize| D::stored(self, g.get(j).copied().unwrap_or(g[0]));
-                let dots = D::dot4(base, [pick(0), pick(1), pick(2), pick(3)], g.len());
+                let dots = D::dot4(&base, [pick(0), pick(1), pick(2), pick(3)], g.len());
                 cands.extend(g.iter().zip(dots).map(|(&n, dot)| Near {
                     d: 1.0 - dot,
                     id: n,
                 }));
             }
             cands.sort_unstable();
-            ids = self.select::<D>(&cands, max);
+            // Pruned below the full degree, as faiss does since 1.12 (`prune_headroom` 0.2):
+            // the next few links append without another prune, which was most of the
+            // build's work (a heuristic pass over 33 candidates at nearly every new link).
+            ids = self.select::<D>(&cands, max - max / PRUNE_HEADROOM);
         }
         self.set_neighbours(id, level, &ids);
     }
 
     /// Links the filled slot `id` into the graph (hnswlib's `addPoint`).
     #[inline(always)]
-    fn link_with<D: Dot>(&self, s: &mut Scratch, id: u32) {
+    fn link_with<D: Dot>(&self, s: &mut Scratch, id: u32, q: &[f32]) {
         let level = self.level(id);
         let mut entry_guard = None;
         let (ep, top_level) = match self.entry() {
@@ -657,7 +669,6 @@ impl Graph {
                 (ep, top)
             }
         };
-        let q = self.vector(id);
         let mut at = Near {
             d: self.dist::<D>(q, ep),
             id: ep,
@@ -689,19 +700,19 @@ impl Graph {
         }
     }
 
-    /// Links the filled slot `id` into the graph.
-    pub fn link(&self, id: u32) {
+    /// Links the filled slot `id`, whose vector is `q`, into the graph.
+    pub fn link(&self, id: u32, q: &[f32]) {
         with_scratch(|s| match self.kernel {
             #[cfg(target_arch = "x86_64")]
             // SAFETY: `kernel` is Avx2 only when the CPU has AVX2, FMA and F16C.
-            Kernel::Avx2 => unsafe { self.link_avx2(s, id) },
-            Kernel::Portable => self.link_with::<PortableDot>(s, id),
+            Kernel::Avx2 => unsafe { self.link_avx2(s, id, q) },
+            Kernel::Portable => self.link_with::<PortableDot>(s, id, q),
         })
     }
 
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn link_avx2(&self, s: &mut Scratch, id: u32) {
-        self.link_with::<Avx2Dot>(s, id)
+    unsafe fn link_avx2(&self, s: &mut Scratch, id: u32, q: &[f32]) {
+        self.link_with::<Avx2Dot>(s, id, q)
     }
 }

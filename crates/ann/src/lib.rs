@@ -15,6 +15,7 @@ use std::sync::{Mutex, RwLock};
 
 mod graph;
 mod kernels;
+mod precision;
 
 use graph::Graph;
 
@@ -93,7 +94,9 @@ fn lock<T>(l: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     l.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-const MAGIC: &[u8; 8] = b"ATLHNSW1";
+const MAGIC: &[u8; 8] = b"ATLHNSW2";
+/// The first format: the same layout with `f32` vectors.
+const MAGIC_F32: &[u8; 8] = b"ATLHNSW1";
 
 impl AnnIndex {
     pub fn new(dim: usize, params: AnnParams) -> Result<Self, AnnError> {
@@ -186,7 +189,7 @@ impl AnnIndex {
             if let Some(old) = lock(&self.keys).insert(key, id) {
                 g.mark_deleted(old);
             }
-            g.link(id);
+            g.link(id, &v);
             return Ok(());
         }
     }
@@ -208,7 +211,11 @@ impl AnnIndex {
             let g = read(&self.graph);
             let keys = lock(&self.keys);
             keys.iter()
-                .map(|(&k, &id)| (k, g.vector(id).to_vec()))
+                .map(|(&k, &id)| {
+                    let mut v = Vec::new();
+                    g.restore(id, &mut v);
+                    (k, v)
+                })
                 .collect()
         };
         live.sort_by_key(|(k, _)| *k);
@@ -218,10 +225,12 @@ impl AnnIndex {
         Ok(out)
     }
 
-    /// The stored (unit-length) vector of `key`.
+    /// The stored (unit-length; 18 significant bits a component) vector of `key`.
     pub fn get(&self, key: u64) -> Option<Vec<f32>> {
         let id = *lock(&self.keys).get(&key)?;
-        Some(read(&self.graph).vector(id).to_vec())
+        let mut v = Vec::new();
+        read(&self.graph).restore(id, &mut v);
+        Some(v)
     }
 
     /// Removes `key`; whether it was there.
@@ -264,13 +273,15 @@ impl AnnIndex {
         Ok(hits(&g, found))
     }
 
-    /// The whole index (graph and vectors) as bytes: `ATLHNSW1`, then little-endian `dim`, `M`,
+    /// The whole index (graph and vectors) as bytes: `ATLHNSW2`, then little-endian `dim`, `M`,
     /// `efConstruction`, slot count, entry slot and top level, then per slot its key, deleted
-    /// mark, level, vector and one neighbour list per level (count, ids).
+    /// mark, level, vector (its half floats, then the byte of each that rounding lost: see
+    /// `precision.rs`) and one neighbour list per level (count, ids). (`ATLHNSW1`, which
+    /// [`from_bytes`](Self::from_bytes) still reads, stored `f32` vectors instead.)
     pub fn to_bytes(&self) -> Result<Vec<u8>, AnnError> {
         let g = read(&self.graph);
         let n = g.slots();
-        let mut out = Vec::with_capacity(64 + n * (self.dim * 4 + 48 + g.m0 * 4));
+        let mut out = Vec::with_capacity(64 + n * (self.dim * 3 + 48 + g.m0 * 4));
         out.extend_from_slice(MAGIC);
         for x in [self.dim, g.m, g.ef_construction] {
             out.extend_from_slice(&(x as u32).to_le_bytes());
@@ -288,9 +299,10 @@ impl AnnIndex {
             out.push(g.is_deleted(id) as u8);
             let level = g.level(id);
             out.push(level as u8);
-            for x in g.vector(id) {
+            for x in g.half(id) {
                 out.extend_from_slice(&x.to_le_bytes());
             }
+            out.extend(g.codes(id).iter().map(|&c| c as u8));
             for l in 0..=level {
                 ids.clear();
                 g.neighbours(id, l, &mut ids);
@@ -309,12 +321,16 @@ impl AnnIndex {
     /// with. `M` and `efConstruction` come from the bytes, `efSearch` from `params`.
     pub fn from_bytes(bytes: &[u8], dim: usize, params: AnnParams) -> Result<Self, AnnError> {
         let mut r = Reader { bytes, at: 0 };
-        if r.take(8).ok() != Some(MAGIC.as_slice()) {
-            return Err(AnnError::Format(format!(
-                "no {} header",
-                String::from_utf8_lossy(MAGIC)
-            )));
-        }
+        let width = match r.take(8).ok() {
+            Some(m) if m == MAGIC.as_slice() => 3,
+            Some(m) if m == MAGIC_F32.as_slice() => 4,
+            _ => {
+                return Err(AnnError::Format(format!(
+                    "no {} header",
+                    String::from_utf8_lossy(MAGIC)
+                )))
+            }
+        };
         let stored_dim = r.u32()? as usize;
         if stored_dim != dim {
             return Err(AnnError::Corrupt(format!(
@@ -327,7 +343,7 @@ impl AnnIndex {
         }
         let n = r.u64()?;
         // Every slot takes at least its key, marks, vector and one count.
-        let min_slot = 8 + 2 + dim as u64 * 4 + 4;
+        let min_slot = 8 + 2 + dim as u64 * width + 4;
         if n > u32::MAX as u64 || n.saturating_mul(min_slot) > (bytes.len() - r.at) as u64 {
             return Err(AnnError::Corrupt(format!("{n} slots cannot fit")));
         }
@@ -358,8 +374,19 @@ impl AnnIndex {
                 if level > graph::MAX_LEVEL {
                     return Err(AnnError::Corrupt(format!("slot {id}: level {level}")));
                 }
-                for x in v.iter_mut() {
-                    *x = r.f32()?;
+                if width == 4 {
+                    for x in v.iter_mut() {
+                        *x = r.f32()?;
+                    }
+                } else {
+                    for x in v.iter_mut() {
+                        *x = half::f16::from_bits(r.u16()?).to_f32();
+                    }
+                    for (x, &c) in v.iter_mut().zip(r.take(dim)?) {
+                        // The half float plus what it lost (exactly `precision::join`).
+                        let h = half::f16::from_f32(*x).to_bits();
+                        *x = precision::join(h, c as i8);
+                    }
                 }
                 g.fill(id, key, &v, level, deleted);
                 for l in 0..=level {
@@ -452,6 +479,10 @@ impl<'a> Reader<'a> {
     fn u8(&mut self) -> Result<u8, AnnError> {
         Ok(self.take(1)?[0])
     }
+    fn u16(&mut self) -> Result<u16, AnnError> {
+        let b = self.take(2)?;
+        Ok(u16::from_le_bytes([b[0], b[1]]))
+    }
     fn u32(&mut self) -> Result<u32, AnnError> {
         let b = self.take(4)?;
         Ok(u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
@@ -518,6 +549,33 @@ mod tests {
         out
     }
 
+    /// `ATLHNSW2` bytes rewritten in the first format, `ATLHNSW1` (the same with `f32` vectors).
+    fn widened_to_v1(v2: &[u8], dim: usize) -> Vec<u8> {
+        let word = |at: usize| u32::from_le_bytes(v2[at..at + 4].try_into().unwrap()) as usize;
+        let mut out = b"ATLHNSW1".to_vec();
+        out.extend_from_slice(&v2[8..36]);
+        let n = u64::from_le_bytes(v2[20..28].try_into().unwrap());
+        let mut at = 36;
+        for _ in 0..n {
+            out.extend_from_slice(&v2[at..at + 10]);
+            let level = v2[at + 9] as usize;
+            at += 10;
+            let codes = &v2[at + 2 * dim..at + 3 * dim];
+            for (h, &c) in v2[at..at + 2 * dim].chunks(2).zip(codes) {
+                let x = precision::join(u16::from_le_bytes([h[0], h[1]]), c as i8);
+                out.extend_from_slice(&x.to_le_bytes());
+            }
+            at += 3 * dim;
+            for _ in 0..=level {
+                let len = 4 + 4 * word(at);
+                out.extend_from_slice(&v2[at..at + len]);
+                at += len;
+            }
+        }
+        assert_eq!(at, v2.len());
+        out
+    }
+
     #[test]
     fn finds_neighbours_deletes_and_round_trips() {
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(7);
@@ -541,7 +599,8 @@ mod tests {
             let truth = exact_top_k(q, &keys, &data, 10);
             let found = index.search(q, 10).unwrap();
             assert!(found.windows(2).all(|w| w[0].score >= w[1].score));
-            // Scores are exact cosines (the walk's half floats are re-ranked in f32).
+            // Scores are exact cosines to 2^-18 (the walk's half floats are re-ranked with
+            // what they lost).
             for h in &found {
                 let v = &data[keys.iter().position(|&k| k == h.key).unwrap() * dim..][..dim];
                 assert!((h.score - dot(q, v)).abs() < 1e-5, "{h:?}");
@@ -568,12 +627,15 @@ mod tests {
         assert_eq!(odd.len(), 10);
         assert!(odd.iter().all(|h| h.key % 2 == 1));
 
-        // Bytes round-trip: same answers.
+        // Bytes round-trip: same answers; so do the first format's (f32 vectors).
         let bytes = index.to_bytes().unwrap();
         let back = AnnIndex::from_bytes(&bytes, dim, AnnParams::default()).unwrap();
         assert_eq!(back.len(), n - 1);
+        let old = AnnIndex::from_bytes(&widened_to_v1(&bytes, dim), dim, AnnParams::default());
+        let old = old.unwrap();
         for q in queries.chunks(dim).take(10) {
             assert_eq!(index.search(q, 10).unwrap(), back.search(q, 10).unwrap());
+            assert_eq!(index.search(q, 10).unwrap(), old.search(q, 10).unwrap());
         }
         back.insert(keys[5], &data[dim * 5..dim * 6]).unwrap();
         assert_eq!(
