@@ -518,6 +518,8 @@ pub fn exact_top_k(q: &[f32], keys: &[u64], vectors: &[f32], k: usize) -> Vec<Hi
     if all.len() > k {
         all.select_nth_unstable_by(k, by_score);
         all.truncate(k);
+        // Not `k` hits holding the whole corpus' allocation (19 MB at 1.2M records).
+        all.shrink_to_fit();
     }
     all.sort_by(by_score);
     all
