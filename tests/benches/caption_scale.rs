@@ -201,9 +201,12 @@ async fn caption_run(
         .filter(|r| r.source_id == out.source_id)
         .collect();
     let distinct: HashSet<&str> = mine.iter().map(|r| r.image_sha256.as_str()).collect();
+    let whole = ok as f64 / (secs / 60.0);
     println!(
         "caption, {replicas} replica(s): {n} images in {secs:.1} s; {ok} requests accepted, {refused} refused (429); \
-         rate used: {steady}; {} captions, {} lost, {} duplicated, {} failed",
+         {whole:.0}/min over the run = {:.1}% of {RPM}/min; rate used: {steady}; \
+         {} captions, {} lost, {} duplicated, {} failed",
+        100.0 * whole / f64::from(RPM),
         mine.len(),
         n - distinct.len() as u64,
         mine.len() - distinct.len(),
