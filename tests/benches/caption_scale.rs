@@ -119,9 +119,53 @@ async fn main() {
             tokio::time::sleep(Duration::from_secs(61)).await;
         }
     }
+    if replicas.is_empty() {
+        caption_unlimited(&mut c, &client).await;
+    }
     export_all(&c, &client, n).await;
     shutdown.cancel();
     c.stop_services(libc::SIGTERM, Duration::from_secs(10));
+}
+
+/// Exports only (ATELIER_BENCH_REPLICAS empty): the images captioned as fast as they go, by one
+/// replica through a server with no latency and no limit (an export keeps captioned rows).
+async fn caption_unlimited(c: &mut Cluster, client: &atelier_client::Client) {
+    let fast = VisionServer::start(ServerConfig {
+        model: "scene-describer".into(),
+        ..Default::default()
+    })
+    .await
+    .expect("vision server");
+    let env = vec![
+        ("ATELIER_OPENAI_BASE_URL", fast.base_url()),
+        ("ATELIER_OPENAI_MODEL", "scene-describer".to_owned()),
+        ("ATELIER_OPENAI_RPM", "0".to_owned()),
+        ("ATELIER_OPENAI_TPM", "0".to_owned()),
+        ("ATELIER_OPENAI_CONCURRENCY", "16".to_owned()),
+    ];
+    c.spawn_service("atelier-captioner", &env)
+        .expect("captioner");
+    let t0 = Instant::now();
+    let spec = JobSpec::Caption(CaptionSpec {
+        dataset: "scale".into(),
+        backend: CaptionBackend::Openai {
+            model: None,
+            prompt: None,
+            max_tokens: 60,
+            temperature: 0.2,
+            image_max_side: 64,
+            batch: false,
+        },
+        ..Default::default()
+    });
+    let JobOutput::Captions(out) = finish(c, client, &spec).await else {
+        panic!("not a caption output")
+    };
+    println!(
+        "captions for the exports (no rate limit): {} in {:.1} s",
+        out.captioned,
+        t0.elapsed().as_secs_f64()
+    );
 }
 
 /// A small scene whose first pixels spell out `seed`, so every image has its own sha256 (small
@@ -216,9 +260,16 @@ async fn caption_run(
 
 async fn export_all(c: &Cluster, client: &atelier_client::Client, n: u64) {
     // The generated scenes are small and alike: keep them all (no size or near-duplicate check).
+    // Without caption runs (ATELIER_BENCH_REPLICAS empty: exports only), uncaptioned images are
+    // kept, flagged.
     let policy = atelier_contracts::dataset::QualityPolicy {
         min_side: 16,
         duplicate_max_bits: -1,
+        severity: [(
+            "no_caption".to_owned(),
+            atelier_contracts::dataset::Severity::Flag,
+        )]
+        .into(),
         ..Default::default()
     };
     let JobOutput::DatasetVersion(v) = finish(

@@ -173,3 +173,26 @@ async fn a_single_format_keeps_its_bytes_and_an_interrupted_export_resumes() {
     );
     assert_eq!(hf_load("card", &out)["train"]["with_image"], TRAIN);
 }
+
+/// A version with nothing to export (here: no row in the tiers asked for; as an uncaptioned
+/// dataset would be) is an error that says why, and writes no card whose `configs` name no
+/// files (which `load_dataset` fails on with a bare TypeError).
+#[tokio::test]
+async fn an_export_with_no_rows_says_why_and_writes_nothing() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (manifest, data, mem) = version(tmp.path(), false);
+    let out = tmp.path().join("none");
+    let sink = DirSink::new(&out, false).unwrap();
+    let opts = Options {
+        tiers: vec![Tier::Bronze],
+        ..opts(ExportFormat::Parquet)
+    };
+    let e = atelier_export::export(&manifest, &data, &mem, &sink, &opts)
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("no rows to export"), "{e}");
+    assert!(e.contains("31 rows"), "{e}");
+    assert!(!out.join("README.md").exists());
+    assert_eq!(mem.fetched.load(Ordering::SeqCst), 0);
+}

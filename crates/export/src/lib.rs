@@ -95,6 +95,16 @@ pub async fn export(
 ) -> anyhow::Result<Report> {
     let keep = |r: &DatasetRow| rows::kept(r, &opts.tiers);
     let counts = rows::count(data, &keep)?;
+    anyhow::ensure!(
+        !counts.per_split.is_empty(),
+        "version {} of `{}` has no rows to export: an export keeps the rows that were not rejected, \
+         have a caption and are in the tiers asked for ({} rows, {} of them not rejected but \
+         uncaptioned: caption the dataset and filter it into a new version first)",
+        manifest.version,
+        manifest.dataset,
+        counts.total,
+        counts.uncaptioned
+    );
     let mtime = manifest.created_at.timestamp().max(0) as u64;
     let mut plan = shard::Plan::new(opts, &counts, mtime);
     let mut report = Report {

@@ -35,12 +35,19 @@ pub struct Counts {
     pub per_split: BTreeMap<Split, usize>,
     /// Image formats of the kept rows, with how many of each.
     pub formats: BTreeMap<String, usize>,
+    /// Rows in the file, kept or not, and those not rejected that have no caption.
+    pub total: usize,
+    pub uncaptioned: usize,
 }
 
 pub fn count(path: &Path, keep: &impl Fn(&DatasetRow) -> bool) -> anyhow::Result<Counts> {
     let mut c = Counts::default();
     for row in read(path)? {
         let row = row?;
+        c.total += 1;
+        if row.decision != Decision::Reject && row.caption.is_none() {
+            c.uncaptioned += 1;
+        }
         if keep(&row) {
             *c.per_split
                 .entry(row.split.unwrap_or(Split::Train))
