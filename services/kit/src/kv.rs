@@ -1,7 +1,9 @@
 //! Typed key-value buckets: a [`Kv<V>`] reads and writes only `V`s, in the one bucket whose
 //! values are `V` ([`atelier_contracts::typed`]).
 
+use std::collections::HashMap;
 use std::marker::PhantomData;
+use std::sync::{Arc, LazyLock, Mutex, Weak};
 
 use anyhow::Context as _;
 use async_nats::jetstream::kv;
@@ -36,6 +38,26 @@ pub enum WriteError {
 }
 
 const MODIFY_TRIES: usize = 200;
+
+/// Per key this process is modifying, the turn its writers take one after another.
+type Turns = Mutex<HashMap<(String, String), Weak<tokio::sync::Mutex<()>>>>;
+static TURNS: LazyLock<Turns> = LazyLock::new(Default::default);
+
+/// The turn of this process's writers of `key` in `bucket`: [`Kv::modify`] holds it, so
+/// compare-and-set only races other processes (a hundred concurrent writers of one key in one
+/// process — every caption of a run adding to its spend — otherwise retried each other past any
+/// bound).
+fn turn(bucket: &str, key: &str) -> Arc<tokio::sync::Mutex<()>> {
+    let mut turns = TURNS.lock().unwrap_or_else(|p| p.into_inner());
+    let id = (bucket.to_owned(), key.to_owned());
+    if let Some(t) = turns.get(&id).and_then(Weak::upgrade) {
+        return t;
+    }
+    turns.retain(|_, t| t.strong_count() > 0);
+    let t = Arc::new(tokio::sync::Mutex::new(()));
+    turns.insert(id, Arc::downgrade(&t));
+    t
+}
 
 /// A key's current value and revision (for compare-and-set writes with [`Kv::write`]).
 pub struct Entry<V> {
@@ -126,13 +148,20 @@ impl<V: Serialize + DeserializeOwned> Kv<V> {
 
     /// Read-modify-write under compare-and-set, retried while other writers come first: `f` sees
     /// the current value (None when absent or undecodable) and returns the value to write (None:
-    /// write nothing) and what to answer.
+    /// write nothing) and what to answer. This process's writers of `key` take turns; writers in
+    /// other processes are raced, with a short random pause after each loss.
     pub async fn modify<T>(
         &self,
         key: &str,
         mut f: impl FnMut(Option<&V>) -> (Option<V>, T),
     ) -> anyhow::Result<T> {
-        for _ in 0..MODIFY_TRIES {
+        let turn = turn(&self.store.name, key);
+        let _turn = turn.lock().await;
+        for attempt in 0..MODIFY_TRIES {
+            if attempt > 0 {
+                let ms = rand::random::<u64>() % (attempt as u64).min(20);
+                tokio::time::sleep(std::time::Duration::from_millis(ms)).await;
+            }
             let entry = self.entry(key).await?;
             let revision = entry.as_ref().map(|e| e.revision);
             let current = entry.and_then(|e| e.value.ok());
