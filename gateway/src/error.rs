@@ -67,7 +67,8 @@ impl IntoResponse for ApiError {
         let body = ApiErrorBody {
             error: ErrorInfo {
                 code: self.code.into(),
-                message: self.message,
+                // The server's paths (a model folder, the local store) stay in the log.
+                message: atelier_kit::redact::paths(&self.message),
             },
         };
         let mut resp = (self.status, Json(body)).into_response();

@@ -137,6 +137,12 @@ async fn generation_jobs_run_on_the_services_and_bad_input_is_refused() {
     let m = by_id(missing.id);
     assert_eq!(m.state, JobState::Failed);
     assert_eq!(m.error.as_ref().unwrap().code, "unknown_model");
+    // Named by its folder's role, not by the server's path (which a job's reader may not see).
+    let message = &m.error.as_ref().unwrap().message;
+    assert!(
+        message.contains("<models>") && !message.contains(&models.display().to_string()),
+        "{message}"
+    );
     assert!(
         m.error.as_ref().unwrap().message.contains("tiny"),
         "the error lists the models there are"

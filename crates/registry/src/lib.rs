@@ -7,6 +7,7 @@
 //! `inspect`, so the gateway can list models without linking the engine.
 
 pub mod hash;
+pub mod header;
 pub mod store;
 
 use std::path::{Path, PathBuf};
@@ -58,7 +59,10 @@ pub fn check_name(name: &str) -> Result<(), String> {
 
 impl Registry {
     pub fn new(dir: impl Into<PathBuf>) -> Self {
-        Self { dir: dir.into() }
+        let dir = dir.into();
+        // Job errors name its files as `<models>/…`, not by the server's path.
+        atelier_kit::redact::register_root(&dir, "<models>");
+        Self { dir }
     }
 
     /// Every checkpoint, LoRA and embedding, sorted by name.

@@ -15,6 +15,7 @@
 //! - [`telemetry`]: tracing, Prometheus metrics, `/healthz` and `/metrics`.
 //! - [`shutdown`]: SIGINT/SIGTERM into a cancellation token.
 //! - [`memory`]: a worker's memory budget (jobs that cannot fit are refused with the figure).
+//! - [`redact`]: the server's paths out of job errors users read.
 //! - [`nats_server`]: starting the official nats-server binary as a child process.
 
 pub mod bus;
@@ -26,6 +27,7 @@ pub mod kv;
 pub mod memory;
 pub mod nats_server;
 pub mod outbox;
+pub mod redact;
 pub mod service;
 pub mod shutdown;
 pub mod stale_uploads;

@@ -98,6 +98,7 @@ impl Store {
                     anyhow::anyhow!("creating the store directory {}: {e}", dir.display())
                 })?;
                 let fs = LocalFileSystem::new_with_prefix(&dir)?.with_automatic_cleanup(true);
+                crate::redact::register_root(&dir, "<store>");
                 Ok(Self {
                     inner: Arc::new(fs),
                     local_root: Some(dir.clone()),

@@ -454,6 +454,12 @@ fn job_id_in(payload: &[u8]) -> Option<JobId> {
     JobId::parse(v.get("id")?.as_str()?)
 }
 
+/// An error as the job's record and events show it: without the server's paths.
+fn public(mut e: ErrorInfo) -> ErrorInfo {
+    e.message = crate::redact::paths(&e.message);
+    e
+}
+
 fn info(code: &str, message: impl Into<String>) -> ErrorInfo {
     ErrorInfo {
         code: code.into(),
@@ -640,6 +646,7 @@ impl<H: Handler> Prepared<H> {
 
     async fn fail(&self, id: JobId, error: ErrorInfo) -> anyhow::Result<()> {
         let w = &self.worker;
+        let error = public(error);
         let e = error.clone();
         let record = w
             .states
@@ -743,7 +750,7 @@ impl<H: Handler> Prepared<H> {
                     // The consumer dead-letters it; `dead_lettered` fails the job.
                     return Outcome::Retry(error);
                 }
-                let e = error.clone();
+                let e = public(error.clone());
                 let _ = w
                     .states
                     .update(ctx.id, |r| {
