@@ -98,7 +98,7 @@ impl A1111State {
         }
     }
 
-    fn registry(&self) -> Option<atelier_registry::Registry> {
+    pub(crate) fn registry(&self) -> Option<atelier_registry::Registry> {
         self.models.as_ref().map(atelier_registry::Registry::new)
     }
 
@@ -140,6 +140,9 @@ fn d_side() -> u32 {
 fn d_one() -> u32 {
     1
 }
+fn d_true() -> bool {
+    true
+}
 fn d_seed() -> i64 {
     -1
 }
@@ -150,7 +153,9 @@ fn d_blur() -> f32 {
     4.0
 }
 
-/// A1111's txt2img request (the fields atelier uses; others are accepted and ignored).
+/// A1111's txt2img request: the fields atelier uses. Other A1111 fields are accepted at values
+/// that would not change the image and refused (422, naming them) otherwise; see
+/// `a1111_params`.
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct Txt2ImgRequest {
     #[serde(default)]
@@ -190,6 +195,12 @@ pub struct Txt2ImgRequest {
     #[serde(default)]
     #[schema(value_type = Object)]
     pub override_settings: Option<HashMap<String, Value>>,
+    /// false: answer without the images (they stay in the object store, named in `info`).
+    #[serde(default = "d_true")]
+    pub send_images: bool,
+    /// An infotext (A1111's `parameters` text) whose fields fill those the request leaves out.
+    #[serde(default)]
+    pub infotext: Option<String>,
 }
 
 /// A1111's img2img request: txt2img's fields plus the images.
@@ -226,10 +237,17 @@ fn sampler_of(req: &Txt2ImgRequest) -> Result<SamplerKind, ApiError> {
         .clone()
         .or_else(|| req.sampler_index.clone())
         .unwrap_or_else(|| "Euler a".into());
-    let karras = req
-        .scheduler
-        .as_deref()
-        .is_some_and(|s| s.eq_ignore_ascii_case("karras"));
+    let scheduler = req.scheduler.as_deref().map(str::to_ascii_lowercase);
+    let karras = match scheduler.as_deref() {
+        None | Some("") | Some("automatic") => false,
+        Some("karras") => true,
+        Some(other) => {
+            return Err(ApiError::unprocessable(
+                "unknown_scheduler",
+                format!("unknown scheduler {other:?}; GET /sdapi/v1/schedulers lists them"),
+            ))
+        }
+    };
     let found = if karras {
         SamplerKind::parse(&format!("{name} Karras")).or_else(|| SamplerKind::parse(&name))
     } else {
@@ -369,15 +387,18 @@ async fn run(
             (JobState::Succeeded, Some(JobOutput::Images(out))) => {
                 hash.clone_from(&out.model_hash);
                 for img in &out.images {
-                    let key = atelier_contracts::ArtifactKey::parse(&img.image.key)
-                        .map_err(|e| ApiError::unavailable(format!("bad artifact key: {e}")))?;
-                    let bytes = app.store.get_bytes(&key).await.map_err(ApiError::from)?;
-                    images.push(base64::engine::general_purpose::STANDARD.encode(&bytes));
                     seeds.push(img.seed);
                     infotexts.push(out.parameters.replace(
                         &format!("Seed: {}", out.images[0].seed),
                         &format!("Seed: {}", img.seed),
                     ));
+                    if !req.send_images {
+                        continue;
+                    }
+                    let key = atelier_contracts::ArtifactKey::parse(&img.image.key)
+                        .map_err(|e| ApiError::unavailable(format!("bad artifact key: {e}")))?;
+                    let bytes = app.store.get_bytes(&key).await.map_err(ApiError::from)?;
+                    images.push(base64::engine::general_purpose::STANDARD.encode(&bytes));
                 }
             }
             (JobState::Cancelled, _) => {
@@ -468,7 +489,22 @@ async fn wait_all(app: &AppState, ids: &[JobId]) -> Result<Vec<JobRecord>, ApiEr
     }
 }
 
-async fn json_body<T: serde::de::DeserializeOwned>(
+/// An A1111 generation request: its `infotext` applied, every field checked (a field atelier
+/// would not honour is a 422 naming it), then read.
+async fn generation_body<T: serde::de::DeserializeOwned>(
+    app: &AppState,
+    headers: &HeaderMap,
+    body: Body,
+    img2img: bool,
+) -> Result<T, ApiError> {
+    let mut map: serde_json::Map<String, Value> = json_body(app, headers, body).await?;
+    crate::a1111_params::apply_infotext(&mut map, img2img);
+    crate::a1111_params::check(&map)?;
+    serde_json::from_value(Value::Object(map))
+        .map_err(|e| ApiError::unprocessable("invalid_json", format!("invalid request: {e}")))
+}
+
+pub(crate) async fn json_body<T: serde::de::DeserializeOwned>(
     app: &AppState,
     headers: &HeaderMap,
     body: Body,
@@ -479,7 +515,7 @@ async fn json_body<T: serde::de::DeserializeOwned>(
 }
 
 /// A1111's txt2img: waits for the images.
-#[utoipa::path(post, path = "/sdapi/v1/txt2img", tag = "a1111", request_body = Txt2ImgRequest,
+#[utoipa::path(post, path = "/sdapi/v1/txt2img", tag = "a1111", operation_id = "text2imgapi_sdapi_v1_txt2img_post", request_body = Txt2ImgRequest,
     responses((status = 200, body = ImageResponse), (status = 422, body = atelier_contracts::http::ApiErrorBody)),
     security(("bearer" = ["jobs:write"])))]
 pub async fn txt2img(
@@ -489,14 +525,14 @@ pub async fn txt2img(
     body: Body,
 ) -> Result<Json<ImageResponse>, ApiError> {
     caller.require(Scope::JobsWrite)?;
-    let req: Txt2ImgRequest = json_body(&app, &headers, body).await?;
+    let req: Txt2ImgRequest = generation_body(&app, &headers, body, false).await?;
     let spec = spec_of(&app, &req).await?;
     let params = serde_json::to_value(&req).unwrap_or(Value::Null);
     run(&app, &caller, spec, GenerateKind::Txt2Img, &req, params).await
 }
 
 /// A1111's img2img (inpainting when a mask is given): waits for the images.
-#[utoipa::path(post, path = "/sdapi/v1/img2img", tag = "a1111", request_body = Img2ImgRequest,
+#[utoipa::path(post, path = "/sdapi/v1/img2img", tag = "a1111", operation_id = "img2imgapi_sdapi_v1_img2img_post", request_body = Img2ImgRequest,
     responses((status = 200, body = ImageResponse), (status = 422, body = atelier_contracts::http::ApiErrorBody)),
     security(("bearer" = ["jobs:write"])))]
 pub async fn img2img(
@@ -506,7 +542,7 @@ pub async fn img2img(
     body: Body,
 ) -> Result<Json<ImageResponse>, ApiError> {
     caller.require(Scope::JobsWrite)?;
-    let req: Img2ImgRequest = json_body(&app, &headers, body).await?;
+    let req: Img2ImgRequest = generation_body(&app, &headers, body, true).await?;
     let mut spec = spec_of(&app, &req.base).await?;
     let first = req.init_images.first().ok_or_else(|| {
         ApiError::unprocessable("invalid_job", "init_images needs one base64 image")
@@ -563,7 +599,7 @@ pub async fn img2img(
 }
 
 /// The samplers, by A1111's names (our names as aliases).
-#[utoipa::path(get, path = "/sdapi/v1/samplers", tag = "a1111",
+#[utoipa::path(get, path = "/sdapi/v1/samplers", tag = "a1111", operation_id = "get_samplers_sdapi_v1_samplers_get",
     responses((status = 200, description = "[{name, aliases, options}]")), security(("bearer" = ["jobs:read"])))]
 pub async fn samplers(Extension(caller): Extension<Caller>) -> Result<Json<Value>, ApiError> {
     caller.require(Scope::JobsRead)?;
@@ -575,7 +611,7 @@ pub async fn samplers(Extension(caller): Extension<Caller>) -> Result<Json<Value
 }
 
 /// The registry's checkpoints.
-#[utoipa::path(get, path = "/sdapi/v1/sd-models", tag = "a1111",
+#[utoipa::path(get, path = "/sdapi/v1/sd-models", tag = "a1111", operation_id = "get_sd_models_sdapi_v1_sd_models_get",
     responses((status = 200, description = "[{title, model_name, hash, sha256, filename, config}]")), security(("bearer" = ["jobs:read"])))]
 pub async fn sd_models(
     State(app): State<AppState>,
@@ -614,7 +650,7 @@ fn sd_model(e: &atelier_registry::Entry) -> Value {
 }
 
 /// The options A1111 clients read: the current model, clip skip, output format.
-#[utoipa::path(get, path = "/sdapi/v1/options", tag = "a1111",
+#[utoipa::path(get, path = "/sdapi/v1/options", tag = "a1111", operation_id = "get_config_sdapi_v1_options_get",
     responses((status = 200, description = "{sd_model_checkpoint, ...}")), security(("bearer" = ["jobs:read"])))]
 pub async fn get_options(
     State(app): State<AppState>,
@@ -645,7 +681,7 @@ pub async fn get_options(
 /// Set the default model (`sd_model_checkpoint`), clip skip (`CLIP_stop_at_last_layers`), the
 /// noise source (`randn_source`: CPU, or NV, which A1111's GPU also means) and
 /// `eta_noise_seed_delta`; other options are accepted and ignored.
-#[utoipa::path(post, path = "/sdapi/v1/options", tag = "a1111",
+#[utoipa::path(post, path = "/sdapi/v1/options", tag = "a1111", operation_id = "set_config_sdapi_v1_options_post",
     responses((status = 200, description = "null"), (status = 422, body = atelier_contracts::http::ApiErrorBody)), security(("bearer" = ["jobs:write"])))]
 pub async fn set_options(
     State(app): State<AppState>,
@@ -689,7 +725,7 @@ pub async fn set_options(
 }
 
 /// Progress of the A1111 requests in flight.
-#[utoipa::path(get, path = "/sdapi/v1/progress", tag = "a1111",
+#[utoipa::path(get, path = "/sdapi/v1/progress", tag = "a1111", operation_id = "progressapi_sdapi_v1_progress_get",
     responses((status = 200, description = "{progress, eta_relative, state, current_image, textinfo}")), security(("bearer" = ["jobs:read"])))]
 pub async fn progress(
     State(app): State<AppState>,
@@ -742,7 +778,7 @@ pub async fn progress(
 }
 
 /// Cancel the A1111 requests in flight (between sampling steps).
-#[utoipa::path(post, path = "/sdapi/v1/interrupt", tag = "a1111",
+#[utoipa::path(post, path = "/sdapi/v1/interrupt", tag = "a1111", operation_id = "interruptapi_sdapi_v1_interrupt_post",
     responses((status = 200, description = "{}")), security(("bearer" = ["jobs:write"])))]
 pub async fn interrupt(
     State(app): State<AppState>,

@@ -137,6 +137,89 @@ pub fn router(app: AppState, auth: Arc<Auth>) -> Router {
         )
         .route("/sdapi/v1/progress", get(crate::a1111::progress))
         .route("/sdapi/v1/interrupt", post(crate::a1111::interrupt))
+        .route(
+            "/sdapi/v1/schedulers",
+            get(crate::a1111_catalog::schedulers),
+        )
+        .route("/sdapi/v1/upscalers", get(crate::a1111_catalog::upscalers))
+        .route(
+            "/sdapi/v1/latent-upscale-modes",
+            get(crate::a1111_catalog::latent_upscale_modes),
+        )
+        .route("/sdapi/v1/sd-vae", get(crate::a1111_catalog::sd_vae))
+        .route(
+            "/sdapi/v1/hypernetworks",
+            get(crate::a1111_catalog::hypernetworks),
+        )
+        .route(
+            "/sdapi/v1/face-restorers",
+            get(crate::a1111_catalog::face_restorers),
+        )
+        .route(
+            "/sdapi/v1/realesrgan-models",
+            get(crate::a1111_catalog::realesrgan_models),
+        )
+        .route(
+            "/sdapi/v1/prompt-styles",
+            get(crate::a1111_catalog::prompt_styles),
+        )
+        .route(
+            "/sdapi/v1/script-info",
+            get(crate::a1111_catalog::script_info),
+        )
+        .route(
+            "/sdapi/v1/extensions",
+            get(crate::a1111_catalog::extensions),
+        )
+        .route("/sdapi/v1/scripts", get(crate::a1111_catalog::scripts))
+        .route(
+            "/sdapi/v1/embeddings",
+            get(crate::a1111_catalog::embeddings),
+        )
+        .route("/sdapi/v1/loras", get(crate::a1111_catalog::loras))
+        .route("/sdapi/v1/memory", get(crate::a1111_catalog::memory))
+        .route("/sdapi/v1/cmd-flags", get(crate::a1111_catalog::cmd_flags))
+        .route(
+            "/sdapi/v1/refresh-checkpoints",
+            post(crate::a1111_catalog::refresh_checkpoints),
+        )
+        .route(
+            "/sdapi/v1/refresh-vae",
+            post(crate::a1111_catalog::refresh_vae),
+        )
+        .route(
+            "/sdapi/v1/refresh-embeddings",
+            post(crate::a1111_catalog::refresh_embeddings),
+        )
+        .route(
+            "/sdapi/v1/refresh-loras",
+            post(crate::a1111_catalog::refresh_loras),
+        )
+        .route(
+            "/sdapi/v1/create/hypernetwork",
+            post(crate::a1111_catalog::create_hypernetwork),
+        )
+        .route(
+            "/sdapi/v1/train/hypernetwork",
+            post(crate::a1111_catalog::train_hypernetwork),
+        )
+        .route(
+            "/sdapi/v1/create/embedding",
+            post(crate::a1111_catalog::create_embedding),
+        )
+        .route(
+            "/sdapi/v1/train/embedding",
+            post(crate::a1111_catalog::train_embedding),
+        )
+        .route(
+            "/sdapi/v1/unload-checkpoint",
+            post(crate::a1111_catalog::unload_checkpoint),
+        )
+        .route(
+            "/sdapi/v1/reload-checkpoint",
+            post(crate::a1111_catalog::reload_checkpoint),
+        )
+        .route("/sdapi/v1/png-info", post(crate::a1111_catalog::png_info))
         .route("/v1/artifacts/{*key}", get(get_artifact))
         .route("/v1/images/{sha256}", get(get_image))
         .route("/v1/images", post(crate::datasets::announce))
@@ -852,6 +935,7 @@ impl utoipa::Modify for BearerAuth {
     paths(submit_job, txt2img, img2img, inpaint,
         crate::a1111::txt2img, crate::a1111::img2img, crate::a1111::samplers, crate::a1111::sd_models,
         crate::a1111::get_options, crate::a1111::set_options, crate::a1111::progress, crate::a1111::interrupt,
+        crate::a1111_catalog::schedulers, crate::a1111_catalog::upscalers, crate::a1111_catalog::latent_upscale_modes, crate::a1111_catalog::sd_vae, crate::a1111_catalog::hypernetworks, crate::a1111_catalog::face_restorers, crate::a1111_catalog::realesrgan_models, crate::a1111_catalog::prompt_styles, crate::a1111_catalog::script_info, crate::a1111_catalog::extensions, crate::a1111_catalog::scripts, crate::a1111_catalog::embeddings, crate::a1111_catalog::loras, crate::a1111_catalog::memory, crate::a1111_catalog::cmd_flags, crate::a1111_catalog::refresh_checkpoints, crate::a1111_catalog::refresh_vae, crate::a1111_catalog::refresh_embeddings, crate::a1111_catalog::refresh_loras, crate::a1111_catalog::create_hypernetwork, crate::a1111_catalog::train_hypernetwork, crate::a1111_catalog::create_embedding, crate::a1111_catalog::train_embedding, crate::a1111_catalog::unload_checkpoint, crate::a1111_catalog::reload_checkpoint, crate::a1111_catalog::png_info,
         get_job, cancel_job, job_events, upload, get_artifact, get_image,
         crate::datasets::announce, crate::datasets::list, crate::datasets::version,
         crate::train::lora, crate::train::dreambooth,
@@ -881,6 +965,32 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("post", "/sdapi/v1/options"),
     ("get", "/sdapi/v1/progress"),
     ("post", "/sdapi/v1/interrupt"),
+    ("get", "/sdapi/v1/schedulers"),
+    ("get", "/sdapi/v1/upscalers"),
+    ("get", "/sdapi/v1/latent-upscale-modes"),
+    ("get", "/sdapi/v1/sd-vae"),
+    ("get", "/sdapi/v1/hypernetworks"),
+    ("get", "/sdapi/v1/face-restorers"),
+    ("get", "/sdapi/v1/realesrgan-models"),
+    ("get", "/sdapi/v1/prompt-styles"),
+    ("get", "/sdapi/v1/script-info"),
+    ("get", "/sdapi/v1/extensions"),
+    ("get", "/sdapi/v1/scripts"),
+    ("get", "/sdapi/v1/embeddings"),
+    ("get", "/sdapi/v1/loras"),
+    ("get", "/sdapi/v1/memory"),
+    ("get", "/sdapi/v1/cmd-flags"),
+    ("post", "/sdapi/v1/refresh-checkpoints"),
+    ("post", "/sdapi/v1/refresh-vae"),
+    ("post", "/sdapi/v1/refresh-embeddings"),
+    ("post", "/sdapi/v1/refresh-loras"),
+    ("post", "/sdapi/v1/create/hypernetwork"),
+    ("post", "/sdapi/v1/train/hypernetwork"),
+    ("post", "/sdapi/v1/create/embedding"),
+    ("post", "/sdapi/v1/train/embedding"),
+    ("post", "/sdapi/v1/unload-checkpoint"),
+    ("post", "/sdapi/v1/reload-checkpoint"),
+    ("post", "/sdapi/v1/png-info"),
     ("get", "/v1/artifacts/{key}"),
     ("get", "/v1/images/{sha256}"),
     ("post", "/v1/images"),

@@ -8,6 +8,8 @@
 //! service crate (the test `gateway_links_no_engine_and_no_service` reads `cargo metadata`).
 
 pub mod a1111;
+pub mod a1111_catalog;
+pub mod a1111_params;
 pub mod api;
 pub mod augment;
 pub mod auth;
@@ -15,6 +17,7 @@ pub mod conn;
 pub mod datasets;
 pub mod error;
 pub mod idempotency;
+pub mod infotext;
 pub mod retrieval;
 pub mod train;
 

@@ -1,0 +1,356 @@
+//! The rest of A1111's API surface, so every `webuiapi` method gets an answer in A1111's schema:
+//! what the model folders hold (embeddings, LoRAs), the schedulers atelier honours, memory, flags,
+//! PNG info; empty lists for what atelier has none of (hypernetworks, face restorers,
+//! Real-ESRGAN models, scripts, extensions, prompt styles, separate VAEs); `501` with the reason
+//! for actions atelier does not take. The registry is read at every call, so the `refresh-*`
+//! routes have nothing to rescan and answer as A1111 does.
+
+use atelier_registry::{Entry, EntryKind};
+use axum::body::Body;
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode};
+use axum::{Extension, Json};
+use base64::Engine as _;
+use serde::Deserialize;
+use serde_json::{json, Map, Value};
+use utoipa::ToSchema;
+
+use crate::api::AppState;
+use crate::auth::{Caller, Scope};
+use crate::error::ApiError;
+
+/// The registry's entries of one kind, local first, then the object store's of other names.
+async fn entries(app: &AppState, kind: EntryKind) -> Vec<(Entry, bool)> {
+    let mut out: Vec<(Entry, bool)> = app
+        .a1111
+        .registry()
+        .map(|r| r.list())
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|e| e.kind == kind)
+        .map(|e| (e, true))
+        .collect();
+    match atelier_registry::store::list(&app.store).await {
+        Ok(listed) => {
+            for e in listed.into_iter().filter(|e| e.kind == kind) {
+                if !out.iter().any(|(l, _)| l.name == e.name) {
+                    out.push((e, false));
+                }
+            }
+        }
+        Err(e) => tracing::warn!(error = %e, "listing the object store's models"),
+    }
+    out
+}
+
+/// A local file's safetensors header, off the async threads; `None` when it has none.
+async fn header(e: &Entry) -> Option<atelier_registry::header::Header> {
+    let path = e.path.clone();
+    tokio::task::spawn_blocking(move || atelier_registry::header::read(&path))
+        .await
+        .ok()?
+        .map_err(|err| tracing::warn!(file = %e.name, error = %err, "reading a safetensors header"))
+        .ok()
+}
+
+/// The schedulers (noise schedules) samplers accept as `scheduler`.
+#[utoipa::path(get, path = "/sdapi/v1/schedulers", tag = "a1111", operation_id = "get_schedulers_sdapi_v1_schedulers_get",
+    responses((status = 200, description = "[{name, label, aliases, default_rho, need_inner_model}]")), security(("bearer" = ["jobs:read"])))]
+pub async fn schedulers(Extension(caller): Extension<Caller>) -> Result<Json<Value>, ApiError> {
+    caller.require(Scope::JobsRead)?;
+    Ok(Json(json!([
+        {"name": "automatic", "label": "Automatic", "aliases": null, "default_rho": -1, "need_inner_model": false},
+        {"name": "karras", "label": "Karras", "aliases": null, "default_rho": 7.0, "need_inner_model": false},
+    ])))
+}
+
+/// Upscalers: none beyond A1111's `None` (atelier has no upscaler models).
+#[utoipa::path(get, path = "/sdapi/v1/upscalers", tag = "a1111", operation_id = "get_upscalers_sdapi_v1_upscalers_get",
+    responses((status = 200, description = "[{name, model_name, model_path, model_url, scale}]")), security(("bearer" = ["jobs:read"])))]
+pub async fn upscalers(Extension(caller): Extension<Caller>) -> Result<Json<Value>, ApiError> {
+    caller.require(Scope::JobsRead)?;
+    Ok(Json(
+        json!([{"name": "None", "model_name": null, "model_path": null, "model_url": null, "scale": 4}]),
+    ))
+}
+
+macro_rules! empty_list {
+    ($name:ident, $path:literal, $op:literal, $what:literal) => {
+        #[doc = $what]
+        #[utoipa::path(get, path = $path, tag = "a1111", operation_id = $op,
+            responses((status = 200, description = "[]")), security(("bearer" = ["jobs:read"])))]
+        pub async fn $name(Extension(caller): Extension<Caller>) -> Result<Json<Value>, ApiError> {
+            caller.require(Scope::JobsRead)?;
+            Ok(Json(json!([])))
+        }
+    };
+}
+
+empty_list!(
+    latent_upscale_modes,
+    "/sdapi/v1/latent-upscale-modes",
+    "get_latent_upscale_modes_sdapi_v1_latent_upscale_modes_get",
+    "Latent upscale modes: none (atelier has no hires fix yet)."
+);
+empty_list!(
+    sd_vae,
+    "/sdapi/v1/sd-vae",
+    "get_sd_vaes_sdapi_v1_sd_vae_get",
+    "Separate VAEs: none (a checkpoint's own VAE is always used)."
+);
+empty_list!(
+    hypernetworks,
+    "/sdapi/v1/hypernetworks",
+    "get_hypernetworks_sdapi_v1_hypernetworks_get",
+    "Hypernetworks: none (atelier does not run them)."
+);
+empty_list!(
+    face_restorers,
+    "/sdapi/v1/face-restorers",
+    "get_face_restorers_sdapi_v1_face_restorers_get",
+    "Face restorers: none."
+);
+empty_list!(
+    realesrgan_models,
+    "/sdapi/v1/realesrgan-models",
+    "get_realesrgan_models_sdapi_v1_realesrgan_models_get",
+    "Real-ESRGAN models: none."
+);
+empty_list!(
+    prompt_styles,
+    "/sdapi/v1/prompt-styles",
+    "get_prompt_styles_sdapi_v1_prompt_styles_get",
+    "Prompt styles: none (atelier keeps no styles file)."
+);
+empty_list!(
+    script_info,
+    "/sdapi/v1/script-info",
+    "get_script_info_sdapi_v1_script_info_get",
+    "Scripts' arguments: none (atelier runs no A1111 scripts)."
+);
+empty_list!(
+    extensions,
+    "/sdapi/v1/extensions",
+    "get_extensions_list_sdapi_v1_extensions_get",
+    "Extensions: none."
+);
+
+/// Scripts by tab: none.
+#[utoipa::path(get, path = "/sdapi/v1/scripts", tag = "a1111", operation_id = "get_scripts_list_sdapi_v1_scripts_get",
+    responses((status = 200, description = "{txt2img: [], img2img: []}")), security(("bearer" = ["jobs:read"])))]
+pub async fn scripts(Extension(caller): Extension<Caller>) -> Result<Json<Value>, ApiError> {
+    caller.require(Scope::JobsRead)?;
+    Ok(Json(json!({"txt2img": [], "img2img": []})))
+}
+
+/// Textual-inversion embeddings in the registry (`embeddings/`), with their vectors and width
+/// read from the file; files whose shape cannot be read (`.pt`, the object store's) are `skipped`.
+#[utoipa::path(get, path = "/sdapi/v1/embeddings", tag = "a1111", operation_id = "get_embeddings_sdapi_v1_embeddings_get",
+    responses((status = 200, description = "{loaded: {name: {step, sd_checkpoint, sd_checkpoint_name, shape, vectors}}, skipped: {...}}")), security(("bearer" = ["jobs:read"])))]
+pub async fn embeddings(
+    State(app): State<AppState>,
+    Extension(caller): Extension<Caller>,
+) -> Result<Json<Value>, ApiError> {
+    caller.require(Scope::JobsRead)?;
+    let (mut loaded, mut skipped) = (Map::new(), Map::new());
+    for (e, local) in entries(&app, EntryKind::Embedding).await {
+        let h = match local {
+            true => header(&e).await,
+            false => None,
+        };
+        let shape = h
+            .as_ref()
+            .and_then(atelier_registry::header::embedding_shape);
+        let meta = |k: &str| h.as_ref().and_then(|h| h.metadata.get(k).cloned());
+        let (vectors, width) = shape.unwrap_or((0, 0));
+        let item = json!({"step": meta("step").and_then(|s| s.parse::<u64>().ok()),
+            "sd_checkpoint": meta("sd_checkpoint"), "sd_checkpoint_name": meta("sd_checkpoint_name"),
+            "shape": width, "vectors": vectors});
+        match shape {
+            Some(_) => loaded.insert(e.name, item),
+            None => skipped.insert(e.name, item),
+        };
+    }
+    Ok(Json(json!({"loaded": loaded, "skipped": skipped})))
+}
+
+/// LoRAs (the Lora extension's route): the registry's `loras/` and the object store's, with each
+/// local file's metadata (kohya's `ss_*` fields).
+#[utoipa::path(get, path = "/sdapi/v1/loras", tag = "a1111", operation_id = "get_loras_sdapi_v1_loras_get",
+    responses((status = 200, description = "[{name, alias, path, metadata}]")), security(("bearer" = ["jobs:read"])))]
+pub async fn loras(
+    State(app): State<AppState>,
+    Extension(caller): Extension<Caller>,
+) -> Result<Json<Value>, ApiError> {
+    caller.require(Scope::JobsRead)?;
+    let mut out = Vec::new();
+    for (e, local) in entries(&app, EntryKind::Lora).await {
+        let metadata = match local {
+            true => header(&e).await.map(|h| h.metadata).unwrap_or_default(),
+            false => Default::default(),
+        };
+        let alias = metadata
+            .get("ss_output_name")
+            .cloned()
+            .unwrap_or_else(|| e.name.clone());
+        let path = format!("loras/{}.safetensors", e.name);
+        out.push(json!({"name": e.name, "alias": alias, "path": path, "metadata": metadata}));
+    }
+    Ok(Json(Value::Array(out)))
+}
+
+/// Memory: the machine's RAM and this gateway's resident set (bytes). GPUs belong to the
+/// workers, which report theirs on their `/metrics`.
+#[utoipa::path(get, path = "/sdapi/v1/memory", tag = "a1111", operation_id = "get_memory_sdapi_v1_memory_get",
+    responses((status = 200, description = "{ram: {free, used, total, process}, cuda: {error}}")), security(("bearer" = ["jobs:read"])))]
+pub async fn memory(Extension(caller): Extension<Caller>) -> Result<Json<Value>, ApiError> {
+    caller.require(Scope::JobsRead)?;
+    let field = |text: &str, name: &str| -> Option<u64> {
+        let line = text.lines().find(|l| l.starts_with(name))?;
+        let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+        Some(kib * 1024)
+    };
+    let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let total = field(&meminfo, "MemTotal:");
+    let free = field(&meminfo, "MemAvailable:");
+    let used = total.zip(free).map(|(t, f)| t.saturating_sub(f));
+    Ok(Json(json!({
+        "ram": {"free": free, "used": used, "total": total, "process": field(&status, "VmRSS:")},
+        "cuda": {"error": "the gateway runs no model; GPU memory is on each worker's /metrics"},
+    })))
+}
+
+/// The command-line flags A1111 clients look at, as atelier runs.
+#[utoipa::path(get, path = "/sdapi/v1/cmd-flags", tag = "a1111", operation_id = "get_cmd_flags_sdapi_v1_cmd_flags_get",
+    responses((status = 200, description = "{api, nowebui, ...}")), security(("bearer" = ["jobs:read"])))]
+pub async fn cmd_flags(Extension(caller): Extension<Caller>) -> Result<Json<Value>, ApiError> {
+    caller.require(Scope::JobsRead)?;
+    Ok(Json(json!({
+        "api": true, "nowebui": true, "api_auth": null, "medvram": false, "lowvram": false,
+        "no_half": false, "xformers": false, "hide_ui_dir_config": true, "api_server_stop": false,
+    })))
+}
+
+macro_rules! refresh {
+    ($name:ident, $path:literal, $op:literal, $what:literal) => {
+        #[doc = $what]
+        #[utoipa::path(post, path = $path, tag = "a1111", operation_id = $op,
+            responses((status = 200, description = "null")), security(("bearer" = ["jobs:read"])))]
+        pub async fn $name(Extension(caller): Extension<Caller>) -> Result<Json<Value>, ApiError> {
+            caller.require(Scope::JobsRead)?;
+            Ok(Json(Value::Null))
+        }
+    };
+}
+
+refresh!(
+    refresh_checkpoints,
+    "/sdapi/v1/refresh-checkpoints",
+    "refresh_checkpoints_sdapi_v1_refresh_checkpoints_post",
+    "Rescan checkpoints: the registry is read at every request, so there is nothing to do."
+);
+refresh!(
+    refresh_vae,
+    "/sdapi/v1/refresh-vae",
+    "refresh_vae_sdapi_v1_refresh_vae_post",
+    "Rescan VAEs: nothing to do (see `sd-vae`)."
+);
+refresh!(
+    refresh_embeddings,
+    "/sdapi/v1/refresh-embeddings",
+    "refresh_embeddings_sdapi_v1_refresh_embeddings_post",
+    "Rescan embeddings: read at every request, nothing to do."
+);
+refresh!(
+    refresh_loras,
+    "/sdapi/v1/refresh-loras",
+    "refresh_loras_sdapi_v1_refresh_loras_post",
+    "Rescan LoRAs: read at every request, nothing to do."
+);
+
+macro_rules! not_taken {
+    ($name:ident, $path:literal, $op:literal, $why:literal) => {
+        #[doc = $why]
+        #[utoipa::path(post, path = $path, tag = "a1111", operation_id = $op,
+            responses((status = 501, body = atelier_contracts::http::ApiErrorBody)), security(("bearer" = ["jobs:write"])))]
+        pub async fn $name(Extension(caller): Extension<Caller>) -> Result<Json<Value>, ApiError> {
+            caller.require(Scope::JobsWrite)?;
+            Err(ApiError::new(StatusCode::NOT_IMPLEMENTED, "not_supported", $why))
+        }
+    };
+}
+
+not_taken!(
+    create_hypernetwork,
+    "/sdapi/v1/create/hypernetwork",
+    "create_hypernetwork_sdapi_v1_create_hypernetwork_post",
+    "atelier does not make hypernetworks; train a LoRA instead (POST /v1/train/lora)"
+);
+not_taken!(
+    train_hypernetwork,
+    "/sdapi/v1/train/hypernetwork",
+    "train_hypernetwork_sdapi_v1_train_hypernetwork_post",
+    "atelier does not train hypernetworks; train a LoRA instead (POST /v1/train/lora)"
+);
+not_taken!(create_embedding, "/sdapi/v1/create/embedding", "create_embedding_sdapi_v1_create_embedding_post",
+    "atelier does not train textual-inversion embeddings yet; train a LoRA instead (POST /v1/train/lora)");
+not_taken!(train_embedding, "/sdapi/v1/train/embedding", "train_embedding_sdapi_v1_train_embedding_post",
+    "atelier does not train textual-inversion embeddings yet; train a LoRA instead (POST /v1/train/lora)");
+not_taken!(unload_checkpoint, "/sdapi/v1/unload-checkpoint", "unloadapi_sdapi_v1_unload_checkpoint_post",
+    "workers load and evict checkpoints themselves (ATELIER_MODEL_CACHE, ATELIER_MODEL_CACHE_MB); there is no one model to unload");
+not_taken!(
+    reload_checkpoint,
+    "/sdapi/v1/reload-checkpoint",
+    "reloadapi_sdapi_v1_reload_checkpoint_post",
+    "workers load checkpoints when a job needs them; there is no one model to reload"
+);
+
+/// `POST /sdapi/v1/png-info`'s body.
+#[derive(Debug, Deserialize, ToSchema)]
+pub struct PngInfoRequest {
+    /// Base64 image (a `data:` prefix is accepted).
+    pub image: String,
+}
+
+/// What a PNG says about how it was made: its `parameters` text (`info`), A1111's parse of it
+/// (`parameters`) and its other text chunks (`items`). Other formats have no text: all empty.
+#[utoipa::path(post, path = "/sdapi/v1/png-info", tag = "a1111", operation_id = "pnginfoapi_sdapi_v1_png_info_post",
+    request_body = PngInfoRequest,
+    responses((status = 200, description = "{info, items, parameters}"), (status = 422, body = atelier_contracts::http::ApiErrorBody)), security(("bearer" = ["jobs:read"])))]
+pub async fn png_info(
+    State(app): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Json<Value>, ApiError> {
+    caller.require(Scope::JobsRead)?;
+    let req: PngInfoRequest = crate::a1111::json_body(&app, &headers, body).await?;
+    let data = req
+        .image
+        .split_once(";base64,")
+        .map_or(req.image.as_str(), |(_, d)| d);
+    let bytes = base64::engine::general_purpose::STANDARD
+        .decode(data.trim())
+        .map_err(|e| {
+            ApiError::unprocessable("malformed_base64", format!("image: not base64: {e}"))
+        })?;
+    let texts = tokio::task::spawn_blocking(move || crate::infotext::png_texts(&bytes))
+        .await
+        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()))?
+        .map_err(|e| ApiError::unprocessable("bad_image", format!("image: {e}")))?;
+    let mut info = String::new();
+    let mut items = Map::new();
+    for (k, v) in texts {
+        match k.as_str() {
+            "parameters" => info = v,
+            _ => {
+                items.insert(k, json!(v));
+            }
+        }
+    }
+    let parameters = crate::infotext::parse(&info);
+    Ok(Json(
+        json!({"info": info, "items": items, "parameters": parameters}),
+    ))
+}

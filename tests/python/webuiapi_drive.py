@@ -1,0 +1,104 @@
+"""Drives atelier's A1111 routes with webuiapi, the Python client most A1111 scripts use, and
+checks each answer against A1111's schema. Run by tests/tests/webuiapi.rs against a gateway with
+a tiny SD 1.x model named `tiny`.
+
+    python webuiapi_drive.py HOST PORT KEY
+"""
+
+import sys
+
+import webuiapi
+from PIL import Image
+
+host, port, key = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+# A1111's --api-auth is HTTP Basic: atelier takes the API key as the password.
+api = webuiapi.WebUIApi(host=host, port=port, username="webuiapi", password=key, steps=3)
+checked = []
+
+
+def check(name, cond, detail=""):
+    if not cond:
+        raise AssertionError(f"{name}: {detail}")
+    checked.append(name)
+
+
+def list_of(name, value, keys):
+    check(name, isinstance(value, list), repr(value)[:200])
+    for item in value:
+        missing = [k for k in keys if k not in item]
+        check(name, not missing, f"{item} lacks {missing}")
+    return value
+
+
+# Catalogue routes, in A1111's shapes.
+list_of("get_samplers", api.get_samplers(), ["name", "aliases", "options"])
+list_of("get_schedulers", api.get_schedulers(), ["name", "label", "aliases", "default_rho", "need_inner_model"])
+list_of("get_upscalers", api.get_upscalers(), ["name", "model_name", "model_path", "model_url", "scale"])
+list_of("get_latent_upscale_modes", api.get_latent_upscale_modes(), ["name"])
+models = list_of("get_sd_models", api.get_sd_models(), ["title", "model_name", "hash", "sha256", "filename", "config"])
+check("get_sd_models", [m["model_name"] for m in models] == ["tiny"], models)
+list_of("get_sd_vae", api.get_sd_vae(), ["model_name", "filename"])
+list_of("get_hypernetworks", api.get_hypernetworks(), ["name", "path"])
+list_of("get_face_restorers", api.get_face_restorers(), ["name", "cmd_dir"])
+list_of("get_realesrgan_models", api.get_realesrgan_models(), ["name", "path", "scale"])
+list_of("get_prompt_styles", api.get_prompt_styles(), ["name", "prompt", "negative_prompt"])
+loras = list_of("get_loras", api.get_loras(), ["name", "alias", "path", "metadata"])
+check("get_loras", [l["name"] for l in loras] == ["style"], loras)
+check("get_loras metadata", loras[0]["metadata"].get("ss_network_dim") == "4", loras)
+emb = api.get_embeddings()
+check("get_embeddings", set(emb) == {"loaded", "skipped"}, emb)
+check("get_embeddings shape", emb["loaded"]["tok"]["vectors"] == 2 and emb["loaded"]["tok"]["shape"] == 32, emb)
+scripts = api.get_scripts()
+check("get_scripts", scripts == {"txt2img": [], "img2img": []}, scripts)
+mem = api.get_memory()
+check("get_memory", mem["ram"]["total"] > 0 and mem["ram"]["process"] > 0 and "cuda" in mem, mem)
+check("get_cmd_flags", api.get_cmd_flags()["api"] is True)
+check("refresh_checkpoints", api.refresh_checkpoints() is None)
+names = api.util_get_model_names()
+check("util_get_model_names", len(names) == 1 and names[0].startswith("tiny ["), names)
+check("util_get_sampler_names", "Euler a" in api.util_get_sampler_names())
+check("util_get_scheduler_names", api.util_get_scheduler_names() == ["automatic", "karras"])
+api.util_set_model("tiny")
+check("util_set_model/get_current_model", api.util_get_current_model() == "tiny")
+opts = api.get_options()
+check("get_options", opts["sd_model_checkpoint"] == "tiny", opts)
+check("set_options", api.set_options({"CLIP_stop_at_last_layers": 1}) is None)
+progress = api.get_progress()
+check("get_progress", {"progress", "eta_relative", "state", "current_image", "textinfo"} <= set(progress), progress)
+api.util_wait_for_ready(check_interval=0.2)
+checked.append("util_wait_for_ready")
+
+# Generation, with webuiapi's full default payloads.
+r = api.txt2img(prompt="a red circle", seed=5, width=32, height=32, sampler_name="Euler a", cfg_scale=5)
+check("txt2img", len(r.images) == 1 and r.image.size == (32, 32), r.info)
+check("txt2img info", r.info["seed"] == 5 and r.info["steps"] == 3, r.info)
+
+# png-info reads the infotext webuiapi keeps on the image.
+p = api.png_info(r.image)
+check("png_info", p.parameters["Steps"] == "3" and p.parameters["Seed"] == "5", p.parameters)
+check("png_info prompt", p.parameters["Prompt"] == "a red circle", p.parameters)
+check("png_info info", "Steps: 3" in (p.info if isinstance(p.info, str) else ""), p.info)
+
+r2 = api.img2img(images=[r.image], prompt="a blue circle", seed=6, width=32, height=32, denoising_strength=0.5)
+check("img2img", r2.image.size == (32, 32), r2.info)
+
+mask = Image.new("L", (32, 32), 0)
+mask.paste(255, (8, 8, 24, 24))
+try:
+    api.img2img(images=[r.image], mask_image=mask, prompt="x", width=32, height=32)
+    check("img2img mask defaults refused", False, "accepted inpainting_fill 0 and inpaint_full_res")
+except RuntimeError as e:
+    check("img2img mask defaults refused", e.args[0] == 422 and "inpainting_fill" in e.args[1], e.args)
+r3 = api.img2img(images=[r.image], mask_image=mask, prompt="x", width=32, height=32,
+                 inpainting_fill=1, inpaint_full_res=False, seed=7)
+check("inpaint", r3.image.size == (32, 32), r3.info)
+
+try:
+    api.txt2img(prompt="x", enable_hr=True, width=32, height=32)
+    check("enable_hr refused", False, "accepted")
+except RuntimeError as e:
+    check("enable_hr refused", e.args[0] == 422 and "enable_hr" in e.args[1], e.args)
+
+check("interrupt", api.interrupt() == {})
+names = list(dict.fromkeys(checked))
+print("webuiapi: checked", len(names), ":", ", ".join(names))
