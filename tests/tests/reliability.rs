@@ -5,7 +5,8 @@ use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
 use atelier_contracts::{
-    ArtifactKey, ChecksumSpec, DeadLetter, JobDone, JobId, JobOutput, JobSpec, JobState, Service,
+    ArtifactKey, ChecksumSpec, DeadLetter, JobDone, JobFailed, JobId, JobOutput, JobRequest,
+    JobSpec, JobState, Service, SCHEMA_VERSION,
 };
 use atelier_e2e::*;
 use atelier_kit::config::WorkerArgs;
@@ -296,6 +297,31 @@ async fn poison_messages_are_dead_lettered() {
         .unwrap()
         .await
         .unwrap();
+    // A job of another service's kind published onto this service's subject, and one of a kind
+    // this build does not know: each ends failed with its reason where its publisher looks.
+    let misrouted = JobRequest {
+        schema_version: SCHEMA_VERSION,
+        id: JobId::new(),
+        submitted_at: chrono::Utc::now(),
+        submitted_by: None,
+        spec: serde_json::from_value(serde_json::json!({"kind": "caption", "dataset": "d"}))
+            .unwrap(),
+    };
+    let unknown = JobId::new();
+    let unknown_body = serde_json::json!({"schema_version": SCHEMA_VERSION, "id": unknown,
+        "submitted_at": chrono::Utc::now(), "spec": {"kind": "teleport"}});
+    for body in [
+        serde_json::to_vec(&misrouted).unwrap(),
+        unknown_body.to_string().into_bytes(),
+    ] {
+        c.bus
+            .js
+            .publish(Service::Checksum.request_subject(), body.into())
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+    }
     let bad = client.submit(&checksum(&poison)).await.unwrap();
     let mut good = Vec::new();
     for i in 0..10u64 {
@@ -332,7 +358,48 @@ async fn poison_messages_are_dead_lettered() {
         .iter()
         .map(|m| serde_json::from_slice(&m.payload).unwrap())
         .collect();
-    assert_eq!(letters.len(), 2, "{letters:?}");
+    assert_eq!(letters.len(), 4, "{letters:?}");
+    let misrouted_record = c
+        .wait_terminal(&[misrouted.id], Duration::from_secs(30))
+        .await
+        .unwrap()
+        .remove(0);
+    assert_eq!(misrouted_record.state, JobState::Failed);
+    let reason = misrouted_record.error.unwrap();
+    assert_eq!(reason.code, "wrong_service");
+    assert!(
+        reason
+            .message
+            .contains("a caption job arrived at the checksum service"),
+        "{}",
+        reason.message
+    );
+    let failed_events = |service: Service| {
+        let c = &c;
+        async move {
+            c.read_stream("ATELIER_EVENTS", &service.failed_subject())
+                .await
+                .unwrap()
+                .iter()
+                .map(|m| serde_json::from_slice::<JobFailed>(&m.payload).unwrap())
+                .collect::<Vec<_>>()
+        }
+    };
+    let on_captioner = failed_events(Service::Captioner).await;
+    assert!(on_captioner
+        .iter()
+        .any(|f| f.id == misrouted.id && f.error.code == "wrong_service"));
+    let on_checksum = failed_events(Service::Checksum).await;
+    let teleport = on_checksum
+        .iter()
+        .find(|f| f.id == unknown)
+        .expect("a failed event for the job of an unknown kind");
+    assert_eq!(teleport.error.code, "undecodable");
+    assert!(
+        teleport.error.message.contains("teleport"),
+        "{}",
+        teleport.error.message
+    );
     let undecodable = letters
         .iter()
         .find(|l| l.reason.code == "undecodable")

@@ -488,6 +488,18 @@ impl<H: Handler> Prepared<H> {
             }
         };
         let id = request.id;
+        if request.schema_version != SCHEMA_VERSION || request.spec.service() != self.service() {
+            // Published straight onto the bus, such a job has no record yet: give it one, so
+            // that failing it below leaves the reason where its publisher looks.
+            if let Err(e) = w.states.create(&JobRecord::queued(&request)).await {
+                if !matches!(e, crate::jobstate::StateError::Exists(_)) {
+                    return Plan::Settled(Outcome::Retry(info(
+                        "job_state_unavailable",
+                        e.to_string(),
+                    )));
+                }
+            }
+        }
         if request.schema_version != SCHEMA_VERSION {
             return Plan::Settled(Outcome::DeadLetter {
                 reason: info(
@@ -648,7 +660,7 @@ impl<H: Handler> Prepared<H> {
         let w = &self.worker;
         let error = public(error);
         let e = error.clone();
-        let record = w
+        let updated = w
             .states
             .update(id, |r| {
                 if r.state.is_terminal() {
@@ -658,19 +670,33 @@ impl<H: Handler> Prepared<H> {
                 r.error = Some(e.clone());
                 Change::Write
             })
-            .await?;
-        if record.state == JobState::Failed {
-            let failed = JobFailed {
+            .await;
+        let failed = match updated {
+            Ok(record) if record.state == JobState::Failed => Some(JobFailed {
                 schema_version: SCHEMA_VERSION,
                 id,
                 service: record.service,
                 error,
                 attempts: record.attempts,
                 finished_at: record.updated_at,
-            };
+            }),
+            Ok(_) => None,
+            // A request of a kind this build does not know, published straight onto the bus: no
+            // record can hold it, but its publisher still learns why from the `failed` event.
+            Err(crate::jobstate::StateError::Missing(_)) => Some(JobFailed {
+                schema_version: SCHEMA_VERSION,
+                id,
+                service: self.service(),
+                error,
+                attempts: 0,
+                finished_at: chrono::Utc::now(),
+            }),
+            Err(e) => return Err(e.into()),
+        };
+        if let Some(failed) = failed {
             w.bus
                 .publish_json(
-                    record.service.failed_subject(),
+                    failed.service.failed_subject(),
                     Some(&format!("{id}.failed")),
                     &failed,
                 )
