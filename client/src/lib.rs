@@ -259,6 +259,18 @@ impl Client {
         Ok(Self::check(resp).await?.json().await?)
     }
 
+    /// A page of this key's jobs, newest first. `query`: `kind`, `state`, `since` (RFC 3339),
+    /// `limit`, `cursor` (the previous page's `next_cursor`), `owner` (admin keys).
+    pub async fn jobs(
+        &self,
+        query: &[(&str, &str)],
+    ) -> anyhow::Result<atelier_contracts::http::JobPage> {
+        let resp = self
+            .send(|| self.req(reqwest::Method::GET, "/v1/jobs").query(query))
+            .await?;
+        Ok(Self::check(resp).await?.json().await?)
+    }
+
     pub async fn cancel(&self, id: &str) -> anyhow::Result<JobRecord> {
         let resp = self
             .send(|| self.req(reqwest::Method::DELETE, &format!("/v1/jobs/{id}")))

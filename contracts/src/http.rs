@@ -41,3 +41,12 @@ pub struct DatasetSummary {
     pub versions: Vec<u32>,
     pub latest: DatasetManifest,
 }
+
+/// `GET /v1/jobs` answer: newest first.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema, ToSchema)]
+pub struct JobPage {
+    pub jobs: Vec<crate::JobRecord>,
+    /// Pass as `cursor` for the next (older) page; absent on the last page.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_cursor: Option<crate::JobId>,
+}

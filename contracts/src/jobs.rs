@@ -241,6 +241,10 @@ pub struct JobRecord {
     pub service: Service,
     pub state: JobState,
     pub spec: JobSpec,
+    /// The API key name that submitted it (`service:job` for jobs a job queued). Listing and
+    /// cancelling are limited to it (or an `admin` key).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub submitted_by: Option<String>,
     /// How many times a worker has started this job (redeliveries after crashes count).
     pub attempts: u64,
     /// Attempts that ended with their worker's death (killed, out of memory, cut off from the
@@ -269,6 +273,7 @@ impl JobRecord {
             service: request.spec.service(),
             state: JobState::Queued,
             spec: request.spec.clone(),
+            submitted_by: request.submitted_by.clone(),
             attempts: 0,
             interrupted: 0,
             progress: None,

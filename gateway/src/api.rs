@@ -124,6 +124,7 @@ pub fn router(app: AppState, auth: Arc<Auth>) -> Router {
         ));
     let v1 = Router::new()
         .merge(creating)
+        .route("/v1/jobs", get(crate::jobs::list))
         .route("/v1/jobs/{id}", get(get_job).delete(cancel_job))
         .route("/v1/jobs/{id}/events", get(job_events))
         .route("/v1/uploads", post(upload))
@@ -678,6 +679,7 @@ pub async fn get_job(
     params(("id" = String, Path, description = "Job id")),
     responses(
         (status = 200, description = "Cancelled (or already cancelled)", body = JobRecord),
+        (status = 403, description = "Submitted by another key (admin keys may cancel any)", body = ApiErrorBody),
         (status = 404, body = ApiErrorBody),
         (status = 409, description = "Already succeeded or failed", body = ApiErrorBody),
     ),
@@ -691,6 +693,19 @@ pub async fn cancel_job(
     caller.require(Scope::JobsWrite)?;
     bus_ready(&app)?;
     let id = parse_job_id(&id)?;
+    match app.states.get(id).await? {
+        None => return Err(ApiError::not_found("job_not_found", format!("no job {id}"))),
+        Some((r, _)) if !caller.owns(&r) => {
+            return Err(ApiError::new(
+                StatusCode::FORBIDDEN,
+                "forbidden",
+                format!(
+                    "job {id} was submitted by another key; only it or an admin key may cancel it"
+                ),
+            ))
+        }
+        Some(_) => {}
+    }
     let record = app.states.cancel(id).await?;
     match record.state {
         JobState::Cancelled => Ok(Json(record)),
@@ -936,7 +951,7 @@ impl utoipa::Modify for BearerAuth {
         crate::a1111::txt2img, crate::a1111::img2img, crate::a1111::samplers, crate::a1111::sd_models,
         crate::a1111::get_options, crate::a1111::set_options, crate::a1111::progress, crate::a1111::interrupt,
         crate::a1111_catalog::schedulers, crate::a1111_catalog::upscalers, crate::a1111_catalog::latent_upscale_modes, crate::a1111_catalog::sd_vae, crate::a1111_catalog::hypernetworks, crate::a1111_catalog::face_restorers, crate::a1111_catalog::realesrgan_models, crate::a1111_catalog::prompt_styles, crate::a1111_catalog::script_info, crate::a1111_catalog::extensions, crate::a1111_catalog::scripts, crate::a1111_catalog::embeddings, crate::a1111_catalog::loras, crate::a1111_catalog::memory, crate::a1111_catalog::cmd_flags, crate::a1111_catalog::refresh_checkpoints, crate::a1111_catalog::refresh_vae, crate::a1111_catalog::refresh_embeddings, crate::a1111_catalog::refresh_loras, crate::a1111_catalog::create_hypernetwork, crate::a1111_catalog::train_hypernetwork, crate::a1111_catalog::create_embedding, crate::a1111_catalog::train_embedding, crate::a1111_catalog::unload_checkpoint, crate::a1111_catalog::reload_checkpoint, crate::a1111_catalog::png_info,
-        get_job, cancel_job, job_events, upload, get_artifact, get_image,
+        crate::jobs::list, get_job, cancel_job, job_events, upload, get_artifact, get_image,
         crate::datasets::announce, crate::datasets::list, crate::datasets::version,
         crate::train::lora, crate::train::dreambooth,
         crate::retrieval::search, crate::retrieval::search_image, crate::retrieval::index,
@@ -950,6 +965,7 @@ pub struct ApiDoc;
 /// `(method, path)` of every route [`router`] serves, as written in the OpenAPI document.
 pub const ROUTES: &[(&str, &str)] = &[
     ("post", "/v1/jobs"),
+    ("get", "/v1/jobs"),
     ("get", "/v1/jobs/{id}"),
     ("delete", "/v1/jobs/{id}"),
     ("get", "/v1/jobs/{id}/events"),

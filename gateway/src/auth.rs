@@ -29,14 +29,17 @@ pub enum Scope {
     JobsWrite,
     ArtifactsRead,
     ArtifactsWrite,
+    /// Lists and cancels every key's jobs (others see and cancel only their own).
+    Admin,
 }
 
 impl Scope {
-    pub const ALL: [Scope; 4] = [
+    pub const ALL: [Scope; 5] = [
         Scope::JobsRead,
         Scope::JobsWrite,
         Scope::ArtifactsRead,
         Scope::ArtifactsWrite,
+        Scope::Admin,
     ];
     pub fn name(self) -> &'static str {
         match self {
@@ -44,6 +47,7 @@ impl Scope {
             Scope::JobsWrite => "jobs:write",
             Scope::ArtifactsRead => "artifacts:read",
             Scope::ArtifactsWrite => "artifacts:write",
+            Scope::Admin => "admin",
         }
     }
     pub fn parse(s: &str) -> Option<Scope> {
@@ -121,6 +125,15 @@ pub struct Caller {
 }
 
 impl Caller {
+    pub fn is_admin(&self) -> bool {
+        self.scopes.contains(&Scope::Admin)
+    }
+
+    /// Whether this caller may see and cancel `record` in listings: its submitter, or an admin.
+    pub fn owns(&self, record: &atelier_contracts::JobRecord) -> bool {
+        self.is_admin() || record.submitted_by.as_deref() == Some(self.name.as_str())
+    }
+
     pub fn require(&self, scope: Scope) -> Result<(), ApiError> {
         if self.scopes.contains(&scope) {
             Ok(())

@@ -18,6 +18,7 @@ pub mod datasets;
 pub mod error;
 pub mod idempotency;
 pub mod infotext;
+pub mod jobs;
 pub mod retrieval;
 pub mod train;
 

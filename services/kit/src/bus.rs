@@ -407,6 +407,18 @@ pub async fn kv_values<T: serde::de::DeserializeOwned>(
     store: &kv::Store,
     prefix: &str,
 ) -> anyhow::Result<Vec<(String, T)>> {
+    let mut out = Vec::new();
+    kv_for_each(store, prefix, |k, v| out.push((k, v))).await?;
+    Ok(out)
+}
+
+/// [`kv_values`] without holding them: `f` sees each key's last value as it arrives (a caller
+/// keeping a bounded page reads a bucket of any size in bounded memory).
+pub async fn kv_for_each<T: serde::de::DeserializeOwned>(
+    store: &kv::Store,
+    prefix: &str,
+    mut f: impl FnMut(String, T),
+) -> anyhow::Result<()> {
     use futures::StreamExt as _;
     let server_side = prefix.ends_with('.')
         && prefix[..prefix.len() - 1]
@@ -431,9 +443,8 @@ pub async fn kv_values<T: serde::de::DeserializeOwned>(
         })
         .await
         .with_context(|| format!("reading KV bucket {}", store.name))?;
-    let mut out = Vec::new();
     if consumer.cached_info().num_pending == 0 {
-        return Ok(out);
+        return Ok(());
     }
     let mut messages = consumer
         .messages()
@@ -468,7 +479,7 @@ pub async fn kv_values<T: serde::de::DeserializeOwned>(
             .unwrap_or_default();
         if !deleted && key.starts_with(prefix) {
             match serde_json::from_slice(&message.payload) {
-                Ok(t) => out.push((key.to_owned(), t)),
+                Ok(t) => f(key.to_owned(), t),
                 Err(e) => {
                     tracing::warn!(key = %key, error = %e, "skipping an undecodable KV value")
                 }
@@ -478,7 +489,7 @@ pub async fn kv_values<T: serde::de::DeserializeOwned>(
             break;
         }
     }
-    Ok(out)
+    Ok(())
 }
 
 /// The values under `keys` (in order; `None` where a key is absent or its value does not decode),

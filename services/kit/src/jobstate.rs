@@ -40,6 +40,10 @@ impl JobStates {
         Self { kv }
     }
 
+    pub(crate) fn kv(&self) -> &kv::Store {
+        &self.kv
+    }
+
     fn decode(id: JobId, bytes: &[u8]) -> Result<JobRecord, StateError> {
         serde_json::from_slice(bytes).map_err(|e| StateError::Corrupt(id, e))
     }

@@ -9,6 +9,7 @@
 //! - [`kv`]: typed key-value buckets (a bucket reads and writes only its own value type).
 //! - [`store`]: the object store (local directory or S3), content-addressed, with retries.
 //! - [`jobstate`]: the `atelier_jobs` KV bucket: queued → running → succeeded | failed | cancelled.
+//! - [`joblist`]: a filtered page of jobs, newest first, in bounded memory.
 //! - [`consumer`]: the JetStream pull loop: batched fetch, back-pressure, in-progress acks, nak with
 //!   backoff, dead-lettering after `max_deliver`, graceful drain.
 //! - [`worker`]: the job protocol on top of [`consumer`]: idempotency, state, cancellation, results.
@@ -22,6 +23,7 @@ pub mod bus;
 pub mod config;
 pub mod consumer;
 pub mod datasets;
+pub mod joblist;
 pub mod jobstate;
 pub mod kv;
 pub mod memory;
