@@ -29,13 +29,16 @@ use crate::error::ApiError;
 pub struct A1111State {
     models: Option<PathBuf>,
     default_model: RwLock<Option<String>>,
-    settings: RwLock<Settings>,
-    active: Mutex<Vec<JobId>>,
+    pub(crate) settings: RwLock<Settings>,
+    pub(crate) active: Mutex<Vec<JobId>>,
 }
 
 /// The A1111 options that change how images are made, as `POST /sdapi/v1/options` set them.
 #[derive(Debug, Clone, Copy)]
-struct Settings {
+pub(crate) struct Settings {
+    /// `show_progress_every_n_steps`: a live preview every n steps (0: none), which
+    /// `/progress` shows as `current_image` and an interrupt returns for the unfinished image.
+    preview_every: u32,
     /// `CLIP_stop_at_last_layers`: A1111's clip skip.
     clip_skip: u32,
     /// `randn_source`: "CPU", or "NV" (A1111's "GPU" on an NVIDIA card draws what NV draws).
@@ -47,6 +50,7 @@ struct Settings {
 impl Default for Settings {
     fn default() -> Self {
         Self {
+            preview_every: 0,
             clip_skip: 1,
             randn_source: RandnSource::Cpu,
             ensd: 0,
@@ -72,6 +76,14 @@ impl Settings {
                 Some("CPU") | Some("cpu") => RandnSource::Cpu,
                 Some("NV") | Some("nv") | Some("GPU") | Some("gpu") => RandnSource::Nv,
                 _ => return Err(bad("randn_source", "\"CPU\", \"GPU\" or \"NV\"")),
+            };
+        }
+        if let Some(v) = opts.get("show_progress_every_n_steps") {
+            // A1111: -1 is every step, 0 none.
+            self.preview_every = match v.as_i64() {
+                Some(-1) => 1,
+                Some(n) if (0..=1000).contains(&n) => n as u32,
+                _ => return Err(bad("show_progress_every_n_steps", "an integer -1..=1000")),
             };
         }
         if let Some(v) = opts.get("eta_noise_seed_delta") {
@@ -341,7 +353,7 @@ async fn spec_of(app: &AppState, req: &Txt2ImgRequest) -> Result<GenerateSpec, A
         mask: None,
         mask_blur: 4.0,
         mask_invert: false,
-        preview_every: 0,
+        preview_every: settings.preview_every,
     })
 }
 
@@ -401,12 +413,15 @@ async fn run(
                     images.push(base64::engine::general_purpose::STANDARD.encode(&bytes));
                 }
             }
+            // Interrupted or skipped: its image as far as it got (the last live preview), if
+            // previews were on; the finished images of the other jobs are answered as usual.
             (JobState::Cancelled, _) => {
-                return Err(ApiError::new(
-                    StatusCode::CONFLICT,
-                    "interrupted",
-                    format!("job {} was interrupted", r.id),
-                ));
+                let preview = r.progress.as_ref().and_then(|p| p.preview.as_deref());
+                let key = preview.and_then(|k| atelier_contracts::ArtifactKey::parse(k).ok());
+                if let (Some(key), true) = (key, req.send_images) {
+                    let bytes = app.store.get_bytes(&key).await.map_err(ApiError::from)?;
+                    images.push(base64::engine::general_purpose::STANDARD.encode(&bytes));
+                }
             }
             (_, _) => {
                 let e = r.error.clone();
@@ -671,6 +686,7 @@ pub async fn get_options(
     let s = app.a1111.settings.read().map(|s| *s).unwrap_or_default();
     Ok(Json(json!({
         "sd_model_checkpoint": current,
+        "show_progress_every_n_steps": s.preview_every,
         "CLIP_stop_at_last_layers": s.clip_skip,
         "randn_source": s.randn_source_name(),
         "eta_noise_seed_delta": s.ensd,
@@ -722,86 +738,4 @@ pub async fn set_options(
         *g = settings;
     }
     Ok(Json(Value::Null))
-}
-
-/// Progress of the A1111 requests in flight.
-#[utoipa::path(get, path = "/sdapi/v1/progress", tag = "a1111", operation_id = "progressapi_sdapi_v1_progress_get",
-    responses((status = 200, description = "{progress, eta_relative, state, current_image, textinfo}")), security(("bearer" = ["jobs:read"])))]
-pub async fn progress(
-    State(app): State<AppState>,
-    Extension(caller): Extension<Caller>,
-) -> Result<Json<Value>, ApiError> {
-    caller.require(Scope::JobsRead)?;
-    let ids: Vec<JobId> = app
-        .a1111
-        .active
-        .lock()
-        .map(|a| a.clone())
-        .unwrap_or_default();
-    let mut fractions = Vec::new();
-    let mut preview = None;
-    for id in &ids {
-        if let Some((r, _)) = app.states.get(*id).await? {
-            let f = match r.state {
-                s if s.is_terminal() => 1.0,
-                _ => r.progress.as_ref().map(|p| p.fraction).unwrap_or(0.0),
-            };
-            fractions.push(f);
-            if !r.state.is_terminal() {
-                preview = preview.or(r.progress.and_then(|p| p.preview));
-            }
-        }
-    }
-    // The live preview (jobs with preview_every), base64 as A1111 sends it; none when missing.
-    let current_image = match preview.and_then(|k| atelier_contracts::ArtifactKey::parse(&k).ok()) {
-        Some(key) => app
-            .store
-            .get_bytes(&key)
-            .await
-            .ok()
-            .map(|b| base64::engine::general_purpose::STANDARD.encode(&b)),
-        None => None,
-    };
-    let progress = if fractions.is_empty() {
-        0.0
-    } else {
-        fractions.iter().sum::<f32>() / fractions.len() as f32
-    };
-    Ok(Json(json!({
-        "progress": progress,
-        "eta_relative": 0.0,
-        "state": {"skipped": false, "interrupted": false, "job": ids.first().map(|i| i.to_string()).unwrap_or_default(),
-                  "job_count": ids.len(), "job_timestamp": "", "job_no": 0, "sampling_step": 0, "sampling_steps": 0},
-        "current_image": current_image,
-        "textinfo": null,
-    })))
-}
-
-/// Cancel the A1111 requests in flight (between sampling steps).
-#[utoipa::path(post, path = "/sdapi/v1/interrupt", tag = "a1111", operation_id = "interruptapi_sdapi_v1_interrupt_post",
-    responses((status = 200, description = "{}")), security(("bearer" = ["jobs:write"])))]
-pub async fn interrupt(
-    State(app): State<AppState>,
-    Extension(caller): Extension<Caller>,
-) -> Result<Json<Value>, ApiError> {
-    caller.require(Scope::JobsWrite)?;
-    let ids: Vec<JobId> = app
-        .a1111
-        .active
-        .lock()
-        .map(|a| a.clone())
-        .unwrap_or_default();
-    for id in ids {
-        app.states
-            .update(id, |r| {
-                if r.state.is_terminal() {
-                    atelier_kit::jobstate::Change::Keep
-                } else {
-                    r.state = JobState::Cancelled;
-                    atelier_kit::jobstate::Change::Write
-                }
-            })
-            .await?;
-    }
-    Ok(Json(json!({})))
 }

@@ -306,6 +306,21 @@ not_taken!(
     "workers load checkpoints when a job needs them; there is no one model to reload"
 );
 
+not_taken!(interrogate, "/sdapi/v1/interrogate", "interrogateapi_sdapi_v1_interrogate_post",
+    "interrogate is not served yet: caption images through a dataset (POST /v1/jobs with a caption spec, BLIP or an OpenAI-compatible model)");
+not_taken!(
+    extra_single_image,
+    "/sdapi/v1/extra-single-image",
+    "extras_single_image_api_sdapi_v1_extra_single_image_post",
+    "the extras upscalers are not served yet (GET /sdapi/v1/upscalers lists none)"
+);
+not_taken!(
+    extra_batch_images,
+    "/sdapi/v1/extra-batch-images",
+    "extras_batch_images_api_sdapi_v1_extra_batch_images_post",
+    "the extras upscalers are not served yet (GET /sdapi/v1/upscalers lists none)"
+);
+
 /// `POST /sdapi/v1/png-info`'s body.
 #[derive(Debug, Deserialize, ToSchema)]
 pub struct PngInfoRequest {

@@ -136,8 +136,12 @@ pub fn router(app: AppState, auth: Arc<Auth>) -> Router {
             "/sdapi/v1/options",
             get(crate::a1111::get_options).post(crate::a1111::set_options),
         )
-        .route("/sdapi/v1/progress", get(crate::a1111::progress))
-        .route("/sdapi/v1/interrupt", post(crate::a1111::interrupt))
+        .route("/sdapi/v1/progress", get(crate::a1111_progress::progress))
+        .route(
+            "/sdapi/v1/interrupt",
+            post(crate::a1111_progress::interrupt),
+        )
+        .route("/sdapi/v1/skip", post(crate::a1111_progress::skip))
         .route(
             "/sdapi/v1/schedulers",
             get(crate::a1111_catalog::schedulers),
@@ -221,6 +225,18 @@ pub fn router(app: AppState, auth: Arc<Auth>) -> Router {
             post(crate::a1111_catalog::reload_checkpoint),
         )
         .route("/sdapi/v1/png-info", post(crate::a1111_catalog::png_info))
+        .route(
+            "/sdapi/v1/interrogate",
+            post(crate::a1111_catalog::interrogate),
+        )
+        .route(
+            "/sdapi/v1/extra-single-image",
+            post(crate::a1111_catalog::extra_single_image),
+        )
+        .route(
+            "/sdapi/v1/extra-batch-images",
+            post(crate::a1111_catalog::extra_batch_images),
+        )
         .route("/v1/artifacts/{*key}", get(get_artifact))
         .route("/v1/images/{sha256}", get(get_image))
         .route("/v1/images", post(crate::datasets::announce))
@@ -949,8 +965,8 @@ impl utoipa::Modify for BearerAuth {
     info(title = "atelier gateway", description = "Captioned-dataset and diffusion-model factory: HTTP API."),
     paths(submit_job, txt2img, img2img, inpaint,
         crate::a1111::txt2img, crate::a1111::img2img, crate::a1111::samplers, crate::a1111::sd_models,
-        crate::a1111::get_options, crate::a1111::set_options, crate::a1111::progress, crate::a1111::interrupt,
-        crate::a1111_catalog::schedulers, crate::a1111_catalog::upscalers, crate::a1111_catalog::latent_upscale_modes, crate::a1111_catalog::sd_vae, crate::a1111_catalog::hypernetworks, crate::a1111_catalog::face_restorers, crate::a1111_catalog::realesrgan_models, crate::a1111_catalog::prompt_styles, crate::a1111_catalog::script_info, crate::a1111_catalog::extensions, crate::a1111_catalog::scripts, crate::a1111_catalog::embeddings, crate::a1111_catalog::loras, crate::a1111_catalog::memory, crate::a1111_catalog::cmd_flags, crate::a1111_catalog::refresh_checkpoints, crate::a1111_catalog::refresh_vae, crate::a1111_catalog::refresh_embeddings, crate::a1111_catalog::refresh_loras, crate::a1111_catalog::create_hypernetwork, crate::a1111_catalog::train_hypernetwork, crate::a1111_catalog::create_embedding, crate::a1111_catalog::train_embedding, crate::a1111_catalog::unload_checkpoint, crate::a1111_catalog::reload_checkpoint, crate::a1111_catalog::png_info,
+        crate::a1111::get_options, crate::a1111::set_options, crate::a1111_progress::progress, crate::a1111_progress::interrupt, crate::a1111_progress::skip,
+        crate::a1111_catalog::schedulers, crate::a1111_catalog::upscalers, crate::a1111_catalog::latent_upscale_modes, crate::a1111_catalog::sd_vae, crate::a1111_catalog::hypernetworks, crate::a1111_catalog::face_restorers, crate::a1111_catalog::realesrgan_models, crate::a1111_catalog::prompt_styles, crate::a1111_catalog::script_info, crate::a1111_catalog::extensions, crate::a1111_catalog::scripts, crate::a1111_catalog::embeddings, crate::a1111_catalog::loras, crate::a1111_catalog::memory, crate::a1111_catalog::cmd_flags, crate::a1111_catalog::refresh_checkpoints, crate::a1111_catalog::refresh_vae, crate::a1111_catalog::refresh_embeddings, crate::a1111_catalog::refresh_loras, crate::a1111_catalog::create_hypernetwork, crate::a1111_catalog::train_hypernetwork, crate::a1111_catalog::create_embedding, crate::a1111_catalog::train_embedding, crate::a1111_catalog::unload_checkpoint, crate::a1111_catalog::reload_checkpoint, crate::a1111_catalog::png_info, crate::a1111_catalog::interrogate, crate::a1111_catalog::extra_single_image, crate::a1111_catalog::extra_batch_images,
         crate::jobs::list, get_job, cancel_job, job_events, upload, get_artifact, get_image,
         crate::datasets::announce, crate::datasets::list, crate::datasets::version,
         crate::train::lora, crate::train::dreambooth,
@@ -981,6 +997,7 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("post", "/sdapi/v1/options"),
     ("get", "/sdapi/v1/progress"),
     ("post", "/sdapi/v1/interrupt"),
+    ("post", "/sdapi/v1/skip"),
     ("get", "/sdapi/v1/schedulers"),
     ("get", "/sdapi/v1/upscalers"),
     ("get", "/sdapi/v1/latent-upscale-modes"),
@@ -1007,6 +1024,9 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("post", "/sdapi/v1/unload-checkpoint"),
     ("post", "/sdapi/v1/reload-checkpoint"),
     ("post", "/sdapi/v1/png-info"),
+    ("post", "/sdapi/v1/interrogate"),
+    ("post", "/sdapi/v1/extra-single-image"),
+    ("post", "/sdapi/v1/extra-batch-images"),
     ("get", "/v1/artifacts/{key}"),
     ("get", "/v1/images/{sha256}"),
     ("post", "/v1/images"),

@@ -7,6 +7,8 @@
 //!   submission to the last `done` event;
 //! - latency: 1,000 jobs one at a time, submit → `done` event received, p50/p99.
 //!
+//! Each twice, side by side: nats-server's default disk sync and `sync_interval: always`.
+//!
 //! The handler does no work, so the figures are the runtime's own cost: idempotency check, state
 //! transitions (compare-and-set in KV), result event, ack.
 
@@ -218,6 +220,26 @@ mod dashmap_like {
     }
 }
 
+/// A loopback cluster whose nats-server syncs to disk every two minutes (its default) or before
+/// acknowledging every write (`sync_interval: always`, what atelier's configurations use).
+async fn cluster(sync_always: bool) -> Cluster {
+    if !sync_always {
+        return Cluster::local().await.unwrap();
+    }
+    let conf = std::env::temp_dir().join(format!("atelier-bench-{}.conf", uuid::Uuid::now_v7()));
+    std::fs::write(&conf, "jetstream { sync_interval: always }\n").unwrap();
+    let store = std::env::temp_dir().join(format!("atelier-objects-{}", uuid::Uuid::now_v7()));
+    let store_args = atelier_kit::config::StoreArgs {
+        store: store.display().to_string(),
+        ..Default::default()
+    };
+    let c = Cluster::start_with(store_args, Some(conf.clone()), None)
+        .await
+        .unwrap();
+    let _ = std::fs::remove_file(conf);
+    c
+}
+
 fn main() {
     let n: usize = std::env::var("BENCH_JOBS")
         .ok()
@@ -229,26 +251,34 @@ fn main() {
         .unwrap();
     rt.block_on(async {
         println!("atelier bus+store overhead, no-op handler, loopback nats-server (file storage), local store");
-        let c = Cluster::local().await.unwrap();
-        let raw = raw_publish(&c.bus, n).await;
-        println!("raw JetStream publish (async-nats, 256 in flight): {raw:>9.0} msgs/s");
-        for replicas in [1, 4] {
-            let c = Cluster::local().await.unwrap();
-            let (rate, p50, p99) = throughput(&c, replicas, n).await;
-            println!(
-                "{n} jobs, {replicas} replica(s): {rate:>9.0} jobs/s  ({:.2} raw publishes per job-time)  submit→done under load p50 {:.2} ms p99 {:.2} ms",
-                raw / rate,
-                p50.as_secs_f64() * 1e3,
-                p99.as_secs_f64() * 1e3
-            );
+        for sync_always in [false, true] {
+            let sync = if sync_always { "sync_interval: always" } else { "default sync (every 2 min)" };
+            println!("-- nats-server with {sync}");
+            run(n, sync_always).await;
         }
-        let c = Cluster::local().await.unwrap();
-        let m = (n / 10).max(100);
-        let (lat, runtime) = latency(&c, m).await;
-        let ms = |d: Duration| d.as_secs_f64() * 1e3;
-        println!(
-            "{m} jobs one at a time, 1 replica: submit→done p50 {:.3} ms p99 {:.3} ms; queued→done (runtime overhead) p50 {:.3} ms p99 {:.3} ms",
-            ms(pct(&lat, 0.5)), ms(pct(&lat, 0.99)), ms(pct(&runtime, 0.5)), ms(pct(&runtime, 0.99))
-        );
     });
+}
+
+async fn run(n: usize, sync_always: bool) {
+    let c = cluster(sync_always).await;
+    let raw = raw_publish(&c.bus, n).await;
+    println!("raw JetStream publish (async-nats, 256 in flight): {raw:>9.0} msgs/s");
+    for replicas in [1, 4] {
+        let c = cluster(sync_always).await;
+        let (rate, p50, p99) = throughput(&c, replicas, n).await;
+        println!(
+            "{n} jobs, {replicas} replica(s): {rate:>9.0} jobs/s  ({:.2} raw publishes per job-time)  submit→done under load p50 {:.2} ms p99 {:.2} ms",
+            raw / rate,
+            p50.as_secs_f64() * 1e3,
+            p99.as_secs_f64() * 1e3
+        );
+    }
+    let c = cluster(sync_always).await;
+    let m = (n / 10).max(100);
+    let (lat, runtime) = latency(&c, m).await;
+    let ms = |d: Duration| d.as_secs_f64() * 1e3;
+    println!(
+        "{m} jobs one at a time, 1 replica: submit→done p50 {:.3} ms p99 {:.3} ms; queued→done (runtime overhead) p50 {:.3} ms p99 {:.3} ms",
+        ms(pct(&lat, 0.5)), ms(pct(&lat, 0.99)), ms(pct(&runtime, 0.5)), ms(pct(&runtime, 0.99))
+    );
 }

@@ -99,6 +99,45 @@ try:
 except RuntimeError as e:
     check("enable_hr refused", e.args[0] == 422 and "enable_hr" in e.args[1], e.args)
 
+check("interrupt (idle)", api.interrupt() == {})
+
+# A long request: progress reports its steps, ETA and live preview; interrupt ends it early with
+# the image as far as it got.
+import threading
+import time
+
+check("set_options previews", api.set_options({"show_progress_every_n_steps": 1}) is None)
+done = []
+
+
+def slow():
+    try:
+        done.append(api.txt2img(prompt="a slow circle", steps=150, width=64, height=64, seed=9))
+    except Exception as e:  # the main thread reports it
+        done.append(e)
+
+
+t = threading.Thread(target=slow)
+t.start()
+deadline = time.time() + 30
+seen = None
+while time.time() < deadline and not done:
+    p = api.get_progress()
+    st = p["state"]
+    if st["sampling_step"] >= 3 and p["current_image"]:
+        seen = p
+        break
+    time.sleep(0.05)
+check("progress while running", seen is not None, f"no step or preview seen before the request ended: {done} last {dict(p, current_image=bool(p['current_image']))}")
+check("progress steps", 0 < seen["state"]["sampling_step"] < seen["state"]["sampling_steps"], seen["state"])
+check("progress eta", seen["eta_relative"] > 0 and 0 < seen["progress"] < 1, seen)
+check("progress preview", Image.open(__import__("io").BytesIO(__import__("base64").b64decode(seen["current_image"]))).size == (64, 64))
 check("interrupt", api.interrupt() == {})
+t.join(timeout=120)
+check("interrupted request answered", len(done) == 1, "the request did not return")
+check("interrupted image", not isinstance(done[0], Exception) and len(done[0].images) == 1
+      and done[0].image.size == (64, 64), done[0])
+check("skip (idle)", api.skip() is None)
+api.set_options({"show_progress_every_n_steps": 0})
 names = list(dict.fromkeys(checked))
 print("webuiapi: checked", len(names), ":", ", ".join(names))
