@@ -50,3 +50,36 @@ pub struct JobPage {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub next_cursor: Option<crate::JobId>,
 }
+
+/// A job's webhook: where its end is announced, and every delivery attempt
+/// (`GET /v1/jobs/{id}/webhook`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema, ToSchema)]
+pub struct WebhookLog {
+    pub url: String,
+    /// `pending` until a delivery succeeds (`delivered`) or the attempts run out (`gave_up`).
+    pub state: WebhookState,
+    #[serde(default)]
+    pub attempts: Vec<WebhookAttempt>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum WebhookState {
+    Pending,
+    Delivered,
+    GaveUp,
+}
+
+/// One POST to a webhook.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema, ToSchema)]
+pub struct WebhookAttempt {
+    pub at: chrono::DateTime<chrono::Utc>,
+    /// `done` or `failed`.
+    pub event: String,
+    /// The receiver's HTTP status, when it answered.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub status: Option<u16>,
+    /// Why the attempt failed, when it did.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}

@@ -151,6 +151,9 @@ pub const OUTBOX_BUCKET: &str = "atelier_outbox";
 /// KV bucket the gateway keeps `Idempotency-Key`s in (24 h): per caller and key, the hash of the
 /// request body and the job it created.
 pub const IDEMPOTENCY_BUCKET: &str = "atelier_idempotency";
+/// KV bucket of job webhooks (a week): per job id, the callback URL and its delivery log
+/// ([`crate::http::WebhookLog`]).
+pub const WEBHOOKS_BUCKET: &str = "atelier_webhooks";
 /// KV bucket of what each caption run has spent ([`crate::dataset::RunSpend`] per run id), shared
 /// by its shards on every replica (a week).
 pub const SPEND_BUCKET: &str = "atelier_spend";

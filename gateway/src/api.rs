@@ -71,6 +71,10 @@ pub struct AppState {
     pub shutdown: CancellationToken,
     /// State of the AUTOMATIC1111-compatible routes (default model, jobs in flight, registry).
     pub a1111: Arc<crate::a1111::A1111State>,
+    /// Job webhooks and their delivery logs (see [`crate::webhooks`]).
+    pub webhooks: kv::Store,
+    /// Signs webhooks; none: the gateway refuses `Atelier-Webhook`.
+    pub webhook_secret: Option<Arc<str>>,
 }
 
 impl AppState {
@@ -84,6 +88,7 @@ impl AppState {
         let states = JobStates::new(bus.jobs_kv().await?);
         let images = bus.images_kv().await?;
         let idempotency = bus.idempotency_kv().await?;
+        let webhooks = bus.webhooks_kv().await?;
         Ok(Self {
             bus,
             store,
@@ -94,6 +99,8 @@ impl AppState {
             limits,
             shutdown,
             a1111: Arc::default(),
+            webhooks,
+            webhook_secret: None,
         })
     }
 
@@ -121,12 +128,17 @@ pub fn router(app: AppState, auth: Arc<Auth>) -> Router {
         .route_layer(middleware::from_fn_with_state(
             app.clone(),
             crate::idempotency::middleware,
+        ))
+        .route_layer(middleware::from_fn_with_state(
+            app.clone(),
+            crate::webhooks::middleware,
         ));
     let v1 = Router::new()
         .merge(creating)
         .route("/v1/jobs", get(crate::jobs::list))
         .route("/v1/jobs/{id}", get(get_job).delete(cancel_job))
         .route("/v1/jobs/{id}/events", get(job_events))
+        .route("/v1/jobs/{id}/webhook", get(crate::webhooks::get_log))
         .route("/v1/uploads", post(upload))
         .route("/sdapi/v1/txt2img", post(crate::a1111::txt2img))
         .route("/sdapi/v1/img2img", post(crate::a1111::img2img))
@@ -547,6 +559,9 @@ pub(crate) async fn queue(
         submitted_by: Some(caller.name.clone()),
         spec,
     };
+    if let Some(url) = crate::webhooks::take_url() {
+        crate::webhooks::register(app, request.id, url).await?;
+    }
     let record = atelier_kit::worker::enqueue(&app.bus, &app.states, &request)
         .await
         .map_err(|e| match e {
@@ -967,7 +982,7 @@ impl utoipa::Modify for BearerAuth {
         crate::a1111::txt2img, crate::a1111::img2img, crate::a1111::samplers, crate::a1111::sd_models,
         crate::a1111::get_options, crate::a1111::set_options, crate::a1111_progress::progress, crate::a1111_progress::interrupt, crate::a1111_progress::skip,
         crate::a1111_catalog::schedulers, crate::a1111_catalog::upscalers, crate::a1111_catalog::latent_upscale_modes, crate::a1111_catalog::sd_vae, crate::a1111_catalog::hypernetworks, crate::a1111_catalog::face_restorers, crate::a1111_catalog::realesrgan_models, crate::a1111_catalog::prompt_styles, crate::a1111_catalog::script_info, crate::a1111_catalog::extensions, crate::a1111_catalog::scripts, crate::a1111_catalog::embeddings, crate::a1111_catalog::loras, crate::a1111_catalog::memory, crate::a1111_catalog::cmd_flags, crate::a1111_catalog::refresh_checkpoints, crate::a1111_catalog::refresh_vae, crate::a1111_catalog::refresh_embeddings, crate::a1111_catalog::refresh_loras, crate::a1111_catalog::create_hypernetwork, crate::a1111_catalog::train_hypernetwork, crate::a1111_catalog::create_embedding, crate::a1111_catalog::train_embedding, crate::a1111_catalog::unload_checkpoint, crate::a1111_catalog::reload_checkpoint, crate::a1111_catalog::png_info, crate::a1111_catalog::interrogate, crate::a1111_catalog::extra_single_image, crate::a1111_catalog::extra_batch_images,
-        crate::jobs::list, get_job, cancel_job, job_events, upload, get_artifact, get_image,
+        crate::jobs::list, get_job, cancel_job, job_events, crate::webhooks::get_log, upload, get_artifact, get_image,
         crate::datasets::announce, crate::datasets::list, crate::datasets::version,
         crate::train::lora, crate::train::dreambooth,
         crate::retrieval::search, crate::retrieval::search_image, crate::retrieval::index,
@@ -985,6 +1000,7 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("get", "/v1/jobs/{id}"),
     ("delete", "/v1/jobs/{id}"),
     ("get", "/v1/jobs/{id}/events"),
+    ("get", "/v1/jobs/{id}/webhook"),
     ("post", "/v1/txt2img"),
     ("post", "/v1/img2img"),
     ("post", "/v1/inpaint"),

@@ -22,6 +22,7 @@ pub mod infotext;
 pub mod jobs;
 pub mod retrieval;
 pub mod train;
+pub mod webhooks;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -42,6 +43,10 @@ pub struct GatewayArgs {
         hide_env_values = true
     )]
     pub api_keys: Vec<String>,
+    /// Signs job webhooks (`Atelier-Webhook` header); without it, webhooks are refused. From the
+    /// environment only (`ATELIER_WEBHOOK_SECRET`), never argv, where `ps` shows it.
+    #[arg(skip = std::env::var("ATELIER_WEBHOOK_SECRET").ok().filter(|s| !s.is_empty()))]
+    pub webhook_secret: Option<String>,
     /// Serve without authentication. Only allowed on loopback addresses.
     #[arg(long = "insecure-no-auth", env = "ATELIER_INSECURE_NO_AUTH")]
     pub insecure_no_auth: bool,
@@ -104,6 +109,7 @@ impl Default for GatewayArgs {
         Self {
             addr: SocketAddr::from(([127, 0, 0, 1], 7860)),
             api_keys: Vec::new(),
+            webhook_secret: None,
             insecure_no_auth: false,
             rate_limit: 200.0,
             rate_burst: 400.0,
@@ -180,6 +186,9 @@ pub async fn serve(
         std::time::Duration::from_secs(30),
         shutdown.clone(),
     );
+    let mut app = app;
+    app.webhook_secret = args.webhook_secret.clone().map(Into::into);
+    webhooks::spawn_deliverer(app.clone(), shutdown.clone());
     let limits = args.conn_limits();
     let router = conn::with_body_timeout(api::router(app, auth), limits);
     let task = tokio::spawn(conn::serve(listener, router, limits, shutdown));

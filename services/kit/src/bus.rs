@@ -259,6 +259,16 @@ impl Bus {
         .await
     }
 
+    /// Job webhooks and their delivery logs (a week).
+    pub async fn webhooks_kv(&self) -> anyhow::Result<kv::Store> {
+        self.kv(
+            subjects::WEBHOOKS_BUCKET,
+            1,
+            Duration::from_secs(7 * 24 * 3600),
+        )
+        .await
+    }
+
     pub async fn images_kv(&self) -> anyhow::Result<kv::Store> {
         self.kv(subjects::IMAGES_BUCKET, 1, Duration::ZERO).await
     }
