@@ -1,0 +1,69 @@
+//! The Python client (`clients/python`) as its users get it: installed with pip from the
+//! repository, then run against `atelier up` by `tests/python/client_check.py` (uploads, jobs
+//! submitted with idempotency keys, followed over SSE, listed, cancelled; errors; async too).
+
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use atelier_e2e::*;
+use atelier_kit::nats_server::free_port;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_python_client_works_against_atelier_up() {
+    let tmp = tempfile::tempdir().unwrap();
+    let site = tmp.path().join("site");
+    let out = Command::new(tool("python"))
+        .args([
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "--no-deps",
+            "--no-build-isolation",
+            "--target",
+        ])
+        .arg(&site)
+        .arg(repo_root().join("clients/python"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "pip install ./clients/python failed:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let (port, nats_port) = (free_port().unwrap(), free_port().unwrap());
+    let data = tmp.path().join("data");
+    let mut up = atelier_up(&data, port, nats_port, &tmp.path().join("up.log"))
+        .spawn()
+        .unwrap();
+    let base = format!("http://127.0.0.1:{port}");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !reqwest::get(format!("{base}/healthz"))
+        .await
+        .is_ok_and(|r| r.status() == 200)
+    {
+        assert!(
+            Instant::now() < deadline,
+            "atelier up did not become healthy"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let out = tokio::process::Command::new(tool("python"))
+        .arg(repo_root().join("tests/python/client_check.py"))
+        .arg(&base)
+        .env("PYTHONPATH", &site)
+        .env_remove("ATELIER_API_KEY")
+        .output()
+        .await
+        .unwrap();
+    unsafe { libc::kill(up.id() as i32, libc::SIGTERM) };
+    let _ = up.wait();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "client_check.py failed:\n{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("sync and async checks passed"), "{stdout}");
+}
