@@ -377,6 +377,9 @@ async fn generation(client: &Client, summary: &mut String) -> anyhow::Result<()>
         mask_blur: 4.0,
         mask_invert: false,
         preview_every: 0,
+        inpaint_fill: Default::default(),
+        inpaint_only_masked: false,
+        inpaint_padding: 0,
     };
     let first = finish(
         client,

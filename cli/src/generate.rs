@@ -129,6 +129,8 @@ pub fn run(g: GenerateArgs) -> anyhow::Result<()> {
                         image: read(m)?.to_luma8(),
                         blur: g.mask_blur,
                         invert: false,
+                        fill: Default::default(),
+                        region: None,
                     }
                     .repaint(),
                 ),

@@ -126,6 +126,52 @@ pub struct GenerateSpec {
     /// Decode the first image every N steps as a preview (its key in the job's progress); 0: off.
     #[serde(default, skip_serializing_if = "is_zero")]
     pub preview_every: u32,
+    /// inpaint: what the masked area starts from (A1111's "Masked content", `inpainting_fill`).
+    #[serde(default, skip_serializing_if = "InpaintFill::is_original")]
+    pub inpaint_fill: InpaintFill,
+    /// inpaint: generate only the mask's box, grown by `inpaint_padding` pixels and to the
+    /// output's aspect ratio, at `width`×`height`, and paste it back into the init image, whose
+    /// size the output keeps (A1111's "Only masked", `inpaint_full_res`).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub inpaint_only_masked: bool,
+    /// inpaint: pixels around the mask's box with `inpaint_only_masked` (A1111's
+    /// `inpaint_full_res_padding`).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub inpaint_padding: u32,
+}
+
+/// What an inpainted area starts from: A1111's `inpainting_fill` 1, 0, 2 and 3.
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema, ToSchema,
+)]
+#[serde(rename_all = "snake_case")]
+pub enum InpaintFill {
+    /// The init image as it is.
+    #[default]
+    Original,
+    /// The masked area painted over with the colours around it, blurred in.
+    Fill,
+    /// The masked area's latents replaced by the run's noise.
+    LatentNoise,
+    /// The masked area's latents set to zero.
+    LatentNothing,
+}
+
+impl InpaintFill {
+    pub fn is_original(&self) -> bool {
+        *self == InpaintFill::Original
+    }
+
+    /// From A1111's `inpainting_fill` number.
+    pub fn from_a1111(n: i64) -> Option<Self> {
+        match n {
+            0 => Some(InpaintFill::Fill),
+            1 => Some(InpaintFill::Original),
+            2 => Some(InpaintFill::LatentNoise),
+            3 => Some(InpaintFill::LatentNothing),
+            _ => None,
+        }
+    }
 }
 
 /// Which generation job a spec is.
@@ -161,6 +207,9 @@ impl GenerateSpec {
             mask_blur: d_blur(),
             mask_invert: false,
             preview_every: 0,
+            inpaint_fill: InpaintFill::Original,
+            inpaint_only_masked: false,
+            inpaint_padding: 0,
         }
     }
 

@@ -8,7 +8,7 @@ use std::path::PathBuf;
 use std::sync::{Mutex, RwLock};
 use std::time::{Duration, Instant};
 
-use atelier_contracts::generate::RandnSource;
+use atelier_contracts::generate::{InpaintFill, RandnSource};
 use atelier_contracts::samplers::SamplerKind;
 use atelier_contracts::{GenerateKind, GenerateSpec, JobId, JobOutput, JobRecord, JobState};
 use axum::body::Body;
@@ -232,6 +232,27 @@ pub struct Img2ImgRequest {
     pub mask_blur: f32,
     #[serde(default)]
     pub inpainting_mask_invert: u8,
+    /// Masked content: 0 fill (A1111's default), 1 original, 2 latent noise, 3 latent nothing.
+    #[serde(default)]
+    pub inpainting_fill: i64,
+    /// Only masked (A1111's default, true): generate the mask's box at width×height and paste
+    /// it back.
+    #[serde(default = "d_true", deserialize_with = "bool_or_number")]
+    pub inpaint_full_res: bool,
+    #[serde(default)]
+    pub inpaint_full_res_padding: u32,
+}
+
+/// A1111 clients send flags as booleans or as 0/1.
+fn bool_or_number<'de, D: serde::Deserializer<'de>>(d: D) -> Result<bool, D::Error> {
+    match Value::deserialize(d)? {
+        Value::Bool(b) => Ok(b),
+        Value::Number(n) => Ok(n.as_f64().is_some_and(|f| f != 0.0)),
+        Value::Null => Ok(true),
+        other => Err(serde::de::Error::custom(format!(
+            "expected a boolean, got {other}"
+        ))),
+    }
 }
 
 /// A1111's answer: base64 PNGs, the request, and `info` (a JSON string).
@@ -354,6 +375,9 @@ async fn spec_of(app: &AppState, req: &Txt2ImgRequest) -> Result<GenerateSpec, A
         mask_blur: 4.0,
         mask_invert: false,
         preview_every: settings.preview_every,
+        inpaint_fill: InpaintFill::Original,
+        inpaint_only_masked: false,
+        inpaint_padding: 0,
     })
 }
 
@@ -582,6 +606,14 @@ pub async fn img2img(
     spec.strength = req.denoising_strength;
     spec.mask_blur = req.mask_blur;
     spec.mask_invert = req.inpainting_mask_invert != 0;
+    spec.inpaint_fill = InpaintFill::from_a1111(req.inpainting_fill).ok_or_else(|| {
+        ApiError::unprocessable(
+            "invalid_job",
+            format!("inpainting_fill must be 0 (fill), 1 (original), 2 (latent noise) or 3 (latent nothing), not {}", req.inpainting_fill),
+        )
+    })?;
+    spec.inpaint_only_masked = req.inpaint_full_res;
+    spec.inpaint_padding = req.inpaint_full_res_padding;
     // Check everything before storing anything.
     let kind = if mask.is_some() {
         GenerateKind::Inpaint

@@ -41,6 +41,9 @@ const HONOURED: &[&str] = &[
     "denoising_strength",
     "mask_blur",
     "inpainting_mask_invert",
+    "inpainting_fill",
+    "inpaint_full_res",
+    "inpaint_full_res_padding",
     "include_init_images",
     "image_cfg_scale",
 ];
@@ -69,9 +72,6 @@ const AT_DEFAULT: &[&str] = &[
     "initial_noise_multiplier",
     "mask_blur_x",
     "mask_blur_y",
-    "inpainting_fill",
-    "inpaint_full_res",
-    "inpaint_full_res_padding",
     "eta",
 ];
 
@@ -129,12 +129,6 @@ fn unsupported(field: &str, v: &Value, body: &Map<String, Value>) -> Option<Stri
         "resize_mode" if !is_off(v) => why("only resize mode 0 (just resize) is supported"),
         "initial_noise_multiplier" if !is_num(v, 1.0) => why("only 1 is supported"),
         "mask_blur_x" | "mask_blur_y" if !blur_matches(v, body) => why("only a blur equal in x and y (mask_blur) is supported"),
-        "inpainting_fill" if has_mask(body) && v.as_i64().unwrap_or(1) != 1 => why(
-            "only 1 (original: the masked area starts from the image) is supported yet; send inpainting_fill: 1",
-        ),
-        "inpaint_full_res" if has_mask(body) && !is_off(v) => why(
-            "inpainting only the masked area is not supported yet; send inpaint_full_res: false (whole picture)",
-        ),
         "eta" if !eta_matches(v, body) => why("eta is fixed: 1 for ancestral and SDE samplers, 0 for DDIM"),
         _ if HONOURED.contains(&field) || HIRES.contains(&field) || AT_DEFAULT.contains(&field) => None,
         _ if v.is_null() => None,
@@ -242,13 +236,11 @@ mod tests {
             .unwrap_err()
             .contains("teleport"));
         assert_eq!(check_json(json!({"teleport": null})), Ok(()));
-        // Inpainting fields matter only with a mask.
+        // Inpainting's fields are honoured.
         assert_eq!(
-            check_json(json!({"inpainting_fill": 0, "inpaint_full_res": true})),
+            check_json(json!({"mask": "x", "inpainting_fill": 0, "inpaint_full_res": true})),
             Ok(())
         );
-        let e = check_json(json!({"mask": "x", "inpainting_fill": 0})).unwrap_err();
-        assert!(e.starts_with("inpainting_fill"), "{e}");
     }
 }
 

@@ -84,14 +84,32 @@ check("img2img", r2.image.size == (32, 32), r2.info)
 
 mask = Image.new("L", (32, 32), 0)
 mask.paste(255, (8, 8, 24, 24))
+# webuiapi's defaults: masked content "fill", only the masked area.
+r3 = api.img2img(images=[r.image], mask_image=mask, prompt="x", width=32, height=32, seed=7)
+check("inpaint (webuiapi defaults)", r3.image.size == (32, 32), r3.info)
+for fill in (1, 2, 3):
+    rf = api.img2img(images=[r.image], mask_image=mask, prompt="x", width=32, height=32,
+                     inpainting_fill=fill, inpaint_full_res=False, seed=7)
+    check(f"inpaint fill {fill}", rf.image.size == (32, 32), rf.info)
 try:
-    api.img2img(images=[r.image], mask_image=mask, prompt="x", width=32, height=32)
-    check("img2img mask defaults refused", False, "accepted inpainting_fill 0 and inpaint_full_res")
+    api.img2img(images=[r.image], mask_image=mask, prompt="x", width=32, height=32, inpainting_fill=7)
+    check("inpainting_fill 7 refused", False, "accepted")
 except RuntimeError as e:
-    check("img2img mask defaults refused", e.args[0] == 422 and "inpainting_fill" in e.args[1], e.args)
-r3 = api.img2img(images=[r.image], mask_image=mask, prompt="x", width=32, height=32,
-                 inpainting_fill=1, inpaint_full_res=False, seed=7)
-check("inpaint", r3.image.size == (32, 32), r3.info)
+    check("inpainting_fill 7 refused", e.args[0] == 422 and "inpainting_fill" in e.args[1], e.args)
+
+# Only masked: a 64 x 64 image, its corner's mask generated at 32 x 32 and pasted back; the
+# answer has the image's size and every pixel away from the mask is the image's own.
+big = r.image.convert("RGB").resize((64, 64))
+corner = Image.new("L", (64, 64), 0)
+corner.paste(255, (44, 44, 60, 60))
+ro = api.img2img(images=[big], mask_image=corner, prompt="x", width=32, height=32, seed=8,
+                 mask_blur=0, inpainting_fill=1, inpaint_full_res=True, inpaint_full_res_padding=2)
+check("only masked keeps the image's size", ro.image.size == (64, 64), ro.image.size)
+out = ro.image.convert("RGB")
+same = all(out.getpixel((x, y)) == big.getpixel((x, y)) for x in range(0, 40) for y in range(0, 64))
+check("only masked keeps the rest", same)
+changed = sum(out.getpixel((x, y)) != big.getpixel((x, y)) for x in range(44, 60) for y in range(44, 60))
+check("only masked repaints the mask", changed > 100, changed)
 
 try:
     api.txt2img(prompt="x", enable_hr=True, width=32, height=32)

@@ -31,6 +31,9 @@ fn spec(model: &str) -> GenerateSpec {
         mask_blur: 0.0,
         mask_invert: false,
         preview_every: 0,
+        inpaint_fill: Default::default(),
+        inpaint_only_masked: false,
+        inpaint_padding: 0,
     }
 }
 

@@ -39,9 +39,9 @@ pub type Rendered = (Vec<(Vec<u8>, u64)>, String, String);
 /// A LoRA to apply: its file, weight and name (for the parameters' hashes).
 pub type Lora = (PathBuf, f64, String);
 
-/// Turns a job's mask (image, `mask_blur`, `mask_invert`) into the engine's repaint hooks: the
-/// inpainter's masks, handed to its generator with [`Generator::with_masks`].
-pub type Masks = fn(image::GrayImage, f32, bool) -> Arc<dyn Repaint>;
+/// Turns a job's mask and its spec (blur, inversion, fill, "only masked") into the engine's
+/// repaint hooks: the inpainter's masks, handed to its generator with [`Generator::with_masks`].
+pub type Masks = fn(image::GrayImage, &GenerateSpec) -> Arc<dyn Repaint>;
 
 /// Runs generation jobs for one service (sampler or inpainter).
 #[derive(Clone)]
@@ -437,7 +437,7 @@ impl Handler for Generator {
                     (None, _) => None,
                     (Some(mk), Some(masks)) => {
                         let mask = Self::image(ctx, mk, "mask").await?.to_luma8();
-                        Some(masks(mask, g.mask_blur, g.mask_invert))
+                        Some(masks(mask, &g))
                     }
                     (Some(_), None) => {
                         return Err(JobError::permanent(

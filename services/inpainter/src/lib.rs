@@ -8,11 +8,13 @@
 //! [`build`] is the one way to make the service from its [`Config`]: the `atelier-inpainter`
 //! binary and `atelier up` both call it.
 
+pub mod fill;
 pub mod mask;
+pub mod region;
 
 use std::sync::Arc;
 
-use atelier_contracts::Service;
+use atelier_contracts::{GenerateSpec, Service};
 use atelier_diffusion::pipeline::Repaint;
 pub use atelier_generation::{Generator, GeneratorArgs as Config};
 
@@ -21,14 +23,23 @@ pub fn build(config: &Config) -> anyhow::Result<Generator> {
     Ok(config.generator(Service::Inpainter)?.with_masks(masks))
 }
 
-/// A job's mask as the engine's repaint hooks.
-fn masks(image: image::GrayImage, blur: f32, invert: bool) -> Arc<dyn Repaint> {
-    mask::Mask {
+/// A job's mask as the engine's repaint hooks: its blur, inversion, fill and, for "only masked",
+/// the region generated (the feathered mask's box, padded, grown to the output's ratio).
+fn masks(image: image::GrayImage, g: &GenerateSpec) -> Arc<dyn Repaint> {
+    let mut m = mask::Mask {
         image,
-        blur,
-        invert,
+        blur: g.mask_blur,
+        invert: g.mask_invert,
+        fill: g.inpaint_fill,
+        region: None,
+    };
+    if g.inpaint_only_masked {
+        let (w, h) = m.image.dimensions();
+        let feathered = m.at_size(w, h);
+        m.region = region::crop_region(&feathered, g.inpaint_padding)
+            .map(|r| region::expand_to_ratio(r, (g.width, g.height), (w, h)));
     }
-    .repaint()
+    m.repaint()
 }
 
 /// Runs the inpainter: the `atelier-inpainter` binary and `atelier up` both call this.

@@ -1,11 +1,15 @@
-//! Inpainting masks: preparation (resize, invert, feathering as A1111's `mask_blur`), the
-//! engine hooks that confine a run to the masked region, and the final paste of the original.
+//! Inpainting masks: preparation (resize, invert, feathering as A1111's `mask_blur`), what the
+//! masked area starts from ([`InpaintFill`]), "only masked" runs over a [`Region`], the engine
+//! hooks that confine a run to the masked region, and the final paste of the original.
 
 use std::sync::Arc;
 
+use atelier_contracts::generate::InpaintFill;
 use atelier_diffusion::pipeline::{PipelineError, Repaint, RepaintRun, RepaintStart};
 use atelier_diffusion::schedulers::Sampler;
 use candle_core::{Device, Tensor};
+
+use crate::region::Region;
 
 type PResult<T> = Result<T, PipelineError>;
 
@@ -16,6 +20,10 @@ pub struct Mask {
     /// Gaussian feathering of the mask edge, in pixels (A1111's mask_blur).
     pub blur: f32,
     pub invert: bool,
+    /// What the masked area starts from.
+    pub fill: InpaintFill,
+    /// "Only masked": the part of the init image that is generated and pasted back.
+    pub region: Option<Region>,
 }
 
 impl Mask {
@@ -40,6 +48,36 @@ impl Mask {
         m
     }
 
+    /// The inverted (if asked) and feathered mask at `w`×`h`.
+    pub fn at_size(&self, w: u32, h: u32) -> image::GrayImage {
+        self.at(w, h, true)
+    }
+
+    /// The mask as the run sees it: the region's part (or all of it) at `w`×`h`.
+    fn processing(&self, w: u32, h: u32, feathered: bool) -> image::GrayImage {
+        let Some(r) = self.region else {
+            return self.at(w, h, feathered);
+        };
+        let (iw, ih) = self.image.dimensions();
+        let full = self.at(iw, ih, feathered);
+        let part = image::imageops::crop_imm(&full, r.x1, r.y1, r.width(), r.height()).to_image();
+        image::imageops::resize(&part, w, h, image::imageops::FilterType::Triangle)
+    }
+
+    /// The init image as the run sees it: the region's part (or all of it) at `w`×`h`.
+    fn processing_image(&self, image: &image::RgbImage, w: u32, h: u32) -> image::RgbImage {
+        let part = match self.region {
+            Some(r) => {
+                image::imageops::crop_imm(image, r.x1, r.y1, r.width(), r.height()).to_image()
+            }
+            None => image.clone(),
+        };
+        if part.dimensions() == (w, h) {
+            return part;
+        }
+        image::imageops::resize(&part, w, h, image::imageops::FilterType::Lanczos3)
+    }
+
     /// The feathered mask at latent resolution [1, 1, h, w], 1 where the image is repainted.
     fn latent(
         &self,
@@ -47,7 +85,7 @@ impl Mask {
         (h, w): (usize, usize),
         device: &Device,
     ) -> PResult<Tensor> {
-        let m = self.at(width as u32, height as u32, true);
+        let m = self.processing(width as u32, height as u32, true);
         let small = image::imageops::resize(
             &m,
             w as u32,
@@ -65,12 +103,8 @@ impl Mask {
     /// The init image at `width`×`height` with the repainted region set to mid grey (what a
     /// 9-channel model sees as the masked image).
     fn masked_image(&self, image: &image::RgbImage, width: u32, height: u32) -> image::RgbImage {
-        let pm = self.at(width, height, false);
-        let mut masked = if image.dimensions() != (width, height) {
-            image::imageops::resize(image, width, height, image::imageops::FilterType::Lanczos3)
-        } else {
-            image.clone()
-        };
+        let pm = self.processing(width, height, false);
+        let mut masked = self.processing_image(image, width, height);
         for (px, mp) in masked.pixels_mut().zip(pm.pixels()) {
             if mp.0[0] >= 128 {
                 *px = image::Rgb([128, 128, 128]);
@@ -98,6 +132,40 @@ impl Repaint for Mask {
             ));
         }
         Ok(())
+    }
+
+    /// The region's part of the init image and, unless the fill is `original`, its masked area
+    /// painted over with the colours around it (A1111 fills for every fill but `original`).
+    fn prepare_image(&self, image: &image::RgbImage) -> Option<image::RgbImage> {
+        if self.region.is_none() && self.fill == InpaintFill::Original {
+            return None;
+        }
+        // The run's size is not known here: work at the region's own size; the engine resizes.
+        let (w, h) = match self.region {
+            Some(r) => (r.width(), r.height()),
+            None => image.dimensions(),
+        };
+        let part = self.processing_image(image, w, h);
+        Some(match self.fill {
+            InpaintFill::Original => part,
+            _ => crate::fill::fill(&part, &self.processing(w, h, true)),
+        })
+    }
+
+    /// `latent_noise` puts the run's noise in the masked area, `latent_nothing` zeros.
+    fn prepare_clean(&self, clean: Tensor, noise: &Tensor) -> PResult<Tensor> {
+        let replace_with = match self.fill {
+            InpaintFill::LatentNoise => noise.to_dtype(clean.dtype())?,
+            InpaintFill::LatentNothing => clean.zeros_like()?,
+            InpaintFill::Original | InpaintFill::Fill => return Ok(clean),
+        };
+        let (_, _, h, w) = clean.dims4()?;
+        let (width, height) = (w * 8, h * 8);
+        let m = self
+            .latent((width, height), (h, w), clean.device())?
+            .to_dtype(clean.dtype())?;
+        let keep = (1.0 - &m)?;
+        Ok((clean.broadcast_mul(&keep)? + replace_with.broadcast_mul(&m)?)?)
     }
 
     fn begin(&self, s: &RepaintStart<'_>) -> PResult<Box<dyn RepaintRun>> {
@@ -180,6 +248,21 @@ impl RepaintRun for MaskRun {
     /// Pastes the original back where the (feathered) mask keeps it, as A1111 does, so the
     /// unmasked region is the original's pixels exactly.
     fn finish(&self, generated: image::RgbImage) -> image::RgbImage {
+        // Only masked: the generated region goes back into the init image, at its size.
+        let generated = match self.mask.region {
+            Some(r) => {
+                let part = image::imageops::resize(
+                    &generated,
+                    r.width(),
+                    r.height(),
+                    image::imageops::FilterType::Lanczos3,
+                );
+                let mut whole = self.original.clone();
+                image::imageops::replace(&mut whole, &part, r.x1 as i64, r.y1 as i64);
+                whole
+            }
+            None => generated,
+        };
         let (w, h) = generated.dimensions();
         let orig = if self.original.dimensions() != (w, h) {
             image::imageops::resize(&self.original, w, h, image::imageops::FilterType::Lanczos3)

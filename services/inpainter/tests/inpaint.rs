@@ -47,6 +47,8 @@ fn inpainting_keeps_the_unmasked_region_and_repaints_the_rest() {
                     image: left_half_mask(),
                     blur: 0.0,
                     invert: false,
+                    fill: Default::default(),
+                    region: None,
                 }
                 .repaint(),
             ),
@@ -82,6 +84,8 @@ fn inpainting_keeps_the_unmasked_region_and_repaints_the_rest() {
                     image: left_half_mask(),
                     blur: 2.0,
                     invert: true,
+                    fill: Default::default(),
+                    region: None,
                 }
                 .repaint(),
             ),
@@ -116,6 +120,8 @@ fn masks_of_another_size_or_blur_are_refused() {
                 image: image::GrayImage::new(8, 8),
                 blur: 0.0,
                 invert: false,
+                fill: Default::default(),
+                region: None,
             }
             .repaint(),
         ),
@@ -133,6 +139,8 @@ fn masks_of_another_size_or_blur_are_refused() {
                 image: left_half_mask(),
                 blur: 100.0,
                 invert: false,
+                fill: Default::default(),
+                region: None,
             }
             .repaint(),
         ),

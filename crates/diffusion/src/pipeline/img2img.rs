@@ -42,6 +42,18 @@ pub trait Repaint: Send + Sync + std::fmt::Debug {
     /// A clear reason when this cannot apply to `image` (a mask of another size, say).
     fn validate(&self, image: &image::RgbImage) -> std::result::Result<(), String>;
 
+    /// The image the run encodes, from the init image as given (a region of it, or the masked
+    /// area painted over); `None`: the init image itself.
+    fn prepare_image(&self, _image: &image::RgbImage) -> Option<image::RgbImage> {
+        None
+    }
+
+    /// The clean latents the run noises and starts from (the masked area's replaced, say), given
+    /// the encoded ones and the run's noise.
+    fn prepare_clean(&self, clean: Tensor, _noise: &Tensor) -> PResult<Tensor> {
+        Ok(clean)
+    }
+
     /// Before the first step: this run's hooks.
     fn begin(&self, start: &RepaintStart<'_>) -> PResult<Box<dyn RepaintRun>>;
 }
@@ -108,9 +120,21 @@ impl StableDiffusion {
         sampler: &mut dyn Sampler,
         noise: &Tensor,
     ) -> PResult<Start> {
+        let prepared = init
+            .repaint
+            .as_ref()
+            .and_then(|r| r.prepare_image(&init.image));
         let clean = self
-            .encode_image(&init.image, req.width, req.height)?
+            .encode_image(
+                prepared.as_ref().unwrap_or(&init.image),
+                req.width,
+                req.height,
+            )?
             .repeat((req.batch_size, 1, 1, 1))?;
+        let clean = match &init.repaint {
+            Some(r) => r.prepare_clean(clean, noise)?,
+            None => clean,
+        };
         if init.strength < 1.0 {
             let begin = sampler.begin_index_for_strength(req.steps, init.strength);
             sampler.set_begin_index(begin);
