@@ -396,6 +396,15 @@ impl Cluster {
         admin: Option<(&str, &str)>,
     ) -> anyhow::Result<Self> {
         let tmp = tempfile::Builder::new().prefix("atelier-test-").tempdir()?;
+        Self::start_in(tmp, store_args, nats_config, admin).await
+    }
+
+    async fn start_in(
+        tmp: tempfile::TempDir,
+        store_args: StoreArgs,
+        nats_config: Option<PathBuf>,
+        admin: Option<(&str, &str)>,
+    ) -> anyhow::Result<Self> {
         let nats = tokio::task::block_in_place(|| {
             NatsServer::start(NatsServerOptions {
                 store_dir: tmp.path().join("nats"),
@@ -446,13 +455,14 @@ impl Cluster {
         })
     }
 
+    /// With a local-directory store inside the test's temporary folder (removed with it).
     pub async fn local() -> anyhow::Result<Self> {
-        let dir = std::env::temp_dir().join(format!("atelier-objects-{}", uuid::Uuid::now_v7()));
-        Self::start(StoreArgs {
-            store: dir.display().to_string(),
+        let tmp = tempfile::Builder::new().prefix("atelier-test-").tempdir()?;
+        let store = StoreArgs {
+            store: tmp.path().join("objects").display().to_string(),
             ..Default::default()
-        })
-        .await
+        };
+        Self::start_in(tmp, store, None, None).await
     }
 
     /// Three nats-servers in one JetStream cluster (routes on loopback), streams and buckets

@@ -1660,9 +1660,9 @@ async fn a_job_that_keeps_killing_its_workers_fails_worker_died() {
 /// (SIGKILL) mid-run loses, duplicates and strands nothing; submissions go on through the others.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn kill_one_nats_node_of_three_mid_run() {
-    let dir = std::env::temp_dir().join(format!("atelier-objects-{}", uuid::Uuid::now_v7()));
+    let dir = tempfile::tempdir().unwrap();
     let store = atelier_kit::config::StoreArgs {
-        store: dir.display().to_string(),
+        store: dir.path().join("objects").display().to_string(),
         ..Default::default()
     };
     let mut c = Cluster::start_three_node(store).await.unwrap();
