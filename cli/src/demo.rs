@@ -380,6 +380,7 @@ async fn generation(client: &Client, summary: &mut String) -> anyhow::Result<()>
         inpaint_fill: Default::default(),
         inpaint_only_masked: false,
         inpaint_padding: 0,
+        hires: None,
     };
     let first = finish(
         client,

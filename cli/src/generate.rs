@@ -140,6 +140,7 @@ pub fn run(g: GenerateArgs) -> anyhow::Result<()> {
                 image: read(init)?.to_rgb8(),
                 strength: g.strength,
                 repaint,
+                latents: None,
             };
             model.img2img(&req, &init, progress)?
         }

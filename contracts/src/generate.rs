@@ -138,6 +138,110 @@ pub struct GenerateSpec {
     /// `inpaint_full_res_padding`).
     #[serde(default, skip_serializing_if = "is_zero")]
     pub inpaint_padding: u32,
+    /// txt2img: a second pass at a larger size (A1111's hires fix).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hires: Option<HiresSpec>,
+}
+
+/// A1111's hires fix: the first pass's result upscaled, then img2img at that size.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct HiresSpec {
+    /// The second pass's size as a multiple of the first's (A1111's `hr_scale`), unless
+    /// `width`/`height` are set (A1111's `hr_resize_x`/`hr_resize_y`; one of them alone keeps
+    /// the first pass's aspect ratio). Rounded down to the model's multiple of 8.
+    #[serde(default = "d_hr_scale")]
+    pub scale: f64,
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub width: u32,
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub height: u32,
+    /// `Latent` (bilinear, A1111's default), `Latent (nearest)`, `Lanczos` or `Nearest`.
+    #[serde(default = "d_hr_upscaler")]
+    pub upscaler: String,
+    /// Steps of the second pass; 0: the first pass's.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub steps: u32,
+    #[serde(default = "d_hr_strength")]
+    pub denoising_strength: f64,
+    /// The second pass's prompts; absent: the first pass's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prompt: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub negative_prompt: Option<String>,
+}
+
+/// The upscalers a hires pass accepts.
+pub const HIRES_UPSCALERS: [&str; 5] = [
+    "Latent",
+    "Latent (bilinear)",
+    "Latent (nearest)",
+    "Lanczos",
+    "Nearest",
+];
+
+fn d_hr_scale() -> f64 {
+    2.0
+}
+fn d_hr_upscaler() -> String {
+    "Latent".into()
+}
+fn d_hr_strength() -> f64 {
+    0.7
+}
+
+impl HiresSpec {
+    /// The second pass's size for a first pass of `width`×`height`, in multiples of 8.
+    pub fn size(&self, width: u32, height: u32) -> (u32, u32) {
+        let (w, h) = match (self.width, self.height) {
+            (0, 0) => (
+                (width as f64 * self.scale) as u32,
+                (height as f64 * self.scale) as u32,
+            ),
+            (x, 0) => (x, (x as u64 * height as u64 / width.max(1) as u64) as u32),
+            (0, y) => ((y as u64 * width as u64 / height.max(1) as u64) as u32, y),
+            (x, y) => (x, y),
+        };
+        (w / 8 * 8, h / 8 * 8)
+    }
+
+    /// What A1111's infotext names the target: `Hires upscale: 2` or `Hires resize: 1024x768`.
+    pub fn label(&self) -> String {
+        match (self.width, self.height) {
+            (0, 0) => format!("Hires upscale: {}", self.scale),
+            (x, y) => format!("Hires resize: {x}x{y}"),
+        }
+    }
+
+    fn check(&self, width: u32, height: u32) -> Result<(), String> {
+        if !(self.scale.is_finite() && (1.0..=4.0).contains(&self.scale)) {
+            return Err(format!(
+                "hires.scale must be within 1..=4 (got {})",
+                self.scale
+            ));
+        }
+        if !HIRES_UPSCALERS.contains(&self.upscaler.as_str()) {
+            return Err(format!(
+                "hires.upscaler {:?} is not one of {}",
+                self.upscaler,
+                HIRES_UPSCALERS.join(", ")
+            ));
+        }
+        if !(self.denoising_strength.is_finite() && (0.0..=1.0).contains(&self.denoising_strength))
+        {
+            return Err(format!(
+                "hires.denoising_strength must be within 0..=1 (got {})",
+                self.denoising_strength
+            ));
+        }
+        let (w, h) = self.size(width, height);
+        if w < width || h < height || w > 4096 || h > 4096 {
+            return Err(format!(
+                "the hires size {w}x{h} must be at least the first pass's {width}x{height} and at most 4096 a side"
+            ));
+        }
+        Ok(())
+    }
 }
 
 /// What an inpainted area starts from: A1111's `inpainting_fill` 1, 0, 2 and 3.
@@ -210,6 +314,7 @@ impl GenerateSpec {
             inpaint_fill: InpaintFill::Original,
             inpaint_only_masked: false,
             inpaint_padding: 0,
+            hires: None,
         }
     }
 
@@ -278,6 +383,12 @@ impl GenerateSpec {
                 "subseed_strength must be within 0..=1 (got {})",
                 self.subseed_strength
             ));
+        }
+        if let Some(hr) = &self.hires {
+            if kind != GenerateKind::Txt2Img {
+                return Err("hires is a txt2img pass (img2img and inpaint take none)".into());
+            }
+            hr.check(self.width, self.height)?;
         }
         match kind {
             GenerateKind::Txt2Img => {

@@ -152,6 +152,9 @@ fn d_side() -> u32 {
 fn d_one() -> u32 {
     1
 }
+fn d_hr_scale() -> f64 {
+    2.0
+}
 fn d_true() -> bool {
     true
 }
@@ -207,6 +210,26 @@ pub struct Txt2ImgRequest {
     #[serde(default)]
     #[schema(value_type = Object)]
     pub override_settings: Option<HashMap<String, Value>>,
+    /// Hires fix: a second pass at `hr_scale` × the size (or `hr_resize_x`/`hr_resize_y`).
+    #[serde(default)]
+    pub enable_hr: bool,
+    #[serde(default = "d_hr_scale")]
+    pub hr_scale: f64,
+    #[serde(default)]
+    pub hr_upscaler: Option<String>,
+    #[serde(default)]
+    pub hr_second_pass_steps: u32,
+    #[serde(default)]
+    pub hr_resize_x: u32,
+    #[serde(default)]
+    pub hr_resize_y: u32,
+    #[serde(default)]
+    pub hr_prompt: Option<String>,
+    #[serde(default)]
+    pub hr_negative_prompt: Option<String>,
+    /// txt2img: the hires pass's denoising strength.
+    #[serde(default)]
+    pub denoising_strength: Option<f64>,
     /// false: answer without the images (they stay in the object store, named in `info`).
     #[serde(default = "d_true")]
     pub send_images: bool,
@@ -378,6 +401,22 @@ async fn spec_of(app: &AppState, req: &Txt2ImgRequest) -> Result<GenerateSpec, A
         inpaint_fill: InpaintFill::Original,
         inpaint_only_masked: false,
         inpaint_padding: 0,
+        hires: req
+            .enable_hr
+            .then(|| atelier_contracts::generate::HiresSpec {
+                scale: req.hr_scale,
+                width: req.hr_resize_x,
+                height: req.hr_resize_y,
+                upscaler: req
+                    .hr_upscaler
+                    .clone()
+                    .filter(|u| !u.is_empty())
+                    .unwrap_or_else(|| "Latent".into()),
+                steps: req.hr_second_pass_steps,
+                denoising_strength: req.denoising_strength.unwrap_or(0.7),
+                prompt: req.hr_prompt.clone().filter(|p| !p.is_empty()),
+                negative_prompt: req.hr_negative_prompt.clone().filter(|p| !p.is_empty()),
+            }),
     })
 }
 

@@ -64,13 +64,29 @@ pub async fn schedulers(Extension(caller): Extension<Caller>) -> Result<Json<Val
     ])))
 }
 
-/// Upscalers: none beyond A1111's `None` (atelier has no upscaler models).
+/// Upscalers: A1111's built-in `None`, `Lanczos` and `Nearest` (the hires pass's `hr_upscaler`;
+/// the extras routes do not upscale yet).
 #[utoipa::path(get, path = "/sdapi/v1/upscalers", tag = "a1111", operation_id = "get_upscalers_sdapi_v1_upscalers_get",
     responses((status = 200, description = "[{name, model_name, model_path, model_url, scale}]")), security(("bearer" = ["jobs:read"])))]
 pub async fn upscalers(Extension(caller): Extension<Caller>) -> Result<Json<Value>, ApiError> {
     caller.require(Scope::JobsRead)?;
+    let item = |name: &str| json!({"name": name, "model_name": null, "model_path": null, "model_url": null, "scale": 4});
+    Ok(Json(json!([
+        item("None"),
+        item("Lanczos"),
+        item("Nearest")
+    ])))
+}
+
+/// The hires pass's latent upscale modes.
+#[utoipa::path(get, path = "/sdapi/v1/latent-upscale-modes", tag = "a1111", operation_id = "get_latent_upscale_modes_sdapi_v1_latent_upscale_modes_get",
+    responses((status = 200, description = "[{name}]")), security(("bearer" = ["jobs:read"])))]
+pub async fn latent_upscale_modes(
+    Extension(caller): Extension<Caller>,
+) -> Result<Json<Value>, ApiError> {
+    caller.require(Scope::JobsRead)?;
     Ok(Json(
-        json!([{"name": "None", "model_name": null, "model_path": null, "model_url": null, "scale": 4}]),
+        json!([{"name": "Latent"}, {"name": "Latent (nearest)"}]),
     ))
 }
 
@@ -86,12 +102,6 @@ macro_rules! empty_list {
     };
 }
 
-empty_list!(
-    latent_upscale_modes,
-    "/sdapi/v1/latent-upscale-modes",
-    "get_latent_upscale_modes_sdapi_v1_latent_upscale_modes_get",
-    "Latent upscale modes: none (atelier has no hires fix yet)."
-);
 empty_list!(
     sd_vae,
     "/sdapi/v1/sd-vae",
@@ -312,13 +322,13 @@ not_taken!(
     extra_single_image,
     "/sdapi/v1/extra-single-image",
     "extras_single_image_api_sdapi_v1_extra_single_image_post",
-    "the extras upscalers are not served yet (GET /sdapi/v1/upscalers lists none)"
+    "the extras routes do not upscale yet (Lanczos and Nearest serve the hires pass, hr_upscaler)"
 );
 not_taken!(
     extra_batch_images,
     "/sdapi/v1/extra-batch-images",
     "extras_batch_images_api_sdapi_v1_extra_batch_images_post",
-    "the extras upscalers are not served yet (GET /sdapi/v1/upscalers lists none)"
+    "the extras routes do not upscale yet (Lanczos and Nearest serve the hires pass, hr_upscaler)"
 );
 
 /// `POST /sdapi/v1/png-info`'s body.

@@ -33,6 +33,7 @@ const HONOURED: &[&str] = &[
     "send_images",
     "force_task_id",
     "infotext",
+    "enable_hr",
     "comments",
     "user",
     // img2img
@@ -50,7 +51,6 @@ const HONOURED: &[&str] = &[
 
 /// Fields atelier does not honour, accepted at the values [`unsupported`] lets through.
 const AT_DEFAULT: &[&str] = &[
-    "enable_hr",
     "restore_faces",
     "tiling",
     "styles",
@@ -112,7 +112,14 @@ fn is_num(v: &Value, want: f64) -> bool {
 fn unsupported(field: &str, v: &Value, body: &Map<String, Value>) -> Option<String> {
     let why = |what: &str| Some(format!("{field}: {what}"));
     match field {
-        "enable_hr" if !is_off(v) => why("hires fix is not supported yet; generate at the final size or upscale the result with img2img"),
+        "hr_upscaler" if enabled(body, "enable_hr") && !(is_off(v) || v.as_str().is_some_and(|u| atelier_contracts::generate::HIRES_UPSCALERS.contains(&u))) => why(
+            &format!("the hires upscalers are {}", atelier_contracts::generate::HIRES_UPSCALERS.join(", ")),
+        ),
+        "hr_checkpoint_name" if !(is_off(v) || v.as_str() == Some("Use same checkpoint")) => why("the hires pass uses the first pass's checkpoint"),
+        "hr_sampler_name" if !(is_off(v) || v.as_str() == Some("Use same sampler")) => why("the hires pass uses the first pass's sampler"),
+        "hr_scheduler" if !(is_off(v) || v.as_str().is_some_and(|s| s.eq_ignore_ascii_case("Use same scheduler") || s.eq_ignore_ascii_case("automatic"))) => why("the hires pass uses the first pass's scheduler"),
+        "hr_cfg" | "hr_distilled_cfg" if !is_off(v) && body.get("cfg_scale") != Some(v) => why("the hires pass uses the first pass's CFG scale"),
+        "firstphase_width" | "firstphase_height" if !is_off(v) => why("the old hires fix's first-pass size is not supported; use hr_scale or hr_resize_x/hr_resize_y"),
         "restore_faces" if !is_off(v) => why("atelier has no face restorer"),
         "tiling" if !is_off(v) => why("tiling (seamless textures) is not supported"),
         "styles" if !is_off(v) => why("atelier keeps no prompt styles; put the style's text in the prompt"),
@@ -143,6 +150,10 @@ fn scripts_off(v: &Value) -> bool {
         Value::Object(o) => o.values().all(|s| is_off(&s["args"]) || is_off(s)),
         other => is_off(other),
     }
+}
+
+fn enabled(body: &Map<String, Value>, field: &str) -> bool {
+    body.get(field).is_some_and(|v| !is_off(v))
 }
 
 fn has_mask(body: &Map<String, Value>) -> bool {
@@ -217,10 +228,18 @@ mod tests {
 
     #[test]
     fn what_would_change_the_image_is_named() {
-        let e = check_json(json!({"enable_hr": true, "restore_faces": true})).unwrap_err();
+        let e = check_json(
+            json!({"enable_hr": true, "hr_upscaler": "R-ESRGAN 4x+", "restore_faces": true}),
+        )
+        .unwrap_err();
         assert!(
-            e.contains("enable_hr: hires fix") && e.contains("restore_faces"),
+            e.contains("hr_upscaler: the hires upscalers are Latent")
+                && e.contains("restore_faces"),
             "{e}"
+        );
+        assert_eq!(
+            check_json(json!({"enable_hr": true, "hr_upscaler": "Lanczos"})),
+            Ok(())
         );
         let e = check_json(json!({"sampler_name": "DDIM", "eta": 1.0})).unwrap_err();
         assert!(e.starts_with("eta:"), "{e}");

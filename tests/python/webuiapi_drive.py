@@ -111,11 +111,19 @@ check("only masked keeps the rest", same)
 changed = sum(out.getpixel((x, y)) != big.getpixel((x, y)) for x in range(44, 60) for y in range(44, 60))
 check("only masked repaints the mask", changed > 100, changed)
 
+# Hires fix: 32 x 32 then 64 x 64, in latent space and as pixels.
+for upscaler in ("Latent", "Lanczos"):
+    h = api.txt2img(prompt="a red circle", seed=5, width=32, height=32, enable_hr=True, hr_scale=2,
+                    hr_upscaler=upscaler, hr_second_pass_steps=2, denoising_strength=0.5)
+    check(f"hires {upscaler}", h.image.size == (64, 64), h.image.size)
+    hp = api.png_info(h.image).parameters
+    check(f"hires {upscaler} infotext", hp.get("Hires upscale") == "2" and hp.get("Hires upscaler") == upscaler
+          and hp.get("Size-1") == "32" and hp.get("Denoising strength") == "0.5", hp)
 try:
-    api.txt2img(prompt="x", enable_hr=True, width=32, height=32)
-    check("enable_hr refused", False, "accepted")
+    api.txt2img(prompt="x", enable_hr=True, hr_upscaler="R-ESRGAN 4x+", width=32, height=32)
+    check("unknown hires upscaler refused", False, "accepted")
 except RuntimeError as e:
-    check("enable_hr refused", e.args[0] == 422 and "enable_hr" in e.args[1], e.args)
+    check("unknown hires upscaler refused", e.args[0] == 422 and "hr_upscaler" in e.args[1], e.args)
 
 check("interrupt (idle)", api.interrupt() == {})
 

@@ -34,6 +34,7 @@ fn spec(model: &str) -> GenerateSpec {
         inpaint_fill: Default::default(),
         inpaint_only_masked: false,
         inpaint_padding: 0,
+        hires: None,
     }
 }
 

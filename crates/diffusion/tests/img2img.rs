@@ -36,6 +36,7 @@ fn strength_one_equals_txt2img_and_lower_strength_runs_the_tail() {
             image: picture(),
             strength: 1.0,
             repaint: None,
+            latents: None,
         };
         let i2i = sd.img2img(&req(sampler), &full, |_, _| true).unwrap();
         assert_eq!(
@@ -47,6 +48,7 @@ fn strength_one_equals_txt2img_and_lower_strength_runs_the_tail() {
         image: picture(),
         strength: 0.5,
         repaint: None,
+        latents: None,
     };
     let mut totals = Vec::new();
     let out = sd
@@ -69,6 +71,7 @@ fn strength_one_equals_txt2img_and_lower_strength_runs_the_tail() {
         image: picture(),
         strength: 0.05,
         repaint: None,
+        latents: None,
     };
     let err = sd
         .img2img(&req(SamplerKind::Euler), &none, |_, _| true)
@@ -86,6 +89,7 @@ fn bad_strengths_are_refused() {
         image: picture(),
         strength: 1.5,
         repaint: None,
+        latents: None,
     };
     let err = sd
         .img2img(&req(SamplerKind::Euler), &bad, |_, _| panic!())
@@ -104,6 +108,7 @@ fn img2img_infotexts_carry_the_denoising_strength_as_a1111_writes_it() {
         image: picture(),
         strength: 0.5,
         repaint: None,
+        latents: None,
     };
     let p = &sd.img2img(&r, &init, |_, _| true).unwrap()[0].parameters;
     let model = p.find(", Model: ").expect("Model");

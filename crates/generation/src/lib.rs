@@ -20,8 +20,8 @@ use atelier_contracts::{
 use atelier_diffusion::lora::{LoraFile, LoraMode};
 use atelier_diffusion::noise::RandnSource;
 use atelier_diffusion::pipeline::{
-    ClipSkipConvention, Init, NoiseOptions, PipelineError, Placement, Repaint, StableDiffusion,
-    Txt2Img,
+    ClipSkipConvention, Hires, HiresUpscaler, Init, NoiseOptions, PipelineError, Placement,
+    Repaint, StableDiffusion, Txt2Img,
 };
 use atelier_diffusion::schedulers::SamplerKind;
 use atelier_kit::{Handler, JobCtx, JobError};
@@ -140,7 +140,7 @@ impl Generator {
         ctx: &JobCtx,
         path: PathBuf,
         (embeddings, loras): (Vec<PathBuf>, Vec<Lora>),
-        init: Option<Init>,
+        (init, hires): (Option<Init>, Option<Hires>),
         req: Txt2Img,
         preview_every: usize,
     ) -> Result<Rendered, JobError> {
@@ -155,7 +155,9 @@ impl Generator {
                 let _ = tx.send((done, total));
                 !cancel.is_cancelled()
             };
-            let images = if preview_every > 0 {
+            let images = if let Some(hr) = &hires {
+                model.txt2img_hires(&req, hr, on_step)
+            } else if preview_every > 0 {
                 let mut send = |step: usize, img: image::RgbImage| {
                     let mut png = Vec::new();
                     if image::DynamicImage::ImageRgb8(img)
@@ -450,6 +452,7 @@ impl Handler for Generator {
                     image,
                     strength: g.strength,
                     repaint,
+                    latents: None,
                 };
                 init.validate()
                     .map_err(|e| JobError::permanent("invalid_job", e))?;
@@ -485,8 +488,31 @@ impl Handler for Generator {
             .await;
 
         let preview_every = g.preview_every as usize;
+        let hires = match &g.hires {
+            None => None,
+            Some(h) => {
+                let (width, height) = h.size(g.width, g.height);
+                let upscaler = HiresUpscaler::parse(&h.upscaler).ok_or_else(|| {
+                    JobError::permanent(
+                        "invalid_job",
+                        format!("unknown hires upscaler {:?}", h.upscaler),
+                    )
+                })?;
+                Some(Hires {
+                    width: width as usize,
+                    height: height as usize,
+                    upscaler,
+                    steps: h.steps as usize,
+                    denoising_strength: h.denoising_strength,
+                    prompt: h.prompt.clone(),
+                    negative_prompt: h.negative_prompt.clone(),
+                    label: h.label(),
+                })
+            }
+        };
         let batchable = kind == GenerateKind::Txt2Img
             && init.is_none()
+            && hires.is_none()
             && preview_every == 0
             && self.batcher.enabled();
         let (pngs, parameters, model_hash, batch_jobs) = if batchable {
@@ -495,7 +521,14 @@ impl Handler for Generator {
             (r.0, r.1, r.2, n)
         } else {
             let r = self
-                .run_alone(ctx, path, (embeddings, loras), init, req, preview_every)
+                .run_alone(
+                    ctx,
+                    path,
+                    (embeddings, loras),
+                    (init, hires),
+                    req,
+                    preview_every,
+                )
                 .await?;
             (r.0, r.1, r.2, 1)
         };

@@ -52,6 +52,7 @@ fn inpainting_keeps_the_unmasked_region_and_repaints_the_rest() {
                 }
                 .repaint(),
             ),
+            latents: None,
         };
         let out = &sd
             .img2img(&req(SamplerKind::DpmPp2m), &init, |_, _| true)
@@ -125,6 +126,7 @@ fn masks_of_another_size_or_blur_are_refused() {
             }
             .repaint(),
         ),
+        latents: None,
     };
     let err = sd
         .img2img(&req(SamplerKind::Euler), &small_mask, |_, _| panic!())
@@ -144,6 +146,7 @@ fn masks_of_another_size_or_blur_are_refused() {
             }
             .repaint(),
         ),
+        latents: None,
     };
     let err = sd
         .img2img(&req(SamplerKind::Euler), &blurry, |_, _| panic!())

@@ -97,7 +97,7 @@ impl StableDiffusion {
     }
 
     /// One request's final latents (and the repaint hooks that finish its images).
-    fn denoised(
+    pub(super) fn denoised(
         &self,
         req: &Txt2Img,
         (init, latents): (Option<&Init>, Option<&Tensor>),

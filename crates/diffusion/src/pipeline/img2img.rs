@@ -19,9 +19,22 @@ pub struct Init {
     pub strength: f64,
     /// What repaints only part of the image (the inpainter's masks); none repaints all of it.
     pub repaint: Option<Arc<dyn Repaint>>,
+    /// Clean latents to start from instead of encoding `image`, one row per image of the batch
+    /// (the hires fix's upscaled first pass).
+    pub latents: Option<Tensor>,
 }
 
 impl Init {
+    /// A start from latents (`[batch, 4, h, w]`), noised to `strength`'s step.
+    pub fn from_latents(latents: Tensor, strength: f64) -> Self {
+        Self {
+            image: image::RgbImage::new(0, 0),
+            strength,
+            repaint: None,
+            latents: Some(latents),
+        }
+    }
+
     /// A clear reason for any setting out of range.
     pub fn validate(&self) -> std::result::Result<(), String> {
         if !(self.strength.is_finite() && (0.0..=1.0).contains(&self.strength)) {
@@ -120,17 +133,21 @@ impl StableDiffusion {
         sampler: &mut dyn Sampler,
         noise: &Tensor,
     ) -> PResult<Start> {
-        let prepared = init
-            .repaint
-            .as_ref()
-            .and_then(|r| r.prepare_image(&init.image));
-        let clean = self
-            .encode_image(
-                prepared.as_ref().unwrap_or(&init.image),
-                req.width,
-                req.height,
-            )?
-            .repeat((req.batch_size, 1, 1, 1))?;
+        let clean = match &init.latents {
+            Some(l) => l.to_dtype(noise.dtype())?,
+            None => {
+                let prepared = init
+                    .repaint
+                    .as_ref()
+                    .and_then(|r| r.prepare_image(&init.image));
+                self.encode_image(
+                    prepared.as_ref().unwrap_or(&init.image),
+                    req.width,
+                    req.height,
+                )?
+                .repeat((req.batch_size, 1, 1, 1))?
+            }
+        };
         let clean = match &init.repaint {
             Some(r) => r.prepare_clean(clean, noise)?,
             None => clean,

@@ -21,6 +21,7 @@ pub mod convert;
 mod denoise;
 pub mod fixtures;
 mod generate;
+pub mod hires;
 mod images;
 pub mod img2img;
 pub mod infotext;
@@ -32,6 +33,7 @@ pub mod txt2img;
 
 pub use convert::write_single_file;
 pub use fixtures::{make_tiny, make_tiny_for_training, make_tiny_with};
+pub use hires::{Hires, HiresUpscaler};
 pub use img2img::{Init, Repaint, RepaintRun, RepaintStart};
 pub use infotext::Generated;
 pub(crate) use load::single_file_config;
