@@ -381,6 +381,7 @@ async fn generation(client: &Client, summary: &mut String) -> anyhow::Result<()>
         inpaint_only_masked: false,
         inpaint_padding: 0,
         hires: None,
+        resize_mode: Default::default(),
     };
     let first = finish(
         client,

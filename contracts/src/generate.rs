@@ -141,6 +141,39 @@ pub struct GenerateSpec {
     /// txt2img: a second pass at a larger size (A1111's hires fix).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub hires: Option<HiresSpec>,
+    /// img2img and inpaint: how the init image (and mask) is brought to `width`×`height`.
+    #[serde(default, skip_serializing_if = "ResizeMode::is_default")]
+    pub resize_mode: ResizeMode,
+}
+
+/// A1111's img2img resize modes 0, 1 and 2.
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema, ToSchema,
+)]
+#[serde(rename_all = "snake_case")]
+pub enum ResizeMode {
+    /// Stretched to the size.
+    #[default]
+    JustResize,
+    /// Scaled to cover the size, the middle kept.
+    CropAndResize,
+    /// Scaled to fit, centred, the margins filled with the stretched edges.
+    ResizeAndFill,
+}
+
+impl ResizeMode {
+    pub fn is_default(&self) -> bool {
+        *self == ResizeMode::JustResize
+    }
+
+    pub fn from_a1111(n: i64) -> Option<Self> {
+        match n {
+            0 => Some(Self::JustResize),
+            1 => Some(Self::CropAndResize),
+            2 => Some(Self::ResizeAndFill),
+            _ => None,
+        }
+    }
 }
 
 /// A1111's hires fix: the first pass's result upscaled, then img2img at that size.
@@ -315,6 +348,7 @@ impl GenerateSpec {
             inpaint_only_masked: false,
             inpaint_padding: 0,
             hires: None,
+            resize_mode: ResizeMode::JustResize,
         }
     }
 

@@ -8,7 +8,7 @@ use std::path::PathBuf;
 use std::sync::{Mutex, RwLock};
 use std::time::{Duration, Instant};
 
-use atelier_contracts::generate::{InpaintFill, RandnSource};
+use atelier_contracts::generate::{InpaintFill, RandnSource, ResizeMode};
 use atelier_contracts::samplers::SamplerKind;
 use atelier_contracts::{GenerateKind, GenerateSpec, JobId, JobOutput, JobRecord, JobState};
 use axum::body::Body;
@@ -264,6 +264,9 @@ pub struct Img2ImgRequest {
     pub inpaint_full_res: bool,
     #[serde(default)]
     pub inpaint_full_res_padding: u32,
+    /// 0 just resize, 1 crop and resize, 2 resize and fill.
+    #[serde(default)]
+    pub resize_mode: i64,
 }
 
 /// A1111 clients send flags as booleans or as 0/1.
@@ -417,6 +420,7 @@ async fn spec_of(app: &AppState, req: &Txt2ImgRequest) -> Result<GenerateSpec, A
                 prompt: req.hr_prompt.clone().filter(|p| !p.is_empty()),
                 negative_prompt: req.hr_negative_prompt.clone().filter(|p| !p.is_empty()),
             }),
+        resize_mode: ResizeMode::JustResize,
     })
 }
 
@@ -652,6 +656,12 @@ pub async fn img2img(
         )
     })?;
     spec.inpaint_only_masked = req.inpaint_full_res;
+    spec.resize_mode = ResizeMode::from_a1111(req.resize_mode).ok_or_else(|| {
+        ApiError::unprocessable(
+            "unsupported_parameter",
+            format!("resize_mode: 0 (just resize), 1 (crop and resize) or 2 (resize and fill) are supported, not {}", req.resize_mode),
+        )
+    })?;
     spec.inpaint_padding = req.inpaint_full_res_padding;
     // Check everything before storing anything.
     let kind = if mask.is_some() {

@@ -45,6 +45,7 @@ const HONOURED: &[&str] = &[
     "inpainting_fill",
     "inpaint_full_res",
     "inpaint_full_res_padding",
+    "resize_mode",
     "include_init_images",
     "image_cfg_scale",
 ];
@@ -68,7 +69,6 @@ const AT_DEFAULT: &[&str] = &[
     "disable_extra_networks",
     "firstpass_image",
     "latent_mask",
-    "resize_mode",
     "initial_noise_multiplier",
     "mask_blur_x",
     "mask_blur_y",
@@ -133,7 +133,6 @@ fn unsupported(field: &str, v: &Value, body: &Map<String, Value>) -> Option<Stri
         "refiner_checkpoint" | "refiner_switch_at" if !is_off(v) => why("the SDXL refiner pass is not supported"),
         "disable_extra_networks" if !is_off(v) => why("LoRA and embedding syntax in prompts is always applied"),
         "firstpass_image" | "latent_mask" if !is_off(v) => why("not supported"),
-        "resize_mode" if !is_off(v) => why("only resize mode 0 (just resize) is supported"),
         "initial_noise_multiplier" if !is_num(v, 1.0) => why("only 1 is supported"),
         "mask_blur_x" | "mask_blur_y" if !blur_matches(v, body) => why("only a blur equal in x and y (mask_blur) is supported"),
         "eta" if !eta_matches(v, body) => why("eta is fixed: 1 for ancestral and SDE samplers, 0 for DDIM"),

@@ -82,6 +82,17 @@ check("png_info info", "Steps: 3" in (p.info if isinstance(p.info, str) else "")
 r2 = api.img2img(images=[r.image], prompt="a blue circle", seed=6, width=32, height=32, denoising_strength=0.5)
 check("img2img", r2.image.size == (32, 32), r2.info)
 
+# Resize modes: a 64 x 32 init image to 32 x 32 by cropping and by filling; 3 is refused.
+wide = r.image.convert("RGB").resize((64, 32))
+for mode in (1, 2):
+    rm = api.img2img(images=[wide], prompt="x", width=32, height=32, seed=6, resize_mode=mode, denoising_strength=0.5)
+    check(f"resize_mode {mode}", rm.image.size == (32, 32), rm.image.size)
+try:
+    api.img2img(images=[wide], prompt="x", width=32, height=32, resize_mode=3)
+    check("resize_mode 3 refused", False, "accepted")
+except RuntimeError as e:
+    check("resize_mode 3 refused", e.args[0] == 422 and "resize_mode" in e.args[1], e.args)
+
 mask = Image.new("L", (32, 32), 0)
 mask.paste(255, (8, 8, 24, 24))
 # webuiapi's defaults: masked content "fill", only the masked area.

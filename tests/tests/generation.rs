@@ -35,6 +35,7 @@ fn spec(model: &str) -> GenerateSpec {
         inpaint_only_masked: false,
         inpaint_padding: 0,
         hires: None,
+        resize_mode: Default::default(),
     }
 }
 

@@ -10,6 +10,7 @@
 
 pub mod batch;
 pub mod detect;
+pub mod resize;
 
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
@@ -434,11 +435,23 @@ impl Handler for Generator {
         let init = match &g.init_image {
             None => None,
             Some(key) => {
+                let (w, h) = (g.width, g.height);
+                // Mode 0 is the engine's own resize; "only masked" crops the image as given.
+                let only_masked = g.inpaint_only_masked && g.mask.is_some();
+                let reshape = !(g.resize_mode.is_default() || only_masked);
                 let image = Self::image(ctx, key, "init_image").await?.to_rgb8();
+                let image = match reshape {
+                    true => resize::resize(&image, w, h, g.resize_mode),
+                    false => image,
+                };
                 let repaint = match (&g.mask, self.masks) {
                     (None, _) => None,
                     (Some(mk), Some(masks)) => {
                         let mask = Self::image(ctx, mk, "mask").await?.to_luma8();
+                        let mask = match reshape {
+                            true => resize::resize(&mask, w, h, g.resize_mode),
+                            false => mask,
+                        };
                         Some(masks(mask, &g))
                     }
                     (Some(_), None) => {

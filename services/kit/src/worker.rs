@@ -315,8 +315,12 @@ impl JobCtx {
             .update(self.id, |r| {
                 if r.state == JobState::Running {
                     let shown = r.progress.as_ref().map_or(0.0, |old| old.fraction);
+                    // A report without a preview keeps the last one (what an interrupted
+                    // image looked like is the latest preview, not none).
+                    let last_preview = r.progress.as_ref().and_then(|old| old.preview.clone());
                     r.progress = Some(Progress {
                         fraction: p.fraction.max(shown),
+                        preview: p.preview.clone().or(last_preview),
                         ..p.clone()
                     });
                     Change::Write
@@ -325,14 +329,18 @@ impl JobCtx {
                 }
             })
             .await;
-        // The event carries what the record shows (an earlier attempt may have shown more).
+        // The event carries what the record shows (an earlier attempt may have shown more),
+        // and a preview only when this report made one.
         let progress = match res {
             Ok(JobRecord {
                 progress: Some(written),
                 ..
             }) => {
                 *reported = reported.max(written.fraction);
-                written
+                Progress {
+                    preview: progress.preview.clone(),
+                    ..written
+                }
             }
             Ok(_) => progress,
             Err(e) => {
