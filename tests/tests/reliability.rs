@@ -400,12 +400,15 @@ async fn poison_messages_are_dead_lettered() {
         "{}",
         teleport.error.message
     );
+    // Two undecodable letters: the bytes that are not JSON and the job of an unknown kind.
     let undecodable = letters
         .iter()
-        .find(|l| l.reason.code == "undecodable")
+        .find(|l| l.reason.code == "undecodable" && l.payload == "{this is not json")
         .expect("undecodable letter");
     assert_eq!(undecodable.deliveries, 1);
-    assert_eq!(undecodable.payload, "{this is not json");
+    assert!(letters
+        .iter()
+        .any(|l| l.reason.code == "undecodable" && l.payload.contains("teleport")));
     let failing = letters
         .iter()
         .find(|l| l.reason.code == "flaky_dependency")
