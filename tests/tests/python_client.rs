@@ -8,10 +8,30 @@ use std::time::{Duration, Instant};
 use atelier_e2e::*;
 use atelier_kit::nats_server::free_port;
 
+fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap().flatten() {
+        let name = entry.file_name();
+        let skip = name == "build" || name == "__pycache__";
+        if skip || name.to_string_lossy().ends_with(".egg-info") {
+            continue;
+        }
+        let (src, dst) = (entry.path(), to.join(&name));
+        if src.is_dir() {
+            copy_dir(&src, &dst);
+        } else {
+            std::fs::copy(&src, &dst).unwrap();
+        }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_python_client_works_against_atelier_up() {
     let tmp = tempfile::tempdir().unwrap();
     let site = tmp.path().join("site");
+    // A copy: building writes build/ and *.egg-info beside the sources.
+    let source = tmp.path().join("client");
+    copy_dir(&repo_root().join("clients/python"), &source);
     let out = Command::new(tool("python"))
         .args([
             "-m",
@@ -23,7 +43,7 @@ async fn the_python_client_works_against_atelier_up() {
             "--target",
         ])
         .arg(&site)
-        .arg(repo_root().join("clients/python"))
+        .arg(&source)
         .output()
         .unwrap();
     assert!(
