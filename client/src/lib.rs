@@ -7,7 +7,7 @@ use std::time::Duration;
 use anyhow::{bail, Context as _};
 use atelier_contracts::http::{ApiErrorBody, UploadResponse};
 use atelier_contracts::images::ImageRecord;
-use atelier_contracts::{JobRecord, JobSpec, SCHEMA_VERSION};
+use atelier_contracts::{JobRecord, JobSpec, Priority, SCHEMA_VERSION};
 use bytes::Bytes;
 use futures::StreamExt;
 
@@ -16,6 +16,8 @@ pub struct Client {
     base: String,
     key: Option<String>,
     http: reqwest::Client,
+    /// Sent as `Atelier-Priority` with every job this client submits.
+    priority: Priority,
 }
 
 impl Client {
@@ -27,7 +29,14 @@ impl Client {
             base: base.trim_end_matches('/').to_owned(),
             key,
             http,
+            priority: Priority::Normal,
         })
+    }
+
+    /// This client's jobs wait in the `priority` queue of their service.
+    pub fn with_priority(mut self, priority: Priority) -> Self {
+        self.priority = priority;
+        self
     }
 
     /// The gateway's base URL.
@@ -162,6 +171,7 @@ impl Client {
                 || {
                     self.req(reqwest::Method::POST, path)
                         .header("Idempotency-Key", &key)
+                        .header("Atelier-Priority", self.priority.name())
                         .json(body)
                 },
                 true,

@@ -45,13 +45,33 @@ pub fn document() -> Value {
             s.request_subject(),
             "JobRequest",
             format!(
-                "Jobs for the {n} service. Work-queue stream {}, durable pull consumer {} shared by \
-                 every replica; explicit ack; redelivered after ack_wait; dead-lettered after max_deliver.",
+                "Jobs for the {n} service (the normal-priority queue). Work-queue stream {}, \
+                 durable pull consumer {} shared by every replica; explicit ack; redelivered after \
+                 ack_wait; dead-lettered after max_deliver.",
                 s.request_stream(),
                 s.consumer()
             ),
             "send",
         );
+        for p in [crate::Priority::High, crate::Priority::Low] {
+            add(
+                format!("{n}-request-{}", p.name()),
+                s.request_subject_for(p),
+                "JobRequest",
+                format!(
+                    "{} jobs for the {n} service: workers take every high job before any normal \
+                     one and every normal one before any low one. Stream {}, consumer {}.",
+                    if p == crate::Priority::High {
+                        "High-priority"
+                    } else {
+                        "Low-priority"
+                    },
+                    s.request_stream_for(p),
+                    s.consumer_for(p)
+                ),
+                "send",
+            );
+        }
         add(
             format!("{n}-progress"),
             s.progress_subject(),

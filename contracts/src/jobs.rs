@@ -187,7 +187,60 @@ pub struct JobRequest {
     /// API key name (or `anonymous`) that submitted the job.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub submitted_by: Option<String>,
+    /// Which of the service's queues the job waits in (`normal` when absent).
+    #[serde(default, skip_serializing_if = "Priority::is_normal")]
+    pub priority: Priority,
     pub spec: JobSpec,
+}
+
+/// A job's queue: workers take every `high` job before any `normal` one and every `normal` one
+/// before any `low` one; within a queue, jobs run in the order they were queued. A steady stream
+/// of `high` jobs starves the others, by design.
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema, ToSchema,
+)]
+#[serde(rename_all = "snake_case")]
+pub enum Priority {
+    High,
+    #[default]
+    Normal,
+    Low,
+}
+
+impl Priority {
+    /// In the order workers take them.
+    pub const ORDER: [Priority; 3] = [Priority::High, Priority::Normal, Priority::Low];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Priority::High => "high",
+            Priority::Normal => "normal",
+            Priority::Low => "low",
+        }
+    }
+    pub fn parse(s: &str) -> Option<Priority> {
+        Priority::ORDER.into_iter().find(|p| p.name() == s)
+    }
+    pub fn is_normal(&self) -> bool {
+        *self == Priority::Normal
+    }
+}
+
+/// Where a queued job stands, computed when the record is read (never stored).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema, ToSchema)]
+pub struct QueuePlace {
+    /// Jobs that will be handed to a worker before this one: every job waiting in a queue of
+    /// higher priority, and those queued earlier in its own. 0 = next.
+    pub position: u64,
+    /// Jobs of the service a worker holds now.
+    pub running: u64,
+    /// Worker slots of the service that reported in the last minute (replicas × concurrency).
+    pub slots: u64,
+    /// Estimated seconds until the job starts: (position + running) ÷ slots × the mean run time
+    /// of the service's recent jobs. Absent while no worker of the service is up or none has
+    /// finished a job yet.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub eta_s: Option<f64>,
 }
 
 /// A job's lifecycle: queued → running → succeeded | failed | cancelled.
@@ -245,6 +298,11 @@ pub struct JobRecord {
     /// cancelling are limited to it (or an `admin` key).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub submitted_by: Option<String>,
+    #[serde(default, skip_serializing_if = "Priority::is_normal")]
+    pub priority: Priority,
+    /// While queued, the job's place in the queue (filled in by the gateway when it answers).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub queue: Option<QueuePlace>,
     /// How many times a worker has started this job (redeliveries after crashes count).
     pub attempts: u64,
     /// Attempts that ended with their worker's death (killed, out of memory, cut off from the
@@ -274,6 +332,8 @@ impl JobRecord {
             state: JobState::Queued,
             spec: request.spec.clone(),
             submitted_by: request.submitted_by.clone(),
+            priority: request.priority,
+            queue: None,
             attempts: 0,
             interrupted: 0,
             progress: None,
@@ -284,6 +344,21 @@ impl JobRecord {
             updated_at: request.submitted_at,
         }
     }
+}
+
+/// What one worker process says of itself, every few seconds, in the workers bucket.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema, ToSchema)]
+pub struct WorkerReport {
+    pub service: Service,
+    pub instance: String,
+    /// Jobs it runs at once (`--concurrency`).
+    pub slots: u64,
+    /// Jobs it holds now.
+    pub running: u64,
+    /// Mean run time of its recent jobs (an exponentially weighted mean), once it has run one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mean_run_s: Option<f64>,
+    pub at: DateTime<Utc>,
 }
 
 /// Published on `atelier.v1.<service>.progress`.

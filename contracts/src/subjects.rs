@@ -2,6 +2,8 @@
 //!
 //! ```text
 //! atelier.v1.<service>.request    work queue: one message per job (stream ATELIER_REQ_<SERVICE>)
+//! atelier.v1.<service>.request.high / .request.low
+//!                                 the high- and low-priority queues (ATELIER_REQ_<SERVICE>_HIGH/_LOW)
 //! atelier.v1.<service>.progress   events: progress of a running job  (stream ATELIER_EVENTS)
 //! atelier.v1.<service>.done       events: a job's result              (stream ATELIER_EVENTS)
 //! atelier.v1.<service>.failed     events: a job's final failure       (stream ATELIER_EVENTS)
@@ -9,6 +11,7 @@
 //! atelier.v1.images.ingested      external systems announce images    (stream ATELIER_IMAGES)
 //! ```
 
+use crate::Priority;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
@@ -78,8 +81,16 @@ impl Service {
         self.name().replace('-', "_").to_ascii_uppercase()
     }
 
+    /// The `normal` queue's subject (what external systems publish to by default).
     pub fn request_subject(self) -> String {
         format!("atelier.v1.{}.request", self.name())
+    }
+    /// The subject of the queue for `priority`: `….request`, `….request.high`, `….request.low`.
+    pub fn request_subject_for(self, priority: Priority) -> String {
+        match priority {
+            Priority::Normal => self.request_subject(),
+            p => format!("atelier.v1.{}.request.{}", self.name(), p.name()),
+        }
     }
     pub fn progress_subject(self) -> String {
         format!("atelier.v1.{}.progress", self.name())
@@ -97,9 +108,28 @@ impl Service {
     pub fn request_stream(self) -> String {
         format!("ATELIER_REQ_{}", self.upper())
     }
+    /// The work-queue stream of one priority's queue (one stream each, so a job's sequence
+    /// counts only the jobs of its own queue).
+    pub fn request_stream_for(self, priority: Priority) -> String {
+        match priority {
+            Priority::Normal => self.request_stream(),
+            p => format!(
+                "{}_{}",
+                self.request_stream(),
+                p.name().to_ascii_uppercase()
+            ),
+        }
+    }
     /// The durable pull consumer that all replicas of the service share (competing consumers).
     pub fn consumer(self) -> String {
         format!("{}-workers", self.name())
+    }
+    /// The durable of one priority's queue.
+    pub fn consumer_for(self, priority: Priority) -> String {
+        match priority {
+            Priority::Normal => self.consumer(),
+            p => format!("{}-workers-{}", self.name(), p.name()),
+        }
     }
 }
 
@@ -107,6 +137,14 @@ impl std::fmt::Display for Service {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(self.name())
     }
+}
+
+/// The queue a request subject belongs to (`normal` for anything but `….request.high/low`).
+pub fn priority_of(subject: &str) -> Priority {
+    Priority::ORDER
+        .into_iter()
+        .find(|p| !p.is_normal() && subject.ends_with(&format!(".request.{}", p.name())))
+        .unwrap_or_default()
 }
 
 /// External systems publish here to announce images they put into the bucket.
@@ -151,6 +189,10 @@ pub const OUTBOX_BUCKET: &str = "atelier_outbox";
 /// KV bucket the gateway keeps `Idempotency-Key`s in (24 h): per caller and key, the hash of the
 /// request body and the job it created.
 pub const IDEMPOTENCY_BUCKET: &str = "atelier_idempotency";
+/// KV bucket where each worker process reports, per service, its slots, the jobs it holds and
+/// its recent mean run time ([`crate::WorkerReport`] per `<service>.<instance>`; entries expire a
+/// minute after their last report), from which the gateway estimates a queued job's ETA.
+pub const WORKERS_BUCKET: &str = "atelier_workers";
 /// KV bucket of job webhooks (a week): per job id, the callback URL and its delivery log
 /// ([`crate::http::WebhookLog`]).
 pub const WEBHOOKS_BUCKET: &str = "atelier_webhooks";

@@ -63,6 +63,8 @@ fn asyncapi_covers_every_service_subject() {
     for s in atelier_contracts::Service::ALL {
         for subj in [
             s.request_subject(),
+            s.request_subject_for(atelier_contracts::Priority::High),
+            s.request_subject_for(atelier_contracts::Priority::Low),
             s.done_subject(),
             s.failed_subject(),
             s.progress_subject(),

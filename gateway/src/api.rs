@@ -75,6 +75,8 @@ pub struct AppState {
     pub webhooks: kv::Store,
     /// Signs webhooks; none: the gateway refuses `Atelier-Webhook`.
     pub webhook_secret: Option<Arc<str>>,
+    /// Per API key name, the webhook of the jobs it creates without one of their own.
+    pub key_webhooks: Arc<std::collections::HashMap<String, String>>,
 }
 
 impl AppState {
@@ -101,6 +103,7 @@ impl AppState {
             a1111: Arc::default(),
             webhooks,
             webhook_secret: None,
+            key_webhooks: Default::default(),
         })
     }
 
@@ -132,7 +135,8 @@ pub fn router(app: AppState, auth: Arc<Auth>) -> Router {
         .route_layer(middleware::from_fn_with_state(
             app.clone(),
             crate::webhooks::middleware,
-        ));
+        ))
+        .route_layer(middleware::from_fn(crate::priority::middleware));
     let v1 = Router::new()
         .merge(creating)
         .route("/v1/jobs", get(crate::jobs::list))
@@ -140,8 +144,16 @@ pub fn router(app: AppState, auth: Arc<Auth>) -> Router {
         .route("/v1/jobs/{id}/events", get(job_events))
         .route("/v1/jobs/{id}/webhook", get(crate::webhooks::get_log))
         .route("/v1/uploads", post(upload))
-        .route("/sdapi/v1/txt2img", post(crate::a1111::txt2img))
-        .route("/sdapi/v1/img2img", post(crate::a1111::img2img))
+        .route(
+            "/sdapi/v1/txt2img",
+            post(crate::a1111::txt2img)
+                .route_layer(middleware::from_fn(crate::priority::middleware)),
+        )
+        .route(
+            "/sdapi/v1/img2img",
+            post(crate::a1111::img2img)
+                .route_layer(middleware::from_fn(crate::priority::middleware)),
+        )
         .route("/sdapi/v1/samplers", get(crate::a1111::samplers))
         .route("/sdapi/v1/sd-models", get(crate::a1111::sd_models))
         .route(
@@ -557,9 +569,11 @@ pub(crate) async fn queue(
         id: crate::idempotency::preset_job_id().unwrap_or_default(),
         submitted_at: chrono::Utc::now(),
         submitted_by: Some(caller.name.clone()),
+        priority: crate::priority::current(),
         spec,
     };
-    if let Some(url) = crate::webhooks::take_url() {
+    let key_hook = || app.key_webhooks.get(&caller.name).cloned();
+    if let Some(url) = crate::webhooks::take_url().or_else(key_hook) {
         crate::webhooks::register(app, request.id, url).await?;
     }
     let record = atelier_kit::worker::enqueue(&app.bus, &app.states, &request)
@@ -699,9 +713,19 @@ pub async fn get_job(
     bus_ready(&app)?;
     let id = parse_job_id(&id)?;
     match app.states.get(id).await? {
-        Some((r, _)) => Ok(Json(r)),
+        Some((r, _)) => Ok(Json(with_place(&app, r).await)),
         None => Err(ApiError::not_found("job_not_found", format!("no job {id}"))),
     }
+}
+
+/// A queued job's record with its place in the queue (left out if it cannot be worked out now:
+/// the record is still worth answering with).
+pub(crate) async fn with_place(app: &AppState, mut record: JobRecord) -> JobRecord {
+    match atelier_kit::queue::place(&app.bus, &record).await {
+        Ok(place) => record.queue = place,
+        Err(e) => tracing::debug!(job = %record.id, error = %format!("{e:#}"), "no queue place"),
+    }
+    record
 }
 
 /// Cancel a job. Queued jobs never start; running ones see the cancellation within a second.
@@ -780,24 +804,53 @@ pub async fn job_events(
     let shutdown = app.shutdown.clone();
     let stream = async_stream::stream! {
         let mut watch = std::pin::pin!(watch.take_until(shutdown.cancelled_owned()));
-        while let Some(item) = watch.next().await {
+        // While the job is queued, its record is sent again with a new `queue` place whenever the
+        // place changes (looked at every QUEUE_EVERY).
+        let mut queued: Option<JobRecord> = None;
+        loop {
+            let item = tokio::select! {
+                item = watch.next() => item,
+                _ = tokio::time::sleep(QUEUE_EVERY), if queued.is_some() => {
+                    let Some(last) = queued.take() else { continue };
+                    let before = last.queue.clone();
+                    let record = with_place(&app, last).await;
+                    if record.queue != before {
+                        yield Ok(job_event(&record));
+                    }
+                    queued = Some(record);
+                    continue;
+                }
+            };
             match item {
-                Ok(record) => {
+                Some(Ok(record)) => {
+                    let record = with_place(&app, record).await;
                     let done = record.state.is_terminal();
-                    let event = Event::default().event("job").id(record.updated_at.to_rfc3339());
-                    yield Ok(event.json_data(&record).unwrap_or_else(|_| Event::default().comment("unencodable")));
+                    yield Ok(job_event(&record));
+                    queued = (record.state == JobState::Queued).then_some(record);
                     if done {
                         break;
                     }
                 }
-                Err(e) => {
+                Some(Err(e)) => {
                     yield Ok(Event::default().event("error").data(e.to_string()));
                     break;
                 }
+                None => break,
             }
         }
     };
     Ok(Sse::new(stream).keep_alive(KeepAlive::new().interval(Duration::from_secs(15))))
+}
+
+/// How often an event stream looks at a queued job's place.
+const QUEUE_EVERY: Duration = Duration::from_secs(2);
+
+fn job_event(record: &JobRecord) -> Event {
+    Event::default()
+        .event("job")
+        .id(record.updated_at.to_rfc3339())
+        .json_data(record)
+        .unwrap_or_else(|_| Event::default().comment("unencodable"))
 }
 
 /// Upload an artifact (any bytes; `Content-Type` is recorded). Stored content-addressed: the same

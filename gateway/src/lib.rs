@@ -20,6 +20,7 @@ pub mod error;
 pub mod idempotency;
 pub mod infotext;
 pub mod jobs;
+pub mod priority;
 pub mod retrieval;
 pub mod train;
 pub mod webhooks;
@@ -47,6 +48,14 @@ pub struct GatewayArgs {
     /// environment only (`ATELIER_WEBHOOK_SECRET`), never argv, where `ps` shows it.
     #[arg(skip = std::env::var("ATELIER_WEBHOOK_SECRET").ok().filter(|s| !s.is_empty()))]
     pub webhook_secret: Option<String>,
+    /// A webhook per API key, as NAME=URL (comma-separated): every job that key creates without
+    /// an `Atelier-Webhook` header of its own is announced there. Needs ATELIER_WEBHOOK_SECRET.
+    #[arg(
+        long = "key-webhook",
+        env = "ATELIER_KEY_WEBHOOKS",
+        value_delimiter = ','
+    )]
+    pub key_webhooks: Vec<String>,
     /// Serve without authentication. Only allowed on loopback addresses.
     #[arg(long = "insecure-no-auth", env = "ATELIER_INSECURE_NO_AUTH")]
     pub insecure_no_auth: bool,
@@ -110,6 +119,7 @@ impl Default for GatewayArgs {
             addr: SocketAddr::from(([127, 0, 0, 1], 7860)),
             api_keys: Vec::new(),
             webhook_secret: None,
+            key_webhooks: Vec::new(),
             insecure_no_auth: false,
             rate_limit: 200.0,
             rate_burst: 400.0,
@@ -188,6 +198,10 @@ pub async fn serve(
     );
     let mut app = app;
     app.webhook_secret = args.webhook_secret.clone().map(Into::into);
+    app.key_webhooks = Arc::new(webhooks::key_webhooks(
+        &args.key_webhooks,
+        app.webhook_secret.is_some(),
+    )?);
     webhooks::spawn_deliverer(app.clone(), shutdown.clone());
     let limits = args.conn_limits();
     let router = conn::with_body_timeout(api::router(app, auth), limits);

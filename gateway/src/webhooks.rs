@@ -51,6 +51,28 @@ fn check_url(raw: &str) -> Result<String, String> {
     Ok(url.to_string())
 }
 
+/// The per-key webhooks (`NAME=URL` entries), checked: an error names the entry at fault.
+pub fn key_webhooks(
+    entries: &[String],
+    have_secret: bool,
+) -> anyhow::Result<std::collections::HashMap<String, String>> {
+    let mut out = std::collections::HashMap::new();
+    for entry in entries.iter().map(|e| e.trim()).filter(|e| !e.is_empty()) {
+        let Some((name, url)) = entry.split_once('=') else {
+            anyhow::bail!("--key-webhook {entry:?} must be NAME=URL");
+        };
+        if !have_secret {
+            anyhow::bail!(
+                "--key-webhook {name}: webhooks are signed; set ATELIER_WEBHOOK_SECRET in the gateway's environment"
+            );
+        }
+        let url =
+            check_url(url.trim()).map_err(|e| anyhow::anyhow!("--key-webhook {name}: {e}"))?;
+        out.insert(name.trim().to_owned(), url);
+    }
+    Ok(out)
+}
+
 /// On the routes that create a job: reads and checks `Atelier-Webhook` before the handler runs.
 pub async fn middleware(State(app): State<AppState>, req: Request, next: Next) -> Response {
     let Some(value) = req.headers().get(HEADER) else {

@@ -52,6 +52,7 @@ fn request() -> JobRequest {
         id: JobId::new(),
         submitted_at: chrono::Utc::now(),
         submitted_by: None,
+        priority: Default::default(),
         spec: JobSpec::Checksum(ChecksumSpec {
             input: "sha256/00/noop".into(),
             expected_sha256: None,

@@ -40,6 +40,16 @@ with Client(base) as c:
     ids = [j["id"] for j in c.iter_jobs(kind="checksum", limit=1)]
     assert ids[:2] == [other["id"], first["id"]], ids
 
+    with Client(base, priority="high") as hc:
+        urgent = hc.wait(hc.submit(spec)["id"], timeout=60)
+        assert urgent["priority"] == "high" and urgent["state"] == "succeeded", urgent
+    with Client(base, priority="urgent") as bad:
+        try:
+            bad.submit(spec)
+            raise AssertionError("an unknown priority was accepted")
+        except AtelierError as e:
+            assert e.status == 422 and e.code == "invalid_priority", e
+
     for i, (call, code) in enumerate([
         (lambda: c.cancel(first["id"]), "job_finished"),
         (lambda: c.job("not-a-job"), None),

@@ -202,7 +202,9 @@ fn compose_k8s_and_dockerfiles_reference_what_exists() {
     }
     let consumers: Vec<(String, String)> = Service::ALL
         .iter()
-        .map(|s| (s.request_stream(), s.consumer()))
+        .flat_map(|s| {
+            atelier_contracts::Priority::ORDER.map(|p| (s.request_stream_for(p), s.consumer_for(p)))
+        })
         .chain([(
             atelier_contracts::subjects::IMAGES_STREAM.to_string(),
             Service::Ingest.consumer(),
@@ -215,16 +217,28 @@ fn compose_k8s_and_dockerfiles_reference_what_exists() {
             deployments.contains(target),
             "ScaledObject targets unknown Deployment {target}"
         );
-        let t = &so["spec"]["triggers"][0];
-        assert_eq!(t["type"], "nats-jetstream");
-        let pair = (
-            t["metadata"]["stream"].as_str().unwrap().to_string(),
-            t["metadata"]["consumer"].as_str().unwrap().to_string(),
-        );
-        assert!(
-            consumers.contains(&pair),
-            "ScaledObject {target} watches {pair:?}, which the code does not declare"
-        );
+        let triggers = so["spec"]["triggers"].as_sequence().unwrap();
+        let mut streams = Vec::new();
+        for t in triggers {
+            assert_eq!(t["type"], "nats-jetstream");
+            let pair = (
+                t["metadata"]["stream"].as_str().unwrap().to_string(),
+                t["metadata"]["consumer"].as_str().unwrap().to_string(),
+            );
+            assert!(
+                consumers.contains(&pair),
+                "ScaledObject {target} watches {pair:?}, which the code does not declare"
+            );
+            streams.push(pair.0);
+        }
+        // A service with a queue scales on all three of its priority queues.
+        if streams[0].starts_with("ATELIER_REQ_") {
+            let want: Vec<String> = ["", "_HIGH", "_LOW"]
+                .iter()
+                .map(|lane| format!("{}{lane}", streams[0]))
+                .collect();
+            assert_eq!(streams, want, "ScaledObject {target}");
+        }
     }
     for d in &deployments {
         assert!(bins.contains(d), "Deployment {d} has no binary");
@@ -311,6 +325,7 @@ async fn per_service_nats_permissions_allow_the_work_and_nothing_else() {
         id,
         submitted_at: chrono_now(),
         submitted_by: Some("publisher".into()),
+        priority: Default::default(),
         spec: JobSpec::Checksum(ChecksumSpec {
             input: input.key.clone(),
             expected_sha256: Some(input.sha256.clone()),
@@ -474,6 +489,7 @@ async fn per_service_nats_permissions_allow_the_work_and_nothing_else() {
             id,
             submitted_at: chrono_now(),
             submitted_by: Some("publisher".into()),
+            priority: Default::default(),
             spec,
         };
         pjs.publish(

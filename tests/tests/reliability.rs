@@ -304,6 +304,7 @@ async fn poison_messages_are_dead_lettered() {
         id: JobId::new(),
         submitted_at: chrono::Utc::now(),
         submitted_by: None,
+        priority: Default::default(),
         spec: serde_json::from_value(serde_json::json!({"kind": "caption", "dataset": "d"}))
             .unwrap(),
     };
@@ -922,14 +923,6 @@ async fn sigterm_drains_in_flight_jobs() {
     let mut c = Cluster::start(shared_s3_store(30)).await.unwrap();
     let shutdown = CancellationToken::new();
     let client = c.open_gateway(&shutdown).await;
-    c.spawn_service(
-        "atelier-checksum",
-        &[
-            ("ATELIER_ACK_WAIT_SECS", "30".into()),
-            ("ATELIER_CONCURRENCY", "4".into()),
-        ],
-    )
-    .unwrap();
     let mut ids = Vec::new();
     for i in 0..8u64 {
         let a = client
@@ -939,6 +932,16 @@ async fn sigterm_drains_in_flight_jobs() {
             .artifact;
         ids.push(client.submit(&checksum(&a.key)).await.unwrap().id);
     }
+    // Started once every job is queued, so it holds several when it is stopped (a worker
+    // running beside the uploads could finish each job before this test saw it running).
+    c.spawn_service(
+        "atelier-checksum",
+        &[
+            ("ATELIER_ACK_WAIT_SECS", "30".into()),
+            ("ATELIER_CONCURRENCY", "4".into()),
+        ],
+    )
+    .unwrap();
     // Wait until it holds jobs, then ask it to stop.
     let deadline = std::time::Instant::now() + Duration::from_secs(20);
     loop {
@@ -1316,6 +1319,7 @@ async fn jobs_left_in_the_outbox_run_exactly_once() {
         id: JobId::new(),
         submitted_at: chrono::Utc::now(),
         submitted_by: Some("drill".into()),
+        priority: Default::default(),
         spec,
     };
     let outbox = c.bus.outbox().await.unwrap();

@@ -141,3 +141,91 @@ async fn webhooks_are_signed_retried_and_logged() {
     shutdown.cancel();
     c.stop_services(libc::SIGTERM, Duration::from_secs(10));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_keys_webhook_announces_every_job_it_creates() {
+    let mut c = Cluster::local().await.unwrap();
+    c.spawn_service("atelier-checksum", &[]).unwrap();
+    let seen: Seen = Arc::default();
+    let hooks = receiver(seen.clone()).await;
+    let shutdown = CancellationToken::new();
+    let (ci_key, ci) = atelier_gateway::auth::generate_key("ci", "*").unwrap();
+    let (other_key, other) = atelier_gateway::auth::generate_key("other", "*").unwrap();
+    // Refused at start: an entry that is not NAME=URL, or any entry without a secret.
+    for (entries, secret) in [
+        (vec!["ci".to_owned()], Some("s3cret")),
+        (vec![format!("ci={hooks}/key")], None),
+        (vec!["ci=ftp://x/y".to_owned()], Some("s3cret")),
+    ] {
+        let args = atelier_gateway::GatewayArgs {
+            webhook_secret: secret.map(Into::into),
+            key_webhooks: entries.clone(),
+            ..Default::default()
+        };
+        let started = c.gateway(vec![ci.clone()], args, shutdown.clone()).await;
+        let err = format!("{:#}", started.expect_err("refused"));
+        assert!(err.contains("--key-webhook"), "{entries:?}: {err}");
+    }
+    let args = atelier_gateway::GatewayArgs {
+        webhook_secret: Some("s3cret".into()),
+        key_webhooks: vec![format!("ci={hooks}/key")],
+        ..Default::default()
+    };
+    let base = c
+        .gateway(vec![ci, other], args, shutdown.clone())
+        .await
+        .unwrap();
+    let as_ci = atelier_client::Client::new(&base, Some(ci_key.clone())).unwrap();
+    let as_other = atelier_client::Client::new(&base, Some(other_key)).unwrap();
+    let input = as_ci
+        .upload(bytes_of(4, 500), "application/octet-stream")
+        .await
+        .unwrap()
+        .artifact
+        .key
+        .to_string();
+    let spec = atelier_contracts::JobSpec::Checksum(atelier_contracts::ChecksumSpec {
+        input,
+        expected_sha256: None,
+    });
+    let by_ci = as_ci.submit(&spec).await.unwrap().id;
+    let by_other = as_other.submit(&spec).await.unwrap().id;
+    // A header of its own wins over the key's.
+    let own: serde_json::Value = reqwest::Client::new()
+        .post(format!("{base}/v1/jobs"))
+        .bearer_auth(&ci_key)
+        .header("Atelier-Webhook", format!("{hooks}/own"))
+        .json(&serde_json::json!({"schema_version": 1, "spec": spec}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    c.wait_terminal(&[by_ci, by_other], Duration::from_secs(60))
+        .await
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while seen.lock().unwrap().len() < 2 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let seen = seen.lock().unwrap().clone();
+    let mut got: Vec<(String, String)> = seen
+        .iter()
+        .map(|(path, headers, body)| {
+            assert!(signed_by("s3cret", headers, body));
+            let v: serde_json::Value = serde_json::from_slice(body).unwrap();
+            (path.clone(), v["job"]["id"].as_str().unwrap().to_owned())
+        })
+        .collect();
+    got.sort();
+    let mut want = vec![
+        ("key".to_owned(), by_ci.to_string()),
+        ("own".to_owned(), own["id"].as_str().unwrap().to_owned()),
+    ];
+    want.sort();
+    assert_eq!(got, want, "the other key's job has no webhook");
+    shutdown.cancel();
+    c.stop_services(libc::SIGTERM, Duration::from_secs(10));
+}

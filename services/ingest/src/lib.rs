@@ -35,9 +35,11 @@ pub mod samples;
 pub fn consumer_spec(args: WorkerArgs) -> ConsumerSpec {
     ConsumerSpec {
         service: Service::Ingest,
-        stream: IMAGES_STREAM.into(),
-        durable: Service::Ingest.consumer(),
-        filter_subject: IMAGES_INGESTED.into(),
+        lanes: vec![atelier_kit::consumer::Lane {
+            stream: IMAGES_STREAM.into(),
+            durable: Service::Ingest.consumer(),
+            filter_subject: IMAGES_INGESTED.into(),
+        }],
         batch_size: 1,
         args,
     }

@@ -1,7 +1,8 @@
 //! The NATS connection and the JetStream topology every atelier process agrees on.
 //!
 //! Topology (created idempotently by [`Bus::ensure_topology`]; any process may call it):
-//! - `ATELIER_REQ_<SERVICE>`: work-queue stream on `atelier.v1.<service>.request`, file storage, a
+//! - `ATELIER_REQ_<SERVICE>` (and `_HIGH`, `_LOW`): work-queue streams on `atelier.v1.<service>.request`
+//!   (`.request.high`, `.request.low`), file storage, a
 //!   duplicate window so a resubmitted job id is dropped by the server.
 //! - `ATELIER_EVENTS`: progress/done/failed events of every service (limits retention, 7 days).
 //! - `ATELIER_DLQ`: dead letters (30 days). `ATELIER_IMAGES`: `atelier.v1.images.ingested` (30 days).
@@ -16,6 +17,7 @@ use std::time::Duration;
 use anyhow::Context as _;
 use async_nats::jetstream::{self, kv, stream};
 use atelier_contracts::subjects::{self, Service};
+use atelier_contracts::Priority;
 
 use crate::config::NatsArgs;
 use crate::kv::Kv;
@@ -100,10 +102,13 @@ impl Bus {
 
     /// Declares every stream and bucket. Safe to call from every process at start.
     pub async fn ensure_topology(&self) -> anyhow::Result<()> {
-        for s in Service::ALL {
+        for (s, p) in Service::ALL
+            .into_iter()
+            .flat_map(|s| Priority::ORDER.map(|p| (s, p)))
+        {
             self.ensure_stream(stream::Config {
-                name: s.request_stream(),
-                subjects: vec![s.request_subject()],
+                name: s.request_stream_for(p),
+                subjects: vec![s.request_subject_for(p)],
                 retention: stream::RetentionPolicy::WorkQueue,
                 storage: stream::StorageType::File,
                 duplicate_window: DUPLICATE_WINDOW,
@@ -160,6 +165,7 @@ impl Bus {
             )
             .await?,
             self.kv(subjects::LIMITS_BUCKET, 1, Duration::ZERO).await?,
+            self.workers_kv().await?,
             self.kv(
                 subjects::BATCHES_BUCKET,
                 1,
@@ -229,6 +235,12 @@ impl Bus {
                     .with_context(|| format!("opening KV bucket {bucket}")),
             },
         }
+    }
+
+    /// Worker reports ([`crate::queue`]): an entry lives a minute after its last write.
+    pub async fn workers_kv(&self) -> anyhow::Result<kv::Store> {
+        self.kv(subjects::WORKERS_BUCKET, 1, crate::queue::REPORT_TTL)
+            .await
     }
 
     pub async fn jobs_kv(&self) -> anyhow::Result<kv::Store> {

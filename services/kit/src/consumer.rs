@@ -18,10 +18,11 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
+use anyhow::Context as _;
 use async_nats::jetstream::consumer::{pull, AckPolicy};
 use async_nats::jetstream::{self, AckKind};
-use atelier_contracts::{DeadLetter, ErrorInfo, JobId, Service, SCHEMA_VERSION};
-use futures::StreamExt;
+use atelier_contracts::{DeadLetter, ErrorInfo, JobId, Priority, Service, SCHEMA_VERSION};
+use futures::{FutureExt as _, StreamExt};
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
@@ -30,25 +31,37 @@ use crate::config::WorkerArgs;
 use crate::telemetry::{Metrics, ServiceLabel};
 use crate::Bus;
 
-/// Which stream and durable a loop consumes.
+/// One durable a loop consumes: a stream and the subject it takes from it.
 #[derive(Debug, Clone)]
-pub struct ConsumerSpec {
-    pub service: Service,
+pub struct Lane {
     pub stream: String,
     pub durable: String,
     pub filter_subject: String,
+}
+
+/// Which durables a loop consumes, in the order it takes from them.
+#[derive(Debug, Clone)]
+pub struct ConsumerSpec {
+    pub service: Service,
+    /// With more than one, the loop takes nothing from a lane while an earlier one has messages.
+    pub lanes: Vec<Lane>,
     pub batch_size: usize,
     pub args: WorkerArgs,
 }
 
 impl ConsumerSpec {
-    /// The work queue of a service.
+    /// The work queues of a service: high, normal, low priority.
     pub fn requests(service: Service, batch_size: usize, args: WorkerArgs) -> Self {
+        let lanes = Priority::ORDER
+            .map(|p| Lane {
+                stream: service.request_stream_for(p),
+                durable: service.consumer_for(p),
+                filter_subject: service.request_subject_for(p),
+            })
+            .to_vec();
         Self {
             service,
-            stream: service.request_stream(),
-            durable: service.consumer(),
-            filter_subject: service.request_subject(),
+            lanes,
             batch_size: batch_size.max(1),
             args,
         }
@@ -122,36 +135,47 @@ pub trait Processor: Send + Sync + 'static {
     }
 }
 
-/// Binds the durable consumer, creating it or updating its settings (`ack_wait`,
+/// Binds a lane's durable consumer, creating it or updating its settings (`ack_wait`,
 /// `max_ack_pending`) to this process's; with replicas configured differently, the last started wins.
 pub async fn bind(
     bus: &Bus,
     spec: &ConsumerSpec,
+    lane: &Lane,
 ) -> anyhow::Result<jetstream::consumer::Consumer<pull::Config>> {
-    let stream = bus.js.get_stream(&spec.stream).await.map_err(|e| {
+    let stream = bus.js.get_stream(&lane.stream).await.map_err(|e| {
         anyhow::anyhow!(
             "stream {} is missing ({e}); was the topology declared?",
-            spec.stream
+            lane.stream
         )
     })?;
     let consumer = stream
         .create_consumer(pull::Config {
-            durable_name: Some(spec.durable.clone()),
+            durable_name: Some(lane.durable.clone()),
             ack_policy: AckPolicy::Explicit,
             ack_wait: spec.args.ack_wait(),
             // Unlimited on the server: the loop enforces `max_deliver` so nothing is dropped
             // without a dead letter.
             max_deliver: -1,
             max_ack_pending: spec.args.max_ack_pending,
-            filter_subject: spec.filter_subject.clone(),
+            filter_subject: lane.filter_subject.clone(),
             ..Default::default()
         })
         .await
         .map_err(|e| {
-            anyhow::anyhow!("binding consumer {} on {}: {e}", spec.durable, spec.stream)
+            anyhow::anyhow!("binding consumer {} on {}: {e}", lane.durable, lane.stream)
         })?;
     Ok(consumer)
 }
+
+async fn bind_all(bus: &Bus, spec: &ConsumerSpec) -> anyhow::Result<Vec<PullConsumer>> {
+    let mut out = Vec::with_capacity(spec.lanes.len());
+    for lane in &spec.lanes {
+        out.push(bind(bus, spec, lane).await?);
+    }
+    Ok(out)
+}
+
+type PullConsumer = jetstream::consumer::Consumer<pull::Config>;
 
 /// Runs the loop until `shutdown`, then drains. Errors only if the consumer cannot be bound.
 pub async fn run<P: Processor>(
@@ -161,7 +185,12 @@ pub async fn run<P: Processor>(
     metrics: Arc<Metrics>,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
-    let mut consumer = bind(&bus, &spec).await?;
+    let mut consumers = bind_all(&bus, &spec).await?;
+    let mut wake = match spec.lanes.len() {
+        0 => anyhow::bail!("consumer of {} has no lanes", spec.service),
+        1 => None,
+        _ => Some(Wake::subscribe(&bus, &spec).await?),
+    };
     // Fetches in a row that failed; a few mean the consumer may be gone (a JetStream that lost
     // its state, a stream recreated), so it is bound again.
     let mut failures = 0u32;
@@ -172,8 +201,8 @@ pub async fn run<P: Processor>(
         service: spec.service.name().into(),
     };
     tracing::info!(
-        service = %spec.service, consumer = %spec.durable, concurrency, batch = spec.batch_size,
-        "consuming"
+        service = %spec.service, lanes = spec.lanes.len(), consumer = %spec.lanes[0].durable,
+        concurrency, batch = spec.batch_size, "consuming"
     );
     'outer: loop {
         while let Some(done) = tasks.try_join_next() {
@@ -192,22 +221,18 @@ pub async fn run<P: Processor>(
         }
         let want = permits.len() * spec.batch_size;
         // With the bus down the fetch request waits for its timeout: shutdown must not.
-        let batch = tokio::select! {
+        let fetched = tokio::select! {
             _ = shutdown.cancelled() => break 'outer,
-            b = consumer
-                .batch()
-                .max_messages(want)
-                .expires(Duration::from_millis(1000))
-                .messages() => b,
+            b = fetch(&consumers, want, wake.as_mut()) => b,
         };
-        let mut messages = match batch {
+        let mut messages = match fetched {
             Ok(m) => m,
             Err(e) => {
                 metrics.fetch_errors.get_or_create(&label).inc();
                 tracing::warn!(error = %e, "fetch failed; retrying");
                 drop(permits);
                 failures += 1;
-                rebind_after_failures(&bus, &spec, &mut consumer, &mut failures).await;
+                rebind_after_failures(&bus, &spec, &mut consumers, &mut failures).await;
                 tokio::select! {
                     _ = shutdown.cancelled() => break 'outer,
                     _ = tokio::time::sleep(Duration::from_millis(500)) => continue,
@@ -239,7 +264,7 @@ pub async fn run<P: Processor>(
                 spawn_batch(&mut tasks, &bus, &spec, &processor, &metrics, batch, permit);
             }
         }
-        rebind_after_failures(&bus, &spec, &mut consumer, &mut failures).await;
+        rebind_after_failures(&bus, &spec, &mut consumers, &mut failures).await;
         if !pending.is_empty() {
             let permit = match permits.pop() {
                 Some(p) => p,
@@ -261,24 +286,134 @@ pub async fn run<P: Processor>(
     Ok(())
 }
 
-/// After [`REBIND_AFTER`] failed fetches in a row, binds the consumer again (creating it if it
-/// is gone; its stream must exist). Errors are logged: the loop keeps trying.
+type Fetched = futures::stream::BoxStream<'static, Result<jetstream::Message, anyhow::Error>>;
+
+/// Up to `want` messages. One lane: a pull request open for a second, its messages handed on as
+/// they arrive. Several: the first lane (in priority order) that has messages now gives them;
+/// when none has, the loop waits for a publish on any lane's subject ([`Wake`]) and looks again.
+async fn fetch(
+    consumers: &[PullConsumer],
+    want: usize,
+    wake: Option<&mut Wake>,
+) -> anyhow::Result<Fetched> {
+    let Some(wake) = wake else {
+        let one = consumers.first().context("no consumer")?;
+        let batch = one
+            .batch()
+            .max_messages(want)
+            .expires(Duration::from_millis(1000))
+            .messages()
+            .await?;
+        return Ok(batch.map(|m| m.map_err(|e| anyhow::anyhow!(e))).boxed());
+    };
+    let mut woken = false;
+    for attempt in 0u32.. {
+        wake.drain();
+        for c in consumers {
+            let taken = take_now(c, want).await?;
+            if !taken.is_empty() {
+                return Ok(futures::stream::iter(taken.into_iter().map(Ok)).boxed());
+            }
+        }
+        // A publish reaches its subscribers a moment before its stream has stored it: after a
+        // wake, look again shortly before going back to waiting.
+        let wait = if woken && attempt < 4 {
+            Duration::from_millis(5 << attempt)
+        } else {
+            IDLE_POLL
+        };
+        woken = tokio::select! {
+            _ = wake.next() => true,
+            _ = tokio::time::sleep(wait) => woken && attempt < 4,
+        };
+    }
+    unreachable!("the loop above returns")
+}
+
+/// With several lanes, how long the loop waits without a publish before looking again (a
+/// message retried after a backoff is not published again).
+const IDLE_POLL: Duration = Duration::from_millis(250);
+
+/// The messages `consumer` has ready now, up to `want` (a no-wait pull). The server keeps a
+/// no-wait pull open while the consumer has messages it may not deliver yet (`max_ack_pending`
+/// reached): waiting for those would hold the messages already taken, unprocessed, so the pull is
+/// given up after a short wait (dropping it removes its interest; the server then forgets it).
+async fn take_now(consumer: &PullConsumer, want: usize) -> anyhow::Result<Vec<jetstream::Message>> {
+    let mut batch = consumer.fetch().max_messages(want).messages().await?;
+    let mut taken = Vec::new();
+    loop {
+        let wait = if taken.is_empty() {
+            FIRST_WAIT
+        } else {
+            NEXT_WAIT
+        };
+        let Ok(next) = tokio::time::timeout(wait, batch.next()).await else {
+            break;
+        };
+        match next {
+            None => break,
+            Some(Ok(m)) => taken.push(m),
+            // What was delivered before the error is processed; the rest is fetched again.
+            Some(Err(e)) if !taken.is_empty() => {
+                tracing::debug!(error = %e, "fetch ended with an error");
+                break;
+            }
+            Some(Err(e)) => return Err(anyhow::anyhow!(e)),
+        }
+    }
+    Ok(taken)
+}
+
+/// How long a no-wait pull may take to answer at all, and then between messages.
+const FIRST_WAIT: Duration = Duration::from_millis(250);
+const NEXT_WAIT: Duration = Duration::from_millis(25);
+
+/// Core-NATS subscriptions to every lane's subject: a publish on any lane wakes a loop that
+/// found every lane empty (JetStream has no pull request spanning several consumers).
+struct Wake {
+    subs: futures::stream::SelectAll<async_nats::Subscriber>,
+}
+
+impl Wake {
+    async fn subscribe(bus: &Bus, spec: &ConsumerSpec) -> anyhow::Result<Self> {
+        let mut subs = futures::stream::SelectAll::new();
+        for lane in &spec.lanes {
+            subs.push(bus.client.subscribe(lane.filter_subject.clone()).await?);
+        }
+        Ok(Self { subs })
+    }
+
+    /// Forgets the publishes seen so far (the lanes are about to be looked at).
+    fn drain(&mut self) {
+        while let Some(Some(_)) = self.subs.next().now_or_never() {}
+    }
+
+    async fn next(&mut self) {
+        if self.subs.next().await.is_none() {
+            // Every subscription closed (the connection is gone): fall back to polling.
+            std::future::pending::<()>().await;
+        }
+    }
+}
+
+/// After [`REBIND_AFTER`] failed fetches in a row, binds the consumers again (creating them if
+/// they are gone; their streams must exist). Errors are logged: the loop keeps trying.
 async fn rebind_after_failures(
     bus: &Bus,
     spec: &ConsumerSpec,
-    consumer: &mut jetstream::consumer::Consumer<pull::Config>,
+    consumers: &mut Vec<PullConsumer>,
     failures: &mut u32,
 ) {
     if *failures < REBIND_AFTER {
         return;
     }
     *failures = 0;
-    match bind(bus, spec).await {
+    match bind_all(bus, spec).await {
         Ok(c) => {
-            tracing::info!(consumer = %spec.durable, "bound the consumer again after failed fetches");
-            *consumer = c;
+            tracing::info!(service = %spec.service, "bound the consumers again after failed fetches");
+            *consumers = c;
         }
-        Err(e) => tracing::warn!(error = %e, "binding the consumer again"),
+        Err(e) => tracing::warn!(error = %e, "binding the consumers again"),
     }
 }
 
@@ -415,7 +550,12 @@ async fn dead_letter<P: Processor>(
         at: chrono::Utc::now(),
     };
     // One dead letter per stream message, even if this process dies between publish and term.
-    let msg_id = format!("dlq.{}.{}", spec.stream, d.stream_sequence);
+    let stream = d
+        .msg
+        .info()
+        .map(|i| i.stream.to_owned())
+        .unwrap_or_else(|_| spec.lanes[0].stream.clone());
+    let msg_id = format!("dlq.{stream}.{}", d.stream_sequence);
     match bus
         .publish_json(spec.service.dead_letter_subject(), Some(&msg_id), &letter)
         .await

@@ -29,6 +29,7 @@ pub mod kv;
 pub mod memory;
 pub mod nats_server;
 pub mod outbox;
+pub mod queue;
 pub mod redact;
 pub mod service;
 pub mod shutdown;

@@ -65,7 +65,11 @@ pub async fn reconcile(
         let id = p.request.id;
         match states.get(id).await? {
             Some((record, revision)) if record.state == JobState::Queued => {
-                let subject = p.request.spec.service().request_subject();
+                let subject = p
+                    .request
+                    .spec
+                    .service()
+                    .request_subject_for(p.request.priority);
                 let headers = [(crate::worker::RECORD_REVISION_HEADER, revision.to_string())];
                 bus.publish_json_with(subject, Some(&id.to_string()), &headers, &p.request)
                     .await?;

@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 
 use atelier_contracts::{
     ErrorInfo, JobDone, JobFailed, JobId, JobOutput, JobProgress, JobRecord, JobRequest, JobSpec,
-    JobState, Progress, Service, SCHEMA_VERSION,
+    JobState, Priority, Progress, Service, SCHEMA_VERSION,
 };
 use futures::future::join_all;
 use tokio_util::sync::CancellationToken;
@@ -95,7 +95,7 @@ pub async fn enqueue(
     // A failed create may still have been written (an acknowledgement lost to a restart): the
     // outbox entry stays, and the reconciler publishes the job if it turns out to be recorded.
     let revision = states.create(&record).await?;
-    let subject = request.spec.service().request_subject();
+    let subject = request.spec.service().request_subject_for(request.priority);
     let headers = [(RECORD_REVISION_HEADER, revision.to_string())];
     let published = bus
         .publish_json_with(subject, Some(&key), &headers, request)
@@ -161,6 +161,8 @@ pub struct JobCtx {
     /// 1 on the first attempt.
     pub attempt: u64,
     pub service: Service,
+    /// The queue the job came from; jobs it queues go to the same one.
+    pub priority: Priority,
     store: Store,
     bus: Bus,
     states: JobStates,
@@ -191,6 +193,7 @@ impl JobCtx {
             id,
             submitted_at: chrono::Utc::now(),
             submitted_by: Some(format!("{}:{}", self.service.name(), self.id)),
+            priority: self.priority,
             spec,
         };
         match enqueue(&self.bus, &self.states, &req).await {
@@ -259,6 +262,7 @@ impl JobCtx {
             id: JobId::new(),
             submitted_at: chrono::Utc::now(),
             submitted_by: Some(format!("{}:{}", self.service.name(), self.id)),
+            priority: self.priority,
             spec,
         };
         enqueue(&self.bus, &self.states, &req)
@@ -434,20 +438,30 @@ impl<H: Handler> Worker<H> {
         );
         let bus = self.bus.clone();
         let metrics = self.metrics.clone();
-        consumer::run(
-            bus,
-            spec,
-            Arc::new(Prepared { worker: self, args }),
-            metrics,
-            shutdown,
-        )
-        .await
+        let load = Arc::new(crate::queue::Load::default());
+        let slots = (args.concurrency.max(1) * spec.batch_size) as u64;
+        crate::queue::spawn_reporter(
+            bus.clone(),
+            spec.service,
+            self.instance.clone(),
+            slots,
+            load.clone(),
+            shutdown.clone(),
+        );
+        let prepared = Prepared {
+            worker: self,
+            args,
+            load,
+        };
+        consumer::run(bus, spec, Arc::new(prepared), metrics, shutdown).await
     }
 }
 
 struct Prepared<H: Handler> {
     worker: Worker<H>,
     args: WorkerArgs,
+    /// What this process runs, reported for queue ETAs.
+    load: Arc<crate::queue::Load>,
 }
 
 /// What step 1–3 decided for one delivery.
@@ -482,7 +496,7 @@ impl<H: Handler> Prepared<H> {
 
     async fn plan(&self, d: &Delivery) -> Plan {
         let w = &self.worker;
-        let request: JobRequest = match serde_json::from_slice(d.payload()) {
+        let mut request: JobRequest = match serde_json::from_slice(d.payload()) {
             Ok(r) => r,
             Err(e) => {
                 let job_id = job_id_in(d.payload());
@@ -496,6 +510,8 @@ impl<H: Handler> Prepared<H> {
             }
         };
         let id = request.id;
+        // The queue it was taken from, whatever its publisher wrote in it.
+        request.priority = atelier_contracts::subjects::priority_of(&d.msg.subject);
         if request.schema_version != SCHEMA_VERSION || request.spec.service() != self.service() {
             // Published straight onto the bus, such a job has no record yet: give it one, so
             // that failing it below leaves the reason where its publisher looks.
@@ -607,6 +623,7 @@ impl<H: Handler> Prepared<H> {
             id,
             attempt: attempt.max(record.attempts),
             service: self.service(),
+            priority: request.priority,
             store: w.store.clone(),
             bus: w.bus.clone(),
             states: w.states.clone(),
@@ -852,6 +869,7 @@ impl<H: Handler> Processor for Prepared<H> {
                 }
             })
         };
+        self.load.started(runs.len() as u64);
         let start = Instant::now();
         let jobs: Vec<(JobCtx, JobSpec)> = runs
             .iter()
@@ -865,6 +883,8 @@ impl<H: Handler> Processor for Prepared<H> {
             .get_or_create(&label)
             .dec_by(runs.len() as i64);
         let per_job = elapsed.as_secs_f64() / runs.len() as f64;
+        self.load
+            .finished(runs.len() as u64, Duration::from_secs_f64(per_job));
         let mut results = results.into_iter();
         for (i, ctx, _) in &runs {
             w.metrics.job_seconds.get_or_create(&label).observe(per_job);

@@ -34,10 +34,14 @@ class _Request:
 
 
 class _Base:
-    def __init__(self, base_url: str, api_key: Optional[str], timeout: float, retries: int):
+    def __init__(self, base_url: str, api_key: Optional[str], timeout: float, retries: int,
+                 priority: Optional[str] = None):
         self.base_url = base_url.rstrip("/")
         key = api_key if api_key is not None else os.environ.get("ATELIER_API_KEY")
         self._headers = {"authorization": f"Bearer {key}"} if key else {}
+        if priority:
+            # The queue ("high", "normal", "low") of every job this client creates.
+            self._headers["atelier-priority"] = priority
         self.timeout, self.retries = timeout, retries
 
     @staticmethod
@@ -77,8 +81,8 @@ class Client(_Base):
     """Blocking client. `api_key`: else `ATELIER_API_KEY`; none for a gateway without auth."""
 
     def __init__(self, base_url: str, api_key: Optional[str] = None, *, timeout: float = 60.0,
-                 retries: int = 5):
-        super().__init__(base_url, api_key, timeout, retries)
+                 retries: int = 5, priority: Optional[str] = None):
+        super().__init__(base_url, api_key, timeout, retries, priority)
         self._http = httpx.Client(base_url=self.base_url, headers=self._headers, timeout=timeout)
 
     def __enter__(self) -> "Client":
@@ -196,8 +200,8 @@ class AsyncClient(_Base):
     """`Client`'s calls as coroutines (`events` is an async iterator)."""
 
     def __init__(self, base_url: str, api_key: Optional[str] = None, *, timeout: float = 60.0,
-                 retries: int = 5):
-        super().__init__(base_url, api_key, timeout, retries)
+                 retries: int = 5, priority: Optional[str] = None):
+        super().__init__(base_url, api_key, timeout, retries, priority)
         self._http = httpx.AsyncClient(base_url=self.base_url, headers=self._headers, timeout=timeout)
 
     async def __aenter__(self) -> "AsyncClient":
