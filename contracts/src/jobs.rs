@@ -84,6 +84,8 @@ pub enum JobSpec {
     Augment(Box<AugmentSpec>),
     /// Export a version into the object store, shard by shard (quality-filter).
     Export(crate::dataset::ExportSpec),
+    /// Upscale images with A1111's built-in upscalers (augmenter).
+    Upscale(crate::upscale::UpscaleSpec),
 }
 
 impl JobSpec {
@@ -101,6 +103,7 @@ impl JobSpec {
         "curate",
         "augment",
         "export",
+        "upscale",
     ];
 
     pub fn service(&self) -> Service {
@@ -114,7 +117,7 @@ impl JobSpec {
             }
             JobSpec::Train(_) => Service::Trainer,
             JobSpec::Index(_) | JobSpec::Curate(_) => Service::RetrievalIndexer,
-            JobSpec::Augment(_) => Service::Augmenter,
+            JobSpec::Augment(_) | JobSpec::Upscale(_) => Service::Augmenter,
         }
     }
     pub fn kind(&self) -> &'static str {
@@ -131,6 +134,7 @@ impl JobSpec {
             JobSpec::Curate(_) => "curate",
             JobSpec::Augment(_) => "augment",
             JobSpec::Export(_) => "export",
+            JobSpec::Upscale(_) => "upscale",
         }
     }
 }
@@ -168,6 +172,8 @@ pub enum JobOutput {
     Augmented(AugmentOutput),
     /// Where an export job wrote a version.
     Exported(crate::dataset::ExportOutput),
+    /// The images an upscale job made.
+    Upscaled(crate::upscale::UpscaleOutput),
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema, ToSchema)]

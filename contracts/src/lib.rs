@@ -22,6 +22,7 @@ pub mod schema;
 pub mod subjects;
 pub mod train;
 pub mod typed;
+pub mod upscale;
 
 pub use artifact::{ArtifactKey, ArtifactRef, KeyError};
 pub use augment::{AugmentOutput, AugmentSpec};

@@ -354,7 +354,10 @@ async fn model_of(app: &AppState, req: &Txt2ImgRequest) -> Result<String, ApiErr
 
 /// The image's bytes and header. Pixels are decoded by the worker (under its decode budget); the
 /// gateway reads only the header, checked against the decode limits.
-fn decode_b64_image(field: &str, s: &str) -> Result<(Vec<u8>, atelier_decode::Header), ApiError> {
+pub(crate) fn decode_b64_image(
+    field: &str,
+    s: &str,
+) -> Result<(Vec<u8>, atelier_decode::Header), ApiError> {
     let data = s.split_once(";base64,").map_or(s, |(_, d)| d).trim();
     let bytes = base64::engine::general_purpose::STANDARD
         .decode(data)
@@ -543,7 +546,7 @@ async fn run(
     }))
 }
 
-async fn wait_all(app: &AppState, ids: &[JobId]) -> Result<Vec<JobRecord>, ApiError> {
+pub(crate) async fn wait_all(app: &AppState, ids: &[JobId]) -> Result<Vec<JobRecord>, ApiError> {
     let deadline = Instant::now() + Duration::from_secs(3600);
     loop {
         let mut done = Vec::new();

@@ -318,19 +318,6 @@ not_taken!(
 
 not_taken!(interrogate, "/sdapi/v1/interrogate", "interrogateapi_sdapi_v1_interrogate_post",
     "interrogate is not served yet: caption images through a dataset (POST /v1/jobs with a caption spec, BLIP or an OpenAI-compatible model)");
-not_taken!(
-    extra_single_image,
-    "/sdapi/v1/extra-single-image",
-    "extras_single_image_api_sdapi_v1_extra_single_image_post",
-    "the extras routes do not upscale yet (Lanczos and Nearest serve the hires pass, hr_upscaler)"
-);
-not_taken!(
-    extra_batch_images,
-    "/sdapi/v1/extra-batch-images",
-    "extras_batch_images_api_sdapi_v1_extra_batch_images_post",
-    "the extras routes do not upscale yet (Lanczos and Nearest serve the hires pass, hr_upscaler)"
-);
-
 /// `POST /sdapi/v1/png-info`'s body.
 #[derive(Debug, Deserialize, ToSchema)]
 pub struct PngInfoRequest {

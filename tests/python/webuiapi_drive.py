@@ -176,5 +176,26 @@ check("interrupted image", not isinstance(done[0], Exception) and len(done[0].im
       and done[0].image.size == (64, 64), done[0])
 check("skip (idle)", api.skip() is None)
 api.set_options({"show_progress_every_n_steps": 0})
+# Extras: A1111's built-in upscalers on the augmenter.
+src = Image.new("RGB", (40, 24))
+for x in range(40):
+    for y in range(24):
+        src.putpixel((x, y), (x * 6, y * 10, (x + y) * 4))
+r = api.extra_single_image(image=src, upscaler_1="Lanczos", upscaling_resize=2)
+check("extra_single_image", r.image.size == (80, 48), r.image.size)
+check("extra_single_image info", "Postprocess upscaler: Lanczos" in r.info and r.info.startswith("<p>"), r.info)
+r = api.extra_single_image(image=src, upscaler_1="Nearest", upscaling_resize=2)
+check("extra_single_image nearest", r.image.convert("RGB").getpixel((13, 9)) == src.getpixel((6, 4)), r.image.getpixel((13, 9)))
+r = api.extra_single_image(image=src, resize_mode=1, upscaler_1="Nearest", upscaling_resize_w=64, upscaling_resize_h=64)
+check("extra_single_image to size, cropped", r.image.size == (64, 64), r.image.size)
+r = api.extra_batch_images(images=[src, src.transpose(Image.FLIP_LEFT_RIGHT)], upscaler_1="Lanczos", upscaling_resize=1.5)
+check("extra_batch_images", [i.size for i in r.images] == [(56, 32), (56, 32)], [i.size for i in r.images])
+for bad, field in [(dict(upscaler_1="ESRGAN_4x"), "upscaler"), (dict(upscaler_1="Lanczos", gfpgan_visibility=0.5), "gfpgan_visibility")]:
+    try:
+        api.extra_single_image(image=src, **bad)
+        check(f"extras refuses {field}", False, "accepted")
+    except RuntimeError as e:
+        check(f"extras refuses {field}", e.args[0] == 422 and field in e.args[1], e.args)
+
 names = list(dict.fromkeys(checked))
 print("webuiapi: checked", len(names), ":", ", ".join(names))

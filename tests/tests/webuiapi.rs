@@ -41,7 +41,7 @@ async fn every_webuiapi_method_gets_a1111s_answer() {
         [2, 32],
         serde_json::json!({}),
     );
-    for b in ["atelier-sampler", "atelier-inpainter"] {
+    for b in ["atelier-sampler", "atelier-inpainter", "atelier-augmenter"] {
         c.spawn_service(b, &[("ATELIER_MODELS", models.display().to_string())])
             .unwrap();
     }
