@@ -294,6 +294,32 @@ impl CaptionSpec {
     }
 }
 
+/// Caption one image and answer the caption (A1111's `interrogate`): nothing is stored.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct InterrogateSpec {
+    /// Artifact key of the image.
+    pub image: String,
+    pub backend: CaptionBackend,
+}
+
+impl InterrogateSpec {
+    pub fn check(&self) -> Result<(), String> {
+        crate::ArtifactKey::parse(&self.image)
+            .map(drop)
+            .map_err(|e| format!("image {:?}: {e}", self.image))
+    }
+}
+
+/// The caption an `interrogate` job made.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema, ToSchema)]
+pub struct InterrogateOutput {
+    pub caption: String,
+    pub source: CaptionSource,
+    #[serde(default)]
+    pub usage: TokenUsage,
+}
+
 /// Where a caption came from. Captions are unique per (image, backend, model, prompt).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema, ToSchema)]
 pub struct CaptionSource {

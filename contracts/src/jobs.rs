@@ -86,6 +86,8 @@ pub enum JobSpec {
     Export(crate::dataset::ExportSpec),
     /// Upscale images with A1111's built-in upscalers (augmenter).
     Upscale(crate::upscale::UpscaleSpec),
+    /// Caption one image and answer it (captioner).
+    Interrogate(crate::dataset::InterrogateSpec),
 }
 
 impl JobSpec {
@@ -104,6 +106,7 @@ impl JobSpec {
         "augment",
         "export",
         "upscale",
+        "interrogate",
     ];
 
     pub fn service(&self) -> Service {
@@ -111,7 +114,7 @@ impl JobSpec {
             JobSpec::Checksum(_) => Service::Checksum,
             JobSpec::Txt2img(_) => Service::Sampler,
             JobSpec::Img2img(_) | JobSpec::Inpaint(_) => Service::Inpainter,
-            JobSpec::Caption(_) => Service::Captioner,
+            JobSpec::Caption(_) | JobSpec::Interrogate(_) => Service::Captioner,
             JobSpec::Filter(_) | JobSpec::EvalCaptions(_) | JobSpec::Export(_) => {
                 Service::QualityFilter
             }
@@ -135,6 +138,7 @@ impl JobSpec {
             JobSpec::Augment(_) => "augment",
             JobSpec::Export(_) => "export",
             JobSpec::Upscale(_) => "upscale",
+            JobSpec::Interrogate(_) => "interrogate",
         }
     }
 }
@@ -174,6 +178,8 @@ pub enum JobOutput {
     Exported(crate::dataset::ExportOutput),
     /// The images an upscale job made.
     Upscaled(crate::upscale::UpscaleOutput),
+    /// The caption an interrogate job made.
+    Interrogated(crate::dataset::InterrogateOutput),
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema, ToSchema)]

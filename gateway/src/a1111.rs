@@ -110,6 +110,11 @@ impl A1111State {
         }
     }
 
+    /// The local model folder (the registry's root), if the gateway has one.
+    pub(crate) fn models_dir(&self) -> Option<&std::path::Path> {
+        self.models.as_deref()
+    }
+
     pub(crate) fn registry(&self) -> Option<atelier_registry::Registry> {
         self.models.as_ref().map(atelier_registry::Registry::new)
     }

@@ -316,8 +316,6 @@ not_taken!(
     "workers load checkpoints when a job needs them; there is no one model to reload"
 );
 
-not_taken!(interrogate, "/sdapi/v1/interrogate", "interrogateapi_sdapi_v1_interrogate_post",
-    "interrogate is not served yet: caption images through a dataset (POST /v1/jobs with a caption spec, BLIP or an OpenAI-compatible model)");
 /// `POST /sdapi/v1/png-info`'s body.
 #[derive(Debug, Deserialize, ToSchema)]
 pub struct PngInfoRequest {

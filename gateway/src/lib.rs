@@ -10,6 +10,7 @@
 pub mod a1111;
 pub mod a1111_catalog;
 pub mod a1111_extras;
+pub mod a1111_interrogate;
 pub mod a1111_params;
 pub mod a1111_progress;
 pub mod api;

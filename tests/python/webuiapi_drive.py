@@ -197,5 +197,15 @@ for bad, field in [(dict(upscaler_1="ESRGAN_4x"), "upscaler"), (dict(upscaler_1=
     except RuntimeError as e:
         check(f"extras refuses {field}", e.args[0] == 422 and field in e.args[1], e.args)
 
+# Interrogate: the captioner's BLIP caption (the tiny model's words are noise, but its own).
+r = api.interrogate(image=src, model="clip")
+check("interrogate", isinstance(r.info, str) and r.info == r.json["caption"], r.json)
+check("interrogate is the model's caption", api.interrogate(image=src, model="blip/tiny-blip").info == r.info)
+try:
+    api.interrogate(image=src, model="deepdanbooru")
+    check("interrogate deepdanbooru refused", False, "accepted")
+except RuntimeError as e:
+    check("interrogate deepdanbooru refused", e.args[0] == 422 and "clip (BLIP tiny-blip)" in e.args[1], e.args)
+
 names = list(dict.fromkeys(checked))
 print("webuiapi: checked", len(names), ":", ", ".join(names))

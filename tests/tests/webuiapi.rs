@@ -41,9 +41,19 @@ async fn every_webuiapi_method_gets_a1111s_answer() {
         [2, 32],
         serde_json::json!({}),
     );
-    for b in ["atelier-sampler", "atelier-inpainter", "atelier-augmenter"] {
-        c.spawn_service(b, &[("ATELIER_MODELS", models.display().to_string())])
-            .unwrap();
+    // A BLIP model for interrogate, served by the captioner from the same folder.
+    atelier_captioner::blip::make_tiny(&models.join("blip/tiny-blip"), 5).unwrap();
+    let env = [
+        ("ATELIER_MODELS", models.display().to_string()),
+        ("ATELIER_BLIP_MODELS", models.join("blip").display().to_string()),
+    ];
+    for b in [
+        "atelier-sampler",
+        "atelier-inpainter",
+        "atelier-augmenter",
+        "atelier-captioner",
+    ] {
+        c.spawn_service(b, &env).unwrap();
     }
     c.models = Some(models.clone());
     let shutdown = CancellationToken::new();

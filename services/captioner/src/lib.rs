@@ -373,11 +373,15 @@ impl Handler for Captioner {
     }
 
     async fn handle(&self, ctx: &JobCtx, spec: JobSpec) -> Result<JobOutput, JobError> {
-        let JobSpec::Caption(spec) = spec else {
-            return Err(JobError::permanent(
-                "wrong_service",
-                format!("the captioner does not run {} jobs", spec.kind()),
-            ));
+        let spec = match spec {
+            JobSpec::Caption(spec) => spec,
+            JobSpec::Interrogate(spec) => return self.interrogate(ctx, spec).await,
+            other => {
+                return Err(JobError::permanent(
+                    "wrong_service",
+                    format!("the captioner does not run {} jobs", other.kind()),
+                ))
+            }
         };
         spec.check()
             .map_err(|e| JobError::permanent("invalid_job", e))?;
@@ -615,6 +619,64 @@ impl Captioner {
 }
 
 impl Captioner {
+    /// One image's caption, answered and not stored (A1111's `interrogate`).
+    async fn interrogate(&self, ctx: &JobCtx, spec: atelier_contracts::dataset::InterrogateSpec) -> Result<JobOutput, JobError> {
+        spec.check()
+            .map_err(|e| JobError::permanent("invalid_job", e))?;
+        let (source, backend) = self.resolve(spec.backend)?;
+        let key = ArtifactKey::parse(&spec.image)
+            .map_err(|e| JobError::permanent("bad_artifact_key", e.to_string()))?;
+        let bytes = match ctx.store().get_bytes(&key).await {
+            Ok(b) => b,
+            Err(e) if e.is_transient() => return Err(e.into()),
+            Err(e) => return Err(JobError::permanent("artifact_not_found", format!("{}: {e}", spec.image))),
+        };
+        let img = tokio::task::spawn_blocking(move || {
+            atelier_decode::decode(&bytes, &atelier_decode::Limits::default())
+                .map(|d| d.into_image())
+                .map_err(|e| e.to_string())
+        })
+        .await
+        .map_err(|e| JobError::retryable("panicked", e.to_string()))?
+        .map_err(|e| JobError::permanent("bad_image", format!("the image does not decode: {e}")))?;
+        let (caption, usage) = match backend {
+            Backend::Blip {
+                dir,
+                prompt,
+                max_tokens,
+                ..
+            } => {
+                let model = self.blip_model(&dir).await?;
+                let made = tokio::task::spawn_blocking(move || {
+                    let mut m = model.lock().unwrap_or_else(|p| p.into_inner());
+                    m.caption(&[img], &prompt, max_tokens)
+                })
+                .await
+                .map_err(|e| JobError::retryable("panicked", e.to_string()))?
+                .map_err(|e| JobError::permanent("caption_failed", e))?;
+                let text = made.into_iter().next().map(|g| g.text).unwrap_or_default();
+                (text, TokenUsage::default())
+            }
+            Backend::Openai { req, max_side, .. } => {
+                let jpeg = tokio::task::spawn_blocking(move || openai::prepare_image(&img, max_side))
+                    .await
+                    .map_err(|e| JobError::retryable("panicked", e.to_string()))?
+                    .map_err(|e| JobError::permanent("bad_image", e.to_string()))?;
+                let c = self
+                    .client
+                    .caption(&jpeg, &req)
+                    .await
+                    .map_err(|e| JobError::retryable("caption_failed", e.to_string()))?;
+                (c.text, c.usage)
+            }
+        };
+        Ok(JobOutput::Interrogated(atelier_contracts::dataset::InterrogateOutput {
+            caption,
+            source,
+            usage,
+        }))
+    }
+
     /// Caption `usable` through the OpenAI-compatible endpoint, `concurrency × 2` at a time.
     async fn openai_images(
         &self,
