@@ -141,6 +141,7 @@ pub fn run(g: GenerateArgs) -> anyhow::Result<()> {
                 strength: g.strength,
                 repaint,
                 latents: None,
+                latent_resize: false,
             };
             model.img2img(&req, &init, progress)?
         }

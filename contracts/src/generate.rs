@@ -146,7 +146,7 @@ pub struct GenerateSpec {
     pub resize_mode: ResizeMode,
 }
 
-/// A1111's img2img resize modes 0, 1 and 2.
+/// A1111's img2img resize modes 0 to 3.
 #[derive(
     Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema, ToSchema,
 )]
@@ -159,6 +159,9 @@ pub enum ResizeMode {
     CropAndResize,
     /// Scaled to fit, centred, the margins filled with the stretched edges.
     ResizeAndFill,
+    /// A1111's "just resize (latent upscale)": the image encoded at its own size (floored to
+    /// multiples of 8), its latents resized bilinearly to the output's (a mask is just resized).
+    LatentUpscale,
 }
 
 impl ResizeMode {
@@ -171,6 +174,7 @@ impl ResizeMode {
             0 => Some(Self::JustResize),
             1 => Some(Self::CropAndResize),
             2 => Some(Self::ResizeAndFill),
+            3 => Some(Self::LatentUpscale),
             _ => None,
         }
     }

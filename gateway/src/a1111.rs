@@ -667,7 +667,7 @@ pub async fn img2img(
     spec.resize_mode = ResizeMode::from_a1111(req.resize_mode).ok_or_else(|| {
         ApiError::unprocessable(
             "unsupported_parameter",
-            format!("resize_mode: 0 (just resize), 1 (crop and resize) or 2 (resize and fill) are supported, not {}", req.resize_mode),
+            format!("resize_mode: 0 (just resize), 1 (crop and resize), 2 (resize and fill) or 3 (just resize, latent upscale), not {}", req.resize_mode),
         )
     })?;
     spec.inpaint_padding = req.inpaint_full_res_padding;

@@ -82,16 +82,20 @@ check("png_info info", "Steps: 3" in (p.info if isinstance(p.info, str) else "")
 r2 = api.img2img(images=[r.image], prompt="a blue circle", seed=6, width=32, height=32, denoising_strength=0.5)
 check("img2img", r2.image.size == (32, 32), r2.info)
 
-# Resize modes: a 64 x 32 init image to 32 x 32 by cropping and by filling; 3 is refused.
+# Resize modes: a 64 x 32 init image to 32 x 32 by cropping, by filling and by resizing its
+# latents (3); each its own image, 4 refused.
 wide = r.image.convert("RGB").resize((64, 32))
-for mode in (1, 2):
+made = {}
+for mode in (0, 1, 2, 3):
     rm = api.img2img(images=[wide], prompt="x", width=32, height=32, seed=6, resize_mode=mode, denoising_strength=0.5)
     check(f"resize_mode {mode}", rm.image.size == (32, 32), rm.image.size)
+    made[mode] = rm.image.tobytes()
+check("resize modes differ", len(set(made.values())) == 4, "two modes made the same image")
 try:
-    api.img2img(images=[wide], prompt="x", width=32, height=32, resize_mode=3)
-    check("resize_mode 3 refused", False, "accepted")
+    api.img2img(images=[wide], prompt="x", width=32, height=32, resize_mode=4)
+    check("resize_mode 4 refused", False, "accepted")
 except RuntimeError as e:
-    check("resize_mode 3 refused", e.args[0] == 422 and "resize_mode" in e.args[1], e.args)
+    check("resize_mode 4 refused", e.args[0] == 422 and "resize_mode" in e.args[1], e.args)
 
 mask = Image.new("L", (32, 32), 0)
 mask.paste(255, (8, 8, 24, 24))

@@ -45,7 +45,10 @@ async fn every_webuiapi_method_gets_a1111s_answer() {
     atelier_captioner::blip::make_tiny(&models.join("blip/tiny-blip"), 5).unwrap();
     let env = [
         ("ATELIER_MODELS", models.display().to_string()),
-        ("ATELIER_BLIP_MODELS", models.join("blip").display().to_string()),
+        (
+            "ATELIER_BLIP_MODELS",
+            models.join("blip").display().to_string(),
+        ),
     ];
     for b in [
         "atelier-sampler",

@@ -37,6 +37,7 @@ fn strength_one_equals_txt2img_and_lower_strength_runs_the_tail() {
             strength: 1.0,
             repaint: None,
             latents: None,
+            latent_resize: false,
         };
         let i2i = sd.img2img(&req(sampler), &full, |_, _| true).unwrap();
         assert_eq!(
@@ -49,6 +50,7 @@ fn strength_one_equals_txt2img_and_lower_strength_runs_the_tail() {
         strength: 0.5,
         repaint: None,
         latents: None,
+        latent_resize: false,
     };
     let mut totals = Vec::new();
     let out = sd
@@ -72,6 +74,7 @@ fn strength_one_equals_txt2img_and_lower_strength_runs_the_tail() {
         strength: 0.05,
         repaint: None,
         latents: None,
+        latent_resize: false,
     };
     let err = sd
         .img2img(&req(SamplerKind::Euler), &none, |_, _| true)
@@ -90,6 +93,7 @@ fn bad_strengths_are_refused() {
         strength: 1.5,
         repaint: None,
         latents: None,
+        latent_resize: false,
     };
     let err = sd
         .img2img(&req(SamplerKind::Euler), &bad, |_, _| panic!())
@@ -109,6 +113,7 @@ fn img2img_infotexts_carry_the_denoising_strength_as_a1111_writes_it() {
         strength: 0.5,
         repaint: None,
         latents: None,
+        latent_resize: false,
     };
     let p = &sd.img2img(&r, &init, |_, _| true).unwrap()[0].parameters;
     let model = p.find(", Model: ").expect("Model");

@@ -438,7 +438,10 @@ impl Handler for Generator {
                 let (w, h) = (g.width, g.height);
                 // Mode 0 is the engine's own resize; "only masked" crops the image as given.
                 let only_masked = g.inpaint_only_masked && g.mask.is_some();
-                let reshape = !(g.resize_mode.is_default() || only_masked);
+                let latent_resize = g.resize_mode
+                    == atelier_contracts::generate::ResizeMode::LatentUpscale
+                    && !only_masked;
+                let reshape = !(g.resize_mode.is_default() || only_masked || latent_resize);
                 let image = Self::image(ctx, key, "init_image").await?.to_rgb8();
                 let image = match reshape {
                     true => resize::resize(&image, w, h, g.resize_mode),
@@ -466,6 +469,7 @@ impl Handler for Generator {
                     strength: g.strength,
                     repaint,
                     latents: None,
+                    latent_resize,
                 };
                 init.validate()
                     .map_err(|e| JobError::permanent("invalid_job", e))?;

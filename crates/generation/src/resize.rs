@@ -32,7 +32,10 @@ where
         }
     };
     match mode {
-        ResizeMode::JustResize => imageops::resize(img, w, h, FilterType::Lanczos3),
+        // The latent upscale resizes latents, not pixels; what gets here (a mask) is stretched.
+        ResizeMode::JustResize | ResizeMode::LatentUpscale => {
+            imageops::resize(img, w, h, FilterType::Lanczos3)
+        }
         ResizeMode::CropAndResize => {
             let (sw, sh) = fit(true);
             let scaled = imageops::resize(img, sw.max(1), sh.max(1), FilterType::Lanczos3);

@@ -620,7 +620,11 @@ impl Captioner {
 
 impl Captioner {
     /// One image's caption, answered and not stored (A1111's `interrogate`).
-    async fn interrogate(&self, ctx: &JobCtx, spec: atelier_contracts::dataset::InterrogateSpec) -> Result<JobOutput, JobError> {
+    async fn interrogate(
+        &self,
+        ctx: &JobCtx,
+        spec: atelier_contracts::dataset::InterrogateSpec,
+    ) -> Result<JobOutput, JobError> {
         spec.check()
             .map_err(|e| JobError::permanent("invalid_job", e))?;
         let (source, backend) = self.resolve(spec.backend)?;
@@ -629,7 +633,12 @@ impl Captioner {
         let bytes = match ctx.store().get_bytes(&key).await {
             Ok(b) => b,
             Err(e) if e.is_transient() => return Err(e.into()),
-            Err(e) => return Err(JobError::permanent("artifact_not_found", format!("{}: {e}", spec.image))),
+            Err(e) => {
+                return Err(JobError::permanent(
+                    "artifact_not_found",
+                    format!("{}: {e}", spec.image),
+                ))
+            }
         };
         let img = tokio::task::spawn_blocking(move || {
             atelier_decode::decode(&bytes, &atelier_decode::Limits::default())
@@ -658,10 +667,11 @@ impl Captioner {
                 (text, TokenUsage::default())
             }
             Backend::Openai { req, max_side, .. } => {
-                let jpeg = tokio::task::spawn_blocking(move || openai::prepare_image(&img, max_side))
-                    .await
-                    .map_err(|e| JobError::retryable("panicked", e.to_string()))?
-                    .map_err(|e| JobError::permanent("bad_image", e.to_string()))?;
+                let jpeg =
+                    tokio::task::spawn_blocking(move || openai::prepare_image(&img, max_side))
+                        .await
+                        .map_err(|e| JobError::retryable("panicked", e.to_string()))?
+                        .map_err(|e| JobError::permanent("bad_image", e.to_string()))?;
                 let c = self
                     .client
                     .caption(&jpeg, &req)
@@ -670,11 +680,13 @@ impl Captioner {
                 (c.text, c.usage)
             }
         };
-        Ok(JobOutput::Interrogated(atelier_contracts::dataset::InterrogateOutput {
-            caption,
-            source,
-            usage,
-        }))
+        Ok(JobOutput::Interrogated(
+            atelier_contracts::dataset::InterrogateOutput {
+                caption,
+                source,
+                usage,
+            },
+        ))
     }
 
     /// Caption `usable` through the OpenAI-compatible endpoint, `concurrency × 2` at a time.

@@ -53,6 +53,7 @@ fn inpainting_keeps_the_unmasked_region_and_repaints_the_rest() {
                 .repaint(),
             ),
             latents: None,
+            latent_resize: false,
         };
         let out = &sd
             .img2img(&req(SamplerKind::DpmPp2m), &init, |_, _| true)
@@ -127,6 +128,7 @@ fn masks_of_another_size_or_blur_are_refused() {
             .repaint(),
         ),
         latents: None,
+        latent_resize: false,
     };
     let err = sd
         .img2img(&req(SamplerKind::Euler), &small_mask, |_, _| panic!())
@@ -147,6 +149,7 @@ fn masks_of_another_size_or_blur_are_refused() {
             .repaint(),
         ),
         latents: None,
+        latent_resize: false,
     };
     let err = sd
         .img2img(&req(SamplerKind::Euler), &blurry, |_, _| panic!())

@@ -476,8 +476,12 @@ fn job_id_in(payload: &[u8]) -> Option<JobId> {
     JobId::parse(v.get("id")?.as_str()?)
 }
 
-/// An error as the job's record and events show it: without the server's paths.
+/// An error as the job's record and events show it: without the server's paths, and without a
+/// backtrace a library captured into its message (with `RUST_BACKTRACE` set).
 fn public(mut e: ErrorInfo) -> ErrorInfo {
+    if let Some(at) = e.message.find("\n   0: ") {
+        e.message.truncate(at);
+    }
     e.message = crate::redact::paths(&e.message);
     e
 }
@@ -914,5 +918,17 @@ impl<H: Handler> Processor for Prepared<H> {
                 tracing::debug!(job = %id, error = %e, "no job record to fail");
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn public_errors_lose_backtraces() {
+        let e = super::public(super::info(
+            "compute_failed",
+            "shape mismatch in add\n   0: candle_core::error::Error::bt\n   1: x",
+        ));
+        assert_eq!(e.message, "shape mismatch in add");
     }
 }

@@ -22,6 +22,9 @@ pub struct Init {
     /// Clean latents to start from instead of encoding `image`, one row per image of the batch
     /// (the hires fix's upscaled first pass).
     pub latents: Option<Tensor>,
+    /// Encode `image` at its own size (floored to multiples of 8) and resize the latents
+    /// bilinearly to the output's, instead of resizing the pixels (A1111's resize mode 3).
+    pub latent_resize: bool,
 }
 
 impl Init {
@@ -32,6 +35,7 @@ impl Init {
             strength,
             repaint: None,
             latents: Some(latents),
+            latent_resize: false,
         }
     }
 
@@ -140,12 +144,15 @@ impl StableDiffusion {
                     .repaint
                     .as_ref()
                     .and_then(|r| r.prepare_image(&init.image));
-                self.encode_image(
-                    prepared.as_ref().unwrap_or(&init.image),
-                    req.width,
-                    req.height,
-                )?
-                .repeat((req.batch_size, 1, 1, 1))?
+                let image = prepared.as_ref().unwrap_or(&init.image);
+                let encoded = if init.latent_resize {
+                    let own = |side: u32| ((side / 8) * 8).max(8) as usize;
+                    self.encode_image(image, own(image.width()), own(image.height()))?
+                        .upsample_bilinear2d(noise.dim(2)?, noise.dim(3)?, false)?
+                } else {
+                    self.encode_image(image, req.width, req.height)?
+                };
+                encoded.repeat((req.batch_size, 1, 1, 1))?
             }
         };
         let clean = match &init.repaint {
