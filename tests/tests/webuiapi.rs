@@ -1,13 +1,15 @@
 //! A1111's API as its users' scripts call it: `tests/python/webuiapi_drive.py` drives every
-//! `webuiapi` method atelier answers (catalogue routes, options, progress, txt2img, img2img,
-//! inpainting, png-info, interrupt) against a gateway with a tiny SD 1.x model, a LoRA and an
-//! embedding in its model folder, and checks each answer against A1111's schema.
+//! `webuiapi` method (catalogue routes, options, progress, txt2img, img2img, inpainting,
+//! png-info, interrupt, extras, interrogate) against `atelier up` — with an API key, which
+//! webuiapi sends as HTTP Basic — whose model folder holds a tiny SD 1.x model, a LoRA, an
+//! embedding and a tiny BLIP, and checks each answer against A1111's schema.
 
-use std::time::Duration;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
 
 use atelier_diffusion::pipeline::{make_tiny, Family};
 use atelier_e2e::*;
-use tokio_util::sync::CancellationToken;
+use atelier_kit::nats_server::free_port;
 
 /// A safetensors file of one zero tensor `name` of `shape`, with `metadata`.
 fn safetensors(path: &std::path::Path, name: &str, shape: [usize; 2], metadata: serde_json::Value) {
@@ -25,9 +27,13 @@ fn safetensors(path: &std::path::Path, name: &str, shape: [usize; 2], metadata: 
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn every_webuiapi_method_gets_a1111s_answer() {
-    let mut c = Cluster::local().await.unwrap();
-    let models = c.tmp.path().join("models");
+async fn every_webuiapi_method_gets_a1111s_answer_from_atelier_up() {
+    let tmp = tempfile::Builder::new()
+        .prefix("atelier-webuiapi-")
+        .tempdir()
+        .unwrap();
+    let data = tmp.path().join("data");
+    let models = data.join("models");
     make_tiny(&models.join("tiny"), Family::Sd1, 19).unwrap();
     safetensors(
         &models.join("loras/style.safetensors"),
@@ -41,52 +47,56 @@ async fn every_webuiapi_method_gets_a1111s_answer() {
         [2, 32],
         serde_json::json!({}),
     );
-    // A BLIP model for interrogate, served by the captioner from the same folder.
+    // A BLIP model for interrogate: `atelier up` serves <data>/models/blip to its captioner.
     atelier_captioner::blip::make_tiny(&models.join("blip/tiny-blip"), 5).unwrap();
-    let env = [
-        ("ATELIER_MODELS", models.display().to_string()),
-        (
-            "ATELIER_BLIP_MODELS",
-            models.join("blip").display().to_string(),
-        ),
-    ];
-    for b in [
-        "atelier-sampler",
-        "atelier-inpainter",
-        "atelier-augmenter",
-        "atelier-captioner",
-    ] {
-        c.spawn_service(b, &env).unwrap();
-    }
-    c.models = Some(models.clone());
-    let shutdown = CancellationToken::new();
     let (key, entry) = atelier_gateway::auth::generate_key("webuiapi", "*").unwrap();
-    let base = c
-        .gateway(vec![entry], Default::default(), shutdown.clone())
+    let (port, nats_port) = (free_port().unwrap(), free_port().unwrap());
+    let log = std::fs::File::create(tmp.path().join("up.log")).unwrap();
+    let mut cmd = Command::new(bin("atelier"));
+    cmd.args(["up", "--nats-port", &nats_port.to_string()])
+        .args(["--addr", &format!("127.0.0.1:{port}")])
+        .arg("--data-dir")
+        .arg(&data)
+        .env("ATELIER_API_KEYS", &entry)
+        .env("ATELIER_NATS_SERVER", tool("nats-server"))
+        .env_remove("ATELIER_NATS_URL")
+        .env_remove("ATELIER_STORE")
+        .stdin(Stdio::null())
+        .stdout(log.try_clone().unwrap())
+        .stderr(log);
+    let mut up = cmd.spawn().unwrap();
+    let base = format!("http://127.0.0.1:{port}");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !reqwest::get(format!("{base}/healthz"))
         .await
-        .unwrap();
-    let url = reqwest::Url::parse(&base).unwrap();
+        .is_ok_and(|r| r.status() == 200)
+    {
+        assert!(Instant::now() < deadline, "atelier up did not become healthy");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
     let script = repo_root().join("tests/python/webuiapi_drive.py");
     let out = tokio::time::timeout(
         Duration::from_secs(300),
         tokio::process::Command::new(tool("python"))
             .arg(&script)
-            .arg(url.host_str().unwrap())
-            .arg(url.port().unwrap().to_string())
+            .arg("127.0.0.1")
+            .arg(port.to_string())
             .arg(&key)
             .output(),
     )
     .await
     .expect("webuiapi_drive.py took over 5 minutes")
     .unwrap();
+    unsafe { libc::kill(up.id() as i32, libc::SIGTERM) };
+    let _ = up.wait();
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
     println!("{stdout}");
+    let up_log = std::fs::read_to_string(tmp.path().join("up.log")).unwrap_or_default();
+    let tail: String = up_log.lines().rev().take(40).collect::<Vec<_>>().join("\n");
     assert!(
         out.status.success(),
-        "webuiapi_drive.py failed:\n{stdout}\n{stderr}"
+        "webuiapi_drive.py failed:\n{stdout}\n{stderr}\natelier up's log (last lines, newest first):\n{tail}"
     );
     assert!(stdout.contains("webuiapi: checked"), "{stdout}");
-    shutdown.cancel();
-    c.stop_services(libc::SIGTERM, Duration::from_secs(10));
 }
