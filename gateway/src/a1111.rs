@@ -166,6 +166,10 @@ fn d_true() -> bool {
 fn d_seed() -> i64 {
     -1
 }
+fn strength_or_default<'de, D: serde::Deserializer<'de>>(d: D) -> Result<f64, D::Error> {
+    Ok(Option::<f64>::deserialize(d)?.unwrap_or_else(d_strength))
+}
+
 fn d_strength() -> f64 {
     0.75
 }
@@ -254,7 +258,9 @@ pub struct Img2ImgRequest {
     /// Base64 mask: white is repainted.
     #[serde(default)]
     pub mask: Option<String>,
-    #[serde(default = "d_strength")]
+    /// (Documented as the hires field it shadows is: a number, or null for the default 0.75.)
+    #[serde(default = "d_strength", deserialize_with = "strength_or_default")]
+    #[schema(value_type = Option<f64>)]
     pub denoising_strength: f64,
     #[serde(default = "d_blur")]
     pub mask_blur: f32,

@@ -22,6 +22,7 @@ pub mod error;
 pub mod idempotency;
 pub mod infotext;
 pub mod jobs;
+pub mod openapi_unions;
 pub mod priority;
 pub mod retrieval;
 pub mod train;

@@ -185,7 +185,8 @@ pub async fn search(
 #[utoipa::path(
     post, path = "/v1/search", tag = "retrieval",
     params(SearchParams),
-    request_body(content = Vec<u8>, content_type = "image/*"),
+    request_body(content = crate::api::Binary, content_type = "application/octet-stream",
+        description = "The query image's bytes (PNG, JPEG, WebP, GIF, …; any Content-Type)"),
     responses(
         (status = 200, body = SearchResponse),
         (status = 404, body = atelier_contracts::http::ApiErrorBody),

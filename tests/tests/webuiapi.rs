@@ -71,7 +71,10 @@ async fn every_webuiapi_method_gets_a1111s_answer_from_atelier_up() {
         .await
         .is_ok_and(|r| r.status() == 200)
     {
-        assert!(Instant::now() < deadline, "atelier up did not become healthy");
+        assert!(
+            Instant::now() < deadline,
+            "atelier up did not become healthy"
+        );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     let script = repo_root().join("tests/python/webuiapi_drive.py");
