@@ -252,6 +252,45 @@ impl Checkpoint {
         })
     }
 
+    /// The same model with the VAE of a separate file (A1111's `sd_vae`): a `.safetensors` VAE
+    /// in the original LDM names (`encoder.down.0.block.0.conv1.weight`, what A1111's VAE folder
+    /// holds, with or without `first_stage_model.`) or in diffusers' (`AutoencoderKL`). Its
+    /// geometry must be the checkpoint's; the file joins what A1111's `VAE hash` covers.
+    pub fn with_vae(mut self, path: &Path) -> PResult<Self> {
+        use crate::models::ldm;
+        if path.extension().is_none_or(|e| e != "safetensors") {
+            return Err(model_err(path, "expected a .safetensors VAE"));
+        }
+        let w = SafetensorsWeights::open(&[path.to_path_buf()])?;
+        let prefix = ["", "first_stage_model.", "vae."]
+            .into_iter()
+            .find(|p| w.contains(&format!("{p}encoder.down.0.block.0.conv1.weight")));
+        let weights = match prefix {
+            Some(prefix) => {
+                let rec = torch::weights::Recorder::default();
+                let vc = self.vae.1.clone();
+                torch::vae::Vae::new(&rec.weights(), vc).map_err(|e| model_err(path, e))?;
+                let names: Vec<String> = rec.shapes().into_keys().collect();
+                let levels = self.vae.1.block_out_channels.len();
+                let map = ldm::map_names(names, &|n: &str| {
+                    ldm::vae_name(n, levels).map(|s| ldm::Source::Rename(format!("{prefix}{s}")))
+                })
+                .map_err(|e| model_err(path, e))?;
+                w.with_map(map)
+            }
+            None if w.contains("encoder.down_blocks.0.resnets.0.conv1.weight") => w.clone(),
+            None => {
+                return Err(model_err(
+                    path,
+                    "not a VAE: expected encoder.down.0.block.0.conv1.weight (LDM) or encoder.down_blocks.0.resnets.0.conv1.weight (diffusers)",
+                ))
+            }
+        };
+        self.vae.0 = source(weights);
+        self.counters.push(w);
+        Ok(self)
+    }
+
     /// A diffusers folder (`model_index.json`, `unet/`, `vae/`, `text_encoder/`, `tokenizer/`,
     /// and for SDXL `text_encoder_2/`, `tokenizer_2/`).
     pub fn diffusers(dir: &Path) -> PResult<Self> {
@@ -449,6 +488,12 @@ impl StableDiffusion {
     /// it).
     pub fn load(path: &Path, placement: Placement) -> PResult<Self> {
         Self::on_torch(Checkpoint::open(path)?, placement)
+    }
+
+    /// Load a model (as [`StableDiffusion::load`]) with the VAE of a separate file
+    /// ([`Checkpoint::with_vae`]).
+    pub fn load_with_vae(path: &Path, vae: &Path, placement: Placement) -> PResult<Self> {
+        Self::on_torch(Checkpoint::open(path)?.with_vae(vae)?, placement)
     }
 
     /// Load a diffusers folder onto libtorch.
