@@ -357,6 +357,7 @@ async fn generation(client: &Client, summary: &mut String) -> anyhow::Result<()>
     println!("\n4. generate with the tiny model: POST /v1/txt2img, /v1/img2img, /v1/inpaint");
     let spec = atelier_contracts::GenerateSpec {
         model: "tiny-sd".into(),
+        vae: None,
         prompt: "a (red:1.2) circle on [blue:green:0.5] ground".into(),
         negative_prompt: "blurry".into(),
         steps: 8,

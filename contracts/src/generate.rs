@@ -70,6 +70,10 @@ pub enum RandnSource {
 pub struct GenerateSpec {
     /// Model name in the registry (a diffusers folder or a single-file checkpoint).
     pub model: String,
+    /// A separate VAE file under the registry's `vae/` (A1111's `sd_vae`) decoding and encoding
+    /// instead of the model's own; absent: the model's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vae: Option<String>,
     pub prompt: String,
     #[serde(default)]
     pub negative_prompt: String,
@@ -328,6 +332,7 @@ impl GenerateSpec {
     pub fn txt2img(model: &str, prompt: &str) -> Self {
         Self {
             model: model.into(),
+            vae: None,
             prompt: prompt.into(),
             negative_prompt: String::new(),
             steps: d_steps(),

@@ -34,8 +34,10 @@ pub struct A1111State {
 }
 
 /// The A1111 options that change how images are made, as `POST /sdapi/v1/options` set them.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub(crate) struct Settings {
+    /// `sd_vae`: a separate VAE file under `<models>/vae` (none: "Automatic", the model's own).
+    vae: Option<String>,
     /// `show_progress_every_n_steps`: a live preview every n steps (0: none), which
     /// `/progress` shows as `current_image` and an interrupt returns for the unfinished image.
     preview_every: u32,
@@ -50,6 +52,7 @@ pub(crate) struct Settings {
 impl Default for Settings {
     fn default() -> Self {
         Self {
+            vae: None,
             preview_every: 0,
             clip_skip: 1,
             randn_source: RandnSource::Cpu,
@@ -84,6 +87,18 @@ impl Settings {
                 Some(-1) => 1,
                 Some(n) if (0..=1000).contains(&n) => n as u32,
                 _ => return Err(bad("show_progress_every_n_steps", "an integer -1..=1000")),
+            };
+        }
+        if let Some(v) = opts.get("sd_vae") {
+            self.vae = match v.as_str() {
+                Some("Automatic") | Some("None") | Some("") => None,
+                Some(name) => Some(name.to_owned()),
+                None => {
+                    return Err(bad(
+                        "sd_vae",
+                        "a string (\"Automatic\", \"None\" or a VAE file name)",
+                    ))
+                }
             };
         }
         if let Some(v) = opts.get("eta_noise_seed_delta") {
@@ -382,7 +397,12 @@ pub(crate) fn decode_b64_image(
 
 async fn spec_of(app: &AppState, req: &Txt2ImgRequest) -> Result<GenerateSpec, ApiError> {
     let sampler = sampler_of(req)?;
-    let saved = app.a1111.settings.read().map(|s| *s).unwrap_or_default();
+    let saved = app
+        .a1111
+        .settings
+        .read()
+        .map(|s| s.clone())
+        .unwrap_or_default();
     let settings = match &req.override_settings {
         Some(o) => saved.with(o)?,
         None => saved,
@@ -395,6 +415,7 @@ async fn spec_of(app: &AppState, req: &Txt2ImgRequest) -> Result<GenerateSpec, A
     }
     Ok(GenerateSpec {
         model: model_of(app, req).await?,
+        vae: settings.vae.clone(),
         prompt: req.prompt.clone(),
         negative_prompt: req.negative_prompt.clone(),
         steps: req.steps,
@@ -510,6 +531,7 @@ async fn run(
                 let status = if matches!(
                     code.as_str(),
                     "unknown_model"
+                        | "unknown_vae"
                         | "unknown_lora"
                         | "invalid_job"
                         | "bad_image"
@@ -778,13 +800,19 @@ pub async fn get_options(
             .next()
             .map(|e| e.name),
     };
-    let s = app.a1111.settings.read().map(|s| *s).unwrap_or_default();
+    let s = app
+        .a1111
+        .settings
+        .read()
+        .map(|s| s.clone())
+        .unwrap_or_default();
     Ok(Json(json!({
         "sd_model_checkpoint": current,
         "show_progress_every_n_steps": s.preview_every,
         "CLIP_stop_at_last_layers": s.clip_skip,
         "randn_source": s.randn_source_name(),
         "eta_noise_seed_delta": s.ensd,
+        "sd_vae": s.vae.as_deref().unwrap_or("Automatic"),
         "samples_format": "png",
     })))
 }
@@ -802,8 +830,17 @@ pub async fn set_options(
 ) -> Result<Json<Value>, ApiError> {
     caller.require(Scope::JobsWrite)?;
     let opts: HashMap<String, Value> = json_body(&app, &headers, body).await?;
-    let saved = app.a1111.settings.read().map(|s| *s).unwrap_or_default();
+    let saved = app
+        .a1111
+        .settings
+        .read()
+        .map(|s| s.clone())
+        .unwrap_or_default();
     let settings = saved.with(&opts)?;
+    if let (Some(name), Some(reg)) = (&settings.vae, app.a1111.registry()) {
+        reg.vae(name)
+            .map_err(|e| ApiError::unprocessable("unknown_vae", e))?;
+    }
     if let Some(v) = opts.get("sd_model_checkpoint") {
         let title = v.as_str().ok_or_else(|| {
             ApiError::unprocessable("invalid_json", "sd_model_checkpoint must be a string")

@@ -102,12 +102,21 @@ macro_rules! empty_list {
     };
 }
 
-empty_list!(
-    sd_vae,
-    "/sdapi/v1/sd-vae",
-    "get_sd_vaes_sdapi_v1_sd_vae_get",
-    "Separate VAEs: none (a checkpoint's own VAE is always used)."
-);
+/// Separate VAE files under `<models>/vae` (what the `sd_vae` option picks from).
+#[utoipa::path(get, path = "/sdapi/v1/sd-vae", tag = "a1111", operation_id = "get_sd_vaes_sdapi_v1_sd_vae_get",
+    responses((status = 200, description = "[{model_name, filename}]")), security(("bearer" = ["jobs:read"])))]
+pub async fn sd_vae(
+    State(app): State<AppState>,
+    Extension(caller): Extension<Caller>,
+) -> Result<Json<Value>, ApiError> {
+    caller.require(Scope::JobsRead)?;
+    let vaes = app.a1111.registry().map(|r| r.vaes()).unwrap_or_default();
+    Ok(Json(Value::Array(
+        vaes.into_iter()
+            .map(|(name, _)| json!({"filename": format!("vae/{name}"), "model_name": name}))
+            .collect(),
+    )))
+}
 empty_list!(
     hypernetworks,
     "/sdapi/v1/hypernetworks",

@@ -37,7 +37,8 @@ list_of("get_upscalers", api.get_upscalers(), ["name", "model_name", "model_path
 list_of("get_latent_upscale_modes", api.get_latent_upscale_modes(), ["name"])
 models = list_of("get_sd_models", api.get_sd_models(), ["title", "model_name", "hash", "sha256", "filename", "config"])
 check("get_sd_models", [m["model_name"] for m in models] == ["tiny"], models)
-list_of("get_sd_vae", api.get_sd_vae(), ["model_name", "filename"])
+vaes = list_of("get_sd_vae", api.get_sd_vae(), ["model_name", "filename"])
+check("get_sd_vae", [v["model_name"] for v in vaes] == ["warm.safetensors"], vaes)
 list_of("get_hypernetworks", api.get_hypernetworks(), ["name", "path"])
 list_of("get_face_restorers", api.get_face_restorers(), ["name", "cmd_dir"])
 list_of("get_realesrgan_models", api.get_realesrgan_models(), ["name", "path", "scale"])
@@ -210,6 +211,20 @@ try:
     check("interrogate deepdanbooru refused", False, "accepted")
 except RuntimeError as e:
     check("interrogate deepdanbooru refused", e.args[0] == 422 and "clip (BLIP tiny-blip)" in e.args[1], e.args)
+
+# sd_vae: the separate VAE decodes instead of the model's own, and the infotext names it.
+plain = api.txt2img(prompt="a vae test", steps=3, width=32, height=32, seed=21)
+api.set_options({"sd_vae": "warm.safetensors"})
+check("sd_vae option", api.get_options()["sd_vae"] == "warm.safetensors")
+warm = api.txt2img(prompt="a vae test", steps=3, width=32, height=32, seed=21)
+check("sd_vae changes the image", warm.image.tobytes() != plain.image.tobytes())
+check("sd_vae infotext", "VAE: warm.safetensors" in warm.info["infotexts"][0] and "VAE hash: " in warm.info["infotexts"][0], warm.info["infotexts"][0])
+over = api.txt2img(prompt="a vae test", steps=3, width=32, height=32, seed=21, override_settings={"sd_vae": "Automatic"})
+check("sd_vae override back to the model's", over.image.tobytes() == plain.image.tobytes())
+api.set_options({"sd_vae": "Automatic"})
+refused = api.set_options({"sd_vae": "missing.safetensors"})  # webuiapi returns the body
+check("unknown sd_vae refused", refused["error"]["code"] == "unknown_vae" and "warm.safetensors" in refused["error"]["message"], refused)
+check("a refused option changes nothing", api.get_options()["sd_vae"] == "Automatic")
 
 names = list(dict.fromkeys(checked))
 print("webuiapi: checked", len(names), ":", ", ".join(names))

@@ -11,6 +11,7 @@ use tokio_util::sync::CancellationToken;
 fn spec(model: &str) -> GenerateSpec {
     GenerateSpec {
         model: model.into(),
+        vae: None,
         prompt: "a red circle <lora:style:0.8>".into(),
         negative_prompt: String::new(),
         steps: 4,

@@ -47,6 +47,13 @@ async fn every_webuiapi_method_gets_a1111s_answer_from_atelier_up() {
         [2, 32],
         serde_json::json!({}),
     );
+    // A separate VAE (`sd_vae`): the tiny model's own with its decoder's output bias moved.
+    let vae = models.join("tiny/vae/diffusion_pytorch_model.safetensors");
+    let mut tensors = candle_core::safetensors::load(&vae, &candle_core::Device::Cpu).unwrap();
+    let bias = tensors["decoder.conv_out.bias"].affine(1.0, 0.4).unwrap();
+    tensors.insert("decoder.conv_out.bias".into(), bias);
+    std::fs::create_dir_all(models.join("vae")).unwrap();
+    candle_core::safetensors::save(&tensors, models.join("vae/warm.safetensors")).unwrap();
     // A BLIP model for interrogate: `atelier up` serves <data>/models/blip to its captioner.
     atelier_captioner::blip::make_tiny(&models.join("blip/tiny-blip"), 5).unwrap();
     let (key, entry) = atelier_gateway::auth::generate_key("webuiapi", "*").unwrap();

@@ -174,7 +174,7 @@ fn spawn_group(gen: Generator, model: PathBuf, group: Group) {
         let n = members.len();
         let reqs: Vec<Txt2Img> = members.iter().map(|m| m.req.clone()).collect();
         let result = gen
-            .prepared(&model, &embeddings, &lora_files)
+            .prepared(&model, None, &embeddings, &lora_files)
             .and_then(|model| {
                 let on_step = |done: usize, total: usize| {
                     for m in &members {

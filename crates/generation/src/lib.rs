@@ -12,7 +12,7 @@ pub mod batch;
 pub mod detect;
 pub mod resize;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use atelier_contracts::{
@@ -32,7 +32,8 @@ pub use atelier_registry::Registry;
 use atelier_registry::{check_name, store as store_models};
 
 /// A loaded model and where it came from.
-type Cached = (PathBuf, Arc<StableDiffusion>);
+/// A loaded model: its checkpoint and separate VAE file (if any), and the model.
+type Cached = ((PathBuf, Option<PathBuf>), Arc<StableDiffusion>);
 
 /// PNGs with their seeds, the parameters text, the model hash.
 pub type Rendered = (Vec<(Vec<u8>, u64)>, String, String);
@@ -104,32 +105,36 @@ impl Generator {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .iter()
-            .map(|(p, m)| (p.clone(), m.weight_bytes()))
+            .map(|((p, _), m)| (p.clone(), m.weight_bytes()))
             .collect()
     }
 
-    /// A loaded model, from the cache (most recently used last) or freshly loaded.
-    fn model(&self, path: &PathBuf) -> Result<Arc<StableDiffusion>, JobError> {
+    /// A loaded model (with the VAE of a separate file, when given), from the cache (most
+    /// recently used last) or freshly loaded.
+    fn model(&self, path: &Path, vae: Option<&PathBuf>) -> Result<Arc<StableDiffusion>, JobError> {
+        let key = (path.to_path_buf(), vae.cloned());
         {
             let mut c = self.cache.lock().unwrap_or_else(|p| p.into_inner());
-            if let Some(i) = c.iter().position(|(p, _)| p == path) {
+            if let Some(i) = c.iter().position(|(k, _)| *k == key) {
                 let e = c.remove(i);
                 let m = e.1.clone();
                 c.push(e);
                 return Ok(m);
             }
         }
-        let m = Arc::new(
-            StableDiffusion::load(path, self.placement)
-                .map_err(|e| JobError::permanent("model_load_failed", e.to_string()))?,
-        );
+        let loaded = match vae {
+            None => StableDiffusion::load(path, self.placement),
+            Some(v) => StableDiffusion::load_with_vae(path, v, self.placement),
+        };
+        let m =
+            Arc::new(loaded.map_err(|e| JobError::permanent("model_load_failed", e.to_string()))?);
         let mut c = self.cache.lock().unwrap_or_else(|p| p.into_inner());
-        c.push((path.clone(), m.clone()));
+        c.push((key, m.clone()));
         let total = |c: &Vec<Cached>| c.iter().map(|(_, m)| m.weight_bytes()).sum::<u64>();
         while c.len() > self.cache_size
             || (self.cache_bytes > 0 && c.len() > 1 && total(&c) > self.cache_bytes)
         {
-            let (evicted, _) = c.remove(0);
+            let ((evicted, _), _) = c.remove(0);
             tracing::info!(model = %evicted.display(), "evicted from the model cache");
         }
         Ok(m)
@@ -139,7 +144,7 @@ impl Generator {
     async fn run_alone(
         &self,
         ctx: &JobCtx,
-        path: PathBuf,
+        (path, vae): (PathBuf, Option<PathBuf>),
         (embeddings, loras): (Vec<PathBuf>, Vec<Lora>),
         (init, hires): (Option<Init>, Option<Hires>),
         req: Txt2Img,
@@ -151,7 +156,7 @@ impl Generator {
         let (ptx, mut prx) = tokio::sync::mpsc::unbounded_channel::<(usize, Vec<u8>)>();
         let mut last_total = req.steps;
         let work = tokio::task::spawn_blocking(move || -> Result<Rendered, JobError> {
-            let model = this.prepared(&path, &embeddings, &loras)?;
+            let model = this.prepared(&path, vae.as_ref(), &embeddings, &loras)?;
             let on_step = |done: usize, total: usize| {
                 let _ = tx.send((done, total));
                 !cancel.is_cancelled()
@@ -215,11 +220,12 @@ impl Generator {
     /// The model at `path` with the job's embeddings and LoRAs (applied at run time).
     fn prepared(
         &self,
-        path: &PathBuf,
+        path: &Path,
+        vae: Option<&PathBuf>,
         embeddings: &[PathBuf],
         loras: &[Lora],
     ) -> Result<StableDiffusion, JobError> {
-        let base = self.model(path)?;
+        let base = self.model(path, vae)?;
         let mut model = (*base).clone();
         if !embeddings.is_empty() {
             let loaded = embeddings
@@ -405,6 +411,14 @@ impl Handler for Generator {
             Ok(p) => p,
             Err(local) => store_checkpoint(ctx, &g.model, &local).await?,
         };
+        let vae = match &g.vae {
+            None => None,
+            Some(name) => Some(
+                self.registry
+                    .vae(name)
+                    .map_err(|e| JobError::permanent("unknown_vae", e))?,
+            ),
+        };
         let (_, tags) = atelier_diffusion::prompt::extract_extra_networks(&g.prompt)
             .map_err(|e| JobError::permanent("invalid_job", e))?;
         let mut loras = Vec::new();
@@ -531,6 +545,7 @@ impl Handler for Generator {
             && init.is_none()
             && hires.is_none()
             && preview_every == 0
+            && vae.is_none()
             && self.batcher.enabled();
         let (pngs, parameters, model_hash, batch_jobs) = if batchable {
             let key = batch::GroupKey::new(&path, &loras, &embeddings, &req);
@@ -540,7 +555,7 @@ impl Handler for Generator {
             let r = self
                 .run_alone(
                     ctx,
-                    path,
+                    (path, vae),
                     (embeddings, loras),
                     (init, hires),
                     req,
@@ -632,14 +647,14 @@ mod tests {
         }
         let reg = Registry::new(dir.path());
         let g = Generator::new(Service::Sampler, reg.clone(), Placement::CPU, 8);
-        let a = g.model(&reg.checkpoint("a").unwrap()).unwrap();
+        let a = g.model(&reg.checkpoint("a").unwrap(), None).unwrap();
         let one = a.weight_bytes();
         assert!(one > 10_000, "a tiny model weighs {one} bytes");
         // Room for two: loading a third evicts the least recently used.
         let g = g.with_cache_budget(2 * one + one / 2);
-        g.model(&reg.checkpoint("b").unwrap()).unwrap();
-        g.model(&reg.checkpoint("a").unwrap()).unwrap(); // a is now the most recent
-        g.model(&reg.checkpoint("c").unwrap()).unwrap();
+        g.model(&reg.checkpoint("b").unwrap(), None).unwrap();
+        g.model(&reg.checkpoint("a").unwrap(), None).unwrap(); // a is now the most recent
+        g.model(&reg.checkpoint("c").unwrap(), None).unwrap();
         let names: Vec<String> = g
             .cached()
             .iter()
@@ -649,7 +664,7 @@ mod tests {
         assert!(g.cached().iter().map(|(_, b)| b).sum::<u64>() <= 2 * one + one / 2);
         // A budget below one model still keeps the one in use.
         let small = g.with_cache_budget(1);
-        small.model(&reg.checkpoint("b").unwrap()).unwrap();
+        small.model(&reg.checkpoint("b").unwrap(), None).unwrap();
         assert_eq!(small.cached().len(), 1);
     }
 }

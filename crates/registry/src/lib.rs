@@ -168,6 +168,37 @@ impl Registry {
         out
     }
 
+    /// Separate VAE files under `vae/` (A1111's `models/VAE`): `(file name, path)`, sorted.
+    pub fn vaes(&self) -> Vec<(String, PathBuf)> {
+        let Ok(rd) = std::fs::read_dir(self.dir.join("vae")) else {
+            return Vec::new();
+        };
+        let mut out: Vec<(String, PathBuf)> = rd
+            .flatten()
+            .map(|e| e.path())
+            .filter(|p| p.is_file() && p.extension().is_some_and(|x| x == "safetensors"))
+            .filter_map(|p| Some((p.file_name()?.to_string_lossy().into_owned(), p)))
+            .collect();
+        out.sort();
+        out
+    }
+
+    /// The path of VAE `name` under `vae/` (its file name, or the name without `.safetensors`).
+    pub fn vae(&self, name: &str) -> Result<PathBuf, String> {
+        let vaes = self.vaes();
+        let stem = |f: &str| f.strip_suffix(".safetensors").unwrap_or(f).to_owned();
+        match vaes.iter().find(|(f, _)| f == name || stem(f) == name) {
+            Some((_, p)) => Ok(p.clone()),
+            None => Err(format!(
+                "unknown VAE {name:?}; <models>/vae has: {}",
+                vaes.iter()
+                    .map(|(f, _)| f.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )),
+        }
+    }
+
     /// The path of LoRA `name` under `loras/`.
     pub fn lora(&self, name: &str) -> Result<PathBuf, String> {
         check_name(name)?;

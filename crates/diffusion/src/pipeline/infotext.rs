@@ -57,6 +57,9 @@ impl StableDiffusion {
             self.hash,
             self.name
         ));
+        if let Some((vae, hash)) = &self.vae_file {
+            s.push_str(&format!(", VAE hash: {hash}, VAE: {vae}"));
+        }
         if let Some((sub, w)) = seeds.variation {
             s.push_str(&format!(
                 ", Variation seed: {sub}, Variation seed strength: {w}"

@@ -272,7 +272,7 @@ impl Checkpoint {
                 torch::vae::Vae::new(&rec.weights(), vc).map_err(|e| model_err(path, e))?;
                 let names: Vec<String> = rec.shapes().into_keys().collect();
                 let levels = self.vae.1.block_out_channels.len();
-                let map = ldm::map_names(names, &|n: &str| {
+                let map = ldm::map_names(names, |n: &str| {
                     ldm::vae_name(n, levels).map(|s| ldm::Source::Rename(format!("{prefix}{s}")))
                 })
                 .map_err(|e| model_err(path, e))?;
@@ -476,6 +476,7 @@ impl Checkpoint {
             nets,
             embeddings: Vec::new(),
             lora_hashes: Vec::new(),
+            vae_file: None,
             zero_empty_negative: self.zero_empty_negative,
             weight_bytes: self.counters.iter().map(|c| c.loaded_bytes()).sum(),
         })
@@ -493,7 +494,13 @@ impl StableDiffusion {
     /// Load a model (as [`StableDiffusion::load`]) with the VAE of a separate file
     /// ([`Checkpoint::with_vae`]).
     pub fn load_with_vae(path: &Path, vae: &Path, placement: Placement) -> PResult<Self> {
-        Self::on_torch(Checkpoint::open(path)?.with_vae(vae)?, placement)
+        let mut model = Self::on_torch(Checkpoint::open(path)?.with_vae(vae)?, placement)?;
+        let name = vae
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        model.vae_file = Some((name, file_hash(&[vae.to_path_buf()])?));
+        Ok(model)
     }
 
     /// Load a diffusers folder onto libtorch.

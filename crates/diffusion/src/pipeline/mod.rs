@@ -170,6 +170,8 @@ pub struct StableDiffusion {
     embeddings: Vec<conditioning::Embedding>,
     /// (name, A1111 short hash) of the LoRAs applied, for the `parameters` text.
     lora_hashes: Vec<(String, String)>,
+    /// A separate VAE file's (name, A1111 short hash), for the `parameters` text.
+    vae_file: Option<(String, String)>,
     /// An empty negative prompt conditions on zeros (SDXL: diffusers' `force_zeros_for_empty_prompt`
     /// from `model_index.json`, true by default; A1111 does the same).
     zero_empty_negative: bool,
