@@ -306,8 +306,9 @@ async fn fetch(
             .await?;
         return Ok(batch.map(|m| m.map_err(|e| anyhow::anyhow!(e))).boxed());
     };
-    let mut woken = false;
-    for attempt in 0u32.. {
+    // Looks since the last wake (none: waiting for one).
+    let mut since_wake: Option<u32> = None;
+    loop {
         wake.drain();
         for c in consumers {
             let taken = take_now(c, want).await?;
@@ -316,19 +317,20 @@ async fn fetch(
             }
         }
         // A publish reaches its subscribers a moment before its stream has stored it: after a
-        // wake, look again shortly before going back to waiting.
-        let wait = if woken && attempt < 4 {
-            Duration::from_millis(5 << attempt)
-        } else {
-            IDLE_POLL
+        // wake, look again after 1, 2, 4, 8, 16 ms before going back to waiting.
+        let wait = match since_wake {
+            Some(n) if n < WAKE_RETRIES => Duration::from_millis(1 << n),
+            _ => IDLE_POLL,
         };
-        woken = tokio::select! {
-            _ = wake.next() => true,
-            _ = tokio::time::sleep(wait) => woken && attempt < 4,
+        since_wake = tokio::select! {
+            _ = wake.next() => Some(0),
+            _ = tokio::time::sleep(wait) => since_wake.map(|n| n + 1),
         };
     }
-    unreachable!("the loop above returns")
 }
+
+/// Quick looks after a wake that found nothing.
+const WAKE_RETRIES: u32 = 5;
 
 /// With several lanes, how long the loop waits without a publish before looking again (a
 /// message retried after a backoff is not published again).
