@@ -306,8 +306,6 @@ async fn fetch(
             .await?;
         return Ok(batch.map(|m| m.map_err(|e| anyhow::anyhow!(e))).boxed());
     };
-    // Looks since the last wake (none: waiting for one).
-    let mut since_wake: Option<u32> = None;
     loop {
         wake.drain();
         for c in consumers {
@@ -316,21 +314,30 @@ async fn fetch(
                 return Ok(futures::stream::iter(taken.into_iter().map(Ok)).boxed());
             }
         }
-        // A publish reaches its subscribers a moment before its stream has stored it: after a
-        // wake, look again after 1, 2, 4, 8, 16 ms before going back to waiting.
-        let wait = match since_wake {
-            Some(n) if n < WAKE_RETRIES => Duration::from_millis(1 << n),
-            _ => IDLE_POLL,
+        let woken = tokio::select! {
+            subject = wake.next() => subject,
+            _ = tokio::time::sleep(IDLE_POLL) => None,
         };
-        since_wake = tokio::select! {
-            _ = wake.next() => Some(0),
-            _ = tokio::time::sleep(wait) => since_wake.map(|n| n + 1),
-        };
+        // A publish reaches its subscribers a moment before its stream has stored it: a pull
+        // for one message on the woken lane, held by the server until the message is there
+        // (another replica may take it first: the pull then expires and the loop looks again).
+        let lane = woken.and_then(|s| wake.lanes.iter().position(|l| *l == s));
+        if let Some(c) = lane.and_then(|i| consumers.get(i)) {
+            let mut one = c
+                .batch()
+                .max_messages(1)
+                .expires(WAKE_PULL)
+                .messages()
+                .await?;
+            if let Some(Ok(m)) = one.next().await {
+                return Ok(futures::stream::iter([Ok(m)]).boxed());
+            }
+        }
     }
 }
 
-/// Quick looks after a wake that found nothing.
-const WAKE_RETRIES: u32 = 5;
+/// How long the pull after a wake waits for the woken lane's message.
+const WAKE_PULL: Duration = Duration::from_millis(100);
 
 /// With several lanes, how long the loop waits without a publish before looking again (a
 /// message retried after a backoff is not published again).
@@ -374,6 +381,8 @@ const NEXT_WAIT: Duration = Duration::from_millis(25);
 /// found every lane empty (JetStream has no pull request spanning several consumers).
 struct Wake {
     subs: futures::stream::SelectAll<async_nats::Subscriber>,
+    /// Each lane's subject, in the lanes' order.
+    lanes: Vec<String>,
 }
 
 impl Wake {
@@ -382,7 +391,12 @@ impl Wake {
         for lane in &spec.lanes {
             subs.push(bus.client.subscribe(lane.filter_subject.clone()).await?);
         }
-        Ok(Self { subs })
+        let lanes = spec
+            .lanes
+            .iter()
+            .map(|l| l.filter_subject.clone())
+            .collect();
+        Ok(Self { subs, lanes })
     }
 
     /// Forgets the publishes seen so far (the lanes are about to be looked at).
@@ -390,10 +404,12 @@ impl Wake {
         while let Some(Some(_)) = self.subs.next().now_or_never() {}
     }
 
-    async fn next(&mut self) {
-        if self.subs.next().await.is_none() {
+    /// The subject of the next publish on any lane.
+    async fn next(&mut self) -> Option<String> {
+        match self.subs.next().await {
+            Some(m) => Some(m.subject.to_string()),
             // Every subscription closed (the connection is gone): fall back to polling.
-            std::future::pending::<()>().await;
+            None => std::future::pending().await,
         }
     }
 }
