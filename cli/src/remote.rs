@@ -23,11 +23,21 @@ pub struct Remote {
     /// Refused: keys on the command line leak through `ps`.
     #[arg(long = "key", hide = true)]
     pub key_in_argv: Option<String>,
+    /// The queue of the jobs this command creates: workers take every high job before any
+    /// normal one and every normal one before any low one.
+    #[arg(
+        long = "priority",
+        env = "ATELIER_PRIORITY",
+        default_value = "normal",
+        value_parser = ["high", "normal", "low"]
+    )]
+    pub priority: String,
 }
 
 impl Remote {
     pub fn client(&self) -> anyhow::Result<Client> {
-        Client::new(&self.gateway, self.api_key()?)
+        let priority = atelier_contracts::Priority::parse(&self.priority).unwrap_or_default();
+        Ok(Client::new(&self.gateway, self.api_key()?)?.with_priority(priority))
     }
 
     /// The key from `--key-file` or `ATELIER_API_KEY`.

@@ -200,6 +200,25 @@ async fn high_jobs_run_first_and_queued_jobs_know_their_place() {
         Priority::Low
     );
 
+    // The CLI's --priority.
+    let out = tokio::process::Command::new(bin("atelier"))
+        .args(["submit", "--gateway", client.base(), "--priority", "low"])
+        .arg(serde_json::to_string(&spec).unwrap())
+        .env_remove("ATELIER_API_KEY")
+        .output()
+        .await
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let record: atelier_contracts::JobRecord = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(record.priority, Priority::Low);
+    let out = tokio::process::Command::new(bin("atelier"))
+        .args(["submit", "--gateway", client.base(), "--priority", "urgent", "{}"])
+        .output()
+        .await
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--priority"));
+
     // A priority that is not one: 422 naming the header.
     let resp = reqwest::Client::new()
         .post(format!("{}/v1/jobs", client.base()))
