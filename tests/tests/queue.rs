@@ -208,11 +208,22 @@ async fn high_jobs_run_first_and_queued_jobs_know_their_place() {
         .output()
         .await
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let record: atelier_contracts::JobRecord = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(record.priority, Priority::Low);
     let out = tokio::process::Command::new(bin("atelier"))
-        .args(["submit", "--gateway", client.base(), "--priority", "urgent", "{}"])
+        .args([
+            "submit",
+            "--gateway",
+            client.base(),
+            "--priority",
+            "urgent",
+            "{}",
+        ])
         .output()
         .await
         .unwrap();
