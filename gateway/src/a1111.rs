@@ -607,6 +607,40 @@ pub(crate) async fn wait_all(app: &AppState, ids: &[JobId]) -> Result<Vec<JobRec
     }
 }
 
+/// Queues one job for an A1111 route and waits for it: its output when it succeeded, else an
+/// error named `failed_code` carrying the job's code and message — 422 for the job codes that
+/// mean the request was at fault (`user_codes`), 500 for the rest.
+pub(crate) async fn run_one(
+    app: &AppState,
+    caller: &Caller,
+    spec: atelier_contracts::JobSpec,
+    failed_code: &'static str,
+    user_codes: &[&str],
+) -> Result<JobOutput, ApiError> {
+    let kind = spec.kind();
+    let record = crate::api::queue(app, caller, spec).await?;
+    let r = wait_all(app, &[record.id])
+        .await?
+        .into_iter()
+        .next()
+        .ok_or_else(|| ApiError::unavailable(format!("the {kind} job's record is gone")))?;
+    match (r.state, r.output) {
+        (JobState::Succeeded, Some(out)) => Ok(out),
+        (state, _) => {
+            let (code, msg) = r.error.map(|e| (e.code, e.message)).unwrap_or_default();
+            let status = match user_codes.contains(&code.as_str()) {
+                true => StatusCode::UNPROCESSABLE_ENTITY,
+                false => StatusCode::INTERNAL_SERVER_ERROR,
+            };
+            Err(ApiError::new(
+                status,
+                failed_code,
+                format!("{kind} job {} ended {state:?} ({code}): {msg}", r.id),
+            ))
+        }
+    }
+}
+
 /// An A1111 generation request: its `infotext` applied, every field checked (a field atelier
 /// would not honour is a 422 naming it), then read.
 async fn generation_body<T: serde::de::DeserializeOwned>(

@@ -3,10 +3,10 @@
 //! schema. Face restoration (GFPGAN, CodeFormer) is not served: a visibility above 0 is a 422.
 
 use atelier_contracts::upscale::{UpscaleResize, UpscaleSpec};
-use atelier_contracts::{JobOutput, JobSpec, JobState};
+use atelier_contracts::{JobOutput, JobSpec};
 use axum::body::Body;
 use axum::extract::State;
-use axum::http::{HeaderMap, StatusCode};
+use axum::http::HeaderMap;
 use axum::{Extension, Json};
 use base64::Engine as _;
 use serde::Deserialize;
@@ -201,36 +201,25 @@ async fn upscale(
             .map_err(ApiError::from)?;
         spec.images.push(art.key);
     }
-    let record = crate::api::queue(app, caller, JobSpec::Upscale(spec)).await?;
-    let done = crate::a1111::wait_all(app, &[record.id]).await?;
-    let r = done
-        .into_iter()
-        .next()
-        .ok_or_else(|| ApiError::unavailable("the upscale job's record is gone"))?;
-    match (r.state, r.output) {
-        (JobState::Succeeded, Some(JobOutput::Upscaled(out))) => {
-            let mut encoded = Vec::with_capacity(out.images.len());
-            if base.show_extras_results {
-                for art in &out.images {
-                    let key = atelier_contracts::ArtifactKey::parse(&art.key)
-                        .map_err(|e| ApiError::unavailable(format!("bad artifact key: {e}")))?;
-                    let bytes = app.store.get_bytes(&key).await.map_err(ApiError::from)?;
-                    encoded.push(base64::engine::general_purpose::STANDARD.encode(&bytes));
-                }
-            }
-            Ok((encoded, out.info))
-        }
-        (state, _) => {
-            let (code, msg) = r.error.map(|e| (e.code, e.message)).unwrap_or_default();
-            let status = match code.as_str() {
-                "bad_image" | "invalid_job" => StatusCode::UNPROCESSABLE_ENTITY,
-                _ => StatusCode::INTERNAL_SERVER_ERROR,
-            };
-            Err(ApiError::new(
-                status,
-                "upscale_failed",
-                format!("upscale job {} ended {state:?} ({code}): {msg}", r.id),
-            ))
+    let out = crate::a1111::run_one(
+        app,
+        caller,
+        JobSpec::Upscale(spec),
+        "upscale_failed",
+        &["bad_image", "invalid_job"],
+    )
+    .await?;
+    let JobOutput::Upscaled(out) = out else {
+        return Err(ApiError::unavailable("the upscale job made no images"));
+    };
+    let mut encoded = Vec::with_capacity(out.images.len());
+    if base.show_extras_results {
+        for art in &out.images {
+            let key = atelier_contracts::ArtifactKey::parse(&art.key)
+                .map_err(|e| ApiError::unavailable(format!("bad artifact key: {e}")))?;
+            let bytes = app.store.get_bytes(&key).await.map_err(ApiError::from)?;
+            encoded.push(base64::engine::general_purpose::STANDARD.encode(&bytes));
         }
     }
+    Ok((encoded, out.info))
 }

@@ -6,10 +6,10 @@
 //! does not have) and any other name are a 422 listing what is available.
 
 use atelier_contracts::dataset::{CaptionBackend, InterrogateSpec};
-use atelier_contracts::{JobOutput, JobSpec, JobState};
+use atelier_contracts::{JobOutput, JobSpec};
 use axum::body::Body;
 use axum::extract::State;
-use axum::http::{HeaderMap, StatusCode};
+use axum::http::HeaderMap;
 use axum::{Extension, Json};
 use serde::Deserialize;
 use serde_json::{json, Value};
@@ -58,30 +58,17 @@ pub async fn interrogate(
         image: art.key,
         backend,
     });
-    let record = crate::api::queue(&app, &caller, spec).await?;
-    let done = crate::a1111::wait_all(&app, &[record.id]).await?;
-    let r = done
-        .into_iter()
-        .next()
-        .ok_or_else(|| ApiError::unavailable("the interrogate job's record is gone"))?;
-    match (r.state, r.output) {
-        (JobState::Succeeded, Some(JobOutput::Interrogated(out))) => {
-            Ok(Json(json!({"caption": out.caption})))
-        }
-        (state, _) => {
-            let (code, msg) = r.error.map(|e| (e.code, e.message)).unwrap_or_default();
-            let status = match code.as_str() {
-                "bad_image" | "unknown_model" | "captioner_not_configured" => {
-                    StatusCode::UNPROCESSABLE_ENTITY
-                }
-                _ => StatusCode::INTERNAL_SERVER_ERROR,
-            };
-            Err(ApiError::new(
-                status,
-                "interrogate_failed",
-                format!("interrogate job {} ended {state:?} ({code}): {msg}", r.id),
-            ))
-        }
+    let out = crate::a1111::run_one(
+        &app,
+        &caller,
+        spec,
+        "interrogate_failed",
+        &["bad_image", "unknown_model", "captioner_not_configured"],
+    )
+    .await?;
+    match out {
+        JobOutput::Interrogated(out) => Ok(Json(json!({"caption": out.caption}))),
+        _ => Err(ApiError::unavailable("the interrogate job made no caption")),
     }
 }
 
