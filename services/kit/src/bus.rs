@@ -45,6 +45,8 @@ pub struct Bus {
     pub js: jetstream::Context,
     /// The publish outbox's bucket, opened on first use (see [`crate::outbox`]).
     outbox: std::sync::Arc<tokio::sync::OnceCell<kv::Store>>,
+    /// The workers bucket, opened on first use (read for every queued job's place).
+    workers: std::sync::Arc<tokio::sync::OnceCell<kv::Store>>,
     /// Copies JetStream keeps of every stream and bucket this process declares.
     replicas: usize,
 }
@@ -96,6 +98,7 @@ impl Bus {
             client,
             js,
             outbox: Default::default(),
+            workers: Default::default(),
             replicas: args.nats_replicas.clamp(1, 5),
         })
     }
@@ -239,8 +242,10 @@ impl Bus {
 
     /// Worker reports ([`crate::queue`]): an entry lives a minute after its last write.
     pub async fn workers_kv(&self) -> anyhow::Result<kv::Store> {
-        self.kv(subjects::WORKERS_BUCKET, 1, crate::queue::REPORT_TTL)
+        self.workers
+            .get_or_try_init(|| self.kv(subjects::WORKERS_BUCKET, 1, crate::queue::REPORT_TTL))
             .await
+            .cloned()
     }
 
     pub async fn jobs_kv(&self) -> anyhow::Result<kv::Store> {

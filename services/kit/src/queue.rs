@@ -118,9 +118,9 @@ pub async fn place(bus: &Bus, record: &JobRecord) -> anyhow::Result<Option<Queue
     let service = record.service;
     let mut position = 0;
     for p in Priority::ORDER {
-        let (mut stream, delivered) = queue(bus, service, p).await?;
+        let (stream, delivered) = queue(bus, service, p).await?;
         if p == record.priority {
-            position += ahead_in_queue(&mut stream, delivered, record.id).await?;
+            position += ahead_in_queue(&stream, delivered, record.id).await?;
             break;
         }
         let state = stream.cached_info().state.clone();
@@ -168,7 +168,8 @@ async fn queue(
         .get_consumer::<pull::Config>(&service.consumer_for(priority))
         .await
     {
-        Ok(mut c) => c.info().await?.delivered.stream_sequence,
+        // Fetched just now by the lookup: no second request.
+        Ok(c) => c.cached_info().delivered.stream_sequence,
         Err(_) => first.saturating_sub(1),
     };
     Ok((stream, delivered))
@@ -181,11 +182,7 @@ struct IdOnly {
 
 /// Undelivered messages of `stream` queued before job `id`: a binary search over
 /// `delivered + 1 ..= last` for the first message whose job id is not below `id`.
-async fn ahead_in_queue(
-    stream: &mut stream::Stream,
-    delivered: u64,
-    id: JobId,
-) -> anyhow::Result<u64> {
+async fn ahead_in_queue(stream: &stream::Stream, delivered: u64, id: JobId) -> anyhow::Result<u64> {
     let state = &stream.cached_info().state;
     let lo_start = (delivered + 1).max(state.first_sequence);
     let (mut lo, mut hi) = (lo_start, state.last_sequence + 1);
