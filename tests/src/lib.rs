@@ -879,9 +879,26 @@ pub async fn write_version(
 /// one), the local store under `data_dir`, no auth (loopback), the gateway on `port`, output to
 /// `log`. Callers add flags and spawn it.
 pub fn atelier_up(data_dir: &Path, port: u16, nats_port: u16, log: &Path) -> Command {
+    atelier_up_keyed(data_dir, port, nats_port, log, None)
+}
+
+/// [`atelier_up`] with authentication: `key_entry` (`NAME:SHA256:SCOPES`, from
+/// `atelier_gateway::auth::generate_key`) as its only API key; `None` runs without auth.
+pub fn atelier_up_keyed(
+    data_dir: &Path,
+    port: u16,
+    nats_port: u16,
+    log: &Path,
+    key_entry: Option<&str>,
+) -> Command {
     let log = std::fs::File::create(log).expect("creating the log");
     let mut cmd = Command::new(bin("atelier"));
-    cmd.args(["up", "--insecure-no-auth", "--nats-port"])
+    cmd.arg("up");
+    match key_entry {
+        Some(entry) => cmd.env("ATELIER_API_KEYS", entry),
+        None => cmd.arg("--insecure-no-auth"),
+    };
+    cmd.arg("--nats-port")
         .arg(nats_port.to_string())
         .arg("--addr")
         .arg(format!("127.0.0.1:{port}"))
@@ -895,6 +912,18 @@ pub fn atelier_up(data_dir: &Path, port: u16, nats_port: u16, log: &Path) -> Com
         .stderr(log);
     die_with_parent(&mut cmd);
     cmd
+}
+
+/// Waits up to a minute for `base`'s `/healthz` to answer 200.
+pub async fn wait_healthy(base: &str) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !reqwest::get(format!("{base}/healthz"))
+        .await
+        .is_ok_and(|r| r.status() == 200)
+    {
+        assert!(Instant::now() < deadline, "{base} did not become healthy");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 }
 
 /// Drill counts: `ATELIER_DRILL=full` (`scripts/drill --full`, by hand) runs `full`; otherwise

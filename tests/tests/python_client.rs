@@ -3,7 +3,6 @@
 //! submitted with idempotency keys, followed over SSE, listed, cancelled; errors; async too).
 
 use std::process::Command;
-use std::time::{Duration, Instant};
 
 use atelier_e2e::*;
 use atelier_kit::nats_server::free_port;
@@ -58,17 +57,7 @@ async fn the_python_client_works_against_atelier_up() {
         .spawn()
         .unwrap();
     let base = format!("http://127.0.0.1:{port}");
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while !reqwest::get(format!("{base}/healthz"))
-        .await
-        .is_ok_and(|r| r.status() == 200)
-    {
-        assert!(
-            Instant::now() < deadline,
-            "atelier up did not become healthy"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    wait_healthy(&base).await;
     let out = tokio::process::Command::new(tool("python"))
         .arg(repo_root().join("tests/python/client_check.py"))
         .arg(&base)

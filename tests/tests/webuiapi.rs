@@ -4,8 +4,7 @@
 //! webuiapi sends as HTTP Basic — whose model folder holds a tiny SD 1.x model, a LoRA, an
 //! embedding and a tiny BLIP, and checks each answer against A1111's schema.
 
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use atelier_diffusion::pipeline::{make_tiny, Family};
 use atelier_e2e::*;
@@ -58,32 +57,17 @@ async fn every_webuiapi_method_gets_a1111s_answer_from_atelier_up() {
     atelier_captioner::blip::make_tiny(&models.join("blip/tiny-blip"), 5).unwrap();
     let (key, entry) = atelier_gateway::auth::generate_key("webuiapi", "*").unwrap();
     let (port, nats_port) = (free_port().unwrap(), free_port().unwrap());
-    let log = std::fs::File::create(tmp.path().join("up.log")).unwrap();
-    let mut cmd = Command::new(bin("atelier"));
-    cmd.args(["up", "--nats-port", &nats_port.to_string()])
-        .args(["--addr", &format!("127.0.0.1:{port}")])
-        .arg("--data-dir")
-        .arg(&data)
-        .env("ATELIER_API_KEYS", &entry)
-        .env("ATELIER_NATS_SERVER", tool("nats-server"))
-        .env_remove("ATELIER_NATS_URL")
-        .env_remove("ATELIER_STORE")
-        .stdin(Stdio::null())
-        .stdout(log.try_clone().unwrap())
-        .stderr(log);
-    let mut up = cmd.spawn().unwrap();
+    let mut up = atelier_up_keyed(
+        &data,
+        port,
+        nats_port,
+        &tmp.path().join("up.log"),
+        Some(&entry),
+    )
+    .spawn()
+    .unwrap();
     let base = format!("http://127.0.0.1:{port}");
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while !reqwest::get(format!("{base}/healthz"))
-        .await
-        .is_ok_and(|r| r.status() == 200)
-    {
-        assert!(
-            Instant::now() < deadline,
-            "atelier up did not become healthy"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    wait_healthy(&base).await;
     let script = repo_root().join("tests/python/webuiapi_drive.py");
     let out = tokio::time::timeout(
         Duration::from_secs(300),

@@ -1,6 +1,7 @@
 //! Single-file checkpoints with the original LDM key names: the name map covers every parameter
 //! of the published architectures, hits the names real files use, and a tiny model written in
-//! that layout loads back to the same images as its diffusers folder.
+//! that layout loads back to the same images as its diffusers folder. A1111's separate VAE files
+//! (LDM names with or without `first_stage_model.`, or diffusers') replace a model's own VAE.
 use atelier_diffusion::models::ldm;
 use atelier_diffusion::pipeline::{
     make_tiny, write_single_file, Family, Placement, SingleFileConfig, StableDiffusion, Txt2Img,
@@ -172,4 +173,64 @@ fn unknown_single_file_layouts_are_named() {
         .unwrap()
         .to_string();
     assert!(err.contains(".safetensors"), "{err}");
+}
+
+fn image(m: &StableDiffusion) -> Vec<u8> {
+    m.txt2img(&req(), |_, _| true).unwrap()[0]
+        .image
+        .clone()
+        .into_raw()
+}
+
+#[test]
+fn separate_vae_files_replace_the_models_own() {
+    let root = tempfile::tempdir().unwrap();
+    let folder = root.path().join("tiny");
+    make_tiny(&folder, Family::Sd1, 11).unwrap();
+    let single = root.path().join("tiny.safetensors");
+    write_single_file(&folder, &single).unwrap();
+    let all = candle_core::safetensors::load(&single, &Device::Cpu).unwrap();
+    let vae_of = |prefix: &str| -> std::collections::HashMap<String, candle_core::Tensor> {
+        all.iter()
+            .filter_map(|(k, v)| {
+                k.strip_prefix("first_stage_model.")
+                    .map(|n| (format!("{prefix}{n}"), v.clone()))
+            })
+            .collect()
+    };
+    let write = |name: &str, tensors: &std::collections::HashMap<String, candle_core::Tensor>| {
+        let p = root.path().join(name);
+        candle_core::safetensors::save(tensors, &p).unwrap();
+        p
+    };
+    let ldm = write("ldm.vae.safetensors", &vae_of(""));
+    let prefixed = write("prefixed.vae.safetensors", &vae_of("first_stage_model."));
+    let diffusers = folder.join("vae/diffusion_pytorch_model.safetensors");
+    let mut changed = vae_of("");
+    let bias = changed["decoder.conv_out.bias"].affine(1.0, 0.3).unwrap();
+    changed.insert("decoder.conv_out.bias".into(), bias);
+    let changed = write("changed.vae.safetensors", &changed);
+
+    let own = image(&StableDiffusion::load(&folder, Placement::CPU).unwrap());
+    for vae in [&ldm, &prefixed, &diffusers] {
+        let m = StableDiffusion::load_with_vae(&folder, vae, Placement::CPU).unwrap();
+        assert_eq!(image(&m), own, "{}", vae.display());
+    }
+    let from_single = StableDiffusion::load_with_vae(&single, &ldm, Placement::CPU).unwrap();
+    assert_eq!(image(&from_single), own);
+    let other = StableDiffusion::load_with_vae(&folder, &changed, Placement::CPU).unwrap();
+    assert_ne!(image(&other), own, "a different VAE made the same image");
+
+    // Not a VAE: the error says what was expected.
+    let unet_only: std::collections::HashMap<String, candle_core::Tensor> = all
+        .iter()
+        .filter(|(k, _)| k.starts_with("model.diffusion_model."))
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    let bad = write("unet.safetensors", &unet_only);
+    let err = StableDiffusion::load_with_vae(&folder, &bad, Placement::CPU)
+        .err()
+        .expect("refused")
+        .to_string();
+    assert!(err.contains("not a VAE"), "{err}");
 }
