@@ -88,6 +88,8 @@ pub enum JobSpec {
     Upscale(crate::upscale::UpscaleSpec),
     /// Caption one image and answer it (captioner).
     Interrogate(crate::dataset::InterrogateSpec),
+    /// Create a textual-inversion embedding from an initial text (trainer).
+    CreateEmbedding(crate::embedding::CreateEmbeddingSpec),
 }
 
 impl JobSpec {
@@ -107,6 +109,7 @@ impl JobSpec {
         "export",
         "upscale",
         "interrogate",
+        "create_embedding",
     ];
 
     pub fn service(&self) -> Service {
@@ -118,7 +121,7 @@ impl JobSpec {
             JobSpec::Filter(_) | JobSpec::EvalCaptions(_) | JobSpec::Export(_) => {
                 Service::QualityFilter
             }
-            JobSpec::Train(_) => Service::Trainer,
+            JobSpec::Train(_) | JobSpec::CreateEmbedding(_) => Service::Trainer,
             JobSpec::Index(_) | JobSpec::Curate(_) => Service::RetrievalIndexer,
             JobSpec::Augment(_) | JobSpec::Upscale(_) => Service::Augmenter,
         }
@@ -139,6 +142,7 @@ impl JobSpec {
             JobSpec::Export(_) => "export",
             JobSpec::Upscale(_) => "upscale",
             JobSpec::Interrogate(_) => "interrogate",
+            JobSpec::CreateEmbedding(_) => "create_embedding",
         }
     }
 }
@@ -166,7 +170,7 @@ pub enum JobOutput {
     DatasetVersion(DatasetVersionOutput),
     /// Caption scores of an eval_captions job.
     CaptionScores(CaptionScores),
-    /// The LoRA a training job wrote.
+    /// The LoRA (or textual-inversion embedding) a training job wrote.
     Trained(TrainOutput),
     /// What an index job embedded and removed.
     Indexed(IndexOutput),
@@ -180,6 +184,8 @@ pub enum JobOutput {
     Upscaled(crate::upscale::UpscaleOutput),
     /// The caption an interrogate job made.
     Interrogated(crate::dataset::InterrogateOutput),
+    /// The embedding a create_embedding job made.
+    Embedding(crate::embedding::EmbeddingOutput),
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema, ToSchema)]

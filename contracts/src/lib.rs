@@ -12,6 +12,7 @@ pub mod artifact;
 pub mod asyncapi;
 pub mod augment;
 pub mod dataset;
+pub mod embedding;
 pub mod generate;
 pub mod http;
 pub mod images;

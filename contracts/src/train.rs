@@ -134,6 +134,10 @@ pub struct TrainSpec {
     pub data: TrainData,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub dreambooth: Option<DreamBoothSpec>,
+    /// Textual inversion instead of a LoRA: `output_name` is the embedding, only its vectors
+    /// train (`network`, `unet_lr` and `text_encoder_lr` do not apply).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub embedding: Option<crate::embedding::EmbeddingTrainSpec>,
     #[serde(default)]
     pub network: NetworkSpec,
     /// Training resolution (square side; a multiple of 64).
@@ -458,6 +462,13 @@ impl TrainSpec {
         if self.sample_steps == 0 || self.sample_steps > 150 {
             return Err("sample_steps must be 1..=150".into());
         }
+        if let Some(e) = &self.embedding {
+            if self.dreambooth.is_some() {
+                return Err("embedding and dreambooth exclude each other: textual inversion trains from the data's captions".into());
+            }
+            crate::embedding::check_embedding_name(&self.output_name)?;
+            e.check(self.max_train_steps)?;
+        }
         if let Some(db) = &self.dreambooth {
             if db.instance_prompt.trim().is_empty() || db.class_prompt.trim().is_empty() {
                 return Err(
@@ -516,11 +527,13 @@ pub struct LossPoint {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema, ToSchema)]
 pub struct TrainOutput {
     pub output_name: String,
-    /// The LoRA in kohya's layout (content-addressed).
+    /// The LoRA in kohya's layout (content-addressed); for textual inversion, the embedding.
     pub lora: ArtifactRef,
-    /// The same file where samplers look for `<lora:NAME>` (`loras/NAME.safetensors`).
+    /// The same file where samplers look for `<lora:NAME>` (`loras/NAME.safetensors`), or for
+    /// an embedding's name in prompts (`embeddings/NAME.safetensors`).
     pub published_as: String,
-    /// A1111's short hash of the file (`sshs_model_hash`'s first 12 hex digits).
+    /// A1111's short hash of the file (`sshs_model_hash`'s first 12 hex digits; for an
+    /// embedding the first 12 hex digits of the file's SHA-256).
     pub lora_hash: String,
     pub steps: u32,
     pub images: u32,

@@ -449,6 +449,9 @@ pub(crate) fn validate(spec: &JobSpec) -> Result<(), ApiError> {
         JobSpec::Upscale(u) => u
             .check()
             .map_err(|e| ApiError::unprocessable("invalid_job", format!("spec: {e}")))?,
+        JobSpec::CreateEmbedding(c) => c
+            .check()
+            .map_err(|e| ApiError::unprocessable("invalid_job", format!("spec: {e}")))?,
         JobSpec::Train(t) => {
             t.check()
                 .map_err(|e| ApiError::unprocessable("invalid_job", format!("spec: {e}")))?;

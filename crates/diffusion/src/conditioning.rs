@@ -65,6 +65,25 @@ impl Embedding {
                 ))
             }
         };
+        Self::from_tensors(name, tensors, &path.display().to_string())
+    }
+
+    /// An embedding from a `.safetensors` file's bytes, named `name`.
+    pub fn from_safetensors(name: &str, bytes: &[u8]) -> std::result::Result<Self, String> {
+        let tensors = candle_core::safetensors::load_buffer(bytes, &Device::Cpu)
+            .map_err(|e| format!("embedding {name}: {e}"))?
+            .into_iter()
+            .collect();
+        Self::from_tensors(name.to_string(), tensors, &format!("embedding {name}"))
+    }
+
+    /// An embedding from a file's tensors, in any of the layouts [`Embedding::load`] reads;
+    /// errors name the file as `what`.
+    fn from_tensors(
+        name: String,
+        tensors: Vec<(String, Tensor)>,
+        what: &str,
+    ) -> std::result::Result<Self, String> {
         let find = |key: &str| {
             tensors
                 .iter()
@@ -78,7 +97,7 @@ impl Embedding {
                 2 => Ok(t),
                 _ => Err(format!(
                     "{}: an embedding is [n, dim], got {:?}",
-                    path.display(),
+                    what,
                     t.dims()
                 )),
             }
@@ -92,7 +111,7 @@ impl Embedding {
         } else {
             return Err(format!(
                 "{}: not a textual-inversion embedding (expected string_to_param, emb_params or clip_l/clip_g)",
-                path.display()
+                what
             ));
         };
         Ok(Self { name, vectors })

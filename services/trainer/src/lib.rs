@@ -1,4 +1,5 @@
-//! The trainer service: LoRA and DreamBooth training as jobs that survive worker death.
+//! The trainer service: LoRA, DreamBooth and textual-inversion training as jobs that survive
+//! worker death.
 //!
 //! [`data`] prepares images and captions as kohya's sd-scripts do; [`session`] is one training
 //! run in memory (no I/O); [`Trainer`] wraps it with the bus and the object store:
@@ -14,9 +15,14 @@
 //! - the LoRA (kohya's layout, `ss_*` metadata) is stored content-addressed and published at
 //!   `loras/<output_name>.safetensors`, where samplers find `<lora:output_name:1>`; the loss
 //!   curve is stored as CSV and as a PNG plot; sample images are rendered by the sampler service
-//!   from intermediate LoRAs (`loras/<output_name>-step00000100.safetensors`).
+//!   from intermediate LoRAs (`loras/<output_name>-step00000100.safetensors`);
+//! - textual inversion ([`inversion`]) trains an embedding's vectors alone and publishes it at
+//!   `embeddings/<output_name>.safetensors` (where `create_embedding` jobs put new ones, and
+//!   where training continues an existing one from).
 
 pub mod data;
+pub mod inversion;
+pub mod params;
 pub mod plot;
 pub mod session;
 
@@ -77,8 +83,13 @@ fn step_name(name: &str, step: u32) -> String {
     format!("{name}-step{step:08}")
 }
 
-fn lora_key(name: &str) -> Result<ArtifactKey, JobError> {
-    ArtifactKey::parse(&format!("loras/{name}.safetensors"))
+/// Where the run's file `name` is published: `loras/` or, for textual inversion, `embeddings/`.
+fn published_key(spec: &TrainSpec, name: &str) -> Result<ArtifactKey, JobError> {
+    let dir = match spec.embedding {
+        Some(_) => "embeddings",
+        None => "loras",
+    };
+    ArtifactKey::parse(&format!("{dir}/{name}.safetensors"))
         .map_err(|e| JobError::permanent("invalid_job", format!("output_name {name:?}: {e}")))
 }
 
@@ -305,10 +316,13 @@ impl Trainer {
         let class = self.class_images(ctx, &spec).await?;
         let ckpt_key = ArtifactKey::parse(&format!("checkpoints/{}/latest.safetensors", ctx.id))
             .map_err(|e| JobError::permanent("bad_artifact_key", e.to_string()))?;
-        let checkpoint = match ctx.store().get_bytes(&ckpt_key).await {
-            Ok(b) => Some(b.to_vec()),
-            Err(atelier_kit::store::StoreError::NotFound(_)) => None,
-            Err(e) => return Err(e.into()),
+        let checkpoint = inversion::get_if_any(ctx, &ckpt_key).await?;
+        let start = match spec.embedding {
+            Some(_) => {
+                let key = published_key(&spec, &spec.output_name)?;
+                inversion::get_if_any(ctx, &key).await?
+            }
+            None => None,
         };
         ctx.progress(0.0, Some(format!("loading {}", spec.base_model)))
             .await;
@@ -359,7 +373,8 @@ impl Trainer {
                 }
             }
             let examples = session::prepare(&model, &sp, inputs).map_err(train_err)?;
-            let mut run = Session::new(model, &sp, examples).map_err(train_err)?;
+            let mut run = Session::starting_from(model, &sp, examples, start.as_deref())
+                .map_err(train_err)?;
             let mut resumed_from = None;
             if let Some(bytes) = checkpoint {
                 match run.restore(&bytes) {
@@ -388,11 +403,11 @@ impl Trainer {
                 if sample && p.step % sp.sample_every == 0 {
                     let _ = tx.send(Event::Sample(
                         p.step,
-                        run.lora_file(&name, &hash).map_err(train_err)?,
+                        run.output_file(&name, &hash).map_err(train_err)?,
                     ));
                 }
             }
-            let lora = run.lora_file(&name, &hash).map_err(train_err)?;
+            let lora = run.output_file(&name, &hash).map_err(train_err)?;
             Ok(Finished {
                 lora,
                 history: run.history.clone(),
@@ -422,7 +437,7 @@ impl Trainer {
                     }
                     Event::Sample(step, bytes) => {
                         let name = step_name(&spec.output_name, step);
-                        ctx.store().put_at(&lora_key(&name)?, bytes.into(), "application/octet-stream").await?;
+                        ctx.store().put_at(&published_key(&spec, &name)?, bytes.into(), "application/octet-stream").await?;
                         for prompt in &spec.sample_prompts {
                             let id = self.submit(ctx, JobSpec::Txt2img(self.sample_spec(&spec, &name, prompt))).await?;
                             sample_jobs.push((step, prompt.clone(), id));
@@ -446,7 +461,7 @@ impl Trainer {
             .store()
             .put_bytes(done.lora.clone().into(), "application/octet-stream")
             .await?;
-        let published = lora_key(&spec.output_name)?;
+        let published = published_key(&spec, &spec.output_name)?;
         ctx.store()
             .put_at(
                 &published,
@@ -454,7 +469,10 @@ impl Trainer {
                 "application/octet-stream",
             )
             .await?;
-        let (hash, _) = session::lora_hashes(&done.lora);
+        let hash = match spec.embedding {
+            Some(_) => hex::encode(Sha256::digest(&done.lora)),
+            None => session::lora_hashes(&done.lora).0,
+        };
         let mut csv = String::from("step,loss,lr\n");
         for p in &done.history {
             csv.push_str(&format!("{},{},{}\n", p.step, p.loss, p.lr));
@@ -508,8 +526,15 @@ impl Trainer {
         }))
     }
 
-    fn sample_spec(&self, spec: &TrainSpec, lora: &str, prompt: &str) -> GenerateSpec {
-        let mut g = GenerateSpec::txt2img(&spec.base_model, &format!("{prompt} <lora:{lora}:1>"));
+    /// A sample image's job: the prompt with the LoRA `name` at weight 1, or with the embedding
+    /// `name` in place of `[name]` (appended when the prompt has none).
+    fn sample_spec(&self, spec: &TrainSpec, name: &str, prompt: &str) -> GenerateSpec {
+        let prompt = match spec.embedding {
+            None => format!("{prompt} <lora:{name}:1>"),
+            Some(_) if prompt.contains("[name]") => prompt.replace("[name]", name),
+            Some(_) => format!("{prompt} {name}"),
+        };
+        let mut g = GenerateSpec::txt2img(&spec.base_model, &prompt);
         g.width = spec.resolution;
         g.height = spec.resolution;
         g.steps = spec.sample_steps;
@@ -527,6 +552,7 @@ impl Handler for Trainer {
     async fn handle(&self, ctx: &JobCtx, spec: JobSpec) -> Result<JobOutput, JobError> {
         match spec {
             JobSpec::Train(t) => self.train(ctx, *t).await,
+            JobSpec::CreateEmbedding(c) => self.create_embedding(ctx, c).await,
             other => Err(JobError::permanent(
                 "wrong_service",
                 format!("the trainer does not run {} jobs", other.kind()),

@@ -8,10 +8,12 @@
 
 use std::collections::HashMap;
 
+use atelier_contracts::embedding::LearnRate;
 use atelier_contracts::{LossPoint, TrainSpec};
 use atelier_diffusion::pipeline::{Family, StableDiffusion};
 use atelier_diffusion::schedulers::{NoiseSchedule, PredictionType};
 use atelier_diffusion::torch as engine;
+use atelier_diffusion::torch::inversion::{encode_caption_with, TrainableEmbedding};
 use atelier_diffusion::torch::train::encode_caption;
 use atelier_diffusion::torch::weights::{from_candle, to_candle};
 use atelier_diffusion::train::{
@@ -23,6 +25,7 @@ use rand::Rng;
 use sha2::{Digest, Sha256};
 
 use crate::data::{epoch_batches, escape_caption, fit_to, Bucketing, CaptionOps};
+use crate::params::Params;
 
 const PURPOSE_ORDER: u64 = 1;
 const PURPOSE_STEP: u64 = 2;
@@ -121,7 +124,9 @@ pub fn prepare(
 /// A training run in memory.
 pub struct Session {
     model: StableDiffusion,
-    network: LoraNetwork,
+    params: Params,
+    /// Textual inversion's learning-rate schedule (A1111's), when training an embedding.
+    learn_rate: Option<LearnRate>,
     optimizer: AdamW,
     objective: Objective,
     schedule: NoiseSchedule,
@@ -141,36 +146,55 @@ pub struct Session {
 impl Session {
     /// A fresh run on `model` (loaded on libtorch).
     pub fn new(
+        model: StableDiffusion,
+        spec: &TrainSpec,
+        examples: Vec<Example>,
+    ) -> Result<Self, TrainError> {
+        Self::starting_from(model, spec, examples, None)
+    }
+
+    /// A fresh run; for textual inversion, continuing the embedding file `embedding` (its
+    /// vectors and step) when given, else one made from the spec's `init_text`.
+    pub fn starting_from(
         mut model: StableDiffusion,
         spec: &TrainSpec,
         examples: Vec<Example>,
+        embedding: Option<&[u8]>,
     ) -> Result<Self, TrainError> {
         spec.check().map_err(TrainError::Invalid)?;
         if examples.is_empty() {
             return Err(TrainError::Invalid("no training images".into()));
         }
-        let n = &spec.network;
-        let cfg = LoraConfig {
-            rank: n.rank as usize,
-            alpha: n.alpha,
-            conv_rank: n.conv_rank.map(|r| r as usize),
-            conv_alpha: n.conv_alpha,
-            unet_targets: if n.targets == "attention" {
-                UnetTargets::Attention
-            } else {
-                UnetTargets::Transformer
-            },
-            text_encoder: n.train_text_encoder,
+        let (params, learn_rate) = match &spec.embedding {
+            None => (Params::Lora(Self::attach(&mut model, spec)?), None),
+            Some(e) => {
+                let emb = match embedding {
+                    Some(bytes) => TrainableEmbedding::from_file(&model, &spec.output_name, bytes)?,
+                    None => TrainableEmbedding::from_text(
+                        &model,
+                        &spec.output_name,
+                        &e.init_text,
+                        e.num_vectors as usize,
+                    )?,
+                };
+                let lr = LearnRate::parse(&e.learn_rate, spec.max_train_steps)
+                    .map_err(TrainError::Invalid)?;
+                (Params::Embedding(emb), Some(lr))
+            }
         };
-        let init_seed = stream(spec.seed, PURPOSE_INIT, 0).gen::<u64>();
-        let network = LoraNetwork::attach(model.torch_mut(), &cfg, init_seed)?;
-        let vars: Vec<_> = network.vars().into_iter().map(|(v, _)| v).collect();
+        let step = params.embedding().map_or(0, |e| e.step);
+        let vars: Vec<_> = params.vars().into_iter().map(|(v, _)| v).collect();
         let optimizer = AdamW::new(
             AdamWParams {
                 beta1: spec.adam_beta1,
                 beta2: spec.adam_beta2,
                 eps: spec.adam_epsilon,
-                weight_decay: spec.weight_decay,
+                // A1111 trains embeddings without weight decay.
+                weight_decay: if learn_rate.is_some() {
+                    0.0
+                } else {
+                    spec.weight_decay
+                },
             },
             &vars,
         );
@@ -201,7 +225,8 @@ impl Session {
         .len();
         Ok(Self {
             model,
-            network,
+            params,
+            learn_rate,
             optimizer,
             objective,
             schedule,
@@ -217,14 +242,39 @@ impl Session {
             batches_per_epoch,
             epoch_cache: None,
             text_cache: HashMap::new(),
-            step: 0,
+            step,
             history: Vec::new(),
             started_at: chrono::Utc::now(),
         })
     }
 
-    pub fn network(&self) -> &LoraNetwork {
-        &self.network
+    /// Adapters on `model`'s UNet (and text encoders) as the spec's `network` says.
+    fn attach(model: &mut StableDiffusion, spec: &TrainSpec) -> Result<LoraNetwork, TrainError> {
+        let n = &spec.network;
+        let cfg = LoraConfig {
+            rank: n.rank as usize,
+            alpha: n.alpha,
+            conv_rank: n.conv_rank.map(|r| r as usize),
+            conv_alpha: n.conv_alpha,
+            unet_targets: if n.targets == "attention" {
+                UnetTargets::Attention
+            } else {
+                UnetTargets::Transformer
+            },
+            text_encoder: n.train_text_encoder,
+        };
+        let init_seed = stream(spec.seed, PURPOSE_INIT, 0).gen::<u64>();
+        Ok(LoraNetwork::attach(model.torch_mut(), &cfg, init_seed)?)
+    }
+
+    /// The LoRA network, when the run trains one.
+    pub fn network(&self) -> Option<&LoraNetwork> {
+        self.params.lora()
+    }
+
+    /// The embedding, when the run trains one.
+    pub fn embedding(&self) -> Option<&TrainableEmbedding> {
+        self.params.embedding()
     }
 
     /// The model with the adapters attached (what the LoRA currently does).
@@ -244,6 +294,9 @@ impl Session {
 
     /// The learning rate of `group` at optimizer step `step`.
     pub fn lr(&self, group: Group, step: u32) -> f64 {
+        if let Some(lr) = &self.learn_rate {
+            return lr.at(step);
+        }
         let base = match group {
             Group::Unet => self.spec.unet_lr,
             Group::Text => self.spec.text_encoder_lr,
@@ -276,11 +329,23 @@ impl Session {
             .unwrap_or_default()
     }
 
+    /// The caption an example trains with: for textual inversion, template `pick` of the spec's
+    /// with the embedding's name and the caption as its file words; the caption itself otherwise.
+    fn templated(&self, caption: String, pick: usize) -> String {
+        match &self.spec.embedding {
+            Some(e) => e.prompt(pick, &self.spec.output_name, &caption),
+            None => caption,
+        }
+    }
+
     fn encode_text(
         &mut self,
         caption: &str,
     ) -> Result<(engine::Tensor, Option<engine::Tensor>), TrainError> {
         let text = escape_caption(caption);
+        if let Some(e) = self.params.embedding() {
+            return Ok(encode_caption_with(&self.model, &text, Some(e))?);
+        }
         if self.spec.network.train_text_encoder {
             return Ok(encode_caption(&self.model, &text)?);
         }
@@ -330,6 +395,7 @@ impl Session {
         let mut sizes = Vec::new();
         for i in idx {
             let caption = self.captions.apply(&self.examples[i].caption, rng);
+            let caption = self.templated(caption, rng.gen::<u32>() as usize);
             let e = &self.examples[i];
             let flip = e.flipped.is_some() && rng.gen::<bool>();
             lat.push(match (&e.flipped, flip) {
@@ -393,7 +459,7 @@ impl Session {
     pub fn train_step(&mut self) -> Result<LossPoint, TrainError> {
         let accum = self.spec.gradient_accumulation_steps.max(1) as usize;
         let step = self.step;
-        self.network.zero_grad();
+        self.params.zero_grad();
         let mut loss_sum = 0.0;
         for k in 0..accum {
             let micro = step as usize * accum + k;
@@ -407,13 +473,13 @@ impl Session {
             }
             loss_sum += l;
         }
-        let mut grads = self.network.grads();
-        self.network.zero_grad();
+        let mut grads = self.params.grads();
+        self.params.zero_grad();
         if self.spec.max_grad_norm > 0.0 {
             clip_grad_norm(&mut grads, self.spec.max_grad_norm);
         }
         let (vars, groups): (Vec<&engine::Tensor>, Vec<Group>) =
-            self.network.vars().into_iter().unzip();
+            self.params.vars().into_iter().unzip();
         let lrs: Vec<f64> = groups.iter().map(|g| self.lr(*g, step)).collect();
         self.optimizer.step(&vars, &grads, &lrs)?;
         self.step += 1;
@@ -432,7 +498,7 @@ impl Session {
         let mut total = 0.0;
         for i in 0..self.examples.len() {
             let mut rng = stream(seed, PURPOSE_EVAL, i as u64);
-            let caption = self.examples[i].caption.clone();
+            let caption = self.templated(self.examples[i].caption.clone(), 0);
             let l = engine::no_grad(|| -> Result<f64, TrainError> {
                 let (context, pooled) = self.encode_text(&caption)?;
                 let e = &self.examples[i];
@@ -455,11 +521,11 @@ impl Session {
         let micro = self.step as usize * self.spec.gradient_accumulation_steps.max(1) as usize;
         let mut rng = stream(self.spec.seed, PURPOSE_STEP, micro as u64);
         let batch = self.batch(micro, &mut rng)?;
-        self.network.zero_grad();
+        self.params.zero_grad();
         self.backward(&batch, &mut rng, 1.0)?;
-        let grads = self.network.grads();
-        self.network.zero_grad();
-        self.network
+        let grads = self.params.grads();
+        self.params.zero_grad();
+        self.params
             .var_names()
             .into_iter()
             .zip(grads)
@@ -471,15 +537,10 @@ impl Session {
     /// spec's hash; the random state is (seed, step) itself.
     pub fn checkpoint(&self) -> Result<Vec<u8>, TrainError> {
         let mut tensors = HashMap::new();
-        for (name, (v, _)) in self
-            .network
-            .var_names()
-            .into_iter()
-            .zip(self.network.vars())
-        {
+        for (name, (v, _)) in self.params.var_names().into_iter().zip(self.params.vars()) {
             tensors.insert(name, to_candle(v)?);
         }
-        for (i, name) in self.network.var_names().into_iter().enumerate() {
+        for (i, name) in self.params.var_names().into_iter().enumerate() {
             tensors.insert(
                 format!("optimizer.m.{name}"),
                 to_candle(&self.optimizer.m[i])?,
@@ -523,8 +584,8 @@ impl Session {
             let t = candle_core::safetensors::Load::load(&view, &Device::Cpu)?;
             tensors.insert(name, t);
         }
-        self.network.load_weights(&tensors)?;
-        for (i, name) in self.network.var_names().into_iter().enumerate() {
+        self.params.load_weights(&tensors)?;
+        for (i, name) in self.params.var_names().into_iter().enumerate() {
             let get = |k: String| {
                 tensors
                     .get(&k)
@@ -547,14 +608,29 @@ impl Session {
         Ok(())
     }
 
-    /// The LoRA file (kohya's layout and `ss_*` metadata, plus A1111's hashes of the file).
-    pub fn lora_file(&self, base_name: &str, base_hash: &str) -> Result<Vec<u8>, TrainError> {
+    /// The file the run makes: the LoRA (kohya's layout and `ss_*` metadata, plus A1111's hashes
+    /// of the file) or the embedding (A1111's layout, with its step).
+    pub fn output_file(&self, base_name: &str, base_hash: &str) -> Result<Vec<u8>, TrainError> {
+        match &self.params {
+            Params::Lora(n) => self.lora_file(n, base_name, base_hash),
+            Params::Embedding(e) => {
+                Ok(e.file(self.model.family, self.step, (base_name, base_hash))?)
+            }
+        }
+    }
+
+    fn lora_file(
+        &self,
+        network: &LoraNetwork,
+        base_name: &str,
+        base_hash: &str,
+    ) -> Result<Vec<u8>, TrainError> {
         let dtype = if self.spec.save_fp16 {
             DType::F16
         } else {
             DType::F32
         };
-        let tensors = self.network.tensors(dtype)?;
+        let tensors = network.tensors(dtype)?;
         let mut meta = self.metadata(base_name, base_hash);
         // sshs_*: A1111's hashes of the file's tensor data, computed on the file as written
         // without them.

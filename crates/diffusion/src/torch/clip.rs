@@ -114,6 +114,17 @@ impl ClipTextModel {
         })
     }
 
+    /// The device its weights are on.
+    pub fn device(&self) -> tch::Device {
+        self.token_embedding.device()
+    }
+
+    /// Rows of the token-embedding table for `ids` [n, D] (no gradient).
+    pub fn token_rows(&self, ids: &[i64]) -> Tensor {
+        let idx = Tensor::from_slice(ids).to_device(self.token_embedding.device());
+        self.token_embedding.index_select(0, &idx).detach()
+    }
+
     /// Encode token ids [B, T] (any integer kind).
     pub fn forward(&self, ids: &Tensor) -> Result<ClipOutput> {
         self.forward_with(ids, &[])

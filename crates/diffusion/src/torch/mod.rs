@@ -9,6 +9,7 @@
 
 pub mod checkpoint;
 pub mod clip;
+pub mod inversion;
 pub mod lora;
 pub mod models;
 pub mod nn;

@@ -257,39 +257,58 @@ impl LoraNetwork {
 
     /// Set the weights from tensors named as [`LoraNetwork::var_names`] (a checkpoint).
     pub fn load_weights(&self, tensors: &HashMap<String, candle_core::Tensor>) -> Result<()> {
-        for (name, (var, _)) in self.var_names().iter().zip(self.vars()) {
-            let t = tensors
-                .get(name)
-                .ok_or_else(|| msg(format!("checkpoint lacks {name}")))?;
-            set(var, &from_candle(t)?, name)?;
-        }
-        Ok(())
+        let vars: Vec<&Tensor> = self.vars().into_iter().map(|(v, _)| v).collect();
+        load_named(&self.var_names(), &vars, tensors)
     }
 
     /// Clears every adapter's accumulated gradient.
     pub fn zero_grad(&self) {
-        for (v, _) in self.vars() {
-            let mut g = v.grad();
-            if g.defined() {
-                let _ = g.zero_();
-            }
-        }
+        zero_grads(self.vars().into_iter().map(|(v, _)| v));
     }
 
     /// Every adapter's accumulated gradient (zeros where none flowed), in [`Self::vars`] order.
     pub fn grads(&self) -> Vec<Tensor> {
-        self.vars()
-            .into_iter()
-            .map(|(v, _)| {
-                let g = v.grad();
-                if g.defined() {
-                    g.detach().copy()
-                } else {
-                    v.zeros_like()
-                }
-            })
-            .collect()
+        grads_of(self.vars().into_iter().map(|(v, _)| v))
     }
+}
+
+/// Sets each of `vars` to the checkpoint tensor of its name in `names`.
+pub fn load_named(
+    names: &[String],
+    vars: &[&Tensor],
+    tensors: &HashMap<String, candle_core::Tensor>,
+) -> Result<()> {
+    for (name, var) in names.iter().zip(vars) {
+        let t = tensors
+            .get(name)
+            .ok_or_else(|| msg(format!("checkpoint lacks {name}")))?;
+        set(var, &from_candle(t)?, name)?;
+    }
+    Ok(())
+}
+
+/// Clears the accumulated gradients of `vars`.
+pub fn zero_grads<'a>(vars: impl IntoIterator<Item = &'a Tensor>) {
+    for v in vars {
+        let mut g = v.grad();
+        if g.defined() {
+            let _ = g.zero_();
+        }
+    }
+}
+
+/// The accumulated gradients of `vars` (zeros where none flowed), in order.
+pub fn grads_of<'a>(vars: impl IntoIterator<Item = &'a Tensor>) -> Vec<Tensor> {
+    vars.into_iter()
+        .map(|v| {
+            let g = v.grad();
+            if g.defined() {
+                g.detach().copy()
+            } else {
+                v.zeros_like()
+            }
+        })
+        .collect()
 }
 
 /// Overwrite `var`'s values (same shape) without recording the write.
@@ -439,38 +458,11 @@ pub fn encode_caption(
     model: &crate::pipeline::StableDiffusion,
     caption: &str,
 ) -> Result<(Tensor, Option<Tensor>)> {
-    use crate::conditioning::{chunks, framed};
-    let nets = model.torch();
-    let sdxl = nets.family == Family::Sdxl;
-    let mut states = Vec::new();
-    let mut pooled = None;
-    for (i, te) in nets.text.iter().enumerate() {
-        let tok = model
-            .tokenizer(i)
-            .ok_or_else(|| msg(format!("no tokenizer for text encoder {}", i + 1)))?;
-        let first = chunks(tok, caption)
-            .map_err(msg)?
-            .into_iter()
-            .next()
-            .ok_or_else(|| msg("no tokens"))?;
-        let (ids, weights) = framed(tok, &first);
-        let ids: Vec<i64> = ids.into_iter().map(i64::from).collect();
-        let out = te.forward(&Tensor::from_slice(&ids).view([1, -1]))?;
-        let z = if sdxl {
-            ClipTextModel::penultimate(&out)
-        } else {
-            out.last.shallow_clone()
-        };
-        states.push(weighted(&z, &weights));
-        if sdxl && i == 1 {
-            pooled = Some(out.pooled);
-        }
-    }
-    Ok((Tensor::cat(&states, 2), pooled))
+    super::inversion::encode_caption_with(model, caption, None)
 }
 
 /// Token states scaled by their weights, the original mean restored (A1111's emphasis).
-fn weighted(z: &Tensor, weights: &[f32]) -> Tensor {
+pub(crate) fn weighted(z: &Tensor, weights: &[f32]) -> Tensor {
     if weights.iter().all(|&w| w == 1.0) {
         return z.shallow_clone();
     }
