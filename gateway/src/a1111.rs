@@ -361,6 +361,12 @@ async fn model_of(app: &AppState, req: &Txt2ImgRequest) -> Result<String, ApiErr
     {
         return Ok(model_name(m));
     }
+    current_model(app).await
+}
+
+/// The model A1111 routes use when a request names none: the `sd_model_checkpoint` option, else
+/// the first checkpoint listed.
+pub(crate) async fn current_model(app: &AppState) -> Result<String, ApiError> {
     if let Some(m) = app.a1111.default_model.read().ok().and_then(|g| g.clone()) {
         return Ok(m);
     }

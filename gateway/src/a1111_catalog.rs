@@ -43,6 +43,20 @@ async fn entries(app: &AppState, kind: EntryKind) -> Vec<(Entry, bool)> {
     out
 }
 
+/// A safetensors header in the object store (two ranged reads; at most 1 MiB of header).
+async fn store_header(app: &AppState, e: &Entry) -> Option<atelier_registry::header::Header> {
+    let key = atelier_contracts::ArtifactKey::parse(&e.path.to_string_lossy()).ok()?;
+    let len = app.store.get_range(&key, 0..8).await.ok()?;
+    let n = u64::from_le_bytes(len.as_ref().try_into().ok()?);
+    if n > 1 << 20 {
+        return None;
+    }
+    let json = app.store.get_range(&key, 8..8 + n).await.ok()?;
+    atelier_registry::header::parse(&json)
+        .map_err(|err| tracing::warn!(file = %e.name, error = %err, "reading a safetensors header"))
+        .ok()
+}
+
 /// A local file's safetensors header, off the async threads; `None` when it has none.
 async fn header(e: &Entry) -> Option<atelier_registry::header::Header> {
     let path = e.path.clone();
@@ -162,8 +176,9 @@ pub async fn scripts(Extension(caller): Extension<Caller>) -> Result<Json<Value>
     Ok(Json(json!({"txt2img": [], "img2img": []})))
 }
 
-/// Textual-inversion embeddings in the registry (`embeddings/`), with their vectors and width
-/// read from the file; files whose shape cannot be read (`.pt`, the object store's) are `skipped`.
+/// Textual-inversion embeddings in the registry (`embeddings/`) and the object store's (where the
+/// trainer publishes them), with their vectors, width and step read from the file's header;
+/// files whose shape cannot be read (`.pt`) are `skipped`.
 #[utoipa::path(get, path = "/sdapi/v1/embeddings", tag = "a1111", operation_id = "get_embeddings_sdapi_v1_embeddings_get",
     responses((status = 200, description = "{loaded: {name: {step, sd_checkpoint, sd_checkpoint_name, shape, vectors}}, skipped: {...}}")), security(("bearer" = ["jobs:read"])))]
 pub async fn embeddings(
@@ -175,6 +190,9 @@ pub async fn embeddings(
     for (e, local) in entries(&app, EntryKind::Embedding).await {
         let h = match local {
             true => header(&e).await,
+            false if e.path.extension().is_some_and(|x| x == "safetensors") => {
+                store_header(&app, &e).await
+            }
             false => None,
         };
         let shape = h
@@ -312,10 +330,6 @@ not_taken!(
     "train_hypernetwork_sdapi_v1_train_hypernetwork_post",
     "atelier does not train hypernetworks; train a LoRA instead (POST /v1/train/lora)"
 );
-not_taken!(create_embedding, "/sdapi/v1/create/embedding", "create_embedding_sdapi_v1_create_embedding_post",
-    "atelier does not train textual-inversion embeddings yet; train a LoRA instead (POST /v1/train/lora)");
-not_taken!(train_embedding, "/sdapi/v1/train/embedding", "train_embedding_sdapi_v1_train_embedding_post",
-    "atelier does not train textual-inversion embeddings yet; train a LoRA instead (POST /v1/train/lora)");
 not_taken!(unload_checkpoint, "/sdapi/v1/unload-checkpoint", "unloadapi_sdapi_v1_unload_checkpoint_post",
     "workers load and evict checkpoints themselves (ATELIER_MODEL_CACHE, ATELIER_MODEL_CACHE_MB); there is no one model to unload");
 not_taken!(

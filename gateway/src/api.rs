@@ -234,11 +234,11 @@ pub fn router(app: AppState, auth: Arc<Auth>) -> Router {
         )
         .route(
             "/sdapi/v1/create/embedding",
-            post(crate::a1111_catalog::create_embedding),
+            post(crate::a1111_embedding::create_embedding),
         )
         .route(
             "/sdapi/v1/train/embedding",
-            post(crate::a1111_catalog::train_embedding),
+            post(crate::a1111_embedding::train_embedding),
         )
         .route(
             "/sdapi/v1/unload-checkpoint",
@@ -1055,7 +1055,7 @@ impl utoipa::Modify for BearerAuth {
     paths(submit_job, txt2img, img2img, inpaint,
         crate::a1111::txt2img, crate::a1111::img2img, crate::a1111::samplers, crate::a1111::sd_models,
         crate::a1111::get_options, crate::a1111::set_options, crate::a1111_progress::progress, crate::a1111_progress::interrupt, crate::a1111_progress::skip,
-        crate::a1111_catalog::schedulers, crate::a1111_catalog::upscalers, crate::a1111_catalog::latent_upscale_modes, crate::a1111_catalog::sd_vae, crate::a1111_catalog::hypernetworks, crate::a1111_catalog::face_restorers, crate::a1111_catalog::realesrgan_models, crate::a1111_catalog::prompt_styles, crate::a1111_catalog::script_info, crate::a1111_catalog::extensions, crate::a1111_catalog::scripts, crate::a1111_catalog::embeddings, crate::a1111_catalog::loras, crate::a1111_catalog::memory, crate::a1111_catalog::cmd_flags, crate::a1111_catalog::refresh_checkpoints, crate::a1111_catalog::refresh_vae, crate::a1111_catalog::refresh_embeddings, crate::a1111_catalog::refresh_loras, crate::a1111_catalog::create_hypernetwork, crate::a1111_catalog::train_hypernetwork, crate::a1111_catalog::create_embedding, crate::a1111_catalog::train_embedding, crate::a1111_catalog::unload_checkpoint, crate::a1111_catalog::reload_checkpoint, crate::a1111_catalog::png_info, crate::a1111_interrogate::interrogate, crate::a1111_extras::extra_single_image, crate::a1111_extras::extra_batch_images,
+        crate::a1111_catalog::schedulers, crate::a1111_catalog::upscalers, crate::a1111_catalog::latent_upscale_modes, crate::a1111_catalog::sd_vae, crate::a1111_catalog::hypernetworks, crate::a1111_catalog::face_restorers, crate::a1111_catalog::realesrgan_models, crate::a1111_catalog::prompt_styles, crate::a1111_catalog::script_info, crate::a1111_catalog::extensions, crate::a1111_catalog::scripts, crate::a1111_catalog::embeddings, crate::a1111_catalog::loras, crate::a1111_catalog::memory, crate::a1111_catalog::cmd_flags, crate::a1111_catalog::refresh_checkpoints, crate::a1111_catalog::refresh_vae, crate::a1111_catalog::refresh_embeddings, crate::a1111_catalog::refresh_loras, crate::a1111_catalog::create_hypernetwork, crate::a1111_catalog::train_hypernetwork, crate::a1111_embedding::create_embedding, crate::a1111_embedding::train_embedding, crate::a1111_catalog::unload_checkpoint, crate::a1111_catalog::reload_checkpoint, crate::a1111_catalog::png_info, crate::a1111_interrogate::interrogate, crate::a1111_extras::extra_single_image, crate::a1111_extras::extra_batch_images,
         crate::jobs::list, get_job, cancel_job, job_events, crate::webhooks::get_log, upload, get_artifact, get_image,
         crate::datasets::announce, crate::datasets::list, crate::datasets::version,
         crate::train::lora, crate::train::dreambooth,

@@ -9,10 +9,12 @@
 
 pub mod a1111;
 pub mod a1111_catalog;
+pub mod a1111_embedding;
 pub mod a1111_extras;
 pub mod a1111_interrogate;
 pub mod a1111_params;
 pub mod a1111_progress;
+pub mod a1111_templates;
 pub mod api;
 pub mod augment;
 pub mod auth;

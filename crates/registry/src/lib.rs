@@ -168,6 +168,16 @@ impl Registry {
         out
     }
 
+    /// The `.safetensors` embedding named `name` under `embeddings/`, if there is one.
+    pub fn embedding(&self, name: &str) -> Option<PathBuf> {
+        check_name(name).ok()?;
+        let p = self
+            .dir
+            .join("embeddings")
+            .join(format!("{name}.safetensors"));
+        p.is_file().then_some(p)
+    }
+
     /// Separate VAE files under `vae/` (A1111's `models/VAE`): `(file name, path)`, sorted.
     pub fn vaes(&self) -> Vec<(String, PathBuf)> {
         let Ok(rd) = std::fs::read_dir(self.dir.join("vae")) else {

@@ -318,9 +318,17 @@ impl Trainer {
             .map_err(|e| JobError::permanent("bad_artifact_key", e.to_string()))?;
         let checkpoint = inversion::get_if_any(ctx, &ckpt_key).await?;
         let start = match spec.embedding {
+            // The published embedding, else one of that name in the registry's folder.
             Some(_) => {
-                let key = published_key(&spec, &spec.output_name)?;
-                inversion::get_if_any(ctx, &key).await?
+                match inversion::get_if_any(ctx, &published_key(&spec, &spec.output_name)?).await? {
+                    Some(b) => Some(b),
+                    None => match self.registry.embedding(&spec.output_name) {
+                        Some(p) => Some(std::fs::read(&p).map_err(|e| {
+                            JobError::retryable("local_disk", format!("{}: {e}", p.display()))
+                        })?),
+                        None => None,
+                    },
+                }
             }
             None => None,
         };

@@ -183,6 +183,12 @@ impl Session {
             }
         };
         let step = params.embedding().map_or(0, |e| e.step);
+        if learn_rate.is_some() && step >= spec.max_train_steps {
+            return Err(TrainError::Invalid(format!(
+                "embedding {} is already trained to step {step}: ask for more steps than that",
+                spec.output_name
+            )));
+        }
         let vars: Vec<_> = params.vars().into_iter().map(|(v, _)| v).collect();
         let optimizer = AdamW::new(
             AdamWParams {
