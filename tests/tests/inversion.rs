@@ -72,7 +72,10 @@ async fn a1111_creates_and_trains_an_embedding_that_the_sampler_uses() {
     let (status, body) = post(&http, &url("create/embedding"), create.clone()).await;
     assert_eq!(status, 422, "{body}");
     assert!(
-        body["error"]["message"].as_str().unwrap().contains("exists"),
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("exists"),
         "{body}"
     );
     let (status, body) = post(

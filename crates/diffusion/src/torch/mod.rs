@@ -9,6 +9,7 @@
 
 pub mod checkpoint;
 pub mod clip;
+pub mod esrgan;
 pub mod inversion;
 pub mod lora;
 pub mod models;
