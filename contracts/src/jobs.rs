@@ -123,6 +123,8 @@ impl JobSpec {
             }
             JobSpec::Train(_) | JobSpec::CreateEmbedding(_) => Service::Trainer,
             JobSpec::Index(_) | JobSpec::Curate(_) => Service::RetrievalIndexer,
+            // Upscaler models run where the engine is.
+            JobSpec::Upscale(u) if u.uses_models() => Service::Sampler,
             JobSpec::Augment(_) | JobSpec::Upscale(_) => Service::Augmenter,
         }
     }

@@ -1,6 +1,8 @@
-//! `upscale` jobs (augmenter): images upscaled as A1111's extras tab does it, with its built-in
-//! upscalers — `Lanczos` and `Nearest` — and its size rules (multiples of 8, a second upscaler
-//! blended in, "resize to" with an optional centred crop).
+//! `upscale` jobs: images upscaled as A1111's extras tab does it, with its built-in upscalers —
+//! `Lanczos` and `Nearest` — or upscaler models (ESRGAN-family files in the registry's `ESRGAN`
+//! folder, named by their file stem), by its size rules (multiples of 8, a second upscaler
+//! blended in, "resize to" with an optional centred crop). Jobs with built-in upscalers only run
+//! on the augmenter; jobs that name a model run on the sampler, where the engine is.
 
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
@@ -21,7 +23,7 @@ pub struct UpscaleSpec {
     /// Artifact keys of the images (uploads), upscaled in order.
     pub images: Vec<String>,
     pub resize: UpscaleResize,
-    /// `Lanczos`, `Nearest` or `None`.
+    /// `Lanczos`, `Nearest`, `None`, or an upscaler model's name.
     pub upscaler: String,
     /// A second upscaler blended over the first at `upscaler_2_visibility`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -40,6 +42,13 @@ pub enum UpscaleResize {
 }
 
 impl UpscaleSpec {
+    /// Whether an upscaler it uses is a model (not built in).
+    pub fn uses_models(&self) -> bool {
+        std::iter::once(&self.upscaler)
+            .chain(self.upscaler_2.iter())
+            .any(|u| !UPSCALERS.contains(&u.as_str()))
+    }
+
     /// Why this spec cannot run, if it cannot (checked before anything is queued).
     pub fn check(&self) -> Result<(), String> {
         match self.problem() {
@@ -62,11 +71,14 @@ impl UpscaleSpec {
         {
             return Some(format!("images: {k:?} is not an artifact key: {e}"));
         }
-        let known = |u: &str| UPSCALERS.contains(&u);
         for u in std::iter::once(&self.upscaler).chain(self.upscaler_2.iter()) {
-            if !known(u) {
+            let model_name = !u.is_empty()
+                && u.len() <= 200
+                && !u.starts_with('.')
+                && !u.contains(['/', '\\', '\0']);
+            if !UPSCALERS.contains(&u.as_str()) && !model_name {
                 return Some(format!(
-                    "upscaler {u:?} is not one of {} (no upscaler models are served yet)",
+                    "upscaler {u:?} is neither one of {} nor an upscaler model's name",
                     UPSCALERS.join(", ")
                 ));
             }

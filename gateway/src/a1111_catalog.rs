@@ -78,18 +78,43 @@ pub async fn schedulers(Extension(caller): Extension<Caller>) -> Result<Json<Val
     ])))
 }
 
-/// Upscalers: A1111's built-in `None`, `Lanczos` and `Nearest` (the hires pass's `hr_upscaler`;
-/// the extras routes do not upscale yet).
+/// Upscalers: A1111's built-in `None`, `Lanczos` and `Nearest`, then the ESRGAN-family models in
+/// `<models>/ESRGAN` (their scale read from an `Nx`/`xN` in the name, else 4, as A1111 lists
+/// ESRGAN files).
 #[utoipa::path(get, path = "/sdapi/v1/upscalers", tag = "a1111", operation_id = "get_upscalers_sdapi_v1_upscalers_get",
     responses((status = 200, description = "[{name, model_name, model_path, model_url, scale}]")), security(("bearer" = ["jobs:read"])))]
-pub async fn upscalers(Extension(caller): Extension<Caller>) -> Result<Json<Value>, ApiError> {
+pub async fn upscalers(
+    State(app): State<AppState>,
+    Extension(caller): Extension<Caller>,
+) -> Result<Json<Value>, ApiError> {
     caller.require(Scope::JobsRead)?;
     let item = |name: &str| json!({"name": name, "model_name": null, "model_path": null, "model_url": null, "scale": 4});
-    Ok(Json(json!([
-        item("None"),
-        item("Lanczos"),
-        item("Nearest")
-    ])))
+    let mut out = vec![item("None"), item("Lanczos"), item("Nearest")];
+    for (name, path) in app
+        .a1111
+        .registry()
+        .map(|r| r.upscalers())
+        .unwrap_or_default()
+    {
+        out.push(
+            json!({"name": name, "model_name": "ESRGAN", "model_path": path.display().to_string(),
+            "model_url": null, "scale": scale_in_name(&name)}),
+        );
+    }
+    Ok(Json(Value::Array(out)))
+}
+
+/// The scale an upscaler's file name states (`4x-UltraSharp`, `RealESRGAN_x2plus`), else 4.
+fn scale_in_name(name: &str) -> u32 {
+    let lower = name.to_ascii_lowercase();
+    lower
+        .split(|c: char| !c.is_ascii_alphanumeric())
+        .find_map(|part| {
+            let digits = part.strip_suffix('x').or_else(|| part.strip_prefix('x'))?;
+            let digits: String = digits.chars().take_while(|c| c.is_ascii_digit()).collect();
+            digits.parse().ok().filter(|s| (1..=16).contains(s))
+        })
+        .unwrap_or(4)
 }
 
 /// The hires pass's latent upscale modes.
@@ -386,4 +411,24 @@ pub async fn png_info(
     Ok(Json(
         json!({"info": info, "items": items, "parameters": parameters}),
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::scale_in_name;
+
+    #[test]
+    fn upscaler_scales_come_from_their_names() {
+        for (name, scale) in [
+            ("4x-UltraSharp", 4),
+            ("ESRGAN_4x", 4),
+            ("RealESRGAN_x2plus", 2),
+            ("2x_NMKD-Siax", 2),
+            ("8x_NMKD-Superscale", 8),
+            ("xylophone", 4),
+            ("detail", 4),
+        ] {
+            assert_eq!(scale_in_name(name), scale, "{name}");
+        }
+    }
 }

@@ -1,6 +1,7 @@
-//! A1111's extras routes (`extra-single-image`, `extra-batch-images`): an `upscale` job on the
-//! augmenter with A1111's built-in upscalers (Lanczos, Nearest), waited for, answered in A1111's
-//! schema. Face restoration (GFPGAN, CodeFormer) is not served: a visibility above 0 is a 422.
+//! A1111's extras routes (`extra-single-image`, `extra-batch-images`): an `upscale` job — on the
+//! augmenter with A1111's built-in upscalers (Lanczos, Nearest), on the sampler when it names an
+//! upscaler model from `<models>/ESRGAN` — waited for, answered in A1111's schema. Face
+//! restoration (GFPGAN, CodeFormer) is not served: a visibility above 0 is a 422.
 
 use atelier_contracts::upscale::{UpscaleResize, UpscaleSpec};
 use atelier_contracts::{JobOutput, JobSpec};
@@ -170,9 +171,40 @@ fn spec_of(base: &ExtrasBase) -> Result<UpscaleSpec, ApiError> {
         images: Vec::new(),
         resize,
         upscaler: base.upscaler_1.clone(),
-        upscaler_2: Some(base.upscaler_2.clone()),
+        upscaler_2: (base.extras_upscaler_2_visibility > 0.0 && base.upscaler_2 != "None")
+            .then(|| base.upscaler_2.clone()),
         upscaler_2_visibility: base.extras_upscaler_2_visibility,
     })
+}
+
+/// Every upscaler the spec names is built in or a model in `<models>/ESRGAN`; else a 422 listing
+/// what there is.
+fn known_upscalers(app: &AppState, spec: &UpscaleSpec) -> Result<(), ApiError> {
+    let models: Vec<String> = app
+        .a1111
+        .registry()
+        .map(|r| r.upscalers().into_iter().map(|(n, _)| n).collect())
+        .unwrap_or_default();
+    let builtin = atelier_contracts::upscale::UPSCALERS;
+    for (field, name) in std::iter::once(("upscaler_1", &spec.upscaler))
+        .chain(spec.upscaler_2.iter().map(|u| ("upscaler_2", u)))
+    {
+        if !builtin.contains(&name.as_str()) && !models.contains(name) {
+            let all: Vec<&str> = builtin
+                .iter()
+                .copied()
+                .chain(models.iter().map(String::as_str))
+                .collect();
+            return Err(ApiError::unprocessable(
+                "unknown_upscaler",
+                format!(
+                    "{field}: {name:?} is not an upscaler here; GET /sdapi/v1/upscalers lists them: {}",
+                    all.join(", ")
+                ),
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// Stores the images, runs one `upscale` job, waits, answers the PNGs (base64) and the infotext.
@@ -183,6 +215,7 @@ async fn upscale(
     images: &[&str],
 ) -> Result<(Vec<String>, String), ApiError> {
     let mut spec = spec_of(base)?;
+    known_upscalers(app, &spec)?;
     let mut decoded = Vec::with_capacity(images.len());
     for (i, b64) in images.iter().enumerate() {
         let field = format!("image {i}");

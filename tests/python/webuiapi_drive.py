@@ -202,6 +202,18 @@ for bad, field in [(dict(upscaler_1="ESRGAN_4x"), "upscaler"), (dict(upscaler_1=
     except RuntimeError as e:
         check(f"extras refuses {field}", e.args[0] == 422 and field in e.args[1], e.args)
 
+# An upscaler model from <models>/ESRGAN (a tiny random 4x RRDBNet) runs on the sampler.
+names = [u["name"] for u in api.get_upscalers()]
+check("upscaler models listed", "tiny-4x" in names, names)
+r = api.extra_single_image(image=src, upscaler_1="tiny-4x", upscaling_resize=2)
+check("extras with a model", r.image.size == (80, 48) and "Postprocess upscaler: tiny-4x" in r.info, (r.image.size, r.info))
+r4 = api.extra_single_image(image=src, upscaler_1="tiny-4x", upscaling_resize=4)
+l4 = api.extra_single_image(image=src, upscaler_1="Lanczos", upscaling_resize=4)
+check("the model's own pixels", r4.image.size == (160, 96) and r4.image.tobytes() != l4.image.tobytes(), r4.image.size)
+r = api.extra_single_image(image=src, upscaler_1="Lanczos", upscaler_2="tiny-4x", extras_upscaler_2_visibility=0.5, upscaling_resize=4)
+check("a model blended in as upscaler 2", r.image.size == (160, 96) and r.image.tobytes() not in (r4.image.tobytes(), l4.image.tobytes())
+      and "Postprocess upscaler 2: tiny-4x" in r.info, r.info)
+
 # Interrogate: the captioner's BLIP caption (the tiny model's words are noise, but its own).
 r = api.interrogate(image=src, model="clip")
 check("interrogate", isinstance(r.info, str) and r.info == r.json["caption"], r.json)

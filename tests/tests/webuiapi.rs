@@ -1,8 +1,9 @@
 //! A1111's API as its users' scripts call it: `tests/python/webuiapi_drive.py` drives every
 //! `webuiapi` method (catalogue routes, options, progress, txt2img, img2img, inpainting,
-//! png-info, interrupt, extras, interrogate) against `atelier up` — with an API key, which
-//! webuiapi sends as HTTP Basic — whose model folder holds a tiny SD 1.x model, a LoRA, an
-//! embedding and a tiny BLIP, and checks each answer against A1111's schema.
+//! png-info, interrupt, extras with built-in upscalers and an ESRGAN model, interrogate) against
+//! `atelier up` — with an API key, which webuiapi sends as HTTP Basic — whose model folder holds
+//! a tiny SD 1.x model, a LoRA, an embedding, a VAE, an upscaler model and a tiny BLIP, and
+//! checks each answer against A1111's schema.
 
 use std::time::Duration;
 
@@ -23,6 +24,42 @@ fn safetensors(path: &std::path::Path, name: &str, shape: [usize; 2], metadata: 
     out.resize(out.len() + bytes, 0);
     std::fs::create_dir_all(path.parent().unwrap()).unwrap();
     std::fs::write(path, out).unwrap();
+}
+
+/// A random 4x RRDBNet (one block, 4 features) as a `.safetensors` file in BasicSR's names,
+/// its output centred in [0, 1].
+fn tiny_esrgan(path: &std::path::Path) {
+    use candle_core::{Device, Tensor};
+    let (nf, gc) = (4usize, 2usize);
+    let mut t = std::collections::HashMap::new();
+    let mut add = |name: String, cin: usize, cout: usize, bias: f64| {
+        let w = Tensor::randn(0f32, 1.0, (cout, cin, 3, 3), &Device::Cpu)
+            .and_then(|w| w.affine(0.1, 0.0))
+            .unwrap();
+        let b = Tensor::randn(0f32, 1.0, cout, &Device::Cpu)
+            .and_then(|b| b.affine(0.05, bias))
+            .unwrap();
+        t.insert(format!("{name}.weight"), w);
+        t.insert(format!("{name}.bias"), b);
+    };
+    add("conv_first".into(), 3, nf, 0.0);
+    for k in 1..=3 {
+        for j in 1..=5 {
+            let cout = if j < 5 { gc } else { nf };
+            add(
+                format!("body.0.rdb{k}.conv{j}"),
+                nf + (j - 1) * gc,
+                cout,
+                0.0,
+            );
+        }
+    }
+    for name in ["conv_body", "conv_up1", "conv_up2", "conv_hr"] {
+        add(name.into(), nf, nf, 0.0);
+    }
+    add("conv_last".into(), nf, 3, 0.5);
+    std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+    candle_core::safetensors::save(&t, path).unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -53,6 +90,8 @@ async fn every_webuiapi_method_gets_a1111s_answer_from_atelier_up() {
     tensors.insert("decoder.conv_out.bias".into(), bias);
     std::fs::create_dir_all(models.join("vae")).unwrap();
     candle_core::safetensors::save(&tensors, models.join("vae/warm.safetensors")).unwrap();
+    // An upscaler model: a tiny random 4x RRDBNet in BasicSR's names.
+    tiny_esrgan(&models.join("ESRGAN/tiny-4x.safetensors"));
     // A BLIP model for interrogate: `atelier up` serves <data>/models/blip to its captioner.
     atelier_captioner::blip::make_tiny(&models.join("blip/tiny-blip"), 5).unwrap();
     let (key, entry) = atelier_gateway::auth::generate_key("webuiapi", "*").unwrap();

@@ -11,6 +11,7 @@
 pub mod batch;
 pub mod detect;
 pub mod resize;
+pub mod upscalers;
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -53,6 +54,8 @@ pub struct Generator {
     placement: Placement,
     cache: Arc<Mutex<Vec<Cached>>>,
     cache_size: usize,
+    /// Upscaler models for `upscale` jobs (the sampler's).
+    upscalers: Arc<upscalers::Upscalers>,
     /// Bytes of weights the cache may hold (0: no byte limit); the model in use always stays.
     cache_bytes: u64,
     /// Groups compatible txt2img jobs into shared UNet batches (off with a zero window).
@@ -70,6 +73,10 @@ impl Generator {
     ) -> Self {
         Self {
             service,
+            upscalers: Arc::new(upscalers::Upscalers::new(
+                registry.clone(),
+                placement.device,
+            )),
             registry,
             placement,
             cache: Arc::default(),
@@ -385,6 +392,9 @@ impl Handler for Generator {
 
     async fn handle(&self, ctx: &JobCtx, spec: JobSpec) -> Result<JobOutput, JobError> {
         let (kind, g): (GenerateKind, GenerateSpec) = match (self.service, spec) {
+            (Service::Sampler, JobSpec::Upscale(u)) => {
+                return atelier_upscale::run(ctx, u, self.upscalers.clone()).await
+            }
             (Service::Sampler, JobSpec::Txt2img(g)) => (GenerateKind::Txt2Img, g),
             (Service::Inpainter, JobSpec::Img2img(g)) => (GenerateKind::Img2Img, g),
             (Service::Inpainter, JobSpec::Inpaint(g)) => (GenerateKind::Inpaint, g),

@@ -168,6 +168,41 @@ impl Registry {
         out
     }
 
+    /// Upscaler models under `ESRGAN/` (A1111's `models/ESRGAN`): `(name, path)` for each
+    /// `.pth` or `.safetensors` file, named by its stem, sorted.
+    pub fn upscalers(&self) -> Vec<(String, PathBuf)> {
+        let Ok(rd) = std::fs::read_dir(self.dir.join("ESRGAN")) else {
+            return Vec::new();
+        };
+        let mut out: Vec<(String, PathBuf)> = rd
+            .flatten()
+            .map(|e| e.path())
+            .filter(|p| {
+                p.is_file()
+                    && p.extension()
+                        .is_some_and(|x| x == "pth" || x == "safetensors")
+            })
+            .filter_map(|p| Some((p.file_stem()?.to_string_lossy().into_owned(), p)))
+            .collect();
+        out.sort();
+        out
+    }
+
+    /// The upscaler model `name` under `ESRGAN/`.
+    pub fn upscaler(&self, name: &str) -> Result<PathBuf, String> {
+        let all = self.upscalers();
+        match all.iter().find(|(n, _)| n == name) {
+            Some((_, p)) => Ok(p.clone()),
+            None => Err(format!(
+                "unknown upscaler {name:?}; <models>/ESRGAN has: {}",
+                all.iter()
+                    .map(|(n, _)| n.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )),
+        }
+    }
+
     /// The `.safetensors` embedding named `name` under `embeddings/`, if there is one.
     pub fn embedding(&self, name: &str) -> Option<PathBuf> {
         check_name(name).ok()?;

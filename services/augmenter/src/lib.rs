@@ -9,7 +9,6 @@
 
 pub mod captions;
 pub mod ops;
-pub mod upscale;
 
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -117,66 +116,15 @@ impl Handler for Augmenter {
     async fn handle(&self, ctx: &JobCtx, spec: JobSpec) -> Result<JobOutput, JobError> {
         match spec {
             JobSpec::Augment(spec) => self.augment(ctx, *spec).await,
-            JobSpec::Upscale(spec) => upscale_job(ctx, spec).await,
+            JobSpec::Upscale(spec) => {
+                atelier_upscale::run(ctx, spec, Arc::new(atelier_upscale::NoModels)).await
+            }
             other => Err(JobError::permanent(
                 "wrong_service",
                 format!("the augmenter does not run {} jobs", other.kind()),
             )),
         }
     }
-}
-
-/// An `upscale` job: each image fetched, decoded under the decode budget, upscaled and stored as
-/// a PNG (content-addressed, so a redelivery stores nothing new).
-async fn upscale_job(
-    ctx: &JobCtx,
-    spec: atelier_contracts::upscale::UpscaleSpec,
-) -> Result<JobOutput, JobError> {
-    spec.check()
-        .map_err(|e| JobError::permanent("invalid_job", e))?;
-    let spec = Arc::new(spec);
-    let mut images = Vec::with_capacity(spec.images.len());
-    let mut info = None;
-    for (i, key) in spec.images.iter().enumerate() {
-        if ctx.is_cancelled() {
-            return Err(JobError::Cancelled);
-        }
-        let parsed = ArtifactKey::parse(key)
-            .map_err(|e| JobError::permanent("bad_artifact_key", format!("{key:?}: {e}")))?;
-        let bytes = match ctx.store().get_bytes(&parsed).await {
-            Ok(b) => b,
-            Err(StoreError::NotFound(_)) => {
-                return Err(JobError::permanent(
-                    "artifact_not_found",
-                    format!("images[{i}] {key} is not in the store"),
-                ))
-            }
-            Err(e) => return Err(e.into()),
-        };
-        let s = spec.clone();
-        let made = tokio::task::spawn_blocking(move || {
-            let img = atelier_decode::decode(&bytes, &atelier_decode::Limits::default())
-                .map_err(|e| format!("the image does not decode: {e}"))?
-                .to_rgb8();
-            let (out, info) = upscale::upscale(&img, &s)?;
-            let png = ops::encode_png(&out).map_err(|e| e.to_string())?;
-            Ok::<_, String>((png, info))
-        })
-        .await
-        .map_err(|e| JobError::retryable("panicked", e.to_string()))?
-        .map_err(|e| JobError::permanent("bad_image", format!("images[{i}]: {e}")))?;
-        let (art, _) = ctx.store().put_bytes(made.0.into(), "image/png").await?;
-        info.get_or_insert(made.1);
-        images.push(art);
-        ctx.progress((i + 1) as f32 / spec.images.len() as f32, None)
-            .await;
-    }
-    Ok(JobOutput::Upscaled(
-        atelier_contracts::upscale::UpscaleOutput {
-            images,
-            info: info.unwrap_or_default(),
-        },
-    ))
 }
 
 /// The output of a version this job already wrote (a redelivery).

@@ -48,6 +48,12 @@ pub struct Esrgan {
     device: Device,
 }
 
+// SAFETY: `tch::Tensor` is `Send` but not `Sync` because some of its methods change a tensor
+// through a shared reference (in-place ops, gradients). An `Esrgan`'s tensors are private, never
+// require gradients, and its methods only read them to allocate new tensors (libtorch's ops are
+// safe to call concurrently on shared inputs); nothing changes them after loading.
+unsafe impl Sync for Esrgan {}
+
 impl Esrgan {
     /// Load a `.pth` (a state dict, or one under `params_ema`/`params`) or `.safetensors` file.
     pub fn load(path: &Path, device: Device) -> Result<Self> {
