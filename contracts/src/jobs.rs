@@ -378,7 +378,25 @@ pub struct WorkerReport {
     /// Mean run time of its recent jobs (an exponentially weighted mean), once it has run one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mean_run_s: Option<f64>,
+    /// Its process's resident memory.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rss_bytes: Option<u64>,
+    /// The GPUs its machine has (from `nvidia-smi`), with their memory.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub gpus: Vec<GpuMemory>,
     pub at: DateTime<Utc>,
+}
+
+/// One GPU's memory as its driver reports it (bytes).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema, ToSchema)]
+pub struct GpuMemory {
+    pub index: u32,
+    /// The driver's unique id (the same GPU seen by two workers has one).
+    pub uuid: String,
+    pub name: String,
+    pub total: u64,
+    pub used: u64,
+    pub free: u64,
 }
 
 /// Published on `atelier.v1.<service>.progress`.

@@ -33,9 +33,9 @@ pub use dataset::{
 };
 pub use generate::{GenerateKind, GenerateSpec, GeneratedImage, ImagesOutput};
 pub use jobs::{
-    ChecksumOutput, ChecksumSpec, DeadLetter, ErrorInfo, JobDone, JobFailed, JobId, JobOutput,
-    JobProgress, JobRecord, JobRequest, JobSpec, JobState, Priority, Progress, QueuePlace,
-    WorkerReport,
+    ChecksumOutput, ChecksumSpec, DeadLetter, ErrorInfo, GpuMemory, JobDone, JobFailed, JobId,
+    JobOutput, JobProgress, JobRecord, JobRequest, JobSpec, JobState, Priority, Progress,
+    QueuePlace, WorkerReport,
 };
 pub use retrieval::{
     CurateOutput, CurateSpec, IndexManifest, IndexOutput, IndexSpec, RowFilter, SearchHit,

@@ -261,11 +261,16 @@ pub async fn loras(
     Ok(Json(Value::Array(out)))
 }
 
-/// Memory: the machine's RAM and this gateway's resident set (bytes). GPUs belong to the
-/// workers, which report theirs on their `/metrics`.
+/// Memory: the gateway machine's RAM and the gateway's resident set (A1111's `ram`), each live
+/// worker's resident set (`workers`), and the GPUs the workers report (`cuda`: A1111's `system`
+/// free/used/total summed over the distinct GPUs, each one under `devices`). The allocator figures
+/// A1111 adds under `cuda` (PyTorch's) are not reported.
 #[utoipa::path(get, path = "/sdapi/v1/memory", tag = "a1111", operation_id = "get_memory_sdapi_v1_memory_get",
-    responses((status = 200, description = "{ram: {free, used, total, process}, cuda: {error}}")), security(("bearer" = ["jobs:read"])))]
-pub async fn memory(Extension(caller): Extension<Caller>) -> Result<Json<Value>, ApiError> {
+    responses((status = 200, description = "{ram: {free, used, total, process}, cuda: {system: {free, used, total}, devices} | {error}, workers}")), security(("bearer" = ["jobs:read"])))]
+pub async fn memory(
+    State(app): State<AppState>,
+    Extension(caller): Extension<Caller>,
+) -> Result<Json<Value>, ApiError> {
     caller.require(Scope::JobsRead)?;
     let field = |text: &str, name: &str| -> Option<u64> {
         let line = text.lines().find(|l| l.starts_with(name))?;
@@ -273,14 +278,36 @@ pub async fn memory(Extension(caller): Extension<Caller>) -> Result<Json<Value>,
         Some(kib * 1024)
     };
     let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
-    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
     let total = field(&meminfo, "MemTotal:");
     let free = field(&meminfo, "MemAvailable:");
     let used = total.zip(free).map(|(t, f)| t.saturating_sub(f));
+    let reports = atelier_kit::queue::live_reports(&app.bus)
+        .await
+        .map_err(|e| ApiError::unavailable(format!("reading the worker reports: {e:#}")))?;
     Ok(Json(json!({
-        "ram": {"free": free, "used": used, "total": total, "process": field(&status, "VmRSS:")},
-        "cuda": {"error": "the gateway runs no model; GPU memory is on each worker's /metrics"},
+        "ram": {"free": free, "used": used, "total": total, "process": atelier_kit::memory::rss_bytes()},
+        "cuda": cuda_of(&reports),
+        "workers": reports.iter().map(|r| json!({"service": r.service.name(), "instance": r.instance,
+            "rss": r.rss_bytes})).collect::<Vec<_>>(),
     })))
+}
+
+/// The distinct GPUs the workers report (by driver id), summed as A1111's `cuda.system`.
+fn cuda_of(reports: &[atelier_contracts::WorkerReport]) -> Value {
+    let mut seen: Vec<&atelier_contracts::GpuMemory> = Vec::new();
+    for g in reports.iter().flat_map(|r| &r.gpus) {
+        if !seen.iter().any(|s| s.uuid == g.uuid) {
+            seen.push(g);
+        }
+    }
+    if seen.is_empty() {
+        return json!({"error": "no live worker reports a GPU (nvidia-smi answers on none of their machines)"});
+    }
+    let sum = |f: fn(&atelier_contracts::GpuMemory) -> u64| seen.iter().map(|g| f(g)).sum::<u64>();
+    json!({
+        "system": {"free": sum(|g| g.free), "used": sum(|g| g.used), "total": sum(|g| g.total)},
+        "devices": seen,
+    })
 }
 
 /// The command-line flags A1111 clients look at, as atelier runs.

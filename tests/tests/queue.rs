@@ -39,6 +39,8 @@ async fn high_jobs_run_first_and_queued_jobs_know_their_place() {
         slots: 2,
         running: 2,
         mean_run_s: Some(3.0),
+        rss_bytes: None,
+        gpus: vec![],
         at: chrono::Utc::now(),
     };
     workers

@@ -23,6 +23,7 @@ pub mod bus;
 pub mod config;
 pub mod consumer;
 pub mod datasets;
+pub mod gpus;
 pub mod joblist;
 pub mod jobstate;
 pub mod kv;

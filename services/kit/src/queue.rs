@@ -49,13 +49,21 @@ impl Load {
         });
     }
 
-    fn report(&self, service: Service, instance: &str, slots: u64) -> WorkerReport {
+    fn report(
+        &self,
+        service: Service,
+        instance: &str,
+        slots: u64,
+        gpus: Vec<atelier_contracts::GpuMemory>,
+    ) -> WorkerReport {
         WorkerReport {
             service,
             instance: instance.to_owned(),
             slots,
             running: self.running.load(Ordering::Relaxed),
             mean_run_s: *self.mean_run_s.lock().unwrap_or_else(|p| p.into_inner()),
+            rss_bytes: crate::memory::rss_bytes(),
+            gpus,
             at: chrono::Utc::now(),
         }
     }
@@ -86,13 +94,14 @@ pub fn spawn_reporter(
 ) {
     tokio::spawn(async move {
         let key = report_key(service, &instance);
+        let gpus = crate::gpus::Gpus::default();
         let mut store: Option<kv::Store> = None;
         loop {
             if store.is_none() {
                 store = bus.workers_kv().await.ok();
             }
             if let Some(s) = &store {
-                let report = load.report(service, &instance, slots);
+                let report = load.report(service, &instance, slots, gpus.read().await);
                 if let Ok(bytes) = serde_json::to_vec(&report) {
                     if let Err(e) = s.put(&key, bytes.into()).await {
                         tracing::debug!(error = %e, "worker report not written");
@@ -108,6 +117,18 @@ pub fn spawn_reporter(
             let _ = s.delete(&key).await;
         }
     });
+}
+
+/// Every worker's report written within the reports' lifetime, of every service.
+pub async fn live_reports(bus: &Bus) -> anyhow::Result<Vec<WorkerReport>> {
+    let reports: Vec<(String, WorkerReport)> =
+        crate::bus::kv_values(&bus.workers_kv().await?, "").await?;
+    let fresh = chrono::Utc::now() - chrono::Duration::from_std(REPORT_TTL)?;
+    Ok(reports
+        .into_iter()
+        .map(|(_, r)| r)
+        .filter(|r| r.at >= fresh)
+        .collect())
 }
 
 /// Where queued job `record` stands now; `None` unless it is queued.
