@@ -13,6 +13,7 @@
 //! - `POST /v1/datasets/{name}/exports`  a version exported into the object store ([`crate::datasets`])
 //! - `POST   /v1/train/lora|dreambooth`  training ([`crate::train`])
 //! - `GET    /healthz`, `/metrics`, `/openapi.json` (no auth)
+//! - `GET    /`, `/ui/app.js`, `/ui/app.css`  the web UI's files ([`crate::ui`]; no auth, no data)
 //!
 //! Every `/v1` route needs `Authorization: Bearer <key>` with the route's scope ([`crate::auth`]).
 //! Errors are JSON `{"error":{"code","message"}}` ([`ApiError`]), made in one place.
@@ -276,6 +277,7 @@ pub fn router(app: AppState, auth: Arc<Auth>) -> Router {
         .route_layer(middleware::from_fn_with_state(auth, auth::middleware));
     Router::new()
         .merge(v1)
+        .merge(crate::ui::routes())
         .route("/healthz", get(healthz))
         .route("/metrics", get(metrics))
         .route("/openapi.json", get(openapi_json))

@@ -28,6 +28,7 @@ pub mod openapi_unions;
 pub mod priority;
 pub mod retrieval;
 pub mod train;
+pub mod ui;
 pub mod webhooks;
 
 use std::net::SocketAddr;

@@ -10,6 +10,8 @@
 //! Needs `scripts/bootstrap` (tools in `.tools/bin`) and the service binaries built
 //! (`cargo build --workspace --bins`); `scripts/test` does both.
 
+pub mod webdriver;
+
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, OnceLock};
