@@ -145,8 +145,17 @@ pub async fn version(
     Path((name, version)): Path<(String, String)>,
 ) -> Result<Json<DatasetManifest>, ApiError> {
     caller.require(Scope::ArtifactsRead)?;
-    check_dataset_name(&name).map_err(|e| ApiError::bad_request("invalid_dataset", e))?;
-    let wanted: Option<u32> = match version.as_str() {
+    find_version(&app, &name, &version).await.map(Json)
+}
+
+/// Version `version` (a number or `latest`) of dataset `name`.
+pub(crate) async fn find_version(
+    app: &AppState,
+    name: &str,
+    version: &str,
+) -> Result<DatasetManifest, ApiError> {
+    check_dataset_name(name).map_err(|e| ApiError::bad_request("invalid_dataset", e))?;
+    let wanted: Option<u32> = match version {
         "latest" => None,
         v => Some(v.parse().map_err(|_| {
             ApiError::bad_request(
@@ -155,12 +164,12 @@ pub async fn version(
             )
         })?),
     };
-    let ms = manifests(&app, &format!("{name}.")).await?;
+    let ms = manifests(app, &format!("{name}.")).await?;
     let found = match wanted {
         None => ms.into_iter().last(),
         Some(v) => ms.into_iter().find(|m| m.version == v),
     };
-    found.map(Json).ok_or_else(|| {
+    found.ok_or_else(|| {
         ApiError::not_found(
             "version_not_found",
             match wanted {

@@ -307,8 +307,9 @@ function jobRow(j) {
     h("td", {}, cancel));
 }
 
-// Datasets.
-async function datasetsPage(main) {
+// Datasets: the list, then one dataset's versions, gallery and comparison.
+async function datasetsPage(main, args) {
+  if (args[0]) return datasetPage(main, decodeURIComponent(args[0]), args[1]);
   const list = await json("/v1/datasets");
   main.append(h("h1", {}, "Datasets"));
   if (!list.length) {
@@ -317,20 +318,128 @@ async function datasetsPage(main) {
   }
   const rows = list.map((d) => {
     const m = d.latest;
-    const c = m.counts || {};
+    const c = m.counts;
     return h("tr", {},
-      h("td", {}, d.dataset), h("td", {}, d.versions.join(", ")),
+      h("td", {}, h("a", { href: `#/datasets/${encodeURIComponent(d.dataset)}` }, d.dataset)),
+      h("td", {}, d.versions.join(", ")),
       h("td", {}, `v${m.version}${m.parent ? ` ← v${m.parent}` : ""}`),
-      h("td", {}, `${c.rows ?? "?"} rows, ${c.accepted ?? "?"} kept, ${c.flagged ?? 0} flagged, ${c.rejected ?? 0} dropped`),
+      h("td", {}, counts(c)),
       h("td", { class: "wide" }, new Date(m.created_at).toLocaleString()));
   });
   main.append(h("table", {}, h("thead", {}, h("tr", {}, ["Dataset", "Versions", "Latest (lineage)", "Counts", "Written"].map((c, i) => h("th", { scope: "col", class: i === 4 ? "wide" : false }, c)))), h("tbody", {}, rows)));
 }
 
+const counts = (c) => `${c.rows} rows: ${c.accepted} kept, ${c.flagged} flagged, ${c.rejected} dropped`;
+
+async function datasetPage(main, name, wanted) {
+  const summary = (await json("/v1/datasets")).find((d) => d.dataset === name);
+  if (!summary) throw new Error(`no dataset ${name}`);
+  const version = wanted || String(summary.latest.version);
+  const m = await json(`/v1/datasets/${encodeURIComponent(name)}/versions/${version}`);
+  const pick = h("select", { onchange: (e) => { location.hash = `#/datasets/${encodeURIComponent(name)}/${e.target.value}`; } },
+    summary.versions.map((v) => h("option", { value: v, selected: String(v) === version }, `v${v}`)));
+  const other = h("select", {}, h("option", { value: "" }, "—"), summary.versions.filter((v) => String(v) !== version).map((v) => h("option", { value: v }, `v${v}`)));
+  const compared = h("div", { id: "compare" });
+  other.addEventListener("change", async () => {
+    compared.replaceChildren();
+    if (!other.value) return;
+    const o = await json(`/v1/datasets/${encodeURIComponent(name)}/versions/${other.value}`);
+    compared.append(compareTable(m, o));
+  });
+  main.append(
+    h("h1", {}, name),
+    h("div", { class: "row" }, field("version", "Version", pick), field("compare", "Compare with", other)),
+    h("p", {}, `v${m.version}${m.parent ? `, made from v${m.parent}` : ""} on ${new Date(m.created_at).toLocaleString()}${m.note ? ` — ${m.note}` : ""}`),
+    h("p", { class: "muted" }, `${counts(m.counts)}. Tiers: ${fmtMap(m.counts.tiers)}. Splits: ${fmtMap(m.counts.splits)}. Signals: ${fmtMap(m.counts.signals) || "none"}.`),
+    compared,
+  );
+  await gallery(main, name, m.version);
+}
+
+const fmtMap = (o) => Object.entries(o || {}).map(([k, v]) => `${k} ${v}`).join(", ");
+
+function compareTable(a, b) {
+  const keys = [["rows", (m) => m.counts.rows], ["kept", (m) => m.counts.accepted], ["flagged", (m) => m.counts.flagged], ["dropped", (m) => m.counts.rejected]];
+  for (const group of ["tiers", "splits", "signals"]) {
+    const names = new Set([...Object.keys(a.counts[group] || {}), ...Object.keys(b.counts[group] || {})]);
+    for (const n of names) keys.push([`${group.replace(/s$/, "")} ${n}`, (m) => (m.counts[group] || {})[n] || 0]);
+  }
+  return h("table", { "aria-label": `v${a.version} against v${b.version}` },
+    h("thead", {}, h("tr", {}, ["", `v${a.version}`, `v${b.version}`, "change"].map((c) => h("th", { scope: "col" }, c)))),
+    h("tbody", {}, keys.map(([label, f]) => {
+      const d = f(a) - f(b);
+      return h("tr", {}, h("th", { scope: "row" }, label), h("td", {}, f(a)), h("td", {}, f(b)), h("td", {}, d > 0 ? `+${d}` : String(d)));
+    })));
+}
+
+async function gallery(main, name, version) {
+  const form = h("form", { class: "row", "aria-label": "Filter images" },
+    field("split", "Split", h("select", {}, ["", "train", "val", "test"].map((v) => h("option", { value: v }, v || "any")))),
+    field("tier", "Tier", h("select", {}, ["", "gold", "silver", "bronze"].map((v) => h("option", { value: v }, v || "any")))),
+    field("decision", "Decision", h("select", {}, [["", "any"], ["accept", "kept"], ["flag", "flagged"], ["reject", "dropped"]].map(([v, l]) => h("option", { value: v }, l)))),
+    field("q", "Text", h("input", { type: "search", placeholder: "caption, tag or source words" })),
+    h("div", { class: "field" }, h("button", { type: "submit" }, "Filter")));
+  const grid = h("div", { class: "gallery", id: "gallery" });
+  const more = h("button", { type: "button", class: "secondary", hidden: true }, "More");
+  const where = h("p", { class: "muted", "aria-live": "polite" });
+  main.append(h("h2", {}, "Images"), form, grid, where, more);
+  const seen = new IntersectionObserver((entries) => {
+    for (const e of entries) {
+      if (!e.isIntersecting) continue;
+      seen.unobserve(e.target);
+      thumb(e.target);
+    }
+  }, { rootMargin: "400px" });
+  let cursor = null;
+  const load = async (append) => {
+    const q = new URLSearchParams({ limit: "48" });
+    for (const n of ["split", "tier", "decision", "q"]) if (form.elements[n].value) q.set(n, form.elements[n].value);
+    if (append && cursor != null) q.set("cursor", cursor);
+    const page = await json(`/v1/datasets/${encodeURIComponent(name)}/versions/${version}/rows?${q}`);
+    if (!append) grid.replaceChildren();
+    for (const r of page.rows) {
+      const card = rowCard(r);
+      grid.append(card);
+      seen.observe(card.querySelector("img"));
+    }
+    cursor = page.next_cursor;
+    more.hidden = cursor == null;
+    const shown = grid.children.length;
+    where.textContent = `${shown} image${shown === 1 ? "" : "s"} shown; ${Math.round((100 * page.scanned_to) / Math.max(page.total_bytes, 1))} % of the version read.`;
+  };
+  form.addEventListener("submit", (e) => { e.preventDefault(); banner(""); load(false).catch((err) => showError(form, err)); });
+  more.addEventListener("click", () => load(true).catch((err) => banner(err.message)));
+  await load(false);
+}
+
+async function thumb(img) {
+  try {
+    const r = await api("/v1/thumbnails/" + img.dataset.key.split("/").map(encodeURIComponent).join("/"));
+    img.src = URL.createObjectURL(await r.blob());
+  } catch (err) {
+    img.alt = `${img.alt} (no thumbnail: ${err.message})`;
+  }
+}
+
+const DECISION = { accept: "kept", flag: "flagged", reject: "dropped" };
+
+function rowCard(r) {
+  const why = r.signals.length ? r.signals.map((s) => `${s.name}: ${s.reason}`).join("\n") : "passed every check";
+  return h("article", { class: `card decision-${r.decision}`, "data-image": r.image_id },
+    h("img", { alt: r.caption || "image without a caption", "data-key": r.image_key, width: 256, height: 256 }),
+    h("p", { class: "caption" }, r.caption || "—"),
+    h("p", { class: "muted" }, [DECISION[r.decision], r.tier, r.split, r.source].filter(Boolean).join(" · ")),
+    h("details", {}, h("summary", {}, "Why and more"),
+      h("p", { class: "muted" }, why),
+      h("dl", {}, [["image", r.image_id], ["size", r.width && `${r.width}×${r.height}`], ["words", r.words], ["CLIP score", r.clip_score?.toFixed(1)], ["NSFW", r.nsfw?.toFixed(2)], ["license", r.license], ["tags", r.tags.join(", ")]]
+        .filter(([, v]) => v !== undefined && v !== null && v !== "")
+        .map(([k, v]) => [h("dt", {}, k), h("dd", {}, v)]))));
+}
+
 const PAGES = { generate: generatePage, jobs: jobsPage, datasets: datasetsPage };
 
 async function route() {
-  const name = (location.hash.replace(/^#\//, "") || "generate").split("/")[0];
+  const [name, ...args] = (location.hash.replace(/^#\//, "") || "generate").split("/");
   const page = PAGES[name] ? name : "generate";
   document.querySelectorAll("nav a").forEach((a) => {
     if (a.dataset.page === page) a.setAttribute("aria-current", "page");
@@ -340,7 +449,7 @@ async function route() {
   main.replaceChildren();
   document.title = `atelier — ${page}`;
   try {
-    await PAGES[page](main);
+    await PAGES[page](main, args);
   } catch (err) {
     banner(err.message);
   }

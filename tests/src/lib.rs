@@ -793,6 +793,17 @@ pub async fn write_version(
     version: u32,
     rows: &[(u64, &str, atelier_contracts::dataset::Tier, &str)],
 ) -> Vec<atelier_contracts::DatasetRow> {
+    write_version_to(&c.bus, &c.store, dataset, version, rows).await
+}
+
+/// [`write_version`] into any bus and store (an `atelier up`'s, say).
+pub async fn write_version_to(
+    bus: &Bus,
+    store: &Store,
+    dataset: &str,
+    version: u32,
+    rows: &[(u64, &str, atelier_contracts::dataset::Tier, &str)],
+) -> Vec<atelier_contracts::DatasetRow> {
     let mut out = Vec::new();
     for (i, (seed, caption, tier, tag)) in rows
         .iter()
@@ -805,7 +816,7 @@ pub async fn write_version(
         .enumerate()
     {
         let bytes = scene_image(*seed);
-        let (r, _) = c.store.put_bytes(bytes.into(), "image/png").await.unwrap();
+        let (r, _) = store.put_bytes(bytes.into(), "image/png").await.unwrap();
         let rejected = *seed == 42;
         out.push(atelier_contracts::DatasetRow {
             image_id: r.sha256[..16].to_owned(),
@@ -843,8 +854,7 @@ pub async fn write_version(
         serde_json::to_writer(&mut data, r).unwrap();
         data.push(b'\n');
     }
-    let (data, _) = c
-        .store
+    let (data, _) = store
         .put_bytes(data.into(), "application/x-ndjson")
         .await
         .unwrap();
@@ -864,8 +874,7 @@ pub async fn write_version(
         curation: None,
         augmentation: None,
     };
-    c.bus
-        .datasets_kv()
+    bus.datasets_kv()
         .await
         .unwrap()
         .put(

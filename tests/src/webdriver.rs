@@ -145,6 +145,17 @@ impl Browser {
         .map(drop)
     }
 
+    /// Focuses `element` and presses Enter on it (what a keyboard user does to a button).
+    pub async fn press_enter(&self, element: &str) -> anyhow::Result<()> {
+        self.call(
+            reqwest::Method::POST,
+            &format!("/element/{element}/value"),
+            json!({"text": "\u{E007}"}),
+        )
+        .await
+        .map(drop)
+    }
+
     pub async fn text(&self, element: &str) -> anyhow::Result<String> {
         let v = self
             .call(

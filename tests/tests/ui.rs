@@ -2,16 +2,20 @@
 //! with an API key and the tiny model: the page asks for the key and keeps it for the tab; the
 //! generate page makes an image with live progress and shows it with its infotext, and "reuse
 //! these settings" fills the form back; a bad size gets the API's message beside its field; the
-//! jobs page lists the job; the datasets page answers; every control is labelled; the generate
+//! jobs page lists the job; the datasets page pages through a version's gallery with thumbnails,
+//! filters it by decision and text, and compares two versions; every control is labelled; the generate
 //! page fits a phone's width. Screenshots of each page go to `target/ui-screenshots/`.
 
 use std::path::PathBuf;
 use std::time::Duration;
 
+use atelier_contracts::dataset::Tier;
 use atelier_diffusion::pipeline::{make_tiny, Family};
 use atelier_e2e::webdriver::Browser;
 use atelier_e2e::*;
+use atelier_kit::config::{NatsArgs, StoreArgs};
 use atelier_kit::nats_server::free_port;
+use atelier_kit::{Bus, Store};
 use serde_json::json;
 
 fn shots() -> PathBuf {
@@ -19,6 +23,40 @@ fn shots() -> PathBuf {
 }
 
 const SECOND: Duration = Duration::from_secs(1);
+const ELEMENT: &str = "element-6066-11e4-a52e-4f735466cecf";
+
+/// A bus and a store on `atelier up`'s own (its nats-server's user and password, its objects).
+async fn up_bus_and_store(data: &std::path::Path, nats_port: u16) -> (Bus, Store) {
+    let password = std::fs::read_to_string(data.join("nats-password")).unwrap();
+    let nats = NatsArgs {
+        nats_url: Some(format!("nats://127.0.0.1:{nats_port}")),
+        nats_user: Some("atelier".into()),
+        nats_password: Some(password.trim().into()),
+        ..Default::default()
+    };
+    let bus = Bus::connect(&nats, "ui-test").await.unwrap();
+    let store = Store::open(&StoreArgs {
+        store: data.join("objects").display().to_string(),
+        ..Default::default()
+    })
+    .unwrap();
+    (bus, store)
+}
+
+/// Waits up to 20 s for `script` to return true in the page.
+async fn wait_until(b: &Browser, script: &str) {
+    let deadline = std::time::Instant::now() + 20 * SECOND;
+    while b.run(script, json!([])).await.unwrap() != json!(true) {
+        if std::time::Instant::now() > deadline {
+            let page = b
+                .run("return document.getElementById('banner').textContent + ' | ' + document.querySelector('main').innerText.slice(0, 600)", json!([]))
+                .await
+                .unwrap();
+            panic!("never true: {script}\nthe page: {page}");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
 
 /// Every visible form control has a label (a `<label for>`, a wrapping label or `aria-label`).
 const UNLABELLED: &str = "return [...document.querySelectorAll('input, select, textarea, button')]
@@ -184,6 +222,86 @@ async fn the_web_ui_generates_lists_jobs_and_shows_api_errors_in_a_real_browser(
     let h1 = b.wait_for("main h1", 10 * SECOND).await.unwrap();
     assert_eq!(b.text(&h1).await.unwrap(), "Datasets");
     b.wait_for("main p.muted", 10 * SECOND).await.unwrap();
+
+    // Two versions written into this `atelier up`'s bus and store, as the quality filter writes
+    // them: 50 kept rows (+1 dropped) in v2, 3 (+1) in v1.
+    let (bus, store) = up_bus_and_store(&data, nats_port).await;
+    let tiers = [Tier::Gold, Tier::Silver, Tier::Bronze];
+    let captions: Vec<String> = (0..50).map(|i| format!("scene number {i}")).collect();
+    let rows = |n: usize| -> Vec<(u64, &str, Tier, &str)> {
+        (0..n)
+            .map(|i| (i as u64 + 200, captions[i].as_str(), tiers[i % 3], "t"))
+            .collect()
+    };
+    write_version_to(&bus, &store, "scenes", 1, &rows(3)).await;
+    write_version_to(&bus, &store, "scenes", 2, &rows(50)).await;
+    b.goto(&format!("{base}/?reload#/datasets")).await.unwrap();
+    b.click(
+        &b.wait_for("a[href='#/datasets/scenes']", 10 * SECOND)
+            .await
+            .unwrap(),
+    )
+    .await
+    .unwrap();
+    // The first page: 48 of 51 rows, each with its thumbnail, caption and decision.
+    b.wait_for("#gallery .card img[src^='blob:']", 30 * SECOND)
+        .await
+        .unwrap();
+    let cards = "return document.querySelectorAll('#gallery .card').length";
+    assert_eq!(b.run(cards, json!([])).await.unwrap(), json!(48));
+    b.run("window.scrollTo(0, 0)", json!([])).await.unwrap();
+    b.screenshot(&shots().join("gallery.png")).await.unwrap();
+    // Paging, from the keyboard: the rest.
+    b.press_enter(&b.find("main > button.secondary").await.unwrap().unwrap())
+        .await
+        .unwrap();
+    wait_until(
+        &b,
+        "return document.querySelectorAll('#gallery .card').length === 51",
+    )
+    .await;
+    // Filtered to the dropped row.
+    let decision = b.find("#f-decision").await.unwrap().unwrap();
+    b.run(
+        "arguments[0].value = 'reject'",
+        json!([{ELEMENT: decision}]),
+    )
+    .await
+    .unwrap();
+    b.click(
+        &b.find("form[aria-label='Filter images'] button")
+            .await
+            .unwrap()
+            .unwrap(),
+    )
+    .await
+    .unwrap();
+    wait_until(&b, "return document.querySelectorAll('#gallery .card').length === 1 && document.querySelector('#gallery .card').textContent.includes('dropped')").await;
+    // Text: one caption.
+    b.run("arguments[0].value = ''", json!([{ELEMENT: decision}]))
+        .await
+        .unwrap();
+    b.fill(&b.find("#f-q").await.unwrap().unwrap(), "number 42")
+        .await
+        .unwrap();
+    b.click(
+        &b.find("form[aria-label='Filter images'] button")
+            .await
+            .unwrap()
+            .unwrap(),
+    )
+    .await
+    .unwrap();
+    wait_until(&b, "return document.querySelectorAll('#gallery .card').length === 1 && document.querySelector('#gallery .card .caption').textContent === 'scene number 42'").await;
+    // v2 against v1: 47 more kept rows.
+    let other = b.find("#f-compare").await.unwrap().unwrap();
+    b.run(
+        "arguments[0].value = '1'; arguments[0].dispatchEvent(new Event('change'))",
+        json!([{ELEMENT: other}]),
+    )
+    .await
+    .unwrap();
+    wait_until(&b, "const r = [...document.querySelectorAll('#compare tr')].find(t => t.firstChild.textContent === 'kept'); return !!r && r.lastChild.textContent === '+47'").await;
     b.screenshot(&shots().join("datasets.png")).await.unwrap();
 
     // A phone's width: the generate page fits without sideways scrolling.
