@@ -352,8 +352,34 @@ async function datasetPage(main, name, wanted) {
     h("p", {}, `v${m.version}${m.parent ? `, made from v${m.parent}` : ""} on ${new Date(m.created_at).toLocaleString()}${m.note ? ` — ${m.note}` : ""}`),
     h("p", { class: "muted" }, `${counts(m.counts)}. Tiers: ${fmtMap(m.counts.tiers)}. Splits: ${fmtMap(m.counts.splits)}. Signals: ${fmtMap(m.counts.signals) || "none"}.`),
     compared,
+    indexButton(name, m.version),
   );
   await gallery(main, name, m.version);
+}
+
+/** Builds (or refreshes) the version's search index: an index job, followed to its end. */
+function indexButton(name, version) {
+  const out = h("span", { class: "muted", "aria-live": "polite" });
+  const b = h("button", { type: "button", class: "secondary" }, "Index for search");
+  b.addEventListener("click", async () => {
+    b.disabled = true;
+    try {
+      const rec = await json(`/v1/datasets/${encodeURIComponent(name)}/index`, { method: "POST", json: { dataset: name, version } });
+      await follow(rec.id, (r) => {
+        out.textContent = ` ${r.state}${r.progress?.message ? ` — ${r.progress.message}` : ""}`;
+        if (r.state === "succeeded") {
+          out.replaceChildren(" indexed: ", h("a", { href: `#/search/${encodeURIComponent(name)}` }, "search it"));
+        } else if (r.state === "failed") {
+          out.textContent = ` failed: ${r.error?.message}`;
+        }
+      });
+    } catch (err) {
+      banner(err.message);
+    } finally {
+      b.disabled = false;
+    }
+  });
+  return h("p", { class: "row" }, b, out);
 }
 
 const fmtMap = (o) => Object.entries(o || {}).map(([k, v]) => `${k} ${v}`).join(", ");
@@ -398,7 +424,7 @@ async function gallery(main, name, version) {
     const page = await json(`/v1/datasets/${encodeURIComponent(name)}/versions/${version}/rows?${q}`);
     if (!append) grid.replaceChildren();
     for (const r of page.rows) {
-      const card = rowCard(r);
+      const card = rowCard(r, name);
       grid.append(card);
       seen.observe(card.querySelector("img"));
     }
@@ -423,12 +449,13 @@ async function thumb(img) {
 
 const DECISION = { accept: "kept", flag: "flagged", reject: "dropped" };
 
-function rowCard(r) {
+function rowCard(r, name) {
   const why = r.signals.length ? r.signals.map((s) => `${s.name}: ${s.reason}`).join("\n") : "passed every check";
   return h("article", { class: `card decision-${r.decision}`, "data-image": r.image_id },
     h("img", { alt: r.caption || "image without a caption", "data-key": r.image_key, width: 256, height: 256 }),
     h("p", { class: "caption" }, r.caption || "—"),
     h("p", { class: "muted" }, [DECISION[r.decision], r.tier, r.split, r.source].filter(Boolean).join(" · ")),
+    h("a", { href: `#/search/${encodeURIComponent(name)}/${r.image_id}` }, "Similar images"),
     h("details", {}, h("summary", {}, "Why and more"),
       h("p", { class: "muted" }, why),
       h("dl", {}, [["image", r.image_id], ["size", r.width && `${r.width}×${r.height}`], ["words", r.words], ["CLIP score", r.clip_score?.toFixed(1)], ["NSFW", r.nsfw?.toFixed(2)], ["license", r.license], ["tags", r.tags.join(", ")]]
@@ -436,7 +463,106 @@ function rowCard(r) {
         .map(([k, v]) => [h("dt", {}, k), h("dd", {}, v)]))));
 }
 
-const PAGES = { generate: generatePage, jobs: jobsPage, datasets: datasetsPage };
+// Search: text or an image against a dataset's index; a dataset made of what a text query found.
+const MODES = {
+  "text-image": { label: "text → images", space: "clip_image", input: "text" },
+  "text-caption": { label: "text → captions", space: "caption", input: "text" },
+  "image-image": { label: "image → images", space: "clip_image", input: "image" },
+  "image-text": { label: "image → captions", space: "clip_text", input: "image" },
+};
+
+async function searchPage(main, args) {
+  const datasets = await json("/v1/datasets");
+  const [wantDataset, wantImage] = [args[0] && decodeURIComponent(args[0]), args[1]];
+  const form = h("form", { "aria-label": "Search" });
+  const text = h("input", { type: "search", placeholder: "a red circle on blue" });
+  const file = h("input", { type: "file", accept: "image/*" });
+  const imageId = h("input", { placeholder: "16-hex id or sha256", value: wantImage || "" });
+  const mode = h("select", {}, Object.entries(MODES).map(([v, m]) => h("option", { value: v, selected: wantImage ? v === "image-image" : false }, m.label)));
+  form.append(
+    h("div", { class: "row" },
+      field("dataset", "Dataset", h("select", {}, datasets.map((d) => h("option", { value: d.dataset, selected: d.dataset === wantDataset }, d.dataset)))),
+      field("mode", "Search", mode),
+      field("k", "Results", h("input", { type: "number", value: 24, min: 1, max: 1000 })),
+      field("tier", "Tier", h("select", {}, ["", "gold", "silver", "bronze"].map((v) => h("option", { value: v }, v || "any"))))),
+    h("div", { class: "field by-text" }, h("label", { for: "f-text" }, "Text"), Object.assign(text, { id: "f-text", name: "text" })),
+    h("div", { class: "row by-image" }, field("image", "Upload an image", file), field("image_id", "or a record of the dataset", imageId)),
+    h("button", { type: "submit" }, "Search"));
+  const results = h("div", { class: "gallery", id: "search-results" });
+  const status = h("p", { class: "muted", "aria-live": "polite" });
+  const curate = h("button", { type: "button", class: "secondary", hidden: true }, "Make a dataset from these");
+  main.append(h("h1", {}, "Search"), form, status, curate, results);
+  if (!datasets.length) status.textContent = "No datasets to search yet.";
+  const showInputs = () => {
+    const byImage = MODES[mode.value].input === "image";
+    form.querySelector(".by-text").hidden = byImage;
+    form.querySelector(".by-image").hidden = !byImage;
+  };
+  mode.addEventListener("change", showInputs);
+  showInputs();
+  let last = null;
+  form.addEventListener("submit", async (e) => {
+    e.preventDefault();
+    banner("");
+    form.querySelectorAll(".error").forEach((x) => x.remove());
+    const m = MODES[mode.value];
+    const q = new URLSearchParams({ dataset: form.elements.dataset.value, space: m.space, k: form.elements.k.value });
+    if (form.elements.tier.value) q.set("tier", form.elements.tier.value);
+    try {
+      let r;
+      if (m.input === "text") {
+        q.set("text", text.value);
+        r = await json(`/v1/search?${q}`);
+      } else if (file.files[0]) {
+        r = await json(`/v1/search?${q}`, { method: "POST", body: file.files[0] });
+      } else {
+        q.set("image_id", imageId.value.trim());
+        r = await json(`/v1/search?${q}`);
+      }
+      results.replaceChildren(...r.results.map((hit) => hitCard(hit, r.dataset)));
+      results.querySelectorAll("img").forEach((img) => thumb(img));
+      status.textContent = `${r.results.length} result${r.results.length === 1 ? "" : "s"} in ${r.dataset} v${r.version} (${r.space}).`;
+      last = m.input === "text" && r.results.length ? { dataset: r.dataset, version: r.version, space: r.space, text: text.value, min: r.results[r.results.length - 1].score, n: r.results.length } : null;
+      curate.hidden = !last;
+    } catch (err) {
+      showError(form, err);
+    }
+  });
+  curate.addEventListener("click", async () => {
+    if (!last) return;
+    curate.disabled = true;
+    try {
+      const spec = { dataset: last.dataset, version: last.version, queries: [{ text: last.text, space: last.space, min_score: last.min }],
+        limit: last.n, note: `search: ${last.text}` };
+      const r = await api(`/v1/datasets/${encodeURIComponent(last.dataset)}/curate`, { method: "POST", json: spec });
+      let out = await r.json();
+      if (r.status === 202) {
+        status.textContent = "Curating…";
+        let rec = out;
+        await follow(out.id, (x) => { rec = x; });
+        if (rec.state !== "succeeded") throw new Error(`curation ${rec.state}: ${rec.error?.message}`);
+        out = rec.output;
+      }
+      status.replaceChildren(`Made ${out.dataset} v${out.version} (${out.matched} matched): `,
+        h("a", { href: `#/datasets/${encodeURIComponent(out.dataset)}/${out.version}` }, "open it"));
+    } catch (err) {
+      banner(err.message);
+    } finally {
+      curate.disabled = false;
+    }
+  });
+  if (wantImage && wantDataset) form.requestSubmit();
+}
+
+function hitCard(hit, dataset) {
+  return h("article", { class: "card", "data-image": hit.image_id },
+    h("img", { alt: hit.caption || "result", "data-key": hit.image_key, width: 256, height: 256 }),
+    h("p", { class: "caption" }, hit.caption || "—"),
+    h("p", { class: "muted" }, `score ${hit.score.toFixed(3)}${hit.tier ? ` · ${hit.tier}` : ""}${hit.source ? ` · ${hit.source}` : ""}`),
+    h("a", { href: `#/search/${encodeURIComponent(dataset)}/${hit.image_id}` }, "Similar images"));
+}
+
+const PAGES = { generate: generatePage, search: searchPage, jobs: jobsPage, datasets: datasetsPage };
 
 async function route() {
   const [name, ...args] = (location.hash.replace(/^#\//, "") || "generate").split("/");

@@ -3,7 +3,9 @@
 //! generate page makes an image with live progress and shows it with its infotext, and "reuse
 //! these settings" fills the form back; a bad size gets the API's message beside its field; the
 //! jobs page lists the job; the datasets page pages through a version's gallery with thumbnails,
-//! filters it by decision and text, and compares two versions; every control is labelled; the generate
+//! filters it by decision and text, and compares two versions; a version is indexed from its
+//! page and searched by text and by image, and a dataset made of the results; every control is
+//! labelled; the generate
 //! page fits a phone's width. Screenshots of each page go to `target/ui-screenshots/`.
 
 use std::path::PathBuf;
@@ -72,6 +74,8 @@ async fn the_web_ui_generates_lists_jobs_and_shows_api_errors_in_a_real_browser(
         .unwrap();
     let data = tmp.path().join("data");
     make_tiny(&data.join("models/tiny"), Family::Sd1, 31).unwrap();
+    // A tiny CLIP: `atelier up` serves `<data>/models/clip` to the indexer (image and text spaces).
+    atelier_embed::clip::make_tiny(&data.join("models/clip"), 3).unwrap();
     let (key, entry) = atelier_gateway::auth::generate_key("ui", "*").unwrap();
     let (port, nats_port) = (free_port().unwrap(), free_port().unwrap());
     let mut up = atelier_up_keyed(
@@ -303,6 +307,76 @@ async fn the_web_ui_generates_lists_jobs_and_shows_api_errors_in_a_real_browser(
     .unwrap();
     wait_until(&b, "const r = [...document.querySelectorAll('#compare tr')].find(t => t.firstChild.textContent === 'kept'); return !!r && r.lastChild.textContent === '+47'").await;
     b.screenshot(&shots().join("datasets.png")).await.unwrap();
+
+    // Index v2 for search from its page, then search it: text → images, then images like a
+    // result, then a dataset made of what the text found.
+    b.goto(&format!("{base}/?v2#/datasets/scenes/2"))
+        .await
+        .unwrap();
+    let index = b
+        .wait_for("main p.row button.secondary", 10 * SECOND)
+        .await
+        .unwrap();
+    b.click(&index).await.unwrap();
+    let go = b
+        .wait_for("a[href='#/search/scenes']", 120 * SECOND)
+        .await
+        .unwrap();
+    b.click(&go).await.unwrap();
+    let text = b.wait_for("#f-text", 10 * SECOND).await.unwrap();
+    b.fill(&text, "a scene").await.unwrap();
+    b.fill(&b.find("#f-k").await.unwrap().unwrap(), "6")
+        .await
+        .unwrap();
+    b.click(
+        &b.find("form[aria-label=Search] > button")
+            .await
+            .unwrap()
+            .unwrap(),
+    )
+    .await
+    .unwrap();
+    wait_until(
+        &b,
+        "return document.querySelectorAll('#search-results .card').length === 6",
+    )
+    .await;
+    let scores = b
+        .run("return [...document.querySelectorAll('#search-results .card .muted')].map(p => parseFloat(p.textContent.split(' ')[1]))", json!([]))
+        .await
+        .unwrap();
+    let scores: Vec<f64> = serde_json::from_value(scores).unwrap();
+    assert!(
+        scores.windows(2).all(|w| w[0] >= w[1]),
+        "results in score order: {scores:?}"
+    );
+    wait_until(&b, "return [...document.querySelectorAll('#search-results .card img')].every(i => i.src.startsWith('blob:'))").await;
+    b.screenshot(&shots().join("search.png")).await.unwrap();
+    // Make a dataset from these: a new version of 6 rows, linked.
+    b.click(&b.find("main > button.secondary").await.unwrap().unwrap())
+        .await
+        .unwrap();
+    let made = b
+        .wait_for("main p.muted a[href^='#/datasets/scenes/']", 60 * SECOND)
+        .await
+        .unwrap();
+    let status = b
+        .text(&b.find("main p.muted").await.unwrap().unwrap())
+        .await
+        .unwrap();
+    assert!(status.starts_with("Made scenes v3 (6 matched)"), "{status}");
+    // Images like the first result (image → image by record).
+    b.click(&b.find("#search-results .card a").await.unwrap().unwrap())
+        .await
+        .unwrap();
+    wait_until(&b, "return location.hash.startsWith('#/search/scenes/') && document.querySelectorAll('#search-results .card').length > 0").await;
+    // The record asked about is left out of its own results.
+    let left_out = b
+        .run("const id = location.hash.split('/').pop(); return [...document.querySelectorAll('#search-results .card')].every(c => c.dataset.image !== id)", json!([]))
+        .await
+        .unwrap();
+    assert_eq!(left_out, json!(true));
+    b.click(&made).await.ok();
 
     // A phone's width: the generate page fits without sideways scrolling.
     b.resize(390, 844).await.unwrap();
