@@ -15,7 +15,7 @@ const STYLE: &str = include_str!("../ui/app.css");
 
 /// Nothing but this origin's own files and blob images; no framing.
 const CSP: &str = "default-src 'self'; img-src 'self' blob: data:; style-src 'self'; \
-    script-src 'self'; connect-src 'self'; frame-ancestors 'none'; base-uri 'none'; form-action 'self'";
+    script-src 'self'; connect-src 'self' blob:; frame-ancestors 'none'; base-uri 'none'; form-action 'self'";
 
 pub fn routes() -> Router<AppState> {
     Router::new()

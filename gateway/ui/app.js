@@ -562,7 +562,138 @@ function hitCard(hit, dataset) {
     h("a", { href: `#/search/${encodeURIComponent(dataset)}/${hit.image_id}` }, "Similar images"));
 }
 
-const PAGES = { generate: generatePage, search: searchPage, jobs: jobsPage, datasets: datasetsPage };
+// Train: a LoRA (or DreamBooth) run on a dataset version, its loss curve live, samples by step.
+async function trainPage(main) {
+  const [models, datasets] = await Promise.all([json("/sdapi/v1/sd-models"), json("/v1/datasets")]);
+  const form = h("form", { "aria-label": "Train" });
+  const dataset = h("select", {}, datasets.map((d) => h("option", { value: d.dataset }, d.dataset)));
+  const version = h("select");
+  const versions = () => {
+    const d = datasets.find((x) => x.dataset === dataset.value);
+    version.replaceChildren(...(d ? d.versions.slice().reverse() : []).map((v) => h("option", { value: v }, `v${v}`)));
+  };
+  dataset.addEventListener("change", versions);
+  versions();
+  const db = h("input", { type: "checkbox", id: "f-dreambooth" });
+  const dbFields = h("div", { class: "grid", hidden: true },
+    field("instance_prompt", "Instance prompt", h("input", { placeholder: "a photo of sks dog" })),
+    field("class_prompt", "Class prompt", h("input", { placeholder: "a photo of dog" })),
+    field("num_class_images", "Class images", h("input", { type: "number", value: 100, min: 1 })));
+  db.addEventListener("change", () => { dbFields.hidden = !db.checked; });
+  form.append(
+    h("div", { class: "grid" },
+      field("base_model", "Base model", h("select", {}, models.map((m) => h("option", { value: m.model_name }, m.title)))),
+      field("output_name", "LoRA name", h("input", { required: true, placeholder: "my-style" })),
+      field("dataset", "Dataset", dataset),
+      field("version", "Version", version)),
+    h("div", { class: "grid" },
+      field("max_train_steps", "Steps", h("input", { type: "number", value: 1600, min: 1 })),
+      field("rank", "Rank", h("input", { type: "number", value: 16, min: 1 })),
+      field("alpha", "Alpha", h("input", { type: "number", value: 1, min: 0, step: "any" })),
+      field("unet_lr", "Learning rate", h("input", { type: "number", value: 0.0001, min: 0, step: "any" })),
+      field("resolution", "Resolution", h("input", { type: "number", value: 512, min: 64 })),
+      field("batch_size", "Batch", h("input", { type: "number", value: 1, min: 1 })),
+      field("sample_every", "Sample every (steps)", h("input", { type: "number", value: 0, min: 0 })),
+      field("sample_prompt", "Sample prompt", h("input", { placeholder: "a red square" }))),
+    h("div", { class: "field" }, h("label", { class: "inline", for: "f-dreambooth" }, db, " DreamBooth (prior preservation with class images)")),
+    dbFields,
+    h("div", { class: "row" }, h("button", { type: "submit" }, "Train"), h("button", { type: "button", class: "secondary", disabled: true, id: "train-cancel" }, "Cancel")));
+  const status = h("p", { class: "muted", "aria-live": "polite", id: "train-status" });
+  const chart = h("div", { id: "loss-chart" });
+  const out = h("div", { id: "train-output" });
+  main.append(h("h1", {}, "Train"), form, status, chart, out);
+  const cancel = form.querySelector("#train-cancel");
+  let running = null;
+  form.addEventListener("submit", async (e) => {
+    e.preventDefault();
+    banner("");
+    form.querySelectorAll(".error").forEach((x) => x.remove());
+    const v = (n) => form.elements[n].value;
+    const spec = {
+      base_model: v("base_model"), output_name: v("output_name").trim(),
+      data: { source: "dataset", dataset: v("dataset"), version: Number(v("version")) },
+      network: { rank: Number(v("rank")), alpha: Number(v("alpha")) },
+      max_train_steps: Number(v("max_train_steps")), unet_lr: Number(v("unet_lr")),
+      resolution: Number(v("resolution")), batch_size: Number(v("batch_size")),
+      sample_every: Number(v("sample_every")), sample_prompts: v("sample_prompt").trim() ? [v("sample_prompt").trim()] : [],
+    };
+    if (db.checked) {
+      spec.dreambooth = { instance_prompt: v("instance_prompt"), class_prompt: v("class_prompt"), num_class_images: Number(v("num_class_images")) };
+    }
+    const points = [];
+    try {
+      const rec = await json(db.checked ? "/v1/train/dreambooth" : "/v1/train/lora", { method: "POST", json: spec });
+      running = rec.id;
+      cancel.disabled = false;
+      out.replaceChildren();
+      await follow(rec.id, async (r) => {
+        const m = /step (\d+)\/(\d+) loss ([\d.eE+-]+)/.exec(r.progress?.message || "");
+        if (m && !points.some((p) => p[0] === Number(m[1]))) {
+          points.push([Number(m[1]), Number(m[3])]);
+          chart.replaceChildren(lossChart(points, Number(m[2])));
+        }
+        status.textContent = `${r.state}${r.progress?.message ? ` — ${r.progress.message}` : ""}`;
+        if (r.state === "failed") status.textContent = `failed: ${r.error?.message} (${r.error?.code})`;
+        if (r.state === "succeeded" && r.output?.kind === "trained") await trained(out, r.output);
+      });
+    } catch (err) {
+      showError(form, err);
+    } finally {
+      cancel.disabled = true;
+      running = null;
+    }
+  });
+  cancel.addEventListener("click", () => running && api(`/v1/jobs/${running}`, { method: "DELETE" }).catch((err) => banner(err.message)));
+}
+
+/** The loss by step as an SVG line (no library: the points scaled into a 600×200 box). */
+function lossChart(points, total) {
+  const NS = "http://www.w3.org/2000/svg";
+  const svg = document.createElementNS(NS, "svg");
+  svg.setAttribute("viewBox", "0 0 600 200");
+  svg.setAttribute("role", "img");
+  const last = points[points.length - 1];
+  svg.setAttribute("aria-label", `Loss by step: ${points.length} steps of ${total}, last loss ${last[1].toFixed(5)}`);
+  const losses = points.map((p) => p[1]);
+  const [lo, hi] = [Math.min(...losses), Math.max(...losses)];
+  const x = (step) => 40 + (550 * step) / Math.max(total, 1);
+  const y = (loss) => 180 - (160 * (loss - lo)) / Math.max(hi - lo, 1e-12);
+  const line = document.createElementNS(NS, "polyline");
+  line.setAttribute("points", points.map(([s, l]) => `${x(s).toFixed(1)},${y(l).toFixed(1)}`).join(" "));
+  line.setAttribute("fill", "none");
+  line.setAttribute("stroke", "#2b5fd9");
+  line.setAttribute("stroke-width", "2");
+  const axis = document.createElementNS(NS, "path");
+  axis.setAttribute("d", "M40 10 V180 H590");
+  axis.setAttribute("stroke", "#9aa0a6");
+  axis.setAttribute("fill", "none");
+  const label = (text, lx, ly) => {
+    const t = document.createElementNS(NS, "text");
+    t.setAttribute("x", lx);
+    t.setAttribute("y", ly);
+    t.setAttribute("font-size", "11");
+    t.setAttribute("fill", "#5f6368");
+    t.textContent = text;
+    return t;
+  };
+  svg.append(axis, line, label(hi.toPrecision(3), 0, 18), label(lo.toPrecision(3), 0, 182), label(`step ${last[0]} / ${total}`, 480, 196));
+  return svg;
+}
+
+async function trained(out, t) {
+  const lora = await artifactUrl(t.lora.key);
+  const samples = h("div", { class: "results" });
+  for (const s of t.samples) {
+    samples.append(h("figure", {}, h("img", { src: await artifactUrl(s.image), alt: `Sample at step ${s.step}: ${s.prompt}` }),
+      h("figcaption", {}, `step ${s.step}: ${s.prompt}`)));
+  }
+  out.replaceChildren(
+    h("p", {}, `${t.output_name}: ${t.steps} steps on ${t.images} images, final loss ${t.final_loss.toFixed(5)}. Use it as `, h("code", {}, `<lora:${t.output_name}:1>`), ". ",
+      h("a", { href: lora, download: `${t.output_name}.safetensors`, id: "lora-download" }, "Download the LoRA")),
+    h("h2", {}, "Samples"), t.samples.length ? samples : h("p", { class: "muted" }, "No sample prompts were given."));
+}
+
+const PAGES = { generate: generatePage, search: searchPage, train: trainPage, jobs: jobsPage, datasets: datasetsPage };
 
 async function route() {
   const [name, ...args] = (location.hash.replace(/^#\//, "") || "generate").split("/");

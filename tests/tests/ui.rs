@@ -5,14 +5,15 @@
 //! jobs page lists the job; the datasets page pages through a version's gallery with thumbnails,
 //! filters it by decision and text, and compares two versions; a version is indexed from its
 //! page and searched by text and by image, and a dataset made of the results; every control is
-//! labelled; the generate
+//! labelled; a LoRA trains on the dataset with its loss curve drawn live, samples by step and a
+//! download; the generate
 //! page fits a phone's width. Screenshots of each page go to `target/ui-screenshots/`.
 
 use std::path::PathBuf;
 use std::time::Duration;
 
 use atelier_contracts::dataset::Tier;
-use atelier_diffusion::pipeline::{make_tiny, Family};
+use atelier_diffusion::pipeline::{make_tiny, make_tiny_for_training, Family};
 use atelier_e2e::webdriver::Browser;
 use atelier_e2e::*;
 use atelier_kit::config::{NatsArgs, StoreArgs};
@@ -74,6 +75,7 @@ async fn the_web_ui_generates_lists_jobs_and_shows_api_errors_in_a_real_browser(
         .unwrap();
     let data = tmp.path().join("data");
     make_tiny(&data.join("models/tiny"), Family::Sd1, 31).unwrap();
+    make_tiny_for_training(&data.join("models/tiny-train"), Family::Sd1, 37).unwrap();
     // A tiny CLIP: `atelier up` serves `<data>/models/clip` to the indexer (image and text spaces).
     atelier_embed::clip::make_tiny(&data.join("models/clip"), 3).unwrap();
     let (key, entry) = atelier_gateway::auth::generate_key("ui", "*").unwrap();
@@ -377,6 +379,66 @@ async fn the_web_ui_generates_lists_jobs_and_shows_api_errors_in_a_real_browser(
         .unwrap();
     assert_eq!(left_out, json!(true));
     b.click(&made).await.ok();
+
+    // Train a LoRA on the dataset: the loss curve grows as it runs, samples by step, a download.
+    b.goto(&format!("{base}/?train#/train")).await.unwrap();
+    let name = b.wait_for("#f-output_name", 10 * SECOND).await.unwrap();
+    b.fill(&name, "ui-lora").await.unwrap();
+    let model = b.find("#f-base_model").await.unwrap().unwrap();
+    b.run(
+        "arguments[0].value = 'tiny-train'",
+        json!([{ELEMENT: model}]),
+    )
+    .await
+    .unwrap();
+    for (id, v) in [
+        ("#f-max_train_steps", "4"),
+        ("#f-rank", "4"),
+        ("#f-alpha", "4"),
+        ("#f-unet_lr", "0.01"),
+        ("#f-resolution", "64"),
+        ("#f-sample_every", "2"),
+        ("#f-sample_prompt", "a red square"),
+    ] {
+        b.fill(&b.find(id).await.unwrap().unwrap(), v)
+            .await
+            .unwrap();
+    }
+    b.click(
+        &b.find("form[aria-label=Train] button[type=submit]")
+            .await
+            .unwrap()
+            .unwrap(),
+    )
+    .await
+    .unwrap();
+    let link = b.wait_for("#lora-download", 240 * SECOND).await.unwrap();
+    let steps = b
+        .run("return document.querySelector('#loss-chart polyline').getAttribute('points').trim().split(' ').length", json!([]))
+        .await
+        .unwrap();
+    assert!(
+        steps.as_u64().unwrap() >= 2,
+        "the loss curve has {steps} points"
+    );
+    let samples = b
+        .run("return [...document.querySelectorAll('#train-output figcaption')].map(f => f.textContent)", json!([]))
+        .await
+        .unwrap();
+    assert_eq!(
+        samples,
+        json!(["step 2: a red square", "step 4: a red square"])
+    );
+    let size = b
+        .run("const a = arguments[0]; return fetch(a.href).then(r => r.blob()).then(b => [a.download, b.size])", json!([{ELEMENT: link}]))
+        .await
+        .unwrap();
+    assert_eq!(size[0], "ui-lora.safetensors");
+    assert!(
+        size[1].as_u64().unwrap() > 1000,
+        "the LoRA download: {size}"
+    );
+    b.screenshot(&shots().join("train.png")).await.unwrap();
 
     // A phone's width: the generate page fits without sideways scrolling.
     b.resize(390, 844).await.unwrap();
