@@ -151,7 +151,11 @@ async function generatePage(main) {
     json("/sdapi/v1/loras").catch(() => []),
   ]);
   const form = h("form", { "aria-label": "Generate" });
+  const mode = h("select", {}, [["txt2img", "text → image"], ["img2img", "image → image"], ["inpaint", "inpaint (paint the mask)"]].map(([v, l]) => h("option", { value: v }, l)));
+  const source = sourceImage();
   form.append(
+    field("mode", "Mode", mode),
+    source.section,
     field("prompt", "Prompt", h("textarea", { required: true })),
     field("negative_prompt", "Negative prompt", h("textarea")),
     field("model", "Model", h("select", {}, models.map((m) => h("option", { value: m.model_name }, m.title)))),
@@ -172,6 +176,9 @@ async function generatePage(main) {
   const bar = h("progress", { max: 1, value: 0, "aria-label": "Progress", hidden: true });
   const preview = h("img", { class: "preview", alt: "Live preview", hidden: true });
   const results = h("div", { class: "results", id: "results" });
+  const showMode = () => source.show(mode.value);
+  mode.addEventListener("change", showMode);
+  showMode();
   main.append(h("h1", {}, "Generate"), h("div", { class: "split" }, form, h("section", { "aria-label": "Result" }, status, bar, preview, results)));
 
   let running = null;
@@ -187,6 +194,7 @@ async function generatePage(main) {
       steps: Number(v("steps")), cfg_scale: Number(v("cfg_scale")), seed: seed < 0 ? undefined : seed,
       width: Number(v("width")), height: Number(v("height")), batch_size: Number(v("batch_size")),
       preview_every: 2,
+      ...source.fields(),
     };
   };
   const reuse = (s, seed) => {
@@ -232,7 +240,8 @@ async function generatePage(main) {
     form.querySelectorAll(".error").forEach((x) => x.remove());
     submit.disabled = true;
     try {
-      const rec = await json("/v1/txt2img", { method: "POST", json: spec() });
+      await source.upload(mode.value);
+      const rec = await json(`/v1/${mode.value}`, { method: "POST", json: spec() });
       running = { id: rec.id, abort: new AbortController() };
       cancel.disabled = false;
       results.replaceChildren();
@@ -254,6 +263,81 @@ async function generatePage(main) {
       banner(err.message);
     }
   });
+}
+
+/** img2img and inpainting's starting image, and the mask painted over it (white repaints). */
+function sourceImage() {
+  const file = h("input", { type: "file", accept: "image/*" });
+  const strength = h("input", { type: "number", value: 0.75, min: 0, max: 1, step: 0.05 });
+  const brush = h("input", { type: "range", min: 2, max: 64, value: 16 });
+  const blur = h("input", { type: "number", value: 4, min: 0, max: 64 });
+  const base = h("canvas", { class: "base", "aria-hidden": "true" });
+  const mask = h("canvas", { class: "mask", role: "img", "aria-label": "Mask: paint over the image with the pointer; white is repainted" });
+  const stack = h("div", { class: "paint", hidden: true }, base, mask);
+  const whole = h("button", { type: "button", class: "secondary" }, "Mask everything");
+  const clear = h("button", { type: "button", class: "secondary" }, "Clear the mask");
+  const maskTools = h("div", { class: "row mask-tools" }, field("brush", "Brush", brush), field("mask_blur", "Mask blur", blur), whole, clear);
+  const section = h("fieldset", { class: "source" }, h("legend", {}, "Starting image"),
+    field("init_image", "Image", file), field("strength", "Denoising strength", strength), stack, maskTools);
+  let keys = { init_image: null, mask: null };
+  let painting = false;
+  const ctx = () => mask.getContext("2d");
+  file.addEventListener("change", async () => {
+    keys = { init_image: null, mask: null };
+    if (!file.files[0]) return;
+    const bmp = await createImageBitmap(file.files[0]);
+    for (const c of [base, mask]) { c.width = bmp.width; c.height = bmp.height; }
+    base.getContext("2d").drawImage(bmp, 0, 0);
+    stack.hidden = false;
+  });
+  const at = (e) => {
+    const r = mask.getBoundingClientRect();
+    return [((e.clientX - r.left) * mask.width) / r.width, ((e.clientY - r.top) * mask.height) / r.height];
+  };
+  const dab = (e) => {
+    const c = ctx();
+    const [x, y] = at(e);
+    c.fillStyle = "#fff";
+    c.beginPath();
+    c.arc(x, y, (Number(brush.value) * mask.width) / mask.getBoundingClientRect().width / 2, 0, 2 * Math.PI);
+    c.fill();
+    keys.mask = null;
+  };
+  mask.addEventListener("pointerdown", (e) => { painting = true; mask.setPointerCapture(e.pointerId); dab(e); });
+  mask.addEventListener("pointermove", (e) => { if (painting) dab(e); });
+  mask.addEventListener("pointerup", () => { painting = false; });
+  whole.addEventListener("click", () => { ctx().fillStyle = "#fff"; ctx().fillRect(0, 0, mask.width, mask.height); keys.mask = null; });
+  clear.addEventListener("click", () => { ctx().clearRect(0, 0, mask.width, mask.height); keys.mask = null; });
+  const put = async (blob) => (await json("/v1/uploads", { method: "POST", body: blob, headers: { "Content-Type": blob.type || "application/octet-stream" } })).artifact.key;
+  return {
+    section,
+    show(m) {
+      section.hidden = m === "txt2img";
+      maskTools.hidden = m !== "inpaint";
+      mask.hidden = m !== "inpaint";
+    },
+    /** Uploads the image (and for inpainting the mask: white strokes on black) once. */
+    async upload(m) {
+      this.mode = m;
+      if (m === "txt2img") return;
+      if (!file.files[0]) throw new ApiError(422, "invalid_job", "init_image: choose a starting image");
+      keys.init_image ??= await put(file.files[0]);
+      if (m === "inpaint" && !keys.mask) {
+        const out = h("canvas", { width: mask.width, height: mask.height });
+        const c = out.getContext("2d");
+        c.fillStyle = "#000";
+        c.fillRect(0, 0, out.width, out.height);
+        c.drawImage(mask, 0, 0);
+        keys.mask = await put(await new Promise((ok) => out.toBlob(ok, "image/png")));
+      }
+    },
+    fields() {
+      if (!this.mode || this.mode === "txt2img") return {};
+      const f = { init_image: keys.init_image, strength: Number(strength.value) };
+      if (this.mode === "inpaint") Object.assign(f, { mask: keys.mask, mask_blur: Number(blur.value) });
+      return f;
+    },
+  };
 }
 
 // Jobs.

@@ -156,6 +156,46 @@ impl Browser {
         .map(drop)
     }
 
+    /// Types `text` into `element` without clearing it (a file input takes a path this way).
+    pub async fn send_keys(&self, element: &str, text: &str) -> anyhow::Result<()> {
+        self.call(
+            reqwest::Method::POST,
+            &format!("/element/{element}/value"),
+            json!({"text": text}),
+        )
+        .await
+        .map(drop)
+    }
+
+    /// A mouse drag over `element` from `from` to `to` (pixels from its centre), in steps.
+    pub async fn drag(
+        &self,
+        element: &str,
+        from: (i64, i64),
+        to: (i64, i64),
+    ) -> anyhow::Result<()> {
+        let origin = json!({ELEMENT: element});
+        let mut moves = vec![
+            json!({"type": "pointerMove", "duration": 0, "origin": origin, "x": from.0, "y": from.1}),
+            json!({"type": "pointerDown", "button": 0}),
+        ];
+        for k in 1..=8 {
+            let (x, y) = (
+                from.0 + (to.0 - from.0) * k / 8,
+                from.1 + (to.1 - from.1) * k / 8,
+            );
+            moves.push(
+                json!({"type": "pointerMove", "duration": 20, "origin": origin, "x": x, "y": y}),
+            );
+        }
+        moves.push(json!({"type": "pointerUp", "button": 0}));
+        let actions = json!({"actions": [{"type": "pointer", "id": "mouse",
+            "parameters": {"pointerType": "mouse"}, "actions": moves}]});
+        self.call(reqwest::Method::POST, "/actions", actions)
+            .await
+            .map(drop)
+    }
+
     pub async fn text(&self, element: &str) -> anyhow::Result<String> {
         let v = self
             .call(

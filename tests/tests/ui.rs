@@ -1,7 +1,8 @@
 //! The web UI in a real browser (headless Chromium through ChromeDriver) against `atelier up`
 //! with an API key and the tiny model: the page asks for the key and keeps it for the tab; the
 //! generate page makes an image with live progress and shows it with its infotext, and "reuse
-//! these settings" fills the form back; a bad size gets the API's message beside its field; the
+//! these settings" fills the form back; a bad size gets the API's message beside its field; a mask
+//! painted with the mouse inpaints an uploaded image; the
 //! jobs page lists the job; the datasets page pages through a version's gallery with thumbnails,
 //! filters it by decision and text, and compares two versions; a version is indexed from its
 //! page and searched by text and by image, and a dataset made of the results; every control is
@@ -209,7 +210,86 @@ async fn the_web_ui_generates_lists_jobs_and_shows_api_errors_in_a_real_browser(
         .await
         .unwrap();
 
-    // Jobs: the txt2img job, succeeded.
+    // Inpainting: a starting image (top half red, bottom half blue), a stroke painted across
+    // its middle; the result keeps what the mask leaves alone.
+    let init = tmp.path().join("init.png");
+    image::RgbImage::from_fn(64, 64, |_, y| {
+        image::Rgb(if y < 32 { [220, 30, 30] } else { [30, 30, 220] })
+    })
+    .save(&init)
+    .unwrap();
+    b.fill(&b.find("#f-width").await.unwrap().unwrap(), "64")
+        .await
+        .unwrap();
+    let mode = b.find("#f-mode").await.unwrap().unwrap();
+    b.run(
+        "arguments[0].value = 'inpaint'; arguments[0].dispatchEvent(new Event('change'))",
+        json!([{ELEMENT: mode}]),
+    )
+    .await
+    .unwrap();
+    b.send_keys(
+        &b.find("#f-init_image").await.unwrap().unwrap(),
+        &init.display().to_string(),
+    )
+    .await
+    .unwrap();
+    let mask = b
+        .wait_for(".paint:not([hidden]) canvas.mask", 10 * SECOND)
+        .await
+        .unwrap();
+    wait_until(
+        &b,
+        "return document.querySelector('canvas.mask').width === 64",
+    )
+    .await;
+    b.drag(&mask, (-150, 0), (150, 0)).await.unwrap();
+    let painted = b
+        .run("const c = document.querySelector('canvas.mask'); const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data; let n = 0; for (let i = 3; i < d.length; i += 4) if (d[i] > 0) n++; return [n, d[3]];", json!([]))
+        .await
+        .unwrap();
+    assert!(
+        painted[0].as_u64().unwrap() > 64 && painted[1] == 0,
+        "the stroke: {painted}"
+    );
+    b.click(
+        &b.find("form[aria-label=Generate] button[type=submit]")
+            .await
+            .unwrap()
+            .unwrap(),
+    )
+    .await
+    .unwrap();
+    wait_until(&b, "return document.getElementById('gen-status').textContent.startsWith('succeeded') && !!document.querySelector('#results figure img') && document.querySelector('#results figcaption').textContent.includes('Denoising strength')").await;
+    let spec = b
+        .run("return fetch('/v1/jobs?kind=inpaint', {headers: {Authorization: 'Bearer ' + sessionStorage.getItem('atelier.key')}}).then(r => r.json()).then(p => p.jobs[0].spec)", json!([]))
+        .await
+        .unwrap();
+    assert_eq!(spec["kind"], "inpaint", "{spec}");
+    assert!(
+        spec["mask"].is_string() && spec["init_image"].is_string(),
+        "{spec}"
+    );
+    assert_eq!(spec["strength"], 0.75);
+    let corners = b
+        .run("const i = document.querySelector('#results figure img'); return new Promise(ok => { const go = () => { const c = document.createElement('canvas'); c.width = i.naturalWidth; c.height = i.naturalHeight; const x = c.getContext('2d'); x.drawImage(i, 0, 0); ok([[...x.getImageData(0, 0, 1, 1).data], [...x.getImageData(63, 63, 1, 1).data]]); }; i.complete ? go() : i.onload = go; })", json!([]))
+        .await
+        .unwrap();
+    assert_eq!(
+        corners,
+        json!([[220, 30, 30, 255], [30, 30, 220, 255]]),
+        "outside the mask the image is kept"
+    );
+    b.run("window.scrollTo(0, 0)", json!([])).await.unwrap();
+    b.screenshot(&shots().join("inpaint.png")).await.unwrap();
+    b.run(
+        "arguments[0].value = 'txt2img'; arguments[0].dispatchEvent(new Event('change'))",
+        json!([{ELEMENT: mode}]),
+    )
+    .await
+    .unwrap();
+
+    // Jobs: the inpaint and txt2img jobs, newest first, succeeded.
     b.goto(&format!("{base}/#/jobs")).await.unwrap();
     let row = b
         .wait_for("tr[data-job] td.state-succeeded", 10 * SECOND)
@@ -220,7 +300,7 @@ async fn the_web_ui_generates_lists_jobs_and_shows_api_errors_in_a_real_browser(
         .run("return [...document.querySelectorAll('tr[data-job] td:nth-child(2)')].map(t => t.textContent)", json!([]))
         .await
         .unwrap();
-    assert_eq!(kinds, json!(["txt2img"]));
+    assert_eq!(kinds, json!(["inpaint", "txt2img"]));
     b.screenshot(&shots().join("jobs.png")).await.unwrap();
 
     // Datasets: none yet, and the page says how to make one.
