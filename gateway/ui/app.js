@@ -368,7 +368,8 @@ async function jobsPage(main) {
   await load(false);
   const timer = setInterval(() => {
     if (!main.isConnected) return clearInterval(timer);
-    if (!cursor) load(false).catch(() => {});
+    // Not while someone is on a row's button (a refresh would take their focus away).
+    if (!cursor && !body.contains(document.activeElement)) load(false).catch(() => {});
   }, 3000);
 }
 
@@ -384,9 +385,16 @@ function jobRow(j) {
       try { await api(`/v1/jobs/${j.id}`, { method: "DELETE" }); } catch (err) { banner(err.message); }
     },
   }, "Cancel");
+  const progressCell = h("td", {}, progress);
+  // A queued job's place: the listing leaves it out (one queue search per job), its record has it.
+  if (j.state === "queued") {
+    json(`/v1/jobs/${j.id}`).then((r) => {
+      if (r.queue) progressCell.textContent = `waiting: ${r.queue.position} ahead${r.queue.eta_s != null ? `, about ${Math.ceil(r.queue.eta_s)} s` : ""}`;
+    }).catch(() => {});
+  }
   return h("tr", { "data-job": j.id },
     h("td", { class: "mono" }, j.id), h("td", {}, j.kind),
-    h("td", { class: `state-${j.state}` }, j.state), h("td", {}, progress),
+    h("td", { class: `state-${j.state}` }, j.state), progressCell,
     h("td", { class: "wide" }, j.submitted_by || ""), h("td", { class: "wide" }, new Date(j.created_at).toLocaleString()),
     h("td", {}, cancel));
 }

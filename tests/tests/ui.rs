@@ -6,7 +6,7 @@
 //! jobs page lists the job; the datasets page pages through a version's gallery with thumbnails,
 //! filters it by decision and text, and compares two versions; a version is indexed from its
 //! page and searched by text and by image, and a dataset made of the results; every control is
-//! labelled; a LoRA trains on the dataset with its loss curve drawn live, samples by step and a
+//! labelled; the jobs page shows a running job's progress and cancels it; a LoRA trains on the dataset with its loss curve drawn live, samples by step and a
 //! download; the generate
 //! page fits a phone's width. Screenshots of each page go to `target/ui-screenshots/`.
 
@@ -301,7 +301,7 @@ async fn the_web_ui_generates_lists_jobs_and_shows_api_errors_in_a_real_browser(
         .await
         .unwrap();
     assert_eq!(kinds, json!(["inpaint", "txt2img"]));
-    b.screenshot(&shots().join("jobs.png")).await.unwrap();
+    b.screenshot(&shots().join("jobs-done.png")).await.unwrap();
 
     // Datasets: none yet, and the page says how to make one.
     b.goto(&format!("{base}/#/datasets")).await.unwrap();
@@ -519,6 +519,52 @@ async fn the_web_ui_generates_lists_jobs_and_shows_api_errors_in_a_real_browser(
         "the LoRA download: {size}"
     );
     b.screenshot(&shots().join("train.png")).await.unwrap();
+
+    // Jobs: a long training run shows its progress as the page refreshes, and is cancelled from
+    // the page. (A waiting job's place shows the same way; `tests/tests/queue.rs` checks the
+    // places themselves: `atelier up`'s workers take 16 jobs at once, too many to wait behind.)
+    let long = json!({"base_model": "tiny-train", "output_name": "long", "resolution": 64,
+        "max_train_steps": 100000, "network": {"rank": 2, "alpha": 2},
+        "data": {"source": "dataset", "dataset": "scenes", "version": 3}});
+    let submit = "return fetch('/v1/train/lora', {method: 'POST', headers: {Authorization: 'Bearer ' + sessionStorage.getItem('atelier.key'), 'Content-Type': 'application/json'}, body: JSON.stringify(arguments[0])}).then(r => r.status)";
+    assert_eq!(b.run(submit, json!([long])).await.unwrap(), json!(202));
+    b.goto(&format!("{base}/?jobs#/jobs")).await.unwrap();
+    let stepping = "const r = document.querySelector('tr[data-job]'); return !!r && r.children[2].textContent === 'running' && / % — step \\d+\\/100000 loss/.test(r.children[3].textContent);";
+    let deadline = std::time::Instant::now() + 60 * SECOND;
+    while b.run(stepping, json!([])).await.unwrap() != json!(true) {
+        if std::time::Instant::now() > deadline {
+            let rows = b
+                .run("return [...document.querySelectorAll('tr[data-job]')].slice(0, 2).map(r => r.innerText)", json!([]))
+                .await
+                .unwrap();
+            panic!("the run never showed its steps: {rows}");
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    b.screenshot(&shots().join("jobs.png")).await.unwrap();
+    // The rows are redrawn every 3 s; a button found just before a redraw is gone, so try again.
+    let mut tries = 0;
+    loop {
+        let cancel = b
+            .wait_for("tr[data-job] button[aria-label^='Cancel job']", 10 * SECOND)
+            .await
+            .unwrap();
+        match b.click(&cancel).await {
+            Ok(()) => break,
+            Err(e) if tries < 5 && e.to_string().contains("stale") => tries += 1,
+            Err(e) => panic!("cancel: {e}"),
+        }
+    }
+    let deadline = std::time::Instant::now() + 60 * SECOND;
+    while b
+        .run("return [...document.querySelectorAll('tr[data-job]')].slice(0, 1).every(r => r.children[2].textContent === 'cancelled')", json!([]))
+        .await
+        .unwrap()
+        != json!(true)
+    {
+        assert!(std::time::Instant::now() < deadline, "the run was not cancelled");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
 
     // A phone's width: the generate page fits without sideways scrolling.
     b.resize(390, 844).await.unwrap();
