@@ -458,6 +458,54 @@ async fn the_web_ui_generates_lists_jobs_and_shows_api_errors_in_a_real_browser(
         .await
         .unwrap();
     assert_eq!(left_out, json!(true));
+    // An uploaded image: the same bytes as a row's image find that row first (image → images);
+    // against captions (image → captions) the tiny CLIP's ranking means nothing, but it answers.
+    let query = tmp.path().join("query.jpg");
+    std::fs::write(&query, scene_image(207)).unwrap();
+    for (mode, space) in [("image-image", "clip_image"), ("image-text", "clip_text")] {
+        let m = b.find("#f-mode").await.unwrap().unwrap();
+        b.run(
+            "arguments[0].value = arguments[1]; arguments[0].dispatchEvent(new Event('change'))",
+            json!([{ELEMENT: m}, mode]),
+        )
+        .await
+        .unwrap();
+        b.fill(&b.find("#f-image_id").await.unwrap().unwrap(), "")
+            .await
+            .unwrap();
+        b.send_keys(
+            &b.find("#f-image").await.unwrap().unwrap(),
+            &query.display().to_string(),
+        )
+        .await
+        .unwrap();
+        b.click(
+            &b.find("form[aria-label=Search] > button")
+                .await
+                .unwrap()
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+        wait_until(&b, &format!("const p = document.querySelector('main > p.muted'); return !!p && p.textContent.includes('({space})') && document.querySelectorAll('#search-results .card').length > 0")).await;
+        let top = b
+            .run(
+                "return document.querySelector('#search-results .card .caption').textContent",
+                json!([]),
+            )
+            .await
+            .unwrap();
+        if mode == "image-image" {
+            assert_eq!(
+                top,
+                json!("scene number 7"),
+                "the uploaded image's own row first"
+            );
+        }
+        b.run("document.getElementById('f-image').value = ''", json!([]))
+            .await
+            .unwrap();
+    }
     b.click(&made).await.ok();
 
     // Train a LoRA on the dataset: the loss curve grows as it runs, samples by step, a download.
