@@ -9,7 +9,8 @@
 //! - `GET    /v1/images/{sha256}`      an ingested image's record
 //! - `POST   /v1/images`, `GET /v1/datasets…`  announce images, read dataset versions ([`crate::datasets`])
 //! - `GET    /v1/datasets/{name}/versions/{version}/rows`, `/v1/thumbnails/{key}`  the gallery's rows
-//!   and thumbnails ([`crate::dataset_rows`])
+//!   and thumbnails ([`crate::dataset_rows`]); `…/versions/{version}/changes?against=N` what changed
+//!   row by row ([`crate::dataset_changes`])
 //! - `GET|POST /v1/search`, `POST /v1/datasets/{name}/index|curate`  retrieval ([`crate::retrieval`])
 //! - `POST /v1/datasets/{name}/augment`  augmentation ([`crate::augment`])
 //! - `POST /v1/datasets/{name}/exports`  a version exported into the object store ([`crate::datasets`])
@@ -279,6 +280,10 @@ pub fn router(app: AppState, auth: Arc<Auth>) -> Router {
         .route(
             "/v1/datasets/{name}/versions/{version}/rows",
             get(crate::dataset_rows::rows),
+        )
+        .route(
+            "/v1/datasets/{name}/versions/{version}/changes",
+            get(crate::dataset_changes::changes),
         )
         .route("/v1/thumbnails/{*key}", get(crate::dataset_rows::thumbnail))
         .route_layer(middleware::from_fn_with_state(auth, auth::middleware));
@@ -1067,7 +1072,7 @@ impl utoipa::Modify for BearerAuth {
         crate::a1111_catalog::schedulers, crate::a1111_catalog::upscalers, crate::a1111_catalog::latent_upscale_modes, crate::a1111_catalog::sd_vae, crate::a1111_catalog::hypernetworks, crate::a1111_catalog::face_restorers, crate::a1111_catalog::realesrgan_models, crate::a1111_catalog::prompt_styles, crate::a1111_catalog::script_info, crate::a1111_catalog::extensions, crate::a1111_catalog::scripts, crate::a1111_catalog::embeddings, crate::a1111_catalog::loras, crate::a1111_catalog::memory, crate::a1111_catalog::cmd_flags, crate::a1111_catalog::refresh_checkpoints, crate::a1111_catalog::refresh_vae, crate::a1111_catalog::refresh_embeddings, crate::a1111_catalog::refresh_loras, crate::a1111_catalog::create_hypernetwork, crate::a1111_catalog::train_hypernetwork, crate::a1111_embedding::create_embedding, crate::a1111_embedding::train_embedding, crate::a1111_catalog::unload_checkpoint, crate::a1111_catalog::reload_checkpoint, crate::a1111_catalog::png_info, crate::a1111_interrogate::interrogate, crate::a1111_extras::extra_single_image, crate::a1111_extras::extra_batch_images,
         crate::jobs::list, get_job, cancel_job, job_events, crate::webhooks::get_log, upload, get_artifact, get_image,
         crate::datasets::announce, crate::datasets::list, crate::datasets::version,
-        crate::dataset_rows::rows, crate::dataset_rows::thumbnail,
+        crate::dataset_rows::rows, crate::dataset_rows::thumbnail, crate::dataset_changes::changes,
         crate::train::lora, crate::train::dreambooth,
         crate::retrieval::search, crate::retrieval::search_image, crate::retrieval::index,
         crate::retrieval::curate, crate::augment::augment, crate::datasets::export,
@@ -1133,6 +1138,7 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("get", "/v1/datasets"),
     ("get", "/v1/datasets/{name}/versions/{version}"),
     ("get", "/v1/datasets/{name}/versions/{version}/rows"),
+    ("get", "/v1/datasets/{name}/versions/{version}/changes"),
     ("get", "/v1/thumbnails/{key}"),
     ("post", "/v1/train/lora"),
     ("post", "/v1/train/dreambooth"),

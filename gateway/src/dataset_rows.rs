@@ -134,57 +134,119 @@ async fn scan(
     q: &RowQuery,
     limit: usize,
 ) -> Result<RowPage, ApiError> {
-    let start = q.cursor.unwrap_or(0).min(total);
-    let (mut pos, mut origin) = (start, start);
-    let mut buf: Vec<u8> = Vec::new();
+    let mut reader = RowReader::new(key.clone(), total, q.cursor.unwrap_or(0));
     let mut rows = Vec::new();
-    while rows.len() < limit && pos - start < MAX_SCAN {
-        let at_end = pos >= total;
-        if !at_end {
-            let end = (pos + CHUNK).min(total);
-            let bytes = app
-                .store
-                .get_range(key, pos..end)
-                .await
-                .map_err(ApiError::from)?;
-            buf.extend_from_slice(&bytes);
-            pos = end;
-        }
-        let mut used = 0;
-        while rows.len() < limit {
-            let line_end = match buf[used..].iter().position(|&b| b == b'\n') {
-                Some(n) => used + n,
-                None if at_end && used < buf.len() => buf.len(),
-                None => break,
-            };
-            let line = &buf[used..line_end];
-            used = (line_end + 1).min(buf.len());
-            if line.iter().all(u8::is_ascii_whitespace) {
-                continue;
-            }
-            let row: DatasetRow = serde_json::from_slice(line).map_err(|e| {
-                ApiError::unavailable(format!("a row of the version does not parse: {e}"))
-            })?;
-            if q.matches(&row) {
-                rows.push(row);
-            }
-        }
-        buf.drain(..used);
-        origin += used as u64;
-        if buf.len() > MAX_LINE {
-            return Err(ApiError::unavailable("a row of the version is over 4 MiB"));
-        }
-        if at_end {
-            break;
+    while rows.len() < limit && reader.read_from_start() < MAX_SCAN {
+        match reader.next(app).await? {
+            Some(row) if q.matches(&row) => rows.push(row),
+            Some(_) => {}
+            None => break,
         }
     }
-    let next_cursor = (origin < total).then_some(origin);
     Ok(RowPage {
         rows,
-        next_cursor,
-        scanned_to: origin,
+        next_cursor: reader.cursor(),
+        scanned_to: reader.offset(),
         total_bytes: total,
     })
+}
+
+/// A version's rows one at a time from a byte offset, read 1 MiB at a time.
+pub(crate) struct RowReader {
+    key: ArtifactKey,
+    total: u64,
+    start: u64,
+    /// File offset of `buf[0]`.
+    origin: u64,
+    /// Next byte to fetch.
+    pos: u64,
+    buf: Vec<u8>,
+    /// A row read ahead, with the offset it starts at.
+    peeked: Option<(u64, DatasetRow)>,
+}
+
+impl RowReader {
+    pub(crate) fn new(key: ArtifactKey, total: u64, from: u64) -> Self {
+        let from = from.min(total);
+        Self {
+            key,
+            total,
+            start: from,
+            origin: from,
+            pos: from,
+            buf: Vec::new(),
+            peeked: None,
+        }
+    }
+
+    /// The offset of the next row not taken.
+    pub(crate) fn offset(&self) -> u64 {
+        self.peeked.as_ref().map_or(self.origin, |p| p.0)
+    }
+
+    /// Where to continue; `None` at the end.
+    pub(crate) fn cursor(&self) -> Option<u64> {
+        let at = self.offset();
+        (at < self.total).then_some(at)
+    }
+
+    pub(crate) fn read_from_start(&self) -> u64 {
+        self.pos - self.start
+    }
+
+    /// The next row without taking it.
+    pub(crate) async fn peek(&mut self, app: &AppState) -> Result<Option<&DatasetRow>, ApiError> {
+        if self.peeked.is_none() {
+            let at = self.origin;
+            self.peeked = self.read(app).await?.map(|r| (at, r));
+        }
+        Ok(self.peeked.as_ref().map(|p| &p.1))
+    }
+
+    pub(crate) async fn next(&mut self, app: &AppState) -> Result<Option<DatasetRow>, ApiError> {
+        self.peek(app).await?;
+        Ok(self.peeked.take().map(|p| p.1))
+    }
+
+    /// Reads the row at `origin` and moves `origin` past it.
+    async fn read(&mut self, app: &AppState) -> Result<Option<DatasetRow>, ApiError> {
+        loop {
+            if let Some(n) = self.buf.iter().position(|&b| b == b'\n') {
+                let line: Vec<u8> = self.buf.drain(..=n).collect();
+                self.origin += line.len() as u64;
+                if line.iter().all(u8::is_ascii_whitespace) {
+                    continue;
+                }
+                return parse(&line).map(Some);
+            }
+            if self.pos >= self.total {
+                if self.buf.iter().all(u8::is_ascii_whitespace) {
+                    self.origin += self.buf.len() as u64;
+                    self.buf.clear();
+                    return Ok(None);
+                }
+                let line = std::mem::take(&mut self.buf);
+                self.origin += line.len() as u64;
+                return parse(&line).map(Some);
+            }
+            if self.buf.len() > MAX_LINE {
+                return Err(ApiError::unavailable("a row of the version is over 4 MiB"));
+            }
+            let end = (self.pos + CHUNK).min(self.total);
+            let bytes = app
+                .store
+                .get_range(&self.key, self.pos..end)
+                .await
+                .map_err(ApiError::from)?;
+            self.buf.extend_from_slice(&bytes);
+            self.pos = end;
+        }
+    }
+}
+
+fn parse(line: &[u8]) -> Result<DatasetRow, ApiError> {
+    serde_json::from_slice(line)
+        .map_err(|e| ApiError::unavailable(format!("a row of the version does not parse: {e}")))
 }
 
 fn thumbs() -> &'static Semaphore {

@@ -19,6 +19,7 @@ pub mod api;
 pub mod augment;
 pub mod auth;
 pub mod conn;
+pub mod dataset_changes;
 pub mod dataset_rows;
 pub mod datasets;
 pub mod error;

@@ -437,6 +437,7 @@ async function datasetPage(main, name, wanted) {
     if (!other.value) return;
     const o = await json(`/v1/datasets/${encodeURIComponent(name)}/versions/${other.value}`);
     compared.append(compareTable(m, o));
+    await changedRows(compared, name, m.version, o.version);
   });
   main.append(
     h("h1", {}, name),
@@ -488,6 +489,34 @@ function compareTable(a, b) {
       const d = f(a) - f(b);
       return h("tr", {}, h("th", { scope: "row" }, label), h("td", {}, f(a)), h("td", {}, f(b)), h("td", {}, d > 0 ? `+${d}` : String(d)));
     })));
+}
+
+/** The rows that differ between two versions, a page at a time, beside the counts. */
+async function changedRows(into, name, version, against) {
+  const list = h("div", { class: "gallery", id: "changes" });
+  const more = h("button", { type: "button", class: "secondary", hidden: true }, "More changes");
+  into.append(h("h2", {}, `Rows that changed from v${against} to v${version}`), list, more);
+  let cursor = null;
+  const load = async () => {
+    const q = new URLSearchParams({ against: String(against), limit: "24" });
+    if (cursor) q.set("cursor", cursor);
+    const page = await json(`/v1/datasets/${encodeURIComponent(name)}/versions/${version}/changes?${q}`);
+    for (const c of page.changes) {
+      const r = c.row;
+      const what = c.change === "changed"
+        ? `changed: ${c.fields.map((f) => `${f} ${JSON.stringify(c.before[f] ?? null)} → ${JSON.stringify(r[f] ?? null)}`).join("; ")}`
+        : c.change === "added" ? `added in v${version}` : `only in v${against}`;
+      const img = h("img", { alt: r.caption || "image", "data-key": r.image_key, width: 256, height: 256 });
+      list.append(h("article", { class: `card change-${c.change}`, "data-image": r.image_id }, img,
+        h("p", { class: "caption" }, r.caption || "—"), h("p", { class: "muted" }, what)));
+      thumb(img);
+    }
+    if (!list.children.length) list.append(h("p", { class: "muted" }, "No row differs."));
+    cursor = page.next_cursor;
+    more.hidden = !cursor;
+  };
+  more.addEventListener("click", () => load().catch((err) => banner(err.message)));
+  await load();
 }
 
 async function gallery(main, name, version) {

@@ -319,7 +319,10 @@ async fn the_web_ui_generates_lists_jobs_and_shows_api_errors_in_a_real_browser(
             .map(|i| (i as u64 + 200, captions[i].as_str(), tiers[i % 3], "t"))
             .collect()
     };
-    write_version_to(&bus, &store, "scenes", 1, &rows(3)).await;
+    // v1 captioned its first image differently.
+    let mut v1 = rows(3);
+    v1[0].1 = "an older caption";
+    write_version_to(&bus, &store, "scenes", 1, &v1).await;
     write_version_to(&bus, &store, "scenes", 2, &rows(50)).await;
     b.goto(&format!("{base}/?reload#/datasets")).await.unwrap();
     b.click(
@@ -388,6 +391,29 @@ async fn the_web_ui_generates_lists_jobs_and_shows_api_errors_in_a_real_browser(
     .await
     .unwrap();
     wait_until(&b, "const r = [...document.querySelectorAll('#compare tr')].find(t => t.firstChild.textContent === 'kept'); return !!r && r.lastChild.textContent === '+47'").await;
+    // Row by row, a page at a time: the recaptioned image and the 47 added ones.
+    wait_until(
+        &b,
+        "return document.querySelectorAll('#changes .card').length === 24",
+    )
+    .await;
+    b.press_enter(
+        &b.find("#compare > button.secondary")
+            .await
+            .unwrap()
+            .unwrap(),
+    )
+    .await
+    .unwrap();
+    wait_until(&b, "return document.querySelectorAll('#changes .card').length === 48 && document.querySelectorAll('#changes .change-added').length === 47 && document.querySelector('#compare > button.secondary').hidden").await;
+    let changed = b
+        .run("return [...document.querySelectorAll('#changes .change-changed .muted')].map(p => p.textContent)", json!([]))
+        .await
+        .unwrap();
+    assert_eq!(
+        changed,
+        json!(["changed: caption \"an older caption\" → \"scene number 0\""])
+    );
     b.screenshot(&shots().join("datasets.png")).await.unwrap();
 
     // Index v2 for search from its page, then search it: text → images, then images like a
