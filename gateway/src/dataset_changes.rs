@@ -62,9 +62,15 @@ pub async fn changes(
     State(app): State<AppState>,
     Extension(caller): Extension<Caller>,
     Path((name, version)): Path<(String, String)>,
-    Query(q): Query<ChangeQuery>,
+    q: Result<Query<ChangeQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Json<ChangePage>, ApiError> {
     caller.require(Scope::ArtifactsRead)?;
+    let Query(q) = q.map_err(|e| {
+        ApiError::unprocessable(
+            "invalid_query",
+            format!("{e} (against=N names the version to compare with)"),
+        )
+    })?;
     let limit = q.limit.unwrap_or(48);
     if !(1..=200).contains(&limit) {
         return Err(ApiError::unprocessable(

@@ -97,9 +97,10 @@ pub async fn rows(
     State(app): State<AppState>,
     Extension(caller): Extension<Caller>,
     Path((name, version)): Path<(String, String)>,
-    Query(q): Query<RowQuery>,
+    q: Result<Query<RowQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Json<RowPage>, ApiError> {
     caller.require(Scope::ArtifactsRead)?;
+    let Query(q) = q.map_err(|e| ApiError::unprocessable("invalid_query", e.to_string()))?;
     let limit = q.limit.unwrap_or(48);
     if !(1..=200).contains(&limit) {
         return Err(ApiError::unprocessable(
