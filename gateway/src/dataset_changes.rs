@@ -18,6 +18,7 @@ use crate::error::ApiError;
 const MAX_SCAN: u64 = 16 << 20;
 
 #[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct ChangeQuery {
     /// The version to compare against (a number).
     pub against: u32,

@@ -34,6 +34,7 @@ const THUMB_SIDE: u32 = 256;
 const MAX_IMAGE_BYTES: u64 = 64 << 20;
 
 #[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct RowQuery {
     /// The previous page's `next_cursor` (a byte offset); the start when absent.
     pub cursor: Option<u64>,
