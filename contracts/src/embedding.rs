@@ -61,19 +61,7 @@ impl CreateEmbeddingSpec {
 
 /// An embedding name: a file name under `embeddings/` and a word prompts can hold.
 pub fn check_embedding_name(name: &str) -> Result<(), String> {
-    let ok = !name.is_empty()
-        && name.len() <= 100
-        && name
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
-        && !name.starts_with('.');
-    if ok {
-        Ok(())
-    } else {
-        Err(format!(
-            "embedding name {name:?}: use 1-100 letters, digits, '-', '_' or '.', not starting with '.'"
-        ))
-    }
+    crate::train::check_file_stem("embedding name", name)
 }
 
 /// Textual-inversion training (`TrainSpec.embedding`): the spec's `output_name` is the

@@ -500,6 +500,12 @@ fn is_positive(v: f64) -> bool {
 
 /// A LoRA name: what `<lora:NAME>` refers to.
 pub fn check_output_name(name: &str) -> Result<(), String> {
+    check_file_stem("output_name", name)
+}
+
+/// A name that is a file's stem in a folder: 1-100 letters, digits, `-`, `_` or `.`, not
+/// starting with `.`; errors name the field as `field`.
+pub fn check_file_stem(field: &str, name: &str) -> Result<(), String> {
     let ok = !name.is_empty()
         && name.len() <= 100
         && name
@@ -510,7 +516,7 @@ pub fn check_output_name(name: &str) -> Result<(), String> {
         Ok(())
     } else {
         Err(format!(
-            "output_name {name:?}: use 1-100 letters, digits, '-', '_' or '.', not starting with '.'"
+            "{field} {name:?}: use 1-100 letters, digits, '-', '_' or '.', not starting with '.'"
         ))
     }
 }

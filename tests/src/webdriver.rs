@@ -118,6 +118,23 @@ impl Browser {
         }
     }
 
+    /// The first element matching `css`, or an error naming it.
+    pub async fn get(&self, css: &str) -> anyhow::Result<String> {
+        self.find(css)
+            .await?
+            .with_context(|| format!("no element matches {css}"))
+    }
+
+    /// Clicks the first element matching `css`.
+    pub async fn click_css(&self, css: &str) -> anyhow::Result<()> {
+        self.click(&self.get(css).await?).await
+    }
+
+    /// Fills the first field matching `css` with `text`.
+    pub async fn fill_css(&self, css: &str, text: &str) -> anyhow::Result<()> {
+        self.fill(&self.get(css).await?, text).await
+    }
+
     pub async fn click(&self, element: &str) -> anyhow::Result<()> {
         self.call(
             reqwest::Method::POST,
