@@ -171,10 +171,11 @@ fn once<T>(
 fn skip_reason(case: &Case, kind: &str) -> Option<&'static str> {
     let transformer = case.family.starts_with("flux") || case.family.starts_with("sd3");
     match kind {
-        "tokenizer_t5" => None,
+        "tokenizer_t5" | "text_encoder_t5" => None,
         _ if transformer => Some("skipped: the transformer families are not in the engine yet"),
-        "pipeline_flux" | "pipeline_sd3" | "text_encoder_t5" | "transformer_flux"
-        | "transformer_sd3" => Some("skipped: the transformer families are not in the engine yet"),
+        "pipeline_flux" | "pipeline_sd3" | "transformer_flux" | "transformer_sd3" => {
+            Some("skipped: the transformer families are not in the engine yet")
+        }
         _ => None,
     }
 }
@@ -216,6 +217,17 @@ pub fn replay_case(dir: &Path) -> Result<Vec<Line>, String> {
                 Ok(()) => {
                     line.max_diff = Some(0.0);
                     line.passed = true;
+                }
+                Err(e) => line.note = Some(e),
+            }
+            lines.push(line);
+            continue;
+        }
+        if kind == "text_encoder_t5" {
+            match t5_encoder(dir, &case, check, &tensors) {
+                Ok(d) => {
+                    line.max_diff = Some(d);
+                    line.passed = d <= case.tolerance.abs;
                 }
                 Err(e) => line.note = Some(e),
             }
@@ -296,6 +308,24 @@ fn t5_tokenizer(dir: &Path, case: &Case, check: &Value) -> Result<(), String> {
         }
     }
     Ok(())
+}
+
+/// The T5 encoder's last hidden state for the reference's ids, against the reference's.
+fn t5_encoder(dir: &Path, case: &Case, check: &Value, t: &Tensors) -> Result<f64, String> {
+    use crate::torch::weights::{from_candle, to_candle};
+    let model = case
+        .model
+        .as_deref()
+        .ok_or("text_encoder_t5 without a model folder")?;
+    let component = check["component"]
+        .as_str()
+        .ok_or("text_encoder_t5 without a component")?;
+    let enc = crate::torch::t5::T5Encoder::load(&dir.join(model).join(component), tch::Device::Cpu)
+        .map_err(|e| e.to_string())?;
+    let ids = from_candle(get(t, check, "input_ids")?).map_err(|e| e.to_string())?;
+    let got = tch::no_grad(|| enc.forward(&ids)).map_err(|e| e.to_string())?;
+    let got = to_candle(&got).map_err(|e| e.to_string())?;
+    diff(&got, get(t, check, "last_hidden_state")?)
 }
 
 fn read_json<T: serde::de::DeserializeOwned>(p: &Path) -> Result<T, String> {

@@ -14,6 +14,7 @@ pub mod inversion;
 pub mod lora;
 pub mod models;
 pub mod nn;
+pub mod t5;
 pub mod train;
 pub mod unet;
 pub mod vae;
