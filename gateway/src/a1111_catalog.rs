@@ -281,7 +281,7 @@ pub async fn memory(
     let total = field(&meminfo, "MemTotal:");
     let free = field(&meminfo, "MemAvailable:");
     let used = total.zip(free).map(|(t, f)| t.saturating_sub(f));
-    let reports = atelier_kit::queue::live_reports(&app.bus)
+    let reports = atelier_kit::queue::live_reports(&app.bus, None)
         .await
         .map_err(|e| ApiError::unavailable(format!("reading the worker reports: {e:#}")))?;
     Ok(Json(json!({

@@ -12,10 +12,8 @@ use utoipa::{IntoParams, ToSchema};
 
 use crate::api::AppState;
 use crate::auth::{Caller, Scope};
-use crate::dataset_rows::RowReader;
+use crate::dataset_rows::{RowReader, MAX_SCAN};
 use crate::error::ApiError;
-
-const MAX_SCAN: u64 = 16 << 20;
 
 #[derive(Debug, Deserialize, IntoParams)]
 #[into_params(parameter_in = Query)]

@@ -26,7 +26,8 @@ use crate::auth::{Caller, Scope};
 use crate::error::ApiError;
 
 const CHUNK: u64 = 1 << 20;
-const MAX_SCAN: u64 = 16 << 20;
+/// Bytes one page may read through (of each file, for a comparison of two).
+pub(crate) const MAX_SCAN: u64 = 16 << 20;
 /// The longest row line read (a row's caption, paraphrases and negatives together).
 const MAX_LINE: usize = 4 << 20;
 const THUMB_SIDE: u32 = 256;

@@ -49,7 +49,12 @@ async fn up_bus_and_store(data: &std::path::Path, nats_port: u16) -> (Bus, Store
 
 /// Waits up to 20 s for `script` to return true in the page.
 async fn wait_until(b: &Browser, script: &str) {
-    let deadline = std::time::Instant::now() + 20 * SECOND;
+    wait_within(b, script, 20 * SECOND).await;
+}
+
+/// Waits up to `timeout` for `script` to return true; the page's text when it never does.
+async fn wait_within(b: &Browser, script: &str, timeout: Duration) {
+    let deadline = std::time::Instant::now() + timeout;
     while b.run(script, json!([])).await.unwrap() != json!(true) {
         if std::time::Instant::now() > deadline {
             let page = b
@@ -529,17 +534,7 @@ async fn the_web_ui_generates_lists_jobs_and_shows_api_errors_in_a_real_browser(
     assert_eq!(b.run(submit, json!([long])).await.unwrap(), json!(202));
     b.goto(&format!("{base}/?jobs#/jobs")).await.unwrap();
     let stepping = "const r = document.querySelector('tr[data-job]'); return !!r && r.children[2].textContent === 'running' && / % — step \\d+\\/100000 loss/.test(r.children[3].textContent);";
-    let deadline = std::time::Instant::now() + 60 * SECOND;
-    while b.run(stepping, json!([])).await.unwrap() != json!(true) {
-        if std::time::Instant::now() > deadline {
-            let rows = b
-                .run("return [...document.querySelectorAll('tr[data-job]')].slice(0, 2).map(r => r.innerText)", json!([]))
-                .await
-                .unwrap();
-            panic!("the run never showed its steps: {rows}");
-        }
-        tokio::time::sleep(Duration::from_millis(300)).await;
-    }
+    wait_within(&b, stepping, 60 * SECOND).await;
     b.screenshot(&shots().join("jobs.png")).await.unwrap();
     // The rows are redrawn every 3 s; a button found just before a redraw is gone, so try again.
     let mut tries = 0;
@@ -554,16 +549,12 @@ async fn the_web_ui_generates_lists_jobs_and_shows_api_errors_in_a_real_browser(
             Err(e) => panic!("cancel: {e}"),
         }
     }
-    let deadline = std::time::Instant::now() + 60 * SECOND;
-    while b
-        .run("return [...document.querySelectorAll('tr[data-job]')].slice(0, 1).every(r => r.children[2].textContent === 'cancelled')", json!([]))
-        .await
-        .unwrap()
-        != json!(true)
-    {
-        assert!(std::time::Instant::now() < deadline, "the run was not cancelled");
-        tokio::time::sleep(Duration::from_millis(300)).await;
-    }
+    wait_within(
+        &b,
+        "return [...document.querySelectorAll('tr[data-job]')].slice(0, 1).every(r => r.children[2].textContent === 'cancelled')",
+        60 * SECOND,
+    )
+    .await;
 
     // A phone's width: the generate page fits without sideways scrolling.
     b.resize(390, 844).await.unwrap();

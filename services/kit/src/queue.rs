@@ -119,10 +119,15 @@ pub fn spawn_reporter(
     });
 }
 
-/// Every worker's report written within the reports' lifetime, of every service.
-pub async fn live_reports(bus: &Bus) -> anyhow::Result<Vec<WorkerReport>> {
+/// The reports written within the reports' lifetime by the workers of `service` (every
+/// service's when `None`).
+pub async fn live_reports(
+    bus: &Bus,
+    service: Option<Service>,
+) -> anyhow::Result<Vec<WorkerReport>> {
+    let prefix = service.map_or(String::new(), |s| format!("{}.", s.name()));
     let reports: Vec<(String, WorkerReport)> =
-        crate::bus::kv_values(&bus.workers_kv().await?, "").await?;
+        crate::bus::kv_values(&bus.workers_kv().await?, &prefix).await?;
     let fresh = chrono::Utc::now() - chrono::Duration::from_std(REPORT_TTL)?;
     Ok(reports
         .into_iter()
@@ -149,14 +154,7 @@ pub async fn place(bus: &Bus, record: &JobRecord) -> anyhow::Result<Option<Queue
             .last_sequence
             .saturating_sub(delivered.max(state.first_sequence.saturating_sub(1)));
     }
-    let reports: Vec<(String, WorkerReport)> =
-        crate::bus::kv_values(&bus.workers_kv().await?, &format!("{}.", service.name())).await?;
-    let fresh = chrono::Utc::now() - chrono::Duration::from_std(REPORT_TTL)?;
-    let live: Vec<&WorkerReport> = reports
-        .iter()
-        .map(|(_, r)| r)
-        .filter(|r| r.at >= fresh)
-        .collect();
+    let live = live_reports(bus, Some(service)).await?;
     let slots: u64 = live.iter().map(|r| r.slots).sum();
     let running: u64 = live.iter().map(|r| r.running).sum();
     let means: Vec<f64> = live.iter().filter_map(|r| r.mean_run_s).collect();

@@ -46,14 +46,18 @@ fn start(dir: &std::path::Path, s: &TrainSpec, file: Option<&[u8]>) -> Session {
     Session::starting_from(m, s, ex, file).unwrap()
 }
 
-fn vectors(run: &Session) -> Vec<f32> {
-    let e = run.embedding().expect("an embedding run");
+/// The first text encoder's vectors of `e`, flat.
+fn flat(e: &TrainableEmbedding) -> Vec<f32> {
     to_candle(&e.vectors[0])
         .unwrap()
         .flatten_all()
         .unwrap()
         .to_vec1()
         .unwrap()
+}
+
+fn vectors(run: &Session) -> Vec<f32> {
+    flat(run.embedding().expect("an embedding run"))
 }
 
 #[test]
@@ -76,16 +80,7 @@ fn only_the_vectors_train_and_they_start_from_the_initial_text() {
         assert!(got.vectors[0].detach().equal(&want), "{n} vectors");
     }
     let v = vectors(&run);
-    let want: Vec<f32> = to_candle(
-        &TrainableEmbedding::from_text(&m, NAME, "square", 2)
-            .unwrap()
-            .vectors[0],
-    )
-    .unwrap()
-    .flatten_all()
-    .unwrap()
-    .to_vec1()
-    .unwrap();
+    let want = flat(&TrainableEmbedding::from_text(&m, NAME, "square", 2).unwrap());
     assert_eq!(v, want, "the run starts from the initial text");
     let zeros = TrainableEmbedding::from_text(&m, NAME, "", 3).unwrap();
     assert_eq!(zeros.len(), 3);
