@@ -5,6 +5,7 @@
 //! - [`prompt`]: AUTOMATIC1111's prompt language (emphasis, BREAK, editing, alternation, LoRA tags).
 pub mod conditioning;
 pub mod conformance;
+pub mod flow;
 pub mod inspect;
 pub mod lora;
 pub mod memory;

@@ -30,6 +30,9 @@ pub struct LoraLayer {
 pub enum Part {
     Unet,
     Text(usize),
+    /// A diffusion transformer's layers by their diffusers path (`transformer.…`, what
+    /// diffusers' and ai-toolkit's FLUX trainers write).
+    Transformer,
 }
 
 /// A parsed LoRA file: layers by (part, module key as written, normalised).
@@ -105,12 +108,14 @@ impl LoraFile {
                 (Part::Text(0), k.to_string())
             } else if let Some(k) = module.strip_prefix("unet.") {
                 (Part::Unet, underscore(k))
+            } else if let Some(k) = module.strip_prefix("transformer.") {
+                (Part::Transformer, underscore(k))
             } else if let Some(k) = module.strip_prefix("text_encoder_2.") {
                 (Part::Text(1), underscore(k))
             } else if let Some(k) = module.strip_prefix("text_encoder.") {
                 (Part::Text(0), underscore(k))
             } else {
-                return Err(format!("{name}: not a LoRA key this loader knows (kohya lora_unet_/lora_te_ or diffusers unet./text_encoder.)"));
+                return Err(format!("{name}: not a LoRA key this loader knows (kohya lora_unet_/lora_te_ or diffusers unet./transformer./text_encoder.)"));
             };
             let key = key.strip_prefix("text_model_").unwrap_or(&key).to_string();
             let g = groups.entry((part, key)).or_default();

@@ -1,6 +1,7 @@
 //! Replays of reference data (`tests/conformance/`): diffusers scheduler traces and
 //! AUTOMATIC1111 prompt-parser outputs, diffusers' and transformers' model components.
 pub mod components;
+pub mod flow;
 pub mod models;
 pub mod noise;
 pub mod pipelines;

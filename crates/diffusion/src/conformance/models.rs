@@ -4,8 +4,7 @@
 //! latents or from seeds. One [`Line`] per check with its largest difference against the case's
 //! tolerance.
 //!
-//! The transformer families (FLUX.1, SD 3.5) are reported as skipped: the transformer-family
-//! work replays them.
+//! The transformer families' cases (FLUX.1, SD 3.5) go through [`super::flow`].
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -15,7 +14,7 @@ use serde::Deserialize;
 use serde_json::Value;
 
 use super::components::{self, Components};
-use super::{pipelines, tokenizer};
+use super::{flow, pipelines, tokenizer};
 use crate::lora::LoraFile;
 use crate::pipeline::StableDiffusion;
 
@@ -123,6 +122,7 @@ struct Loaded {
     source: Option<Result<Source, String>>,
     components: Option<Result<Components, String>>,
     pipeline: Option<Result<StableDiffusion, String>>,
+    flow: Option<Result<crate::flow::FlowModel, String>>,
 }
 
 impl Loaded {
@@ -130,6 +130,13 @@ impl Loaded {
         let source = source_of(&mut self.source, case, dir);
         once(&mut self.components, || {
             source.and_then(|s| components::load(&s.dir, s.lora()))
+        })
+    }
+
+    fn flow(&mut self, case: &Case, dir: &Path) -> Result<&crate::flow::FlowModel, String> {
+        let source = source_of(&mut self.source, case, dir);
+        once(&mut self.flow, || {
+            source.and_then(|s| flow::load(&s.dir, s.lora()))
         })
     }
 
@@ -167,19 +174,6 @@ fn once<T>(
     slot.get_or_insert_with(make).as_ref().map_err(Clone::clone)
 }
 
-/// Why a check is not run here, if it is not.
-fn skip_reason(case: &Case, kind: &str) -> Option<&'static str> {
-    let transformer = case.family.starts_with("flux") || case.family.starts_with("sd3");
-    match kind {
-        "tokenizer_t5" | "text_encoder_t5" => None,
-        _ if transformer => Some("skipped: the transformer families are not in the engine yet"),
-        "pipeline_flux" | "pipeline_sd3" | "transformer_flux" | "transformer_sd3" => {
-            Some("skipped: the transformer families are not in the engine yet")
-        }
-        _ => None,
-    }
-}
-
 /// One case folder's checks (a `cases.json` folder holds tokenizer cases instead).
 pub fn replay_case(dir: &Path) -> Result<Vec<Line>, String> {
     if !dir.join("case.json").is_file() {
@@ -207,11 +201,6 @@ pub fn replay_case(dir: &Path) -> Result<Vec<Line>, String> {
             note: None,
             passed: false,
         };
-        if let Some(why) = skip_reason(&case, kind) {
-            line.note = Some(why.into());
-            lines.push(line);
-            continue;
-        }
         if kind == "tokenizer_t5" {
             match t5_tokenizer(dir, &case, check) {
                 Ok(()) => {
@@ -247,7 +236,12 @@ pub fn replay_case(dir: &Path) -> Result<Vec<Line>, String> {
             lines.push(line);
             continue;
         }
-        let result = if kind == "pipeline" {
+        let transformer = case.family.starts_with("flux") || case.family.starts_with("sd3");
+        let result = if transformer {
+            loaded
+                .flow(&case, dir)
+                .and_then(|m| flow::run_check(m, kind, check, &tensors))
+        } else if kind == "pipeline" {
             loaded
                 .pipeline(&case, dir)
                 .and_then(|m| pipelines::run(m, check, &tensors))
@@ -420,7 +414,7 @@ fn unet(m: &Components, check: &Value, t: &Tensors) -> Result<f64, String> {
     diff(&out, get(t, check, "output")?)
 }
 
-fn diff(got: &Tensor, want: &Tensor) -> Result<f64, String> {
+pub(super) fn diff(got: &Tensor, want: &Tensor) -> Result<f64, String> {
     if got.dims() != want.dims() {
         return Err(format!(
             "shape {:?}, reference {:?}",

@@ -132,6 +132,11 @@ pub struct VaeConfig {
     pub layers_per_block: usize,
     pub norm_num_groups: usize,
     pub scaling_factor: f64,
+    /// Latents are `(mean − shift_factor) · scaling_factor` (SD 3 and FLUX's 16-channel VAEs).
+    pub shift_factor: Option<f64>,
+    /// The 1×1 convolutions around the latent space (absent from SD 3's and FLUX's VAEs).
+    pub use_quant_conv: bool,
+    pub use_post_quant_conv: bool,
     pub sample_size: usize,
 }
 
@@ -145,6 +150,9 @@ impl Default for VaeConfig {
             layers_per_block: 2,
             norm_num_groups: 32,
             scaling_factor: 0.18215,
+            shift_factor: None,
+            use_quant_conv: true,
+            use_post_quant_conv: true,
             sample_size: 512,
         }
     }

@@ -27,14 +27,14 @@ pub(crate) fn read_json<T: serde::de::DeserializeOwned>(p: &Path) -> PResult<T> 
     })
 }
 
-pub(super) fn model_err(dir: &Path, e: impl std::fmt::Display) -> PipelineError {
+pub(crate) fn model_err(dir: &Path, e: impl std::fmt::Display) -> PipelineError {
     PipelineError::Model {
         path: dir.display().to_string(),
         reason: e.to_string(),
     }
 }
 
-fn file_hash(paths: &[PathBuf]) -> PResult<String> {
+pub(crate) fn file_hash(paths: &[PathBuf]) -> PResult<String> {
     let mut h = Sha256::new();
     for p in paths {
         let mut f = std::fs::File::open(p).map_err(|e| model_err(p, e))?;

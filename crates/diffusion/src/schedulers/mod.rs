@@ -13,6 +13,7 @@
 mod config;
 mod ddpm;
 mod dpmsolver;
+pub mod flow_match;
 mod k;
 mod lcm;
 mod pndm;

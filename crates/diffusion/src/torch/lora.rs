@@ -120,7 +120,7 @@ fn delta(weight: &Tensor, layer: &LoraLayer, s: f64) -> Result<Tensor> {
 }
 
 /// The layer's adapter for a weight of `weight`'s shape, on its device, in f32.
-fn adapter(weight: &Tensor, layer: &LoraLayer, s: f64) -> Result<Adapter> {
+pub(crate) fn adapter(weight: &Tensor, layer: &LoraLayer, s: f64) -> Result<Adapter> {
     let (down, up) = (from_candle(&layer.down)?, from_candle(&layer.up)?);
     let w = weight.size();
     let r = down.size()[0];
@@ -147,7 +147,7 @@ fn adapter(weight: &Tensor, layer: &LoraLayer, s: f64) -> Result<Adapter> {
     })
 }
 
-fn merge(weight: &mut Tensor, layer: &LoraLayer, s: f64) -> Result<()> {
+pub(crate) fn merge(weight: &mut Tensor, layer: &LoraLayer, s: f64) -> Result<()> {
     let d = delta(weight, layer, s).map_err(|e| {
         msg(format!(
             "LoRA shape {:?}/{:?} does not fit a layer of shape {:?}: {e}",
@@ -192,6 +192,7 @@ pub fn apply_file(
         let (mut unet_target, mut text_linear) = (None, None);
         match part {
             Part::Unet => unet_target = index.get(key).map(|&i| parts(&mut targets[i].1)),
+            Part::Transformer => {}
             Part::Text(n) => {
                 text_linear = m.text.get_mut(*n).and_then(|model| {
                     model

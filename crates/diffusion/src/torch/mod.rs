@@ -9,9 +9,12 @@
 
 pub mod checkpoint;
 pub mod clip;
+pub mod dit;
 pub mod esrgan;
+pub mod flux;
 pub mod inversion;
 pub mod lora;
+pub mod mmdit;
 pub mod models;
 pub mod nn;
 pub mod t5;

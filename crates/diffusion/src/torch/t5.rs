@@ -64,12 +64,41 @@ struct Block {
     wo: Tensor,
 }
 
+/// Cloning shares the weights.
 pub struct T5Encoder {
     pub config: T5Config,
     embed: Tensor,
     relative_bias: Tensor,
     blocks: Vec<Block>,
     final_norm: Tensor,
+}
+
+impl Clone for Block {
+    fn clone(&self) -> Self {
+        Self {
+            ln_attn: self.ln_attn.shallow_clone(),
+            q: self.q.shallow_clone(),
+            k: self.k.shallow_clone(),
+            v: self.v.shallow_clone(),
+            o: self.o.shallow_clone(),
+            ln_ff: self.ln_ff.shallow_clone(),
+            wi_0: self.wi_0.shallow_clone(),
+            wi_1: self.wi_1.shallow_clone(),
+            wo: self.wo.shallow_clone(),
+        }
+    }
+}
+
+impl Clone for T5Encoder {
+    fn clone(&self) -> Self {
+        Self {
+            config: self.config.clone(),
+            embed: self.embed.shallow_clone(),
+            relative_bias: self.relative_bias.shallow_clone(),
+            blocks: self.blocks.clone(),
+            final_norm: self.final_norm.shallow_clone(),
+        }
+    }
 }
 
 impl T5Encoder {

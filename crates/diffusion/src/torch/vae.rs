@@ -79,8 +79,8 @@ pub struct Vae {
     enc_mid: Mid,
     enc_norm: GroupNorm,
     enc_out: Conv2d,
-    quant: Conv2d,
-    post_quant: Conv2d,
+    quant: Option<Conv2d>,
+    post_quant: Option<Conv2d>,
     dec_in: Conv2d,
     dec_mid: Mid,
     dec_up: Vec<Stage>,
@@ -143,8 +143,14 @@ impl Vae {
             enc_mid: Mid::new(&enc.pp("mid_block"), last, g)?,
             enc_norm: GroupNorm::new(&enc.pp("conv_norm_out"), g, last, 1e-6)?,
             enc_out: Conv2d::new(&enc.pp("conv_out"), last, 2 * lat, 3, 1, 1)?,
-            quant: Conv2d::new(&w.pp("quant_conv"), 2 * lat, 2 * lat, 1, 1, 0)?,
-            post_quant: Conv2d::new(&w.pp("post_quant_conv"), lat, lat, 1, 1, 0)?,
+            quant: config
+                .use_quant_conv
+                .then(|| Conv2d::new(&w.pp("quant_conv"), 2 * lat, 2 * lat, 1, 1, 0))
+                .transpose()?,
+            post_quant: config
+                .use_post_quant_conv
+                .then(|| Conv2d::new(&w.pp("post_quant_conv"), lat, lat, 1, 1, 0))
+                .transpose()?,
             dec_in: Conv2d::new(&dec.pp("conv_in"), lat, last, 3, 1, 1)?,
             dec_mid: Mid::new(&dec.pp("mid_block"), last, g)?,
             dec_up,
@@ -155,11 +161,15 @@ impl Vae {
     }
 
     pub fn device(&self) -> tch::Device {
-        self.post_quant.weight.device()
+        self.dec_in.weight.device()
     }
 
     pub fn kind(&self) -> Kind {
-        self.post_quant.weight.kind()
+        self.dec_in.weight.kind()
+    }
+
+    fn shift(&self) -> f64 {
+        self.config.shift_factor.unwrap_or(0.0)
     }
 
     /// The latent distribution's mean and log-variance (unscaled), in f32.
@@ -175,20 +185,28 @@ impl Vae {
         }
         h = self.enc_mid.forward(&h);
         let h = self.enc_out.forward(&self.enc_norm.forward_silu(&h));
-        let m = self.quant.forward(&h).to_kind(Kind::Float);
+        let m = match &self.quant {
+            Some(q) => q.forward(&h),
+            None => h,
+        }
+        .to_kind(Kind::Float);
         let parts = m.chunk(2, 1);
         (parts[0].shallow_clone(), parts[1].clamp(-30.0, 20.0))
     }
 
-    /// Scaled latents (the mean) of images in [-1, 1].
+    /// Scaled (and shifted) latents (the mean) of images in [-1, 1].
     pub fn encode(&self, x: &Tensor) -> Tensor {
-        self.encode_moments(x).0 * self.config.scaling_factor
+        (self.encode_moments(x).0 - self.shift()) * self.config.scaling_factor
     }
 
     /// Pixels in [-1, 1] (f32) of scaled latents.
     pub fn decode(&self, z: &Tensor) -> Tensor {
-        let z = (z / self.config.scaling_factor).to_kind(self.kind());
-        let mut h = self.dec_in.forward(&self.post_quant.forward(&z));
+        let z = (z / self.config.scaling_factor + self.shift()).to_kind(self.kind());
+        let z = match &self.post_quant {
+            Some(p) => p.forward(&z),
+            None => z,
+        };
+        let mut h = self.dec_in.forward(&z);
         h = self.dec_mid.forward(&h);
         for (resnets, up) in &self.dec_up {
             for r in resnets {

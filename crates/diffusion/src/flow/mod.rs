@@ -1,0 +1,90 @@
+//! The transformer families, FLUX.1 and SD 3 / 3.5: their models loaded from diffusers folders
+//! (or made of seeded random weights of a real geometry, for benchmarks), their prompts encoded
+//! as diffusers' pipelines encode them (`cond`), and flow-matching sampling from seeds or given
+//! latents (`sample`).
+
+mod cond;
+mod load;
+mod lora;
+mod sample;
+
+use atelier_modelkit::t5_tokenizer::T5Tokenizer;
+use serde::{Deserialize, Serialize};
+
+use crate::schedulers::flow_match::FlowMatchConfig;
+use crate::tokenizer::ClipTokenizer;
+use crate::torch::clip::ClipTextModel;
+use crate::torch::flux::FluxTransformer;
+use crate::torch::mmdit::Sd3Transformer;
+use crate::torch::t5::T5Encoder;
+use crate::torch::vae::Vae;
+
+pub use load::is_flow_folder;
+pub use sample::{FlowRequest, MAX_SEQUENCE_LENGTH};
+
+/// Which transformer family.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FlowFamily {
+    Flux,
+    Sd3,
+}
+
+impl FlowFamily {
+    pub fn label(self) -> &'static str {
+        match self {
+            FlowFamily::Flux => "FLUX.1",
+            FlowFamily::Sd3 => "SD 3",
+        }
+    }
+}
+
+/// The denoising transformer.
+#[derive(Debug, Clone)]
+pub enum Denoiser {
+    Flux(FluxTransformer),
+    Sd3(Sd3Transformer),
+}
+
+/// A loaded FLUX or SD 3 model. Cloning shares the weights.
+#[derive(Clone)]
+pub struct FlowModel {
+    pub family: FlowFamily,
+    pub name: String,
+    /// A1111's short hash: the first 10 hex digits of the transformer weights' SHA-256.
+    pub hash: String,
+    pub scheduler: FlowMatchConfig,
+    pub denoiser: Denoiser,
+    pub vae: Vae,
+    /// CLIP-L (FLUX: pooled output only), and for SD 3 CLIP-G.
+    pub clip: Vec<ClipTextModel>,
+    /// T5 v1.1; None where the folder has none (SD 3 then conditions on zeros in its place).
+    pub t5: Option<T5Encoder>,
+    clip_tokenizers: Vec<ClipTokenizer>,
+    t5_tokenizer: Option<T5Tokenizer>,
+    weight_bytes: u64,
+}
+
+impl FlowModel {
+    /// Bytes of weights read from disk.
+    pub fn weight_bytes(&self) -> u64 {
+        self.weight_bytes
+    }
+
+    /// Latent pixels per image pixel along a side (8 for the real VAEs).
+    pub fn vae_scale(&self) -> usize {
+        1 << self.vae.config.block_out_channels.len().saturating_sub(1)
+    }
+
+    /// Parameters of the denoiser.
+    pub fn denoiser_parameters(&mut self) -> u64 {
+        let linears = match &mut self.denoiser {
+            Denoiser::Flux(f) => f.linears_mut(),
+            Denoiser::Sd3(s) => s.linears_mut(),
+        };
+        linears
+            .iter()
+            .map(|(_, l)| l.weight.numel() as u64 + l.bias.as_ref().map_or(0, |b| b.numel() as u64))
+            .sum()
+    }
+}

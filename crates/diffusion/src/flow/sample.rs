@@ -1,0 +1,247 @@
+//! Flow-matching txt2img for the transformer families: each image's latents from its own seed
+//! (torch's CPU generator by default, as the UNet families draw them) or given, then Euler steps
+//! along the predicted velocity over the model's shifted sigmas, then the VAE.
+//!
+//! FLUX packs 2×2 latent patches into tokens, places them by (0, row, column) ids, and takes the
+//! guidance as an input (FLUX-dev; none for schnell). SD 3 runs classifier-free guidance: the
+//! negative prompt's prediction, then the positive's, mixed by the CFG scale above 1.
+
+use serde::{Deserialize, Serialize};
+use tch::{Kind, Tensor};
+
+use super::cond::Conditioning;
+use super::{Denoiser, FlowModel};
+use crate::noise::{Generator, RandnSource};
+use crate::pipeline::PipelineError;
+use crate::schedulers::flow_match::Spacing;
+use crate::torch::flux::{image_ids, pack, unpack, FluxInput};
+
+type PResult<T> = Result<T, PipelineError>;
+
+/// The longest T5 prompt the pipelines accept (diffusers' limit).
+pub const MAX_SEQUENCE_LENGTH: usize = 512;
+
+/// A txt2img request to a transformer-family model.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct FlowRequest {
+    pub prompt: String,
+    #[serde(default)]
+    pub negative_prompt: String,
+    pub steps: usize,
+    /// Classifier-free guidance (SD 3; ignored by FLUX, which has none).
+    pub cfg_scale: f64,
+    /// FLUX-dev's embedded guidance (ignored by SD 3 and by FLUX models without it).
+    pub guidance: f64,
+    pub width: usize,
+    pub height: usize,
+    pub seed: u64,
+    pub batch_size: usize,
+    /// T5 tokens read from the prompt (FLUX-dev 512, schnell 256, SD 3 256 by default).
+    pub max_sequence_length: usize,
+    /// A fixed sigma shift in place of the model's own (its `shift`, or dynamic shifting).
+    #[serde(default)]
+    pub shift: Option<f64>,
+    #[serde(default)]
+    pub noise: RandnSource,
+}
+
+fn bad(m: impl Into<String>) -> PipelineError {
+    PipelineError::BadRequest(m.into())
+}
+
+fn compute(e: impl std::fmt::Display) -> PipelineError {
+    PipelineError::Compute(e.to_string())
+}
+
+impl FlowRequest {
+    pub fn validate(&self) -> PResult<()> {
+        if self.steps == 0 || self.steps > crate::pipeline::MAX_STEPS {
+            return Err(bad(format!(
+                "steps must be within 1..={}",
+                crate::pipeline::MAX_STEPS
+            )));
+        }
+        if self.width == 0 || self.height == 0 || self.width % 16 != 0 || self.height % 16 != 0 {
+            return Err(bad(format!(
+                "width and height must be positive multiples of 16 for the transformer families (got {}×{})",
+                self.width, self.height
+            )));
+        }
+        if self.width * self.height > crate::pipeline::MAX_PIXELS {
+            return Err(bad(format!(
+                "{}×{} is over the pixel limit",
+                self.width, self.height
+            )));
+        }
+        if !(1..=MAX_SEQUENCE_LENGTH).contains(&self.max_sequence_length) {
+            return Err(bad(format!(
+                "max_sequence_length must be within 1..={MAX_SEQUENCE_LENGTH}"
+            )));
+        }
+        for (name, v) in [("cfg_scale", self.cfg_scale), ("guidance", self.guidance)] {
+            if !v.is_finite() || !(0.0..=100.0).contains(&v) {
+                return Err(bad(format!("{name} must be within 0..=100")));
+            }
+        }
+        if self.shift.is_some_and(|s| !s.is_finite() || s <= 0.0) {
+            return Err(bad("shift must be a positive number"));
+        }
+        if self.batch_size == 0 || self.batch_size > 16 {
+            return Err(bad("batch_size must be within 1..=16"));
+        }
+        Ok(())
+    }
+}
+
+impl FlowModel {
+    /// Images [B, H, W, 3] in [0, 1] (f32, CPU); `latents` [B, 16, H/8, W/8] replace the seeds'
+    /// noise. `progress(step, steps)` returns false to cancel.
+    pub fn txt2img_pixels(
+        &self,
+        req: &FlowRequest,
+        latents: Option<&Tensor>,
+        mut progress: impl FnMut(usize, usize) -> bool,
+    ) -> PResult<Tensor> {
+        req.validate()?;
+        let pos = self.encode(&req.prompt, req.max_sequence_length)?;
+        let neg = match (&self.denoiser, req.cfg_scale > 1.0) {
+            (Denoiser::Sd3(_), true) => {
+                Some(self.encode(&req.negative_prompt, req.max_sequence_length)?)
+            }
+            _ => None,
+        };
+        let s = self.vae_scale() as i64;
+        let (h, w) = (req.height as i64 / s, req.width as i64 / s);
+        let total = req.steps * req.batch_size;
+        let mut images = Vec::with_capacity(req.batch_size);
+        for i in 0..req.batch_size {
+            let x = match latents {
+                Some(l) => l.narrow(0, i as i64, 1).to_kind(Kind::Float),
+                None => {
+                    let n = (16 * h * w) as usize;
+                    let v = Generator::new(req.noise, req.seed.wrapping_add(i as u64)).randn_f32(n);
+                    Tensor::from_slice(&v).view([1, 16, h, w])
+                }
+            };
+            let done = i * req.steps;
+            let mut cb = |k: usize| progress(done + k, total);
+            let z = crate::torch::guard(|| {
+                Ok(tch::no_grad(|| {
+                    self.denoise(req, x, &pos, neg.as_ref(), &mut cb)
+                }))
+            })
+            .map_err(compute)??;
+            images.push(self.decode(&z)?);
+        }
+        Ok(Tensor::cat(&images, 0))
+    }
+
+    /// Latents [1, 16, h, w] to pixels [1, H, W, 3] in [0, 1].
+    pub fn decode(&self, z: &Tensor) -> PResult<Tensor> {
+        let img = crate::torch::guard(|| {
+            Ok(tch::no_grad(|| {
+                self.vae.decode(&z.to_device(self.vae.device()))
+            }))
+        })
+        .map_err(compute)?;
+        Ok((img / 2.0 + 0.5)
+            .clamp(0.0, 1.0)
+            .permute([0, 2, 3, 1])
+            .to_device(tch::Device::Cpu))
+    }
+
+    /// The sigmas of this request for latents of `tokens` image tokens.
+    pub fn sigmas(&self, req: &FlowRequest, tokens: usize) -> Vec<f64> {
+        let mut sched = self.scheduler.clone();
+        if let Some(shift) = req.shift {
+            sched.shift = shift;
+            sched.use_dynamic_shifting = false;
+        }
+        let spacing = match self.denoiser {
+            Denoiser::Flux(_) => Spacing::Flux,
+            Denoiser::Sd3(_) => Spacing::Training,
+        };
+        sched.sigmas(req.steps, spacing, tokens, None)
+    }
+
+    fn denoise(
+        &self,
+        req: &FlowRequest,
+        x: Tensor,
+        pos: &Conditioning,
+        neg: Option<&Conditioning>,
+        progress: &mut dyn FnMut(usize) -> bool,
+    ) -> PResult<Tensor> {
+        let (h, w) = (x.size()[2], x.size()[3]);
+        match &self.denoiser {
+            Denoiser::Flux(f) => {
+                let mut x = pack(&x);
+                let img_ids = image_ids(h, w);
+                let txt_ids =
+                    Tensor::zeros([pos.context.size()[1], 3], (Kind::Float, tch::Device::Cpu));
+                let g = f
+                    .config
+                    .guidance_embeds
+                    .then(|| Tensor::from_slice(&[req.guidance as f32]));
+                let sigmas = self.sigmas(req, x.size()[1] as usize);
+                for k in 0..req.steps {
+                    let t = Tensor::from_slice(&[(sigmas[k] as f32 * 1000.0) / 1000.0]);
+                    let v = f.forward(&FluxInput {
+                        hidden: &x,
+                        context: &pos.context,
+                        pooled: &pos.pooled,
+                        timestep: &t,
+                        guidance: g.as_ref(),
+                        img_ids: &img_ids,
+                        txt_ids: &txt_ids,
+                    });
+                    x = step(&x, &v, sigmas[k], sigmas[k + 1]);
+                    if !progress(k + 1) {
+                        return Err(PipelineError::Cancelled);
+                    }
+                }
+                Ok(unpack(&x, h, w))
+            }
+            Denoiser::Sd3(m) => {
+                let p = m.config.patch_size as i64;
+                let sigmas = self.sigmas(req, ((h / p) * (w / p)) as usize);
+                let mut x = x;
+                for k in 0..req.steps {
+                    let t = Tensor::from_slice(&[sigmas[k] as f32 * 1000.0]);
+                    let v = match neg {
+                        Some(n) => {
+                            let both = |a: &Tensor, b: &Tensor| {
+                                Tensor::cat(&[a.to_device(b.device()), b.shallow_clone()], 0)
+                            };
+                            let out = m
+                                .forward(
+                                    &Tensor::cat(&[&x, &x], 0),
+                                    &t.repeat([2]),
+                                    &both(&n.context, &pos.context),
+                                    &both(&n.pooled, &pos.pooled),
+                                )
+                                .map_err(compute)?
+                                .to_device(tch::Device::Cpu);
+                            let (u, c) = (out.narrow(0, 0, 1), out.narrow(0, 1, 1));
+                            &u + (c - &u) * req.cfg_scale
+                        }
+                        None => m
+                            .forward(&x, &t, &pos.context, &pos.pooled)
+                            .map_err(compute)?,
+                    };
+                    x = step(&x, &v, sigmas[k], sigmas[k + 1]);
+                    if !progress(k + 1) {
+                        return Err(PipelineError::Cancelled);
+                    }
+                }
+                Ok(x)
+            }
+        }
+    }
+}
+
+/// One Euler step along the velocity, in f32 as diffusers takes it.
+fn step(x: &Tensor, v: &Tensor, sigma: f64, next: f64) -> Tensor {
+    let dt = (next as f32 - sigma as f32) as f64;
+    x + v.to_device(x.device()).to_kind(Kind::Float) * dt
+}
