@@ -383,6 +383,9 @@ async fn generation(client: &Client, summary: &mut String) -> anyhow::Result<()>
         inpaint_padding: 0,
         hires: None,
         resize_mode: Default::default(),
+        guidance: None,
+        max_sequence_length: None,
+        shift: None,
     };
     let first = finish(
         client,

@@ -148,6 +148,18 @@ pub struct GenerateSpec {
     /// img2img and inpaint: how the init image (and mask) is brought to `width`×`height`.
     #[serde(default, skip_serializing_if = "ResizeMode::is_default")]
     pub resize_mode: ResizeMode,
+    /// FLUX.1-dev's embedded guidance (Forge's "Distilled CFG Scale"; default 3.5). FLUX has no
+    /// classifier-free guidance: `cfg_scale` applies to SD 3 and the UNet families.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub guidance: Option<f64>,
+    /// FLUX / SD 3: T5 tokens read from the prompt (1..=512; default 512 for FLUX-dev, 256 for
+    /// FLUX-schnell and SD 3, as diffusers).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_sequence_length: Option<u32>,
+    /// FLUX / SD 3: a fixed shift of the flow-matching sigmas in place of the model's own
+    /// scheduler config (its `shift`, or FLUX's resolution-dependent shift).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shift: Option<f64>,
 }
 
 /// A1111's img2img resize modes 0 to 3.
@@ -358,6 +370,9 @@ impl GenerateSpec {
             inpaint_padding: 0,
             hires: None,
             resize_mode: ResizeMode::JustResize,
+            guidance: None,
+            max_sequence_length: None,
+            shift: None,
         }
     }
 
@@ -411,6 +426,21 @@ impl GenerateSpec {
                 "batch_size must be 1..={MAX_BATCH} (got {})",
                 self.batch_size
             ));
+        }
+        if let Some(g) = self.guidance {
+            if !(g.is_finite() && (0.0..=30.0).contains(&g)) {
+                return Err(format!("guidance must be within 0..=30 (got {g})"));
+            }
+        }
+        if let Some(n) = self.max_sequence_length {
+            if n == 0 || n > 512 {
+                return Err(format!("max_sequence_length must be 1..=512 (got {n})"));
+            }
+        }
+        if let Some(s) = self.shift {
+            if !(s.is_finite() && s > 0.0 && s <= 100.0) {
+                return Err(format!("shift must be within (0, 100] (got {s})"));
+            }
         }
         if self.preview_every > self.steps {
             return Err(format!(

@@ -260,6 +260,15 @@ pub struct Txt2ImgRequest {
     /// An infotext (A1111's `parameters` text) whose fields fill those the request leaves out.
     #[serde(default)]
     pub infotext: Option<String>,
+    /// FLUX.1-dev's embedded guidance (Forge's name; default 3.5).
+    #[serde(default)]
+    pub distilled_cfg_scale: Option<f64>,
+    /// FLUX / SD 3: T5 tokens read from the prompt (default 512 for FLUX-dev, else 256).
+    #[serde(default)]
+    pub max_sequence_length: Option<u32>,
+    /// FLUX / SD 3: a fixed flow-matching shift in place of the model's scheduler config.
+    #[serde(default)]
+    pub shift: Option<f64>,
 }
 
 /// A1111's img2img request: txt2img's fields plus the images.
@@ -462,6 +471,9 @@ async fn spec_of(app: &AppState, req: &Txt2ImgRequest) -> Result<GenerateSpec, A
                 negative_prompt: req.hr_negative_prompt.clone().filter(|p| !p.is_empty()),
             }),
         resize_mode: ResizeMode::JustResize,
+        guidance: req.distilled_cfg_scale,
+        max_sequence_length: req.max_sequence_length,
+        shift: req.shift,
     })
 }
 

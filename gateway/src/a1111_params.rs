@@ -36,6 +36,10 @@ const HONOURED: &[&str] = &[
     "enable_hr",
     "comments",
     "user",
+    // FLUX / SD 3 (Forge's distilled CFG; diffusers' max_sequence_length; the sigma shift)
+    "distilled_cfg_scale",
+    "max_sequence_length",
+    "shift",
     // img2img
     "init_images",
     "mask",

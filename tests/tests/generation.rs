@@ -37,6 +37,9 @@ fn spec(model: &str) -> GenerateSpec {
         inpaint_padding: 0,
         hires: None,
         resize_mode: Default::default(),
+        guidance: None,
+        max_sequence_length: None,
+        shift: None,
     }
 }
 

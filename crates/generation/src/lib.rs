@@ -10,6 +10,7 @@
 
 pub mod batch;
 pub mod detect;
+mod flow;
 pub mod resize;
 pub mod upscalers;
 
@@ -19,6 +20,7 @@ use std::sync::{Arc, Mutex};
 use atelier_contracts::{
     GenerateKind, GenerateSpec, GeneratedImage, ImagesOutput, JobOutput, JobSpec, Service,
 };
+use atelier_diffusion::flow::FlowModel;
 use atelier_diffusion::lora::{LoraFile, LoraMode};
 use atelier_diffusion::noise::RandnSource;
 use atelier_diffusion::pipeline::{
@@ -35,6 +37,9 @@ use atelier_registry::{check_name, store as store_models};
 /// A loaded model and where it came from.
 /// A loaded model: its checkpoint and separate VAE file (if any), and the model.
 type Cached = ((PathBuf, Option<PathBuf>), Arc<StableDiffusion>);
+
+/// A loaded transformer-family model and its folder.
+type CachedFlow = (PathBuf, Arc<FlowModel>);
 
 /// PNGs with their seeds, the parameters text, the model hash.
 pub type Rendered = (Vec<(Vec<u8>, u64)>, String, String);
@@ -53,6 +58,8 @@ pub struct Generator {
     registry: Registry,
     placement: Placement,
     cache: Arc<Mutex<Vec<Cached>>>,
+    /// Loaded transformer-family models (FLUX, SD 3), least recently used first.
+    flows: Arc<Mutex<Vec<CachedFlow>>>,
     cache_size: usize,
     /// Upscaler models for `upscale` jobs (the sampler's).
     upscalers: Arc<upscalers::Upscalers>,
@@ -80,6 +87,7 @@ impl Generator {
             registry,
             placement,
             cache: Arc::default(),
+            flows: Arc::default(),
             cache_size: cache_size.max(1),
             cache_bytes: 0,
             batcher: Arc::new(batch::Batcher::new(std::time::Duration::ZERO, 1)),
@@ -411,23 +419,9 @@ impl Handler for Generator {
         };
         g.check(kind)
             .map_err(|e| JobError::permanent("invalid_job", e))?;
-        let sampler = SamplerKind::parse(&g.sampler).ok_or_else(|| {
-            JobError::permanent(
-                "unknown_sampler",
-                format!("unknown sampler {:?}", g.sampler),
-            )
-        })?;
         let path = match self.registry.checkpoint(&g.model) {
             Ok(p) => p,
             Err(local) => store_checkpoint(ctx, &g.model, &local).await?,
-        };
-        let vae = match &g.vae {
-            None => None,
-            Some(name) => Some(
-                self.registry
-                    .vae(name)
-                    .map_err(|e| JobError::permanent("unknown_vae", e))?,
-            ),
         };
         let (_, tags) = atelier_diffusion::prompt::extract_extra_networks(&g.prompt)
             .map_err(|e| JobError::permanent("invalid_job", e))?;
@@ -447,6 +441,23 @@ impl Handler for Generator {
             };
             loras.push((p, t.weight, t.name.clone()));
         }
+        if atelier_diffusion::flow::is_flow_folder(&path).is_some() {
+            return self.run_flow(ctx, kind, &g, path, loras).await;
+        }
+        let sampler = SamplerKind::parse(&g.sampler).ok_or_else(|| {
+            JobError::permanent(
+                "unknown_sampler",
+                format!("unknown sampler {:?}", g.sampler),
+            )
+        })?;
+        let vae = match &g.vae {
+            None => None,
+            Some(name) => Some(
+                self.registry
+                    .vae(name)
+                    .map_err(|e| JobError::permanent("unknown_vae", e))?,
+            ),
+        };
         let text = format!("{} {}", g.prompt, g.negative_prompt);
         let mut embeddings = self.registry.embeddings_in(&text);
         // Embeddings published to the object store (`embeddings/NAME.safetensors|.pt`) count

@@ -26,12 +26,16 @@ const UNET_INDEXES: [&str; 2] = [
     "model.safetensors.index.json",
 ];
 
-/// The files a checkpoint's hash covers: a single file itself; a diffusers folder's UNet weights.
+/// The files a checkpoint's hash covers: a single file itself; a diffusers folder's UNet weights
+/// (the transformer's, for FLUX and SD 3 folders).
 pub fn hashed_files(path: &Path) -> std::io::Result<Vec<PathBuf>> {
     if !path.is_dir() {
         return Ok(vec![path.to_path_buf()]);
     }
-    let unet = path.join("unet");
+    let unet = match path.join("unet").is_dir() {
+        true => path.join("unet"),
+        false => path.join("transformer"),
+    };
     if let Some(f) = UNET_FILES
         .iter()
         .map(|n| unet.join(n))
@@ -55,7 +59,7 @@ pub fn hashed_files(path: &Path) -> std::io::Result<Vec<PathBuf>> {
     }
     Err(std::io::Error::new(
         std::io::ErrorKind::NotFound,
-        format!("{}: no UNet weights to hash", path.display()),
+        format!("{}: no UNet or transformer weights to hash", path.display()),
     ))
 }
 

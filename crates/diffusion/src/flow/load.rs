@@ -140,6 +140,7 @@ impl FlowModel {
             t5,
             clip_tokenizers,
             t5_tokenizer,
+            lora_hashes: Vec::new(),
             weight_bytes: bytes.iter().map(|b| b.loaded_bytes()).sum(),
         })
     }

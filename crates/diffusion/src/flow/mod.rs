@@ -4,6 +4,7 @@
 //! latents (`sample`).
 
 mod cond;
+mod generate;
 mod load;
 mod lora;
 mod sample;
@@ -62,8 +63,18 @@ pub struct FlowModel {
     pub t5: Option<T5Encoder>,
     clip_tokenizers: Vec<ClipTokenizer>,
     t5_tokenizer: Option<T5Tokenizer>,
+    /// (name, A1111 short hash) of the LoRAs applied, for the `parameters` text.
+    lora_hashes: Vec<(String, String)>,
     weight_bytes: u64,
 }
+
+// SAFETY: as for the UNet families' `Nets`: `tch::Tensor` is not `Sync` because some methods
+// change a tensor through a shared reference (in-place ops, gradients accumulated by
+// `backward`). A shared `FlowModel` only runs inference: its weights are loaded without
+// gradients, sampling and encoding run under `no_grad` and allocate new tensors (libtorch's ops
+// are safe to call concurrently on shared inputs), and applying a LoRA takes `&mut` on a clone
+// and replaces tensor handles rather than writing into the shared storage.
+unsafe impl Sync for FlowModel {}
 
 impl FlowModel {
     /// Bytes of weights read from disk.
@@ -74,17 +85,5 @@ impl FlowModel {
     /// Latent pixels per image pixel along a side (8 for the real VAEs).
     pub fn vae_scale(&self) -> usize {
         1 << self.vae.config.block_out_channels.len().saturating_sub(1)
-    }
-
-    /// Parameters of the denoiser.
-    pub fn denoiser_parameters(&mut self) -> u64 {
-        let linears = match &mut self.denoiser {
-            Denoiser::Flux(f) => f.linears_mut(),
-            Denoiser::Sd3(s) => s.linears_mut(),
-        };
-        linears
-            .iter()
-            .map(|(_, l)| l.weight.numel() as u64 + l.bias.as_ref().map_or(0, |b| b.numel() as u64))
-            .sum()
     }
 }

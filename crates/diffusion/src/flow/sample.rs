@@ -61,11 +61,8 @@ impl FlowRequest {
                 crate::pipeline::MAX_STEPS
             )));
         }
-        if self.width == 0 || self.height == 0 || self.width % 16 != 0 || self.height % 16 != 0 {
-            return Err(bad(format!(
-                "width and height must be positive multiples of 16 for the transformer families (got {}×{})",
-                self.width, self.height
-            )));
+        if self.width == 0 || self.height == 0 {
+            return Err(bad("width and height must be positive"));
         }
         if self.width * self.height > crate::pipeline::MAX_PIXELS {
             return Err(bad(format!(
@@ -103,6 +100,13 @@ impl FlowModel {
         mut progress: impl FnMut(usize, usize) -> bool,
     ) -> PResult<Tensor> {
         req.validate()?;
+        let unit = 2 * self.vae_scale();
+        if req.width % unit != 0 || req.height % unit != 0 {
+            return Err(bad(format!(
+                "width and height must be multiples of {unit} for this model (2×2 latent patches; got {}x{})",
+                req.width, req.height
+            )));
+        }
         let pos = self.encode(&req.prompt, req.max_sequence_length)?;
         let neg = match (&self.denoiser, req.cfg_scale > 1.0) {
             (Denoiser::Sd3(_), true) => {
