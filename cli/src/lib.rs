@@ -10,6 +10,7 @@
 //! - `atelier conformance | eval-captions` ([`conformance`], [`eval`]): reference replays, metrics
 
 pub mod augment;
+pub mod bench;
 pub mod conformance;
 pub mod datasets;
 pub mod demo;
@@ -70,6 +71,9 @@ pub enum Command {
     Conformance(conformance::Conformance),
     /// Score candidate captions against references (pycocoevalcap's metrics and names).
     EvalCaptions(eval::EvalArgs),
+    /// Benchmarks that print their figures with the command, date and machine.
+    #[command(subcommand)]
+    Bench(bench::BenchCmd),
 }
 
 /// Runs one command; an error is the command's message.
@@ -95,6 +99,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::EvalCaptions(args) => eval::run(args).await,
+        Command::Bench(cmd) => tokio::task::spawn_blocking(move || bench::run(cmd)).await?,
     }
 }
 

@@ -3,6 +3,7 @@
 //! - [`schedulers`]: the noise schedule and every sampler our users know from diffusers, A1111 and
 //!   ComfyUI, number for number with diffusers (replayed against its traces by [`conformance`]);
 //! - [`prompt`]: AUTOMATIC1111's prompt language (emphasis, BREAK, editing, alternation, LoRA tags).
+pub mod bench;
 pub mod conditioning;
 pub mod conformance;
 pub mod flow;

@@ -191,7 +191,10 @@ mod tests {
         let g = GenerateSpec::txt2img("flux", "a cat");
         // The default sampler (Euler a, ancestral) is not flow matching's.
         assert!(refuse(GenerateKind::Txt2Img, &g, "FLUX.1").is_err());
-        let g = GenerateSpec { sampler: "Euler".into(), ..g };
+        let g = GenerateSpec {
+            sampler: "Euler".into(),
+            ..g
+        };
         assert!(refuse(GenerateKind::Txt2Img, &g, "FLUX.1").is_ok());
         let e = refuse(GenerateKind::Img2Img, &g, "FLUX.1").unwrap_err();
         assert!(e.to_string().contains("txt2img"), "{e}");

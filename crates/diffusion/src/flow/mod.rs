@@ -8,6 +8,7 @@ mod generate;
 mod load;
 mod lora;
 mod sample;
+pub mod single_file;
 
 use atelier_modelkit::t5_tokenizer::T5Tokenizer;
 use serde::{Deserialize, Serialize};

@@ -20,6 +20,29 @@ pub enum Source {
     },
     /// Stored transposed (OpenCLIP's `text_projection`).
     Transposed(String),
+    /// Rows `start..start + len` of a fused tensor of unequal parts (FLUX's single blocks'
+    /// `linear1`: q, k, v and the MLP's input in one).
+    Rows {
+        name: String,
+        start: usize,
+        len: usize,
+    },
+    /// Stored with its two halves of rows in the other order (the original SD 3 / FLUX final
+    /// modulation: shift, scale; diffusers': scale, shift).
+    SwappedHalves(String),
+}
+
+impl Source {
+    /// The stored tensor's name.
+    pub fn stored(&self) -> &str {
+        match self {
+            Source::Rename(n)
+            | Source::Transposed(n)
+            | Source::SwappedHalves(n)
+            | Source::Part { name: n, .. }
+            | Source::Rows { name: n, .. } => n,
+        }
+    }
 }
 
 fn resnet_unet(rest: &str) -> String {
@@ -289,6 +312,18 @@ pub fn to_single_file(
             }
             Some(Source::Transposed(n)) => {
                 out.insert(n.clone(), t.t()?.contiguous()?);
+            }
+            Some(Source::SwappedHalves(n)) => {
+                let h = t.dim(0)? / 2;
+                out.insert(
+                    n.clone(),
+                    candle_core::Tensor::cat(&[t.narrow(0, h, h)?, t.narrow(0, 0, h)?], 0)?,
+                );
+            }
+            Some(Source::Rows { name: n, .. }) => {
+                return Err(candle_core::Error::Msg(format!(
+                    "{name}: fused rows of {n} are read, not written"
+                )));
             }
             Some(Source::Part {
                 name: n,

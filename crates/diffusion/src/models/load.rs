@@ -79,6 +79,16 @@ impl SafetensorsWeights {
                 let rows = t.dim(0)? / parts;
                 t.narrow(0, part * rows, rows)?.contiguous()
             }
+            Source::Rows { name, start, len } => self
+                .st
+                .load(name, dev)?
+                .narrow(0, *start, *len)?
+                .contiguous(),
+            Source::SwappedHalves(n) => {
+                let t = self.st.load(n, dev)?;
+                let h = t.dim(0)? / 2;
+                Tensor::cat(&[t.narrow(0, h, h)?, t.narrow(0, 0, h)?], 0)
+            }
         }
     }
 
@@ -133,11 +143,7 @@ impl SimpleBackend for SafetensorsWeights {
     ) -> Result<Tensor> {
         let (stored, t) = match self.map.as_ref().and_then(|m| m.get(name)) {
             Some(src) => {
-                let stored = match src {
-                    Source::Rename(n) | Source::Transposed(n) | Source::Part { name: n, .. } => {
-                        n.clone()
-                    }
-                };
+                let stored = src.stored().to_string();
                 let t = self.load_mapped(src, dev).map_err(|e| {
                     candle_core::Error::Msg(format!("{}: {stored} (for {name}): {e}", self.label))
                 })?;
