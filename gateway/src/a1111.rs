@@ -830,7 +830,12 @@ fn sd_model(e: &atelier_registry::Entry) -> Value {
         Some(h) => format!("{} [{h}]", e.name),
         None => e.name.clone(),
     };
-    json!({"title": title, "model_name": e.name, "hash": short, "sha256": sha, "filename": e.path, "config": null})
+    // `family` is atelier's: flux / sd3 (flow matching, Euler) or unet; A1111 clients ignore it.
+    let family = match e.path.exists() {
+        true => Some(atelier_registry::family(&e.path)),
+        false => None,
+    };
+    json!({"title": title, "model_name": e.name, "hash": short, "sha256": sha, "filename": e.path, "config": null, "family": family})
 }
 
 /// The options A1111 clients read: the current model, clip skip, output format.

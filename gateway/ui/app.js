@@ -162,6 +162,21 @@ async function generatePage(main) {
     field("sampler", "Sampler", h("select", {}, samplers.map((s) => h("option", { value: s.name }, s.name)))),
     h("div", { class: "grid" }, GEN_FIELDS.map(([n, l, t, v, a]) => field(n, l, h("input", { type: t, value: v, ...a })))),
   );
+  // FLUX and SD 3 (flow matching): Euler, FLUX-dev's embedded guidance, T5's prompt length.
+  const flowFields = h("div", { class: "grid", hidden: true, id: "flow-fields" },
+    field("guidance", "Guidance (FLUX)", h("input", { type: "number", value: 3.5, min: 0, max: 30, step: 0.5 })),
+    field("max_sequence_length", "T5 tokens", h("input", { type: "number", value: 256, min: 1, max: 512 })));
+  form.append(flowFields);
+  const familyOf = (name) => models.find((m) => m.model_name === name)?.family || "unet";
+  const onModel = () => {
+    const fam = familyOf(form.elements.model.value);
+    const flow = fam === "flux" || fam === "sd3";
+    flowFields.hidden = !flow;
+    form.elements.guidance.closest(".field").hidden = fam !== "flux";
+    if (flow && [...form.elements.sampler.options].some((o) => o.value === "Euler")) form.elements.sampler.value = "Euler";
+  };
+  form.elements.model.addEventListener("change", onModel);
+  onModel();
   if (loras.length) {
     form.append(h("fieldset", {}, h("legend", {}, "LoRAs"), loras.map((l, i) => h("div", { class: "lora" },
       h("label", {}, h("input", { type: "checkbox", name: `lora-${i}`, "data-lora": l.name }), l.alias || l.name),
@@ -195,6 +210,10 @@ async function generatePage(main) {
       width: Number(v("width")), height: Number(v("height")), batch_size: Number(v("batch_size")),
       preview_every: 2,
       ...source.fields(),
+      ...(flowFields.hidden ? {} : {
+        max_sequence_length: Number(v("max_sequence_length")),
+        ...(familyOf(v("model")) === "flux" ? { guidance: Number(v("guidance")) } : {}),
+      }),
     };
   };
   const reuse = (s, seed) => {
@@ -209,6 +228,8 @@ async function generatePage(main) {
       form.elements[n].value = s[n];
     }
     form.elements.seed.value = seed;
+    onModel();
+    for (const n of ["guidance", "max_sequence_length"]) if (s[n] != null) form.elements[n].value = s[n];
     form.elements.prompt.focus();
   };
   const show = async (rec) => {

@@ -38,6 +38,19 @@ pub fn repo_root() -> PathBuf {
         .to_path_buf()
 }
 
+/// Copies a folder tree (a test's models directory from the conformance cases' folders).
+pub fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap().flatten() {
+        match e.path().is_dir() {
+            true => copy_dir(&e.path(), &to.join(e.file_name())),
+            false => {
+                std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
+            }
+        }
+    }
+}
+
 /// The repository's copy of the reference data (`tests/conformance/`, refreshed from the
 /// team's reference data by `scripts/sync-conformance`).
 pub fn conformance_dir() -> PathBuf {

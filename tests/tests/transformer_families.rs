@@ -15,18 +15,6 @@ use base64::Engine as _;
 use serde_json::{json, Value};
 use tokio_util::sync::CancellationToken;
 
-fn copy_dir(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).unwrap();
-    for e in std::fs::read_dir(from).unwrap().flatten() {
-        let p = e.path();
-        if p.is_dir() {
-            copy_dir(&p, &to.join(e.file_name()));
-        } else {
-            std::fs::copy(&p, to.join(e.file_name())).unwrap();
-        }
-    }
-}
-
 /// What the engine makes in-process for the request.
 fn expected(dir: &Path, req: &FlowRequest) -> Vec<u8> {
     let m = FlowModel::load(dir, Placement::CPU).unwrap();
@@ -48,6 +36,7 @@ fn flow_req(prompt: &str, seed: u64, (w, h): (usize, usize)) -> FlowRequest {
         max_sequence_length: 32,
         shift: None,
         noise: Default::default(),
+        sampler: Default::default(),
     }
 }
 
@@ -63,6 +52,13 @@ async fn flux_and_sd35_generate_through_v1_and_a1111() {
     let conf = conformance_dir().join("models");
     copy_dir(&conf.join("flux-dev/model"), &models.join("flux-tiny"));
     copy_dir(&conf.join("sd35/model"), &models.join("sd35-tiny"));
+    // The peft FLUX LoRA diffusers' loader applied in the conformance case.
+    std::fs::create_dir_all(models.join("loras")).unwrap();
+    std::fs::copy(
+        conf.join("flux-lora-peft/lora.safetensors"),
+        models.join("loras/flux-style.safetensors"),
+    )
+    .unwrap();
     c.spawn_service(
         "atelier-sampler",
         &[("ATELIER_MODELS", models.display().to_string())],
@@ -114,8 +110,14 @@ async fn flux_and_sd35_generate_through_v1_and_a1111() {
     let mut hires = spec.clone();
     hires.hires = Some(serde_json::from_value(json!({"scale": 2.0})).unwrap());
     let hires = client.generate("txt2img", &hires).await.unwrap();
+    let mut styled = spec.clone();
+    styled.prompt = format!("{} <lora:flux-style:0.8>", spec.prompt);
+    let styled = client.generate("txt2img", &styled).await.unwrap();
     let records = c
-        .wait_terminal(&[job.id, dpm.id, hires.id], Duration::from_secs(180))
+        .wait_terminal(
+            &[job.id, dpm.id, hires.id, styled.id],
+            Duration::from_secs(180),
+        )
         .await
         .unwrap();
     let by_id = |id| records.iter().find(|r| r.id == id).unwrap();
@@ -151,9 +153,35 @@ async fn flux_and_sd35_generate_through_v1_and_a1111() {
         flux_px, want,
         "the service's FLUX image differs from the engine's"
     );
+    // The LoRA at run time: the engine's image with the same file at 0.8, named in the infotext.
+    let r = by_id(styled.id);
+    assert_eq!(r.state, JobState::Succeeded, "{:?}", r.error);
+    let Some(JobOutput::Images(out)) = &r.output else {
+        panic!("{:?}", r.output)
+    };
+    let bytes = std::fs::read(models.join("loras/flux-style.safetensors")).unwrap();
+    let (hash, _) = atelier_diffusion::lora::file_hashes(&bytes);
+    assert!(
+        out.parameters
+            .contains(&format!("Lora hashes: \"flux-style: {}\"", &hash[..12])),
+        "{}",
+        out.parameters
+    );
+    let key = atelier_contracts::ArtifactKey::parse(&out.images[0].image.key).unwrap();
+    let (_, _, styled_px) = pixels(&c.store.get_bytes(&key).await.unwrap());
+    let file = atelier_diffusion::lora::LoraFile::from_bytes(&bytes).unwrap();
+    let (m, _) = FlowModel::load(&models.join("flux-tiny"), Placement::CPU)
+        .unwrap()
+        .with_lora(&file, 0.8, atelier_diffusion::lora::LoraMode::Runtime)
+        .unwrap();
+    let want = m
+        .txt2img(&flow_req(&spec.prompt, 1234, (32, 32)), |_, _| true)
+        .unwrap();
+    assert_eq!(styled_px, want[0].image.as_raw().clone());
+    assert_ne!(styled_px, flux_px, "the LoRA changes the image");
     let e = by_id(dpm.id).error.as_ref().unwrap();
     assert_eq!(e.code, "unknown_sampler", "{e:?}");
-    assert!(e.message.contains("Euler (flow matching)"), "{e:?}");
+    assert!(e.message.contains("Euler or Heun (flow matching)"), "{e:?}");
     let e = by_id(hires.id).error.as_ref().unwrap();
     assert!(e.message.contains("hires"), "{e:?}");
 

@@ -84,6 +84,11 @@ async fn the_web_ui_generates_lists_jobs_and_shows_api_errors_in_a_real_browser(
     make_tiny_for_training(&data.join("models/tiny-train"), Family::Sd1, 37).unwrap();
     // A tiny CLIP: `atelier up` serves `<data>/models/clip` to the indexer (image and text spaces).
     atelier_embed::clip::make_tiny(&data.join("models/clip"), 3).unwrap();
+    // A tiny FLUX (the conformance case's folder), listed after `tiny`.
+    copy_dir(
+        &conformance_dir().join("models/flux-dev/model"),
+        &data.join("models/tiny-flux"),
+    );
     let (key, entry) = atelier_gateway::auth::generate_key("ui", "*").unwrap();
     let (port, nats_port) = (free_port().unwrap(), free_port().unwrap());
     let mut up = atelier_up_keyed(
@@ -187,6 +192,54 @@ async fn the_web_ui_generates_lists_jobs_and_shows_api_errors_in_a_real_browser(
         .await
         .unwrap();
 
+    // A FLUX model: its own fields (guidance, T5 tokens) appear and the sampler becomes Euler.
+    let before = b
+        .run(
+            "return document.getElementById('f-sampler').value",
+            json!([]),
+        )
+        .await
+        .unwrap();
+    let pick = "const m = document.getElementById('f-model'); m.value = arguments[0]; m.dispatchEvent(new Event('change')); return [document.getElementById('flow-fields').hidden, document.getElementById('f-sampler').value]";
+    let shown = b.run(pick, json!(["tiny-flux"])).await.unwrap();
+    assert_eq!(shown, json!([false, "Euler"]));
+    for (id, v) in [
+        ("#f-width", "32"),
+        ("#f-height", "32"),
+        ("#f-steps", "2"),
+        ("#f-guidance", "2.5"),
+        ("#f-max_sequence_length", "32"),
+    ] {
+        b.fill_css(id, v).await.unwrap();
+    }
+    b.click_css("form[aria-label=Generate] button[type=submit]")
+        .await
+        .unwrap();
+    wait_within(&b, "return [...document.querySelectorAll('#results figcaption')].some(c => c.textContent.includes('Distilled CFG Scale: 2.5'))", 120 * SECOND).await;
+    let caption = b
+        .text(&b.get("#results figcaption").await.unwrap())
+        .await
+        .unwrap();
+    assert!(
+        caption.contains("Model: tiny-flux") && caption.contains("Max sequence length: 32"),
+        "{caption}"
+    );
+    let back = b.run(pick, json!(["tiny"])).await.unwrap();
+    assert_eq!(
+        back[0],
+        json!(true),
+        "the FLUX fields hide for a UNet model"
+    );
+    b.run(
+        "document.getElementById('f-sampler').value = arguments[0]",
+        json!([before]),
+    )
+    .await
+    .unwrap();
+    for (id, v) in [("#f-steps", "4"), ("#f-width", "64"), ("#f-height", "64")] {
+        b.fill_css(id, v).await.unwrap();
+    }
+
     // Inpainting: a starting image (top half red, bottom half blue), a stroke painted across
     // its middle; the result keeps what the mask leaves alone.
     let init = tmp.path().join("init.png");
@@ -259,7 +312,7 @@ async fn the_web_ui_generates_lists_jobs_and_shows_api_errors_in_a_real_browser(
     .await
     .unwrap();
 
-    // Jobs: the inpaint and txt2img jobs, newest first, succeeded.
+    // Jobs: the inpaint, FLUX txt2img and first txt2img jobs, newest first, succeeded.
     b.goto(&format!("{base}/#/jobs")).await.unwrap();
     let row = b
         .wait_for("tr[data-job] td.state-succeeded", 10 * SECOND)
@@ -270,7 +323,7 @@ async fn the_web_ui_generates_lists_jobs_and_shows_api_errors_in_a_real_browser(
         .run("return [...document.querySelectorAll('tr[data-job] td:nth-child(2)')].map(t => t.textContent)", json!([]))
         .await
         .unwrap();
-    assert_eq!(kinds, json!(["inpaint", "txt2img"]));
+    assert_eq!(kinds, json!(["inpaint", "txt2img", "txt2img"]));
     b.screenshot(&shots().join("jobs-done.png")).await.unwrap();
 
     // Datasets: none yet, and the page says how to make one.

@@ -293,6 +293,7 @@ fn req(cfg: f64) -> FlowRequest {
         max_sequence_length: 32,
         shift: None,
         noise: Default::default(),
+        sampler: Default::default(),
     }
 }
 

@@ -1,14 +1,14 @@
 //! Generation with the transformer families (FLUX.1, SD 3 / 3.5): a registry folder whose
 //! denoiser is a transformer is run by the engine's flow-matching pipeline. txt2img only, with
-//! Euler (the flow-matching sampler these families ship with); the parameters the UNet families
-//! have and these do not (hires fix, img2img, a separate VAE, variation seeds, clip skip) are
-//! refused with the reason rather than ignored.
+//! Euler (the flow-matching sampler these families ship with) or Heun; the parameters the UNet
+//! families have and these do not (hires fix, img2img, a separate VAE, variation seeds, clip
+//! skip) are refused with the reason rather than ignored.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use atelier_contracts::{GenerateKind, GenerateSpec, GeneratedImage, ImagesOutput, JobOutput};
-use atelier_diffusion::flow::{FlowModel, FlowRequest};
+use atelier_diffusion::flow::{FlowModel, FlowRequest, FlowSampler};
 use atelier_diffusion::lora::{LoraFile, LoraMode};
 use atelier_diffusion::noise::RandnSource;
 use atelier_diffusion::schedulers::SamplerKind;
@@ -16,10 +16,13 @@ use atelier_kit::{JobCtx, JobError};
 
 use crate::{pipeline_err, seed_for, Generator, Lora, Rendered};
 
-/// The sampler names a flow-matching job accepts.
-fn is_flow_euler(name: &str) -> bool {
-    matches!(name, "Euler (flow matching)" | "flow_euler")
-        || SamplerKind::parse(name) == Some(SamplerKind::Euler)
+/// The flow-matching sampler a job names (A1111's `Euler`/`Heun`, ours, or diffusers' label).
+fn flow_sampler(name: &str) -> Option<FlowSampler> {
+    FlowSampler::parse(name).or_else(|| match SamplerKind::parse(name) {
+        Some(SamplerKind::Euler) => Some(FlowSampler::Euler),
+        Some(SamplerKind::Heun) => Some(FlowSampler::Heun),
+        _ => None,
+    })
 }
 
 fn invalid(m: impl Into<String>) -> JobError {
@@ -44,11 +47,11 @@ fn refuse(kind: GenerateKind, g: &GenerateSpec, family: &str) -> Result<(), JobE
     if let Some(w) = why {
         return Err(invalid(format!("{family}: {w}")));
     }
-    if !is_flow_euler(&g.sampler) {
+    if flow_sampler(&g.sampler).is_none() {
         return Err(JobError::permanent(
             "unknown_sampler",
             format!(
-                "{family} samples with Euler (flow matching); sampler {:?} is for the UNet families",
+                "{family} samples with Euler or Heun (flow matching); sampler {:?} is for the UNet families",
                 g.sampler
             ),
         ));
@@ -135,6 +138,7 @@ impl Generator {
                     .max_sequence_length
                     .map_or(model.default_sequence_length(), |n| n as usize),
                 shift: g2.shift,
+                sampler: flow_sampler(&g2.sampler).unwrap_or_default(),
                 noise: match g2.randn_source {
                     atelier_contracts::generate::RandnSource::Cpu => RandnSource::TorchCpu,
                     atelier_contracts::generate::RandnSource::Nv => RandnSource::Nv,
@@ -203,8 +207,11 @@ mod tests {
             ..g.clone()
         };
         let e = refuse(GenerateKind::Txt2Img, &dpm, "FLUX.1").unwrap_err();
-        assert!(e.to_string().contains("Euler (flow matching)"), "{e}");
-        for ok in ["Euler", "euler", "Euler (flow matching)"] {
+        assert!(
+            e.to_string().contains("Euler or Heun (flow matching)"),
+            "{e}"
+        );
+        for ok in ["Euler", "euler", "Euler (flow matching)", "Heun"] {
             let s = GenerateSpec {
                 sampler: ok.into(),
                 ..g.clone()

@@ -57,6 +57,38 @@ pub fn check_name(name: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// The model family of a checkpoint as far as the UI and clients need it, read from configs and
+/// headers only: `flux` and `sd3` (the transformer families, sampled by flow matching), else
+/// `unet` (SD 1.x, 2.x, SDXL).
+pub fn family(path: &Path) -> &'static str {
+    if path.is_dir() {
+        let class = std::fs::read_to_string(path.join("transformer/config.json"))
+            .ok()
+            .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+            .and_then(|v| v["_class_name"].as_str().map(str::to_string));
+        return match class.as_deref() {
+            Some("FluxTransformer2DModel") => "flux",
+            Some("SD3Transformer2DModel") => "sd3",
+            _ => "unet",
+        };
+    }
+    let Ok(h) = header::read(path) else {
+        return "unet";
+    };
+    let has = |k: &str| {
+        ["", "model.diffusion_model."]
+            .iter()
+            .any(|p| h.tensors.contains_key(&format!("{p}{k}")))
+    };
+    if has("double_blocks.0.img_attn.qkv.weight") {
+        "flux"
+    } else if has("joint_blocks.0.x_block.attn.qkv.weight") {
+        "sd3"
+    } else {
+        "unet"
+    }
+}
+
 impl Registry {
     pub fn new(dir: impl Into<PathBuf>) -> Self {
         let dir = dir.into();

@@ -144,10 +144,9 @@ fn transformer_sd3(m: &FlowModel, check: &Value, t: &Tensors) -> Result<f64, Str
 
 fn pipeline(m: &FlowModel, check: &Value, t: &Tensors) -> Result<f64, String> {
     let num = |k: &str| check[k].as_f64();
-    let sampler = check["sampler"].as_str().unwrap_or_default();
-    if sampler != "Euler (flow matching)" {
-        return Err(format!("unknown flow-matching sampler {sampler:?}"));
-    }
+    let name = check["sampler"].as_str().unwrap_or_default();
+    let sampler = crate::flow::FlowSampler::parse(name)
+        .ok_or_else(|| format!("unknown flow-matching sampler {name:?}"))?;
     let latents = tt(get(t, check, "initial_latents")?)?;
     let req = FlowRequest {
         prompt: check["prompt"].as_str().unwrap_or_default().into(),
@@ -162,6 +161,7 @@ fn pipeline(m: &FlowModel, check: &Value, t: &Tensors) -> Result<f64, String> {
         max_sequence_length: num("max_sequence_length").unwrap_or(256.0) as usize,
         shift: None,
         noise: Default::default(),
+        sampler,
     };
     let want = get(t, check, "image")?;
     let want = match want.rank() {

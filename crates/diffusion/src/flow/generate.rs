@@ -36,8 +36,9 @@ impl FlowModel {
             s.push_str(&format!("\nNegative prompt: {}", req.negative_prompt));
         }
         s.push_str(&format!(
-            "\nSteps: {}, Sampler: Euler, Schedule type: Simple",
-            req.steps
+            "\nSteps: {}, Sampler: {}, Schedule type: Simple",
+            req.steps,
+            req.sampler.a1111_name()
         ));
         match self.family {
             FlowFamily::Flux => {

@@ -455,6 +455,15 @@ impl FlowModel {
 }
 
 fn assemble(p: Parts, placement: Placement) -> PResult<FlowModel> {
+    // FLUX and SD 3.5 were trained in bf16; f16's narrower range overflows their activations,
+    // so a GPU placement's f16 becomes bf16 for these families.
+    let placement = match placement.kind {
+        Kind::Half => Placement {
+            kind: Kind::BFloat16,
+            ..placement
+        },
+        _ => placement,
+    };
     let at = |what: &str| {
         let label = format!("{}: {what}", p.name);
         move |e: crate::torch::Error| model_err(Path::new(&label), e)

@@ -1,6 +1,6 @@
 //! Flow-matching txt2img for the transformer families: each image's latents from its own seed
-//! (torch's CPU generator by default, as the UNet families draw them) or given, then Euler steps
-//! along the predicted velocity over the model's shifted sigmas, then the VAE.
+//! (torch's CPU generator by default, as the UNet families draw them) or given, then Euler (or
+//! Heun) steps along the predicted velocity over the model's shifted sigmas, then the VAE.
 //!
 //! FLUX packs 2×2 latent patches into tokens, places them by (0, row, column) ids, and takes the
 //! guidance as an input (FLUX-dev; none for schnell). SD 3 runs classifier-free guidance: the
@@ -20,6 +20,35 @@ type PResult<T> = Result<T, PipelineError>;
 
 /// The longest T5 prompt the pipelines accept (diffusers' limit).
 pub const MAX_SEQUENCE_LENGTH: usize = 512;
+
+/// The flow-matching samplers: diffusers' `FlowMatchEulerDiscreteScheduler` and
+/// `FlowMatchHeunDiscreteScheduler` (a second model call per step, the mean of both slopes; the
+/// last step, to σ = 0, is Euler's).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FlowSampler {
+    #[default]
+    Euler,
+    Heun,
+}
+
+impl FlowSampler {
+    /// A1111's name (`Euler`, `Heun`), ours, or diffusers' flow-matching label.
+    pub fn parse(name: &str) -> Option<Self> {
+        match name {
+            "Euler" | "euler" | "Euler (flow matching)" | "flow_euler" => Some(Self::Euler),
+            "Heun" | "heun" | "Heun (flow matching)" | "flow_heun" => Some(Self::Heun),
+            _ => None,
+        }
+    }
+
+    pub fn a1111_name(self) -> &'static str {
+        match self {
+            Self::Euler => "Euler",
+            Self::Heun => "Heun",
+        }
+    }
+}
 
 /// A txt2img request to a transformer-family model.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -43,6 +72,8 @@ pub struct FlowRequest {
     pub shift: Option<f64>,
     #[serde(default)]
     pub noise: RandnSource,
+    #[serde(default)]
+    pub sampler: FlowSampler,
 }
 
 fn bad(m: impl Into<String>) -> PipelineError {
@@ -179,69 +210,114 @@ impl FlowModel {
         let (h, w) = (x.size()[2], x.size()[3]);
         match &self.denoiser {
             Denoiser::Flux(f) => {
-                let mut x = pack(&x);
-                let img_ids = image_ids(h, w);
-                let txt_ids =
-                    Tensor::zeros([pos.context.size()[1], 3], (Kind::Float, tch::Device::Cpu));
-                let g = f
-                    .config
-                    .guidance_embeds
-                    .then(|| Tensor::from_slice(&[req.guidance as f32]));
-                let sigmas = self.sigmas(req, x.size()[1] as usize);
-                for k in 0..req.steps {
-                    let t = Tensor::from_slice(&[(sigmas[k] as f32 * 1000.0) / 1000.0]);
-                    let v = f.forward(&FluxInput {
-                        hidden: &x,
-                        context: &pos.context,
-                        pooled: &pos.pooled,
-                        timestep: &t,
-                        guidance: g.as_ref(),
-                        img_ids: &img_ids,
-                        txt_ids: &txt_ids,
-                    });
-                    x = step(&x, &v, sigmas[k], sigmas[k + 1]);
-                    if !progress(k + 1) {
-                        return Err(PipelineError::Cancelled);
-                    }
-                }
-                Ok(unpack(&x, h, w))
+                let packed = pack(&x);
+                let sigmas = self.sigmas(req, packed.size()[1] as usize);
+                let velocity = flux_velocity(f, req, pos, (h, w));
+                Ok(unpack(
+                    &walk(req, packed, &sigmas, &velocity, progress)?,
+                    h,
+                    w,
+                ))
             }
             Denoiser::Sd3(m) => {
                 let p = m.config.patch_size as i64;
                 let sigmas = self.sigmas(req, ((h / p) * (w / p)) as usize);
-                let mut x = x;
-                for k in 0..req.steps {
-                    let t = Tensor::from_slice(&[sigmas[k] as f32 * 1000.0]);
-                    let v = match neg {
-                        Some(n) => {
-                            let both = |a: &Tensor, b: &Tensor| {
-                                Tensor::cat(&[a.to_device(b.device()), b.shallow_clone()], 0)
-                            };
-                            let out = m
-                                .forward(
-                                    &Tensor::cat(&[&x, &x], 0),
-                                    &t.repeat([2]),
-                                    &both(&n.context, &pos.context),
-                                    &both(&n.pooled, &pos.pooled),
-                                )
-                                .map_err(compute)?
-                                .to_device(tch::Device::Cpu);
-                            let (u, c) = (out.narrow(0, 0, 1), out.narrow(0, 1, 1));
-                            &u + (c - &u) * req.cfg_scale
-                        }
-                        None => m
-                            .forward(&x, &t, &pos.context, &pos.pooled)
-                            .map_err(compute)?,
-                    };
-                    x = step(&x, &v, sigmas[k], sigmas[k + 1]);
-                    if !progress(k + 1) {
-                        return Err(PipelineError::Cancelled);
-                    }
-                }
-                Ok(x)
+                let velocity = |x: &Tensor, sigma: f64| sd3_velocity(m, req, x, sigma, (pos, neg));
+                walk(req, x, &sigmas, &velocity, progress)
             }
         }
     }
+}
+
+/// The sampler's steps over `sigmas` from `x`.
+fn walk(
+    req: &FlowRequest,
+    mut x: Tensor,
+    sigmas: &[f64],
+    velocity: &dyn Fn(&Tensor, f64) -> PResult<Tensor>,
+    progress: &mut dyn FnMut(usize) -> bool,
+) -> PResult<Tensor> {
+    for k in 0..req.steps {
+        x = advance(req.sampler, &x, (sigmas[k], sigmas[k + 1]), velocity)?;
+        if !progress(k + 1) {
+            return Err(PipelineError::Cancelled);
+        }
+    }
+    Ok(x)
+}
+
+/// FLUX's velocity of packed latents at σ: the timestep as the pipeline passes it (t / 1000),
+/// ids (0, row, column) for the patches and zeros for the text, the embedded guidance.
+fn flux_velocity<'a>(
+    f: &'a crate::torch::flux::FluxTransformer,
+    req: &FlowRequest,
+    pos: &'a Conditioning,
+    (h, w): (i64, i64),
+) -> impl Fn(&Tensor, f64) -> PResult<Tensor> + 'a {
+    let img_ids = image_ids(h, w);
+    let txt_ids = Tensor::zeros([pos.context.size()[1], 3], (Kind::Float, tch::Device::Cpu));
+    let g = f
+        .config
+        .guidance_embeds
+        .then(|| Tensor::from_slice(&[req.guidance as f32]));
+    move |x: &Tensor, sigma: f64| {
+        let t = Tensor::from_slice(&[(sigma as f32 * 1000.0) / 1000.0]);
+        Ok(f.forward(&FluxInput {
+            hidden: x,
+            context: &pos.context,
+            pooled: &pos.pooled,
+            timestep: &t,
+            guidance: g.as_ref(),
+            img_ids: &img_ids,
+            txt_ids: &txt_ids,
+        }))
+    }
+}
+
+/// SD 3's velocity at σ (timestep σ·1000): with a negative prompt, both in one batch (negative
+/// first) mixed by the CFG scale.
+fn sd3_velocity(
+    m: &crate::torch::mmdit::Sd3Transformer,
+    req: &FlowRequest,
+    x: &Tensor,
+    sigma: f64,
+    (pos, neg): (&Conditioning, Option<&Conditioning>),
+) -> PResult<Tensor> {
+    let t = Tensor::from_slice(&[sigma as f32 * 1000.0]);
+    let Some(n) = neg else {
+        return m.forward(x, &t, &pos.context, &pos.pooled).map_err(compute);
+    };
+    let both =
+        |a: &Tensor, b: &Tensor| Tensor::cat(&[a.to_device(b.device()), b.shallow_clone()], 0);
+    let out = m
+        .forward(
+            &Tensor::cat(&[x, x], 0),
+            &t.repeat([2]),
+            &both(&n.context, &pos.context),
+            &both(&n.pooled, &pos.pooled),
+        )
+        .map_err(compute)?
+        .to_device(tch::Device::Cpu);
+    let (u, c) = (out.narrow(0, 0, 1), out.narrow(0, 1, 1));
+    Ok(&u + (c - &u) * req.cfg_scale)
+}
+
+/// One step from σ to σ_next: Euler's, or Heun's (the slopes at σ and at the Euler step's end,
+/// averaged; Euler's when σ_next is 0, as diffusers' last step).
+fn advance(
+    sampler: FlowSampler,
+    x: &Tensor,
+    (sigma, next): (f64, f64),
+    velocity: &dyn Fn(&Tensor, f64) -> PResult<Tensor>,
+) -> PResult<Tensor> {
+    let v = velocity(x, sigma)?;
+    let euler = step(x, &v, sigma, next);
+    if sampler == FlowSampler::Euler || next == 0.0 {
+        return Ok(euler);
+    }
+    let v2 = velocity(&euler, next)?;
+    let f32v = |t: &Tensor| t.to_device(x.device()).to_kind(Kind::Float);
+    Ok(step(x, &((f32v(&v) + f32v(&v2)) * 0.5), sigma, next))
 }
 
 /// One Euler step along the velocity, in f32 as diffusers takes it.
