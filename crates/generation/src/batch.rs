@@ -185,18 +185,7 @@ fn spawn_group(gen: Generator, model: PathBuf, group: Group) {
                 let images = model.txt2img_batch(&reqs, on_step).map_err(pipeline_err)?;
                 images
                     .into_iter()
-                    .map(|imgs| {
-                        let params = imgs
-                            .first()
-                            .map(|i| i.parameters.clone())
-                            .unwrap_or_default();
-                        let pngs = imgs
-                            .iter()
-                            .map(|i| i.png().map(|b| (b, i.seed)))
-                            .collect::<Result<Vec<_>, _>>()
-                            .map_err(pipeline_err)?;
-                        Ok((pngs, params, model.hash.clone()))
-                    })
+                    .map(|imgs| crate::rendered(&imgs, &model.hash))
                     .collect::<Result<Vec<Rendered>, JobError>>()
             });
         tracing::info!(jobs = n, ok = result.is_ok(), "batched txt2img group done");

@@ -7,14 +7,15 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use atelier_contracts::{GenerateKind, GenerateSpec, GeneratedImage, ImagesOutput, JobOutput};
+use atelier_contracts::{GenerateKind, GenerateSpec, ImagesOutput, JobOutput};
 use atelier_diffusion::flow::{FlowModel, FlowRequest, FlowSampler};
 use atelier_diffusion::lora::{LoraFile, LoraMode};
-use atelier_diffusion::noise::RandnSource;
 use atelier_diffusion::schedulers::SamplerKind;
 use atelier_kit::{JobCtx, JobError};
 
-use crate::{pipeline_err, seed_for, Generator, Lora, Rendered};
+use crate::{
+    pipeline_err, randn_source, rendered, seed_for, store_images, Generator, Lora, Rendered,
+};
 
 /// The flow-matching sampler a job names (A1111's `Euler`/`Heun`, ours, or diffusers' label).
 fn flow_sampler(name: &str) -> Option<FlowSampler> {
@@ -139,10 +140,7 @@ impl Generator {
                     .map_or(model.default_sequence_length(), |n| n as usize),
                 shift: g2.shift,
                 sampler: flow_sampler(&g2.sampler).unwrap_or_default(),
-                noise: match g2.randn_source {
-                    atelier_contracts::generate::RandnSource::Cpu => RandnSource::TorchCpu,
-                    atelier_contracts::generate::RandnSource::Nv => RandnSource::Nv,
-                },
+                noise: randn_source(g2.randn_source),
             };
             let images = model
                 .txt2img(&req, |done, total| {
@@ -150,16 +148,7 @@ impl Generator {
                     !cancel.is_cancelled()
                 })
                 .map_err(pipeline_err)?;
-            let params = images
-                .first()
-                .map(|i| i.parameters.clone())
-                .unwrap_or_default();
-            let pngs = images
-                .iter()
-                .map(|i| i.png().map(|b| (b, i.seed)))
-                .collect::<Result<Vec<_>, _>>()
-                .map_err(pipeline_err)?;
-            Ok((pngs, params, model.hash.clone()))
+            rendered(&images, &model.hash)
         });
         tokio::pin!(work);
         let result = loop {
@@ -172,11 +161,7 @@ impl Generator {
         };
         let (pngs, parameters, model_hash) =
             result.map_err(|e| JobError::retryable("worker_panicked", e.to_string()))??;
-        let mut images = Vec::with_capacity(pngs.len());
-        for (png, seed) in pngs {
-            let (image, _) = ctx.store().put_bytes(png.into(), "image/png").await?;
-            images.push(GeneratedImage { image, seed });
-        }
+        let images = store_images(ctx, pngs).await?;
         Ok(JobOutput::Images(ImagesOutput {
             images,
             parameters,

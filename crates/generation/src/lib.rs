@@ -196,16 +196,7 @@ impl Generator {
                 }
             }
             .map_err(pipeline_err)?;
-            let params = images
-                .first()
-                .map(|i| i.parameters.clone())
-                .unwrap_or_default();
-            let pngs = images
-                .iter()
-                .map(|i| i.png().map(|b| (b, i.seed)))
-                .collect::<Result<Vec<_>, _>>()
-                .map_err(pipeline_err)?;
-            Ok((pngs, params, model.hash.clone()))
+            rendered(&images, &model.hash)
         });
         tokio::pin!(work);
         let result = loop {
@@ -379,6 +370,44 @@ fn hex_sha256(b: &[u8]) -> String {
         .collect()
 }
 
+/// The images' PNGs with their seeds, the first one's parameters text, the model hash.
+fn rendered(
+    images: &[atelier_diffusion::pipeline::Generated],
+    hash: &str,
+) -> Result<Rendered, JobError> {
+    let params = images
+        .first()
+        .map(|i| i.parameters.clone())
+        .unwrap_or_default();
+    let pngs = images
+        .iter()
+        .map(|i| i.png().map(|b| (b, i.seed)))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(pipeline_err)?;
+    Ok((pngs, params, hash.to_string()))
+}
+
+/// Stores each PNG content-addressed.
+async fn store_images(
+    ctx: &JobCtx,
+    pngs: Vec<(Vec<u8>, u64)>,
+) -> Result<Vec<GeneratedImage>, JobError> {
+    let mut images = Vec::with_capacity(pngs.len());
+    for (png, seed) in pngs {
+        let (image, _) = ctx.store().put_bytes(png.into(), "image/png").await?;
+        images.push(GeneratedImage { image, seed });
+    }
+    Ok(images)
+}
+
+/// The engine's noise source for a spec's `randn_source`.
+fn randn_source(s: atelier_contracts::generate::RandnSource) -> RandnSource {
+    match s {
+        atelier_contracts::generate::RandnSource::Cpu => RandnSource::TorchCpu,
+        atelier_contracts::generate::RandnSource::Nv => RandnSource::Nv,
+    }
+}
+
 fn seed_for(ctx: &JobCtx) -> u64 {
     let h = Sha256::digest(ctx.id.to_string().as_bytes());
     u32::from_le_bytes([h[0], h[1], h[2], h[3]]) as u64
@@ -525,10 +554,7 @@ impl Handler for Generator {
             // /v1 and the A1111 routes count clip skip as A1111 does (see GenerateSpec).
             clip_skip_convention: ClipSkipConvention::A1111,
             noise: NoiseOptions {
-                source: match g.randn_source {
-                    atelier_contracts::generate::RandnSource::Cpu => RandnSource::TorchCpu,
-                    atelier_contracts::generate::RandnSource::Nv => RandnSource::Nv,
-                },
+                source: randn_source(g.randn_source),
                 subseed: g.subseed,
                 subseed_strength: g.subseed_strength,
                 eta_noise_seed_delta: g.eta_noise_seed_delta,
@@ -585,11 +611,7 @@ impl Handler for Generator {
                 .await?;
             (r.0, r.1, r.2, 1)
         };
-        let mut images = Vec::with_capacity(pngs.len());
-        for (png, seed) in pngs {
-            let (image, _) = ctx.store().put_bytes(png.into(), "image/png").await?;
-            images.push(GeneratedImage { image, seed });
-        }
+        let images = store_images(ctx, pngs).await?;
         Ok(JobOutput::Images(ImagesOutput {
             images,
             parameters,

@@ -61,14 +61,7 @@ impl FlowModel {
             req.max_sequence_length,
             req.noise.a1111_name()
         ));
-        if !self.lora_hashes.is_empty() {
-            let list: Vec<String> = self
-                .lora_hashes
-                .iter()
-                .map(|(n, h)| format!("{n}: {h}"))
-                .collect();
-            s.push_str(&format!(", Lora hashes: \"{}\"", list.join(", ")));
-        }
+        s.push_str(&crate::pipeline::infotext::lora_hashes(&self.lora_hashes));
         s.push_str(&format!(", Version: atelier {}", env!("CARGO_PKG_VERSION")));
         s
     }

@@ -77,15 +77,17 @@ impl StableDiffusion {
             s.push_str(&format!(", ENSD: {}", req.noise.eta_noise_seed_delta));
         }
         s.push_str(&format!(", RNG: {}", req.noise.source.a1111_name()));
-        if !self.lora_hashes.is_empty() {
-            let list: Vec<String> = self
-                .lora_hashes
-                .iter()
-                .map(|(n, h)| format!("{n}: {h}"))
-                .collect();
-            s.push_str(&format!(", Lora hashes: \"{}\"", list.join(", ")));
-        }
+        s.push_str(&lora_hashes(&self.lora_hashes));
         s.push_str(&format!(", Version: atelier {}", env!("CARGO_PKG_VERSION")));
         s
     }
+}
+
+/// A1111's `, Lora hashes: "name: hash, …"` field, or nothing without LoRAs.
+pub(crate) fn lora_hashes(loras: &[(String, String)]) -> String {
+    if loras.is_empty() {
+        return String::new();
+    }
+    let list: Vec<String> = loras.iter().map(|(n, h)| format!("{n}: {h}")).collect();
+    format!(", Lora hashes: \"{}\"", list.join(", "))
 }

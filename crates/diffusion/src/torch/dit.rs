@@ -155,6 +155,73 @@ impl TimeTextEmbed {
     }
 }
 
+/// An attention's query, key and value projections, with RMS norms on queries and keys where
+/// the model has them (FLUX always, SD 3.5 by `qk_norm`); `names` are the five modules' names
+/// (`to_q`, `to_k`, `to_v`, `norm_q`, `norm_k` or the text side's `add_*`).
+#[derive(Debug, Clone)]
+pub struct Qkv {
+    pub q: Linear,
+    pub k: Linear,
+    pub v: Linear,
+    norms: Option<(RmsNorm, RmsNorm)>,
+}
+
+impl Qkv {
+    pub fn new(
+        w: &Weights,
+        dim: usize,
+        head_dim: usize,
+        names: [&str; 5],
+        qk_norm: bool,
+    ) -> Result<Self> {
+        let norms = match qk_norm {
+            true => Some((
+                RmsNorm::new(&w.pp(names[3]), head_dim, 1e-6)?,
+                RmsNorm::new(&w.pp(names[4]), head_dim, 1e-6)?,
+            )),
+            false => None,
+        };
+        Ok(Self {
+            q: Linear::new(&w.pp(names[0]), dim, dim, true)?,
+            k: Linear::new(&w.pp(names[1]), dim, dim, true)?,
+            v: Linear::new(&w.pp(names[2]), dim, dim, true)?,
+            norms,
+        })
+    }
+
+    /// Queries, keys and values [B, heads, N, d] of `x`.
+    pub fn project(&self, x: &Tensor, n: usize) -> (Tensor, Tensor, Tensor) {
+        let (q, k) = (heads(&self.q.forward(x), n), heads(&self.k.forward(x), n));
+        let (q, k) = match &self.norms {
+            Some((nq, nk)) => (nq.forward(&q), nk.forward(&k)),
+            None => (q, k),
+        };
+        (q, k, heads(&self.v.forward(x), n))
+    }
+
+    /// The three projections under `prefix.<name>` (for LoRAs).
+    pub fn linears<'a>(
+        &'a mut self,
+        prefix: &str,
+        names: [&str; 5],
+        out: &mut Vec<(String, &'a mut Linear)>,
+    ) {
+        out.push((format!("{prefix}.{}", names[0]), &mut self.q));
+        out.push((format!("{prefix}.{}", names[1]), &mut self.k));
+        out.push((format!("{prefix}.{}", names[2]), &mut self.v));
+    }
+}
+
+/// The five module names of an image-side and a text-side joint attention.
+pub const IMG: [&str; 5] = ["to_q", "to_k", "to_v", "norm_q", "norm_k"];
+pub const TXT: [&str; 5] = [
+    "add_q_proj",
+    "add_k_proj",
+    "add_v_proj",
+    "norm_added_q",
+    "norm_added_k",
+];
+
 /// [B, N, heads·d] → [B, heads, N, d].
 pub fn heads(x: &Tensor, n: usize) -> Tensor {
     let s = x.size();

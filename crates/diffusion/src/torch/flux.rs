@@ -7,7 +7,7 @@
 use serde::Deserialize;
 use tch::{Kind, Tensor};
 
-use super::dit::{heads, modulate, plain_norm, sdpa, AdaNorm, FeedForward, RmsNorm, TimeTextEmbed};
+use super::dit::{modulate, plain_norm, sdpa, AdaNorm, FeedForward, Qkv, TimeTextEmbed, IMG, TXT};
 use super::nn::Linear;
 use super::weights::Weights;
 use super::{msg, Result};
@@ -71,57 +71,6 @@ impl FluxConfig {
     }
 }
 
-/// Queries, keys, values with RMS-normed queries and keys.
-#[derive(Debug, Clone)]
-struct Qkv {
-    q: Linear,
-    k: Linear,
-    v: Linear,
-    norm_q: RmsNorm,
-    norm_k: RmsNorm,
-}
-
-impl Qkv {
-    fn new(w: &Weights, dim: usize, head_dim: usize, names: [&str; 5]) -> Result<Self> {
-        Ok(Self {
-            q: Linear::new(&w.pp(names[0]), dim, dim, true)?,
-            k: Linear::new(&w.pp(names[1]), dim, dim, true)?,
-            v: Linear::new(&w.pp(names[2]), dim, dim, true)?,
-            norm_q: RmsNorm::new(&w.pp(names[3]), head_dim, 1e-6)?,
-            norm_k: RmsNorm::new(&w.pp(names[4]), head_dim, 1e-6)?,
-        })
-    }
-
-    /// [B, heads, N, d] each.
-    fn project(&self, x: &Tensor, n: usize) -> (Tensor, Tensor, Tensor) {
-        (
-            self.norm_q.forward(&heads(&self.q.forward(x), n)),
-            self.norm_k.forward(&heads(&self.k.forward(x), n)),
-            heads(&self.v.forward(x), n),
-        )
-    }
-
-    fn linears<'a>(
-        &'a mut self,
-        p: &str,
-        names: [&str; 3],
-        out: &mut Vec<(String, &'a mut Linear)>,
-    ) {
-        out.push((format!("{p}.{}", names[0]), &mut self.q));
-        out.push((format!("{p}.{}", names[1]), &mut self.k));
-        out.push((format!("{p}.{}", names[2]), &mut self.v));
-    }
-}
-
-const IMG: [&str; 5] = ["to_q", "to_k", "to_v", "norm_q", "norm_k"];
-const TXT: [&str; 5] = [
-    "add_q_proj",
-    "add_k_proj",
-    "add_v_proj",
-    "norm_added_q",
-    "norm_added_k",
-];
-
 /// Rotates pairs of channels (x0, x1) by the position's angles: (x0 cos − x1 sin, x1 cos + x0 sin).
 pub fn apply_rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Tensor {
     let s = x.size();
@@ -171,8 +120,8 @@ impl DoubleBlock {
         Ok(Self {
             norm1: AdaNorm::new(&w.pp("norm1"), dim, 6)?,
             norm1_context: AdaNorm::new(&w.pp("norm1_context"), dim, 6)?,
-            img: Qkv::new(&a, dim, head_dim, IMG)?,
-            txt: Qkv::new(&a, dim, head_dim, TXT)?,
+            img: Qkv::new(&a, dim, head_dim, IMG, true)?,
+            txt: Qkv::new(&a, dim, head_dim, TXT, true)?,
             to_out: Linear::new(&a.pp("to_out.0"), dim, dim, true)?,
             to_add_out: Linear::new(&a.pp("to_add_out"), dim, dim, true)?,
             ff: FeedForward::new(&w.pp("ff"), dim)?,
@@ -213,8 +162,8 @@ impl DoubleBlock {
 
     fn linears<'a>(&'a mut self, p: &str, out: &mut Vec<(String, &'a mut Linear)>) {
         let a = format!("{p}.attn");
-        self.img.linears(&a, [IMG[0], IMG[1], IMG[2]], out);
-        self.txt.linears(&a, [TXT[0], TXT[1], TXT[2]], out);
+        self.img.linears(&a, IMG, out);
+        self.txt.linears(&a, TXT, out);
         out.push((format!("{a}.to_out.0"), &mut self.to_out));
         out.push((format!("{a}.to_add_out"), &mut self.to_add_out));
         for (name, ff) in [("ff", &mut self.ff), ("ff_context", &mut self.ff_context)] {
@@ -241,7 +190,7 @@ impl SingleBlock {
     fn new(w: &Weights, dim: usize, head_dim: usize) -> Result<Self> {
         Ok(Self {
             norm: AdaNorm::new(&w.pp("norm"), dim, 3)?,
-            attn: Qkv::new(&w.pp("attn"), dim, head_dim, IMG)?,
+            attn: Qkv::new(&w.pp("attn"), dim, head_dim, IMG, true)?,
             proj_mlp: Linear::new(&w.pp("proj_mlp"), dim, 4 * dim, true)?,
             proj_out: Linear::new(&w.pp("proj_out"), 5 * dim, dim, true)?,
         })
@@ -262,8 +211,7 @@ impl SingleBlock {
     }
 
     fn linears<'a>(&'a mut self, p: &str, out: &mut Vec<(String, &'a mut Linear)>) {
-        self.attn
-            .linears(&format!("{p}.attn"), [IMG[0], IMG[1], IMG[2]], out);
+        self.attn.linears(&format!("{p}.attn"), IMG, out);
         out.push((format!("{p}.proj_mlp"), &mut self.proj_mlp));
         out.push((format!("{p}.proj_out"), &mut self.proj_out));
         out.push((format!("{p}.norm.linear"), &mut self.norm.linear));

@@ -7,7 +7,7 @@
 use serde::Deserialize;
 use tch::{Kind, Tensor};
 
-use super::dit::{heads, modulate, plain_norm, sdpa, AdaNorm, FeedForward, RmsNorm, TimeTextEmbed};
+use super::dit::{modulate, plain_norm, sdpa, AdaNorm, FeedForward, Qkv, TimeTextEmbed, IMG, TXT};
 use super::nn::{Conv2d, Linear};
 use super::weights::Weights;
 use super::{msg, Result};
@@ -74,68 +74,6 @@ impl Sd3Config {
     }
 }
 
-/// One attention's projections: queries, keys, values (+ optional RMS norms).
-#[derive(Debug, Clone)]
-struct Proj {
-    q: Linear,
-    k: Linear,
-    v: Linear,
-    norms: Option<(RmsNorm, RmsNorm)>,
-}
-
-impl Proj {
-    fn new(
-        w: &Weights,
-        dim: usize,
-        head_dim: usize,
-        names: [&str; 5],
-        qk_norm: bool,
-    ) -> Result<Self> {
-        Ok(Self {
-            q: Linear::new(&w.pp(names[0]), dim, dim, true)?,
-            k: Linear::new(&w.pp(names[1]), dim, dim, true)?,
-            v: Linear::new(&w.pp(names[2]), dim, dim, true)?,
-            norms: qk_norm
-                .then(|| {
-                    Ok::<_, super::Error>((
-                        RmsNorm::new(&w.pp(names[3]), head_dim, 1e-6)?,
-                        RmsNorm::new(&w.pp(names[4]), head_dim, 1e-6)?,
-                    ))
-                })
-                .transpose()?,
-        })
-    }
-
-    fn project(&self, x: &Tensor, n: usize) -> (Tensor, Tensor, Tensor) {
-        let (q, k) = (heads(&self.q.forward(x), n), heads(&self.k.forward(x), n));
-        let (q, k) = match &self.norms {
-            Some((nq, nk)) => (nq.forward(&q), nk.forward(&k)),
-            None => (q, k),
-        };
-        (q, k, heads(&self.v.forward(x), n))
-    }
-
-    fn linears<'a>(
-        &'a mut self,
-        p: &str,
-        names: [&str; 5],
-        out: &mut Vec<(String, &'a mut Linear)>,
-    ) {
-        out.push((format!("{p}.{}", names[0]), &mut self.q));
-        out.push((format!("{p}.{}", names[1]), &mut self.k));
-        out.push((format!("{p}.{}", names[2]), &mut self.v));
-    }
-}
-
-const IMG: [&str; 5] = ["to_q", "to_k", "to_v", "norm_q", "norm_k"];
-const TXT: [&str; 5] = [
-    "add_q_proj",
-    "add_k_proj",
-    "add_v_proj",
-    "norm_added_q",
-    "norm_added_k",
-];
-
 /// The text side of a block: full (norms, output projection, feed-forward) or, in the last
 /// block, only what the joint attention reads.
 #[derive(Debug, Clone)]
@@ -153,10 +91,10 @@ enum Context {
 #[derive(Debug, Clone)]
 struct JointBlock {
     norm1: AdaNorm,
-    img: Proj,
-    txt: Proj,
+    img: Qkv,
+    txt: Qkv,
     to_out: Linear,
-    attn2: Option<(Proj, Linear)>,
+    attn2: Option<(Qkv, Linear)>,
     ff: FeedForward,
     context: Context,
 }
@@ -181,15 +119,15 @@ impl JointBlock {
             .then(|| {
                 let a2 = w.pp("attn2");
                 Ok::<_, super::Error>((
-                    Proj::new(&a2, dim, hd, IMG, qk)?,
+                    Qkv::new(&a2, dim, hd, IMG, qk)?,
                     Linear::new(&a2.pp("to_out.0"), dim, dim, true)?,
                 ))
             })
             .transpose()?;
         Ok(Self {
             norm1: AdaNorm::new(&w.pp("norm1"), dim, if dual { 9 } else { 6 })?,
-            img: Proj::new(&a, dim, hd, IMG, qk)?,
-            txt: Proj::new(&a, dim, hd, TXT, qk)?,
+            img: Qkv::new(&a, dim, hd, IMG, qk)?,
+            txt: Qkv::new(&a, dim, hd, TXT, qk)?,
             to_out: Linear::new(&a.pp("to_out.0"), dim, dim, true)?,
             attn2,
             ff: FeedForward::new(&w.pp("ff"), dim)?,
