@@ -122,7 +122,8 @@ impl Generator {
         let g2 = g.clone();
         let seed = g.seed.unwrap_or_else(|| seed_for(ctx));
         let cancel = ctx.cancellation().clone();
-        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(usize, usize)>();
+        let (reports, relay) = crate::relay::channel();
+        let every = g.preview_every as usize;
         let work = tokio::task::spawn_blocking(move || -> Result<Rendered, JobError> {
             let model = this.flow_prepared(&path, &loras)?;
             let req = FlowRequest {
@@ -142,25 +143,19 @@ impl Generator {
                 sampler: flow_sampler(&g2.sampler).unwrap_or_default(),
                 noise: randn_source(g2.randn_source),
             };
+            let on_step = |done: usize, total: usize| {
+                reports.step(done, total);
+                !cancel.is_cancelled()
+            };
+            let mut send = |step: usize, img: image::RgbImage| reports.preview(step, img);
+            let previews =
+                (every > 0).then_some((every, &mut send as &mut dyn FnMut(usize, image::RgbImage)));
             let images = model
-                .txt2img(&req, |done, total| {
-                    let _ = tx.send((done, total));
-                    !cancel.is_cancelled()
-                })
+                .txt2img_with_previews(&req, on_step, previews)
                 .map_err(pipeline_err)?;
             rendered(&images, &model.hash)
         });
-        tokio::pin!(work);
-        let result = loop {
-            tokio::select! {
-                r = &mut work => break r,
-                Some((done, total)) = rx.recv() => {
-                    ctx.progress(done as f32 / total.max(1) as f32, Some(format!("step {done}/{total}"))).await;
-                }
-            }
-        };
-        let (pngs, parameters, model_hash) =
-            result.map_err(|e| JobError::retryable("worker_panicked", e.to_string()))??;
+        let (pngs, parameters, model_hash) = relay.run(ctx, work, g.steps as usize).await?;
         let images = store_images(ctx, pngs).await?;
         Ok(JobOutput::Images(ImagesOutput {
             images,

@@ -11,6 +11,7 @@
 pub mod batch;
 pub mod detect;
 mod flow;
+mod relay;
 pub mod resize;
 pub mod upscalers;
 
@@ -167,27 +168,18 @@ impl Generator {
     ) -> Result<Rendered, JobError> {
         let this = self.clone();
         let cancel = ctx.cancellation().clone();
-        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(usize, usize)>();
-        let (ptx, mut prx) = tokio::sync::mpsc::unbounded_channel::<(usize, Vec<u8>)>();
-        let mut last_total = req.steps;
+        let (reports, relay) = relay::channel();
+        let steps = req.steps;
         let work = tokio::task::spawn_blocking(move || -> Result<Rendered, JobError> {
             let model = this.prepared(&path, vae.as_ref(), &embeddings, &loras)?;
             let on_step = |done: usize, total: usize| {
-                let _ = tx.send((done, total));
+                reports.step(done, total);
                 !cancel.is_cancelled()
             };
             let images = if let Some(hr) = &hires {
                 model.txt2img_hires(&req, hr, on_step)
             } else if preview_every > 0 {
-                let mut send = |step: usize, img: image::RgbImage| {
-                    let mut png = Vec::new();
-                    if image::DynamicImage::ImageRgb8(img)
-                        .write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png)
-                        .is_ok()
-                    {
-                        let _ = ptx.send((step, png));
-                    }
-                };
+                let mut send = |step: usize, img: image::RgbImage| reports.preview(step, img);
                 model.generate_with_previews(&req, init.as_ref(), on_step, preview_every, &mut send)
             } else {
                 match &init {
@@ -198,29 +190,7 @@ impl Generator {
             .map_err(pipeline_err)?;
             rendered(&images, &model.hash)
         });
-        tokio::pin!(work);
-        let result = loop {
-            tokio::select! {
-                r = &mut work => break r,
-                Some((done, total)) = rx.recv() => {
-                    last_total = total;
-                    ctx.progress(done as f32 / total.max(1) as f32, Some(format!("step {done}/{total}"))).await;
-                }
-                Some((step, png)) = prx.recv() => {
-                    // A preview that cannot be stored is skipped; the job goes on.
-                    if let Ok((r, _)) = ctx.store().put_bytes(png.into(), "image/png").await {
-                        let total = last_total.max(1);
-                        ctx.progress_with_preview(
-                            step as f32 / total as f32,
-                            Some(format!("step {step}/{total} (preview)")),
-                            Some(r.key),
-                        )
-                        .await;
-                    }
-                }
-            }
-        };
-        result.map_err(|e| JobError::retryable("worker_panicked", e.to_string()))?
+        relay.run(ctx, work, steps).await
     }
 
     /// The model at `path` with the job's embeddings and LoRAs (applied at run time).

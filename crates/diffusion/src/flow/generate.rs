@@ -16,13 +16,23 @@ impl FlowModel {
         req: &FlowRequest,
         progress: impl FnMut(usize, usize) -> bool,
     ) -> PResult<Vec<Generated>> {
-        let pixels = self.txt2img_pixels(req, None, progress)?;
+        self.txt2img_with_previews(req, progress, None)
+    }
+
+    /// [`Self::txt2img`] with live previews of the first image (see [`super::Previews`]).
+    pub fn txt2img_with_previews(
+        &self,
+        req: &FlowRequest,
+        progress: impl FnMut(usize, usize) -> bool,
+        previews: Option<super::Previews>,
+    ) -> PResult<Vec<Generated>> {
+        let pixels = self.txt2img_observed(req, None, progress, previews)?;
         (0..req.batch_size)
             .map(|i| {
                 let seed = req.seed.wrapping_add(i as u64);
                 Ok(Generated {
                     seed,
-                    image: to_rgb(&pixels.get(i as i64), req.width, req.height)?,
+                    image: unit_to_rgb(&pixels.get(i as i64))?,
                     parameters: self.parameters(req, seed),
                 })
             })
@@ -88,7 +98,8 @@ impl FlowModel {
 }
 
 /// Unit pixels [H, W, 3] → 8-bit RGB.
-fn to_rgb(unit: &Tensor, width: usize, height: usize) -> PResult<image::RgbImage> {
+pub(crate) fn unit_to_rgb(unit: &Tensor) -> PResult<image::RgbImage> {
+    let (h, w) = (unit.size()[0] as u32, unit.size()[1] as u32);
     let bytes = (unit * 255.0)
         .round()
         .clamp(0.0, 255.0)
@@ -96,6 +107,6 @@ fn to_rgb(unit: &Tensor, width: usize, height: usize) -> PResult<image::RgbImage
         .contiguous();
     let raw = Vec::<u8>::try_from(bytes.flatten(0, -1))
         .map_err(|e| PipelineError::Compute(e.to_string()))?;
-    image::RgbImage::from_raw(width as u32, height as u32, raw)
+    image::RgbImage::from_raw(w, h, raw)
         .ok_or_else(|| PipelineError::Compute("decoded image has the wrong size".into()))
 }

@@ -22,7 +22,7 @@ use crate::torch::t5::T5Encoder;
 use crate::torch::vae::Vae;
 
 pub use load::is_flow_folder;
-pub use sample::{FlowRequest, FlowSampler, MAX_SEQUENCE_LENGTH};
+pub use sample::{FlowRequest, FlowSampler, Previews, MAX_SEQUENCE_LENGTH};
 
 /// Which transformer family.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

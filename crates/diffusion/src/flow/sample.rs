@@ -10,6 +10,7 @@ use serde::{Deserialize, Serialize};
 use tch::{Kind, Tensor};
 
 use super::cond::Conditioning;
+use super::generate::unit_to_rgb;
 use super::{Denoiser, FlowModel};
 use crate::noise::{Generator, RandnSource};
 use crate::pipeline::PipelineError;
@@ -17,6 +18,9 @@ use crate::schedulers::flow_match::Spacing;
 use crate::torch::flux::{image_ids, pack, unpack, FluxInput};
 
 type PResult<T> = Result<T, PipelineError>;
+
+/// Live previews: every how many steps, and where each decoded image goes.
+pub type Previews<'a> = (usize, &'a mut dyn FnMut(usize, image::RgbImage));
 
 /// The longest T5 prompt the pipelines accept (diffusers' limit).
 pub const MAX_SEQUENCE_LENGTH: usize = 512;
@@ -128,7 +132,19 @@ impl FlowModel {
         &self,
         req: &FlowRequest,
         latents: Option<&Tensor>,
+        progress: impl FnMut(usize, usize) -> bool,
+    ) -> PResult<Tensor> {
+        self.txt2img_observed(req, latents, progress, None)
+    }
+
+    /// [`Self::txt2img_pixels`], and with `previews` (every, send) the first image's latents so
+    /// far decoded every `every` steps.
+    pub fn txt2img_observed(
+        &self,
+        req: &FlowRequest,
+        latents: Option<&Tensor>,
         mut progress: impl FnMut(usize, usize) -> bool,
+        mut previews: Option<Previews>,
     ) -> PResult<Tensor> {
         req.validate()?;
         let unit = 2 * self.vae_scale();
@@ -159,7 +175,15 @@ impl FlowModel {
                 }
             };
             let done = i * req.steps;
-            let mut cb = |k: usize| progress(done + k, total);
+            let mut cb = |k: usize, z: &Tensor| {
+                let due = |every: usize| i == 0 && every > 0 && k % every == 0 && k < req.steps;
+                if let Some((_, send)) = previews.as_mut().filter(|(e, _)| due(*e)) {
+                    if let Ok(img) = self.decode(z).and_then(|p| unit_to_rgb(&p.get(0))) {
+                        send(k, img);
+                    }
+                }
+                progress(done + k, total)
+            };
             let z = crate::torch::guard(|| {
                 Ok(tch::no_grad(|| {
                     self.denoise(req, x, &pos, neg.as_ref(), &mut cb)
@@ -205,7 +229,7 @@ impl FlowModel {
         x: Tensor,
         pos: &Conditioning,
         neg: Option<&Conditioning>,
-        progress: &mut dyn FnMut(usize) -> bool,
+        progress: &mut dyn FnMut(usize, &Tensor) -> bool,
     ) -> PResult<Tensor> {
         let (h, w) = (x.size()[2], x.size()[3]);
         match &self.denoiser {
@@ -213,11 +237,9 @@ impl FlowModel {
                 let packed = pack(&x);
                 let sigmas = self.sigmas(req, packed.size()[1] as usize);
                 let velocity = flux_velocity(f, req, pos, (h, w));
-                Ok(unpack(
-                    &walk(req, packed, &sigmas, &velocity, progress)?,
-                    h,
-                    w,
-                ))
+                let mut unpacked = |k: usize, x: &Tensor| progress(k, &unpack(x, h, w));
+                let z = walk(req, packed, &sigmas, &velocity, &mut unpacked)?;
+                Ok(unpack(&z, h, w))
             }
             Denoiser::Sd3(m) => {
                 let p = m.config.patch_size as i64;
@@ -235,11 +257,11 @@ fn walk(
     mut x: Tensor,
     sigmas: &[f64],
     velocity: &dyn Fn(&Tensor, f64) -> PResult<Tensor>,
-    progress: &mut dyn FnMut(usize) -> bool,
+    progress: &mut dyn FnMut(usize, &Tensor) -> bool,
 ) -> PResult<Tensor> {
     for k in 0..req.steps {
         x = advance(req.sampler, &x, (sigmas[k], sigmas[k + 1]), velocity)?;
-        if !progress(k + 1) {
+        if !progress(k + 1, &x) {
             return Err(PipelineError::Cancelled);
         }
     }
