@@ -371,3 +371,48 @@ fn sd35_single_files_load_as_the_folder() {
     .unwrap();
     assert_eq!(image(&file, &req(5.0)), want);
 }
+
+/// A copy of model folder `from` without the components named in `skip`.
+fn copy_without(from: &Path, to: &Path, skip: &[&str]) {
+    for e in std::fs::read_dir(from).unwrap().flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        if skip.contains(&name.as_str()) {
+            continue;
+        }
+        let dest = to.join(&name);
+        if e.path().is_dir() {
+            std::fs::create_dir_all(&dest).unwrap();
+            for f in std::fs::read_dir(e.path()).unwrap().flatten() {
+                std::fs::copy(f.path(), dest.join(f.file_name())).unwrap();
+            }
+        } else {
+            std::fs::copy(e.path(), &dest).unwrap();
+        }
+    }
+}
+
+#[test]
+fn sd3_without_its_t5_conditions_on_zeros_in_its_place() {
+    // diffusers' SD 3 pipeline without text_encoder_3: zeros of 77 tokens after the CLIP states.
+    let dir = tempfile::tempdir().unwrap();
+    let model = case("sd35");
+    let copy = dir.path().join("sd35-no-t5");
+    copy_without(&model, &copy, &["text_encoder_3", "tokenizer_3"]);
+    let m = FlowModel::load(&copy, Placement::CPU).unwrap();
+    assert!(m.t5.is_none());
+    let c = m.encode("a cat", 32).unwrap();
+    assert_eq!(c.context.size(), [1, 77 + 77, 64]);
+    let t5_part = c.context.narrow(1, 77, 77);
+    assert_eq!(t5_part.abs().sum(tch::Kind::Float).double_value(&[]), 0.0);
+    let with_t5 = image(&model, &req(5.0));
+    let without = image(&copy, &req(5.0));
+    assert_ne!(with_t5, without, "T5's states take part when it is there");
+    // A FLUX folder without T5 is refused with the reason.
+    let flux = dir.path().join("flux-no-t5");
+    copy_without(&case("flux-dev"), &flux, &["text_encoder_2"]);
+    let e = FlowModel::load(&flux, Placement::CPU)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(e.contains("T5"), "{e}");
+}

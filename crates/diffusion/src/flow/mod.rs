@@ -21,6 +21,7 @@ use crate::torch::mmdit::Sd3Transformer;
 use crate::torch::t5::T5Encoder;
 use crate::torch::vae::Vae;
 
+pub use cond::Conditioning;
 pub use load::is_flow_folder;
 pub use sample::{FlowRequest, FlowSampler, Previews, MAX_SEQUENCE_LENGTH};
 
