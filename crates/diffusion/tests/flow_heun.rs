@@ -10,17 +10,8 @@ use atelier_diffusion::pipeline::Placement;
 use atelier_diffusion::torch::weights::{from_candle, to_candle};
 use candle_core::Device;
 
-fn max_diff(a: &candle_core::Tensor, b: &candle_core::Tensor) -> f32 {
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
+fn max_diff(a: &candle_core::Tensor, b: &candle_core::Tensor) -> f64 {
+    atelier_diffusion::conformance::models::diff(a, b).unwrap()
 }
 
 #[test]

@@ -7,6 +7,7 @@
 use std::collections::HashMap;
 use std::path::PathBuf;
 
+use atelier_diffusion::conformance::models::diff;
 use atelier_diffusion::flow::{Denoiser, FlowModel};
 use atelier_diffusion::lora::{LoraFile, LoraMode};
 use atelier_diffusion::pipeline::Placement;
@@ -135,17 +136,7 @@ fn a_kohya_flux_lora_matches_diffusers_peft_result() {
                 txt_ids: &tt("tr.0.txt_ids"),
             })
         });
-        let got = to_candle(&out).unwrap();
-        let d = (got - &t["tr.0.output"])
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
+        let d = diff(&to_candle(&out).unwrap(), &t["tr.0.output"]).unwrap();
         assert!(d < 3e-4, "{mode:?}: max |diff| {d}");
     }
     // The base model is untouched by either.

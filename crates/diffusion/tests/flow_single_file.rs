@@ -257,17 +257,7 @@ fn sd3_sai(t: &HashMap<String, Tensor>, pre: &str) -> HashMap<String, Tensor> {
 
 /// A folder with only the tokenizers, the scheduler and the configs (no weights) of `model`.
 fn tokenizers_only(model: &Path, to: &Path) {
-    for e in std::fs::read_dir(model).unwrap().flatten() {
-        let name = e.file_name().to_string_lossy().into_owned();
-        if e.path().is_dir() {
-            std::fs::create_dir_all(to.join(&name)).unwrap();
-            for f in std::fs::read_dir(e.path()).unwrap().flatten() {
-                if !f.file_name().to_string_lossy().ends_with(".safetensors") {
-                    std::fs::copy(f.path(), to.join(&name).join(f.file_name())).unwrap();
-                }
-            }
-        }
-    }
+    copy_without(model, to, &[], false);
 }
 
 fn image(path: &Path, req: &FlowRequest) -> Vec<u8> {
@@ -372,8 +362,9 @@ fn sd35_single_files_load_as_the_folder() {
     assert_eq!(image(&file, &req(5.0)), want);
 }
 
-/// A copy of model folder `from` without the components named in `skip`.
-fn copy_without(from: &Path, to: &Path, skip: &[&str]) {
+/// A copy of model folder `from` without the components named in `skip` (and without any
+/// weights files unless `weights`).
+fn copy_without(from: &Path, to: &Path, skip: &[&str], weights: bool) {
     for e in std::fs::read_dir(from).unwrap().flatten() {
         let name = e.file_name().to_string_lossy().into_owned();
         if skip.contains(&name.as_str()) {
@@ -383,9 +374,12 @@ fn copy_without(from: &Path, to: &Path, skip: &[&str]) {
         if e.path().is_dir() {
             std::fs::create_dir_all(&dest).unwrap();
             for f in std::fs::read_dir(e.path()).unwrap().flatten() {
-                std::fs::copy(f.path(), dest.join(f.file_name())).unwrap();
+                if weights || !f.file_name().to_string_lossy().ends_with(".safetensors") {
+                    std::fs::copy(f.path(), dest.join(f.file_name())).unwrap();
+                }
             }
         } else {
+            std::fs::create_dir_all(to).unwrap();
             std::fs::copy(e.path(), &dest).unwrap();
         }
     }
@@ -397,7 +391,7 @@ fn sd3_without_its_t5_conditions_on_zeros_in_its_place() {
     let dir = tempfile::tempdir().unwrap();
     let model = case("sd35");
     let copy = dir.path().join("sd35-no-t5");
-    copy_without(&model, &copy, &["text_encoder_3", "tokenizer_3"]);
+    copy_without(&model, &copy, &["text_encoder_3", "tokenizer_3"], true);
     let m = FlowModel::load(&copy, Placement::CPU).unwrap();
     assert!(m.t5.is_none());
     let c = m.encode("a cat", 32).unwrap();
@@ -409,7 +403,7 @@ fn sd3_without_its_t5_conditions_on_zeros_in_its_place() {
     assert_ne!(with_t5, without, "T5's states take part when it is there");
     // A FLUX folder without T5 is refused with the reason.
     let flux = dir.path().join("flux-no-t5");
-    copy_without(&case("flux-dev"), &flux, &["text_encoder_2"]);
+    copy_without(&case("flux-dev"), &flux, &["text_encoder_2"], true);
     let e = FlowModel::load(&flux, Placement::CPU)
         .err()
         .unwrap()

@@ -5,10 +5,9 @@
 //! skip) are refused with the reason rather than ignored.
 
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 
 use atelier_contracts::{GenerateKind, GenerateSpec, ImagesOutput, JobOutput};
-use atelier_diffusion::flow::{FlowModel, FlowRequest, FlowSampler};
+use atelier_diffusion::flow::{FlowFamily, FlowModel, FlowRequest, FlowSampler};
 use atelier_diffusion::lora::{LoraFile, LoraMode};
 use atelier_diffusion::schedulers::SamplerKind;
 use atelier_kit::{JobCtx, JobError};
@@ -61,28 +60,6 @@ fn refuse(kind: GenerateKind, g: &GenerateSpec, family: &str) -> Result<(), JobE
 }
 
 impl Generator {
-    /// A loaded transformer-family model, from the cache or freshly loaded.
-    fn flow_model(&self, path: &Path) -> Result<Arc<FlowModel>, JobError> {
-        let mut c = self.flows.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(i) = c.iter().position(|(k, _)| k == path) {
-            let e = c.remove(i);
-            let m = e.1.clone();
-            c.push(e);
-            return Ok(m);
-        }
-        drop(c);
-        let m = FlowModel::load(path, self.placement)
-            .map_err(|e| JobError::permanent("model_load_failed", e.to_string()))?;
-        let m = Arc::new(m);
-        let mut c = self.flows.lock().unwrap_or_else(|p| p.into_inner());
-        c.push((path.to_path_buf(), m.clone()));
-        while c.len() > self.cache_size {
-            let (evicted, _) = c.remove(0);
-            tracing::info!(model = %evicted.display(), "evicted from the model cache");
-        }
-        Ok(m)
-    }
-
     /// The model with the job's LoRAs applied at run time.
     fn flow_prepared(&self, path: &Path, loras: &[Lora]) -> Result<FlowModel, JobError> {
         let mut model = (*self.flow_model(path)?).clone();
@@ -101,19 +78,16 @@ impl Generator {
         Ok(model)
     }
 
-    /// A txt2img job on a FLUX or SD 3 folder.
+    /// A txt2img job on a FLUX or SD 3 model (`family`, as routing found it).
     pub(crate) async fn run_flow(
         &self,
         ctx: &JobCtx,
-        kind: GenerateKind,
+        (kind, family): (GenerateKind, FlowFamily),
         g: &GenerateSpec,
         path: PathBuf,
         loras: Vec<Lora>,
     ) -> Result<JobOutput, JobError> {
-        let family = atelier_diffusion::flow::is_flow_folder(&path)
-            .map(|f| f.label())
-            .unwrap_or("this model");
-        refuse(kind, g, family)?;
+        refuse(kind, g, family.label())?;
         let (prompt, _) =
             atelier_diffusion::prompt::extract_extra_networks(&g.prompt).map_err(invalid)?;
         ctx.progress(0.0, Some(format!("loading {}", g.model)))

@@ -9,6 +9,7 @@
 //! redelivered job repeats the same images.
 
 pub mod batch;
+mod cache;
 pub mod detect;
 mod flow;
 mod relay;
@@ -21,7 +22,6 @@ use std::sync::{Arc, Mutex};
 use atelier_contracts::{
     GenerateKind, GenerateSpec, GeneratedImage, ImagesOutput, JobOutput, JobSpec, Service,
 };
-use atelier_diffusion::flow::FlowModel;
 use atelier_diffusion::lora::{LoraFile, LoraMode};
 use atelier_diffusion::noise::RandnSource;
 use atelier_diffusion::pipeline::{
@@ -34,13 +34,6 @@ use sha2::{Digest, Sha256};
 
 pub use atelier_registry::Registry;
 use atelier_registry::{check_name, store as store_models};
-
-/// A loaded model and where it came from.
-/// A loaded model: its checkpoint and separate VAE file (if any), and the model.
-type Cached = ((PathBuf, Option<PathBuf>), Arc<StableDiffusion>);
-
-/// A loaded transformer-family model and its folder.
-type CachedFlow = (PathBuf, Arc<FlowModel>);
 
 /// PNGs with their seeds, the parameters text, the model hash.
 pub type Rendered = (Vec<(Vec<u8>, u64)>, String, String);
@@ -58,9 +51,8 @@ pub struct Generator {
     service: Service,
     registry: Registry,
     placement: Placement,
-    cache: Arc<Mutex<Vec<Cached>>>,
-    /// Loaded transformer-family models (FLUX, SD 3), least recently used first.
-    flows: Arc<Mutex<Vec<CachedFlow>>>,
+    /// Loaded models of every family, least recently used first.
+    cache: Arc<Mutex<Vec<cache::Cached>>>,
     cache_size: usize,
     /// Upscaler models for `upscale` jobs (the sampler's).
     upscalers: Arc<upscalers::Upscalers>,
@@ -88,7 +80,6 @@ impl Generator {
             registry,
             placement,
             cache: Arc::default(),
-            flows: Arc::default(),
             cache_size: cache_size.max(1),
             cache_bytes: 0,
             batcher: Arc::new(batch::Batcher::new(std::time::Duration::ZERO, 1)),
@@ -113,47 +104,6 @@ impl Generator {
     pub fn with_cache_budget(mut self, bytes: u64) -> Self {
         self.cache_bytes = bytes;
         self
-    }
-
-    /// The loaded models, least recently used first, with their weight bytes.
-    pub fn cached(&self) -> Vec<(PathBuf, u64)> {
-        self.cache
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .iter()
-            .map(|((p, _), m)| (p.clone(), m.weight_bytes()))
-            .collect()
-    }
-
-    /// A loaded model (with the VAE of a separate file, when given), from the cache (most
-    /// recently used last) or freshly loaded.
-    fn model(&self, path: &Path, vae: Option<&PathBuf>) -> Result<Arc<StableDiffusion>, JobError> {
-        let key = (path.to_path_buf(), vae.cloned());
-        {
-            let mut c = self.cache.lock().unwrap_or_else(|p| p.into_inner());
-            if let Some(i) = c.iter().position(|(k, _)| *k == key) {
-                let e = c.remove(i);
-                let m = e.1.clone();
-                c.push(e);
-                return Ok(m);
-            }
-        }
-        let loaded = match vae {
-            None => StableDiffusion::load(path, self.placement),
-            Some(v) => StableDiffusion::load_with_vae(path, v, self.placement),
-        };
-        let m =
-            Arc::new(loaded.map_err(|e| JobError::permanent("model_load_failed", e.to_string()))?);
-        let mut c = self.cache.lock().unwrap_or_else(|p| p.into_inner());
-        c.push((key, m.clone()));
-        let total = |c: &Vec<Cached>| c.iter().map(|(_, m)| m.weight_bytes()).sum::<u64>();
-        while c.len() > self.cache_size
-            || (self.cache_bytes > 0 && c.len() > 1 && total(&c) > self.cache_bytes)
-        {
-            let ((evicted, _), _) = c.remove(0);
-            tracing::info!(model = %evicted.display(), "evicted from the model cache");
-        }
-        Ok(m)
     }
 
     /// One job on its own: sampling on a blocking thread, progress (and previews) relayed.
@@ -440,8 +390,8 @@ impl Handler for Generator {
             };
             loras.push((p, t.weight, t.name.clone()));
         }
-        if atelier_diffusion::flow::is_flow_folder(&path).is_some() {
-            return self.run_flow(ctx, kind, &g, path, loras).await;
+        if let Some(family) = atelier_diffusion::flow::is_flow_folder(&path) {
+            return self.run_flow(ctx, (kind, family), &g, path, loras).await;
         }
         let sampler = SamplerKind::parse(&g.sampler).ok_or_else(|| {
             JobError::permanent(

@@ -414,7 +414,8 @@ fn unet(m: &Components, check: &Value, t: &Tensors) -> Result<f64, String> {
     diff(&out, get(t, check, "output")?)
 }
 
-pub(super) fn diff(got: &Tensor, want: &Tensor) -> Result<f64, String> {
+/// The largest absolute difference per element of `got` from `want` (same shapes).
+pub fn diff(got: &Tensor, want: &Tensor) -> Result<f64, String> {
     if got.dims() != want.dims() {
         return Err(format!(
             "shape {:?}, reference {:?}",

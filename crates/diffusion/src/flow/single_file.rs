@@ -289,21 +289,7 @@ pub fn map(
     let mut out = HashMap::new();
     for n in names {
         let s = f(&n).ok_or_else(|| format!("no single-file name for parameter {n}"))?;
-        let s = match s {
-            Source::Rename(x) => Source::Rename(format!("{prefix}{x}")),
-            Source::Transposed(x) => Source::Transposed(format!("{prefix}{x}")),
-            Source::SwappedHalves(x) => Source::SwappedHalves(format!("{prefix}{x}")),
-            Source::Part { name, part, parts } => Source::Part {
-                name: format!("{prefix}{name}"),
-                part,
-                parts,
-            },
-            Source::Rows { name, start, len } => Source::Rows {
-                name: format!("{prefix}{name}"),
-                start,
-                len,
-            },
-        };
+        let s = s.prefixed(prefix);
         out.insert(n, s);
     }
     Ok(out)

@@ -33,6 +33,18 @@ pub enum Source {
 }
 
 impl Source {
+    /// The same source with its stored name under `prefix`.
+    pub fn prefixed(mut self, prefix: &str) -> Self {
+        match &mut self {
+            Source::Rename(n)
+            | Source::Transposed(n)
+            | Source::SwappedHalves(n)
+            | Source::Part { name: n, .. }
+            | Source::Rows { name: n, .. } => *n = format!("{prefix}{n}"),
+        }
+        self
+    }
+
     /// The stored tensor's name.
     pub fn stored(&self) -> &str {
         match self {
